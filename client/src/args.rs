@@ -1,0 +1,135 @@
+//! How task arguments are written: a value, or a future of that value's
+//! type (also inside a `Vec`), wherever the task takes a `T`.
+//!
+//! ```no_run
+//! # use flotilla::prelude::*;
+//! # #[flotilla::task] fn add(x: i64, y: i64) -> i64 { x + y }
+//! # #[flotilla::task] fn total(xs: Vec<i64>) -> i64 { xs.iter().sum() }
+//! # async fn demo(client: Client) -> flotilla::Result<()> {
+//! let a = client.submit(add, (1, 2));
+//! let b = client.submit(add, (&a, 10));           // waits for `a`
+//! let parts = client.map(add, (0..4).map(|i| (i, i)));
+//! let sum = client.submit(total, (parts,));       // Vec<Future<i64>> arrives as Vec<i64>
+//! # Ok(()) }
+//! ```
+
+use crate::{Error, Future};
+use flotilla_proto::Arg;
+use serde::Serialize;
+
+/// Collects what a submission's arguments refer to.
+#[derive(Debug, Default)]
+pub struct ArgWriter {
+    pub(crate) deps: Vec<String>,
+}
+
+impl ArgWriter {
+    fn reference(&mut self, key: &str) -> Arg {
+        if !self.deps.iter().any(|d| d == key) {
+            self.deps.push(key.to_owned());
+        }
+        Arg::Ref(key.to_owned())
+    }
+
+    /// Encodes a plain value.
+    pub fn value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<Arg, Error> {
+        rmp_serde::to_vec_named(value)
+            .map(Arg::Value)
+            .map_err(|e| Error::Encode {
+                what: format!("an argument of type {}", std::any::type_name::<T>()),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// A value usable where a task takes a `T`: `T` itself, `Future<T>`,
+/// `&Future<T>`, and for `Vec<T>` also `Vec<Future<T>>`/`Vec<&Future<T>>`.
+pub trait IntoArg<T> {
+    /// Writes the argument.
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error>;
+}
+
+impl<T: Serialize> IntoArg<T> for T {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        writer.value(&self)
+    }
+}
+
+impl IntoArg<String> for &str {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        writer.value(self)
+    }
+}
+
+impl<T> IntoArg<T> for Future<T> {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        Ok(writer.reference(self.key()))
+    }
+}
+
+impl<T> IntoArg<T> for &Future<T> {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        Ok(writer.reference(self.key()))
+    }
+}
+
+impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+    }
+}
+
+impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+    }
+}
+
+impl<T> IntoArg<Vec<T>> for &[Future<T>] {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+    }
+}
+
+impl<T> IntoArg<Vec<T>> for Vec<&Future<T>> {
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+    }
+}
+
+/// A tuple of arguments for a task whose parameters are the tuple `A`.
+pub trait IntoArgs<A> {
+    /// Writes every argument.
+    fn into_args(self, writer: &mut ArgWriter) -> Result<Vec<Arg>, Error>;
+}
+
+impl IntoArgs<()> for () {
+    fn into_args(self, _: &mut ArgWriter) -> Result<Vec<Arg>, Error> {
+        Ok(Vec::new())
+    }
+}
+
+macro_rules! tuple_args {
+    ($($value:ident $param:ident),+) => {
+        impl<$($value, $param: IntoArg<$value>),+> IntoArgs<($($value,)+)> for ($($param,)+) {
+            #[allow(non_snake_case)]
+            fn into_args(self, writer: &mut ArgWriter) -> Result<Vec<Arg>, Error> {
+                let ($($param,)+) = self;
+                Ok(vec![$($param.into_arg(writer)?),+])
+            }
+        }
+    };
+}
+
+tuple_args!(A0 X0);
+tuple_args!(A0 X0, A1 X1);
+tuple_args!(A0 X0, A1 X1, A2 X2);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8, A9 X9);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8, A9 X9, A10 X10);
+tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8, A9 X9, A10 X10, A11 X11);

@@ -1,0 +1,174 @@
+//! `LocalCluster`: a scheduler and workers inside this process, against the
+//! configured RabbitMQ and Redis — Dask's `Client()` with no address.
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! #[flotilla::task]
+//! fn add(x: i64, y: i64) -> i64 { x + y }
+//!
+//! # async fn demo() -> flotilla::Result<()> {
+//! let cluster = LocalCluster::builder().workers(2).start().await?;
+//! let client = cluster.client().await?;
+//! assert_eq!(client.submit(add, (1, 2)).await?, 3);
+//! cluster.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+use crate::{Client, Error, Result};
+use flotilla_proto::transport;
+use flotilla_proto::Config;
+use flotilla_scheduler::SchedulerHandle;
+use flotilla_worker::{WorkerHandle, WorkerOptions};
+
+/// Options for a [`LocalCluster`].
+#[derive(Debug, Clone)]
+#[must_use = "start the cluster with .start()"]
+pub struct LocalClusterBuilder {
+    config: Option<Config>,
+    namespace: Option<String>,
+    workers: usize,
+    nthreads: usize,
+    purge: bool,
+}
+
+impl LocalClusterBuilder {
+    /// Cluster settings (default: from the environment).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// The namespace, overriding the configuration's.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// How many workers (default 2).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Tasks each worker runs at once (default 1).
+    pub fn nthreads(mut self, nthreads: usize) -> Self {
+        self.nthreads = nthreads.max(1);
+        self
+    }
+
+    /// Deletes the namespace's queues and keys on shutdown (for tests and
+    /// throwaway namespaces; default `false`).
+    pub fn purge_on_shutdown(mut self, purge: bool) -> Self {
+        self.purge = purge;
+        self
+    }
+
+    /// Starts the scheduler and the workers.
+    pub async fn start(self) -> Result<LocalCluster> {
+        let mut config = match self.config {
+            Some(config) => config,
+            None => Config::from_env()?,
+        };
+        if let Some(namespace) = self.namespace {
+            config.namespace = namespace;
+        }
+        config.validate()?;
+        let scheduler = SchedulerHandle::spawn(config.clone())
+            .await
+            .map_err(|e| Error::Cluster(format!("scheduler: {e}")))?;
+        let mut cluster = LocalCluster {
+            config,
+            scheduler: Some(scheduler),
+            workers: Vec::new(),
+            nthreads: self.nthreads,
+            purge: self.purge,
+        };
+        for _ in 0..self.workers {
+            cluster.add_worker().await?;
+        }
+        Ok(cluster)
+    }
+}
+
+/// A scheduler and workers running in this process.
+#[derive(Debug)]
+pub struct LocalCluster {
+    config: Config,
+    scheduler: Option<SchedulerHandle>,
+    workers: Vec<WorkerHandle>,
+    nthreads: usize,
+    purge: bool,
+}
+
+impl LocalCluster {
+    /// Options, starting from 2 single-threaded workers and the environment's
+    /// configuration.
+    pub fn builder() -> LocalClusterBuilder {
+        LocalClusterBuilder {
+            config: None,
+            namespace: None,
+            workers: 2,
+            nthreads: 1,
+            purge: false,
+        }
+    }
+
+    /// The cluster's configuration (to connect other clients).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A new client of this cluster.
+    pub async fn client(&self) -> Result<Client> {
+        Client::connect(self.config.clone()).await
+    }
+
+    /// Starts one more worker; returns its id.
+    pub async fn add_worker(&mut self) -> Result<String> {
+        let mut options = WorkerOptions::new(self.config.clone());
+        options.nthreads = self.nthreads;
+        options.name = Some(format!("local-{}", self.workers.len()));
+        let worker = WorkerHandle::spawn(options)
+            .await
+            .map_err(|e| Error::Cluster(format!("worker: {e}")))?;
+        let id = worker.id().to_owned();
+        self.workers.push(worker);
+        Ok(id)
+    }
+
+    /// Ids of the running workers.
+    pub fn worker_ids(&self) -> Vec<String> {
+        self.workers.iter().map(|w| w.id().to_owned()).collect()
+    }
+
+    /// Stops the workers and the scheduler (and purges the namespace when
+    /// asked to).
+    pub async fn shutdown(mut self) -> Result<()> {
+        for worker in self.workers.drain(..) {
+            let _ = worker.shutdown().await;
+        }
+        if let Some(scheduler) = self.scheduler.take() {
+            let _ = scheduler.shutdown().await;
+        }
+        if self.purge {
+            purge(&self.config).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Deletes a namespace's shared queues, exchanges and Redis keys.
+pub async fn purge(config: &Config) -> Result<()> {
+    let names = config.names();
+    let connection = transport::connect_amqp(&config.amqp_url, "flotilla purge").await?;
+    let channel = connection.create_channel().await?;
+    let mut redis = transport::connect_redis(&config.redis_url).await?;
+    let result = transport::purge_namespace(&channel, &mut redis, &names).await;
+    let _ = connection.close(200, transport::name("purged")).await;
+    result.map_err(|e| match e {
+        transport::PurgeError::Amqp(e) => Error::from(e),
+        transport::PurgeError::Redis(e) => Error::from(e),
+        other => Error::Cluster(other.to_string()),
+    })
+}

@@ -1,0 +1,110 @@
+//! The client's error type.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use flotilla_proto::{ErrorKind, TaskError};
+
+/// Everything a client operation can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The task failed remotely (or one of its inputs did): type name,
+    /// message, traceback, and the error value when it was serializable.
+    #[error("{0}")]
+    Task(TaskError),
+    /// Waiting ran out of time; the task itself goes on.
+    #[error("timed out after {timeout:?} waiting for `{key}`")]
+    Timeout {
+        /// What was waited for.
+        key: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// The task was cancelled.
+    #[error("`{0}` was cancelled")]
+    Cancelled(String),
+    /// Arguments or data over the configured payload limit.
+    #[error("{what} is {size} bytes, over the {limit}-byte payload limit (FLOTILLA_MAX_PAYLOAD); scatter large data or raise the limit")]
+    PayloadTooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A value could not be encoded.
+    #[error("could not encode {what}: {message}")]
+    Encode {
+        /// What was being encoded.
+        what: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// A result could not be decoded into the expected type.
+    #[error("could not decode the result of `{key}` as {type_name}: {message}")]
+    Decode {
+        /// The result's key.
+        key: String,
+        /// The type asked for.
+        type_name: &'static str,
+        /// Why it failed.
+        message: String,
+    },
+    /// The result is no longer stored (it was released, or Redis lost it).
+    #[error("the result of `{0}` is no longer stored")]
+    Lost(String),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// RabbitMQ failed.
+    #[error("RabbitMQ: {0}")]
+    Amqp(Arc<lapin::Error>),
+    /// Redis failed.
+    #[error("Redis: {0}")]
+    Redis(Arc<redis::RedisError>),
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+    /// Starting an in-process cluster failed.
+    #[error("local cluster: {0}")]
+    Cluster(String),
+}
+
+impl Error {
+    /// The remote task error, when this is one.
+    pub fn task_error(&self) -> Option<&TaskError> {
+        match self {
+            Error::Task(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<lapin::Error> for Error {
+    fn from(error: lapin::Error) -> Self {
+        Error::Amqp(Arc::new(error))
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(error: redis::RedisError) -> Self {
+        Error::Redis(Arc::new(error))
+    }
+}
+
+impl From<flotilla_proto::ConfigError> for Error {
+    fn from(error: flotilla_proto::ConfigError) -> Self {
+        Error::Config(error.to_string())
+    }
+}
+
+impl From<TaskError> for Error {
+    fn from(error: TaskError) -> Self {
+        Error::Task(error)
+    }
+}
+
+/// `Result` with the client's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,322 @@
+//! `Future<T>`: a handle on a task's result that lives in the cluster.
+//!
+//! Handles are cheap to clone; every handle of one key in one client shares
+//! one state, updated when the completion event arrives. The value itself
+//! stays in Redis (small values ride along with the event) and is read when
+//! asked for.
+
+use crate::client::ClientInner;
+use crate::{Error, Result};
+use flotilla_proto::{StoredResult, TaskError};
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::future::IntoFuture;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Where a task stands, as seen by this client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Status {
+    /// Submitted, not started (or not known to have started).
+    Pending,
+    /// A worker is running it.
+    Running,
+    /// Its result is stored.
+    Finished,
+    /// It failed (see [`Future::exception`]).
+    Error,
+    /// It was cancelled.
+    Cancelled,
+    /// Its result was lost.
+    Lost,
+}
+
+impl Status {
+    /// Whether the task reached an end (finished, erred, cancelled or lost).
+    pub fn is_done(self) -> bool {
+        !matches!(self, Status::Pending | Status::Running)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Finished => "finished",
+            Status::Error => "error",
+            Status::Cancelled => "cancelled",
+            Status::Lost => "lost",
+        })
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Pending,
+    Running,
+    /// Finished; the encoded value when it came inline.
+    Finished(Option<Arc<Vec<u8>>>),
+    Failed(Error),
+}
+
+/// The state all handles of one key share.
+pub(crate) struct FutureState {
+    pub(crate) key: String,
+    outcome: Mutex<Outcome>,
+    notify: Notify,
+    client: std::sync::Weak<ClientInner>,
+}
+
+impl fmt::Debug for FutureState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FutureState").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl FutureState {
+    pub(crate) fn new(key: String, client: std::sync::Weak<ClientInner>) -> Self {
+        FutureState {
+            key,
+            outcome: Mutex::new(Outcome::Pending),
+            notify: Notify::new(),
+            client,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outcome> {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        match &*self.lock() {
+            Outcome::Pending => Status::Pending,
+            Outcome::Running => Status::Running,
+            Outcome::Finished(_) => Status::Finished,
+            Outcome::Failed(Error::Cancelled(_)) => Status::Cancelled,
+            Outcome::Failed(Error::Lost(_)) => Status::Lost,
+            Outcome::Failed(_) => Status::Error,
+        }
+    }
+
+    pub(crate) fn set_running(&self) {
+        let mut outcome = self.lock();
+        if matches!(*outcome, Outcome::Pending) {
+            *outcome = Outcome::Running;
+        }
+    }
+
+    pub(crate) fn set_finished(&self, inline: Option<Vec<u8>>) {
+        {
+            let mut outcome = self.lock();
+            if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
+                return;
+            }
+            *outcome = Outcome::Finished(inline.map(Arc::new));
+        }
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn set_failed(&self, error: Error) {
+        {
+            let mut outcome = self.lock();
+            if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
+                return;
+            }
+            *outcome = Outcome::Failed(error);
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Waits until the task is done.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.status().is_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The outcome once done: `Ok(Some(bytes))` when the value came inline,
+    /// `Ok(None)` when it must be read from Redis.
+    pub(crate) fn done_outcome(&self) -> Option<Result<Option<Arc<Vec<u8>>>>> {
+        match &*self.lock() {
+            Outcome::Finished(inline) => Some(Ok(inline.clone())),
+            Outcome::Failed(error) => Some(Err(error.clone())),
+            Outcome::Pending | Outcome::Running => None,
+        }
+    }
+
+    pub(crate) fn error(&self) -> Option<Error> {
+        match &*self.lock() {
+            Outcome::Failed(error) => Some(error.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for FutureState {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.upgrade() {
+            client.forget(&self.key);
+        }
+    }
+}
+
+/// A task's eventual result, of type `T`.
+///
+/// Returned at once by [`Client::submit`](crate::Client::submit); the task
+/// runs in the cluster meanwhile. Await it (or call [`Future::result`]) for
+/// the value; pass it (or `&future`) to another submission to make that task
+/// wait for this one and receive its value.
+pub struct Future<T> {
+    pub(crate) state: Arc<FutureState>,
+    pub(crate) client: Arc<ClientInner>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Future<T> {
+    fn clone(&self) -> Self {
+        Future {
+            state: self.state.clone(),
+            client: self.client.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Future<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Future<{}>({}, {})", std::any::type_name::<T>(), self.state.key, self.status())
+    }
+}
+
+impl<T> Future<T> {
+    pub(crate) fn from_state(state: Arc<FutureState>, client: Arc<ClientInner>) -> Self {
+        Future {
+            state,
+            client,
+            _type: PhantomData,
+        }
+    }
+
+    /// The task's key.
+    pub fn key(&self) -> &str {
+        &self.state.key
+    }
+
+    /// Where the task stands.
+    pub fn status(&self) -> Status {
+        self.state.status()
+    }
+
+    /// Whether the task is done (finished, erred, cancelled or lost).
+    pub fn done(&self) -> bool {
+        self.status().is_done()
+    }
+
+    /// The error, if the task failed; `None` while it runs or once it finished.
+    pub fn exception(&self) -> Option<Error> {
+        self.state.error()
+    }
+
+    /// The remote traceback, if the task failed.
+    pub fn traceback(&self) -> Option<String> {
+        match self.state.error()? {
+            Error::Task(TaskError { traceback, .. }) => Some(traceback),
+            _ => None,
+        }
+    }
+
+    /// Waits until the task is done, without reading its value.
+    pub async fn wait(&self) {
+        self.state.wait().await
+    }
+
+    /// Waits at most `timeout` for the task to be done; `false` on timeout.
+    pub async fn wait_timeout(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.wait()).await.is_ok()
+    }
+}
+
+impl<T: DeserializeOwned> Future<T> {
+    /// Waits for the task and returns its value, or its error.
+    pub async fn result(&self) -> Result<T> {
+        self.wait().await;
+        let bytes = self.encoded().await?;
+        decode_value(&self.state.key, &bytes)
+    }
+
+    /// Like [`Future::result`], giving up after `timeout` with
+    /// [`Error::Timeout`] (the task itself goes on).
+    pub async fn result_timeout(&self, timeout: Duration) -> Result<T> {
+        match tokio::time::timeout(timeout, self.wait()).await {
+            Ok(()) => self.result().await,
+            Err(_) => Err(Error::Timeout {
+                key: self.state.key.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    /// The encoded value of a done task.
+    pub(crate) async fn encoded(&self) -> Result<Arc<Vec<u8>>> {
+        match self.state.done_outcome() {
+            Some(Ok(Some(bytes))) => Ok(bytes),
+            Some(Ok(None)) => {
+                let mut values = self.client.fetch(&[self.state.key.as_str()]).await?;
+                values.pop().ok_or_else(|| Error::Lost(self.state.key.clone()))?
+            }
+            Some(Err(error)) => Err(error),
+            None => Err(Error::Lost(self.state.key.clone())),
+        }
+    }
+}
+
+pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+        key: key.to_owned(),
+        type_name: std::any::type_name::<T>(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads a stored result: the value bytes, or its error.
+pub(crate) fn read_stored(key: &str, stored: Option<Vec<u8>>) -> Result<Arc<Vec<u8>>> {
+    match stored.map(StoredResult::decode) {
+        Some(Ok(StoredResult::Ok(bytes))) => Ok(Arc::new(bytes)),
+        Some(Ok(StoredResult::Err(error))) => Err(Error::Task(error)),
+        Some(Err(error)) => Err(Error::Decode {
+            key: key.to_owned(),
+            type_name: "stored result",
+            message: error.to_string(),
+        }),
+        None => Err(Error::Lost(key.to_owned())),
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> IntoFuture for Future<T> {
+    type Output = Result<T>;
+    type IntoFuture = Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.result().await })
+    }
+}
+
+impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a Future<T> {
+    type Output = Result<T>;
+    type IntoFuture = Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.result())
+    }
+}

@@ -1,0 +1,65 @@
+//! # Flotilla: Dask futures for Rust, on RabbitMQ and Redis
+//!
+//! Submit functions to a cluster and get futures back at once; tasks run as
+//! soon as their inputs are ready; futures can be passed into other tasks and
+//! gathered. A scheduler publishes ready tasks to RabbitMQ queues consumed by
+//! horizontally scaled workers; results live in Redis.
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! #[flotilla::task]
+//! fn add(x: i64, y: i64) -> i64 { x + y }
+//!
+//! #[flotilla::task]
+//! fn total(xs: Vec<i64>) -> i64 { xs.iter().sum() }
+//!
+//! #[tokio::main]
+//! async fn main() -> flotilla::Result<()> {
+//!     let client = Client::from_env().await?;
+//!     let a = client.submit(add, (1, 2));        // Future<i64>, returns at once
+//!     let b = client.submit(add, (&a, 10));      // waits for `a` in the cluster
+//!     let c = client.submit(add, (b, 100));
+//!     assert_eq!(c.await?, 113);
+//!
+//!     let parts = client.map(add, (0..100).map(|i| (i, i)));
+//!     let sum = client.submit(total, (parts,));  // Vec<Future<i64>> arrives as Vec<i64>
+//!     println!("{}", sum.await?);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Tasks are plain functions marked [`#[flotilla::task]`](task), compiled
+//! into the worker binary (`fn main() { flotilla_worker::main() }`) and the
+//! client alike; the wire carries their name and a signature fingerprint.
+
+mod args;
+pub mod blocking;
+mod client;
+mod cluster;
+mod error;
+mod future;
+
+pub use args::{ArgWriter, IntoArg, IntoArgs};
+pub use client::{Client, Submit};
+pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
+pub use error::{Error, ErrorKind, Result, TaskError};
+pub use flotilla_macros::task;
+pub use flotilla_proto::{Config, Task};
+pub use flotilla_worker::TaskContext;
+pub use future::{Future, Status};
+
+/// What most programs need: `use flotilla::prelude::*;`.
+pub mod prelude {
+    pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext};
+    pub use std::time::Duration;
+}
+
+/// Items the `#[flotilla::task]` expansion refers to. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use flotilla_proto::{ResultOutput, Task};
+    pub use flotilla_worker::__inventory as inventory;
+    pub use flotilla_worker::user_error;
+    pub use flotilla_worker::{decode_args, encode_output, Invocation, TaskContext, TaskRegistration};
+}

@@ -1,0 +1,11 @@
+use flotilla::TaskContext;
+
+#[flotilla::task]
+fn fetch(ctx: &TaskContext, url: String) -> usize {
+    let _ = ctx;
+    url.len()
+}
+
+fn main() {
+    let _ = fetch;
+}

@@ -1,0 +1,11 @@
+use flotilla::TaskContext;
+
+#[flotilla::task]
+fn fetch(url: String, ctx: TaskContext) -> usize {
+    let _ = ctx;
+    url.len()
+}
+
+fn main() {
+    let _ = fetch;
+}

@@ -1,0 +1,8 @@
+#[flotilla::task]
+fn identity<T>(value: T) -> T {
+    value
+}
+
+fn main() {
+    let _ = identity(1);
+}

@@ -1,0 +1,6 @@
+#[flotilla::task]
+fn describe(value: impl std::fmt::Display, label: &str) -> String {
+    format!("{label}: {value}")
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[flotilla::task]
+struct Job;
+
+fn main() {
+    let _ = Job;
+}

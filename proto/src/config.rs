@@ -1,0 +1,119 @@
+//! Connection settings, from the environment or given explicitly.
+
+use crate::validate_namespace;
+
+/// RabbitMQ URL used when none is configured.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Redis URL used when none is configured.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// Namespace used when none is configured.
+pub const DEFAULT_NAMESPACE: &str = "flotilla";
+/// Largest task arguments or result accepted, in bytes (64 MiB).
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The namespace has characters that don't fit queue names or keys.
+    #[error("invalid namespace {0:?}: use 1 to 64 characters from A-Z a-z 0-9 - _")]
+    Namespace(String),
+    /// A numeric setting did not parse.
+    #[error("invalid value {value:?} for {name}: expected a whole number")]
+    Number {
+        /// The setting.
+        name: &'static str,
+        /// What was given.
+        value: String,
+    },
+}
+
+/// Where a Flotilla cluster lives: its broker, its Redis and its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// RabbitMQ URL (`amqp://` or `amqps://`, credentials included).
+    pub amqp_url: String,
+    /// Redis URL (`redis://` or `rediss://`).
+    pub redis_url: String,
+    /// Prefix of every queue and key name.
+    pub namespace: String,
+    /// Largest task arguments or result, in bytes.
+    pub max_payload: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            amqp_url: DEFAULT_AMQP_URL.to_owned(),
+            redis_url: DEFAULT_REDIS_URL.to_owned(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`
+    /// and `FLOTILLA_MAX_PAYLOAD`, with the defaults for what is unset.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_env`], reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config = Config::default();
+        let set = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(url) = set("FLOTILLA_AMQP_URL") {
+            config.amqp_url = url;
+        }
+        if let Some(url) = set("FLOTILLA_REDIS_URL") {
+            config.redis_url = url;
+        }
+        if let Some(ns) = set("FLOTILLA_NAMESPACE") {
+            config.namespace = ns;
+        }
+        if let Some(limit) = set("FLOTILLA_MAX_PAYLOAD") {
+            config.max_payload = limit.trim().parse().map_err(|_| ConfigError::Number {
+                name: "FLOTILLA_MAX_PAYLOAD",
+                value: limit.clone(),
+            })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_namespace(&self.namespace)
+    }
+
+    /// The queue and key names of this configuration's namespace.
+    pub fn names(&self) -> crate::Names {
+        crate::Names::new(&self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_when_unset() {
+        let config = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let config = Config::from_lookup(|name| match name {
+            "FLOTILLA_NAMESPACE" => Some("ns1".into()),
+            "FLOTILLA_MAX_PAYLOAD" => Some("1024".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((config.namespace.as_str(), config.max_payload), ("ns1", 1024));
+        assert!(Config::from_lookup(|n| (n == "FLOTILLA_NAMESPACE").then(|| "a.b".into())).is_err());
+        assert!(Config::from_lookup(|n| (n == "FLOTILLA_MAX_PAYLOAD").then(|| "lots".into())).is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! Task errors: what the client sees when a task fails.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What kind of failure a [`TaskError`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The task's function returned `Err`.
+    User,
+    /// The task's function panicked.
+    Panic,
+    /// No worker provides a task of this name.
+    UnknownTask,
+    /// A worker provides the task, but with another signature: the client and
+    /// worker were built from different versions of the task.
+    SignatureMismatch,
+    /// The arguments could not be decoded into the task's parameter types.
+    BadArguments,
+    /// An input's result is no longer available (released or never stored).
+    MissingDependency,
+    /// The result was larger than the configured payload limit.
+    ResultTooLarge,
+    /// The task killed or lost its worker too many times.
+    WorkerLost,
+    /// The task was cancelled.
+    Cancelled,
+    /// Anything else that went wrong around the task (storage, protocol).
+    Internal,
+}
+
+/// A task's failure, as stored in Redis and delivered to clients.
+///
+/// Dependents of an erred task err with the same `TaskError` (its `key`
+/// names the task that failed first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// What kind of failure this is.
+    pub kind: ErrorKind,
+    /// Key of the task where the error happened.
+    pub key: String,
+    /// Registered name of the task where the error happened.
+    pub task: String,
+    /// Rust type name of the error value (`"alloc::string::String"`,
+    /// `"std::io::error::Error"`, `"panic"` for panics).
+    pub type_name: String,
+    /// The error's message (`Display`).
+    pub message: String,
+    /// Where it happened: the task, worker, the error's source chain or the
+    /// panic's location and backtrace.
+    pub traceback: String,
+    /// The error value itself, MessagePack-encoded, when its type is
+    /// serde-serializable; lets the client recover a typed `E`.
+    #[serde(default, with = "serde_bytes")]
+    pub payload: Option<Vec<u8>>,
+}
+
+impl TaskError {
+    /// A new error of `kind` with a message; the caller fills in `key`,
+    /// `task` and `traceback` as known.
+    pub fn new(kind: ErrorKind, type_name: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError {
+            kind,
+            key: String::new(),
+            task: String::new(),
+            type_name: type_name.into(),
+            message: message.into(),
+            traceback: String::new(),
+            payload: None,
+        }
+    }
+
+    /// Sets where the error happened, if not set already.
+    pub fn at(mut self, key: &str, task: &str) -> Self {
+        if self.key.is_empty() {
+            self.key = key.to_owned();
+        }
+        if self.task.is_empty() {
+            self.task = task.to_owned();
+        }
+        self
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "task `{}` ({}) failed: {}: {}", self.key, self.task, self.type_name, self.message)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+impl TaskError {
+    /// The error's message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Rust type name of the error value (`"panic"` for panics).
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    /// Where it happened (task, worker, source chain or backtrace).
+    pub fn traceback(&self) -> &str {
+        &self.traceback
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// Key of the task where the error happened.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Recovers the task's error value as `E`, when the task returned a
+    /// serde-serializable error of that type.
+    pub fn downcast<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        let payload = self.payload.as_ref()?;
+        if !self.type_name.ends_with(short_type_name::<E>()) {
+            return None;
+        }
+        rmp_serde::from_slice(payload).ok()
+    }
+}
+
+fn short_type_name<E>() -> &'static str {
+    let full = std::any::type_name::<E>();
+    let base = full.split('<').next().unwrap_or(full);
+    base.rsplit("::").next().unwrap_or(base)
+}

@@ -1,0 +1,29 @@
+//! Flotilla's wire protocol and shared vocabulary.
+//!
+//! Everything that crosses a process boundary is defined here: the task
+//! specification a client submits, the messages each party consumes
+//! ([`ToScheduler`], [`ToWorker`], [`EventBatch`]), task errors, the
+//! versioned MessagePack codec, the names of queues and Redis keys inside a
+//! namespace ([`Names`]), and configuration from the environment
+//! ([`Config`]).
+//!
+//! User payloads (task arguments and results) stay opaque byte strings, so
+//! the scheduler never decodes them.
+
+mod codec;
+mod config;
+mod error;
+mod messages;
+mod names;
+mod task;
+pub mod transport;
+pub mod cli;
+
+pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
+pub use config::{Config, ConfigError, DEFAULT_AMQP_URL, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL};
+pub use error::{ErrorKind, TaskError};
+pub use messages::{
+    Arg, Event, EventBatch, RunTask, StoredResult, TaskSpec, ToScheduler, ToWorker, WorkerInfo,
+};
+pub use names::{new_id, validate_namespace, Names};
+pub use task::{ResultOutput, Task};

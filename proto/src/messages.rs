@@ -1,0 +1,268 @@
+//! Typed messages, one enum per direction.
+
+use crate::TaskError;
+use serde::{Deserialize, Serialize};
+
+/// One argument of a task as it travels on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arg {
+    /// A MessagePack-encoded value.
+    Value(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The result of another task (or scattered data), by key; the worker
+    /// substitutes the value.
+    Ref(String),
+    /// A sequence whose elements may be values or references; arrives at the
+    /// task as one `Vec`.
+    List(Vec<Arg>),
+}
+
+impl Arg {
+    /// Calls `f` for every key this argument refers to.
+    pub fn for_each_ref<'a>(&'a self, f: &mut impl FnMut(&'a str)) {
+        match self {
+            Arg::Value(_) => {}
+            Arg::Ref(key) => f(key),
+            Arg::List(items) => items.iter().for_each(|item| item.for_each_ref(f)),
+        }
+    }
+}
+
+/// A task as submitted by a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The task's key, unique in the namespace.
+    pub key: String,
+    /// Registered name of the function.
+    pub task: String,
+    /// Signature fingerprint the client was built with.
+    pub fingerprint: u64,
+    /// MessagePack of `Vec<Arg>`; opaque to the scheduler.
+    #[serde(with = "serde_bytes")]
+    pub args: Vec<u8>,
+    /// Keys this task waits for (every `Arg::Ref` in `args`, once each).
+    #[serde(default)]
+    pub deps: Vec<String>,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Id of the submitting client, where completion events go.
+    pub client: String,
+}
+
+/// Messages the scheduler consumes from its queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ToScheduler {
+    /// New tasks from a client, in submission order.
+    Submit {
+        /// The tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// A worker announces itself (periodically, as a heartbeat).
+    Worker(WorkerInfo),
+    /// A worker is shutting down cleanly.
+    WorkerGone {
+        /// The worker's id.
+        worker: String,
+    },
+}
+
+/// What a worker tells the scheduler about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// Unique id (also names its own queue).
+    pub id: String,
+    /// Human-readable name (`--name`, or host and pid).
+    pub name: String,
+    /// How many tasks it runs at once.
+    pub slots: u32,
+    /// The tasks it provides: registered name and signature fingerprint.
+    pub tasks: Vec<(String, u64)>,
+}
+
+/// One task to run, as the scheduler sends it to workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunTask {
+    /// The task.
+    pub spec: TaskSpec,
+    /// Small dependency results the scheduler already holds, by key, so the
+    /// worker need not read them from Redis.
+    #[serde(default)]
+    pub inline: Vec<(String, serde_bytes::ByteBuf)>,
+}
+
+/// Messages workers consume from the task queues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ToWorker {
+    /// A bundle of ready tasks; acknowledged once every one is stored.
+    Run {
+        /// The tasks.
+        tasks: Vec<RunTask>,
+    },
+}
+
+/// A change in a task's state, published on the events exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Event {
+    /// A worker has been running the task for a while (sent only for tasks
+    /// that don't finish at once, to keep events cheap).
+    Started {
+        /// Task key.
+        key: String,
+    },
+    /// The task finished and its result is stored in Redis.
+    Finished {
+        /// Task key.
+        key: String,
+        /// The result's encoded value when small, so no Redis read is needed.
+        #[serde(default, with = "serde_bytes")]
+        inline: Option<Vec<u8>>,
+        /// Size of the stored value in bytes.
+        size: u64,
+    },
+    /// The task failed; the error is stored in Redis too.
+    Erred {
+        /// Task key.
+        key: String,
+        /// What went wrong.
+        error: TaskError,
+    },
+}
+
+impl Event {
+    /// The key of the task this event is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Started { key } | Event::Finished { key, .. } | Event::Erred { key, .. } => key,
+        }
+    }
+}
+
+/// Several events in one message, all for one client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// Id of the worker that published it (empty when the scheduler did).
+    pub worker: String,
+    /// The events, in the order they happened.
+    pub events: Vec<Event>,
+}
+
+/// A result as stored in Redis: one tag byte, then the payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredResult {
+    /// MessagePack of the task's output.
+    Ok(Vec<u8>),
+    /// The task's error.
+    Err(TaskError),
+}
+
+const TAG_OK: u8 = 0;
+const TAG_ERR: u8 = 1;
+
+impl StoredResult {
+    /// Encodes the value to store: a tag byte then the bytes.
+    pub fn encode_ok(value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(value.len() + 1);
+        out.push(TAG_OK);
+        out.extend_from_slice(value);
+        out
+    }
+
+    /// Encodes an error to store.
+    pub fn encode_err(error: &TaskError) -> Vec<u8> {
+        let mut out = vec![TAG_ERR];
+        out.extend_from_slice(&crate::encode(error));
+        out
+    }
+
+    /// Decodes a stored result.
+    pub fn decode(mut bytes: Vec<u8>) -> Result<Self, crate::DecodeError> {
+        match bytes.first() {
+            Some(&TAG_OK) => {
+                bytes.remove(0);
+                Ok(StoredResult::Ok(bytes))
+            }
+            Some(&TAG_ERR) => Ok(StoredResult::Err(crate::decode(&bytes[1..], usize::MAX)?)),
+            Some(&found) => Err(crate::DecodeError::Version { found }),
+            None => Err(crate::DecodeError::Empty),
+        }
+    }
+
+    /// Borrows the value bytes of a stored success without copying, or
+    /// `None` when the bytes hold an error.
+    pub fn ok_slice(bytes: &[u8]) -> Option<&[u8]> {
+        match bytes.split_first() {
+            Some((&TAG_OK, rest)) => Some(rest),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode, encode, ErrorKind};
+
+    fn spec() -> TaskSpec {
+        TaskSpec {
+            key: "add-1".into(),
+            task: "demo::add".into(),
+            fingerprint: 7,
+            args: encode(&vec![Arg::Value(vec![1]), Arg::List(vec![Arg::Ref("x".into())])]),
+            deps: vec!["x".into()],
+            priority: -3,
+            client: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let submit = ToScheduler::Submit { tasks: vec![spec()] };
+        assert_eq!(decode::<ToScheduler>(&encode(&submit), usize::MAX).unwrap(), submit);
+        let run = ToWorker::Run {
+            tasks: vec![RunTask {
+                spec: spec(),
+                inline: vec![("x".into(), serde_bytes::ByteBuf::from(vec![9]))],
+            }],
+        };
+        assert_eq!(decode::<ToWorker>(&encode(&run), usize::MAX).unwrap(), run);
+        let batch = EventBatch {
+            worker: "w".into(),
+            events: vec![
+                Event::Finished { key: "k".into(), inline: Some(vec![1, 2]), size: 2 },
+                Event::Erred { key: "e".into(), error: TaskError::new(ErrorKind::User, "T", "m") },
+            ],
+        };
+        assert_eq!(decode::<EventBatch>(&encode(&batch), usize::MAX).unwrap(), batch);
+    }
+
+    #[test]
+    fn refs_are_found_inside_lists() {
+        let arg = Arg::List(vec![Arg::Ref("a".into()), Arg::Value(vec![]), Arg::List(vec![Arg::Ref("b".into())])]);
+        let mut seen = vec![];
+        arg.for_each_ref(&mut |k| seen.push(k.to_owned()));
+        assert_eq!(seen, ["a", "b"]);
+    }
+
+    #[test]
+    fn stored_results_round_trip() {
+        let ok = StoredResult::encode_ok(&[5, 6]);
+        assert_eq!(StoredResult::ok_slice(&ok), Some(&[5u8, 6][..]));
+        assert_eq!(StoredResult::decode(ok).unwrap(), StoredResult::Ok(vec![5, 6]));
+        let err = TaskError::new(ErrorKind::Panic, "panic", "boom");
+        let bytes = StoredResult::encode_err(&err);
+        assert_eq!(StoredResult::ok_slice(&bytes), None);
+        assert_eq!(StoredResult::decode(bytes).unwrap(), StoredResult::Err(err));
+    }
+
+    #[test]
+    fn garbage_is_refused_not_panicked_on() {
+        assert!(decode::<ToScheduler>(&[], 10).is_err());
+        assert!(decode::<ToScheduler>(&[9, 1, 2], 10).is_err());
+        assert!(decode::<ToScheduler>(&[1, 0xc1], 10).is_err());
+        assert!(matches!(decode::<ToScheduler>(&[1; 11], 10), Err(crate::DecodeError::TooLarge { .. })));
+        assert!(StoredResult::decode(vec![7]).is_err());
+    }
+}

@@ -1,0 +1,136 @@
+//! Names of queues, exchanges and Redis keys inside a namespace.
+//!
+//! Every name starts with the namespace, so one broker and one Redis can
+//! host many isolated clusters (and every test runs in its own namespace).
+
+use crate::ConfigError;
+
+/// A fresh random id (32 hex digits), for clients, workers and keys.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Checks that a namespace is usable in queue names and Redis keys:
+/// 1 to 64 characters from `A-Z a-z 0-9 - _`.
+pub fn validate_namespace(namespace: &str) -> Result<(), ConfigError> {
+    let ok = !namespace.is_empty()
+        && namespace.len() <= 64
+        && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Namespace(namespace.to_owned()))
+    }
+}
+
+/// The names one namespace uses in RabbitMQ and Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    /// Names for `namespace` (validate it first with [`validate_namespace`]).
+    pub fn new(namespace: &str) -> Self {
+        Names {
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    /// The namespace itself.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// Shared work queue all workers consume.
+    pub fn tasks_queue(&self) -> String {
+        format!("{}.tasks", self.namespace)
+    }
+
+    /// A worker's own queue, for tasks pinned to it.
+    pub fn worker_queue(&self, worker: &str) -> String {
+        format!("{}.worker.{worker}", self.namespace)
+    }
+
+    /// Queue of client submissions and worker announcements for the scheduler.
+    pub fn scheduler_queue(&self) -> String {
+        format!("{}.scheduler", self.namespace)
+    }
+
+    /// Queue of completion events for the scheduler.
+    pub fn scheduler_events_queue(&self) -> String {
+        format!("{}.scheduler.events", self.namespace)
+    }
+
+    /// A client's queue of completion events.
+    pub fn client_queue(&self, client: &str) -> String {
+        format!("{}.client.{client}", self.namespace)
+    }
+
+    /// Where rejected and undecodable messages end up.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead-letter", self.namespace)
+    }
+
+    /// Topic exchange for completion events.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+
+    /// Fanout exchange that dead-lettered messages go through.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.namespace)
+    }
+
+    /// Routing key of events a worker publishes for `client`.
+    pub fn worker_event_route(client: &str) -> String {
+        format!("w.{client}")
+    }
+
+    /// Routing key of events the scheduler publishes for `client`.
+    pub fn scheduler_event_route(client: &str) -> String {
+        format!("s.{client}")
+    }
+
+    /// Binding key with which a client receives every event for it.
+    pub fn client_binding(client: &str) -> String {
+        format!("*.{client}")
+    }
+
+    /// Binding key with which the scheduler receives every worker event.
+    pub const SCHEDULER_BINDING: &'static str = "w.*";
+
+    /// Redis key holding a task's stored result.
+    pub fn result_key(&self, key: &str) -> String {
+        format!("{}:r:{key}", self.namespace)
+    }
+
+    /// Pattern matching every Redis key of the namespace.
+    pub fn redis_pattern(&self) -> String {
+        format!("{}:*", self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_checked() {
+        assert!(validate_namespace("flotilla").is_ok());
+        assert!(validate_namespace("t-1_a").is_ok());
+        for bad in ["", "a.b", "a b", "a:b", "a*", &"x".repeat(65)] {
+            assert!(validate_namespace(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_carry_the_namespace() {
+        let names = Names::new("ns");
+        assert_eq!(names.tasks_queue(), "ns.tasks");
+        assert_eq!(names.worker_queue("w1"), "ns.worker.w1");
+        assert_eq!(names.result_key("add-1"), "ns:r:add-1");
+        assert_eq!(Names::worker_event_route("c"), "w.c");
+        assert_eq!(new_id().len(), 32);
+    }
+}

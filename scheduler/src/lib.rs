@@ -1,0 +1,10 @@
+//! The Flotilla scheduler.
+//!
+//! [`core`] is the scheduling state machine, free of I/O; [`server`] wires it
+//! to RabbitMQ (submissions and completion events in, ready tasks out) and
+//! Redis (stored errors, lookups of inputs it does not hold).
+
+pub mod core;
+pub mod server;
+
+pub use server::{run, SchedulerHandle};

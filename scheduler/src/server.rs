@@ -1,0 +1,369 @@
+//! The scheduler process: RabbitMQ and Redis around the [`Core`].
+//!
+//! Submissions and worker announcements arrive on `<ns>.scheduler`,
+//! completion events on `<ns>.scheduler.events`. The loop takes whatever has
+//! arrived, feeds it all to the core, then publishes the resulting bundles
+//! and acknowledges the input in one go, so the cost per message shrinks as
+//! load grows.
+
+use crate::core::{Comm, Core, Lookup};
+use flotilla_proto::transport::{self, name};
+use flotilla_proto::{
+    decode, encode, Config, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
+    ToScheduler, ToWorker,
+};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Deliveries each consumer may hold unacknowledged.
+const PREFETCH: u16 = 4096;
+/// Most inputs handled before the core dispatches and output is flushed.
+const MAX_BATCH: usize = 4096;
+
+/// Why the scheduler stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchedulerError {
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(#[from] flotilla_proto::ConfigError),
+    /// RabbitMQ failed.
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// Redis failed.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A consumer or the connection closed under the scheduler.
+    #[error("RabbitMQ closed the scheduler's {0}")]
+    Closed(&'static str),
+}
+
+enum Input {
+    Submission(lapin::message::Delivery),
+    Events(lapin::message::Delivery),
+    Looked(String, Lookup),
+    Closed(&'static str),
+}
+
+/// A scheduler running inside this process (see [`SchedulerHandle::spawn`]).
+#[derive(Debug)]
+pub struct SchedulerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), SchedulerError>>,
+}
+
+impl SchedulerHandle {
+    /// Starts a scheduler for `config` on the current tokio runtime and
+    /// returns once it consumes its queues.
+    pub async fn spawn(config: Config) -> Result<Self, SchedulerError> {
+        let (stop, stopped) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(run_inner(config, async move {
+            let _ = stopped.await;
+        }, Some(ready_tx)));
+        match ready_rx.await {
+            Ok(()) => Ok(SchedulerHandle { stop: Some(stop), task }),
+            Err(_) => match task.await {
+                Ok(Err(e)) => Err(e),
+                _ => Err(SchedulerError::Closed("start-up")),
+            },
+        }
+    }
+
+    /// Stops the scheduler and waits for it to close its connections.
+    pub async fn shutdown(mut self) -> Result<(), SchedulerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Runs a scheduler until `shutdown` completes or a connection fails.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), SchedulerError> {
+    run_inner(config, shutdown, None).await
+}
+
+async fn run_inner(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: Option<oneshot::Sender<()>>,
+) -> Result<(), SchedulerError> {
+    config.validate()?;
+    let names = config.names();
+    let connection = transport::connect_amqp(&config.amqp_url, &format!("flotilla-scheduler {}", names.namespace())).await?;
+    let publish = connection.create_channel().await?;
+    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    transport::declare_topology(&publish, &names).await?;
+    let redis = transport::connect_redis(&config.redis_url).await?;
+
+    let (inputs, mut input_rx) = mpsc::unbounded_channel();
+    let submissions = connection.create_channel().await?;
+    let events = connection.create_channel().await?;
+    for (channel, queue, wrap) in [
+        (&submissions, names.scheduler_queue(), Input::Submission as fn(_) -> Input),
+        (&events, names.scheduler_events_queue(), Input::Events as fn(_) -> Input),
+    ] {
+        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(name(&queue), name("scheduler"), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        let inputs = inputs.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = transport::next_delivery(&mut consumer).await {
+                match delivery {
+                    Ok(delivery) => {
+                        if inputs.send(wrap(delivery)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, queue, "consumer failed");
+                        break;
+                    }
+                }
+            }
+            let _ = inputs.send(Input::Closed("consumer"));
+        });
+    }
+    info!(namespace = names.namespace(), "scheduler started");
+    if let Some(ready) = ready {
+        let _ = ready.send(());
+    }
+
+    let mut scheduler = Scheduler {
+        core: Core::new(),
+        out: Outbox::default(),
+        names,
+        publish,
+        redis,
+        inputs: inputs.clone(),
+        max_payload: config.max_payload,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = tick.tick() => {
+                scheduler.core.expire_workers(Instant::now());
+                scheduler.core.dispatch(&mut scheduler.out);
+                scheduler.flush().await?;
+            }
+            input = input_rx.recv() => {
+                let Some(input) = input else { break Ok(()) };
+                let mut acks = Acks::default();
+                if let Err(stop) = scheduler.handle(input, &mut acks).await {
+                    break Err(stop);
+                }
+                let mut handled = 1;
+                while handled < MAX_BATCH {
+                    let Ok(input) = input_rx.try_recv() else { break };
+                    scheduler.handle(input, &mut acks).await?;
+                    handled += 1;
+                }
+                scheduler.core.dispatch(&mut scheduler.out);
+                scheduler.flush().await?;
+                acks.send(&submissions, &events).await?;
+            }
+        }
+    };
+    let counts = scheduler.core.counts();
+    info!(?counts, "scheduler stopping");
+    let _ = connection.close(200, name("scheduler stopping")).await;
+    result
+}
+
+/// Highest delivery tag handled per channel: acknowledged with `multiple`.
+#[derive(Default)]
+struct Acks {
+    submissions: Option<u64>,
+    events: Option<u64>,
+}
+
+impl Acks {
+    async fn send(self, submissions: &Channel, events: &Channel) -> lapin::Result<()> {
+        let multiple = BasicAckOptions { multiple: true };
+        if let Some(tag) = self.submissions {
+            submissions.basic_ack(tag, multiple).await?;
+        }
+        if let Some(tag) = self.events {
+            events.basic_ack(tag, multiple).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the core asked for since the last flush.
+#[derive(Default)]
+struct Outbox {
+    bundles: Vec<Vec<RunTask>>,
+    notify: HashMap<String, Vec<Event>>,
+    errors: Vec<(String, Vec<u8>)>,
+    lookups: Vec<String>,
+}
+
+impl Comm for Outbox {
+    fn send_tasks(&mut self, tasks: Vec<RunTask>) {
+        self.bundles.push(tasks);
+    }
+    fn notify(&mut self, client: &str, event: Event) {
+        self.notify.entry(client.to_owned()).or_default().push(event);
+    }
+    fn store_error(&mut self, key: &str, error: &TaskError) {
+        self.errors.push((key.to_owned(), StoredResult::encode_err(error)));
+    }
+    fn lookup(&mut self, key: &str) {
+        self.lookups.push(key.to_owned());
+    }
+}
+
+struct Scheduler {
+    core: Core,
+    out: Outbox,
+    names: Names,
+    publish: Channel,
+    redis: ConnectionManager,
+    inputs: mpsc::UnboundedSender<Input>,
+    max_payload: usize,
+}
+
+impl Scheduler {
+    async fn handle(&mut self, input: Input, acks: &mut Acks) -> Result<(), SchedulerError> {
+        match input {
+            Input::Submission(delivery) => {
+                let tag = delivery.delivery_tag;
+                acks.submissions = Some(tag);
+                match decode::<ToScheduler>(&delivery.data, self.max_payload + (1 << 20)) {
+                    Ok(ToScheduler::Submit { tasks }) => {
+                        debug!(count = tasks.len(), "submitted");
+                        self.core.submit(tasks, &mut self.out);
+                    }
+                    Ok(ToScheduler::Worker(info)) => self.core.worker_seen(info, Instant::now()),
+                    Ok(ToScheduler::WorkerGone { worker }) => self.core.worker_gone(&worker),
+                    Ok(other) => warn!(?other, "unexpected message on the scheduler queue"),
+                    Err(error) => self.dead_letter(&delivery, "scheduler", &error.to_string()).await?,
+                }
+            }
+            Input::Events(delivery) => {
+                acks.events = Some(delivery.delivery_tag);
+                match decode::<EventBatch>(&delivery.data, self.max_payload + (1 << 20)) {
+                    Ok(batch) => {
+                        for event in batch.events {
+                            match event {
+                                Event::Finished { key, inline, .. } => self.core.finished(&key, inline),
+                                Event::Erred { key, error } => self.core.erred(&key, error, &mut self.out),
+                                Event::Started { .. } => {}
+                                other => warn!(?other, "unexpected event"),
+                            }
+                        }
+                    }
+                    Err(error) => self.dead_letter(&delivery, "scheduler.events", &error.to_string()).await?,
+                }
+            }
+            Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),
+            Input::Closed(what) => return Err(SchedulerError::Closed(what)),
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        delivery: &lapin::message::Delivery,
+        queue: &str,
+        reason: &str,
+    ) -> Result<(), SchedulerError> {
+        warn!(queue, reason, bytes = delivery.data.len(), "undecodable message dead-lettered");
+        delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), SchedulerError> {
+        let out = std::mem::take(&mut self.out);
+        if !out.errors.is_empty() {
+            let mut pipe = redis::pipe();
+            for (key, bytes) in &out.errors {
+                pipe.set(self.names.result_key(key), bytes).ignore();
+            }
+            pipe.query_async::<()>(&mut self.redis).await?;
+        }
+        let mut confirms = Vec::new();
+        for bundle in out.bundles {
+            let bytes = encode(&ToWorker::Run { tasks: bundle });
+            confirms.push(
+                self.publish
+                    .basic_publish(name(""), name(&self.names.tasks_queue()), BasicPublishOptions::default(), &bytes, transport::persistent())
+                    .await?,
+            );
+        }
+        for (client, events) in out.notify {
+            let bytes = encode(&EventBatch { worker: String::new(), events });
+            confirms.push(
+                self.publish
+                    .basic_publish(
+                        name(&self.names.events_exchange()),
+                        name(&Names::scheduler_event_route(&client)),
+                        BasicPublishOptions::default(),
+                        &bytes,
+                        transport::transient(),
+                    )
+                    .await?,
+            );
+        }
+        if !confirms.is_empty() {
+            tokio::spawn(async move {
+                for confirm in confirms {
+                    match confirm.await {
+                        Ok(c) if c.is_nack() => warn!("broker refused a scheduler publish"),
+                        Err(error) => warn!(%error, "scheduler publish not confirmed"),
+                        _ => {}
+                    }
+                }
+            });
+        }
+        for key in out.lookups {
+            let mut redis = self.redis.clone();
+            let inputs = self.inputs.clone();
+            let result_key = self.names.result_key(&key);
+            tokio::spawn(async move {
+                let found = lookup(&mut redis, &result_key).await;
+                let _ = inputs.send(Input::Looked(key, found));
+            });
+        }
+        Ok(())
+    }
+}
+
+async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
+    let first: redis::RedisResult<Vec<u8>> = redis::cmd("GETRANGE").arg(result_key).arg(0).arg(0).query_async(redis).await;
+    match first.as_deref() {
+        Ok([]) => Lookup::Missing,
+        Ok([0]) => Lookup::Finished,
+        Ok(_) => {
+            let whole: redis::RedisResult<Vec<u8>> = redis::cmd("GET").arg(result_key).query_async(redis).await;
+            match whole.map(StoredResult::decode) {
+                Ok(Ok(StoredResult::Err(error))) => Lookup::Erred(error),
+                Ok(Ok(StoredResult::Ok(_))) => Lookup::Finished,
+                _ => Lookup::Missing,
+            }
+        }
+        Err(error) => {
+            warn!(%error, result_key, "lookup failed");
+            Lookup::Missing
+        }
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests and the end-to-end tests, which run
+# against a real RabbitMQ and Redis (each test in its own namespace).
+#
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh -- --nocapture  # extra arguments go to `cargo test`
+#
+# FLOTILLA_AMQP_URL / FLOTILLA_REDIS_URL select the brokers (default: local).
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+banner() { printf '\n==================== %s ====================\n' "$*"; }
+
+banner "Flotilla test suite"
+
+banner "services (RabbitMQ, Redis)"
+bash "$ROOT/scripts/services.sh"
+
+# The end-to-end tests start the scheduler and worker binaries, so they are
+# built first.
+banner "cargo build --workspace --bins --locked"
+cargo build --workspace --bins --locked
+
+banner "cargo test --workspace --locked${*:+ $*}"
+cargo test --workspace --locked "$@"
+
+banner "all tests passed"

@@ -1,0 +1,98 @@
+//! Flotilla's worker runtime.
+//!
+//! A worker consumes bundles of ready tasks from RabbitMQ, loads their inputs
+//! from Redis (or inline from the message), runs the registered function,
+//! stores the result in Redis, publishes a completion event, and only then
+//! acknowledges the delivery. A user's worker binary is their task crate
+//! plus [`main`].
+//!
+//! ```no_run
+//! fn main() {
+//!     flotilla_worker::main()
+//! }
+//! ```
+
+mod args;
+mod context;
+mod panic;
+pub mod registry;
+mod runtime;
+
+pub use context::TaskContext;
+pub use registry::{decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration};
+pub use runtime::{run, ExtensionFactory, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT};
+
+#[doc(hidden)]
+pub use registry::probe as __probe;
+#[doc(hidden)]
+pub use registry::user_error as __private_user_error;
+#[doc(hidden)]
+pub use inventory as __inventory;
+
+use flotilla_proto::cli::{self, Flag};
+
+/// Flags of a worker binary beyond the connection flags.
+const WORKER_FLAGS: [Flag; 3] = [
+    Flag {
+        name: "nthreads",
+        value: "N",
+        help: "tasks run at once [env FLOTILLA_NTHREADS; default: number of CPUs]",
+    },
+    Flag {
+        name: "name",
+        value: "NAME",
+        help: "name shown in logs and the dashboard [default: host-pid]",
+    },
+    Flag {
+        name: "prefetch",
+        value: "N",
+        help: "task deliveries held unacknowledged [default: 4 per thread + 4]",
+    },
+];
+
+/// The whole worker program: parses flags and environment, logs with
+/// `tracing`, runs until SIGTERM or Ctrl-C, and exits non-zero on failure.
+/// Every task registered in the binary is served.
+pub fn main() {
+    main_with(WorkerOptions::new)
+}
+
+/// Like [`main`], letting the caller adjust the options (for instance to set
+/// an [`ExtensionFactory`]).
+pub fn main_with(make_options: impl FnOnce(flotilla_proto::Config) -> WorkerOptions) {
+    let flags: Vec<Flag> = cli::CONNECTION_FLAGS.iter().chain(WORKER_FLAGS.iter()).copied().collect();
+    let parsed = cli::parse_or_exit(
+        "flotilla-worker",
+        "a Flotilla worker: runs the tasks compiled into this binary",
+        &flags,
+    );
+    cli::init_logging();
+    let fail = |message: String| -> ! {
+        eprintln!("flotilla-worker: {message}");
+        std::process::exit(2)
+    };
+    let config = parsed.config().unwrap_or_else(|e| fail(e));
+    cli::warn_default_credentials(&config.amqp_url);
+    let mut options = make_options(config);
+    let number = |flag: &str, env: &str| -> Option<usize> {
+        let text = parsed.get(flag).map(str::to_owned).or_else(|| std::env::var(env).ok())?;
+        Some(text.trim().parse().unwrap_or_else(|_| fail(format!("--{flag} expects a whole number, got {text:?}"))))
+    };
+    if let Some(n) = number("nthreads", "FLOTILLA_NTHREADS") {
+        options.nthreads = n.max(1);
+    }
+    if let Some(n) = number("prefetch", "FLOTILLA_PREFETCH") {
+        options.prefetch = Some(u16::try_from(n.max(1)).unwrap_or(u16::MAX));
+    }
+    if let Some(name) = parsed.get("name") {
+        options.name = Some(name.to_owned());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(error) = runtime.block_on(run(options, cli::shutdown_signal())) {
+        tracing::error!(%error, "worker failed");
+        std::process::exit(1);
+    }
+}

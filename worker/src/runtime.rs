@@ -1,0 +1,604 @@
+//! The worker process: consumes task bundles, runs them, stores results and
+//! publishes completion events.
+//!
+//! A delivery is acknowledged only after every task in it has its result in
+//! Redis and its completion event confirmed by the broker, so a worker that
+//! dies mid-task gets its tasks redelivered elsewhere. Results are written
+//! and events published in batches by one completion loop.
+
+use crate::panic::{install_hook, run_sync, CatchUnwind};
+use crate::registry::{registry, Invocation, TaskOutcome};
+use crate::TaskContext;
+use flotilla_proto::transport::{self, name};
+use flotilla_proto::{
+    decode, encode, Config, ErrorKind, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
+    ToScheduler, ToWorker, WorkerInfo,
+};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use redis::aio::ConnectionManager;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn, Instrument};
+
+/// Results up to this size ride inline in completion events.
+pub const INLINE_RESULT_LIMIT: usize = 16 * 1024;
+/// How often a worker announces itself to the scheduler.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A task still running after this long is reported as started.
+const STARTED_AFTER: Duration = Duration::from_millis(50);
+/// Most completions stored and published together.
+const MAX_COMPLETION_BATCH: usize = 1024;
+
+/// Builds the extension a [`TaskContext`] carries for one task; set by
+/// libraries layered on the worker (the `flotilla` client, to let tasks
+/// submit tasks).
+pub type ExtensionFactory = Arc<dyn Fn(&Config) -> Option<Arc<dyn Any + Send + Sync>> + Send + Sync>;
+
+/// How a worker runs.
+#[derive(Clone)]
+pub struct WorkerOptions {
+    /// Where the cluster lives.
+    pub config: Config,
+    /// Tasks run at once (Dask's threads per worker).
+    pub nthreads: usize,
+    /// Human-readable name; defaults to host name and process id.
+    pub name: Option<String>,
+    /// Deliveries held unacknowledged; defaults to four per thread plus four.
+    pub prefetch: Option<u16>,
+    /// See [`ExtensionFactory`].
+    pub extension: Option<ExtensionFactory>,
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions")
+            .field("config", &self.config)
+            .field("nthreads", &self.nthreads)
+            .field("name", &self.name)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerOptions {
+    /// Options for `config` with one slot per CPU.
+    pub fn new(config: Config) -> Self {
+        WorkerOptions {
+            config,
+            nthreads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            name: None,
+            prefetch: None,
+            extension: None,
+        }
+    }
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(#[from] flotilla_proto::ConfigError),
+    /// RabbitMQ failed.
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// Redis failed.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A consumer closed under the worker.
+    #[error("RabbitMQ closed the worker's consumer")]
+    Closed,
+}
+
+/// A worker running inside this process (for `LocalCluster` and tests).
+#[derive(Debug)]
+pub struct WorkerHandle {
+    id: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl WorkerHandle {
+    /// Starts a worker on the current runtime; returns once it consumes.
+    pub async fn spawn(options: WorkerOptions) -> Result<Self, WorkerError> {
+        let (stop, stopped) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(run_inner(
+            options,
+            async move {
+                let _ = stopped.await;
+            },
+            Some(ready_tx),
+        ));
+        match ready_rx.await {
+            Ok(id) => Ok(WorkerHandle { id, stop: Some(stop), task }),
+            Err(_) => match task.await {
+                Ok(Err(error)) => Err(error),
+                _ => Err(WorkerError::Closed),
+            },
+        }
+    }
+
+    /// The worker's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops the worker: it stops taking work, finishes what it runs, and
+    /// closes its connections.
+    pub async fn shutdown(mut self) -> Result<(), WorkerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap_or(Ok(()))
+    }
+
+    /// Stops the worker at once, as if its process died: running tasks are
+    /// dropped unacknowledged and the broker redelivers them.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// Runs a worker until `shutdown` completes or a connection fails.
+pub async fn run(
+    options: WorkerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    run_inner(options, shutdown, None).await
+}
+
+struct Shared {
+    id: String,
+    config: Config,
+    names: Names,
+    redis: ConnectionManager,
+    slots: Semaphore,
+    completions: mpsc::UnboundedSender<Completion>,
+    extension: Option<ExtensionFactory>,
+}
+
+/// Acknowledges a delivery once all its tasks are done.
+struct Bundle {
+    remaining: AtomicUsize,
+    delivery: Delivery,
+}
+
+impl Bundle {
+    async fn one_done(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Err(error) = self.delivery.acker.ack(BasicAckOptions::default()).await {
+                warn!(%error, "could not acknowledge a delivery; it will be redelivered");
+            }
+        }
+    }
+}
+
+enum Completion {
+    Started {
+        key: String,
+        client: String,
+    },
+    Done {
+        key: String,
+        client: String,
+        outcome: TaskOutcome,
+        bundle: Arc<Bundle>,
+    },
+}
+
+async fn run_inner(
+    options: WorkerOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: Option<oneshot::Sender<String>>,
+) -> Result<(), WorkerError> {
+    install_hook();
+    let config = options.config.clone();
+    config.validate()?;
+    let names = config.names();
+    let id = flotilla_proto::new_id();
+    let display_name = options.name.clone().unwrap_or_else(default_name);
+    let nthreads = options.nthreads.max(1);
+    let prefetch = options
+        .prefetch
+        .unwrap_or_else(|| u16::try_from(nthreads * 4 + 4).unwrap_or(u16::MAX));
+
+    let connection = transport::connect_amqp(
+        &config.amqp_url,
+        &format!("flotilla-worker {display_name} ({})", names.namespace()),
+    )
+    .await?;
+    let publish = connection.create_channel().await?;
+    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    transport::declare_topology(&publish, &names).await?;
+    let own_queue = names.worker_queue(&id);
+    transport::declare_private_queue(&publish, &names, &own_queue, None).await?;
+    let redis = transport::connect_redis(&config.redis_url).await?;
+
+    let (completions, completion_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        id: id.clone(),
+        config: config.clone(),
+        names: names.clone(),
+        redis: redis.clone(),
+        slots: Semaphore::new(nthreads),
+        completions,
+        extension: options.extension.clone(),
+    });
+    let completer = tokio::spawn(complete_loop(
+        completion_rx,
+        redis,
+        publish.clone(),
+        names.clone(),
+        id.clone(),
+    ));
+
+    let info = WorkerInfo {
+        id: id.clone(),
+        name: display_name.clone(),
+        slots: nthreads as u32,
+        tasks: registry()
+            .values()
+            .map(|r| (r.name().to_owned(), r.fingerprint()))
+            .collect(),
+    };
+    announce(&publish, &names, &ToScheduler::Worker(info.clone())).await?;
+    let heartbeat = {
+        let publish = publish.clone();
+        let names = names.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            loop {
+                tick.tick().await;
+                if let Err(error) = announce(&publish, &names, &ToScheduler::Worker(info.clone())).await {
+                    warn!(%error, "heartbeat failed");
+                }
+            }
+        })
+    };
+
+    let consume = connection.create_channel().await?;
+    consume.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let (deliveries, mut delivery_rx) = mpsc::unbounded_channel();
+    let mut consumer_tags = Vec::new();
+    for queue in [names.tasks_queue(), own_queue.clone()] {
+        let tag = format!("{id}.{}", consumer_tags.len());
+        let mut consumer = consume
+            .basic_consume(name(&queue), name(&tag), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        consumer_tags.push(tag);
+        let deliveries = deliveries.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = transport::next_delivery(&mut consumer).await {
+                if deliveries.send(delivery).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(deliveries);
+    info!(worker = %id, name = %display_name, nthreads, namespace = names.namespace(), tasks = registry().len(), "worker started");
+    if let Some(ready) = ready {
+        let _ = ready.send(id.clone());
+    }
+
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            delivery = delivery_rx.recv() => match delivery {
+                Some(Ok(delivery)) => accept(&shared, delivery).await,
+                Some(Err(error)) => {
+                    warn!(%error, "consumer failed");
+                    break Err(WorkerError::Amqp(error));
+                }
+                None => break Err(WorkerError::Closed),
+            }
+        }
+    };
+
+    // Stop taking work, let running tasks finish and be stored, then leave.
+    for tag in &consumer_tags {
+        let _ = consume.basic_cancel(name(tag), Default::default()).await;
+    }
+    heartbeat.abort();
+    let _ = shared.slots.acquire_many(nthreads as u32).await;
+    let _ = announce(&publish, &names, &ToScheduler::WorkerGone { worker: id.clone() }).await;
+    drop(shared);
+    let _ = completer.await;
+    let _ = connection.close(200, name("worker stopping")).await;
+    info!(worker = %id, "worker stopped");
+    result
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn announce(publish: &Channel, names: &Names, message: &ToScheduler) -> lapin::Result<()> {
+    publish
+        .basic_publish(
+            name(""),
+            name(&names.scheduler_queue()),
+            BasicPublishOptions::default(),
+            &encode(message),
+            transport::transient(),
+        )
+        .await
+        .map(drop)
+}
+
+/// Takes one delivery: decodes it (dead-lettering what doesn't decode) and
+/// starts its tasks.
+async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
+    let message = decode::<ToWorker>(&delivery.data, shared.config.max_payload.saturating_mul(2));
+    let tasks = match message {
+        Ok(ToWorker::Run { tasks }) if !tasks.is_empty() => tasks,
+        Ok(_) => {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        Err(error) => {
+            warn!(%error, bytes = delivery.data.len(), "undecodable task message dead-lettered");
+            let _ = delivery.acker.reject(BasicRejectOptions { requeue: false }).await;
+            return;
+        }
+    };
+    let bundle = Arc::new(Bundle {
+        remaining: AtomicUsize::new(tasks.len()),
+        delivery,
+    });
+    for task in tasks {
+        let shared = shared.clone();
+        let bundle = bundle.clone();
+        let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
+        tokio::spawn(
+            async move {
+                let key = task.spec.key.clone();
+                let client = task.spec.client.clone();
+                let permit = shared.slots.acquire().await;
+                let run = execute(&shared, task);
+                tokio::pin!(run);
+                let outcome = tokio::select! {
+                    biased;
+                    outcome = &mut run => outcome,
+                    _ = tokio::time::sleep(STARTED_AFTER) => {
+                        let _ = shared.completions.send(Completion::Started { key: key.clone(), client: client.clone() });
+                        run.await
+                    }
+                };
+                drop(permit);
+                let _ = shared.completions.send(Completion::Done {
+                    key,
+                    client,
+                    outcome,
+                    bundle,
+                });
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Runs one task: loads its inputs, checks its name and signature, calls it.
+async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
+    let RunTask { spec, inline } = task;
+    let outcome = async {
+        let registration = registry().get(spec.task.as_str()).ok_or_else(|| {
+            TaskError::new(
+                ErrorKind::UnknownTask,
+                "flotilla::UnknownTask",
+                format!(
+                    "worker {} does not provide task `{}` (it provides {} tasks)",
+                    shared.id,
+                    spec.task,
+                    registry().len()
+                ),
+            )
+        })?;
+        if registration.fingerprint() != spec.fingerprint {
+            return Err(TaskError::new(
+                ErrorKind::SignatureMismatch,
+                "flotilla::SignatureMismatch",
+                format!(
+                    "worker {} has task `{}` with another signature (fingerprint {:#x}, client has {:#x}): \
+                     rebuild the client and workers from the same task code",
+                    shared.id,
+                    spec.task,
+                    registration.fingerprint(),
+                    spec.fingerprint
+                ),
+            ));
+        }
+        let inputs = load_inputs(shared, &spec.deps, inline).await?;
+        let args = crate::args::assemble(&spec.args, &inputs)?;
+        drop(inputs);
+        let extension = shared.extension.as_ref().and_then(|f| f(&shared.config));
+        let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension);
+        let output = match registration.invoke(ctx, &args) {
+            Invocation::Ready(outcome) => outcome,
+            Invocation::Sync(call) => match tokio::task::spawn_blocking(move || run_sync(call)).await {
+                Ok(outcome) => outcome,
+                Err(error) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
+            },
+            Invocation::Async(future) => CatchUnwind::new(future).await,
+        }?;
+        if output.len() > shared.config.max_payload {
+            return Err(TaskError::new(
+                ErrorKind::ResultTooLarge,
+                "flotilla::ResultTooLarge",
+                format!(
+                    "the result is {} bytes, over the {}-byte limit (FLOTILLA_MAX_PAYLOAD)",
+                    output.len(),
+                    shared.config.max_payload
+                ),
+            ));
+        }
+        Ok(output)
+    }
+    .await;
+    outcome.map_err(|mut error| {
+        if error.traceback.is_empty() {
+            error.traceback = format!("in task `{}` ({}) on worker {}", spec.task, spec.key, shared.id);
+        } else {
+            error.traceback = format!(
+                "in task `{}` ({}) on worker {}\n{}",
+                spec.task, spec.key, shared.id, error.traceback
+            );
+        }
+        error.at(&spec.key, &spec.task)
+    })
+}
+
+/// The encoded results of a task's inputs: inline ones from the message,
+/// the rest from Redis in one round trip.
+async fn load_inputs(
+    shared: &Shared,
+    deps: &[String],
+    inline: Vec<(String, serde_bytes::ByteBuf)>,
+) -> Result<HashMap<String, Vec<u8>>, TaskError> {
+    let mut inputs: HashMap<String, Vec<u8>> = inline
+        .into_iter()
+        .map(|(key, bytes)| (key, bytes.into_vec()))
+        .collect();
+    let wanted: Vec<&String> = deps.iter().filter(|d| !inputs.contains_key(*d)).collect();
+    if wanted.is_empty() {
+        return Ok(inputs);
+    }
+    let keys: Vec<String> = wanted.iter().map(|k| shared.names.result_key(k)).collect();
+    let mut redis = shared.redis.clone();
+    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .map_err(|error| {
+            TaskError::new(ErrorKind::Internal, "flotilla::RedisError", format!("reading inputs: {error}"))
+        })?;
+    for (key, value) in wanted.into_iter().zip(values) {
+        match value.map(StoredResult::decode) {
+            Some(Ok(StoredResult::Ok(bytes))) => {
+                inputs.insert(key.clone(), bytes);
+            }
+            Some(Ok(StoredResult::Err(error))) => return Err(error),
+            _ => {
+                return Err(TaskError::new(
+                    ErrorKind::MissingDependency,
+                    "flotilla::MissingDependency",
+                    format!("input `{key}` has no stored result: it was released or never submitted"),
+                ))
+            }
+        }
+    }
+    Ok(inputs)
+}
+
+/// Stores results and publishes completion events in batches, then
+/// acknowledges the deliveries whose tasks are all complete.
+async fn complete_loop(
+    mut rx: mpsc::UnboundedReceiver<Completion>,
+    mut redis: ConnectionManager,
+    publish: Channel,
+    names: Names,
+    worker: String,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        let mut by_client: HashMap<&str, Vec<Event>> = HashMap::new();
+        for completion in &batch {
+            let (key, client, outcome) = match completion {
+                Completion::Done { key, client, outcome, .. } => (key, client, outcome),
+                Completion::Started { key, client } => {
+                    by_client.entry(client.as_str()).or_default().push(Event::Started { key: key.clone() });
+                    continue;
+                }
+            };
+            let event = match outcome {
+                Ok(bytes) => {
+                    pipe.set(names.result_key(key), StoredResult::encode_ok(bytes)).ignore();
+                    Event::Finished {
+                        key: key.clone(),
+                        inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
+                        size: bytes.len() as u64,
+                    }
+                }
+                Err(error) => {
+                    debug!(%key, %error, "task erred");
+                    pipe.set(names.result_key(key), StoredResult::encode_err(error)).ignore();
+                    Event::Erred { key: key.clone(), error: error.clone() }
+                }
+            };
+            by_client.entry(client.as_str()).or_default().push(event);
+        }
+        // Results must be stored before anyone hears they exist; on failure
+        // the deliveries stay unacknowledged and come back.
+        let mut stored = false;
+        for attempt in 0..5u32 {
+            match pipe.query_async::<()>(&mut redis).await {
+                Ok(()) => {
+                    stored = true;
+                    break;
+                }
+                Err(error) => {
+                    warn!(%error, attempt, "storing results failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+        let mut published = stored;
+        if stored {
+            let mut confirms = Vec::with_capacity(by_client.len());
+            for (client, events) in by_client {
+                let bytes = encode(&EventBatch { worker: worker.clone(), events });
+                match publish
+                    .basic_publish(
+                        name(&names.events_exchange()),
+                        name(&Names::worker_event_route(client)),
+                        BasicPublishOptions::default(),
+                        &bytes,
+                        transport::transient(),
+                    )
+                    .await
+                {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(error) => {
+                        warn!(%error, "publishing completion events failed");
+                        published = false;
+                    }
+                }
+            }
+            for confirm in confirms {
+                if !matches!(confirm.await, Ok(c) if c.is_ack()) {
+                    published = false;
+                }
+            }
+        }
+        for completion in batch.drain(..) {
+            let Completion::Done { bundle, .. } = completion else { continue };
+            if published {
+                bundle.one_done().await;
+            } else if bundle.remaining.swap(0, Ordering::AcqRel) > 0 {
+                let _ = bundle
+                    .delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await;
+            }
+        }
+    }
+}
