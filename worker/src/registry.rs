@@ -96,7 +96,14 @@ pub fn registry() -> &'static HashMap<&'static str, &'static TaskRegistration> {
 
 /// Decodes a task's argument tuple, or explains why it doesn't fit.
 pub fn decode_args<A: DeserializeOwned>(task: &str, bytes: &[u8]) -> Result<A, TaskError> {
-    rmp_serde::from_slice(bytes).map_err(|error| {
+    const EMPTY_ARRAY: [u8; 1] = [0x90];
+    const NIL: [u8; 1] = [0xc0];
+    let decoded = match rmp_serde::from_slice(bytes) {
+        // A task without parameters takes `()`, which MessagePack spells nil.
+        Err(_) if bytes == EMPTY_ARRAY => rmp_serde::from_slice(&NIL),
+        other => other,
+    };
+    decoded.map_err(|error| {
         TaskError::new(
             ErrorKind::BadArguments,
             "flotilla::BadArguments",

@@ -547,8 +547,11 @@ async fn complete_loop(
         }
         // Results must be stored before anyone hears they exist; on failure
         // the deliveries stay unacknowledged and come back.
-        let mut stored = false;
+        let mut stored = batch.iter().all(|c| matches!(c, Completion::Started { .. }));
         for attempt in 0..5u32 {
+            if stored {
+                break;
+            }
             match pipe.query_async::<()>(&mut redis).await {
                 Ok(()) => {
                     stored = true;

@@ -1,0 +1,82 @@
+//! Test helpers: a fresh namespace per test with an in-process scheduler and
+//! workers against the real RabbitMQ and Redis, purged afterwards (also when
+//! the test fails).
+
+#![allow(dead_code, unreachable_pub)]
+
+use flotilla::{Client, Config, LocalCluster};
+use std::path::PathBuf;
+
+/// A namespace nobody else uses.
+pub fn fresh_namespace(prefix: &str) -> String {
+    let id = flotilla_proto::new_id();
+    format!("t-{prefix}-{}", &id[..12])
+}
+
+/// Configuration for a fresh namespace on the shared services.
+pub fn fresh_config(prefix: &str) -> Config {
+    let mut config = Config::from_env().expect("FLOTILLA_* environment");
+    config.namespace = fresh_namespace(prefix);
+    config
+}
+
+/// A running in-process cluster and a client of it.
+pub struct TestCluster {
+    pub cluster: Option<LocalCluster>,
+    pub client: Client,
+    pub config: Config,
+}
+
+impl TestCluster {
+    pub async fn start(prefix: &str, workers: usize) -> TestCluster {
+        Self::start_with(fresh_config(prefix), workers, 1).await
+    }
+
+    pub async fn start_with(config: Config, workers: usize, nthreads: usize) -> TestCluster {
+        let cluster = LocalCluster::builder()
+            .config(config.clone())
+            .workers(workers)
+            .nthreads(nthreads)
+            .purge_on_shutdown(true)
+            .start()
+            .await
+            .expect("local cluster starts");
+        let client = cluster.client().await.expect("client connects");
+        TestCluster {
+            cluster: Some(cluster),
+            client,
+            config,
+        }
+    }
+
+    /// Stops the cluster and deletes the namespace.
+    pub async fn stop(mut self) {
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await.expect("cluster shuts down");
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if self.cluster.is_some() {
+            // The test failed before stop(): still leave nothing behind.
+            let config = self.config.clone();
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().expect("runtime");
+                let _ = runtime.block_on(flotilla::purge(&config));
+            })
+            .join();
+        }
+    }
+}
+
+/// Path of a binary or example built in this workspace's target directory.
+pub fn target_binary(relative: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test binary path");
+    dir.pop(); // deps/
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(relative)
+}
