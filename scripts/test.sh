@@ -21,8 +21,8 @@ bash "$ROOT/scripts/services.sh"
 
 # The end-to-end tests start the scheduler and worker binaries, so they are
 # built first.
-banner "cargo build --workspace --bins --locked"
-cargo build --workspace --bins --locked
+banner "cargo build --workspace --bins --examples --locked"
+cargo build --workspace --bins --examples --locked
 
 banner "cargo test --workspace --locked${*:+ $*}"
 cargo test --workspace --locked "$@"

@@ -101,6 +101,11 @@ pub fn byte_len(data: serde_bytes::ByteBuf) -> usize {
     data.len()
 }
 
+/// Makes sure this crate, and so its task registrations, is linked into a
+/// binary that otherwise names none of its items (such as a test that only
+/// starts in-process workers).
+pub fn link() {}
+
 /// Runs the demo worker: every task above, served by `flotilla_worker`.
 pub fn worker_main() {
     flotilla_worker::main()

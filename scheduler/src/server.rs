@@ -153,6 +153,8 @@ async fn run_inner(
         redis,
         inputs: inputs.clone(),
         max_payload: config.max_payload,
+        submissions: submissions.clone(),
+        events: events.clone(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -178,7 +180,7 @@ async fn run_inner(
                 }
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush().await?;
-                acks.send(&submissions, &events).await?;
+                acks.send(&scheduler.submissions, &scheduler.events).await?;
             }
         }
     };
@@ -240,6 +242,8 @@ struct Scheduler {
     redis: ConnectionManager,
     inputs: mpsc::UnboundedSender<Input>,
     max_payload: usize,
+    submissions: Channel,
+    events: Channel,
 }
 
 impl Scheduler {
@@ -247,22 +251,33 @@ impl Scheduler {
         match input {
             Input::Submission(delivery) => {
                 let tag = delivery.delivery_tag;
-                acks.submissions = Some(tag);
                 match decode::<ToScheduler>(&delivery.data, self.max_payload + (1 << 20)) {
-                    Ok(ToScheduler::Submit { tasks }) => {
-                        debug!(count = tasks.len(), "submitted");
-                        self.core.submit(tasks, &mut self.out);
+                    Ok(message) => {
+                        acks.submissions = Some(tag);
+                        match message {
+                            ToScheduler::Submit { tasks } => {
+                                debug!(count = tasks.len(), "submitted");
+                                self.core.submit(tasks, &mut self.out);
+                            }
+                            ToScheduler::Worker(info) => self.core.worker_seen(info, Instant::now()),
+                            ToScheduler::WorkerGone { worker } => self.core.worker_gone(&worker),
+                            other => warn!(?other, "unexpected message on the scheduler queue"),
+                        }
                     }
-                    Ok(ToScheduler::Worker(info)) => self.core.worker_seen(info, Instant::now()),
-                    Ok(ToScheduler::WorkerGone { worker }) => self.core.worker_gone(&worker),
-                    Ok(other) => warn!(?other, "unexpected message on the scheduler queue"),
-                    Err(error) => self.dead_letter(&delivery, "scheduler", &error.to_string()).await?,
+                    Err(error) => {
+                        // Acknowledge what came before, so that the next
+                        // multiple-ack cannot cover the rejected tag.
+                        if let Some(pending) = acks.submissions.take() {
+                            self.submissions.basic_ack(pending, BasicAckOptions { multiple: true }).await?;
+                        }
+                        self.dead_letter(&delivery, "scheduler", &error.to_string()).await?
+                    }
                 }
             }
             Input::Events(delivery) => {
-                acks.events = Some(delivery.delivery_tag);
                 match decode::<EventBatch>(&delivery.data, self.max_payload + (1 << 20)) {
                     Ok(batch) => {
+                        acks.events = Some(delivery.delivery_tag);
                         for event in batch.events {
                             match event {
                                 Event::Finished { key, inline, .. } => self.core.finished(&key, inline),
@@ -272,7 +287,12 @@ impl Scheduler {
                             }
                         }
                     }
-                    Err(error) => self.dead_letter(&delivery, "scheduler.events", &error.to_string()).await?,
+                    Err(error) => {
+                        if let Some(pending) = acks.events.take() {
+                            self.events.basic_ack(pending, BasicAckOptions { multiple: true }).await?;
+                        }
+                        self.dead_letter(&delivery, "scheduler.events", &error.to_string()).await?
+                    }
                 }
             }
             Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),

@@ -1,0 +1,37 @@
+//! The blocking client, from a plain synchronous test, as a script would use it.
+
+mod common;
+
+use flotilla::Status;
+use flotilla_examples::{add, might_fail, total};
+
+#[test]
+fn the_blocking_client_submits_maps_gathers_and_chains() {
+    let config = common::fresh_config("blocking");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime.block_on(async {
+        flotilla::LocalCluster::builder()
+            .config(config.clone())
+            .workers(2)
+            .purge_on_shutdown(true)
+            .start()
+            .await
+            .unwrap()
+    });
+
+    let client = flotilla::blocking::Client::connect(config).unwrap();
+    let future = client.submit(add, (1, 2));
+    assert_eq!(future.result().unwrap(), 3);
+    assert_eq!(future.status(), Status::Finished);
+    let chained = client.submit(add, (&future, 10));
+    assert_eq!(chained.result().unwrap(), 13);
+    let parts = client.map(add, (0..10).map(|i| (i, 1)));
+    assert_eq!(client.gather(&parts).unwrap(), (1..=10).collect::<Vec<i64>>());
+    assert_eq!(client.submit(total, (&parts,)).result().unwrap(), 55);
+    let failed = client.submit(might_fail, (-1,));
+    assert!(failed.result().is_err());
+    assert!(failed.exception().is_some() && failed.traceback().is_some());
+    drop(client);
+
+    runtime.block_on(cluster.shutdown()).unwrap();
+}

@@ -1,0 +1,49 @@
+//! The example programs, run as a user would run them: separate processes
+//! that connect with `Client::from_env()` to a cluster's namespace.
+
+mod common;
+
+use common::{target_binary, TestCluster};
+use std::process::Command;
+
+const EXAMPLES: [(&str, &str); 7] = [
+    ("basic_submit", "add(1, 2) = 3"),
+    ("multiple_tasks", "results = [0, 2, 4"),
+    ("map_over_inputs", "last Some(9801)"),
+    ("check_status", "result: 42"),
+    ("error_handling", "Task failed: Negative value"),
+    ("dependencies", "= 113"),
+    ("complex_dependencies", "= 54"),
+];
+
+#[tokio::test]
+async fn every_example_runs_against_a_cluster() {
+    // The in-process workers serve the tasks linked into this test binary.
+    flotilla_examples::link();
+    let t = TestCluster::start("examples", 2).await;
+    for (example, expected) in EXAMPLES {
+        let path = target_binary(&format!("examples/{example}"));
+        assert!(path.exists(), "{} is built by `cargo test`", path.display());
+        let output = tokio::task::spawn_blocking({
+            let config = t.config.clone();
+            move || {
+                Command::new(&path)
+                    .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+                    .env("FLOTILLA_REDIS_URL", &config.redis_url)
+                    .env("FLOTILLA_NAMESPACE", &config.namespace)
+                    .output()
+                    .expect("example runs")
+            }
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{example} failed: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains(expected), "{example} printed {stdout:?}");
+    }
+    t.stop().await;
+}
