@@ -20,7 +20,14 @@ fn main() -> anyhow::Result<()> {
         println!("Still computing...");
     }
     let result = future.result_timeout(Duration::from_secs(30))?;
-    println!("done: {}  status: {}  result: {result}", future.done(), future.status());
-    anyhow::ensure!(result == 42 && future.status() == Status::Finished, "wrong outcome");
+    println!(
+        "done: {}  status: {}  result: {result}",
+        future.done(),
+        future.status()
+    );
+    anyhow::ensure!(
+        result == 42 && future.status() == Status::Finished,
+        "wrong outcome"
+    );
     Ok(())
 }

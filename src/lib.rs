@@ -68,7 +68,9 @@ pub enum ValidationError {
 impl std::fmt::Display for ValidationError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ValidationError::TooSmall { value, min } => write!(f, "{value} is below the minimum {min}"),
+            ValidationError::TooSmall { value, min } => {
+                write!(f, "{value} is below the minimum {min}")
+            }
         }
     }
 }

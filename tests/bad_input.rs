@@ -45,7 +45,13 @@ async fn undecodable_messages_on_every_queue_are_dead_lettered() {
     for queue in &queues {
         for bytes in garbage {
             channel
-                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), bytes, Default::default())
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    bytes,
+                    Default::default(),
+                )
                 .await
                 .unwrap()
                 .await
@@ -62,10 +68,16 @@ async fn undecodable_messages_on_every_queue_are_dead_lettered() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(count, expected, "every bad message is dead-lettered, none executed or lost");
+    assert_eq!(
+        count, expected,
+        "every bad message is dead-lettered, none executed or lost"
+    );
     // Everyone survived.
     let sum = t.client.submit(add, (40, 2));
-    assert_eq!(sum.result_timeout(Duration::from_secs(20)).await.unwrap(), 42);
+    assert_eq!(
+        sum.result_timeout(Duration::from_secs(20)).await.unwrap(),
+        42
+    );
     let _ = connection.close(200, "done".into()).await;
     t.stop().await;
 }

@@ -26,7 +26,10 @@ fn the_blocking_client_submits_maps_gathers_and_chains() {
     let chained = client.submit(add, (&future, 10));
     assert_eq!(chained.result().unwrap(), 13);
     let parts = client.map(add, (0..10).map(|i| (i, 1)));
-    assert_eq!(client.gather(&parts).unwrap(), (1..=10).collect::<Vec<i64>>());
+    assert_eq!(
+        client.gather(&parts).unwrap(),
+        (1..=10).collect::<Vec<i64>>()
+    );
     assert_eq!(client.submit(total, (&parts,)).result().unwrap(), 55);
     let failed = client.submit(might_fail, (-1,));
     assert!(failed.result().is_err());

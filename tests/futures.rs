@@ -54,9 +54,18 @@ async fn check_status_moves_from_pending_to_finished() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(saw_running, "a task running for 600 ms is reported as running");
+    assert!(
+        saw_running,
+        "a task running for 600 ms is reported as running"
+    );
     assert!(future.exception().is_none());
-    assert_eq!(future.result_timeout(Duration::from_secs(10)).await.unwrap(), 5);
+    assert_eq!(
+        future
+            .result_timeout(Duration::from_secs(10))
+            .await
+            .unwrap(),
+        5
+    );
     assert_eq!(future.status(), Status::Finished);
     t.stop().await;
 }
@@ -109,11 +118,19 @@ async fn a_serializable_error_is_recovered_typed() {
 #[tokio::test]
 async fn panics_become_errors_with_a_location() {
     let t = TestCluster::start("panic", 1).await;
-    let error = t.client.submit(explode, ("kaboom".to_string(),)).await.unwrap_err();
+    let error = t
+        .client
+        .submit(explode, ("kaboom".to_string(),))
+        .await
+        .unwrap_err();
     let task_error = error.task_error().expect("a task error");
     assert_eq!(task_error.kind(), ErrorKind::Panic);
     assert_eq!(task_error.message(), "kaboom");
-    assert!(task_error.traceback().contains("src/lib.rs"), "{}", task_error.traceback());
+    assert!(
+        task_error.traceback().contains("src/lib.rs"),
+        "{}",
+        task_error.traceback()
+    );
     // The worker survives its task's panic.
     assert_eq!(t.client.submit(add, (2, 2)).await.unwrap(), 4);
     t.stop().await;
@@ -154,14 +171,28 @@ async fn an_erred_input_errs_its_dependents_with_the_same_error() {
     let child = t.client.submit(add, (&bad, 1));
     let grandchild = t.client.submit(inc, (&child,));
     let original = bad.result().await.unwrap_err();
-    for dependent in [child.result().await.unwrap_err(), grandchild.result().await.unwrap_err()] {
-        let (a, b) = (original.task_error().unwrap(), dependent.task_error().unwrap());
+    for dependent in [
+        child.result().await.unwrap_err(),
+        grandchild.result().await.unwrap_err(),
+    ] {
+        let (a, b) = (
+            original.task_error().unwrap(),
+            dependent.task_error().unwrap(),
+        );
         assert_eq!(a, b, "dependents carry the original error");
         assert_eq!(b.key(), bad.key());
     }
     // Submitted after the input already failed: same error.
     let late = t.client.submit(inc, (&bad,));
-    assert_eq!(late.result().await.unwrap_err().task_error().unwrap().message(), "Negative value");
+    assert_eq!(
+        late.result()
+            .await
+            .unwrap_err()
+            .task_error()
+            .unwrap()
+            .message(),
+        "Negative value"
+    );
     t.stop().await;
 }
 
@@ -172,7 +203,13 @@ async fn a_ten_thousand_link_chain() {
     for _ in 1..10_000 {
         current = t.client.submit(inc, (&current,));
     }
-    assert_eq!(current.result_timeout(Duration::from_secs(300)).await.unwrap(), 10_000);
+    assert_eq!(
+        current
+            .result_timeout(Duration::from_secs(300))
+            .await
+            .unwrap(),
+        10_000
+    );
     t.stop().await;
 }
 
@@ -207,7 +244,11 @@ async fn an_unknown_task_fails_clearly() {
         .unwrap_err();
     let task_error = error.task_error().expect("a task error, not a hang");
     assert_eq!(task_error.kind(), ErrorKind::UnknownTask);
-    assert!(task_error.message().contains("nowhere::not_provided"), "{}", task_error.message());
+    assert!(
+        task_error.message().contains("nowhere::not_provided"),
+        "{}",
+        task_error.message()
+    );
     t.stop().await;
 }
 
@@ -222,7 +263,11 @@ async fn a_signature_mismatch_fails_clearly() {
         .unwrap_err();
     let task_error = error.task_error().expect("a task error, not a hang");
     assert_eq!(task_error.kind(), ErrorKind::SignatureMismatch);
-    assert!(task_error.message().contains("signature"), "{}", task_error.message());
+    assert!(
+        task_error.message().contains("signature"),
+        "{}",
+        task_error.message()
+    );
     t.stop().await;
 }
 
@@ -233,14 +278,27 @@ async fn payload_limits_are_enforced_with_clear_errors() {
     let t = TestCluster::start_with(config, 1, 1).await;
     let big = serde_bytes::ByteBuf::from(vec![1u8; 10_000]);
     let refused = t.client.submit(byte_len, (big,));
-    assert_eq!(refused.status(), Status::Error, "refused at submit, before any network");
+    assert_eq!(
+        refused.status(),
+        Status::Error,
+        "refused at submit, before any network"
+    );
     match refused.await {
         Err(Error::PayloadTooLarge { size, limit, .. }) => assert!(size > limit && limit == 4096),
         other => panic!("expected PayloadTooLarge, got {other:?}"),
     }
     let too_big_result = t.client.submit(make_bytes, (10_000,)).await.unwrap_err();
-    assert_eq!(too_big_result.task_error().unwrap().kind(), ErrorKind::ResultTooLarge);
-    assert_eq!(t.client.submit(byte_len, (serde_bytes::ByteBuf::from(vec![1u8; 100]),)).await.unwrap(), 100);
+    assert_eq!(
+        too_big_result.task_error().unwrap().kind(),
+        ErrorKind::ResultTooLarge
+    );
+    assert_eq!(
+        t.client
+            .submit(byte_len, (serde_bytes::ByteBuf::from(vec![1u8; 100]),))
+            .await
+            .unwrap(),
+        100
+    );
     t.stop().await;
 }
 
@@ -248,18 +306,38 @@ async fn payload_limits_are_enforced_with_clear_errors() {
 async fn several_workers_share_the_work() {
     let t = TestCluster::start("share", 2).await;
     let futures: Vec<_> = (0..16)
-        .map(|i| t.client.submit_with(whoami, ()).key(format!("who-{i}")).submit())
+        .map(|i| {
+            t.client
+                .submit_with(whoami, ())
+                .key(format!("who-{i}"))
+                .submit()
+        })
         .collect();
     let answers = t.client.gather(&futures).await.unwrap();
     let workers: HashSet<_> = answers.iter().map(|(_, worker)| worker.clone()).collect();
-    assert!(answers.iter().enumerate().all(|(i, (key, _))| key == &format!("who-{i}")));
-    let expected: HashSet<_> = t.cluster.as_ref().unwrap().worker_ids().into_iter().collect();
+    assert!(answers
+        .iter()
+        .enumerate()
+        .all(|(i, (key, _))| key == &format!("who-{i}")));
+    let expected: HashSet<_> = t
+        .cluster
+        .as_ref()
+        .unwrap()
+        .worker_ids()
+        .into_iter()
+        .collect();
     assert!(workers.is_subset(&expected));
-    let slow: Vec<_> = (0..8).map(|i| t.client.submit(slow_identity, (i, 300))).collect();
+    let slow: Vec<_> = (0..8)
+        .map(|i| t.client.submit(slow_identity, (i, 300)))
+        .collect();
     let started = std::time::Instant::now();
     t.client.gather(&slow).await.unwrap();
     // 8 × 300 ms on two single-slot workers takes ~1.2 s; one worker alone would need 2.4 s.
-    assert!(started.elapsed() < Duration::from_millis(2300), "work was not shared: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(2300),
+        "work was not shared: {:?}",
+        started.elapsed()
+    );
     t.stop().await;
 }
 
@@ -272,6 +350,9 @@ async fn the_same_pure_task_is_one_task_and_impure_ones_are_not() {
     let c = t.client.submit_with(add, (20, 22)).pure(false).submit();
     assert_ne!(a.key(), c.key());
     assert!(a.key().starts_with("add-"));
-    assert_eq!((a.await.unwrap(), b.await.unwrap(), c.await.unwrap()), (42, 42, 42));
+    assert_eq!(
+        (a.await.unwrap(), b.await.unwrap(), c.await.unwrap()),
+        (42, 42, 42)
+    );
     t.stop().await;
 }

@@ -75,25 +75,33 @@ impl<T> IntoArg<T> for &Future<T> {
 
 impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
-        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+        Ok(Arg::List(
+            self.iter().map(|f| writer.reference(f.key())).collect(),
+        ))
     }
 }
 
 impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
-        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+        Ok(Arg::List(
+            self.iter().map(|f| writer.reference(f.key())).collect(),
+        ))
     }
 }
 
 impl<T> IntoArg<Vec<T>> for &[Future<T>] {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
-        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+        Ok(Arg::List(
+            self.iter().map(|f| writer.reference(f.key())).collect(),
+        ))
     }
 }
 
 impl<T> IntoArg<Vec<T>> for Vec<&Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
-        Ok(Arg::List(self.iter().map(|f| writer.reference(f.key())).collect()))
+        Ok(Arg::List(
+            self.iter().map(|f| writer.reference(f.key())).collect(),
+        ))
     }
 }
 

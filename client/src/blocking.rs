@@ -165,12 +165,18 @@ impl<T> IntoArg<T> for &Future<T> {
 
 impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        self.into_iter().map(|f| f.inner).collect::<Vec<_>>().into_arg(writer)
+        self.into_iter()
+            .map(|f| f.inner)
+            .collect::<Vec<_>>()
+            .into_arg(writer)
     }
 }
 
 impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        self.iter().map(|f| &f.inner).collect::<Vec<_>>().into_arg(writer)
+        self.iter()
+            .map(|f| &f.inner)
+            .collect::<Vec<_>>()
+            .into_arg(writer)
     }
 }

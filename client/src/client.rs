@@ -7,7 +7,10 @@ use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     decode, encode, Config, Event, EventBatch, Names, Task, TaskSpec, ToScheduler,
 };
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use redis::aio::ConnectionManager;
@@ -69,7 +72,12 @@ pub(crate) struct ClientInner {
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        for task in self.background.get_mut().map(std::mem::take).unwrap_or_default() {
+        for task in self
+            .background
+            .get_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+        {
             task.abort();
         }
     }
@@ -99,9 +107,17 @@ impl ClientInner {
         for chunk in keys.chunks(FETCH_CHUNK) {
             let redis_keys: Vec<String> = chunk.iter().map(|k| self.names.result_key(k)).collect();
             let values: Vec<Option<Vec<u8>>> = if redis_keys.len() == 1 {
-                vec![redis::cmd("GET").arg(&redis_keys[0]).query_async(&mut redis).await?]
+                vec![
+                    redis::cmd("GET")
+                        .arg(&redis_keys[0])
+                        .query_async(&mut redis)
+                        .await?,
+                ]
             } else {
-                redis::cmd("MGET").arg(&redis_keys).query_async(&mut redis).await?
+                redis::cmd("MGET")
+                    .arg(&redis_keys)
+                    .query_async(&mut redis)
+                    .await?
             };
             for (key, value) in chunk.iter().zip(values) {
                 out.push(read_stored(key, value));
@@ -157,7 +173,8 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
 
     /// Submits the task; returns its future at once.
     pub fn submit(self) -> Future<K::Output> {
-        self.client.submit_spec(self.task, self.args, self.key, self.pure, self.priority)
+        self.client
+            .submit_spec(self.task, self.args, self.key, self.pure, self.priority)
     }
 }
 
@@ -174,17 +191,34 @@ impl Client {
         config.validate()?;
         let names = config.names();
         let id = flotilla_proto::new_id();
-        let connection = transport::connect_amqp(&config.amqp_url, &format!("flotilla-client {id} ({})", names.namespace())).await?;
+        let connection = transport::connect_amqp(
+            &config.amqp_url,
+            &format!("flotilla-client {id} ({})", names.namespace()),
+        )
+        .await?;
         let publish = connection.create_channel().await?;
-        publish.confirm_select(ConfirmSelectOptions::default()).await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         transport::declare_topology(&publish, &names).await?;
         let queue = names.client_queue(&id);
-        transport::declare_private_queue(&publish, &names, &queue, Some(&Names::client_binding(&id))).await?;
+        transport::declare_private_queue(
+            &publish,
+            &names,
+            &queue,
+            Some(&Names::client_binding(&id)),
+        )
+        .await?;
         let redis = transport::connect_redis(&config.redis_url).await?;
         let consume = connection.create_channel().await?;
         consume.basic_qos(1024, BasicQosOptions::default()).await?;
         let consumer = consume
-            .basic_consume(name(&queue), name(&id), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                name(&queue),
+                name(&id),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
 
         let (submissions, submission_rx) = mpsc::unbounded_channel();
@@ -198,8 +232,17 @@ impl Client {
             submissions,
             background: Mutex::new(Vec::new()),
         });
-        let submitter = tokio::spawn(submit_loop(submission_rx, publish, inner.names.clone(), inner.config.max_payload));
-        let listener = tokio::spawn(event_loop(consumer, Arc::downgrade(&inner), inner.config.max_payload));
+        let submitter = tokio::spawn(submit_loop(
+            submission_rx,
+            publish,
+            inner.names.clone(),
+            inner.config.max_payload,
+        ));
+        let listener = tokio::spawn(event_loop(
+            consumer,
+            Arc::downgrade(&inner),
+            inner.config.max_payload,
+        ));
         inner
             .background
             .lock()
@@ -280,7 +323,9 @@ impl Client {
             });
         let short = K::NAME.rsplit("::").next().unwrap_or(K::NAME);
         let key = key.unwrap_or_else(|| match (&encoded, pure) {
-            (Ok(bytes), true) => format!("{short}-{}", content_hash(K::NAME, K::FINGERPRINT, bytes)),
+            (Ok(bytes), true) => {
+                format!("{short}-{}", content_hash(K::NAME, K::FINGERPRINT, bytes))
+            }
             _ => format!("{short}-{}", flotilla_proto::new_id()),
         });
         let (state, fresh) = self.register(&key);
@@ -312,7 +357,10 @@ impl Client {
         if let Some(state) = table.get(key).and_then(Weak::upgrade) {
             return (state, false);
         }
-        let state = Arc::new(FutureState::new(key.to_owned(), Arc::downgrade(&self.inner)));
+        let state = Arc::new(FutureState::new(
+            key.to_owned(),
+            Arc::downgrade(&self.inner),
+        ));
         table.insert(key.to_owned(), Arc::downgrade(&state));
         (state, true)
     }
@@ -353,7 +401,10 @@ impl Client {
 
     /// Closes the connections. Futures of this client stop updating.
     pub async fn close(self) -> Result<()> {
-        self.inner.connection.close(200, name("client closing")).await?;
+        self.inner
+            .connection
+            .close(200, name("client closing"))
+            .await?;
         Ok(())
     }
 }
@@ -390,7 +441,10 @@ async fn submit_loop(
         while start < pending.len() {
             let mut end = start;
             let mut bytes = 0;
-            while end < pending.len() && (end == start || bytes + pending[end].args.len() <= MAX_SUBMIT_BYTES.max(max_payload)) {
+            while end < pending.len()
+                && (end == start
+                    || bytes + pending[end].args.len() <= MAX_SUBMIT_BYTES.max(max_payload))
+            {
                 bytes += pending[end].args.len();
                 end += 1;
             }
@@ -398,7 +452,13 @@ async fn submit_loop(
                 tasks: pending[start..end].to_vec(),
             });
             match publish
-                .basic_publish(name(""), name(&queue), BasicPublishOptions::default(), &message, transport::persistent())
+                .basic_publish(
+                    name(""),
+                    name(&queue),
+                    BasicPublishOptions::default(),
+                    &message,
+                    transport::persistent(),
+                )
                 .await
             {
                 Ok(confirm) => confirms.push_back(confirm),
@@ -424,7 +484,9 @@ async fn event_loop(mut consumer: lapin::Consumer, client: Weak<ClientInner>, ma
         let Ok(delivery) = delivery else { break };
         match decode::<EventBatch>(&delivery.data, max_payload + (1 << 20)) {
             Ok(batch) => {
-                let Some(client) = client.upgrade() else { break };
+                let Some(client) = client.upgrade() else {
+                    break;
+                };
                 for event in batch.events {
                     client.apply(event);
                 }
@@ -432,7 +494,10 @@ async fn event_loop(mut consumer: lapin::Consumer, client: Weak<ClientInner>, ma
             }
             Err(error) => {
                 warn!(%error, "undecodable event dead-lettered");
-                let _ = delivery.acker.reject(BasicRejectOptions { requeue: false }).await;
+                let _ = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
             }
         }
     }

@@ -74,7 +74,9 @@ pub(crate) struct FutureState {
 
 impl fmt::Debug for FutureState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FutureState").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("FutureState")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -195,7 +197,13 @@ impl<T> Clone for Future<T> {
 
 impl<T> fmt::Debug for Future<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Future<{}>({}, {})", std::any::type_name::<T>(), self.state.key, self.status())
+        write!(
+            f,
+            "Future<{}>({}, {})",
+            std::any::type_name::<T>(),
+            self.state.key,
+            self.status()
+        )
     }
 }
 
@@ -273,7 +281,9 @@ impl<T: DeserializeOwned> Future<T> {
             Some(Ok(Some(bytes))) => Ok(bytes),
             Some(Ok(None)) => {
                 let mut values = self.client.fetch(&[self.state.key.as_str()]).await?;
-                values.pop().ok_or_else(|| Error::Lost(self.state.key.clone()))?
+                values
+                    .pop()
+                    .ok_or_else(|| Error::Lost(self.state.key.clone()))?
             }
             Some(Err(error)) => Err(error),
             None => Err(Error::Lost(self.state.key.clone())),

@@ -61,5 +61,7 @@ pub mod __private {
     pub use flotilla_proto::{ResultOutput, Task};
     pub use flotilla_worker::__inventory as inventory;
     pub use flotilla_worker::user_error;
-    pub use flotilla_worker::{decode_args, encode_output, Invocation, TaskContext, TaskRegistration};
+    pub use flotilla_worker::{
+        decode_args, encode_output, Invocation, TaskContext, TaskRegistration,
+    };
 }

@@ -80,18 +80,35 @@ pub fn parse(
             return Err((0, help(program, about, flags)));
         }
         let Some(body) = arg.strip_prefix("--") else {
-            return Err((2, format!("{program}: unexpected argument {arg:?}\n\n{}", help(program, about, flags))));
+            return Err((
+                2,
+                format!(
+                    "{program}: unexpected argument {arg:?}\n\n{}",
+                    help(program, about, flags)
+                ),
+            ));
         };
         let (flag_name, inline) = match body.split_once('=') {
             Some((n, v)) => (n, Some(v.to_owned())),
             None => (body, None),
         };
         let Some(flag) = flags.iter().find(|f| f.name == flag_name) else {
-            return Err((2, format!("{program}: unknown flag --{flag_name}\n\n{}", help(program, about, flags))));
+            return Err((
+                2,
+                format!(
+                    "{program}: unknown flag --{flag_name}\n\n{}",
+                    help(program, about, flags)
+                ),
+            ));
         };
         let value = match inline.or_else(|| args.next()) {
             Some(v) => v,
-            None => return Err((2, format!("{program}: --{flag_name} needs a value ({})", flag.value))),
+            None => {
+                return Err((
+                    2,
+                    format!("{program}: --{flag_name} needs a value ({})", flag.value),
+                ))
+            }
         };
         parsed.values.insert(flag.name, value);
     }
@@ -160,7 +177,9 @@ pub async fn shutdown_signal() {
 /// Warns loudly when a URL points away from this machine with the broker's
 /// default credentials.
 pub fn warn_default_credentials(url: &str) {
-    let remote = !["@127.", "@localhost", "@[::1]", "//127.", "//localhost"].iter().any(|p| url.contains(p));
+    let remote = !["@127.", "@localhost", "@[::1]", "//127.", "//localhost"]
+        .iter()
+        .any(|p| url.contains(p));
     if remote && url.contains("guest:guest@") {
         tracing::warn!(url, "connecting to a non-loopback broker with the default guest credentials: set real credentials");
     }
@@ -176,7 +195,13 @@ mod tests {
 
     #[test]
     fn flags_parse_in_both_forms() {
-        let parsed = parse("p", "about", &CONNECTION_FLAGS, args(&["--namespace", "ns", "--redis-url=redis://x"])).unwrap();
+        let parsed = parse(
+            "p",
+            "about",
+            &CONNECTION_FLAGS,
+            args(&["--namespace", "ns", "--redis-url=redis://x"]),
+        )
+        .unwrap();
         assert_eq!(parsed.get("namespace"), Some("ns"));
         assert_eq!(parsed.get("redis-url"), Some("redis://x"));
         assert_eq!(parsed.config().unwrap().namespace, "ns");
@@ -187,8 +212,23 @@ mod tests {
         let (code, text) = parse("p", "about", &CONNECTION_FLAGS, args(&["--help"])).unwrap_err();
         assert_eq!(code, 0);
         assert!(text.contains("--amqp-url <URL>") && text.contains("FLOTILLA_NAMESPACE"));
-        assert_eq!(parse("p", "a", &CONNECTION_FLAGS, args(&["--nope", "1"])).unwrap_err().0, 2);
-        assert_eq!(parse("p", "a", &CONNECTION_FLAGS, args(&["--namespace"])).unwrap_err().0, 2);
-        assert_eq!(parse("p", "a", &CONNECTION_FLAGS, args(&["stray"])).unwrap_err().0, 2);
+        assert_eq!(
+            parse("p", "a", &CONNECTION_FLAGS, args(&["--nope", "1"]))
+                .unwrap_err()
+                .0,
+            2
+        );
+        assert_eq!(
+            parse("p", "a", &CONNECTION_FLAGS, args(&["--namespace"]))
+                .unwrap_err()
+                .0,
+            2
+        );
+        assert_eq!(
+            parse("p", "a", &CONNECTION_FLAGS, args(&["stray"]))
+                .unwrap_err()
+                .0,
+            2
+        );
     }
 }

@@ -112,8 +112,15 @@ mod tests {
             _ => None,
         })
         .unwrap();
-        assert_eq!((config.namespace.as_str(), config.max_payload), ("ns1", 1024));
-        assert!(Config::from_lookup(|n| (n == "FLOTILLA_NAMESPACE").then(|| "a.b".into())).is_err());
-        assert!(Config::from_lookup(|n| (n == "FLOTILLA_MAX_PAYLOAD").then(|| "lots".into())).is_err());
+        assert_eq!(
+            (config.namespace.as_str(), config.max_payload),
+            ("ns1", 1024)
+        );
+        assert!(
+            Config::from_lookup(|n| (n == "FLOTILLA_NAMESPACE").then(|| "a.b".into())).is_err()
+        );
+        assert!(
+            Config::from_lookup(|n| (n == "FLOTILLA_MAX_PAYLOAD").then(|| "lots".into())).is_err()
+        );
     }
 }

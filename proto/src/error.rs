@@ -85,7 +85,11 @@ impl TaskError {
 
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "task `{}` ({}) failed: {}: {}", self.key, self.task, self.type_name, self.message)
+        write!(
+            f,
+            "task `{}` ({}) failed: {}: {}",
+            self.key, self.task, self.type_name, self.message
+        )
     }
 }
 

@@ -10,6 +10,7 @@
 //! User payloads (task arguments and results) stay opaque byte strings, so
 //! the scheduler never decodes them.
 
+pub mod cli;
 mod codec;
 mod config;
 mod error;
@@ -17,10 +18,12 @@ mod messages;
 mod names;
 mod task;
 pub mod transport;
-pub mod cli;
 
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
-pub use config::{Config, ConfigError, DEFAULT_AMQP_URL, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL};
+pub use config::{
+    Config, ConfigError, DEFAULT_AMQP_URL, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL,
+};
 pub use error::{ErrorKind, TaskError};
 pub use messages::{
     Arg, Event, EventBatch, RunTask, StoredResult, TaskSpec, ToScheduler, ToWorker, WorkerInfo,

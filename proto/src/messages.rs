@@ -210,7 +210,10 @@ mod tests {
             key: "add-1".into(),
             task: "demo::add".into(),
             fingerprint: 7,
-            args: encode(&vec![Arg::Value(vec![1]), Arg::List(vec![Arg::Ref("x".into())])]),
+            args: encode(&vec![
+                Arg::Value(vec![1]),
+                Arg::List(vec![Arg::Ref("x".into())]),
+            ]),
             deps: vec!["x".into()],
             priority: -3,
             client: "c1".into(),
@@ -219,8 +222,13 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let submit = ToScheduler::Submit { tasks: vec![spec()] };
-        assert_eq!(decode::<ToScheduler>(&encode(&submit), usize::MAX).unwrap(), submit);
+        let submit = ToScheduler::Submit {
+            tasks: vec![spec()],
+        };
+        assert_eq!(
+            decode::<ToScheduler>(&encode(&submit), usize::MAX).unwrap(),
+            submit
+        );
         let run = ToWorker::Run {
             tasks: vec![RunTask {
                 spec: spec(),
@@ -231,16 +239,30 @@ mod tests {
         let batch = EventBatch {
             worker: "w".into(),
             events: vec![
-                Event::Finished { key: "k".into(), inline: Some(vec![1, 2]), size: 2 },
-                Event::Erred { key: "e".into(), error: TaskError::new(ErrorKind::User, "T", "m") },
+                Event::Finished {
+                    key: "k".into(),
+                    inline: Some(vec![1, 2]),
+                    size: 2,
+                },
+                Event::Erred {
+                    key: "e".into(),
+                    error: TaskError::new(ErrorKind::User, "T", "m"),
+                },
             ],
         };
-        assert_eq!(decode::<EventBatch>(&encode(&batch), usize::MAX).unwrap(), batch);
+        assert_eq!(
+            decode::<EventBatch>(&encode(&batch), usize::MAX).unwrap(),
+            batch
+        );
     }
 
     #[test]
     fn refs_are_found_inside_lists() {
-        let arg = Arg::List(vec![Arg::Ref("a".into()), Arg::Value(vec![]), Arg::List(vec![Arg::Ref("b".into())])]);
+        let arg = Arg::List(vec![
+            Arg::Ref("a".into()),
+            Arg::Value(vec![]),
+            Arg::List(vec![Arg::Ref("b".into())]),
+        ]);
         let mut seen = vec![];
         arg.for_each_ref(&mut |k| seen.push(k.to_owned()));
         assert_eq!(seen, ["a", "b"]);
@@ -250,7 +272,10 @@ mod tests {
     fn stored_results_round_trip() {
         let ok = StoredResult::encode_ok(&[5, 6]);
         assert_eq!(StoredResult::ok_slice(&ok), Some(&[5u8, 6][..]));
-        assert_eq!(StoredResult::decode(ok).unwrap(), StoredResult::Ok(vec![5, 6]));
+        assert_eq!(
+            StoredResult::decode(ok).unwrap(),
+            StoredResult::Ok(vec![5, 6])
+        );
         let err = TaskError::new(ErrorKind::Panic, "panic", "boom");
         let bytes = StoredResult::encode_err(&err);
         assert_eq!(StoredResult::ok_slice(&bytes), None);
@@ -262,7 +287,10 @@ mod tests {
         assert!(decode::<ToScheduler>(&[], 10).is_err());
         assert!(decode::<ToScheduler>(&[9, 1, 2], 10).is_err());
         assert!(decode::<ToScheduler>(&[1, 0xc1], 10).is_err());
-        assert!(matches!(decode::<ToScheduler>(&[1; 11], 10), Err(crate::DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            decode::<ToScheduler>(&[1; 11], 10),
+            Err(crate::DecodeError::TooLarge { .. })
+        ));
         assert!(StoredResult::decode(vec![7]).is_err());
     }
 }

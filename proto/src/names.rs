@@ -15,7 +15,9 @@ pub fn new_id() -> String {
 pub fn validate_namespace(namespace: &str) -> Result<(), ConfigError> {
     let ok = !namespace.is_empty()
         && namespace.len() <= 64
-        && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {

@@ -18,8 +18,8 @@ pub const PRIVATE_QUEUE_EXPIRY_MS: i64 = 60_000;
 
 /// Opens a RabbitMQ connection named `name` (shown in the management UI).
 pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(name.to_owned()));
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
     Connection::connect(url, properties).await
 }
 
@@ -50,7 +50,10 @@ pub fn queue_arguments(names: &Names) -> FieldTable {
 /// after its owner is gone.
 pub fn private_queue_arguments(names: &Names) -> FieldTable {
     let mut args = queue_arguments(names);
-    args.insert(short("x-expires"), AMQPValue::LongLongInt(PRIVATE_QUEUE_EXPIRY_MS));
+    args.insert(
+        short("x-expires"),
+        AMQPValue::LongLongInt(PRIVATE_QUEUE_EXPIRY_MS),
+    );
     args
 }
 
@@ -59,7 +62,10 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel.queue_declare(short(name), options, args).await.map(drop)
+    channel
+        .queue_declare(short(name), options, args)
+        .await
+        .map(drop)
 }
 
 /// Declares the exchanges and shared queues of a namespace: the events
@@ -180,7 +186,10 @@ pub async fn delete_redis_keys(
             .query_async(redis)
             .await?;
         if !keys.is_empty() {
-            deleted += redis::cmd("UNLINK").arg(&keys).query_async::<u64>(redis).await?;
+            deleted += redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<u64>(redis)
+                .await?;
         }
         if next == 0 {
             return Ok(deleted);
@@ -213,7 +222,9 @@ pub fn transient() -> BasicProperties {
 }
 
 /// The next delivery of a consumer; `None` once it is cancelled or closed.
-pub async fn next_delivery(consumer: &mut Consumer) -> Option<lapin::Result<lapin::message::Delivery>> {
+pub async fn next_delivery(
+    consumer: &mut Consumer,
+) -> Option<lapin::Result<lapin::message::Delivery>> {
     std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut *consumer), cx)).await
 }
 

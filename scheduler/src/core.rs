@@ -213,7 +213,8 @@ impl Core {
         if let Some(task) = self.tasks.get_mut(key) {
             task.state = State::Ready;
             let priority = task.spec.as_ref().map_or(0, |s| s.priority);
-            self.ready.push((priority, Reverse(task.seq), key.to_owned()));
+            self.ready
+                .push((priority, Reverse(task.seq), key.to_owned()));
         }
     }
 
@@ -241,7 +242,9 @@ impl Core {
                 let error = TaskError::new(
                     ErrorKind::MissingDependency,
                     "flotilla::MissingDependency",
-                    format!("input `{key}` has no stored result: it was released or never submitted"),
+                    format!(
+                        "input `{key}` has no stored result: it was released or never submitted"
+                    ),
                 );
                 for waiter in waiters {
                     let error = error.clone().at(&waiter, self.task_name(&waiter));
@@ -390,7 +393,10 @@ impl Core {
         self.provided.clear();
         for worker in self.workers.values() {
             for (name, fingerprint) in &worker.tasks {
-                self.provided.entry(name.clone()).or_default().insert(*fingerprint);
+                self.provided
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(*fingerprint);
             }
         }
     }
@@ -548,7 +554,10 @@ mod tests {
     fn chain_runs_in_order_and_leaves_nothing() {
         let mut core = with_worker(1);
         let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["b"])], &mut comm);
+        core.submit(
+            vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["b"])],
+            &mut comm,
+        );
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["a"]);
         core.finished("a", Some(vec![7]));
@@ -569,7 +578,12 @@ mod tests {
         let mut core = with_worker(4);
         let mut comm = Recorder::default();
         core.submit(
-            vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["a"]), spec("d", &["b", "c"])],
+            vec![
+                spec("a", &[]),
+                spec("b", &["a"]),
+                spec("c", &["a"]),
+                spec("d", &["b", "c"]),
+            ],
             &mut comm,
         );
         core.dispatch(&mut comm);
@@ -593,7 +607,10 @@ mod tests {
     fn errors_reach_every_dependent() {
         let mut core = with_worker(1);
         let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["b"])], &mut comm);
+        core.submit(
+            vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["b"])],
+            &mut comm,
+        );
         core.dispatch(&mut comm);
         let error = TaskError::new(ErrorKind::User, "E", "boom").at("a", "t");
         core.erred("a", error.clone(), &mut comm);
@@ -650,7 +667,10 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(kinds, [ErrorKind::UnknownTask, ErrorKind::SignatureMismatch]);
+        assert_eq!(
+            kinds,
+            [ErrorKind::UnknownTask, ErrorKind::SignatureMismatch]
+        );
     }
 
     #[test]
@@ -661,7 +681,12 @@ mod tests {
         core.dispatch(&mut comm);
         assert!(comm.sent.is_empty() && comm.notified.is_empty());
         core.worker_seen(
-            WorkerInfo { id: "w".into(), name: "w".into(), slots: 1, tasks: vec![("t".into(), 1)] },
+            WorkerInfo {
+                id: "w".into(),
+                name: "w".into(),
+                slots: 1,
+                tasks: vec![("t".into(), 1)],
+            },
             Instant::now(),
         );
         core.dispatch(&mut comm);

@@ -12,8 +12,10 @@ use flotilla_proto::{
     decode, encode, Config, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
     ToScheduler, ToWorker,
 };
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::Channel;
 use redis::aio::ConnectionManager;
@@ -66,11 +68,18 @@ impl SchedulerHandle {
     pub async fn spawn(config: Config) -> Result<Self, SchedulerError> {
         let (stop, stopped) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run_inner(config, async move {
-            let _ = stopped.await;
-        }, Some(ready_tx)));
+        let task = tokio::spawn(run_inner(
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            Some(ready_tx),
+        ));
         match ready_rx.await {
-            Ok(()) => Ok(SchedulerHandle { stop: Some(stop), task }),
+            Ok(()) => Ok(SchedulerHandle {
+                stop: Some(stop),
+                task,
+            }),
             Err(_) => match task.await {
                 Ok(Err(e)) => Err(e),
                 _ => Err(SchedulerError::Closed("start-up")),
@@ -105,9 +114,15 @@ async fn run_inner(
 ) -> Result<(), SchedulerError> {
     config.validate()?;
     let names = config.names();
-    let connection = transport::connect_amqp(&config.amqp_url, &format!("flotilla-scheduler {}", names.namespace())).await?;
+    let connection = transport::connect_amqp(
+        &config.amqp_url,
+        &format!("flotilla-scheduler {}", names.namespace()),
+    )
+    .await?;
     let publish = connection.create_channel().await?;
-    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     transport::declare_topology(&publish, &names).await?;
     let redis = transport::connect_redis(&config.redis_url).await?;
 
@@ -115,12 +130,27 @@ async fn run_inner(
     let submissions = connection.create_channel().await?;
     let events = connection.create_channel().await?;
     for (channel, queue, wrap) in [
-        (&submissions, names.scheduler_queue(), Input::Submission as fn(_) -> Input),
-        (&events, names.scheduler_events_queue(), Input::Events as fn(_) -> Input),
+        (
+            &submissions,
+            names.scheduler_queue(),
+            Input::Submission as fn(_) -> Input,
+        ),
+        (
+            &events,
+            names.scheduler_events_queue(),
+            Input::Events as fn(_) -> Input,
+        ),
     ] {
-        channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
         let mut consumer = channel
-            .basic_consume(name(&queue), name("scheduler"), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                name(&queue),
+                name("scheduler"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         let inputs = inputs.clone();
         tokio::spawn(async move {
@@ -224,10 +254,14 @@ impl Comm for Outbox {
         self.bundles.push(tasks);
     }
     fn notify(&mut self, client: &str, event: Event) {
-        self.notify.entry(client.to_owned()).or_default().push(event);
+        self.notify
+            .entry(client.to_owned())
+            .or_default()
+            .push(event);
     }
     fn store_error(&mut self, key: &str, error: &TaskError) {
-        self.errors.push((key.to_owned(), StoredResult::encode_err(error)));
+        self.errors
+            .push((key.to_owned(), StoredResult::encode_err(error)));
     }
     fn lookup(&mut self, key: &str) {
         self.lookups.push(key.to_owned());
@@ -259,7 +293,9 @@ impl Scheduler {
                                 debug!(count = tasks.len(), "submitted");
                                 self.core.submit(tasks, &mut self.out);
                             }
-                            ToScheduler::Worker(info) => self.core.worker_seen(info, Instant::now()),
+                            ToScheduler::Worker(info) => {
+                                self.core.worker_seen(info, Instant::now())
+                            }
                             ToScheduler::WorkerGone { worker } => self.core.worker_gone(&worker),
                             other => warn!(?other, "unexpected message on the scheduler queue"),
                         }
@@ -268,9 +304,12 @@ impl Scheduler {
                         // Acknowledge what came before, so that the next
                         // multiple-ack cannot cover the rejected tag.
                         if let Some(pending) = acks.submissions.take() {
-                            self.submissions.basic_ack(pending, BasicAckOptions { multiple: true }).await?;
+                            self.submissions
+                                .basic_ack(pending, BasicAckOptions { multiple: true })
+                                .await?;
                         }
-                        self.dead_letter(&delivery, "scheduler", &error.to_string()).await?
+                        self.dead_letter(&delivery, "scheduler", &error.to_string())
+                            .await?
                     }
                 }
             }
@@ -280,8 +319,12 @@ impl Scheduler {
                         acks.events = Some(delivery.delivery_tag);
                         for event in batch.events {
                             match event {
-                                Event::Finished { key, inline, .. } => self.core.finished(&key, inline),
-                                Event::Erred { key, error } => self.core.erred(&key, error, &mut self.out),
+                                Event::Finished { key, inline, .. } => {
+                                    self.core.finished(&key, inline)
+                                }
+                                Event::Erred { key, error } => {
+                                    self.core.erred(&key, error, &mut self.out)
+                                }
                                 Event::Started { .. } => {}
                                 other => warn!(?other, "unexpected event"),
                             }
@@ -289,9 +332,12 @@ impl Scheduler {
                     }
                     Err(error) => {
                         if let Some(pending) = acks.events.take() {
-                            self.events.basic_ack(pending, BasicAckOptions { multiple: true }).await?;
+                            self.events
+                                .basic_ack(pending, BasicAckOptions { multiple: true })
+                                .await?;
                         }
-                        self.dead_letter(&delivery, "scheduler.events", &error.to_string()).await?
+                        self.dead_letter(&delivery, "scheduler.events", &error.to_string())
+                            .await?
                     }
                 }
             }
@@ -307,8 +353,16 @@ impl Scheduler {
         queue: &str,
         reason: &str,
     ) -> Result<(), SchedulerError> {
-        warn!(queue, reason, bytes = delivery.data.len(), "undecodable message dead-lettered");
-        delivery.acker.reject(BasicRejectOptions { requeue: false }).await?;
+        warn!(
+            queue,
+            reason,
+            bytes = delivery.data.len(),
+            "undecodable message dead-lettered"
+        );
+        delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await?;
         Ok(())
     }
 
@@ -326,12 +380,21 @@ impl Scheduler {
             let bytes = encode(&ToWorker::Run { tasks: bundle });
             confirms.push(
                 self.publish
-                    .basic_publish(name(""), name(&self.names.tasks_queue()), BasicPublishOptions::default(), &bytes, transport::persistent())
+                    .basic_publish(
+                        name(""),
+                        name(&self.names.tasks_queue()),
+                        BasicPublishOptions::default(),
+                        &bytes,
+                        transport::persistent(),
+                    )
                     .await?,
             );
         }
         for (client, events) in out.notify {
-            let bytes = encode(&EventBatch { worker: String::new(), events });
+            let bytes = encode(&EventBatch {
+                worker: String::new(),
+                events,
+            });
             confirms.push(
                 self.publish
                     .basic_publish(
@@ -369,12 +432,18 @@ impl Scheduler {
 }
 
 async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
-    let first: redis::RedisResult<Vec<u8>> = redis::cmd("GETRANGE").arg(result_key).arg(0).arg(0).query_async(redis).await;
+    let first: redis::RedisResult<Vec<u8>> = redis::cmd("GETRANGE")
+        .arg(result_key)
+        .arg(0)
+        .arg(0)
+        .query_async(redis)
+        .await;
     match first.as_deref() {
         Ok([]) => Lookup::Missing,
         Ok([0]) => Lookup::Finished,
         Ok(_) => {
-            let whole: redis::RedisResult<Vec<u8>> = redis::cmd("GET").arg(result_key).query_async(redis).await;
+            let whole: redis::RedisResult<Vec<u8>> =
+                redis::cmd("GET").arg(result_key).query_async(redis).await;
             match whole.map(StoredResult::decode) {
                 Ok(Ok(StoredResult::Err(error))) => Lookup::Erred(error),
                 Ok(Ok(StoredResult::Ok(_))) => Lookup::Finished,

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 ///
 /// `args` is the MessagePack of `Vec<Arg>` from the task spec; `inputs`
 /// holds the encoded result of every key the arguments refer to.
-pub(crate) fn assemble(args: &[u8], inputs: &HashMap<String, Vec<u8>>) -> Result<Vec<u8>, TaskError> {
+pub(crate) fn assemble(
+    args: &[u8],
+    inputs: &HashMap<String, Vec<u8>>,
+) -> Result<Vec<u8>, TaskError> {
     let args: Vec<Arg> = rmp_serde::from_slice(args).map_err(|error| {
         TaskError::new(
             ErrorKind::BadArguments,
@@ -22,7 +25,11 @@ pub(crate) fn assemble(args: &[u8], inputs: &HashMap<String, Vec<u8>>) -> Result
     Ok(out)
 }
 
-fn write_list(out: &mut Vec<u8>, items: &[Arg], inputs: &HashMap<String, Vec<u8>>) -> Result<(), TaskError> {
+fn write_list(
+    out: &mut Vec<u8>,
+    items: &[Arg],
+    inputs: &HashMap<String, Vec<u8>>,
+) -> Result<(), TaskError> {
     let len = u32::try_from(items.len()).map_err(|_| too_many())?;
     rmp::encode::write_array_len(out, len).map_err(|_| too_many())?;
     for item in items {
@@ -34,7 +41,9 @@ fn write_list(out: &mut Vec<u8>, items: &[Arg], inputs: &HashMap<String, Vec<u8>
                     return Err(TaskError::new(
                         ErrorKind::MissingDependency,
                         "flotilla::MissingDependency",
-                        format!("input `{key}` has no stored result: it was released or never submitted"),
+                        format!(
+                        "input `{key}` has no stored result: it was released or never submitted"
+                    ),
                     ))
                 }
             },
@@ -45,7 +54,11 @@ fn write_list(out: &mut Vec<u8>, items: &[Arg], inputs: &HashMap<String, Vec<u8>
 }
 
 fn too_many() -> TaskError {
-    TaskError::new(ErrorKind::BadArguments, "flotilla::BadArguments", "too many arguments")
+    TaskError::new(
+        ErrorKind::BadArguments,
+        "flotilla::BadArguments",
+        "too many arguments",
+    )
 }
 
 #[cfg(test)]

@@ -4,12 +4,11 @@
 //! from Redis (or inline from the message), runs the registered function,
 //! stores the result in Redis, publishes a completion event, and only then
 //! acknowledges the delivery. A user's worker binary is their task crate
-//! plus [`main`].
+//! plus a `main` that calls [`main`]:
 //!
 //! ```no_run
-//! fn main() {
-//!     flotilla_worker::main()
-//! }
+//! // src/bin/my-worker.rs: every task linked into the binary is served.
+//! flotilla_worker::main();
 //! ```
 
 mod args;
@@ -19,15 +18,19 @@ pub mod registry;
 mod runtime;
 
 pub use context::TaskContext;
-pub use registry::{decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration};
-pub use runtime::{run, ExtensionFactory, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT};
+pub use registry::{
+    decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration,
+};
+pub use runtime::{
+    run, ExtensionFactory, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT,
+};
 
+#[doc(hidden)]
+pub use inventory as __inventory;
 #[doc(hidden)]
 pub use registry::probe as __probe;
 #[doc(hidden)]
 pub use registry::user_error as __private_user_error;
-#[doc(hidden)]
-pub use inventory as __inventory;
 
 use flotilla_proto::cli::{self, Flag};
 
@@ -60,7 +63,11 @@ pub fn main() {
 /// Like [`main`], letting the caller adjust the options (for instance to set
 /// an [`ExtensionFactory`]).
 pub fn main_with(make_options: impl FnOnce(flotilla_proto::Config) -> WorkerOptions) {
-    let flags: Vec<Flag> = cli::CONNECTION_FLAGS.iter().chain(WORKER_FLAGS.iter()).copied().collect();
+    let flags: Vec<Flag> = cli::CONNECTION_FLAGS
+        .iter()
+        .chain(WORKER_FLAGS.iter())
+        .copied()
+        .collect();
     let parsed = cli::parse_or_exit(
         "flotilla-worker",
         "a Flotilla worker: runs the tasks compiled into this binary",
@@ -75,8 +82,15 @@ pub fn main_with(make_options: impl FnOnce(flotilla_proto::Config) -> WorkerOpti
     cli::warn_default_credentials(&config.amqp_url);
     let mut options = make_options(config);
     let number = |flag: &str, env: &str| -> Option<usize> {
-        let text = parsed.get(flag).map(str::to_owned).or_else(|| std::env::var(env).ok())?;
-        Some(text.trim().parse().unwrap_or_else(|_| fail(format!("--{flag} expects a whole number, got {text:?}"))))
+        let text = parsed
+            .get(flag)
+            .map(str::to_owned)
+            .or_else(|| std::env::var(env).ok())?;
+        Some(
+            text.trim()
+                .parse()
+                .unwrap_or_else(|_| fail(format!("--{flag} expects a whole number, got {text:?}"))),
+        )
     };
     if let Some(n) = number("nthreads", "FLOTILLA_NTHREADS") {
         options.nthreads = n.max(1);

@@ -147,8 +147,8 @@ macro_rules! user_error {
     ($error:expr) => {{
         #[allow(unused_imports)]
         use $crate::__probe::{
-            ProbeDebug as _, ProbeDisplay as _, ProbeNoDetail as _, ProbeNoPayload as _,
-            ProbeDetail as _, ProbePayload as _,
+            ProbeDebug as _, ProbeDetail as _, ProbeDisplay as _, ProbeNoDetail as _,
+            ProbeNoPayload as _, ProbePayload as _,
         };
         let error = $error;
         let probe = $crate::__probe::Probe(&error);

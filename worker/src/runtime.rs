@@ -43,7 +43,8 @@ const MAX_COMPLETION_BATCH: usize = 1024;
 /// Builds the extension a [`TaskContext`] carries for one task; set by
 /// libraries layered on the worker (the `flotilla` client, to let tasks
 /// submit tasks).
-pub type ExtensionFactory = Arc<dyn Fn(&Config) -> Option<Arc<dyn Any + Send + Sync>> + Send + Sync>;
+pub type ExtensionFactory =
+    Arc<dyn Fn(&Config) -> Option<Arc<dyn Any + Send + Sync>> + Send + Sync>;
 
 /// How a worker runs.
 #[derive(Clone)]
@@ -123,7 +124,11 @@ impl WorkerHandle {
             Some(ready_tx),
         ));
         match ready_rx.await {
-            Ok(id) => Ok(WorkerHandle { id, stop: Some(stop), task }),
+            Ok(id) => Ok(WorkerHandle {
+                id,
+                stop: Some(stop),
+                task,
+            }),
             Err(_) => match task.await {
                 Ok(Err(error)) => Err(error),
                 _ => Err(WorkerError::Closed),
@@ -221,7 +226,9 @@ async fn run_inner(
     )
     .await?;
     let publish = connection.create_channel().await?;
-    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     transport::declare_topology(&publish, &names).await?;
     let own_queue = names.worker_queue(&id);
     transport::declare_private_queue(&publish, &names, &own_queue, None).await?;
@@ -262,7 +269,9 @@ async fn run_inner(
             let mut tick = tokio::time::interval(HEARTBEAT);
             loop {
                 tick.tick().await;
-                if let Err(error) = announce(&publish, &names, &ToScheduler::Worker(info.clone())).await {
+                if let Err(error) =
+                    announce(&publish, &names, &ToScheduler::Worker(info.clone())).await
+                {
                     warn!(%error, "heartbeat failed");
                 }
             }
@@ -270,13 +279,20 @@ async fn run_inner(
     };
 
     let consume = connection.create_channel().await?;
-    consume.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     let (deliveries, mut delivery_rx) = mpsc::unbounded_channel();
     let mut consumer_tags = Vec::new();
     for queue in [names.tasks_queue(), own_queue.clone()] {
         let tag = format!("{id}.{}", consumer_tags.len());
         let mut consumer = consume
-            .basic_consume(name(&queue), name(&tag), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                name(&queue),
+                name(&tag),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         consumer_tags.push(tag);
         let deliveries = deliveries.clone();
@@ -315,7 +331,12 @@ async fn run_inner(
     }
     heartbeat.abort();
     let _ = shared.slots.acquire_many(nthreads as u32).await;
-    let _ = announce(&publish, &names, &ToScheduler::WorkerGone { worker: id.clone() }).await;
+    let _ = announce(
+        &publish,
+        &names,
+        &ToScheduler::WorkerGone { worker: id.clone() },
+    )
+    .await;
     drop(shared);
     let _ = completer.await;
     let _ = connection.close(200, name("worker stopping")).await;
@@ -355,7 +376,10 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         }
         Err(error) => {
             warn!(%error, bytes = delivery.data.len(), "undecodable task message dead-lettered");
-            let _ = delivery.acker.reject(BasicRejectOptions { requeue: false }).await;
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
             return;
         }
     };
@@ -454,7 +478,10 @@ async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
     .await;
     outcome.map_err(|mut error| {
         if error.traceback.is_empty() {
-            error.traceback = format!("in task `{}` ({}) on worker {}", spec.task, spec.key, shared.id);
+            error.traceback = format!(
+                "in task `{}` ({}) on worker {}",
+                spec.task, spec.key, shared.id
+            );
         } else {
             error.traceback = format!(
                 "in task `{}` ({}) on worker {}\n{}",
@@ -487,7 +514,11 @@ async fn load_inputs(
         .query_async(&mut redis)
         .await
         .map_err(|error| {
-            TaskError::new(ErrorKind::Internal, "flotilla::RedisError", format!("reading inputs: {error}"))
+            TaskError::new(
+                ErrorKind::Internal,
+                "flotilla::RedisError",
+                format!("reading inputs: {error}"),
+            )
         })?;
     for (key, value) in wanted.into_iter().zip(values) {
         match value.map(StoredResult::decode) {
@@ -499,7 +530,9 @@ async fn load_inputs(
                 return Err(TaskError::new(
                     ErrorKind::MissingDependency,
                     "flotilla::MissingDependency",
-                    format!("input `{key}` has no stored result: it was released or never submitted"),
+                    format!(
+                        "input `{key}` has no stored result: it was released or never submitted"
+                    ),
                 ))
             }
         }
@@ -522,15 +555,24 @@ async fn complete_loop(
         let mut by_client: HashMap<&str, Vec<Event>> = HashMap::new();
         for completion in &batch {
             let (key, client, outcome) = match completion {
-                Completion::Done { key, client, outcome, .. } => (key, client, outcome),
+                Completion::Done {
+                    key,
+                    client,
+                    outcome,
+                    ..
+                } => (key, client, outcome),
                 Completion::Started { key, client } => {
-                    by_client.entry(client.as_str()).or_default().push(Event::Started { key: key.clone() });
+                    by_client
+                        .entry(client.as_str())
+                        .or_default()
+                        .push(Event::Started { key: key.clone() });
                     continue;
                 }
             };
             let event = match outcome {
                 Ok(bytes) => {
-                    pipe.set(names.result_key(key), StoredResult::encode_ok(bytes)).ignore();
+                    pipe.set(names.result_key(key), StoredResult::encode_ok(bytes))
+                        .ignore();
                     Event::Finished {
                         key: key.clone(),
                         inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
@@ -539,15 +581,21 @@ async fn complete_loop(
                 }
                 Err(error) => {
                     debug!(%key, %error, "task erred");
-                    pipe.set(names.result_key(key), StoredResult::encode_err(error)).ignore();
-                    Event::Erred { key: key.clone(), error: error.clone() }
+                    pipe.set(names.result_key(key), StoredResult::encode_err(error))
+                        .ignore();
+                    Event::Erred {
+                        key: key.clone(),
+                        error: error.clone(),
+                    }
                 }
             };
             by_client.entry(client.as_str()).or_default().push(event);
         }
         // Results must be stored before anyone hears they exist; on failure
         // the deliveries stay unacknowledged and come back.
-        let mut stored = batch.iter().all(|c| matches!(c, Completion::Started { .. }));
+        let mut stored = batch
+            .iter()
+            .all(|c| matches!(c, Completion::Started { .. }));
         for attempt in 0..5u32 {
             if stored {
                 break;
@@ -567,7 +615,10 @@ async fn complete_loop(
         if stored {
             let mut confirms = Vec::with_capacity(by_client.len());
             for (client, events) in by_client {
-                let bytes = encode(&EventBatch { worker: worker.clone(), events });
+                let bytes = encode(&EventBatch {
+                    worker: worker.clone(),
+                    events,
+                });
                 match publish
                     .basic_publish(
                         name(&names.events_exchange()),
@@ -592,7 +643,9 @@ async fn complete_loop(
             }
         }
         for completion in batch.drain(..) {
-            let Completion::Done { bundle, .. } = completion else { continue };
+            let Completion::Done { bundle, .. } = completion else {
+                continue;
+            };
             if published {
                 bundle.one_done().await;
             } else if bundle.remaining.swap(0, Ordering::AcqRel) > 0 {
