@@ -112,3 +112,5 @@ pub fn link() {}
 pub fn worker_main() {
     flotilla_worker::main()
 }
+
+pub mod coordination;

@@ -68,6 +68,8 @@ pub(crate) struct ClientInner {
     futures: Mutex<HashMap<String, Weak<FutureState>>>,
     submissions: mpsc::UnboundedSender<TaskSpec>,
     background: Mutex<Vec<JoinHandle<()>>>,
+    #[allow(dead_code)] // used by the coordination primitives
+    pool: tokio::sync::OnceCell<deadpool_redis::Pool>,
 }
 
 impl Drop for ClientInner {
@@ -231,6 +233,7 @@ impl Client {
             futures: Mutex::new(HashMap::new()),
             submissions,
             background: Mutex::new(Vec::new()),
+            pool: tokio::sync::OnceCell::new(),
         });
         let submitter = tokio::spawn(submit_loop(
             submission_rx,
@@ -254,6 +257,39 @@ impl Client {
     /// This client's id.
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The shared, multiplexed Redis connection (never use blocking
+    /// commands on it: they would stall every other command behind them).
+    #[allow(dead_code)] // used by the coordination primitives
+    pub(crate) fn redis(&self) -> ConnectionManager {
+        self.inner.redis.clone()
+    }
+
+    /// A pooled Redis connection of its own, for blocking commands
+    /// (`BLPOP`, `BLMOVE`, ...), pub/sub and transactions.
+    #[allow(dead_code)] // used by the coordination primitives
+    pub(crate) async fn dedicated_redis(&self) -> Result<deadpool_redis::Connection> {
+        let pool = self
+            .inner
+            .pool
+            .get_or_try_init(|| async {
+                deadpool_redis::Config::from_url(self.inner.config.redis_url.clone())
+                    .builder()
+                    .map(|b| b.max_size(64).runtime(deadpool_redis::Runtime::Tokio1).build())
+                    .map_err(|e| Error::Config(format!("Redis pool: {e}")))?
+                    .map_err(|e| Error::Config(format!("Redis pool: {e}")))
+            })
+            .await?;
+        pool.get()
+            .await
+            .map_err(|e| Error::Config(format!("Redis pool: {e}")))
+    }
+
+    /// The queue and key names of the client's namespace.
+    #[allow(dead_code)] // used by the coordination primitives
+    pub(crate) fn names(&self) -> &Names {
+        &self.inner.names
     }
 
     /// The configuration it connected with.

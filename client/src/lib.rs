@@ -37,12 +37,14 @@ mod args;
 pub mod blocking;
 mod client;
 mod cluster;
+mod context;
 mod error;
 mod future;
 
 pub use args::{ArgWriter, IntoArg, IntoArgs};
 pub use client::{Client, Submit};
 pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
+pub use context::TaskContextExt;
 pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::task;
 pub use flotilla_proto::{Config, Task};
@@ -51,7 +53,7 @@ pub use future::{Future, Status};
 
 /// What most programs need: `use flotilla::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext};
+    pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext, TaskContextExt};
     pub use std::time::Duration;
 }
 

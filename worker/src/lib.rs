@@ -22,7 +22,7 @@ pub use registry::{
     decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration,
 };
 pub use runtime::{
-    run, ExtensionFactory, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT,
+    run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT,
 };
 
 #[doc(hidden)]
@@ -57,12 +57,7 @@ const WORKER_FLAGS: [Flag; 3] = [
 /// `tracing`, runs until SIGTERM or Ctrl-C, and exits non-zero on failure.
 /// Every task registered in the binary is served.
 pub fn main() {
-    main_with(WorkerOptions::new)
-}
 
-/// Like [`main`], letting the caller adjust the options (for instance to set
-/// an [`ExtensionFactory`]).
-pub fn main_with(make_options: impl FnOnce(flotilla_proto::Config) -> WorkerOptions) {
     let flags: Vec<Flag> = cli::CONNECTION_FLAGS
         .iter()
         .chain(WORKER_FLAGS.iter())
@@ -80,7 +75,7 @@ pub fn main_with(make_options: impl FnOnce(flotilla_proto::Config) -> WorkerOpti
     };
     let config = parsed.config().unwrap_or_else(|e| fail(e));
     cli::warn_default_credentials(&config.amqp_url);
-    let mut options = make_options(config);
+    let mut options = WorkerOptions::new(config);
     let number = |flag: &str, env: &str| -> Option<usize> {
         let text = parsed
             .get(flag)

@@ -40,11 +40,22 @@ const STARTED_AFTER: Duration = Duration::from_millis(50);
 /// Most completions stored and published together.
 const MAX_COMPLETION_BATCH: usize = 1024;
 
-/// Builds the extension a [`TaskContext`] carries for one task; set by
-/// libraries layered on the worker (the `flotilla` client, to let tasks
-/// submit tasks).
-pub type ExtensionFactory =
-    Arc<dyn Fn(&Config) -> Option<Arc<dyn Any + Send + Sync>> + Send + Sync>;
+/// A value every [`TaskContext`] of a worker carries, made once per worker by
+/// a library layered on the runtime (the `flotilla` client registers one so
+/// that tasks can submit tasks). Registered with `inventory::submit!`.
+#[derive(Debug)]
+pub struct ContextExtension {
+    make: fn(&Config) -> Arc<dyn Any + Send + Sync>,
+}
+
+impl ContextExtension {
+    /// An extension made by `make` from the worker's configuration.
+    pub const fn new(make: fn(&Config) -> Arc<dyn Any + Send + Sync>) -> Self {
+        ContextExtension { make }
+    }
+}
+
+inventory::collect!(ContextExtension);
 
 /// How a worker runs.
 #[derive(Clone)]
@@ -57,8 +68,6 @@ pub struct WorkerOptions {
     pub name: Option<String>,
     /// Deliveries held unacknowledged; defaults to four per thread plus four.
     pub prefetch: Option<u16>,
-    /// See [`ExtensionFactory`].
-    pub extension: Option<ExtensionFactory>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -80,7 +89,6 @@ impl WorkerOptions {
             nthreads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             name: None,
             prefetch: None,
-            extension: None,
         }
     }
 }
@@ -172,7 +180,7 @@ struct Shared {
     redis: ConnectionManager,
     slots: Semaphore,
     completions: mpsc::UnboundedSender<Completion>,
-    extension: Option<ExtensionFactory>,
+    extension: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 /// Acknowledges a delivery once all its tasks are done.
@@ -242,7 +250,10 @@ async fn run_inner(
         redis: redis.clone(),
         slots: Semaphore::new(nthreads),
         completions,
-        extension: options.extension.clone(),
+        extension: inventory::iter::<ContextExtension>
+            .into_iter()
+            .next()
+            .map(|extension| (extension.make)(&config)),
     });
     let completer = tokio::spawn(complete_loop(
         completion_rx,
@@ -452,7 +463,7 @@ async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
         let inputs = load_inputs(shared, &spec.deps, inline).await?;
         let args = crate::args::assemble(&spec.args, &inputs)?;
         drop(inputs);
-        let extension = shared.extension.as_ref().and_then(|f| f(&shared.config));
+        let extension = shared.extension.clone();
         let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension);
         let output = match registration.invoke(ctx, &args) {
             Invocation::Ready(outcome) => outcome,

@@ -1,0 +1,63 @@
+//! Tasks that submit tasks: a task taking a [`TaskContext`] reaches the
+//! cluster through [`TaskContextExt::client`].
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! #[flotilla::task]
+//! async fn fan_out(ctx: TaskContext, n: i64) -> flotilla::Result<i64> {
+//!     let client = ctx.client().await?;
+//!     let parts = client.map(double, (0..n).map(|i| (i,)));
+//!     Ok(client.gather(&parts).await?.iter().sum())
+//! }
+//!
+//! #[flotilla::task]
+//! fn double(x: i64) -> i64 { 2 * x }
+//! ```
+
+use crate::{Client, Result, TaskContext};
+use flotilla_proto::Config;
+use flotilla_worker::ContextExtension;
+use std::any::Any;
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// One client per worker, connected on first use by any of its tasks.
+struct WorkerClient {
+    config: Config,
+    client: OnceCell<Client>,
+}
+
+fn make_worker_client(config: &Config) -> Arc<dyn Any + Send + Sync> {
+    Arc::new(WorkerClient {
+        config: config.clone(),
+        client: OnceCell::new(),
+    })
+}
+
+inventory::submit! {
+    ContextExtension::new(make_worker_client)
+}
+
+/// What the `flotilla` client adds to a task's [`TaskContext`].
+pub trait TaskContextExt {
+    /// A client of the cluster running the task, for submitting, mapping,
+    /// gathering and waiting from inside it (Dask's `get_client()`).
+    fn client(&self) -> impl std::future::Future<Output = Result<Client>> + Send;
+}
+
+impl TaskContextExt for TaskContext {
+    async fn client(&self) -> Result<Client> {
+        match self
+            .extension()
+            .and_then(|extension| extension.downcast_ref::<WorkerClient>())
+        {
+            Some(worker) => worker
+                .client
+                .get_or_try_init(|| Client::connect(worker.config.clone()))
+                .await
+                .cloned(),
+            None => Client::connect(self.config().clone()).await,
+        }
+    }
+}
