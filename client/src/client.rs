@@ -276,7 +276,11 @@ impl Client {
             .get_or_try_init(|| async {
                 deadpool_redis::Config::from_url(self.inner.config.redis_url.clone())
                     .builder()
-                    .map(|b| b.max_size(64).runtime(deadpool_redis::Runtime::Tokio1).build())
+                    .map(|b| {
+                        b.max_size(64)
+                            .runtime(deadpool_redis::Runtime::Tokio1)
+                            .build()
+                    })
                     .map_err(|e| Error::Config(format!("Redis pool: {e}")))?
                     .map_err(|e| Error::Config(format!("Redis pool: {e}")))
             })

@@ -57,7 +57,6 @@ const WORKER_FLAGS: [Flag; 3] = [
 /// `tracing`, runs until SIGTERM or Ctrl-C, and exits non-zero on failure.
 /// Every task registered in the binary is served.
 pub fn main() {
-
     let flags: Vec<Flag> = cli::CONNECTION_FLAGS
         .iter()
         .chain(WORKER_FLAGS.iter())

@@ -1,0 +1,398 @@
+//! `flotilla-bench`: measures Flotilla against the real RabbitMQ and Redis.
+//!
+//! It starts its own scheduler and workers as processes (the
+//! `flotilla-scheduler` and `flotilla-worker` binaries next to it) in a fresh
+//! namespace, runs each workload several times, prints a table of medians,
+//! and with `--json` one JSON object keyed by workload. The namespace is
+//! purged at the end.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/flotilla-bench --workers 2 --json
+//! target/release/flotilla-bench --full          # adds the 1,000,000-task run
+//! ```
+
+use anyhow::{bail, Context, Result};
+use flotilla::{Client, Config, Future};
+use flotilla_examples::{add, byte_len, inc, make_bytes, slow_identity};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Options {
+    workers: usize,
+    nthreads: usize,
+    json: bool,
+    full: bool,
+    repeats: usize,
+    only: Option<String>,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut options = Options {
+        workers: 2,
+        nthreads: 1,
+        json: false,
+        full: false,
+        repeats: 3,
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--workers" => options.workers = value("--workers")?.parse()?,
+            "--nthreads" => options.nthreads = value("--nthreads")?.parse()?,
+            "--repeats" => options.repeats = value("--repeats")?.parse()?,
+            "--only" => options.only = Some(value("--only")?),
+            "--json" => options.json = true,
+            "--full" => options.full = true,
+            "-h" | "--help" => {
+                println!(
+                    "flotilla-bench — Flotilla's benchmarks against the configured RabbitMQ and Redis\n\n\
+                     Usage: flotilla-bench [--workers N] [--nthreads N] [--repeats N] [--only PREFIX] [--json] [--full]\n\n\
+                     --workers N    worker processes (default 2)\n\
+                     --nthreads N   task slots per worker (default 1)\n\
+                     --repeats N    runs per workload; the median is reported (default 3)\n\
+                     --only PREFIX  run only workloads whose key starts with PREFIX\n\
+                     --json         print one JSON object keyed by workload\n\
+                     --full         add the 1,000,000-task workloads\n\n\
+                     Connection: FLOTILLA_AMQP_URL, FLOTILLA_REDIS_URL (a fresh namespace is used)."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    Ok(options)
+}
+
+/// The scheduler and worker processes of the benchmark's cluster.
+struct Cluster {
+    scheduler: Child,
+    workers: Vec<Child>,
+}
+
+impl Cluster {
+    fn start(config: &Config, workers: usize, nthreads: usize) -> Result<Cluster> {
+        let dir = std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .context("no directory for the benchmark binary")?;
+        let spawn = |binary: &str, extra: &[String]| -> Result<Child> {
+            let path = dir.join(binary);
+            Command::new(&path)
+                .args(extra)
+                .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+                .env("FLOTILLA_REDIS_URL", &config.redis_url)
+                .env("FLOTILLA_NAMESPACE", &config.namespace)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| {
+                    format!(
+                        "starting {} (build the workspace's binaries first)",
+                        path.display()
+                    )
+                })
+        };
+        let scheduler = spawn("flotilla-scheduler", &[])?;
+        let workers = (0..workers)
+            .map(|i| {
+                spawn(
+                    "flotilla-worker",
+                    &[
+                        "--nthreads".into(),
+                        nthreads.to_string(),
+                        "--name".into(),
+                        format!("bench-{i}"),
+                    ],
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cluster { scheduler, workers })
+    }
+
+    fn scheduler_rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.scheduler.id()))?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .context("no VmRSS")?;
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .context("VmRSS value")?
+            .parse()?;
+        Ok(kib * 1024)
+    }
+
+    fn stop(mut self) {
+        for child in self
+            .workers
+            .iter_mut()
+            .chain(std::iter::once(&mut self.scheduler))
+        {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+        }
+        for child in self
+            .workers
+            .iter_mut()
+            .chain(std::iter::once(&mut self.scheduler))
+        {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn throughput(client: &Client, count: i64) -> Result<f64> {
+    let started = Instant::now();
+    let futures = client.map(inc, (0..count).map(|i| (i,)));
+    let results = client.gather(&futures).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if results.len() as i64 != count || results[0] != 1 || results[results.len() - 1] != count {
+        bail!("wrong results");
+    }
+    Ok(count as f64 / elapsed)
+}
+
+async fn chain(client: &Client, links: usize) -> Result<f64> {
+    let base = Instant::now().elapsed().as_nanos() as i64 ^ std::process::id() as i64;
+    let started = Instant::now();
+    let mut current: Future<i64> = client.submit(add, (base, 0));
+    for _ in 1..links {
+        current = client.submit(inc, (&current,));
+    }
+    let value = current.await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if value != base + links as i64 - 1 {
+        bail!("wrong chain result");
+    }
+    Ok(elapsed * 1000.0 / links as f64)
+}
+
+async fn roundtrips(client: &Client, count: usize) -> Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(count);
+    let salt = std::process::id() as i64 * 1_000_000;
+    for i in 0..count as i64 {
+        let started = Instant::now();
+        let value = client.submit(add, (salt, i)).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        if value != salt + i {
+            bail!("wrong roundtrip result");
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples)
+}
+
+async fn big_result(client: &Client, bytes: usize, salt: usize) -> Result<f64> {
+    let started = Instant::now();
+    let data = client.submit(make_bytes, (bytes + salt,)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if data.len() != bytes + salt {
+        bail!("wrong size");
+    }
+    Ok((bytes as f64 / 1e6) / elapsed)
+}
+
+async fn pending_memory(client: &Client, cluster: &Cluster, count: i64) -> Result<f64> {
+    let blocker = client
+        .submit_with(slow_identity, (0, 3_600_000))
+        .pure(false)
+        .submit();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cluster.scheduler_rss()?;
+    let waiting: Vec<_> = (0..count)
+        .map(|i| client.submit(add, (&blocker, i)))
+        .collect();
+    // Wait until the scheduler's memory stops growing: all submissions taken in.
+    let mut last = 0;
+    let mut stable = 0;
+    while stable < 4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss = cluster.scheduler_rss()?;
+        if rss == last {
+            stable += 1;
+        } else {
+            stable = 0;
+            last = rss;
+        }
+    }
+    drop(waiting);
+    Ok(last.saturating_sub(before) as f64 / count as f64)
+}
+
+struct Row {
+    key: &'static str,
+    value: Option<f64>,
+    unit: &'static str,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let options = parse_options()?;
+    let mut config = Config::from_env()?;
+    config.namespace = format!("bench-{}", run_id());
+    let cluster = Cluster::start(&config, options.workers, options.nthreads)?;
+    let result = run(&options, &config, &cluster).await;
+    cluster.stop();
+    let _ = flotilla::purge(&config).await;
+    let rows = result?;
+    if options.json {
+        let body: Vec<String> = rows
+            .iter()
+            .map(|r| match r.value {
+                Some(v) => format!("\"{}\": {:.4}", r.key, v),
+                None => format!("\"{}\": null", r.key),
+            })
+            .collect();
+        println!("{{{}}}", body.join(", "));
+    }
+    Ok(())
+}
+
+/// A namespace suffix unlikely to collide with another run's.
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Vec<Row>> {
+    let client = Client::connect(config.clone()).await?;
+    // Warm up: the cluster is up once a task comes back.
+    let warm = client.submit(byte_len, (serde_bytes::ByteBuf::from(vec![0u8; 10]),));
+    warm.result_timeout(Duration::from_secs(60))
+        .await
+        .context("cluster did not start")?;
+    let _ = client
+        .gather(&client.map(inc, (0..2000).map(|i| (i,))))
+        .await?;
+
+    let wanted = |key: &str| options.only.as_deref().is_none_or(|p| key.starts_with(p));
+    let repeats = options.repeats.max(1);
+    let mut rows = Vec::new();
+    let mut report = |row: Row| {
+        match row.value {
+            Some(v) => eprintln!("{:<36} {:>14.3} {}", row.key, v, row.unit),
+            None => eprintln!("{:<36} {:>14} {}", row.key, "—", row.unit),
+        }
+        rows.push(row);
+    };
+    eprintln!(
+        "flotilla-bench: {} worker process(es) × {} slot(s), namespace {}",
+        options.workers, options.nthreads, config.namespace
+    );
+
+    for (key, count, runs) in [
+        ("throughput_10k_tasks_per_s", 10_000i64, repeats),
+        ("throughput_100k_tasks_per_s", 100_000, repeats.min(2)),
+        ("throughput_1m_tasks_per_s", 1_000_000, 1),
+    ] {
+        if !wanted(key) || (count >= 1_000_000 && !options.full) {
+            continue;
+        }
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            samples.push(throughput(&client, count).await?);
+        }
+        report(Row {
+            key,
+            value: Some(median(samples)),
+            unit: "tasks/s",
+        });
+    }
+    if wanted("chain_ms_per_task") {
+        let mut samples = Vec::new();
+        for _ in 0..repeats {
+            samples.push(chain(&client, 500).await?);
+        }
+        report(Row {
+            key: "chain_ms_per_task",
+            value: Some(median(samples)),
+            unit: "ms/task",
+        });
+    }
+    if wanted("roundtrip") {
+        let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            let samples = roundtrips(&client, 500).await?;
+            p50s.push(percentile(&samples, 50.0));
+            p99s.push(percentile(&samples, 99.0));
+        }
+        report(Row {
+            key: "roundtrip_p50_ms",
+            value: Some(median(p50s)),
+            unit: "ms",
+        });
+        report(Row {
+            key: "roundtrip_p99_ms",
+            value: Some(median(p99s)),
+            unit: "ms",
+        });
+    }
+    if wanted("actor") {
+        report(Row {
+            key: "actor_p50_ms",
+            value: None,
+            unit: "ms (actors not built yet)",
+        });
+        report(Row {
+            key: "actor_p99_ms",
+            value: None,
+            unit: "ms (actors not built yet)",
+        });
+    }
+    if wanted("scatter") {
+        report(Row {
+            key: "scatter_10mb_50_tasks_s",
+            value: None,
+            unit: "s (scatter not built yet)",
+        });
+    }
+    if wanted("gather_10mb") {
+        let mut samples = Vec::new();
+        for run in 0..repeats {
+            samples.push(big_result(&client, 10_000_000, run).await?);
+        }
+        report(Row {
+            key: "gather_10mb_mb_per_s",
+            value: Some(median(samples)),
+            unit: "MB/s",
+        });
+    }
+    if wanted("scheduler_bytes") {
+        let count = if options.full { 1_000_000 } else { 200_000 };
+        let per_task = pending_memory(&client, cluster, count).await?;
+        report(Row {
+            key: "scheduler_bytes_per_pending_task",
+            value: Some(per_task),
+            unit: "bytes",
+        });
+    }
+    Ok(rows)
+}
