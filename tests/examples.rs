@@ -6,7 +6,7 @@ mod common;
 use common::{target_binary, TestCluster};
 use std::process::Command;
 
-const EXAMPLES: [(&str, &str); 7] = [
+const EXAMPLES: [(&str, &str); 11] = [
     ("basic_submit", "add(1, 2) = 3"),
     ("multiple_tasks", "results = [0, 2, 4"),
     ("map_over_inputs", "last Some(9801)"),
@@ -14,6 +14,10 @@ const EXAMPLES: [(&str, &str); 7] = [
     ("error_handling", "Task failed: Negative value"),
     ("dependencies", "= 113"),
     ("complex_dependencies", "= 54"),
+    ("queue_example", "results = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"),
+    ("lock_example", "counter = 10 after 10 updates"),
+    ("event_example", "Event occurred"),
+    ("variable_example", "reader() = 42"),
 ];
 
 #[tokio::test]

@@ -21,12 +21,16 @@ use serde::Serialize;
 #[derive(Debug, Default)]
 pub struct ArgWriter {
     pub(crate) deps: Vec<String>,
+    /// The inputs' states, kept alive until the submission is queued.
+    keep: Vec<std::sync::Arc<crate::future::FutureState>>,
 }
 
 impl ArgWriter {
-    fn reference(&mut self, key: &str) -> Arg {
+    fn reference<T>(&mut self, future: &Future<T>) -> Arg {
+        let key = future.key();
         if !self.deps.iter().any(|d| d == key) {
             self.deps.push(key.to_owned());
+            self.keep.push(future.state.clone());
         }
         Arg::Ref(key.to_owned())
     }
@@ -63,20 +67,20 @@ impl IntoArg<String> for &str {
 
 impl<T> IntoArg<T> for Future<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
-        Ok(writer.reference(self.key()))
+        Ok(writer.reference(&self))
     }
 }
 
 impl<T> IntoArg<T> for &Future<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
-        Ok(writer.reference(self.key()))
+        Ok(writer.reference(self))
     }
 }
 
 impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
-            self.iter().map(|f| writer.reference(f.key())).collect(),
+            self.iter().map(|f| writer.reference(f)).collect(),
         ))
     }
 }
@@ -84,7 +88,7 @@ impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
 impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
-            self.iter().map(|f| writer.reference(f.key())).collect(),
+            self.iter().map(|f| writer.reference(f)).collect(),
         ))
     }
 }
@@ -92,7 +96,7 @@ impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
 impl<T> IntoArg<Vec<T>> for &[Future<T>] {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
-            self.iter().map(|f| writer.reference(f.key())).collect(),
+            self.iter().map(|f| writer.reference(f)).collect(),
         ))
     }
 }
@@ -100,7 +104,7 @@ impl<T> IntoArg<Vec<T>> for &[Future<T>] {
 impl<T> IntoArg<Vec<T>> for Vec<&Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
-            self.iter().map(|f| writer.reference(f.key())).collect(),
+            self.iter().map(|f| writer.reference(*f)).collect(),
         ))
     }
 }

@@ -76,6 +76,11 @@ impl Client {
         &self.inner
     }
 
+    /// The runtime its operations block on.
+    pub(crate) fn runtime(&self) -> &Arc<tokio::runtime::Runtime> {
+        &self.runtime
+    }
+
     fn wrap<T>(&self, inner: crate::Future<T>) -> Future<T> {
         Future {
             inner,

@@ -1,36 +1,39 @@
-//! The client: submits tasks, tracks their futures, fetches results.
+//! The client: submits tasks, tracks their futures, fetches results, and
+//! holds references to what it still wants.
 
 use crate::args::{ArgWriter, IntoArgs};
 use crate::future::{read_stored, FutureState};
+use crate::outbox::{renew_lease, Op, Outbox};
 use crate::{Error, Future, Result};
+use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    decode, encode, Config, Event, EventBatch, Names, Task, TaskSpec, ToScheduler,
+    decode, Config, ErrorKind, Event, EventBatch, Names, StoredResult, Task, TaskSpec,
 };
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::Connection;
 use redis::aio::ConnectionManager;
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-/// Largest batch of submissions in one message, in bytes of arguments.
-const MAX_SUBMIT_BYTES: usize = 8 << 20;
 /// Most keys read from Redis in one `MGET`.
 const FETCH_CHUNK: usize = 1024;
+/// Scattered values up to this size stay in the client's memory too.
+const INLINE_SCATTER: usize = 16 * 1024;
 
 /// A connection to a Flotilla cluster: submit tasks, get futures.
 ///
 /// Cheap to clone; clones share connections and futures. The background
-/// work (batching submissions, receiving completion events) runs on the
-/// tokio runtime that connected it.
+/// work (batching submissions and reference updates, receiving completion
+/// events, renewing the lease) runs on the tokio runtime that connected it.
 ///
 /// ```no_run
 /// use flotilla::prelude::*;
@@ -66,14 +69,15 @@ pub(crate) struct ClientInner {
     redis: ConnectionManager,
     connection: Connection,
     futures: Mutex<HashMap<String, Weak<FutureState>>>,
-    submissions: mpsc::UnboundedSender<TaskSpec>,
+    ops: mpsc::UnboundedSender<Op>,
     background: Mutex<Vec<JoinHandle<()>>>,
-    #[allow(dead_code)] // used by the coordination primitives
     pool: tokio::sync::OnceCell<deadpool_redis::Pool>,
 }
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
+        // The outbox is left to drain the releases of the last futures and
+        // then gives up the lease; the rest stops now.
         for task in self
             .background
             .get_mut()
@@ -90,16 +94,33 @@ impl ClientInner {
         self.futures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Called when the last handle of `key` is gone.
+    /// Called when the client's last handle of `key` is gone: releases the
+    /// client's reference.
     pub(crate) fn forget(&self, key: &str) {
         let mut table = self.table();
         if table.get(key).is_some_and(|weak| weak.strong_count() == 0) {
             table.remove(key);
+            let _ = self.ops.send(Op::Release(key.to_owned()));
         }
+    }
+
+    pub(crate) fn send(&self, op: Op) {
+        let _ = self.ops.send(op);
     }
 
     fn state(&self, key: &str) -> Option<Arc<FutureState>> {
         self.table().get(key).and_then(Weak::upgrade)
+    }
+
+    /// The shared state of `key` in this client, and whether it is new.
+    pub(crate) fn register(self: &Arc<Self>, key: &str) -> (Arc<FutureState>, bool) {
+        let mut table = self.table();
+        if let Some(state) = table.get(key).and_then(Weak::upgrade) {
+            return (state, false);
+        }
+        let state = Arc::new(FutureState::new(key.to_owned(), Arc::downgrade(self)));
+        table.insert(key.to_owned(), Arc::downgrade(&state));
+        (state, true)
     }
 
     /// Reads stored results, in order, a chunk of keys per round trip.
@@ -134,7 +155,19 @@ impl ClientInner {
         };
         match event {
             Event::Finished { inline, .. } => state.set_finished(inline),
-            Event::Erred { error, .. } => state.set_failed(Error::Task(error)),
+            Event::Erred { retrying: true, .. } => {}
+            Event::Erred { key, error, .. } => {
+                let error = match error.kind {
+                    ErrorKind::Cancelled if error.key == key => Error::Cancelled(key),
+                    ErrorKind::MissingDependency
+                        if error.key == key && error.type_name == "flotilla::Lost" =>
+                    {
+                        Error::Lost(key)
+                    }
+                    _ => Error::Task(error),
+                };
+                state.set_failed(error);
+            }
             Event::Started { .. } => state.set_running(),
             _ => {}
         }
@@ -150,6 +183,10 @@ pub struct Submit<'c, K: Task, A> {
     key: Option<String>,
     pure: bool,
     priority: i32,
+    retries: u32,
+    workers: Vec<String>,
+    allow_other_workers: bool,
+    resources: Vec<(String, u64)>,
 }
 
 impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
@@ -167,16 +204,87 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
 
     /// `false` gives the task a fresh random key, so that submitting the same
     /// function and arguments again runs it again (default `true`: the same
-    /// function with the same arguments is one task).
+    /// function with the same arguments is one task, run once).
     pub fn pure(mut self, pure: bool) -> Self {
         self.pure = pure;
         self
     }
 
+    /// Runs the task again up to `retries` times if it fails.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Runs the task only on these workers (ids or `--name`s); it waits
+    /// while none of them is alive, unless [`Submit::allow_other_workers`].
+    pub fn workers<S: Into<String>>(mut self, workers: impl IntoIterator<Item = S>) -> Self {
+        self.workers = workers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// With [`Submit::workers`]: run elsewhere when none of them is alive.
+    pub fn allow_other_workers(mut self, allow: bool) -> Self {
+        self.allow_other_workers = allow;
+        self
+    }
+
+    /// Abstract resources the task needs (`[("GPU", 1)]`): it runs only on
+    /// workers that offer them (`--resources GPU=1`), while enough are free.
+    pub fn resources<S: Into<String>>(
+        mut self,
+        resources: impl IntoIterator<Item = (S, u64)>,
+    ) -> Self {
+        self.resources = resources.into_iter().map(|(n, a)| (n.into(), a)).collect();
+        self
+    }
+
     /// Submits the task; returns its future at once.
     pub fn submit(self) -> Future<K::Output> {
-        self.client
-            .submit_spec(self.task, self.args, self.key, self.pure, self.priority)
+        let client = self.client;
+        if self.allow_other_workers && self.workers.is_empty() {
+            return client.failed(
+                self.key.as_deref().unwrap_or(K::NAME),
+                Error::Config(
+                    "allow_other_workers only makes sense together with workers([..])".into(),
+                ),
+            );
+        }
+        let options = SubmitOptions {
+            key: self.key,
+            pure: self.pure,
+            priority: self.priority,
+            retries: self.retries,
+            workers: self.workers,
+            allow_other_workers: self.allow_other_workers,
+            resources: self.resources,
+        };
+        client.submit_spec(self.task, self.args, options)
+    }
+}
+
+#[derive(Default)]
+struct SubmitOptions {
+    key: Option<String>,
+    pure: bool,
+    priority: i32,
+    retries: u32,
+    workers: Vec<String>,
+    allow_other_workers: bool,
+    resources: Vec<(String, u64)>,
+}
+
+/// Options for [`Client::scatter_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct ScatterOptions {
+    /// Key the data by its content (default `true`): scattering equal data
+    /// twice stores it once. `false` gives every scatter a fresh key.
+    pub hash: bool,
+}
+
+impl Default for ScatterOptions {
+    fn default() -> Self {
+        ScatterOptions { hash: true }
     }
 }
 
@@ -204,14 +312,28 @@ impl Client {
             .await?;
         transport::declare_topology(&publish, &names).await?;
         let queue = names.client_queue(&id);
+        let exchange = names.events_exchange();
         transport::declare_private_queue(
             &publish,
             &names,
             &queue,
-            Some(&Names::client_binding(&id)),
+            Some((&exchange, &Names::client_binding(&id))),
         )
         .await?;
         let redis = transport::connect_redis(&config.redis_url).await?;
+        let lease = Duration::from_millis(config.client_lease_ms.max(1000));
+        // Take the lease before holding anything.
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(lease)
+            .as_millis() as u64;
+        redis::cmd("ZADD")
+            .arg(names.leases_key())
+            .arg(expiry)
+            .arg(&id)
+            .query_async::<()>(&mut redis.clone())
+            .await?;
         let consume = connection.create_channel().await?;
         consume.basic_qos(1024, BasicQosOptions::default()).await?;
         let consumer = consume
@@ -223,34 +345,37 @@ impl Client {
             )
             .await?;
 
-        let (submissions, submission_rx) = mpsc::unbounded_channel();
+        let (ops, ops_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(ClientInner {
-            id,
+            id: id.clone(),
             config,
-            names,
-            redis,
+            names: names.clone(),
+            redis: redis.clone(),
             connection,
             futures: Mutex::new(HashMap::new()),
-            submissions,
+            ops,
             background: Mutex::new(Vec::new()),
             pool: tokio::sync::OnceCell::new(),
         });
-        let submitter = tokio::spawn(submit_loop(
-            submission_rx,
+        let outbox = Outbox {
+            client: id.clone(),
+            names: names.clone(),
+            redis: redis.clone(),
             publish,
-            inner.names.clone(),
-            inner.config.max_payload,
-        ));
+            max_payload: inner.config.max_payload,
+        };
+        tokio::spawn(outbox.run(ops_rx));
         let listener = tokio::spawn(event_loop(
             consumer,
             Arc::downgrade(&inner),
             inner.config.max_payload,
         ));
+        let lease_task = tokio::spawn(renew_lease(redis, names, id, lease));
         inner
             .background
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([submitter, listener]);
+            .extend([listener, lease_task]);
         Ok(Client { inner })
     }
 
@@ -259,16 +384,19 @@ impl Client {
         &self.inner.id
     }
 
+    /// The configuration it connected with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
     /// The shared, multiplexed Redis connection (never use blocking
     /// commands on it: they would stall every other command behind them).
-    #[allow(dead_code)] // used by the coordination primitives
     pub(crate) fn redis(&self) -> ConnectionManager {
         self.inner.redis.clone()
     }
 
     /// A pooled Redis connection of its own, for blocking commands
     /// (`BLPOP`, `BLMOVE`, ...), pub/sub and transactions.
-    #[allow(dead_code)] // used by the coordination primitives
     pub(crate) async fn dedicated_redis(&self) -> Result<deadpool_redis::Connection> {
         let pool = self
             .inner
@@ -291,28 +419,33 @@ impl Client {
     }
 
     /// The queue and key names of the client's namespace.
-    #[allow(dead_code)] // used by the coordination primitives
     pub(crate) fn names(&self) -> &Names {
         &self.inner.names
-    }
-
-    /// The configuration it connected with.
-    pub fn config(&self) -> &Config {
-        &self.inner.config
     }
 
     /// Submits `task` with `args` (a tuple; a future may stand wherever the
     /// task takes a value) and returns its future at once. Submissions are
     /// batched and sent in the background.
     ///
+    /// The key is derived from the task and its arguments (Dask's `pure`):
+    /// submitting the same call again returns a handle on the same task and
+    /// runs nothing new, while its result is still held by anyone.
+    ///
     /// Problems found before sending (arguments over the payload limit, an
     /// argument that cannot be encoded) come back as an already-failed future.
     pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> Future<K::Output> {
-        self.submit_spec(task, args, None, true, 0)
+        self.submit_spec(
+            task,
+            args,
+            SubmitOptions {
+                pure: true,
+                ..SubmitOptions::default()
+            },
+        )
     }
 
     /// Like [`Client::submit`], with options:
-    /// `client.submit_with(add, (1, 2)).priority(5).key("x").submit()`.
+    /// `client.submit_with(add, (1, 2)).priority(5).retries(2).key("x").submit()`.
     pub fn submit_with<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> Submit<'_, K, A> {
         Submit {
             client: self,
@@ -321,6 +454,10 @@ impl Client {
             key: None,
             pure: true,
             priority: 0,
+            retries: 0,
+            workers: Vec::new(),
+            allow_other_workers: false,
+            resources: Vec::new(),
         }
     }
 
@@ -333,13 +470,17 @@ impl Client {
         args.into_iter().map(|a| self.submit(task, a)).collect()
     }
 
+    fn failed<T>(&self, key: &str, error: Error) -> Future<T> {
+        let state = Arc::new(FutureState::new(key.to_owned(), Weak::new()));
+        state.set_failed(error);
+        Future::from_state(state, self.inner.clone())
+    }
+
     fn submit_spec<K: Task, A: IntoArgs<K::Args>>(
         &self,
         _task: K,
         args: A,
-        key: Option<String>,
-        pure: bool,
-        priority: i32,
+        options: SubmitOptions,
     ) -> Future<K::Output> {
         let mut writer = ArgWriter::default();
         let encoded = args
@@ -362,47 +503,45 @@ impl Client {
                 }
             });
         let short = K::NAME.rsplit("::").next().unwrap_or(K::NAME);
-        let key = key.unwrap_or_else(|| match (&encoded, pure) {
-            (Ok(bytes), true) => {
-                format!("{short}-{}", content_hash(K::NAME, K::FINGERPRINT, bytes))
+        if let Some(key) = &options.key {
+            if let Err(error) = check_key(key) {
+                return self.failed(key, error);
             }
-            _ => format!("{short}-{}", flotilla_proto::new_id()),
-        });
-        let (state, fresh) = self.register(&key);
-        let future = Future::from_state(state.clone(), self.inner.clone());
-        match encoded {
-            Err(error) => state.set_failed(error),
-            Ok(bytes) if fresh => {
-                let spec = TaskSpec {
-                    key,
-                    task: K::NAME.to_owned(),
-                    fingerprint: K::FINGERPRINT,
-                    args: bytes,
-                    deps: writer.deps,
-                    priority,
-                    client: self.inner.id.clone(),
-                };
-                if self.inner.submissions.send(spec).is_err() {
-                    state.set_failed(Error::Closed);
+        }
+        let key = options
+            .key
+            .unwrap_or_else(|| match (&encoded, options.pure) {
+                (Ok(bytes), true) => {
+                    format!("{short}-{}", content_hash(K::NAME, K::FINGERPRINT, bytes))
                 }
-            }
-            Ok(_) => {} // this client already has the key: the new handle shares it
+                _ => format!("{short}-{}", flotilla_proto::new_id()),
+            });
+        let bytes = match encoded {
+            Ok(bytes) => bytes,
+            Err(error) => return self.failed(&key, error),
+        };
+        let (state, fresh) = self.inner.register(&key);
+        let future = Future::from_state(state, self.inner.clone());
+        if fresh {
+            let mut spec = TaskSpec::new(
+                key,
+                K::NAME.to_owned(),
+                K::FINGERPRINT,
+                bytes,
+                std::mem::take(&mut writer.deps),
+                self.inner.id.clone(),
+            );
+            spec.priority = options.priority;
+            spec.retries = options.retries;
+            spec.workers = options.workers;
+            spec.allow_other_workers = options.allow_other_workers;
+            spec.resources = options.resources;
+            self.inner.send(Op::Submit(spec));
         }
+        // The inputs' handles stay alive until the submission is queued, so
+        // their release can never overtake it.
+        drop(writer);
         future
-    }
-
-    /// The shared state of `key`, and whether it is new.
-    fn register(&self, key: &str) -> (Arc<FutureState>, bool) {
-        let mut table = self.inner.table();
-        if let Some(state) = table.get(key).and_then(Weak::upgrade) {
-            return (state, false);
-        }
-        let state = Arc::new(FutureState::new(
-            key.to_owned(),
-            Arc::downgrade(&self.inner),
-        ));
-        table.insert(key.to_owned(), Arc::downgrade(&state));
-        (state, true)
     }
 
     /// Waits for every future and returns their values in order, reading
@@ -439,8 +578,242 @@ impl Client {
             .collect()
     }
 
-    /// Closes the connections. Futures of this client stop updating.
+    /// Stores `value` in the cluster and returns a finished future of it, to
+    /// pass to many tasks without sending it again (keyed by content).
+    pub async fn scatter<T: Serialize>(&self, value: &T) -> Result<Future<T>> {
+        self.scatter_with(value, ScatterOptions::default()).await
+    }
+
+    /// Like [`Client::scatter`], with options.
+    pub async fn scatter_with<T: Serialize>(
+        &self,
+        value: &T,
+        options: ScatterOptions,
+    ) -> Result<Future<T>> {
+        let bytes = rmp_serde::to_vec_named(value).map_err(|e| Error::Encode {
+            what: format!("scattered {}", std::any::type_name::<T>()),
+            message: e.to_string(),
+        })?;
+        if bytes.len() > self.inner.config.max_payload {
+            return Err(Error::PayloadTooLarge {
+                what: format!("scattered {}", std::any::type_name::<T>()),
+                size: bytes.len(),
+                limit: self.inner.config.max_payload,
+            });
+        }
+        let type_name = std::any::type_name::<T>();
+        let short = type_name
+            .split('<')
+            .next()
+            .unwrap_or(type_name)
+            .rsplit("::")
+            .next()
+            .unwrap_or("data");
+        let key = if options.hash {
+            format!("{short}-{}", content_hash("scatter", 0, &bytes))
+        } else {
+            format!("{short}-{}", flotilla_proto::new_id())
+        };
+        let (state, _) = self.inner.register(&key);
+        let keys = [
+            self.inner.names.holders_key(&key),
+            self.inner.names.result_key(&key),
+        ];
+        let mut pipe = redis::pipe();
+        refs::add(
+            &mut pipe,
+            &refs::SCATTER,
+            [&keys[0], &keys[1]],
+            &[self.inner.id.as_bytes(), &StoredResult::encode_ok(&bytes)],
+        );
+        refs::run::<()>(&mut self.redis(), &pipe).await?;
+        state.set_finished((bytes.len() <= INLINE_SCATTER).then_some(bytes));
+        Ok(Future::from_state(state, self.inner.clone()))
+    }
+
+    /// Scatters every value; futures come back in order.
+    pub async fn scatter_many<T: Serialize>(
+        &self,
+        values: impl IntoIterator<Item = T>,
+    ) -> Result<Vec<Future<T>>> {
+        let mut futures = Vec::new();
+        for value in values {
+            futures.push(self.scatter(&value).await?);
+        }
+        Ok(futures)
+    }
+
+    /// A future for `key`, submitted by any client (or scattered, or
+    /// published), which this client now also holds and waits on. If no task
+    /// and no result exist under the key, the future ends in
+    /// [`Error::Lost`].
+    pub fn get_future<T>(&self, key: &str) -> Future<T> {
+        if let Err(error) = check_key(key) {
+            return self.failed(key, error);
+        }
+        let (state, fresh) = self.inner.register(key);
+        if fresh {
+            self.inner.send(Op::Hold(key.to_owned()));
+        }
+        Future::from_state(state, self.inner.clone())
+    }
+
+    /// Cancels the tasks (and their dependents); with `force`, running ones
+    /// are stopped too: an async task is aborted, a synchronous one sees
+    /// `ctx.is_cancelled()`.
+    pub fn cancel<T>(&self, futures: &[Future<T>], force: bool) {
+        let keys: Vec<String> = futures.iter().map(|f| f.key().to_owned()).collect();
+        for future in futures {
+            future
+                .state
+                .set_failed(Error::Cancelled(future.key().to_owned()));
+        }
+        self.inner.send(Op::Cancel(keys, force));
+    }
+
+    /// Runs failed tasks again (and their failed inputs).
+    pub fn retry<T>(&self, futures: &[Future<T>]) {
+        let keys: Vec<String> = futures
+            .iter()
+            .filter(|f| f.state.reset_if_failed())
+            .map(|f| f.key().to_owned())
+            .collect();
+        if !keys.is_empty() {
+            self.inner.send(Op::Retry(keys));
+        }
+    }
+
+    /// Publishes `futures` under `name`, so that any client can fetch them
+    /// with [`Client::get_dataset`]; their results stay stored until
+    /// [`Client::unpublish_dataset`]. Fails if the name is taken.
+    pub async fn publish_dataset<T>(&self, name: &str, futures: &[Future<T>]) -> Result<()> {
+        let keys: Vec<String> = futures.iter().map(|f| f.key().to_owned()).collect();
+        self.flush().await?;
+        let mut redis = self.redis();
+        let created: bool = redis::cmd("HSETNX")
+            .arg(self.inner.names.datasets_key())
+            .arg(name)
+            .arg(rmp_serde::to_vec(&keys).unwrap_or_default())
+            .query_async(&mut redis)
+            .await?;
+        if !created {
+            return Err(Error::Config(format!(
+                "a dataset named {name:?} is already published"
+            )));
+        }
+        let holder = refs::dataset_holder(name);
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            let names = [
+                self.inner.names.holders_key(key),
+                self.inner.names.result_key(key),
+            ];
+            refs::add(
+                &mut pipe,
+                &refs::HOLD,
+                [&names[0], &names[1]],
+                &[holder.as_bytes()],
+            );
+        }
+        refs::run::<()>(&mut redis, &pipe).await?;
+        Ok(())
+    }
+
+    /// The futures published under `name`.
+    pub async fn get_dataset<T>(&self, name: &str) -> Result<Vec<Future<T>>> {
+        let bytes: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(self.inner.names.datasets_key())
+            .arg(name)
+            .query_async(&mut self.redis())
+            .await?;
+        let bytes = bytes
+            .ok_or_else(|| Error::Config(format!("no dataset named {name:?} is published")))?;
+        let keys: Vec<String> = rmp_serde::from_slice(&bytes).map_err(|e| Error::Decode {
+            key: name.to_owned(),
+            type_name: "dataset",
+            message: e.to_string(),
+        })?;
+        Ok(keys.iter().map(|key| self.get_future(key)).collect())
+    }
+
+    /// Names of the published datasets.
+    pub async fn list_datasets(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = redis::cmd("HKEYS")
+            .arg(self.inner.names.datasets_key())
+            .query_async(&mut self.redis())
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes a published dataset; its results are freed once nothing else
+    /// holds them.
+    pub async fn unpublish_dataset(&self, name: &str) -> Result<()> {
+        let mut redis = self.redis();
+        let bytes: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(self.inner.names.datasets_key())
+            .arg(name)
+            .query_async(&mut redis)
+            .await?;
+        let Some(bytes) = bytes else {
+            return Err(Error::Config(format!(
+                "no dataset named {name:?} is published"
+            )));
+        };
+        let keys: Vec<String> = rmp_serde::from_slice(&bytes).unwrap_or_default();
+        redis::cmd("HDEL")
+            .arg(self.inner.names.datasets_key())
+            .arg(name)
+            .query_async::<()>(&mut redis)
+            .await?;
+        let holder = refs::dataset_holder(name);
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            let names = [
+                self.inner.names.holders_key(key),
+                self.inner.names.result_key(key),
+            ];
+            refs::add(
+                &mut pipe,
+                &refs::RELEASE,
+                [&names[0], &names[1]],
+                &[holder.as_bytes()],
+            );
+        }
+        let freed: Vec<i64> = refs::run(&mut redis, &pipe).await?;
+        let forgotten: Vec<String> = keys
+            .into_iter()
+            .zip(freed)
+            .filter(|(_, f)| *f == 1)
+            .map(|(k, _)| k)
+            .collect();
+        if !forgotten.is_empty() {
+            self.inner.send(Op::Forget(forgotten));
+        }
+        Ok(())
+    }
+
+    /// Waits until everything submitted or released so far has reached
+    /// Redis and the broker.
+    pub async fn flush(&self) -> Result<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.inner.send(Op::Flush(done));
+        wait.await.map_err(|_| Error::Closed)
+    }
+
+    /// Releases everything this client holds and closes its connections.
+    /// Other handles of the client stop working.
     pub async fn close(self) -> Result<()> {
+        let keys: Vec<String> = self.inner.table().drain().map(|(k, _)| k).collect();
+        for key in keys {
+            self.inner.send(Op::Release(key));
+        }
+        let _ = self.flush().await;
+        let _ = redis::cmd("ZREM")
+            .arg(self.inner.names.leases_key())
+            .arg(&self.inner.id)
+            .query_async::<()>(&mut self.redis())
+            .await;
         self.inner
             .connection
             .close(200, name("client closing"))
@@ -449,9 +822,32 @@ impl Client {
     }
 }
 
+/// Marks `future` so that it runs even when no handle on it is left; its
+/// result is not kept (Dask's `fire_and_forget`).
+pub fn fire_and_forget<T>(future: &Future<T>) {
+    future
+        .client
+        .send(Op::FireAndForget(future.key().to_owned()));
+}
+
+/// Keys become Redis hash tags and queue routing: no braces, no blanks.
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty()
+        || key.len() > 512
+        || key
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace())
+    {
+        return Err(Error::Config(format!(
+            "invalid key {key:?}: use 1 to 512 characters without braces or blanks"
+        )));
+    }
+    Ok(())
+}
+
 /// A deterministic key suffix from the task's name, signature and arguments
 /// (FNV-1a, 128 bits).
-fn content_hash(name: &str, fingerprint: u64, args: &[u8]) -> String {
+pub(crate) fn content_hash(name: &str, fingerprint: u64, args: &[u8]) -> String {
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013B;
     let mut hash: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     for byte in name
@@ -463,59 +859,6 @@ fn content_hash(name: &str, fingerprint: u64, args: &[u8]) -> String {
         hash = hash.wrapping_mul(PRIME);
     }
     format!("{hash:032x}")
-}
-
-/// Sends submissions in batches: whatever has accumulated while the last
-/// batch was being published goes out as one message.
-async fn submit_loop(
-    mut rx: mpsc::UnboundedReceiver<TaskSpec>,
-    publish: Channel,
-    names: Names,
-    max_payload: usize,
-) {
-    let queue = names.scheduler_queue();
-    let mut pending = Vec::new();
-    let mut confirms = std::collections::VecDeque::new();
-    while rx.recv_many(&mut pending, 10_000).await > 0 {
-        let mut start = 0;
-        while start < pending.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < pending.len()
-                && (end == start
-                    || bytes + pending[end].args.len() <= MAX_SUBMIT_BYTES.max(max_payload))
-            {
-                bytes += pending[end].args.len();
-                end += 1;
-            }
-            let message = encode(&ToScheduler::Submit {
-                tasks: pending[start..end].to_vec(),
-            });
-            match publish
-                .basic_publish(
-                    name(""),
-                    name(&queue),
-                    BasicPublishOptions::default(),
-                    &message,
-                    transport::persistent(),
-                )
-                .await
-            {
-                Ok(confirm) => confirms.push_back(confirm),
-                Err(error) => warn!(%error, "publishing submissions failed"),
-            }
-            start = end;
-        }
-        pending.clear();
-        // Keep a bounded number of confirmations outstanding.
-        while confirms.len() > 64 {
-            if let Some(confirm) = confirms.pop_front() {
-                if !matches!(confirm.await, Ok(c) if c.is_ack()) {
-                    warn!("the broker did not confirm a batch of submissions");
-                }
-            }
-        }
-    }
 }
 
 /// Applies completion events to this client's futures.
@@ -545,7 +888,7 @@ async fn event_loop(mut consumer: lapin::Consumer, client: Weak<ClientInner>, ma
 
 #[cfg(test)]
 mod tests {
-    use super::content_hash;
+    use super::{check_key, content_hash};
 
     #[test]
     fn content_hashes_are_stable_and_distinct() {
@@ -554,5 +897,13 @@ mod tests {
         assert_ne!(a, content_hash("m::add", 2, &[1, 2]));
         assert_ne!(a, content_hash("m::add", 1, &[2, 1]));
         assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(check_key("add-1").is_ok());
+        for bad in ["", "a b", "a{b", "x}"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -64,11 +64,15 @@ pub(crate) enum Outcome {
     Failed(Error),
 }
 
+/// Called once when a future is done.
+pub(crate) type DoneHook = Box<dyn FnOnce() + Send>;
+
 /// The state all handles of one key share.
 pub(crate) struct FutureState {
     pub(crate) key: String,
     outcome: Mutex<Outcome>,
     notify: Notify,
+    hooks: Mutex<Vec<DoneHook>>,
     client: std::sync::Weak<ClientInner>,
 }
 
@@ -86,6 +90,7 @@ impl FutureState {
             key,
             outcome: Mutex::new(Outcome::Pending),
             notify: Notify::new(),
+            hooks: Mutex::new(Vec::new()),
             client,
         }
     }
@@ -120,7 +125,7 @@ impl FutureState {
             }
             *outcome = Outcome::Finished(inline.map(Arc::new));
         }
-        self.notify.notify_waiters();
+        self.done();
     }
 
     pub(crate) fn set_failed(&self, error: Error) {
@@ -131,7 +136,37 @@ impl FutureState {
             }
             *outcome = Outcome::Failed(error);
         }
+        self.done();
+    }
+
+    fn done(&self) {
         self.notify.notify_waiters();
+        let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
+        for hook in hooks {
+            hook();
+        }
+    }
+
+    /// Runs `hook` once the future is done (at once if it already is).
+    pub(crate) fn on_done(&self, hook: DoneHook) {
+        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
+        if self.status().is_done() {
+            drop(hooks);
+            hook();
+        } else {
+            hooks.push(hook);
+        }
+    }
+
+    /// Back to pending if it failed (for `retry`); whether it did.
+    pub(crate) fn reset_if_failed(&self) -> bool {
+        let mut outcome = self.lock();
+        if matches!(*outcome, Outcome::Failed(_)) {
+            *outcome = Outcome::Pending;
+            true
+        } else {
+            false
+        }
     }
 
     /// Waits until the task is done.
@@ -252,6 +287,46 @@ impl<T> Future<T> {
     /// Waits at most `timeout` for the task to be done; `false` on timeout.
     pub async fn wait_timeout(&self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.wait()).await.is_ok()
+    }
+
+    /// Cancels the task and its dependents, stopping it if it runs (see
+    /// [`Client::cancel`](crate::Client::cancel)).
+    pub fn cancel(&self) {
+        crate::Client {
+            inner: self.client.clone(),
+        }
+        .cancel(std::slice::from_ref(self), true)
+    }
+
+    /// Runs the task again if it failed.
+    pub fn retry(&self) {
+        crate::Client {
+            inner: self.client.clone(),
+        }
+        .retry(std::slice::from_ref(self))
+    }
+
+    /// Calls `callback` with this future once it is done (finished, erred or
+    /// cancelled), on the client's runtime; a panicking callback is logged.
+    pub fn add_done_callback(&self, callback: impl FnOnce(Future<T>) + Send + 'static)
+    where
+        T: 'static,
+    {
+        let future = self.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        self.state.on_done(Box::new(move || {
+            let run = move || {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| callback(future)))
+                    .is_err()
+                {
+                    tracing::warn!("a done-callback panicked");
+                }
+            };
+            match runtime {
+                Some(runtime) => drop(runtime.spawn_blocking(run)),
+                None => run(),
+            }
+        }));
     }
 }
 

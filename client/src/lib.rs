@@ -40,9 +40,11 @@ mod cluster;
 mod context;
 mod error;
 mod future;
+mod outbox;
+pub mod sync;
 
 pub use args::{ArgWriter, IntoArg, IntoArgs};
-pub use client::{Client, Submit};
+pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
 pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
 pub use context::TaskContextExt;
 pub use error::{Error, ErrorKind, Result, TaskError};
@@ -50,10 +52,12 @@ pub use flotilla_macros::task;
 pub use flotilla_proto::{Config, Task};
 pub use flotilla_worker::TaskContext;
 pub use future::{Future, Status};
+pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variable};
 
 /// What most programs need: `use flotilla::prelude::*;`.
 pub mod prelude {
     pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext, TaskContextExt};
+    pub use crate::{Event, Lock, Queue, Semaphore, Variable};
     pub use std::time::Duration;
 }
 

@@ -10,6 +10,8 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_NAMESPACE: &str = "flotilla";
 /// Largest task arguments or result accepted, in bytes (64 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
+/// How long a silent client keeps its references (30 s).
+pub const DEFAULT_CLIENT_LEASE_MS: u64 = 30_000;
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,9 @@ pub struct Config {
     pub namespace: String,
     /// Largest task arguments or result, in bytes.
     pub max_payload: usize,
+    /// How long a client's references outlive its last sign of life
+    /// (milliseconds): a client that reconnects within it keeps them.
+    pub client_lease_ms: u64,
 }
 
 impl Default for Config {
@@ -48,13 +53,15 @@ impl Default for Config {
             redis_url: DEFAULT_REDIS_URL.to_owned(),
             namespace: DEFAULT_NAMESPACE.to_owned(),
             max_payload: DEFAULT_MAX_PAYLOAD,
+            client_lease_ms: DEFAULT_CLIENT_LEASE_MS,
         }
     }
 }
 
 impl Config {
-    /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`
-    /// and `FLOTILLA_MAX_PAYLOAD`, with the defaults for what is unset.
+    /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
+    /// `FLOTILLA_MAX_PAYLOAD` and `FLOTILLA_CLIENT_LEASE_MS`, with the
+    /// defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -76,6 +83,12 @@ impl Config {
             config.max_payload = limit.trim().parse().map_err(|_| ConfigError::Number {
                 name: "FLOTILLA_MAX_PAYLOAD",
                 value: limit.clone(),
+            })?;
+        }
+        if let Some(lease) = set("FLOTILLA_CLIENT_LEASE_MS") {
+            config.client_lease_ms = lease.trim().parse().map_err(|_| ConfigError::Number {
+                name: "FLOTILLA_CLIENT_LEASE_MS",
+                value: lease.clone(),
             })?;
         }
         config.validate()?;

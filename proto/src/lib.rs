@@ -16,13 +16,14 @@ mod config;
 mod error;
 mod messages;
 mod names;
+pub mod refs;
 mod task;
 pub mod transport;
 
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
-    Config, ConfigError, DEFAULT_AMQP_URL, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE,
-    DEFAULT_REDIS_URL,
+    Config, ConfigError, DEFAULT_AMQP_URL, DEFAULT_CLIENT_LEASE_MS, DEFAULT_MAX_PAYLOAD,
+    DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
 };
 pub use error::{ErrorKind, TaskError};
 pub use messages::{

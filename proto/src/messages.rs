@@ -47,6 +47,45 @@ pub struct TaskSpec {
     pub priority: i32,
     /// Id of the submitting client, where completion events go.
     pub client: String,
+    /// How many times to re-run the task if it fails.
+    #[serde(default)]
+    pub retries: u32,
+    /// Workers (ids or names) the task must run on.
+    #[serde(default)]
+    pub workers: Vec<String>,
+    /// With `workers`: run elsewhere when none of them is alive.
+    #[serde(default)]
+    pub allow_other_workers: bool,
+    /// Abstract resources the task needs while it runs (`("GPU", 1)`);
+    /// only workers that advertise them get it.
+    #[serde(default)]
+    pub resources: Vec<(String, u64)>,
+}
+
+impl TaskSpec {
+    /// A spec with no options set.
+    pub fn new(
+        key: String,
+        task: String,
+        fingerprint: u64,
+        args: Vec<u8>,
+        deps: Vec<String>,
+        client: String,
+    ) -> Self {
+        TaskSpec {
+            key,
+            task,
+            fingerprint,
+            args,
+            deps,
+            priority: 0,
+            client,
+            retries: 0,
+            workers: Vec::new(),
+            allow_other_workers: false,
+            resources: Vec::new(),
+        }
+    }
 }
 
 /// Messages the scheduler consumes from its queue.
@@ -65,6 +104,31 @@ pub enum ToScheduler {
         /// The worker's id.
         worker: String,
     },
+    /// These keys lost their last holder: cancel them if they haven't run.
+    Forget {
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// `client` wants completion events for these keys (it holds them
+    /// without having submitted them).
+    Watch {
+        /// The client.
+        client: String,
+        /// The keys.
+        keys: Vec<String>,
+    },
+    /// Cancel these tasks and their dependents.
+    Cancel {
+        /// The keys.
+        keys: Vec<String>,
+        /// Also stop them if a worker runs them.
+        force: bool,
+    },
+    /// Run these failed tasks (and their failed inputs) again.
+    Retry {
+        /// The keys.
+        keys: Vec<String>,
+    },
 }
 
 /// What a worker tells the scheduler about itself.
@@ -78,6 +142,9 @@ pub struct WorkerInfo {
     pub slots: u32,
     /// The tasks it provides: registered name and signature fingerprint.
     pub tasks: Vec<(String, u64)>,
+    /// Abstract resources it offers (`("GPU", 1)`).
+    #[serde(default)]
+    pub resources: Vec<(String, u64)>,
 }
 
 /// One task to run, as the scheduler sends it to workers.
@@ -89,6 +156,9 @@ pub struct RunTask {
     /// worker need not read them from Redis.
     #[serde(default)]
     pub inline: Vec<(String, serde_bytes::ByteBuf)>,
+    /// How many times the task ran before (0 on the first run).
+    #[serde(default)]
+    pub attempt: u32,
 }
 
 /// Messages workers consume from the task queues.
@@ -99,6 +169,11 @@ pub enum ToWorker {
     Run {
         /// The tasks.
         tasks: Vec<RunTask>,
+    },
+    /// Stop these tasks if they are running here (broadcast to all workers).
+    Cancel {
+        /// The keys.
+        keys: Vec<String>,
     },
 }
 
@@ -128,6 +203,10 @@ pub enum Event {
         key: String,
         /// What went wrong.
         error: TaskError,
+        /// The task will run again (it has retries left): only the scheduler
+        /// acts on this event.
+        #[serde(default)]
+        retrying: bool,
     },
 }
 
@@ -217,6 +296,10 @@ mod tests {
             deps: vec!["x".into()],
             priority: -3,
             client: "c1".into(),
+            retries: 2,
+            workers: vec!["w".into()],
+            allow_other_workers: true,
+            resources: vec![("GPU".into(), 1)],
         }
     }
 
@@ -233,6 +316,7 @@ mod tests {
             tasks: vec![RunTask {
                 spec: spec(),
                 inline: vec![("x".into(), serde_bytes::ByteBuf::from(vec![9]))],
+                attempt: 1,
             }],
         };
         assert_eq!(decode::<ToWorker>(&encode(&run), usize::MAX).unwrap(), run);

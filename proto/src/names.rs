@@ -79,6 +79,11 @@ impl Names {
         format!("{}.events", self.namespace)
     }
 
+    /// Fanout exchange of control messages to every worker (cancellation).
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.namespace)
+    }
+
     /// Fanout exchange that dead-lettered messages go through.
     pub fn dead_letter_exchange(&self) -> String {
         format!("{}.dlx", self.namespace)
@@ -102,9 +107,37 @@ impl Names {
     /// Binding key with which the scheduler receives every worker event.
     pub const SCHEDULER_BINDING: &'static str = "w.*";
 
-    /// Redis key holding a task's stored result.
+    /// Redis key holding a task's stored result. The task key is the hash
+    /// tag, so a key's result and holders share one Redis Cluster slot.
     pub fn result_key(&self, key: &str) -> String {
-        format!("{}:r:{key}", self.namespace)
+        format!("{}:r:{{{key}}}", self.namespace)
+    }
+
+    /// Redis set of the holders of a key's result (see [`crate::refs`]).
+    pub fn holders_key(&self, key: &str) -> String {
+        format!("{}:h:{{{key}}}", self.namespace)
+    }
+
+    /// Sorted set of clients by lease expiry (milliseconds since the epoch).
+    pub fn leases_key(&self) -> String {
+        format!("{}:leases", self.namespace)
+    }
+
+    /// Pattern matching every holders set of the namespace.
+    pub fn holders_pattern(&self) -> String {
+        format!("{}:h:*", self.namespace)
+    }
+
+    /// The task key inside a holders-set name (`<ns>:h:{key}`).
+    pub fn key_of_holders(holders: &str) -> Option<&str> {
+        let start = holders.find('{')? + 1;
+        let end = holders.rfind('}')?;
+        (start <= end).then(|| &holders[start..end])
+    }
+
+    /// Hash of published datasets: name → MessagePack list of keys.
+    pub fn datasets_key(&self) -> String {
+        format!("{}:datasets", self.namespace)
     }
 
     /// Pattern matching every Redis key of the namespace.
@@ -131,7 +164,12 @@ mod tests {
         let names = Names::new("ns");
         assert_eq!(names.tasks_queue(), "ns.tasks");
         assert_eq!(names.worker_queue("w1"), "ns.worker.w1");
-        assert_eq!(names.result_key("add-1"), "ns:r:add-1");
+        assert_eq!(names.result_key("add-1"), "ns:r:{add-1}");
+        assert_eq!(names.holders_key("add-1"), "ns:h:{add-1}");
+        assert_eq!(
+            Names::key_of_holders(&names.holders_key("add-1")),
+            Some("add-1")
+        );
         assert_eq!(Names::worker_event_route("c"), "w.c");
         assert_eq!(new_id().len(), 32);
     }

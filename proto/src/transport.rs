@@ -86,6 +86,14 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> lapin::Result
         .await?;
     channel
         .exchange_declare(
+            short(&names.control_exchange()),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
             short(&names.events_exchange()),
             ExchangeKind::Topic,
             durable,
@@ -121,20 +129,21 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> lapin::Result
 }
 
 /// Declares a process's own queue (`names.client_queue(..)` or
-/// `names.worker_queue(..)`), optionally bound to the events exchange.
+/// `names.worker_queue(..)`), optionally bound to an exchange
+/// (`(exchange, binding key)`).
 pub async fn declare_private_queue(
     channel: &Channel,
     names: &Names,
     queue: &str,
-    events_binding: Option<&str>,
+    binding: Option<(&str, &str)>,
 ) -> lapin::Result<()> {
     declare_queue(channel, queue, private_queue_arguments(names)).await?;
-    if let Some(binding) = events_binding {
+    if let Some((exchange, key)) = binding {
         channel
             .queue_bind(
                 short(queue),
-                short(&names.events_exchange()),
-                short(binding),
+                short(exchange),
+                short(key),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -160,7 +169,11 @@ pub async fn purge_namespace(
             .queue_delete(short(&queue), QueueDeleteOptions::default())
             .await?;
     }
-    for exchange in [names.events_exchange(), names.dead_letter_exchange()] {
+    for exchange in [
+        names.events_exchange(),
+        names.dead_letter_exchange(),
+        names.control_exchange(),
+    ] {
         channel
             .exchange_delete(short(&exchange), ExchangeDeleteOptions::default())
             .await?;

@@ -4,9 +4,11 @@
 //!
 //! A task is *waiting* while some input is unfinished, *ready* once every
 //! input finished (held here in a priority queue, not in the broker, so that
-//! priorities act before delivery), *processing* once sent to the workers,
-//! and leaves the table when it finished (or erred) and none of its
-//! dependents still needs it.
+//! priorities and cancellation act before delivery), *processing* once sent
+//! to the workers, then *finished* or *erred*. A finished task leaves the
+//! table as soon as no waiting dependent needs its inline result; an erred
+//! one stays (with its spec, for `retry`) until its last holder lets go
+//! ([`Core::forget`]).
 
 use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, TaskSpec, WorkerInfo};
 use serde_bytes::ByteBuf;
@@ -26,24 +28,29 @@ pub const WORKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the core asks its surroundings to do.
 pub trait Comm {
-    /// Publish a bundle of ready tasks to the workers.
-    fn send_tasks(&mut self, tasks: Vec<RunTask>);
-    /// Tell `client` about an event the scheduler decided (an input erred,
-    /// no worker provides the task).
+    /// Publish a bundle of ready tasks: to one worker's own queue, or to the
+    /// shared queue (`None`).
+    fn send_tasks(&mut self, worker: Option<&str>, tasks: Vec<RunTask>);
+    /// Tell `client` about an event the scheduler decided or forwards.
     fn notify(&mut self, client: &str, event: Event);
-    /// Store an error as `key`'s result.
+    /// Store an error as `key`'s result (if anyone still holds the key).
     fn store_error(&mut self, key: &str, error: &TaskError);
     /// Find out whether `key` has a stored result; answer with
     /// [`Core::lookup_answered`].
     fn lookup(&mut self, key: &str);
+    /// Drop the holds task `key` has on its inputs; inputs left without
+    /// holders come back through [`Core::forget`].
+    fn release_inputs(&mut self, key: &str, deps: &[String]);
+    /// Ask the workers to stop these running tasks.
+    fn cancel_running(&mut self, keys: &[String]);
 }
 
-/// What a lookup of an unknown input found in Redis.
+/// What a lookup of an unknown key found in Redis.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
-    /// The input has a stored value.
+    /// A stored value.
     Finished,
-    /// The input has a stored error.
+    /// A stored error.
     Erred(TaskError),
     /// Nothing is stored under the key.
     Missing,
@@ -55,12 +62,18 @@ enum State {
     Ready,
     Processing,
     Finished,
+    Erred,
 }
 
 #[derive(Debug)]
 struct TaskEntry {
+    /// Kept while the task may still run: waiting, ready, processing, erred.
     spec: Option<TaskSpec>,
     state: State,
+    /// Sent to a worker and not yet reported back.
+    in_flight: bool,
+    /// Its last holder let go while it ran: drop it when it reports.
+    forgotten: bool,
     /// Inputs not finished yet.
     missing: u32,
     /// Tasks waiting for this one.
@@ -70,27 +83,62 @@ struct TaskEntry {
     holders: u32,
     inline: Option<Vec<u8>>,
     seq: u64,
+    attempt: u32,
+    /// Clients besides the submitter that want its events.
+    watchers: Vec<String>,
+    /// The worker it was pinned to, if any.
+    worker: Option<String>,
+    error: Option<TaskError>,
 }
 
 impl TaskEntry {
-    fn placeholder(state: State) -> Self {
+    fn new(spec: Option<TaskSpec>, state: State, seq: u64) -> Self {
         TaskEntry {
-            spec: None,
+            spec,
             state,
+            in_flight: false,
+            forgotten: false,
             missing: 0,
             dependents: Vec::new(),
             holders: 0,
             inline: None,
-            seq: 0,
+            seq,
+            attempt: 0,
+            watchers: Vec::new(),
+            worker: None,
+            error: None,
         }
+    }
+
+    fn clients(&self) -> impl Iterator<Item = &str> {
+        self.spec
+            .as_ref()
+            .map(|s| s.client.as_str())
+            .into_iter()
+            .chain(self.watchers.iter().map(String::as_str))
     }
 }
 
 #[derive(Debug)]
 struct Worker {
+    name: String,
     slots: u32,
     tasks: HashSet<(String, u64)>,
+    resources: HashMap<String, u64>,
     last_seen: Instant,
+}
+
+/// Where a ready task goes.
+enum Placement {
+    Shared,
+    Worker(String),
+    Park,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    dependents: Vec<String>,
+    watchers: Vec<String>,
 }
 
 /// Counters for status pages and tests.
@@ -102,12 +150,16 @@ pub struct Counts {
     pub ready: usize,
     /// Tasks sent to workers and not finished.
     pub processing: usize,
+    /// Tasks that cannot be placed yet (no worker matches).
+    pub parked: usize,
     /// Tasks submitted since start.
     pub submitted: u64,
     /// Tasks finished since start.
     pub finished: u64,
     /// Tasks erred since start (including dependents of erred tasks).
     pub erred: u64,
+    /// Tasks cancelled since start (explicitly, or dropped before running).
+    pub cancelled: u64,
     /// Live workers.
     pub workers: usize,
     /// Their slots.
@@ -119,14 +171,24 @@ pub struct Counts {
 pub struct Core {
     tasks: HashMap<String, TaskEntry>,
     ready: BinaryHeap<(i32, Reverse<u64>, String)>,
-    /// Unknown inputs being looked up, with the tasks waiting on them.
-    lookups: HashMap<String, Vec<String>>,
+    parked: Vec<String>,
+    lookups: HashMap<String, Waiters>,
     workers: HashMap<String, Worker>,
     provided: HashMap<String, HashSet<u64>>,
     slots: u32,
     in_flight: usize,
     seq: u64,
     counts: Counts,
+    next_worker: usize,
+}
+
+fn cancelled_error(key: &str, task: &str) -> TaskError {
+    TaskError::new(
+        ErrorKind::Cancelled,
+        "flotilla::Cancelled",
+        format!("`{key}` was cancelled"),
+    )
+    .at(key, task)
 }
 
 impl Core {
@@ -138,7 +200,13 @@ impl Core {
     /// Current counters.
     pub fn counts(&self) -> Counts {
         let mut counts = self.counts;
-        counts.ready = self.ready.len();
+        counts.ready = self
+            .tasks
+            .values()
+            .filter(|t| t.state == State::Ready)
+            .count()
+            .saturating_sub(self.parked.len());
+        counts.parked = self.parked.len();
         counts.processing = self.in_flight;
         counts.waiting = self
             .tasks
@@ -163,48 +231,63 @@ impl Core {
     /// Records submitted tasks, in submission order.
     pub fn submit(&mut self, specs: Vec<TaskSpec>, comm: &mut impl Comm) {
         for spec in specs {
-            self.submit_one(spec, comm);
+            if let Some(existing) = self.tasks.get_mut(&spec.key) {
+                // The same key again (a pure task submitted twice): one run
+                // serves every client that asked.
+                if existing
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.client == spec.client)
+                {
+                    continue;
+                }
+                let client = spec.client;
+                self.watch(&client, std::slice::from_ref(&spec.key), comm);
+                continue;
+            }
+            self.counts.submitted += 1;
+            self.admit(spec, 0, comm);
         }
     }
 
-    fn submit_one(&mut self, spec: TaskSpec, comm: &mut impl Comm) {
-        if self.tasks.contains_key(&spec.key) {
-            // The same key again (a pure task submitted twice): one run serves both.
-            return;
-        }
-        self.counts.submitted += 1;
+    /// Enters a task in the table and links it to its inputs.
+    fn admit(&mut self, spec: TaskSpec, attempt: u32, comm: &mut impl Comm) {
         self.seq += 1;
         let key = spec.key.clone();
         let mut missing = 0;
+        let mut failed = None;
         for dep in &spec.deps {
             match self.tasks.get_mut(dep) {
-                Some(input) if input.state == State::Finished => input.holders += 1,
-                Some(input) => {
-                    input.dependents.push(key.clone());
-                    input.holders += 1;
-                    missing += 1;
-                }
+                Some(input) => match input.state {
+                    State::Finished => input.holders += 1,
+                    State::Erred => {
+                        failed.get_or_insert_with(|| input.error.clone());
+                        input.dependents.push(key.clone());
+                    }
+                    _ => {
+                        input.dependents.push(key.clone());
+                        input.holders += 1;
+                        missing += 1;
+                    }
+                },
                 None => {
                     let waiters = self.lookups.entry(dep.clone()).or_default();
-                    if waiters.is_empty() {
+                    if waiters.dependents.is_empty() && waiters.watchers.is_empty() {
                         comm.lookup(dep);
                     }
-                    waiters.push(key.clone());
+                    waiters.dependents.push(key.clone());
                     missing += 1;
                 }
             }
         }
-        let entry = TaskEntry {
-            spec: Some(spec),
-            state: State::Waiting,
-            missing,
-            dependents: Vec::new(),
-            holders: 0,
-            inline: None,
-            seq: self.seq,
-        };
+        let mut entry = TaskEntry::new(Some(spec), State::Waiting, self.seq);
+        entry.missing = missing;
+        entry.attempt = attempt;
         self.tasks.insert(key.clone(), entry);
-        if missing == 0 {
+        if let Some(error) = failed {
+            let error = error.unwrap_or_else(|| cancelled_error(&key, ""));
+            self.fail(&key, error, comm);
+        } else if missing == 0 {
             self.make_ready(&key);
         }
     }
@@ -218,36 +301,64 @@ impl Core {
         }
     }
 
-    /// An unknown input's lookup came back.
+    /// A lookup of an unknown key came back.
     pub fn lookup_answered(&mut self, key: &str, found: Lookup, comm: &mut impl Comm) {
         let Some(mut waiters) = self.lookups.remove(key) else {
             return;
         };
-        waiters.retain(|waiter| self.tasks.contains_key(waiter));
+        waiters
+            .dependents
+            .retain(|waiter| self.tasks.contains_key(waiter));
+        for client in &waiters.watchers {
+            let event = match &found {
+                Lookup::Finished => Event::Finished {
+                    key: key.to_owned(),
+                    inline: None,
+                    size: 0,
+                },
+                Lookup::Erred(error) => Event::Erred {
+                    key: key.to_owned(),
+                    error: error.clone(),
+                    retrying: false,
+                },
+                Lookup::Missing => Event::Erred {
+                    key: key.to_owned(),
+                    error: TaskError::new(
+                        ErrorKind::MissingDependency,
+                        "flotilla::Lost",
+                        format!("no task and no stored result under `{key}`"),
+                    )
+                    .at(key, ""),
+                    retrying: false,
+                },
+            };
+            comm.notify(client, event);
+        }
         match found {
             Lookup::Finished => {
-                let mut entry = TaskEntry::placeholder(State::Finished);
-                entry.holders = waiters.len() as u32;
+                if waiters.dependents.is_empty() {
+                    return;
+                }
+                let mut entry = TaskEntry::new(None, State::Finished, 0);
+                entry.holders = waiters.dependents.len() as u32;
                 self.tasks.insert(key.to_owned(), entry);
-                for waiter in waiters {
+                for waiter in waiters.dependents {
                     self.input_finished(&waiter);
                 }
             }
             Lookup::Erred(error) => {
-                for waiter in waiters {
+                for waiter in waiters.dependents {
                     self.fail(&waiter, error.clone(), comm);
                 }
             }
             Lookup::Missing => {
-                let error = TaskError::new(
-                    ErrorKind::MissingDependency,
-                    "flotilla::MissingDependency",
-                    format!(
-                        "input `{key}` has no stored result: it was released or never submitted"
-                    ),
-                );
-                for waiter in waiters {
-                    let error = error.clone().at(&waiter, self.task_name(&waiter));
+                for waiter in waiters.dependents {
+                    let error = TaskError::new(
+                        ErrorKind::MissingDependency,
+                        "flotilla::MissingDependency",
+                        format!("input `{key}` has no stored result: it was released or never submitted"),
+                    )
+                    .at(&waiter, self.task_name(&waiter));
                     self.fail(&waiter, error, comm);
                 }
             }
@@ -274,22 +385,51 @@ impl Core {
         }
     }
 
+    /// A task came back from the workers: it no longer counts in flight.
+    /// Returns whether the scheduler knows it.
+    fn land(&mut self, key: &str) -> bool {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return false;
+        };
+        if task.in_flight {
+            task.in_flight = false;
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+        true
+    }
+
     /// A worker finished `key`; `inline` holds its result when small.
-    pub fn finished(&mut self, key: &str, inline: Option<Vec<u8>>) {
+    pub fn finished(
+        &mut self,
+        key: &str,
+        inline: Option<Vec<u8>>,
+        size: u64,
+        comm: &mut impl Comm,
+    ) {
+        if !self.land(key) {
+            return;
+        }
         let Some(task) = self.tasks.get_mut(key) else {
             return;
         };
-        if task.state == State::Finished {
-            return; // a duplicate completion (at-least-once delivery)
-        }
-        if task.state == State::Processing {
-            self.in_flight = self.in_flight.saturating_sub(1);
+        if matches!(task.state, State::Finished | State::Erred) {
+            return; // a duplicate completion (at-least-once delivery), or cancelled meanwhile
         }
         self.counts.finished += 1;
         task.state = State::Finished;
         task.spec = None;
+        for watcher in std::mem::take(&mut task.watchers) {
+            comm.notify(
+                &watcher,
+                Event::Finished {
+                    key: key.to_owned(),
+                    inline: inline.clone(),
+                    size,
+                },
+            );
+        }
         let dependents = std::mem::take(&mut task.dependents);
-        if task.holders == 0 {
+        if task.holders == 0 || task.forgotten {
             self.tasks.remove(key);
         } else {
             task.inline = inline.filter(|bytes| bytes.len() <= INLINE_LIMIT);
@@ -299,52 +439,97 @@ impl Core {
         }
     }
 
-    /// A worker reports that `key` failed; its dependents fail with the same
-    /// error. The worker already told the submitting client.
-    pub fn erred(&mut self, key: &str, error: TaskError, comm: &mut impl Comm) {
-        let Some(task) = self.tasks.remove(key) else {
+    /// A worker reports that `key` failed. With `retrying` it runs again;
+    /// otherwise its dependents fail with the same error (the worker already
+    /// told the submitting client).
+    pub fn erred(&mut self, key: &str, error: TaskError, retrying: bool, comm: &mut impl Comm) {
+        if !self.land(key) {
+            return;
+        }
+        let Some(task) = self.tasks.get_mut(key) else {
             return;
         };
-        if task.state == State::Processing {
-            self.in_flight = self.in_flight.saturating_sub(1);
+        if matches!(task.state, State::Finished | State::Erred) {
+            return;
+        }
+        if retrying && task.spec.is_some() && !task.forgotten {
+            task.attempt += 1;
+            self.make_ready(key);
+            return;
         }
         self.counts.erred += 1;
-        for dependent in task.dependents {
+        task.state = State::Erred;
+        task.error = Some(error.clone());
+        for watcher in task.watchers.clone() {
+            comm.notify(
+                &watcher,
+                Event::Erred {
+                    key: key.to_owned(),
+                    error: error.clone(),
+                    retrying: false,
+                },
+            );
+        }
+        let forgotten = task.forgotten;
+        let dependents = std::mem::take(&mut task.dependents);
+        for dependent in dependents {
             self.fail(&dependent, error.clone(), comm);
+        }
+        if forgotten {
+            self.drop_task(key, comm);
         }
     }
 
     /// Fails a task the scheduler holds, and its dependents, with `error`:
-    /// stores the error and tells each submitting client.
+    /// stores the error and tells each interested client.
     fn fail(&mut self, key: &str, error: TaskError, comm: &mut impl Comm) {
         let mut stack = vec![key.to_owned()];
         while let Some(key) = stack.pop() {
-            let Some(task) = self.tasks.remove(&key) else {
+            let Some(task) = self.tasks.get_mut(&key) else {
                 continue;
             };
-            if task.state == State::Processing {
+            if matches!(task.state, State::Finished | State::Erred) {
+                continue;
+            }
+            if task.in_flight {
+                task.in_flight = false;
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
-            self.counts.erred += 1;
-            if let Some(spec) = &task.spec {
-                self.release_inputs(spec);
-                comm.store_error(&key, &error);
+            if error.kind == ErrorKind::Cancelled {
+                self.counts.cancelled += 1;
+            } else {
+                self.counts.erred += 1;
+            }
+            let was_waiting = matches!(task.state, State::Waiting | State::Ready);
+            task.state = State::Erred;
+            task.error = Some(error.clone());
+            comm.store_error(&key, &error);
+            for client in task.clients() {
                 comm.notify(
-                    &spec.client,
+                    client,
                     Event::Erred {
                         key: key.clone(),
                         error: error.clone(),
+                        retrying: false,
                     },
                 );
             }
-            stack.extend(task.dependents);
+            stack.extend(std::mem::take(&mut task.dependents));
+            if was_waiting {
+                let deps = task
+                    .spec
+                    .as_ref()
+                    .map(|s| s.deps.clone())
+                    .unwrap_or_default();
+                self.unhold_local(&deps);
+            }
         }
     }
 
-    /// The task no longer needs its inputs: finished inputs that nobody
-    /// else waits for leave the table.
-    fn release_inputs(&mut self, spec: &TaskSpec) {
-        for dep in &spec.deps {
+    /// A task no longer waits for its inputs: finished inputs nobody else
+    /// waits for leave the table.
+    fn unhold_local(&mut self, deps: &[String]) {
+        for dep in deps {
             if let Some(input) = self.tasks.get_mut(dep) {
                 input.holders = input.holders.saturating_sub(1);
                 if input.holders == 0 && input.state == State::Finished {
@@ -354,41 +539,180 @@ impl Core {
         }
     }
 
+    /// Removes a task for good, releasing its holds on its inputs.
+    fn drop_task(&mut self, key: &str, comm: &mut impl Comm) {
+        if let Some(task) = self.tasks.remove(key) {
+            if let Some(spec) = task.spec {
+                if matches!(task.state, State::Waiting | State::Ready) {
+                    self.unhold_local(&spec.deps);
+                }
+                if !spec.deps.is_empty() {
+                    comm.release_inputs(key, &spec.deps);
+                }
+            }
+        }
+    }
+
+    /// These keys lost their last holder: tasks that haven't run are
+    /// cancelled (and release their inputs, which may cascade), running ones
+    /// are dropped when they report, erred ones are forgotten.
+    pub fn forget(&mut self, keys: &[String], comm: &mut impl Comm) {
+        for key in keys {
+            let Some(task) = self.tasks.get_mut(key) else {
+                continue;
+            };
+            match task.state {
+                State::Waiting | State::Ready => {
+                    self.counts.cancelled += 1;
+                    self.drop_task(key, comm);
+                }
+                State::Processing => task.forgotten = true,
+                State::Erred => self.drop_task(key, comm),
+                State::Finished => {}
+            }
+        }
+    }
+
+    /// `client` wants events for `keys`, which it did not submit.
+    pub fn watch(&mut self, client: &str, keys: &[String], comm: &mut impl Comm) {
+        for key in keys {
+            match self.tasks.get_mut(key) {
+                Some(task) => match task.state {
+                    State::Finished => comm.notify(
+                        client,
+                        Event::Finished {
+                            key: key.clone(),
+                            inline: task.inline.clone(),
+                            size: 0,
+                        },
+                    ),
+                    State::Erred => comm.notify(
+                        client,
+                        Event::Erred {
+                            key: key.clone(),
+                            error: task
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| cancelled_error(key, "")),
+                            retrying: false,
+                        },
+                    ),
+                    _ => {
+                        if !task.watchers.iter().any(|w| w == client) {
+                            task.watchers.push(client.to_owned());
+                        }
+                    }
+                },
+                None => {
+                    let waiters = self.lookups.entry(key.clone()).or_default();
+                    if waiters.dependents.is_empty() && waiters.watchers.is_empty() {
+                        comm.lookup(key);
+                    }
+                    waiters.watchers.push(client.to_owned());
+                }
+            }
+        }
+    }
+
+    /// Cancels tasks and their dependents; with `force`, running ones are
+    /// stopped on their workers too.
+    pub fn cancel(&mut self, keys: &[String], force: bool, comm: &mut impl Comm) {
+        let mut running = Vec::new();
+        for key in keys {
+            let Some(task) = self.tasks.get(key) else {
+                continue;
+            };
+            if task.state == State::Processing {
+                running.push(key.clone());
+            }
+            let error = cancelled_error(key, self.task_name(key));
+            self.fail(key, error, comm);
+        }
+        if force && !running.is_empty() {
+            comm.cancel_running(&running);
+        }
+    }
+
+    /// Runs failed tasks again, after their failed inputs.
+    pub fn retry(&mut self, keys: &[String], comm: &mut impl Comm) {
+        for key in keys {
+            let Some(task) = self.tasks.get(key) else {
+                continue;
+            };
+            if task.state != State::Erred || task.spec.is_none() {
+                continue;
+            }
+            let deps = task
+                .spec
+                .as_ref()
+                .map(|s| s.deps.clone())
+                .unwrap_or_default();
+            let erred_inputs: Vec<String> = deps
+                .into_iter()
+                .filter(|d| self.tasks.get(d).is_some_and(|t| t.state == State::Erred))
+                .collect();
+            self.retry(&erred_inputs, comm);
+            let Some(task) = self.tasks.remove(key) else {
+                continue;
+            };
+            let watchers = task.watchers;
+            if let Some(spec) = task.spec {
+                self.admit(spec, 0, comm);
+                if let Some(entry) = self.tasks.get_mut(key) {
+                    entry.watchers = watchers;
+                    entry.dependents.extend(task.dependents);
+                }
+            }
+        }
+    }
+
     /// A worker announced itself.
     pub fn worker_seen(&mut self, info: WorkerInfo, now: Instant) {
         let entry = Worker {
+            name: info.name,
             slots: info.slots.max(1),
             tasks: info.tasks.into_iter().collect(),
+            resources: info.resources.into_iter().collect(),
             last_seen: now,
         };
         let changed = match self.workers.get(&info.id) {
-            Some(old) => old.slots != entry.slots || old.tasks != entry.tasks,
+            Some(old) => {
+                old.slots != entry.slots
+                    || old.tasks != entry.tasks
+                    || old.resources != entry.resources
+            }
             None => true,
         };
         self.workers.insert(info.id, entry);
         if changed {
-            self.rebuild_catalog();
+            self.workers_changed(&[]);
         }
     }
 
     /// A worker left.
     pub fn worker_gone(&mut self, id: &str) {
         if self.workers.remove(id).is_some() {
-            self.rebuild_catalog();
+            self.workers_changed(&[id.to_owned()]);
         }
     }
 
     /// Forgets workers not seen for [`WORKER_TIMEOUT`].
     pub fn expire_workers(&mut self, now: Instant) {
-        let before = self.workers.len();
-        self.workers
-            .retain(|_, w| now.saturating_duration_since(w.last_seen) < WORKER_TIMEOUT);
-        if self.workers.len() != before {
-            self.rebuild_catalog();
+        let gone: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.last_seen) >= WORKER_TIMEOUT)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            self.workers.remove(id);
+        }
+        if !gone.is_empty() {
+            self.workers_changed(&gone);
         }
     }
 
-    fn rebuild_catalog(&mut self) {
+    fn workers_changed(&mut self, gone: &[String]) {
         self.slots = self.workers.values().map(|w| w.slots).sum();
         self.provided.clear();
         for worker in self.workers.values() {
@@ -397,6 +721,32 @@ impl Core {
                     .entry(name.clone())
                     .or_default()
                     .insert(*fingerprint);
+            }
+        }
+        // Tasks pinned to a worker that left go back to the ready queue.
+        let lost: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.in_flight && t.worker.as_ref().is_some_and(|w| gone.contains(w)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in lost {
+            self.land(&key);
+            if let Some(task) = self.tasks.get_mut(&key) {
+                task.worker = None;
+            }
+            self.make_ready(&key);
+        }
+        // Parked tasks get another chance.
+        for key in std::mem::take(&mut self.parked) {
+            if self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| t.state == State::Ready)
+            {
+                let seq = self.tasks[&key].seq;
+                let priority = self.tasks[&key].spec.as_ref().map_or(0, |s| s.priority);
+                self.ready.push((priority, Reverse(seq), key));
             }
         }
     }
@@ -409,41 +759,96 @@ impl Core {
             return; // nobody to run anything yet: tasks wait, as in Dask
         }
         let window = self.slots as usize * IN_FLIGHT_PER_SLOT;
-        while self.in_flight < window && !self.ready.is_empty() {
-            let room = window - self.in_flight;
-            let spread = (self.ready.len() / (2 * self.slots as usize)).clamp(1, MAX_BUNDLE);
-            let bundle_size = spread.min(room);
-            let mut bundle = Vec::with_capacity(bundle_size);
-            while bundle.len() < bundle_size {
-                let Some((_, _, key)) = self.ready.pop() else {
-                    break;
-                };
-                if let Some(run) = self.start(&key, comm) {
-                    bundle.push(run);
-                }
+        let bundle_size = (self.ready.len() / (2 * self.slots as usize)).clamp(1, MAX_BUNDLE);
+        let mut bundles: HashMap<Option<String>, Vec<RunTask>> = HashMap::new();
+        while self.in_flight < window {
+            let Some((_, _, key)) = self.ready.pop() else {
+                break;
+            };
+            let Some(run) = self.start(&key, comm) else {
+                continue;
+            };
+            let target = self.tasks.get(&key).and_then(|t| t.worker.clone());
+            let bundle = bundles.entry(target.clone()).or_default();
+            bundle.push(run);
+            if bundle.len() >= bundle_size {
+                let tasks = std::mem::take(bundle);
+                comm.send_tasks(target.as_deref(), tasks);
             }
-            if !bundle.is_empty() {
-                self.in_flight += bundle.len();
-                comm.send_tasks(bundle);
+        }
+        for (target, tasks) in bundles {
+            if !tasks.is_empty() {
+                comm.send_tasks(target.as_deref(), tasks);
             }
         }
     }
 
-    /// Takes a ready task out for sending, or fails it when no worker can run it.
+    fn place(&mut self, spec: &TaskSpec) -> Placement {
+        if spec.workers.is_empty() && spec.resources.is_empty() {
+            return Placement::Shared;
+        }
+        let fits = |w: &Worker| {
+            spec.resources
+                .iter()
+                .all(|(name, amount)| w.resources.get(name).is_some_and(|have| have >= amount))
+        };
+        let mut candidates: Vec<&String> = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                (spec.workers.is_empty() || spec.workers.iter().any(|x| x == *id || *x == w.name))
+                    && fits(w)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if candidates.is_empty() && spec.allow_other_workers && !spec.workers.is_empty() {
+            candidates = self
+                .workers
+                .iter()
+                .filter(|(_, w)| fits(w))
+                .map(|(id, _)| id)
+                .collect();
+            if candidates.is_empty() {
+                return Placement::Park;
+            }
+            if spec.resources.is_empty() {
+                return Placement::Shared;
+            }
+        }
+        if candidates.is_empty() {
+            return Placement::Park;
+        }
+        candidates.sort();
+        self.next_worker = self.next_worker.wrapping_add(1);
+        Placement::Worker(candidates[self.next_worker % candidates.len()].clone())
+    }
+
+    /// Takes a ready task out for sending, or fails it when no worker can
+    /// run it, or parks it when no live worker matches its placement.
     fn start(&mut self, key: &str, comm: &mut impl Comm) -> Option<RunTask> {
-        let task = self.tasks.get_mut(key)?;
+        let task = self.tasks.get(key)?;
         if task.state != State::Ready {
             return None;
         }
-        let spec = task.spec.take()?;
+        let spec = task.spec.clone()?;
         if let Some(error) = self.check_provided(&spec) {
-            let task = self.tasks.get_mut(key)?;
-            task.spec = Some(spec);
-            self.fail(key, error.at(key, ""), comm);
+            self.fail(key, error, comm);
             return None;
         }
+        let target = match self.place(&spec) {
+            Placement::Park => {
+                self.parked.push(key.to_owned());
+                return None;
+            }
+            Placement::Shared => None,
+            Placement::Worker(id) => Some(id),
+        };
         let task = self.tasks.get_mut(key)?;
         task.state = State::Processing;
+        task.in_flight = true;
+        task.worker = target;
+        let attempt = task.attempt;
+        self.in_flight += 1;
         let mut inline = Vec::new();
         for dep in &spec.deps {
             if let Some(input) = self.tasks.get_mut(dep) {
@@ -456,7 +861,11 @@ impl Core {
                 }
             }
         }
-        Some(RunTask { spec, inline })
+        Some(RunTask {
+            spec,
+            inline,
+            attempt,
+        })
     }
 
     fn check_provided(&self, spec: &TaskSpec) -> Option<TaskError> {
@@ -497,10 +906,14 @@ mod tests {
         notified: Vec<(String, Event)>,
         stored: Vec<String>,
         lookups: Vec<String>,
+        released: Vec<(String, Vec<String>)>,
+        cancelled: Vec<String>,
+        targets: Vec<Option<String>>,
     }
 
     impl Comm for Recorder {
-        fn send_tasks(&mut self, tasks: Vec<RunTask>) {
+        fn send_tasks(&mut self, worker: Option<&str>, tasks: Vec<RunTask>) {
+            self.targets.push(worker.map(str::to_owned));
             self.sent.push(tasks);
         }
         fn notify(&mut self, client: &str, event: Event) {
@@ -511,6 +924,12 @@ mod tests {
         }
         fn lookup(&mut self, key: &str) {
             self.lookups.push(key.to_owned());
+        }
+        fn release_inputs(&mut self, key: &str, deps: &[String]) {
+            self.released.push((key.to_owned(), deps.to_vec()));
+        }
+        fn cancel_running(&mut self, keys: &[String]) {
+            self.cancelled.extend(keys.iter().cloned());
         }
     }
 
@@ -525,28 +944,29 @@ mod tests {
     }
 
     fn spec(key: &str, deps: &[&str]) -> TaskSpec {
-        TaskSpec {
-            key: key.into(),
-            task: "t".into(),
-            fingerprint: 1,
-            args: vec![],
-            deps: deps.iter().map(|d| d.to_string()).collect(),
-            priority: 0,
-            client: "c".into(),
+        TaskSpec::new(
+            key.into(),
+            "t".into(),
+            1,
+            vec![],
+            deps.iter().map(|d| d.to_string()).collect(),
+            "c".into(),
+        )
+    }
+
+    fn worker(id: &str, slots: u32, resources: &[(&str, u64)]) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            name: format!("name-{id}"),
+            slots,
+            tasks: vec![("t".into(), 1)],
+            resources: resources.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
         }
     }
 
     fn with_worker(slots: u32) -> Core {
         let mut core = Core::new();
-        core.worker_seen(
-            WorkerInfo {
-                id: "w1".into(),
-                name: "w1".into(),
-                slots,
-                tasks: vec![("t".into(), 1)],
-            },
-            Instant::now(),
-        );
+        core.worker_seen(worker("w1", slots, &[]), Instant::now());
         core
     }
 
@@ -560,15 +980,15 @@ mod tests {
         );
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", Some(vec![7]));
+        core.finished("a", Some(vec![7]), 0, &mut comm);
         core.dispatch(&mut comm);
         let run = comm.sent.pop().unwrap().pop().unwrap();
         assert_eq!(run.spec.key, "b");
         assert_eq!(run.inline, vec![("a".to_string(), ByteBuf::from(vec![7]))]);
-        core.finished("b", None);
+        core.finished("b", None, 0, &mut comm);
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["c"]);
-        core.finished("c", None);
+        core.finished("c", None, 0, &mut comm);
         assert!(core.is_empty());
         assert_eq!(core.counts().finished, 3);
     }
@@ -588,18 +1008,18 @@ mod tests {
         );
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", None);
+        core.finished("a", None, 0, &mut comm);
         core.dispatch(&mut comm);
         let mut keys = comm.sent_keys();
         keys.sort();
         assert_eq!(keys, ["b", "c"]);
-        core.finished("b", None);
+        core.finished("b", None, 0, &mut comm);
         core.dispatch(&mut comm);
         assert!(comm.sent_keys().is_empty());
-        core.finished("c", None);
+        core.finished("c", None, 0, &mut comm);
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["d"]);
-        core.finished("d", None);
+        core.finished("d", None, 0, &mut comm);
         assert!(core.is_empty());
     }
 
@@ -613,7 +1033,7 @@ mod tests {
         );
         core.dispatch(&mut comm);
         let error = TaskError::new(ErrorKind::User, "E", "boom").at("a", "t");
-        core.erred("a", error.clone(), &mut comm);
+        core.erred("a", error.clone(), false, &mut comm);
         let mut stored = comm.stored.clone();
         stored.sort();
         assert_eq!(stored, ["b", "c"]);
@@ -624,7 +1044,11 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+        // Erred tasks stay (for retry) until their holders let go.
+        assert_eq!(core.len(), 3);
+        core.forget(&["c".into(), "b".into(), "a".into()], &mut comm);
         assert!(core.is_empty());
+        assert_eq!(comm.released.len(), 2, "b and c release their inputs");
     }
 
     #[test]
@@ -644,7 +1068,8 @@ mod tests {
             Event::Erred { error, .. } => assert_eq!(error.kind, ErrorKind::MissingDependency),
             other => panic!("{other:?}"),
         }
-        core.finished("b", None);
+        core.finished("b", None, 0, &mut comm);
+        core.forget(&["c".into()], &mut comm);
         assert!(core.is_empty());
     }
 
@@ -657,6 +1082,7 @@ mod tests {
         let mut mismatch = spec("m", &[]);
         mismatch.fingerprint = 2;
         core.submit(vec![unknown, mismatch], &mut comm);
+        let _ = WorkerInfo::clone;
         core.dispatch(&mut comm);
         assert!(comm.sent.is_empty());
         let kinds: Vec<_> = comm
@@ -680,15 +1106,7 @@ mod tests {
         core.submit(vec![spec("a", &[])], &mut comm);
         core.dispatch(&mut comm);
         assert!(comm.sent.is_empty() && comm.notified.is_empty());
-        core.worker_seen(
-            WorkerInfo {
-                id: "w".into(),
-                name: "w".into(),
-                slots: 1,
-                tasks: vec![("t".into(), 1)],
-            },
-            Instant::now(),
-        );
+        core.worker_seen(worker("w", 1, &[]), Instant::now());
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["a"]);
         core.expire_workers(Instant::now() + WORKER_TIMEOUT * 2);
@@ -714,7 +1132,7 @@ mod tests {
         let sent = comm.sent_keys();
         assert_eq!(sent.len(), IN_FLIGHT_PER_SLOT);
         assert_eq!(core.counts().ready, 10);
-        core.finished(&sent[0], None);
+        core.finished(&sent[0], None, 0, &mut comm);
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys().len(), 1);
     }
@@ -726,9 +1144,176 @@ mod tests {
         core.submit(vec![spec("a", &[]), spec("a", &[])], &mut comm);
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", None);
-        core.finished("a", None);
+        core.finished("a", None, 0, &mut comm);
+        core.finished("a", None, 0, &mut comm);
         assert_eq!(core.counts().finished, 1);
+        assert!(core.is_empty());
         assert_eq!(core.counts().processing, 0);
+    }
+
+    fn sent_to(comm: &mut Recorder) -> Vec<(Option<String>, String)> {
+        let targets = std::mem::take(&mut comm.targets);
+        comm.sent
+            .drain(..)
+            .zip(targets)
+            .flat_map(|(bundle, target)| {
+                bundle
+                    .into_iter()
+                    .map(move |r| (target.clone(), r.spec.key))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forgetting_pending_tasks_cancels_them_and_releases_inputs() {
+        let mut core = Core::new();
+        let mut comm = Recorder::default();
+        core.submit(vec![spec("a", &[]), spec("b", &["a"])], &mut comm);
+        core.forget(&["b".into()], &mut comm);
+        assert_eq!(
+            comm.released,
+            vec![("b".to_string(), vec!["a".to_string()])]
+        );
+        core.forget(&["a".into()], &mut comm);
+        assert!(core.is_empty());
+        assert_eq!(core.counts().cancelled, 2);
+        core.worker_seen(worker("w", 1, &[]), Instant::now());
+        core.dispatch(&mut comm);
+        assert!(comm.sent.is_empty(), "forgotten tasks never run");
+    }
+
+    #[test]
+    fn a_running_task_that_is_forgotten_leaves_when_it_reports() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.submit(vec![spec("a", &[])], &mut comm);
+        core.dispatch(&mut comm);
+        core.forget(&["a".into()], &mut comm);
+        assert_eq!(core.len(), 1);
+        core.finished("a", None, 0, &mut comm);
+        assert!(core.is_empty());
+        assert_eq!(core.counts().processing, 0);
+    }
+
+    #[test]
+    fn watchers_hear_about_pending_done_and_unknown_keys() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.submit(vec![spec("a", &[])], &mut comm);
+        core.watch("other", &["a".into(), "elsewhere".into()], &mut comm);
+        assert_eq!(comm.lookups, ["elsewhere"]);
+        // Another client submitting the same key becomes a watcher too.
+        let mut again = spec("a", &[]);
+        again.client = "third".into();
+        core.submit(vec![again], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["a"], "one run serves every client");
+        core.finished("a", Some(vec![1]), 1, &mut comm);
+        let told: Vec<&str> = comm.notified.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(told, ["other", "third"]);
+        core.lookup_answered("elsewhere", Lookup::Missing, &mut comm);
+        assert!(
+            matches!(&comm.notified[2], (c, Event::Erred { error, .. }) if c == "other" && error.kind == ErrorKind::MissingDependency)
+        );
+    }
+
+    #[test]
+    fn cancel_fails_pending_tasks_and_dependents_and_stops_running_ones() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.submit(
+            vec![spec("run", &[]), spec("a", &["run"]), spec("b", &["a"])],
+            &mut comm,
+        );
+        core.dispatch(&mut comm);
+        core.cancel(&["run".into()], true, &mut comm);
+        assert_eq!(comm.cancelled, ["run"]);
+        let cancelled: Vec<&str> = comm
+            .notified
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Erred { key, error, .. } if error.kind == ErrorKind::Cancelled => {
+                    Some(key.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cancelled, ["run", "a", "b"]);
+        assert_eq!(core.counts().cancelled, 3);
+        assert_eq!(core.counts().processing, 0);
+        core.finished("run", None, 0, &mut comm); // the worker reports late: ignored
+        assert_eq!(core.counts().finished, 0);
+    }
+
+    #[test]
+    fn retries_rerun_before_failing_and_retry_reruns_failed_tasks() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        let mut flaky = spec("f", &[]);
+        flaky.retries = 1;
+        core.submit(vec![flaky, spec("d", &["f"])], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["f"]);
+        let error = TaskError::new(ErrorKind::User, "E", "boom");
+        core.erred("f", error.clone(), true, &mut comm);
+        core.dispatch(&mut comm);
+        let again = comm.sent.pop().unwrap().pop().unwrap();
+        assert_eq!((again.spec.key.as_str(), again.attempt), ("f", 1));
+        core.erred("f", error.clone(), false, &mut comm);
+        assert_eq!(core.counts().erred, 2, "f and its dependent d");
+        core.retry(&["d".into()], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(
+            comm.sent_keys(),
+            ["f"],
+            "retrying d reruns its failed input first"
+        );
+        core.finished("f", None, 0, &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["d"]);
+    }
+
+    #[test]
+    fn placement_follows_workers_and_resources() {
+        let mut core = Core::new();
+        let mut comm = Recorder::default();
+        core.worker_seen(worker("cpu", 1, &[]), Instant::now());
+        core.worker_seen(worker("gpu", 1, &[("GPU", 1)]), Instant::now());
+        let mut pinned = spec("pinned", &[]);
+        pinned.workers = vec!["name-cpu".into()];
+        let mut needs_gpu = spec("gpu-task", &[]);
+        needs_gpu.resources = vec![("GPU".into(), 1)];
+        let mut needs_two = spec("two-gpus", &[]);
+        needs_two.resources = vec![("GPU".into(), 2)];
+        let mut elsewhere = spec("elsewhere", &[]);
+        elsewhere.workers = vec!["gone".into()];
+        elsewhere.allow_other_workers = true;
+        core.submit(
+            vec![pinned, needs_gpu, needs_two, elsewhere, spec("free", &[])],
+            &mut comm,
+        );
+        core.dispatch(&mut comm);
+        let mut placed = sent_to(&mut comm);
+        placed.sort();
+        assert_eq!(
+            placed,
+            [
+                (None, "elsewhere".to_string()),
+                (None, "free".to_string()),
+                (Some("cpu".to_string()), "pinned".to_string()),
+                (Some("gpu".to_string()), "gpu-task".to_string()),
+            ]
+        );
+        assert_eq!(core.counts().parked, 1, "no worker has two GPUs yet");
+        core.worker_seen(worker("big", 1, &[("GPU", 2)]), Instant::now());
+        core.dispatch(&mut comm);
+        assert_eq!(
+            sent_to(&mut comm),
+            [(Some("big".to_string()), "two-gpus".to_string())]
+        );
+        // A pinned task whose worker dies is sent again.
+        core.worker_gone("big");
+        core.dispatch(&mut comm);
+        assert_eq!(core.counts().parked, 1);
     }
 }

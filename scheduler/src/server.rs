@@ -7,6 +7,7 @@
 //! load grows.
 
 use crate::core::{Comm, Core, Lookup};
+use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     decode, encode, Config, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
@@ -52,6 +53,8 @@ enum Input {
     Submission(lapin::message::Delivery),
     Events(lapin::message::Delivery),
     Looked(String, Lookup),
+    /// Keys that lost their last holder (after a release the scheduler made).
+    Unreferenced(Vec<String>),
     Closed(&'static str),
 }
 
@@ -185,6 +188,7 @@ async fn run_inner(
         max_payload: config.max_payload,
         submissions: submissions.clone(),
         events: events.clone(),
+        reaper: None,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -193,6 +197,7 @@ async fn run_inner(
             _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => {
                 scheduler.core.expire_workers(Instant::now());
+                scheduler.reap_clients();
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush().await?;
             }
@@ -243,15 +248,17 @@ impl Acks {
 /// What the core asked for since the last flush.
 #[derive(Default)]
 struct Outbox {
-    bundles: Vec<Vec<RunTask>>,
+    bundles: Vec<(Option<String>, Vec<RunTask>)>,
     notify: HashMap<String, Vec<Event>>,
     errors: Vec<(String, Vec<u8>)>,
     lookups: Vec<String>,
+    releases: Vec<(String, String)>,
+    cancels: Vec<String>,
 }
 
 impl Comm for Outbox {
-    fn send_tasks(&mut self, tasks: Vec<RunTask>) {
-        self.bundles.push(tasks);
+    fn send_tasks(&mut self, worker: Option<&str>, tasks: Vec<RunTask>) {
+        self.bundles.push((worker.map(str::to_owned), tasks));
     }
     fn notify(&mut self, client: &str, event: Event) {
         self.notify
@@ -266,6 +273,14 @@ impl Comm for Outbox {
     fn lookup(&mut self, key: &str) {
         self.lookups.push(key.to_owned());
     }
+    fn release_inputs(&mut self, key: &str, deps: &[String]) {
+        let holder = refs::task_holder(key);
+        self.releases
+            .extend(deps.iter().map(|dep| (dep.clone(), holder.clone())));
+    }
+    fn cancel_running(&mut self, keys: &[String]) {
+        self.cancels.extend(keys.iter().cloned());
+    }
 }
 
 struct Scheduler {
@@ -278,6 +293,7 @@ struct Scheduler {
     max_payload: usize,
     submissions: Channel,
     events: Channel,
+    reaper: Option<JoinHandle<()>>,
 }
 
 impl Scheduler {
@@ -319,12 +335,14 @@ impl Scheduler {
                         acks.events = Some(delivery.delivery_tag);
                         for event in batch.events {
                             match event {
-                                Event::Finished { key, inline, .. } => {
-                                    self.core.finished(&key, inline)
+                                Event::Finished { key, inline, size } => {
+                                    self.core.finished(&key, inline, size, &mut self.out)
                                 }
-                                Event::Erred { key, error } => {
-                                    self.core.erred(&key, error, &mut self.out)
-                                }
+                                Event::Erred {
+                                    key,
+                                    error,
+                                    retrying,
+                                } => self.core.erred(&key, error, retrying, &mut self.out),
                                 Event::Started { .. } => {}
                                 other => warn!(?other, "unexpected event"),
                             }
@@ -342,6 +360,7 @@ impl Scheduler {
                 }
             }
             Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),
+            Input::Unreferenced(keys) => self.core.forget(&keys, &mut self.out),
             Input::Closed(what) => return Err(SchedulerError::Closed(what)),
         }
         Ok(())
@@ -371,18 +390,37 @@ impl Scheduler {
         if !out.errors.is_empty() {
             let mut pipe = redis::pipe();
             for (key, bytes) in &out.errors {
-                pipe.set(self.names.result_key(key), bytes).ignore();
+                let keys = [self.names.holders_key(key), self.names.result_key(key)];
+                refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[bytes]);
             }
-            pipe.query_async::<()>(&mut self.redis).await?;
+            refs::run::<()>(&mut self.redis, &pipe).await?;
+        }
+        if !out.releases.is_empty() {
+            let mut redis = self.redis.clone();
+            let inputs = self.inputs.clone();
+            let names = self.names.clone();
+            tokio::spawn(async move {
+                match release(&mut redis, &names, &out.releases).await {
+                    Ok(keys) if !keys.is_empty() => {
+                        let _ = inputs.send(Input::Unreferenced(keys));
+                    }
+                    Ok(_) => {}
+                    Err(error) => warn!(%error, "releasing inputs failed"),
+                }
+            });
         }
         let mut confirms = Vec::new();
-        for bundle in out.bundles {
+        for (worker, bundle) in out.bundles {
             let bytes = encode(&ToWorker::Run { tasks: bundle });
+            let queue = match &worker {
+                Some(id) => self.names.worker_queue(id),
+                None => self.names.tasks_queue(),
+            };
             confirms.push(
                 self.publish
                     .basic_publish(
                         name(""),
-                        name(&self.names.tasks_queue()),
+                        name(&queue),
                         BasicPublishOptions::default(),
                         &bytes,
                         transport::persistent(),
@@ -400,6 +438,20 @@ impl Scheduler {
                     .basic_publish(
                         name(&self.names.events_exchange()),
                         name(&Names::scheduler_event_route(&client)),
+                        BasicPublishOptions::default(),
+                        &bytes,
+                        transport::transient(),
+                    )
+                    .await?,
+            );
+        }
+        if !out.cancels.is_empty() {
+            let bytes = encode(&ToWorker::Cancel { keys: out.cancels });
+            confirms.push(
+                self.publish
+                    .basic_publish(
+                        name(&self.names.control_exchange()),
+                        name(""),
                         BasicPublishOptions::default(),
                         &bytes,
                         transport::transient(),
@@ -429,6 +481,113 @@ impl Scheduler {
         }
         Ok(())
     }
+
+    /// Releases what clients whose lease lapsed still held (a client that
+    /// died or lost its connection for longer than its lease).
+    fn reap_clients(&mut self) {
+        if self.reaper.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let mut redis = self.redis.clone();
+        let inputs = self.inputs.clone();
+        let names = self.names.clone();
+        self.reaper = Some(tokio::spawn(async move {
+            match reap(&mut redis, &names).await {
+                Ok(keys) if !keys.is_empty() => {
+                    let _ = inputs.send(Input::Unreferenced(keys));
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "releasing the holds of lapsed clients failed"),
+            }
+        }));
+    }
+}
+
+/// Drops holds `(key, holder)`; returns the keys left without holders.
+async fn release(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    holds: &[(String, String)],
+) -> redis::RedisResult<Vec<String>> {
+    let mut pipe = redis::pipe();
+    for (key, holder) in holds {
+        let keys = [names.holders_key(key), names.result_key(key)];
+        refs::add(
+            &mut pipe,
+            &refs::RELEASE,
+            [&keys[0], &keys[1]],
+            &[holder.as_bytes()],
+        );
+    }
+    let freed: Vec<i64> = refs::run(redis, &pipe).await?;
+    Ok(holds
+        .iter()
+        .zip(freed)
+        .filter(|(_, freed)| *freed == 1)
+        .map(|((key, _), _)| key.clone())
+        .collect())
+}
+
+/// Releases every hold of clients whose lease lapsed. Clients keep no list
+/// of what they hold (that would cost two Redis writes per task), so this
+/// scans the namespace's holders sets: rare work, done only when a client
+/// died or stayed away longer than its lease.
+async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<Vec<String>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(names.leases_key())
+        .arg("-inf")
+        .arg(now)
+        .arg("LIMIT")
+        .arg(0)
+        .arg(50)
+        .query_async(redis)
+        .await?;
+    if lapsed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut unreferenced = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(names.holders_pattern())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        let keys: Vec<&str> = sets
+            .iter()
+            .filter_map(|s| Names::key_of_holders(s))
+            .collect();
+        for client in &lapsed {
+            let holds: Vec<(String, String)> = keys
+                .iter()
+                .map(|k| (k.to_string(), client.clone()))
+                .collect();
+            for chunk in holds.chunks(1000) {
+                // Releasing a hold a client never had leaves the set as it was.
+                unreferenced.extend(release(redis, names, chunk).await?);
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    for client in &lapsed {
+        info!(client, "client lease lapsed: released what it held");
+        redis::cmd("ZREM")
+            .arg(names.leases_key())
+            .arg(client)
+            .query_async::<()>(redis)
+            .await?;
+    }
+    Ok(unreferenced)
 }
 
 async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {

@@ -35,7 +35,7 @@ pub use registry::user_error as __private_user_error;
 use flotilla_proto::cli::{self, Flag};
 
 /// Flags of a worker binary beyond the connection flags.
-const WORKER_FLAGS: [Flag; 3] = [
+const WORKER_FLAGS: [Flag; 4] = [
     Flag {
         name: "nthreads",
         value: "N",
@@ -45,6 +45,12 @@ const WORKER_FLAGS: [Flag; 3] = [
         name: "name",
         value: "NAME",
         help: "name shown in logs and the dashboard [default: host-pid]",
+    },
+    Flag {
+        name: "resources",
+        value: "NAME=N,...",
+        help:
+            "abstract resources this worker offers, e.g. GPU=1,MEMORY=64 [env FLOTILLA_RESOURCES]",
     },
     Flag {
         name: "prefetch",
@@ -92,6 +98,13 @@ pub fn main() {
     if let Some(n) = number("prefetch", "FLOTILLA_PREFETCH") {
         options.prefetch = Some(u16::try_from(n.max(1)).unwrap_or(u16::MAX));
     }
+    if let Some(text) = parsed
+        .get("resources")
+        .map(str::to_owned)
+        .or_else(|| std::env::var("FLOTILLA_RESOURCES").ok())
+    {
+        options.resources = parse_resources(&text).unwrap_or_else(|e| fail(e));
+    }
     if let Some(name) = parsed.get("name") {
         options.name = Some(name.to_owned());
     }
@@ -102,5 +115,36 @@ pub fn main() {
     if let Err(error) = runtime.block_on(run(options, cli::shutdown_signal())) {
         tracing::error!(%error, "worker failed");
         std::process::exit(1);
+    }
+}
+
+/// Parses `GPU=1,MEMORY=64` into resource amounts.
+pub fn parse_resources(text: &str) -> Result<Vec<(String, u64)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let (name, amount) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--resources expects NAME=N, got {part:?}"))?;
+            let amount = amount
+                .trim()
+                .parse()
+                .map_err(|_| format!("--resources: {amount:?} is not a whole number"))?;
+            Ok((name.trim().to_owned(), amount))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn resources_parse() {
+        assert_eq!(
+            super::parse_resources("GPU=1, MEMORY=64").unwrap(),
+            vec![("GPU".to_string(), 1), ("MEMORY".to_string(), 64)]
+        );
+        assert!(super::parse_resources("GPU").is_err());
+        assert!(super::parse_resources("GPU=x").is_err());
     }
 }

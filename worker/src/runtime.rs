@@ -9,6 +9,7 @@
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::TaskContext;
+use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     decode, encode, Config, ErrorKind, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
@@ -68,6 +69,9 @@ pub struct WorkerOptions {
     pub name: Option<String>,
     /// Deliveries held unacknowledged; defaults to four per thread plus four.
     pub prefetch: Option<u16>,
+    /// Abstract resources this worker offers (`("GPU", 1)`): tasks that
+    /// need them are placed here, and run only while enough are free.
+    pub resources: Vec<(String, u64)>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -77,6 +81,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("nthreads", &self.nthreads)
             .field("name", &self.name)
             .field("prefetch", &self.prefetch)
+            .field("resources", &self.resources)
             .finish_non_exhaustive()
     }
 }
@@ -89,6 +94,7 @@ impl WorkerOptions {
             nthreads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             name: None,
             prefetch: None,
+            resources: Vec::new(),
         }
     }
 }
@@ -173,7 +179,56 @@ pub async fn run(
     run_inner(options, shutdown, None).await
 }
 
+/// A task running on this worker, for cancellation.
+struct Running {
+    ctx: TaskContext,
+    abort: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// Unregisters a running task when dropped.
+struct RunningGuard<'a> {
+    shared: &'a Shared,
+    key: String,
+    entry: Arc<Running>,
+}
+
+impl RunningGuard<'_> {
+    fn set_abort(&self, handle: tokio::task::AbortHandle) {
+        *self.entry.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        if self.entry.ctx.is_cancelled() {
+            self.entry.cancel();
+        }
+    }
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        let mut running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if running
+            .get(&self.key)
+            .is_some_and(|e| Arc::ptr_eq(e, &self.entry))
+        {
+            running.remove(&self.key);
+        }
+    }
+}
+
+impl Running {
+    fn cancel(&self) {
+        self.ctx.cancel();
+        if let Some(abort) = &*self.abort.lock().unwrap_or_else(|p| p.into_inner()) {
+            abort.abort();
+        }
+    }
+}
+
 struct Shared {
+    running: std::sync::Mutex<HashMap<String, Arc<Running>>>,
+    resources: HashMap<String, Arc<Semaphore>>,
     id: String,
     config: Config,
     names: Names,
@@ -181,6 +236,54 @@ struct Shared {
     slots: Semaphore,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Shared {
+    /// Registers a running task so that it can be cancelled.
+    fn running(&self, key: &str, ctx: TaskContext) -> RunningGuard<'_> {
+        let entry = Arc::new(Running {
+            ctx,
+            abort: std::sync::Mutex::new(None),
+        });
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), entry.clone());
+        RunningGuard {
+            shared: self,
+            key: key.to_owned(),
+            entry,
+        }
+    }
+
+    /// Stops running tasks: an async task is aborted, a sync one sees
+    /// `ctx.is_cancelled()`.
+    fn cancel(&self, keys: &[String]) {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            if let Some(entry) = running.get(key) {
+                info!(%key, "cancelling a running task");
+                entry.cancel();
+            }
+        }
+    }
+
+    /// Takes the abstract resources a task needs for as long as it runs.
+    async fn acquire_resources(
+        &self,
+        wanted: &[(String, u64)],
+    ) -> Vec<tokio::sync::OwnedSemaphorePermit> {
+        let mut permits = Vec::new();
+        for (name, amount) in wanted {
+            if let Some(semaphore) = self.resources.get(name) {
+                let amount = u32::try_from(*amount).unwrap_or(u32::MAX);
+                if let Ok(permit) = semaphore.clone().acquire_many_owned(amount).await {
+                    permits.push(permit);
+                }
+            }
+        }
+        permits
+    }
 }
 
 /// Acknowledges a delivery once all its tasks are done.
@@ -207,7 +310,11 @@ enum Completion {
     Done {
         key: String,
         client: String,
+        deps: Vec<String>,
         outcome: TaskOutcome,
+        /// A failure the scheduler will run again: neither stored nor
+        /// reported to the client.
+        retrying: bool,
         bundle: Arc<Bundle>,
     },
 }
@@ -239,11 +346,23 @@ async fn run_inner(
         .await?;
     transport::declare_topology(&publish, &names).await?;
     let own_queue = names.worker_queue(&id);
-    transport::declare_private_queue(&publish, &names, &own_queue, None).await?;
+    let control = names.control_exchange();
+    transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
     let redis = transport::connect_redis(&config.redis_url).await?;
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        running: std::sync::Mutex::new(HashMap::new()),
+        resources: options
+            .resources
+            .iter()
+            .map(|(name, amount)| {
+                let permits = usize::try_from(*amount)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS);
+                (name.clone(), Arc::new(Semaphore::new(permits)))
+            })
+            .collect(),
         id: id.clone(),
         config: config.clone(),
         names: names.clone(),
@@ -271,6 +390,7 @@ async fn run_inner(
             .values()
             .map(|r| (r.name().to_owned(), r.fingerprint()))
             .collect(),
+        resources: options.resources.clone(),
     };
     announce(&publish, &names, &ToScheduler::Worker(info.clone())).await?;
     let heartbeat = {
@@ -376,11 +496,16 @@ async fn announce(publish: &Channel, names: &Names, message: &ToScheduler) -> la
 }
 
 /// Takes one delivery: decodes it (dead-lettering what doesn't decode) and
-/// starts its tasks.
+/// starts its tasks, or applies a control message.
 async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
     let message = decode::<ToWorker>(&delivery.data, shared.config.max_payload.saturating_mul(2));
     let tasks = match message {
         Ok(ToWorker::Run { tasks }) if !tasks.is_empty() => tasks,
+        Ok(ToWorker::Cancel { keys }) => {
+            shared.cancel(&keys);
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
+        }
         Ok(_) => {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
@@ -406,7 +531,10 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             async move {
                 let key = task.spec.key.clone();
                 let client = task.spec.client.clone();
+                let deps = task.spec.deps.clone();
+                let may_retry = task.attempt < task.spec.retries;
                 let permit = shared.slots.acquire().await;
+                let resources = shared.acquire_resources(&task.spec.resources).await;
                 let run = execute(&shared, task);
                 tokio::pin!(run);
                 let outcome = tokio::select! {
@@ -417,11 +545,16 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                         run.await
                     }
                 };
+                drop(resources);
                 drop(permit);
+                let retrying = may_retry
+                    && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch));
                 let _ = shared.completions.send(Completion::Done {
                     key,
                     client,
+                    deps,
                     outcome,
+                    retrying,
                     bundle,
                 });
             }
@@ -432,7 +565,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
 
 /// Runs one task: loads its inputs, checks its name and signature, calls it.
 async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
-    let RunTask { spec, inline } = task;
+    let RunTask { spec, inline, .. } = task;
     let outcome = async {
         let registration = registry().get(spec.task.as_str()).ok_or_else(|| {
             TaskError::new(
@@ -465,14 +598,29 @@ async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
         drop(inputs);
         let extension = shared.extension.clone();
         let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension);
+        let running = shared.running(&spec.key, ctx.clone());
         let output = match registration.invoke(ctx, &args) {
             Invocation::Ready(outcome) => outcome,
             Invocation::Sync(call) => match tokio::task::spawn_blocking(move || run_sync(call)).await {
                 Ok(outcome) => outcome,
                 Err(error) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
             },
-            Invocation::Async(future) => CatchUnwind::new(future).await,
-        }?;
+            Invocation::Async(future) => {
+                let handle = tokio::spawn(CatchUnwind::new(future));
+                running.set_abort(handle.abort_handle());
+                match handle.await {
+                    Ok(outcome) => outcome,
+                    Err(error) if error.is_cancelled() => Err(TaskError::new(
+                        ErrorKind::Cancelled,
+                        "flotilla::Cancelled",
+                        format!("`{}` was cancelled while running", spec.key),
+                    )),
+                    Err(error) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
+                }
+            }
+        };
+        drop(running);
+        let output = output?;
         if output.len() > shared.config.max_payload {
             return Err(TaskError::new(
                 ErrorKind::ResultTooLarge,
@@ -564,14 +712,17 @@ async fn complete_loop(
     while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
         let mut pipe = redis::pipe();
         let mut by_client: HashMap<&str, Vec<Event>> = HashMap::new();
+        let mut scripts = 0;
         for completion in &batch {
-            let (key, client, outcome) = match completion {
+            let (key, client, deps, outcome, retrying) = match completion {
                 Completion::Done {
                     key,
                     client,
+                    deps,
                     outcome,
+                    retrying,
                     ..
-                } => (key, client, outcome),
+                } => (key, client, deps, outcome, *retrying),
                 Completion::Started { key, client } => {
                     by_client
                         .entry(client.as_str())
@@ -580,10 +731,28 @@ async fn complete_loop(
                     continue;
                 }
             };
+            let keys = [names.holders_key(key), names.result_key(key)];
             let event = match outcome {
                 Ok(bytes) => {
-                    pipe.set(names.result_key(key), StoredResult::encode_ok(bytes))
-                        .ignore();
+                    refs::add(
+                        &mut pipe,
+                        &refs::STORE,
+                        [&keys[0], &keys[1]],
+                        &[&StoredResult::encode_ok(bytes)],
+                    );
+                    // Done for good: it no longer needs its inputs.
+                    let holder = refs::task_holder(key);
+                    for dep in deps {
+                        let dep_keys = [names.holders_key(dep), names.result_key(dep)];
+                        refs::add(
+                            &mut pipe,
+                            &refs::RELEASE,
+                            [&dep_keys[0], &dep_keys[1]],
+                            &[holder.as_bytes()],
+                        );
+                        scripts += 1;
+                    }
+                    scripts += 1;
                     Event::Finished {
                         key: key.clone(),
                         inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
@@ -591,12 +760,22 @@ async fn complete_loop(
                     }
                 }
                 Err(error) => {
-                    debug!(%key, %error, "task erred");
-                    pipe.set(names.result_key(key), StoredResult::encode_err(error))
-                        .ignore();
+                    debug!(%key, %error, retrying, "task erred");
+                    if !retrying {
+                        // Its inputs stay held (for `retry`) until the
+                        // scheduler forgets the task.
+                        refs::add(
+                            &mut pipe,
+                            &refs::STORE,
+                            [&keys[0], &keys[1]],
+                            &[&StoredResult::encode_err(error)],
+                        );
+                        scripts += 1;
+                    }
                     Event::Erred {
                         key: key.clone(),
                         error: error.clone(),
+                        retrying,
                     }
                 }
             };
@@ -604,14 +783,12 @@ async fn complete_loop(
         }
         // Results must be stored before anyone hears they exist; on failure
         // the deliveries stay unacknowledged and come back.
-        let mut stored = batch
-            .iter()
-            .all(|c| matches!(c, Completion::Started { .. }));
+        let mut stored = scripts == 0;
         for attempt in 0..5u32 {
             if stored {
                 break;
             }
-            match pipe.query_async::<()>(&mut redis).await {
+            match refs::run::<()>(&mut redis, &pipe).await {
                 Ok(()) => {
                     stored = true;
                     break;

@@ -1,0 +1,673 @@
+//! Coordination primitives shared by every client and task of a cluster:
+//! [`Variable`], [`Queue`], [`Lock`], [`Event`] and [`Semaphore`].
+//!
+//! Each is a small Redis structure under the namespace, addressed by name:
+//! two handles with the same name, in any process of the cluster (a client,
+//! or a task through [`TaskContextExt::client`](crate::TaskContextExt::client)),
+//! are the same primitive. Read-modify-write steps run as Lua scripts, so
+//! they are atomic; all keys of one primitive share a Redis Cluster hash tag
+//! (`<ns>:{lock:name}:...`).
+//!
+//! Waiting never polls. A waiter registers itself atomically with its check
+//! of the state, then blocks on a wake-up list of its own (`BLPOP` on a
+//! dedicated pooled connection, never on the client's shared one); whoever
+//! changes the state pushes to every registered waiter's list in the same
+//! script. A wake-up pushed while the waiter was between commands or
+//! reconnecting is not lost — it stays in the list — and every wake-up and
+//! every reconnection is followed by a fresh check of the state. Holders of
+//! a [`Lock`] or a [`Semaphore`] lease renew it in the background; a waiter
+//! sleeps at most until the current lease would expire, so a dead holder's
+//! lease is taken over as soon as it lapses.
+//!
+//! Values travel as MessagePack (`rmp-serde`, named fields), so any
+//! `Serialize + DeserializeOwned` type works.
+//!
+//! Synchronous programs use the [`blocking`] flavours, built from a
+//! [`crate::blocking::Client`].
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! # async fn demo() -> flotilla::Result<()> {
+//! let client = Client::from_env().await?;
+//! let jobs: Queue<String> = Queue::new(&client, "jobs");
+//! jobs.put(&"resize cat.png".to_owned()).await?;
+//! let lock = Lock::new(&client, "thumbnails");
+//! {
+//!     let _guard = lock.lock().await?;          // released on drop
+//!     let job = jobs.get_timeout(Duration::from_secs(1)).await?;
+//!     println!("{job}");
+//! }
+//! # Ok(()) }
+//! ```
+
+mod event;
+mod lock;
+mod queue;
+mod semaphore;
+mod variable;
+
+pub use event::Event;
+pub use lock::{Lock, LockGuard};
+pub use queue::Queue;
+pub use semaphore::{Semaphore, SemaphorePermit};
+pub use variable::Variable;
+
+/// The synchronous flavours of the primitives, for plain `fn main` programs
+/// (made from a [`crate::blocking::Client`]) and synchronous tasks (made
+/// from an async primitive and the runtime's handle).
+///
+/// Their methods block the calling thread; never call them from async code.
+///
+/// ```no_run
+/// use flotilla::sync::blocking::Queue;
+///
+/// fn main() -> flotilla::Result<()> {
+///     let client = flotilla::blocking::Client::from_env()?;
+///     let queue: Queue<i64> = Queue::new(&client, "numbers");
+///     queue.put(&7)?;
+///     assert_eq!(queue.get()?, 7);
+///     Ok(())
+/// }
+/// ```
+pub mod blocking {
+    pub use super::event::blocking::Event;
+    pub use super::lock::blocking::{Lock, LockGuard};
+    pub use super::queue::blocking::Queue;
+    pub use super::semaphore::blocking::{Semaphore, SemaphorePermit};
+    pub use super::variable::blocking::Variable;
+}
+
+use crate::{Client, Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The lease of a [`Lock`] or a [`Semaphore`] lease unless set otherwise:
+/// how long it outlives a holder that stopped renewing it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The shortest lease accepted (holders renew every third of it).
+const MIN_LEASE: Duration = Duration::from_millis(30);
+
+/// Longest single blocking command: a waiter re-checks the state (and
+/// renews its registration) at least this often, so that nothing it might
+/// have missed keeps it asleep for long.
+const MAX_SLICE: Duration = Duration::from_secs(30);
+/// How long a waiter's registration outlives its current blocking command
+/// (then it is presumed dead and dropped).
+const REGISTRATION_TTL: Duration = Duration::from_secs(60);
+/// Client-side allowance on top of a blocking command's own timeout before
+/// the reply is given up on (the connection is then discarded).
+const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
+/// The response timeout pooled connections are created with (the `redis`
+/// crate's default), restored after each blocking command.
+const POOL_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// First pause before retrying after a lost connection; doubles up to 1 s.
+const RETRY_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Problems particular to the coordination primitives.
+///
+/// They reach callers inside [`Error::Config`] (their message says what
+/// happened and what to do) until the client's [`Error`] grows a variant
+/// for them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// `release` on a handle that holds nothing.
+    #[error("{what} `{name}` is not held by this handle; acquire it before releasing it")]
+    NotHeld {
+        /// "lock" or "semaphore".
+        what: &'static str,
+        /// The primitive's name.
+        name: String,
+    },
+    /// `acquire` on a lock handle that already holds the lock (it is not
+    /// reentrant).
+    #[error("lock `{name}` is already held by this handle (locks are not reentrant); release it first, or use another handle")]
+    AlreadyHeld {
+        /// The lock's name.
+        name: String,
+    },
+    /// The lease ran out before the release: another holder may have had
+    /// the lock or lease in the meantime (a holder stalled for longer than
+    /// the lease, or Redis was unreachable).
+    #[error("the lease on {what} `{name}` expired before it was released; another holder may have run concurrently (lengthen the lease?)")]
+    LeaseExpired {
+        /// "lock" or "semaphore".
+        what: &'static str,
+        /// The primitive's name.
+        name: String,
+    },
+    /// A semaphore is already in use with another maximum.
+    #[error("semaphore `{name}` exists with max_leases {existing}, not {requested}")]
+    InconsistentMaxLeases {
+        /// The semaphore's name.
+        name: String,
+        /// Its maximum in Redis.
+        existing: u64,
+        /// This handle's maximum.
+        requested: u64,
+    },
+}
+
+impl From<SyncError> for Error {
+    fn from(error: SyncError) -> Self {
+        Error::Config(error.to_string())
+    }
+}
+
+/// Key names of one primitive: `<ns>:{<kind>:<name>}:<part>`, all in one
+/// Redis Cluster slot.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    base: String,
+}
+
+impl Keys {
+    pub(crate) fn new(client: &Client, kind: &str, name: &str) -> Keys {
+        Keys {
+            base: format!("{}:{{{kind}:{name}}}:", client.names().namespace()),
+        }
+    }
+
+    /// The key `<ns>:{<kind>:<name>}:<part>`.
+    pub(crate) fn part(&self, part: &str) -> String {
+        format!("{}{part}", self.base)
+    }
+
+    /// Registered waiters (a sorted set: waiter id → expiry, ms).
+    pub(crate) fn waiters(&self) -> String {
+        self.part("waiters")
+    }
+
+    /// Prefix of the waiters' wake-up lists (`...:wake:<waiter id>`).
+    pub(crate) fn wake_prefix(&self) -> String {
+        self.part("wake:")
+    }
+}
+
+/// Lua that every waiting primitive's scripts share:
+/// `now_ms()`, `register(waiters, id, ttl_ms)` and
+/// `notify_all(waiters, wake_prefix)` (pushes to each registered waiter's
+/// wake-up list and forgets them). The wake-up lists are named from the
+/// waiters' ids; they share the primitive's hash tag.
+macro_rules! waiters_lua {
+    () => {
+        r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function register(waiters, id, ttl)
+  if id == nil or id == '' then return end
+  local now = now_ms()
+  redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+  redis.call('ZADD', waiters, now + tonumber(ttl), id)
+end
+local function notify_all(waiters, prefix)
+  local ids = redis.call('ZRANGE', waiters, 0, -1)
+  for _, id in ipairs(ids) do
+    local wake = prefix .. id
+    redis.call('RPUSH', wake, '1')
+    redis.call('PEXPIRE', wake, 60000)
+  end
+  redis.call('DEL', waiters)
+  return #ids
+end
+"#
+    };
+}
+pub(crate) use waiters_lua;
+
+/// `GET` the state key, or register the waiter when it is missing.
+/// KEYS: state, waiters. ARGV: waiter id, registration ttl (ms).
+static GET_OR_REGISTER: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        waiters_lua!(),
+        r#"
+local value = redis.call('GET', KEYS[1])
+if value then return value end
+register(KEYS[2], ARGV[1], ARGV[2])
+return false
+"#
+    ))
+});
+
+/// `SET` the state key and wake every waiter.
+/// KEYS: state, waiters. ARGV: value, wake-up prefix.
+static SET_AND_NOTIFY: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        waiters_lua!(),
+        r#"
+redis.call('SET', KEYS[1], ARGV[1])
+return notify_all(KEYS[2], ARGV[2])
+"#
+    ))
+});
+
+/// Sets `state` to `value` and wakes everyone waiting on `keys`.
+pub(crate) async fn set_and_notify(
+    client: &Client,
+    keys: &Keys,
+    state: &str,
+    value: &[u8],
+) -> Result<()> {
+    let _woken: i64 = SET_AND_NOTIFY
+        .key(state)
+        .key(keys.waiters())
+        .arg(value)
+        .arg(keys.wake_prefix())
+        .invoke_async(&mut client.redis())
+        .await?;
+    Ok(())
+}
+
+/// Reads `state`, waiting until it exists (or the deadline passes: `None`).
+///
+/// With `wake_means_ready`, a wake-up alone ends the wait (an [`Event`]
+/// that was set, even if cleared again at once) and returns an empty value.
+pub(crate) async fn get_or_wait(
+    client: &Client,
+    keys: &Keys,
+    state: &str,
+    deadline: Option<Instant>,
+    wake_means_ready: bool,
+) -> Result<Option<Vec<u8>>> {
+    let mut waiter = Waiter::new(client, keys);
+    let mut connection: Option<Dedicated> = None;
+    let mut backoff = Backoff::default();
+    loop {
+        let step: Result<Option<Vec<u8>>> = async {
+            let value: Option<Vec<u8>> = GET_OR_REGISTER
+                .key(state)
+                .key(keys.waiters())
+                .arg(&waiter.id)
+                .arg(REGISTRATION_TTL.as_millis() as u64)
+                .invoke_async(&mut client.redis())
+                .await?;
+            if value.is_some() {
+                return Ok(value);
+            }
+            waiter.registered = true;
+            let Some(wait) = slice(deadline, MAX_SLICE) else {
+                return Ok(None);
+            };
+            let dedicated = match connection.as_mut() {
+                Some(dedicated) => dedicated,
+                None => match Dedicated::get(client, deadline).await? {
+                    Some(dedicated) => connection.insert(dedicated),
+                    None => return Ok(None),
+                },
+            };
+            if waiter.sleep(dedicated, wait).await? && wake_means_ready {
+                return Ok(Some(Vec::new()));
+            }
+            Ok(None)
+        }
+        .await;
+        match step {
+            Ok(Some(value)) => return Ok(Some(value)),
+            Ok(None) if expired(deadline) => return Ok(None),
+            Ok(None) => backoff.reset(),
+            Err(error) if transient(&error) => {
+                connection = None;
+                if !backoff.pause(deadline).await {
+                    return Ok(None);
+                }
+            }
+            Err(error) => return Err(error),
+        }
+        // Woken, slept a whole slice, or reconnected: check again.
+    }
+}
+
+/// One wait on a primitive: an id, and the wake-up list named after it.
+/// Dropping it (also when the waiting future is cancelled) forgets the
+/// registration in the background.
+pub(crate) struct Waiter {
+    client: Client,
+    waiters: String,
+    wake: String,
+    pub(crate) id: String,
+    pub(crate) registered: bool,
+}
+
+impl Waiter {
+    pub(crate) fn new(client: &Client, keys: &Keys) -> Waiter {
+        let id = flotilla_proto::new_id();
+        Waiter {
+            client: client.clone(),
+            waiters: keys.waiters(),
+            wake: format!("{}{id}", keys.wake_prefix()),
+            id,
+            registered: false,
+        }
+    }
+
+    /// Blocks until woken (`true`) or `wait` passes (`false`).
+    pub(crate) async fn sleep(&self, connection: &mut Dedicated, wait: Duration) -> Result<bool> {
+        let woken: Option<(String, String)> = connection
+            .blocking(redis::cmd("BLPOP").arg(&self.wake).arg(seconds(wait)), wait)
+            .await?;
+        Ok(woken.is_some())
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if !self.registered {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the registration expires on its own
+        };
+        let mut redis = self.client.redis();
+        let (waiters, wake, id) = (
+            std::mem::take(&mut self.waiters),
+            std::mem::take(&mut self.wake),
+            std::mem::take(&mut self.id),
+        );
+        runtime.spawn(async move {
+            let _: redis::RedisResult<()> = redis::pipe()
+                .cmd("ZREM")
+                .arg(&waiters)
+                .arg(&id)
+                .ignore()
+                .cmd("DEL")
+                .arg(&wake)
+                .ignore()
+                .query_async(&mut redis)
+                .await;
+        });
+    }
+}
+
+/// A pooled connection of our own for one blocking command at a time.
+///
+/// If a blocking command does not complete (an error, a client-side
+/// timeout, or the waiting future dropped), the connection is taken out of
+/// the pool and closed rather than handed to someone else with a command
+/// still blocked on the server.
+pub(crate) struct Dedicated {
+    connection: Option<deadpool_redis::Connection>,
+    busy: bool,
+}
+
+impl Dedicated {
+    /// A connection from the client's pool; `None` if the deadline passes
+    /// while the pool is exhausted.
+    pub(crate) async fn get(
+        client: &Client,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Dedicated>> {
+        let connection = match deadline {
+            None => client.dedicated_redis().await?,
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline, client.dedicated_redis()).await {
+                    Ok(connection) => connection?,
+                    Err(_) => return Ok(None),
+                }
+            }
+        };
+        Ok(Some(Dedicated {
+            connection: Some(connection),
+            busy: false,
+        }))
+    }
+
+    /// Runs a command that blocks on the server for up to `wait`.
+    pub(crate) async fn blocking<T: redis::FromRedisValue>(
+        &mut self,
+        command: &redis::Cmd,
+        wait: Duration,
+    ) -> Result<T> {
+        let connection = self
+            .connection
+            .as_mut()
+            .expect("a dedicated connection is present until dropped");
+        connection.set_response_timeout(wait + RESPONSE_MARGIN);
+        self.busy = true;
+        let reply = command.query_async(&mut **connection).await?;
+        connection.set_response_timeout(POOL_RESPONSE_TIMEOUT);
+        self.busy = false;
+        Ok(reply)
+    }
+}
+
+impl Drop for Dedicated {
+    fn drop(&mut self) {
+        if self.busy {
+            if let Some(connection) = self.connection.take() {
+                drop(deadpool_redis::Connection::take(connection));
+            }
+        }
+    }
+}
+
+/// Pauses between attempts after a lost connection, doubling each time.
+#[derive(Default)]
+pub(crate) struct Backoff {
+    next: Option<Duration>,
+}
+
+impl Backoff {
+    /// Sleeps, or returns `false` at once when the deadline would pass first.
+    pub(crate) async fn pause(&mut self, deadline: Option<Instant>) -> bool {
+        let pause = self.next.unwrap_or(RETRY_BACKOFF);
+        self.next = Some((pause * 2).min(Duration::from_secs(1)));
+        let until = Instant::now() + pause;
+        match deadline {
+            Some(deadline) if deadline <= until => {
+                tokio::time::sleep_until(deadline).await;
+                false
+            }
+            _ => {
+                tokio::time::sleep_until(until).await;
+                true
+            }
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = None;
+    }
+}
+
+/// Errors after which the state is checked again on a fresh connection
+/// (the shared connection reconnects by itself).
+pub(crate) fn transient(error: &Error) -> bool {
+    match error {
+        Error::Redis(error) => {
+            error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+                || error.is_timeout()
+                || matches!(
+                    error.retry_method(),
+                    redis::RetryMethod::Reconnect
+                        | redis::RetryMethod::RetryImmediately
+                        | redis::RetryMethod::WaitAndRetry
+                )
+        }
+        // The pool reports a failed connect this way.
+        Error::Config(message) => message.starts_with("Redis pool:"),
+        _ => false,
+    }
+}
+
+/// The time left until `deadline`, at most `cap`; `None` once it is (less
+/// than a millisecond from) over.
+pub(crate) fn slice(deadline: Option<Instant>, cap: Duration) -> Option<Duration> {
+    match deadline {
+        None => Some(cap),
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            (left >= Duration::from_millis(1)).then(|| left.min(cap))
+        }
+    }
+}
+
+/// Whether `deadline` has (all but) passed.
+pub(crate) fn expired(deadline: Option<Instant>) -> bool {
+    slice(deadline, MAX_SLICE).is_none()
+}
+
+/// A deadline `timeout` from now.
+pub(crate) fn deadline_in(timeout: Duration) -> Option<Instant> {
+    Some(Instant::now() + timeout)
+}
+
+/// A blocking command's timeout in seconds, never 0 (which would mean
+/// "forever").
+fn seconds(wait: Duration) -> String {
+    format!("{:.3}", wait.as_secs_f64().max(0.001))
+}
+
+/// Encodes a value stored in a primitive, within the payload limit.
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    client: &Client,
+    what: &str,
+    value: &T,
+) -> Result<Vec<u8>> {
+    let bytes = rmp_serde::to_vec_named(value).map_err(|e| Error::Encode {
+        what: what.to_owned(),
+        message: e.to_string(),
+    })?;
+    let limit = client.config().max_payload;
+    if bytes.len() > limit {
+        return Err(Error::PayloadTooLarge {
+            what: what.to_owned(),
+            size: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a value read from a primitive.
+pub(crate) fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
+    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+        key: what.to_owned(),
+        type_name: std::any::type_name::<T>(),
+        message: e.to_string(),
+    })
+}
+
+/// The error of a wait that ran out of time.
+pub(crate) fn timed_out(what: String, timeout: Duration) -> Error {
+    Error::Timeout { key: what, timeout }
+}
+
+/// A flag shared between a lease holder and its renewal task: set when the
+/// lease turned out to be lost.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LostFlag(Arc<AtomicBool>);
+
+impl LostFlag {
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// How the blocking flavours run async operations: on the blocking
+/// client's runtime (kept alive here), or on a runtime handle the caller
+/// gave (a synchronous task running on a worker's runtime).
+#[derive(Debug, Clone)]
+pub(crate) struct Blocker {
+    handle: tokio::runtime::Handle,
+    _runtime: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+impl Blocker {
+    pub(crate) fn from_client(client: &crate::blocking::Client) -> Blocker {
+        let runtime = client.runtime().clone();
+        Blocker {
+            handle: runtime.handle().clone(),
+            _runtime: Some(runtime),
+        }
+    }
+
+    pub(crate) fn from_handle(handle: tokio::runtime::Handle) -> Blocker {
+        Blocker {
+            handle,
+            _runtime: None,
+        }
+    }
+
+    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.handle.block_on(future)
+    }
+}
+
+/// Keeps a lease alive: runs `script` (KEYS: `key`; ARGV: `token`, lease
+/// in ms; returns 1 while the lease is still this holder's) every third of
+/// the lease. Sets `lost` and stops when the script says the lease is gone,
+/// or when Redis stayed unreachable until the lease must have run out.
+pub(crate) fn spawn_renewal(
+    client: &Client,
+    script: &'static redis::Script,
+    key: String,
+    token: String,
+    lease: Duration,
+    lost: LostFlag,
+    what: String,
+) -> tokio::task::JoinHandle<()> {
+    let mut redis = client.redis();
+    tokio::spawn(async move {
+        let interval = lease / 3;
+        let retry = (lease / 20).max(Duration::from_millis(10));
+        let lease_ms = lease.as_millis() as u64;
+        let mut valid_until = Instant::now() + lease;
+        let mut next = Instant::now() + interval;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let sent = Instant::now();
+            let renewed: redis::RedisResult<i64> = script
+                .key(&key)
+                .arg(&token)
+                .arg(lease_ms)
+                .invoke_async(&mut redis)
+                .await;
+            match renewed {
+                Ok(1) => {
+                    valid_until = sent + lease;
+                    next = sent + interval;
+                }
+                Ok(_) => {
+                    lost.set();
+                    tracing::warn!(%what, "lease lost: another holder may have taken over");
+                    return;
+                }
+                Err(error) if Instant::now() >= valid_until => {
+                    lost.set();
+                    tracing::warn!(%what, %error, "lease ran out while Redis was unreachable");
+                    return;
+                }
+                Err(error) => {
+                    tracing::debug!(%what, %error, "lease renewal failed; retrying");
+                    next = Instant::now() + retry;
+                }
+            }
+        }
+    })
+}
+
+/// Runs `script` in the background on `runtime` (best effort: cleanup that
+/// is also bounded by a lease or an expiry).
+pub(crate) fn spawn_script(
+    runtime: &tokio::runtime::Handle,
+    client: &Client,
+    invocation: redis::ScriptInvocation<'static>,
+) {
+    let mut redis = client.redis();
+    runtime.spawn(async move {
+        let _: redis::RedisResult<redis::Value> = invocation.invoke_async(&mut redis).await;
+    });
+}

@@ -1,0 +1,495 @@
+//! [`Queue`]: a named first-in first-out queue shared by every client and
+//! task of the cluster (Dask's `Queue`), a Redis list.
+//!
+//! `put` appends; `get` takes the oldest item, waiting for one if the queue
+//! is empty (forever, or up to a timeout); `get_batch` takes up to `n`
+//! items at once, waiting only for the first. Each item goes to exactly one
+//! getter.
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! #[flotilla::task]
+//! async fn producer(ctx: TaskContext, queue: String) -> flotilla::Result<()> {
+//!     let queue = Queue::new(&ctx.client().await?, &queue);
+//!     for i in 0..10_i64 {
+//!         queue.put(&i).await?;
+//!     }
+//!     Ok(())
+//! }
+//!
+//! #[flotilla::task]
+//! async fn consumer(ctx: TaskContext, queue: String) -> flotilla::Result<Vec<i64>> {
+//!     let queue = Queue::new(&ctx.client().await?, &queue);
+//!     let mut results = Vec::new();
+//!     for _ in 0..10 {
+//!         results.push(queue.get().await?);
+//!     }
+//!     Ok(results)
+//! }
+//!
+//! # async fn demo() -> flotilla::Result<()> {
+//! let client = Client::from_env().await?;
+//! client.submit(producer, ("numbers",));
+//! let results = client.submit(consumer, ("numbers",)).await?;
+//! assert_eq!(results, (0..10).collect::<Vec<i64>>());
+//! # Ok(()) }
+//! ```
+//!
+//! # Cancellation
+//!
+//! Waiting moves the first item that arrives (`BLMOVE`) from the queue into
+//! a list belonging to this handle, and takes it from there in a second,
+//! immediate step. So a `get` that is cancelled or loses its connection
+//! while it waits loses nothing: the item is handed out by this handle's
+//! next `get`, or put back at the head of the queue when the handle is
+//! dropped. (Only a process that dies between the two steps takes that one
+//! item with it, as it would have if it had returned.)
+
+use super::{
+    deadline_in, decode, encode, expired, slice, timed_out, transient, Backoff, Dedicated, Keys,
+    MAX_SLICE,
+};
+use crate::{Client, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::marker::PhantomData;
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Most items sent in one `RPUSH`.
+const PUT_CHUNK: usize = 1000;
+
+/// Takes up to ARGV[1] items: first those this handle moved aside while
+/// waiting, then from the queue. KEYS: taken, items.
+static TAKE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local max = tonumber(ARGV[1])
+local out = redis.call('LPOP', KEYS[1], max) or {}
+if #out < max then
+  local more = redis.call('LPOP', KEYS[2], max - #out)
+  if more then
+    for _, item in ipairs(more) do table.insert(out, item) end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Puts a handle's moved-aside items back at the head of the queue, in
+/// order, and forgets the handle. KEYS: taken, items, takers. ARGV: id.
+static GIVE_BACK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local n = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do n = n + 1 end
+redis.call('SREM', KEYS[3], ARGV[1])
+return n
+"#,
+    )
+});
+
+/// Deletes the queue with every item, also those moved aside by handles.
+/// KEYS: items, takers. ARGV: prefix of the handles' lists.
+static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local n = redis.call('LLEN', KEYS[1])
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  n = n + redis.call('LLEN', ARGV[1] .. id)
+  redis.call('DEL', ARGV[1] .. id)
+end
+redis.call('DEL', KEYS[1], KEYS[2])
+return n
+"#,
+    )
+});
+
+/// A named, cluster-wide FIFO queue; see the [module docs](self).
+///
+/// Cheap to clone; clones share one handle (and its moved-aside items).
+pub struct Queue<T> {
+    inner: Arc<Inner>,
+    _item: PhantomData<fn() -> T>,
+}
+
+struct Inner {
+    client: Client,
+    name: String,
+    keys: Keys,
+    /// This handle's id among the queue's takers.
+    id: String,
+    /// Set (with the runtime to clean up on) once this handle has moved
+    /// items aside.
+    taker: OnceLock<tokio::runtime::Handle>,
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            inner: self.inner.clone(),
+            _item: PhantomData,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+impl Inner {
+    fn items(&self) -> String {
+        self.keys.part("items")
+    }
+
+    fn takers(&self) -> String {
+        self.keys.part("takers")
+    }
+
+    fn taken(&self) -> String {
+        format!("{}{}", self.keys.part("taken:"), self.id)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let Some(runtime) = self.taker.get() else {
+            return;
+        };
+        let mut invocation = GIVE_BACK.prepare_invoke();
+        invocation
+            .key(self.taken())
+            .key(self.items())
+            .key(self.takers())
+            .arg(&self.id);
+        super::spawn_script(runtime, &self.client, invocation);
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// The queue called `name` in the client's namespace.
+    pub fn new(client: &Client, name: &str) -> Queue<T> {
+        Queue {
+            inner: Arc::new(Inner {
+                client: client.clone(),
+                name: name.to_owned(),
+                keys: Keys::new(client, "queue", name),
+                id: flotilla_proto::new_id(),
+                taker: OnceLock::new(),
+            }),
+            _item: PhantomData,
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn what(&self) -> String {
+        format!("queue `{}`", self.inner.name)
+    }
+
+    /// Appends an item.
+    pub async fn put(&self, item: &T) -> Result<()> {
+        let bytes = encode(&self.inner.client, &self.what(), item)?;
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(self.inner.items())
+            .arg(bytes)
+            .query_async(&mut self.inner.client.redis())
+            .await?;
+        Ok(())
+    }
+
+    /// Appends items in order, many per round trip.
+    pub async fn put_all<'a>(&self, items: impl IntoIterator<Item = &'a T>) -> Result<()>
+    where
+        T: 'a,
+    {
+        let what = self.what();
+        let mut chunk = Vec::with_capacity(PUT_CHUNK);
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            chunk.clear();
+            for item in items.by_ref().take(PUT_CHUNK) {
+                chunk.push(encode(&self.inner.client, &what, item)?);
+            }
+            let _: i64 = redis::cmd("RPUSH")
+                .arg(self.inner.items())
+                .arg(&chunk)
+                .query_async(&mut self.inner.client.redis())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes the oldest item, waiting for as long as it takes.
+    pub async fn get(&self) -> Result<T> {
+        let mut items = self.take(1, None).await?;
+        // Without a deadline the wait only ends with an item or an error.
+        items
+            .pop()
+            .ok_or_else(|| timed_out(self.what(), Duration::MAX))
+    }
+
+    /// Takes the oldest item, waiting up to `timeout` for one;
+    /// [`Error::Timeout`](crate::Error::Timeout) after that.
+    pub async fn get_timeout(&self, timeout: Duration) -> Result<T> {
+        let mut items = self.take(1, deadline_in(timeout)).await?;
+        items.pop().ok_or_else(|| timed_out(self.what(), timeout))
+    }
+
+    /// Takes the oldest item if there is one, at once.
+    pub async fn try_get(&self) -> Result<Option<T>> {
+        Ok(self.take_now(1).await?.pop())
+    }
+
+    /// Takes up to `max` items (at least one), waiting for as long as it
+    /// takes for the first; the rest are those already queued behind it.
+    pub async fn get_batch(&self, max: usize) -> Result<Vec<T>> {
+        let items = self.take(max.max(1), None).await?;
+        if items.is_empty() {
+            return Err(timed_out(self.what(), Duration::MAX));
+        }
+        Ok(items)
+    }
+
+    /// Like [`Queue::get_batch`], waiting up to `timeout` for the first
+    /// item; [`Error::Timeout`](crate::Error::Timeout) after that.
+    pub async fn get_batch_timeout(&self, max: usize, timeout: Duration) -> Result<Vec<T>> {
+        let items = self.take(max.max(1), deadline_in(timeout)).await?;
+        if items.is_empty() {
+            return Err(timed_out(self.what(), timeout));
+        }
+        Ok(items)
+    }
+
+    /// How many items are queued (not counting items that handles have
+    /// moved aside while their `get` was being cancelled).
+    pub async fn qsize(&self) -> Result<usize> {
+        Ok(redis::cmd("LLEN")
+            .arg(self.inner.items())
+            .query_async(&mut self.inner.client.redis())
+            .await?)
+    }
+
+    /// Deletes the queue and every item in it; returns how many items
+    /// there were.
+    pub async fn delete(&self) -> Result<usize> {
+        Ok(DELETE
+            .key(self.inner.items())
+            .key(self.inner.takers())
+            .arg(self.inner.keys.part("taken:"))
+            .invoke_async(&mut self.inner.client.redis())
+            .await?)
+    }
+
+    /// Up to `max` items available now.
+    async fn take_now(&self, max: usize) -> Result<Vec<T>> {
+        let raw: Vec<Vec<u8>> = TAKE
+            .key(self.inner.taken())
+            .key(self.inner.items())
+            .arg(max)
+            .invoke_async(&mut self.inner.client.redis())
+            .await?;
+        let what = self.what();
+        raw.iter().map(|bytes| decode(&what, bytes)).collect()
+    }
+
+    /// Up to `max` items, waiting until the deadline for the first; empty
+    /// when the deadline passed.
+    async fn take(&self, max: usize, deadline: Option<Instant>) -> Result<Vec<T>> {
+        let mut connection: Option<Dedicated> = None;
+        let mut backoff = Backoff::default();
+        loop {
+            let step: Result<Vec<T>> = async {
+                let items = self.take_now(max).await?;
+                if !items.is_empty() {
+                    return Ok(items);
+                }
+                let Some(wait) = slice(deadline, MAX_SLICE) else {
+                    return Ok(items);
+                };
+                self.register_taker().await?;
+                let dedicated = match connection.as_mut() {
+                    Some(dedicated) => dedicated,
+                    None => match Dedicated::get(&self.inner.client, deadline).await? {
+                        Some(dedicated) => connection.insert(dedicated),
+                        None => return Ok(items),
+                    },
+                };
+                // The item moved aside is taken by the next `take_now`.
+                let _moved: Option<Vec<u8>> = dedicated
+                    .blocking(
+                        redis::cmd("BLMOVE")
+                            .arg(self.inner.items())
+                            .arg(self.inner.taken())
+                            .arg("LEFT")
+                            .arg("RIGHT")
+                            .arg(super::seconds(wait)),
+                        wait,
+                    )
+                    .await?;
+                Ok(items)
+            }
+            .await;
+            match step {
+                Ok(items) if !items.is_empty() => return Ok(items),
+                Ok(items) if expired(deadline) => {
+                    // One last look: an item may have been moved aside just
+                    // as the wait ran out.
+                    let last = self.take_now(max).await.unwrap_or(items);
+                    return Ok(last);
+                }
+                Ok(_) => backoff.reset(),
+                Err(error) if transient(&error) => {
+                    connection = None;
+                    if !backoff.pause(deadline).await {
+                        return Ok(Vec::new());
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Records this handle among the queue's takers, once, before it first
+    /// moves an item aside (so that `delete` finds its list).
+    async fn register_taker(&self) -> Result<()> {
+        if self.inner.taker.get().is_some() {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.inner.takers())
+            .arg(&self.inner.id)
+            .query_async(&mut self.inner.client.redis())
+            .await?;
+        let _ = self.inner.taker.set(tokio::runtime::Handle::current());
+        Ok(())
+    }
+}
+
+pub(crate) mod blocking {
+    use crate::sync::Blocker;
+    use crate::Result;
+    use serde::de::DeserializeOwned;
+    use serde::Serialize;
+    use std::time::Duration;
+
+    /// The blocking flavour of [`crate::sync::Queue`].
+    ///
+    /// ```no_run
+    /// let client = flotilla::blocking::Client::from_env()?;
+    /// let queue = flotilla::sync::blocking::Queue::new(&client, "numbers");
+    /// queue.put(&1_i64)?;
+    /// assert_eq!(queue.get()?, 1);
+    /// # Ok::<(), flotilla::Error>(())
+    /// ```
+    pub struct Queue<T> {
+        inner: crate::sync::Queue<T>,
+        blocker: Blocker,
+    }
+
+    impl<T> Clone for Queue<T> {
+        fn clone(&self) -> Self {
+            Queue {
+                inner: self.inner.clone(),
+                blocker: self.blocker.clone(),
+            }
+        }
+    }
+
+    impl<T> std::fmt::Debug for Queue<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.inner.fmt(f)
+        }
+    }
+
+    impl<T: Serialize + DeserializeOwned> Queue<T> {
+        /// The queue called `name` in the client's namespace.
+        pub fn new(client: &crate::blocking::Client, name: &str) -> Queue<T> {
+            Queue {
+                inner: crate::sync::Queue::new(client.as_async(), name),
+                blocker: Blocker::from_client(client),
+            }
+        }
+
+        /// Wraps an async queue; its operations block on `runtime`
+        /// (e.g. `tokio::runtime::Handle::current()` in a synchronous task).
+        pub fn from_async(
+            inner: crate::sync::Queue<T>,
+            runtime: tokio::runtime::Handle,
+        ) -> Queue<T> {
+            Queue {
+                inner,
+                blocker: Blocker::from_handle(runtime),
+            }
+        }
+
+        /// The async queue underneath.
+        pub fn as_async(&self) -> &crate::sync::Queue<T> {
+            &self.inner
+        }
+
+        /// Its name.
+        pub fn name(&self) -> &str {
+            self.inner.name()
+        }
+
+        /// See [`crate::sync::Queue::put`].
+        pub fn put(&self, item: &T) -> Result<()> {
+            self.blocker.block_on(self.inner.put(item))
+        }
+
+        /// See [`crate::sync::Queue::put_all`].
+        pub fn put_all<'a>(&self, items: impl IntoIterator<Item = &'a T>) -> Result<()>
+        where
+            T: 'a,
+        {
+            self.blocker.block_on(self.inner.put_all(items))
+        }
+
+        /// See [`crate::sync::Queue::get`].
+        pub fn get(&self) -> Result<T> {
+            self.blocker.block_on(self.inner.get())
+        }
+
+        /// See [`crate::sync::Queue::get_timeout`].
+        pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
+            self.blocker.block_on(self.inner.get_timeout(timeout))
+        }
+
+        /// See [`crate::sync::Queue::try_get`].
+        pub fn try_get(&self) -> Result<Option<T>> {
+            self.blocker.block_on(self.inner.try_get())
+        }
+
+        /// See [`crate::sync::Queue::get_batch`].
+        pub fn get_batch(&self, max: usize) -> Result<Vec<T>> {
+            self.blocker.block_on(self.inner.get_batch(max))
+        }
+
+        /// See [`crate::sync::Queue::get_batch_timeout`].
+        pub fn get_batch_timeout(&self, max: usize, timeout: Duration) -> Result<Vec<T>> {
+            self.blocker
+                .block_on(self.inner.get_batch_timeout(max, timeout))
+        }
+
+        /// See [`crate::sync::Queue::qsize`].
+        pub fn qsize(&self) -> Result<usize> {
+            self.blocker.block_on(self.inner.qsize())
+        }
+
+        /// See [`crate::sync::Queue::delete`].
+        pub fn delete(&self) -> Result<usize> {
+            self.blocker.block_on(self.inner.delete())
+        }
+    }
+}

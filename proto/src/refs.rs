@@ -1,0 +1,137 @@
+//! Reference counts in Redis: who holds each result, and the atomic scripts
+//! that take and drop holds and store results.
+//!
+//! Every key has a set of holders (`<ns>:h:{key}`): a client holding a
+//! `Future` (its id), a pending dependent task (`t:<key>`),
+//! `fire_and_forget` (`ff`), a published dataset (`ds:<name>`), a variable or
+//! queue. The result (`<ns>:r:{key}`) lives exactly while that set is
+//! non-empty: a release that empties it deletes the result in the same
+//! script, and a result whose set is already empty is never stored. Both keys
+//! share a hash tag, so each script touches one Redis Cluster slot.
+
+use redis::aio::ConnectionManager;
+use redis::{Pipeline, RedisResult, Script};
+use std::sync::LazyLock;
+
+/// The holder id of `fire_and_forget`.
+pub const FIRE_AND_FORGET: &str = "ff";
+
+/// The holder id a pending task uses for each of its inputs.
+pub fn task_holder(key: &str) -> String {
+    format!("t:{key}")
+}
+
+/// The holder id of a published dataset.
+pub fn dataset_holder(name: &str) -> String {
+    format!("ds:{name}")
+}
+
+/// `KEYS`: holders, result. `ARGV`: holder. Takes a hold; returns the tag
+/// byte of a stored result (0 value, 1 error) or -1 when none is stored.
+pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"redis.call('SADD', KEYS[1], ARGV[1])
+          local tag = redis.call('GETRANGE', KEYS[2], 0, 0)
+          if tag == '' then return -1 end
+          return string.byte(tag)",
+    )
+});
+
+/// `KEYS`: holders, result. `ARGV`: holder. Takes a hold only while no
+/// result is stored (for `fire_and_forget`, whose hold ends with the task).
+/// Returns 1 when the hold was taken.
+pub static HOLD_UNTIL_DONE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+          redis.call('SADD', KEYS[1], ARGV[1])
+          return 1",
+    )
+});
+
+/// `KEYS`: holders, result. `ARGV`: holder. Drops a hold; when none is
+/// left, deletes the result and returns 1 (the key is now unreferenced).
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"redis.call('SREM', KEYS[1], ARGV[1])
+          if redis.call('SCARD', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[2])
+            return 1
+          end
+          return 0",
+    )
+});
+
+/// `KEYS`: holders, result. `ARGV`: encoded result. Stores a task's result
+/// if anyone still wants it, then ends a `fire_and_forget` hold. Returns 1
+/// when the result is kept, 0 when it was stored and at once released, -1
+/// when nobody wanted it.
+pub static STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+          redis.call('SET', KEYS[2], ARGV[1])
+          redis.call('SREM', KEYS[1], 'ff')
+          if redis.call('EXISTS', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[2])
+            return 0
+          end
+          return 1",
+    )
+});
+
+/// `KEYS`: holders, result. `ARGV`: holder, encoded value. Stores scattered
+/// data and takes the scatterer's hold in one step, so a concurrent release
+/// by another holder of the same content-addressed key can never delete it
+/// (Dask's `scatter(hash=True)` race, dask/distributed#3703).
+pub static SCATTER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"redis.call('SADD', KEYS[1], ARGV[1])
+          redis.call('SET', KEYS[2], ARGV[2])
+          return 1",
+    )
+});
+
+/// Every script, for loading them after a connect or a Redis restart.
+pub fn all() -> [&'static Script; 5] {
+    [&HOLD, &HOLD_UNTIL_DONE, &RELEASE, &STORE, &SCATTER]
+}
+
+/// Adds an `EVALSHA` of `script` to a pipeline.
+pub fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]) {
+    let cmd = pipe
+        .cmd("EVALSHA")
+        .arg(script.get_hash())
+        .arg(2)
+        .arg(keys[0])
+        .arg(keys[1]);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+}
+
+/// Runs a pipeline of script calls, loading the scripts first when Redis
+/// does not know them (after a restart, or on first use).
+pub async fn run<T: redis::FromRedisValue>(
+    redis: &mut ConnectionManager,
+    pipe: &Pipeline,
+) -> RedisResult<T> {
+    match pipe.query_async(redis).await {
+        Err(error) if error.code() == Some("NOSCRIPT") => {
+            for script in all() {
+                script.prepare_invoke().load_async(redis).await?;
+            }
+            pipe.query_async(redis).await
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn holder_ids_do_not_collide_with_client_ids() {
+        assert_eq!(super::task_holder("k"), "t:k");
+        assert_eq!(super::dataset_holder("d"), "ds:d");
+        // Client ids are 32 hex digits: never `ff`, never with a colon.
+        assert_ne!(crate::new_id(), super::FIRE_AND_FORGET);
+    }
+}
