@@ -114,3 +114,6 @@ pub fn worker_main() {
 }
 
 pub mod coordination;
+
+/// Tasks of the seed's lifecycle examples (scatter, fire-and-forget, sweeps, pipelines, iteration).
+pub mod seed_tasks;

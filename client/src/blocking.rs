@@ -17,7 +17,7 @@
 use crate::args::{ArgWriter, IntoArg, IntoArgs};
 use crate::{Error, Result, Status, Task};
 use flotilla_proto::{Arg, Config};
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,6 +104,99 @@ impl Client {
         args.into_iter().map(|a| self.submit(task, a)).collect()
     }
 
+    /// Like [`Client::submit`], with options; see
+    /// [`crate::Client::submit_with`].
+    pub fn submit_with<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> Submit<'_, K, A> {
+        Submit {
+            client: self,
+            inner: self.inner.submit_with(task, args),
+        }
+    }
+
+    /// Stores a value in the cluster; see [`crate::Client::scatter`].
+    pub fn scatter<T: Serialize>(&self, value: &T) -> Result<Future<T>> {
+        let inner = self.runtime.block_on(self.inner.scatter(value))?;
+        Ok(self.wrap(inner))
+    }
+
+    /// Scatters every value; see [`crate::Client::scatter_many`].
+    pub fn scatter_many<T: Serialize>(&self, values: impl IntoIterator<Item = T>) -> Result<Vec<Future<T>>> {
+        let inner = self.runtime.block_on(self.inner.scatter_many(values))?;
+        Ok(inner.into_iter().map(|f| self.wrap(f)).collect())
+    }
+
+    /// A future for a key submitted anywhere; see [`crate::Client::get_future`].
+    pub fn get_future<T>(&self, key: &str) -> Future<T> {
+        let _guard = self.runtime.enter();
+        self.wrap(self.inner.get_future(key))
+    }
+
+    /// Cancels tasks; see [`crate::Client::cancel`].
+    pub fn cancel<T>(&self, futures: &[Future<T>], force: bool) {
+        let _guard = self.runtime.enter();
+        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        self.inner.cancel(&inner, force);
+    }
+
+    /// Runs failed tasks again; see [`crate::Client::retry`].
+    pub fn retry<T>(&self, futures: &[Future<T>]) {
+        let _guard = self.runtime.enter();
+        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        self.inner.retry(&inner);
+    }
+
+    /// Publishes futures under a name; see [`crate::Client::publish_dataset`].
+    pub fn publish_dataset<T>(&self, name: &str, futures: &[Future<T>]) -> Result<()> {
+        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        self.runtime.block_on(self.inner.publish_dataset(name, &inner))
+    }
+
+    /// The futures of a published dataset.
+    pub fn get_dataset<T>(&self, name: &str) -> Result<Vec<Future<T>>> {
+        let inner = self.runtime.block_on(self.inner.get_dataset(name))?;
+        Ok(inner.into_iter().map(|f| self.wrap(f)).collect())
+    }
+
+    /// Names of the published datasets.
+    pub fn list_datasets(&self) -> Result<Vec<String>> {
+        self.runtime.block_on(self.inner.list_datasets())
+    }
+
+    /// Removes a published dataset.
+    pub fn unpublish_dataset(&self, name: &str) -> Result<()> {
+        self.runtime.block_on(self.inner.unpublish_dataset(name))
+    }
+
+    /// Futures in the order they complete, as a blocking iterator.
+    pub fn as_completed<T>(&self, futures: impl IntoIterator<Item = Future<T>>) -> AsCompleted<T> {
+        let _guard = self.runtime.enter();
+        AsCompleted {
+            inner: crate::as_completed(futures.into_iter().map(|f| f.inner)),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// Waits for futures; see [`crate::wait`].
+    pub fn wait<T>(
+        &self,
+        futures: &[Future<T>],
+        return_when: crate::ReturnWhen,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<Future<T>>, Vec<Future<T>>)> {
+        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let (done, not_done) = self.runtime.block_on(crate::wait(&inner, return_when, timeout))?;
+        Ok((
+            done.into_iter().map(|f| self.wrap(f)).collect(),
+            not_done.into_iter().map(|f| self.wrap(f)).collect(),
+        ))
+    }
+
+    /// Shows a progress bar until every future is done.
+    pub fn progress<T>(&self, futures: &[Future<T>]) {
+        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        self.runtime.block_on(crate::progress(&inner));
+    }
+
     /// Waits for all futures and returns their values in order; see
     /// [`crate::Client::gather`].
     pub fn gather<T: DeserializeOwned>(&self, futures: &[Future<T>]) -> Result<Vec<T>> {
@@ -112,7 +205,142 @@ impl Client {
     }
 }
 
+/// Options for one submission; see [`Client::submit_with`].
+#[must_use = "a submission is sent by calling .submit()"]
+pub struct Submit<'c, K: Task, A> {
+    client: &'c Client,
+    inner: crate::Submit<'c, K, A>,
+}
+
+impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
+    /// Higher runs first among ready tasks.
+    pub fn priority(self, priority: i32) -> Self {
+        Submit { client: self.client, inner: self.inner.priority(priority) }
+    }
+
+    /// Gives the task this key.
+    pub fn key(self, key: impl Into<String>) -> Self {
+        Submit { client: self.client, inner: self.inner.key(key) }
+    }
+
+    /// `false` gives the task a fresh random key.
+    pub fn pure(self, pure: bool) -> Self {
+        Submit { client: self.client, inner: self.inner.pure(pure) }
+    }
+
+    /// Runs the task again up to `retries` times if it fails.
+    pub fn retries(self, retries: u32) -> Self {
+        Submit { client: self.client, inner: self.inner.retries(retries) }
+    }
+
+    /// Runs the task only on these workers.
+    pub fn workers<S: Into<String>>(self, workers: impl IntoIterator<Item = S>) -> Self {
+        Submit { client: self.client, inner: self.inner.workers(workers) }
+    }
+
+    /// With `workers`: run elsewhere when none of them is alive.
+    pub fn allow_other_workers(self, allow: bool) -> Self {
+        Submit { client: self.client, inner: self.inner.allow_other_workers(allow) }
+    }
+
+    /// Abstract resources the task needs.
+    pub fn resources<S: Into<String>>(self, resources: impl IntoIterator<Item = (S, u64)>) -> Self {
+        Submit { client: self.client, inner: self.inner.resources(resources) }
+    }
+
+    /// Submits the task; returns its future at once.
+    pub fn submit(self) -> Future<K::Output> {
+        let _guard = self.client.runtime.enter();
+        self.client.wrap(self.inner.submit())
+    }
+}
+
+/// Futures in completion order, as a blocking iterator.
+pub struct AsCompleted<T> {
+    inner: crate::AsCompleted<T>,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl<T> std::fmt::Debug for AsCompleted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl<T> AsCompleted<T> {
+    /// Adds a future to wait for.
+    pub fn add(&mut self, future: Future<T>) {
+        self.inner.add(future.inner);
+    }
+
+    /// Futures not yet yielded.
+    pub fn count(&self) -> usize {
+        self.inner.count()
+    }
+
+    /// Whether every future has been yielded.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    /// Every future completed by now, without waiting.
+    pub fn next_batch(&mut self) -> Vec<Future<T>> {
+        let runtime = self.runtime.clone();
+        self.inner
+            .next_batch()
+            .into_iter()
+            .map(|inner| Future { inner, runtime: runtime.clone() })
+            .collect()
+    }
+}
+
+impl<T> Iterator for AsCompleted<T> {
+    type Item = Future<T>;
+
+    fn next(&mut self) -> Option<Future<T>> {
+        let inner = self.runtime.block_on(self.inner.next())?;
+        Some(Future {
+            inner,
+            runtime: self.runtime.clone(),
+        })
+    }
+}
+
+/// Marks a future to run even when no handle is left; see
+/// [`crate::fire_and_forget`].
+pub fn fire_and_forget<T>(future: &Future<T>) {
+    crate::fire_and_forget(&future.inner);
+}
+
 impl<T> Future<T> {
+    /// Cancels the task (stopping it if it runs).
+    pub fn cancel(&self) {
+        let _guard = self.runtime.enter();
+        self.inner.cancel();
+    }
+
+    /// Runs the task again if it failed.
+    pub fn retry(&self) {
+        let _guard = self.runtime.enter();
+        self.inner.retry();
+    }
+
+    /// Blocks until the task is done, without reading its value.
+    pub fn wait(&self) {
+        self.runtime.block_on(self.inner.wait());
+    }
+
+    /// Calls `callback` once the task is done.
+    pub fn add_done_callback(&self, callback: impl FnOnce(Future<T>) + Send + 'static)
+    where
+        T: 'static,
+    {
+        let _guard = self.runtime.enter();
+        let runtime = self.runtime.clone();
+        self.inner
+            .add_done_callback(move |inner| callback(Future { inner, runtime }));
+    }
+
     /// The task's key.
     pub fn key(&self) -> &str {
         self.inner.key()

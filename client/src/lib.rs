@@ -34,6 +34,7 @@
 //! client alike; the wire carries their name and a signature fingerprint.
 
 mod args;
+mod as_completed;
 pub mod blocking;
 mod client;
 mod cluster;
@@ -44,6 +45,7 @@ mod outbox;
 pub mod sync;
 
 pub use args::{ArgWriter, IntoArg, IntoArgs};
+pub use as_completed::{as_completed, progress, wait, AsCompleted, ReturnWhen, WithResults};
 pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
 pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
 pub use context::TaskContextExt;
@@ -56,6 +58,7 @@ pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variab
 
 /// What most programs need: `use flotilla::prelude::*;`.
 pub mod prelude {
+    pub use crate::{as_completed, fire_and_forget, wait, ReturnWhen};
     pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext, TaskContextExt};
     pub use crate::{Event, Lock, Queue, Semaphore, Variable};
     pub use std::time::Duration;

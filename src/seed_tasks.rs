@@ -1,0 +1,1 @@
+//! Tasks used by the seed's lifecycle examples.
