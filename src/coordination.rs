@@ -77,8 +77,8 @@ pub async fn critical_section(
 }
 
 /// `times` read-modify-write increments of the counter `counter`, each
-/// under the lock `lock` (lease `lease_ms`). Returns each value written
-/// with the fencing token it was written under.
+/// under the lock `lock` (lease `lease_ms`). Returns the worker it ran on,
+/// and each value written with the fencing token it was written under.
 #[flotilla::task]
 pub async fn locked_increments(
     ctx: TaskContext,
@@ -86,7 +86,7 @@ pub async fn locked_increments(
     counter: String,
     times: u32,
     lease_ms: u64,
-) -> flotilla::Result<Vec<(u64, u64)>> {
+) -> flotilla::Result<(String, Vec<(u64, u64)>)> {
     let client = ctx.client().await?;
     let lock = Lock::new(&client, &lock).with_lease(Duration::from_millis(lease_ms));
     let counter = Variable::new(&client, &counter);
@@ -97,7 +97,7 @@ pub async fn locked_increments(
         written.push((value, guard.fencing_token()));
         guard.release().await?;
     }
-    Ok(written)
+    Ok((ctx.worker_id().to_owned(), written))
 }
 
 /// `times` read-modify-write increments of the counter `counter` with no

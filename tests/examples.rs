@@ -6,7 +6,7 @@ mod common;
 use common::{target_binary, TestCluster};
 use std::process::Command;
 
-const EXAMPLES: [(&str, &str); 11] = [
+const EXAMPLES: &[(&str, &str)] = &[
     ("basic_submit", "add(1, 2) = 3"),
     ("multiple_tasks", "results = [0, 2, 4"),
     ("map_over_inputs", "last Some(9801)"),
@@ -18,6 +18,15 @@ const EXAMPLES: [(&str, &str); 11] = [
     ("lock_example", "counter = 10 after 10 updates"),
     ("event_example", "Event occurred"),
     ("variable_example", "reader() = 42"),
+    ("working_with_futures", "Result: 7 (from the done-callback)"),
+    ("scatter_data", "gathered 100 results"),
+    ("fire_and_forget", "logged after"),
+    ("memory_management", "after drop: stored = false"),
+    ("embarrassingly_parallel", "871 with 178 steps"),
+    ("parameter_sweep", "handled 1000 simulations"),
+    ("pipeline", "= 332833500"),
+    ("iterative_algorithm", "converged after 8 iterations"),
+    ("best_practices", "5. handled 100 results"),
 ];
 
 #[tokio::test]

@@ -80,3 +80,49 @@ pub fn target_binary(relative: &str) -> PathBuf {
     }
     dir.join(relative)
 }
+
+/// Number of Redis keys of the namespace matching `<ns>:<kind>:*`
+/// (`r` results, `h` holders).
+pub async fn count_keys(config: &Config, kind: &str) -> usize {
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut cursor: u64 = 0;
+    let mut count = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}:{kind}:*", config.namespace))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .expect("scan");
+        count += keys.len();
+        if next == 0 {
+            return count;
+        }
+        cursor = next;
+    }
+}
+
+/// Waits until the namespace holds no result and no holders keys; returns
+/// how long it took, or panics with what is left after `limit`.
+pub async fn wait_until_freed(config: &Config, limit: std::time::Duration) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        let results = count_keys(config, "r").await;
+        let holders = count_keys(config, "h").await;
+        if results == 0 && holders == 0 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "after {limit:?}, {results} result keys and {holders} holders sets are left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -105,6 +105,9 @@ const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
 /// The response timeout pooled connections are created with (the `redis`
 /// crate's default), restored after each blocking command.
 const POOL_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long to wait for a blocking command's reply after unblocking it,
+/// before unblocking it again.
+const UNBLOCK_RETRY: Duration = Duration::from_millis(10);
 /// First pause before retrying after a lost connection; doubles up to 1 s.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -206,6 +209,7 @@ local function register(waiters, id, ttl)
   local now = now_ms()
   redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
   redis.call('ZADD', waiters, now + tonumber(ttl), id)
+  redis.call('PEXPIRE', waiters, ttl)
 end
 local function notify_all(waiters, prefix)
   local ids = redis.call('ZRANGE', waiters, 0, -1)
@@ -387,12 +391,14 @@ impl Drop for Waiter {
 
 /// A pooled connection of our own for one blocking command at a time.
 ///
-/// If a blocking command does not complete (an error, a client-side
-/// timeout, or the waiting future dropped), the connection is taken out of
-/// the pool and closed rather than handed to someone else with a command
-/// still blocked on the server.
+/// If a blocking command does not complete (an error, or the waiting future
+/// dropped), the connection is taken out of the pool and closed rather than
+/// handed to someone else with a command still blocked on the server.
 pub(crate) struct Dedicated {
     connection: Option<deadpool_redis::Connection>,
+    /// Its `CLIENT ID`, to end a blocking command on time.
+    id: i64,
+    client: Client,
     busy: bool,
 }
 
@@ -403,36 +409,79 @@ impl Dedicated {
         client: &Client,
         deadline: Option<Instant>,
     ) -> Result<Option<Dedicated>> {
-        let connection = match deadline {
-            None => client.dedicated_redis().await?,
-            Some(deadline) => {
-                match tokio::time::timeout_at(deadline, client.dedicated_redis()).await {
-                    Ok(connection) => connection?,
-                    Err(_) => return Ok(None),
-                }
-            }
+        let connect = async {
+            let mut connection = client.dedicated_redis().await?;
+            // Named, so that `CLIENT LIST` shows whose waits these are.
+            let (id,): (i64,) = redis::pipe()
+                .cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(format!("flotilla-wait-{}", client.names().namespace()))
+                .ignore()
+                .cmd("CLIENT")
+                .arg("ID")
+                .query_async(&mut connection)
+                .await?;
+            Ok::<_, Error>((connection, id))
+        };
+        let (connection, id) = match deadline {
+            None => connect.await?,
+            Some(deadline) => match tokio::time::timeout_at(deadline, connect).await {
+                Ok(connected) => connected?,
+                Err(_) => return Ok(None),
+            },
         };
         Ok(Some(Dedicated {
             connection: Some(connection),
+            id,
+            client: client.clone(),
             busy: false,
         }))
     }
 
-    /// Runs a command that blocks on the server for up to `wait`.
+    /// Runs a command that blocks on the server for up to `wait`, and ends
+    /// it on time: Redis only checks blocking timeouts every `1/hz` seconds
+    /// (100 ms by default), so when `wait` is up the command is ended from
+    /// another connection (`CLIENT UNBLOCK ... TIMEOUT`) and its reply —
+    /// the timeout's, or whatever it got in the meantime — read as usual.
     pub(crate) async fn blocking<T: redis::FromRedisValue>(
         &mut self,
         command: &redis::Cmd,
         wait: Duration,
     ) -> Result<T> {
-        let connection = self
-            .connection
+        let Dedicated {
+            connection,
+            id,
+            client,
+            busy,
+        } = self;
+        let connection = connection
             .as_mut()
             .expect("a dedicated connection is present until dropped");
         connection.set_response_timeout(wait + RESPONSE_MARGIN);
-        self.busy = true;
-        let reply = command.query_async(&mut **connection).await?;
+        *busy = true;
+        let until = Instant::now() + wait;
+        let reply = {
+            let mut query = std::pin::pin!(command.query_async::<T>(&mut **connection));
+            let mut at = until;
+            loop {
+                tokio::select! {
+                    reply = &mut query => break reply?,
+                    () = tokio::time::sleep_until(at) => {
+                        // Unblocking a command that has not reached the
+                        // server yet does nothing: try again shortly.
+                        let _unblocked: i64 = redis::cmd("CLIENT")
+                            .arg("UNBLOCK")
+                            .arg(*id)
+                            .arg("TIMEOUT")
+                            .query_async(&mut client.redis())
+                            .await?;
+                        at = Instant::now() + UNBLOCK_RETRY;
+                    }
+                }
+            }
+        };
         connection.set_response_timeout(POOL_RESPONSE_TIMEOUT);
-        self.busy = false;
+        *busy = false;
         Ok(reply)
     }
 }
@@ -517,7 +566,8 @@ pub(crate) fn expired(deadline: Option<Instant>) -> bool {
 
 /// A deadline `timeout` from now.
 pub(crate) fn deadline_in(timeout: Duration) -> Option<Instant> {
-    Some(Instant::now() + timeout)
+    // A timeout too long to represent is no deadline at all.
+    Instant::now().checked_add(timeout)
 }
 
 /// A blocking command's timeout in seconds, never 0 (which would mean
