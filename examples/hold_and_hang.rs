@@ -11,7 +11,10 @@ fn main() -> anyhow::Result<()> {
     let chain: Vec<_> = (0..200i64).map(|i| client.submit(inc, (i,))).collect();
     let results = client.gather(&chain)?;
     anyhow::ensure!(results.len() == 200 && client.gather(&lengths)?.len() == 50);
-    println!("holding {} futures", data.len() + lengths.len() + chain.len());
+    println!(
+        "holding {} futures",
+        data.len() + lengths.len() + chain.len()
+    );
     loop {
         std::thread::sleep(std::time::Duration::from_secs(60));
     }

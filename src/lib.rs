@@ -12,6 +12,12 @@ pub fn add(x: i64, y: i64) -> i64 {
     x + y
 }
 
+/// `x + y` on unsigned numbers.
+#[flotilla::task]
+pub fn add_u64(x: u64, y: u64) -> u64 {
+    x + y
+}
+
 /// `x + 1`, the benchmarks' no-op.
 #[flotilla::task]
 pub fn inc(x: i64) -> i64 {
@@ -101,6 +107,76 @@ pub fn make_bytes(len: usize) -> serde_bytes::ByteBuf {
 #[flotilla::task]
 pub fn byte_len(data: serde_bytes::ByteBuf) -> usize {
     data.len()
+}
+
+static RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note_run(tag: &str) -> u64 {
+    let mut runs = RUNS.lock().unwrap_or_else(|p| p.into_inner());
+    runs.push(tag.to_owned());
+    runs.iter().filter(|t| *t == tag).count() as u64
+}
+
+/// How many times tasks ran with `tag` in this process (for tests with
+/// in-process workers).
+pub fn runs_of(tag: &str) -> u64 {
+    RUNS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|t| *t == tag)
+        .count() as u64
+}
+
+/// The tags of the tasks that ran in this process, in the order they ran.
+pub fn run_log() -> Vec<String> {
+    RUNS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Notes that it ran under `tag` and returns how many times it did.
+#[flotilla::task]
+pub fn count_run(tag: String) -> u64 {
+    note_run(&tag)
+}
+
+/// Notes that it ran under `tag` after `input` was ready; returns `input`.
+#[flotilla::task]
+pub fn count_run_after(tag: String, input: i64) -> i64 {
+    note_run(&tag);
+    input
+}
+
+/// Fails the first `failures` times it runs under `tag`, then succeeds.
+#[flotilla::task]
+pub fn flaky(tag: String, failures: u64) -> Result<u64, String> {
+    let run = note_run(&tag);
+    if run <= failures {
+        Err(format!("failure {run} of {failures}"))
+    } else {
+        Ok(run)
+    }
+}
+
+/// Spins until cancelled (checking `ctx.is_cancelled()`) or `millis` pass;
+/// returns whether it saw the cancellation.
+#[flotilla::task]
+pub fn spin_until_cancelled(ctx: TaskContext, tag: String, millis: u64) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_millis(millis);
+    while std::time::Instant::now() < deadline {
+        if ctx.is_cancelled() {
+            note_run(&format!("{tag}:cancelled"));
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    note_run(&format!("{tag}:completed"));
+    false
+}
+
+/// Sleeps `millis`, then notes `tag`; an async task that can be aborted.
+#[flotilla::task]
+pub async fn sleep_then_note(tag: String, millis: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    note_run(&tag)
 }
 
 /// Makes sure this crate, and so its task registrations, is linked into a

@@ -39,7 +39,9 @@ pub struct AsCompleted<T> {
 
 impl<T> std::fmt::Debug for AsCompleted<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AsCompleted").field("count", &self.pending).finish()
+        f.debug_struct("AsCompleted")
+            .field("count", &self.pending)
+            .finish()
     }
 }
 
@@ -219,10 +221,14 @@ pub async fn wait<T>(
     };
     if !futures.is_empty() {
         match timeout {
-            Some(limit) => tokio::time::timeout(limit, waiting).await.map_err(|_| Error::Timeout {
-                key: format!("{} futures", futures.len()),
-                timeout: limit,
-            })?,
+            Some(limit) => {
+                tokio::time::timeout(limit, waiting)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        key: format!("{} futures", futures.len()),
+                        timeout: limit,
+                    })?
+            }
             None => waiting.await,
         }
     }
@@ -233,8 +239,10 @@ pub async fn wait<T>(
 pub async fn progress<T>(futures: &[Future<T>]) {
     let bar = indicatif::ProgressBar::new(futures.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:40} {pos}/{len} tasks ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:40} {pos}/{len} tasks ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut completed = as_completed(futures.iter().cloned());
     while completed.next().await.is_some() {

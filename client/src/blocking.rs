@@ -120,7 +120,10 @@ impl Client {
     }
 
     /// Scatters every value; see [`crate::Client::scatter_many`].
-    pub fn scatter_many<T: Serialize>(&self, values: impl IntoIterator<Item = T>) -> Result<Vec<Future<T>>> {
+    pub fn scatter_many<T: Serialize>(
+        &self,
+        values: impl IntoIterator<Item = T>,
+    ) -> Result<Vec<Future<T>>> {
         let inner = self.runtime.block_on(self.inner.scatter_many(values))?;
         Ok(inner.into_iter().map(|f| self.wrap(f)).collect())
     }
@@ -148,7 +151,8 @@ impl Client {
     /// Publishes futures under a name; see [`crate::Client::publish_dataset`].
     pub fn publish_dataset<T>(&self, name: &str, futures: &[Future<T>]) -> Result<()> {
         let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
-        self.runtime.block_on(self.inner.publish_dataset(name, &inner))
+        self.runtime
+            .block_on(self.inner.publish_dataset(name, &inner))
     }
 
     /// The futures of a published dataset.
@@ -184,7 +188,9 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<(Vec<Future<T>>, Vec<Future<T>>)> {
         let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
-        let (done, not_done) = self.runtime.block_on(crate::wait(&inner, return_when, timeout))?;
+        let (done, not_done) = self
+            .runtime
+            .block_on(crate::wait(&inner, return_when, timeout))?;
         Ok((
             done.into_iter().map(|f| self.wrap(f)).collect(),
             not_done.into_iter().map(|f| self.wrap(f)).collect(),
@@ -215,37 +221,58 @@ pub struct Submit<'c, K: Task, A> {
 impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
     /// Higher runs first among ready tasks.
     pub fn priority(self, priority: i32) -> Self {
-        Submit { client: self.client, inner: self.inner.priority(priority) }
+        Submit {
+            client: self.client,
+            inner: self.inner.priority(priority),
+        }
     }
 
     /// Gives the task this key.
     pub fn key(self, key: impl Into<String>) -> Self {
-        Submit { client: self.client, inner: self.inner.key(key) }
+        Submit {
+            client: self.client,
+            inner: self.inner.key(key),
+        }
     }
 
     /// `false` gives the task a fresh random key.
     pub fn pure(self, pure: bool) -> Self {
-        Submit { client: self.client, inner: self.inner.pure(pure) }
+        Submit {
+            client: self.client,
+            inner: self.inner.pure(pure),
+        }
     }
 
     /// Runs the task again up to `retries` times if it fails.
     pub fn retries(self, retries: u32) -> Self {
-        Submit { client: self.client, inner: self.inner.retries(retries) }
+        Submit {
+            client: self.client,
+            inner: self.inner.retries(retries),
+        }
     }
 
     /// Runs the task only on these workers.
     pub fn workers<S: Into<String>>(self, workers: impl IntoIterator<Item = S>) -> Self {
-        Submit { client: self.client, inner: self.inner.workers(workers) }
+        Submit {
+            client: self.client,
+            inner: self.inner.workers(workers),
+        }
     }
 
     /// With `workers`: run elsewhere when none of them is alive.
     pub fn allow_other_workers(self, allow: bool) -> Self {
-        Submit { client: self.client, inner: self.inner.allow_other_workers(allow) }
+        Submit {
+            client: self.client,
+            inner: self.inner.allow_other_workers(allow),
+        }
     }
 
     /// Abstract resources the task needs.
     pub fn resources<S: Into<String>>(self, resources: impl IntoIterator<Item = (S, u64)>) -> Self {
-        Submit { client: self.client, inner: self.inner.resources(resources) }
+        Submit {
+            client: self.client,
+            inner: self.inner.resources(resources),
+        }
     }
 
     /// Submits the task; returns its future at once.
@@ -289,7 +316,10 @@ impl<T> AsCompleted<T> {
         self.inner
             .next_batch()
             .into_iter()
-            .map(|inner| Future { inner, runtime: runtime.clone() })
+            .map(|inner| Future {
+                inner,
+                runtime: runtime.clone(),
+            })
             .collect()
     }
 }

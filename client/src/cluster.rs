@@ -126,7 +126,14 @@ impl LocalCluster {
 
     /// Starts one more worker; returns its id.
     pub async fn add_worker(&mut self) -> Result<String> {
+        self.add_worker_with_resources(&[]).await
+    }
+
+    /// Starts one more worker offering abstract resources (`[("GPU", 1)]`);
+    /// returns its id.
+    pub async fn add_worker_with_resources(&mut self, resources: &[(&str, u64)]) -> Result<String> {
         let mut options = WorkerOptions::new(self.config.clone());
+        options.resources = resources.iter().map(|(n, a)| (n.to_string(), *a)).collect();
         options.nthreads = self.nthreads;
         options.name = Some(format!("local-{}", self.workers.len()));
         let worker = WorkerHandle::spawn(options)

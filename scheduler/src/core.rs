@@ -180,7 +180,17 @@ pub struct Core {
     seq: u64,
     counts: Counts,
     next_worker: usize,
+    /// Watchers of keys that neither the table nor Redis knew: the
+    /// submission may still be on its way from another client, so they wait
+    /// a few ticks before hearing the key is lost.
+    orphans: HashMap<String, (Vec<String>, u64)>,
+    /// Keys looked up a second time for orphaned watchers.
+    final_lookups: HashSet<String>,
+    ticks: u64,
 }
+
+/// Ticks (seconds) an orphaned watcher waits for the key's submission.
+const ORPHAN_TICKS: u64 = 3;
 
 fn cancelled_error(key: &str, task: &str) -> TaskError {
     TaskError::new(
@@ -283,6 +293,9 @@ impl Core {
         let mut entry = TaskEntry::new(Some(spec), State::Waiting, self.seq);
         entry.missing = missing;
         entry.attempt = attempt;
+        if let Some((watchers, _)) = self.orphans.remove(&key) {
+            entry.watchers = watchers;
+        }
         self.tasks.insert(key.clone(), entry);
         if let Some(error) = failed {
             let error = error.unwrap_or_else(|| cancelled_error(&key, ""));
@@ -309,6 +322,14 @@ impl Core {
         waiters
             .dependents
             .retain(|waiter| self.tasks.contains_key(waiter));
+        let last_chance = self.final_lookups.remove(key);
+        if found == Lookup::Missing && !last_chance && !waiters.watchers.is_empty() {
+            let orphans = self
+                .orphans
+                .entry(key.to_owned())
+                .or_insert_with(|| (Vec::new(), self.ticks));
+            orphans.0.append(&mut waiters.watchers);
+        }
         for client in &waiters.watchers {
             let event = match &found {
                 Lookup::Finished => Event::Finished {
@@ -693,6 +714,27 @@ impl Core {
     pub fn worker_gone(&mut self, id: &str) {
         if self.workers.remove(id).is_some() {
             self.workers_changed(&[id.to_owned()]);
+        }
+    }
+
+    /// Once a second: gives orphaned watchers their last lookup.
+    pub fn tick(&mut self, comm: &mut impl Comm) {
+        self.ticks += 1;
+        let due: Vec<String> = self
+            .orphans
+            .iter()
+            .filter(|(_, (_, since))| self.ticks.saturating_sub(*since) >= ORPHAN_TICKS)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            if let Some((watchers, _)) = self.orphans.remove(&key) {
+                let waiters = self.lookups.entry(key.clone()).or_default();
+                if waiters.dependents.is_empty() && waiters.watchers.is_empty() {
+                    comm.lookup(&key);
+                }
+                waiters.watchers.extend(watchers);
+                self.final_lookups.insert(key);
+            }
         }
     }
 
@@ -1212,6 +1254,10 @@ mod tests {
         let told: Vec<&str> = comm.notified.iter().map(|(c, _)| c.as_str()).collect();
         assert_eq!(told, ["other", "third"]);
         core.lookup_answered("elsewhere", Lookup::Missing, &mut comm);
+        for _ in 0..ORPHAN_TICKS {
+            core.tick(&mut comm);
+        }
+        core.lookup_answered("elsewhere", Lookup::Missing, &mut comm);
         assert!(
             matches!(&comm.notified[2], (c, Event::Erred { error, .. }) if c == "other" && error.kind == ErrorKind::MissingDependency)
         );
@@ -1315,5 +1361,32 @@ mod tests {
         core.worker_gone("big");
         core.dispatch(&mut comm);
         assert_eq!(core.counts().parked, 1);
+    }
+
+    #[test]
+    fn a_watch_that_overtakes_the_submission_waits_for_it() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.watch("other", &["late".into(), "never".into()], &mut comm);
+        core.lookup_answered("late", Lookup::Missing, &mut comm);
+        core.lookup_answered("never", Lookup::Missing, &mut comm);
+        assert!(
+            comm.notified.is_empty(),
+            "not lost yet: the submission may be on its way"
+        );
+        core.submit(vec![spec("late", &[])], &mut comm);
+        core.dispatch(&mut comm);
+        core.finished("late", None, 0, &mut comm);
+        assert!(
+            matches!(&comm.notified[..], [(c, Event::Finished { key, .. })] if c == "other" && key == "late")
+        );
+        for _ in 0..ORPHAN_TICKS {
+            core.tick(&mut comm);
+        }
+        assert_eq!(comm.lookups.iter().filter(|k| *k == "never").count(), 2);
+        core.lookup_answered("never", Lookup::Missing, &mut comm);
+        assert!(
+            matches!(&comm.notified[1], (c, Event::Erred { key, .. }) if c == "other" && key == "never")
+        );
     }
 }

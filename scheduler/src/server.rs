@@ -197,6 +197,7 @@ async fn run_inner(
             _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => {
                 scheduler.core.expire_workers(Instant::now());
+                scheduler.core.tick(&mut scheduler.out);
                 scheduler.reap_clients();
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush().await?;
@@ -313,6 +314,14 @@ impl Scheduler {
                                 self.core.worker_seen(info, Instant::now())
                             }
                             ToScheduler::WorkerGone { worker } => self.core.worker_gone(&worker),
+                            ToScheduler::Forget { keys } => self.core.forget(&keys, &mut self.out),
+                            ToScheduler::Watch { client, keys } => {
+                                self.core.watch(&client, &keys, &mut self.out)
+                            }
+                            ToScheduler::Cancel { keys, force } => {
+                                self.core.cancel(&keys, force, &mut self.out)
+                            }
+                            ToScheduler::Retry { keys } => self.core.retry(&keys, &mut self.out),
                             other => warn!(?other, "unexpected message on the scheduler queue"),
                         }
                     }
