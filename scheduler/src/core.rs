@@ -141,6 +141,38 @@ struct Waiters {
     watchers: Vec<String>,
 }
 
+/// A worker as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Unique id (names its own queue).
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// Tasks it runs at once.
+    pub slots: u32,
+    /// Abstract resources it offers.
+    pub resources: Vec<(String, u64)>,
+    /// Registered tasks it provides.
+    pub tasks: usize,
+    /// Milliseconds since it last announced itself.
+    pub last_seen_ms: u64,
+    /// Tasks pinned to it and running there.
+    pub pinned_running: usize,
+}
+
+/// A task in the table, for status pages and the CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskStatus {
+    /// Key.
+    pub key: String,
+    /// Registered name.
+    pub task: String,
+    /// `waiting`, `ready`, `processing`, `finished` or `erred`.
+    pub state: &'static str,
+    /// The error message, when erred.
+    pub error: Option<String>,
+}
+
 /// Counters for status pages and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -226,6 +258,59 @@ impl Core {
         counts.workers = self.workers.len();
         counts.slots = self.slots;
         counts
+    }
+
+    /// The live workers.
+    pub fn workers(&self, now: Instant) -> Vec<WorkerStatus> {
+        let mut workers: Vec<WorkerStatus> = self
+            .workers
+            .iter()
+            .map(|(id, w)| WorkerStatus {
+                id: id.clone(),
+                name: w.name.clone(),
+                slots: w.slots,
+                resources: w.resources.iter().map(|(n, a)| (n.clone(), *a)).collect(),
+                tasks: w.tasks.len(),
+                last_seen_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                pinned_running: self
+                    .tasks
+                    .values()
+                    .filter(|t| t.in_flight && t.worker.as_deref() == Some(id.as_str()))
+                    .count(),
+            })
+            .collect();
+        workers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        workers
+    }
+
+    /// Up to `limit` tasks, optionally only those in `state` (`waiting`,
+    /// `ready`, `processing`, `finished`, `erred`).
+    pub fn tasks(&self, state: Option<&str>, limit: usize) -> Vec<TaskStatus> {
+        let name = |state: State| match state {
+            State::Waiting => "waiting",
+            State::Ready => "ready",
+            State::Processing => "processing",
+            State::Finished => "finished",
+            State::Erred => "erred",
+        };
+        let mut tasks: Vec<TaskStatus> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                state.is_none_or(|wanted| {
+                    wanted == name(t.state) || (wanted == "error" && t.state == State::Erred)
+                })
+            })
+            .take(limit)
+            .map(|(key, t)| TaskStatus {
+                key: key.clone(),
+                task: t.spec.as_ref().map(|s| s.task.clone()).unwrap_or_default(),
+                state: name(t.state),
+                error: t.error.as_ref().map(|e| e.to_string()),
+            })
+            .collect();
+        tasks.sort_by(|a, b| a.key.cmp(&b.key));
+        tasks
     }
 
     /// Number of tasks the scheduler holds in memory.

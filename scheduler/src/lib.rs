@@ -7,4 +7,6 @@
 pub mod core;
 pub mod server;
 
-pub use server::{run, SchedulerHandle};
+pub use server::{
+    run, run_with_hooks, Hooks, SchedulerError, SchedulerHandle, Snapshot, TaskQuery,
+};

@@ -6,7 +6,7 @@
 //! and acknowledges the input in one go, so the cost per message shrinks as
 //! load grows.
 
-use crate::core::{Comm, Core, Lookup};
+use crate::core::{Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
 use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
@@ -58,6 +58,49 @@ enum Input {
     Closed(&'static str),
 }
 
+/// What the scheduler looks like, published once a second for status pages
+/// (see [`Hooks::status`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The namespace.
+    pub namespace: String,
+    /// When it was taken.
+    pub at: std::time::SystemTime,
+    /// Seconds since the scheduler started.
+    pub uptime_s: f64,
+    /// Task counters.
+    pub counts: Counts,
+    /// Live workers.
+    pub workers: Vec<WorkerStatus>,
+    /// Tasks in the erred state (up to 100).
+    pub erred: Vec<TaskStatus>,
+    /// Tasks the scheduler holds in memory.
+    pub tasks_in_memory: usize,
+}
+
+/// Ways into a running scheduler for status pages and operator commands.
+#[derive(Debug, Default)]
+pub struct Hooks {
+    /// Receives a [`Snapshot`] every second.
+    pub status: Option<tokio::sync::watch::Sender<std::sync::Arc<Snapshot>>>,
+    /// Messages injected as if they came from the scheduler queue (for
+    /// instance `ToScheduler::Cancel` from an operator).
+    pub control: Option<mpsc::UnboundedReceiver<ToScheduler>>,
+    /// Answers task listings: `(state filter, limit, reply)`.
+    pub queries: Option<mpsc::UnboundedReceiver<TaskQuery>>,
+}
+
+/// A request for the tasks in the table (see [`Hooks::queries`]).
+#[derive(Debug)]
+pub struct TaskQuery {
+    /// Only tasks in this state (`waiting`, `ready`, `processing`, `finished`, `erred`).
+    pub state: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Vec<TaskStatus>>,
+}
+
 /// A scheduler running inside this process (see [`SchedulerHandle::spawn`]).
 #[derive(Debug)]
 pub struct SchedulerHandle {
@@ -77,6 +120,7 @@ impl SchedulerHandle {
                 let _ = stopped.await;
             },
             Some(ready_tx),
+            Hooks::default(),
         ));
         match ready_rx.await {
             Ok(()) => Ok(SchedulerHandle {
@@ -107,14 +151,25 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), SchedulerError> {
-    run_inner(config, shutdown, None).await
+    run_inner(config, shutdown, None, Hooks::default()).await
+}
+
+/// Like [`run`], with [`Hooks`] for status pages and operator commands.
+pub async fn run_with_hooks(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    hooks: Hooks,
+) -> Result<(), SchedulerError> {
+    run_inner(config, shutdown, None, hooks).await
 }
 
 async fn run_inner(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: Option<oneshot::Sender<()>>,
+    mut hooks: Hooks,
 ) -> Result<(), SchedulerError> {
+    let started = Instant::now();
     config.validate()?;
     let names = config.names();
     let connection = transport::connect_amqp(
@@ -198,9 +253,30 @@ async fn run_inner(
             _ = tick.tick() => {
                 scheduler.core.expire_workers(Instant::now());
                 scheduler.core.tick(&mut scheduler.out);
+                if let Some(status) = &hooks.status {
+                    let core = &scheduler.core;
+                    let _ = status.send(std::sync::Arc::new(Snapshot {
+                        namespace: scheduler.names.namespace().to_owned(),
+                        at: std::time::SystemTime::now(),
+                        uptime_s: started.elapsed().as_secs_f64(),
+                        counts: core.counts(),
+                        workers: core.workers(Instant::now()),
+                        erred: core.tasks(Some("erred"), 100),
+                        tasks_in_memory: core.len(),
+                    }));
+                }
                 scheduler.reap_clients();
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush().await?;
+            }
+            Some(message) = next_control(&mut hooks.control) => {
+                scheduler.apply(message);
+                scheduler.core.dispatch(&mut scheduler.out);
+                scheduler.flush().await?;
+            }
+            Some(query) = next_control(&mut hooks.queries) => {
+                let tasks = scheduler.core.tasks(query.state.as_deref(), query.limit);
+                let _ = query.reply.send(tasks);
             }
             input = input_rx.recv() => {
                 let Some(input) = input else { break Ok(()) };
@@ -305,25 +381,7 @@ impl Scheduler {
                 match decode::<ToScheduler>(&delivery.data, self.max_payload + (1 << 20)) {
                     Ok(message) => {
                         acks.submissions = Some(tag);
-                        match message {
-                            ToScheduler::Submit { tasks } => {
-                                debug!(count = tasks.len(), "submitted");
-                                self.core.submit(tasks, &mut self.out);
-                            }
-                            ToScheduler::Worker(info) => {
-                                self.core.worker_seen(info, Instant::now())
-                            }
-                            ToScheduler::WorkerGone { worker } => self.core.worker_gone(&worker),
-                            ToScheduler::Forget { keys } => self.core.forget(&keys, &mut self.out),
-                            ToScheduler::Watch { client, keys } => {
-                                self.core.watch(&client, &keys, &mut self.out)
-                            }
-                            ToScheduler::Cancel { keys, force } => {
-                                self.core.cancel(&keys, force, &mut self.out)
-                            }
-                            ToScheduler::Retry { keys } => self.core.retry(&keys, &mut self.out),
-                            other => warn!(?other, "unexpected message on the scheduler queue"),
-                        }
+                        self.apply(message);
                     }
                     Err(error) => {
                         // Acknowledge what came before, so that the next
@@ -339,38 +397,65 @@ impl Scheduler {
                 }
             }
             Input::Events(delivery) => {
-                match decode::<EventBatch>(&delivery.data, self.max_payload + (1 << 20)) {
-                    Ok(batch) => {
-                        acks.events = Some(delivery.delivery_tag);
-                        for event in batch.events {
-                            match event {
-                                Event::Finished { key, inline, size } => {
-                                    self.core.finished(&key, inline, size, &mut self.out)
-                                }
-                                Event::Erred {
-                                    key,
-                                    error,
-                                    retrying,
-                                } => self.core.erred(&key, error, retrying, &mut self.out),
-                                Event::Started { .. } => {}
-                                other => warn!(?other, "unexpected event"),
-                            }
-                        }
-                    }
-                    Err(error) => {
-                        if let Some(pending) = acks.events.take() {
-                            self.events
-                                .basic_ack(pending, BasicAckOptions { multiple: true })
-                                .await?;
-                        }
-                        self.dead_letter(&delivery, "scheduler.events", &error.to_string())
-                            .await?
-                    }
-                }
+                return self.handle_events(delivery, acks).await;
             }
             Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),
             Input::Unreferenced(keys) => self.core.forget(&keys, &mut self.out),
             Input::Closed(what) => return Err(SchedulerError::Closed(what)),
+        }
+        Ok(())
+    }
+
+    /// Applies one message of the scheduler queue.
+    fn apply(&mut self, message: ToScheduler) {
+        match message {
+            ToScheduler::Submit { tasks } => {
+                debug!(count = tasks.len(), "submitted");
+                self.core.submit(tasks, &mut self.out);
+            }
+            ToScheduler::Worker(info) => self.core.worker_seen(info, Instant::now()),
+            ToScheduler::WorkerGone { worker } => self.core.worker_gone(&worker),
+            ToScheduler::Forget { keys } => self.core.forget(&keys, &mut self.out),
+            ToScheduler::Watch { client, keys } => self.core.watch(&client, &keys, &mut self.out),
+            ToScheduler::Cancel { keys, force } => self.core.cancel(&keys, force, &mut self.out),
+            ToScheduler::Retry { keys } => self.core.retry(&keys, &mut self.out),
+            other => warn!(?other, "unexpected message on the scheduler queue"),
+        }
+    }
+
+    /// Applies a batch of completion events.
+    async fn handle_events(
+        &mut self,
+        delivery: lapin::message::Delivery,
+        acks: &mut Acks,
+    ) -> Result<(), SchedulerError> {
+        match decode::<EventBatch>(&delivery.data, self.max_payload + (1 << 20)) {
+            Ok(batch) => {
+                acks.events = Some(delivery.delivery_tag);
+                for event in batch.events {
+                    match event {
+                        Event::Finished { key, inline, size } => {
+                            self.core.finished(&key, inline, size, &mut self.out)
+                        }
+                        Event::Erred {
+                            key,
+                            error,
+                            retrying,
+                        } => self.core.erred(&key, error, retrying, &mut self.out),
+                        Event::Started { .. } => {}
+                        other => warn!(?other, "unexpected event"),
+                    }
+                }
+            }
+            Err(error) => {
+                if let Some(pending) = acks.events.take() {
+                    self.events
+                        .basic_ack(pending, BasicAckOptions { multiple: true })
+                        .await?;
+                }
+                self.dead_letter(&delivery, "scheduler.events", &error.to_string())
+                    .await?
+            }
         }
         Ok(())
     }
@@ -622,5 +707,13 @@ async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
             warn!(%error, result_key, "lookup failed");
             Lookup::Missing
         }
+    }
+}
+
+/// The next message of an optional hook channel; pending forever without one.
+async fn next_control<T>(channel: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match channel {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
