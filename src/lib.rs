@@ -2,7 +2,7 @@
 //! programs (which submit them) and the demo `flotilla-worker` binary
 //! (which registers and runs them).
 
-use flotilla::TaskContext;
+use flotilla::{TaskContext, TaskContextExt};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -177,6 +177,39 @@ pub fn spin_until_cancelled(ctx: TaskContext, tag: String, millis: u64) -> bool 
 pub async fn sleep_then_note(tag: String, millis: u64) -> u64 {
     tokio::time::sleep(Duration::from_millis(millis)).await;
     note_run(&tag)
+}
+
+/// The seed's "Dynamic Task Submission": split the data, recurse on the
+/// cluster, combine. Each level waits on the next one's futures, giving its
+/// slot back meanwhile, so any depth runs on any number of slots.
+#[flotilla::task]
+pub async fn recursive_compute(
+    ctx: TaskContext,
+    data: Vec<i64>,
+    depth: u32,
+) -> flotilla::Result<i64> {
+    if depth == 0 || data.len() < 2 {
+        return Ok(data.iter().sum());
+    }
+    let client = ctx.client().await?;
+    let (left, right) = data.split_at(data.len() / 2);
+    let left = client.submit(recursive_compute, (left.to_vec(), depth - 1));
+    let right = client.submit(recursive_compute, (right.to_vec(), depth - 1));
+    Ok(left.await? + right.await?)
+}
+
+/// Maps `double` over `0..n` from inside a task and sums the results.
+#[flotilla::task]
+pub async fn fan_out(ctx: TaskContext, n: i64) -> flotilla::Result<i64> {
+    let client = ctx.client().await?;
+    let parts = client.map(double, (0..n).map(|i| (i,)));
+    Ok(client.gather(&parts).await?.iter().sum())
+}
+
+/// `2x`.
+#[flotilla::task]
+pub fn double(x: i64) -> i64 {
+    2 * x
 }
 
 /// Makes sure this crate, and so its task registrations, is linked into a

@@ -27,6 +27,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("pipeline", "= 332833500"),
     ("iterative_algorithm", "converged after 8 iterations"),
     ("best_practices", "5. handled 100 results"),
+    ("dynamic_submission", "= 500500"),
 ];
 
 #[tokio::test]
@@ -39,14 +40,7 @@ async fn every_example_runs_against_a_cluster() {
         assert!(path.exists(), "{} is built by `cargo test`", path.display());
         let output = tokio::task::spawn_blocking({
             let config = t.config.clone();
-            move || {
-                Command::new(&path)
-                    .env("FLOTILLA_AMQP_URL", &config.amqp_url)
-                    .env("FLOTILLA_REDIS_URL", &config.redis_url)
-                    .env("FLOTILLA_NAMESPACE", &config.namespace)
-                    .output()
-                    .expect("example runs")
-            }
+            move || run_with_timeout(&path, &config, std::time::Duration::from_secs(120))
         })
         .await
         .unwrap();
@@ -59,4 +53,29 @@ async fn every_example_runs_against_a_cluster() {
         assert!(stdout.contains(expected), "{example} printed {stdout:?}");
     }
     t.stop().await;
+}
+
+/// Runs an example against the cluster, killing it if it runs too long.
+fn run_with_timeout(
+    path: &std::path::Path,
+    config: &flotilla::Config,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let mut child = Command::new(path)
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("example starts");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("example status").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{} ran for more than {limit:?}", path.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("example output")
 }

@@ -321,7 +321,7 @@ async fn cancel_stops_pending_and_running_tasks_and_their_dependents() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(spinning.status(), Status::Running);
     let started = Instant::now();
-    t.client.cancel(&[spinning.clone()], true);
+    t.client.cancel(std::slice::from_ref(&spinning), true);
     sleeping.cancel();
     assert_eq!(spinning.status(), Status::Cancelled);
     assert!(matches!(sleeping.result().await, Err(Error::Cancelled(_))));
@@ -379,7 +379,7 @@ async fn retries_and_retry_rerun_failed_tasks() {
     let dependent = t.client.submit(add_u64, (&failed, 1));
     assert!(failed.result().await.is_err());
     assert!(dependent.result().await.is_err());
-    t.client.retry(&[dependent.clone()]);
+    t.client.retry(std::slice::from_ref(&dependent));
     assert_eq!(
         dependent
             .result_timeout(Duration::from_secs(20))
@@ -568,7 +568,7 @@ async fn futures_travel_between_clients_and_through_datasets() {
         .unwrap();
     assert!(t
         .client
-        .publish_dataset("numbers", &[a.clone()])
+        .publish_dataset("numbers", std::slice::from_ref(&a))
         .await
         .is_err());
     assert_eq!(other.list_datasets().await.unwrap(), ["numbers"]);

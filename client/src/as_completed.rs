@@ -194,6 +194,9 @@ impl<T: DeserializeOwned> WithResults<T> {
     }
 }
 
+/// What [`wait`] returns: `(done, not_done)`.
+pub type DoneAndNotDone<T> = (Vec<Future<T>>, Vec<Future<T>>);
+
 /// When [`wait`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReturnWhen {
@@ -209,7 +212,7 @@ pub async fn wait<T>(
     futures: &[Future<T>],
     return_when: ReturnWhen,
     timeout: Option<Duration>,
-) -> Result<(Vec<Future<T>>, Vec<Future<T>>)> {
+) -> Result<DoneAndNotDone<T>> {
     let waiting = async {
         let mut completed = as_completed(futures.iter().cloned());
         match return_when {

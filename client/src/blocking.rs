@@ -26,6 +26,25 @@ use std::time::Duration;
 pub struct Client {
     inner: crate::Client,
     runtime: Arc<tokio::runtime::Runtime>,
+    _flush: Arc<FlushOnDrop>,
+}
+
+/// When the last handle of a blocking client goes (a script ending), sends
+/// what is still queued — the releases of the futures dropped just before —
+/// before the runtime stops, so that nothing stays held until the lease lapses.
+#[derive(Debug)]
+struct FlushOnDrop {
+    client: crate::Client,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        let _ = self.runtime.block_on(async move {
+            tokio::time::timeout(Duration::from_secs(5), client.finish()).await
+        });
+    }
 }
 
 /// A blocking handle on a task's result.
@@ -68,7 +87,15 @@ impl Client {
     pub fn connect(config: Config) -> Result<Client> {
         let runtime = Arc::new(runtime()?);
         let inner = runtime.block_on(crate::Client::connect(config))?;
-        Ok(Client { inner, runtime })
+        let flush = Arc::new(FlushOnDrop {
+            client: inner.clone(),
+            runtime: runtime.clone(),
+        });
+        Ok(Client {
+            inner,
+            runtime,
+            _flush: flush,
+        })
     }
 
     /// The async client underneath.
@@ -186,7 +213,7 @@ impl Client {
         futures: &[Future<T>],
         return_when: crate::ReturnWhen,
         timeout: Option<Duration>,
-    ) -> Result<(Vec<Future<T>>, Vec<Future<T>>)> {
+    ) -> Result<DoneAndNotDone<T>> {
         let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         let (done, not_done) = self
             .runtime
@@ -210,6 +237,9 @@ impl Client {
         self.runtime.block_on(self.inner.gather(&inner))
     }
 }
+
+/// What [`Client::wait`] returns: `(done, not_done)`.
+pub type DoneAndNotDone<T> = (Vec<Future<T>>, Vec<Future<T>>);
 
 /// Options for one submission; see [`Client::submit_with`].
 #[must_use = "a submission is sent by calling .submit()"]

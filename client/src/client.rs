@@ -801,6 +801,18 @@ impl Client {
         wait.await.map_err(|_| Error::Closed)
     }
 
+    /// Sends what is queued; gives up the lease when nothing is held any more.
+    pub(crate) async fn finish(&self) {
+        let _ = self.flush().await;
+        if self.inner.table().is_empty() {
+            let _ = redis::cmd("ZREM")
+                .arg(self.inner.names.leases_key())
+                .arg(&self.inner.id)
+                .query_async::<()>(&mut self.redis())
+                .await;
+        }
+    }
+
     /// Releases everything this client holds and closes its connections.
     /// Other handles of the client stop working.
     pub async fn close(self) -> Result<()> {

@@ -169,8 +169,16 @@ impl FutureState {
         }
     }
 
-    /// Waits until the task is done.
+    /// Waits until the task is done; inside a task, lends the task's slot
+    /// to its worker meanwhile (see [`flotilla_worker::seceded`]).
     pub(crate) async fn wait(&self) {
+        if self.status().is_done() {
+            return;
+        }
+        flotilla_worker::seceded(self.wait_here()).await
+    }
+
+    async fn wait_here(&self) {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);

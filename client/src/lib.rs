@@ -45,7 +45,9 @@ mod outbox;
 pub mod sync;
 
 pub use args::{ArgWriter, IntoArg, IntoArgs};
-pub use as_completed::{as_completed, progress, wait, AsCompleted, ReturnWhen, WithResults};
+pub use as_completed::{
+    as_completed, progress, wait, AsCompleted, DoneAndNotDone, ReturnWhen, WithResults,
+};
 pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
 pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
 pub use context::TaskContextExt;

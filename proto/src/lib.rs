@@ -28,6 +28,7 @@ pub use config::{
 pub use error::{ErrorKind, TaskError};
 pub use messages::{
     Arg, Event, EventBatch, RunTask, StoredResult, TaskSpec, ToScheduler, ToWorker, WorkerInfo,
+    TAG_ERR, TAG_OK,
 };
 pub use names::{new_id, validate_namespace, Names};
 pub use task::{ResultOutput, Task};

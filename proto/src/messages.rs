@@ -228,7 +228,9 @@ pub struct EventBatch {
     pub events: Vec<Event>,
 }
 
-/// A result as stored in Redis: one tag byte, then the payload.
+/// A result as stored in Redis: the payload, then one tag byte. The tag
+/// comes last so that taking it off a large value costs nothing (a
+/// `truncate`, not a copy), and `GETRANGE key -1 -1` reads it alone.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoredResult {
     /// MessagePack of the task's output.
@@ -237,34 +239,33 @@ pub enum StoredResult {
     Err(TaskError),
 }
 
-const TAG_OK: u8 = 0;
-const TAG_ERR: u8 = 1;
+/// Tag of a stored value.
+pub const TAG_OK: u8 = 0;
+/// Tag of a stored error.
+pub const TAG_ERR: u8 = 1;
 
 impl StoredResult {
-    /// Encodes the value to store: a tag byte then the bytes.
+    /// Encodes a value to store: its bytes, then the tag.
     pub fn encode_ok(value: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(value.len() + 1);
-        out.push(TAG_OK);
         out.extend_from_slice(value);
+        out.push(TAG_OK);
         out
     }
 
     /// Encodes an error to store.
     pub fn encode_err(error: &TaskError) -> Vec<u8> {
-        let mut out = vec![TAG_ERR];
-        out.extend_from_slice(&crate::encode(error));
+        let mut out = crate::encode(error);
+        out.push(TAG_ERR);
         out
     }
 
     /// Decodes a stored result.
     pub fn decode(mut bytes: Vec<u8>) -> Result<Self, crate::DecodeError> {
-        match bytes.first() {
-            Some(&TAG_OK) => {
-                bytes.remove(0);
-                Ok(StoredResult::Ok(bytes))
-            }
-            Some(&TAG_ERR) => Ok(StoredResult::Err(crate::decode(&bytes[1..], usize::MAX)?)),
-            Some(&found) => Err(crate::DecodeError::Version { found }),
+        match bytes.pop() {
+            Some(TAG_OK) => Ok(StoredResult::Ok(bytes)),
+            Some(TAG_ERR) => Ok(StoredResult::Err(crate::decode(&bytes, usize::MAX)?)),
+            Some(found) => Err(crate::DecodeError::Version { found }),
             None => Err(crate::DecodeError::Empty),
         }
     }
@@ -272,7 +273,7 @@ impl StoredResult {
     /// Borrows the value bytes of a stored success without copying, or
     /// `None` when the bytes hold an error.
     pub fn ok_slice(bytes: &[u8]) -> Option<&[u8]> {
-        match bytes.split_first() {
+        match bytes.split_last() {
             Some((&TAG_OK, rest)) => Some(rest),
             _ => None,
         }
@@ -331,6 +332,7 @@ mod tests {
                 Event::Erred {
                     key: "e".into(),
                     error: TaskError::new(ErrorKind::User, "T", "m"),
+                    retrying: true,
                 },
             ],
         };

@@ -31,7 +31,7 @@ pub fn dataset_holder(name: &str) -> String {
 pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('SADD', KEYS[1], ARGV[1])
-          local tag = redis.call('GETRANGE', KEYS[2], 0, 0)
+          local tag = redis.call('GETRANGE', KEYS[2], -1, -1)
           if tag == '' then return -1 end
           return string.byte(tag)",
     )

@@ -687,13 +687,13 @@ async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResul
 async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
     let first: redis::RedisResult<Vec<u8>> = redis::cmd("GETRANGE")
         .arg(result_key)
-        .arg(0)
-        .arg(0)
+        .arg(-1)
+        .arg(-1)
         .query_async(redis)
         .await;
     match first.as_deref() {
         Ok([]) => Lookup::Missing,
-        Ok([0]) => Lookup::Finished,
+        Ok([flotilla_proto::TAG_OK]) => Lookup::Finished,
         Ok(_) => {
             let whole: redis::RedisResult<Vec<u8>> =
                 redis::cmd("GET").arg(result_key).query_async(redis).await;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 /// holds the encoded result of every key the arguments refer to.
 pub(crate) fn assemble(
     args: &[u8],
-    inputs: &HashMap<String, Vec<u8>>,
+    inputs: &HashMap<String, std::sync::Arc<Vec<u8>>>,
 ) -> Result<Vec<u8>, TaskError> {
     let args: Vec<Arg> = rmp_serde::from_slice(args).map_err(|error| {
         TaskError::new(
@@ -28,7 +28,7 @@ pub(crate) fn assemble(
 fn write_list(
     out: &mut Vec<u8>,
     items: &[Arg],
-    inputs: &HashMap<String, Vec<u8>>,
+    inputs: &HashMap<String, std::sync::Arc<Vec<u8>>>,
 ) -> Result<(), TaskError> {
     let len = u32::try_from(items.len()).map_err(|_| too_many())?;
     rmp::encode::write_array_len(out, len).map_err(|_| too_many())?;
@@ -77,7 +77,10 @@ mod tests {
             Arg::List(vec![Arg::Ref("a".into()), value(&5i64)]),
         ];
         let spec = rmp_serde::to_vec(&args).unwrap();
-        let inputs = HashMap::from([("a".to_string(), rmp_serde::to_vec(&7i64).unwrap())]);
+        let inputs = HashMap::from([(
+            "a".to_string(),
+            std::sync::Arc::new(rmp_serde::to_vec(&7i64).unwrap()),
+        )]);
         let bytes = assemble(&spec, &inputs).unwrap();
         let decoded: (i64, i64, Vec<i64>) = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(decoded, (1, 7, vec![7, 5]));

@@ -12,10 +12,12 @@
 //! ```
 
 mod args;
+mod cache;
 mod context;
 mod panic;
 pub mod registry;
 mod runtime;
+mod slot;
 
 pub use context::TaskContext;
 pub use registry::{
@@ -24,6 +26,7 @@ pub use registry::{
 pub use runtime::{
     run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT,
 };
+pub use slot::seceded;
 
 #[doc(hidden)]
 pub use inventory as __inventory;
@@ -55,7 +58,7 @@ const WORKER_FLAGS: [Flag; 4] = [
     Flag {
         name: "prefetch",
         value: "N",
-        help: "task deliveries held unacknowledged [default: 4 per thread + 4]",
+        help: "task deliveries held unacknowledged [default: 64 per thread, at least 256]",
     },
 ];
 

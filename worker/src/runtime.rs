@@ -8,6 +8,7 @@
 
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
+use crate::slot::Slot;
 use crate::TaskContext;
 use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
@@ -36,6 +37,8 @@ use tracing::{debug, info, warn, Instrument};
 pub const INLINE_RESULT_LIMIT: usize = 16 * 1024;
 /// How often a worker announces itself to the scheduler.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Bytes of large inputs a worker keeps for reuse by later tasks.
+const INPUT_CACHE_BYTES: usize = 512 << 20;
 /// A task still running after this long is reported as started.
 const STARTED_AFTER: Duration = Duration::from_millis(50);
 /// Most completions stored and published together.
@@ -67,7 +70,7 @@ pub struct WorkerOptions {
     pub nthreads: usize,
     /// Human-readable name; defaults to host name and process id.
     pub name: Option<String>,
-    /// Deliveries held unacknowledged; defaults to four per thread plus four.
+    /// Deliveries held unacknowledged; defaults to 64 per thread, at least 256.
     pub prefetch: Option<u16>,
     /// Abstract resources this worker offers (`("GPU", 1)`): tasks that
     /// need them are placed here, and run only while enough are free.
@@ -227,13 +230,14 @@ impl Running {
 }
 
 struct Shared {
+    cache: crate::cache::InputCache,
     running: std::sync::Mutex<HashMap<String, Arc<Running>>>,
     resources: HashMap<String, Arc<Semaphore>>,
     id: String,
     config: Config,
     names: Names,
     redis: ConnectionManager,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
 }
@@ -331,9 +335,13 @@ async fn run_inner(
     let id = flotilla_proto::new_id();
     let display_name = options.name.clone().unwrap_or_else(default_name);
     let nthreads = options.nthreads.max(1);
+    // Deliveries held at once. Generous, because a task that waits on
+    // other tasks lends its slot but keeps its delivery: a small window
+    // would fill with waiting parents and starve their children. The
+    // scheduler's in-flight window is what bounds the work handed out.
     let prefetch = options
         .prefetch
-        .unwrap_or_else(|| u16::try_from(nthreads * 4 + 4).unwrap_or(u16::MAX));
+        .unwrap_or_else(|| u16::try_from((nthreads * 64).max(256)).unwrap_or(u16::MAX));
 
     let connection = transport::connect_amqp(
         &config.amqp_url,
@@ -352,6 +360,7 @@ async fn run_inner(
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        cache: crate::cache::InputCache::new(INPUT_CACHE_BYTES),
         running: std::sync::Mutex::new(HashMap::new()),
         resources: options
             .resources
@@ -367,7 +376,7 @@ async fn run_inner(
         config: config.clone(),
         names: names.clone(),
         redis: redis.clone(),
-        slots: Semaphore::new(nthreads),
+        slots: Arc::new(Semaphore::new(nthreads)),
         completions,
         extension: inventory::iter::<ContextExtension>
             .into_iter()
@@ -533,9 +542,12 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps = task.spec.deps.clone();
                 let may_retry = task.attempt < task.spec.retries;
-                let permit = shared.slots.acquire().await;
+                let Ok(permit) = shared.slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let slot = Slot::new(shared.slots.clone(), permit);
                 let resources = shared.acquire_resources(&task.spec.resources).await;
-                let run = execute(&shared, task);
+                let run = execute(&shared, task, slot.clone());
                 tokio::pin!(run);
                 let outcome = tokio::select! {
                     biased;
@@ -546,7 +558,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                     }
                 };
                 drop(resources);
-                drop(permit);
+                slot.release();
                 let retrying = may_retry
                     && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch));
                 let _ = shared.completions.send(Completion::Done {
@@ -564,7 +576,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
 }
 
 /// Runs one task: loads its inputs, checks its name and signature, calls it.
-async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
+async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome {
     let RunTask { spec, inline, .. } = task;
     let outcome = async {
         let registration = registry().get(spec.task.as_str()).ok_or_else(|| {
@@ -601,12 +613,12 @@ async fn execute(shared: &Shared, task: RunTask) -> TaskOutcome {
         let running = shared.running(&spec.key, ctx.clone());
         let output = match registration.invoke(ctx, &args) {
             Invocation::Ready(outcome) => outcome,
-            Invocation::Sync(call) => match tokio::task::spawn_blocking(move || run_sync(call)).await {
+            Invocation::Sync(call) => match tokio::task::spawn_blocking(move || slot.sync_scope(|| run_sync(call))).await {
                 Ok(outcome) => outcome,
                 Err(error) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
             },
             Invocation::Async(future) => {
-                let handle = tokio::spawn(CatchUnwind::new(future));
+                let handle = tokio::spawn(slot.scope(CatchUnwind::new(future)));
                 running.set_abort(handle.abort_handle());
                 match handle.await {
                     Ok(outcome) => outcome,
@@ -657,12 +669,23 @@ async fn load_inputs(
     shared: &Shared,
     deps: &[String],
     inline: Vec<(String, serde_bytes::ByteBuf)>,
-) -> Result<HashMap<String, Vec<u8>>, TaskError> {
-    let mut inputs: HashMap<String, Vec<u8>> = inline
+) -> Result<HashMap<String, Arc<Vec<u8>>>, TaskError> {
+    let mut inputs: HashMap<String, Arc<Vec<u8>>> = inline
         .into_iter()
-        .map(|(key, bytes)| (key, bytes.into_vec()))
+        .map(|(key, bytes)| (key, Arc::new(bytes.into_vec())))
         .collect();
-    let wanted: Vec<&String> = deps.iter().filter(|d| !inputs.contains_key(*d)).collect();
+    let mut wanted: Vec<&String> = Vec::new();
+    for dep in deps {
+        if inputs.contains_key(dep) {
+            continue;
+        }
+        match shared.cache.get(dep) {
+            Some(bytes) => {
+                inputs.insert(dep.clone(), bytes);
+            }
+            None => wanted.push(dep),
+        }
+    }
     if wanted.is_empty() {
         return Ok(inputs);
     }
@@ -682,6 +705,8 @@ async fn load_inputs(
     for (key, value) in wanted.into_iter().zip(values) {
         match value.map(StoredResult::decode) {
             Some(Ok(StoredResult::Ok(bytes))) => {
+                let bytes = Arc::new(bytes);
+                shared.cache.insert(key, bytes.clone());
                 inputs.insert(key.clone(), bytes);
             }
             Some(Ok(StoredResult::Err(error))) => return Err(error),
