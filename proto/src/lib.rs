@@ -30,5 +30,7 @@ pub use messages::{
     Arg, Event, EventBatch, RunTask, StoredResult, TaskSpec, ToScheduler, ToWorker, WorkerInfo,
     TAG_ERR, TAG_OK,
 };
+// Actors (see `flotilla::actor`).
+pub use messages::{ActorCall, ActorInfo, ActorReply};
 pub use names::{new_id, validate_namespace, Names};
 pub use task::{ResultOutput, Task};

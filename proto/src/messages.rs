@@ -175,6 +175,48 @@ pub enum ToWorker {
         /// The keys.
         keys: Vec<String>,
     },
+    /// These actors lost their last handle: the worker hosting any of them
+    /// drops it (broadcast to all workers).
+    DropActors {
+        /// The actors' keys.
+        keys: Vec<String>,
+    },
+}
+
+/// Where an actor lives: the result of the task that created it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorInfo {
+    /// Id of the hosting worker.
+    pub worker: String,
+    /// The worker's actor queue, where calls are published.
+    pub queue: String,
+}
+
+/// A method call on an actor, published straight to the hosting worker's
+/// actor queue (bypassing the scheduler) with RabbitMQ's direct reply-to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActorCall {
+    /// The actor's key.
+    pub actor: String,
+    /// The method's name.
+    pub method: String,
+    /// MessagePack of the method's argument tuple; opaque to the worker's
+    /// runtime, decoded by the actor.
+    #[serde(with = "serde_bytes")]
+    pub args: Vec<u8>,
+    /// The call's key: its result is stored under it, like a task's.
+    pub call: String,
+    /// The calling client, which holds the result.
+    pub client: String,
+}
+
+/// The answer to an [`ActorCall`], sent to the caller's reply-to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorReply {
+    /// The call's key.
+    pub call: String,
+    /// The method's encoded output, or its error.
+    pub outcome: Result<serde_bytes::ByteBuf, TaskError>,
 }
 
 /// A change in a task's state, published on the events exchange.
@@ -339,6 +381,49 @@ mod tests {
         assert_eq!(
             decode::<EventBatch>(&encode(&batch), usize::MAX).unwrap(),
             batch
+        );
+    }
+
+    #[test]
+    fn actor_messages_round_trip() {
+        let call = ActorCall {
+            actor: "Counter-1".into(),
+            method: "increment".into(),
+            args: vec![0x90],
+            call: "increment-2".into(),
+            client: "c".into(),
+        };
+        assert_eq!(
+            decode::<ActorCall>(&encode(&call), usize::MAX).unwrap(),
+            call
+        );
+        for outcome in [
+            Ok(serde_bytes::ByteBuf::from(vec![1])),
+            Err(TaskError::new(ErrorKind::User, "T", "m")),
+        ] {
+            let reply = ActorReply {
+                call: "k".into(),
+                outcome,
+            };
+            assert_eq!(
+                decode::<ActorReply>(&encode(&reply), usize::MAX).unwrap(),
+                reply
+            );
+        }
+        let info = ActorInfo {
+            worker: "w".into(),
+            queue: "ns.actors.w".into(),
+        };
+        assert_eq!(
+            decode::<ActorInfo>(&encode(&info), usize::MAX).unwrap(),
+            info
+        );
+        let drop = ToWorker::DropActors {
+            keys: vec!["a".into()],
+        };
+        assert_eq!(
+            decode::<ToWorker>(&encode(&drop), usize::MAX).unwrap(),
+            drop
         );
     }
 

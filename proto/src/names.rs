@@ -54,6 +54,12 @@ impl Names {
         format!("{}.worker.{worker}", self.namespace)
     }
 
+    /// A worker's actor queue: method calls on the actors it hosts. Exclusive
+    /// to the worker's connection, so it vanishes when the worker dies.
+    pub fn actors_queue(&self, worker: &str) -> String {
+        format!("{}.actors.{worker}", self.namespace)
+    }
+
     /// Queue of client submissions and worker announcements for the scheduler.
     pub fn scheduler_queue(&self) -> String {
         format!("{}.scheduler", self.namespace)
@@ -164,6 +170,7 @@ mod tests {
         let names = Names::new("ns");
         assert_eq!(names.tasks_queue(), "ns.tasks");
         assert_eq!(names.worker_queue("w1"), "ns.worker.w1");
+        assert_eq!(names.actors_queue("w1"), "ns.actors.w1");
         assert_eq!(names.result_key("add-1"), "ns:r:{add-1}");
         assert_eq!(names.holders_key("add-1"), "ns:h:{add-1}");
         assert_eq!(

@@ -78,6 +78,29 @@ pub static STORE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// `KEYS`: holders, result. Run right after a plain `SET` of a large result
+/// (so the value is not copied through Lua): keeps it only if anyone still
+/// wants it, then ends a `fire_and_forget` hold. Returns like [`STORE`].
+/// A release racing in between deletes the result itself, so nothing leaks.
+pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('EXISTS', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[2])
+            return -1
+          end
+          redis.call('SREM', KEYS[1], 'ff')
+          if redis.call('EXISTS', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[2])
+            return 0
+          end
+          return 1",
+    )
+});
+
+/// Results at least this large are stored with `SET` + [`FINALIZE`]
+/// rather than through [`STORE`].
+pub const LARGE_RESULT: usize = 64 * 1024;
+
 /// `KEYS`: holders, result. `ARGV`: holder, encoded value. Stores scattered
 /// data and takes the scatterer's hold in one step, so a concurrent release
 /// by another holder of the same content-addressed key can never delete it
@@ -91,8 +114,8 @@ pub static SCATTER: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Every script, for loading them after a connect or a Redis restart.
-pub fn all() -> [&'static Script; 5] {
-    [&HOLD, &HOLD_UNTIL_DONE, &RELEASE, &STORE, &SCATTER]
+pub fn all() -> [&'static Script; 6] {
+    [&HOLD, &HOLD_UNTIL_DONE, &RELEASE, &STORE, &FINALIZE, &SCATTER]
 }
 
 /// Adds an `EVALSHA` of `script` to a pipeline.

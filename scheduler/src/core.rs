@@ -88,7 +88,9 @@ struct TaskEntry {
     watchers: Vec<String>,
     /// The worker it was pinned to, if any.
     worker: Option<String>,
-    error: Option<TaskError>,
+    /// Boxed: most entries never fail, and an inline error would double
+    /// every entry's size.
+    error: Option<Box<TaskError>>,
 }
 
 impl TaskEntry {
@@ -356,7 +358,7 @@ impl Core {
                 Some(input) => match input.state {
                     State::Finished => input.holders += 1,
                     State::Erred => {
-                        failed.get_or_insert_with(|| input.error.clone());
+                        failed.get_or_insert_with(|| input.error.as_deref().cloned());
                         input.dependents.push(key.clone());
                     }
                     _ => {
@@ -565,7 +567,7 @@ impl Core {
         }
         self.counts.erred += 1;
         task.state = State::Erred;
-        task.error = Some(error.clone());
+        task.error = Some(Box::new(error.clone()));
         for watcher in task.watchers.clone() {
             comm.notify(
                 &watcher,
@@ -608,7 +610,7 @@ impl Core {
             }
             let was_waiting = matches!(task.state, State::Waiting | State::Ready);
             task.state = State::Erred;
-            task.error = Some(error.clone());
+            task.error = Some(Box::new(error.clone()));
             comm.store_error(&key, &error);
             for client in task.clients() {
                 comm.notify(
@@ -698,7 +700,8 @@ impl Core {
                             key: key.clone(),
                             error: task
                                 .error
-                                .clone()
+                                .as_deref()
+                                .cloned()
                                 .unwrap_or_else(|| cancelled_error(key, "")),
                             retrying: false,
                         },

@@ -2,11 +2,14 @@
 //!
 //! [`core`] is the scheduling state machine, free of I/O; [`server`] wires it
 //! to RabbitMQ (submissions and completion events in, ready tasks out) and
-//! Redis (stored errors, lookups of inputs it does not hold).
+//! Redis (stored errors, lookups of inputs it does not hold); [`http`] serves
+//! metrics, a status API and a dashboard through the server's [`Hooks`].
 
 pub mod core;
+pub mod http;
 pub mod server;
 
+pub use http::HttpServer;
 pub use server::{
     run, run_with_hooks, Hooks, SchedulerError, SchedulerHandle, Snapshot, TaskQuery,
 };

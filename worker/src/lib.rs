@@ -11,6 +11,7 @@
 //! flotilla_worker::main();
 //! ```
 
+pub mod actors;
 mod args;
 mod cache;
 mod context;
@@ -19,6 +20,7 @@ pub mod registry;
 mod runtime;
 mod slot;
 
+pub use actors::{Actor, ActorRegistration, DynActor};
 pub use context::TaskContext;
 pub use registry::{
     decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration,

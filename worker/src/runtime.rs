@@ -418,6 +418,11 @@ async fn run_inner(
         })
     };
 
+    // --- actors: the host of this worker's actors (own connection and
+    // exclusive actor queue), up before any creation task can arrive; it
+    // stops, and the queue vanishes, when this function ends or is aborted.
+    let _actors = crate::actors::ActorHost::start(&config, &id, shared.redis.clone()).await?;
+    // --- end actors ---
     let consume = connection.create_channel().await?;
     consume
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -515,6 +520,13 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
+        // --- actors: an actor lost its last handle ---
+        Ok(ToWorker::DropActors { keys }) => {
+            crate::actors::drop_actors(&shared.id, &keys);
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        // --- end actors ---
         Ok(_) => {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
@@ -759,12 +771,13 @@ async fn complete_loop(
             let keys = [names.holders_key(key), names.result_key(key)];
             let event = match outcome {
                 Ok(bytes) => {
-                    refs::add(
-                        &mut pipe,
-                        &refs::STORE,
-                        [&keys[0], &keys[1]],
-                        &[&StoredResult::encode_ok(bytes)],
-                    );
+                    let stored = StoredResult::encode_ok(bytes);
+                    if stored.len() >= refs::LARGE_RESULT {
+                        pipe.set(&keys[1], stored).ignore();
+                        refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
+                    } else {
+                        refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
+                    }
                     // Done for good: it no longer needs its inputs.
                     let holder = refs::task_holder(key);
                     for dep in deps {

@@ -1,0 +1,506 @@
+//! Actors: stateful objects that live on one worker and serve method calls.
+//!
+//! `#[flotilla::actor]` implements [`Actor`] for a type and registers each of
+//! its constructors with an [`ActorRegistration`]. Creating an actor is an
+//! ordinary task, [`CREATE_ACTOR`], placed by the scheduler like any other
+//! (so `workers=` works); it builds the object on the worker that runs it and
+//! returns an [`ActorInfo`] naming that worker's actor queue.
+//!
+//! Method calls bypass the scheduler: clients publish [`ActorCall`]s to the
+//! worker's actor queue with RabbitMQ's direct reply-to. The queue is
+//! exclusive to a connection of its own, so it vanishes the moment the
+//! worker dies, which is how callers learn their actor is lost. Every actor
+//! has a mailbox (one tokio task) that runs its calls one at a time in
+//! arrival order; the answer goes to the caller's reply-to first, and the
+//! result is then stored in Redis under the call's key, held by the caller,
+//! so that the call's future can be passed into tasks like any other.
+//!
+//! An actor is dropped when its key has no holders left: promptly when its
+//! last client handle goes (the client broadcasts
+//! [`ToWorker::DropActors`](flotilla_proto::ToWorker::DropActors)), and
+//! otherwise by a periodic sweep (a client that died, a handle held by a
+//! task).
+
+use crate::panic::CatchUnwind;
+use crate::registry::{decode_args, encode_output, Invocation, TaskOutcome, TaskRegistration};
+use crate::TaskContext;
+use flotilla_proto::transport::{self, name};
+use flotilla_proto::{
+    decode, encode, refs, ActorCall, ActorInfo, ActorReply, Config, ErrorKind, Names, StoredResult,
+    TaskError,
+};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle};
+use tracing::{debug, info, warn};
+
+/// Registered name of the task that creates an actor. Its arguments are the
+/// constructor's name and the MessagePack of the constructor's arguments;
+/// its output is an [`ActorInfo`].
+pub const CREATE_ACTOR: &str = "flotilla::actor::create";
+/// Signature fingerprint of [`CREATE_ACTOR`].
+pub const CREATE_ACTOR_FINGERPRINT: u64 = 0x666c_6f74_6163_7401;
+/// Type name of the error of a call whose actor is gone.
+pub const ACTOR_LOST: &str = "flotilla::ActorLost";
+/// How often a worker checks that its actors are still referenced.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Most call results stored in one Redis pipeline.
+const MAX_STORE_BATCH: usize = 1024;
+
+/// A type whose values can live on a worker as actors; implemented by
+/// `#[flotilla::actor]`.
+pub trait Actor: Send + 'static {
+    /// The type's path (`my_crate::Counter`), for messages.
+    const NAME: &'static str;
+    /// The client-side proxy type the macro generates (`CounterProxy`).
+    type Proxy;
+
+    /// Runs the method called `method` with the MessagePack-encoded argument
+    /// tuple `args`, and encodes its output.
+    fn dispatch<'a>(
+        &'a mut self,
+        method: &'a str,
+        args: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'a>>;
+}
+
+/// The object-safe side of [`Actor`], for the worker's actor table.
+pub trait DynActor: Send {
+    /// See [`Actor::dispatch`].
+    fn dispatch_dyn<'a>(
+        &'a mut self,
+        method: &'a str,
+        args: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'a>>;
+}
+
+impl<A: Actor> DynActor for A {
+    fn dispatch_dyn<'a>(
+        &'a mut self,
+        method: &'a str,
+        args: &'a [u8],
+    ) -> Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'a>> {
+        self.dispatch(method, args)
+    }
+}
+
+/// The error of a call to a method the actor does not have (a client built
+/// from other code than the worker).
+pub fn unknown_method(actor: &str, method: &str) -> TaskError {
+    TaskError::new(
+        ErrorKind::UnknownTask,
+        "flotilla::UnknownMethod",
+        format!("actor `{actor}` has no method `{method}`: rebuild the client and workers from the same code"),
+    )
+}
+
+/// Decodes a constructor's argument tuple and builds the actor.
+pub type Construct = fn(&[u8]) -> Result<Box<dyn DynActor>, TaskError>;
+
+/// One registered actor constructor (`Counter::new`).
+#[derive(Debug)]
+pub struct ActorRegistration {
+    name: fn() -> &'static str,
+    construct: Construct,
+}
+
+impl ActorRegistration {
+    /// A registration. `name` returns the constructor's
+    /// `std::any::type_name` (the client names it the same way);
+    /// `construct` decodes the argument tuple and builds the actor.
+    pub const fn new(name: fn() -> &'static str, construct: Construct) -> Self {
+        ActorRegistration { name, construct }
+    }
+}
+
+inventory::collect!(ActorRegistration);
+
+/// Every actor constructor registered in this binary, by name.
+fn constructors() -> &'static HashMap<&'static str, &'static ActorRegistration> {
+    static CONSTRUCTORS: OnceLock<HashMap<&'static str, &'static ActorRegistration>> =
+        OnceLock::new();
+    CONSTRUCTORS.get_or_init(|| {
+        inventory::iter::<ActorRegistration>
+            .into_iter()
+            .map(|registration| ((registration.name)(), registration))
+            .collect()
+    })
+}
+
+inventory::submit! {
+    TaskRegistration::new(CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT, invoke_create)
+}
+
+fn invoke_create(ctx: TaskContext, args: &[u8]) -> Invocation {
+    let (constructor, constructor_args): (String, serde_bytes::ByteBuf) =
+        match decode_args(CREATE_ACTOR, args) {
+            Ok(decoded) => decoded,
+            Err(error) => return Invocation::Ready(Err(error)),
+        };
+    // Async, so that a panicking constructor is caught like a task's panic.
+    Invocation::Async(Box::pin(async move {
+        create(&ctx, &constructor, &constructor_args)
+    }))
+}
+
+/// Builds the actor `ctx.key()` on this worker (once: a redelivered
+/// creation finds it there) and says where it lives.
+fn create(ctx: &TaskContext, constructor: &str, args: &[u8]) -> TaskOutcome {
+    let host = hosts()
+        .get(ctx.worker_id())
+        .and_then(Weak::upgrade)
+        .ok_or_else(|| {
+            TaskError::new(
+                ErrorKind::Internal,
+                "flotilla::NoActorHost",
+                format!("worker {} does not host actors", ctx.worker_id()),
+            )
+        })?;
+    let info = ActorInfo {
+        worker: host.worker.clone(),
+        queue: host.names.actors_queue(&host.worker),
+    };
+    if host.table().contains_key(ctx.key()) {
+        return encode_output(&info);
+    }
+    let registration = constructors().get(constructor).ok_or_else(|| {
+        TaskError::new(
+            ErrorKind::UnknownTask,
+            "flotilla::UnknownActor",
+            format!(
+                "worker {} does not provide actor constructor `{constructor}` (it provides {}): \
+                 link the actor's crate into the worker binary",
+                host.worker,
+                constructors().len()
+            ),
+        )
+    })?;
+    let actor = (registration.construct)(args)?;
+    host.spawn_mailbox(ctx.key(), constructor, actor);
+    encode_output(&info)
+}
+
+/// The worker's actors, reachable from the creation task by worker id (a
+/// process may run several workers, as `LocalCluster` does).
+fn hosts() -> std::sync::MutexGuard<'static, HashMap<String, Weak<ActorHost>>> {
+    static HOSTS: OnceLock<Mutex<HashMap<String, Weak<ActorHost>>>> = OnceLock::new();
+    HOSTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drops the actors `keys` if worker `worker` hosts them; calls already in
+/// their mailboxes still run.
+pub(crate) fn drop_actors(worker: &str, keys: &[String]) {
+    let host = hosts().get(worker).and_then(Weak::upgrade);
+    if let Some(host) = host {
+        let mut table = host.table();
+        for key in keys {
+            if table.remove(key).is_some() {
+                info!(actor = %key, "actor dropped: no handle is left");
+            }
+        }
+    }
+}
+
+/// One call waiting in a mailbox.
+struct Job {
+    call: ActorCall,
+    reply_to: Option<ShortString>,
+}
+
+/// An actor in the table: its mailbox.
+struct Mailbox {
+    sender: mpsc::UnboundedSender<Job>,
+    task: AbortHandle,
+}
+
+/// What mailboxes need to answer calls.
+struct Replier {
+    channel: Channel,
+    stores: mpsc::UnboundedSender<(String, String, Vec<u8>)>,
+}
+
+/// A worker's actors, their queue and their connection.
+pub(crate) struct ActorHost {
+    worker: String,
+    names: Names,
+    actors: Mutex<HashMap<String, Mailbox>>,
+    replier: Arc<Replier>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    // Kept so the queue lives exactly as long as the host.
+    _connection: Connection,
+}
+
+/// Owns a worker's [`ActorHost`]: dropping it (the worker stopping or being
+/// killed) stops every actor and closes the actor connection, which deletes
+/// the actor queue.
+pub(crate) struct ActorHostGuard(Arc<ActorHost>);
+
+impl Drop for ActorHostGuard {
+    fn drop(&mut self) {
+        hosts().remove(&self.0.worker);
+        for (_, mailbox) in self.0.table().drain() {
+            mailbox.task.abort();
+        }
+        for task in self
+            .0
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
+impl ActorHost {
+    /// Opens the actor connection, declares and consumes worker `worker`'s
+    /// actor queue, and makes the host reachable by the creation task.
+    pub(crate) async fn start(
+        config: &Config,
+        worker: &str,
+        redis: ConnectionManager,
+    ) -> lapin::Result<ActorHostGuard> {
+        let names = config.names();
+        let connection = transport::connect_amqp(
+            &config.amqp_url,
+            &format!("flotilla-worker {worker} actors ({})", names.namespace()),
+        )
+        .await?;
+        let consume = connection.create_channel().await?;
+        let queue = names.actors_queue(worker);
+        consume
+            .queue_declare(
+                name(&queue),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = consume
+            .basic_consume(
+                name(&queue),
+                name(&format!("{worker}.actors")),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let (stores, store_rx) = mpsc::unbounded_channel();
+        let replier = Arc::new(Replier {
+            channel: connection.create_channel().await?,
+            stores,
+        });
+        let host = Arc::new(ActorHost {
+            worker: worker.to_owned(),
+            names: names.clone(),
+            actors: Mutex::new(HashMap::new()),
+            replier,
+            tasks: Mutex::new(Vec::new()),
+            _connection: connection,
+        });
+        let limit = config.max_payload.saturating_mul(2);
+        let tasks = vec![
+            tokio::spawn(serve(Arc::downgrade(&host), consumer, limit)),
+            tokio::spawn(store_loop(store_rx, redis.clone(), names.clone())),
+            tokio::spawn(sweep(Arc::downgrade(&host), redis)),
+        ];
+        *host.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        hosts().insert(worker.to_owned(), Arc::downgrade(&host));
+        Ok(ActorHostGuard(host))
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mailbox>> {
+        self.actors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn_mailbox(&self, key: &str, constructor: &str, actor: Box<dyn DynActor>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let span = tracing::info_span!("actor", actor = %key, worker = %self.worker);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            mailbox(actor, receiver, self.replier.clone()),
+            span,
+        ));
+        debug!(actor = %key, %constructor, "actor created");
+        self.table().insert(
+            key.to_owned(),
+            Mailbox {
+                sender,
+                task: task.abort_handle(),
+            },
+        );
+    }
+
+    /// Hands a call to its actor's mailbox, or answers that the actor is gone.
+    async fn route(&self, job: Job) {
+        let job = {
+            let table = self.table();
+            match table.get(&job.call.actor) {
+                Some(mailbox) => match mailbox.sender.send(job) {
+                    Ok(()) => return,
+                    Err(mpsc::error::SendError(job)) => job,
+                },
+                None => job,
+            }
+        };
+        let error = TaskError::new(
+            ErrorKind::WorkerLost,
+            ACTOR_LOST,
+            format!(
+                "actor `{}` is not on worker {} (it was dropped, or its worker restarted)",
+                job.call.actor, self.worker
+            ),
+        )
+        .at(&job.call.call, &job.call.method);
+        self.replier.answer(job, Err(error), false).await;
+    }
+}
+
+impl Replier {
+    /// Sends the outcome to the caller, then has it stored in Redis.
+    async fn answer(&self, job: Job, outcome: TaskOutcome, store: bool) {
+        let Job { call, reply_to } = job;
+        if store {
+            let stored = match &outcome {
+                Ok(bytes) => StoredResult::encode_ok(bytes),
+                Err(error) => StoredResult::encode_err(error),
+            };
+            let _ = self
+                .stores
+                .send((call.call.clone(), call.client.clone(), stored));
+        }
+        let Some(reply_to) = reply_to else {
+            return;
+        };
+        let reply = ActorReply {
+            call: call.call.clone(),
+            outcome: outcome.map(serde_bytes::ByteBuf::from),
+        };
+        let properties = BasicProperties::default()
+            .with_correlation_id(ShortString::from(call.call.clone()))
+            .with_delivery_mode(1);
+        if let Err(error) = self
+            .channel
+            .basic_publish(
+                name(""),
+                reply_to,
+                BasicPublishOptions::default(),
+                &encode(&reply),
+                properties,
+            )
+            .await
+        {
+            warn!(%error, call = %call.call, "could not answer an actor call");
+        }
+    }
+}
+
+/// Takes calls off the actor queue and routes them to mailboxes.
+async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, limit: usize) {
+    while let Some(delivery) = transport::next_delivery(&mut consumer).await {
+        let Ok(delivery) = delivery else { break };
+        let Some(host) = host.upgrade() else { break };
+        match decode::<ActorCall>(&delivery.data, limit) {
+            Ok(call) => {
+                let reply_to = delivery.properties.reply_to().clone();
+                host.route(Job { call, reply_to }).await;
+            }
+            Err(error) => {
+                warn!(%error, bytes = delivery.data.len(), "undecodable actor call dropped");
+            }
+        }
+    }
+}
+
+/// Runs one actor's calls, one at a time, in arrival order.
+async fn mailbox(
+    mut actor: Box<dyn DynActor>,
+    mut calls: mpsc::UnboundedReceiver<Job>,
+    replier: Arc<Replier>,
+) {
+    while let Some(job) = calls.recv().await {
+        let outcome = CatchUnwind::new(actor.dispatch_dyn(&job.call.method, &job.call.args)).await;
+        let outcome = outcome.map_err(|error| error.at(&job.call.call, &job.call.method));
+        replier.answer(job, outcome, true).await;
+    }
+}
+
+/// Stores call results in batches: value and the caller's hold in one step.
+async fn store_loop(
+    mut rx: mpsc::UnboundedReceiver<(String, String, Vec<u8>)>,
+    mut redis: ConnectionManager,
+    names: Names,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, MAX_STORE_BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        for (call, client, stored) in batch.drain(..) {
+            let keys = [names.holders_key(&call), names.result_key(&call)];
+            refs::add(
+                &mut pipe,
+                &refs::SCATTER,
+                [&keys[0], &keys[1]],
+                &[client.as_bytes(), &stored],
+            );
+        }
+        if let Err(error) = refs::run::<()>(&mut redis, &pipe).await {
+            warn!(%error, "storing actor call results failed");
+        }
+    }
+}
+
+/// Drops actors whose key nobody holds any more (their clients died, or
+/// released them without telling).
+async fn sweep(host: Weak<ActorHost>, mut redis: ConnectionManager) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(host) = host.upgrade() else { return };
+        let keys: Vec<String> = host.table().keys().cloned().collect();
+        if keys.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("EXISTS").arg(host.names.holders_key(key));
+        }
+        let Ok(held) = pipe.query_async::<Vec<i64>>(&mut redis).await else {
+            continue;
+        };
+        let gone: Vec<String> = keys
+            .into_iter()
+            .zip(held)
+            .filter(|(_, held)| *held == 0)
+            .map(|(key, _)| key)
+            .collect();
+        if !gone.is_empty() {
+            drop_actors(&host.worker, &gone);
+        }
+    }
+}
+
+/// Keys of the actors worker `worker` hosts in this process (for tests and
+/// diagnostics of in-process workers).
+pub fn hosted_actors(worker: &str) -> Vec<String> {
+    let host = hosts().get(worker).and_then(Weak::upgrade);
+    host.map(|host| host.table().keys().cloned().collect())
+        .unwrap_or_default()
+}
