@@ -222,6 +222,7 @@ pub fn worker_main() {
     flotilla_worker::main()
 }
 
+pub mod actors;
 pub mod coordination;
 
 /// Tasks of the seed's lifecycle examples (scatter, fire-and-forget, sweeps, pipelines, iteration).

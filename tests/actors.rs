@@ -34,3 +34,198 @@ async fn a_task_maps_and_gathers_through_its_context() {
     assert_eq!(sum, (0..100).map(|i| 2 * i).sum::<i64>());
     t.stop().await;
 }
+
+// ---------------------------------------------------------------- actors
+
+use flotilla::{ActorProxy, ErrorKind};
+use flotilla_examples::actors::Counter;
+use flotilla_examples::{add, total};
+use std::time::Instant;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The seed's "Actors" example.
+#[tokio::test]
+async fn the_seed_counter_counts_two_increments() {
+    let t = TestCluster::start("actor-seed", 2).await;
+    let counter = t.client.submit_actor(Counter::new, ()).await.unwrap();
+    let future1 = counter.increment();
+    let future2 = counter.increment();
+    let result = counter.get_count().result_timeout(LIMIT).await.unwrap();
+    assert_eq!(result, 2);
+    assert_eq!(future1.await.unwrap(), 1);
+    assert_eq!(future2.await.unwrap(), 2);
+
+    // Constructors take arguments.
+    let other = t
+        .client
+        .submit_actor(Counter::starting_at, (40,))
+        .await
+        .unwrap();
+    assert_eq!(other.increment().await.unwrap(), 41);
+    assert_eq!(counter.get_count().await.unwrap(), 2, "actors are separate");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn calls_run_one_at_a_time_in_call_order() {
+    let t = TestCluster::start("actor-order", 1).await;
+    let counter = t.client.submit_actor(Counter::new, ()).await.unwrap();
+    // Earlier calls sleep longer: run concurrently, they would finish
+    // in reverse.
+    let calls: Vec<_> = (0..10)
+        .map(|i| counter.record_after(i, (10 - i as u64) * 5))
+        .collect();
+    let increments: Vec<_> = (0..200).map(|_| counter.increment()).collect();
+    assert_eq!(
+        t.client.gather(&increments).await.unwrap(),
+        (1..=200).collect::<Vec<i64>>()
+    );
+    for call in calls {
+        assert!(call.done(), "calls made earlier are answered earlier");
+    }
+    assert_eq!(
+        counter.recorded().await.unwrap(),
+        (0..10).collect::<Vec<_>>()
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn sync_async_and_failing_methods() {
+    let t = TestCluster::start("actor-methods", 1).await;
+    let counter = t.client.submit_actor(Counter::new, ()).await.unwrap();
+    assert_eq!(counter.add(5).await.unwrap(), 5);
+    let error = counter.add(-1).await.unwrap_err();
+    let task_error = error.task_error().expect("a task error");
+    assert_eq!(task_error.kind, ErrorKind::User);
+    assert_eq!(task_error.message, "cannot add -1: negative");
+    let panicked = counter.explode("boom".into()).await.unwrap_err();
+    assert_eq!(panicked.task_error().unwrap().kind, ErrorKind::Panic);
+    assert!(panicked.to_string().contains("boom"), "{panicked}");
+    // The actor survives its errors.
+    assert_eq!(counter.get_count().await.unwrap(), 5);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn actor_futures_are_first_class_futures() {
+    let t = TestCluster::start("actor-futures", 2).await;
+    let counter = t.client.submit_actor(Counter::new, ()).await.unwrap();
+    let calls: Vec<_> = (0..5).map(|_| counter.increment()).collect();
+    assert_eq!(t.client.gather(&calls).await.unwrap(), vec![1, 2, 3, 4, 5]);
+
+    let more: Vec<_> = (0..5).map(|_| counter.increment()).collect();
+    let mut seen = Vec::new();
+    let mut completed = as_completed(more.clone()).with_results();
+    while let Some((_, value)) = completed.next().await {
+        seen.push(value.unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, vec![6, 7, 8, 9, 10]);
+    let waited = wait(&more, ReturnWhen::AllCompleted, Some(LIMIT))
+        .await
+        .unwrap();
+    assert_eq!(waited.0.len(), 5);
+
+    // Into tasks, as dependencies, alone and in a list.
+    let count = counter.get_count();
+    let plus = t.client.submit(add, (&count, 100));
+    assert_eq!(plus.result_timeout(LIMIT).await.unwrap(), 110);
+    let sum = t.client.submit(total, (more,));
+    assert_eq!(sum.result_timeout(LIMIT).await.unwrap(), 6 + 7 + 8 + 9 + 10);
+
+    // Callbacks run.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    counter.increment().add_done_callback(move |f| {
+        let _ = tx.send(f.status());
+    });
+    assert_eq!(rx.await.unwrap(), Status::Finished);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn dropping_the_last_proxy_frees_the_actor() {
+    let t = TestCluster::start("actor-drop", 1).await;
+    let counter = t.client.submit_actor(Counter::new, ()).await.unwrap();
+    let key = counter.handle().key().to_owned();
+    let worker = counter.handle().worker().to_owned();
+    let copy = counter.clone();
+    assert_eq!(copy.increment().await.unwrap(), 1);
+    drop(counter);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        flotilla_worker::actors::hosted_actors(&worker).contains(&key),
+        "a clone still holds it"
+    );
+    drop(copy);
+    let started = Instant::now();
+    while flotilla_worker::actors::hosted_actors(&worker).contains(&key) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the actor outlived its proxies"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("actor dropped {:?} after its last proxy", started.elapsed());
+    common::wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn killing_the_hosting_worker_loses_the_actor_but_not_the_cluster() {
+    let mut t = TestCluster::start("actor-kill", 2).await;
+    let counter = t.client.submit_actor(Counter::new, ()).await.unwrap();
+    assert_eq!(counter.increment().await.unwrap(), 1);
+    let worker = counter.handle().worker().to_owned();
+    let pending = counter.record_after(1, 60_000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(t.cluster.as_mut().unwrap().kill_worker(&worker));
+    let killed = Instant::now();
+
+    let error = pending.result_timeout(LIMIT).await.unwrap_err();
+    assert!(matches!(error, Error::ActorLost { .. }), "{error}");
+    println!("pending call lost {:?} after the kill", killed.elapsed());
+    let later = counter.increment().result_timeout(LIMIT).await.unwrap_err();
+    assert!(matches!(later, Error::ActorLost { .. }), "{later}");
+    assert!(later.to_string().contains("create a new actor"), "{later}");
+
+    let survivor = t
+        .client
+        .submit_actor(Counter::new, ())
+        .await
+        .expect("a new actor is created on the surviving worker");
+    assert_ne!(survivor.handle().worker(), worker);
+    assert_eq!(survivor.increment().await.unwrap(), 1);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn actors_can_be_placed_on_a_worker() {
+    let t = TestCluster::start("actor-place", 2).await;
+    let target = t.cluster.as_ref().unwrap().worker_ids()[1].clone();
+    for _ in 0..3 {
+        let counter = t
+            .client
+            .submit_actor_with(Counter::new, ())
+            .workers([target.clone()])
+            .submit()
+            .await
+            .unwrap();
+        assert_eq!(counter.handle().worker(), target);
+    }
+    t.stop().await;
+}
+
+#[test]
+fn constructors_are_named_alike_on_both_sides() {
+    // The worker registers `Counter::new` under its fn item's type name and
+    // the client names it the same way; it reads as its path.
+    fn name_of<T>(_: T) -> &'static str {
+        std::any::type_name::<T>()
+    }
+    assert_eq!(
+        name_of(Counter::new),
+        "flotilla_examples::actors::Counter::new"
+    );
+}

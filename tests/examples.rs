@@ -28,6 +28,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("iterative_algorithm", "converged after 8 iterations"),
     ("best_practices", "5. handled 100 results"),
     ("dynamic_submission", "= 500500"),
+    ("actors", "count = 2"),
 ];
 
 #[tokio::test]

@@ -473,3 +473,45 @@ impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
             .into_arg(writer)
     }
 }
+
+// --- actors ---
+
+/// The runtime a blocking actor proxy waits on; used by the code
+/// `#[flotilla::actor]` generates. Not a public API.
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct BlockingRuntime(Arc<tokio::runtime::Runtime>);
+
+impl BlockingRuntime {
+    /// Makes an actor call's future blocking.
+    pub fn wrap<T>(&self, inner: crate::Future<T>) -> Future<T> {
+        Future {
+            inner,
+            runtime: self.0.clone(),
+        }
+    }
+}
+
+impl Client {
+    /// Creates an actor and returns its blocking proxy
+    /// (`CounterBlockingProxy`); see [`crate::Client::submit_actor`].
+    pub fn submit_actor<C, Args>(
+        &self,
+        constructor: C,
+        args: Args,
+    ) -> Result<<<C::Actor as flotilla_worker::Actor>::Proxy as crate::ActorProxy>::Blocking>
+    where
+        C: crate::Constructor<Args>,
+        Args: Serialize,
+        <C::Actor as flotilla_worker::Actor>::Proxy: crate::ActorProxy,
+    {
+        let proxy = self
+            .runtime
+            .block_on(self.inner.submit_actor(constructor, args))?;
+        Ok(crate::ActorProxy::into_blocking(
+            proxy,
+            BlockingRuntime(self.runtime.clone()),
+        ))
+    }
+}
+// --- end actors ---

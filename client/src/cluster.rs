@@ -149,6 +149,18 @@ impl LocalCluster {
         self.workers.iter().map(|w| w.id().to_owned()).collect()
     }
 
+    /// Kills worker `id` at once, as if its process died (its running tasks
+    /// are redelivered, its actors are lost); `false` if no such worker runs.
+    pub fn kill_worker(&mut self, id: &str) -> bool {
+        match self.workers.iter().position(|w| w.id() == id) {
+            Some(index) => {
+                self.workers.remove(index).kill();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops the workers and the scheduler (and purges the namespace when
     /// asked to).
     pub async fn shutdown(mut self) -> Result<()> {

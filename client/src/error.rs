@@ -67,6 +67,15 @@ pub enum Error {
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
+    /// The actor is gone (its worker died, or it was dropped): the call
+    /// did not run, or its answer cannot arrive. Create a new actor.
+    #[error("actor `{actor}` is lost: {reason}; create a new actor to carry on")]
+    ActorLost {
+        /// The actor's key.
+        actor: String,
+        /// Why it is lost.
+        reason: String,
+    },
     /// Starting an in-process cluster failed.
     #[error("local cluster: {0}")]
     Cluster(String),

@@ -33,6 +33,7 @@
 //! into the worker binary (`fn main() { flotilla_worker::main() }`) and the
 //! client alike; the wire carries their name and a signature fingerprint.
 
+mod actor;
 mod args;
 mod as_completed;
 pub mod blocking;
@@ -44,6 +45,7 @@ mod future;
 mod outbox;
 pub mod sync;
 
+pub use actor::{ActorFuture, ActorHandle, ActorProxy, Constructor, SubmitActor};
 pub use args::{ArgWriter, IntoArg, IntoArgs};
 pub use as_completed::{
     as_completed, progress, wait, AsCompleted, DoneAndNotDone, ReturnWhen, WithResults,
@@ -52,7 +54,7 @@ pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
 pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
 pub use context::TaskContextExt;
 pub use error::{Error, ErrorKind, Result, TaskError};
-pub use flotilla_macros::task;
+pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Task};
 pub use flotilla_worker::TaskContext;
 pub use future::{Future, Status};
@@ -60,19 +62,24 @@ pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variab
 
 /// What most programs need: `use flotilla::prelude::*;`.
 pub mod prelude {
-    pub use crate::{as_completed, fire_and_forget, wait, ReturnWhen};
+    pub use crate::{as_completed, fire_and_forget, wait, ActorFuture, ReturnWhen};
     pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext, TaskContextExt};
     pub use crate::{Event, Lock, Queue, Semaphore, Variable};
     pub use std::time::Duration;
 }
 
-/// Items the `#[flotilla::task]` expansion refers to. Not a public API.
+/// Items the `#[flotilla::task]` and `#[flotilla::actor]` expansions refer to. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::actor::{ActorHandle, ActorProxy};
+    pub use crate::blocking::BlockingRuntime;
+    pub use flotilla_proto::TaskError;
     pub use flotilla_proto::{ResultOutput, Task};
     pub use flotilla_worker::__inventory as inventory;
+    pub use flotilla_worker::actors::unknown_method;
     pub use flotilla_worker::user_error;
     pub use flotilla_worker::{
         decode_args, encode_output, Invocation, TaskContext, TaskRegistration,
     };
+    pub use flotilla_worker::{Actor, ActorRegistration, DynActor, TaskOutcome};
 }

@@ -7,7 +7,10 @@
 //! A task function becomes a unit struct of the same name (the *handle*) that
 //! implements `flotilla::__private::Task`, and a registration submitted to
 //! `inventory` so that any worker linking the crate can run it by name.
+//! [`macro@actor`] does the same for the constructors and methods of an
+//! actor type, and generates its typed proxies.
 
+mod actor;
 mod fingerprint;
 mod task;
 
@@ -66,4 +69,48 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     task::expand(attr.into(), item.into()).into()
+}
+
+/// Turns a type's inherent `impl` block into an actor: a stateful object
+/// that lives on one worker and serves method calls one at a time.
+///
+/// ```ignore
+/// pub struct Counter { count: i64 }
+///
+/// #[flotilla::actor]
+/// impl Counter {
+///     pub fn new() -> Self { Counter { count: 0 } }
+///     pub fn increment(&mut self) -> i64 { self.count += 1; self.count }
+///     pub async fn get_count(&self) -> i64 { self.count }
+///     pub fn add(&mut self, n: i64) -> Result<i64, String> { .. }
+/// }
+///
+/// let counter = client.submit_actor(Counter::new, ()).await?; // CounterProxy
+/// let first: flotilla::ActorFuture<i64> = counter.increment();
+/// assert_eq!(counter.get_count().await?, 1);
+/// ```
+///
+/// # What it generates
+///
+/// - The `impl` block, unchanged.
+/// - `impl flotilla::__private::Actor for Counter`, dispatching calls by
+///   method name.
+/// - For every constructor (an associated function without `self` that
+///   returns `Self` or the type), a registration that lets workers build
+///   the actor: pass the function to `client.submit_actor(Counter::new, args)`.
+/// - `CounterProxy` (async) and `CounterBlockingProxy` (for
+///   `flotilla::blocking`): one method per `&self`/`&mut self` method, with
+///   the same arguments and visibility, returning a future of its output.
+///
+/// # Rules
+///
+/// - Methods take `&self` or `&mut self`, may be `async`, and return `T`,
+///   `()` or `Result<T, E>` (an `Err` fails the call, as for tasks).
+/// - Arguments are owned types (they travel as bytes); no generics, no
+///   `impl Trait`. The type must be `Send` (and `Sync` for `async` methods
+///   that take `&self`).
+/// - The type may not be generic; the attribute takes no arguments.
+#[proc_macro_attribute]
+pub fn actor(attr: TokenStream, item: TokenStream) -> TokenStream {
+    actor::expand(attr.into(), item.into()).into()
 }

@@ -121,7 +121,7 @@ fn help(program: &str, about: &str, flags: &[Flag]) -> String {
         let left = format!("--{} <{}>", flag.name, flag.value);
         text.push_str(&format!("  {left:<26} {}\n", flag.help));
     }
-    text.push_str(&format!("  {:<26} print this help\n\nLogging: RUST_LOG (e.g. RUST_LOG=flotilla=debug); FLOTILLA_LOG_JSON is not yet supported.\n", "-h, --help"));
+    text.push_str(&format!("  {:<26} print this help\n\nLogging: RUST_LOG (e.g. RUST_LOG=flotilla=debug); FLOTILLA_LOG_JSON=1 for one JSON object per line.\n", "-h, --help"));
     text
 }
 
@@ -141,14 +141,226 @@ pub fn parse_or_exit(program: &str, about: &str, flags: &[Flag]) -> Parsed {
     }
 }
 
-/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (default `info`).
+/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (default `info`);
+/// as one JSON object per line when `FLOTILLA_LOG_JSON` is set (to
+/// anything but `0` or `false`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
-    let _ = tracing_subscriber::fmt()
+    let json = std::env::var("FLOTILLA_LOG_JSON").is_ok_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    });
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder
+            .fmt_fields(json_log::JsonFields)
+            .event_format(json_log::JsonLines)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// JSON log lines without a JSON library: `{"timestamp", "level", "target",
+/// "fields": {..}, "spans": [{"name", ..fields}]}`, root span first.
+mod json_log {
+    use std::fmt::{self, Write as _};
+    use tracing::field::{Field, Visit};
+    use tracing::{Event, Subscriber};
+    use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+    use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// Formats events as JSON objects.
+    pub(super) struct JsonLines;
+
+    /// Formats span fields as JSON members (`"name":value,..`).
+    pub(super) struct JsonFields;
+
+    /// Collects fields as JSON members.
+    #[derive(Default)]
+    struct Members(String);
+
+    impl Members {
+        fn member(&mut self, name: &str, value: impl fmt::Display) {
+            if !self.0.is_empty() {
+                self.0.push(',');
+            }
+            let _ = write!(self.0, "{}:{value}", Quoted(name));
+        }
+    }
+
+    impl Visit for Members {
+        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+            self.member(field.name(), Quoted(&format!("{value:?}")));
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.member(field.name(), Quoted(value));
+        }
+        fn record_i64(&mut self, field: &Field, value: i64) {
+            self.member(field.name(), value);
+        }
+        fn record_u64(&mut self, field: &Field, value: u64) {
+            self.member(field.name(), value);
+        }
+        fn record_bool(&mut self, field: &Field, value: bool) {
+            self.member(field.name(), value);
+        }
+        fn record_f64(&mut self, field: &Field, value: f64) {
+            if value.is_finite() {
+                self.member(field.name(), value);
+            } else {
+                self.member(field.name(), Quoted(&value.to_string()));
+            }
+        }
+    }
+
+    /// A JSON string literal.
+    struct Quoted<'a>(&'a str);
+
+    impl fmt::Display for Quoted<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_char('"')?;
+            for c in self.0.chars() {
+                match c {
+                    '"' => f.write_str("\\\"")?,
+                    '\\' => f.write_str("\\\\")?,
+                    '\n' => f.write_str("\\n")?,
+                    '\r' => f.write_str("\\r")?,
+                    '\t' => f.write_str("\\t")?,
+                    c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                    c => f.write_char(c)?,
+                }
+            }
+            f.write_char('"')
+        }
+    }
+
+    impl<'w> FormatFields<'w> for JsonFields {
+        fn format_fields<R: tracing_subscriber::field::RecordFields>(
+            &self,
+            mut writer: Writer<'w>,
+            fields: R,
+        ) -> fmt::Result {
+            let mut members = Members::default();
+            fields.record(&mut members);
+            writer.write_str(&members.0)
+        }
+
+        fn add_fields(
+            &self,
+            current: &'w mut FormattedFields<Self>,
+            fields: &tracing::span::Record<'_>,
+        ) -> fmt::Result {
+            let mut members = Members::default();
+            fields.record(&mut members);
+            if !current.fields.is_empty() && !members.0.is_empty() {
+                current.fields.push(',');
+            }
+            current.fields.push_str(&members.0);
+            Ok(())
+        }
+    }
+
+    impl<S, N> FormatEvent<S, N> for JsonLines
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> fmt::Result {
+            let mut time = String::new();
+            SystemTime.format_time(&mut Writer::new(&mut time))?;
+            let meta = event.metadata();
+            let mut fields = Members::default();
+            event.record(&mut fields);
+            write!(
+                writer,
+                "{{\"timestamp\":{},\"level\":\"{}\",\"target\":{},\"fields\":{{{}}}",
+                Quoted(&time),
+                meta.level(),
+                Quoted(meta.target()),
+                fields.0
+            )?;
+            if let Some(scope) = ctx.event_scope() {
+                writer.write_str(",\"spans\":[")?;
+                for (i, span) in scope.from_root().enumerate() {
+                    if i > 0 {
+                        writer.write_char(',')?;
+                    }
+                    write!(writer, "{{\"name\":{}", Quoted(span.name()))?;
+                    let extensions = span.extensions();
+                    if let Some(fields) = extensions.get::<FormattedFields<N>>() {
+                        if !fields.fields.is_empty() {
+                            write!(writer, ",{}", fields.fields)?;
+                        }
+                    }
+                    writer.write_char('}')?;
+                }
+                writer.write_char(']')?;
+            }
+            writeln!(writer, "}}")
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+
+        #[test]
+        fn events_become_json_lines_with_their_spans() {
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .fmt_fields(JsonFields)
+                .event_format(JsonLines)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                let span = tracing::info_span!("scheduler", namespace = %"ns-1");
+                let _entered = span.enter();
+                let task = tracing::info_span!("task", key = "add-1", attempt = 2u64);
+                task.record("attempt", 3u64);
+                let _task = task.enter();
+                tracing::warn!(worker = "w\"1", slots = 4, ok = true, "said \"hi\"\n");
+            });
+            let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(text.lines().count(), 1, "{text}");
+            assert!(
+                text.starts_with("{\"timestamp\":\"") && text.ends_with("}\n"),
+                "{text}"
+            );
+            for part in [
+                "\"level\":\"WARN\"",
+                "\"fields\":{\"message\":\"said \\\"hi\\\"\\n\",\"worker\":\"w\\\"1\",\"slots\":4,\"ok\":true}",
+                "\"spans\":[{\"name\":\"scheduler\",\"namespace\":\"ns-1\"},{\"name\":\"task\",\"key\":\"add-1\",\"attempt\":2,\"attempt\":3}]",
+            ] {
+                assert!(text.contains(part), "{part} in {text}");
+            }
+        }
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

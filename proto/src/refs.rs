@@ -115,7 +115,14 @@ pub static SCATTER: LazyLock<Script> = LazyLock::new(|| {
 
 /// Every script, for loading them after a connect or a Redis restart.
 pub fn all() -> [&'static Script; 6] {
-    [&HOLD, &HOLD_UNTIL_DONE, &RELEASE, &STORE, &FINALIZE, &SCATTER]
+    [
+        &HOLD,
+        &HOLD_UNTIL_DONE,
+        &RELEASE,
+        &STORE,
+        &FINALIZE,
+        &SCATTER,
+    ]
 }
 
 /// Adds an `EVALSHA` of `script` to a pipeline.

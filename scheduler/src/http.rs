@@ -104,10 +104,19 @@ const ERRED_LISTED: usize = 20;
 const RUNNING_LISTED: usize = 5;
 
 /// An HTTP endpoint bound to its address, ready to [`serve`](Self::serve).
-#[derive(Debug)]
 pub struct HttpServer {
     listener: TcpListener,
     shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for HttpServer {
+    // Not derived: the shared state holds the broker URLs, credentials included.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.listener.local_addr().ok())
+            .field("namespace", &self.shared.names.namespace())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Binds `addr` for the scheduler of `config` and returns the server with
@@ -176,7 +185,6 @@ impl Drop for AbortOnDrop {
 }
 
 /// State shared by the connections and the background loops.
-#[derive(Debug)]
 struct Shared {
     names: Names,
     amqp_url: String,
@@ -806,10 +814,15 @@ async fn sample_loop(shared: Arc<Shared>) {
 async fn probe_loop(shared: Arc<Shared>) {
     let mut amqp: Option<(lapin::Connection, lapin::Channel)> = None;
     let mut redis: Option<redis::aio::ConnectionManager> = None;
+    let mut missing = HashMap::new();
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if shared.monitor().last_snapshot.is_none() {
+            // The scheduler has not declared its queues yet.
+            continue;
+        }
         let mut queues = vec![
             shared.names.tasks_queue(),
             shared.names.scheduler_queue(),
@@ -824,7 +837,7 @@ async fn probe_loop(shared: Arc<Shared>) {
                 .map(|w| shared.names.worker_queue(&w.id)),
         );
         let mut errors = Vec::new();
-        let depths = match probe_queues(&shared, &mut amqp, &queues).await {
+        let depths = match probe_queues(&shared, &mut amqp, &queues, &mut missing).await {
             Ok(depths) => depths,
             Err(error) => {
                 errors.push(format!("RabbitMQ: {error}"));
@@ -845,10 +858,15 @@ async fn probe_loop(shared: Arc<Shared>) {
     }
 }
 
+/// How long a queue found missing is not asked for again (each miss costs a
+/// channel, and lapin logs it as an error).
+const MISSING_RECHECK: Duration = Duration::from_secs(60);
+
 async fn probe_queues(
     shared: &Shared,
     amqp: &mut Option<(lapin::Connection, lapin::Channel)>,
     queues: &[String],
+    missing: &mut HashMap<String, Instant>,
 ) -> Result<Vec<QueueDepth>, String> {
     if amqp
         .as_ref()
@@ -857,7 +875,7 @@ async fn probe_queues(
         *amqp = None;
     }
     if amqp.is_none() {
-        let label = format!("flotilla-scheduler {} http", shared.names.namespace());
+        let label = format!("flotilla-scheduler-http ({})", shared.names.namespace());
         let connection = within(transport::connect_amqp(&shared.amqp_url, &label)).await?;
         let channel = within(connection.create_channel()).await?;
         *amqp = Some((connection, channel));
@@ -870,7 +888,16 @@ async fn probe_queues(
         ..QueueDeclareOptions::default()
     };
     let mut depths = Vec::with_capacity(queues.len());
+    missing.retain(|_, since| since.elapsed() < MISSING_RECHECK);
     for queue in queues {
+        if missing.contains_key(queue) {
+            depths.push(QueueDepth {
+                name: queue.clone(),
+                messages: None,
+                consumers: None,
+            });
+            continue;
+        }
         if !channel.status().connected() {
             // A passive declare of a missing queue closes the channel.
             *channel = within(connection.create_channel()).await?;
@@ -882,8 +909,11 @@ async fn probe_queues(
             messages: declared.as_ref().ok().map(|q| q.message_count()),
             consumers: declared.as_ref().ok().map(|q| q.consumer_count()),
         });
-        if declared.is_err() && !connection.status().connected() {
-            return Err("connection lost".to_owned());
+        if declared.is_err() {
+            if !connection.status().connected() {
+                return Err("connection lost".to_owned());
+            }
+            missing.insert(queue.clone(), Instant::now());
         }
     }
     Ok(depths)
@@ -936,7 +966,7 @@ async fn tap_loop(shared: Arc<Shared>) {
 /// (`Ok`) or the broker failed (`Err`).
 async fn tap(shared: &Shared) -> Result<(), String> {
     let names = &shared.names;
-    let label = format!("flotilla-scheduler {} monitor", names.namespace());
+    let label = format!("flotilla-scheduler-monitor ({})", names.namespace());
     let connection = within(transport::connect_amqp(&shared.amqp_url, &label)).await?;
     let result = async {
         let channel = within(connection.create_channel()).await?;
@@ -997,6 +1027,7 @@ async fn tap(shared: &Shared) -> Result<(), String> {
                 _ = check.tick() => {
                     if !shared.is_watched() {
                         info!("nobody watching: event tap stopped");
+                        let _ = channel.close(200, name("nobody watching")).await;
                         return Ok(());
                     }
                 }
@@ -1216,8 +1247,9 @@ enum ReadError {
     Closed,
 }
 
-/// Reads until the blank line that ends a request head.
-async fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), ReadError> {
+/// Reads until the blank line that ends a request head; returns the head
+/// without it.
+async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, ReadError> {
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
@@ -1229,15 +1261,11 @@ async fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), ReadErr
             return Err(ReadError::Closed);
         }
         buffer.extend_from_slice(&chunk[..read]);
-        if let Some(end) = find(&buffer, b"\r\n\r\n") {
-            let rest = buffer.split_off(end + 4);
-            buffer.truncate(end);
-            return Ok((buffer, rest));
-        }
-        if let Some(end) = find(&buffer, b"\n\n") {
-            let rest = buffer.split_off(end + 2);
-            buffer.truncate(end);
-            return Ok((buffer, rest));
+        for end in [&b"\r\n\r\n"[..], b"\n\n"] {
+            if let Some(at) = find(&buffer, end) {
+                buffer.truncate(at);
+                return Ok(buffer);
+            }
         }
         if buffer.len() > MAX_HEAD {
             return Err(ReadError::TooLarge);
@@ -1249,53 +1277,51 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// What arrived on a connection.
+enum Incoming {
+    Request(Request),
+    /// A request answered without being routed (malformed, too large, too slow).
+    Refused(Response),
+}
+
+/// Reads a request head; `None` when the client went away.
+async fn receive(stream: &mut TcpStream) -> Option<Incoming> {
+    let refused = |status, why| Some(Incoming::Refused(Response::error(status, why)));
+    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(stream)).await {
+        Err(_) => return refused(408, "request not received in time"),
+        Ok(Err(ReadError::Closed)) => return None,
+        Ok(Err(ReadError::TooLarge)) => return refused(431, "request head too large"),
+        Ok(Ok(head)) => head,
+    };
+    match parse_head(&head) {
+        Err(HeadError::TooLarge) => refused(431, "request head too large"),
+        Err(HeadError::Malformed(why)) => refused(400, why),
+        Ok(request) if request.content_length > MAX_BODY => refused(413, "request body too large"),
+        Ok(request) => Some(Incoming::Request(request)),
+    }
+}
+
 async fn handle_connection(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let read = tokio::time::timeout(READ_TIMEOUT, async {
-        let (head, mut body) = read_head(&mut stream).await?;
-        let Ok(request) = parse_head(&head) else {
-            return Ok((parse_head(&head), 0));
-        };
-        if request.content_length > MAX_BODY {
-            return Ok((Ok(request), 413));
-        }
-        // Read (and ignore) a body, so that closing the connection does not
-        // reset it before the client read the answer.
-        let mut chunk = [0u8; 4096];
-        while body.len() < request.content_length {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return Err(ReadError::Closed),
-                Ok(read) => body.extend_from_slice(&chunk[..read]),
-            }
-        }
-        Ok((Ok(request), 0))
-    })
-    .await;
-    let (response, request) = match read {
-        Err(_) => (Response::error(408, "request not received in time"), None),
-        Ok(Err(ReadError::Closed)) => return,
-        Ok(Err(ReadError::TooLarge)) => (Response::error(431, "request head too large"), None),
-        Ok(Ok((Err(HeadError::TooLarge), _))) => {
-            (Response::error(431, "request head too large"), None)
-        }
-        Ok(Ok((Err(HeadError::Malformed(why)), _))) => (Response::error(400, why), None),
-        Ok(Ok((Ok(request), 413))) => (
-            Response::error(413, "request body too large"),
-            Some(request),
-        ),
-        Ok(Ok((Ok(request), _))) => (route(shared, &request).await, Some(request)),
+    let Some(incoming) = receive(&mut stream).await else {
+        return;
     };
-    let head_only = request.as_ref().is_some_and(|r| r.method == "HEAD");
-    if let Some(request) = &request {
-        debug!(%peer, method = request.method, path = request.path, status = response.status, "HTTP");
-    }
+    let (response, head_only) = match incoming {
+        Incoming::Request(request) => {
+            let response = route(shared, &request).await;
+            debug!(%peer, method = request.method, path = request.path, status = response.status, "HTTP");
+            (response, request.method == "HEAD")
+        }
+        Incoming::Refused(response) => (response, false),
+    };
     let bytes = response.encode(head_only);
     let _ = tokio::time::timeout(READ_TIMEOUT, async {
         stream.write_all(&bytes).await?;
         stream.shutdown().await?;
-        // Drain what the client still sends (a refused body, a head that
-        // was too large) until it closes: closing a socket with unread
-        // input resets the connection, and the client may lose the answer.
+        // Drain what the client still sends (a body, which the API never
+        // needs, or the rest of a head that was too large) until it closes:
+        // closing a socket with unread input resets the connection, and the
+        // client may lose the answer.
         let mut sink = [0u8; 4096];
         let mut drained = 0;
         while drained < MAX_BODY {
@@ -1507,7 +1533,7 @@ td.wrap { white-space: normal; word-break: break-word; }
       <div class="stat" style="--c: var(--finished)"><div class="v" id="rate-finished">–</div><div class="l">Finished / s</div></div>
       <div class="stat" style="--c: #2b3245"><div class="v" id="count-workers">–</div><div class="l">Workers</div></div>
       <div class="stat" style="--c: #2b3245"><div class="v" id="count-slots">–</div><div class="l">Slots</div></div>
-      <div class="stat" style="--c: #c2410c"><div class="v" id="redis-used">–</div><div class="l">Redis memory</div></div>
+      <div class="stat" style="--c: #c2410c"><div class="v" id="redis-used">–</div><div class="l">Redis used</div></div>
     </div>
     <h2 style="margin-top: 12px">Tasks by state <small id="in-memory"></small></h2>
     <div class="bar" id="state-bar"></div>
@@ -1629,11 +1655,13 @@ function niceMax(value) {
 /// Line chart over time. series: [{values: [[t, v]...], color, axis: "left"|"right", fill}]
 function lineChart(canvas, series, opts) {
   const [g, w, h] = surface(canvas, Number(canvas.dataset.height));
-  const pad = { l: 48, r: opts.right ? 48 : 10, t: 8, b: 20 };
+  const pad = { l: opts.left || 48, r: opts.right ? 48 : 10, t: 8, b: 20 };
   const now = opts.now, span = opts.span;
   const x = (t) => pad.l + (w - pad.l - pad.r) * (1 - (now - t) / span);
-  const maxOf = (axis) => niceMax(Math.max(0, ...series.filter((s) => s.axis === axis)
-    .flatMap((s) => s.values.map((p) => p[1]))));
+  // Round ticks in the axis's unit (opts.unit: 1 MiB for memory).
+  const unit = opts.unit || 1;
+  const maxOf = (axis) => unit * niceMax(Math.max(0, ...series.filter((s) => s.axis === axis)
+    .flatMap((s) => s.values.map((p) => p[1] / unit))));
   const maxL = maxOf("left"), maxR = opts.right ? maxOf("right") : 1;
   const yL = (v) => h - pad.b - (h - pad.t - pad.b) * (v / maxL);
   const yR = (v) => h - pad.b - (h - pad.t - pad.b) * (v / maxR);
@@ -1704,7 +1732,7 @@ function drawMemory() {
   lineChart($("memory"), [
     { values, axis: "left", fill: "rgba(194,65,12,.15)" },
     { values, color: "#c2410c", axis: "left" },
-  ], { now, span: span(), right: false, format: bytes });
+  ], { now, span: span(), right: false, format: bytes, unit: 1048576, left: 64 });
 }
 
 function drawStream(workers, tapActive) {
@@ -1838,3 +1866,355 @@ poll();
 </body>
 </html>
 "###;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::{ErrorKind, TaskError};
+
+    fn head(text: &str) -> Result<Request, HeadError> {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn request_heads_parse() {
+        let request = head(
+            "GET /api/tasks?state=erred&limit=5&key=a%2Fb+c HTTP/1.1\r\nHost: h:1\r\nOrigin: http://h:1\r\nContent-Length: 3",
+        )
+        .unwrap();
+        assert_eq!(request.method, "GET");
+        assert_eq!(request.path, "/api/tasks");
+        assert_eq!(request.param("state"), Some("erred"));
+        assert_eq!(request.param("key"), Some("a/b c"));
+        assert_eq!(request.host.as_deref(), Some("h:1"));
+        assert_eq!(request.origin.as_deref(), Some("http://h:1"));
+        assert_eq!(request.content_length, 3);
+        assert_eq!(
+            head("GET http://proxy:80/metrics HTTP/1.0").unwrap().path,
+            "/metrics"
+        );
+        assert_eq!(head("GET http://proxy HTTP/1.1").unwrap().path, "/");
+        let cancel = head("POST /api/cancel?key=a&key=b&key= HTTP/1.1").unwrap();
+        assert_eq!(cancel.params("key").collect::<Vec<_>>(), ["a", "b", ""]);
+    }
+
+    #[test]
+    fn broken_request_heads_are_refused() {
+        for bad in [
+            "",
+            "GET /",
+            "GET / HTTP/1.1 extra",
+            "get / HTTP/1.1",
+            "GET / HTTP/2",
+            "GET nothing HTTP/1.1",
+            "GET /%zz HTTP/1.1",
+            "GET /?a=%4 HTTP/1.1",
+            "GET /%ff HTTP/1.1",
+            "GET / HTTP/1.1\r\nno colon",
+            "GET / HTTP/1.1\r\nContent-Length: lots",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked",
+        ] {
+            assert!(matches!(head(bad), Err(HeadError::Malformed(_))), "{bad:?}");
+        }
+        let big = format!("GET / HTTP/1.1\r\nX: {}", "x".repeat(MAX_HEAD));
+        assert_eq!(head(&big), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn responses_close_and_say_their_length() {
+        let response = Response::method_not_allowed("POST");
+        let text = String::from_utf8(response.encode(false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(text.contains("Connection: close\r\n") && text.contains("Allow: POST\r\n"));
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+        let head_only = String::from_utf8(response.encode(true)).unwrap();
+        assert!(head_only.ends_with("\r\n\r\n"));
+    }
+
+    fn snapshot(workers: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            namespace: "ns".into(),
+            at: SystemTime::now(),
+            uptime_s: 1.5,
+            counts: Counts {
+                processing: 2,
+                submitted: 5,
+                finished: 3,
+                workers: workers.len(),
+                slots: 2 * workers.len() as u32,
+                ..Counts::default()
+            },
+            workers: workers
+                .iter()
+                .map(|(id, name)| WorkerStatus {
+                    id: (*id).into(),
+                    name: (*name).into(),
+                    slots: 2,
+                    resources: vec![("GPU".into(), 1)],
+                    tasks: 3,
+                    last_seen_ms: 250,
+                    pinned_running: 0,
+                })
+                .collect(),
+            erred: vec![TaskStatus {
+                key: "bad".into(),
+                task: "t".into(),
+                state: "erred",
+                error: Some("boom".into()),
+            }],
+            tasks_in_memory: 4,
+        }
+    }
+
+    fn batch(worker: &str, events: Vec<Event>) -> EventBatch {
+        EventBatch {
+            worker: worker.into(),
+            events,
+        }
+    }
+
+    fn finished(key: &str) -> Event {
+        Event::Finished {
+            key: key.into(),
+            inline: None,
+            size: 1,
+        }
+    }
+
+    #[test]
+    fn events_give_throughput_running_tasks_and_run_times() {
+        let mut monitor = Monitor::default();
+        let start = Instant::now();
+        let w1 = snapshot(&[("w1", "alpha")]);
+        monitor.on_events(
+            batch(
+                "w1",
+                vec![Event::Started { key: "long".into() }, finished("short")],
+            ),
+            start,
+        );
+        let status = monitor.worker_json(&w1.workers[0], start + Duration::from_secs(2), false);
+        assert_eq!(status["running_count"], 1);
+        assert_eq!(status["running"][0]["key"], "long");
+        assert_eq!(status["running"][0]["seconds"], 2.05);
+        monitor.on_events(
+            batch(
+                "w1",
+                vec![
+                    finished("long"),
+                    Event::Erred {
+                        key: "e".into(),
+                        error: TaskError::new(ErrorKind::User, "E", "x"),
+                        retrying: false,
+                    },
+                ],
+            ),
+            start + Duration::from_secs(3),
+        );
+        assert_eq!(monitor.runtime.count, 3);
+        // Two runs under 50 ms in the first bucket, one of ~3 s in le=5.
+        assert_eq!(monitor.runtime.buckets[0], 2);
+        assert_eq!(monitor.runtime.buckets[6], 1);
+        assert!((monitor.runtime.sum - (0.025 * 2.0 + 3.05)).abs() < 1e-9);
+
+        monitor.on_snapshot(&w1, start + Duration::from_secs(3));
+        let worker = monitor.worker_json(&w1.workers[0], start, true);
+        assert_eq!(worker["finished"], 2);
+        assert_eq!(worker["erred"], 1);
+        assert_eq!(worker["stream"], json!([[2, 1]]));
+        assert_eq!(worker["rate"], 3.0);
+        assert_eq!(worker["running_count"], 0);
+        monitor.on_snapshot(&w1, start + Duration::from_secs(4));
+        assert_eq!(
+            monitor.worker_json(&w1.workers[0], start, true)["stream"],
+            json!([[2, 1], [0, 0]])
+        );
+
+        // Scheduler events (no worker) are not per-worker activity; a worker
+        // gone from the snapshot and quiet is forgotten.
+        monitor.on_events(batch("", vec![finished("x")]), start);
+        assert_eq!(monitor.runtime.count, 3);
+        monitor.on_snapshot(&snapshot(&[]), start + Duration::from_secs(120));
+        assert!(monitor.workers.is_empty());
+        assert_eq!(monitor.history.len(), 3);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut monitor = Monitor::default();
+        let now = Instant::now();
+        for _ in 0..HISTORY + 10 {
+            monitor.on_snapshot(&snapshot(&[]), now);
+        }
+        assert_eq!(monitor.history.len(), HISTORY);
+        let status = monitor.status_json(&snapshot(&[]), 5, now);
+        assert_eq!(status["history"].as_array().unwrap().len(), 5);
+        assert_eq!(status["scheduler"], "running");
+        assert!(monitor.status_json(&snapshot(&[]), 0, now)["history"].is_null());
+    }
+
+    #[test]
+    fn status_json_has_what_the_dashboard_reads() {
+        let mut monitor = Monitor::default();
+        let snap = snapshot(&[("w1", "alpha")]);
+        let now = Instant::now();
+        assert_eq!(monitor.status_json(&snap, 0, now)["scheduler"], "starting");
+        monitor.on_snapshot(&snap, now);
+        monitor.redis = Some(RedisMemory {
+            used: 10,
+            peak: 20,
+            rss: 30,
+            maxmemory: 0,
+        });
+        let status = monitor.status_json(&snap, 10, now);
+        assert_eq!(status["namespace"], "ns");
+        assert_eq!(status["counts"]["processing"], 2);
+        assert_eq!(status["workers"][0]["name"], "alpha");
+        assert_eq!(status["workers"][0]["resources"]["GPU"], 1);
+        assert_eq!(status["erred"][0]["error"], "boom");
+        assert_eq!(status["redis"]["used_memory"], 10);
+        assert_eq!(status["history"][0]["finished"], 3);
+        assert_eq!(status["monitor"]["active"], false);
+        assert_eq!(
+            monitor.status_json(&snap, 0, now + Duration::from_secs(6))["scheduler"],
+            "stale"
+        );
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let mut monitor = Monitor::default();
+        let snap = snapshot(&[("w1", "quote\"back\\slash")]);
+        let now = Instant::now();
+        monitor.on_events(batch("w1", vec![finished("a")]), now);
+        monitor.queues = vec![QueueDepth {
+            name: "ns.tasks".into(),
+            messages: Some(7),
+            consumers: Some(1),
+        }];
+        let text = monitor.metrics(&snap);
+        for line in [
+            "flotilla_tasks{namespace=\"ns\",state=\"processing\"} 2",
+            "flotilla_tasks_submitted_total{namespace=\"ns\"} 5",
+            "flotilla_workers{namespace=\"ns\"} 1",
+            "flotilla_worker_slots{namespace=\"ns\"} 2",
+            "flotilla_queue_messages{namespace=\"ns\",queue=\"ns.tasks\"} 7",
+            "flotilla_task_seconds_bucket{namespace=\"ns\",le=\"0.05\"} 1",
+            "flotilla_task_seconds_bucket{namespace=\"ns\",le=\"1800\"} 1",
+            "flotilla_task_seconds_bucket{namespace=\"ns\",le=\"+Inf\"} 1",
+            "flotilla_task_seconds_count{namespace=\"ns\"} 1",
+            "flotilla_worker_tasks_total{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\",outcome=\"finished\"} 1",
+            "# TYPE flotilla_task_seconds histogram",
+            "# TYPE flotilla_tasks_finished_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains("flotilla_redis_used_memory_bytes"),
+            "only once read"
+        );
+        assert_eq!(escape_label("a\nb"), "a\\nb");
+    }
+
+    #[test]
+    fn redis_info_is_read() {
+        let info = "# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nused_memory_peak:2048\r\nused_memory_rss:4096\r\nmaxmemory:0\r\n";
+        assert_eq!(
+            parse_redis_memory(info),
+            Some(RedisMemory {
+                used: 1024,
+                peak: 2048,
+                rss: 4096,
+                maxmemory: 0
+            })
+        );
+        assert_eq!(parse_redis_memory("# Memory\r\n"), None);
+    }
+
+    fn request(line: &str) -> Request {
+        head(line).unwrap()
+    }
+
+    #[tokio::test]
+    async fn routes_answer_and_commands_reach_the_scheduler() {
+        let (shared, mut hooks) = Shared::new(&Config::default());
+        let status = |r: &Response| r.status;
+        assert_eq!(
+            status(&route(&shared, &request("GET /nope HTTP/1.1")).await),
+            404
+        );
+        assert_eq!(
+            status(&route(&shared, &request("DELETE / HTTP/1.1")).await),
+            405
+        );
+        assert_eq!(
+            status(&route(&shared, &request("GET /api/retry HTTP/1.1")).await),
+            405
+        );
+        assert_eq!(
+            status(&route(&shared, &request("GET / HTTP/1.1")).await),
+            200
+        );
+        assert_eq!(
+            status(&route(&shared, &request("GET /metrics/ HTTP/1.1")).await),
+            200
+        );
+        assert!(shared.is_watched(), "looking at the page starts the tap");
+
+        let cancel = route(
+            &shared,
+            &request("POST /api/cancel?key=a&key=b HTTP/1.1\r\nHost: x:1\r\nOrigin: http://x:1"),
+        )
+        .await;
+        assert_eq!(cancel.status, 202);
+        let control = hooks.control.as_mut().unwrap();
+        assert_eq!(
+            control.try_recv().unwrap(),
+            ToScheduler::Cancel {
+                keys: vec!["a".into(), "b".into()],
+                force: true
+            }
+        );
+        let retry = route(&shared, &request("POST /api/retry?key=c HTTP/1.1")).await;
+        assert_eq!(retry.status, 202);
+        assert_eq!(
+            control.try_recv().unwrap(),
+            ToScheduler::Retry {
+                keys: vec!["c".into()]
+            }
+        );
+        let forged = route(
+            &shared,
+            &request("POST /api/cancel?key=a HTTP/1.1\r\nHost: x:1\r\nOrigin: http://evil"),
+        )
+        .await;
+        assert_eq!(forged.status, 403);
+        assert!(control.try_recv().is_err());
+
+        let mut queries = hooks.queries.take().unwrap();
+        let answer = tokio::spawn(async move {
+            let query = queries.recv().await.unwrap();
+            assert_eq!(query.state.as_deref(), Some("erred"));
+            assert_eq!(query.limit, 7);
+            let _ = query.reply.send(vec![TaskStatus {
+                key: "k".into(),
+                task: "t".into(),
+                state: "erred",
+                error: None,
+            }]);
+        });
+        let tasks = route(
+            &shared,
+            &request("GET /api/tasks?state=error&limit=7 HTTP/1.1"),
+        )
+        .await;
+        assert_eq!(tasks.status, 200);
+        let body: Value = serde_json::from_slice(&tasks.body).unwrap();
+        assert_eq!(body[0]["key"], "k");
+        answer.await.unwrap();
+        drop(hooks);
+        let gone = route(&shared, &request("GET /api/tasks HTTP/1.1")).await;
+        assert_eq!(gone.status, 503, "the scheduler stopped");
+    }
+}

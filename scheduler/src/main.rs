@@ -517,6 +517,7 @@ fn purge(line: &CommandLine) -> Result<ExitCode, String> {
             transport::purge_namespace(&channel, &mut redis, &names)
                 .await
                 .map_err(|e| e.to_string())?;
+            let _ = channel.close(200, transport::name("purged")).await;
             println!("deleted {what}");
             Ok(ExitCode::SUCCESS)
         };

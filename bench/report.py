@@ -1,0 +1,95 @@
+"""Writes BENCHMARKS.md from the JSON of flotilla-bench and the two peers."""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+ROWS = [
+    ("throughput_10k_tasks_per_s", "throughput, 10k no-op tasks", "tasks/s", True, "25,000 (at 100k)"),
+    ("throughput_100k_tasks_per_s", "throughput, 100k", "tasks/s", True, "≥ 25,000"),
+    ("throughput_1m_tasks_per_s", "throughput, 1M", "tasks/s", True, "within 20% of 100k"),
+    ("chain_ms_per_task", "chain of 500", "ms/task", False, "≤ 0.5"),
+    ("roundtrip_p50_ms", "roundtrip p50", "ms", False, "≤ 0.5"),
+    ("roundtrip_p99_ms", "roundtrip p99", "ms", False, "≤ 2"),
+    ("actor_p50_ms", "actor call p50", "ms", False, "≤ 0.3"),
+    ("actor_p99_ms", "actor call p99", "ms", False, "—"),
+    ("scatter_10mb_50_tasks_s", "scatter 10 MB + 50 tasks", "s", False, "—"),
+    ("gather_10mb_mb_per_s", "10 MB result to client", "MB/s", True, "≥ 500"),
+    ("scheduler_bytes_per_pending_task", "scheduler memory per pending task", "bytes", False, "≤ 1,024"),
+]
+
+
+def fmt(value):
+    if value is None:
+        return "—"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def ratio(ours, theirs, higher_is_better):
+    if ours is None or theirs is None or ours == 0 or theirs == 0:
+        return "—"
+    r = ours / theirs if higher_is_better else theirs / ours
+    return f"{r:.1f}×"
+
+
+def command_output(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--command", default="bash bench/run_all.sh")
+    parser.add_argument("flotilla")
+    parser.add_argument("dask")
+    parser.add_argument("celery")
+    args = parser.parse_args()
+    ours = json.load(open(args.flotilla))
+    dask = json.load(open(args.dask)) if os.path.exists(args.dask) else {}
+    celery = json.load(open(args.celery)) if os.path.exists(args.celery) else {}
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = []
+    out.append("# Benchmarks\n")
+    out.append(f"Produced by `{args.command}` on {datetime.date.today().isoformat()}.\n")
+    out.append("## Machine and versions\n")
+    out.append(f"- CPU: {cpu}, {os.cpu_count()} cores; {platform.system()} {platform.release()}")
+    out.append(f"- {command_output(['rustc', '--version'])}; RabbitMQ {command_output(['rabbitmqctl', 'version'])}; "
+               f"{command_output(['redis-server', '--version']).split(' sha=')[0]}")
+    out.append(f"- Dask {dask.get('version', '?')} ({json.dumps(dask.get('config', {}).get('cluster', 'LocalCluster, 2 workers × 1 thread'))}); "
+               f"Celery {celery.get('version', '?')} (RabbitMQ broker, Redis backend, prefork pool of 2)")
+    out.append("- Flotilla: release build, scheduler + 2 `flotilla-worker` processes × 1 slot, all on this machine, "
+               "against the same local RabbitMQ and Redis as the peers.\n")
+    out.append("## Results (medians)\n")
+    out.append("| workload | Flotilla | Dask | Celery | Flotilla vs Dask | Flotilla vs Celery | target |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for key, label, unit, higher, target in ROWS:
+        o, d, c = ours.get(key), dask.get(key), celery.get(key)
+        out.append(f"| {label} ({unit}) | {fmt(o)} | {fmt(d)} | {fmt(c)} | {ratio(o, d, higher)} | {ratio(o, c, higher)} | {target} |")
+    out.append("\nRatios are how many times better Flotilla is (higher throughput, or lower latency/time/memory).\n")
+    out.append("## Commands\n")
+    out.append("- Flotilla: `cargo build --release --workspace --bins && target/release/flotilla-bench --workers 2 --json` "
+               "(`--full` adds 1M tasks; `--only PREFIX` runs one workload)")
+    out.append("- Dask and Celery: `bash bench/compare/run.sh` (creates `bench/compare/.venv` from PyPI; see `bench/compare/README.md`)")
+    out.append("- All three and this file: `bash bench/run_all.sh`\n")
+    out.append("## Raw JSON\n")
+    for name, data in (("flotilla", ours), ("dask", dask), ("celery", celery)):
+        shown = {k: v for k, v in data.items() if k not in ("config",)}
+        out.append(f"- {name}: `{json.dumps(shown)}`")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

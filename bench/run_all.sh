@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One command for the whole comparison: Flotilla, Dask and Celery on this
+# machine, against the same local RabbitMQ and Redis, then BENCHMARKS.md.
+#
+#   bash bench/run_all.sh            # Flotilla (without the 1M workload) + both peers (~8 min)
+#   bash bench/run_all.sh --full     # adds Flotilla's 1,000,000-task workloads
+#   bash bench/run_all.sh --no-peers # Flotilla only; keeps the peers' last results
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+full=()
+peers=1
+for arg in "$@"; do
+    case "$arg" in
+        --full) full=(--full) ;;
+        --no-peers) peers=0 ;;
+        -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "run_all.sh: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+bash scripts/services.sh
+cargo build --release --locked --workspace --bins
+mkdir -p bench/results
+echo "== flotilla ==" >&2
+target/release/flotilla-bench --workers 2 --json "${full[@]}" | tail -n 1 >bench/results/flotilla.json
+if ((peers)); then
+    bash bench/compare/run.sh
+fi
+python3 bench/report.py \
+    --command "bash bench/run_all.sh $*" \
+    bench/results/flotilla.json bench/compare/results/dask.json bench/compare/results/celery.json \
+    >BENCHMARKS.md
+echo "wrote BENCHMARKS.md" >&2

@@ -1,0 +1,710 @@
+//! Actors: a stateful object placed on one worker, called through a typed
+//! proxy (Dask's `submit(Counter, actor=True)`).
+//!
+//! `#[flotilla::actor]` on an `impl` block generates the proxy; each method
+//! call returns an [`ActorFuture`], which is an ordinary [`Future`]: await
+//! it, `gather` it, put it in `as_completed`, or pass it into a task.
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! pub struct Counter { count: i64 }
+//!
+//! #[flotilla::actor]
+//! impl Counter {
+//!     pub fn new() -> Self { Counter { count: 0 } }
+//!     pub fn increment(&mut self) -> i64 { self.count += 1; self.count }
+//!     pub async fn get_count(&self) -> i64 { self.count }
+//! }
+//!
+//! # async fn demo(client: Client) -> flotilla::Result<()> {
+//! let counter = client.submit_actor(Counter::new, ()).await?; // a CounterProxy
+//! let first = counter.increment();                           // ActorFuture<i64>
+//! let second = counter.increment();
+//! assert_eq!(counter.get_count().await?, 2);
+//! # Ok(()) }
+//! ```
+//!
+//! Creating an actor is a task the scheduler places (so
+//! [`SubmitActor::workers`] pins it); calls then go straight to the hosting
+//! worker's actor queue and answers come back on RabbitMQ's direct
+//! reply-to, one round trip per call. Calls on one actor run one at a time,
+//! in the order they were made. The actor lives while any proxy of it lives
+//! in any client. If its worker dies, pending and later calls fail with
+//! [`Error::ActorLost`] (never hang); create a new actor to carry on.
+
+use crate::client::ClientInner;
+use crate::future::FutureState;
+use crate::{Client, Error, Future, Result};
+use flotilla_proto::transport::{self, name};
+use flotilla_proto::{
+    decode, encode, ActorCall, ActorInfo, ActorReply, Names, Task, TaskError, ToWorker,
+};
+use flotilla_worker::actors::{ACTOR_LOST, CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT};
+use flotilla_worker::Actor;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+/// The future of an actor method call: a [`Future`] like any task's.
+pub type ActorFuture<T> = Future<T>;
+
+/// RabbitMQ's pseudo-queue for direct replies.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// How often pending calls check that their actor's worker is alive.
+const WATCHDOG_EVERY: Duration = Duration::from_millis(500);
+
+/// The typed proxy `#[flotilla::actor]` generates (`CounterProxy`), built
+/// around an [`ActorHandle`].
+pub trait ActorProxy: Sized {
+    /// The proxy for [`crate::blocking`] (`CounterBlockingProxy`).
+    type Blocking;
+    /// Wraps a handle.
+    fn from_handle(handle: ActorHandle) -> Self;
+    /// The handle inside.
+    fn handle(&self) -> &ActorHandle;
+    /// The blocking proxy of the same actor.
+    fn into_blocking(self, runtime: crate::blocking::BlockingRuntime) -> Self::Blocking;
+}
+
+/// An actor constructor: an associated function of an `#[flotilla::actor]`
+/// type that returns the type (`Counter::new`), taking the argument tuple
+/// `Args`. Implemented for every such function.
+pub trait Constructor<Args>: Copy + Send + Sync + 'static {
+    /// The actor type it builds.
+    type Actor: Actor;
+}
+
+macro_rules! constructors {
+    ($($arg:ident),*) => {
+        impl<F, A: Actor, $($arg),*> Constructor<($($arg,)*)> for F
+        where
+            F: Fn($($arg),*) -> A + Copy + Send + Sync + 'static,
+        {
+            type Actor = A;
+        }
+    };
+}
+
+constructors!();
+constructors!(A0);
+constructors!(A0, A1);
+constructors!(A0, A1, A2);
+constructors!(A0, A1, A2, A3);
+constructors!(A0, A1, A2, A3, A4);
+constructors!(A0, A1, A2, A3, A4, A5);
+constructors!(A0, A1, A2, A3, A4, A5, A6);
+constructors!(A0, A1, A2, A3, A4, A5, A6, A7);
+
+/// The task that creates an actor on the worker that runs it.
+#[derive(Debug, Clone, Copy)]
+struct CreateActor;
+
+impl Task for CreateActor {
+    // The worker reads the bytes as a `serde_bytes::ByteBuf`, which accepts
+    // this sequence too.
+    type Args = (String, Vec<u8>);
+    type Output = ActorInfo;
+    const NAME: &'static str = CREATE_ACTOR;
+    const FINGERPRINT: u64 = CREATE_ACTOR_FINGERPRINT;
+}
+
+/// Options for creating an actor; see [`Client::submit_actor_with`].
+#[must_use = "the actor is created by calling .submit()"]
+pub struct SubmitActor<'c, C, Args> {
+    client: &'c Client,
+    constructor: C,
+    args: Args,
+    workers: Vec<String>,
+    allow_other_workers: bool,
+}
+
+impl<C, Args> std::fmt::Debug for SubmitActor<'_, C, Args> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubmitActor")
+            .field("constructor", &std::any::type_name::<C>())
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C, Args> SubmitActor<'_, C, Args>
+where
+    C: Constructor<Args>,
+    Args: Serialize,
+    <C::Actor as Actor>::Proxy: ActorProxy,
+{
+    /// Places the actor on one of these workers (ids or `--name`s).
+    pub fn workers<S: Into<String>>(mut self, workers: impl IntoIterator<Item = S>) -> Self {
+        self.workers = workers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// With [`SubmitActor::workers`]: place it elsewhere when none of them
+    /// is alive.
+    pub fn allow_other_workers(mut self, allow: bool) -> Self {
+        self.allow_other_workers = allow;
+        self
+    }
+
+    /// Creates the actor and returns its proxy once it exists.
+    pub async fn submit(self) -> Result<<C::Actor as Actor>::Proxy> {
+        let _ = self.constructor;
+        let constructor = std::any::type_name::<C>();
+        let args = rmp_serde::to_vec_named(&self.args).map_err(|e| Error::Encode {
+            what: format!("the arguments of `{constructor}`"),
+            message: e.to_string(),
+        })?;
+        let type_name = <C::Actor as Actor>::NAME;
+        let short = type_name.rsplit("::").next().unwrap_or(type_name);
+        let key = format!("{short}-{}", flotilla_proto::new_id());
+        let mut submit = self
+            .client
+            .submit_with(CreateActor, (constructor.to_owned(), args))
+            .key(key);
+        if !self.workers.is_empty() {
+            submit = submit
+                .workers(self.workers)
+                .allow_other_workers(self.allow_other_workers);
+        }
+        let creation = submit.submit();
+        let (info, caller) = tokio::join!(creation.result(), Caller::of(self.client));
+        let (info, caller) = (info?, caller?);
+        let handle = ActorHandle {
+            inner: Arc::new(HandleInner {
+                key: creation.key().to_owned(),
+                name: type_name,
+                info,
+                creation: Some(creation),
+                caller,
+                client: self.client.inner.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            }),
+        };
+        Ok(<C::Actor as Actor>::Proxy::from_handle(handle))
+    }
+}
+
+impl Client {
+    /// Creates an actor by calling `constructor` (`Counter::new`, an
+    /// associated function of an `#[flotilla::actor]` type) with `args` (a
+    /// tuple of values) on a worker the scheduler picks, and returns its
+    /// proxy once it exists.
+    pub async fn submit_actor<C, Args>(
+        &self,
+        constructor: C,
+        args: Args,
+    ) -> Result<<C::Actor as Actor>::Proxy>
+    where
+        C: Constructor<Args>,
+        Args: Serialize,
+        <C::Actor as Actor>::Proxy: ActorProxy,
+    {
+        self.submit_actor_with(constructor, args).submit().await
+    }
+
+    /// Like [`Client::submit_actor`], with options:
+    /// `client.submit_actor_with(Counter::new, ()).workers(["w1"]).submit().await`.
+    pub fn submit_actor_with<C, Args>(&self, constructor: C, args: Args) -> SubmitActor<'_, C, Args>
+    where
+        C: Constructor<Args>,
+        Args: Serialize,
+    {
+        SubmitActor {
+            client: self,
+            constructor,
+            args,
+            workers: Vec::new(),
+            allow_other_workers: false,
+        }
+    }
+}
+
+/// A live actor: its key, where it lives, and the way calls reach it.
+/// Cloning is cheap; the actor is dropped once the last handle in every
+/// client is gone.
+#[derive(Clone)]
+pub struct ActorHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    key: String,
+    name: &'static str,
+    info: ActorInfo,
+    /// Holds the actor's key while any handle lives.
+    creation: Option<Future<ActorInfo>>,
+    caller: Arc<Caller>,
+    client: Arc<ClientInner>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for ActorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActorHandle")
+            .field("actor", &self.inner.name)
+            .field("key", &self.inner.key)
+            .field("worker", &self.inner.info.worker)
+            .finish()
+    }
+}
+
+impl ActorHandle {
+    /// The actor's key.
+    pub fn key(&self) -> &str {
+        &self.inner.key
+    }
+
+    /// Id of the worker hosting it.
+    pub fn worker(&self) -> &str {
+        &self.inner.info.worker
+    }
+
+    /// Calls `method` with the argument tuple `args`; the generated proxy
+    /// methods call this.
+    pub fn call<T, A: Serialize>(&self, method: &str, args: &A) -> ActorFuture<T> {
+        let inner = &self.inner;
+        let key = format!("{method}-{}", flotilla_proto::new_id());
+        let (state, _) = inner.client.register(&key);
+        let future = Future::from_state(state.clone(), inner.client.clone());
+        let args = match rmp_serde::to_vec_named(args) {
+            Ok(args) => args,
+            Err(error) => {
+                state.set_failed(Error::Encode {
+                    what: format!("the arguments of `{}::{method}`", inner.name),
+                    message: error.to_string(),
+                });
+                return future;
+            }
+        };
+        if args.len() > inner.client.config.max_payload {
+            state.set_failed(Error::PayloadTooLarge {
+                what: format!("the arguments of `{}::{method}`", inner.name),
+                size: args.len(),
+                limit: inner.client.config.max_payload,
+            });
+            return future;
+        }
+        let call = ActorCall {
+            actor: inner.key.clone(),
+            method: method.to_owned(),
+            args,
+            call: key,
+            client: inner.client.id.clone(),
+        };
+        inner.caller.send(call, &inner.info, state);
+        future
+    }
+}
+
+impl Drop for HandleInner {
+    fn drop(&mut self) {
+        // Releasing the key goes through the client's outbox; once that is
+        // flushed, an actor nobody holds any more is dropped by its worker.
+        drop(self.creation.take());
+        let client = Client {
+            inner: self.client.clone(),
+        };
+        let caller = self.caller.clone();
+        let key = self.key.clone();
+        self.runtime.spawn(async move {
+            let _ = client.flush().await;
+            let held: redis::RedisResult<i64> = redis::cmd("EXISTS")
+                .arg(client.names().holders_key(&key))
+                .query_async(&mut client.redis())
+                .await;
+            if matches!(held, Ok(0)) {
+                // Wait for the publish: dropping the last handle on the
+                // caller stops its publisher.
+                let (sent, published) = tokio::sync::oneshot::channel();
+                if caller
+                    .outgoing
+                    .send(Outgoing::DropActors(vec![key], sent))
+                    .is_ok()
+                {
+                    let _ = published.await;
+                }
+            }
+        });
+    }
+}
+
+/// A call waiting for its answer.
+struct Pending {
+    state: Arc<FutureState>,
+    actor: String,
+    worker: String,
+}
+
+enum Outgoing {
+    Call {
+        call: ActorCall,
+        queue: String,
+    },
+    /// Drop notices, and who waits until they are published.
+    DropActors(Vec<String>, tokio::sync::oneshot::Sender<()>),
+}
+
+/// A client's side of actor calls: a connection of its own with one
+/// channel that publishes calls and consumes the direct replies.
+pub(crate) struct Caller {
+    names: Names,
+    connection: Connection,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Workers whose actor queue is gone: calls to them fail at once.
+    lost: Mutex<HashSet<String>>,
+    watching: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Where the watchdog runs: calls may be made outside any runtime (the
+    /// blocking proxies).
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Caller {
+    fn drop(&mut self) {
+        for task in self.tasks.get_mut().map(std::mem::take).unwrap_or_default() {
+            task.abort();
+        }
+    }
+}
+
+fn callers() -> &'static tokio::sync::Mutex<HashMap<String, Weak<Caller>>> {
+    static CALLERS: OnceLock<tokio::sync::Mutex<HashMap<String, Weak<Caller>>>> = OnceLock::new();
+    CALLERS.get_or_init(Default::default)
+}
+
+impl Caller {
+    /// The caller of `client`, connected on first use and shared by all its
+    /// actor handles.
+    async fn of(client: &Client) -> Result<Arc<Caller>> {
+        let mut callers = callers().lock().await;
+        callers.retain(|_, caller| caller.strong_count() > 0);
+        if let Some(caller) = callers.get(client.id()).and_then(Weak::upgrade) {
+            return Ok(caller);
+        }
+        let caller = Caller::connect(client).await?;
+        callers.insert(client.id().to_owned(), Arc::downgrade(&caller));
+        Ok(caller)
+    }
+
+    async fn connect(client: &Client) -> Result<Arc<Caller>> {
+        let config = client.config();
+        let names = config.names();
+        let connection = transport::connect_amqp(
+            &config.amqp_url,
+            &format!(
+                "flotilla-client {} actors ({})",
+                client.id(),
+                names.namespace()
+            ),
+        )
+        .await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        // Direct reply-to: consume before the first publish, without acks.
+        let replies = channel
+            .basic_consume(
+                name(DIRECT_REPLY_TO),
+                name(&format!("{}.actors", client.id())),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
+        let (confirms, confirms_rx) = mpsc::unbounded_channel();
+        let caller = Arc::new(Caller {
+            names: names.clone(),
+            connection,
+            outgoing,
+            pending: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashSet::new()),
+            watching: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let weak = Arc::downgrade(&caller);
+        let tasks = vec![
+            tokio::spawn(publish_loop(channel, names, outgoing_rx, confirms)),
+            tokio::spawn(confirm_loop(weak.clone(), confirms_rx)),
+            tokio::spawn(reply_loop(weak, replies, config.max_payload + (1 << 20))),
+        ];
+        *caller.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        Ok(caller)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_lost(&self, worker: &str) -> bool {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(worker)
+    }
+
+    /// Sends a call; its state stays here until the answer, so the call's
+    /// key is released only after the worker has stored the result.
+    fn send(self: &Arc<Self>, call: ActorCall, info: &ActorInfo, state: Arc<FutureState>) {
+        if self.is_lost(&info.worker) {
+            state.set_failed(lost_error(&call.actor, &info.worker));
+            return;
+        }
+        self.pending().insert(
+            call.call.clone(),
+            Pending {
+                state,
+                actor: call.actor.clone(),
+                worker: info.worker.clone(),
+            },
+        );
+        self.watch();
+        let queue = info.queue.clone();
+        if let Err(mpsc::error::SendError(Outgoing::Call { call, .. })) =
+            self.outgoing.send(Outgoing::Call { call, queue })
+        {
+            self.finish(&call.call, Err(Error::Closed));
+        }
+    }
+
+    /// Settles a pending call.
+    fn finish(&self, call: &str, outcome: Result<Vec<u8>>) {
+        let Some(pending) = self.pending().remove(call) else {
+            return;
+        };
+        match outcome {
+            Ok(bytes) => pending.state.set_finished(Some(bytes)),
+            Err(error) => pending.state.set_failed(error),
+        }
+    }
+
+    /// Fails every pending call to `worker` and every later one.
+    fn worker_lost(&self, worker: &str) {
+        self.lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker.to_owned());
+        let lost: Vec<Pending> = {
+            let mut pending = self.pending();
+            let keys: Vec<String> = pending
+                .iter()
+                .filter(|(_, p)| p.worker == worker)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| pending.remove(k)).collect()
+        };
+        for pending in lost {
+            pending
+                .state
+                .set_failed(lost_error(&pending.actor, &pending.worker));
+        }
+    }
+
+    /// Starts the watchdog unless it runs.
+    fn watch(self: &Arc<Self>) {
+        if !self.watching.swap(true, Ordering::AcqRel) {
+            let caller = Arc::downgrade(self);
+            let watchdog = self.runtime.spawn(watchdog(caller));
+            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            tasks.retain(|task| !task.is_finished());
+            tasks.push(watchdog);
+        }
+    }
+}
+
+fn lost_error(actor: &str, worker: &str) -> Error {
+    Error::ActorLost {
+        actor: actor.to_owned(),
+        reason: format!("its worker {worker} is gone"),
+    }
+}
+
+/// Publishes calls in the order they were made, and drop notices.
+async fn publish_loop(
+    channel: Channel,
+    names: Names,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    confirms: mpsc::UnboundedSender<(String, PublisherConfirm)>,
+) {
+    while let Some(message) = outgoing.recv().await {
+        match message {
+            Outgoing::Call { call, queue } => {
+                let properties = BasicProperties::default()
+                    .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
+                    .with_correlation_id(ShortString::from(call.call.clone()))
+                    .with_delivery_mode(1);
+                let published = channel
+                    .basic_publish(
+                        name(""),
+                        name(&queue),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &encode(&call),
+                        properties,
+                    )
+                    .await;
+                match published {
+                    Ok(confirm) => {
+                        let _ = confirms.send((call.call, confirm));
+                    }
+                    Err(error) => {
+                        warn!(%error, "publishing an actor call failed");
+                        return;
+                    }
+                }
+            }
+            Outgoing::DropActors(keys, published) => {
+                debug!(?keys, "dropping unreferenced actors");
+                let confirm = channel
+                    .basic_publish(
+                        name(&names.control_exchange()),
+                        name(""),
+                        BasicPublishOptions::default(),
+                        &encode(&ToWorker::DropActors { keys }),
+                        transport::transient(),
+                    )
+                    .await;
+                if let Ok(confirm) = confirm {
+                    let _ = confirm.await;
+                }
+                let _ = published.send(());
+            }
+        }
+    }
+}
+
+/// A call the broker could not route (the actor queue is gone) is lost.
+async fn confirm_loop(
+    caller: Weak<Caller>,
+    mut confirms: mpsc::UnboundedReceiver<(String, PublisherConfirm)>,
+) {
+    while let Some((call, confirm)) = confirms.recv().await {
+        let returned = match confirm.await {
+            Ok(Confirmation::Ack(returned)) => returned.is_some(),
+            Ok(Confirmation::NotRequested) => false,
+            Ok(Confirmation::Nack(_)) | Err(_) => true,
+        };
+        if returned {
+            let Some(caller) = caller.upgrade() else {
+                return;
+            };
+            let worker = caller
+                .pending()
+                .get(&call)
+                .map(|p| p.worker.clone())
+                .unwrap_or_default();
+            if worker.is_empty() {
+                continue;
+            }
+            caller.worker_lost(&worker);
+        }
+    }
+}
+
+/// Settles calls as their answers arrive.
+async fn reply_loop(caller: Weak<Caller>, mut replies: lapin::Consumer, limit: usize) {
+    while let Some(delivery) = transport::next_delivery(&mut replies).await {
+        let Ok(delivery) = delivery else { break };
+        let Some(caller) = caller.upgrade() else {
+            break;
+        };
+        match decode::<ActorReply>(&delivery.data, limit) {
+            Ok(reply) => {
+                let outcome = reply
+                    .outcome
+                    .map(|bytes| bytes.into_vec())
+                    .map_err(call_error);
+                caller.finish(&reply.call, outcome);
+            }
+            Err(error) => warn!(%error, "undecodable actor reply dropped"),
+        }
+    }
+}
+
+fn call_error(error: TaskError) -> Error {
+    if error.type_name == ACTOR_LOST {
+        Error::ActorLost {
+            actor: error.key.clone(),
+            reason: error.message,
+        }
+    } else {
+        Error::Task(error)
+    }
+}
+
+/// While calls are pending, checks that their workers' actor queues still
+/// exist (a dead worker's exclusive queue is deleted with its connection)
+/// and fails the calls of the workers that are gone.
+async fn watchdog(caller: Weak<Caller>) {
+    loop {
+        tokio::time::sleep(WATCHDOG_EVERY).await;
+        let Some(caller) = caller.upgrade() else {
+            return;
+        };
+        let workers: HashSet<String> = caller
+            .pending()
+            .values()
+            .map(|p| p.worker.clone())
+            .collect();
+        if workers.is_empty() {
+            caller.watching.store(false, Ordering::Release);
+            // A call may have slipped in after the check.
+            if caller.pending().is_empty() || caller.watching.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            continue;
+        }
+        for worker in workers {
+            if !actor_queue_exists(&caller, &worker).await {
+                warn!(%worker, "actor worker is gone; failing its calls");
+                caller.worker_lost(&worker);
+            }
+        }
+    }
+}
+
+/// Passive declare on a throwaway channel: a missing queue closes it (404);
+/// an exclusive queue of another connection answers 405, which means alive.
+async fn actor_queue_exists(caller: &Caller, worker: &str) -> bool {
+    let Ok(channel) = caller.connection.create_channel().await else {
+        return true;
+    };
+    let declared = channel
+        .queue_declare(
+            name(&caller.names.actors_queue(worker)),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = channel.close(200, name("checked")).await;
+            true
+        }
+        Err(error) => !matches!(
+            error.kind(),
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404
+        ),
+    }
+}

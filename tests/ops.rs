@@ -1,0 +1,1413 @@
+//! Operating Flotilla: the scheduler binary's HTTP endpoint (Prometheus
+//! metrics, the status API, operator commands, the dashboard page in
+//! headless Chromium), its CLI subcommands, SIGTERM, and the Docker Compose
+//! file checked against the binaries it starts.
+//!
+//! The scheduler and workers run as the real binaries (`flotilla-scheduler`
+//! is built by `scripts/test.sh`, or `cargo build -p flotilla-scheduler`),
+//! in a fresh namespace that is purged afterwards.
+
+mod common;
+
+use flotilla::{Client, Config, Error, ErrorKind};
+use flotilla_examples::{inc, might_fail, slow_identity};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// ---------------------------------------------------------------------------
+// A cluster of real processes.
+
+/// A child process, killed (if still running) when dropped.
+struct Process {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within 15 s of SIGTERM; its log:\n{}",
+                self.name,
+                self.log.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = common::target_binary(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (scripts/test.sh does; or `cargo build --workspace --bins`)",
+        path.display()
+    );
+    path
+}
+
+/// Starts a binary against `config`, collecting its stderr (without colours).
+fn spawn(config: &Config, name: &str, program: &str, args: &[&str]) -> Process {
+    let mut child = Command::new(binary(program))
+        .args(args)
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env_remove("FLOTILLA_HTTP_ADDR")
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info,lapin=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(strip_ansi(&line));
+        }
+    });
+    Process {
+        name: name.to_owned(),
+        child,
+        log,
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A scheduler binary with its HTTP endpoint on a free port, and workers.
+struct Ops {
+    config: Config,
+    addr: String,
+    scheduler: Process,
+    workers: Vec<Process>,
+}
+
+impl Ops {
+    async fn start(prefix: &str, workers: &[&str]) -> Ops {
+        let config = common::fresh_config(prefix);
+        let scheduler = spawn(
+            &config,
+            "scheduler",
+            "flotilla-scheduler",
+            &["--http-addr", "127.0.0.1:0"],
+        );
+        // The scheduler logs the address it serves: `url=http://127.0.0.1:PORT/`.
+        let started = Instant::now();
+        let addr = loop {
+            let found = scheduler.log.lock().unwrap().iter().find_map(|line| {
+                let at = line.find("url=http://")? + "url=http://".len();
+                Some(line[at..].split('/').next()?.to_owned())
+            });
+            if let Some(addr) = found {
+                break addr;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the scheduler never said where it serves HTTP; its log:\n{}",
+                scheduler.log.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let workers = workers
+            .iter()
+            .map(|name| {
+                spawn(
+                    &config,
+                    name,
+                    "flotilla-worker",
+                    &["--name", name, "--nthreads", "2"],
+                )
+            })
+            .collect();
+        let ops = Ops {
+            config,
+            addr,
+            scheduler,
+            workers,
+        };
+        ops.wait_for(Duration::from_secs(30), "every worker registered", |s| {
+            s["scheduler"].str() == Some("running")
+                && s["workers"].items().len() == ops.workers.len()
+        })
+        .await;
+        ops
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        http(
+            &self.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr),
+        )
+        .await
+    }
+
+    async fn status(&self) -> Json {
+        let (code, body) = self.get("/api/status").await;
+        assert_eq!(code, 200, "{body}");
+        Json::parse(&body)
+    }
+
+    async fn metrics(&self) -> Metrics {
+        let (code, body) = self.get("/metrics").await;
+        assert_eq!(code, 200, "{body}");
+        Metrics::parse(&body)
+    }
+
+    /// Polls `/api/status` until `ready` holds.
+    async fn wait_for(&self, limit: Duration, what: &str, ready: impl Fn(&Json) -> bool) -> Json {
+        let started = Instant::now();
+        loop {
+            let status = self.status().await;
+            if ready(&status) {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "after {limit:?}, not yet: {what}; status: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Runs `flotilla-scheduler ARGS` (a subcommand) against this cluster.
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(binary("flotilla-scheduler"))
+            .args(args)
+            .env("FLOTILLA_HTTP_ADDR", &self.addr)
+            .env("FLOTILLA_AMQP_URL", &self.config.amqp_url)
+            .env("FLOTILLA_REDIS_URL", &self.config.redis_url)
+            .env("FLOTILLA_NAMESPACE", &self.config.namespace)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run flotilla-scheduler");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Ops {
+    fn drop(&mut self) {
+        let config = self.config.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            let _ = runtime.block_on(flotilla::purge(&config));
+        })
+        .join();
+    }
+}
+
+/// Sends raw request bytes; returns the status code and the body.
+async fn http(addr: &str, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 20 s")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(
+        head.contains("Connection: close") && head.contains("Content-Length:"),
+        "{head}"
+    );
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (code, body.to_owned())
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus text format, strictly.
+
+/// Samples by metric name and labels (without `namespace`).
+#[derive(Debug)]
+struct Metrics {
+    samples: HashMap<String, f64>,
+}
+
+impl Metrics {
+    /// Parses the text format, checking that every sample belongs to a
+    /// family declared with `# HELP` and `# TYPE`.
+    fn parse(text: &str) -> Metrics {
+        let mut families: HashMap<String, String> = HashMap::new();
+        let mut helped = Vec::new();
+        let mut samples = HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect("HELP name text");
+                assert!(!help.is_empty(), "{line}");
+                helped.push(name.to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert!(["gauge", "counter", "histogram"].contains(&kind), "{line}");
+                families.insert(name.to_owned(), kind.to_owned());
+            } else {
+                assert!(!line.starts_with('#') && !line.is_empty(), "{line:?}");
+                let (series, value) = line.rsplit_once(' ').expect("series value");
+                let value: f64 = match value {
+                    "+Inf" => f64::INFINITY,
+                    v => v.parse().unwrap_or_else(|_| panic!("value of {line}")),
+                };
+                let (name, labels) = match series.split_once('{') {
+                    Some((name, labels)) => {
+                        (name, labels.strip_suffix('}').expect("closing brace"))
+                    }
+                    None => (series, ""),
+                };
+                assert!(
+                    name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "metric name {name}"
+                );
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|f| families.get(*f).map(String::as_str) == Some("histogram"))
+                    })
+                    .unwrap_or(name);
+                assert!(
+                    families.contains_key(family) && helped.iter().any(|h| h == family),
+                    "{name} has no # HELP / # TYPE"
+                );
+                let mut kept = Vec::new();
+                for label in split_labels(labels) {
+                    let (key, quoted) = label.split_once('=').expect("label=value");
+                    assert!(
+                        quoted.starts_with('"') && quoted.ends_with('"'),
+                        "label {label}"
+                    );
+                    if key != "namespace" {
+                        kept.push(label);
+                    }
+                }
+                samples.insert(format!("{name}{{{}}}", kept.join(",")), value);
+            }
+        }
+        Metrics { samples }
+    }
+
+    fn get(&self, series: &str) -> f64 {
+        let key = if series.contains('{') {
+            series.to_owned()
+        } else {
+            format!("{series}{{}}")
+        };
+        *self
+            .samples
+            .get(&key)
+            .unwrap_or_else(|| panic!("no sample {key} in {:?}", self.samples.keys()))
+    }
+}
+
+fn split_labels(labels: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut escaped = false;
+    for c in labels.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// A small JSON reader (the root package has no JSON dependency).
+
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+static NULL: Json = Json::Null;
+
+impl std::ops::Index<&str> for Json {
+    type Output = Json;
+    fn index(&self, key: &str) -> &Json {
+        match self {
+            Json::Obj(fields) => fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or(&NULL, |(_, v)| v),
+            _ => &NULL,
+        }
+    }
+}
+
+impl Json {
+    fn parse(text: &str) -> Json {
+        let bytes = text.as_bytes();
+        let mut at = 0;
+        let value = Json::value(bytes, &mut at);
+        Json::space(bytes, &mut at);
+        assert_eq!(at, bytes.len(), "trailing characters in {text}");
+        value
+    }
+
+    fn num(&self) -> Option<f64> {
+        match self {
+            Json::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn items(&self) -> &[Json] {
+        match self {
+            Json::Arr(items) => items,
+            _ => &[],
+        }
+    }
+
+    fn space(b: &[u8], at: &mut usize) {
+        while *at < b.len() && b[*at].is_ascii_whitespace() {
+            *at += 1;
+        }
+    }
+
+    fn value(b: &[u8], at: &mut usize) -> Json {
+        Json::space(b, at);
+        let literal = |at: &mut usize, word: &str, value: Json| {
+            assert!(b[*at..].starts_with(word.as_bytes()), "bad JSON at {at}");
+            *at += word.len();
+            value
+        };
+        match b[*at] {
+            b'n' => literal(at, "null", Json::Null),
+            b't' => literal(at, "true", Json::Bool(true)),
+            b'f' => literal(at, "false", Json::Bool(false)),
+            b'"' => Json::Str(Json::string(b, at)),
+            b'[' => {
+                *at += 1;
+                let mut items = Vec::new();
+                loop {
+                    Json::space(b, at);
+                    if b[*at] == b']' {
+                        *at += 1;
+                        return Json::Arr(items);
+                    }
+                    if !items.is_empty() {
+                        assert_eq!(b[*at], b',', "expected , at {at}");
+                        *at += 1;
+                    }
+                    items.push(Json::value(b, at));
+                }
+            }
+            b'{' => {
+                *at += 1;
+                let mut fields = Vec::new();
+                loop {
+                    Json::space(b, at);
+                    if b[*at] == b'}' {
+                        *at += 1;
+                        return Json::Obj(fields);
+                    }
+                    if !fields.is_empty() {
+                        assert_eq!(b[*at], b',', "expected , at {at}");
+                        *at += 1;
+                        Json::space(b, at);
+                    }
+                    let key = Json::string(b, at);
+                    Json::space(b, at);
+                    assert_eq!(b[*at], b':', "expected : at {at}");
+                    *at += 1;
+                    fields.push((key, Json::value(b, at)));
+                }
+            }
+            _ => {
+                let start = *at;
+                while *at < b.len() && b"+-0123456789.eE".contains(&b[*at]) {
+                    *at += 1;
+                }
+                let text = std::str::from_utf8(&b[start..*at]).expect("ASCII");
+                Json::Num(
+                    text.parse()
+                        .unwrap_or_else(|_| panic!("bad number {text:?}")),
+                )
+            }
+        }
+    }
+
+    fn string(b: &[u8], at: &mut usize) -> String {
+        assert_eq!(b[*at], b'"');
+        *at += 1;
+        let mut out = Vec::new();
+        loop {
+            match b[*at] {
+                b'"' => {
+                    *at += 1;
+                    return String::from_utf8(out).expect("UTF-8");
+                }
+                b'\\' => {
+                    *at += 1;
+                    match b[*at] {
+                        b'n' => out.push(b'\n'),
+                        b't' => out.push(b'\t'),
+                        b'r' => out.push(b'\r'),
+                        b'b' => out.push(8),
+                        b'f' => out.push(12),
+                        b'u' => {
+                            let hex = std::str::from_utf8(&b[*at + 1..*at + 5]).expect("hex");
+                            let code = u32::from_str_radix(hex, 16).expect("hex");
+                            let c = char::from_u32(code).unwrap_or('\u{fffd}');
+                            out.extend_from_slice(c.to_string().as_bytes());
+                            *at += 4;
+                        }
+                        c => out.push(c),
+                    }
+                    *at += 1;
+                }
+                c => {
+                    out.push(c);
+                    *at += 1;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP endpoint and the CLI.
+
+#[tokio::test]
+async fn metrics_status_api_and_cli_follow_a_workload() {
+    let ops = Ops::start("ops-http", &["ops-alpha", "ops-beta"]).await;
+    let client = Client::connect(ops.config.clone()).await.expect("client");
+
+    // The status API: the scheduler, its workers, queues and Redis.
+    let tasks_queue = format!("{}.tasks", ops.config.namespace);
+    let status = ops
+        .wait_for(Duration::from_secs(15), "queues and Redis probed", |s| {
+            s["redis"]["used_memory"].num().is_some()
+                && s["queues"].items().iter().any(|q| {
+                    q["name"].str() == Some(tasks_queue.as_str())
+                        && q["consumers"].num() == Some(2.0)
+                })
+        })
+        .await;
+    assert_eq!(
+        status["namespace"].str(),
+        Some(ops.config.namespace.as_str())
+    );
+    assert_eq!(status["counts"]["workers"].num(), Some(2.0));
+    assert_eq!(status["counts"]["slots"].num(), Some(4.0));
+    let mut names: Vec<&str> = status["workers"]
+        .items()
+        .iter()
+        .filter_map(|w| w["name"].str())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ops-alpha", "ops-beta"]);
+    let tasks_queue = format!("{}.tasks", ops.config.namespace);
+    let queue = status["queues"]
+        .items()
+        .iter()
+        .find(|q| q["name"].str() == Some(tasks_queue.as_str()))
+        .expect("the shared task queue is probed");
+    assert_eq!(
+        queue["consumers"].num(),
+        Some(2.0),
+        "both workers consume it"
+    );
+    assert!(status["redis"]["used_memory"].num().unwrap() > 0.0);
+
+    // Watching turned the event tap on; wait for it, so the run-time
+    // histogram and per-worker counts see the whole workload.
+    ops.wait_for(Duration::from_secs(15), "the event tap is on", |s| {
+        s["monitor"]["active"] == Json::Bool(true)
+    })
+    .await;
+    let before = ops.metrics().await;
+    assert_eq!(before.get("flotilla_workers"), 2.0);
+    assert_eq!(before.get("flotilla_worker_slots"), 4.0);
+    assert_eq!(before.get("flotilla_monitor_active"), 1.0);
+    assert!(before.get("flotilla_redis_used_memory_bytes") > 0.0);
+    assert!(
+        before.get(&format!(
+            "flotilla_queue_messages{{queue=\"{tasks_queue}\"}}"
+        )) >= 0.0
+    );
+    let finished_before = before.get("flotilla_tasks_finished_total");
+
+    // 80 tasks of 150 ms on 4 slots (three seconds or more) and a burst of
+    // quick ones: the counters move while they run.
+    let quick: Vec<_> = (0..200).map(|i| client.submit(inc, (i,))).collect();
+    let slow: Vec<_> = (0..80)
+        .map(|i| client.submit(slow_identity, (i, 150)))
+        .collect();
+    let started = Instant::now();
+    let mut seen = vec![finished_before];
+    while slow.iter().any(|f| !f.done()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "workload stalled"
+        );
+        let metrics = ops.metrics().await;
+        let finished = metrics.get("flotilla_tasks_finished_total");
+        assert!(finished >= *seen.last().unwrap(), "a counter went down");
+        if finished > *seen.last().unwrap() {
+            seen.push(finished);
+        }
+        let running = metrics.get("flotilla_tasks{state=\"processing\"}")
+            + metrics.get("flotilla_tasks{state=\"ready\"}")
+            + metrics.get("flotilla_tasks{state=\"waiting\"}");
+        assert!(running <= 280.0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        seen.len() >= 3,
+        "finished_total moved while the workload ran: {seen:?}"
+    );
+    for (i, future) in quick.into_iter().enumerate() {
+        assert_eq!(future.await.unwrap(), i as i64 + 1);
+    }
+    for future in slow {
+        future.await.unwrap();
+    }
+    let started = Instant::now();
+    let after = loop {
+        let metrics = ops.metrics().await;
+        if metrics.get("flotilla_tasks_finished_total") >= finished_before + 280.0
+            && metrics.get("flotilla_task_seconds_count") >= 280.0
+        {
+            break metrics;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the counters caught up: {metrics:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(after.get("flotilla_tasks_submitted_total") >= 280.0);
+    // The slow tasks reported Started, so they are above the first bucket.
+    let first = after.get("flotilla_task_seconds_bucket{le=\"0.05\"}");
+    let total = after.get("flotilla_task_seconds_bucket{le=\"+Inf\"}");
+    assert_eq!(total, after.get("flotilla_task_seconds_count"));
+    assert!(
+        total - first >= 80.0,
+        "80 runs of 150 ms are above 50 ms: {first} of {total} in the first bucket"
+    );
+    assert!(after.get("flotilla_task_seconds_sum") >= 80.0 * 0.15);
+    let per_worker: f64 = ["ops-alpha", "ops-beta"]
+        .iter()
+        .map(|name| {
+            let id = status["workers"]
+                .items()
+                .iter()
+                .find(|w| w["name"].str() == Some(name))
+                .and_then(|w| w["id"].str())
+                .unwrap();
+            after.get(&format!(
+                "flotilla_worker_tasks_total{{worker=\"{name}\",id=\"{id}\",outcome=\"finished\"}}"
+            ))
+        })
+        .sum();
+    assert!(
+        per_worker >= 280.0,
+        "per-worker counts add up: {per_worker}"
+    );
+
+    // The CLI reads the same API.
+    let (ok, out, err) = ops.cli(&["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&ops.config.namespace) && out.contains("2 live, 4 slots"),
+        "{out}"
+    );
+    let (ok, out, err) = ops.cli(&["workers"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("ops-alpha") && out.contains("ops-beta"),
+        "{out}"
+    );
+    let (ok, out, _) = ops.cli(&["workers", "--json"]);
+    assert!(ok && Json::parse(&out).items().len() == 2, "{out}");
+
+    // Erred tasks are listed, with their error.
+    let failing = client.submit(might_fail, (-1,));
+    assert!(failing.result().await.is_err());
+    let key = failing.key().to_owned();
+    // The client may hear of the failure (from the worker) before the
+    // scheduler does.
+    let started = Instant::now();
+    loop {
+        let (ok, out, err) = ops.cli(&["tasks", "--state", "erred"]);
+        assert!(ok, "{err}");
+        if out.contains(&key) {
+            assert!(out.contains("Negative value"), "{out}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{key} listed as erred: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = ops.get("/api/tasks?state=error&limit=5").await;
+    assert_eq!(code, 200);
+    assert!(Json::parse(&body)
+        .items()
+        .iter()
+        .any(|t| t["key"].str() == Some(key.as_str()) && t["state"].str() == Some("erred")));
+    let (ok, out, err) = ops.cli(&["retry", &key]);
+    assert!(ok && out.contains("retry requested"), "{out}{err}");
+
+    // Cancelling a running task from the CLI reaches the client.
+    let long = client.submit(slow_identity, (7, 60_000));
+    let long_key = long.key().to_owned();
+    let started = Instant::now();
+    loop {
+        let (ok, out, err) = ops.cli(&["tasks", "--state", "processing"]);
+        assert!(ok, "{err}");
+        if out.contains(&long_key) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, out, err) = ops.cli(&["cancel", &long_key]);
+    assert!(ok && out.contains("cancellation requested"), "{out}{err}");
+    match long.result_timeout(Duration::from_secs(15)).await {
+        Err(Error::Cancelled(_)) => {}
+        Err(Error::Task(e)) if e.kind() == ErrorKind::Cancelled => {}
+        other => panic!("cancelled from the CLI: {other:?}"),
+    }
+    ops.wait_for(Duration::from_secs(5), "the cancellation counted", |s| {
+        s["counts"]["cancelled"].num() >= Some(1.0)
+    })
+    .await;
+
+    // While the scheduler runs, purge refuses.
+    let (ok, _, err) = ops.cli(&["purge", "--yes"]);
+    assert!(!ok && err.contains("in use"), "{err}");
+
+    drop(client);
+    let mut ops = ops;
+    for worker in &mut ops.workers {
+        assert!(worker.terminate().success(), "worker stops on SIGTERM");
+    }
+    assert!(
+        ops.scheduler.terminate().success(),
+        "scheduler stops on SIGTERM"
+    );
+    let (ok, out, err) = ops.cli(&["status"]);
+    assert!(
+        !ok && out.is_empty() && err.contains("no scheduler answers"),
+        "{err}"
+    );
+    let (ok, out, err) = ops.cli(&["purge"]);
+    assert!(!ok && out.contains("rerun with --yes"), "{out}{err}");
+    let (ok, out, err) = ops.cli(&["purge", "--yes"]);
+    assert!(ok && out.contains("deleted"), "{out}{err}");
+    let mut redis = redis::Client::open(ops.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (_, left): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg(ops.config.names().redis_pattern())
+        .arg("COUNT")
+        .arg(100_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "purge left {left:?}");
+}
+
+#[tokio::test]
+async fn the_http_server_answers_mistakes_plainly() {
+    let ops = Ops::start("ops-errors", &[]).await;
+    let addr = ops.addr.clone();
+    let request = |line: &str| format!("{line}\r\nHost: {addr}\r\n\r\n");
+    for (raw, code) in [
+        (request("GET /nope HTTP/1.1"), 404),
+        (request("POST /metrics HTTP/1.1"), 405),
+        (request("GET /api/cancel?key=x HTTP/1.1"), 405),
+        (request("POST /api/cancel HTTP/1.1"), 400),
+        (request("GET /api/tasks?state=lost HTTP/1.1"), 400),
+        (request("GET /api/tasks?limit=many HTTP/1.1"), 400),
+        (request("GET /api/status?history=x HTTP/1.1"), 400),
+        ("NOT HTTP\r\n\r\n".to_owned(), 400),
+        (request("get / HTTP/1.1"), 400),
+        (
+            format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "x".repeat(20_000)),
+            431,
+        ),
+        (
+            format!(
+                "POST /api/cancel?key=x HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://evil.example\r\n\r\n"
+            ),
+            403,
+        ),
+        (
+            format!(
+                "POST /api/cancel?key=nothing HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}\r\nContent-Length: 3\r\n\r\nabc"
+            ),
+            202,
+        ),
+        (request("GET /api/tasks?state=waiting&limit=3 HTTP/1.1"), 200),
+        (request("GET /api/workers HTTP/1.1"), 200),
+        (request("GET /api/status?history=5 HTTP/1.1"), 200),
+    ] {
+        let (got, body) = http(&addr, &raw).await;
+        assert_eq!(got, code, "{raw:.60}: {body}");
+        if (400..500).contains(&got) && got != 431 {
+            assert!(Json::parse(&body)["error"].str().is_some(), "{body}");
+        }
+    }
+    let (code, body) = http(&addr, &request("HEAD / HTTP/1.1")).await;
+    assert!(code == 200 && body.is_empty(), "HEAD has no body");
+    let (code, body) = ops.get("/").await;
+    assert!(code == 200 && body.contains("<canvas id=\"throughput\""));
+    assert!(
+        !body.contains("http://") && !body.contains("https://"),
+        "the dashboard loads nothing from elsewhere"
+    );
+
+    // A slow client does not hold the server: others are served meanwhile.
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET / HT").await.unwrap();
+    assert_eq!(ops.get("/api/workers").await.0, 200);
+    drop(idle);
+
+    // An address that is taken is an error when asked for explicitly.
+    let output = Command::new(binary("flotilla-scheduler"))
+        .args(["--http-addr", &addr, "--namespace", &ops.config.namespace])
+        .env("FLOTILLA_AMQP_URL", &ops.config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &ops.config.redis_url)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot serve HTTP"));
+}
+
+// ---------------------------------------------------------------------------
+// The dashboard in a real browser.
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Runs headless Chromium on `url` with `extra` flags; returns its stdout.
+fn chromium(url: &str, extra: &[&str]) -> String {
+    let profile =
+        std::env::temp_dir().join(format!("flotilla-chromium-{}", flotilla_proto::new_id()));
+    let mut child = Command::new(CHROMIUM)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&profile);
+    reader.join().unwrap()
+}
+
+/// The number in the element with `id`, in a dumped DOM.
+fn number_by_id(dom: &str, id: &str) -> Option<u64> {
+    let at = dom.find(&format!("id=\"{id}\">"))? + id.len() + 6;
+    let text: String = dom[at..]
+        .chars()
+        .take_while(|c| *c != '<')
+        .filter(|c| c.is_ascii_digit())
+        .collect();
+    text.parse().ok()
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
+    if !Path::new(CHROMIUM).exists() {
+        println!(
+            "skipped: {CHROMIUM} is missing (Debian: apt-get install -y chromium; .ci/run installs it)"
+        );
+        return;
+    }
+    let ops = Ops::start("ops-dash", &["dash-alpha", "dash-beta", "dash-gamma"]).await;
+    let client = Client::connect(ops.config.clone()).await.expect("client");
+    let url = format!("http://{}/", ops.addr);
+
+    // A steady mixed workload: quick tasks, tasks of a few hundred ms that
+    // show as running, and a few failures that stay listed while held.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let client = client.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let mut round = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                // Fresh arguments (so fresh keys) every round.
+                let quick: Vec<_> = (0..150)
+                    .map(|i| client.submit(inc, (round * 1000 + i,)))
+                    .collect();
+                let slow: Vec<_> = (0..6)
+                    .map(|i| client.submit(slow_identity, (round * 1000 + i, 250 + 100 * i as u64)))
+                    .collect();
+                if round % 4 == 0 && failures.len() < 6 {
+                    failures.push(client.submit(might_fail, (-round - 1,)));
+                }
+                for f in quick {
+                    f.await.unwrap();
+                }
+                for f in slow {
+                    f.await.unwrap();
+                }
+                round += 1;
+            }
+            failures
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || chromium(&url, &["--dump-dom"])
+    })
+    .await
+    .unwrap();
+    for name in ["dash-alpha", "dash-beta", "dash-gamma"] {
+        assert!(
+            first.contains(&format!("<span class=\"worker-name\">{name}</span>")),
+            "the page lists worker {name}:\n{first}"
+        );
+    }
+    assert!(first.contains(&ops.config.namespace));
+    let state = first
+        .split("id=\"state\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next());
+    assert_eq!(state, Some("live"), "the page says live");
+    assert_eq!(number_by_id(&first, "count-workers"), Some(3));
+    assert_eq!(number_by_id(&first, "count-slots"), Some(6));
+    let finished_first = number_by_id(&first, "count-finished").expect("finished count");
+    assert!(finished_first > 0, "tasks finished before the first look");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || chromium(&url, &["--dump-dom"])
+    })
+    .await
+    .unwrap();
+    let finished_second = number_by_id(&second, "count-finished").expect("finished count");
+    assert!(
+        finished_second > finished_first,
+        "the numbers move: {finished_first} then {finished_second} (workload ended: {})",
+        workload.is_finished()
+    );
+    assert!(
+        second.contains("class=\"num worker-finished\">")
+            && !second.contains("class=\"num worker-finished\">–<"),
+        "per-worker counts are shown"
+    );
+
+    // A screenshot while the workload runs: into the build directory, or
+    // into docs/ with FLOTILLA_UPDATE_SCREENSHOT=1.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let shot = if std::env::var_os("FLOTILLA_UPDATE_SCREENSHOT").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png")
+    } else {
+        common::target_binary("ops-dashboard.png")
+    };
+    let _ = std::fs::remove_file(&shot);
+    tokio::task::spawn_blocking({
+        let url = url.clone();
+        let arg = format!("--screenshot={}", shot.display());
+        move || chromium(&url, &[&arg, "--window-size=1280,900", "--hide-scrollbars"])
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "a real screenshot"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let failures = workload.await.unwrap();
+    assert!(!failures.is_empty());
+    drop(failures);
+    drop(client);
+}
+
+// ---------------------------------------------------------------------------
+// docker-compose.yml, checked against the binaries.
+
+/// The YAML the compose file uses: block mappings and sequences, flow
+/// sequences, quoted scalars, comments, and `&anchor`/`*alias` values.
+#[derive(Debug, Clone, PartialEq)]
+enum Yaml {
+    Null,
+    Str(String),
+    Seq(Vec<Yaml>),
+    Map(Vec<(String, Yaml)>),
+}
+
+static YAML_NULL: Yaml = Yaml::Null;
+
+impl std::ops::Index<&str> for Yaml {
+    type Output = Yaml;
+    fn index(&self, key: &str) -> &Yaml {
+        match self {
+            Yaml::Map(fields) => fields
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or(&YAML_NULL, |(_, v)| v),
+            _ => &YAML_NULL,
+        }
+    }
+}
+
+impl Yaml {
+    fn str(&self) -> Option<&str> {
+        match self {
+            Yaml::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn items(&self) -> Vec<&str> {
+        match self {
+            Yaml::Seq(items) => items.iter().filter_map(Yaml::str).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        match self {
+            Yaml::Map(fields) => fields.iter().map(|(k, _)| k.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn parse(text: &str) -> Yaml {
+        let lines: Vec<(usize, String)> = text
+            .lines()
+            .map(|line| (line.len() - line.trim_start().len(), strip_comment(line)))
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(indent, line)| (indent, line.trim().to_owned()))
+            .collect();
+        let mut anchors = HashMap::new();
+        let mut at = 0;
+        let value = Yaml::block(&lines, &mut at, 0, &mut anchors);
+        assert_eq!(
+            at,
+            lines.len(),
+            "unparsed YAML from line {:?}",
+            lines.get(at)
+        );
+        value
+    }
+
+    fn block(
+        lines: &[(usize, String)],
+        at: &mut usize,
+        indent: usize,
+        anchors: &mut HashMap<String, Yaml>,
+    ) -> Yaml {
+        if lines[*at].1.starts_with("- ") || lines[*at].1 == "-" {
+            let mut items = Vec::new();
+            while *at < lines.len() && lines[*at].0 == indent && lines[*at].1.starts_with('-') {
+                let item = lines[*at].1[1..].trim().to_owned();
+                let mapping = item.contains(": ") || item.ends_with(':');
+                assert!(
+                    item.starts_with('"') || !(item.is_empty() || mapping),
+                    "mappings inside sequences are not supported here: {item}"
+                );
+                items.push(Yaml::scalar(&item, anchors));
+                *at += 1;
+            }
+            return Yaml::Seq(items);
+        }
+        let mut fields = Vec::new();
+        while *at < lines.len() && lines[*at].0 == indent {
+            let line = lines[*at].1.clone();
+            let (key, rest) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("expected `key: value`: {line}"));
+            let key = unquote(key.trim());
+            let rest = rest.trim();
+            *at += 1;
+            let (anchor, rest) = match rest.strip_prefix('&') {
+                Some(named) => {
+                    let (name, rest) = named.split_once(' ').unwrap_or((named, ""));
+                    (Some(name.to_owned()), rest.trim())
+                }
+                None => (None, rest),
+            };
+            let value = if !rest.is_empty() {
+                Yaml::scalar(rest, anchors)
+            } else if *at < lines.len() && lines[*at].0 > indent {
+                let inner = lines[*at].0;
+                Yaml::block(lines, at, inner, anchors)
+            } else if *at < lines.len() && lines[*at].0 == indent && lines[*at].1.starts_with("- ")
+            {
+                // A sequence may sit at its key's indentation.
+                Yaml::block(lines, at, indent, anchors)
+            } else {
+                Yaml::Null
+            };
+            if let Some(anchor) = anchor {
+                anchors.insert(anchor, value.clone());
+            }
+            fields.push((key, value));
+        }
+        assert!(
+            *at >= lines.len() || lines[*at].0 < indent,
+            "bad indentation at {:?}",
+            lines[*at]
+        );
+        Yaml::Map(fields)
+    }
+
+    fn scalar(text: &str, anchors: &HashMap<String, Yaml>) -> Yaml {
+        if let Some(alias) = text.strip_prefix('*') {
+            return anchors
+                .get(alias)
+                .cloned()
+                .unwrap_or_else(|| panic!("unknown alias *{alias}"));
+        }
+        if let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            let mut items = Vec::new();
+            let mut current = String::new();
+            let mut quote = None;
+            for c in inner.chars() {
+                match (c, quote) {
+                    ('"' | '\'', None) => quote = Some(c),
+                    (c, Some(q)) if c == q => quote = None,
+                    (',', None) => {
+                        items.push(Yaml::Str(unquote(current.trim())));
+                        current.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                current.push(c);
+            }
+            if !current.trim().is_empty() {
+                items.push(Yaml::Str(unquote(current.trim())));
+            }
+            return Yaml::Seq(items);
+        }
+        Yaml::Str(unquote(text))
+    }
+}
+
+fn unquote(text: &str) -> String {
+    for quote in ['"', '\''] {
+        if text.len() >= 2 && text.starts_with(quote) && text.ends_with(quote) {
+            return text[1..text.len() - 1].to_owned();
+        }
+    }
+    text.to_owned()
+}
+
+/// The line without a `#` comment (outside quotes).
+fn strip_comment(line: &str) -> String {
+    let mut quote = None;
+    let mut previous = ' ';
+    for (i, c) in line.char_indices() {
+        match (c, quote) {
+            ('"' | '\'', None) => quote = Some(c),
+            (c, Some(q)) if c == q => quote = None,
+            ('#', None) if previous == ' ' => return line[..i].to_owned(),
+            _ => {}
+        }
+        previous = c;
+    }
+    line.to_owned()
+}
+
+/// `--flag` names in a command line.
+fn flags_of(command: &[&str]) -> Vec<String> {
+    command
+        .iter()
+        .filter_map(|arg| arg.strip_prefix("--"))
+        .map(|flag| flag.split('=').next().unwrap().to_owned())
+        .collect()
+}
+
+fn value_of<'a>(command: &[&'a str], flag: &str) -> Option<&'a str> {
+    let at = command.iter().position(|a| *a == flag)?;
+    command.get(at + 1).copied()
+}
+
+#[test]
+fn the_compose_file_matches_the_binaries() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = Yaml::parse(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap());
+    let services = &compose["services"];
+    for service in ["rabbitmq", "redis", "scheduler", "worker", "example"] {
+        assert!(
+            services.keys().contains(&service),
+            "service {service} in {:?}",
+            services.keys()
+        );
+    }
+
+    // The services: management UI, AOF, health checks.
+    let rabbitmq = &services["rabbitmq"];
+    assert!(rabbitmq["image"].str().unwrap().contains("management"));
+    let ports = rabbitmq["ports"].items();
+    assert!(
+        ports.contains(&"5672:5672") && ports.contains(&"15672:15672"),
+        "{ports:?}"
+    );
+    assert!(!rabbitmq["healthcheck"]["test"].items().is_empty());
+    let volumes = rabbitmq["volumes"].items();
+    for file in ["rabbitmq.conf", "enabled_plugins", "definitions.json"] {
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.starts_with(&format!("./broker-config/{file}:"))),
+            "{file} is mounted: {volumes:?}"
+        );
+        assert!(
+            root.join("broker-config").join(file).exists(),
+            "{file} exists"
+        );
+    }
+    let redis = &services["redis"];
+    assert!(redis["ports"].items().contains(&"6379:6379"));
+    assert!(!redis["healthcheck"]["test"].items().is_empty());
+    let redis_command = redis["command"].items();
+    assert_eq!(value_of(&redis_command, "--appendonly"), Some("yes"));
+
+    // Our services wait for healthy brokers and agree on where they are.
+    let mut namespaces = Vec::new();
+    for name in ["scheduler", "worker", "example"] {
+        let service = &services[name];
+        assert!(
+            service["build"].str().is_some(),
+            "{name} is built from the Dockerfile"
+        );
+        let depends = &service["depends_on"];
+        if name != "example" {
+            for broker in ["rabbitmq", "redis"] {
+                assert_eq!(
+                    depends[broker]["condition"].str(),
+                    Some("service_healthy"),
+                    "{name} waits for a healthy {broker}"
+                );
+            }
+        }
+        let command = service["command"].items();
+        let environment = &service["environment"];
+        let namespace = value_of(&command, "--namespace")
+            .or(environment["FLOTILLA_NAMESPACE"].str())
+            .unwrap_or("flotilla");
+        namespaces.push(namespace.to_owned());
+        let amqp = value_of(&command, "--amqp-url")
+            .or(environment["FLOTILLA_AMQP_URL"].str())
+            .unwrap_or_else(|| panic!("{name} names its broker"));
+        assert!(amqp.contains("@rabbitmq:5672/"), "{name}: {amqp}");
+        let user = amqp
+            .split("//")
+            .nth(1)
+            .and_then(|rest| rest.split(':').next())
+            .unwrap();
+        let definitions =
+            std::fs::read_to_string(root.join("broker-config/definitions.json")).unwrap();
+        assert!(
+            definitions.contains(&format!("\"{user}\"")),
+            "user {user} is defined in broker-config/definitions.json"
+        );
+        let redis_url = value_of(&command, "--redis-url")
+            .or(environment["FLOTILLA_REDIS_URL"].str())
+            .unwrap_or_else(|| panic!("{name} names its Redis"));
+        assert!(
+            redis_url.starts_with("redis://redis:6379"),
+            "{name}: {redis_url}"
+        );
+    }
+    assert!(
+        namespaces.windows(2).all(|w| w[0] == w[1]),
+        "{namespaces:?}"
+    );
+
+    // The scheduler serves HTTP on the published port; workers scale.
+    let scheduler = &services["scheduler"];
+    let command = scheduler["command"].items();
+    let http = value_of(&command, "--http-addr").expect("the scheduler serves HTTP");
+    assert!(
+        http.starts_with("0.0.0.0:"),
+        "reachable from outside the container: {http}"
+    );
+    let port = http.rsplit(':').next().unwrap();
+    assert!(
+        scheduler["ports"]
+            .items()
+            .contains(&format!("{port}:{port}").as_str()),
+        "port {port} is published"
+    );
+    let worker = &services["worker"];
+    assert_eq!(
+        worker["ports"],
+        Yaml::Null,
+        "workers publish no port (--scale)"
+    );
+    assert_eq!(
+        worker["container_name"],
+        Yaml::Null,
+        "workers have no fixed name"
+    );
+
+    // Every command line is one the binaries accept.
+    for name in ["scheduler", "worker"] {
+        let command = services[name]["command"].items();
+        let program = command[0];
+        let help = Command::new(binary(program))
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(help.status.success());
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in flags_of(&command[1..]) {
+            assert!(
+                help.contains(&format!("--{flag} ")),
+                "{program} --help lists --{flag}:\n{help}"
+            );
+        }
+        // Flags are parsed up to --help: unknown flags or missing values fail.
+        let accepted = Command::new(binary(program))
+            .args(&command[1..])
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            accepted.status.success(),
+            "{program} accepts {:?}: {}",
+            &command[1..],
+            String::from_utf8_lossy(&accepted.stderr)
+        );
+    }
+    let example = services["example"]["command"].items();
+    assert!(
+        root.join("examples")
+            .join(format!("{}.rs", example[0]))
+            .exists(),
+        "the example service runs an example program: {example:?}"
+    );
+
+    // The image holds what the services run.
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    for needle in [
+        "flotilla-scheduler",
+        "flotilla-worker",
+        "--examples",
+        &format!("EXPOSE {port}"),
+    ] {
+        assert!(dockerfile.contains(needle), "Dockerfile mentions {needle}");
+    }
+}
+
+#[test]
+fn the_yaml_reader_reads_what_compose_files_use() {
+    let yaml = Yaml::parse(
+        "x: &base\n  A: \"1\"  # note\ns:\n  one:\n    env: *base\n    list: [\"a\", 'b', c]\n    seq:\n      - \"x:y\"\n      - z\n    empty:\n  two:\n    url: a#b\n",
+    );
+    assert_eq!(yaml["s"]["one"]["env"]["A"].str(), Some("1"));
+    assert_eq!(yaml["s"]["one"]["list"].items(), ["a", "b", "c"]);
+    assert_eq!(yaml["s"]["one"]["seq"].items(), ["x:y", "z"]);
+    assert_eq!(yaml["s"]["one"]["empty"], Yaml::Null);
+    assert_eq!(yaml["s"]["two"]["url"].str(), Some("a#b"));
+    assert_eq!(yaml["s"].keys(), ["one", "two"]);
+}
