@@ -586,3 +586,16 @@ async fn futures_travel_between_clients_and_through_datasets() {
     wait_until_freed(&t.config, Duration::from_secs(10)).await;
     t.stop().await;
 }
+
+#[tokio::test]
+async fn resubmitting_a_released_pure_key_runs_it_again() {
+    // A release and a new submission of the same key in one batch must reach
+    // the scheduler in that order, or the new task would be forgotten.
+    let t = TestCluster::start("resubmit", 1).await;
+    for round in 0..8 {
+        let future = t.client.submit(slow_identity, (1, 5));
+        let value = future.result_timeout(Duration::from_secs(20)).await;
+        assert_eq!(value.unwrap(), 1, "round {round}");
+    }
+    t.stop().await;
+}

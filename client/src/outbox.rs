@@ -52,23 +52,50 @@ pub(crate) struct Outbox {
     pub(crate) max_payload: usize,
 }
 
+/// What one batch sends to the scheduler, in the order the operations were
+/// made: a release followed by a submission of the same key must reach the
+/// scheduler in that order, or the fresh task would be forgotten.
 #[derive(Default)]
 struct Batch {
-    submit: Vec<TaskSpec>,
-    watch: Vec<String>,
-    forget: Vec<String>,
-    cancel: Vec<(Vec<String>, bool)>,
-    retry: Vec<String>,
+    messages: Vec<ToScheduler>,
+    submit_bytes: usize,
     flushed: Vec<oneshot::Sender<()>>,
 }
 
-/// What each pipeline reply belongs to.
-enum Reply {
-    /// The submitted task's own hold: a stored result means it already ran.
-    Submitted(usize),
-    Held(String),
-    Released(String),
-    Ignore,
+impl Batch {
+    /// Appends to the last message when it is of the same kind.
+    fn push(&mut self, message: ToScheduler, limit: usize) {
+        match (self.messages.last_mut(), message) {
+            (Some(ToScheduler::Submit { tasks }), ToScheduler::Submit { tasks: more })
+                if self.submit_bytes + more.iter().map(|t| t.args.len()).sum::<usize>()
+                    <= limit =>
+            {
+                self.submit_bytes += more.iter().map(|t| t.args.len()).sum::<usize>();
+                tasks.extend(more);
+            }
+            (Some(ToScheduler::Watch { keys, .. }), ToScheduler::Watch { keys: more, .. })
+            | (Some(ToScheduler::Forget { keys }), ToScheduler::Forget { keys: more })
+            | (Some(ToScheduler::Retry { keys }), ToScheduler::Retry { keys: more }) => {
+                keys.extend(more)
+            }
+            (_, message) => {
+                self.submit_bytes = match &message {
+                    ToScheduler::Submit { tasks } => tasks.iter().map(|t| t.args.len()).sum(),
+                    _ => 0,
+                };
+                self.messages.push(message);
+            }
+        }
+    }
+}
+
+/// One operation of a batch, with the index of its pipeline reply.
+enum Step {
+    Submit(TaskSpec, usize),
+    Hold(String),
+    Release(String, usize),
+    Message(ToScheduler),
+    Flush(oneshot::Sender<()>),
 }
 
 impl Outbox {
@@ -104,126 +131,124 @@ impl Outbox {
             .await;
     }
 
+    fn script(&self, pipe: &mut redis::Pipeline, script: &redis::Script, key: &str, holder: &str) {
+        let keys = [self.names.holders_key(key), self.names.result_key(key)];
+        refs::add(pipe, script, [&keys[0], &keys[1]], &[holder.as_bytes()]);
+    }
+
     async fn hold_and_release(&mut self, ops: Vec<Op>) -> redis::RedisResult<Batch> {
-        let mut batch = Batch::default();
         let mut pipe = redis::pipe();
-        let mut replies = Vec::new();
-        let script =
-            |pipe: &mut redis::Pipeline, script: &redis::Script, key: &str, holder: &str| {
-                let keys = [self.names.holders_key(key), self.names.result_key(key)];
-                refs::add(pipe, script, [&keys[0], &keys[1]], &[holder.as_bytes()]);
-            };
+        let mut replies = 0;
+        let mut steps = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 Op::Submit(spec) => {
-                    script(&mut pipe, &refs::HOLD, &spec.key, &self.client);
-                    replies.push(Reply::Submitted(batch.submit.len()));
+                    self.script(&mut pipe, &refs::HOLD, &spec.key, &self.client);
                     let holder = refs::task_holder(&spec.key);
                     for dep in &spec.deps {
-                        script(&mut pipe, &refs::HOLD, dep, &holder);
-                        replies.push(Reply::Ignore);
+                        self.script(&mut pipe, &refs::HOLD, dep, &holder);
                     }
-                    batch.submit.push(spec);
+                    let holds = 1 + spec.deps.len();
+                    steps.push(Step::Submit(spec, replies));
+                    replies += holds;
                 }
                 Op::Hold(key) => {
-                    script(&mut pipe, &refs::HOLD, &key, &self.client);
-                    replies.push(Reply::Held(key));
+                    self.script(&mut pipe, &refs::HOLD, &key, &self.client);
+                    replies += 1;
+                    steps.push(Step::Hold(key));
                 }
                 Op::Release(key) => {
-                    script(&mut pipe, &refs::RELEASE, &key, &self.client);
-                    replies.push(Reply::Released(key));
+                    self.script(&mut pipe, &refs::RELEASE, &key, &self.client);
+                    steps.push(Step::Release(key, replies));
+                    replies += 1;
                 }
                 Op::FireAndForget(key) => {
-                    script(
+                    self.script(
                         &mut pipe,
                         &refs::HOLD_UNTIL_DONE,
                         &key,
                         refs::FIRE_AND_FORGET,
                     );
-                    replies.push(Reply::Ignore);
+                    replies += 1;
                 }
-                Op::Forget(keys) => batch.forget.extend(keys),
-                Op::Cancel(keys, force) => batch.cancel.push((keys, force)),
-                Op::Retry(keys) => batch.retry.extend(keys),
-                Op::Flush(done) => batch.flushed.push(done),
+                Op::Forget(keys) => steps.push(Step::Message(ToScheduler::Forget { keys })),
+                Op::Cancel(keys, force) => {
+                    steps.push(Step::Message(ToScheduler::Cancel { keys, force }))
+                }
+                Op::Retry(keys) => steps.push(Step::Message(ToScheduler::Retry { keys })),
+                Op::Flush(done) => steps.push(Step::Flush(done)),
             }
         }
-        if replies.is_empty() {
-            return Ok(batch);
-        }
-        let values: Vec<i64> = refs::run(&mut self.redis, &pipe).await?;
-        let mut already_done = Vec::new();
-        for (reply, value) in replies.into_iter().zip(values) {
-            match reply {
-                // The result is already stored (the same pure task ran
-                // before): don't run it again, just hear about it.
-                Reply::Submitted(index) if value >= 0 => already_done.push(index),
-                Reply::Held(key) => batch.watch.push(key),
-                Reply::Released(key) if value == 1 => batch.forget.push(key),
-                _ => {}
+        let values: Vec<i64> = if replies == 0 {
+            Vec::new()
+        } else {
+            refs::run(&mut self.redis, &pipe).await?
+        };
+        let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
+        let mut batch = Batch::default();
+        let mut not_run = Vec::new();
+        for step in steps {
+            match step {
+                // A stored result under the key means the same pure task
+                // already ran: don't run it again, just hear about it.
+                Step::Submit(spec, reply) if values.get(reply).is_some_and(|tag| *tag >= 0) => {
+                    batch.push(
+                        ToScheduler::Watch {
+                            client: self.client.clone(),
+                            keys: vec![spec.key.clone()],
+                        },
+                        limit,
+                    );
+                    not_run.push(spec);
+                }
+                Step::Submit(spec, _) => {
+                    batch.push(ToScheduler::Submit { tasks: vec![spec] }, limit)
+                }
+                Step::Hold(key) => batch.push(
+                    ToScheduler::Watch {
+                        client: self.client.clone(),
+                        keys: vec![key],
+                    },
+                    limit,
+                ),
+                Step::Release(key, reply) if values.get(reply) == Some(&1) => {
+                    batch.push(ToScheduler::Forget { keys: vec![key] }, limit)
+                }
+                Step::Release(..) => {}
+                Step::Message(message) => batch.push(message, limit),
+                Step::Flush(done) => batch.flushed.push(done),
             }
         }
-        if !already_done.is_empty() {
-            // It won't run, so it won't need its inputs.
+        if !not_run.is_empty() {
+            // Tasks that won't run don't need their inputs.
             let mut pipe = redis::pipe();
             let mut released = Vec::new();
-            for index in already_done.into_iter().rev() {
-                let spec = batch.submit.remove(index);
+            for spec in &not_run {
                 let holder = refs::task_holder(&spec.key);
                 for dep in &spec.deps {
-                    script(&mut pipe, &refs::RELEASE, dep, &holder);
+                    self.script(&mut pipe, &refs::RELEASE, dep, &holder);
                     released.push(dep.clone());
                 }
-                batch.watch.push(spec.key);
             }
             if !released.is_empty() {
                 let freed: Vec<i64> = refs::run(&mut self.redis, &pipe).await?;
-                batch.forget.extend(
-                    released
-                        .into_iter()
-                        .zip(freed)
-                        .filter(|(_, freed)| *freed == 1)
-                        .map(|(key, _)| key),
-                );
+                let keys: Vec<String> = released
+                    .into_iter()
+                    .zip(freed)
+                    .filter(|(_, freed)| *freed == 1)
+                    .map(|(key, _)| key)
+                    .collect();
+                if !keys.is_empty() {
+                    batch.push(ToScheduler::Forget { keys }, limit);
+                }
             }
         }
         Ok(batch)
     }
 
     async fn send(&mut self, batch: Batch, confirms: &mut VecDeque<PublisherConfirm>) {
-        let mut messages = Vec::new();
-        let mut start = 0;
-        let specs = batch.submit;
-        while start < specs.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
-            while end < specs.len() && (end == start || bytes + specs[end].args.len() <= limit) {
-                bytes += specs[end].args.len();
-                end += 1;
-            }
-            messages.push(ToScheduler::Submit {
-                tasks: specs[start..end].to_vec(),
-            });
-            start = end;
-        }
-        if !batch.watch.is_empty() {
-            messages.push(ToScheduler::Watch {
-                client: self.client.clone(),
-                keys: batch.watch,
-            });
-        }
-        if !batch.forget.is_empty() {
-            messages.push(ToScheduler::Forget { keys: batch.forget });
-        }
-        for (keys, force) in batch.cancel {
-            messages.push(ToScheduler::Cancel { keys, force });
-        }
-        if !batch.retry.is_empty() {
-            messages.push(ToScheduler::Retry { keys: batch.retry });
-        }
         let queue = self.names.scheduler_queue();
-        for message in messages {
+        for message in batch.messages {
             match self
                 .publish
                 .basic_publish(
