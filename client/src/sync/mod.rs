@@ -351,11 +351,13 @@ impl Waiter {
         }
     }
 
-    /// Blocks until woken (`true`) or `wait` passes (`false`).
+    /// Blocks until woken (`true`) or `wait` passes (`false`). Inside a
+    /// task, the task's slot is lent to its worker meanwhile, so a consumer
+    /// waiting on a queue never starves the producer it waits for.
     pub(crate) async fn sleep(&self, connection: &mut Dedicated, wait: Duration) -> Result<bool> {
-        let woken: Option<(String, String)> = connection
-            .blocking(redis::cmd("BLPOP").arg(&self.wake).arg(seconds(wait)), wait)
-            .await?;
+        let command = redis::cmd("BLPOP").arg(&self.wake).arg(seconds(wait)).clone();
+        let woken: Option<(String, String)> =
+            flotilla_worker::seceded(connection.blocking(&command, wait)).await?;
         Ok(woken.is_some())
     }
 }
