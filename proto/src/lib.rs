@@ -14,6 +14,7 @@ pub mod cli;
 mod codec;
 mod config;
 mod error;
+mod fuzz;
 mod messages;
 mod names;
 pub mod refs;

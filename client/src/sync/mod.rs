@@ -355,7 +355,10 @@ impl Waiter {
     /// task, the task's slot is lent to its worker meanwhile, so a consumer
     /// waiting on a queue never starves the producer it waits for.
     pub(crate) async fn sleep(&self, connection: &mut Dedicated, wait: Duration) -> Result<bool> {
-        let command = redis::cmd("BLPOP").arg(&self.wake).arg(seconds(wait)).clone();
+        let command = redis::cmd("BLPOP")
+            .arg(&self.wake)
+            .arg(seconds(wait))
+            .clone();
         let woken: Option<(String, String)> =
             flotilla_worker::seceded(connection.blocking(&command, wait)).await?;
         Ok(woken.is_some())
