@@ -206,6 +206,16 @@ pub async fn fan_out(ctx: TaskContext, n: i64) -> flotilla::Result<i64> {
     Ok(client.gather(&parts).await?.iter().sum())
 }
 
+/// Receives a future by reference and awaits it inside the task.
+#[flotilla::task]
+pub async fn await_reference(
+    ctx: TaskContext,
+    input: flotilla::FutureRef<i64>,
+) -> flotilla::Result<i64> {
+    let client = ctx.client().await?;
+    Ok(input.resolve(&client).await? + 1)
+}
+
 /// `2x`.
 #[flotilla::task]
 pub fn double(x: i64) -> i64 {

@@ -4,7 +4,7 @@ mod common;
 
 use common::TestCluster;
 use flotilla::prelude::*;
-use flotilla_examples::{fan_out, recursive_compute};
+use flotilla_examples::{await_reference, fan_out, recursive_compute, slow_identity};
 
 #[tokio::test]
 async fn dynamic_task_submission_runs_depth_five_on_two_single_slot_workers() {
@@ -19,6 +19,24 @@ async fn dynamic_task_submission_runs_depth_five_on_two_single_slot_workers() {
         .await
         .unwrap();
     assert_eq!(result, data.iter().sum::<i64>());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_future_passed_as_a_value_is_awaited_inside_the_task() {
+    let t = TestCluster::start("futureref", 1).await;
+    let slow = t.client.submit(slow_identity, (41, 400));
+    let reader = t.client.submit(await_reference, (&slow,));
+    // The reader starts at once (it doesn't wait for `slow`), lends its slot
+    // while awaiting, and the key stays held for it even if we let go.
+    drop(slow);
+    assert_eq!(
+        reader
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        42
+    );
     t.stop().await;
 }
 

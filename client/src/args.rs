@@ -13,7 +13,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{Error, Future};
+use crate::{Error, Future, FutureRef};
 use flotilla_proto::Arg;
 use serde::Serialize;
 
@@ -21,6 +21,7 @@ use serde::Serialize;
 #[derive(Debug, Default)]
 pub struct ArgWriter {
     pub(crate) deps: Vec<String>,
+    pub(crate) holds: Vec<String>,
     /// The inputs' states, kept alive until the submission is queued.
     keep: Vec<std::sync::Arc<crate::future::FutureState>>,
 }
@@ -106,6 +107,18 @@ impl<T> IntoArg<Vec<T>> for Vec<&Future<T>> {
         Ok(Arg::List(
             self.iter().map(|f| writer.reference(*f)).collect(),
         ))
+    }
+}
+
+impl<T> IntoArg<FutureRef<T>> for &Future<T> {
+    /// Passes the future itself, not its value: the task starts without
+    /// waiting for it, and the key is held for the task until it ends.
+    fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
+        if !writer.holds.iter().any(|k| k == self.key()) {
+            writer.holds.push(self.key().to_owned());
+            writer.keep.push(self.state.clone());
+        }
+        writer.value(&self.to_ref())
     }
 }
 

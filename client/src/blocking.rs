@@ -452,7 +452,7 @@ impl<T> IntoArg<T> for Future<T> {
 
 impl<T> IntoArg<T> for &Future<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        (&self.inner).into_arg(writer)
+        IntoArg::<T>::into_arg(&self.inner, writer)
     }
 }
 

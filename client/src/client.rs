@@ -531,6 +531,7 @@ impl Client {
                 std::mem::take(&mut writer.deps),
                 self.inner.id.clone(),
             );
+            spec.holds = std::mem::take(&mut writer.holds);
             spec.priority = options.priority;
             spec.retries = options.retries;
             spec.workers = options.workers;

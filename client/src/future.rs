@@ -413,3 +413,73 @@ impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a Future<T> {
         Box::pin(self.result())
     }
 }
+
+/// A future passed to a task as itself, not as its value: the task starts
+/// at once and can await it (after [`FutureRef::resolve`]) whenever it
+/// wants. The key stays held for the task until it ends, so the value
+/// cannot be freed before the task picks it up (dask/distributed#2852).
+///
+/// ```no_run
+/// use flotilla::prelude::*;
+/// use flotilla::FutureRef;
+///
+/// #[flotilla::task]
+/// async fn late_reader(ctx: TaskContext, input: FutureRef<i64>) -> flotilla::Result<i64> {
+///     let client = ctx.client().await?;
+///     input.resolve(&client).await
+/// }
+///
+/// #[flotilla::task]
+/// fn slow() -> i64 { 42 }
+///
+/// # async fn demo(client: Client) -> flotilla::Result<()> {
+/// let value = client.submit(slow, ());
+/// let reader = client.submit(late_reader, (&value,)); // passed by reference
+/// assert_eq!(reader.await?, 42);
+/// # Ok(()) }
+/// ```
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(bound = "")]
+pub struct FutureRef<T> {
+    key: String,
+    #[serde(skip)]
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for FutureRef<T> {
+    fn clone(&self) -> Self {
+        FutureRef {
+            key: self.key.clone(),
+            _type: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for FutureRef<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FutureRef({})", self.key)
+    }
+}
+
+impl<T> FutureRef<T> {
+    /// The referenced task's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// A future of the referenced task, held by `client`.
+    pub fn resolve(&self, client: &crate::Client) -> Future<T> {
+        client.get_future(&self.key)
+    }
+}
+
+impl<T> Future<T> {
+    /// A serializable reference to this future, to hand to a task as itself
+    /// (see [`FutureRef`]).
+    pub fn to_ref(&self) -> FutureRef<T> {
+        FutureRef {
+            key: self.state.key.clone(),
+            _type: PhantomData,
+        }
+    }
+}

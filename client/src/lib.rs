@@ -57,7 +57,7 @@ pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Task};
 pub use flotilla_worker::TaskContext;
-pub use future::{Future, Status};
+pub use future::{Future, FutureRef, Status};
 pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variable};
 
 /// What most programs need: `use flotilla::prelude::*;`.

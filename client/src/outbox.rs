@@ -145,10 +145,10 @@ impl Outbox {
                 Op::Submit(spec) => {
                     self.script(&mut pipe, &refs::HOLD, &spec.key, &self.client);
                     let holder = refs::task_holder(&spec.key);
-                    for dep in &spec.deps {
-                        self.script(&mut pipe, &refs::HOLD, dep, &holder);
+                    for key in spec.held_keys() {
+                        self.script(&mut pipe, &refs::HOLD, key, &holder);
                     }
-                    let holds = 1 + spec.deps.len();
+                    let holds = 1 + spec.held_keys().count();
                     steps.push(Step::Submit(spec, replies));
                     replies += holds;
                 }
@@ -225,9 +225,9 @@ impl Outbox {
             let mut released = Vec::new();
             for spec in &not_run {
                 let holder = refs::task_holder(&spec.key);
-                for dep in &spec.deps {
-                    self.script(&mut pipe, &refs::RELEASE, dep, &holder);
-                    released.push(dep.clone());
+                for key in spec.held_keys() {
+                    self.script(&mut pipe, &refs::RELEASE, key, &holder);
+                    released.push(key.clone());
                 }
             }
             if !released.is_empty() {

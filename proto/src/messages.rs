@@ -42,6 +42,10 @@ pub struct TaskSpec {
     /// Keys this task waits for (every `Arg::Ref` in `args`, once each).
     #[serde(default)]
     pub deps: Vec<String>,
+    /// Keys the task receives as references (`FutureRef`) rather than values:
+    /// it doesn't wait for them, but they are held for it until it ends.
+    #[serde(default)]
+    pub holds: Vec<String>,
     /// Higher runs first.
     #[serde(default)]
     pub priority: i32,
@@ -63,6 +67,11 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// Every key the task holds while it lives: its inputs and its references.
+    pub fn held_keys(&self) -> impl Iterator<Item = &String> {
+        self.deps.iter().chain(self.holds.iter())
+    }
+
     /// A spec with no options set.
     pub fn new(
         key: String,
@@ -78,6 +87,7 @@ impl TaskSpec {
             fingerprint,
             args,
             deps,
+            holds: Vec::new(),
             priority: 0,
             client,
             retries: 0,

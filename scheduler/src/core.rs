@@ -654,8 +654,9 @@ impl Core {
                 if matches!(task.state, State::Waiting | State::Ready) {
                     self.unhold_local(&spec.deps);
                 }
-                if !spec.deps.is_empty() {
-                    comm.release_inputs(key, &spec.deps);
+                let held: Vec<String> = spec.held_keys().cloned().collect();
+                if !held.is_empty() {
+                    comm.release_inputs(key, &held);
                 }
             }
         }

@@ -552,7 +552,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             async move {
                 let key = task.spec.key.clone();
                 let client = task.spec.client.clone();
-                let deps = task.spec.deps.clone();
+                let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
                 let Ok(permit) = shared.slots.clone().acquire_owned().await else {
                     return;
