@@ -347,6 +347,7 @@ mod tests {
                 Arg::List(vec![Arg::Ref("x".into())]),
             ]),
             deps: vec!["x".into()],
+            holds: vec!["y".into()],
             priority: -3,
             client: "c1".into(),
             retries: 2,
