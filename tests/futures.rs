@@ -356,3 +356,31 @@ async fn the_same_pure_task_is_one_task_and_impure_ones_are_not() {
     );
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_over_its_memory_limit_hands_work_to_the_others() {
+    let t = TestCluster::start("memlimit", 0).await;
+    let mut full = flotilla_worker::WorkerOptions::new(t.config.clone());
+    full.nthreads = 1;
+    full.memory_limit = Some(1); // always over
+    let full = flotilla_worker::WorkerHandle::spawn(full).await.unwrap();
+    let mut roomy = flotilla_worker::WorkerOptions::new(t.config.clone());
+    roomy.nthreads = 1;
+    let roomy = flotilla_worker::WorkerHandle::spawn(roomy).await.unwrap();
+    let futures: Vec<_> = (0..20)
+        .map(|i| {
+            t.client
+                .submit_with(whoami, ())
+                .key(format!("mem-{i}"))
+                .submit()
+        })
+        .collect();
+    let answers = t.client.gather(&futures).await.unwrap();
+    assert!(
+        answers.iter().all(|(_, worker)| worker == roomy.id()),
+        "the full worker ran nothing"
+    );
+    full.shutdown().await.unwrap();
+    roomy.shutdown().await.unwrap();
+    t.stop().await;
+}

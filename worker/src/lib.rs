@@ -40,7 +40,7 @@ pub use registry::user_error as __private_user_error;
 use flotilla_proto::cli::{self, Flag};
 
 /// Flags of a worker binary beyond the connection flags.
-const WORKER_FLAGS: [Flag; 4] = [
+const WORKER_FLAGS: [Flag; 5] = [
     Flag {
         name: "nthreads",
         value: "N",
@@ -56,6 +56,11 @@ const WORKER_FLAGS: [Flag; 4] = [
         value: "NAME=N,...",
         help:
             "abstract resources this worker offers, e.g. GPU=1,MEMORY=64 [env FLOTILLA_RESOURCES]",
+    },
+    Flag {
+        name: "memory-limit",
+        value: "BYTES",
+        help: "take no new work while resident memory is above this (e.g. 4G, 512M) [env FLOTILLA_MEMORY_LIMIT]",
     },
     Flag {
         name: "prefetch",
@@ -110,6 +115,13 @@ pub fn main() {
     {
         options.resources = parse_resources(&text).unwrap_or_else(|e| fail(e));
     }
+    if let Some(text) = parsed
+        .get("memory-limit")
+        .map(str::to_owned)
+        .or_else(|| std::env::var("FLOTILLA_MEMORY_LIMIT").ok())
+    {
+        options.memory_limit = Some(parse_bytes(&text).unwrap_or_else(|e| fail(e)));
+    }
     if let Some(name) = parsed.get("name") {
         options.name = Some(name.to_owned());
     }
@@ -141,8 +153,43 @@ pub fn parse_resources(text: &str) -> Result<Vec<(String, u64)>, String> {
         .collect()
 }
 
+/// Parses `4G`, `512M`, `64K` or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("--memory-limit expects a size like 4G, got {text:?}"))?;
+    let scale = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        _ => return Err(format!("--memory-limit: unknown unit in {text:?}")),
+    };
+    Ok(number.saturating_mul(scale))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(super::parse_bytes("4G").unwrap(), 4 << 30);
+        assert_eq!(super::parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(super::parse_bytes("1000").unwrap(), 1000);
+        assert!(super::parse_bytes("lots").is_err());
+        assert!(super::parse_bytes("5X").is_err());
+    }
+
     #[test]
     fn resources_parse() {
         assert_eq!(

@@ -18,8 +18,8 @@ use flotilla_proto::{
 };
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
@@ -75,6 +75,9 @@ pub struct WorkerOptions {
     /// Abstract resources this worker offers (`("GPU", 1)`): tasks that
     /// need them are placed here, and run only while enough are free.
     pub resources: Vec<(String, u64)>,
+    /// Resident memory (bytes) above which the worker takes no new work:
+    /// deliveries go back to the queue for other workers until it drops.
+    pub memory_limit: Option<u64>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -98,6 +101,7 @@ impl WorkerOptions {
             name: None,
             prefetch: None,
             resources: Vec::new(),
+            memory_limit: None,
         }
     }
 }
@@ -460,7 +464,17 @@ async fn run_inner(
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             delivery = delivery_rx.recv() => match delivery {
-                Some(Ok(delivery)) => accept(&shared, delivery).await,
+                Some(Ok(delivery)) => {
+                    if let Some(limit) = options.memory_limit.filter(|&limit| resident_bytes() > limit) {
+                        // Over the limit: hand the work back, and wait a little
+                        // so as not to spin on redeliveries.
+                        warn!(limit, resident = resident_bytes(), "over the memory limit: returning work to the queue");
+                        let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    } else {
+                        accept(&shared, delivery).await;
+                    }
+                }
                 Some(Err(error)) => {
                     warn!(%error, "consumer failed");
                     break Err(WorkerError::Amqp(error));
@@ -487,6 +501,14 @@ async fn run_inner(
     let _ = connection.close(200, name("worker stopping")).await;
     info!(worker = %id, "worker stopped");
     result
+}
+
+/// This process's resident memory in bytes (0 where `/proc` is missing).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 fn default_name() -> String {
