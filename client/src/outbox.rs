@@ -143,6 +143,10 @@ impl Outbox {
         for op in ops {
             match op {
                 Op::Submit(spec) => {
+                    // The spec goes to Redis with the task's first hold, so a
+                    // scheduler that restarts finds every pending task.
+                    pipe.set(self.names.spec_key(&spec.key), encode(&spec))
+                        .ignore();
                     self.script(&mut pipe, &refs::HOLD, &spec.key, &self.client);
                     let holder = refs::task_holder(&spec.key);
                     for key in spec.held_keys() {
@@ -224,13 +228,16 @@ impl Outbox {
             let mut pipe = redis::pipe();
             let mut released = Vec::new();
             for spec in &not_run {
+                pipe.del(self.names.spec_key(&spec.key)).ignore();
                 let holder = refs::task_holder(&spec.key);
                 for key in spec.held_keys() {
                     self.script(&mut pipe, &refs::RELEASE, key, &holder);
                     released.push(key.clone());
                 }
             }
-            if !released.is_empty() {
+            if released.is_empty() {
+                pipe.query_async::<()>(&mut self.redis).await?;
+            } else {
                 let freed: Vec<i64> = refs::run(&mut self.redis, &pipe).await?;
                 let keys: Vec<String> = released
                     .into_iter()

@@ -119,6 +119,17 @@ impl Names {
         format!("{}:r:{{{key}}}", self.namespace)
     }
 
+    /// Redis key of a submitted task's spec, kept until the task is done so
+    /// that a restarted scheduler can take up every pending task again.
+    pub fn spec_key(&self, key: &str) -> String {
+        format!("{}:s:{{{key}}}", self.namespace)
+    }
+
+    /// Pattern matching every stored task spec of the namespace.
+    pub fn spec_pattern(&self) -> String {
+        format!("{}:s:*", self.namespace)
+    }
+
     /// Redis set of the holders of a key's result (see [`crate::refs`]).
     pub fn holders_key(&self, key: &str) -> String {
         format!("{}:h:{{{key}}}", self.namespace)

@@ -43,6 +43,8 @@ pub trait Comm {
     fn release_inputs(&mut self, key: &str, deps: &[String]);
     /// Ask the workers to stop these running tasks.
     fn cancel_running(&mut self, keys: &[String]);
+    /// The task left for good: delete its stored spec.
+    fn forget_spec(&mut self, key: &str);
 }
 
 /// What a lookup of an unknown key found in Redis.
@@ -323,6 +325,29 @@ impl Core {
     /// Whether the scheduler holds no task.
     pub fn is_empty(&self) -> bool {
         self.tasks.is_empty()
+    }
+
+    /// Takes up tasks found stored after a restart, inputs before the tasks
+    /// that need them (specs come back from Redis in no particular order).
+    pub fn recover(&mut self, specs: Vec<TaskSpec>, comm: &mut impl Comm) -> usize {
+        let mut pending: HashMap<String, TaskSpec> =
+            specs.into_iter().map(|s| (s.key.clone(), s)).collect();
+        let count = pending.len();
+        while !pending.is_empty() {
+            let ready: Vec<String> = pending
+                .values()
+                .filter(|s| s.deps.iter().all(|d| !pending.contains_key(d)))
+                .map(|s| s.key.clone())
+                .collect();
+            let batch: Vec<String> = if ready.is_empty() {
+                pending.keys().cloned().collect() // cannot happen for a DAG; take the rest
+            } else {
+                ready
+            };
+            let specs: Vec<TaskSpec> = batch.iter().filter_map(|k| pending.remove(k)).collect();
+            self.submit(specs, comm);
+        }
+        count
     }
 
     /// Records submitted tasks, in submission order.
@@ -651,6 +676,7 @@ impl Core {
     fn drop_task(&mut self, key: &str, comm: &mut impl Comm) {
         if let Some(task) = self.tasks.remove(key) {
             if let Some(spec) = task.spec {
+                comm.forget_spec(key);
                 if matches!(task.state, State::Waiting | State::Ready) {
                     self.unhold_local(&spec.deps);
                 }
@@ -1062,6 +1088,7 @@ mod tests {
         fn cancel_running(&mut self, keys: &[String]) {
             self.cancelled.extend(keys.iter().cloned());
         }
+        fn forget_spec(&mut self, _: &str) {}
     }
 
     impl Recorder {

@@ -245,6 +245,15 @@ async fn run_inner(
         events: events.clone(),
         reaper: None,
     };
+    // A restarted scheduler takes up every task still pending: clients store
+    // each spec in Redis with its submission, workers delete it once done.
+    let specs = recover_specs(&mut scheduler.redis, &scheduler.names).await?;
+    debug!(found = specs.len(), "stored task specs");
+    if !specs.is_empty() {
+        let count = scheduler.core.recover(specs, &mut scheduler.out);
+        info!(count, "took up pending tasks from a previous scheduler");
+        scheduler.flush().await?;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     let result = loop {
@@ -331,6 +340,7 @@ struct Outbox {
     lookups: Vec<String>,
     releases: Vec<(String, String)>,
     cancels: Vec<String>,
+    specs_done: Vec<String>,
 }
 
 impl Comm for Outbox {
@@ -357,6 +367,9 @@ impl Comm for Outbox {
     }
     fn cancel_running(&mut self, keys: &[String]) {
         self.cancels.extend(keys.iter().cloned());
+    }
+    fn forget_spec(&mut self, key: &str) {
+        self.specs_done.push(key.to_owned());
     }
 }
 
@@ -481,6 +494,17 @@ impl Scheduler {
 
     async fn flush(&mut self) -> Result<(), SchedulerError> {
         let out = std::mem::take(&mut self.out);
+        if !out.specs_done.is_empty() {
+            let keys: Vec<String> = out
+                .specs_done
+                .iter()
+                .map(|k| self.names.spec_key(k))
+                .collect();
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut self.redis)
+                .await?;
+        }
         if !out.errors.is_empty() {
             let mut pipe = redis::pipe();
             for (key, bytes) in &out.errors {
@@ -715,5 +739,51 @@ async fn next_control<T>(channel: &mut Option<mpsc::UnboundedReceiver<T>>) -> Op
     match channel {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Every task spec stored in the namespace (tasks not yet done).
+async fn recover_specs(
+    redis: &mut ConnectionManager,
+    names: &Names,
+) -> redis::RedisResult<Vec<flotilla_proto::TaskSpec>> {
+    let mut specs = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(names.spec_pattern())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let values: Vec<Option<Vec<u8>>> =
+                redis::cmd("MGET").arg(&keys).query_async(redis).await?;
+            for (key, value) in keys.iter().zip(values) {
+                match value.map(|bytes| decode::<flotilla_proto::TaskSpec>(&bytes, usize::MAX)) {
+                    Some(Ok(spec)) => {
+                        // A task with a stored result (an error kept for
+                        // `retry`) has run: it is not taken up again.
+                        let tag: Vec<u8> = redis::cmd("GETRANGE")
+                            .arg(names.result_key(&spec.key))
+                            .arg(-1)
+                            .arg(-1)
+                            .query_async(redis)
+                            .await?;
+                        if tag.is_empty() {
+                            specs.push(spec);
+                        }
+                    }
+                    Some(Err(error)) => warn!(%error, key, "unreadable stored task spec ignored"),
+                    None => {}
+                }
+            }
+        }
+        if next == 0 {
+            return Ok(specs);
+        }
+        cursor = next;
     }
 }

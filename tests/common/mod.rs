@@ -116,12 +116,13 @@ pub async fn wait_until_freed(config: &Config, limit: std::time::Duration) -> st
     loop {
         let results = count_keys(config, "r").await;
         let holders = count_keys(config, "h").await;
-        if results == 0 && holders == 0 {
+        let specs = count_keys(config, "s").await;
+        if results == 0 && holders == 0 && specs == 0 {
             return started.elapsed();
         }
         assert!(
             started.elapsed() < limit,
-            "after {limit:?}, {results} result keys and {holders} holders sets are left"
+            "after {limit:?}, {results} result keys, {holders} holders sets and {specs} task specs are left"
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

@@ -793,6 +793,9 @@ async fn complete_loop(
             let keys = [names.holders_key(key), names.result_key(key)];
             let event = match outcome {
                 Ok(bytes) => {
+                    // Done for good: the spec a restarted scheduler would
+                    // take up again is no longer needed.
+                    pipe.del(names.spec_key(key)).ignore();
                     let stored = StoredResult::encode_ok(bytes);
                     if stored.len() >= refs::LARGE_RESULT {
                         pipe.set(&keys[1], stored).ignore();

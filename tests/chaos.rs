@@ -1,0 +1,235 @@
+//! Faults injected into real processes (spawned `flotilla-scheduler` and
+//! `flotilla-worker` binaries, the real RabbitMQ and Redis): every future
+//! must still resolve, with the right value. Each scenario prints
+//! `chaos <scenario>: faults=N tasks=N lost=0 unresolved=0 max_resolve_s=X`.
+//!
+//! `FLOTILLA_CHAOS_SCALE` multiplies the workload for a longer run.
+
+mod common;
+
+use flotilla::prelude::*;
+use flotilla::Config;
+use flotilla_examples::{add, inc, slow_identity, total};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+fn scale() -> i64 {
+    std::env::var("FLOTILLA_CHAOS_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
+fn spawn(binary: &str, config: &Config, args: &[&str]) -> Child {
+    let path = common::target_binary(binary);
+    assert!(
+        path.exists(),
+        "{} is built (cargo build --bins)",
+        path.display()
+    );
+    Command::new(path)
+        .args(args)
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("process starts")
+}
+
+fn scheduler(config: &Config) -> Child {
+    spawn("flotilla-scheduler", config, &["--http-addr", "off"])
+}
+
+fn scheduler_logged(config: &Config, log: &str) -> Child {
+    let path = common::target_binary("flotilla-scheduler");
+    Command::new(path)
+        .args(["--http-addr", "off"])
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("process starts")
+}
+
+fn worker(config: &Config) -> Child {
+    spawn("flotilla-worker", config, &["--nthreads", "2"])
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+fn stop(children: &mut [Child]) {
+    for child in children.iter_mut() {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+    }
+    for child in children.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kill(child);
+    }
+}
+
+/// A workload of independent slow tasks, chains, and sums over the chains.
+struct Workload {
+    slow: Vec<Future<i64>>,
+    chains: Vec<Future<i64>>,
+    sums: Vec<Future<i64>>,
+    tasks: usize,
+}
+
+fn submit_workload(client: &Client, salt: i64) -> Workload {
+    let n = 200 * scale();
+    let slow: Vec<_> = (0..n)
+        .map(|i| client.submit(slow_identity, (salt + i, 20)))
+        .collect();
+    let mut chains = Vec::new();
+    for c in 0..20 * scale() {
+        let mut link = client.submit(add, (salt, c));
+        for _ in 0..50 {
+            link = client.submit(inc, (&link,));
+        }
+        chains.push(link);
+    }
+    let sums: Vec<_> = chains
+        .chunks(5)
+        .map(|c| client.submit(total, (c.to_vec(),)))
+        .collect();
+    let tasks = slow.len() + chains.len() * 51 + sums.len();
+    Workload {
+        slow,
+        chains,
+        sums,
+        tasks,
+    }
+}
+
+/// Waits for every future; returns (wrong or failed, unresolved, slowest).
+async fn check(workload: &Workload, salt: i64, started: Instant) -> (usize, usize, f64) {
+    let mut lost = 0;
+    let mut unresolved = 0;
+    let mut slowest: f64 = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    for (i, f) in workload.slow.iter().enumerate() {
+        match f.result_timeout(left()).await {
+            Ok(v) if v == salt + i as i64 => {}
+            Err(Error::Timeout { .. }) => unresolved += 1,
+            _ => lost += 1,
+        }
+        slowest = slowest.max(started.elapsed().as_secs_f64());
+    }
+    for (c, f) in workload.chains.iter().enumerate() {
+        match f.result_timeout(left()).await {
+            Ok(v) if v == salt + c as i64 + 50 => {}
+            Err(Error::Timeout { .. }) => unresolved += 1,
+            _ => lost += 1,
+        }
+    }
+    for (s, f) in workload.sums.iter().enumerate() {
+        let expected: i64 = (s as i64 * 5..s as i64 * 5 + 5)
+            .map(|c| salt + c + 50)
+            .sum();
+        match f.result_timeout(left()).await {
+            Ok(v) if v == expected => {}
+            Err(Error::Timeout { .. }) => unresolved += 1,
+            _ => lost += 1,
+        }
+    }
+    slowest = slowest.max(started.elapsed().as_secs_f64());
+    (lost, unresolved, slowest)
+}
+
+#[tokio::test]
+async fn chaos_scheduler_killed_and_restarted_mid_workload() {
+    let config = common::fresh_config("chaos-sched");
+    let mut sched = scheduler(&config);
+    let mut workers = vec![worker(&config), worker(&config)];
+    let client = Client::connect(config.clone()).await.unwrap();
+    assert_eq!(
+        client
+            .submit(inc, (0,))
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        1
+    );
+    let salt = 1_000_000;
+    let started = Instant::now();
+    let workload = submit_workload(&client, salt);
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(&mut sched);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let sched = scheduler_logged(
+        &config,
+        &std::env::temp_dir()
+            .join(format!("{}.log", config.namespace))
+            .to_string_lossy(),
+    );
+    let (lost, unresolved, slowest) = check(&workload, salt, started).await;
+    println!(
+        "chaos scheduler-restart: faults=1 tasks={} lost={lost} unresolved={unresolved} max_resolve_s={slowest:.2}",
+        workload.tasks
+    );
+    drop(workload);
+    let _ = client.close().await;
+    workers.push(sched);
+    stop(&mut workers);
+    let _ = flotilla::purge(&config).await;
+    assert_eq!((lost, unresolved), (0, 0));
+}
+
+#[tokio::test]
+async fn chaos_workers_killed_and_restarted_mid_workload() {
+    let config = common::fresh_config("chaos-workers");
+    let sched = scheduler(&config);
+    let mut workers = vec![worker(&config), worker(&config)];
+    let client = Client::connect(config.clone()).await.unwrap();
+    assert_eq!(
+        client
+            .submit(inc, (0,))
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        1
+    );
+    let salt = 2_000_000;
+    let started = Instant::now();
+    let workload = submit_workload(&client, salt);
+    let mut faults = 0;
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let victim = round % workers.len();
+        kill(&mut workers[victim]);
+        faults += 1;
+        workers[victim] = worker(&config);
+    }
+    let (lost, unresolved, slowest) = check(&workload, salt, started).await;
+    println!(
+        "chaos worker-kill: faults={faults} tasks={} lost={lost} unresolved={unresolved} max_resolve_s={slowest:.2}",
+        workload.tasks
+    );
+    drop(workload);
+    let _ = client.close().await;
+    workers.push(sched);
+    stop(&mut workers);
+    let _ = flotilla::purge(&config).await;
+    assert_eq!((lost, unresolved), (0, 0));
+}
