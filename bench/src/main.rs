@@ -226,6 +226,28 @@ async fn actor_roundtrips(client: &Client, count: usize) -> Result<Vec<f64>> {
     Ok(samples)
 }
 
+/// Scatters 10 MB, has 50 tasks take its length, gathers: seconds.
+async fn scatter_and_use(client: &Client, bytes: usize) -> Result<f64> {
+    let started = Instant::now();
+    let data = client
+        .scatter(&serde_bytes::ByteBuf::from(vec![1u8; bytes]))
+        .await?;
+    let lengths: Vec<_> = (0..50)
+        .map(|i| {
+            client
+                .submit_with(byte_len, (&data,))
+                .key(format!("len-{bytes}-{i}"))
+                .submit()
+        })
+        .collect();
+    let results = client.gather(&lengths).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if results.iter().any(|&n| n != bytes) {
+        bail!("wrong lengths");
+    }
+    Ok(elapsed)
+}
+
 async fn big_result(client: &Client, bytes: usize, salt: usize) -> Result<f64> {
     let started = Instant::now();
     let data = client.submit(make_bytes, (bytes + salt,)).await?;
@@ -396,10 +418,14 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
         });
     }
     if wanted("scatter") {
+        let mut samples = Vec::new();
+        for run in 0..repeats {
+            samples.push(scatter_and_use(&client, 10_000_000 + run).await?);
+        }
         report(Row {
             key: "scatter_10mb_50_tasks_s",
-            value: None,
-            unit: "s (scatter not built yet)",
+            value: Some(median(samples)),
+            unit: "s",
         });
     }
     if wanted("gather_10mb") {
