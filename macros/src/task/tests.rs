@@ -144,7 +144,7 @@ fn async_fallible_task_with_context_and_name() {
         quote!(name = "custom.name"),
         quote! {
             async fn fetch(ctx: TaskContext, url: String) -> Result<Vec<u8>, MyError> {
-                todo!()
+                Ok(url.into_bytes())
             }
         },
     );
