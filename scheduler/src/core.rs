@@ -219,7 +219,7 @@ pub struct Core {
     /// Watchers of keys that neither the table nor Redis knew: the
     /// submission may still be on its way from another client, so they wait
     /// a few ticks before hearing the key is lost.
-    orphans: HashMap<String, (Vec<String>, u64)>,
+    orphans: HashMap<String, (Waiters, u64)>,
     /// Keys looked up a second time for orphaned watchers.
     final_lookups: HashSet<String>,
     ticks: u64,
@@ -405,8 +405,11 @@ impl Core {
         let mut entry = TaskEntry::new(Some(spec), State::Waiting, self.seq);
         entry.missing = missing;
         entry.attempt = attempt;
-        if let Some((watchers, _)) = self.orphans.remove(&key) {
-            entry.watchers = watchers;
+        let orphaned = self.orphans.remove(&key).map(|(waiters, _)| waiters);
+        if let Some(waiters) = &orphaned {
+            entry.watchers = waiters.watchers.clone();
+            entry.holders = waiters.dependents.len() as u32;
+            entry.dependents = waiters.dependents.clone();
         }
         self.tasks.insert(key.clone(), entry);
         if let Some(error) = failed {
@@ -435,12 +438,21 @@ impl Core {
             .dependents
             .retain(|waiter| self.tasks.contains_key(waiter));
         let last_chance = self.final_lookups.remove(key);
-        if found == Lookup::Missing && !last_chance && !waiters.watchers.is_empty() {
+        if found == Lookup::Missing
+            && !last_chance
+            && !(waiters.watchers.is_empty() && waiters.dependents.is_empty())
+        {
+            // Not stored, not known: its submission may still be on its way
+            // from another client (or an actor's result about to be
+            // stored). Everyone waiting gets a few ticks' grace.
+            let ticks = self.ticks;
             let orphans = self
                 .orphans
                 .entry(key.to_owned())
-                .or_insert_with(|| (Vec::new(), self.ticks));
-            orphans.0.append(&mut waiters.watchers);
+                .or_insert_with(|| (Waiters::default(), ticks));
+            orphans.0.watchers.append(&mut waiters.watchers);
+            orphans.0.dependents.append(&mut waiters.dependents);
+            return;
         }
         for client in &waiters.watchers {
             let event = match &found {
@@ -832,7 +844,7 @@ impl Core {
         }
     }
 
-    /// Once a second: gives orphaned watchers their last lookup.
+    /// Once a second: gives orphaned watchers and dependents their last lookup.
     pub fn tick(&mut self, comm: &mut impl Comm) {
         self.ticks += 1;
         let due: Vec<String> = self
@@ -842,12 +854,13 @@ impl Core {
             .map(|(key, _)| key.clone())
             .collect();
         for key in due {
-            if let Some((watchers, _)) = self.orphans.remove(&key) {
+            if let Some((orphans, _)) = self.orphans.remove(&key) {
                 let waiters = self.lookups.entry(key.clone()).or_default();
                 if waiters.dependents.is_empty() && waiters.watchers.is_empty() {
                     comm.lookup(&key);
                 }
-                waiters.watchers.extend(watchers);
+                waiters.watchers.extend(orphans.watchers);
+                waiters.dependents.extend(orphans.dependents);
                 self.final_lookups.insert(key);
             }
         }
@@ -1219,6 +1232,14 @@ mod tests {
         assert!(comm.sent.is_empty());
         core.lookup_answered("old", Lookup::Finished, &mut comm);
         core.lookup_answered("gone", Lookup::Missing, &mut comm);
+        assert!(
+            comm.stored.is_empty(),
+            "a missing input gets a grace period first"
+        );
+        for _ in 0..ORPHAN_TICKS {
+            core.tick(&mut comm);
+        }
+        core.lookup_answered("gone", Lookup::Missing, &mut comm);
         core.dispatch(&mut comm);
         assert_eq!(comm.sent_keys(), ["b"]);
         assert_eq!(comm.stored, ["c"]);
@@ -1504,5 +1525,25 @@ mod tests {
         assert!(
             matches!(&comm.notified[1], (c, Event::Erred { key, .. }) if c == "other" && key == "never")
         );
+    }
+
+    #[test]
+    fn a_dependent_whose_input_arrives_late_waits_for_it() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        let mut dependent = spec("d", &["late"]);
+        dependent.client = "b".into();
+        core.submit(vec![dependent], &mut comm);
+        core.lookup_answered("late", Lookup::Missing, &mut comm);
+        // The input's submission, from another client, arrives now.
+        let mut input = spec("late", &[]);
+        input.client = "a".into();
+        core.submit(vec![input], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["late"]);
+        core.finished("late", None, 0, &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["d"]);
+        assert!(comm.notified.is_empty() && comm.stored.is_empty());
     }
 }
