@@ -43,20 +43,6 @@ fn scheduler(config: &Config) -> Child {
     spawn("flotilla-scheduler", config, &["--http-addr", "off"])
 }
 
-fn scheduler_logged(config: &Config, log: &str) -> Child {
-    let path = common::target_binary("flotilla-scheduler");
-    Command::new(path)
-        .args(["--http-addr", "off"])
-        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
-        .env("FLOTILLA_REDIS_URL", &config.redis_url)
-        .env("FLOTILLA_NAMESPACE", &config.namespace)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("process starts")
-}
-
 fn worker(config: &Config) -> Child {
     spawn("flotilla-worker", config, &["--nthreads", "2"])
 }
@@ -156,80 +142,86 @@ async fn check(workload: &Workload, salt: i64, started: Instant) -> (usize, usiz
     (lost, unresolved, slowest)
 }
 
+/// A scheduler and two workers as processes, and a client of them.
+struct Processes {
+    config: Config,
+    scheduler: Child,
+    workers: Vec<Child>,
+    client: Client,
+}
+
+impl Processes {
+    async fn start(prefix: &str) -> Processes {
+        let config = common::fresh_config(prefix);
+        let scheduler = scheduler(&config);
+        let workers = vec![worker(&config), worker(&config)];
+        let client = Client::connect(config.clone()).await.unwrap();
+        let warm = client.submit(inc, (0,));
+        assert_eq!(
+            warm.result_timeout(Duration::from_secs(30)).await.unwrap(),
+            1
+        );
+        Processes {
+            config,
+            scheduler,
+            workers,
+            client,
+        }
+    }
+
+    /// Checks the workload, prints the scenario's line, stops everything.
+    async fn finish(
+        mut self,
+        scenario: &str,
+        faults: usize,
+        workload: Workload,
+        salt: i64,
+        started: Instant,
+    ) {
+        let (lost, unresolved, slowest) = check(&workload, salt, started).await;
+        println!(
+            "chaos {scenario}: faults={faults} tasks={} lost={lost} unresolved={unresolved} max_resolve_s={slowest:.2}",
+            workload.tasks
+        );
+        drop(workload);
+        let _ = self.client.close().await;
+        self.workers.push(self.scheduler);
+        stop(&mut self.workers);
+        let _ = flotilla::purge(&self.config).await;
+        assert_eq!((lost, unresolved), (0, 0));
+    }
+}
+
 #[tokio::test]
 async fn chaos_scheduler_killed_and_restarted_mid_workload() {
-    let config = common::fresh_config("chaos-sched");
-    let mut sched = scheduler(&config);
-    let mut workers = vec![worker(&config), worker(&config)];
-    let client = Client::connect(config.clone()).await.unwrap();
-    assert_eq!(
-        client
-            .submit(inc, (0,))
-            .result_timeout(Duration::from_secs(30))
-            .await
-            .unwrap(),
-        1
-    );
+    let mut cluster = Processes::start("chaos-sched").await;
     let salt = 1_000_000;
     let started = Instant::now();
-    let workload = submit_workload(&client, salt);
-    client.flush().await.unwrap();
+    let workload = submit_workload(&cluster.client, salt);
+    cluster.client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    kill(&mut sched);
+    kill(&mut cluster.scheduler);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let sched = scheduler_logged(
-        &config,
-        &std::env::temp_dir()
-            .join(format!("{}.log", config.namespace))
-            .to_string_lossy(),
-    );
-    let (lost, unresolved, slowest) = check(&workload, salt, started).await;
-    println!(
-        "chaos scheduler-restart: faults=1 tasks={} lost={lost} unresolved={unresolved} max_resolve_s={slowest:.2}",
-        workload.tasks
-    );
-    drop(workload);
-    let _ = client.close().await;
-    workers.push(sched);
-    stop(&mut workers);
-    let _ = flotilla::purge(&config).await;
-    assert_eq!((lost, unresolved), (0, 0));
+    cluster.scheduler = scheduler(&cluster.config);
+    cluster
+        .finish("scheduler-restart", 1, workload, salt, started)
+        .await;
 }
 
 #[tokio::test]
 async fn chaos_workers_killed_and_restarted_mid_workload() {
-    let config = common::fresh_config("chaos-workers");
-    let sched = scheduler(&config);
-    let mut workers = vec![worker(&config), worker(&config)];
-    let client = Client::connect(config.clone()).await.unwrap();
-    assert_eq!(
-        client
-            .submit(inc, (0,))
-            .result_timeout(Duration::from_secs(30))
-            .await
-            .unwrap(),
-        1
-    );
+    let mut cluster = Processes::start("chaos-workers").await;
     let salt = 2_000_000;
     let started = Instant::now();
-    let workload = submit_workload(&client, salt);
-    let mut faults = 0;
-    for round in 0..4 {
+    let workload = submit_workload(&cluster.client, salt);
+    let rounds = 4;
+    for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let victim = round % workers.len();
-        kill(&mut workers[victim]);
-        faults += 1;
-        workers[victim] = worker(&config);
+        let victim = round % cluster.workers.len();
+        kill(&mut cluster.workers[victim]);
+        cluster.workers[victim] = worker(&cluster.config);
     }
-    let (lost, unresolved, slowest) = check(&workload, salt, started).await;
-    println!(
-        "chaos worker-kill: faults={faults} tasks={} lost={lost} unresolved={unresolved} max_resolve_s={slowest:.2}",
-        workload.tasks
-    );
-    drop(workload);
-    let _ = client.close().await;
-    workers.push(sched);
-    stop(&mut workers);
-    let _ = flotilla::purge(&config).await;
-    assert_eq!((lost, unresolved), (0, 0));
+    cluster
+        .finish("worker-kill", rounds, workload, salt, started)
+        .await;
 }

@@ -702,20 +702,12 @@ impl Client {
                 "a dataset named {name:?} is already published"
             )));
         }
-        let holder = refs::dataset_holder(name);
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            let names = [
-                self.inner.names.holders_key(key),
-                self.inner.names.result_key(key),
-            ];
-            refs::add(
-                &mut pipe,
-                &refs::HOLD,
-                [&names[0], &names[1]],
-                &[holder.as_bytes()],
-            );
-        }
+        let pipe = refs::pipeline_for(
+            &self.inner.names,
+            &refs::HOLD,
+            &keys,
+            &refs::dataset_holder(name),
+        );
         refs::run::<()>(&mut redis, &pipe).await?;
         Ok(())
     }
@@ -767,20 +759,12 @@ impl Client {
             .arg(name)
             .query_async::<()>(&mut redis)
             .await?;
-        let holder = refs::dataset_holder(name);
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            let names = [
-                self.inner.names.holders_key(key),
-                self.inner.names.result_key(key),
-            ];
-            refs::add(
-                &mut pipe,
-                &refs::RELEASE,
-                [&names[0], &names[1]],
-                &[holder.as_bytes()],
-            );
-        }
+        let pipe = refs::pipeline_for(
+            &self.inner.names,
+            &refs::RELEASE,
+            &keys,
+            &refs::dataset_holder(name),
+        );
         let freed: Vec<i64> = refs::run(&mut redis, &pipe).await?;
         let forgotten: Vec<String> = keys
             .into_iter()

@@ -132,8 +132,7 @@ impl Outbox {
     }
 
     fn script(&self, pipe: &mut redis::Pipeline, script: &redis::Script, key: &str, holder: &str) {
-        let keys = [self.names.holders_key(key), self.names.result_key(key)];
-        refs::add(pipe, script, [&keys[0], &keys[1]], &[holder.as_bytes()]);
+        refs::add_for(pipe, &self.names, script, key, &[holder.as_bytes()]);
     }
 
     async fn hold_and_release(&mut self, ops: Vec<Op>) -> redis::RedisResult<Batch> {

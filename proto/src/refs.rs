@@ -138,6 +138,33 @@ pub fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]
     }
 }
 
+/// Adds an `EVALSHA` of `script` on `key`'s holders set and result.
+pub fn add_for(
+    pipe: &mut Pipeline,
+    names: &crate::Names,
+    script: &Script,
+    key: &str,
+    args: &[&[u8]],
+) {
+    let keys = [names.holders_key(key), names.result_key(key)];
+    add(pipe, script, [&keys[0], &keys[1]], args);
+}
+
+/// A pipeline running `script` with `holder` on each of `keys` (taking or
+/// dropping the same holder's hold on many keys).
+pub fn pipeline_for(
+    names: &crate::Names,
+    script: &Script,
+    keys: &[String],
+    holder: &str,
+) -> Pipeline {
+    let mut pipe = redis::pipe();
+    for key in keys {
+        add_for(&mut pipe, names, script, key, &[holder.as_bytes()]);
+    }
+    pipe
+}
+
 /// Runs a pipeline of script calls, loading the scripts first when Redis
 /// does not know them (after a restart, or on first use).
 pub async fn run<T: redis::FromRedisValue>(
