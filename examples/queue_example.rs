@@ -14,7 +14,9 @@ fn main() -> anyhow::Result<()> {
     let queue: flotilla::sync::blocking::Queue<i64> =
         flotilla::sync::blocking::Queue::new(&client, &format!("numbers-{}", std::process::id()));
 
-    client.submit(producer, (queue.name(), 10));
+    // Unlike Dask's `client.submit(producer)`, the producer's future is kept:
+    // a task whose last handle is dropped before it starts is cancelled.
+    let _producer = client.submit(producer, (queue.name(), 10));
     let result_future = client.submit(consumer, (queue.name(), 10_usize));
     let results = result_future.result()?;
     println!("results = {results:?}");

@@ -65,6 +65,32 @@ async fn seed_queue_example_producer_and_consumer_tasks() {
     t.stop().await;
 }
 
+/// A consumer waiting on an empty queue lends its slot: on one worker with a
+/// single slot, a producer submitted after the consumer still runs.
+#[tokio::test]
+async fn a_waiting_queue_consumer_lends_its_slot_to_the_producer() {
+    flotilla_examples::link();
+    let t = TestCluster::start("prim-queue-slot", 1).await;
+    let queue: Queue<i64> = Queue::new(&t.client, "one-slot");
+    let result_future = t.client.submit(consumer, (queue.name(), 10_usize));
+    // The consumer is running (and waiting) before the producer is submitted.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while result_future.status() != flotilla::Status::Running {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the consumer starts");
+    let producer_future = t.client.submit(producer, (queue.name(), 10));
+    let results = result_future
+        .result_timeout(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(results, (0..10).collect::<Vec<i64>>());
+    producer_future.await.unwrap();
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn seed_lock_example_critical_sections_run_one_at_a_time() {
     flotilla_examples::link();

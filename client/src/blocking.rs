@@ -48,6 +48,7 @@ impl Drop for FlushOnDrop {
 }
 
 /// A blocking handle on a task's result.
+#[must_use = "dropping the last handle on a task that has not started cancels it; keep the future, or pass it to `fire_and_forget`"]
 pub struct Future<T> {
     inner: crate::Future<T>,
     runtime: Arc<tokio::runtime::Runtime>,

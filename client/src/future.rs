@@ -222,6 +222,7 @@ impl Drop for FutureState {
 /// runs in the cluster meanwhile. Await it (or call [`Future::result`]) for
 /// the value; pass it (or `&future`) to another submission to make that task
 /// wait for this one and receive its value.
+#[must_use = "dropping the last handle on a task that has not started cancels it; keep the future, or pass it to `fire_and_forget`"]
 pub struct Future<T> {
     pub(crate) state: Arc<FutureState>,
     pub(crate) client: Arc<ClientInner>,

@@ -30,7 +30,7 @@
 //!
 //! # async fn demo() -> flotilla::Result<()> {
 //! let client = Client::from_env().await?;
-//! client.submit(producer, ("numbers",));
+//! let _producer = client.submit(producer, ("numbers",)); // kept until done
 //! let results = client.submit(consumer, ("numbers",)).await?;
 //! assert_eq!(results, (0..10).collect::<Vec<i64>>());
 //! # Ok(()) }
@@ -326,8 +326,10 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     },
                 };
                 // The item moved aside is taken by the next `take_now`.
-                let _moved: Option<Vec<u8>> = dedicated
-                    .blocking(
+                // Inside a task, the slot is lent meanwhile, so that a
+                // producer queued behind this consumer still runs.
+                let _moved: Option<Vec<u8>> = flotilla_worker::seceded(
+                    dedicated.blocking(
                         redis::cmd("BLMOVE")
                             .arg(self.inner.items())
                             .arg(self.inner.taken())
@@ -335,8 +337,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                             .arg("RIGHT")
                             .arg(super::seconds(wait)),
                         wait,
-                    )
-                    .await?;
+                    ),
+                )
+                .await?;
                 Ok(items)
             }
             .await;
