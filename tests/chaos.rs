@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::services::{PrivateRabbit, PrivateRedis};
 use flotilla::prelude::*;
 use flotilla::Config;
 use flotilla_examples::{add, inc, slow_identity, total};
@@ -152,7 +153,10 @@ struct Processes {
 
 impl Processes {
     async fn start(prefix: &str) -> Processes {
-        let config = common::fresh_config(prefix);
+        Self::start_with(common::fresh_config(prefix)).await
+    }
+
+    async fn start_with(config: Config) -> Processes {
         let scheduler = scheduler(&config);
         let workers = vec![worker(&config), worker(&config)];
         let client = Client::connect(config.clone()).await.unwrap();
@@ -224,4 +228,57 @@ async fn chaos_workers_killed_and_restarted_mid_workload() {
     cluster
         .finish("worker-kill", rounds, workload, salt, started)
         .await;
+}
+
+#[tokio::test]
+async fn chaos_broker_restarted_mid_workload() {
+    // A RabbitMQ node of this test's own: the shared one is never touched.
+    let rabbit = tokio::task::spawn_blocking(PrivateRabbit::start)
+        .await
+        .unwrap();
+    let mut config = common::fresh_config("chaos-broker");
+    config.amqp_url = rabbit.url();
+    let cluster = Processes::start_with(config).await;
+    let salt = 3_000_000;
+    let started = Instant::now();
+    let workload = submit_workload(&cluster.client, salt);
+    cluster.client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rabbit = tokio::task::spawn_blocking(move || {
+        rabbit.restart(Duration::from_millis(500));
+        rabbit
+    })
+    .await
+    .unwrap();
+    cluster
+        .finish("broker-restart", 1, workload, salt, started)
+        .await;
+    drop(rabbit);
+}
+
+#[tokio::test]
+async fn chaos_redis_killed_and_restarted_mid_workload() {
+    // A redis-server of this test's own, with its append-only file synced
+    // on every write: the shared one is never touched.
+    let mut redis = tokio::task::spawn_blocking(PrivateRedis::start)
+        .await
+        .unwrap();
+    let mut config = common::fresh_config("chaos-redis");
+    config.redis_url = redis.url();
+    let cluster = Processes::start_with(config).await;
+    let salt = 4_000_000;
+    let started = Instant::now();
+    let workload = submit_workload(&cluster.client, salt);
+    cluster.client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis = tokio::task::spawn_blocking(move || {
+        redis.kill_and_restart(Duration::from_millis(500));
+        redis
+    })
+    .await
+    .unwrap();
+    cluster
+        .finish("redis-restart", 1, workload, salt, started)
+        .await;
+    drop(redis);
 }

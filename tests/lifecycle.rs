@@ -206,7 +206,7 @@ async fn scatter_stores_equal_data_once_and_handles_tens_of_megabytes() {
 #[tokio::test]
 async fn as_completed_yields_in_completion_order_with_errors() {
     let t = TestCluster::start("ascompleted", 2).await;
-    let slow = t.client.submit(slow_identity, (1, 800));
+    let slow = t.client.submit(slow_identity, (1, 2000));
     let fast = t.client.submit(slow_identity, (2, 10));
     let bad = t.client.submit(might_fail, (-1,));
     let mut done = flotilla::as_completed(vec![slow.clone(), fast.clone()]);

@@ -14,7 +14,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::Connection;
+use lapin::{Channel, Connection};
 use redis::aio::ConnectionManager;
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
@@ -26,6 +26,8 @@ use tracing::warn;
 
 /// Most keys read from Redis in one `MGET`.
 const FETCH_CHUNK: usize = 1024;
+/// How long reading a result waits for an unreachable Redis to come back.
+const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Scattered values up to this size stay in the client's memory too.
 const INLINE_SCATTER: usize = 16 * 1024;
 
@@ -67,7 +69,12 @@ pub(crate) struct ClientInner {
     pub(crate) config: Config,
     pub(crate) names: Names,
     redis: ConnectionManager,
-    connection: Connection,
+    /// The current RabbitMQ connection (replaced after a reconnection).
+    connection: Mutex<Arc<Connection>>,
+    /// The current publishing channel, for the outbox.
+    channels: tokio::sync::watch::Sender<Channel>,
+    /// Set by `close`: a closed connection is not reopened.
+    closing: std::sync::atomic::AtomicBool,
     futures: Mutex<HashMap<String, Weak<FutureState>>>,
     ops: mpsc::UnboundedSender<Op>,
     background: Mutex<Vec<JoinHandle<()>>>,
@@ -129,18 +136,34 @@ impl ClientInner {
         let mut redis = self.redis.clone();
         for chunk in keys.chunks(FETCH_CHUNK) {
             let redis_keys: Vec<String> = chunk.iter().map(|k| self.names.result_key(k)).collect();
-            let values: Vec<Option<Vec<u8>>> = if redis_keys.len() == 1 {
-                vec![
+            let mut backoff = flotilla_proto::supervise::Backoff::default();
+            let deadline = tokio::time::Instant::now() + REDIS_OUTAGE;
+            let values: Vec<Option<Vec<u8>>> = loop {
+                let read = if redis_keys.len() == 1 {
                     redis::cmd("GET")
                         .arg(&redis_keys[0])
                         .query_async(&mut redis)
-                        .await?,
-                ]
-            } else {
-                redis::cmd("MGET")
-                    .arg(&redis_keys)
-                    .query_async(&mut redis)
-                    .await?
+                        .await
+                        .map(|value| vec![value])
+                } else {
+                    redis::cmd("MGET")
+                        .arg(&redis_keys)
+                        .query_async(&mut redis)
+                        .await
+                };
+                match read {
+                    // A restarting Redis: wait for it (the connection
+                    // manager reconnects) rather than fail the future.
+                    Err(error)
+                        if transport::is_connection_error(&error)
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        let pause = backoff.next_pause();
+                        warn!(%error, ?pause, "reading results failed; retrying");
+                        tokio::time::sleep(pause).await;
+                    }
+                    read => break read?,
+                }
             };
             for (key, value) in chunk.iter().zip(values) {
                 out.push(read_stored(key, value));
@@ -170,6 +193,52 @@ impl ClientInner {
             }
             Event::Started { .. } => state.set_running(),
             _ => {}
+        }
+    }
+
+    /// After a reconnection: settles every pending future whose result is
+    /// already in Redis (its event may have been lost with the old
+    /// connection), and asks the scheduler to tell this client about the
+    /// rest, whoever submitted them.
+    async fn resync(&self) {
+        let pending: Vec<Arc<FutureState>> = self
+            .table()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|state| !state.status().is_done())
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let mut waiting = Vec::new();
+        let mut redis = self.redis.clone();
+        for chunk in pending.chunks(FETCH_CHUNK) {
+            let keys: Vec<String> = chunk
+                .iter()
+                .map(|state| self.names.result_key(&state.key))
+                .collect();
+            let values: Vec<Option<Vec<u8>>> =
+                match redis::cmd("MGET").arg(&keys).query_async(&mut redis).await {
+                    Ok(values) => values,
+                    Err(error) => {
+                        warn!(%error, "re-reading results after a reconnection failed");
+                        vec![None; keys.len()]
+                    }
+                };
+            for (state, value) in chunk.iter().zip(values) {
+                match value.map(StoredResult::decode) {
+                    Some(Ok(StoredResult::Ok(_))) => state.set_finished(None),
+                    Some(Ok(StoredResult::Err(error))) => self.apply(Event::Erred {
+                        key: state.key.as_str().to_owned(),
+                        error,
+                        retrying: false,
+                    }),
+                    _ => waiting.push(state.key.as_str().to_owned()),
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            self.send(Op::Watch(waiting));
         }
     }
 }
@@ -301,25 +370,7 @@ impl Client {
         config.validate()?;
         let names = config.names();
         let id = flotilla_proto::new_id();
-        let connection = transport::connect_amqp(
-            &config.amqp_url,
-            &format!("flotilla-client {id} ({})", names.namespace()),
-        )
-        .await?;
-        let publish = connection.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        transport::declare_topology(&publish, &names).await?;
-        let queue = names.client_queue(&id);
-        let exchange = names.events_exchange();
-        transport::declare_private_queue(
-            &publish,
-            &names,
-            &queue,
-            Some((&exchange, &Names::client_binding(&id))),
-        )
-        .await?;
+        let (connection, publish, consumer) = open_link(&config, &names, &id).await?;
         let redis = transport::connect_redis(&config.redis_url).await?;
         let lease = Duration::from_millis(config.client_lease_ms.max(1000));
         // Take the lease before holding anything.
@@ -334,24 +385,16 @@ impl Client {
             .arg(&id)
             .query_async::<()>(&mut redis.clone())
             .await?;
-        let consume = connection.create_channel().await?;
-        consume.basic_qos(1024, BasicQosOptions::default()).await?;
-        let consumer = consume
-            .basic_consume(
-                name(&queue),
-                name(&id),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-
         let (ops, ops_rx) = mpsc::unbounded_channel();
+        let (channels, publish) = tokio::sync::watch::channel(publish);
         let inner = Arc::new(ClientInner {
             id: id.clone(),
             config,
             names: names.clone(),
             redis: redis.clone(),
-            connection,
+            connection: Mutex::new(Arc::new(connection)),
+            channels,
+            closing: std::sync::atomic::AtomicBool::new(false),
             futures: Mutex::new(HashMap::new()),
             ops,
             background: Mutex::new(Vec::new()),
@@ -363,13 +406,10 @@ impl Client {
             redis: redis.clone(),
             publish,
             max_payload: inner.config.max_payload,
+            unconfirmed: std::collections::VecDeque::new(),
         };
         tokio::spawn(outbox.run(ops_rx));
-        let listener = tokio::spawn(event_loop(
-            consumer,
-            Arc::downgrade(&inner),
-            inner.config.max_payload,
-        ));
+        let listener = tokio::spawn(listen(consumer, Arc::downgrade(&inner)));
         let lease_task = tokio::spawn(renew_lease(redis, names, id, lease));
         inner
             .background
@@ -812,9 +852,15 @@ impl Client {
             .query_async::<()>(&mut self.redis())
             .await;
         self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let connection = self
+            .inner
             .connection
-            .close(200, name("client closing"))
-            .await?;
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        connection.close(200, name("client closing")).await?;
         Ok(())
     }
 }
@@ -858,10 +904,91 @@ pub(crate) fn content_hash(name: &str, fingerprint: u64, args: &[u8]) -> String 
     format!("{hash:032x}")
 }
 
-/// Applies completion events to this client's futures.
-async fn event_loop(mut consumer: lapin::Consumer, client: Weak<ClientInner>, max_payload: usize) {
+/// Opens the client's RabbitMQ side: a connection, a publishing channel
+/// with confirms, the namespace's topology, and a consumer of the client's
+/// own event queue.
+async fn open_link(
+    config: &Config,
+    names: &Names,
+    id: &str,
+) -> Result<(Connection, Channel, lapin::Consumer)> {
+    let connection = transport::connect_amqp(
+        &config.amqp_url,
+        &format!("flotilla-client {id} ({})", names.namespace()),
+    )
+    .await?;
+    let publish = connection.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    transport::declare_topology(&publish, names).await?;
+    let queue = names.client_queue(id);
+    let exchange = names.events_exchange();
+    transport::declare_private_queue(
+        &publish,
+        names,
+        &queue,
+        Some((&exchange, &Names::client_binding(id))),
+    )
+    .await?;
+    let consume = connection.create_channel().await?;
+    consume.basic_qos(1024, BasicQosOptions::default()).await?;
+    let consumer = consume
+        .basic_consume(
+            name(&queue),
+            name(id),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, publish, consumer))
+}
+
+/// Applies completion events to this client's futures, and keeps the link
+/// to RabbitMQ up: when the connection is lost (a broker restart, a network
+/// cut), reconnects with growing pauses, hands the outbox the new channel
+/// (it re-sends whatever the broker had not confirmed), and re-reads the
+/// state of every pending future from Redis, since events published while
+/// the link was down are lost.
+async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInner>) {
+    loop {
+        event_loop(consumer, &client).await;
+        let mut backoff = flotilla_proto::supervise::Backoff::default();
+        consumer = loop {
+            let Some(inner) = client.upgrade() else {
+                return;
+            };
+            if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            match open_link(&inner.config, &inner.names, &inner.id).await {
+                Ok((connection, publish, consumer)) => {
+                    *inner.connection.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Arc::new(connection);
+                    let _ = inner.channels.send(publish);
+                    inner.resync().await;
+                    tracing::info!(client = %inner.id, "reconnected to RabbitMQ");
+                    break consumer;
+                }
+                Err(error) => {
+                    let pause = backoff.next_pause();
+                    warn!(%error, ?pause, "RabbitMQ is unreachable; retrying");
+                    drop(inner);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        };
+    }
+}
+
+/// Applies completion events to this client's futures until the consumer
+/// ends.
+async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
     while let Some(delivery) = transport::next_delivery(&mut consumer).await {
         let Ok(delivery) = delivery else { break };
+        let Some(max_payload) = client.upgrade().map(|c| c.config.max_payload) else {
+            break;
+        };
         match decode::<EventBatch>(&delivery.data, max_payload + (1 << 20)) {
             Ok(batch) => {
                 let Some(client) = client.upgrade() else {

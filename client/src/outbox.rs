@@ -16,13 +16,18 @@ use lapin::PublisherConfirm;
 use redis::aio::ConnectionManager;
 use std::collections::VecDeque;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
 /// Largest batch of submissions in one message, in bytes of arguments.
 const MAX_SUBMIT_BYTES: usize = 8 << 20;
 /// Most operations handled in one batch.
 const MAX_BATCH: usize = 10_000;
+/// Messages published but not yet known to be confirmed, before the outbox
+/// waits for the oldest confirmation.
+const MAX_UNCONFIRMED: usize = 64;
+/// How long a confirmation may take before the channel is presumed broken.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One thing the client tells the cluster.
 pub(crate) enum Op {
@@ -40,6 +45,8 @@ pub(crate) enum Op {
     Cancel(Vec<String>, bool),
     /// Run failed tasks again.
     Retry(Vec<String>),
+    /// Hear about these keys' completion (again, after a reconnection).
+    Watch(Vec<String>),
     /// Answer once everything before has been sent.
     Flush(oneshot::Sender<()>),
 }
@@ -48,8 +55,20 @@ pub(crate) struct Outbox {
     pub(crate) client: String,
     pub(crate) names: Names,
     pub(crate) redis: ConnectionManager,
-    pub(crate) publish: Channel,
+    /// The current publishing channel; a new one arrives after the client
+    /// reconnects.
+    pub(crate) publish: watch::Receiver<Channel>,
     pub(crate) max_payload: usize,
+    /// Messages published but not yet confirmed by the broker, in order,
+    /// kept for re-sending on a new channel.
+    pub(crate) unconfirmed: VecDeque<Unconfirmed>,
+}
+
+/// A published message and the broker's pending confirmation of it.
+pub(crate) struct Unconfirmed {
+    bytes: Vec<u8>,
+    /// `None` when publishing failed outright.
+    confirm: Option<PublisherConfirm>,
 }
 
 /// What one batch sends to the scheduler, in the order the operations were
@@ -102,26 +121,28 @@ impl Outbox {
     /// Runs until every sender is gone and everything queued is sent.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut ops = Vec::new();
-        let mut confirms: VecDeque<PublisherConfirm> = VecDeque::new();
-        while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-            let batch = match self.hold_and_release(std::mem::take(&mut ops)).await {
-                Ok(batch) => batch,
-                Err(error) => {
-                    warn!(%error, "reference updates failed; submissions in this batch are lost");
-                    continue;
-                }
-            };
-            self.send(batch, &mut confirms).await;
-            while confirms.len() > 64 {
-                if let Some(confirm) = confirms.pop_front() {
-                    if !matches!(confirm.await, Ok(c) if c.is_ack()) {
-                        warn!("the broker did not confirm a message to the scheduler");
+        loop {
+            tokio::select! {
+                received = rx.recv_many(&mut ops, MAX_BATCH) => {
+                    if received == 0 {
+                        break;
                     }
                 }
+                changed = self.publish.changed() => {
+                    if changed.is_ok() {
+                        self.resend().await;
+                    }
+                    continue;
+                }
+            }
+            let batch = self.hold_and_release(std::mem::take(&mut ops)).await;
+            self.send(batch).await;
+            while self.unconfirmed.len() > MAX_UNCONFIRMED {
+                self.settle_oldest().await;
             }
         }
-        for confirm in confirms {
-            let _ = confirm.await;
+        while !self.unconfirmed.is_empty() {
+            self.settle_oldest().await;
         }
         // Nothing is held any more: give up the lease.
         let _ = redis::cmd("ZREM")
@@ -135,7 +156,90 @@ impl Outbox {
         refs::add_for(pipe, &self.names, script, key, &[holder.as_bytes()]);
     }
 
-    async fn hold_and_release(&mut self, ops: Vec<Op>) -> redis::RedisResult<Batch> {
+    /// Waits for the broker's confirmation of the oldest unconfirmed
+    /// message; when it does not come (the channel broke), re-sends every
+    /// unconfirmed message in order on the current channel.
+    async fn settle_oldest(&mut self) {
+        let Some(oldest) = self.unconfirmed.front_mut() else {
+            return;
+        };
+        let confirmed = match oldest.confirm.take() {
+            Some(confirm) => matches!(
+                tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await,
+                Ok(Ok(c)) if c.is_ack()
+            ),
+            None => false,
+        };
+        if confirmed {
+            self.unconfirmed.pop_front();
+        } else {
+            warn!("the broker did not confirm a message to the scheduler; re-sending");
+            // Wait for the link to come back rather than spin on a dead
+            // channel; the listener reconnects and hands a new one over.
+            if !self.publish.borrow().status().connected() {
+                let _ = self
+                    .publish
+                    .wait_for(|channel| channel.status().connected())
+                    .await;
+            }
+            self.resend().await;
+        }
+    }
+
+    /// Publishes every unconfirmed message again, in order, on the current
+    /// channel. The scheduler takes duplicates in its stride (submissions
+    /// of a known key, watches, releases and cancellations are idempotent).
+    async fn resend(&mut self) {
+        let channel = self.publish.borrow_and_update().clone();
+        // What the broker confirmed before the channel broke is not sent
+        // again (a confirmation that already arrived is ready at once).
+        let mut kept = VecDeque::with_capacity(self.unconfirmed.len());
+        for mut message in self.unconfirmed.drain(..) {
+            if let Some(confirm) = message.confirm.take() {
+                if matches!(
+                    tokio::time::timeout(Duration::ZERO, confirm).await,
+                    Ok(Ok(c)) if c.is_ack()
+                ) {
+                    continue;
+                }
+            }
+            kept.push_back(message);
+        }
+        self.unconfirmed = kept;
+        let queue = self.names.scheduler_queue();
+        for message in &mut self.unconfirmed {
+            message.confirm = channel
+                .basic_publish(
+                    name(""),
+                    name(&queue),
+                    BasicPublishOptions::default(),
+                    &message.bytes,
+                    transport::persistent(),
+                )
+                .await
+                .ok();
+        }
+    }
+
+    /// Runs a reference-count pipeline, retrying until Redis answers: a
+    /// submission is never dropped because Redis restarted. (The scripts
+    /// are idempotent, so a pipeline that partly ran before the connection
+    /// broke can run again.)
+    async fn run_retrying<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> T {
+        let mut backoff = flotilla_proto::supervise::Backoff::default();
+        loop {
+            match refs::run(&mut self.redis, pipe).await {
+                Ok(values) => return values,
+                Err(error) => {
+                    let pause = backoff.next_pause();
+                    warn!(%error, ?pause, "reference updates failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    async fn hold_and_release(&mut self, ops: Vec<Op>) -> Batch {
         let mut pipe = redis::pipe();
         let mut replies = 0;
         let mut steps = Vec::with_capacity(ops.len());
@@ -179,13 +283,17 @@ impl Outbox {
                     steps.push(Step::Message(ToScheduler::Cancel { keys, force }))
                 }
                 Op::Retry(keys) => steps.push(Step::Message(ToScheduler::Retry { keys })),
+                Op::Watch(keys) => steps.push(Step::Message(ToScheduler::Watch {
+                    client: self.client.clone(),
+                    keys,
+                })),
                 Op::Flush(done) => steps.push(Step::Flush(done)),
             }
         }
         let values: Vec<i64> = if replies == 0 {
             Vec::new()
         } else {
-            refs::run(&mut self.redis, &pipe).await?
+            self.run_retrying(&pipe).await
         };
         let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
         let mut batch = Batch::default();
@@ -235,9 +343,9 @@ impl Outbox {
                 }
             }
             if released.is_empty() {
-                pipe.query_async::<()>(&mut self.redis).await?;
+                self.run_retrying::<()>(&pipe).await;
             } else {
-                let freed: Vec<i64> = refs::run(&mut self.redis, &pipe).await?;
+                let freed: Vec<i64> = self.run_retrying(&pipe).await;
                 let keys: Vec<String> = released
                     .into_iter()
                     .zip(freed)
@@ -249,26 +357,31 @@ impl Outbox {
                 }
             }
         }
-        Ok(batch)
+        batch
     }
 
-    async fn send(&mut self, batch: Batch, confirms: &mut VecDeque<PublisherConfirm>) {
+    async fn send(&mut self, batch: Batch) {
         let queue = self.names.scheduler_queue();
+        let channel = self.publish.borrow().clone();
         for message in batch.messages {
-            match self
-                .publish
+            let bytes = encode(&message);
+            let confirm = match channel
                 .basic_publish(
                     name(""),
                     name(&queue),
                     BasicPublishOptions::default(),
-                    &encode(&message),
+                    &bytes,
                     transport::persistent(),
                 )
                 .await
             {
-                Ok(confirm) => confirms.push_back(confirm),
-                Err(error) => warn!(%error, "publishing to the scheduler failed"),
-            }
+                Ok(confirm) => Some(confirm),
+                Err(error) => {
+                    warn!(%error, "publishing to the scheduler failed; it will be re-sent");
+                    None
+                }
+            };
+            self.unconfirmed.push_back(Unconfirmed { bytes, confirm });
         }
         for done in batch.flushed {
             let _ = done.send(());

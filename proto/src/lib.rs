@@ -18,6 +18,7 @@ mod fuzz;
 mod messages;
 mod names;
 pub mod refs;
+pub mod supervise;
 mod task;
 pub mod transport;
 

@@ -228,6 +228,21 @@ pub fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
 
+/// Whether a Redis error means the connection (not the command) failed:
+/// worth retrying once Redis is back.
+pub fn is_connection_error(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::BusyLoading | redis::ServerErrorKind::TryAgain
+            )
+        )
+}
+
 /// Properties of a message that need not survive a broker restart
 /// (events: state is re-read from Redis after a restart).
 pub fn transient() -> BasicProperties {

@@ -8,6 +8,7 @@
 
 use crate::core::{Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
 use flotilla_proto::refs;
+use flotilla_proto::supervise::{Backoff, Stop};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     decode, encode, Config, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
@@ -26,6 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+/// How long a lookup waits for an unreachable Redis to come back.
+const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Deliveries each consumer may hold unacknowledged.
 const PREFETCH: u16 = 4096;
 /// Most inputs handled before the core dispatches and output is flushed.
@@ -114,7 +117,7 @@ impl SchedulerHandle {
     pub async fn spawn(config: Config) -> Result<Self, SchedulerError> {
         let (stop, stopped) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run_inner(
+        let task = tokio::spawn(supervise(
             config,
             async move {
                 let _ = stopped.await;
@@ -151,7 +154,7 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), SchedulerError> {
-    run_inner(config, shutdown, None, Hooks::default()).await
+    supervise(config, shutdown, None, Hooks::default()).await
 }
 
 /// Like [`run`], with [`Hooks`] for status pages and operator commands.
@@ -160,23 +163,77 @@ pub async fn run_with_hooks(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     hooks: Hooks,
 ) -> Result<(), SchedulerError> {
-    run_inner(config, shutdown, None, hooks).await
+    supervise(config, shutdown, None, hooks).await
 }
 
-async fn run_inner(
+/// Runs the scheduler until `shutdown`, starting afresh whenever RabbitMQ
+/// or Redis is lost after it was first up: each attempt reconnects (with
+/// growing pauses), re-declares the topology and takes up every pending
+/// task from Redis, as a restarted scheduler process would. A failure
+/// before the first start-up is returned at once.
+async fn supervise(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ready: Option<oneshot::Sender<()>>,
+    mut ready: Option<oneshot::Sender<()>>,
     mut hooks: Hooks,
 ) -> Result<(), SchedulerError> {
-    let started = Instant::now();
     config.validate()?;
+    let stop = Stop::new(shutdown);
+    let started = Instant::now();
+    let mut backoff = Backoff::default();
+    let mut ever_up = false;
+    loop {
+        let mut up = false;
+        let result = run_inner(&config, &stop, &mut ready, &mut hooks, &mut up, started).await;
+        ever_up |= up;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if ever_up && !stop.requested() => {
+                if up {
+                    backoff.reset();
+                }
+                let pause = backoff.next_pause();
+                warn!(%error, ?pause, "lost RabbitMQ or Redis: reconnecting, then taking up the pending tasks from Redis");
+                if !stop.pause(pause).await {
+                    return Ok(());
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// One connected life of the scheduler; `up` is set once it consumes.
+async fn run_inner(
+    config: &Config,
+    stop: &Stop,
+    ready: &mut Option<oneshot::Sender<()>>,
+    hooks: &mut Hooks,
+    up: &mut bool,
+    started: Instant,
+) -> Result<(), SchedulerError> {
     let names = config.names();
     let connection = transport::connect_amqp(
         &config.amqp_url,
         &format!("flotilla-scheduler {}", names.namespace()),
     )
     .await?;
+    let result = serve(config, stop, ready, hooks, up, started, &connection).await;
+    let _ = connection.close(200, name("scheduler stopping")).await;
+    result
+}
+
+/// Declares, consumes and runs the scheduler's loop on `connection`.
+async fn serve(
+    config: &Config,
+    stop: &Stop,
+    ready: &mut Option<oneshot::Sender<()>>,
+    hooks: &mut Hooks,
+    up: &mut bool,
+    started: Instant,
+    connection: &lapin::Connection,
+) -> Result<(), SchedulerError> {
+    let names = config.names();
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -229,7 +286,8 @@ async fn run_inner(
         });
     }
     info!(namespace = names.namespace(), "scheduler started");
-    if let Some(ready) = ready {
+    *up = true;
+    if let Some(ready) = ready.take() {
         let _ = ready.send(());
     }
 
@@ -255,6 +313,7 @@ async fn run_inner(
         scheduler.flush().await?;
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let shutdown = stop.clone().wait();
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -307,7 +366,9 @@ async fn run_inner(
     };
     let counts = scheduler.core.counts();
     info!(?counts, "scheduler stopping");
-    let _ = connection.close(200, name("scheduler stopping")).await;
+    if let Some(reaper) = scheduler.reaper.take() {
+        reaper.abort();
+    }
     result
 }
 
@@ -709,12 +770,24 @@ async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResul
 }
 
 async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
-    let first: redis::RedisResult<Vec<u8>> = redis::cmd("GETRANGE")
-        .arg(result_key)
-        .arg(-1)
-        .arg(-1)
-        .query_async(redis)
-        .await;
+    // A restarting Redis is waited for: taking its silence for a missing
+    // input would fail the dependents.
+    let mut backoff = Backoff::default();
+    let deadline = Instant::now() + REDIS_OUTAGE;
+    let first: redis::RedisResult<Vec<u8>> = loop {
+        let first = redis::cmd("GETRANGE")
+            .arg(result_key)
+            .arg(-1)
+            .arg(-1)
+            .query_async(redis)
+            .await;
+        match first {
+            Err(error) if transport::is_connection_error(&error) && Instant::now() < deadline => {
+                tokio::time::sleep(backoff.next_pause()).await;
+            }
+            first => break first,
+        }
+    };
     match first.as_deref() {
         Ok([]) => Lookup::Missing,
         Ok([flotilla_proto::TAG_OK]) => Lookup::Finished,

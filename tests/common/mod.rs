@@ -4,6 +4,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod services;
+
 use flotilla::{Client, Config, LocalCluster};
 use std::path::PathBuf;
 

@@ -11,6 +11,7 @@ use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::Slot;
 use crate::TaskContext;
 use flotilla_proto::refs;
+use flotilla_proto::supervise::{Backoff, Stop};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     decode, encode, Config, ErrorKind, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
@@ -41,6 +42,8 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 const INPUT_CACHE_BYTES: usize = 512 << 20;
 /// A task still running after this long is reported as started.
 const STARTED_AFTER: Duration = Duration::from_millis(50);
+/// How long reading inputs waits for an unreachable Redis to come back.
+const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Most completions stored and published together.
 const MAX_COMPLETION_BATCH: usize = 1024;
 
@@ -137,7 +140,7 @@ impl WorkerHandle {
     pub async fn spawn(options: WorkerOptions) -> Result<Self, WorkerError> {
         let (stop, stopped) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run_inner(
+        let task = tokio::spawn(supervise(
             options,
             async move {
                 let _ = stopped.await;
@@ -183,7 +186,7 @@ pub async fn run(
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
-    run_inner(options, shutdown, None).await
+    supervise(options, shutdown, None).await
 }
 
 /// A task running on this worker, for cancellation.
@@ -327,17 +330,76 @@ enum Completion {
     },
 }
 
-async fn run_inner(
+/// Runs the worker until `shutdown`, starting afresh (under a new id)
+/// whenever RabbitMQ or Redis is lost after it was first up: tasks running
+/// at the loss are stopped, since the broker hands their deliveries to
+/// another consumer, and each attempt reconnects with growing pauses. A
+/// failure before the first start-up is returned at once.
+async fn supervise(
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ready: Option<oneshot::Sender<String>>,
+    mut ready: Option<oneshot::Sender<String>>,
 ) -> Result<(), WorkerError> {
     install_hook();
+    options.config.validate()?;
+    let stop = Stop::new(shutdown);
+    let mut backoff = Backoff::default();
+    let mut ever_up = false;
+    loop {
+        let mut up = false;
+        let result = run_inner(&options, &stop, &mut ready, &mut up).await;
+        ever_up |= up;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(error) if ever_up && !stop.requested() => {
+                if up {
+                    backoff.reset();
+                }
+                let pause = backoff.next_pause();
+                warn!(%error, ?pause, "lost RabbitMQ or Redis: reconnecting");
+                if !stop.pause(pause).await {
+                    return Ok(());
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// One connected life of the worker; `up` is set once it consumes.
+async fn run_inner(
+    options: &WorkerOptions,
+    stop: &Stop,
+    ready: &mut Option<oneshot::Sender<String>>,
+    up: &mut bool,
+) -> Result<(), WorkerError> {
     let config = options.config.clone();
-    config.validate()?;
     let names = config.names();
     let id = flotilla_proto::new_id();
     let display_name = options.name.clone().unwrap_or_else(default_name);
+
+    let connection = transport::connect_amqp(
+        &config.amqp_url,
+        &format!("flotilla-worker {display_name} ({})", names.namespace()),
+    )
+    .await?;
+    let result = serve(options, stop, ready, up, &connection, id, display_name).await;
+    let _ = connection.close(200, name("worker stopping")).await;
+    result
+}
+
+/// Declares, consumes and runs the worker's loop on `connection`.
+async fn serve(
+    options: &WorkerOptions,
+    stop: &Stop,
+    ready: &mut Option<oneshot::Sender<String>>,
+    up: &mut bool,
+    connection: &lapin::Connection,
+    id: String,
+    display_name: String,
+) -> Result<(), WorkerError> {
+    let config = options.config.clone();
+    let names = config.names();
     let nthreads = options.nthreads.max(1);
     // Deliveries held at once. Generous, because a task that waits on
     // other tasks lends its slot but keeps its delivery: a small window
@@ -346,12 +408,6 @@ async fn run_inner(
     let prefetch = options
         .prefetch
         .unwrap_or_else(|| u16::try_from((nthreads * 64).max(256)).unwrap_or(u16::MAX));
-
-    let connection = transport::connect_amqp(
-        &config.amqp_url,
-        &format!("flotilla-worker {display_name} ({})", names.namespace()),
-    )
-    .await?;
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -455,10 +511,12 @@ async fn run_inner(
     }
     drop(deliveries);
     info!(worker = %id, name = %display_name, nthreads, namespace = names.namespace(), tasks = registry().len(), "worker started");
-    if let Some(ready) = ready {
+    *up = true;
+    if let Some(ready) = ready.take() {
         let _ = ready.send(id.clone());
     }
 
+    let shutdown = stop.clone().wait();
     tokio::pin!(shutdown);
     let result = loop {
         tokio::select! {
@@ -484,11 +542,26 @@ async fn run_inner(
         }
     };
 
+    heartbeat.abort();
+    if result.is_err() {
+        // The connection is gone, and with it every unacknowledged
+        // delivery: the broker hands them to other consumers, so the tasks
+        // running here stop rather than run twice at once.
+        let keys: Vec<String> = shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        shared.cancel(&keys);
+        completer.abort();
+        return result;
+    }
     // Stop taking work, let running tasks finish and be stored, then leave.
     for tag in &consumer_tags {
         let _ = consume.basic_cancel(name(tag), Default::default()).await;
     }
-    heartbeat.abort();
     let _ = shared.slots.acquire_many(nthreads as u32).await;
     let _ = announce(
         &publish,
@@ -498,7 +571,6 @@ async fn run_inner(
     .await;
     drop(shared);
     let _ = completer.await;
-    let _ = connection.close(200, name("worker stopping")).await;
     info!(worker = %id, "worker stopped");
     result
 }
@@ -725,17 +797,28 @@ async fn load_inputs(
     }
     let keys: Vec<String> = wanted.iter().map(|k| shared.names.result_key(k)).collect();
     let mut redis = shared.redis.clone();
-    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-        .arg(&keys)
-        .query_async(&mut redis)
-        .await
-        .map_err(|error| {
-            TaskError::new(
-                ErrorKind::Internal,
-                "flotilla::RedisError",
-                format!("reading inputs: {error}"),
-            )
-        })?;
+    // A restarting Redis is waited for rather than failing the task.
+    let mut backoff = Backoff::default();
+    let deadline = tokio::time::Instant::now() + REDIS_OUTAGE;
+    let values: Vec<Option<Vec<u8>>> = loop {
+        let read = redis::cmd("MGET").arg(&keys).query_async(&mut redis).await;
+        match read {
+            Err(error)
+                if transport::is_connection_error(&error)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(backoff.next_pause()).await;
+            }
+            read => break read,
+        }
+    }
+    .map_err(|error| {
+        TaskError::new(
+            ErrorKind::Internal,
+            "flotilla::RedisError",
+            format!("reading inputs: {error}"),
+        )
+    })?;
     for (key, value) in wanted.into_iter().zip(values) {
         match value.map(StoredResult::decode) {
             Some(Ok(StoredResult::Ok(bytes))) => {

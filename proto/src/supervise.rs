@@ -1,0 +1,125 @@
+//! Keeping a long-running process (scheduler, worker) connected: a shared
+//! stop signal, and the pauses between attempts to reconnect after RabbitMQ
+//! or Redis went away.
+//!
+//! A process runs its connected life as one attempt. When an attempt ends
+//! with a lost connection, the process waits (with growing pauses) and
+//! starts a fresh attempt, which re-declares its topology, re-subscribes
+//! and re-reads its state from Redis rather than trusting anything heard
+//! before the loss.
+//!
+//! ```
+//! use flotilla_proto::supervise::{Backoff, Stop};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let stop = Stop::new(tokio::time::sleep(Duration::from_millis(10)));
+//! let mut backoff = Backoff::default();
+//! let mut attempts = 0;
+//! while !stop.requested() {
+//!     attempts += 1; // connect and serve until the connection drops...
+//!     if !stop.pause(backoff.next_pause()).await {
+//!         break; // stopped while pausing
+//!     }
+//! }
+//! assert!(attempts >= 1);
+//! # }
+//! ```
+
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// First pause before reconnecting.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between attempts.
+const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+
+/// A stop request shared by every attempt of a process: set once, seen by
+/// all clones.
+#[derive(Debug, Clone)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// A stop signal raised when `shutdown` completes (it is polled on a
+    /// task of its own, on the current tokio runtime).
+    pub fn new(shutdown: impl Future<Output = ()> + Send + 'static) -> Stop {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => { let _ = tx.send(true); }
+                // Every receiver is gone: nobody is left to stop.
+                () = tx.closed() => {}
+            }
+        });
+        Stop(rx)
+    }
+
+    /// Whether a stop was requested.
+    pub fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once a stop is requested.
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|stopped| *stopped).await;
+    }
+
+    /// Sleeps for `pause`; `false` if a stop was requested first.
+    pub async fn pause(&self, pause: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => !self.requested(),
+            () = self.clone().wait() => false,
+        }
+    }
+}
+
+/// Pauses between reconnection attempts: 100 ms, doubling up to 5 s.
+#[derive(Debug, Clone, Default)]
+pub struct Backoff {
+    next: Option<Duration>,
+}
+
+impl Backoff {
+    /// The pause before the next attempt.
+    pub fn next_pause(&mut self) -> Duration {
+        let pause = self.next.unwrap_or(FIRST_PAUSE);
+        self.next = Some((pause * 2).min(LONGEST_PAUSE));
+        pause
+    }
+
+    /// Starts again from the shortest pause (after an attempt that got
+    /// connected).
+    pub fn reset(&mut self) {
+        self.next = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_double_up_to_the_longest_and_reset() {
+        let mut backoff = Backoff::default();
+        let pauses: Vec<u128> = (0..8).map(|_| backoff.next_pause().as_millis()).collect();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        backoff.reset();
+        assert_eq!(backoff.next_pause(), FIRST_PAUSE);
+    }
+
+    #[tokio::test]
+    async fn a_stop_interrupts_a_pause_and_is_seen_by_clones() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = Stop::new(async move {
+            let _ = rx.await;
+        });
+        let clone = stop.clone();
+        assert!(!clone.requested());
+        let pausing = tokio::spawn(async move { stop.pause(Duration::from_secs(60)).await });
+        tx.send(()).unwrap();
+        assert!(!pausing.await.unwrap());
+        clone.clone().wait().await;
+        assert!(clone.requested());
+    }
+}

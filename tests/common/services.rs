@@ -1,0 +1,205 @@
+//! Private RabbitMQ and Redis instances for tests that stop or kill a
+//! service: each runs on ports of its own, with its own data directory
+//! (and, for RabbitMQ, its own node name), so the shared services other
+//! tests use are never touched. Dropping one stops it and deletes its data.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Waits until something accepts TCP connections on `port`.
+fn wait_for_port(port: u16, limit: Duration, what: &str) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not listen on port {port} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A scratch directory under the system's temporary directory.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "flotilla-{name}-{}",
+        &flotilla_proto::new_id()[..12]
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// A RabbitMQ node of our own (`rabbitmq-server -detached`).
+pub struct PrivateRabbit {
+    pub node: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRabbit {
+    /// Starts a node and waits until it accepts connections.
+    pub fn start() -> PrivateRabbit {
+        let port = free_port();
+        let dist_port = free_port();
+        let dir = scratch_dir("rabbit");
+        let node = format!("flotilla-t-{port}@localhost");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.default = {port}\nloopback_users = none\n"),
+        )
+        .expect("config file");
+        // rabbitmq-server drops root privileges to the `rabbitmq` user,
+        // which must own the node's files.
+        let _ = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status();
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_PID_FILE", dir.join("pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("rabbitmq-server runs (Debian package rabbitmq-server)");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        let rabbit = PrivateRabbit { node, port, dir };
+        // `wait` follows the pid file until the node has booted.
+        let pid_file = rabbit.dir.join("pid");
+        rabbit.ctl(&[
+            "wait",
+            "--timeout",
+            "120",
+            pid_file.to_str().expect("UTF-8 path"),
+        ]);
+        wait_for_port(port, Duration::from_secs(60), "the private RabbitMQ node");
+        rabbit
+    }
+
+    /// Its AMQP URL.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let output = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Stops the broker application (every connection is closed), waits
+    /// `down`, and starts it again; returns once it accepts connections.
+    pub fn restart(&self, down: Duration) {
+        self.ctl(&["stop_app"]);
+        std::thread::sleep(down);
+        self.ctl(&["start_app"]);
+        wait_for_port(
+            self.port,
+            Duration::from_secs(60),
+            "the restarted RabbitMQ node",
+        );
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .arg("stop")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A redis-server of our own, with an append-only file synced on every
+/// write, so that a killed and restarted server has every acknowledged
+/// write.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> PrivateRedis {
+        let mut redis = PrivateRedis {
+            port: free_port(),
+            dir: scratch_dir("redis"),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--port"])
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (Debian package redis-server)");
+        self.child = Some(child);
+        wait_for_port(
+            self.port,
+            Duration::from_secs(30),
+            "the private redis-server",
+        );
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills the server with SIGKILL, waits `down`, and starts it again on
+    /// the same port and data; returns once it accepts connections.
+    pub fn kill_and_restart(&mut self, down: Duration) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::thread::sleep(down);
+        self.spawn();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
