@@ -318,7 +318,12 @@ async fn cancel_stops_pending_and_running_tasks_and_their_dependents() {
     let sleeping = t.client.submit(sleep_then_note, (sleeper.clone(), 20_000));
     let dependent = t.client.submit(count_run_after, (tag("dep"), 1));
     let child = t.client.submit(add_u64, (&sleeping, 1));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Running: the worker reported it started (polled, so a loaded machine
+    // only makes the test slower).
+    let wait = Instant::now();
+    while spinning.status() != Status::Running && wait.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(spinning.status(), Status::Running);
     let started = Instant::now();
     t.client.cancel(std::slice::from_ref(&spinning), true);
@@ -453,7 +458,11 @@ async fn pure_keys_run_once_and_explicit_keys_are_used() {
 async fn higher_priority_runs_first() {
     let t = TestCluster::start("priority", 1).await;
     let blocker = t.client.submit(slow_identity, (0, 400));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The one slot is busy before the others are submitted.
+    let wait = Instant::now();
+    while blocker.status() != Status::Running && wait.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let low = tag("low");
     let high = tag("high");
     let lows: Vec<_> = (0..5)

@@ -23,11 +23,18 @@ pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
     Connection::connect(url, properties).await
 }
 
+/// How long a Redis command may take to answer on a shared connection.
+pub const REDIS_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens a Redis connection that reconnects by itself.
 pub async fn connect_redis(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
     let client = redis::Client::open(url)?;
+    // A slow answer from a busy Redis is not a lost connection (that shows
+    // as an error at once): allow far more than the crate's default 500 ms
+    // before giving a command up.
     let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
+        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
     redis::aio::ConnectionManager::new_with_config(client, config).await
 }
 
