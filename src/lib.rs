@@ -179,6 +179,26 @@ pub async fn sleep_then_note(tag: String, millis: u64) -> u64 {
     note_run(&tag)
 }
 
+/// Counts a start under `counter` in Redis (`<namespace>:test:<counter>`),
+/// sleeps `millis`, and returns the count at its start: how often tasks
+/// under `counter` started, across processes (for tests of long tasks).
+#[flotilla::task]
+pub async fn counted_sleep(ctx: TaskContext, counter: String, millis: u64) -> Result<u64, String> {
+    let config = ctx.config();
+    let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| e.to_string())?;
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let starts: u64 = redis::cmd("INCR")
+        .arg(format!("{}:test:{counter}", config.namespace))
+        .query_async(&mut redis)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    Ok(starts)
+}
+
 /// The seed's "Dynamic Task Submission": split the data, recurse on the
 /// cluster, combine. Each level waits on the next one's futures, giving its
 /// slot back meanwhile, so any depth runs on any number of slots.

@@ -10,7 +10,7 @@ mod common;
 use common::services::{PrivateRabbit, PrivateRedis};
 use flotilla::prelude::*;
 use flotilla::Config;
-use flotilla_examples::{add, inc, slow_identity, total};
+use flotilla_examples::{add, counted_sleep, inc, slow_identity, total};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -33,6 +33,7 @@ fn spawn(binary: &str, config: &Config, args: &[&str]) -> Child {
         .env("FLOTILLA_AMQP_URL", &config.amqp_url)
         .env("FLOTILLA_REDIS_URL", &config.redis_url)
         .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env("FLOTILLA_LONG_TASK_MS", config.long_task_ms.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -281,4 +282,123 @@ async fn chaos_redis_killed_and_restarted_mid_workload() {
         .finish("redis-restart", 1, workload, salt, started)
         .await;
     drop(redis);
+}
+
+/// Starts counted under `counter` in the namespace.
+async fn starts(config: &Config, counter: &str) -> u64 {
+    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let starts: Option<u64> = redis::cmd("GET")
+        .arg(format!("{}:test:{counter}", config.namespace))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    starts.unwrap_or(0)
+}
+
+#[tokio::test]
+async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() {
+    // A broker that enforces a 2 s consumer timeout, checked every 200 ms.
+    let rabbit = tokio::task::spawn_blocking(|| {
+        PrivateRabbit::start_with(
+            "consumer_timeout = 2000\n",
+            "[{rabbit, [{channel_tick_interval, 200}]}].",
+        )
+    })
+    .await
+    .unwrap();
+    let mut config = common::fresh_config("chaos-long");
+    config.amqp_url = rabbit.url();
+
+    // The broker really enforces it: a delivery held unacknowledged past
+    // the timeout closes the consumer's channel.
+    let connection = flotilla_proto::transport::connect_amqp(&config.amqp_url, "probe")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let probe = channel
+        .queue_declare(
+            flotilla_proto::transport::name(""),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            flotilla_proto::transport::name(""),
+            probe.name().clone(),
+            Default::default(),
+            b"held",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let _held = channel
+        .basic_get(probe.name().clone(), Default::default())
+        .await
+        .unwrap()
+        .expect("the probe message");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !channel.status().connected(),
+        "the broker closes a channel holding a delivery past consumer_timeout"
+    );
+    let _ = connection
+        .close(200, flotilla_proto::transport::name("probed"))
+        .await;
+
+    // Tasks of 6 s on workers that take long deliveries into custody
+    // after 500 ms: each starts exactly once.
+    config.long_task_ms = 500;
+    let mut cluster = Processes::start_with(config.clone()).await;
+    let started = Instant::now();
+    let long: Vec<_> = (0..4)
+        .map(|i| {
+            cluster
+                .client
+                .submit(counted_sleep, (format!("long-{i}"), 6_000))
+        })
+        .collect();
+    let short = submit_workload(&cluster.client, 5_000_000);
+    for (i, f) in long.iter().enumerate() {
+        let first = f.result_timeout(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(first, 1, "long-{i} started once");
+        assert_eq!(starts(&config, &format!("long-{i}")).await, 1);
+    }
+    println!(
+        "chaos consumer-timeout: faults=0 tasks=4 lost=0 duplicated=0 unresolved=0 max_resolve_s={:.2}",
+        started.elapsed().as_secs_f64()
+    );
+
+    // A worker killed while it holds tasks in custody: once their lease
+    // lapses the scheduler hands them out again, and they complete.
+    let started = Instant::now();
+    let held: Vec<_> = (0..4)
+        .map(|i| {
+            cluster
+                .client
+                .submit(counted_sleep, (format!("held-{i}"), 3_000))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    kill(&mut cluster.workers[0]);
+    cluster.workers[0] = worker(&config);
+    let mut rerun = 0;
+    for (i, f) in held.iter().enumerate() {
+        let first = f.result_timeout(Duration::from_secs(60)).await.unwrap();
+        assert!(first <= 2, "held-{i} started {first} times");
+        rerun += starts(&config, &format!("held-{i}")).await - 1;
+    }
+    assert!(
+        rerun >= 1,
+        "the killed worker held some of the tasks: they ran again"
+    );
+    cluster
+        .finish("custody-kill", 1, short, 5_000_000, started)
+        .await;
+    drop(rabbit);
 }

@@ -12,6 +12,10 @@ pub const DEFAULT_NAMESPACE: &str = "flotilla";
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
 /// How long a silent client keeps its references (30 s).
 pub const DEFAULT_CLIENT_LEASE_MS: u64 = 30_000;
+/// How long a task runs before its worker acknowledges its delivery early
+/// and keeps it by a lease in Redis instead (5 min: well inside RabbitMQ's
+/// default 30-minute consumer timeout).
+pub const DEFAULT_LONG_TASK_MS: u64 = 300_000;
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,12 @@ pub struct Config {
     /// How long a client's references outlive its last sign of life
     /// (milliseconds): a client that reconnects within it keeps them.
     pub client_lease_ms: u64,
+    /// A task running longer than this (milliseconds) is acknowledged to
+    /// the broker and kept in custody by a lease in Redis instead, so that
+    /// RabbitMQ's consumer timeout never closes the worker's channel (which
+    /// would hand the task to another worker while it still runs here).
+    /// Keep it below the broker's `consumer_timeout`.
+    pub long_task_ms: u64,
 }
 
 impl Default for Config {
@@ -54,14 +64,15 @@ impl Default for Config {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             client_lease_ms: DEFAULT_CLIENT_LEASE_MS,
+            long_task_ms: DEFAULT_LONG_TASK_MS,
         }
     }
 }
 
 impl Config {
     /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
-    /// `FLOTILLA_MAX_PAYLOAD` and `FLOTILLA_CLIENT_LEASE_MS`, with the
-    /// defaults for what is unset.
+    /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS` and
+    /// `FLOTILLA_LONG_TASK_MS`, with the defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -91,6 +102,12 @@ impl Config {
                 value: lease.clone(),
             })?;
         }
+        if let Some(long) = set("FLOTILLA_LONG_TASK_MS") {
+            config.long_task_ms = long.trim().parse().map_err(|_| ConfigError::Number {
+                name: "FLOTILLA_LONG_TASK_MS",
+                value: long.clone(),
+            })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -98,6 +115,12 @@ impl Config {
     /// Checks the settings that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_namespace(&self.namespace)
+    }
+
+    /// How long a task in custody (see [`Config::long_task_ms`]) outlives
+    /// its worker's last renewal before the scheduler runs it again.
+    pub fn custody_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.long_task_ms.clamp(1_000, 30_000))
     }
 
     /// The queue and key names of this configuration's namespace.

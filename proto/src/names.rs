@@ -135,6 +135,13 @@ impl Names {
         format!("{}:h:{{{key}}}", self.namespace)
     }
 
+    /// Sorted set of tasks in a worker's custody (acknowledged to the
+    /// broker early because they run long) by lease expiry (milliseconds
+    /// since the epoch).
+    pub fn custody_key(&self) -> String {
+        format!("{}:custody", self.namespace)
+    }
+
     /// Sorted set of clients by lease expiry (milliseconds since the epoch).
     pub fn leases_key(&self) -> String {
         format!("{}:leases", self.namespace)

@@ -222,11 +222,17 @@ pub struct Core {
     orphans: HashMap<String, (Waiters, u64)>,
     /// Keys looked up a second time for orphaned watchers.
     final_lookups: HashSet<String>,
+    /// Keys taken up from stored specs after a restart, with the tick they
+    /// were: their submissions may still arrive (redelivered, queued, or
+    /// re-sent by a reconnected client) after they ran and were forgotten.
+    recovered: HashMap<String, u64>,
     ticks: u64,
 }
 
 /// Ticks (seconds) an orphaned watcher waits for the key's submission.
 const ORPHAN_TICKS: u64 = 3;
+/// Ticks (seconds) a recovered key's late submission is recognised.
+const RECOVERED_TICKS: u64 = 600;
 
 fn cancelled_error(key: &str, task: &str) -> TaskError {
     TaskError::new(
@@ -345,7 +351,11 @@ impl Core {
                 ready
             };
             let specs: Vec<TaskSpec> = batch.iter().filter_map(|k| pending.remove(k)).collect();
+            let keys: Vec<String> = specs.iter().map(|s| s.key.clone()).collect();
             self.submit(specs, comm);
+            let tick = self.ticks;
+            self.recovered
+                .extend(keys.into_iter().map(|key| (key, tick)));
         }
         count
     }
@@ -353,6 +363,18 @@ impl Core {
     /// Records submitted tasks, in submission order.
     pub fn submit(&mut self, specs: Vec<TaskSpec>, comm: &mut impl Comm) {
         for spec in specs {
+            if !self.recovered.is_empty()
+                && self.recovered.remove(&spec.key).is_some()
+                && !self.tasks.contains_key(&spec.key)
+            {
+                // The late submission of a task taken up from its stored
+                // spec, which already ran and was forgotten: running it
+                // again could overwrite its result, or fail on inputs
+                // released since. Its client hears how it ended instead.
+                let client = spec.client;
+                self.watch(&client, std::slice::from_ref(&spec.key), comm);
+                continue;
+            }
             if let Some(existing) = self.tasks.get_mut(&spec.key) {
                 // The same key again (a pure task submitted twice): one run
                 // serves every client that asked.
@@ -837,6 +859,23 @@ impl Core {
         }
     }
 
+    /// Tasks handed out whose worker is known to be gone without
+    /// finishing them (their custody lapsed): they are ready again. Tasks
+    /// that completed meanwhile, or that this scheduler does not know, are
+    /// left alone.
+    pub fn requeue(&mut self, keys: &[String]) {
+        for key in keys {
+            if self
+                .tasks
+                .get(key)
+                .is_some_and(|task| task.state == State::Processing)
+            {
+                self.land(key);
+                self.make_ready(key);
+            }
+        }
+    }
+
     /// A worker left.
     pub fn worker_gone(&mut self, id: &str) {
         if self.workers.remove(id).is_some() {
@@ -847,6 +886,11 @@ impl Core {
     /// Once a second: gives orphaned watchers and dependents their last lookup.
     pub fn tick(&mut self, comm: &mut impl Comm) {
         self.ticks += 1;
+        if !self.recovered.is_empty() {
+            let now = self.ticks;
+            self.recovered
+                .retain(|_, since| now.saturating_sub(*since) < RECOVERED_TICKS);
+        }
         let due: Vec<String> = self
             .orphans
             .iter()
@@ -1162,6 +1206,50 @@ mod tests {
         core.finished("c", None, 0, &mut comm);
         assert!(core.is_empty());
         assert_eq!(core.counts().finished, 3);
+    }
+
+    #[test]
+    fn a_late_submission_of_a_recovered_task_that_already_ran_does_not_run_it_again() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.recover(vec![spec("a", &[]), spec("b", &["a"])], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["a"]);
+        core.finished("a", None, 0, &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["b"]);
+        core.finished("b", None, 0, &mut comm);
+        assert!(core.is_empty());
+        // The submissions that were still queued when the scheduler
+        // restarted arrive now: nothing runs again.
+        core.submit(vec![spec("a", &[]), spec("b", &["a"])], &mut comm);
+        core.dispatch(&mut comm);
+        assert!(comm.sent_keys().is_empty());
+        assert_eq!(comm.lookups, ["a", "b"], "their client hears from Redis");
+        // A later, genuine resubmission of the same key runs.
+        core.submit(vec![spec("a", &[])], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["a"]);
+    }
+
+    #[test]
+    fn a_task_whose_custody_lapsed_is_handed_out_again_once() {
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.submit(vec![spec("long", &[]), spec("after", &["long"])], &mut comm);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["long"]);
+        // Its worker died after acknowledging it: it runs again.
+        core.requeue(&["long".to_string(), "unknown".to_string()]);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["long"]);
+        core.finished("long", None, 0, &mut comm);
+        // A stale lapse of a finished task changes nothing.
+        core.requeue(&["long".to_string()]);
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), ["after"]);
+        core.finished("after", None, 0, &mut comm);
+        assert!(core.is_empty());
     }
 
     #[test]

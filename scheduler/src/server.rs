@@ -58,6 +58,9 @@ enum Input {
     Looked(String, Lookup),
     /// Keys that lost their last holder (after a release the scheduler made).
     Unreferenced(Vec<String>),
+    /// Tasks whose custody lapsed: their worker died after acknowledging
+    /// their delivery early (see [`flotilla_proto::custody`]).
+    CustodyLapsed(Vec<String>),
     Closed(&'static str),
 }
 
@@ -285,11 +288,6 @@ async fn serve(
             let _ = inputs.send(Input::Closed("consumer"));
         });
     }
-    info!(namespace = names.namespace(), "scheduler started");
-    *up = true;
-    if let Some(ready) = ready.take() {
-        let _ = ready.send(());
-    }
 
     let mut scheduler = Scheduler {
         core: Core::new(),
@@ -302,6 +300,7 @@ async fn serve(
         submissions: submissions.clone(),
         events: events.clone(),
         reaper: None,
+        custodian: None,
     };
     // A restarted scheduler takes up every task still pending: clients store
     // each spec in Redis with its submission, workers delete it once done.
@@ -311,6 +310,13 @@ async fn serve(
         let count = scheduler.core.recover(specs, &mut scheduler.out);
         info!(count, "took up pending tasks from a previous scheduler");
         scheduler.flush().await?;
+    }
+    // Up only now: a client that starts submitting once the scheduler is
+    // ready cannot race the recovery above.
+    info!(namespace = scheduler.names.namespace(), "scheduler started");
+    *up = true;
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let shutdown = stop.clone().wait();
@@ -334,6 +340,7 @@ async fn serve(
                     }));
                 }
                 scheduler.reap_clients();
+                scheduler.sweep_custody();
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush().await?;
             }
@@ -445,6 +452,7 @@ struct Scheduler {
     submissions: Channel,
     events: Channel,
     reaper: Option<JoinHandle<()>>,
+    custodian: Option<JoinHandle<()>>,
 }
 
 impl Scheduler {
@@ -475,6 +483,13 @@ impl Scheduler {
             }
             Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),
             Input::Unreferenced(keys) => self.core.forget(&keys, &mut self.out),
+            Input::CustodyLapsed(keys) => {
+                warn!(
+                    tasks = keys.len(),
+                    "the worker holding long tasks in custody is gone; running them again"
+                );
+                self.core.requeue(&keys);
+            }
             Input::Closed(what) => return Err(SchedulerError::Closed(what)),
         }
         Ok(())
@@ -659,6 +674,29 @@ impl Scheduler {
             });
         }
         Ok(())
+    }
+
+    /// Takes back, in the background, tasks whose custody lapsed.
+    fn sweep_custody(&mut self) {
+        if self
+            .custodian
+            .as_ref()
+            .is_some_and(|task| !task.is_finished())
+        {
+            return;
+        }
+        let mut redis = self.redis.clone();
+        let names = self.names.clone();
+        let inputs = self.inputs.clone();
+        self.custodian = Some(tokio::spawn(async move {
+            match flotilla_proto::custody::lapsed(&mut redis, &names).await {
+                Ok(keys) if !keys.is_empty() => {
+                    let _ = inputs.send(Input::CustodyLapsed(keys));
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "checking tasks in custody failed"),
+            }
+        }));
     }
 
     /// Releases what clients whose lease lapsed still held (a client that

@@ -45,6 +45,12 @@ pub struct PrivateRabbit {
 impl PrivateRabbit {
     /// Starts a node and waits until it accepts connections.
     pub fn start() -> PrivateRabbit {
+        Self::start_with("", "[].")
+    }
+
+    /// Starts a node with extra `rabbitmq.conf` lines and an
+    /// `advanced.config` term.
+    pub fn start_with(conf: &str, advanced: &str) -> PrivateRabbit {
         let port = free_port();
         let dist_port = free_port();
         let dir = scratch_dir("rabbit");
@@ -52,9 +58,11 @@ impl PrivateRabbit {
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.default = {port}\nloopback_users = none\n"),
+            format!("listeners.tcp.default = {port}\nloopback_users = none\n{conf}"),
         )
         .expect("config file");
+        std::fs::write(dir.join("advanced.config"), format!("{advanced}\n"))
+            .expect("advanced config");
         // rabbitmq-server drops root privileges to the `rabbitmq` user,
         // which must own the node's files.
         let _ = Command::new("chown")
@@ -70,6 +78,7 @@ impl PrivateRabbit {
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_PID_FILE", dir.join("pid"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -27,7 +27,6 @@ use lapin::Channel;
 use redis::aio::ConnectionManager;
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -247,9 +246,25 @@ struct Shared {
     slots: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
+    /// Keys of the tasks in this worker's custody.
+    custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Shared {
+    fn custody_add(&self, keys: &[String]) {
+        self.custody
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(keys.iter().cloned());
+    }
+
+    fn custody_remove(&self, keys: &[String]) {
+        let mut custody = self.custody.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            custody.remove(key);
+        }
+    }
+
     /// Registers a running task so that it can be cancelled.
     fn running(&self, key: &str, ctx: TaskContext) -> RunningGuard<'_> {
         let entry = Arc::new(Running {
@@ -297,17 +312,123 @@ impl Shared {
     }
 }
 
-/// Acknowledges a delivery once all its tasks are done.
+/// Acknowledges a delivery once all its tasks are done, or earlier, when
+/// it has been held long enough for RabbitMQ's consumer timeout to loom:
+/// its unfinished tasks then go into custody (see
+/// [`flotilla_proto::custody`]).
 struct Bundle {
-    remaining: AtomicUsize,
     delivery: Delivery,
+    state: std::sync::Mutex<BundleState>,
+}
+
+struct BundleState {
+    /// Keys of its tasks not yet complete.
+    pending: std::collections::HashSet<String>,
+    /// Acknowledged early, its unfinished tasks in custody.
+    handed_off: bool,
+    /// Acknowledged or rejected: nothing more to tell the broker.
+    settled: bool,
 }
 
 impl Bundle {
-    async fn one_done(&self) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Err(error) = self.delivery.acker.ack(BasicAckOptions::default()).await {
-                warn!(%error, "could not acknowledge a delivery; it will be redelivered");
+    fn new(delivery: Delivery, keys: impl IntoIterator<Item = String>) -> Bundle {
+        Bundle {
+            delivery,
+            state: std::sync::Mutex::new(BundleState {
+                pending: keys.into_iter().collect(),
+                handed_off: false,
+                settled: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BundleState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn ack(&self) {
+        if let Err(error) = self.delivery.acker.ack(BasicAckOptions::default()).await {
+            warn!(%error, "could not acknowledge a delivery; it will be redelivered");
+        }
+    }
+
+    /// `key` is complete (stored and announced).
+    async fn one_done(&self, key: &str) {
+        let ack = {
+            let mut state = self.lock();
+            state.pending.remove(key);
+            let ack = state.pending.is_empty() && !state.handed_off && !state.settled;
+            state.settled |= ack;
+            ack
+        };
+        if ack {
+            self.ack().await;
+        }
+    }
+
+    /// `key` could not be stored or announced: the delivery goes back to
+    /// the queue (unless it was handed off: custody brings it back then).
+    async fn failed(&self) {
+        let reject = {
+            let mut state = self.lock();
+            let reject = !state.handed_off && !state.settled;
+            state.settled = true;
+            reject
+        };
+        if reject {
+            let _ = self
+                .delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+        }
+    }
+
+    /// Acknowledges the delivery now and puts its unfinished tasks in
+    /// custody, unless it is already settled.
+    async fn hand_off(&self, shared: &Shared) {
+        let keys: Vec<String> = {
+            let mut state = self.lock();
+            if state.handed_off || state.settled || state.pending.is_empty() {
+                return;
+            }
+            state.handed_off = true;
+            state.pending.iter().cloned().collect()
+        };
+        // Registered first, so that a task completing meanwhile also leaves
+        // custody with its result.
+        shared.custody_add(&keys);
+        let lease = shared.config.custody_lease();
+        let mut redis = shared.redis.clone();
+        match flotilla_proto::custody::renew(&mut redis, &shared.names, &keys, lease).await {
+            Ok(()) => {
+                info!(
+                    tasks = keys.len(),
+                    "a long-held delivery is acknowledged; its tasks are kept in custody"
+                );
+                let settle = {
+                    let mut state = self.lock();
+                    let settle = !state.settled;
+                    state.settled = true;
+                    settle
+                };
+                if settle {
+                    self.ack().await;
+                }
+            }
+            Err(error) => {
+                warn!(%error, "could not take tasks into custody; keeping the delivery");
+                shared.custody_remove(&keys);
+                let ack = {
+                    let mut state = self.lock();
+                    state.handed_off = false;
+                    let ack = state.pending.is_empty() && !state.settled;
+                    state.settled |= ack;
+                    ack
+                };
+                if ack {
+                    self.ack().await;
+                }
             }
         }
     }
@@ -442,6 +563,7 @@ async fn serve(
             .into_iter()
             .next()
             .map(|extension| (extension.make)(&config)),
+        custody: Arc::default(),
     });
     let completer = tokio::spawn(complete_loop(
         completion_rx,
@@ -449,7 +571,9 @@ async fn serve(
         publish.clone(),
         names.clone(),
         id.clone(),
+        shared.custody.clone(),
     ));
+    let custodian = tokio::spawn(renew_custody(shared.clone()));
 
     let info = WorkerInfo {
         id: id.clone(),
@@ -543,6 +667,7 @@ async fn serve(
     };
 
     heartbeat.abort();
+    custodian.abort();
     if result.is_err() {
         // The connection is gone, and with it every unacknowledged
         // delivery: the broker hands them to other consumers, so the tasks
@@ -573,6 +698,29 @@ async fn serve(
     let _ = completer.await;
     info!(worker = %id, "worker stopped");
     result
+}
+
+/// Renews the leases of the tasks in this worker's custody, three times
+/// per lease, for as long as the worker is connected.
+async fn renew_custody(shared: Arc<Shared>) {
+    let lease = shared.config.custody_lease();
+    let mut tick = tokio::time::interval(lease / 3);
+    let mut redis = shared.redis.clone();
+    loop {
+        tick.tick().await;
+        let keys: Vec<String> = shared
+            .custody
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        if let Err(error) =
+            flotilla_proto::custody::renew(&mut redis, &shared.names, &keys, lease).await
+        {
+            warn!(%error, tasks = keys.len(), "renewing the custody of long tasks failed");
+        }
+    }
 }
 
 /// This process's resident memory in bytes (0 where `/proc` is missing).
@@ -634,10 +782,25 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             return;
         }
     };
-    let bundle = Arc::new(Bundle {
-        remaining: AtomicUsize::new(tasks.len()),
+    let bundle = Arc::new(Bundle::new(
         delivery,
-    });
+        tasks.iter().map(|task| task.spec.key.clone()),
+    ));
+    {
+        // Held this long (running, or waiting for a slot), the delivery is
+        // acknowledged and its tasks kept in custody instead.
+        // Weak references only: a sleeping timer must keep neither the
+        // delivery nor the worker (whose shutdown waits for it) alive.
+        let bundle = Arc::downgrade(&bundle);
+        let after = Duration::from_millis(shared.config.long_task_ms);
+        let shared = Arc::downgrade(shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let (Some(bundle), Some(shared)) = (bundle.upgrade(), shared.upgrade()) {
+                bundle.hand_off(&shared).await;
+            }
+        });
+    }
     for task in tasks {
         let shared = shared.clone();
         let bundle = bundle.clone();
@@ -849,12 +1012,28 @@ async fn complete_loop(
     publish: Channel,
     names: Names,
     worker: String,
+    custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
         let mut pipe = redis::pipe();
         let mut by_client: HashMap<&str, Vec<Event>> = HashMap::new();
         let mut scripts = 0;
+        // Tasks in custody leave it with their result.
+        let released: Vec<String> = {
+            let custody = custody.lock().unwrap_or_else(|p| p.into_inner());
+            batch
+                .iter()
+                .filter_map(|completion| match completion {
+                    Completion::Done { key, .. } if custody.contains(key) => Some(key.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        if !released.is_empty() {
+            pipe.zrem(names.custody_key(), &released).ignore();
+            scripts += 1;
+        }
         for completion in &batch {
             let (key, client, deps, outcome, retrying) = match completion {
                 Completion::Done {
@@ -976,18 +1155,20 @@ async fn complete_loop(
                 }
             }
         }
+        if stored && !released.is_empty() {
+            let mut custody = custody.lock().unwrap_or_else(|p| p.into_inner());
+            for key in &released {
+                custody.remove(key);
+            }
+        }
         for completion in batch.drain(..) {
-            let Completion::Done { bundle, .. } = completion else {
+            let Completion::Done { bundle, key, .. } = completion else {
                 continue;
             };
             if published {
-                bundle.one_done().await;
-            } else if bundle.remaining.swap(0, Ordering::AcqRel) > 0 {
-                let _ = bundle
-                    .delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await;
+                bundle.one_done(&key).await;
+            } else {
+                bundle.failed().await;
             }
         }
     }
