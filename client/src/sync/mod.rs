@@ -42,6 +42,7 @@
 //! ```
 
 mod event;
+pub(crate) mod held;
 mod lock;
 mod queue;
 mod semaphore;
@@ -111,11 +112,8 @@ const UNBLOCK_RETRY: Duration = Duration::from_millis(10);
 /// First pause before retrying after a lost connection; doubles up to 1 s.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Problems particular to the coordination primitives.
-///
-/// They reach callers inside [`Error::Config`] (their message says what
-/// happened and what to do) until the client's [`Error`] grows a variant
-/// for them.
+/// Problems particular to the coordination primitives; they reach callers
+/// as [`Error::Sync`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SyncError {
@@ -158,7 +156,7 @@ pub enum SyncError {
 
 impl From<SyncError> for Error {
     fn from(error: SyncError) -> Self {
-        Error::Config(error.to_string())
+        Error::Sync(error)
     }
 }
 

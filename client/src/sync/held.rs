@@ -1,0 +1,445 @@
+//! Futures inside the values of a [`Variable`](super::Variable) or the
+//! items of a [`Queue`](super::Queue): a `Future<T>` anywhere in a value
+//! (alone, in a `Vec`, a field of a struct...) keeps its result alive while
+//! the primitive holds the value, and comes out as a live future of the
+//! reader's client.
+//!
+//! A future is serialized as its key, and only while a primitive encodes a
+//! value: the primitive records the keys found, takes its own hold on each
+//! (`var:<name>:<generation>` or `q:<name>:<item>`, see
+//! [`flotilla_proto::refs`]) *before* the value becomes visible, and stores
+//! the value behind a small header naming the holder and the keys. Outside a
+//! primitive, serializing a future is an error: an unheld key in some other
+//! store could be freed at any moment.
+//!
+//! Reading takes the reader's own hold before the primitive can let go:
+//! - a queue item is popped atomically, so only its getter can still drop
+//!   the item's hold; it takes the client's hold first, then drops the item's;
+//! - a variable's value may be replaced at any moment, so the reader takes its
+//!   hold only while the value's own hold is still there (`HOLD_IF_HELD`), and
+//!   reads the variable again when it was replaced in between. There is never
+//!   a moment when neither holds the key.
+//!
+//! Every script touches the keys of one Redis Cluster slot.
+
+use crate::client::ClientInner;
+use crate::future::FutureState;
+use crate::outbox::Op;
+use crate::{Client, Error, Future, Result};
+use flotilla_proto::refs;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The newtype-struct name a future serializes under.
+pub(crate) const FUTURE_TOKEN: &str = "$flotilla::Future";
+/// First byte of a stored value that holds futures. `0xC1` is never used by
+/// MessagePack, so a plain value never starts with it.
+pub(crate) const MARK: u8 = 0xC1;
+
+/// Lua `header(value)`: the header (mark, length, refs) of a stored value
+/// that holds futures, or `false` (for scripts that hand back what they
+/// replaced or deleted, without copying the value itself).
+macro_rules! header_lua {
+    () => {
+        r#"
+local function header(value)
+  if not value or string.byte(value, 1) ~= 193 then return false end
+  local a, b, c, d = string.byte(value, 2, 5)
+  return string.sub(value, 1, 5 + ((a * 256 + b) * 256 + c) * 256 + d)
+end
+"#
+    };
+}
+pub(crate) use header_lua;
+
+thread_local! {
+    /// The futures met while a primitive encodes a value.
+    static COLLECTING: RefCell<Option<Vec<Future<()>>>> = const { RefCell::new(None) };
+    /// The futures a primitive's reader now holds, while it decodes a value.
+    static RESOLVING: RefCell<Option<Resolver>> = const { RefCell::new(None) };
+}
+
+struct Resolver {
+    client: Arc<ClientInner>,
+    states: HashMap<String, Arc<FutureState>>,
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+/// Records a future being serialized into a primitive's value; `Err` with
+/// what to do when no primitive is encoding.
+pub(crate) fn record<T>(future: &Future<T>) -> std::result::Result<(), String> {
+    COLLECTING.with(|collecting| match collecting.borrow_mut().as_mut() {
+        Some(found) => {
+            if !found.iter().any(|f| f.key() == future.key()) {
+                found.push(Future::from_state(
+                    future.state.clone(),
+                    future.client.clone(),
+                ));
+            }
+            Ok(())
+        }
+        None => Err(format!(
+            "future `{}` can only be serialized into a flotilla Variable or Queue, which hold its \
+             result; pass it to a task as an argument, or send `Future::to_ref` and resolve it there",
+            future.key()
+        )),
+    })
+}
+
+/// The live future of `key` for the reader decoding a primitive's value.
+pub(crate) fn resolve<T>(key: &str) -> std::result::Result<Future<T>, String> {
+    RESOLVING.with(|resolving| match resolving.borrow().as_ref() {
+        Some(resolver) => match resolver.states.get(key) {
+            Some(state) => Ok(Future::from_state(state.clone(), resolver.client.clone())),
+            None => Err(format!(
+                "future `{key}` is not among the keys this value holds; was it written by a Variable or Queue?"
+            )),
+        },
+        None => Err(format!(
+            "future `{key}` can only be deserialized from a flotilla Variable or Queue, which hand \
+             over a hold on its result"
+        )),
+    })
+}
+
+/// The runtime of the blocking primitive decoding a value, for
+/// [`crate::blocking::Future`]s.
+pub(crate) fn resolve_runtime() -> Option<Arc<tokio::runtime::Runtime>> {
+    RESOLVING.with(|resolving| {
+        resolving
+            .borrow()
+            .as_ref()
+            .and_then(|resolver| resolver.runtime.clone())
+    })
+}
+
+/// Which keys a stored value refers to, and who holds them for it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Refs {
+    pub(crate) holder: String,
+    pub(crate) keys: Vec<String>,
+}
+
+/// A value encoded for a primitive, with the futures found in it.
+pub(crate) struct Encoded {
+    pub(crate) bytes: Vec<u8>,
+    /// Kept alive until the primitive's hold is taken.
+    pub(crate) futures: Vec<Future<()>>,
+}
+
+impl Encoded {
+    /// Whether the value refers to any future.
+    pub(crate) fn holds(&self) -> bool {
+        !self.futures.is_empty()
+    }
+
+    pub(crate) fn refs(&self, holder: String) -> Refs {
+        Refs {
+            holder,
+            keys: self.futures.iter().map(|f| f.key().to_owned()).collect(),
+        }
+    }
+
+    /// The form stored in Redis: the plain encoding, or (when the value
+    /// holds futures) the mark, the length of the header, the header
+    /// (`refs`) and the encoding.
+    pub(crate) fn stored(&self, refs: Option<&Refs>) -> Vec<u8> {
+        let Some(refs) = refs else {
+            return self.bytes.clone();
+        };
+        let header = rmp_serde::to_vec(refs).expect("refs encode");
+        let mut out = Vec::with_capacity(5 + header.len() + self.bytes.len());
+        out.push(MARK);
+        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+}
+
+/// Encodes a value for a primitive, recording the futures in it.
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    client: &Client,
+    what: &str,
+    value: &T,
+) -> Result<Encoded> {
+    let previous = COLLECTING.with(|c| c.replace(Some(Vec::new())));
+    let bytes = super::encode(client, what, value);
+    let futures = COLLECTING.with(|c| c.replace(previous)).unwrap_or_default();
+    let bytes = bytes?;
+    for future in &futures {
+        let foreign = future.client.names.namespace() != client.names().namespace();
+        if foreign {
+            return Err(Error::Encode {
+                what: what.to_owned(),
+                message: format!(
+                    "future `{}` belongs to namespace `{}`, not `{}`",
+                    future.key(),
+                    future.client.names.namespace(),
+                    client.names().namespace()
+                ),
+            });
+        }
+        if let Some(error) = future.state.never_submitted() {
+            return Err(Error::Encode {
+                what: what.to_owned(),
+                message: format!(
+                    "future `{}` failed before it was submitted: {error}",
+                    future.key()
+                ),
+            });
+        }
+    }
+    Ok(Encoded { bytes, futures })
+}
+
+/// A stored value, split into its header (if it holds futures) and its
+/// encoding.
+pub(crate) fn parse<'a>(what: &str, stored: &'a [u8]) -> Result<(Option<Refs>, &'a [u8])> {
+    if stored.first() != Some(&MARK) {
+        return Ok((None, stored));
+    }
+    let broken = |message: String| Error::Decode {
+        key: what.to_owned(),
+        type_name: "stored value with futures",
+        message,
+    };
+    let length = stored
+        .get(1..5)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| broken("truncated header".into()))?;
+    let header = stored
+        .get(5..5 + length)
+        .ok_or_else(|| broken("truncated header".into()))?;
+    let refs: Refs = rmp_serde::from_slice(header).map_err(|e| broken(e.to_string()))?;
+    Ok((Some(refs), &stored[5 + length..]))
+}
+
+/// Takes each holder's hold on the keys of its value's futures, after
+/// sending what the futures' clients still have queued (their submissions
+/// reach the scheduler before anyone else can learn the keys).
+pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Result<()> {
+    let mut clients: Vec<Client> = Vec::new();
+    for future in values.iter().flat_map(|(encoded, _)| &encoded.futures) {
+        if !clients
+            .iter()
+            .any(|c| Arc::ptr_eq(&c.inner, &future.client))
+        {
+            clients.push(Client {
+                inner: future.client.clone(),
+            });
+        }
+    }
+    for submitter in &clients {
+        submitter.flush().await?;
+    }
+    let mut pipe = redis::pipe();
+    for (_, refs) in values {
+        for key in &refs.keys {
+            refs::add_for(
+                &mut pipe,
+                client.names(),
+                &refs::HOLD,
+                key,
+                &[refs.holder.as_bytes()],
+            );
+        }
+    }
+    refs::run::<()>(&mut client.redis(), &pipe).await?;
+    Ok(())
+}
+
+/// Drops the holds of values that left the primitive; tells the scheduler
+/// about keys nobody holds any more (a task nobody wants is cancelled).
+pub(crate) async fn release_all(client: &Client, values: &[Refs]) -> Result<()> {
+    let mut pipe = redis::pipe();
+    let mut keys = Vec::new();
+    for refs in values {
+        for key in &refs.keys {
+            refs::add_for(
+                &mut pipe,
+                client.names(),
+                &refs::RELEASE,
+                key,
+                &[refs.holder.as_bytes()],
+            );
+            keys.push(key);
+        }
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let freed: Vec<i64> = refs::run(&mut client.redis(), &pipe).await?;
+    let forgotten: Vec<String> = keys
+        .into_iter()
+        .zip(freed)
+        .filter(|(_, freed)| *freed == 1)
+        .map(|(key, _)| key.clone())
+        .collect();
+    if !forgotten.is_empty() {
+        client.inner.send(Op::Forget(forgotten));
+    }
+    Ok(())
+}
+
+/// Drops the holds of a value that left the primitive.
+pub(crate) async fn release(client: &Client, refs: &Refs) -> Result<()> {
+    release_all(client, std::slice::from_ref(refs)).await
+}
+
+/// How a reader takes over a value's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Takeover {
+    /// Hold while the value's holder still does (a variable, which may be
+    /// replaced meanwhile); the value's holder keeps its holds.
+    WhileHeld,
+    /// Hold, then drop the value's holds (a queue item, now only ours).
+    HandOver,
+}
+
+/// The reader's holds on a value's keys: its client's future states.
+pub(crate) struct Adopted {
+    states: HashMap<String, Arc<FutureState>>,
+}
+
+/// Makes the reader's client hold every key of `values` (the headers of
+/// the values read). `None` when, with [`Takeover::WhileHeld`], a value's
+/// holder let go first (read again).
+pub(crate) async fn adopt(
+    client: &Client,
+    values: &[&Refs],
+    takeover: Takeover,
+) -> Result<Option<Adopted>> {
+    let mut states = HashMap::new();
+    let mut fresh = Vec::new();
+    for key in values.iter().flat_map(|refs| &refs.keys) {
+        if states.contains_key(key) {
+            continue;
+        }
+        let (state, new) = client.inner.register(key);
+        if new {
+            fresh.push(key.clone());
+        }
+        states.insert(key.clone(), state);
+    }
+    // A release of an earlier handle of one of the keys may still be queued
+    // (also when another reader of this client registered it just before
+    // us): it must not run after the holds below and undo them.
+    client.flush().await?;
+    let id = client.id().as_bytes();
+    let mut pipe = redis::pipe();
+    for refs in values {
+        for key in &refs.keys {
+            match takeover {
+                Takeover::WhileHeld => refs::add_for(
+                    &mut pipe,
+                    client.names(),
+                    &refs::HOLD_IF_HELD,
+                    key,
+                    &[id, refs.holder.as_bytes()],
+                ),
+                Takeover::HandOver => {
+                    refs::add_for(&mut pipe, client.names(), &refs::HOLD, key, &[id]);
+                    refs::add_for(
+                        &mut pipe,
+                        client.names(),
+                        &refs::RELEASE,
+                        key,
+                        &[refs.holder.as_bytes()],
+                    );
+                }
+            }
+        }
+    }
+    let replies: redis::RedisResult<Vec<i64>> = refs::run(&mut client.redis(), &pipe).await;
+    for key in fresh {
+        // Hear about the task's completion. Also when this reader gives up:
+        // another reader of this client may share the state and not know
+        // that it is new. (The hold this takes again is released with the
+        // state, after it.)
+        client.inner.send(Op::Hold(key));
+    }
+    let replies = replies?;
+    if takeover == Takeover::WhileHeld && replies.contains(&-2) {
+        // Dropping the states releases what was taken.
+        return Ok(None);
+    }
+    Ok(Some(Adopted { states }))
+}
+
+/// Decodes a value read from a primitive; its futures come out as futures of
+/// `client` (held through `adopted`).
+pub(crate) fn decode<T: DeserializeOwned>(
+    client: &Client,
+    what: &str,
+    bytes: &[u8],
+    adopted: Option<Adopted>,
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+) -> Result<T> {
+    let resolver = Resolver {
+        client: client.inner.clone(),
+        states: adopted.map(|a| a.states).unwrap_or_default(),
+        runtime,
+    };
+    let previous = RESOLVING.with(|r| r.replace(Some(resolver)));
+    let value = super::decode(what, bytes);
+    RESOLVING.with(|r| r.replace(previous));
+    value
+}
+
+/// Reads a variable's stored value, taking the reader's holds while the
+/// value's own are still there. `None` when it was replaced meanwhile.
+pub(crate) async fn read_held<T: DeserializeOwned>(
+    client: &Client,
+    what: &str,
+    stored: &[u8],
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+) -> Result<Option<T>> {
+    let (refs, bytes) = parse(what, stored)?;
+    let adopted = match refs {
+        None => None,
+        Some(refs) => match adopt(client, &[&refs], Takeover::WhileHeld).await? {
+            Some(adopted) => Some(adopted),
+            None => return Ok(None),
+        },
+    };
+    decode(client, what, bytes, adopted, runtime).map(Some)
+}
+
+/// Reads items taken off a queue (now only the reader's): takes the
+/// reader's holds, drops the items' own, and decodes them in order.
+pub(crate) async fn read_taken<T: DeserializeOwned>(
+    client: &Client,
+    what: &str,
+    stored: &[Vec<u8>],
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
+) -> Result<Vec<T>> {
+    let parsed = stored
+        .iter()
+        .map(|item| parse(what, item))
+        .collect::<Result<Vec<_>>>()?;
+    let headers: Vec<&Refs> = parsed
+        .iter()
+        .filter_map(|(refs, _)| refs.as_ref())
+        .collect();
+    let states = if headers.is_empty() {
+        HashMap::new()
+    } else {
+        adopt(client, &headers, Takeover::HandOver)
+            .await?
+            .map(|adopted| adopted.states)
+            .unwrap_or_default()
+    };
+    parsed
+        .iter()
+        .map(|(_, bytes)| {
+            let adopted = Adopted {
+                states: states.clone(),
+            };
+            decode(client, what, bytes, Some(adopted), runtime.clone())
+        })
+        .collect()
+}
