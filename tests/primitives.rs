@@ -1319,6 +1319,45 @@ async fn queue_items_hand_futures_and_structures_of_futures_to_exactly_one_gette
     t.stop().await;
 }
 
+/// A `get` cancelled at any point while it takes over an item's futures
+/// loses neither the item nor its results.
+#[tokio::test]
+async fn a_cancelled_get_of_an_item_with_futures_loses_nothing() {
+    let t = TestCluster::start("prim-queue-cancel-futures", 0).await;
+    let queue: Queue<Vec<Future<i64>>> = Queue::new(&t.client, "cancelled");
+    let mut item = Vec::new();
+    for value in [1_i64, 2] {
+        let options = flotilla::ScatterOptions { hash: false };
+        item.push(t.client.scatter_with(&value, options).await.unwrap());
+    }
+    let keys: Vec<String> = item.iter().map(|f| f.key().to_owned()).collect();
+    queue.put(&item).await.unwrap();
+    drop(item);
+    let (mut cancelled, mut received) = (0, 0);
+    for attempt in 0..200_u64 {
+        let delay = Duration::from_micros(attempt * 100);
+        match tokio::time::timeout(delay, queue.get()).await {
+            Ok(item) => {
+                let item = item.unwrap();
+                assert_eq!(t.client.gather(&item).await.unwrap(), [1, 2]);
+                queue.put(&item).await.unwrap();
+                received += 1;
+            }
+            Err(_) => cancelled += 1,
+        }
+    }
+    println!("cancelled gets: {cancelled} of 200 ({received} received)");
+    let item = queue.get_timeout(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(item.iter().map(|f| f.key()).collect::<Vec<_>>(), keys);
+    assert_eq!(t.client.gather(&item).await.unwrap(), [1, 2]);
+    assert_eq!(queue.qsize().await.unwrap(), 0);
+    assert!(queue.try_get().await.unwrap().is_none(), "exactly one item");
+    drop((item, queue));
+    t.client.flush().await.unwrap();
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    t.stop().await;
+}
+
 /// Futures can only be serialized into a primitive, which holds them.
 #[tokio::test]
 async fn a_future_serialized_elsewhere_is_an_error() {

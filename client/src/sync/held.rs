@@ -409,37 +409,119 @@ pub(crate) async fn read_held<T: DeserializeOwned>(
     decode(client, what, bytes, adopted, runtime).map(Some)
 }
 
-/// Reads items taken off a queue (now only the reader's): takes the
-/// reader's holds, drops the items' own, and decodes them in order.
-pub(crate) async fn read_taken<T: DeserializeOwned>(
-    client: &Client,
-    what: &str,
-    stored: &[Vec<u8>],
-    runtime: Option<Arc<tokio::runtime::Runtime>>,
-) -> Result<Vec<T>> {
-    let parsed = stored
-        .iter()
-        .map(|item| parse(what, item))
-        .collect::<Result<Vec<_>>>()?;
-    let headers: Vec<&Refs> = parsed
-        .iter()
-        .filter_map(|(refs, _)| refs.as_ref())
-        .collect();
-    let states = if headers.is_empty() {
-        HashMap::new()
-    } else {
-        adopt(client, &headers, Takeover::HandOver)
-            .await?
-            .map(|adopted| adopted.states)
-            .unwrap_or_default()
-    };
-    parsed
-        .iter()
-        .map(|(_, bytes)| {
-            let adopted = Adopted {
-                states: states.clone(),
-            };
-            decode(client, what, bytes, Some(adopted), runtime.clone())
+/// Where items taken off a queue go back to when their getter is
+/// cancelled before it has them.
+#[derive(Clone)]
+pub(crate) struct GiveBack {
+    /// The queue's list.
+    pub(crate) items: String,
+    /// The queue's marker of items with futures.
+    pub(crate) marker: String,
+}
+
+/// Items taken off a queue, with the getter's holds on their futures.
+pub(crate) struct Taken {
+    pub(crate) items: Vec<Vec<u8>>,
+    headers: Vec<Refs>,
+    adopted: Option<Adopted>,
+}
+
+impl Taken {
+    /// Takes over the futures of items just taken off a queue (now only
+    /// ours): the reader's client holds them, the items no longer do.
+    pub(crate) async fn take_over(
+        client: &Client,
+        what: &str,
+        items: Vec<Vec<u8>>,
+    ) -> Result<Taken> {
+        let headers: Vec<Refs> = items
+            .iter()
+            .filter_map(|item| parse(what, item).map(|(refs, _)| refs).transpose())
+            .collect::<Result<_>>()?;
+        let adopted = if headers.is_empty() {
+            None
+        } else {
+            let refs: Vec<&Refs> = headers.iter().collect();
+            adopt(client, &refs, Takeover::HandOver).await?
+        };
+        Ok(Taken {
+            items,
+            headers,
+            adopted,
         })
-        .collect()
+    }
+
+    /// Puts the items back at the head of their queue, in order, held by
+    /// the queue again (before the reader's holds go with `self`).
+    pub(crate) async fn put_back(self, client: &Client, give_back: &GiveBack) -> Result<()> {
+        if self.items.is_empty() {
+            return Ok(());
+        }
+        let headers: &[Refs] = if self.adopted.is_some() {
+            &self.headers
+        } else {
+            &[]
+        };
+        put_back(client, headers, &self.items, give_back).await
+    }
+
+    /// Decodes the items in order; their futures are the reader's.
+    pub(crate) fn decode<T: DeserializeOwned>(
+        &self,
+        client: &Client,
+        what: &str,
+        runtime: Option<Arc<tokio::runtime::Runtime>>,
+    ) -> Result<Vec<T>> {
+        self.items
+            .iter()
+            .map(|item| {
+                let (_, bytes) = parse(what, item)?;
+                let adopted = self.adopted.as_ref().map(|a| Adopted {
+                    states: a.states.clone(),
+                });
+                decode(client, what, bytes, adopted, runtime.clone())
+            })
+            .collect()
+    }
+}
+
+/// Puts items back at the head of their queue, in order, with their holds.
+async fn put_back(
+    client: &Client,
+    headers: &[Refs],
+    items: &[Vec<u8>],
+    give_back: &GiveBack,
+) -> Result<()> {
+    if !headers.is_empty() {
+        let mut pipe = redis::pipe();
+        for refs in headers {
+            for key in &refs.keys {
+                refs::add_for(
+                    &mut pipe,
+                    client.names(),
+                    &refs::HOLD,
+                    key,
+                    &[refs.holder.as_bytes()],
+                );
+            }
+        }
+        refs::run::<()>(&mut client.redis(), &pipe).await?;
+    }
+    // Apart from the scripts: a pipeline retried after `NOSCRIPT` must not
+    // push the items twice.
+    let mut push = redis::cmd("LPUSH");
+    push.arg(&give_back.items);
+    for item in items.iter().rev() {
+        push.arg(item);
+    }
+    redis::pipe()
+        .cmd("SET")
+        .arg(&give_back.marker)
+        .arg(1)
+        .ignore()
+        .add_command(push)
+        .ignore()
+        .query_async::<()>(&mut client.redis())
+        .await?;
+    Ok(())
 }

@@ -20,7 +20,10 @@
 //! lease is taken over as soon as it lapses.
 //!
 //! Values travel as MessagePack (`rmp-serde`, named fields), so any
-//! `Serialize + DeserializeOwned` type works.
+//! `Serialize + DeserializeOwned` type works — including
+//! [`Future`](crate::Future)s anywhere inside a [`Variable`]'s value or a
+//! [`Queue`]'s item: the primitive holds their results while it holds the
+//! value, and a reader gets futures of its own client.
 //!
 //! Synchronous programs use the [`blocking`] flavours, built from a
 //! [`crate::blocking::Client`].

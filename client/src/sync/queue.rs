@@ -74,8 +74,12 @@
 //! immediate step. So a `get` that is cancelled or loses its connection
 //! while it waits loses nothing: the item is handed out by this handle's
 //! next `get`, or put back at the head of the queue when the handle is
-//! dropped. (Only a process that dies between the two steps takes that one
-//! item with it, as it would have if it had returned.)
+//! dropped. The second step (taking the item, and the hold on its futures)
+//! runs as a task of its own: a `get` cancelled during it has the item put
+//! back at the head of the queue. (Only a process that dies between the two
+//! steps takes that one item with it, as it would have if it had returned;
+//! the results of its futures then stay stored until the namespace is
+//! purged.)
 
 use super::held::{self, header_lua, Encoded, Refs};
 use super::{
@@ -389,14 +393,39 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// Up to `max` items available now.
+    ///
+    /// Taking them (and their futures) runs as a task of its own: if this
+    /// `get` is cancelled meanwhile, the items go back to the head of the
+    /// queue rather than being lost.
     async fn take_now(&self, max: usize) -> Result<Vec<T>> {
-        let raw: Vec<Vec<u8>> = TAKE
-            .key(self.inner.taken())
-            .key(self.inner.items())
-            .arg(max)
-            .invoke_async(&mut self.inner.client.redis())
-            .await?;
-        held::read_taken(&self.inner.client, &self.what(), &raw, self.runtime.clone()).await
+        let client = self.inner.client.clone();
+        let (taken, items) = (self.inner.taken(), self.inner.items());
+        let give_back = held::GiveBack {
+            items: items.clone(),
+            marker: self.inner.held(),
+        };
+        let what = self.what();
+        let (deliver, delivered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let result = async {
+                let raw: Vec<Vec<u8>> = TAKE
+                    .key(taken)
+                    .key(items)
+                    .arg(max)
+                    .invoke_async(&mut client.redis())
+                    .await?;
+                held::Taken::take_over(&client, &what, raw).await
+            }
+            .await;
+            if let Err(Ok(taken)) = deliver.send(result) {
+                let count = taken.items.len();
+                if let Err(error) = taken.put_back(&client, &give_back).await {
+                    tracing::warn!(%error, count, "items of a cancelled queue get are lost");
+                }
+            }
+        });
+        let taken = delivered.await.map_err(|_| crate::Error::Closed)??;
+        taken.decode(&self.inner.client, &self.what(), self.runtime.clone())
     }
 
     /// Up to `max` items, waiting until the deadline for the first; empty
