@@ -32,6 +32,7 @@ use serde::Serialize;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::thread::LocalKey;
 
 /// The newtype-struct name a future serializes under.
 pub(crate) const FUTURE_TOKEN: &str = "$flotilla::Future";
@@ -60,6 +61,37 @@ thread_local! {
     static COLLECTING: RefCell<Option<Vec<Future<()>>>> = const { RefCell::new(None) };
     /// The futures a primitive's reader now holds, while it decodes a value.
     static RESOLVING: RefCell<Option<Resolver>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `value` in the thread-local `key`, putting back what was
+/// there before, also when `f` panics (so that a future can never be
+/// serialized outside a primitive after a panic inside one). Returns what
+/// `f` returned and what it left in `key`.
+fn scoped<V: 'static, R>(
+    key: &'static LocalKey<RefCell<Option<V>>>,
+    value: V,
+    f: impl FnOnce() -> R,
+) -> (R, Option<V>) {
+    struct Restore<V: 'static> {
+        key: &'static LocalKey<RefCell<Option<V>>>,
+        previous: Option<Option<V>>,
+    }
+    impl<V: 'static> Drop for Restore<V> {
+        fn drop(&mut self) {
+            if let Some(previous) = self.previous.take() {
+                let _ = self.key.try_with(|cell| cell.replace(previous));
+            }
+        }
+    }
+    let previous = key.with(|cell| cell.replace(Some(value)));
+    let mut restore = Restore {
+        key,
+        previous: Some(previous),
+    };
+    let result = f();
+    let previous = restore.previous.take().unwrap_or_default();
+    let left = key.with(|cell| cell.replace(previous));
+    (result, left)
 }
 
 struct Resolver {
@@ -166,9 +198,10 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     what: &str,
     value: &T,
 ) -> Result<Encoded> {
-    let previous = COLLECTING.with(|c| c.replace(Some(Vec::new())));
-    let bytes = super::encode(client, what, value);
-    let futures = COLLECTING.with(|c| c.replace(previous)).unwrap_or_default();
+    let (bytes, futures) = scoped(&COLLECTING, Vec::new(), || {
+        super::encode(client, what, value)
+    });
+    let futures = futures.unwrap_or_default();
     let bytes = bytes?;
     for future in &futures {
         let foreign = future.client.names.namespace() != client.names().namespace();
@@ -384,10 +417,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
         states: adopted.map(|a| a.states).unwrap_or_default(),
         runtime,
     };
-    let previous = RESOLVING.with(|r| r.replace(Some(resolver)));
-    let value = super::decode(what, bytes);
-    RESOLVING.with(|r| r.replace(previous));
-    value
+    scoped(&RESOLVING, resolver, || super::decode(what, bytes)).0
 }
 
 /// Reads a variable's stored value, taking the reader's holds while the
@@ -524,4 +554,39 @@ async fn put_back(
         .query_async::<()>(&mut client.redis())
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse, Encoded, Refs, MARK};
+
+    #[test]
+    fn stored_values_split_into_header_and_encoding() {
+        let encoded = Encoded {
+            bytes: rmp_serde::to_vec(&(1, "two")).unwrap(),
+            futures: Vec::new(),
+        };
+        let refs = Refs {
+            holder: "q:jobs:1".into(),
+            keys: vec!["a-1".into(), "b-2".into()],
+        };
+        let stored = encoded.stored(Some(&refs));
+        assert_eq!(stored[0], MARK);
+        let (header, bytes) = parse("test", &stored).unwrap();
+        let header = header.expect("a header");
+        assert_eq!(header.holder, "q:jobs:1");
+        assert_eq!(header.keys, ["a-1", "b-2"]);
+        assert_eq!(bytes, encoded.bytes);
+        // What the scripts hand back is the header alone.
+        let (again, rest) = parse("test", &stored[..stored.len() - bytes.len()]).unwrap();
+        assert_eq!(again.unwrap().keys, header.keys);
+        assert!(rest.is_empty());
+
+        let plain = encoded.stored(None);
+        assert_eq!(plain, encoded.bytes);
+        let (none, bytes) = parse("test", &plain).unwrap();
+        assert!(none.is_none());
+        assert_eq!(bytes, plain);
+        assert!(parse("test", &stored[..3]).is_err(), "a truncated header");
+    }
 }
