@@ -1333,9 +1333,15 @@ async fn a_cancelled_get_of_an_item_with_futures_loses_nothing() {
     let keys: Vec<String> = item.iter().map(|f| f.key().to_owned()).collect();
     queue.put(&item).await.unwrap();
     drop(item);
+    // Cancel at points spread over the time an uncancelled get takes.
+    let started = Instant::now();
+    let item = queue.get().await.unwrap();
+    let typical = started.elapsed();
+    queue.put(&item).await.unwrap();
+    drop(item);
     let (mut cancelled, mut received) = (0, 0);
-    for attempt in 0..200_u64 {
-        let delay = Duration::from_micros(attempt * 100);
+    for attempt in 0..200_u32 {
+        let delay = typical * attempt / 150;
         match tokio::time::timeout(delay, queue.get()).await {
             Ok(item) => {
                 let item = item.unwrap();
@@ -1346,7 +1352,7 @@ async fn a_cancelled_get_of_an_item_with_futures_loses_nothing() {
             Err(_) => cancelled += 1,
         }
     }
-    println!("cancelled gets: {cancelled} of 200 ({received} received)");
+    println!("cancelled gets: {cancelled} of 200 ({received} received; a get takes {typical:?})");
     let item = queue.get_timeout(Duration::from_secs(5)).await.unwrap();
     assert_eq!(item.iter().map(|f| f.key()).collect::<Vec<_>>(), keys);
     assert_eq!(t.client.gather(&item).await.unwrap(), [1, 2]);
