@@ -281,13 +281,18 @@ pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Resul
             );
         }
     }
-    refs::run::<()>(&mut client.redis(), &pipe).await?;
+    if let Err(error) = refs::run::<()>(&mut client.redis(), &pipe).await {
+        // Best effort: drop what was taken before the failure.
+        let taken: Vec<&Refs> = values.iter().map(|(_, refs)| *refs).collect();
+        let _ = release_all(client, &taken).await;
+        return Err(error.into());
+    }
     Ok(())
 }
 
 /// Drops the holds of values that left the primitive; tells the scheduler
 /// about keys nobody holds any more (a task nobody wants is cancelled).
-pub(crate) async fn release_all(client: &Client, values: &[Refs]) -> Result<()> {
+pub(crate) async fn release_all(client: &Client, values: &[&Refs]) -> Result<()> {
     let mut pipe = redis::pipe();
     let mut keys = Vec::new();
     for refs in values {
@@ -320,7 +325,7 @@ pub(crate) async fn release_all(client: &Client, values: &[Refs]) -> Result<()> 
 
 /// Drops the holds of a value that left the primitive.
 pub(crate) async fn release(client: &Client, refs: &Refs) -> Result<()> {
-    release_all(client, std::slice::from_ref(refs)).await
+    release_all(client, &[refs]).await
 }
 
 /// How a reader takes over a value's keys.

@@ -315,7 +315,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             let pushed: redis::RedisResult<()> =
                 pipe.query_async(&mut self.inner.client.redis()).await;
             if let Err(error) = pushed {
-                let headers: Vec<Refs> = headers.into_iter().flatten().collect();
+                let headers: Vec<&Refs> = headers.iter().flatten().collect();
                 let _ = held::release_all(&self.inner.client, &headers).await;
                 return Err(error.into());
             }
@@ -388,6 +388,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             .iter()
             .filter_map(|h| held::parse(&what, h).ok().and_then(|(refs, _)| refs))
             .collect();
+        let headers: Vec<&Refs> = headers.iter().collect();
         held::release_all(&self.inner.client, &headers).await?;
         Ok(count)
     }
