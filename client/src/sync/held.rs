@@ -20,7 +20,14 @@
 //!   reads the variable again when it was replaced in between. There is never
 //!   a moment when neither holds the key.
 //!
-//! Every script touches the keys of one Redis Cluster slot.
+//! Every script touches the keys of one Redis Cluster slot: reading a
+//! variable and holding its keys in one script would span the variable's
+//! slot and each key's, which Redis Cluster refuses; the conditional hold
+//! gives the same guarantee one slot at a time.
+//!
+//! Before taking holds, the reader sends what its client still has queued:
+//! a release of an earlier handle of the same key, still on its way, must
+//! not undo the new hold.
 
 use crate::client::ClientInner;
 use crate::future::FutureState;
