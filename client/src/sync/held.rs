@@ -155,6 +155,19 @@ pub(crate) fn resolve_runtime() -> Option<Arc<tokio::runtime::Runtime>> {
     })
 }
 
+/// Runs `work` as a task of its own and waits for it: cancelling the wait
+/// does not cancel the work, so a step that takes holds always ends with
+/// them stored where they belong (or released).
+pub(crate) async fn detached<R: Send + 'static>(
+    work: impl std::future::Future<Output = Result<R>> + Send + 'static,
+) -> Result<R> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(Error::Closed),
+    }
+}
+
 /// Which keys a stored value refers to, and who holds them for it.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Refs {

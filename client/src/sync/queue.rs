@@ -269,56 +269,23 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     /// Appends items in order, many per round trip.
+    ///
+    /// Once a chunk of items is encoded, it is stored by a task of its own:
+    /// a `put` that is cancelled never leaves a hold behind.
     pub async fn put_all<'a>(&self, items: impl IntoIterator<Item = &'a T>) -> Result<()>
     where
         T: 'a,
     {
         let what = self.what();
-        let mut encoded: Vec<Encoded> = Vec::with_capacity(PUT_CHUNK);
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
-            encoded.clear();
+            let mut encoded: Vec<Encoded> = Vec::with_capacity(PUT_CHUNK);
             for item in items.by_ref().take(PUT_CHUNK) {
                 encoded.push(held::encode(&self.inner.client, &what, item)?);
             }
-            let headers: Vec<Option<Refs>> = encoded
-                .iter()
-                .map(|e| {
-                    e.holds().then(|| {
-                        e.refs(refs::queue_holder(
-                            &self.inner.name,
-                            &flotilla_proto::new_id(),
-                        ))
-                    })
-                })
-                .collect();
-            let held: Vec<(&Encoded, &Refs)> = encoded
-                .iter()
-                .zip(&headers)
-                .filter_map(|(e, h)| h.as_ref().map(|h| (e, h)))
-                .collect();
-            let mut pipe = redis::pipe();
-            if !held.is_empty() {
-                held::hold(&self.inner.client, &held).await?;
-                // Before the items, so that a `delete` that sees them sees it.
-                pipe.cmd("SET").arg(self.inner.held()).arg(1).ignore();
-            }
-            let stored: Vec<Vec<u8>> = encoded
-                .iter()
-                .zip(&headers)
-                .map(|(e, h)| e.stored(h.as_ref()))
-                .collect();
-            pipe.cmd("RPUSH")
-                .arg(self.inner.items())
-                .arg(&stored)
-                .ignore();
-            let pushed: redis::RedisResult<()> =
-                pipe.query_async(&mut self.inner.client.redis()).await;
-            if let Err(error) = pushed {
-                let headers: Vec<&Refs> = headers.iter().flatten().collect();
-                let _ = held::release_all(&self.inner.client, &headers).await;
-                return Err(error.into());
-            }
+            let (client, name) = (self.inner.client.clone(), self.inner.name.clone());
+            let (list, marker) = (self.inner.items(), self.inner.held());
+            held::detached(push(client, name, list, marker, encoded)).await?;
         }
         Ok(())
     }
@@ -376,21 +343,26 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// Deletes the queue and every item in it (releasing the futures they
     /// held); returns how many items there were.
     pub async fn delete(&self) -> Result<usize> {
-        let (count, headers): (usize, Vec<Vec<u8>>) = DELETE
-            .key(self.inner.items())
-            .key(self.inner.takers())
-            .key(self.inner.held())
-            .arg(self.inner.keys.part("taken:"))
-            .invoke_async(&mut self.inner.client.redis())
-            .await?;
-        let what = self.what();
-        let headers: Vec<Refs> = headers
-            .iter()
-            .filter_map(|h| held::parse(&what, h).ok().and_then(|(refs, _)| refs))
-            .collect();
-        let headers: Vec<&Refs> = headers.iter().collect();
-        held::release_all(&self.inner.client, &headers).await?;
-        Ok(count)
+        let (client, what) = (self.inner.client.clone(), self.what());
+        let (items, takers, marker) = (self.inner.items(), self.inner.takers(), self.inner.held());
+        let taken_prefix = self.inner.keys.part("taken:");
+        held::detached(async move {
+            let (count, headers): (usize, Vec<Vec<u8>>) = DELETE
+                .key(items)
+                .key(takers)
+                .key(marker)
+                .arg(taken_prefix)
+                .invoke_async(&mut client.redis())
+                .await?;
+            let headers: Vec<Refs> = headers
+                .iter()
+                .filter_map(|h| held::parse(&what, h).ok().and_then(|(refs, _)| refs))
+                .collect();
+            let headers: Vec<&Refs> = headers.iter().collect();
+            held::release_all(&client, &headers).await?;
+            Ok(count)
+        })
+        .await
     }
 
     /// Up to `max` items available now.
@@ -503,6 +475,48 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         let _ = self.inner.taker.set(tokio::runtime::Handle::current());
         Ok(())
     }
+}
+
+/// Appends encoded items to the list of queue `name`, each item with
+/// futures held by a holder of its own.
+async fn push(
+    client: Client,
+    name: String,
+    list: String,
+    marker: String,
+    encoded: Vec<Encoded>,
+) -> Result<()> {
+    let headers: Vec<Option<Refs>> = encoded
+        .iter()
+        .map(|e| {
+            e.holds()
+                .then(|| e.refs(refs::queue_holder(&name, &flotilla_proto::new_id())))
+        })
+        .collect();
+    let held: Vec<(&Encoded, &Refs)> = encoded
+        .iter()
+        .zip(&headers)
+        .filter_map(|(e, h)| h.as_ref().map(|h| (e, h)))
+        .collect();
+    let mut pipe = redis::pipe();
+    if !held.is_empty() {
+        held::hold(&client, &held).await?;
+        // Before the items, so that a `delete` that sees them sees it.
+        pipe.cmd("SET").arg(&marker).arg(1).ignore();
+    }
+    let stored: Vec<Vec<u8>> = encoded
+        .iter()
+        .zip(&headers)
+        .map(|(e, h)| e.stored(h.as_ref()))
+        .collect();
+    pipe.cmd("RPUSH").arg(&list).arg(&stored).ignore();
+    let pushed: redis::RedisResult<()> = pipe.query_async(&mut client.redis()).await;
+    if let Err(error) = pushed {
+        let headers: Vec<&Refs> = headers.iter().flatten().collect();
+        let _ = held::release_all(&client, &headers).await;
+        return Err(error.into());
+    }
+    Ok(())
 }
 
 pub(crate) mod blocking {

@@ -161,32 +161,14 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
     /// Replaces the value and wakes every waiting `get`. Futures in the
     /// value are held by the variable from now on; those of the value it
     /// replaces are released.
+    ///
+    /// Once encoded, the value is stored by a task of its own: a `set` that
+    /// is cancelled still completes (or fails) whole, and never leaves a
+    /// hold behind.
     pub async fn set(&self, value: &T) -> Result<()> {
         let encoded = held::encode(&self.client, &self.what(), value)?;
-        let header = if encoded.holds() {
-            let holder = refs::variable_holder(&self.name, &flotilla_proto::new_id());
-            let header = encoded.refs(holder);
-            held::hold(&self.client, &[(&encoded, &header)]).await?;
-            Some(header)
-        } else {
-            None
-        };
-        let replaced: redis::RedisResult<Option<Vec<u8>>> = SWAP
-            .key(self.value_key())
-            .key(self.keys.waiters())
-            .arg(encoded.stored(header.as_ref()))
-            .arg(self.keys.wake_prefix())
-            .invoke_async(&mut self.client.redis())
-            .await;
-        match replaced {
-            Ok(old) => self.release(old).await,
-            Err(error) => {
-                if let Some(header) = &header {
-                    let _ = held::release(&self.client, header).await;
-                }
-                Err(error.into())
-            }
-        }
+        let (client, keys, name) = (self.client.clone(), self.keys.clone(), self.name.clone());
+        held::detached(swap(client, keys, name, encoded)).await
     }
 
     /// The value, waiting for as long as it takes until the variable is set.
@@ -225,11 +207,15 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
     /// Removes the value (releasing the futures it held); `get` waits again
     /// until the next `set`.
     pub async fn delete(&self) -> Result<()> {
-        let old: Option<Vec<u8>> = DELETE
-            .key(self.value_key())
-            .invoke_async(&mut self.client.redis())
-            .await?;
-        self.release(old).await
+        let (client, keys, name) = (self.client.clone(), self.keys.clone(), self.name.clone());
+        held::detached(async move {
+            let old: Option<Vec<u8>> = DELETE
+                .key(keys.part("value"))
+                .invoke_async(&mut client.redis())
+                .await?;
+            release(&client, &name, old).await
+        })
+        .await
     }
 
     async fn wait(&self, deadline: Option<Instant>) -> Result<Option<T>> {
@@ -249,18 +235,46 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
     async fn read(&self, bytes: &[u8]) -> Result<Option<T>> {
         held::read_held(&self.client, &self.what(), bytes, self.runtime.clone()).await
     }
+}
 
-    /// Releases the futures of a value that left the variable (`old` is its
-    /// header, when it held any).
-    async fn release(&self, old: Option<Vec<u8>>) -> Result<()> {
-        let Some(old) = old else {
-            return Ok(());
-        };
-        if let (Some(header), _) = held::parse(&self.what(), &old)? {
-            held::release(&self.client, &header).await?;
+/// Stores `encoded` as the value of variable `name`, held by a holder of its
+/// own, and releases the value it replaces.
+async fn swap(client: Client, keys: Keys, name: String, encoded: held::Encoded) -> Result<()> {
+    let header = if encoded.holds() {
+        let header = encoded.refs(refs::variable_holder(&name, &flotilla_proto::new_id()));
+        held::hold(&client, &[(&encoded, &header)]).await?;
+        Some(header)
+    } else {
+        None
+    };
+    let replaced: redis::RedisResult<Option<Vec<u8>>> = SWAP
+        .key(keys.part("value"))
+        .key(keys.waiters())
+        .arg(encoded.stored(header.as_ref()))
+        .arg(keys.wake_prefix())
+        .invoke_async(&mut client.redis())
+        .await;
+    match replaced {
+        Ok(old) => release(&client, &name, old).await,
+        Err(error) => {
+            if let Some(header) = &header {
+                let _ = held::release(&client, header).await;
+            }
+            Err(error.into())
         }
-        Ok(())
     }
+}
+
+/// Releases the futures of a value that left variable `name` (`old` is its
+/// header, when it held any).
+async fn release(client: &Client, name: &str, old: Option<Vec<u8>>) -> Result<()> {
+    let Some(old) = old else {
+        return Ok(());
+    };
+    if let (Some(header), _) = held::parse(&format!("variable `{name}`"), &old)? {
+        held::release(client, &header).await?;
+    }
+    Ok(())
 }
 
 pub(crate) mod blocking {
