@@ -213,3 +213,20 @@ pub async fn slow_square(x: i64, millis: u64) -> i64 {
 pub fn sum(xs: Vec<i64>) -> i64 {
     xs.iter().sum()
 }
+
+/// Submits `slow_square(i)` for `i` in `from..from + n` and puts each
+/// future on the queue `queue`; returns their keys. The task's own handles
+/// go when it ends: the queue holds the results from then on.
+#[flotilla::task]
+pub async fn put_squares(
+    ctx: TaskContext,
+    queue: String,
+    from: i64,
+    n: i64,
+) -> flotilla::Result<Vec<String>> {
+    let client = ctx.client().await?;
+    let queue: Queue<Future<i64>> = Queue::new(&client, &queue);
+    let futures = client.map(slow_square, (from..from + n).map(|i| (i, 10_u64)));
+    queue.put_all(&futures).await?;
+    Ok(futures.iter().map(|f| f.key().to_owned()).collect())
+}

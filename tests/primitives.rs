@@ -11,7 +11,7 @@ use common::{count_keys, fresh_config, target_binary, wait_until_freed, TestClus
 use flotilla::prelude::*;
 use flotilla::sync::SyncError;
 use flotilla_examples::coordination::{
-    await_variable, slow_square, sum, take_batches, take_futures, FutureBatch,
+    await_variable, put_squares, slow_square, sum, take_batches, take_futures, FutureBatch,
 };
 use flotilla_examples::coordination::{
     consumer, critical_section, drain, locked_increments, producer, reader, setter,
@@ -1291,6 +1291,25 @@ async fn queue_items_hand_futures_and_structures_of_futures_to_exactly_one_gette
         assert_eq!(parts, &expected);
         assert_eq!(*total, expected.iter().sum::<i64>());
     }
+
+    // Put by a task (whose handles are gone once it ended), got by a client.
+    let produced = a.submit(put_squares, ("futures", 50_i64, 5_i64));
+    let produced_keys = produced
+        .result_timeout(Duration::from_secs(30))
+        .await
+        .unwrap();
+    drop(produced);
+    let from_task: Queue<Future<i64>> = Queue::new(&other, "futures");
+    let got = from_task.get_batch(5).await.unwrap();
+    assert_eq!(
+        got.iter().map(|f| f.key().to_owned()).collect::<Vec<_>>(),
+        produced_keys
+    );
+    assert_eq!(
+        other.gather(&got).await.unwrap(),
+        (50..55_i64).map(|i| i * i).collect::<Vec<_>>()
+    );
+    drop(got);
 
     // Deleting a queue releases what it still holds.
     let left = a.map(slow_square, (100..103_i64).map(|i| (i, 0_u64)));
