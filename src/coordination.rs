@@ -145,3 +145,88 @@ pub async fn setter(ctx: TaskContext, event: String, millis: u64) -> flotilla::R
 pub async fn reader(ctx: TaskContext, var: String) -> flotilla::Result<i64> {
     Variable::new(&ctx.client().await?, &var).get().await
 }
+
+/// A queue item that carries several futures at once (Dask allows a single
+/// future per item).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct FutureBatch {
+    /// Tells batches apart.
+    pub id: u64,
+    /// Futures of the batch's parts.
+    pub parts: Vec<Future<i64>>,
+    /// A future of their total.
+    pub total: Future<i64>,
+}
+
+/// Takes `n` futures off the queue `queue` and returns their values, as
+/// `(key, value)`: the futures arrive as futures of the task's own client.
+#[flotilla::task]
+pub async fn take_futures(
+    ctx: TaskContext,
+    queue: String,
+    n: usize,
+) -> flotilla::Result<Vec<(String, i64)>> {
+    let queue: Queue<Future<i64>> = Queue::new(&ctx.client().await?, &queue);
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        let future = queue.get().await?;
+        values.push((future.key().to_owned(), future.await?));
+    }
+    Ok(values)
+}
+
+/// Takes `n` [`FutureBatch`]es off the queue `queue`; returns each batch's
+/// id, its parts' values and its total.
+#[flotilla::task]
+pub async fn take_batches(
+    ctx: TaskContext,
+    queue: String,
+    n: usize,
+) -> flotilla::Result<Vec<(u64, Vec<i64>, i64)>> {
+    let client = ctx.client().await?;
+    let queue: Queue<FutureBatch> = Queue::new(&client, &queue);
+    let mut batches = Vec::with_capacity(n);
+    for _ in 0..n {
+        let batch = queue.get().await?;
+        let parts = client.gather(&batch.parts).await?;
+        batches.push((batch.id, parts, batch.total.await?));
+    }
+    Ok(batches)
+}
+
+/// Awaits the future held by the variable `var` (a `Variable<Future<i64>>`).
+#[flotilla::task]
+pub async fn await_variable(ctx: TaskContext, var: String) -> flotilla::Result<i64> {
+    let var: Variable<Future<i64>> = Variable::new(&ctx.client().await?, &var);
+    var.get().await?.await
+}
+
+/// `x * x`, after `millis` milliseconds.
+#[flotilla::task]
+pub async fn slow_square(x: i64, millis: u64) -> i64 {
+    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+    x * x
+}
+
+/// The sum of `xs`.
+#[flotilla::task]
+pub fn sum(xs: Vec<i64>) -> i64 {
+    xs.iter().sum()
+}
+
+/// Submits `slow_square(i)` for `i` in `from..from + n` and puts each
+/// future on the queue `queue`; returns their keys. The task's own handles
+/// go when it ends: the queue holds the results from then on.
+#[flotilla::task]
+pub async fn put_squares(
+    ctx: TaskContext,
+    queue: String,
+    from: i64,
+    n: i64,
+) -> flotilla::Result<Vec<String>> {
+    let client = ctx.client().await?;
+    let queue: Queue<Future<i64>> = Queue::new(&client, &queue);
+    let futures = client.map(slow_square, (from..from + n).map(|i| (i, 10_u64)));
+    queue.put_all(&futures).await?;
+    Ok(futures.iter().map(|f| f.key().to_owned()).collect())
+}

@@ -2,13 +2,17 @@
 //! `Semaphore`) against the real Redis, with tasks on real (in-process)
 //! workers and helper processes: the seed's examples, mutual exclusion
 //! under contention, a lock holder killed with SIGKILL, a queue of 10,000
-//! items across processes, and prompt timeouts.
+//! items across processes, prompt timeouts, and futures held by variables
+//! and queues.
 
 mod common;
 
-use common::{fresh_config, target_binary, TestCluster};
+use common::{count_keys, fresh_config, target_binary, wait_until_freed, TestCluster};
 use flotilla::prelude::*;
 use flotilla::sync::SyncError;
+use flotilla_examples::coordination::{
+    await_variable, put_squares, slow_square, sum, take_batches, take_futures, FutureBatch,
+};
 use flotilla_examples::coordination::{
     consumer, critical_section, drain, locked_increments, producer, reader, setter,
     unlocked_increments, waiter,
@@ -44,7 +48,7 @@ fn is_timeout(result: &Result<impl std::fmt::Debug, Error>) -> bool {
 }
 
 fn is_sync_error(result: &Result<impl std::fmt::Debug, Error>, expected: &SyncError) -> bool {
-    matches!(result, Err(Error::Config(message)) if *message == expected.to_string())
+    matches!(result, Err(Error::Sync(error)) if error == expected)
 }
 
 // ---------------------------------------------------------------- seed
@@ -1000,4 +1004,441 @@ fn blocking_flavours_work_from_plain_threads() {
 
     drop((var, queue, lock, other, event, semaphore, client));
     runtime.block_on(cluster.shutdown()).unwrap();
+}
+
+// ---------------------------------------------------------------- futures held by primitives
+
+/// Who holds `key` in the namespace (its holders set).
+async fn holders_of(config: &flotilla::Config, key: &str) -> BTreeSet<String> {
+    let names = flotilla_proto::Names::new(&config.namespace);
+    redis::cmd("SMEMBERS")
+        .arg(names.holders_key(key))
+        .query_async(&mut redis_connection(config).await)
+        .await
+        .unwrap()
+}
+
+/// Whether `key`'s result is stored.
+async fn is_stored(config: &flotilla::Config, key: &str) -> bool {
+    let names = flotilla_proto::Names::new(&config.namespace);
+    redis::cmd("EXISTS")
+        .arg(names.result_key(key))
+        .query_async(&mut redis_connection(config).await)
+        .await
+        .unwrap()
+}
+
+async fn redis_connection(config: &flotilla::Config) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Waits until `key`'s result is stored.
+async fn until_stored(config: &flotilla::Config, key: &str) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !is_stored(config, key).await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("`{key}` is stored"));
+}
+
+#[tokio::test]
+async fn a_future_in_a_variable_outlives_its_setter_and_is_freed_after_delete() {
+    flotilla_examples::link();
+    let t = TestCluster::start("prim-var-future", 1).await;
+    let shared: Variable<Future<i64>> = Variable::new(&t.client, "latest");
+    let future = t
+        .client
+        .submit_with(slow_square, (7, 300_u64))
+        .pure(false)
+        .submit();
+    let key = future.key().to_owned();
+    shared.set(&future).await.unwrap();
+    drop(future);
+    t.client.flush().await.unwrap();
+
+    // The variable alone holds it: the task still runs, its result is kept.
+    let held = holders_of(&t.config, &key).await;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        held.iter().all(|h| h.starts_with("var:latest:")),
+        "{held:?}"
+    );
+    until_stored(&t.config, &key).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(is_stored(&t.config, &key).await);
+
+    // Another client gets a live future of its own.
+    let other = Client::connect(t.config.clone()).await.unwrap();
+    let theirs: Variable<Future<i64>> = Variable::new(&other, "latest");
+    let got = theirs.get_timeout(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.key(), key);
+    assert!(holders_of(&t.config, &key).await.contains(other.id()));
+    assert_eq!(
+        got.result_timeout(Duration::from_secs(10)).await.unwrap(),
+        49
+    );
+    // ...passable to a task, like any future.
+    let doubled = other.submit(sum, (vec![&got, &got],));
+    assert_eq!(
+        doubled
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        98
+    );
+    // And a task reads it with its own client.
+    let in_task = t.client.submit(await_variable, ("latest",));
+    assert_eq!(
+        in_task
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        49
+    );
+    drop((got, doubled, in_task));
+    other.flush().await.unwrap();
+    t.client.flush().await.unwrap();
+    // The readers' holds go (the task's client releases in the background);
+    // the variable's stays.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while holders_of(&t.config, &key).await.len() > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("only the variable holds the result");
+    assert!(holders_of(&t.config, &key)
+        .await
+        .iter()
+        .all(|h| h.starts_with("var:latest:")));
+    assert!(
+        is_stored(&t.config, &key).await,
+        "the variable still holds it"
+    );
+
+    let deleted = Instant::now();
+    shared.delete().await.unwrap();
+    let freed = deleted.elapsed();
+    assert!(
+        !is_stored(&t.config, &key).await,
+        "deleting frees the result"
+    );
+    assert!(holders_of(&t.config, &key).await.is_empty());
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    println!(
+        "variable delete -> result freed: {freed:?} (every key of the namespace: {:?})",
+        deleted.elapsed()
+    );
+    drop(other);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn replacing_a_variables_future_releases_the_old_one_only_after_readers_hold_it() {
+    let t = TestCluster::start("prim-var-race", 0).await;
+    const ROUNDS: i64 = 300;
+    let shared: Variable<Future<i64>> = Variable::new(&t.client, "race");
+    let first = t
+        .client
+        .scatter_with(&-1_i64, flotilla::ScatterOptions { hash: false })
+        .await
+        .unwrap();
+    shared.set(&first).await.unwrap();
+    drop(first);
+    let other = Client::connect(t.config.clone()).await.unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut getters = Vec::new();
+    for _ in 0..3 {
+        let theirs: Variable<Future<i64>> = Variable::new(&other, "race");
+        let done = done.clone();
+        getters.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let future = theirs.get().await.unwrap();
+                // Never lost: the reader held it before the variable let go.
+                let value = future.result_timeout(Duration::from_secs(10)).await;
+                seen.push(value.unwrap_or_else(|e| panic!("{}: {e}", future.key())));
+            }
+            seen
+        }));
+    }
+    let client = t.client.clone();
+    let sets = tokio::spawn(async move {
+        for i in 0..ROUNDS {
+            let future = client
+                .scatter_with(&i, flotilla::ScatterOptions { hash: false })
+                .await
+                .unwrap();
+            shared.set(&future).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        shared
+    });
+    let shared = sets.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for getter in getters {
+        seen.extend(getter.await.unwrap());
+    }
+    let distinct: BTreeSet<i64> = seen.iter().copied().collect();
+    println!(
+        "variable race: {} gets during {ROUNDS} sets, {} distinct values",
+        seen.len(),
+        distinct.len()
+    );
+    assert!(seen.iter().all(|v| (-1..ROUNDS).contains(v)), "{seen:?}");
+    assert!(
+        distinct.len() > 1,
+        "the gets overlapped the sets: {distinct:?}"
+    );
+    // Every replaced value was released: only the current one is stored.
+    other.flush().await.unwrap();
+    t.client.flush().await.unwrap();
+    assert_eq!(count_keys(&t.config, "r").await, 1);
+    assert_eq!(
+        shared.get().await.unwrap().result().await.unwrap(),
+        ROUNDS - 1
+    );
+    shared.delete().await.unwrap();
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    drop(other);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn queue_items_hand_futures_and_structures_of_futures_to_exactly_one_getter() {
+    flotilla_examples::link();
+    let t = TestCluster::start("prim-queue-futures", 2).await;
+    let a = &t.client;
+
+    // One future per item, taken by two consumer tasks.
+    let queue: Queue<Future<i64>> = Queue::new(a, "futures");
+    let futures = a.map(slow_square, (0..20_i64).map(|i| (i, 20_u64)));
+    let keys: BTreeSet<String> = futures.iter().map(|f| f.key().to_owned()).collect();
+    queue.put_all(&futures).await.unwrap();
+    drop(futures);
+    a.flush().await.unwrap();
+    for key in &keys {
+        let held = holders_of(&t.config, key).await;
+        assert!(
+            held.len() == 1 && held.iter().all(|h| h.starts_with("q:futures:")),
+            "{key}: {held:?}"
+        );
+    }
+    let consumers: Vec<_> = (0..2)
+        .map(|_| {
+            a.submit_with(take_futures, ("futures", 10_usize))
+                .pure(false)
+                .submit()
+        })
+        .collect();
+    let taken: Vec<(String, i64)> = a.gather(&consumers).await.unwrap().concat();
+    drop(consumers);
+    let taken_keys: BTreeSet<String> = taken.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(taken.len(), 20);
+    assert_eq!(taken_keys, keys, "each future received exactly once");
+    let mut values: Vec<i64> = taken.iter().map(|(_, v)| *v).collect();
+    values.sort();
+    assert_eq!(values, (0..20_i64).map(|i| i * i).collect::<Vec<_>>());
+    assert_eq!(queue.qsize().await.unwrap(), 0);
+
+    // Several futures per item, in a struct: to another client and a task.
+    let other = Client::connect(t.config.clone()).await.unwrap();
+    let batches: Queue<FutureBatch> = Queue::new(a, "batches");
+    for id in 0..6_u64 {
+        let parts = a.map(slow_square, (0..3).map(|j| (id as i64 * 10 + j, 10_u64)));
+        let total = a.submit(sum, (parts.clone(),));
+        batches
+            .put(&FutureBatch { id, parts, total })
+            .await
+            .unwrap();
+    }
+    let remote = a.submit(take_batches, ("batches", 3_usize));
+    let mine: Queue<FutureBatch> = Queue::new(&other, "batches");
+    let mut received: Vec<(u64, Vec<i64>, i64)> = Vec::new();
+    for _ in 0..3 {
+        let batch = mine.get_timeout(Duration::from_secs(30)).await.unwrap();
+        // Handed over: the getter holds every future, the queue none.
+        for part in batch.parts.iter().chain([&batch.total]) {
+            let held = holders_of(&t.config, part.key()).await;
+            assert!(
+                held.contains(other.id()) && !held.iter().any(|h| h.starts_with("q:")),
+                "{}: {held:?}",
+                part.key()
+            );
+        }
+        let parts = other.gather(&batch.parts).await.unwrap();
+        received.push((batch.id, parts, batch.total.await.unwrap()));
+    }
+    received.extend(
+        remote
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    drop(remote);
+    received.sort();
+    assert_eq!(received.len(), 6);
+    for (index, (id, parts, total)) in received.iter().enumerate() {
+        assert_eq!(*id, index as u64, "each batch received exactly once");
+        let expected: Vec<i64> = (0..3).map(|j| (*id as i64 * 10 + j).pow(2)).collect();
+        assert_eq!(parts, &expected);
+        assert_eq!(*total, expected.iter().sum::<i64>());
+    }
+
+    // Put by a task (whose handles are gone once it ended), got by a client.
+    let produced = a.submit(put_squares, ("futures", 50_i64, 5_i64));
+    let produced_keys = produced
+        .result_timeout(Duration::from_secs(30))
+        .await
+        .unwrap();
+    drop(produced);
+    let from_task: Queue<Future<i64>> = Queue::new(&other, "futures");
+    let got = from_task.get_batch(5).await.unwrap();
+    assert_eq!(
+        got.iter().map(|f| f.key().to_owned()).collect::<Vec<_>>(),
+        produced_keys
+    );
+    assert_eq!(
+        other.gather(&got).await.unwrap(),
+        (50..55_i64).map(|i| i * i).collect::<Vec<_>>()
+    );
+    drop(got);
+
+    // Deleting a queue releases what it still holds.
+    let left = a.map(slow_square, (100..103_i64).map(|i| (i, 0_u64)));
+    a.gather(&left).await.unwrap();
+    let left_keys: Vec<String> = left.iter().map(|f| f.key().to_owned()).collect();
+    queue.put_all(&left).await.unwrap();
+    drop(left);
+    other.flush().await.unwrap();
+    a.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for key in &left_keys {
+        assert!(is_stored(&t.config, key).await, "the queue holds {key}");
+    }
+    let deleted = Instant::now();
+    assert_eq!(queue.delete().await.unwrap(), 3);
+    let freed = deleted.elapsed();
+    for key in &left_keys {
+        assert!(!is_stored(&t.config, key).await, "deleting frees {key}");
+    }
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    println!(
+        "queue delete -> 3 results freed: {freed:?} (every key of the namespace: {:?})",
+        deleted.elapsed()
+    );
+    drop(other);
+    t.stop().await;
+}
+
+/// A `get` cancelled at any point while it takes over an item's futures
+/// loses neither the item nor its results.
+#[tokio::test]
+async fn a_cancelled_get_of_an_item_with_futures_loses_nothing() {
+    let t = TestCluster::start("prim-queue-cancel-futures", 0).await;
+    let queue: Queue<Vec<Future<i64>>> = Queue::new(&t.client, "cancelled");
+    let mut item = Vec::new();
+    for value in [1_i64, 2] {
+        let options = flotilla::ScatterOptions { hash: false };
+        item.push(t.client.scatter_with(&value, options).await.unwrap());
+    }
+    let keys: Vec<String> = item.iter().map(|f| f.key().to_owned()).collect();
+    queue.put(&item).await.unwrap();
+    drop(item);
+    // Cancel at points spread over the time an uncancelled get takes.
+    let started = Instant::now();
+    let item = queue.get().await.unwrap();
+    let typical = started.elapsed();
+    queue.put(&item).await.unwrap();
+    drop(item);
+    let (mut cancelled, mut received) = (0, 0);
+    for attempt in 0..200_u32 {
+        let delay = typical * attempt / 150;
+        match tokio::time::timeout(delay, queue.get()).await {
+            Ok(item) => {
+                let item = item.unwrap();
+                assert_eq!(t.client.gather(&item).await.unwrap(), [1, 2]);
+                queue.put(&item).await.unwrap();
+                received += 1;
+            }
+            Err(_) => cancelled += 1,
+        }
+    }
+    println!("cancelled gets: {cancelled} of 200 ({received} received; a get takes {typical:?})");
+    let item = queue.get_timeout(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(item.iter().map(|f| f.key()).collect::<Vec<_>>(), keys);
+    assert_eq!(t.client.gather(&item).await.unwrap(), [1, 2]);
+    assert_eq!(queue.qsize().await.unwrap(), 0);
+    assert!(queue.try_get().await.unwrap().is_none(), "exactly one item");
+    drop((item, queue));
+    t.client.flush().await.unwrap();
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    t.stop().await;
+}
+
+/// Futures can only be serialized into a primitive, which holds them.
+#[tokio::test]
+async fn a_future_serialized_elsewhere_is_an_error() {
+    let t = TestCluster::start("prim-future-serde", 0).await;
+    let future = t.client.scatter(&5_i64).await.unwrap();
+    match flotilla::ArgWriter::default().value(&future) {
+        Err(Error::Encode { message, .. }) => {
+            assert!(message.contains("can only be serialized into"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(future);
+    t.client.flush().await.unwrap();
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    t.stop().await;
+}
+
+#[test]
+fn blocking_variables_and_queues_carry_blocking_futures() {
+    use flotilla::sync::blocking;
+    let config = fresh_config("prim-blocking-futures");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime.block_on(async {
+        flotilla::LocalCluster::builder()
+            .config(config.clone())
+            .workers(0)
+            .purge_on_shutdown(true)
+            .start()
+            .await
+            .unwrap()
+    });
+    let shared = flotilla::blocking::Client::connect(config.clone()).unwrap();
+    let getter = flotilla::blocking::Client::connect(config.clone()).unwrap();
+
+    let var = blocking::Variable::new(&shared, "v");
+    var.set(&shared.scatter(&7_i64).unwrap()).unwrap();
+    let read: blocking::Variable<flotilla::blocking::Future<i64>> =
+        blocking::Variable::new(&getter, "v");
+    assert_eq!(read.get().unwrap().result().unwrap(), 7);
+
+    let queue = blocking::Queue::new(&shared, "q");
+    queue
+        .put(&vec![
+            shared.scatter(&1_i64).unwrap(),
+            shared.scatter(&2_i64).unwrap(),
+        ])
+        .unwrap();
+    let take: blocking::Queue<Vec<flotilla::blocking::Future<i64>>> =
+        blocking::Queue::new(&getter, "q");
+    let got = take.get().unwrap();
+    assert_eq!(getter.gather(&got).unwrap(), [1, 2]);
+    drop(got);
+    var.delete().unwrap();
+    drop((var, read, queue, take, shared, getter));
+    runtime.block_on(async {
+        wait_until_freed(&config, Duration::from_secs(10)).await;
+        cluster.shutdown().await.unwrap();
+    });
 }

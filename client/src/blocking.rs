@@ -447,7 +447,7 @@ impl<T: DeserializeOwned> Future<T> {
 
 impl<T> IntoArg<T> for Future<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        self.inner.into_arg(writer)
+        IntoArg::<T>::into_arg(self.inner, writer)
     }
 }
 
@@ -459,19 +459,41 @@ impl<T> IntoArg<T> for &Future<T> {
 
 impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        self.into_iter()
-            .map(|f| f.inner)
-            .collect::<Vec<_>>()
-            .into_arg(writer)
+        let futures: Vec<crate::Future<T>> = self.into_iter().map(|f| f.inner).collect();
+        IntoArg::<Vec<T>>::into_arg(futures, writer)
     }
 }
 
 impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        self.iter()
-            .map(|f| &f.inner)
-            .collect::<Vec<_>>()
-            .into_arg(writer)
+        let futures: Vec<&crate::Future<T>> = self.iter().map(|f| &f.inner).collect();
+        IntoArg::<Vec<T>>::into_arg(futures, writer)
+    }
+}
+
+/// Serializes like [`crate::Future`]: only into a
+/// [`Variable`](crate::sync::blocking::Variable) or a
+/// [`Queue`](crate::sync::blocking::Queue), which hold its result.
+impl<T> Serialize for Future<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.inner.serialize(serializer)
+    }
+}
+
+/// Deserializes only out of a [`Variable`](crate::sync::blocking::Variable)
+/// or a [`Queue`](crate::sync::blocking::Queue) made from a blocking client
+/// (in a synchronous task, read a [`crate::Future`] instead).
+impl<'de, T> serde::Deserialize<'de> for Future<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let inner = crate::Future::<T>::deserialize(deserializer)?;
+        let runtime = crate::sync::held::resolve_runtime().ok_or_else(|| {
+            <D::Error as serde::de::Error>::custom(format!(
+                "blocking future `{}` can only be read through a blocking Variable or Queue made \
+                 from a blocking client; read a flotilla::Future instead",
+                inner.key()
+            ))
+        })?;
+        Ok(Future { inner, runtime })
     }
 }
 

@@ -76,6 +76,10 @@ pub enum Error {
         /// Why it is lost.
         reason: String,
     },
+    /// A coordination primitive was misused, or its lease ran out (see
+    /// [`SyncError`](crate::sync::SyncError)).
+    #[error("{0}")]
+    Sync(crate::sync::SyncError),
     /// Starting an in-process cluster failed.
     #[error("local cluster: {0}")]
     Cluster(String),

@@ -200,6 +200,15 @@ impl FutureState {
         }
     }
 
+    /// The error of a future that failed before it was ever submitted (its
+    /// arguments could not be sent): there is no task behind its key.
+    pub(crate) fn never_submitted(&self) -> Option<Error> {
+        if self.client.upgrade().is_some() {
+            return None;
+        }
+        self.error()
+    }
+
     pub(crate) fn error(&self) -> Option<Error> {
         match &*self.lock() {
             Outcome::Failed(error) => Some(error.clone()),
@@ -412,6 +421,55 @@ impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a Future<T> {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.result())
+    }
+}
+
+/// A future serializes as its key, but only into the value of a
+/// [`Variable`](crate::Variable) or an item of a [`Queue`](crate::Queue)
+/// (also inside a `Vec`, a struct...), which then hold its result; anywhere
+/// else serializing it is an error, since nothing would keep the result
+/// alive.
+impl<T> serde::Serialize for Future<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        crate::sync::held::record(self).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_newtype_struct(crate::sync::held::FUTURE_TOKEN, self.key())
+    }
+}
+
+/// A future deserializes only out of a [`Variable`](crate::Variable) or a
+/// [`Queue`](crate::Queue), as a future of the reading client, which holds
+/// it from then on like any other.
+impl<'de, T> serde::Deserialize<'de> for Future<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let key =
+            deserializer.deserialize_newtype_struct(crate::sync::held::FUTURE_TOKEN, KeyVisitor)?;
+        crate::sync::held::resolve(&key).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads a future's key, as a newtype struct or a bare string.
+struct KeyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a flotilla future's key")
+    }
+
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<String, D::Error> {
+        <String as serde::Deserialize>::deserialize(deserializer)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<String, E> {
+        Ok(key.to_owned())
+    }
+
+    fn visit_string<E: serde::de::Error>(self, key: String) -> Result<String, E> {
+        Ok(key)
     }
 }
 

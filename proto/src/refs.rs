@@ -3,8 +3,8 @@
 //!
 //! Every key has a set of holders (`<ns>:h:{key}`): a client holding a
 //! `Future` (its id), a pending dependent task (`t:<key>`),
-//! `fire_and_forget` (`ff`), a published dataset (`ds:<name>`), a variable or
-//! queue. The result (`<ns>:r:{key}`) lives exactly while that set is
+//! `fire_and_forget` (`ff`), a published dataset (`ds:<name>`), a variable's
+//! value (`var:<name>:<generation>`) or a queue item (`q:<name>:<item>`). The result (`<ns>:r:{key}`) lives exactly while that set is
 //! non-empty: a release that empties it deletes the result in the same
 //! script, and a result whose set is already empty is never stored. Both keys
 //! share a hash tag, so each script touches one Redis Cluster slot.
@@ -31,6 +31,31 @@ pub fn dataset_holder(name: &str) -> String {
 pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('SADD', KEYS[1], ARGV[1])
+          local tag = redis.call('GETRANGE', KEYS[2], -1, -1)
+          if tag == '' then return -1 end
+          return string.byte(tag)",
+    )
+});
+
+/// The holder id of a `flotilla::Variable` value: one per `set`, so that
+/// a future in both the old and the new value keeps the new value's hold
+/// when the old one's is dropped.
+pub fn variable_holder(name: &str, generation: &str) -> String {
+    format!("var:{name}:{generation}")
+}
+
+/// The holder id of one queue item.
+pub fn queue_holder(name: &str, item: &str) -> String {
+    format!("q:{name}:{item}")
+}
+
+/// `KEYS`: holders, result. `ARGV`: holder, witness. Takes a hold only while
+/// `witness` still holds the key (so the result is certainly still there);
+/// returns like [`HOLD`], or -2 (and takes nothing) when the witness is gone.
+pub static HOLD_IF_HELD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 0 then return -2 end
+          redis.call('SADD', KEYS[1], ARGV[1])
           local tag = redis.call('GETRANGE', KEYS[2], -1, -1)
           if tag == '' then return -1 end
           return string.byte(tag)",
@@ -114,9 +139,10 @@ pub static SCATTER: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Every script, for loading them after a connect or a Redis restart.
-pub fn all() -> [&'static Script; 6] {
+pub fn all() -> [&'static Script; 7] {
     [
         &HOLD,
+        &HOLD_IF_HELD,
         &HOLD_UNTIL_DONE,
         &RELEASE,
         &STORE,
@@ -188,6 +214,8 @@ mod tests {
     fn holder_ids_do_not_collide_with_client_ids() {
         assert_eq!(super::task_holder("k"), "t:k");
         assert_eq!(super::dataset_holder("d"), "ds:d");
+        assert_eq!(super::variable_holder("v", "1"), "var:v:1");
+        assert_eq!(super::queue_holder("q", "2"), "q:q:2");
         // Client ids are 32 hex digits: never `ff`, never with a colon.
         assert_ne!(crate::new_id(), super::FIRE_AND_FORGET);
     }

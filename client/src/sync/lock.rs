@@ -182,7 +182,7 @@ impl LockGuard<'_> {
     }
 
     /// Releases the lock now. Fails with [`SyncError::LeaseExpired`] (as
-    /// [`Error::Config`](crate::Error::Config)) if the lease had run out.
+    /// [`Error::Sync`](crate::Error::Sync)) if the lease had run out.
     pub async fn release(mut self) -> Result<()> {
         // Dropping the guard afterwards finds nothing left to release.
         let owner = std::mem::take(&mut self.owner);
@@ -257,7 +257,7 @@ impl Lock {
     /// Releases the lock this handle holds. Fails with
     /// [`SyncError::NotHeld`] if it holds none, and with
     /// [`SyncError::LeaseExpired`] if its lease had run out (both as
-    /// [`Error::Config`](crate::Error::Config)).
+    /// [`Error::Sync`](crate::Error::Sync)).
     pub async fn release(&self) -> Result<()> {
         self.release_grant(None).await
     }

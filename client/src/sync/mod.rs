@@ -20,7 +20,10 @@
 //! lease is taken over as soon as it lapses.
 //!
 //! Values travel as MessagePack (`rmp-serde`, named fields), so any
-//! `Serialize + DeserializeOwned` type works.
+//! `Serialize + DeserializeOwned` type works — including
+//! [`Future`](crate::Future)s anywhere inside a [`Variable`]'s value or a
+//! [`Queue`]'s item: the primitive holds their results while it holds the
+//! value, and a reader gets futures of its own client.
 //!
 //! Synchronous programs use the [`blocking`] flavours, built from a
 //! [`crate::blocking::Client`].
@@ -42,6 +45,7 @@
 //! ```
 
 mod event;
+pub(crate) mod held;
 mod lock;
 mod queue;
 mod semaphore;
@@ -111,11 +115,8 @@ const UNBLOCK_RETRY: Duration = Duration::from_millis(10);
 /// First pause before retrying after a lost connection; doubles up to 1 s.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Problems particular to the coordination primitives.
-///
-/// They reach callers inside [`Error::Config`] (their message says what
-/// happened and what to do) until the client's [`Error`] grows a variant
-/// for them.
+/// Problems particular to the coordination primitives; they reach callers
+/// as [`Error::Sync`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SyncError {
@@ -158,7 +159,7 @@ pub enum SyncError {
 
 impl From<SyncError> for Error {
     fn from(error: SyncError) -> Self {
-        Error::Config(error.to_string())
+        Error::Sync(error)
     }
 }
 

@@ -36,6 +36,37 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Futures in items
+//!
+//! An item may be a [`Future`](crate::Future) or any serde structure
+//! containing futures (a `Vec<Future<T>>`, a struct with future fields...;
+//! Dask allows one future per item). The queue holds their results from
+//! `put` on; `get` hands each one to its caller as a future of the caller's
+//! client — its own hold is taken before the item's is dropped — and
+//! `delete` releases what the queue still holds.
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! #[flotilla::task]
+//! fn square(x: i64) -> i64 { x * x }
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Job {
+//!     name: String,
+//!     inputs: Vec<Future<i64>>,
+//! }
+//!
+//! # async fn demo(client: Client, elsewhere: Client) -> flotilla::Result<()> {
+//! let jobs: Queue<Job> = Queue::new(&client, "jobs");
+//! let inputs = client.map(square, (1..=3).map(|i| (i,)));
+//! jobs.put(&Job { name: "squares".into(), inputs }).await?; // held by the queue
+//! // In another client, or a task:
+//! let job = Queue::<Job>::new(&elsewhere, "jobs").get().await?;
+//! assert_eq!(elsewhere.gather(&job.inputs).await?, vec![1, 4, 9]);
+//! # Ok(()) }
+//! ```
+//!
 //! # Cancellation
 //!
 //! Waiting moves the first item that arrives (`BLMOVE`) from the queue into
@@ -43,14 +74,19 @@
 //! immediate step. So a `get` that is cancelled or loses its connection
 //! while it waits loses nothing: the item is handed out by this handle's
 //! next `get`, or put back at the head of the queue when the handle is
-//! dropped. (Only a process that dies between the two steps takes that one
-//! item with it, as it would have if it had returned.)
+//! dropped. The second step (taking the item, and the hold on its futures)
+//! runs as a task of its own: a `get` cancelled during it has the item put
+//! back at the head of the queue. (Only a process that dies between the two
+//! steps takes that one item with it, as it would have if it had returned;
+//! the results of its futures then stay stored until the namespace is
+//! purged.)
 
+use super::held::{self, header_lua, Encoded, Refs};
 use super::{
-    deadline_in, decode, encode, expired, slice, timed_out, transient, Backoff, Dedicated, Keys,
-    MAX_SLICE,
+    deadline_in, expired, slice, timed_out, transient, Backoff, Dedicated, Keys, MAX_SLICE,
 };
 use crate::{Client, Result};
+use flotilla_proto::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
@@ -92,20 +128,35 @@ return n
     )
 });
 
-/// Deletes the queue with every item, also those moved aside by handles.
-/// KEYS: items, takers. ARGV: prefix of the handles' lists.
+/// Deletes the queue with every item, also those moved aside by handles;
+/// returns how many there were, and the headers of those that held
+/// futures (looked for only if any item ever did). KEYS: items, takers,
+/// held marker. ARGV: prefix of the handles' lists.
 static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(concat!(
+        header_lua!(),
         r#"
-local n = redis.call('LLEN', KEYS[1])
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  n = n + redis.call('LLEN', ARGV[1] .. id)
-  redis.call('DEL', ARGV[1] .. id)
+local scan = redis.call('EXISTS', KEYS[3]) == 1
+local headers = {}
+local function take(list)
+  local n = redis.call('LLEN', list)
+  if scan and n > 0 then
+    for _, item in ipairs(redis.call('LRANGE', list, 0, -1)) do
+      local h = header(item)
+      if h then table.insert(headers, h) end
+    end
+  end
+  redis.call('DEL', list)
+  return n
 end
-redis.call('DEL', KEYS[1], KEYS[2])
-return n
-"#,
-    )
+local n = take(KEYS[1])
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  n = n + take(ARGV[1] .. id)
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+return {n, headers}
+"#
+    ))
 });
 
 /// A named, cluster-wide FIFO queue; see the [module docs](self).
@@ -113,6 +164,8 @@ return n
 /// Cheap to clone; clones share one handle (and its moved-aside items).
 pub struct Queue<T> {
     inner: Arc<Inner>,
+    /// The blocking client's runtime, for the blocking futures read.
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -131,6 +184,7 @@ impl<T> Clone for Queue<T> {
     fn clone(&self) -> Self {
         Queue {
             inner: self.inner.clone(),
+            runtime: self.runtime.clone(),
             _item: PhantomData,
         }
     }
@@ -155,6 +209,11 @@ impl Inner {
 
     fn taken(&self) -> String {
         format!("{}{}", self.keys.part("taken:"), self.id)
+    }
+
+    /// Exists once any item held futures: `delete` then looks for them.
+    fn held(&self) -> String {
+        self.keys.part("held")
     }
 }
 
@@ -184,8 +243,14 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 id: flotilla_proto::new_id(),
                 taker: OnceLock::new(),
             }),
+            runtime: None,
             _item: PhantomData,
         }
+    }
+
+    pub(crate) fn with_runtime(mut self, runtime: Option<Arc<tokio::runtime::Runtime>>) -> Self {
+        self.runtime = runtime;
+        self
     }
 
     /// Its name.
@@ -197,35 +262,30 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         format!("queue `{}`", self.inner.name)
     }
 
-    /// Appends an item.
+    /// Appends an item. Futures in it are held by the queue until a `get`
+    /// hands them to its caller (or the queue is deleted).
     pub async fn put(&self, item: &T) -> Result<()> {
-        let bytes = encode(&self.inner.client, &self.what(), item)?;
-        let _: i64 = redis::cmd("RPUSH")
-            .arg(self.inner.items())
-            .arg(bytes)
-            .query_async(&mut self.inner.client.redis())
-            .await?;
-        Ok(())
+        self.put_all(std::iter::once(item)).await
     }
 
     /// Appends items in order, many per round trip.
+    ///
+    /// Once a chunk of items is encoded, it is stored by a task of its own:
+    /// a `put` that is cancelled never leaves a hold behind.
     pub async fn put_all<'a>(&self, items: impl IntoIterator<Item = &'a T>) -> Result<()>
     where
         T: 'a,
     {
         let what = self.what();
-        let mut chunk = Vec::with_capacity(PUT_CHUNK);
         let mut items = items.into_iter().peekable();
         while items.peek().is_some() {
-            chunk.clear();
+            let mut encoded: Vec<Encoded> = Vec::with_capacity(PUT_CHUNK);
             for item in items.by_ref().take(PUT_CHUNK) {
-                chunk.push(encode(&self.inner.client, &what, item)?);
+                encoded.push(held::encode(&self.inner.client, &what, item)?);
             }
-            let _: i64 = redis::cmd("RPUSH")
-                .arg(self.inner.items())
-                .arg(&chunk)
-                .query_async(&mut self.inner.client.redis())
-                .await?;
+            let (client, name) = (self.inner.client.clone(), self.inner.name.clone());
+            let (list, marker) = (self.inner.items(), self.inner.held());
+            held::detached(push(client, name, list, marker, encoded)).await?;
         }
         Ok(())
     }
@@ -280,27 +340,65 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             .await?)
     }
 
-    /// Deletes the queue and every item in it; returns how many items
-    /// there were.
+    /// Deletes the queue and every item in it (releasing the futures they
+    /// held); returns how many items there were.
     pub async fn delete(&self) -> Result<usize> {
-        Ok(DELETE
-            .key(self.inner.items())
-            .key(self.inner.takers())
-            .arg(self.inner.keys.part("taken:"))
-            .invoke_async(&mut self.inner.client.redis())
-            .await?)
+        let (client, what) = (self.inner.client.clone(), self.what());
+        let (items, takers, marker) = (self.inner.items(), self.inner.takers(), self.inner.held());
+        let taken_prefix = self.inner.keys.part("taken:");
+        held::detached(async move {
+            let (count, headers): (usize, Vec<Vec<u8>>) = DELETE
+                .key(items)
+                .key(takers)
+                .key(marker)
+                .arg(taken_prefix)
+                .invoke_async(&mut client.redis())
+                .await?;
+            let headers: Vec<Refs> = headers
+                .iter()
+                .filter_map(|h| held::parse(&what, h).ok().and_then(|(refs, _)| refs))
+                .collect();
+            let headers: Vec<&Refs> = headers.iter().collect();
+            held::release_all(&client, &headers).await?;
+            Ok(count)
+        })
+        .await
     }
 
     /// Up to `max` items available now.
+    ///
+    /// Taking them (and their futures) runs as a task of its own: if this
+    /// `get` is cancelled meanwhile, the items go back to the head of the
+    /// queue rather than being lost.
     async fn take_now(&self, max: usize) -> Result<Vec<T>> {
-        let raw: Vec<Vec<u8>> = TAKE
-            .key(self.inner.taken())
-            .key(self.inner.items())
-            .arg(max)
-            .invoke_async(&mut self.inner.client.redis())
-            .await?;
+        let client = self.inner.client.clone();
+        let (taken, items) = (self.inner.taken(), self.inner.items());
+        let give_back = held::GiveBack {
+            items: items.clone(),
+            marker: self.inner.held(),
+        };
         let what = self.what();
-        raw.iter().map(|bytes| decode(&what, bytes)).collect()
+        let (deliver, delivered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let result = async {
+                let raw: Vec<Vec<u8>> = TAKE
+                    .key(taken)
+                    .key(items)
+                    .arg(max)
+                    .invoke_async(&mut client.redis())
+                    .await?;
+                held::Taken::take_over(&client, &what, raw).await
+            }
+            .await;
+            if let Err(Ok(taken)) = deliver.send(result) {
+                let count = taken.items.len();
+                if let Err(error) = taken.put_back(&client, &give_back).await {
+                    tracing::warn!(%error, count, "items of a cancelled queue get are lost");
+                }
+            }
+        });
+        let taken = delivered.await.map_err(|_| crate::Error::Closed)??;
+        taken.decode(&self.inner.client, &self.what(), self.runtime.clone())
     }
 
     /// Up to `max` items, waiting until the deadline for the first; empty
@@ -379,6 +477,48 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 }
 
+/// Appends encoded items to the list of queue `name`, each item with
+/// futures held by a holder of its own.
+async fn push(
+    client: Client,
+    name: String,
+    list: String,
+    marker: String,
+    encoded: Vec<Encoded>,
+) -> Result<()> {
+    let headers: Vec<Option<Refs>> = encoded
+        .iter()
+        .map(|e| {
+            e.holds()
+                .then(|| e.refs(refs::queue_holder(&name, &flotilla_proto::new_id())))
+        })
+        .collect();
+    let held: Vec<(&Encoded, &Refs)> = encoded
+        .iter()
+        .zip(&headers)
+        .filter_map(|(e, h)| h.as_ref().map(|h| (e, h)))
+        .collect();
+    let mut pipe = redis::pipe();
+    if !held.is_empty() {
+        held::hold(&client, &held).await?;
+        // Before the items, so that a `delete` that sees them sees it.
+        pipe.cmd("SET").arg(&marker).arg(1).ignore();
+    }
+    let stored: Vec<Vec<u8>> = encoded
+        .iter()
+        .zip(&headers)
+        .map(|(e, h)| e.stored(h.as_ref()))
+        .collect();
+    pipe.cmd("RPUSH").arg(&list).arg(&stored).ignore();
+    let pushed: redis::RedisResult<()> = pipe.query_async(&mut client.redis()).await;
+    if let Err(error) = pushed {
+        let headers: Vec<&Refs> = headers.iter().flatten().collect();
+        let _ = held::release_all(&client, &headers).await;
+        return Err(error.into());
+    }
+    Ok(())
+}
+
 pub(crate) mod blocking {
     use crate::sync::Blocker;
     use crate::Result;
@@ -419,7 +559,8 @@ pub(crate) mod blocking {
         /// The queue called `name` in the client's namespace.
         pub fn new(client: &crate::blocking::Client, name: &str) -> Queue<T> {
             Queue {
-                inner: crate::sync::Queue::new(client.as_async(), name),
+                inner: crate::sync::Queue::new(client.as_async(), name)
+                    .with_runtime(Some(client.runtime().clone())),
                 blocker: Blocker::from_client(client),
             }
         }

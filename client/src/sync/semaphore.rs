@@ -176,7 +176,7 @@ impl SemaphorePermit<'_> {
     }
 
     /// Releases the lease now. Fails with [`SyncError::LeaseExpired`] (as
-    /// [`Error::Config`](crate::Error::Config)) if it had run out.
+    /// [`Error::Sync`](crate::Error::Sync)) if it had run out.
     pub async fn release(mut self) -> Result<()> {
         // Dropping the permit afterwards finds nothing left to release.
         let id = std::mem::take(&mut self.id);
@@ -251,7 +251,7 @@ impl Semaphore {
     /// Releases the oldest lease this handle holds. Fails with
     /// [`SyncError::NotHeld`] if it holds none, and with
     /// [`SyncError::LeaseExpired`] if the lease had run out (both as
-    /// [`Error::Config`](crate::Error::Config)).
+    /// [`Error::Sync`](crate::Error::Sync)).
     pub async fn release(&self) -> Result<()> {
         self.release_lease(None).await
     }

@@ -23,14 +23,78 @@
 //!
 //! Values are MessagePack; a `Variable<T>` reads what any `Variable<U>` of
 //! the same name wrote, as long as the encodings agree.
+//!
+//! ## Futures in a variable
+//!
+//! A value may be a [`Future`](crate::Future), or contain futures anywhere
+//! (a `Vec<Future<T>>`, a struct field...). While the variable holds the
+//! value, the futures' results stay stored (and their tasks run), even after
+//! every handle of the setter is gone; `set` or `delete` releases them.
+//! `get` returns futures of the reader's own client: awaitable, passable to
+//! `submit`, and released when dropped, like any other. The reader's hold is
+//! taken before the variable's can go: a `get` racing with a `set` or a
+//! `delete` gets a future whose result is still there (or reads the new
+//! value).
+//!
+//! ```no_run
+//! use flotilla::prelude::*;
+//!
+//! #[flotilla::task]
+//! fn square(x: i64) -> i64 { x * x }
+//!
+//! #[flotilla::task]
+//! async fn read_latest(ctx: TaskContext) -> flotilla::Result<i64> {
+//!     let latest: Variable<Future<i64>> = Variable::new(&ctx.client().await?, "latest");
+//!     latest.get().await?.await // a future of the task's own client
+//! }
+//!
+//! # async fn demo() -> flotilla::Result<()> {
+//! let client = Client::from_env().await?;
+//! let latest: Variable<Future<i64>> = Variable::new(&client, "latest");
+//! latest.set(&client.submit(square, (7,))).await?; // our own handle is gone now
+//! assert_eq!(client.submit(read_latest, ()).await?, 49);
+//! latest.delete().await?;                          // the result is freed
+//! # Ok(()) }
+//! ```
 
-use super::{deadline_in, decode, encode, get_or_wait, set_and_notify, timed_out, Keys};
+use super::held::{self, header_lua};
+use super::{deadline_in, get_or_wait, timed_out, waiters_lua, Keys};
 use crate::{Client, Result};
+use flotilla_proto::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Replaces the value and wakes every waiter; returns the header of the
+/// value replaced when it held futures. KEYS: value, waiters. ARGV: value,
+/// wake-up prefix.
+static SWAP: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        waiters_lua!(),
+        header_lua!(),
+        r#"
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+notify_all(KEYS[2], ARGV[2])
+return header(old)
+"#
+    ))
+});
+
+/// Deletes the value; returns its header when it held futures. KEYS: value.
+static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        header_lua!(),
+        r#"
+local old = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1])
+return header(old)
+"#
+    ))
+});
 
 /// A named, cluster-wide value; see the [module docs](self).
 ///
@@ -39,6 +103,8 @@ pub struct Variable<T> {
     client: Client,
     name: String,
     keys: Keys,
+    /// The blocking client's runtime, for the blocking futures read.
+    runtime: Option<Arc<tokio::runtime::Runtime>>,
     _value: PhantomData<fn() -> T>,
 }
 
@@ -48,6 +114,7 @@ impl<T> Clone for Variable<T> {
             client: self.client.clone(),
             name: self.name.clone(),
             keys: self.keys.clone(),
+            runtime: self.runtime.clone(),
             _value: PhantomData,
         }
     }
@@ -68,8 +135,14 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
             client: client.clone(),
             name: name.to_owned(),
             keys: Keys::new(client, "var", name),
+            runtime: None,
             _value: PhantomData,
         }
+    }
+
+    pub(crate) fn with_runtime(mut self, runtime: Option<Arc<tokio::runtime::Runtime>>) -> Self {
+        self.runtime = runtime;
+        self
     }
 
     /// Its name.
@@ -85,10 +158,17 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
         format!("variable `{}`", self.name)
     }
 
-    /// Replaces the value and wakes every waiting `get`.
+    /// Replaces the value and wakes every waiting `get`. Futures in the
+    /// value are held by the variable from now on; those of the value it
+    /// replaces are released.
+    ///
+    /// Once encoded, the value is stored by a task of its own: a `set` that
+    /// is cancelled still completes (or fails) whole, and never leaves a
+    /// hold behind.
     pub async fn set(&self, value: &T) -> Result<()> {
-        let bytes = encode(&self.client, &self.what(), value)?;
-        set_and_notify(&self.client, &self.keys, &self.value_key(), &bytes).await
+        let encoded = held::encode(&self.client, &self.what(), value)?;
+        let (client, keys, name) = (self.client.clone(), self.keys.clone(), self.name.clone());
+        held::detached(swap(client, keys, name, encoded)).await
     }
 
     /// The value, waiting for as long as it takes until the variable is set.
@@ -109,28 +189,92 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
 
     /// The value if the variable is set, at once.
     pub async fn try_get(&self) -> Result<Option<T>> {
-        let bytes: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(self.value_key())
-            .query_async(&mut self.client.redis())
-            .await?;
-        bytes.map(|b| decode(&self.what(), &b)).transpose()
+        loop {
+            let bytes: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(self.value_key())
+                .query_async(&mut self.client.redis())
+                .await?;
+            let Some(bytes) = bytes else {
+                return Ok(None);
+            };
+            if let Some(value) = self.read(&bytes).await? {
+                return Ok(Some(value));
+            }
+            // Replaced while we took over its futures: read the new value.
+        }
     }
 
-    /// Removes the value; `get` waits again until the next `set`.
+    /// Removes the value (releasing the futures it held); `get` waits again
+    /// until the next `set`.
     pub async fn delete(&self) -> Result<()> {
-        let _: i64 = redis::cmd("DEL")
-            .arg(self.value_key())
-            .query_async(&mut self.client.redis())
-            .await?;
-        Ok(())
+        let (client, keys, name) = (self.client.clone(), self.keys.clone(), self.name.clone());
+        held::detached(async move {
+            let old: Option<Vec<u8>> = DELETE
+                .key(keys.part("value"))
+                .invoke_async(&mut client.redis())
+                .await?;
+            release(&client, &name, old).await
+        })
+        .await
     }
 
     async fn wait(&self, deadline: Option<Instant>) -> Result<Option<T>> {
-        match get_or_wait(&self.client, &self.keys, &self.value_key(), deadline, false).await? {
-            Some(bytes) => decode(&self.what(), &bytes).map(Some),
-            None => Ok(None),
+        loop {
+            let Some(bytes) =
+                get_or_wait(&self.client, &self.keys, &self.value_key(), deadline, false).await?
+            else {
+                return Ok(None);
+            };
+            if let Some(value) = self.read(&bytes).await? {
+                return Ok(Some(value));
+            }
+            // Replaced while we took over its futures: read the new value.
         }
     }
+
+    async fn read(&self, bytes: &[u8]) -> Result<Option<T>> {
+        held::read_held(&self.client, &self.what(), bytes, self.runtime.clone()).await
+    }
+}
+
+/// Stores `encoded` as the value of variable `name`, held by a holder of its
+/// own, and releases the value it replaces.
+async fn swap(client: Client, keys: Keys, name: String, encoded: held::Encoded) -> Result<()> {
+    let header = if encoded.holds() {
+        let header = encoded.refs(refs::variable_holder(&name, &flotilla_proto::new_id()));
+        held::hold(&client, &[(&encoded, &header)]).await?;
+        Some(header)
+    } else {
+        None
+    };
+    let replaced: redis::RedisResult<Option<Vec<u8>>> = SWAP
+        .key(keys.part("value"))
+        .key(keys.waiters())
+        .arg(encoded.stored(header.as_ref()))
+        .arg(keys.wake_prefix())
+        .invoke_async(&mut client.redis())
+        .await;
+    match replaced {
+        Ok(old) => release(&client, &name, old).await,
+        Err(error) => {
+            if let Some(header) = &header {
+                let _ = held::release(&client, header).await;
+            }
+            Err(error.into())
+        }
+    }
+}
+
+/// Releases the futures of a value that left variable `name` (`old` is its
+/// header, when it held any).
+async fn release(client: &Client, name: &str, old: Option<Vec<u8>>) -> Result<()> {
+    let Some(old) = old else {
+        return Ok(());
+    };
+    if let (Some(header), _) = held::parse(&format!("variable `{name}`"), &old)? {
+        held::release(client, &header).await?;
+    }
+    Ok(())
 }
 
 pub(crate) mod blocking {
@@ -173,7 +317,8 @@ pub(crate) mod blocking {
         /// The variable called `name` in the client's namespace.
         pub fn new(client: &crate::blocking::Client, name: &str) -> Variable<T> {
             Variable {
-                inner: crate::sync::Variable::new(client.as_async(), name),
+                inner: crate::sync::Variable::new(client.as_async(), name)
+                    .with_runtime(Some(client.runtime().clone())),
                 blocker: Blocker::from_client(client),
             }
         }
