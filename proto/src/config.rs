@@ -12,6 +12,9 @@ pub const DEFAULT_NAMESPACE: &str = "flotilla";
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
 /// How long a silent client keeps its references (30 s).
 pub const DEFAULT_CLIENT_LEASE_MS: u64 = 30_000;
+/// Worker losses a started task is allowed before it errs `WorkerLost` (3,
+/// as Dask's `allowed-failures`: the task errs on the 4th loss).
+pub const DEFAULT_ALLOWED_FAILURES: u32 = 3;
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,10 @@ pub struct Config {
     /// How long a client's references outlive its last sign of life
     /// (milliseconds): a client that reconnects within it keeps them.
     pub client_lease_ms: u64,
+    /// Worker losses a task that had started is allowed: a task whose
+    /// worker died under it more often errs `WorkerLost` instead of running
+    /// again (Dask's `allowed-failures`; with 3 it errs on the 4th loss).
+    pub allowed_failures: u32,
 }
 
 impl Default for Config {
@@ -54,14 +61,15 @@ impl Default for Config {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             client_lease_ms: DEFAULT_CLIENT_LEASE_MS,
+            allowed_failures: DEFAULT_ALLOWED_FAILURES,
         }
     }
 }
 
 impl Config {
     /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
-    /// `FLOTILLA_MAX_PAYLOAD` and `FLOTILLA_CLIENT_LEASE_MS`, with the
-    /// defaults for what is unset.
+    /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS` and
+    /// `FLOTILLA_ALLOWED_FAILURES`, with the defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -89,6 +97,12 @@ impl Config {
             config.client_lease_ms = lease.trim().parse().map_err(|_| ConfigError::Number {
                 name: "FLOTILLA_CLIENT_LEASE_MS",
                 value: lease.clone(),
+            })?;
+        }
+        if let Some(failures) = set("FLOTILLA_ALLOWED_FAILURES") {
+            config.allowed_failures = failures.trim().parse().map_err(|_| ConfigError::Number {
+                name: "FLOTILLA_ALLOWED_FAILURES",
+                value: failures.clone(),
             })?;
         }
         config.validate()?;
@@ -122,13 +136,19 @@ mod tests {
         let config = Config::from_lookup(|name| match name {
             "FLOTILLA_NAMESPACE" => Some("ns1".into()),
             "FLOTILLA_MAX_PAYLOAD" => Some("1024".into()),
+            "FLOTILLA_ALLOWED_FAILURES" => Some("1".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(
-            (config.namespace.as_str(), config.max_payload),
-            ("ns1", 1024)
+            (
+                config.namespace.as_str(),
+                config.max_payload,
+                config.allowed_failures
+            ),
+            ("ns1", 1024, 1)
         );
+        assert_eq!(Config::default().allowed_failures, 3);
         assert!(
             Config::from_lookup(|n| (n == "FLOTILLA_NAMESPACE").then(|| "a.b".into())).is_err()
         );

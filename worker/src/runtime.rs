@@ -244,6 +244,8 @@ struct Shared {
     slots: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
+    /// Start records of redelivered tasks (see [`crate::lost`]).
+    ledger: crate::lost::Ledger,
 }
 
 impl Shared {
@@ -323,6 +325,9 @@ enum Completion {
         /// A failure the scheduler will run again: neither stored nor
         /// reported to the client.
         retrying: bool,
+        /// The task came redelivered, so its start may be recorded (see
+        /// [`crate::lost`]): the record goes with its completion.
+        recorded: bool,
         bundle: Arc<Bundle>,
     },
 }
@@ -382,6 +387,13 @@ async fn run_inner(
         redis: redis.clone(),
         slots: Arc::new(Semaphore::new(nthreads)),
         completions,
+        ledger: crate::lost::Ledger::new(
+            redis.clone(),
+            names.clone(),
+            format!("{display_name} ({id})"),
+            config.allowed_failures,
+            nthreads,
+        ),
         extension: inventory::iter::<ContextExtension>
             .into_iter()
             .next()
@@ -562,6 +574,9 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             return;
         }
     };
+    // A redelivered bundle's worker may have died under it: its tasks'
+    // starts are recorded, and one that kept killing workers errs.
+    let redelivered = delivery.redelivered;
     let bundle = Arc::new(Bundle {
         remaining: AtomicUsize::new(tasks.len()),
         delivery,
@@ -576,8 +591,29 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
-                let Ok(permit) = shared.slots.clone().acquire_owned().await else {
-                    return;
+                let (permit, isolation) = if redelivered {
+                    match shared.ledger.admit(&shared.slots, &key, &task.spec.task).await {
+                        crate::lost::Admission::Run { permit, isolation } => (permit, isolation),
+                        crate::lost::Admission::Lost(error) => {
+                            warn!(%error, "task lost its worker too often; not running it");
+                            let _ = shared.completions.send(Completion::Done {
+                                key,
+                                client,
+                                deps,
+                                outcome: Err(error),
+                                retrying: false,
+                                recorded: true,
+                                bundle,
+                            });
+                            return;
+                        }
+                        crate::lost::Admission::Closed => return,
+                    }
+                } else {
+                    let Ok(permit) = shared.slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    (permit, None)
                 };
                 let slot = Slot::new(shared.slots.clone(), permit);
                 let resources = shared.acquire_resources(&task.spec.resources).await;
@@ -593,14 +629,16 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 };
                 drop(resources);
                 slot.release();
+                drop(isolation);
                 let retrying = may_retry
-                    && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch));
+                    && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch | ErrorKind::WorkerLost));
                 let _ = shared.completions.send(Completion::Done {
                     key,
                     client,
                     deps,
                     outcome,
                     retrying,
+                    recorded: redelivered,
                     bundle,
                 });
             }
@@ -780,8 +818,16 @@ async fn complete_loop(
                     deps,
                     outcome,
                     retrying,
+                    recorded,
                     ..
-                } => (key, client, deps, outcome, *retrying),
+                } => {
+                    if *recorded {
+                        // The task completed: its worker did not die under it.
+                        pipe.del(names.lost_key(key)).ignore();
+                        scripts += 1;
+                    }
+                    (key, client, deps, outcome, *retrying)
+                }
                 Completion::Started { key, client } => {
                     by_client
                         .entry(client.as_str())
