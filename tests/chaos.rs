@@ -34,6 +34,21 @@ fn scale() -> i64 {
 }
 
 fn spawn(binary: &str, config: &Config, args: &[&str]) -> Child {
+    spawn_logged(binary, config, args, None)
+}
+
+/// Like [`spawn`], with the process's log (warnings and errors) written to
+/// `log` when given.
+fn spawn_logged(
+    binary: &str,
+    config: &Config,
+    args: &[&str],
+    log: Option<&std::path::Path>,
+) -> Child {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+        None => Stdio::null(),
+    };
     let path = common::target_binary(binary);
     assert!(
         path.exists(),
@@ -52,7 +67,7 @@ fn spawn(binary: &str, config: &Config, args: &[&str]) -> Child {
         )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("process starts")
 }
@@ -170,17 +185,35 @@ struct Processes {
 
 impl Processes {
     async fn start(prefix: &str) -> Processes {
-        Self::start_with(common::fresh_config(prefix), None).await
+        Self::start_with(common::fresh_config(prefix), None, None).await
     }
 
-    /// Like [`Processes::start`], with `config` and the scheduler's HTTP
-    /// API served at `http_addr`.
-    async fn start_with(config: Config, http_addr: Option<&str>) -> Processes {
-        let scheduler = match http_addr {
-            Some(addr) => spawn("flotilla-scheduler", &config, &["--http-addr", addr]),
-            None => scheduler(&config),
-        };
-        let workers = vec![worker(&config), worker(&config)];
+    /// Like [`Processes::start`], with `config`, the scheduler's HTTP API
+    /// served at `http_addr`, and each process's log written to a file in
+    /// `logs` (`scheduler.log`, `worker-0.log`, ...).
+    async fn start_with(
+        config: Config,
+        http_addr: Option<&str>,
+        logs: Option<&std::path::Path>,
+    ) -> Processes {
+        let log = |name: &str| logs.map(|dir| dir.join(name));
+        let scheduler = spawn_logged(
+            "flotilla-scheduler",
+            &config,
+            &["--http-addr", http_addr.unwrap_or("off")],
+            log("scheduler.log").as_deref(),
+        );
+        let workers = (0..2)
+            .map(|i| {
+                let name = format!("worker-{i}.log");
+                spawn_logged(
+                    "flotilla-worker",
+                    &config,
+                    &["--nthreads", "2"],
+                    log(&name).as_deref(),
+                )
+            })
+            .collect();
         let client = Client::connect(config.clone()).await.unwrap();
         let warm = client.submit(inc, (0,));
         assert_eq!(
@@ -677,7 +710,9 @@ async fn chaos_malformed_messages_are_dead_lettered() {
     config.max_payload = 64 << 10;
     let max_payload = config.max_payload;
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut cluster = Processes::start_with(config, Some(&addr)).await;
+    let logs = std::env::temp_dir().join(&config.namespace);
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut cluster = Processes::start_with(config, Some(&addr), Some(&logs)).await;
     let names = cluster.config.names();
     let workers = worker_ids(&addr, cluster.workers.len()).await;
     let tap = EventTap::start(&cluster.config).await;
@@ -750,6 +785,16 @@ async fn chaos_malformed_messages_are_dead_lettered() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     dead_lettered = queue_depth(&channel, &dead_letter).await;
     let executed = tap.completed_with_prefix("forged-");
+    // Every message a process's consumer refused left a warning in its log
+    // (the client's, in this process, go to its own subscriber).
+    let logged: usize = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default())
+        .map(|log| log.matches("dead-lettered").count())
+        .sum();
+    let to_processes = (0..faults)
+        .filter(|i| !targets[i % targets.len()].0.contains(".client."))
+        .count();
     let duplicated = tap.duplicated();
     let mut crashed: Vec<String> = Vec::new();
     if !matches!(cluster.scheduler.try_wait(), Ok(None)) {
@@ -765,14 +810,16 @@ async fn chaos_malformed_messages_are_dead_lettered() {
         workload.tasks
     );
     println!(
-        "chaos malformed: dead-lettered={dead_lettered} executed={executed} crashed={crashed:?}"
+        "chaos malformed: dead-lettered={dead_lettered} logged={logged}/{to_processes} executed={executed} crashed={crashed:?}"
     );
     let _ = connection.close(200, transport::name("done")).await;
     tap.stop().await;
     drop(workload);
     cluster.stop_all().await;
 
+    let _ = std::fs::remove_dir_all(&logs);
     assert_eq!(executed, 0, "forged messages must never run or report");
+    assert_eq!(logged, to_processes, "every refused message is logged");
     assert!(crashed.is_empty(), "crashed: {crashed:?}");
     assert_eq!(
         dead_lettered as usize, faults,

@@ -561,6 +561,18 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             return;
         }
         // --- end actors ---
+        Ok(ToWorker::Run { .. }) => {
+            // The scheduler never sends an empty bundle: this is forged.
+            warn!(
+                bytes = delivery.data.len(),
+                "empty task bundle dead-lettered"
+            );
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
+            return;
+        }
         Ok(_) => {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
