@@ -599,3 +599,154 @@ async fn resubmitting_a_released_pure_key_runs_it_again() {
     }
     t.stop().await;
 }
+
+/// A redelivered task (its first worker died with it unacknowledged)
+/// records its start; one whose record already shows `allowed_failures`
+/// lost starts errs `WorkerLost` instead of running, naming the task and the
+/// last worker; every completion deletes its record.
+#[tokio::test]
+async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
+    use flotilla_proto::{encode, transport, RunTask, StoredResult, Task, TaskSpec, ToWorker};
+    let config = common::fresh_config("worker-lost");
+    let names = config.names();
+    let limit = config.allowed_failures;
+    let mut redis = transport::connect_redis(&config.redis_url).await.unwrap();
+    // Start records as earlier runs would have left them.
+    let records = [
+        ("lost-never", None),
+        ("lost-once", Some(1)),
+        ("lost-often", Some(limit)),
+    ];
+    for (key, losses) in records {
+        let _: () = redis::cmd("SADD")
+            .arg(names.holders_key(key))
+            .arg("test")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if let Some(losses) = losses {
+            let _: () = redis::cmd("HSET")
+                .arg(names.lost_key(key))
+                .arg("n")
+                .arg(losses)
+                .arg("w")
+                .arg("dead-worker-7")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    }
+    let bundle = ToWorker::Run {
+        tasks: records
+            .iter()
+            .map(|(key, _)| RunTask {
+                spec: TaskSpec::new(
+                    (*key).to_owned(),
+                    <whoami as Task>::NAME.to_owned(),
+                    <whoami as Task>::FINGERPRINT,
+                    vec![0x90], // no arguments
+                    Vec::new(),
+                    "test-client".to_owned(),
+                ),
+                inline: Vec::new(),
+                attempt: 0,
+            })
+            .collect(),
+    };
+
+    // A "worker" takes the bundle and dies without acknowledging it.
+    let dying = transport::connect_amqp(&config.amqp_url, "test dying worker")
+        .await
+        .unwrap();
+    let channel = dying.create_channel().await.unwrap();
+    transport::declare_topology(&channel, &names).await.unwrap();
+    channel
+        .basic_publish(
+            transport::name(""),
+            transport::name(&names.tasks_queue()),
+            Default::default(),
+            &encode(&bundle),
+            transport::persistent(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            transport::name(&names.tasks_queue()),
+            transport::name("dying"),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = transport::next_delivery(&mut consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!delivery.redelivered);
+    dying.close(200, transport::name("dying")).await.unwrap();
+
+    // A real worker gets it redelivered.
+    let mut options = flotilla_worker::WorkerOptions::new(config.clone());
+    options.nthreads = 2;
+    let worker = flotilla_worker::WorkerHandle::spawn(options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut results = Vec::new();
+    for (key, _) in records {
+        let stored = loop {
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(names.result_key(key))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            match value {
+                Some(bytes) => break StoredResult::decode(bytes).unwrap(),
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => panic!("no result stored for {key}"),
+            }
+        };
+        results.push(stored);
+    }
+    let mut records_left = 0;
+    for (key, _) in records {
+        let exists: u32 = redis::cmd("EXISTS")
+            .arg(names.lost_key(key))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        records_left += exists;
+    }
+    worker.shutdown().await.unwrap();
+    flotilla::purge(&config).await.unwrap();
+
+    assert!(
+        matches!(results[0], StoredResult::Ok(_)),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], StoredResult::Ok(_)),
+        "{:?}",
+        results[1]
+    );
+    match &results[2] {
+        StoredResult::Err(error) => {
+            assert_eq!(error.kind, ErrorKind::WorkerLost);
+            assert_eq!(error.key, "lost-often");
+            for part in [
+                "`lost-often`".to_owned(),
+                format!("`{}`", <whoami as Task>::NAME),
+                format!("{} times", limit + 1),
+                "dead-worker-7".to_owned(),
+            ] {
+                assert!(error.message.contains(&part), "{part}: {error}");
+            }
+        }
+        other => panic!("a task over the limit must err WorkerLost, not {other:?}"),
+    }
+    assert_eq!(records_left, 0, "completions delete the start records");
+}
