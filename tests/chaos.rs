@@ -1,7 +1,13 @@
 //! Faults injected into real processes (spawned `flotilla-scheduler` and
 //! `flotilla-worker` binaries, the real RabbitMQ and Redis): every future
 //! must still resolve, with the right value. Each scenario prints
-//! `chaos <scenario>: faults=N tasks=N lost=0 unresolved=0 max_resolve_s=X`.
+//! `chaos <scenario>: faults=N tasks=N lost=0 unresolved=0 max_resolve_s=X`
+//! (`worker-lost` and `malformed` add `duplicated=N`: completions a worker
+//! reported more than once for a key, as seen on the events exchange; after
+//! worker deaths at-least-once delivery makes some, so `worker-lost`
+//! reports the figure without asserting it).
+//! One test (`redelivered_tasks_...`) fakes the dying worker in-process with
+//! a raw consumer that takes a bundle and closes its connection.
 //!
 //! `FLOTILLA_CHAOS_SCALE` multiplies the workload for a longer run.
 
@@ -9,11 +15,11 @@ mod common;
 
 use flotilla::prelude::*;
 use flotilla::{Config, ErrorKind};
-use flotilla_examples::{add, crash_worker, inc, slow_identity, total};
+use flotilla_examples::{add, crash_worker, inc, slow_identity, total, whoami};
 use flotilla_proto::transport;
 use flotilla_proto::{
-    decode, encode, ActorCall, Arg, Event, EventBatch, Names, RunTask, Task, TaskSpec, ToScheduler,
-    ToWorker, WIRE_VERSION,
+    decode, encode, ActorCall, Arg, Event, EventBatch, Names, RunTask, StoredResult, Task,
+    TaskSpec, ToScheduler, ToWorker, WIRE_VERSION,
 };
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
@@ -826,4 +832,156 @@ async fn chaos_malformed_messages_are_dead_lettered() {
         "every bad message is dead-lettered"
     );
     assert_eq!((lost, unresolved, duplicated), (0, 0, 0));
+}
+
+/// A redelivered task (its first worker died with it unacknowledged)
+/// records its start; one whose record already shows `allowed_failures`
+/// lost starts errs `WorkerLost` instead of running, naming the task and the
+/// last worker; every completion deletes its record. In-process: the
+/// "worker that died" is a raw consumer that takes the bundle and closes
+/// its connection.
+#[tokio::test]
+async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
+    let config = common::fresh_config("worker-lost");
+    let names = config.names();
+    let limit = config.allowed_failures;
+    let mut redis = transport::connect_redis(&config.redis_url).await.unwrap();
+    // Start records as earlier runs would have left them.
+    let records = [
+        ("lost-never", None),
+        ("lost-once", Some(1)),
+        ("lost-often", Some(limit)),
+    ];
+    for (key, losses) in records {
+        let _: () = redis::cmd("SADD")
+            .arg(names.holders_key(key))
+            .arg("test")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if let Some(losses) = losses {
+            let _: () = redis::cmd("HSET")
+                .arg(names.lost_key(key))
+                .arg("n")
+                .arg(losses)
+                .arg("w")
+                .arg("dead-worker-7")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    }
+    let bundle = ToWorker::Run {
+        tasks: records
+            .iter()
+            .map(|(key, _)| RunTask {
+                spec: TaskSpec::new(
+                    (*key).to_owned(),
+                    <whoami as Task>::NAME.to_owned(),
+                    <whoami as Task>::FINGERPRINT,
+                    vec![0x90], // no arguments
+                    Vec::new(),
+                    "test-client".to_owned(),
+                ),
+                inline: Vec::new(),
+                attempt: 0,
+            })
+            .collect(),
+    };
+
+    // A "worker" takes the bundle and dies without acknowledging it.
+    let dying = transport::connect_amqp(&config.amqp_url, "test dying worker")
+        .await
+        .unwrap();
+    let channel = dying.create_channel().await.unwrap();
+    transport::declare_topology(&channel, &names).await.unwrap();
+    channel
+        .basic_publish(
+            transport::name(""),
+            transport::name(&names.tasks_queue()),
+            Default::default(),
+            &encode(&bundle),
+            transport::persistent(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            transport::name(&names.tasks_queue()),
+            transport::name("dying"),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = transport::next_delivery(&mut consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!delivery.redelivered);
+    dying.close(200, transport::name("dying")).await.unwrap();
+
+    // A real worker gets it redelivered.
+    let mut options = flotilla_worker::WorkerOptions::new(config.clone());
+    options.nthreads = 2;
+    let worker = flotilla_worker::WorkerHandle::spawn(options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut results = Vec::new();
+    for (key, _) in records {
+        let stored = loop {
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(names.result_key(key))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            match value {
+                Some(bytes) => break StoredResult::decode(bytes).unwrap(),
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => panic!("no result stored for {key}"),
+            }
+        };
+        results.push(stored);
+    }
+    let mut records_left = 0;
+    for (key, _) in records {
+        let exists: u32 = redis::cmd("EXISTS")
+            .arg(names.lost_key(key))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        records_left += exists;
+    }
+    worker.shutdown().await.unwrap();
+    flotilla::purge(&config).await.unwrap();
+
+    assert!(
+        matches!(results[0], StoredResult::Ok(_)),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], StoredResult::Ok(_)),
+        "{:?}",
+        results[1]
+    );
+    match &results[2] {
+        StoredResult::Err(error) => {
+            assert_eq!(error.kind, ErrorKind::WorkerLost);
+            assert_eq!(error.key, "lost-often");
+            for part in [
+                "`lost-often`".to_owned(),
+                format!("`{}`", <whoami as Task>::NAME),
+                format!("{} times", limit + 1),
+                "dead-worker-7".to_owned(),
+            ] {
+                assert!(error.message.contains(&part), "{part}: {error}");
+            }
+        }
+        other => panic!("a task over the limit must err WorkerLost, not {other:?}"),
+    }
+    assert_eq!(records_left, 0, "completions delete the start records");
 }
