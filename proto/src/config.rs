@@ -50,6 +50,7 @@ pub struct Config {
     /// Worker losses a task that had started is allowed: a task whose
     /// worker died under it more often errs `WorkerLost` instead of running
     /// again (Dask's `allowed-failures`; with 3 it errs on the 4th loss).
+    /// Workers take at least 1.
     pub allowed_failures: u32,
 }
 

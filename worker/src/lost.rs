@@ -24,7 +24,10 @@
 //! never err. A task that was running next to a crashing one is charged
 //! the loss as well, but only once: a task with a recorded loss runs alone
 //! on its worker (it takes every slot), so from then on only its own crashes
-//! count.
+//! count. (So a bystander is charged at most one loss per crashing task:
+//! with `allowed_failures` of 1 one crashing neighbour can make it err, with
+//! the default of 3 it takes three different ones. `allowed_failures` below 1
+//! is taken as 1.)
 
 use flotilla_proto::{ErrorKind, Names, TaskError};
 use redis::aio::ConnectionManager;
@@ -88,7 +91,10 @@ impl Ledger {
             redis,
             names,
             worker,
-            allowed_failures,
+            // With 0, a redelivered task that merely waited in a dead
+            // worker's prefetch would err: first runs are not recorded, so
+            // one recorded loss is the least that can be told apart.
+            allowed_failures: allowed_failures.max(1),
             nthreads: u32::try_from(nthreads.max(1)).unwrap_or(u32::MAX),
         }
     }
