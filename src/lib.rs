@@ -53,6 +53,16 @@ pub async fn slow_identity(x: i64, millis: u64) -> i64 {
     x
 }
 
+/// Aborts its worker process, every time: a task that kills its worker
+/// (the chaos suite's `WorkerLost` scenario). After
+/// `FLOTILLA_ALLOWED_FAILURES` + 1 worker deaths its future errs
+/// `WorkerLost`. Never submit it to a worker inside your own process.
+#[flotilla::task]
+pub fn crash_worker(tag: String) -> i64 {
+    eprintln!("crash_worker({tag}): aborting the worker process");
+    std::process::abort()
+}
+
 /// Panics with `message`.
 #[flotilla::task]
 pub fn explode(message: String) -> i64 {

@@ -1,7 +1,13 @@
 //! Faults injected into real processes (spawned `flotilla-scheduler` and
 //! `flotilla-worker` binaries, the real RabbitMQ and Redis): every future
 //! must still resolve, with the right value. Each scenario prints
-//! `chaos <scenario>: faults=N tasks=N lost=0 unresolved=0 max_resolve_s=X`.
+//! `chaos <scenario>: faults=N tasks=N lost=0 unresolved=0 max_resolve_s=X`
+//! (`worker-lost` and `malformed` add `duplicated=N`: completions a worker
+//! reported more than once for a key, as seen on the events exchange; after
+//! worker deaths at-least-once delivery makes some, so `worker-lost`
+//! reports the figure without asserting it).
+//! One test (`redelivered_tasks_...`) fakes the dying worker in-process with
+//! a raw consumer that takes a bundle and closes its connection.
 //!
 //! `FLOTILLA_CHAOS_SCALE` multiplies the workload for a longer run.
 
@@ -9,9 +15,22 @@ mod common;
 
 use common::services::{PrivateRabbit, PrivateRedis};
 use flotilla::prelude::*;
-use flotilla::Config;
-use flotilla_examples::{add, counted_sleep, inc, slow_identity, total};
+use flotilla::{Config, ErrorKind};
+use flotilla_examples::{add, counted_sleep, crash_worker, inc, slow_identity, total, whoami};
+use flotilla_proto::transport;
+use flotilla_proto::{
+    decode, encode, ActorCall, Arg, Event, EventBatch, Names, RunTask, StoredResult, Task,
+    TaskSpec, ToScheduler, ToWorker, WIRE_VERSION,
+};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::Confirmation;
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 fn scale() -> i64 {
@@ -22,6 +41,21 @@ fn scale() -> i64 {
 }
 
 fn spawn(binary: &str, config: &Config, args: &[&str]) -> Child {
+    spawn_logged(binary, config, args, None)
+}
+
+/// Like [`spawn`], with the process's log (warnings and errors) written to
+/// `log` when given.
+fn spawn_logged(
+    binary: &str,
+    config: &Config,
+    args: &[&str],
+    log: Option<&std::path::Path>,
+) -> Child {
+    let stderr = match log {
+        Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+        None => Stdio::null(),
+    };
     let path = common::target_binary(binary);
     assert!(
         path.exists(),
@@ -33,10 +67,15 @@ fn spawn(binary: &str, config: &Config, args: &[&str]) -> Child {
         .env("FLOTILLA_AMQP_URL", &config.amqp_url)
         .env("FLOTILLA_REDIS_URL", &config.redis_url)
         .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env("FLOTILLA_MAX_PAYLOAD", config.max_payload.to_string())
         .env("FLOTILLA_LONG_TASK_MS", config.long_task_ms.to_string())
+        .env(
+            "FLOTILLA_ALLOWED_FAILURES",
+            config.allowed_failures.to_string(),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("process starts")
 }
@@ -154,12 +193,35 @@ struct Processes {
 
 impl Processes {
     async fn start(prefix: &str) -> Processes {
-        Self::start_with(common::fresh_config(prefix)).await
+        Self::start_with(common::fresh_config(prefix), None, None).await
     }
 
-    async fn start_with(config: Config) -> Processes {
-        let scheduler = scheduler(&config);
-        let workers = vec![worker(&config), worker(&config)];
+    /// Like [`Processes::start`], with `config`, the scheduler's HTTP API
+    /// served at `http_addr`, and each process's log written to a file in
+    /// `logs` (`scheduler.log`, `worker-0.log`, ...).
+    async fn start_with(
+        config: Config,
+        http_addr: Option<&str>,
+        logs: Option<&std::path::Path>,
+    ) -> Processes {
+        let log = |name: &str| logs.map(|dir| dir.join(name));
+        let scheduler = spawn_logged(
+            "flotilla-scheduler",
+            &config,
+            &["--http-addr", http_addr.unwrap_or("off")],
+            log("scheduler.log").as_deref(),
+        );
+        let workers = (0..2)
+            .map(|i| {
+                let name = format!("worker-{i}.log");
+                spawn_logged(
+                    "flotilla-worker",
+                    &config,
+                    &["--nthreads", "2"],
+                    log(&name).as_deref(),
+                )
+            })
+            .collect();
         let client = Client::connect(config.clone()).await.unwrap();
         let warm = client.submit(inc, (0,));
         assert_eq!(
@@ -231,6 +293,703 @@ async fn chaos_workers_killed_and_restarted_mid_workload() {
         .await;
 }
 
+// --- Worker loss and hostile input ---
+
+/// Counts the completion events workers publish, per key: a key that
+/// finished more than once ran more than once.
+struct EventTap {
+    completions: Arc<Mutex<HashMap<String, u32>>>,
+    connection: lapin::Connection,
+}
+
+impl EventTap {
+    async fn start(config: &Config) -> EventTap {
+        let names = config.names();
+        let connection = transport::connect_amqp(&config.amqp_url, "chaos event tap")
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let queue = format!("{}.tap.{}", names.namespace(), flotilla_proto::new_id());
+        channel
+            .queue_declare(
+                transport::name(&queue),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                transport::name(&queue),
+                transport::name(&names.events_exchange()),
+                transport::name(Names::SCHEDULER_BINDING),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                transport::name(&queue),
+                transport::name("tap"),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let completions = Arc::new(Mutex::new(HashMap::new()));
+        let counts = completions.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = transport::next_delivery(&mut consumer).await {
+                let Ok(batch) = decode::<EventBatch>(&delivery.data, usize::MAX) else {
+                    continue;
+                };
+                let mut counts = counts.lock().unwrap();
+                for event in batch.events {
+                    if let Event::Finished { key, .. } | Event::Erred { key, .. } = event {
+                        *counts.entry(key).or_insert(0) += 1;
+                    }
+                }
+            }
+        });
+        EventTap {
+            completions,
+            connection,
+        }
+    }
+
+    /// Completions beyond the first of each key.
+    fn duplicated(&self) -> usize {
+        let counts = self.completions.lock().unwrap();
+        counts.values().map(|&n| n as usize - 1).sum()
+    }
+
+    /// Keys with a completion whose key starts with `prefix`.
+    fn completed_with_prefix(&self, prefix: &str) -> usize {
+        let counts = self.completions.lock().unwrap();
+        counts.keys().filter(|k| k.starts_with(prefix)).count()
+    }
+
+    async fn stop(self) {
+        let _ = self.connection.close(200, transport::name("done")).await;
+    }
+}
+
+impl Processes {
+    /// Restarts the workers that died; returns how many had.
+    fn respawn_dead_workers(&mut self) -> usize {
+        let mut deaths = 0;
+        for child in &mut self.workers {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                deaths += 1;
+                *child = worker(&self.config);
+            }
+        }
+        deaths
+    }
+
+    /// Closes the client, stops every process, deletes the namespace.
+    async fn stop_all(mut self) {
+        let _ = self.client.close().await;
+        self.workers.push(self.scheduler);
+        stop(&mut self.workers);
+        let _ = flotilla::purge(&self.config).await;
+    }
+}
+
+/// Waits for `futures`, expecting `expected(i)` from the `i`th; returns
+/// (wrong or failed, unresolved, slowest in seconds since `started`).
+async fn check_values(
+    futures: &[Future<i64>],
+    expected: impl Fn(usize) -> i64,
+    started: Instant,
+) -> (usize, usize, f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut lost, mut unresolved, mut slowest) = (0, 0, 0.0f64);
+    for (i, future) in futures.iter().enumerate() {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match future.result_timeout(left).await {
+            Ok(v) if v == expected(i) => {}
+            Err(Error::Timeout { .. }) => unresolved += 1,
+            _ => lost += 1,
+        }
+        slowest = slowest.max(started.elapsed().as_secs_f64());
+    }
+    (lost, unresolved, slowest)
+}
+
+/// Scenario 2: a task that aborts its worker process every time errs
+/// `WorkerLost` after `allowed_failures + 1` worker deaths (the first run
+/// is not recorded; see `flotilla_worker`'s `lost` module), while 1,000
+/// other tasks, some of them queued on the dying workers, complete.
+#[tokio::test]
+async fn chaos_task_that_kills_its_worker_errs_worker_lost() {
+    let mut cluster = Processes::start("chaos-lost").await;
+    let tap = EventTap::start(&cluster.config).await;
+    let limit = cluster.config.allowed_failures as usize;
+    let salt = 3_000_000;
+    let started = Instant::now();
+    let client = cluster.client.clone();
+    let crash = client.submit(crash_worker, ("chaos".to_owned(),));
+    let after_crash = client.submit(inc, (&crash,));
+    let slow: Vec<_> = (0..400)
+        .map(|i| client.submit(slow_identity, (salt + i, 10)))
+        .collect();
+    let chains: Vec<_> = (0..20)
+        .map(|c| {
+            let mut link = client.submit(add, (salt, c));
+            for _ in 0..29 {
+                link = client.submit(inc, (&link,));
+            }
+            link
+        })
+        .collect();
+    let tasks = slow.len() + chains.len() * 30;
+
+    // The supervisor: a worker that dies is restarted, and counted.
+    let mut deaths = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let outcome = loop {
+        match crash.result_timeout(Duration::from_millis(50)).await {
+            Err(Error::Timeout { .. }) if Instant::now() < deadline => {
+                deaths += cluster.respawn_dead_workers();
+            }
+            other => break other,
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    deaths += cluster.respawn_dead_workers();
+
+    let (lost_slow, unresolved_slow, slowest_slow) =
+        check_values(&slow, |i| salt + i as i64, started).await;
+    let (lost_chains, unresolved_chains, slowest) =
+        check_values(&chains, |c| salt + c as i64 + 29, started).await;
+    deaths += cluster.respawn_dead_workers();
+    let (lost, unresolved) = (lost_slow + lost_chains, unresolved_slow + unresolved_chains);
+    let dependent = after_crash.result_timeout(Duration::from_secs(10)).await;
+    let duplicated = tap.duplicated();
+    println!(
+        "chaos worker-lost: faults={deaths} tasks={tasks} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={:.2}",
+        slowest.max(slowest_slow)
+    );
+    tap.stop().await;
+    let crash_key = crash.key().to_owned();
+    drop((crash, after_crash, slow, chains));
+    cluster.stop_all().await;
+
+    match outcome {
+        Err(Error::Task(error)) => {
+            assert_eq!(error.kind(), ErrorKind::WorkerLost, "{error}");
+            assert_eq!(error.key(), crash_key);
+            assert!(
+                error.message().contains(&crash_key) && error.message().contains("crash_worker"),
+                "the error names the task: {error}"
+            );
+            assert!(
+                error.message().contains(&format!("{} times", limit + 1)),
+                "{error}"
+            );
+        }
+        other => panic!("the crashing task must err WorkerLost, not {other:?}"),
+    }
+    match dependent {
+        Err(Error::Task(error)) => {
+            assert_eq!(error.kind(), ErrorKind::WorkerLost);
+            assert_eq!(error.key(), crash_key);
+        }
+        other => panic!("a dependent of the lost task errs with it, not {other:?}"),
+    }
+    assert_eq!(deaths, limit + 1, "worker deaths before WorkerLost");
+    assert_eq!((lost, unresolved), (0, 0));
+}
+
+/// Which decoder a queue's consumer applies.
+#[derive(Debug, Clone, Copy)]
+enum Consumer {
+    Worker,
+    Scheduler,
+    Events,
+    Actors,
+}
+
+impl Consumer {
+    /// Whether the consumer would take `bytes` as a message (with the size
+    /// limit it applies).
+    fn decodes(self, bytes: &[u8], max_payload: usize) -> bool {
+        match self {
+            Consumer::Worker => decode::<ToWorker>(bytes, max_payload * 2).is_ok(),
+            Consumer::Scheduler => decode::<ToScheduler>(bytes, max_payload + (1 << 20)).is_ok(),
+            Consumer::Events => decode::<EventBatch>(bytes, max_payload + (1 << 20)).is_ok(),
+            Consumer::Actors => decode::<ActorCall>(bytes, max_payload * 2).is_ok(),
+        }
+    }
+
+    /// A well-formed message for this consumer that would do something
+    /// (run a task, report a result, call an actor) if it were accepted.
+    fn forged(self, i: usize, padding: usize) -> Vec<u8> {
+        let args = encode(&vec![Arg::Value(encode(&(1i64,)))]);
+        let mut spec = TaskSpec::new(
+            format!("forged-{i}"),
+            <inc as Task>::NAME.to_owned(),
+            <inc as Task>::FINGERPRINT,
+            args,
+            Vec::new(),
+            "forged-client".to_owned(),
+        );
+        spec.args.extend(std::iter::repeat_n(0u8, padding));
+        match self {
+            Consumer::Worker => encode(&ToWorker::Run {
+                tasks: vec![RunTask {
+                    spec,
+                    inline: Vec::new(),
+                    attempt: 0,
+                }],
+            }),
+            Consumer::Scheduler => encode(&ToScheduler::Submit { tasks: vec![spec] }),
+            Consumer::Events => encode(&EventBatch {
+                worker: "forged-worker".to_owned(),
+                events: vec![Event::Finished {
+                    key: spec.key,
+                    inline: Some(spec.args),
+                    size: 1,
+                }],
+            }),
+            Consumer::Actors => encode(&ActorCall {
+                actor: "forged-actor".to_owned(),
+                method: "get".to_owned(),
+                args: spec.args,
+                call: spec.key,
+                client: spec.client,
+            }),
+        }
+    }
+
+    /// Valid MessagePack (with the right version byte) of another type.
+    fn wrong_type(self, i: usize) -> Vec<u8> {
+        match self {
+            Consumer::Worker | Consumer::Actors => Consumer::Events.forged(i, 0),
+            Consumer::Scheduler => Consumer::Actors.forged(i, 0),
+            Consumer::Events => encode(&ToWorker::Cancel {
+                keys: vec![format!("forged-{i}")],
+            }),
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift), so that a failure repeats.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// The `n`th garbage message for `consumer`: random bytes, a truncated
+/// valid message, valid MessagePack of the wrong type, a message over the
+/// payload limit, or a valid message with a wrong version byte.
+fn garbage(consumer: Consumer, n: usize, noise: &mut Noise, max_payload: usize) -> Vec<u8> {
+    match n % 25 {
+        4 => {
+            // Over every consumer's limit (the largest is the scheduler's).
+            let over = (max_payload * 2).max(max_payload + (1 << 20)) + 1024;
+            consumer.forged(n, over)
+        }
+        k => match k % 4 {
+            0 => {
+                let len = 1 + noise.below(512);
+                noise.bytes(len)
+            }
+            1 => {
+                let mut valid = consumer.forged(n, 0);
+                valid.truncate(1 + noise.below(valid.len() - 1));
+                valid
+            }
+            2 => consumer.wrong_type(n),
+            _ => {
+                let mut valid = consumer.forged(n, 0);
+                valid[0] = WIRE_VERSION.wrapping_add(1 + noise.below(250) as u8);
+                valid
+            }
+        },
+    }
+}
+
+/// A TCP port free at the moment.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET path` from the scheduler's HTTP API at `addr`.
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The ids of the workers the scheduler at `addr` knows, once there are `n`.
+async fn worker_ids(addr: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = http_get(addr, "/api/workers").await.unwrap_or_default();
+        let mut ids = Vec::new();
+        let mut rest = body.as_str();
+        while let Some(at) = rest.find("\"id\"") {
+            rest = rest[at + 4..]
+                .trim_start()
+                .trim_start_matches(':')
+                .trim_start();
+            if let Some(value) = rest.strip_prefix('"') {
+                if let Some(end) = value.find('"') {
+                    ids.push(value[..end].to_owned());
+                }
+            }
+        }
+        if ids.len() >= n {
+            return ids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the scheduler lists {n} workers: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Messages in a queue, by a passive declare.
+async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            transport::name(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0)
+}
+
+/// Scenario 6: 1,000 malformed or forged messages published to every
+/// queue of the namespace while a workload runs: none is executed, no
+/// process crashes, the workload's results are all correct, and every one
+/// of them ends up in the dead-letter queue.
+#[tokio::test]
+async fn chaos_malformed_messages_are_dead_lettered() {
+    let mut config = common::fresh_config("chaos-garbage");
+    config.max_payload = 64 << 10;
+    let max_payload = config.max_payload;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let logs = std::env::temp_dir().join(&config.namespace);
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut cluster = Processes::start_with(config, Some(&addr), Some(&logs)).await;
+    let names = cluster.config.names();
+    let workers = worker_ids(&addr, cluster.workers.len()).await;
+    let tap = EventTap::start(&cluster.config).await;
+
+    let mut targets = vec![
+        (names.tasks_queue(), Consumer::Worker),
+        (names.scheduler_queue(), Consumer::Scheduler),
+        (names.scheduler_events_queue(), Consumer::Events),
+        (names.client_queue(cluster.client.id()), Consumer::Events),
+    ];
+    for id in &workers {
+        targets.push((names.worker_queue(id), Consumer::Worker));
+        targets.push((names.actors_queue(id), Consumer::Actors));
+    }
+
+    let salt = 4_000_000;
+    let started = Instant::now();
+    let workload = submit_workload(&cluster.client, salt);
+    cluster.client.flush().await.unwrap();
+
+    let connection = transport::connect_amqp(&cluster.config.amqp_url, "chaos garbage")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let faults = 1000;
+    let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+    let mut confirms = Vec::with_capacity(faults);
+    for i in 0..faults {
+        let (queue, consumer) = &targets[i % targets.len()];
+        let bytes = garbage(*consumer, i / targets.len(), &mut noise, max_payload);
+        assert!(
+            !consumer.decodes(&bytes, max_payload),
+            "garbage #{i} for {queue} must not decode"
+        );
+        let confirm = channel
+            .basic_publish(
+                transport::name(""),
+                transport::name(queue),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &bytes,
+                transport::transient(),
+            )
+            .await
+            .unwrap();
+        confirms.push((queue.clone(), confirm));
+    }
+    for (queue, confirm) in confirms {
+        match confirm.await.unwrap() {
+            Confirmation::Ack(None) => {}
+            other => panic!("garbage for {queue} was not delivered to it: {other:?}"),
+        }
+    }
+
+    let (lost, unresolved, slowest) = check(&workload, salt, started).await;
+    let dead_letter = names.dead_letter_queue();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut dead_lettered = queue_depth(&channel, &dead_letter).await;
+    while (dead_lettered as usize) < faults && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dead_lettered = queue_depth(&channel, &dead_letter).await;
+    }
+    // Nothing more arrives later either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dead_lettered = queue_depth(&channel, &dead_letter).await;
+    let executed = tap.completed_with_prefix("forged-");
+    // Every message a process's consumer refused left a warning in its log
+    // (the client's, in this process, go to its own subscriber).
+    let logged: usize = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap_or_default())
+        .map(|log| log.matches("dead-lettered").count())
+        .sum();
+    let to_processes = (0..faults)
+        .filter(|i| !targets[i % targets.len()].0.contains(".client."))
+        .count();
+    let duplicated = tap.duplicated();
+    let mut crashed: Vec<String> = Vec::new();
+    if !matches!(cluster.scheduler.try_wait(), Ok(None)) {
+        crashed.push("scheduler".to_owned());
+    }
+    for (i, child) in cluster.workers.iter_mut().enumerate() {
+        if !matches!(child.try_wait(), Ok(None)) {
+            crashed.push(format!("worker {i}"));
+        }
+    }
+    println!(
+        "chaos malformed: faults={faults} tasks={} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2}",
+        workload.tasks
+    );
+    println!(
+        "chaos malformed: dead-lettered={dead_lettered} logged={logged}/{to_processes} executed={executed} crashed={crashed:?}"
+    );
+    let _ = connection.close(200, transport::name("done")).await;
+    tap.stop().await;
+    drop(workload);
+    cluster.stop_all().await;
+
+    let _ = std::fs::remove_dir_all(&logs);
+    assert_eq!(executed, 0, "forged messages must never run or report");
+    assert_eq!(logged, to_processes, "every refused message is logged");
+    assert!(crashed.is_empty(), "crashed: {crashed:?}");
+    assert_eq!(
+        dead_lettered as usize, faults,
+        "every bad message is dead-lettered"
+    );
+    assert_eq!((lost, unresolved, duplicated), (0, 0, 0));
+}
+
+/// A redelivered task (its first worker died with it unacknowledged)
+/// records its start; one whose record already shows `allowed_failures`
+/// lost starts errs `WorkerLost` instead of running, naming the task and the
+/// last worker; every completion deletes its record. In-process: the
+/// "worker that died" is a raw consumer that takes the bundle and closes
+/// its connection.
+#[tokio::test]
+async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
+    let config = common::fresh_config("worker-lost");
+    let names = config.names();
+    let limit = config.allowed_failures;
+    let mut redis = transport::connect_redis(&config.redis_url).await.unwrap();
+    // Start records as earlier runs would have left them.
+    let records = [
+        ("lost-never", None),
+        ("lost-once", Some(1)),
+        ("lost-often", Some(limit)),
+    ];
+    for (key, losses) in records {
+        let _: () = redis::cmd("SADD")
+            .arg(names.holders_key(key))
+            .arg("test")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if let Some(losses) = losses {
+            let _: () = redis::cmd("HSET")
+                .arg(names.lost_key(key))
+                .arg("n")
+                .arg(losses)
+                .arg("w")
+                .arg("dead-worker-7")
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    }
+    let bundle = ToWorker::Run {
+        tasks: records
+            .iter()
+            .map(|(key, _)| RunTask {
+                spec: TaskSpec::new(
+                    (*key).to_owned(),
+                    <whoami as Task>::NAME.to_owned(),
+                    <whoami as Task>::FINGERPRINT,
+                    vec![0x90], // no arguments
+                    Vec::new(),
+                    "test-client".to_owned(),
+                ),
+                inline: Vec::new(),
+                attempt: 0,
+            })
+            .collect(),
+    };
+
+    // A "worker" takes the bundle and dies without acknowledging it.
+    let dying = transport::connect_amqp(&config.amqp_url, "test dying worker")
+        .await
+        .unwrap();
+    let channel = dying.create_channel().await.unwrap();
+    transport::declare_topology(&channel, &names).await.unwrap();
+    channel
+        .basic_publish(
+            transport::name(""),
+            transport::name(&names.tasks_queue()),
+            Default::default(),
+            &encode(&bundle),
+            transport::persistent(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            transport::name(&names.tasks_queue()),
+            transport::name("dying"),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = transport::next_delivery(&mut consumer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!delivery.redelivered);
+    dying.close(200, transport::name("dying")).await.unwrap();
+
+    // A real worker gets it redelivered.
+    let mut options = flotilla_worker::WorkerOptions::new(config.clone());
+    options.nthreads = 2;
+    let worker = flotilla_worker::WorkerHandle::spawn(options).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut results = Vec::new();
+    for (key, _) in records {
+        let stored = loop {
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(names.result_key(key))
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            match value {
+                Some(bytes) => break StoredResult::decode(bytes).unwrap(),
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                None => panic!("no result stored for {key}"),
+            }
+        };
+        results.push(stored);
+    }
+    let mut records_left = 0;
+    for (key, _) in records {
+        let exists: u32 = redis::cmd("EXISTS")
+            .arg(names.lost_key(key))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        records_left += exists;
+    }
+    worker.shutdown().await.unwrap();
+    flotilla::purge(&config).await.unwrap();
+
+    assert!(
+        matches!(results[0], StoredResult::Ok(_)),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], StoredResult::Ok(_)),
+        "{:?}",
+        results[1]
+    );
+    match &results[2] {
+        StoredResult::Err(error) => {
+            assert_eq!(error.kind, ErrorKind::WorkerLost);
+            assert_eq!(error.key, "lost-often");
+            for part in [
+                "`lost-often`".to_owned(),
+                format!("`{}`", <whoami as Task>::NAME),
+                format!("{} times", limit + 1),
+                "dead-worker-7".to_owned(),
+            ] {
+                assert!(error.message.contains(&part), "{part}: {error}");
+            }
+        }
+        other => panic!("a task over the limit must err WorkerLost, not {other:?}"),
+    }
+    assert_eq!(records_left, 0, "completions delete the start records");
+}
+
+// --- Service restarts and long tasks ---
+
 #[tokio::test]
 async fn chaos_broker_restarted_mid_workload() {
     // A RabbitMQ node of this test's own: the shared one is never touched.
@@ -239,7 +998,7 @@ async fn chaos_broker_restarted_mid_workload() {
         .unwrap();
     let mut config = common::fresh_config("chaos-broker");
     config.amqp_url = rabbit.url();
-    let cluster = Processes::start_with(config).await;
+    let cluster = Processes::start_with(config, None, None).await;
     let salt = 3_000_000;
     let started = Instant::now();
     let workload = submit_workload(&cluster.client, salt);
@@ -266,7 +1025,7 @@ async fn chaos_redis_killed_and_restarted_mid_workload() {
         .unwrap();
     let mut config = common::fresh_config("chaos-redis");
     config.redis_url = redis.url();
-    let cluster = Processes::start_with(config).await;
+    let cluster = Processes::start_with(config, None, None).await;
     let salt = 4_000_000;
     let started = Instant::now();
     let workload = submit_workload(&cluster.client, salt);
@@ -354,7 +1113,7 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
     // Tasks of 6 s on workers that take long deliveries into custody
     // after 500 ms: each starts exactly once.
     config.long_task_ms = 500;
-    let mut cluster = Processes::start_with(config.clone()).await;
+    let mut cluster = Processes::start_with(config.clone(), None, None).await;
     let started = Instant::now();
     let long: Vec<_> = (0..4)
         .map(|i| {

@@ -16,6 +16,9 @@ pub const DEFAULT_CLIENT_LEASE_MS: u64 = 30_000;
 /// and keeps it by a lease in Redis instead (5 min: well inside RabbitMQ's
 /// default 30-minute consumer timeout).
 pub const DEFAULT_LONG_TASK_MS: u64 = 300_000;
+/// Worker losses a started task is allowed before it errs `WorkerLost` (3,
+/// as Dask's `allowed-failures`: the task errs on the 4th loss).
+pub const DEFAULT_ALLOWED_FAILURES: u32 = 3;
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +57,11 @@ pub struct Config {
     /// would hand the task to another worker while it still runs here).
     /// Keep it below the broker's `consumer_timeout`.
     pub long_task_ms: u64,
+    /// Worker losses a task that had started is allowed: a task whose
+    /// worker died under it more often errs `WorkerLost` instead of running
+    /// again (Dask's `allowed-failures`; with 3 it errs on the 4th loss).
+    /// Workers take at least 1.
+    pub allowed_failures: u32,
 }
 
 impl Default for Config {
@@ -65,14 +73,16 @@ impl Default for Config {
             max_payload: DEFAULT_MAX_PAYLOAD,
             client_lease_ms: DEFAULT_CLIENT_LEASE_MS,
             long_task_ms: DEFAULT_LONG_TASK_MS,
+            allowed_failures: DEFAULT_ALLOWED_FAILURES,
         }
     }
 }
 
 impl Config {
     /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
-    /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS` and
-    /// `FLOTILLA_LONG_TASK_MS`, with the defaults for what is unset.
+    /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS`,
+    /// `FLOTILLA_LONG_TASK_MS` and `FLOTILLA_ALLOWED_FAILURES`, with the
+    /// defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -106,6 +116,12 @@ impl Config {
             config.long_task_ms = long.trim().parse().map_err(|_| ConfigError::Number {
                 name: "FLOTILLA_LONG_TASK_MS",
                 value: long.clone(),
+            })?;
+        }
+        if let Some(failures) = set("FLOTILLA_ALLOWED_FAILURES") {
+            config.allowed_failures = failures.trim().parse().map_err(|_| ConfigError::Number {
+                name: "FLOTILLA_ALLOWED_FAILURES",
+                value: failures.clone(),
             })?;
         }
         config.validate()?;
@@ -145,13 +161,19 @@ mod tests {
         let config = Config::from_lookup(|name| match name {
             "FLOTILLA_NAMESPACE" => Some("ns1".into()),
             "FLOTILLA_MAX_PAYLOAD" => Some("1024".into()),
+            "FLOTILLA_ALLOWED_FAILURES" => Some("1".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(
-            (config.namespace.as_str(), config.max_payload),
-            ("ns1", 1024)
+            (
+                config.namespace.as_str(),
+                config.max_payload,
+                config.allowed_failures
+            ),
+            ("ns1", 1024, 1)
         );
+        assert_eq!(Config::default().allowed_failures, 3);
         assert!(
             Config::from_lookup(|n| (n == "FLOTILLA_NAMESPACE").then(|| "a.b".into())).is_err()
         );

@@ -25,8 +25,8 @@ pub mod transport;
 
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
-    Config, ConfigError, DEFAULT_AMQP_URL, DEFAULT_CLIENT_LEASE_MS, DEFAULT_LONG_TASK_MS,
-    DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
+    Config, ConfigError, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL, DEFAULT_CLIENT_LEASE_MS,
+    DEFAULT_LONG_TASK_MS, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
 };
 pub use error::{ErrorKind, TaskError};
 pub use messages::{

@@ -125,6 +125,13 @@ impl Names {
         format!("{}:s:{{{key}}}", self.namespace)
     }
 
+    /// Redis hash recording a redelivered task's starts that have not
+    /// completed (`n`) and the worker it last started on (`w`): a task
+    /// whose worker keeps dying under it errs `WorkerLost`.
+    pub fn lost_key(&self, key: &str) -> String {
+        format!("{}:a:{{{key}}}", self.namespace)
+    }
+
     /// Pattern matching every stored task spec of the namespace.
     pub fn spec_pattern(&self) -> String {
         format!("{}:s:*", self.namespace)
@@ -191,6 +198,7 @@ mod tests {
         assert_eq!(names.actors_queue("w1"), "ns.actors.w1");
         assert_eq!(names.result_key("add-1"), "ns:r:{add-1}");
         assert_eq!(names.holders_key("add-1"), "ns:h:{add-1}");
+        assert_eq!(names.lost_key("add-1"), "ns:a:{add-1}");
         assert_eq!(
             Names::key_of_holders(&names.holders_key("add-1")),
             Some("add-1")

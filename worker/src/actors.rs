@@ -30,7 +30,7 @@ use flotilla_proto::{
     TaskError,
 };
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
@@ -348,6 +348,36 @@ impl ActorHost {
         );
     }
 
+    /// Sends an undecodable call to the namespace's dead-letter exchange,
+    /// like the other consumers' rejections. The actor queue is consumed
+    /// without acknowledgements (calls are cheap, the queue dies with its
+    /// worker), so the broker cannot dead-letter it by itself.
+    async fn dead_letter(&self, bytes: &[u8], reason: &str) {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("x-flotilla-queue"),
+            AMQPValue::LongString(self.names.actors_queue(&self.worker).into()),
+        );
+        headers.insert(
+            ShortString::from("x-flotilla-reason"),
+            AMQPValue::LongString(reason.into()),
+        );
+        let published = self
+            .replier
+            .channel
+            .basic_publish(
+                name(&self.names.dead_letter_exchange()),
+                name(""),
+                BasicPublishOptions::default(),
+                bytes,
+                transport::transient().with_headers(headers),
+            )
+            .await;
+        if let Err(error) = published {
+            warn!(%error, "could not dead-letter an actor call");
+        }
+    }
+
     /// Hands a call to its actor's mailbox, or answers that the actor is gone.
     async fn route(&self, job: Job) {
         let job = {
@@ -423,7 +453,8 @@ async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, limit: usiz
                 host.route(Job { call, reply_to }).await;
             }
             Err(error) => {
-                warn!(%error, bytes = delivery.data.len(), "undecodable actor call dropped");
+                warn!(%error, bytes = delivery.data.len(), "undecodable actor call dead-lettered");
+                host.dead_letter(&delivery.data, &error.to_string()).await;
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod actors;
 mod args;
 mod cache;
 mod context;
+mod lost;
 mod panic;
 pub mod registry;
 mod runtime;

@@ -248,6 +248,8 @@ struct Shared {
     extension: Option<Arc<dyn Any + Send + Sync>>,
     /// Keys of the tasks in this worker's custody.
     custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Start records of redelivered tasks (see [`crate::lost`]).
+    ledger: crate::lost::Ledger,
 }
 
 impl Shared {
@@ -447,6 +449,9 @@ enum Completion {
         /// A failure the scheduler will run again: neither stored nor
         /// reported to the client.
         retrying: bool,
+        /// The task came redelivered, so its start may be recorded (see
+        /// [`crate::lost`]): the record goes with its completion.
+        recorded: bool,
         bundle: Arc<Bundle>,
     },
 }
@@ -559,6 +564,13 @@ async fn serve(
         redis: redis.clone(),
         slots: Arc::new(Semaphore::new(nthreads)),
         completions,
+        ledger: crate::lost::Ledger::new(
+            redis.clone(),
+            names.clone(),
+            format!("{display_name} ({id})"),
+            config.allowed_failures,
+            nthreads,
+        ),
         extension: inventory::iter::<ContextExtension>
             .into_iter()
             .next()
@@ -769,6 +781,18 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             return;
         }
         // --- end actors ---
+        Ok(ToWorker::Run { .. }) => {
+            // The scheduler never sends an empty bundle: this is forged.
+            warn!(
+                bytes = delivery.data.len(),
+                "empty task bundle dead-lettered"
+            );
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
+            return;
+        }
         Ok(_) => {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
@@ -782,6 +806,9 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
             return;
         }
     };
+    // A redelivered bundle's worker may have died under it: its tasks'
+    // starts are recorded, and one that kept killing workers errs.
+    let redelivered = delivery.redelivered;
     let bundle = Arc::new(Bundle::new(
         delivery,
         tasks.iter().map(|task| task.spec.key.clone()),
@@ -811,8 +838,29 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
-                let Ok(permit) = shared.slots.clone().acquire_owned().await else {
-                    return;
+                let (permit, isolation) = if redelivered {
+                    match shared.ledger.admit(&shared.slots, &key, &task.spec.task).await {
+                        crate::lost::Admission::Run { permit, isolation } => (permit, isolation),
+                        crate::lost::Admission::Lost(error) => {
+                            warn!(%error, "task lost its worker too often; not running it");
+                            let _ = shared.completions.send(Completion::Done {
+                                key,
+                                client,
+                                deps,
+                                outcome: Err(error),
+                                retrying: false,
+                                recorded: true,
+                                bundle,
+                            });
+                            return;
+                        }
+                        crate::lost::Admission::Closed => return,
+                    }
+                } else {
+                    let Ok(permit) = shared.slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    (permit, None)
                 };
                 let slot = Slot::new(shared.slots.clone(), permit);
                 let resources = shared.acquire_resources(&task.spec.resources).await;
@@ -828,14 +876,16 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 };
                 drop(resources);
                 slot.release();
+                drop(isolation);
                 let retrying = may_retry
-                    && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch));
+                    && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch | ErrorKind::WorkerLost));
                 let _ = shared.completions.send(Completion::Done {
                     key,
                     client,
                     deps,
                     outcome,
                     retrying,
+                    recorded: redelivered,
                     bundle,
                 });
             }
@@ -1042,8 +1092,16 @@ async fn complete_loop(
                     deps,
                     outcome,
                     retrying,
+                    recorded,
                     ..
-                } => (key, client, deps, outcome, *retrying),
+                } => {
+                    if *recorded {
+                        // The task completed: its worker did not die under it.
+                        pipe.del(names.lost_key(key)).ignore();
+                        scripts += 1;
+                    }
+                    (key, client, deps, outcome, *retrying)
+                }
                 Completion::Started { key, client } => {
                     by_client
                         .entry(client.as_str())
