@@ -18,7 +18,14 @@ ROWS = [
     ("scatter_10mb_50_tasks_s", "scatter 10 MB + 50 tasks", "s", False, "—"),
     ("gather_10mb_mb_per_s", "10 MB result to client", "MB/s", True, "≥ 500"),
     ("scheduler_bytes_per_pending_task", "scheduler memory per pending task", "bytes", False, "≤ 1,024"),
+    ("floor_amqp_hop_p50_ms", "floor: one RabbitMQ hop, p50", "ms", False, "—"),
+    ("floor_redis_rtt_p50_ms", "floor: one Redis round trip, p50", "ms", False, "—"),
+    ("floor_redis_10mb_mb_per_s", "floor: 10 MB SET + GET through Redis", "MB/s", True, "—"),
 ]
+
+# Hand-written analysis (profiles, what blocks each unmet target), kept
+# across regenerations of BENCHMARKS.md.
+NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes.md")
 
 
 def fmt(value):
@@ -88,6 +95,9 @@ def main():
     for name, data in (("flotilla", ours), ("dask", dask), ("celery", celery)):
         shown = {k: v for k, v in data.items() if k not in ("config",)}
         out.append(f"- {name}: `{json.dumps(shown)}`")
+    if os.path.exists(NOTES):
+        out.append("")
+        out.append(open(NOTES).read().rstrip())
     print("\n".join(out))
 
 

@@ -166,12 +166,21 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Runs so far, to give each run its own arguments.
+static RUNS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+
 async fn throughput(client: &Client, count: i64) -> Result<f64> {
+    // Fresh arguments each run: tasks are keyed by their arguments, and a
+    // run must not meet the keys the previous run is still releasing.
+    let base = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 1_000_000_000;
     let started = Instant::now();
-    let futures = client.map(inc, (0..count).map(|i| (i,)));
+    let futures = client.map(inc, (base..base + count).map(|i| (i,)));
     let results = client.gather(&futures).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    if results.len() as i64 != count || results[0] != 1 || results[results.len() - 1] != count {
+    if results.len() as i64 != count
+        || results[0] != base + 1
+        || results[results.len() - 1] != base + count
+    {
         bail!("wrong results");
     }
     Ok(count as f64 / elapsed)
@@ -222,6 +231,115 @@ async fn actor_roundtrips(client: &Client, count: usize) -> Result<Vec<f64>> {
             bail!("wrong actor result: {value}, expected {i}");
         }
     }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples)
+}
+
+/// One Redis round trip (`PING`) over the connection Flotilla's processes
+/// use, sequentially: milliseconds, sorted. The floor under every step that
+/// reads or writes Redis.
+async fn redis_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
+    let mut redis = flotilla_proto::transport::connect_redis(&config.redis_url).await?;
+    let mut samples = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        redis::cmd("PING").query_async::<()>(&mut redis).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples)
+}
+
+/// 10 MB through Redis the way a large result travels: one `SET` (as a
+/// worker stores it) and one `GET` (as the client fetches it), both from
+/// this process: MB/s of the pair, the floor under `gather_10mb_mb_per_s`.
+async fn redis_10mb_floor(config: &Config, bytes: usize) -> Result<f64> {
+    let mut redis = flotilla_proto::transport::connect_redis(&config.redis_url).await?;
+    let key = format!("{}:bench-floor", config.namespace);
+    let value = vec![7u8; bytes];
+    let started = Instant::now();
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(&value)
+        .query_async::<()>(&mut redis)
+        .await?;
+    let back: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut redis).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut redis)
+        .await?;
+    if back.len() != bytes {
+        bail!("wrong size back from Redis");
+    }
+    Ok((bytes as f64 / 1e6) / elapsed)
+}
+
+/// One RabbitMQ hop as Flotilla's messages take it: a persistent message
+/// published (confirms on, not awaited) on one connection to a durable
+/// queue, until a consumer on another connection has it. Sequential:
+/// milliseconds, sorted. A task's round trip is three such hops.
+async fn amqp_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
+    use flotilla_proto::transport::{self, name};
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use lapin::types::FieldTable;
+    let sender =
+        transport::connect_amqp(&config.amqp_url, "flotilla-bench floor (publish)").await?;
+    let receiver =
+        transport::connect_amqp(&config.amqp_url, "flotilla-bench floor (consume)").await?;
+    let publish = sender.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let queue = format!("{}.bench-floor", config.namespace);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    publish
+        .queue_declare(name(&queue), durable, FieldTable::default())
+        .await?;
+    let consume = receiver.create_channel().await?;
+    let mut consumer = consume
+        .basic_consume(
+            name(&queue),
+            name("floor"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut samples = Vec::with_capacity(count);
+    let mut confirms = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        confirms.push(
+            publish
+                .basic_publish(
+                    name(""),
+                    name(&queue),
+                    BasicPublishOptions::default(),
+                    b"ping",
+                    transport::persistent(),
+                )
+                .await?,
+        );
+        let delivery = transport::next_delivery(&mut consumer)
+            .await
+            .context("the floor consumer closed")??;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    for confirm in confirms {
+        confirm.await?;
+    }
+    publish
+        .queue_delete(name(&queue), QueueDeleteOptions::default())
+        .await?;
+    let _ = sender.close(200, name("done")).await;
+    let _ = receiver.close(200, name("done")).await;
     samples.sort_by(|a, b| a.total_cmp(b));
     Ok(samples)
 }
@@ -297,6 +415,16 @@ struct Row {
 #[tokio::main]
 async fn main() -> Result<()> {
     let options = parse_options()?;
+    // The client library's warnings (a failed publish, a Redis error) are
+    // what explains a run that stalls or slows down. lapin's own errors are
+    // left out: the actor client probes queues that may not exist.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let mut config = Config::from_env()?;
     config.namespace = format!("bench-{}", run_id());
     let cluster = Cluster::start(&config, options.workers, options.nthreads)?;
@@ -415,6 +543,32 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
             key: "actor_p99_ms",
             value: Some(median(p99s)),
             unit: "ms (1,000 sequential increment() calls)",
+        });
+    }
+    if wanted("floor") {
+        let (mut redis, mut amqp) = (Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            redis.push(percentile(&redis_floor(config, 1000).await?, 50.0));
+            amqp.push(percentile(&amqp_floor(config, 1000).await?, 50.0));
+        }
+        report(Row {
+            key: "floor_redis_rtt_p50_ms",
+            value: Some(median(redis)),
+            unit: "ms (1,000 sequential PINGs: the transport's floor)",
+        });
+        let mut transfers = Vec::new();
+        for _ in 0..repeats {
+            transfers.push(redis_10mb_floor(config, 10_000_000).await?);
+        }
+        report(Row {
+            key: "floor_redis_10mb_mb_per_s",
+            value: Some(median(transfers)),
+            unit: "MB/s (SET then GET of 10 MB: the transport's floor)",
+        });
+        report(Row {
+            key: "floor_amqp_hop_p50_ms",
+            value: Some(median(amqp)),
+            unit: "ms (1,000 sequential publish→deliver: the transport's floor)",
         });
     }
     if wanted("scatter") {

@@ -30,8 +30,8 @@ pub use config::{
 };
 pub use error::{ErrorKind, TaskError};
 pub use messages::{
-    Arg, Event, EventBatch, RunTask, StoredResult, TaskSpec, ToScheduler, ToWorker, WorkerInfo,
-    TAG_ERR, TAG_OK,
+    Arg, Event, EventBatch, RunTask, StoredOk, StoredResult, TaskSpec, ToScheduler, ToWorker,
+    WorkerInfo, TAG_ERR, TAG_OK,
 };
 // Actors (see `flotilla::actor`).
 pub use messages::{ActorCall, ActorInfo, ActorReply};

@@ -291,6 +291,25 @@ pub enum StoredResult {
     Err(TaskError),
 }
 
+/// A stored success as one Redis argument (see [`StoredResult::ok_arg`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StoredOk<'a>(&'a [u8]);
+
+impl redis::ToRedisArgs for StoredOk<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's own buffer cannot fail.
+        let _ = arg.write_all(self.0);
+        let _ = arg.write_all(&[TAG_OK]);
+    }
+}
+
+impl redis::ToSingleRedisArg for StoredOk<'_> {}
+
 /// Tag of a stored value.
 pub const TAG_OK: u8 = 0;
 /// Tag of a stored error.
@@ -310,6 +329,14 @@ impl StoredResult {
         let mut out = crate::encode(error);
         out.push(TAG_ERR);
         out
+    }
+
+    /// A value to store as one Redis argument: its bytes, then the tag,
+    /// written straight into the command. Same bytes as
+    /// [`StoredResult::encode_ok`], without the intermediate copy (a large
+    /// result otherwise costs one more allocation and copy of its size).
+    pub fn ok_arg(value: &[u8]) -> StoredOk<'_> {
+        StoredOk(value)
     }
 
     /// Decodes a stored result.
@@ -462,6 +489,26 @@ mod tests {
         let bytes = StoredResult::encode_err(&err);
         assert_eq!(StoredResult::ok_slice(&bytes), None);
         assert_eq!(StoredResult::decode(bytes).unwrap(), StoredResult::Err(err));
+    }
+
+    #[test]
+    fn a_stored_ok_argument_is_the_encoded_value() {
+        use redis::ToRedisArgs;
+        let value: Vec<u8> = (0..=255).collect();
+        assert_eq!(
+            StoredResult::ok_arg(&value).to_redis_args(),
+            vec![StoredResult::encode_ok(&value)]
+        );
+        assert_eq!(
+            StoredResult::ok_arg(&[]).to_redis_args(),
+            vec![vec![TAG_OK]]
+        );
+        let mut cmd = redis::cmd("SET");
+        cmd.arg("k").arg(StoredResult::ok_arg(&[1, 2]));
+        assert_eq!(
+            cmd.get_packed_command(),
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\n\x01\x02\x00\r\n"
+        );
     }
 
     #[test]

@@ -1116,11 +1116,13 @@ async fn complete_loop(
                     // Done for good: the spec a restarted scheduler would
                     // take up again is no longer needed.
                     pipe.del(names.spec_key(key)).ignore();
-                    let stored = StoredResult::encode_ok(bytes);
-                    if stored.len() >= refs::LARGE_RESULT {
-                        pipe.set(&keys[1], stored).ignore();
+                    if bytes.len() + 1 >= refs::LARGE_RESULT {
+                        // Written straight into the command: a large result
+                        // is not copied once more just to add its tag.
+                        pipe.set(&keys[1], StoredResult::ok_arg(bytes)).ignore();
                         refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
                     } else {
+                        let stored = StoredResult::encode_ok(bytes);
                         refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
                     }
                     // Done for good: it no longer needs its inputs.
