@@ -9,7 +9,11 @@
 //! One test (`redelivered_tasks_...`) fakes the dying worker in-process with
 //! a raw consumer that takes a bundle and closes its connection.
 //!
-//! `FLOTILLA_CHAOS_SCALE` multiplies the workload for a longer run.
+//! Service restarts (RabbitMQ, Redis) use private instances on ports of
+//! their own, never the shared ones.
+//!
+//! `FLOTILLA_CHAOS_SCALE` multiplies the workload for a longer run;
+//! `CHAOS_LOG` sets the spawned processes' `RUST_LOG` (default `warn`).
 
 mod common;
 
@@ -73,7 +77,10 @@ fn spawn_logged(
             "FLOTILLA_ALLOWED_FAILURES",
             config.allowed_failures.to_string(),
         )
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
@@ -998,7 +1005,9 @@ async fn chaos_broker_restarted_mid_workload() {
         .unwrap();
     let mut config = common::fresh_config("chaos-broker");
     config.amqp_url = rabbit.url();
-    let cluster = Processes::start_with(config, None, None).await;
+    let logs = std::env::temp_dir().join(format!("flotilla-chaos-{}", config.namespace));
+    std::fs::create_dir_all(&logs).unwrap();
+    let cluster = Processes::start_with(config, None, Some(&logs)).await;
     let salt = 3_000_000;
     let started = Instant::now();
     let workload = submit_workload(&cluster.client, salt);
@@ -1014,6 +1023,8 @@ async fn chaos_broker_restarted_mid_workload() {
         .finish("broker-restart", 1, workload, salt, started)
         .await;
     drop(rabbit);
+    // The processes' logs are kept only when the scenario fails.
+    let _ = std::fs::remove_dir_all(&logs);
 }
 
 #[tokio::test]
