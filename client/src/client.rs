@@ -26,6 +26,8 @@ use tracing::warn;
 
 /// Most keys read from Redis in one `MGET`.
 const FETCH_CHUNK: usize = 1024;
+/// How long one attempt to reopen the RabbitMQ link may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long reading a result waits for an unreachable Redis to come back.
 const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Scattered values up to this size stay in the client's memory too.
@@ -961,7 +963,18 @@ async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInner>) {
             if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
-            match open_link(&inner.config, &inner.names, &inner.id).await {
+            // Bounded: a broker still booting may leave a step hanging.
+            let opened = tokio::time::timeout(
+                RECONNECT_TIMEOUT,
+                open_link(&inner.config, &inner.names, &inner.id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Config(format!(
+                    "reopening the RabbitMQ link took over {RECONNECT_TIMEOUT:?}"
+                )))
+            });
+            match opened {
                 Ok((connection, publish, consumer)) => {
                     *inner.connection.lock().unwrap_or_else(|p| p.into_inner()) =
                         Arc::new(connection);

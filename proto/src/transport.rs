@@ -20,8 +20,20 @@ pub const PRIVATE_QUEUE_EXPIRY_MS: i64 = 60_000;
 pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
     let properties =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
-    Connection::connect(url, properties).await
+    // A broker that is still booting may accept the TCP connection and
+    // never finish the handshake: give up and let the caller retry.
+    match tokio::time::timeout(AMQP_CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("RabbitMQ did not complete the connection within {AMQP_CONNECT_TIMEOUT:?}"),
+        )
+        .into()),
+    }
 }
+
+/// How long opening a RabbitMQ connection may take.
+pub const AMQP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a Redis reply may take before the connection counts as broken.
 pub const REDIS_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
