@@ -753,7 +753,7 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
     let (ok, _, err) = ops.cli(&["purge", "--yes"]);
     assert!(!ok && err.contains("in use"), "{err}");
 
-    drop(client);
+    client.close().await.expect("client closes");
     let mut ops = ops;
     for worker in &mut ops.workers {
         assert!(worker.terminate().success(), "worker stops on SIGTERM");

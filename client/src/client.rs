@@ -848,14 +848,25 @@ impl Client {
             self.inner.send(Op::Release(key));
         }
         let _ = self.flush().await;
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // No more lease renewals or events: handles still alive elsewhere
+        // must not bring the lease back.
+        for task in self
+            .inner
+            .background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
         let _ = redis::cmd("ZREM")
             .arg(self.inner.names.leases_key())
             .arg(&self.inner.id)
             .query_async::<()>(&mut self.redis())
             .await;
-        self.inner
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
         let connection = self
             .inner
             .connection
