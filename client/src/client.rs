@@ -873,7 +873,11 @@ impl Client {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        connection.close(200, name("client closing")).await?;
+        // Already closing (its channels went with the aborted tasks) is
+        // closed enough.
+        if let Err(error) = connection.close(200, name("client closing")).await {
+            tracing::debug!(%error, "closing the client's connection");
+        }
         Ok(())
     }
 }
