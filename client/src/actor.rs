@@ -38,7 +38,7 @@ use crate::future::FutureState;
 use crate::{Client, Error, Future, Result};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    decode, encode, ActorCall, ActorInfo, ActorReply, Names, Task, TaskError, ToWorker,
+    ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
 };
 use flotilla_worker::actors::{ACTOR_LOST, CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT};
 use flotilla_worker::Actor;
@@ -428,6 +428,7 @@ impl Caller {
             .await?;
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         let (confirms, confirms_rx) = mpsc::unbounded_channel();
+        let codec = Codec::new(config);
         let caller = Arc::new(Caller {
             names: names.clone(),
             connection,
@@ -440,9 +441,20 @@ impl Caller {
         });
         let weak = Arc::downgrade(&caller);
         let tasks = vec![
-            tokio::spawn(publish_loop(channel, names, outgoing_rx, confirms)),
+            tokio::spawn(publish_loop(
+                channel,
+                names,
+                codec.clone(),
+                outgoing_rx,
+                confirms,
+            )),
             tokio::spawn(confirm_loop(weak.clone(), confirms_rx)),
-            tokio::spawn(reply_loop(weak, replies, config.max_payload + (1 << 20))),
+            tokio::spawn(reply_loop(
+                weak,
+                replies,
+                codec,
+                config.max_payload + (1 << 20),
+            )),
         ];
         *caller.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(caller)
@@ -539,6 +551,7 @@ fn lost_error(actor: &str, worker: &str) -> Error {
 async fn publish_loop(
     channel: Channel,
     names: Names,
+    codec: Codec,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     confirms: mpsc::UnboundedSender<(String, PublisherConfirm)>,
 ) {
@@ -557,7 +570,7 @@ async fn publish_loop(
                             mandatory: true,
                             ..BasicPublishOptions::default()
                         },
-                        &encode(&call),
+                        &codec.encode(Purpose::ActorCall, &call),
                         properties,
                     )
                     .await;
@@ -578,7 +591,7 @@ async fn publish_loop(
                         name(&names.control_exchange()),
                         name(""),
                         BasicPublishOptions::default(),
-                        &encode(&ToWorker::DropActors { keys }),
+                        &codec.encode(Purpose::ToWorker, &ToWorker::DropActors { keys }),
                         transport::transient(),
                     )
                     .await;
@@ -620,13 +633,19 @@ async fn confirm_loop(
 }
 
 /// Settles calls as their answers arrive.
-async fn reply_loop(caller: Weak<Caller>, mut replies: lapin::Consumer, limit: usize) {
+async fn reply_loop(
+    caller: Weak<Caller>,
+    mut replies: lapin::Consumer,
+    codec: Codec,
+    limit: usize,
+) {
+    let guard = ReplayGuard::new();
     while let Some(delivery) = transport::next_delivery(&mut replies).await {
         let Ok(delivery) = delivery else { break };
         let Some(caller) = caller.upgrade() else {
             break;
         };
-        match decode::<ActorReply>(&delivery.data, limit) {
+        match codec.open::<ActorReply>(Purpose::ActorReply, &delivery.data, false, &guard, limit) {
             Ok(reply) => {
                 let outcome = reply
                     .outcome

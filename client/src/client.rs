@@ -8,7 +8,8 @@ use crate::{Error, Future, Result};
 use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    decode, Config, ErrorKind, Event, EventBatch, Names, StoredResult, Task, TaskSpec,
+    Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, StoredResult, Task,
+    TaskSpec,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
@@ -70,6 +71,10 @@ pub(crate) struct ClientInner {
     pub(crate) id: String,
     pub(crate) config: Config,
     pub(crate) names: Names,
+    /// Signs what this client sends and checks what it reads.
+    pub(crate) codec: Codec,
+    /// The signed event batches this client took (see `flotilla_proto::seal`).
+    events_guard: ReplayGuard,
     redis: ConnectionManager,
     /// The current RabbitMQ connection (replaced after a reconnection).
     connection: Mutex<Arc<Connection>>,
@@ -168,7 +173,7 @@ impl ClientInner {
                 }
             };
             for (key, value) in chunk.iter().zip(values) {
-                out.push(read_stored(key, value));
+                out.push(read_stored(&self.codec, key, value));
             }
         }
         Ok(out)
@@ -228,7 +233,7 @@ impl ClientInner {
                     }
                 };
             for (state, value) in chunk.iter().zip(values) {
-                match value.map(StoredResult::decode) {
+                match value.map(|value| self.codec.open_result(&state.key, value)) {
                     Some(Ok(StoredResult::Ok(_))) => state.set_finished(None),
                     Some(Ok(StoredResult::Err(error))) => self.apply(Event::Erred {
                         key: state.key.as_str().to_owned(),
@@ -374,6 +379,8 @@ impl Client {
         let id = flotilla_proto::new_id();
         let (connection, publish, consumer) = open_link(&config, &names, &id).await?;
         let redis = transport::connect_redis(&config.redis_url).await?;
+        let codec = Codec::new(&config);
+        flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
         let lease = Duration::from_millis(config.client_lease_ms.max(1000));
         // Take the lease before holding anything.
         let expiry = std::time::SystemTime::now()
@@ -391,6 +398,8 @@ impl Client {
         let (channels, publish) = tokio::sync::watch::channel(publish);
         let inner = Arc::new(ClientInner {
             id: id.clone(),
+            codec,
+            events_guard: ReplayGuard::new(),
             config,
             names: names.clone(),
             redis: redis.clone(),
@@ -408,6 +417,7 @@ impl Client {
             redis: redis.clone(),
             publish,
             max_payload: inner.config.max_payload,
+            codec: inner.codec.clone(),
             unconfirmed: std::collections::VecDeque::new(),
         };
         tokio::spawn(outbox.run(ops_rx));
@@ -667,7 +677,10 @@ impl Client {
             &mut pipe,
             &refs::SCATTER,
             [&keys[0], &keys[1]],
-            &[self.inner.id.as_bytes(), &StoredResult::encode_ok(&bytes)],
+            &[
+                self.inner.id.as_bytes(),
+                &self.inner.codec.result_ok(&key, &bytes),
+            ],
         );
         refs::run::<()>(&mut self.redis(), &pipe).await?;
         state.set_finished((bytes.len() <= INLINE_SCATTER).then_some(bytes));
@@ -1014,14 +1027,18 @@ async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInner>) {
 async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
     while let Some(delivery) = transport::next_delivery(&mut consumer).await {
         let Ok(delivery) = delivery else { break };
-        let Some(max_payload) = client.upgrade().map(|c| c.config.max_payload) else {
+        let Some(client) = client.upgrade() else {
             break;
         };
-        match decode::<EventBatch>(&delivery.data, max_payload + (1 << 20)) {
+        let opened = client.codec.open::<EventBatch>(
+            Purpose::Events,
+            &delivery.data,
+            delivery.redelivered,
+            &client.events_guard,
+            client.config.max_payload + (1 << 20),
+        );
+        match opened {
             Ok(batch) => {
-                let Some(client) = client.upgrade() else {
-                    break;
-                };
                 for event in batch.events {
                     client.apply(event);
                 }

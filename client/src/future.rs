@@ -7,7 +7,7 @@
 
 use crate::client::ClientInner;
 use crate::{Error, Result};
-use flotilla_proto::{StoredResult, TaskError};
+use flotilla_proto::{Codec, StoredResult, TaskError};
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::future::IntoFuture;
@@ -393,8 +393,12 @@ pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Resu
 }
 
 /// Reads a stored result: the value bytes, or its error.
-pub(crate) fn read_stored(key: &str, stored: Option<Vec<u8>>) -> Result<Arc<Vec<u8>>> {
-    match stored.map(StoredResult::decode) {
+pub(crate) fn read_stored(
+    codec: &Codec,
+    key: &str,
+    stored: Option<Vec<u8>>,
+) -> Result<Arc<Vec<u8>>> {
+    match stored.map(|stored| codec.open_result(key, stored)) {
         Some(Ok(StoredResult::Ok(bytes))) => Ok(Arc::new(bytes)),
         Some(Ok(StoredResult::Err(error))) => Err(Error::Task(error)),
         Some(Err(error)) => Err(Error::Decode {

@@ -55,7 +55,7 @@ pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
 pub use context::TaskContextExt;
 pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
-pub use flotilla_proto::{Config, Task};
+pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_worker::TaskContext;
 pub use future::{Future, FutureRef, Status};
 pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variable};

@@ -9,7 +9,7 @@
 
 use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
-use flotilla_proto::{encode, Names, TaskSpec, ToScheduler};
+use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
 use lapin::options::BasicPublishOptions;
 use lapin::Channel;
 use lapin::PublisherConfirm;
@@ -59,6 +59,8 @@ pub(crate) struct Outbox {
     /// reconnects.
     pub(crate) publish: watch::Receiver<Channel>,
     pub(crate) max_payload: usize,
+    /// Signs the specs and messages.
+    pub(crate) codec: Codec,
     /// Messages published but not yet confirmed by the broker, in order,
     /// kept for re-sending on a new channel.
     pub(crate) unconfirmed: VecDeque<Unconfirmed>,
@@ -248,8 +250,11 @@ impl Outbox {
                 Op::Submit(spec) => {
                     // The spec goes to Redis with the task's first hold, so a
                     // scheduler that restarts finds every pending task.
-                    pipe.set(self.names.spec_key(&spec.key), encode(&spec))
-                        .ignore();
+                    pipe.set(
+                        self.names.spec_key(&spec.key),
+                        self.codec.encode(Purpose::Spec, &spec),
+                    )
+                    .ignore();
                     self.script(&mut pipe, &refs::HOLD, &spec.key, &self.client);
                     let holder = refs::task_holder(&spec.key);
                     for key in spec.held_keys() {
@@ -364,7 +369,7 @@ impl Outbox {
         let queue = self.names.scheduler_queue();
         let channel = self.publish.borrow().clone();
         for message in batch.messages {
-            let bytes = encode(&message);
+            let bytes = self.codec.encode(Purpose::ToScheduler, &message);
             let confirm = match channel
                 .basic_publish(
                     name(""),

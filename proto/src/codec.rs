@@ -32,6 +32,9 @@ pub enum DecodeError {
     /// The body is not valid MessagePack for the expected type.
     #[error("malformed message body: {0}")]
     Body(#[from] rmp_serde::decode::Error),
+    /// A signature check refused the message (see [`crate::seal`]).
+    #[error(transparent)]
+    Seal(#[from] crate::seal::SealError),
 }
 
 /// Encodes `message` as a version byte followed by a MessagePack named map.
@@ -53,9 +56,15 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Deco
             limit,
         });
     }
+    Ok(rmp_serde::from_slice(body_of(bytes)?)?)
+}
+
+/// The MessagePack body of a plain (unsigned) message.
+pub(crate) fn body_of(bytes: &[u8]) -> Result<&[u8], DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),
-        Some((&WIRE_VERSION, body)) => Ok(rmp_serde::from_slice(body)?),
+        Some((&WIRE_VERSION, body)) => Ok(body),
+        Some((&crate::seal::SEALED_VERSION, _)) => Err(crate::seal::SealError::NoSecret.into()),
         Some((&found, _)) => Err(DecodeError::Version { found }),
     }
 }

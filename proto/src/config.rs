@@ -19,6 +19,32 @@ pub const DEFAULT_LONG_TASK_MS: u64 = 300_000;
 /// Worker losses a started task is allowed before it errs `WorkerLost` (3,
 /// as Dask's `allowed-failures`: the task errs on the 4th loss).
 pub const DEFAULT_ALLOWED_FAILURES: u32 = 3;
+/// How long a consumer remembers the signed messages it took, and how old a
+/// signed message may be when first delivered (5 min).
+pub const DEFAULT_REPLAY_WINDOW_MS: u64 = 300_000;
+
+/// The shared secret with which messages and results are signed
+/// (`FLOTILLA_SECRET`). Its `Debug` output never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(std::sync::Arc<str>);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: &str) -> Secret {
+        Secret(secret.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +53,15 @@ pub enum ConfigError {
     /// The namespace has characters that don't fit queue names or keys.
     #[error("invalid namespace {0:?}: use 1 to 64 characters from A-Z a-z 0-9 - _")]
     Namespace(String),
+    /// This process's `FLOTILLA_SECRET` is not the one the namespace's
+    /// scheduler signs with (see [`crate::seal::check_fingerprint`]).
+    #[error("FLOTILLA_SECRET does not match the namespace's scheduler: it signs {theirs}, this process {ours}; give every process of the namespace the same secret")]
+    Secret {
+        /// What the scheduler signs with.
+        theirs: String,
+        /// What this process signs with.
+        ours: String,
+    },
     /// A numeric setting did not parse.
     #[error("invalid value {value:?} for {name}: expected a whole number")]
     Number {
@@ -62,6 +97,13 @@ pub struct Config {
     /// again (Dask's `allowed-failures`; with 3 it errs on the 4th loss).
     /// Workers take at least 1.
     pub allowed_failures: u32,
+    /// The shared secret: when set, every message and stored result is
+    /// signed with it, and anything unsigned or signed otherwise is refused
+    /// (see [`crate::seal`]). Every process of the namespace needs the same.
+    pub secret: Option<Secret>,
+    /// The replay window of signed messages, in milliseconds (see
+    /// [`crate::seal`]). Processes' clocks must agree well within it.
+    pub replay_window_ms: u64,
 }
 
 impl Default for Config {
@@ -74,6 +116,8 @@ impl Default for Config {
             client_lease_ms: DEFAULT_CLIENT_LEASE_MS,
             long_task_ms: DEFAULT_LONG_TASK_MS,
             allowed_failures: DEFAULT_ALLOWED_FAILURES,
+            secret: None,
+            replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
         }
     }
 }
@@ -81,8 +125,8 @@ impl Default for Config {
 impl Config {
     /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
     /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS`,
-    /// `FLOTILLA_LONG_TASK_MS` and `FLOTILLA_ALLOWED_FAILURES`, with the
-    /// defaults for what is unset.
+    /// `FLOTILLA_LONG_TASK_MS`, `FLOTILLA_ALLOWED_FAILURES`, `FLOTILLA_SECRET`
+    /// and `FLOTILLA_REPLAY_WINDOW_MS`, with the defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -124,6 +168,15 @@ impl Config {
                 value: failures.clone(),
             })?;
         }
+        if let Some(secret) = lookup("FLOTILLA_SECRET").filter(|s| !s.is_empty()) {
+            config.secret = Some(Secret::new(&secret));
+        }
+        if let Some(window) = set("FLOTILLA_REPLAY_WINDOW_MS") {
+            config.replay_window_ms = window.trim().parse().map_err(|_| ConfigError::Number {
+                name: "FLOTILLA_REPLAY_WINDOW_MS",
+                value: window.clone(),
+            })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -162,9 +215,15 @@ mod tests {
             "FLOTILLA_NAMESPACE" => Some("ns1".into()),
             "FLOTILLA_MAX_PAYLOAD" => Some("1024".into()),
             "FLOTILLA_ALLOWED_FAILURES" => Some("1".into()),
+            "FLOTILLA_SECRET" => Some(" shh ".into()),
             _ => None,
         })
         .unwrap();
+        assert_eq!(config.secret, Some(Secret::new(" shh ")));
+        assert!(
+            !format!("{config:?}").contains("shh"),
+            "the secret never shows"
+        );
         assert_eq!(
             (
                 config.namespace.as_str(),

@@ -114,8 +114,39 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     bytes
 }
 
+fn sealed() -> crate::Codec {
+    crate::Codec::new(&crate::Config {
+        secret: Some(crate::Secret::new("fuzz")),
+        ..crate::Config::default()
+    })
+}
+
+/// Every signed decoder, as each consumer calls it.
+fn open_everything(codec: &crate::Codec, bytes: &[u8]) -> bool {
+    use crate::{Purpose, ReplayGuard};
+    let limit = 1 << 20;
+    let guard = ReplayGuard::new();
+    [
+        codec
+            .open::<ToScheduler>(Purpose::ToScheduler, bytes, false, &guard, limit)
+            .is_ok(),
+        codec
+            .open_aged::<ToWorker>(Purpose::ToWorker, bytes, true, &guard, limit)
+            .is_ok(),
+        codec
+            .open::<EventBatch>(Purpose::Events, bytes, false, &guard, limit)
+            .is_ok(),
+        codec
+            .decode::<TaskSpec>(Purpose::Spec, bytes, limit)
+            .is_ok(),
+        codec.open_result("k", bytes.to_vec()).is_ok(),
+    ]
+    .contains(&true)
+}
+
 fn decode_everything(bytes: &[u8]) {
     let limit = 1 << 20;
+    let _ = open_everything(&sealed(), bytes);
     let _ = decode::<ToScheduler>(bytes, limit);
     let _ = decode::<ToWorker>(bytes, limit);
     let _ = decode::<EventBatch>(bytes, limit);
@@ -148,6 +179,37 @@ fn mutated_messages_never_crash_a_decoder() {
         let seed = &seeds[rng.below(seeds.len())];
         decode_everything(&mutate(&mut rng, seed));
     }
+}
+
+#[test]
+fn altered_signed_messages_are_always_refused() {
+    let codec = sealed();
+    let mut rng = Rng(0x5191_eed0_feed_0001);
+    let seeds: Vec<Vec<u8>> = seeds()
+        .into_iter()
+        .filter(|seed| seed.first() == Some(&crate::WIRE_VERSION))
+        .map(|seed| {
+            // Re-sealed: the same message as its signed envelope.
+            let message: ToScheduler = match crate::decode(&seed, usize::MAX) {
+                Ok(message) => message,
+                Err(_) => ToScheduler::Forget { keys: vec![] },
+            };
+            codec.encode(crate::Purpose::ToScheduler, &message)
+        })
+        .collect();
+    let mut refused = 0;
+    for _ in 0..cases() {
+        let seed = &seeds[rng.below(seeds.len())];
+        let altered = mutate(&mut rng, seed);
+        if altered != *seed {
+            assert!(
+                !open_everything(&codec, &altered),
+                "an altered signed message was accepted"
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused > cases() / 2);
 }
 
 #[test]

@@ -19,14 +19,16 @@ mod fuzz;
 mod messages;
 mod names;
 pub mod refs;
+pub mod seal;
 pub mod supervise;
 mod task;
 pub mod transport;
 
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
-    Config, ConfigError, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL, DEFAULT_CLIENT_LEASE_MS,
-    DEFAULT_LONG_TASK_MS, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, DEFAULT_REDIS_URL,
+    Config, ConfigError, Secret, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL,
+    DEFAULT_CLIENT_LEASE_MS, DEFAULT_LONG_TASK_MS, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE,
+    DEFAULT_REDIS_URL, DEFAULT_REPLAY_WINDOW_MS,
 };
 pub use error::{ErrorKind, TaskError};
 pub use messages::{
@@ -36,4 +38,5 @@ pub use messages::{
 // Actors (see `flotilla::actor`).
 pub use messages::{ActorCall, ActorInfo, ActorReply};
 pub use names::{new_id, validate_namespace, Names};
+pub use seal::{Codec, Purpose, ReplayGuard, SealError};
 pub use task::{ResultOutput, Task};

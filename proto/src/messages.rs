@@ -291,9 +291,17 @@ pub enum StoredResult {
     Err(TaskError),
 }
 
-/// A stored success as one Redis argument (see [`StoredResult::ok_arg`]).
-#[derive(Debug, Clone, Copy)]
-pub struct StoredOk<'a>(&'a [u8]);
+/// A stored success as one Redis argument (see [`StoredResult::ok_arg`] and
+/// [`crate::seal::Codec::result_ok_arg`]): the value, its signature when
+/// results are signed, then the tag.
+#[derive(Debug, Clone)]
+pub struct StoredOk<'a>(&'a [u8], Option<ring::hmac::Tag>);
+
+impl<'a> StoredOk<'a> {
+    pub(crate) fn new(value: &'a [u8], signature: Option<ring::hmac::Tag>) -> Self {
+        StoredOk(value, signature)
+    }
+}
 
 impl redis::ToRedisArgs for StoredOk<'_> {
     fn write_redis_args<W>(&self, out: &mut W)
@@ -304,6 +312,9 @@ impl redis::ToRedisArgs for StoredOk<'_> {
         let mut arg = out.writer_for_next_arg();
         // Writing into the command's own buffer cannot fail.
         let _ = arg.write_all(self.0);
+        if let Some(signature) = &self.1 {
+            let _ = arg.write_all(signature.as_ref());
+        }
         let _ = arg.write_all(&[TAG_OK]);
     }
 }
@@ -336,7 +347,7 @@ impl StoredResult {
     /// [`StoredResult::encode_ok`], without the intermediate copy (a large
     /// result otherwise costs one more allocation and copy of its size).
     pub fn ok_arg(value: &[u8]) -> StoredOk<'_> {
-        StoredOk(value)
+        StoredOk(value, None)
     }
 
     /// Decodes a stored result.

@@ -142,6 +142,12 @@ impl Names {
         format!("{}:h:{{{key}}}", self.namespace)
     }
 
+    /// The fingerprint of the key the namespace's scheduler signs with
+    /// (see [`crate::seal::publish_fingerprint`]).
+    pub fn seal_key(&self) -> String {
+        format!("{}:seal", self.namespace)
+    }
+
     /// Sorted set of tasks in a worker's custody (acknowledged to the
     /// broker early because they run long) by lease expiry (milliseconds
     /// since the epoch).

@@ -46,7 +46,7 @@
 use crate::core::{Counts, TaskStatus, WorkerStatus};
 use crate::server::{Hooks, Snapshot, TaskQuery};
 use flotilla_proto::transport::{self, name};
-use flotilla_proto::{decode, Config, Event, EventBatch, Names, ToScheduler};
+use flotilla_proto::{Config, Event, EventBatch, Names, ToScheduler};
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
@@ -190,6 +190,8 @@ struct Shared {
     amqp_url: String,
     redis_url: String,
     max_payload: usize,
+    /// Checks the signatures of tapped events.
+    codec: flotilla_proto::Codec,
     status: watch::Receiver<Arc<Snapshot>>,
     control: mpsc::UnboundedSender<ToScheduler>,
     queries: mpsc::UnboundedSender<TaskQuery>,
@@ -218,6 +220,7 @@ impl Shared {
             amqp_url: config.amqp_url.clone(),
             redis_url: config.redis_url.clone(),
             max_payload: config.max_payload,
+            codec: flotilla_proto::Codec::new(config),
             status,
             control,
             queries,
@@ -1016,7 +1019,12 @@ async fn tap(shared: &Shared) -> Result<(), String> {
             tokio::select! {
                 delivery = transport::next_delivery(&mut consumer) => match delivery {
                     Some(Ok(delivery)) => {
-                        match decode::<EventBatch>(&delivery.data, shared.max_payload + (1 << 20)) {
+                        let batch = shared.codec.decode::<EventBatch>(
+                            flotilla_proto::Purpose::Events,
+                            &delivery.data,
+                            shared.max_payload + (1 << 20),
+                        );
+                        match batch {
                             Ok(batch) => shared.monitor().on_events(batch, Instant::now()),
                             Err(error) => debug!(%error, "undecodable event batch ignored by the tap"),
                         }

@@ -11,8 +11,8 @@ use flotilla_proto::refs;
 use flotilla_proto::supervise::{Backoff, Stop};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    decode, encode, Config, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
-    ToScheduler, ToWorker,
+    Codec, Config, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
+    TaskError, ToScheduler, ToWorker,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
@@ -242,7 +242,9 @@ async fn serve(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     transport::declare_topology(&publish, &names).await?;
-    let redis = transport::connect_redis(&config.redis_url).await?;
+    let mut redis = transport::connect_redis(&config.redis_url).await?;
+    // Clients and workers with another secret then fail at once, clearly.
+    flotilla_proto::seal::publish_fingerprint(&mut redis, &names, &Codec::new(config)).await?;
 
     let (inputs, mut input_rx) = mpsc::unbounded_channel();
     let submissions = connection.create_channel().await?;
@@ -297,6 +299,9 @@ async fn serve(
         redis,
         inputs: inputs.clone(),
         max_payload: config.max_payload,
+        codec: Codec::new(config),
+        guard: ReplayGuard::new(),
+        events_guard: ReplayGuard::new(),
         submissions: submissions.clone(),
         events: events.clone(),
         reaper: None,
@@ -304,7 +309,7 @@ async fn serve(
     };
     // A restarted scheduler takes up every task still pending: clients store
     // each spec in Redis with its submission, workers delete it once done.
-    let specs = recover_specs(&mut scheduler.redis, &scheduler.names).await?;
+    let specs = recover_specs(&mut scheduler.redis, &scheduler.names, &scheduler.codec).await?;
     debug!(found = specs.len(), "stored task specs");
     if !specs.is_empty() {
         let count = scheduler.core.recover(specs, &mut scheduler.out);
@@ -404,7 +409,7 @@ impl Acks {
 struct Outbox {
     bundles: Vec<(Option<String>, Vec<RunTask>)>,
     notify: HashMap<String, Vec<Event>>,
-    errors: Vec<(String, Vec<u8>)>,
+    errors: Vec<(String, TaskError)>,
     lookups: Vec<String>,
     releases: Vec<(String, String)>,
     cancels: Vec<String>,
@@ -422,8 +427,7 @@ impl Comm for Outbox {
             .push(event);
     }
     fn store_error(&mut self, key: &str, error: &TaskError) {
-        self.errors
-            .push((key.to_owned(), StoredResult::encode_err(error)));
+        self.errors.push((key.to_owned(), error.clone()));
     }
     fn lookup(&mut self, key: &str) {
         self.lookups.push(key.to_owned());
@@ -449,6 +453,12 @@ struct Scheduler {
     redis: ConnectionManager,
     inputs: mpsc::UnboundedSender<Input>,
     max_payload: usize,
+    /// Signs what the scheduler sends and checks what it reads.
+    codec: Codec,
+    /// The signed messages taken from the scheduler queue.
+    guard: ReplayGuard,
+    /// The signed event batches taken from the scheduler's events queue.
+    events_guard: ReplayGuard,
     submissions: Channel,
     events: Channel,
     reaper: Option<JoinHandle<()>>,
@@ -460,7 +470,14 @@ impl Scheduler {
         match input {
             Input::Submission(delivery) => {
                 let tag = delivery.delivery_tag;
-                match decode::<ToScheduler>(&delivery.data, self.max_payload + (1 << 20)) {
+                let opened = self.codec.open::<ToScheduler>(
+                    Purpose::ToScheduler,
+                    &delivery.data,
+                    delivery.redelivered,
+                    &self.guard,
+                    self.max_payload + (1 << 20),
+                );
+                match opened {
                     Ok(message) => {
                         acks.submissions = Some(tag);
                         self.apply(message);
@@ -518,7 +535,14 @@ impl Scheduler {
         delivery: lapin::message::Delivery,
         acks: &mut Acks,
     ) -> Result<(), SchedulerError> {
-        match decode::<EventBatch>(&delivery.data, self.max_payload + (1 << 20)) {
+        let opened = self.codec.open::<EventBatch>(
+            Purpose::Events,
+            &delivery.data,
+            delivery.redelivered,
+            &self.events_guard,
+            self.max_payload + (1 << 20),
+        );
+        match opened {
             Ok(batch) => {
                 acks.events = Some(delivery.delivery_tag);
                 for event in batch.events {
@@ -583,9 +607,10 @@ impl Scheduler {
         }
         if !out.errors.is_empty() {
             let mut pipe = redis::pipe();
-            for (key, bytes) in &out.errors {
+            for (key, error) in &out.errors {
                 let keys = [self.names.holders_key(key), self.names.result_key(key)];
-                refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[bytes]);
+                let stored = self.codec.result_err(key, error);
+                refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
             }
             refs::run::<()>(&mut self.redis, &pipe).await?;
         }
@@ -605,7 +630,9 @@ impl Scheduler {
         }
         let mut confirms = Vec::new();
         for (worker, bundle) in out.bundles {
-            let bytes = encode(&ToWorker::Run { tasks: bundle });
+            let bytes = self
+                .codec
+                .encode(Purpose::ToWorker, &ToWorker::Run { tasks: bundle });
             let queue = match &worker {
                 Some(id) => self.names.worker_queue(id),
                 None => self.names.tasks_queue(),
@@ -623,10 +650,13 @@ impl Scheduler {
             );
         }
         for (client, events) in out.notify {
-            let bytes = encode(&EventBatch {
-                worker: String::new(),
-                events,
-            });
+            let bytes = self.codec.encode(
+                Purpose::Events,
+                &EventBatch {
+                    worker: String::new(),
+                    events,
+                },
+            );
             confirms.push(
                 self.publish
                     .basic_publish(
@@ -640,7 +670,9 @@ impl Scheduler {
             );
         }
         if !out.cancels.is_empty() {
-            let bytes = encode(&ToWorker::Cancel { keys: out.cancels });
+            let bytes = self
+                .codec
+                .encode(Purpose::ToWorker, &ToWorker::Cancel { keys: out.cancels });
             confirms.push(
                 self.publish
                     .basic_publish(
@@ -668,8 +700,9 @@ impl Scheduler {
             let mut redis = self.redis.clone();
             let inputs = self.inputs.clone();
             let result_key = self.names.result_key(&key);
+            let codec = self.codec.clone();
             tokio::spawn(async move {
-                let found = lookup(&mut redis, &result_key).await;
+                let found = lookup(&mut redis, &codec, &key, &result_key).await;
                 let _ = inputs.send(Input::Looked(key, found));
             });
         }
@@ -807,7 +840,12 @@ async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResul
     Ok(unreferenced)
 }
 
-async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
+async fn lookup(
+    redis: &mut ConnectionManager,
+    codec: &Codec,
+    key: &str,
+    result_key: &str,
+) -> Lookup {
     // A restarting Redis is waited for: taking its silence for a missing
     // input would fail the dependents.
     let mut backoff = Backoff::default();
@@ -832,9 +870,13 @@ async fn lookup(redis: &mut ConnectionManager, result_key: &str) -> Lookup {
         Ok(_) => {
             let whole: redis::RedisResult<Vec<u8>> =
                 redis::cmd("GET").arg(result_key).query_async(redis).await;
-            match whole.map(StoredResult::decode) {
+            match whole.map(|bytes| codec.open_result(key, bytes)) {
                 Ok(Ok(StoredResult::Err(error))) => Lookup::Erred(error),
                 Ok(Ok(StoredResult::Ok(_))) => Lookup::Finished,
+                Ok(Err(error)) => {
+                    warn!(%error, key, "stored result refused");
+                    Lookup::Missing
+                }
                 _ => Lookup::Missing,
             }
         }
@@ -857,6 +899,7 @@ async fn next_control<T>(channel: &mut Option<mpsc::UnboundedReceiver<T>>) -> Op
 async fn recover_specs(
     redis: &mut ConnectionManager,
     names: &Names,
+    codec: &Codec,
 ) -> redis::RedisResult<Vec<flotilla_proto::TaskSpec>> {
     let mut specs = Vec::new();
     let mut cursor: u64 = 0;
@@ -873,7 +916,10 @@ async fn recover_specs(
             let values: Vec<Option<Vec<u8>>> =
                 redis::cmd("MGET").arg(&keys).query_async(redis).await?;
             for (key, value) in keys.iter().zip(values) {
-                match value.map(|bytes| decode::<flotilla_proto::TaskSpec>(&bytes, usize::MAX)) {
+                let spec = value.map(|bytes| {
+                    codec.decode::<flotilla_proto::TaskSpec>(Purpose::Spec, &bytes, usize::MAX)
+                });
+                match spec {
                     Some(Ok(spec)) => {
                         // A task with a stored result (an error kept for
                         // `retry`) has run: it is not taken up again.

@@ -14,7 +14,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until something accepts TCP connections on `port`.
-fn wait_for_port(port: u16, limit: Duration, what: &str) {
+pub fn wait_for_port(port: u16, limit: Duration, what: &str) {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -200,6 +200,158 @@ impl PrivateRedis {
         }
         std::thread::sleep(down);
         self.spawn();
+    }
+}
+
+impl PrivateRedis {
+    /// Starts a server that speaks TLS only, with `ca`'s server
+    /// certificate, and waits until it accepts connections.
+    pub fn start_tls(ca: &TestCa) -> PrivateRedis {
+        let port = free_port();
+        let dir = scratch_dir("redis-tls");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--port", "0"])
+            .arg("--tls-port")
+            .arg(port.to_string())
+            .arg("--tls-cert-file")
+            .arg(ca.dir.join("server.pem"))
+            .arg("--tls-key-file")
+            .arg(ca.dir.join("server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(ca.ca_file())
+            .args(["--tls-auth-clients", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (Debian package redis-server)");
+        wait_for_port(
+            port,
+            Duration::from_secs(30),
+            "the private TLS redis-server",
+        );
+        PrivateRedis {
+            port,
+            dir,
+            child: Some(child),
+        }
+    }
+
+    /// Its `rediss://` URL (the certificate names `localhost`).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://localhost:{}/0", self.port)
+    }
+}
+
+/// A certificate authority of our own and a server certificate it signed
+/// for `localhost` and 127.0.0.1, made with the `openssl` command.
+pub struct TestCa {
+    pub dir: PathBuf,
+}
+
+impl TestCa {
+    /// Makes the CA and the server certificate.
+    pub fn new() -> TestCa {
+        let dir = scratch_dir("ca");
+        let run = |args: &[&str]| {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                output.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Flotilla test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("extensions file");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        // RabbitMQ reads them as the `rabbitmq` user.
+        for file in ["ca.pem", "server.pem", "server.key"] {
+            let _ = Command::new("chmod")
+                .arg("644")
+                .arg(dir.join(file))
+                .status();
+        }
+        TestCa { dir }
+    }
+
+    /// The CA certificate (PEM), for `SSL_CERT_FILE`.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `rabbitmq.conf` lines for a TLS listener on `port` with the server
+    /// certificate.
+    pub fn rabbit_conf(&self, port: u16) -> String {
+        let path = |file: &str| self.dir.join(file).display().to_string();
+        format!(
+            "listeners.ssl.default = {port}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\n",
+            path("ca.pem"),
+            path("server.pem"),
+            path("server.key"),
+        )
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

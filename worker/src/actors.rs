@@ -26,7 +26,7 @@ use crate::registry::{decode_args, encode_output, Invocation, TaskOutcome, TaskR
 use crate::TaskContext;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    decode, encode, refs, ActorCall, ActorInfo, ActorReply, Config, ErrorKind, Names, StoredResult,
+    refs, ActorCall, ActorInfo, ActorReply, Codec, Config, ErrorKind, Names, Purpose, ReplayGuard,
     TaskError,
 };
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
@@ -227,6 +227,7 @@ struct Mailbox {
 /// What mailboxes need to answer calls.
 struct Replier {
     channel: Channel,
+    codec: Codec,
     stores: mpsc::UnboundedSender<(String, String, Vec<u8>)>,
 }
 
@@ -304,8 +305,10 @@ impl ActorHost {
             )
             .await?;
         let (stores, store_rx) = mpsc::unbounded_channel();
+        let codec = Codec::new(config);
         let replier = Arc::new(Replier {
             channel: connection.create_channel().await?,
+            codec: codec.clone(),
             stores,
         });
         let host = Arc::new(ActorHost {
@@ -318,7 +321,7 @@ impl ActorHost {
         });
         let limit = config.max_payload.saturating_mul(2);
         let tasks = vec![
-            tokio::spawn(serve(Arc::downgrade(&host), consumer, limit)),
+            tokio::spawn(serve(Arc::downgrade(&host), consumer, codec, limit)),
             tokio::spawn(store_loop(store_rx, redis.clone(), names.clone())),
             tokio::spawn(sweep(Arc::downgrade(&host), redis)),
         ];
@@ -409,8 +412,8 @@ impl Replier {
         let Job { call, reply_to } = job;
         if store {
             let stored = match &outcome {
-                Ok(bytes) => StoredResult::encode_ok(bytes),
-                Err(error) => StoredResult::encode_err(error),
+                Ok(bytes) => self.codec.result_ok(&call.call, bytes),
+                Err(error) => self.codec.result_err(&call.call, error),
             };
             let _ = self
                 .stores
@@ -432,7 +435,7 @@ impl Replier {
                 name(""),
                 reply_to,
                 BasicPublishOptions::default(),
-                &encode(&reply),
+                &self.codec.encode(Purpose::ActorReply, &reply),
                 properties,
             )
             .await
@@ -443,11 +446,21 @@ impl Replier {
 }
 
 /// Takes calls off the actor queue and routes them to mailboxes.
-async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, limit: usize) {
+async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, codec: Codec, limit: usize) {
+    // The actor queue has this one consumer for the host's life, so every
+    // replayed call reaches this guard.
+    let guard = ReplayGuard::new();
     while let Some(delivery) = transport::next_delivery(&mut consumer).await {
         let Ok(delivery) = delivery else { break };
         let Some(host) = host.upgrade() else { break };
-        match decode::<ActorCall>(&delivery.data, limit) {
+        let opened = codec.open::<ActorCall>(
+            Purpose::ActorCall,
+            &delivery.data,
+            delivery.redelivered,
+            &guard,
+            limit,
+        );
+        match opened {
             Ok(call) => {
                 let reply_to = delivery.properties.reply_to().clone();
                 host.route(Job { call, reply_to }).await;

@@ -14,8 +14,8 @@ use flotilla_proto::refs;
 use flotilla_proto::supervise::{Backoff, Stop};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    decode, encode, Config, ErrorKind, Event, EventBatch, Names, RunTask, StoredResult, TaskError,
-    ToScheduler, ToWorker, WorkerInfo,
+    Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask,
+    StoredResult, TaskError, ToScheduler, ToWorker, WorkerInfo,
 };
 use lapin::message::Delivery;
 use lapin::options::{
@@ -250,6 +250,10 @@ struct Shared {
     custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Start records of redelivered tasks (see [`crate::lost`]).
     ledger: crate::lost::Ledger,
+    /// Signs what the worker sends and checks what it reads.
+    codec: Codec,
+    /// The signed messages this worker took from its queues.
+    guard: ReplayGuard,
 }
 
 impl Shared {
@@ -543,6 +547,8 @@ async fn serve(
     let control = names.control_exchange();
     transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
     let redis = transport::connect_redis(&config.redis_url).await?;
+    flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
+        .await?;
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -576,12 +582,15 @@ async fn serve(
             .next()
             .map(|extension| (extension.make)(&config)),
         custody: Arc::default(),
+        codec: Codec::new(&config),
+        guard: ReplayGuard::new(),
     });
     let completer = tokio::spawn(complete_loop(
         completion_rx,
         redis,
         publish.clone(),
         names.clone(),
+        shared.codec.clone(),
         id.clone(),
         shared.custody.clone(),
     ));
@@ -597,16 +606,18 @@ async fn serve(
             .collect(),
         resources: options.resources.clone(),
     };
-    announce(&publish, &names, &ToScheduler::Worker(info.clone())).await?;
+    let codec = shared.codec.clone();
+    announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await?;
     let heartbeat = {
         let publish = publish.clone();
         let names = names.clone();
+        let codec = codec.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             loop {
                 tick.tick().await;
                 if let Err(error) =
-                    announce(&publish, &names, &ToScheduler::Worker(info.clone())).await
+                    announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await
                 {
                     warn!(%error, "heartbeat failed");
                 }
@@ -703,6 +714,7 @@ async fn serve(
     let _ = announce(
         &publish,
         &names,
+        &codec,
         &ToScheduler::WorkerGone { worker: id.clone() },
     )
     .await;
@@ -750,13 +762,47 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn announce(publish: &Channel, names: &Names, message: &ToScheduler) -> lapin::Result<()> {
+/// The tasks of a signed bundle whose spec is still stored, that is, which
+/// are not done; `None` when Redis cannot tell.
+async fn still_pending(shared: &Shared, tasks: Vec<RunTask>) -> Option<Vec<RunTask>> {
+    let mut pipe = redis::pipe();
+    for task in &tasks {
+        pipe.exists(shared.names.spec_key(&task.spec.key));
+    }
+    let mut redis = shared.redis.clone();
+    let exists: Vec<bool> = match pipe.query_async(&mut redis).await {
+        Ok(exists) => exists,
+        Err(error) => {
+            warn!(%error, "checking a task bundle against Redis failed");
+            return None;
+        }
+    };
+    let (pending, done): (Vec<_>, Vec<_>) = tasks
+        .into_iter()
+        .zip(exists)
+        .partition(|(_, exists)| *exists);
+    if !done.is_empty() {
+        warn!(
+            tasks = done.len(),
+            first = %done[0].0.spec.key,
+            "replayed or stale tasks refused: they are done"
+        );
+    }
+    Some(pending.into_iter().map(|(task, _)| task).collect())
+}
+
+async fn announce(
+    publish: &Channel,
+    names: &Names,
+    codec: &Codec,
+    message: &ToScheduler,
+) -> lapin::Result<()> {
     publish
         .basic_publish(
             name(""),
             name(&names.scheduler_queue()),
             BasicPublishOptions::default(),
-            &encode(message),
+            &codec.encode(Purpose::ToScheduler, message),
             transport::transient(),
         )
         .await
@@ -766,7 +812,26 @@ async fn announce(publish: &Channel, names: &Names, message: &ToScheduler) -> la
 /// Takes one delivery: decodes it (dead-lettering what doesn't decode) and
 /// starts its tasks, or applies a control message.
 async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
-    let message = decode::<ToWorker>(&delivery.data, shared.config.max_payload.saturating_mul(2));
+    let message = shared.codec.open_aged::<ToWorker>(
+        Purpose::ToWorker,
+        &delivery.data,
+        delivery.redelivered,
+        &shared.guard,
+        shared.config.max_payload.saturating_mul(2),
+    );
+    let message = match message {
+        // A stale task message may have waited behind long tasks: what it
+        // holds is checked against Redis below. A stale control message is
+        // dropped: whatever it was about is long settled.
+        Ok((ToWorker::Run { tasks }, _)) => Ok(ToWorker::Run { tasks }),
+        Ok((message, None)) => Ok(message),
+        Ok((_, Some(stale))) => {
+            warn!(error = %stale, "stale control message dropped");
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        Err(error) => Err(error),
+    };
     let tasks = match message {
         Ok(ToWorker::Run { tasks }) if !tasks.is_empty() => tasks,
         Ok(ToWorker::Cancel { keys }) => {
@@ -805,6 +870,35 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 .await;
             return;
         }
+    };
+    // With signed messages, a first delivery may be a replay that reached
+    // another worker than the original, or a message that outlived the
+    // replay window: only tasks whose spec is still stored (not done) run.
+    let tasks = if shared.codec.is_sealed() && !delivery.redelivered {
+        match still_pending(shared, tasks).await {
+            Some(tasks) if !tasks.is_empty() => tasks,
+            Some(_) => {
+                warn!(
+                    bytes = delivery.data.len(),
+                    "replayed task message dead-lettered: its tasks are done"
+                );
+                let _ = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+                return;
+            }
+            // Redis is unreachable: the broker hands the bundle out again.
+            None => {
+                let _ = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: true })
+                    .await;
+                return;
+            }
+        }
+    } else {
+        tasks
     };
     // A redelivered bundle's worker may have died under it: its tasks'
     // starts are recorded, and one that kept killing workers errs.
@@ -1033,14 +1127,21 @@ async fn load_inputs(
         )
     })?;
     for (key, value) in wanted.into_iter().zip(values) {
-        match value.map(StoredResult::decode) {
+        match value.map(|value| shared.codec.open_result(key, value)) {
             Some(Ok(StoredResult::Ok(bytes))) => {
                 let bytes = Arc::new(bytes);
                 shared.cache.insert(key, bytes.clone());
                 inputs.insert(key.clone(), bytes);
             }
             Some(Ok(StoredResult::Err(error))) => return Err(error),
-            _ => {
+            Some(Err(error)) => {
+                return Err(TaskError::new(
+                    ErrorKind::MissingDependency,
+                    "flotilla::RefusedInput",
+                    format!("the stored result of input `{key}` was refused: {error}"),
+                ))
+            }
+            None => {
                 return Err(TaskError::new(
                     ErrorKind::MissingDependency,
                     "flotilla::MissingDependency",
@@ -1061,6 +1162,7 @@ async fn complete_loop(
     mut redis: ConnectionManager,
     publish: Channel,
     names: Names,
+    codec: Codec,
     worker: String,
     custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 ) {
@@ -1119,10 +1221,10 @@ async fn complete_loop(
                     if bytes.len() + 1 >= refs::LARGE_RESULT {
                         // Written straight into the command: a large result
                         // is not copied once more just to add its tag.
-                        pipe.set(&keys[1], StoredResult::ok_arg(bytes)).ignore();
+                        pipe.set(&keys[1], codec.result_ok_arg(key, bytes)).ignore();
                         refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
                     } else {
-                        let stored = StoredResult::encode_ok(bytes);
+                        let stored = codec.result_ok(key, bytes);
                         refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
                     }
                     // Done for good: it no longer needs its inputs.
@@ -1153,7 +1255,7 @@ async fn complete_loop(
                             &mut pipe,
                             &refs::STORE,
                             [&keys[0], &keys[1]],
-                            &[&StoredResult::encode_err(error)],
+                            &[&codec.result_err(key, error)],
                         );
                         scripts += 1;
                     }
@@ -1188,10 +1290,13 @@ async fn complete_loop(
         if stored {
             let mut confirms = Vec::with_capacity(by_client.len());
             for (client, events) in by_client {
-                let bytes = encode(&EventBatch {
-                    worker: worker.clone(),
-                    events,
-                });
+                let bytes = codec.encode(
+                    Purpose::Events,
+                    &EventBatch {
+                        worker: worker.clone(),
+                        events,
+                    },
+                );
                 match publish
                     .basic_publish(
                         name(&names.events_exchange()),
