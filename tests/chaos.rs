@@ -196,6 +196,8 @@ struct Processes {
     scheduler: Child,
     workers: Vec<Child>,
     client: Client,
+    /// Counts re-executions for the scenario's `duplicated=` figure.
+    tap: Option<EventTap>,
 }
 
 impl Processes {
@@ -235,11 +237,13 @@ impl Processes {
             warm.result_timeout(Duration::from_secs(30)).await.unwrap(),
             1
         );
+        let tap = Some(EventTap::start(&config).await);
         Processes {
             config,
             scheduler,
             workers,
             client,
+            tap,
         }
     }
 
@@ -253,8 +257,18 @@ impl Processes {
         started: Instant,
     ) {
         let (lost, unresolved, slowest) = check(&workload, salt, started).await;
+        // At-least-once: a task whose worker (or connection) went away
+        // mid-run runs again; every future still resolves once.
+        let duplicated = match self.tap.take() {
+            Some(tap) => {
+                let duplicated = tap.duplicated();
+                tap.stop().await;
+                duplicated
+            }
+            None => 0,
+        };
         println!(
-            "chaos {scenario}: faults={faults} tasks={} lost={lost} unresolved={unresolved} max_resolve_s={slowest:.2}",
+            "chaos {scenario}: faults={faults} tasks={} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2}",
             workload.tasks
         );
         drop(workload);
@@ -303,73 +317,88 @@ async fn chaos_workers_killed_and_restarted_mid_workload() {
 // --- Worker loss and hostile input ---
 
 /// Counts the completion events workers publish, per key: a key that
-/// finished more than once ran more than once.
+/// finished more than once ran more than once. It reconnects when the
+/// broker goes away, so across a broker restart it misses what was
+/// published meanwhile: its count is then a lower bound.
 struct EventTap {
     completions: Arc<Mutex<HashMap<String, u32>>>,
-    connection: lapin::Connection,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One connected life of the tap: ends when the broker closes it.
+async fn tap_once(
+    config: &Config,
+    counts: &Mutex<HashMap<String, u32>>,
+    ready: Option<tokio::sync::oneshot::Sender<()>>,
+) -> lapin::Result<()> {
+    let names = config.names();
+    let connection = transport::connect_amqp(&config.amqp_url, "chaos event tap").await?;
+    let channel = connection.create_channel().await?;
+    let queue = format!("{}.tap.{}", names.namespace(), flotilla_proto::new_id());
+    channel
+        .queue_declare(
+            transport::name(&queue),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            transport::name(&queue),
+            transport::name(&names.events_exchange()),
+            transport::name(Names::SCHEDULER_BINDING),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            transport::name(&queue),
+            transport::name("tap"),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    if let Some(ready) = ready {
+        let _ = ready.send(());
+    }
+    while let Some(Ok(delivery)) = transport::next_delivery(&mut consumer).await {
+        let Ok(batch) = decode::<EventBatch>(&delivery.data, usize::MAX) else {
+            continue;
+        };
+        let mut counts = counts.lock().unwrap();
+        for event in batch.events {
+            if let Event::Finished { key, .. } | Event::Erred { key, .. } = event {
+                *counts.entry(key).or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl EventTap {
+    /// Starts tapping; returns once the first connection consumes.
     async fn start(config: &Config) -> EventTap {
-        let names = config.names();
-        let connection = transport::connect_amqp(&config.amqp_url, "chaos event tap")
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let queue = format!("{}.tap.{}", names.namespace(), flotilla_proto::new_id());
-        channel
-            .queue_declare(
-                transport::name(&queue),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                transport::name(&queue),
-                transport::name(&names.events_exchange()),
-                transport::name(Names::SCHEDULER_BINDING),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                transport::name(&queue),
-                transport::name("tap"),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let completions = Arc::new(Mutex::new(HashMap::new()));
         let counts = completions.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = transport::next_delivery(&mut consumer).await {
-                let Ok(batch) = decode::<EventBatch>(&delivery.data, usize::MAX) else {
-                    continue;
-                };
-                let mut counts = counts.lock().unwrap();
-                for event in batch.events {
-                    if let Event::Finished { key, .. } | Event::Erred { key, .. } = event {
-                        *counts.entry(key).or_insert(0) += 1;
-                    }
-                }
+        let config = config.clone();
+        let (ready, is_ready) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready);
+            loop {
+                let _ = tap_once(&config, &counts, ready.take()).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-        EventTap {
-            completions,
-            connection,
-        }
+        is_ready.await.expect("the event tap consumes");
+        EventTap { completions, task }
     }
 
     /// Completions beyond the first of each key.
@@ -385,7 +414,8 @@ impl EventTap {
     }
 
     async fn stop(self) {
-        let _ = self.connection.close(200, transport::name("done")).await;
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
@@ -441,7 +471,7 @@ async fn check_values(
 #[tokio::test]
 async fn chaos_task_that_kills_its_worker_errs_worker_lost() {
     let mut cluster = Processes::start("chaos-lost").await;
-    let tap = EventTap::start(&cluster.config).await;
+    let tap = cluster.tap.take().expect("the cluster's event tap");
     let limit = cluster.config.allowed_failures as usize;
     let salt = 3_000_000;
     let started = Instant::now();
@@ -730,7 +760,7 @@ async fn chaos_malformed_messages_are_dead_lettered() {
     let mut cluster = Processes::start_with(config, Some(&addr), Some(&logs)).await;
     let names = cluster.config.names();
     let workers = worker_ids(&addr, cluster.workers.len()).await;
-    let tap = EventTap::start(&cluster.config).await;
+    let tap = cluster.tap.take().expect("the cluster's event tap");
 
     let mut targets = vec![
         (names.tasks_queue(), Consumer::Worker),
