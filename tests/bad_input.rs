@@ -5,21 +5,8 @@ mod common;
 
 use common::TestCluster;
 use flotilla_examples::add;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use std::time::Duration;
-
-async fn dead_letters(channel: &lapin::Channel, queue: &str) -> u32 {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .expect("dead-letter queue exists")
-        .message_count()
-}
 
 #[tokio::test]
 async fn undecodable_messages_on_every_queue_are_dead_lettered() {
@@ -62,7 +49,7 @@ async fn undecodable_messages_on_every_queue_are_dead_lettered() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut count = 0;
     while std::time::Instant::now() < deadline {
-        count = dead_letters(&channel, &names.dead_letter_queue()).await;
+        count = common::queue_depth(&channel, &names.dead_letter_queue()).await;
         if count >= expected {
             break;
         }

@@ -729,22 +729,6 @@ async fn worker_ids(addr: &str, n: usize) -> Vec<String> {
     }
 }
 
-/// Messages in a queue, by a passive declare.
-async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            transport::name(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count())
-        .unwrap_or(0)
-}
-
 /// Scenario 6: 1,000 malformed or forged messages published to every
 /// queue of the namespace while a workload runs: none is executed, no
 /// process crashes, the workload's results are all correct, and every one
@@ -821,14 +805,14 @@ async fn chaos_malformed_messages_are_dead_lettered() {
     let (lost, unresolved, slowest) = check(&workload, salt, started).await;
     let dead_letter = names.dead_letter_queue();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut dead_lettered = queue_depth(&channel, &dead_letter).await;
+    let mut dead_lettered = common::queue_depth(&channel, &dead_letter).await;
     while (dead_lettered as usize) < faults && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        dead_lettered = queue_depth(&channel, &dead_letter).await;
+        dead_lettered = common::queue_depth(&channel, &dead_letter).await;
     }
     // Nothing more arrives later either.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    dead_lettered = queue_depth(&channel, &dead_letter).await;
+    dead_lettered = common::queue_depth(&channel, &dead_letter).await;
     let executed = tap.completed_with_prefix("forged-");
     // Every message a process's consumer refused left a warning in its log
     // (the client's, in this process, go to its own subscriber).

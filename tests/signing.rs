@@ -15,8 +15,6 @@ use flotilla_proto::{
     encode, Arg, Codec, Config, Event, EventBatch, Purpose, RunTask, StoredResult, Task, TaskSpec,
     ToScheduler, ToWorker,
 };
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -33,18 +31,6 @@ async fn redis(config: &Config) -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .unwrap()
-}
-
-async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .expect("queue exists")
-        .message_count()
 }
 
 async fn publish(channel: &lapin::Channel, queue: &str, bytes: &[u8]) {
@@ -164,7 +150,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
         ..config.clone()
     });
     let dead_letter = names.dead_letter_queue();
-    let before = message_count(&channel, &dead_letter).await;
+    let before = common::queue_depth(&channel, &dead_letter).await;
 
     // A real future the forger tries to resolve with its own value.
     let slow = t
@@ -253,7 +239,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
     let mut dead = before;
     while dead < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        dead = message_count(&channel, &dead_letter).await;
+        dead = common::queue_depth(&channel, &dead_letter).await;
     }
     assert_eq!(dead, expected, "every forgery and replay is dead-lettered");
     assert_eq!(

@@ -133,3 +133,16 @@ pub async fn wait_until_freed(config: &Config, limit: std::time::Duration) -> st
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Messages ready in `queue`, by a passive declare (the queue must exist).
+pub async fn queue_depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .expect("the queue exists")
+        .message_count()
+}

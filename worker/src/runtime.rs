@@ -762,6 +762,15 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Rejects `delivery` to the dead-letter exchange, logging why.
+async fn dead_letter(delivery: &Delivery, reason: &(dyn std::fmt::Display + Sync)) {
+    warn!(%reason, bytes = delivery.data.len(), "task message dead-lettered");
+    let _ = delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await;
+}
+
 /// The tasks of a signed bundle whose spec is still stored, that is, which
 /// are not done; `None` when Redis cannot tell.
 async fn still_pending(shared: &Shared, tasks: Vec<RunTask>) -> Option<Vec<RunTask>> {
@@ -848,28 +857,13 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         // --- end actors ---
         Ok(ToWorker::Run { .. }) => {
             // The scheduler never sends an empty bundle: this is forged.
-            warn!(
-                bytes = delivery.data.len(),
-                "empty task bundle dead-lettered"
-            );
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
-            return;
+            return dead_letter(&delivery, &"empty task bundle").await;
         }
         Ok(_) => {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
-        Err(error) => {
-            warn!(%error, bytes = delivery.data.len(), "undecodable task message dead-lettered");
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
-            return;
-        }
+        Err(error) => return dead_letter(&delivery, &error).await,
     };
     // With signed messages, a first delivery may be a replay that reached
     // another worker than the original, or a message that outlived the
@@ -878,15 +872,8 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         match still_pending(shared, tasks).await {
             Some(tasks) if !tasks.is_empty() => tasks,
             Some(_) => {
-                warn!(
-                    bytes = delivery.data.len(),
-                    "replayed task message dead-lettered: its tasks are done"
-                );
-                let _ = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
-                return;
+                let reason = "replayed or stale: its tasks are done";
+                return dead_letter(&delivery, &reason).await;
             }
             // Redis is unreachable: the broker hands the bundle out again.
             None => {
