@@ -35,7 +35,7 @@
 
 mod actor;
 mod args;
-mod as_completed;
+pub mod as_completed;
 pub mod blocking;
 mod client;
 mod cluster;

@@ -44,12 +44,12 @@
 //! # Ok(()) }
 //! ```
 
-mod event;
+pub mod event;
 pub(crate) mod held;
-mod lock;
-mod queue;
-mod semaphore;
-mod variable;
+pub mod lock;
+pub mod queue;
+pub mod semaphore;
+pub mod variable;
 
 pub use event::Event;
 pub use lock::{Lock, LockGuard};

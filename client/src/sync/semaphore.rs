@@ -195,7 +195,7 @@ impl Drop for SemaphorePermit<'_> {
 impl Semaphore {
     /// The semaphore called `name` in the client's namespace, allowing
     /// `max_leases` holders at once (at least 1), with the default lease
-    /// ([`DEFAULT_LEASE`](super::DEFAULT_LEASE), 10 s).
+    /// ([`DEFAULT_LEASE`], 10 s).
     pub fn new(client: &Client, name: &str, max_leases: u64) -> Semaphore {
         Semaphore {
             client: client.clone(),
