@@ -19,7 +19,7 @@ mod common;
 
 use common::services::{PrivateRabbit, PrivateRedis};
 use flotilla::prelude::*;
-use flotilla::{Config, ErrorKind};
+use flotilla::{Config, ErrorKind, Secret};
 use flotilla_examples::{add, counted_sleep, crash_worker, inc, slow_identity, total, whoami};
 use flotilla_proto::transport;
 use flotilla_proto::{
@@ -66,8 +66,17 @@ fn spawn_logged(
         "{} is built (cargo build --bins)",
         path.display()
     );
-    Command::new(path)
+    let mut command = Command::new(path);
+    match &config.secret {
+        Some(secret) => command.env("FLOTILLA_SECRET", secret.expose()),
+        None => command.env_remove("FLOTILLA_SECRET"),
+    };
+    command
         .args(args)
+        .env(
+            "FLOTILLA_REPLAY_WINDOW_MS",
+            config.replay_window_ms.to_string(),
+        )
         .env("FLOTILLA_AMQP_URL", &config.amqp_url)
         .env("FLOTILLA_REDIS_URL", &config.redis_url)
         .env("FLOTILLA_NAMESPACE", &config.namespace)
@@ -311,6 +320,28 @@ async fn chaos_workers_killed_and_restarted_mid_workload() {
     }
     cluster
         .finish("worker-kill", rounds, workload, salt, started)
+        .await;
+}
+
+/// Signed, with a 1 s replay window: the scheduler is down for 2 s while the
+/// workload is submitted, so every submission is stale when it comes back.
+/// It takes them up from the specs stored in Redis instead of refusing
+/// them, and the workers run task messages that waited behind others.
+#[tokio::test]
+async fn chaos_signed_scheduler_down_longer_than_the_replay_window() {
+    let mut config = common::fresh_config("chaos-signed");
+    config.secret = Some(Secret::new(&format!("chaos-{}", config.namespace)));
+    config.replay_window_ms = 1_000;
+    let mut cluster = Processes::start_with(config, None, None).await;
+    kill(&mut cluster.scheduler);
+    let salt = 5_000_000;
+    let started = Instant::now();
+    let workload = submit_workload(&cluster.client, salt);
+    cluster.client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    cluster.scheduler = scheduler(&cluster.config);
+    cluster
+        .finish("signed-stale-submissions", 1, workload, salt, started)
         .await;
 }
 

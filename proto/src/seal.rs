@@ -22,11 +22,12 @@
 //! the replay window (`FLOTILLA_REPLAY_WINDOW_MS`, 5 minutes by default). A
 //! second copy of a message is refused, and so is a message issued longer
 //! ago than the window, unless the broker marks it *redelivered* (a copy
-//! that an outsider publishes never is). Queues that several workers share,
-//! and task messages that wait longer than the window behind long tasks,
-//! are covered by one more check on the workers: a task whose stored spec
-//! is gone (it finished) is not run again. Clocks must agree within the
-//! window.
+//! that an outsider publishes never is). What is older than the window is
+//! checked against the state in Redis instead of being trusted: the
+//! scheduler takes up a stale submission's tasks from their stored specs,
+//! and workers run a task (also one that reached another worker than a
+//! first copy) only while its spec is stored, that is, while it is not
+//! done. Clocks must agree within the window.
 
 use crate::codec::{body_of, DecodeError, WIRE_VERSION};
 use crate::{Config, StoredResult, TaskError};

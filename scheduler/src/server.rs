@@ -61,6 +61,8 @@ enum Input {
     /// Tasks whose custody lapsed: their worker died after acknowledging
     /// their delivery early (see [`flotilla_proto::custody`]).
     CustodyLapsed(Vec<String>),
+    /// Specs read back from Redis for a stale signed submission.
+    Stored(Vec<flotilla_proto::TaskSpec>),
     Closed(&'static str),
 }
 
@@ -470,13 +472,31 @@ impl Scheduler {
         match input {
             Input::Submission(delivery) => {
                 let tag = delivery.delivery_tag;
-                let opened = self.codec.open::<ToScheduler>(
+                let opened = self.codec.open_aged::<ToScheduler>(
                     Purpose::ToScheduler,
                     &delivery.data,
                     delivery.redelivered,
                     &self.guard,
                     self.max_payload + (1 << 20),
                 );
+                let opened = match opened {
+                    // Signed and older than the replay window: a replay, or
+                    // a submission that waited for a scheduler that was down
+                    // or far behind. The specs in Redis decide: a task whose
+                    // spec is stored is pending and taken up from it; one
+                    // whose spec is gone is done and not run again.
+                    Ok((ToScheduler::Submit { tasks }, Some(stale))) => {
+                        warn!(%stale, tasks = tasks.len(), "stale submission: taking up its tasks from their stored specs");
+                        acks.submissions = Some(tag);
+                        self.take_up_stored(tasks.into_iter().map(|t| t.key).collect());
+                        return Ok(());
+                    }
+                    // Harmless whatever its age: more events for a client.
+                    Ok((message @ ToScheduler::Watch { .. }, Some(_))) => Ok(message),
+                    Ok((_, Some(stale))) => Err(stale.into()),
+                    Ok((message, None)) => Ok(message),
+                    Err(error) => Err(error),
+                };
                 match opened {
                     Ok(message) => {
                         acks.submissions = Some(tag);
@@ -500,6 +520,7 @@ impl Scheduler {
             }
             Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),
             Input::Unreferenced(keys) => self.core.forget(&keys, &mut self.out),
+            Input::Stored(specs) => self.core.submit(specs, &mut self.out),
             Input::CustodyLapsed(keys) => {
                 warn!(
                     tasks = keys.len(),
@@ -510,6 +531,49 @@ impl Scheduler {
             Input::Closed(what) => return Err(SchedulerError::Closed(what)),
         }
         Ok(())
+    }
+
+    /// Reads the stored specs of `keys` in the background and submits
+    /// those still there (tasks not done).
+    fn take_up_stored(&self, keys: Vec<String>) {
+        let mut redis = self.redis.clone();
+        let names = self.names.clone();
+        let codec = self.codec.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let spec_keys: Vec<String> = keys.iter().map(|k| names.spec_key(k)).collect();
+            let mut backoff = Backoff::default();
+            let deadline = Instant::now() + REDIS_OUTAGE;
+            let values: Vec<Option<Vec<u8>>> = loop {
+                match redis::cmd("MGET")
+                    .arg(&spec_keys)
+                    .query_async(&mut redis)
+                    .await
+                {
+                    Ok(values) => break values,
+                    Err(error)
+                        if transport::is_connection_error(&error) && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(backoff.next_pause()).await;
+                    }
+                    Err(error) => {
+                        warn!(%error, "reading stored specs failed; a restart takes them up");
+                        return;
+                    }
+                }
+            };
+            let specs: Vec<flotilla_proto::TaskSpec> = values
+                .into_iter()
+                .flatten()
+                .filter_map(|bytes| codec.decode(Purpose::Spec, &bytes, usize::MAX).ok())
+                .collect();
+            debug!(
+                asked = keys.len(),
+                pending = specs.len(),
+                "stored specs of a stale submission"
+            );
+            let _ = inputs.send(Input::Stored(specs));
+        });
     }
 
     /// Applies one message of the scheduler queue.
