@@ -29,8 +29,6 @@ use tracing::warn;
 const FETCH_CHUNK: usize = 1024;
 /// How long one attempt to reopen the RabbitMQ link may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long reading a result waits for an unreachable Redis to come back.
-const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Scattered values up to this size stay in the client's memory too.
 const INLINE_SCATTER: usize = 16 * 1024;
 
@@ -140,38 +138,29 @@ impl ClientInner {
     /// Reads stored results, in order, a chunk of keys per round trip.
     pub(crate) async fn fetch(&self, keys: &[&str]) -> Result<Vec<Result<Arc<Vec<u8>>>>> {
         let mut out = Vec::with_capacity(keys.len());
-        let mut redis = self.redis.clone();
         for chunk in keys.chunks(FETCH_CHUNK) {
             let redis_keys: Vec<String> = chunk.iter().map(|k| self.names.result_key(k)).collect();
-            let mut backoff = flotilla_proto::supervise::Backoff::default();
-            let deadline = tokio::time::Instant::now() + REDIS_OUTAGE;
-            let values: Vec<Option<Vec<u8>>> = loop {
-                let read = if redis_keys.len() == 1 {
-                    redis::cmd("GET")
-                        .arg(&redis_keys[0])
-                        .query_async(&mut redis)
-                        .await
-                        .map(|value| vec![value])
-                } else {
-                    redis::cmd("MGET")
-                        .arg(&redis_keys)
-                        .query_async(&mut redis)
-                        .await
-                };
-                match read {
-                    // A restarting Redis: wait for it (the connection
-                    // manager reconnects) rather than fail the future.
-                    Err(error)
-                        if transport::is_connection_error(&error)
-                            && tokio::time::Instant::now() < deadline =>
-                    {
-                        let pause = backoff.next_pause();
-                        warn!(%error, ?pause, "reading results failed; retrying");
-                        tokio::time::sleep(pause).await;
+            // A restarting Redis is waited for rather than failing the futures.
+            let values: Vec<Option<Vec<u8>>> =
+                transport::retry_while_unreachable("reading results", || {
+                    let mut redis = self.redis.clone();
+                    let redis_keys = &redis_keys;
+                    async move {
+                        if redis_keys.len() == 1 {
+                            redis::cmd("GET")
+                                .arg(&redis_keys[0])
+                                .query_async(&mut redis)
+                                .await
+                                .map(|value| vec![value])
+                        } else {
+                            redis::cmd("MGET")
+                                .arg(redis_keys)
+                                .query_async(&mut redis)
+                                .await
+                        }
                     }
-                    read => break read?,
-                }
-            };
+                })
+                .await?;
             for (key, value) in chunk.iter().zip(values) {
                 out.push(read_stored(&self.codec, key, value));
             }

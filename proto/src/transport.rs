@@ -270,6 +270,34 @@ pub fn is_connection_error(error: &redis::RedisError) -> bool {
         )
 }
 
+/// How long a Redis that stopped answering is waited for before a read
+/// fails (30 s): long enough for a restart, short enough that a dead Redis
+/// becomes a clear error rather than a hang.
+pub const REDIS_OUTAGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Runs `query` again, with growing pauses, while it fails because the
+/// connection to Redis is lost (a restarting Redis; the connection manager
+/// reconnects), for up to [`REDIS_OUTAGE`]; `what` names it in the log.
+/// Any other outcome is returned as it is.
+pub async fn retry_while_unreachable<T, F, Fut>(what: &str, mut query: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let deadline = tokio::time::Instant::now() + REDIS_OUTAGE;
+    let mut backoff = crate::supervise::Backoff::default();
+    loop {
+        match query().await {
+            Err(error) if is_connection_error(&error) && tokio::time::Instant::now() < deadline => {
+                let pause = backoff.next_pause();
+                tracing::warn!(%error, ?pause, what, "Redis is unreachable; retrying");
+                tokio::time::sleep(pause).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Properties of a message that need not survive a broker restart
 /// (events: state is re-read from Redis after a restart).
 pub fn transient() -> BasicProperties {

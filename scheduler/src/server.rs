@@ -27,8 +27,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// How long a lookup waits for an unreachable Redis to come back.
-const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Deliveries each consumer may hold unacknowledged.
 const PREFETCH: u16 = 4096;
 /// Most inputs handled before the core dispatches and output is flushed.
@@ -536,30 +534,27 @@ impl Scheduler {
     /// Reads the stored specs of `keys` in the background and submits
     /// those still there (tasks not done).
     fn take_up_stored(&self, keys: Vec<String>) {
-        let mut redis = self.redis.clone();
+        let redis = self.redis.clone();
         let names = self.names.clone();
         let codec = self.codec.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             let spec_keys: Vec<String> = keys.iter().map(|k| names.spec_key(k)).collect();
-            let mut backoff = Backoff::default();
-            let deadline = Instant::now() + REDIS_OUTAGE;
-            let values: Vec<Option<Vec<u8>>> = loop {
-                match redis::cmd("MGET")
-                    .arg(&spec_keys)
-                    .query_async(&mut redis)
-                    .await
-                {
-                    Ok(values) => break values,
-                    Err(error)
-                        if transport::is_connection_error(&error) && Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(backoff.next_pause()).await;
-                    }
-                    Err(error) => {
-                        warn!(%error, "reading stored specs failed; a restart takes them up");
-                        return;
-                    }
+            let read = transport::retry_while_unreachable("reading stored specs", || {
+                let mut redis = redis.clone();
+                let spec_keys = &spec_keys;
+                async move {
+                    redis::cmd("MGET")
+                        .arg(spec_keys)
+                        .query_async(&mut redis)
+                        .await
+                }
+            });
+            let values: Vec<Option<Vec<u8>>> = match read.await {
+                Ok(values) => values,
+                Err(error) => {
+                    warn!(%error, "reading stored specs failed; a restart takes them up");
+                    return;
                 }
             };
             let specs: Vec<flotilla_proto::TaskSpec> = values
@@ -912,22 +907,19 @@ async fn lookup(
 ) -> Lookup {
     // A restarting Redis is waited for: taking its silence for a missing
     // input would fail the dependents.
-    let mut backoff = Backoff::default();
-    let deadline = Instant::now() + REDIS_OUTAGE;
-    let first: redis::RedisResult<Vec<u8>> = loop {
-        let first = redis::cmd("GETRANGE")
-            .arg(result_key)
-            .arg(-1)
-            .arg(-1)
-            .query_async(redis)
-            .await;
-        match first {
-            Err(error) if transport::is_connection_error(&error) && Instant::now() < deadline => {
-                tokio::time::sleep(backoff.next_pause()).await;
+    let first: redis::RedisResult<Vec<u8>> =
+        transport::retry_while_unreachable("looking up a result", || {
+            let mut redis = redis.clone();
+            async move {
+                redis::cmd("GETRANGE")
+                    .arg(result_key)
+                    .arg(-1)
+                    .arg(-1)
+                    .query_async(&mut redis)
+                    .await
             }
-            first => break first,
-        }
-    };
+        })
+        .await;
     match first.as_deref() {
         Ok([]) => Lookup::Missing,
         Ok([flotilla_proto::TAG_OK]) => Lookup::Finished,

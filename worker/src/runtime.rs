@@ -41,8 +41,6 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 const INPUT_CACHE_BYTES: usize = 512 << 20;
 /// A task still running after this long is reported as started.
 const STARTED_AFTER: Duration = Duration::from_millis(50);
-/// How long reading inputs waits for an unreachable Redis to come back.
-const REDIS_OUTAGE: Duration = Duration::from_secs(30);
 /// Most completions stored and published together.
 const MAX_COMPLETION_BATCH: usize = 1024;
 
@@ -1090,22 +1088,13 @@ async fn load_inputs(
         return Ok(inputs);
     }
     let keys: Vec<String> = wanted.iter().map(|k| shared.names.result_key(k)).collect();
-    let mut redis = shared.redis.clone();
     // A restarting Redis is waited for rather than failing the task.
-    let mut backoff = Backoff::default();
-    let deadline = tokio::time::Instant::now() + REDIS_OUTAGE;
-    let values: Vec<Option<Vec<u8>>> = loop {
-        let read = redis::cmd("MGET").arg(&keys).query_async(&mut redis).await;
-        match read {
-            Err(error)
-                if transport::is_connection_error(&error)
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(backoff.next_pause()).await;
-            }
-            read => break read,
-        }
-    }
+    let values: Vec<Option<Vec<u8>>> = transport::retry_while_unreachable("reading inputs", || {
+        let mut redis = shared.redis.clone();
+        let keys = &keys;
+        async move { redis::cmd("MGET").arg(keys).query_async(&mut redis).await }
+    })
+    .await
     .map_err(|error| {
         TaskError::new(
             ErrorKind::Internal,
