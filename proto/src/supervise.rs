@@ -95,6 +95,49 @@ impl Backoff {
     }
 }
 
+/// The attempts of a supervised process: decides, after each, whether to
+/// start another.
+///
+/// A failure before the process was ever up is returned at once (bad
+/// settings, nothing to connect to); a failure after it had been up is a
+/// lost connection, retried after a pause, unless a stop was requested.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    backoff: Backoff,
+    ever_up: bool,
+}
+
+impl Attempts {
+    /// Settles an attempt that ended with `result`; `up` says whether it
+    /// got connected. `None`: start another attempt (after the pause, which
+    /// has passed); `Some`: the process is done, with this outcome.
+    pub async fn settle<E: std::fmt::Display>(
+        &mut self,
+        result: Result<(), E>,
+        up: bool,
+        stop: &Stop,
+        what: &str,
+    ) -> Option<Result<(), E>> {
+        self.ever_up |= up;
+        match result {
+            Ok(()) => Some(Ok(())),
+            Err(error) if self.ever_up && !stop.requested() => {
+                if up {
+                    self.backoff.reset();
+                }
+                let pause = self.backoff.next_pause();
+                tracing::warn!(%error, ?pause, "lost RabbitMQ or Redis: {what}");
+                if stop.pause(pause).await {
+                    None
+                } else {
+                    Some(Ok(()))
+                }
+            }
+            Err(error) => Some(Err(error)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +149,33 @@ mod tests {
         assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         backoff.reset();
         assert_eq!(backoff.next_pause(), FIRST_PAUSE);
+    }
+
+    #[tokio::test]
+    async fn attempts_retry_only_after_being_up_and_until_stopped() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = Stop::new(async move {
+            let _ = rx.await;
+        });
+        let mut attempts = Attempts::default();
+        let never_up = attempts.settle(Err("refused"), false, &stop, "test").await;
+        assert_eq!(never_up, Some(Err("refused")));
+        assert_eq!(
+            attempts.settle(Err("lost"), true, &stop, "test").await,
+            None
+        );
+        assert_eq!(
+            attempts.settle(Err("lost"), false, &stop, "test").await,
+            None
+        );
+        tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let stopped = attempts.settle(Err("lost"), false, &stop, "test").await;
+        assert_eq!(stopped, Some(Err("lost")));
+        assert_eq!(
+            attempts.settle::<&str>(Ok(()), true, &stop, "test").await,
+            Some(Ok(()))
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 
 use crate::core::{Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
 use flotilla_proto::refs;
-use flotilla_proto::supervise::{Backoff, Stop};
+use flotilla_proto::supervise::{Attempts, Stop};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     Codec, Config, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
@@ -183,25 +183,13 @@ async fn supervise(
     config.validate()?;
     let stop = Stop::new(shutdown);
     let started = Instant::now();
-    let mut backoff = Backoff::default();
-    let mut ever_up = false;
+    let mut attempts = Attempts::default();
     loop {
         let mut up = false;
         let result = run_inner(&config, &stop, &mut ready, &mut hooks, &mut up, started).await;
-        ever_up |= up;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(error) if ever_up && !stop.requested() => {
-                if up {
-                    backoff.reset();
-                }
-                let pause = backoff.next_pause();
-                warn!(%error, ?pause, "lost RabbitMQ or Redis: reconnecting, then taking up the pending tasks from Redis");
-                if !stop.pause(pause).await {
-                    return Ok(());
-                }
-            }
-            Err(error) => return Err(error),
+        let what = "reconnecting, then taking up the pending tasks from Redis";
+        if let Some(done) = attempts.settle(result, up, &stop, what).await {
+            return done;
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::Slot;
 use crate::TaskContext;
 use flotilla_proto::refs;
-use flotilla_proto::supervise::{Backoff, Stop};
+use flotilla_proto::supervise::{Attempts, Stop};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask,
@@ -471,25 +471,12 @@ async fn supervise(
     install_hook();
     options.config.validate()?;
     let stop = Stop::new(shutdown);
-    let mut backoff = Backoff::default();
-    let mut ever_up = false;
+    let mut attempts = Attempts::default();
     loop {
         let mut up = false;
         let result = run_inner(&options, &stop, &mut ready, &mut up).await;
-        ever_up |= up;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(error) if ever_up && !stop.requested() => {
-                if up {
-                    backoff.reset();
-                }
-                let pause = backoff.next_pause();
-                warn!(%error, ?pause, "lost RabbitMQ or Redis: reconnecting");
-                if !stop.pause(pause).await {
-                    return Ok(());
-                }
-            }
-            Err(error) => return Err(error),
+        if let Some(done) = attempts.settle(result, up, &stop, "reconnecting").await {
+            return done;
         }
     }
 }
