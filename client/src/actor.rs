@@ -428,7 +428,7 @@ impl Caller {
             .await?;
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         let (confirms, confirms_rx) = mpsc::unbounded_channel();
-        let codec = Codec::new(config);
+        let codec = client.inner.codec.clone();
         let caller = Arc::new(Caller {
             names: names.clone(),
             connection,
