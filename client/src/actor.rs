@@ -428,7 +428,7 @@ impl Caller {
             .await?;
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
         let (confirms, confirms_rx) = mpsc::unbounded_channel();
-        let codec = client.inner.codec.clone();
+        let codec = Codec::new(config);
         let caller = Arc::new(Caller {
             names: names.clone(),
             connection,

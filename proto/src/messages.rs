@@ -329,12 +329,17 @@ pub const TAG_ERR: u8 = 1;
 impl StoredResult {
     /// Encodes a value to store: its bytes, then the tag.
     pub fn encode_ok(value: &[u8]) -> Vec<u8> {
-        crate::Codec::plain().result_ok("", value)
+        let mut out = Vec::with_capacity(value.len() + 1);
+        out.extend_from_slice(value);
+        out.push(TAG_OK);
+        out
     }
 
     /// Encodes an error to store.
     pub fn encode_err(error: &TaskError) -> Vec<u8> {
-        crate::Codec::plain().result_err("", error)
+        let mut out = crate::encode(error);
+        out.push(TAG_ERR);
+        out
     }
 
     /// A value to store as one Redis argument: its bytes, then the tag,
@@ -342,12 +347,17 @@ impl StoredResult {
     /// [`StoredResult::encode_ok`], without the intermediate copy (a large
     /// result otherwise costs one more allocation and copy of its size).
     pub fn ok_arg(value: &[u8]) -> StoredOk<'_> {
-        crate::Codec::plain().result_ok_arg("", value)
+        StoredOk(value, None)
     }
 
     /// Decodes a stored result.
-    pub fn decode(bytes: Vec<u8>) -> Result<Self, crate::DecodeError> {
-        crate::Codec::plain().open_result("", bytes)
+    pub fn decode(mut bytes: Vec<u8>) -> Result<Self, crate::DecodeError> {
+        match bytes.pop() {
+            Some(TAG_OK) => Ok(StoredResult::Ok(bytes)),
+            Some(TAG_ERR) => Ok(StoredResult::Err(crate::decode(&bytes, usize::MAX)?)),
+            Some(found) => Err(crate::DecodeError::Version { found }),
+            None => Err(crate::DecodeError::Empty),
+        }
     }
 
     /// Borrows the value bytes of a stored success without copying, or

@@ -276,7 +276,7 @@ impl Codec {
                     return Err(SealError::Truncated.into());
                 }
                 let (signed, tag) = bytes.split_at(bytes.len() - TAG_LEN);
-                verify(&message_tag(key, purpose, signed), tag)?;
+                verify(key, &[purpose.label(), &[0], signed], tag)?;
                 let issued = u64::from_be_bytes(signed[1..9].try_into().expect("8 bytes"));
                 let nonce = u128::from_be_bytes(signed[9..25].try_into().expect("16 bytes"));
                 Ok((&signed[HEADER_LEN..], Some((issued, nonce))))
@@ -324,7 +324,11 @@ impl Codec {
             }
             let at = bytes.len() - TAG_LEN;
             let (value, tag) = bytes.split_at(at);
-            verify(&result_tag(secret, key, kind, value), tag)?;
+            verify(
+                secret,
+                &[b"result", &[0], key.as_bytes(), &[0, kind], value],
+                tag,
+            )?;
             // Dropping the tag is a truncate, not a copy.
             bytes.truncate(at);
         }
@@ -336,7 +340,12 @@ impl Codec {
     }
 
     fn result_tag(&self, key: &str, kind: u8, value: &[u8]) -> Option<hmac::Tag> {
-        Some(result_tag(self.key.as_ref()?, key, kind, value))
+        let secret = self.key.as_ref()?;
+        let mut context = hmac::Context::with_key(secret);
+        for part in [b"result" as &[u8], &[0], key.as_bytes(), &[0, kind], value] {
+            context.update(part);
+        }
+        Some(context.sign())
     }
 }
 
@@ -375,30 +384,21 @@ pub async fn check_fingerprint(
     }
 }
 
-/// The HMAC of the concatenation of `parts`.
-fn sign(key: &hmac::Key, parts: &[&[u8]]) -> hmac::Tag {
+fn message_tag(key: &hmac::Key, purpose: Purpose, signed: &[u8]) -> hmac::Tag {
+    let mut context = hmac::Context::with_key(key);
+    context.update(purpose.label());
+    context.update(&[0]);
+    context.update(signed);
+    context.sign()
+}
+
+/// Checks `tag` over the concatenation of `parts`, in constant time.
+fn verify(key: &hmac::Key, parts: &[&[u8]], tag: &[u8]) -> Result<(), SealError> {
     let mut context = hmac::Context::with_key(key);
     for part in parts {
         context.update(part);
     }
-    context.sign()
-}
-
-/// The tag of a message for `purpose`: over its label and the envelope.
-fn message_tag(key: &hmac::Key, purpose: Purpose, signed: &[u8]) -> hmac::Tag {
-    sign(key, &[purpose.label(), &[0], signed])
-}
-
-/// The tag of a value of `kind` stored under `result_key`.
-fn result_tag(key: &hmac::Key, result_key: &str, kind: u8, value: &[u8]) -> hmac::Tag {
-    sign(
-        key,
-        &[b"result", &[0], result_key.as_bytes(), &[0, kind], value],
-    )
-}
-
-/// Checks `tag` against the `expected` one, in constant time.
-fn verify(expected: &hmac::Tag, tag: &[u8]) -> Result<(), SealError> {
+    let expected = context.sign();
     // Every byte is compared, whatever the first difference: the time
     // taken tells nothing about how much of a forged tag was right.
     let difference = expected

@@ -232,8 +232,7 @@ async fn serve(
     transport::declare_topology(&publish, &names).await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     // Clients and workers with another secret then fail at once, clearly.
-    let codec = Codec::new(config);
-    flotilla_proto::seal::publish_fingerprint(&mut redis, &names, &codec).await?;
+    flotilla_proto::seal::publish_fingerprint(&mut redis, &names, &Codec::new(config)).await?;
 
     let (inputs, mut input_rx) = mpsc::unbounded_channel();
     let submissions = connection.create_channel().await?;
@@ -288,7 +287,7 @@ async fn serve(
         redis,
         inputs: inputs.clone(),
         max_payload: config.max_payload,
-        codec,
+        codec: Codec::new(config),
         guard: ReplayGuard::new(),
         events_guard: ReplayGuard::new(),
         submissions: submissions.clone(),
@@ -531,16 +530,26 @@ impl Scheduler {
             let spec_keys: Vec<String> = keys.iter().map(|k| names.spec_key(k)).collect();
             let read = transport::retry_while_unreachable("reading stored specs", || {
                 let mut redis = redis.clone();
-                let (names, codec, spec_keys) = (&names, &codec, &spec_keys);
-                async move { pending_specs(&mut redis, names, codec, spec_keys).await }
+                let spec_keys = &spec_keys;
+                async move {
+                    redis::cmd("MGET")
+                        .arg(spec_keys)
+                        .query_async(&mut redis)
+                        .await
+                }
             });
-            let specs = match read.await {
-                Ok(specs) => specs,
+            let values: Vec<Option<Vec<u8>>> = match read.await {
+                Ok(values) => values,
                 Err(error) => {
                     warn!(%error, "reading stored specs failed; a restart takes them up");
                     return;
                 }
             };
+            let specs: Vec<flotilla_proto::TaskSpec> = values
+                .into_iter()
+                .flatten()
+                .filter_map(|bytes| codec.decode(Purpose::Spec, &bytes, usize::MAX).ok())
+                .collect();
             debug!(
                 asked = keys.len(),
                 pending = specs.len(),
@@ -947,46 +956,35 @@ async fn recover_specs(
             .arg(1000)
             .query_async(redis)
             .await?;
-        specs.extend(pending_specs(redis, names, codec, &keys).await?);
+        if !keys.is_empty() {
+            let values: Vec<Option<Vec<u8>>> =
+                redis::cmd("MGET").arg(&keys).query_async(redis).await?;
+            for (key, value) in keys.iter().zip(values) {
+                let spec = value.map(|bytes| {
+                    codec.decode::<flotilla_proto::TaskSpec>(Purpose::Spec, &bytes, usize::MAX)
+                });
+                match spec {
+                    Some(Ok(spec)) => {
+                        // A task with a stored result (an error kept for
+                        // `retry`) has run: it is not taken up again.
+                        let tag: Vec<u8> = redis::cmd("GETRANGE")
+                            .arg(names.result_key(&spec.key))
+                            .arg(-1)
+                            .arg(-1)
+                            .query_async(redis)
+                            .await?;
+                        if tag.is_empty() {
+                            specs.push(spec);
+                        }
+                    }
+                    Some(Err(error)) => warn!(%error, key, "unreadable stored task spec ignored"),
+                    None => {}
+                }
+            }
+        }
         if next == 0 {
             return Ok(specs);
         }
         cursor = next;
     }
-}
-
-/// The specs stored under `spec_keys` of tasks still to run: two round
-/// trips for all of them. A task with a stored result (an error kept for
-/// `retry`) has run and is left out, as are keys with no spec (done).
-async fn pending_specs(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    codec: &Codec,
-    spec_keys: &[String],
-) -> redis::RedisResult<Vec<flotilla_proto::TaskSpec>> {
-    if spec_keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(spec_keys).query_async(redis).await?;
-    let mut specs: Vec<flotilla_proto::TaskSpec> = Vec::new();
-    for (key, value) in spec_keys.iter().zip(values) {
-        match value.map(|bytes| codec.decode(Purpose::Spec, &bytes, usize::MAX)) {
-            Some(Ok(spec)) => specs.push(spec),
-            Some(Err(error)) => warn!(%error, key, "unreadable stored task spec ignored"),
-            None => {}
-        }
-    }
-    let mut pipe = redis::pipe();
-    for spec in &specs {
-        pipe.cmd("GETRANGE")
-            .arg(names.result_key(&spec.key))
-            .arg(-1)
-            .arg(-1);
-    }
-    let tags: Vec<Vec<u8>> = pipe.query_async(redis).await?;
-    Ok(specs
-        .into_iter()
-        .zip(tags)
-        .filter_map(|(spec, tag)| tag.is_empty().then_some(spec))
-        .collect())
 }

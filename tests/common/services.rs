@@ -153,9 +153,6 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
-    /// The directory of the [`TestCa`] whose server certificate it serves
-    /// TLS with (on `port`, and no plain port), if any.
-    tls: Option<PathBuf>,
 }
 
 impl PrivateRedis {
@@ -165,31 +162,16 @@ impl PrivateRedis {
             port: free_port(),
             dir: scratch_dir("redis"),
             child: None,
-            tls: None,
         };
         redis.spawn();
         redis
     }
 
     fn spawn(&mut self) {
-        let mut command = Command::new("redis-server");
-        command
+        let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always"]);
-        match &self.tls {
-            None => command.arg("--port").arg(self.port.to_string()),
-            Some(ca) => command
-                .args(["--port", "0", "--tls-port"])
-                .arg(self.port.to_string())
-                .arg("--tls-cert-file")
-                .arg(ca.join("server.pem"))
-                .arg("--tls-key-file")
-                .arg(ca.join("server.key"))
-                .arg("--tls-ca-cert-file")
-                .arg(ca.join("ca.pem"))
-                .args(["--tls-auth-clients", "no"]),
-        };
-        let child = command
+            .args(["--appendfsync", "always", "--port"])
+            .arg(self.port.to_string())
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -225,14 +207,34 @@ impl PrivateRedis {
     /// Starts a server that speaks TLS only, with `ca`'s server
     /// certificate, and waits until it accepts connections.
     pub fn start_tls(ca: &TestCa) -> PrivateRedis {
-        let mut redis = PrivateRedis {
-            port: free_port(),
-            dir: scratch_dir("redis-tls"),
-            child: None,
-            tls: Some(ca.dir.clone()),
-        };
-        redis.spawn();
-        redis
+        let port = free_port();
+        let dir = scratch_dir("redis-tls");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--port", "0"])
+            .arg("--tls-port")
+            .arg(port.to_string())
+            .arg("--tls-cert-file")
+            .arg(ca.dir.join("server.pem"))
+            .arg("--tls-key-file")
+            .arg(ca.dir.join("server.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(ca.ca_file())
+            .args(["--tls-auth-clients", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (Debian package redis-server)");
+        wait_for_port(
+            port,
+            Duration::from_secs(30),
+            "the private TLS redis-server",
+        );
+        PrivateRedis {
+            port,
+            dir,
+            child: Some(child),
+        }
     }
 
     /// Its `rediss://` URL (the certificate names `localhost`).

@@ -270,7 +270,6 @@ impl ActorHost {
     /// actor queue, and makes the host reachable by the creation task.
     pub(crate) async fn start(
         config: &Config,
-        codec: &Codec,
         worker: &str,
         redis: ConnectionManager,
     ) -> lapin::Result<ActorHostGuard> {
@@ -306,6 +305,7 @@ impl ActorHost {
             )
             .await?;
         let (stores, store_rx) = mpsc::unbounded_channel();
+        let codec = Codec::new(config);
         let replier = Arc::new(Replier {
             channel: connection.create_channel().await?,
             codec: codec.clone(),
@@ -321,7 +321,7 @@ impl ActorHost {
         });
         let limit = config.max_payload.saturating_mul(2);
         let tasks = vec![
-            tokio::spawn(serve(Arc::downgrade(&host), consumer, codec.clone(), limit)),
+            tokio::spawn(serve(Arc::downgrade(&host), consumer, codec, limit)),
             tokio::spawn(store_loop(store_rx, redis.clone(), names.clone())),
             tokio::spawn(sweep(Arc::downgrade(&host), redis)),
         ];

@@ -532,8 +532,8 @@ async fn serve(
     let control = names.control_exchange();
     transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
     let redis = transport::connect_redis(&config.redis_url).await?;
-    let codec = Codec::new(&config);
-    flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
+    flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
+        .await?;
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
@@ -567,7 +567,7 @@ async fn serve(
             .next()
             .map(|extension| (extension.make)(&config)),
         custody: Arc::default(),
-        codec: codec.clone(),
+        codec: Codec::new(&config),
         guard: ReplayGuard::new(),
     });
     let completer = tokio::spawn(complete_loop(
@@ -591,6 +591,7 @@ async fn serve(
             .collect(),
         resources: options.resources.clone(),
     };
+    let codec = shared.codec.clone();
     announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await?;
     let heartbeat = {
         let publish = publish.clone();
@@ -612,8 +613,7 @@ async fn serve(
     // --- actors: the host of this worker's actors (own connection and
     // exclusive actor queue), up before any creation task can arrive; it
     // stops, and the queue vanishes, when this function ends or is aborted.
-    let _actors =
-        crate::actors::ActorHost::start(&config, &codec, &id, shared.redis.clone()).await?;
+    let _actors = crate::actors::ActorHost::start(&config, &id, shared.redis.clone()).await?;
     // --- end actors ---
     let consume = connection.create_channel().await?;
     consume
@@ -817,12 +817,14 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         // A stale task message may have waited behind long tasks: what it
         // holds is checked against Redis below. A stale control message is
         // dropped: whatever it was about is long settled.
-        Ok((message, Some(stale))) if !matches!(message, ToWorker::Run { .. }) => {
+        Ok((ToWorker::Run { tasks }, _)) => Ok(ToWorker::Run { tasks }),
+        Ok((message, None)) => Ok(message),
+        Ok((_, Some(stale))) => {
             warn!(error = %stale, "stale control message dropped");
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
-        opened => opened.map(|(message, _)| message),
+        Err(error) => Err(error),
     };
     let tasks = match message {
         Ok(ToWorker::Run { tasks }) if !tasks.is_empty() => tasks,
