@@ -153,9 +153,9 @@ pub struct FutureBatch {
     /// Tells batches apart.
     pub id: u64,
     /// Futures of the batch's parts.
-    pub parts: Vec<Future<i64>>,
+    pub parts: Vec<TaskFuture<i64>>,
     /// A future of their total.
-    pub total: Future<i64>,
+    pub total: TaskFuture<i64>,
 }
 
 /// Takes `n` futures off the queue `queue` and returns their values, as
@@ -166,7 +166,7 @@ pub async fn take_futures(
     queue: String,
     n: usize,
 ) -> flotilla::Result<Vec<(String, i64)>> {
-    let queue: Queue<Future<i64>> = Queue::new(&ctx.client().await?, &queue);
+    let queue: Queue<TaskFuture<i64>> = Queue::new(&ctx.client().await?, &queue);
     let mut values = Vec::with_capacity(n);
     for _ in 0..n {
         let future = queue.get().await?;
@@ -194,10 +194,10 @@ pub async fn take_batches(
     Ok(batches)
 }
 
-/// Awaits the future held by the variable `var` (a `Variable<Future<i64>>`).
+/// Awaits the future held by the variable `var` (a `Variable<TaskFuture<i64>>`).
 #[flotilla::task]
 pub async fn await_variable(ctx: TaskContext, var: String) -> flotilla::Result<i64> {
-    let var: Variable<Future<i64>> = Variable::new(&ctx.client().await?, &var);
+    let var: Variable<TaskFuture<i64>> = Variable::new(&ctx.client().await?, &var);
     var.get().await?.await
 }
 
@@ -225,7 +225,7 @@ pub async fn put_squares(
     n: i64,
 ) -> flotilla::Result<Vec<String>> {
     let client = ctx.client().await?;
-    let queue: Queue<Future<i64>> = Queue::new(&client, &queue);
+    let queue: Queue<TaskFuture<i64>> = Queue::new(&client, &queue);
     let futures = client.map(slow_square, (from..from + n).map(|i| (i, 10_u64)));
     queue.put_all(&futures).await?;
     Ok(futures.iter().map(|f| f.key().to_owned()).collect())

@@ -127,9 +127,9 @@ fn stop(children: &mut [Child]) {
 
 /// A workload of independent slow tasks, chains, and sums over the chains.
 struct Workload {
-    slow: Vec<Future<i64>>,
-    chains: Vec<Future<i64>>,
-    sums: Vec<Future<i64>>,
+    slow: Vec<TaskFuture<i64>>,
+    chains: Vec<TaskFuture<i64>>,
+    sums: Vec<TaskFuture<i64>>,
     tasks: usize,
 }
 
@@ -475,7 +475,7 @@ impl Processes {
 /// Waits for `futures`, expecting `expected(i)` from the `i`th; returns
 /// (wrong or failed, unresolved, slowest in seconds since `started`).
 async fn check_values(
-    futures: &[Future<i64>],
+    futures: &[TaskFuture<i64>],
     expected: impl Fn(usize) -> i64,
     started: Instant,
 ) -> (usize, usize, f64) {

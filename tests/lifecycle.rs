@@ -226,7 +226,7 @@ async fn as_completed_yields_in_completion_order_with_errors() {
     );
 
     // Futures can be added while iterating; batches take what is ready.
-    let mut growing = flotilla::as_completed(Vec::<Future<i64>>::new());
+    let mut growing = flotilla::as_completed(Vec::<TaskFuture<i64>>::new());
     growing.add(t.client.submit(inc, (1,)));
     growing.add(t.client.submit(inc, (2,)));
     let mut seen = 0;
@@ -251,7 +251,7 @@ async fn as_completed_copes_with_a_hundred_thousand_futures() {
         }
         count += batch.len();
         keys.extend(batch.iter().map(|f| f.key().to_owned()));
-        assert!(batch.iter().all(Future::done));
+        assert!(batch.iter().all(TaskFuture::done));
     }
     assert_eq!((count, keys.len()), (100_000, 100_000));
     t.stop().await;
@@ -557,15 +557,15 @@ async fn futures_travel_between_clients_and_through_datasets() {
     let other = t.cluster.as_ref().unwrap().client().await.unwrap();
     let a = t.client.submit(add, (2, 3));
     let b = t.client.submit(slow_identity, (9, 300));
-    let seen: Future<i64> = other.get_future(b.key());
+    let seen: TaskFuture<i64> = other.get_future(b.key());
     assert_eq!(
         seen.await.unwrap(),
         9,
         "a pending future is waited on from another client"
     );
-    let from_other: Future<i64> = other.get_future(a.key());
+    let from_other: TaskFuture<i64> = other.get_future(a.key());
     assert_eq!(from_other.await.unwrap(), 5);
-    let missing: Future<i64> = other.get_future("no-such-key");
+    let missing: TaskFuture<i64> = other.get_future("no-such-key");
     assert!(matches!(
         missing.result_timeout(Duration::from_secs(10)).await,
         Err(Error::Lost(_))
@@ -582,7 +582,7 @@ async fn futures_travel_between_clients_and_through_datasets() {
         .is_err());
     assert_eq!(other.list_datasets().await.unwrap(), ["numbers"]);
     drop((a, b));
-    let published: Vec<Future<i64>> = other.get_dataset("numbers").await.unwrap();
+    let published: Vec<TaskFuture<i64>> = other.get_dataset("numbers").await.unwrap();
     assert_eq!(
         other.gather(&published).await.unwrap(),
         [5, 9],

@@ -1051,7 +1051,7 @@ async fn until_stored(config: &flotilla::Config, key: &str) {
 async fn a_future_in_a_variable_outlives_its_setter_and_is_freed_after_delete() {
     flotilla_examples::link();
     let t = TestCluster::start("prim-var-future", 1).await;
-    let shared: Variable<Future<i64>> = Variable::new(&t.client, "latest");
+    let shared: Variable<TaskFuture<i64>> = Variable::new(&t.client, "latest");
     let future = t
         .client
         .submit_with(slow_square, (7, 300_u64))
@@ -1075,7 +1075,7 @@ async fn a_future_in_a_variable_outlives_its_setter_and_is_freed_after_delete() 
 
     // Another client gets a live future of its own.
     let other = Client::connect(t.config.clone()).await.unwrap();
-    let theirs: Variable<Future<i64>> = Variable::new(&other, "latest");
+    let theirs: Variable<TaskFuture<i64>> = Variable::new(&other, "latest");
     let got = theirs.get_timeout(Duration::from_secs(5)).await.unwrap();
     assert_eq!(got.key(), key);
     assert!(holders_of(&t.config, &key).await.contains(other.id()));
@@ -1143,7 +1143,7 @@ async fn a_future_in_a_variable_outlives_its_setter_and_is_freed_after_delete() 
 async fn replacing_a_variables_future_releases_the_old_one_only_after_readers_hold_it() {
     let t = TestCluster::start("prim-var-race", 0).await;
     const ROUNDS: i64 = 300;
-    let shared: Variable<Future<i64>> = Variable::new(&t.client, "race");
+    let shared: Variable<TaskFuture<i64>> = Variable::new(&t.client, "race");
     let first = t
         .client
         .scatter_with(&-1_i64, flotilla::ScatterOptions { hash: false })
@@ -1155,7 +1155,7 @@ async fn replacing_a_variables_future_releases_the_old_one_only_after_readers_ho
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut getters = Vec::new();
     for _ in 0..3 {
-        let theirs: Variable<Future<i64>> = Variable::new(&other, "race");
+        let theirs: Variable<TaskFuture<i64>> = Variable::new(&other, "race");
         let done = done.clone();
         getters.push(tokio::spawn(async move {
             let mut seen = Vec::new();
@@ -1218,7 +1218,7 @@ async fn queue_items_hand_futures_and_structures_of_futures_to_exactly_one_gette
     let a = &t.client;
 
     // One future per item, taken by two consumer tasks.
-    let queue: Queue<Future<i64>> = Queue::new(a, "futures");
+    let queue: Queue<TaskFuture<i64>> = Queue::new(a, "futures");
     let futures = a.map(slow_square, (0..20_i64).map(|i| (i, 20_u64)));
     let keys: BTreeSet<String> = futures.iter().map(|f| f.key().to_owned()).collect();
     queue.put_all(&futures).await.unwrap();
@@ -1299,7 +1299,7 @@ async fn queue_items_hand_futures_and_structures_of_futures_to_exactly_one_gette
         .await
         .unwrap();
     drop(produced);
-    let from_task: Queue<Future<i64>> = Queue::new(&other, "futures");
+    let from_task: Queue<TaskFuture<i64>> = Queue::new(&other, "futures");
     let got = from_task.get_batch(5).await.unwrap();
     assert_eq!(
         got.iter().map(|f| f.key().to_owned()).collect::<Vec<_>>(),
@@ -1343,7 +1343,7 @@ async fn queue_items_hand_futures_and_structures_of_futures_to_exactly_one_gette
 #[tokio::test]
 async fn a_cancelled_get_of_an_item_with_futures_loses_nothing() {
     let t = TestCluster::start("prim-queue-cancel-futures", 0).await;
-    let queue: Queue<Vec<Future<i64>>> = Queue::new(&t.client, "cancelled");
+    let queue: Queue<Vec<TaskFuture<i64>>> = Queue::new(&t.client, "cancelled");
     let mut item = Vec::new();
     for value in [1_i64, 2] {
         let options = flotilla::ScatterOptions { hash: false };
@@ -1419,7 +1419,7 @@ fn blocking_variables_and_queues_carry_blocking_futures() {
 
     let var = blocking::Variable::new(&shared, "v");
     var.set(&shared.scatter(&7_i64).unwrap()).unwrap();
-    let read: blocking::Variable<flotilla::blocking::Future<i64>> =
+    let read: blocking::Variable<flotilla::blocking::TaskFuture<i64>> =
         blocking::Variable::new(&getter, "v");
     assert_eq!(read.get().unwrap().result().unwrap(), 7);
 
@@ -1430,7 +1430,7 @@ fn blocking_variables_and_queues_carry_blocking_futures() {
             shared.scatter(&2_i64).unwrap(),
         ])
         .unwrap();
-    let take: blocking::Queue<Vec<flotilla::blocking::Future<i64>>> =
+    let take: blocking::Queue<Vec<flotilla::blocking::TaskFuture<i64>>> =
         blocking::Queue::new(&getter, "q");
     let got = take.get().unwrap();
     assert_eq!(getter.gather(&got).unwrap(), [1, 2]);

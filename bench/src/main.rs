@@ -13,7 +13,7 @@
 //! ```
 
 use anyhow::{bail, Context, Result};
-use flotilla::{Client, Config, Future};
+use flotilla::{Client, Config, TaskFuture};
 use flotilla_examples::{add, byte_len, inc, make_bytes, slow_identity};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -189,7 +189,7 @@ async fn throughput(client: &Client, count: i64) -> Result<f64> {
 async fn chain(client: &Client, links: usize) -> Result<f64> {
     let base = Instant::now().elapsed().as_nanos() as i64 ^ std::process::id() as i64;
     let started = Instant::now();
-    let mut current: Future<i64> = client.submit(add, (base, 0));
+    let mut current: TaskFuture<i64> = client.submit(add, (base, 0));
     for _ in 1..links {
         current = client.submit(inc, (&current,));
     }

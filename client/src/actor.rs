@@ -2,7 +2,7 @@
 //! proxy (Dask's `submit(Counter, actor=True)`).
 //!
 //! `#[flotilla::actor]` on an `impl` block generates the proxy; each method
-//! call returns an [`ActorFuture`], which is an ordinary [`Future`]: await
+//! call returns an [`ActorFuture`], which is an ordinary [`TaskFuture`]: await
 //! it, `gather` it, put it in `as_completed`, or pass it into a task.
 //!
 //! ```no_run
@@ -35,7 +35,7 @@
 
 use crate::client::ClientInner;
 use crate::future::FutureState;
-use crate::{Client, Error, Future, Result};
+use crate::{Client, Error, Result, TaskFuture};
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
@@ -56,8 +56,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-/// The future of an actor method call: a [`Future`] like any task's.
-pub type ActorFuture<T> = Future<T>;
+/// The future of an actor method call: a [`TaskFuture`] like any task's.
+pub type ActorFuture<T> = TaskFuture<T>;
 
 /// RabbitMQ's pseudo-queue for direct replies.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -243,7 +243,7 @@ struct HandleInner {
     name: &'static str,
     info: ActorInfo,
     /// Holds the actor's key while any handle lives.
-    creation: Option<Future<ActorInfo>>,
+    creation: Option<TaskFuture<ActorInfo>>,
     caller: Arc<Caller>,
     client: Arc<ClientInner>,
     runtime: tokio::runtime::Handle,
@@ -276,7 +276,7 @@ impl ActorHandle {
         let inner = &self.inner;
         let key = format!("{method}-{}", flotilla_proto::new_id());
         let (state, _) = inner.client.register(&key);
-        let future = Future::from_state(state.clone(), inner.client.clone());
+        let future = TaskFuture::from_state(state.clone(), inner.client.clone());
         let args = match rmp_serde::to_vec_named(args) {
             Ok(args) => args,
             Err(error) => {

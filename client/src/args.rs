@@ -9,11 +9,11 @@
 //! let a = client.submit(add, (1, 2));
 //! let b = client.submit(add, (&a, 10));           // waits for `a`
 //! let parts = client.map(add, (0..4).map(|i| (i, i)));
-//! let sum = client.submit(total, (parts,));       // Vec<Future<i64>> arrives as Vec<i64>
+//! let sum = client.submit(total, (parts,));       // Vec<TaskFuture<i64>> arrives as Vec<i64>
 //! # Ok(()) }
 //! ```
 
-use crate::{Error, Future, FutureRef};
+use crate::{Error, FutureRef, TaskFuture};
 use flotilla_proto::Arg;
 use serde::Serialize;
 
@@ -27,7 +27,7 @@ pub struct ArgWriter {
 }
 
 impl ArgWriter {
-    fn reference<T>(&mut self, future: &Future<T>) -> Arg {
+    fn reference<T>(&mut self, future: &TaskFuture<T>) -> Arg {
         let key = future.key();
         if !self.deps.iter().any(|d| d == key) {
             self.deps.push(key.to_owned());
@@ -47,8 +47,8 @@ impl ArgWriter {
     }
 }
 
-/// A value usable where a task takes a `T`: `T` itself, `Future<T>`,
-/// `&Future<T>`, and for `Vec<T>` also `Vec<Future<T>>`/`Vec<&Future<T>>`.
+/// A value usable where a task takes a `T`: `T` itself, `TaskFuture<T>`,
+/// `&TaskFuture<T>`, and for `Vec<T>` also `Vec<TaskFuture<T>>`/`Vec<&TaskFuture<T>>`.
 pub trait IntoArg<T> {
     /// Writes the argument.
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error>;
@@ -66,19 +66,19 @@ impl IntoArg<String> for &str {
     }
 }
 
-impl<T> IntoArg<T> for Future<T> {
+impl<T> IntoArg<T> for TaskFuture<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(writer.reference(&self))
     }
 }
 
-impl<T> IntoArg<T> for &Future<T> {
+impl<T> IntoArg<T> for &TaskFuture<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(writer.reference(self))
     }
 }
 
-impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
+impl<T> IntoArg<Vec<T>> for Vec<TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
             self.iter().map(|f| writer.reference(f)).collect(),
@@ -86,7 +86,7 @@ impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
     }
 }
 
-impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
+impl<T> IntoArg<Vec<T>> for &Vec<TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
             self.iter().map(|f| writer.reference(f)).collect(),
@@ -94,7 +94,7 @@ impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
     }
 }
 
-impl<T> IntoArg<Vec<T>> for &[Future<T>] {
+impl<T> IntoArg<Vec<T>> for &[TaskFuture<T>] {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
             self.iter().map(|f| writer.reference(f)).collect(),
@@ -102,7 +102,7 @@ impl<T> IntoArg<Vec<T>> for &[Future<T>] {
     }
 }
 
-impl<T> IntoArg<Vec<T>> for Vec<&Future<T>> {
+impl<T> IntoArg<Vec<T>> for Vec<&TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {
         Ok(Arg::List(
             self.iter().map(|f| writer.reference(*f)).collect(),
@@ -110,7 +110,7 @@ impl<T> IntoArg<Vec<T>> for Vec<&Future<T>> {
     }
 }
 
-impl<T> IntoArg<FutureRef<T>> for &Future<T> {
+impl<T> IntoArg<FutureRef<T>> for &TaskFuture<T> {
     /// Passes the future itself, not its value: the task starts without
     /// waiting for it, and the key is held for the task until it ends.
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg, Error> {

@@ -21,7 +21,7 @@
 //! An `AsCompleted` holds only the futures it has not yielded yet, so it
 //! stays small however many pass through it.
 
-use crate::{Error, Future, Result};
+use crate::{Error, Result, TaskFuture};
 use serde::de::DeserializeOwned;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 /// Futures in completion order; see the [module docs](self).
 pub struct AsCompleted<T> {
-    slots: Vec<Option<Future<T>>>,
+    slots: Vec<Option<TaskFuture<T>>>,
     free: Vec<usize>,
     pending: usize,
     tx: mpsc::UnboundedSender<usize>,
@@ -46,7 +46,7 @@ impl<T> std::fmt::Debug for AsCompleted<T> {
 }
 
 /// Yields `futures` as they complete (finished, erred or cancelled).
-pub fn as_completed<T>(futures: impl IntoIterator<Item = Future<T>>) -> AsCompleted<T> {
+pub fn as_completed<T>(futures: impl IntoIterator<Item = TaskFuture<T>>) -> AsCompleted<T> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut completed = AsCompleted {
         slots: Vec::new(),
@@ -63,7 +63,7 @@ pub fn as_completed<T>(futures: impl IntoIterator<Item = Future<T>>) -> AsComple
 
 impl<T> AsCompleted<T> {
     /// Adds a future to wait for.
-    pub fn add(&mut self, future: Future<T>) {
+    pub fn add(&mut self, future: TaskFuture<T>) {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
@@ -80,7 +80,7 @@ impl<T> AsCompleted<T> {
     }
 
     /// Adds several futures.
-    pub fn update(&mut self, futures: impl IntoIterator<Item = Future<T>>) {
+    pub fn update(&mut self, futures: impl IntoIterator<Item = TaskFuture<T>>) {
         for future in futures {
             self.add(future);
         }
@@ -96,7 +96,7 @@ impl<T> AsCompleted<T> {
         self.pending == 0
     }
 
-    fn take(&mut self, index: usize) -> Option<Future<T>> {
+    fn take(&mut self, index: usize) -> Option<TaskFuture<T>> {
         let future = self.slots.get_mut(index)?.take()?;
         self.free.push(index);
         self.pending -= 1;
@@ -104,11 +104,11 @@ impl<T> AsCompleted<T> {
     }
 
     /// The next future to complete; `None` once all have been yielded.
-    pub async fn next(&mut self) -> Option<Future<T>> {
+    pub async fn next(&mut self) -> Option<TaskFuture<T>> {
         std::future::poll_fn(|cx| self.poll_next_future(cx)).await
     }
 
-    fn poll_next_future(&mut self, cx: &mut Context<'_>) -> Poll<Option<Future<T>>> {
+    fn poll_next_future(&mut self, cx: &mut Context<'_>) -> Poll<Option<TaskFuture<T>>> {
         loop {
             if self.pending == 0 {
                 return Poll::Ready(None);
@@ -126,7 +126,7 @@ impl<T> AsCompleted<T> {
     }
 
     /// Every future that has completed by now, without waiting.
-    pub fn next_batch(&mut self) -> Vec<Future<T>> {
+    pub fn next_batch(&mut self) -> Vec<TaskFuture<T>> {
         let mut batch = Vec::new();
         while let Ok(index) = self.rx.try_recv() {
             batch.extend(self.take(index));
@@ -136,7 +136,7 @@ impl<T> AsCompleted<T> {
 
     /// Waits for at least one future, then returns every one completed by
     /// now; empty once all have been yielded.
-    pub async fn next_batch_wait(&mut self) -> Vec<Future<T>> {
+    pub async fn next_batch_wait(&mut self) -> Vec<TaskFuture<T>> {
         let Some(first) = self.next().await else {
             return Vec::new();
         };
@@ -157,9 +157,9 @@ impl<T> AsCompleted<T> {
 }
 
 impl<T> futures_core::Stream for AsCompleted<T> {
-    type Item = Future<T>;
+    type Item = TaskFuture<T>;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Future<T>>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TaskFuture<T>>> {
         self.get_mut().poll_next_future(cx)
     }
 }
@@ -172,14 +172,14 @@ pub struct WithResults<T> {
 
 impl<T: DeserializeOwned> WithResults<T> {
     /// The next completed future and its result (an error is yielded too).
-    pub async fn next(&mut self) -> Option<(Future<T>, Result<T>)> {
+    pub async fn next(&mut self) -> Option<(TaskFuture<T>, Result<T>)> {
         let future = self.inner.next().await?;
         let result = future.result().await;
         Some((future, result))
     }
 
     /// Adds a future to wait for.
-    pub fn add(&mut self, future: Future<T>) {
+    pub fn add(&mut self, future: TaskFuture<T>) {
         self.inner.add(future);
     }
 
@@ -195,7 +195,7 @@ impl<T: DeserializeOwned> WithResults<T> {
 }
 
 /// What [`wait`] returns: `(done, not_done)`.
-pub type DoneAndNotDone<T> = (Vec<Future<T>>, Vec<Future<T>>);
+pub type DoneAndNotDone<T> = (Vec<TaskFuture<T>>, Vec<TaskFuture<T>>);
 
 /// When [`wait`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +209,7 @@ pub enum ReturnWhen {
 /// Waits for futures; returns `(done, not_done)`. With a timeout, gives up
 /// with [`Error::Timeout`] (as Dask's `wait` does).
 pub async fn wait<T>(
-    futures: &[Future<T>],
+    futures: &[TaskFuture<T>],
     return_when: ReturnWhen,
     timeout: Option<Duration>,
 ) -> Result<DoneAndNotDone<T>> {
@@ -239,7 +239,7 @@ pub async fn wait<T>(
 }
 
 /// Shows a progress bar on the terminal until every future is done.
-pub async fn progress<T>(futures: &[Future<T>]) {
+pub async fn progress<T>(futures: &[TaskFuture<T>]) {
     let bar = indicatif::ProgressBar::new(futures.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -47,23 +47,27 @@ impl Drop for FlushOnDrop {
     }
 }
 
+/// The old name of [`TaskFuture`].
+#[deprecated(since = "0.1.0", note = "renamed `TaskFuture`")]
+pub type Future<T> = TaskFuture<T>;
+
 /// A blocking handle on a task's result.
 #[must_use = "dropping the last handle on a task that has not started cancels it; keep the future, or pass it to `fire_and_forget`"]
-pub struct Future<T> {
-    inner: crate::Future<T>,
+pub struct TaskFuture<T> {
+    inner: crate::TaskFuture<T>,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
-impl<T> Clone for Future<T> {
+impl<T> Clone for TaskFuture<T> {
     fn clone(&self) -> Self {
-        Future {
+        TaskFuture {
             inner: self.inner.clone(),
             runtime: self.runtime.clone(),
         }
     }
 }
 
-impl<T> std::fmt::Debug for Future<T> {
+impl<T> std::fmt::Debug for TaskFuture<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.inner.fmt(f)
     }
@@ -109,15 +113,15 @@ impl Client {
         &self.runtime
     }
 
-    fn wrap<T>(&self, inner: crate::Future<T>) -> Future<T> {
-        Future {
+    fn wrap<T>(&self, inner: crate::TaskFuture<T>) -> TaskFuture<T> {
+        TaskFuture {
             inner,
             runtime: self.runtime.clone(),
         }
     }
 
     /// Submits a task; see [`crate::Client::submit`].
-    pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> Future<K::Output> {
+    pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> TaskFuture<K::Output> {
         let _guard = self.runtime.enter();
         self.wrap(self.inner.submit(task, args))
     }
@@ -127,7 +131,7 @@ impl Client {
         &self,
         task: K,
         args: impl IntoIterator<Item = A>,
-    ) -> Vec<Future<K::Output>> {
+    ) -> Vec<TaskFuture<K::Output>> {
         let _guard = self.runtime.enter();
         args.into_iter().map(|a| self.submit(task, a)).collect()
     }
@@ -142,7 +146,7 @@ impl Client {
     }
 
     /// Stores a value in the cluster; see [`crate::Client::scatter`].
-    pub fn scatter<T: Serialize>(&self, value: &T) -> Result<Future<T>> {
+    pub fn scatter<T: Serialize>(&self, value: &T) -> Result<TaskFuture<T>> {
         let inner = self.runtime.block_on(self.inner.scatter(value))?;
         Ok(self.wrap(inner))
     }
@@ -151,40 +155,40 @@ impl Client {
     pub fn scatter_many<T: Serialize>(
         &self,
         values: impl IntoIterator<Item = T>,
-    ) -> Result<Vec<Future<T>>> {
+    ) -> Result<Vec<TaskFuture<T>>> {
         let inner = self.runtime.block_on(self.inner.scatter_many(values))?;
         Ok(inner.into_iter().map(|f| self.wrap(f)).collect())
     }
 
     /// A future for a key submitted anywhere; see [`crate::Client::get_future`].
-    pub fn get_future<T>(&self, key: &str) -> Future<T> {
+    pub fn get_future<T>(&self, key: &str) -> TaskFuture<T> {
         let _guard = self.runtime.enter();
         self.wrap(self.inner.get_future(key))
     }
 
     /// Cancels tasks; see [`crate::Client::cancel`].
-    pub fn cancel<T>(&self, futures: &[Future<T>], force: bool) {
+    pub fn cancel<T>(&self, futures: &[TaskFuture<T>], force: bool) {
         let _guard = self.runtime.enter();
-        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         self.inner.cancel(&inner, force);
     }
 
     /// Runs failed tasks again; see [`crate::Client::retry`].
-    pub fn retry<T>(&self, futures: &[Future<T>]) {
+    pub fn retry<T>(&self, futures: &[TaskFuture<T>]) {
         let _guard = self.runtime.enter();
-        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         self.inner.retry(&inner);
     }
 
     /// Publishes futures under a name; see [`crate::Client::publish_dataset`].
-    pub fn publish_dataset<T>(&self, name: &str, futures: &[Future<T>]) -> Result<()> {
-        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+    pub fn publish_dataset<T>(&self, name: &str, futures: &[TaskFuture<T>]) -> Result<()> {
+        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         self.runtime
             .block_on(self.inner.publish_dataset(name, &inner))
     }
 
     /// The futures of a published dataset.
-    pub fn get_dataset<T>(&self, name: &str) -> Result<Vec<Future<T>>> {
+    pub fn get_dataset<T>(&self, name: &str) -> Result<Vec<TaskFuture<T>>> {
         let inner = self.runtime.block_on(self.inner.get_dataset(name))?;
         Ok(inner.into_iter().map(|f| self.wrap(f)).collect())
     }
@@ -200,7 +204,10 @@ impl Client {
     }
 
     /// Futures in the order they complete, as a blocking iterator.
-    pub fn as_completed<T>(&self, futures: impl IntoIterator<Item = Future<T>>) -> AsCompleted<T> {
+    pub fn as_completed<T>(
+        &self,
+        futures: impl IntoIterator<Item = TaskFuture<T>>,
+    ) -> AsCompleted<T> {
         let _guard = self.runtime.enter();
         AsCompleted {
             inner: crate::as_completed(futures.into_iter().map(|f| f.inner)),
@@ -211,11 +218,11 @@ impl Client {
     /// Waits for futures; see [`crate::wait`].
     pub fn wait<T>(
         &self,
-        futures: &[Future<T>],
+        futures: &[TaskFuture<T>],
         return_when: crate::ReturnWhen,
         timeout: Option<Duration>,
     ) -> Result<DoneAndNotDone<T>> {
-        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         let (done, not_done) = self
             .runtime
             .block_on(crate::wait(&inner, return_when, timeout))?;
@@ -226,21 +233,21 @@ impl Client {
     }
 
     /// Shows a progress bar until every future is done.
-    pub fn progress<T>(&self, futures: &[Future<T>]) {
-        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+    pub fn progress<T>(&self, futures: &[TaskFuture<T>]) {
+        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         self.runtime.block_on(crate::progress(&inner));
     }
 
     /// Waits for all futures and returns their values in order; see
     /// [`crate::Client::gather`].
-    pub fn gather<T: DeserializeOwned>(&self, futures: &[Future<T>]) -> Result<Vec<T>> {
-        let inner: Vec<crate::Future<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+    pub fn gather<T: DeserializeOwned>(&self, futures: &[TaskFuture<T>]) -> Result<Vec<T>> {
+        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
         self.runtime.block_on(self.inner.gather(&inner))
     }
 }
 
 /// What [`Client::wait`] returns: `(done, not_done)`.
-pub type DoneAndNotDone<T> = (Vec<Future<T>>, Vec<Future<T>>);
+pub type DoneAndNotDone<T> = (Vec<TaskFuture<T>>, Vec<TaskFuture<T>>);
 
 /// Options for one submission; see [`Client::submit_with`].
 #[must_use = "a submission is sent by calling .submit()"]
@@ -307,7 +314,7 @@ impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
     }
 
     /// Submits the task; returns its future at once.
-    pub fn submit(self) -> Future<K::Output> {
+    pub fn submit(self) -> TaskFuture<K::Output> {
         let _guard = self.client.runtime.enter();
         self.client.wrap(self.inner.submit())
     }
@@ -327,7 +334,7 @@ impl<T> std::fmt::Debug for AsCompleted<T> {
 
 impl<T> AsCompleted<T> {
     /// Adds a future to wait for.
-    pub fn add(&mut self, future: Future<T>) {
+    pub fn add(&mut self, future: TaskFuture<T>) {
         self.inner.add(future.inner);
     }
 
@@ -342,12 +349,12 @@ impl<T> AsCompleted<T> {
     }
 
     /// Every future completed by now, without waiting.
-    pub fn next_batch(&mut self) -> Vec<Future<T>> {
+    pub fn next_batch(&mut self) -> Vec<TaskFuture<T>> {
         let runtime = self.runtime.clone();
         self.inner
             .next_batch()
             .into_iter()
-            .map(|inner| Future {
+            .map(|inner| TaskFuture {
                 inner,
                 runtime: runtime.clone(),
             })
@@ -356,11 +363,11 @@ impl<T> AsCompleted<T> {
 }
 
 impl<T> Iterator for AsCompleted<T> {
-    type Item = Future<T>;
+    type Item = TaskFuture<T>;
 
-    fn next(&mut self) -> Option<Future<T>> {
+    fn next(&mut self) -> Option<TaskFuture<T>> {
         let inner = self.runtime.block_on(self.inner.next())?;
-        Some(Future {
+        Some(TaskFuture {
             inner,
             runtime: self.runtime.clone(),
         })
@@ -369,11 +376,11 @@ impl<T> Iterator for AsCompleted<T> {
 
 /// Marks a future to run even when no handle is left; see
 /// [`crate::fire_and_forget`].
-pub fn fire_and_forget<T>(future: &Future<T>) {
+pub fn fire_and_forget<T>(future: &TaskFuture<T>) {
     crate::fire_and_forget(&future.inner);
 }
 
-impl<T> Future<T> {
+impl<T> TaskFuture<T> {
     /// Cancels the task (stopping it if it runs).
     pub fn cancel(&self) {
         let _guard = self.runtime.enter();
@@ -392,14 +399,14 @@ impl<T> Future<T> {
     }
 
     /// Calls `callback` once the task is done.
-    pub fn add_done_callback(&self, callback: impl FnOnce(Future<T>) + Send + 'static)
+    pub fn add_done_callback(&self, callback: impl FnOnce(TaskFuture<T>) + Send + 'static)
     where
         T: 'static,
     {
         let _guard = self.runtime.enter();
         let runtime = self.runtime.clone();
         self.inner
-            .add_done_callback(move |inner| callback(Future { inner, runtime }));
+            .add_done_callback(move |inner| callback(TaskFuture { inner, runtime }));
     }
 
     /// The task's key.
@@ -428,53 +435,53 @@ impl<T> Future<T> {
     }
 
     /// The async future underneath.
-    pub fn as_async(&self) -> &crate::Future<T> {
+    pub fn as_async(&self) -> &crate::TaskFuture<T> {
         &self.inner
     }
 }
 
-impl<T: DeserializeOwned> Future<T> {
+impl<T: DeserializeOwned> TaskFuture<T> {
     /// Blocks until the task is done; returns its value or error.
     pub fn result(&self) -> Result<T> {
         self.runtime.block_on(self.inner.result())
     }
 
-    /// Like [`Future::result`], giving up after `timeout`.
+    /// Like [`TaskFuture::result`], giving up after `timeout`.
     pub fn result_timeout(&self, timeout: Duration) -> Result<T> {
         self.runtime.block_on(self.inner.result_timeout(timeout))
     }
 }
 
-impl<T> IntoArg<T> for Future<T> {
+impl<T> IntoArg<T> for TaskFuture<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
         IntoArg::<T>::into_arg(self.inner, writer)
     }
 }
 
-impl<T> IntoArg<T> for &Future<T> {
+impl<T> IntoArg<T> for &TaskFuture<T> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
         IntoArg::<T>::into_arg(&self.inner, writer)
     }
 }
 
-impl<T> IntoArg<Vec<T>> for Vec<Future<T>> {
+impl<T> IntoArg<Vec<T>> for Vec<TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        let futures: Vec<crate::Future<T>> = self.into_iter().map(|f| f.inner).collect();
+        let futures: Vec<crate::TaskFuture<T>> = self.into_iter().map(|f| f.inner).collect();
         IntoArg::<Vec<T>>::into_arg(futures, writer)
     }
 }
 
-impl<T> IntoArg<Vec<T>> for &Vec<Future<T>> {
+impl<T> IntoArg<Vec<T>> for &Vec<TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        let futures: Vec<&crate::Future<T>> = self.iter().map(|f| &f.inner).collect();
+        let futures: Vec<&crate::TaskFuture<T>> = self.iter().map(|f| &f.inner).collect();
         IntoArg::<Vec<T>>::into_arg(futures, writer)
     }
 }
 
-/// Serializes like [`crate::Future`]: only into a
+/// Serializes like [`crate::TaskFuture`]: only into a
 /// [`Variable`](crate::sync::blocking::Variable) or a
 /// [`Queue`](crate::sync::blocking::Queue), which hold its result.
-impl<T> Serialize for Future<T> {
+impl<T> Serialize for TaskFuture<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         self.inner.serialize(serializer)
     }
@@ -482,18 +489,18 @@ impl<T> Serialize for Future<T> {
 
 /// Deserializes only out of a [`Variable`](crate::sync::blocking::Variable)
 /// or a [`Queue`](crate::sync::blocking::Queue) made from a blocking client
-/// (in a synchronous task, read a [`crate::Future`] instead).
-impl<'de, T> serde::Deserialize<'de> for Future<T> {
+/// (in a synchronous task, read a [`crate::TaskFuture`] instead).
+impl<'de, T> serde::Deserialize<'de> for TaskFuture<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let inner = crate::Future::<T>::deserialize(deserializer)?;
+        let inner = crate::TaskFuture::<T>::deserialize(deserializer)?;
         let runtime = crate::sync::held::resolve_runtime().ok_or_else(|| {
             <D::Error as serde::de::Error>::custom(format!(
                 "blocking future `{}` can only be read through a blocking Variable or Queue made \
-                 from a blocking client; read a flotilla::Future instead",
+                 from a blocking client; read a flotilla::TaskFuture instead",
                 inner.key()
             ))
         })?;
-        Ok(Future { inner, runtime })
+        Ok(TaskFuture { inner, runtime })
     }
 }
 
@@ -507,8 +514,8 @@ pub struct BlockingRuntime(Arc<tokio::runtime::Runtime>);
 
 impl BlockingRuntime {
     /// Makes an actor call's future blocking.
-    pub fn wrap<T>(&self, inner: crate::Future<T>) -> Future<T> {
-        Future {
+    pub fn wrap<T>(&self, inner: crate::TaskFuture<T>) -> TaskFuture<T> {
+        TaskFuture {
             inner,
             runtime: self.0.clone(),
         }

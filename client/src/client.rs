@@ -4,7 +4,7 @@
 use crate::args::{ArgWriter, IntoArgs};
 use crate::future::{read_stored, FutureState};
 use crate::outbox::{renew_lease, Op, Outbox};
-use crate::{Error, Future, Result};
+use crate::{Error, Result, TaskFuture};
 use flotilla_proto::refs;
 use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
@@ -305,7 +305,7 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
     }
 
     /// Submits the task; returns its future at once.
-    pub fn submit(self) -> Future<K::Output> {
+    pub fn submit(self) -> TaskFuture<K::Output> {
         let client = self.client;
         if self.allow_other_workers && self.workers.is_empty() {
             return client.failed(
@@ -474,7 +474,7 @@ impl Client {
     ///
     /// Problems found before sending (arguments over the payload limit, an
     /// argument that cannot be encoded) come back as an already-failed future.
-    pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> Future<K::Output> {
+    pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> TaskFuture<K::Output> {
         self.submit_spec(
             task,
             args,
@@ -507,14 +507,14 @@ impl Client {
         &self,
         task: K,
         args: impl IntoIterator<Item = A>,
-    ) -> Vec<Future<K::Output>> {
+    ) -> Vec<TaskFuture<K::Output>> {
         args.into_iter().map(|a| self.submit(task, a)).collect()
     }
 
-    fn failed<T>(&self, key: &str, error: Error) -> Future<T> {
+    fn failed<T>(&self, key: &str, error: Error) -> TaskFuture<T> {
         let state = Arc::new(FutureState::new(key.to_owned(), Weak::new()));
         state.set_failed(error);
-        Future::from_state(state, self.inner.clone())
+        TaskFuture::from_state(state, self.inner.clone())
     }
 
     fn submit_spec<K: Task, A: IntoArgs<K::Args>>(
@@ -522,7 +522,7 @@ impl Client {
         _task: K,
         args: A,
         options: SubmitOptions,
-    ) -> Future<K::Output> {
+    ) -> TaskFuture<K::Output> {
         let mut writer = ArgWriter::default();
         let encoded = args
             .into_args(&mut writer)
@@ -562,7 +562,7 @@ impl Client {
             Err(error) => return self.failed(&key, error),
         };
         let (state, fresh) = self.inner.register(&key);
-        let future = Future::from_state(state, self.inner.clone());
+        let future = TaskFuture::from_state(state, self.inner.clone());
         if fresh {
             let mut spec = TaskSpec::new(
                 key,
@@ -589,7 +589,7 @@ impl Client {
     /// Waits for every future and returns their values in order, reading
     /// what did not arrive inline from Redis a batch of keys per round trip.
     /// The first failed future's error is returned (Dask's `errors="raise"`).
-    pub async fn gather<T: DeserializeOwned>(&self, futures: &[Future<T>]) -> Result<Vec<T>> {
+    pub async fn gather<T: DeserializeOwned>(&self, futures: &[TaskFuture<T>]) -> Result<Vec<T>> {
         for future in futures {
             future.wait().await;
         }
@@ -622,7 +622,7 @@ impl Client {
 
     /// Stores `value` in the cluster and returns a finished future of it, to
     /// pass to many tasks without sending it again (keyed by content).
-    pub async fn scatter<T: Serialize>(&self, value: &T) -> Result<Future<T>> {
+    pub async fn scatter<T: Serialize>(&self, value: &T) -> Result<TaskFuture<T>> {
         self.scatter_with(value, ScatterOptions::default()).await
     }
 
@@ -631,7 +631,7 @@ impl Client {
         &self,
         value: &T,
         options: ScatterOptions,
-    ) -> Result<Future<T>> {
+    ) -> Result<TaskFuture<T>> {
         let bytes = rmp_serde::to_vec_named(value).map_err(|e| Error::Encode {
             what: format!("scattered {}", std::any::type_name::<T>()),
             message: e.to_string(),
@@ -673,14 +673,14 @@ impl Client {
         );
         refs::run::<()>(&mut self.redis(), &pipe).await?;
         state.set_finished((bytes.len() <= INLINE_SCATTER).then_some(bytes));
-        Ok(Future::from_state(state, self.inner.clone()))
+        Ok(TaskFuture::from_state(state, self.inner.clone()))
     }
 
     /// Scatters every value; futures come back in order.
     pub async fn scatter_many<T: Serialize>(
         &self,
         values: impl IntoIterator<Item = T>,
-    ) -> Result<Vec<Future<T>>> {
+    ) -> Result<Vec<TaskFuture<T>>> {
         let mut futures = Vec::new();
         for value in values {
             futures.push(self.scatter(&value).await?);
@@ -692,7 +692,7 @@ impl Client {
     /// published), which this client now also holds and waits on. If no task
     /// and no result exist under the key, the future ends in
     /// [`Error::Lost`].
-    pub fn get_future<T>(&self, key: &str) -> Future<T> {
+    pub fn get_future<T>(&self, key: &str) -> TaskFuture<T> {
         if let Err(error) = check_key(key) {
             return self.failed(key, error);
         }
@@ -700,13 +700,13 @@ impl Client {
         if fresh {
             self.inner.send(Op::Hold(key.to_owned()));
         }
-        Future::from_state(state, self.inner.clone())
+        TaskFuture::from_state(state, self.inner.clone())
     }
 
     /// Cancels the tasks (and their dependents); with `force`, running ones
     /// are stopped too: an async task is aborted, a synchronous one sees
     /// `ctx.is_cancelled()`.
-    pub fn cancel<T>(&self, futures: &[Future<T>], force: bool) {
+    pub fn cancel<T>(&self, futures: &[TaskFuture<T>], force: bool) {
         let keys: Vec<String> = futures.iter().map(|f| f.key().to_owned()).collect();
         for future in futures {
             future
@@ -717,7 +717,7 @@ impl Client {
     }
 
     /// Runs failed tasks again (and their failed inputs).
-    pub fn retry<T>(&self, futures: &[Future<T>]) {
+    pub fn retry<T>(&self, futures: &[TaskFuture<T>]) {
         let keys: Vec<String> = futures
             .iter()
             .filter(|f| f.state.reset_if_failed())
@@ -731,7 +731,7 @@ impl Client {
     /// Publishes `futures` under `name`, so that any client can fetch them
     /// with [`Client::get_dataset`]; their results stay stored until
     /// [`Client::unpublish_dataset`]. Fails if the name is taken.
-    pub async fn publish_dataset<T>(&self, name: &str, futures: &[Future<T>]) -> Result<()> {
+    pub async fn publish_dataset<T>(&self, name: &str, futures: &[TaskFuture<T>]) -> Result<()> {
         let keys: Vec<String> = futures.iter().map(|f| f.key().to_owned()).collect();
         self.flush().await?;
         let mut redis = self.redis();
@@ -757,7 +757,7 @@ impl Client {
     }
 
     /// The futures published under `name`.
-    pub async fn get_dataset<T>(&self, name: &str) -> Result<Vec<Future<T>>> {
+    pub async fn get_dataset<T>(&self, name: &str) -> Result<Vec<TaskFuture<T>>> {
         let bytes: Option<Vec<u8>> = redis::cmd("HGET")
             .arg(self.inner.names.datasets_key())
             .arg(name)
@@ -886,7 +886,7 @@ impl Client {
 
 /// Marks `future` so that it runs even when no handle on it is left; its
 /// result is not kept (Dask's `fire_and_forget`).
-pub fn fire_and_forget<T>(future: &Future<T>) {
+pub fn fire_and_forget<T>(future: &TaskFuture<T>) {
     future
         .client
         .send(Op::FireAndForget(future.key().to_owned()));

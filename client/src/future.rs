@@ -1,4 +1,4 @@
-//! `Future<T>`: a handle on a task's result that lives in the cluster.
+//! `TaskFuture<T>`: a handle on a task's result that lives in the cluster.
 //!
 //! Handles are cheap to clone; every handle of one key in one client shares
 //! one state, updated when the completion event arrives. The value itself
@@ -14,6 +14,7 @@ use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -27,7 +28,7 @@ pub enum Status {
     Running,
     /// Its result is stored.
     Finished,
-    /// It failed (see [`Future::exception`]).
+    /// It failed (see [`TaskFuture::exception`]).
     Error,
     /// It was cancelled.
     Cancelled,
@@ -228,31 +229,33 @@ impl Drop for FutureState {
 /// A task's eventual result, of type `T`.
 ///
 /// Returned at once by [`Client::submit`](crate::Client::submit); the task
-/// runs in the cluster meanwhile. Await it (or call [`Future::result`]) for
+/// runs in the cluster meanwhile. Await it (or call [`TaskFuture::result`]) for
 /// the value; pass it (or `&future`) to another submission to make that task
 /// wait for this one and receive its value.
 #[must_use = "dropping the last handle on a task that has not started cancels it; keep the future, or pass it to `fire_and_forget`"]
-pub struct Future<T> {
+pub struct TaskFuture<T> {
     pub(crate) state: Arc<FutureState>,
     pub(crate) client: Arc<ClientInner>,
+    /// The read in progress while this handle is polled as a
+    /// [`std::future::Future`]; each handle (clone) polls on its own.
+    reading: Mutex<Option<Reading<T>>>,
     _type: PhantomData<fn() -> T>,
 }
 
-impl<T> Clone for Future<T> {
+/// A boxed read of a task's value, kept between polls.
+type Reading<T> = Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
+
+impl<T> Clone for TaskFuture<T> {
     fn clone(&self) -> Self {
-        Future {
-            state: self.state.clone(),
-            client: self.client.clone(),
-            _type: PhantomData,
-        }
+        TaskFuture::from_state(self.state.clone(), self.client.clone())
     }
 }
 
-impl<T> fmt::Debug for Future<T> {
+impl<T> fmt::Debug for TaskFuture<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Future<{}>({}, {})",
+            "TaskFuture<{}>({}, {})",
             std::any::type_name::<T>(),
             self.state.key,
             self.status()
@@ -260,11 +263,12 @@ impl<T> fmt::Debug for Future<T> {
     }
 }
 
-impl<T> Future<T> {
+impl<T> TaskFuture<T> {
     pub(crate) fn from_state(state: Arc<FutureState>, client: Arc<ClientInner>) -> Self {
-        Future {
+        TaskFuture {
             state,
             client,
+            reading: Mutex::new(None),
             _type: PhantomData,
         }
     }
@@ -326,7 +330,7 @@ impl<T> Future<T> {
 
     /// Calls `callback` with this future once it is done (finished, erred or
     /// cancelled), on the client's runtime; a panicking callback is logged.
-    pub fn add_done_callback(&self, callback: impl FnOnce(Future<T>) + Send + 'static)
+    pub fn add_done_callback(&self, callback: impl FnOnce(TaskFuture<T>) + Send + 'static)
     where
         T: 'static,
     {
@@ -348,7 +352,7 @@ impl<T> Future<T> {
     }
 }
 
-impl<T: DeserializeOwned> Future<T> {
+impl<T: DeserializeOwned> TaskFuture<T> {
     /// Waits for the task and returns its value, or its error.
     pub async fn result(&self) -> Result<T> {
         self.wait().await;
@@ -356,7 +360,7 @@ impl<T: DeserializeOwned> Future<T> {
         decode_value(&self.state.key, &bytes)
     }
 
-    /// Like [`Future::result`], giving up after `timeout` with
+    /// Like [`TaskFuture::result`], giving up after `timeout` with
     /// [`Error::Timeout`] (the task itself goes on).
     pub async fn result_timeout(&self, timeout: Duration) -> Result<T> {
         match tokio::time::timeout(timeout, self.wait()).await {
@@ -410,16 +414,55 @@ pub(crate) fn read_stored(
     }
 }
 
-impl<T: DeserializeOwned + Send + 'static> IntoFuture for Future<T> {
+/// A `TaskFuture` is a plain [`std::future::Future`]: it composes with
+/// `join_all`, `select!`, `FuturesUnordered` and any `impl Future`.
+///
+/// ```no_run
+/// # use flotilla::prelude::*;
+/// # #[flotilla::task] fn add(x: i64, y: i64) -> i64 { x + y }
+/// # async fn demo(client: Client) -> flotilla::Result<()> {
+/// use futures::stream::{FuturesUnordered, StreamExt};
+///
+/// let all = futures::future::join_all((0..10).map(|i| client.submit(add, (i, i)))).await;
+/// assert_eq!(all.into_iter().collect::<flotilla::Result<Vec<i64>>>()?[9], 18);
+///
+/// let fast = client.submit(add, (1, 2));
+/// tokio::select! {
+///     value = fast => println!("first: {}", value?),
+///     _ = tokio::time::sleep(Duration::from_secs(5)) => println!("too slow"),
+/// }
+///
+/// let mut unordered: FuturesUnordered<_> = (0..10).map(|i| client.submit(add, (i, 1))).collect();
+/// while let Some(value) = unordered.next().await {
+///     println!("{}", value?);
+/// }
+///
+/// fn doubled(client: &Client, x: i64) -> impl std::future::Future<Output = flotilla::Result<i64>> {
+///     client.submit(add, (x, x))
+/// }
+/// assert_eq!(doubled(&client, 4).await?, 8);
+/// # Ok(()) }
+/// ```
+impl<T: DeserializeOwned + Send + 'static> std::future::Future for TaskFuture<T> {
     type Output = Result<T>;
-    type IntoFuture = Pin<Box<dyn std::future::Future<Output = Result<T>> + Send>>;
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move { self.result().await })
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = self.get_mut();
+        let reading = this
+            .reading
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let read = reading.get_or_insert_with(|| {
+            let handle = TaskFuture::<T>::from_state(this.state.clone(), this.client.clone());
+            Box::pin(async move { handle.result().await })
+        });
+        let output = ready!(read.as_mut().poll(cx));
+        *reading = None;
+        Poll::Ready(output)
     }
 }
 
-impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a Future<T> {
+impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a TaskFuture<T> {
     type Output = Result<T>;
     type IntoFuture = Pin<Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>>;
 
@@ -433,7 +476,7 @@ impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a Future<T> {
 /// (also inside a `Vec`, a struct...), which then hold its result; anywhere
 /// else serializing it is an error, since nothing would keep the result
 /// alive.
-impl<T> serde::Serialize for Future<T> {
+impl<T> serde::Serialize for TaskFuture<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         crate::sync::held::record(self).map_err(serde::ser::Error::custom)?;
         serializer.serialize_newtype_struct(crate::sync::held::FUTURE_TOKEN, self.key())
@@ -443,7 +486,7 @@ impl<T> serde::Serialize for Future<T> {
 /// A future deserializes only out of a [`Variable`](crate::Variable) or a
 /// [`Queue`](crate::Queue), as a future of the reading client, which holds
 /// it from then on like any other.
-impl<'de, T> serde::Deserialize<'de> for Future<T> {
+impl<'de, T> serde::Deserialize<'de> for TaskFuture<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let key =
             deserializer.deserialize_newtype_struct(crate::sync::held::FUTURE_TOKEN, KeyVisitor)?;
@@ -531,12 +574,12 @@ impl<T> FutureRef<T> {
     }
 
     /// A future of the referenced task, held by `client`.
-    pub fn resolve(&self, client: &crate::Client) -> Future<T> {
+    pub fn resolve(&self, client: &crate::Client) -> TaskFuture<T> {
         client.get_future(&self.key)
     }
 }
 
-impl<T> Future<T> {
+impl<T> TaskFuture<T> {
     /// A serializable reference to this future, to hand to a task as itself
     /// (see [`FutureRef`]).
     pub fn to_ref(&self) -> FutureRef<T> {

@@ -17,13 +17,13 @@
 //! #[tokio::main]
 //! async fn main() -> flotilla::Result<()> {
 //!     let client = Client::from_env().await?;
-//!     let a = client.submit(add, (1, 2));        // Future<i64>, returns at once
+//!     let a = client.submit(add, (1, 2));        // TaskFuture<i64>, returns at once
 //!     let b = client.submit(add, (&a, 10));      // waits for `a` in the cluster
 //!     let c = client.submit(add, (b, 100));
 //!     assert_eq!(c.await?, 113);
 //!
 //!     let parts = client.map(add, (0..100).map(|i| (i, i)));
-//!     let sum = client.submit(total, (parts,));  // Vec<Future<i64>> arrives as Vec<i64>
+//!     let sum = client.submit(total, (parts,));  // Vec<TaskFuture<i64>> arrives as Vec<i64>
 //!     println!("{}", sum.await?);
 //!     Ok(())
 //! }
@@ -57,13 +57,45 @@ pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_worker::TaskContext;
-pub use future::{Future, FutureRef, Status};
+pub use future::{FutureRef, Status, TaskFuture};
+
+/// The old name of [`TaskFuture`]. It shadowed `std::future::Future` (in the
+/// 2024 prelude) wherever `flotilla::prelude::*` was glob-imported.
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed `TaskFuture`, so that it does not shadow `std::future::Future`"
+)]
+pub type Future<T> = TaskFuture<T>;
 pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variable};
 
 /// What most programs need: `use flotilla::prelude::*;`.
+///
+/// The prelude names nothing that `std`'s prelude names, so a glob import
+/// leaves `Future` meaning `std::future::Future` (in the 2024 prelude), and
+/// a [`TaskFuture`] is one:
+///
+/// ```edition2024,no_run
+/// use flotilla::prelude::*;
+///
+/// #[flotilla::task]
+/// fn add(x: i64, y: i64) -> i64 { x + y }
+///
+/// fn later(client: &Client) -> impl Future<Output = flotilla::Result<i64>> + use<> {
+///     client.submit(add, (1, 2))
+/// }
+///
+/// fn unpin_send_sync<F: Future + Unpin + Send + Sync>(_: &F) {}
+///
+/// async fn demo(client: Client) -> flotilla::Result<()> {
+///     let sum = client.submit(add, (3, 4));
+///     unpin_send_sync(&sum);
+///     assert_eq!(later(&client).await? + sum.await?, 10);
+///     Ok(())
+/// }
+/// ```
 pub mod prelude {
     pub use crate::{as_completed, fire_and_forget, wait, ActorFuture, ReturnWhen};
-    pub use crate::{Client, Error, Future, LocalCluster, Status, TaskContext, TaskContextExt};
+    pub use crate::{Client, Error, LocalCluster, Status, TaskContext, TaskContextExt, TaskFuture};
     pub use crate::{Event, Lock, Queue, Semaphore, Variable};
     pub use std::time::Duration;
 }

@@ -15,10 +15,10 @@
 //!   with one method per `&self`/`&mut self` method taking the same
 //!   arguments by value and returning `flotilla::ActorFuture<Output>`;
 //! - `CounterBlockingProxy`, the same for `flotilla::blocking`, whose
-//!   methods return `flotilla::blocking::Future<Output>`.
+//!   methods return `flotilla::blocking::TaskFuture<Output>`.
 //!
 //! The generated code names the runtime only through `::flotilla::__private`
-//! (and the public `::flotilla::Future` and `::flotilla::blocking::Future`).
+//! (and the public `::flotilla::TaskFuture` and `::flotilla::blocking::TaskFuture`).
 
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, ToTokens};
@@ -351,7 +351,7 @@ fn generate(
             #(#docs)*
             #doc_separator
             #[doc = #doc]
-            #vis fn #name(&self #(, #params)*) -> ::flotilla::Future<#value_type> {
+            #vis fn #name(&self #(, #params)*) -> ::flotilla::TaskFuture<#value_type> {
                 #private::ActorProxy::handle(self).call(#name_str, &#pattern)
             }
         });
@@ -359,7 +359,7 @@ fn generate(
             #(#docs)*
             #doc_separator
             #[doc = #doc]
-            #vis fn #name(&self #(, #params)*) -> ::flotilla::blocking::Future<#value_type> {
+            #vis fn #name(&self #(, #params)*) -> ::flotilla::blocking::TaskFuture<#value_type> {
                 self.#runtime.wrap(self.#handle.call(#name_str, &#pattern))
             }
         });

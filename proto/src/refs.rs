@@ -2,7 +2,7 @@
 //! that take and drop holds and store results.
 //!
 //! Every key has a set of holders (`<ns>:h:{key}`): a client holding a
-//! `Future` (its id), a pending dependent task (`t:<key>`),
+//! `TaskFuture` (its id), a pending dependent task (`t:<key>`),
 //! `fire_and_forget` (`ff`), a published dataset (`ds:<name>`), a variable's
 //! value (`var:<name>:<generation>`) or a queue item (`q:<name>:<item>`). The result (`<ns>:r:{key}`) lives exactly while that set is
 //! non-empty: a release that empties it deletes the result in the same

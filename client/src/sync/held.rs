@@ -1,5 +1,5 @@
 //! Futures inside the values of a [`Variable`](super::Variable) or the
-//! items of a [`Queue`](super::Queue): a `Future<T>` anywhere in a value
+//! items of a [`Queue`](super::Queue): a `TaskFuture<T>` anywhere in a value
 //! (alone, in a `Vec`, a field of a struct...) keeps its result alive while
 //! the primitive holds the value, and comes out as a live future of the
 //! reader's client.
@@ -32,7 +32,7 @@
 use crate::client::ClientInner;
 use crate::future::FutureState;
 use crate::outbox::Op;
-use crate::{Client, Error, Future, Result};
+use crate::{Client, Error, Result, TaskFuture};
 use flotilla_proto::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::thread::LocalKey;
 
 /// The newtype-struct name a future serializes under.
-pub(crate) const FUTURE_TOKEN: &str = "$flotilla::Future";
+pub(crate) const FUTURE_TOKEN: &str = "$flotilla::TaskFuture";
 /// First byte of a stored value that holds futures. `0xC1` is never used by
 /// MessagePack, so a plain value never starts with it.
 pub(crate) const MARK: u8 = 0xC1;
@@ -65,7 +65,7 @@ pub(crate) use header_lua;
 
 thread_local! {
     /// The futures met while a primitive encodes a value.
-    static COLLECTING: RefCell<Option<Vec<Future<()>>>> = const { RefCell::new(None) };
+    static COLLECTING: RefCell<Option<Vec<TaskFuture<()>>>> = const { RefCell::new(None) };
     /// The futures a primitive's reader now holds, while it decodes a value.
     static RESOLVING: RefCell<Option<Resolver>> = const { RefCell::new(None) };
 }
@@ -109,11 +109,11 @@ struct Resolver {
 
 /// Records a future being serialized into a primitive's value; `Err` with
 /// what to do when no primitive is encoding.
-pub(crate) fn record<T>(future: &Future<T>) -> std::result::Result<(), String> {
+pub(crate) fn record<T>(future: &TaskFuture<T>) -> std::result::Result<(), String> {
     COLLECTING.with(|collecting| match collecting.borrow_mut().as_mut() {
         Some(found) => {
             if !found.iter().any(|f| f.key() == future.key()) {
-                found.push(Future::from_state(
+                found.push(TaskFuture::from_state(
                     future.state.clone(),
                     future.client.clone(),
                 ));
@@ -122,17 +122,17 @@ pub(crate) fn record<T>(future: &Future<T>) -> std::result::Result<(), String> {
         }
         None => Err(format!(
             "future `{}` can only be serialized into a flotilla Variable or Queue, which hold its \
-             result; pass it to a task as an argument, or send `Future::to_ref` and resolve it there",
+             result; pass it to a task as an argument, or send `TaskFuture::to_ref` and resolve it there",
             future.key()
         )),
     })
 }
 
 /// The live future of `key` for the reader decoding a primitive's value.
-pub(crate) fn resolve<T>(key: &str) -> std::result::Result<Future<T>, String> {
+pub(crate) fn resolve<T>(key: &str) -> std::result::Result<TaskFuture<T>, String> {
     RESOLVING.with(|resolving| match resolving.borrow().as_ref() {
         Some(resolver) => match resolver.states.get(key) {
-            Some(state) => Ok(Future::from_state(state.clone(), resolver.client.clone())),
+            Some(state) => Ok(TaskFuture::from_state(state.clone(), resolver.client.clone())),
             None => Err(format!(
                 "future `{key}` is not among the keys this value holds; was it written by a Variable or Queue?"
             )),
@@ -145,7 +145,7 @@ pub(crate) fn resolve<T>(key: &str) -> std::result::Result<Future<T>, String> {
 }
 
 /// The runtime of the blocking primitive decoding a value, for
-/// [`crate::blocking::Future`]s.
+/// [`crate::blocking::TaskFuture`]s.
 pub(crate) fn resolve_runtime() -> Option<Arc<tokio::runtime::Runtime>> {
     RESOLVING.with(|resolving| {
         resolving
@@ -179,7 +179,7 @@ pub(crate) struct Refs {
 pub(crate) struct Encoded {
     pub(crate) bytes: Vec<u8>,
     /// Kept alive until the primitive's hold is taken.
-    pub(crate) futures: Vec<Future<()>>,
+    pub(crate) futures: Vec<TaskFuture<()>>,
 }
 
 impl Encoded {

@@ -21,7 +21,7 @@
 //!
 //! Values travel as MessagePack (`rmp-serde`, named fields), so any
 //! `Serialize + DeserializeOwned` type works — including
-//! [`Future`](crate::Future)s anywhere inside a [`Variable`]'s value or a
+//! [`TaskFuture`](crate::TaskFuture)s anywhere inside a [`Variable`]'s value or a
 //! [`Queue`]'s item: the primitive holds their results while it holds the
 //! value, and a reader gets futures of its own client.
 //!

@@ -38,8 +38,8 @@
 //!
 //! # Futures in items
 //!
-//! An item may be a [`Future`](crate::Future) or any serde structure
-//! containing futures (a `Vec<Future<T>>`, a struct with future fields...;
+//! An item may be a [`TaskFuture`](crate::TaskFuture) or any serde structure
+//! containing futures (a `Vec<TaskFuture<T>>`, a struct with future fields...;
 //! Dask allows one future per item). The queue holds their results from
 //! `put` on; `get` hands each one to its caller as a future of the caller's
 //! client — its own hold is taken before the item's is dropped — and
@@ -54,7 +54,7 @@
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct Job {
 //!     name: String,
-//!     inputs: Vec<Future<i64>>,
+//!     inputs: Vec<TaskFuture<i64>>,
 //! }
 //!
 //! # async fn demo(client: Client, elsewhere: Client) -> flotilla::Result<()> {

@@ -26,8 +26,8 @@
 //!
 //! ## Futures in a variable
 //!
-//! A value may be a [`Future`](crate::Future), or contain futures anywhere
-//! (a `Vec<Future<T>>`, a struct field...). While the variable holds the
+//! A value may be a [`TaskFuture`](crate::TaskFuture), or contain futures anywhere
+//! (a `Vec<TaskFuture<T>>`, a struct field...). While the variable holds the
 //! value, the futures' results stay stored (and their tasks run), even after
 //! every handle of the setter is gone; `set` or `delete` releases them.
 //! `get` returns futures of the reader's own client: awaitable, passable to
@@ -44,13 +44,13 @@
 //!
 //! #[flotilla::task]
 //! async fn read_latest(ctx: TaskContext) -> flotilla::Result<i64> {
-//!     let latest: Variable<Future<i64>> = Variable::new(&ctx.client().await?, "latest");
+//!     let latest: Variable<TaskFuture<i64>> = Variable::new(&ctx.client().await?, "latest");
 //!     latest.get().await?.await // a future of the task's own client
 //! }
 //!
 //! # async fn demo() -> flotilla::Result<()> {
 //! let client = Client::from_env().await?;
-//! let latest: Variable<Future<i64>> = Variable::new(&client, "latest");
+//! let latest: Variable<TaskFuture<i64>> = Variable::new(&client, "latest");
 //! latest.set(&client.submit(square, (7,))).await?; // our own handle is gone now
 //! assert_eq!(client.submit(read_latest, ()).await?, 49);
 //! latest.delete().await?;                          // the result is freed
