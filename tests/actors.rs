@@ -1,10 +1,10 @@
 //! Tasks that submit tasks (and, with actors, stateful services on workers).
 
-mod common;
+mod support;
 
-use common::TestCluster;
 use flotilla::prelude::*;
 use flotilla_examples::{await_reference, fan_out, recursive_compute, slow_identity};
+use support::TestCluster;
 
 #[tokio::test]
 async fn dynamic_task_submission_runs_depth_five_on_two_single_slot_workers() {
@@ -186,7 +186,7 @@ async fn dropping_the_last_proxy_frees_the_actor() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("actor dropped {:?} after its last proxy", started.elapsed());
-    common::wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    support::wait_until_freed(&t.config, Duration::from_secs(10)).await;
     t.stop().await;
 }
 

@@ -1,12 +1,12 @@
 //! Bad input never hangs or crashes anything: undecodable messages on every
 //! queue are dead-lettered and the cluster carries on.
 
-mod common;
+mod support;
 
-use common::TestCluster;
 use flotilla_examples::add;
 use lapin::options::BasicPublishOptions;
 use std::time::Duration;
+use support::TestCluster;
 
 #[tokio::test]
 async fn undecodable_messages_on_every_queue_are_dead_lettered() {
@@ -49,7 +49,7 @@ async fn undecodable_messages_on_every_queue_are_dead_lettered() {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut count = 0;
     while std::time::Instant::now() < deadline {
-        count = common::queue_depth(&channel, &names.dead_letter_queue()).await;
+        count = support::queue_depth(&channel, &names.dead_letter_queue()).await;
         if count >= expected {
             break;
         }

@@ -1,13 +1,13 @@
 //! The blocking client, from a plain synchronous test, as a script would use it.
 
-mod common;
+mod support;
 
 use flotilla::Status;
 use flotilla_examples::{add, might_fail, total};
 
 #[test]
 fn the_blocking_client_submits_maps_gathers_and_chains() {
-    let config = common::fresh_config("blocking");
+    let config = support::fresh_config("blocking");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = runtime.block_on(async {
         flotilla::LocalCluster::builder()

@@ -15,9 +15,8 @@
 //! `FLOTILLA_CHAOS_SCALE` multiplies the workload for a longer run;
 //! `CHAOS_LOG` sets the spawned processes' `RUST_LOG` (default `warn`).
 
-mod common;
+mod support;
 
-use common::services::{PrivateRabbit, PrivateRedis};
 use flotilla::prelude::*;
 use flotilla::{Config, ErrorKind, Secret};
 use flotilla_examples::{add, counted_sleep, crash_worker, inc, slow_identity, total, whoami};
@@ -36,6 +35,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use support::services::{PrivateRabbit, PrivateRedis};
 
 fn scale() -> i64 {
     std::env::var("FLOTILLA_CHAOS_SCALE")
@@ -60,7 +60,7 @@ fn spawn_logged(
         Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
         None => Stdio::null(),
     };
-    let path = common::target_binary(binary);
+    let path = support::target_binary(binary);
     assert!(
         path.exists(),
         "{} is built (cargo build --bins)",
@@ -211,7 +211,7 @@ struct Processes {
 
 impl Processes {
     async fn start(prefix: &str) -> Processes {
-        Self::start_with(common::fresh_config(prefix), None, None).await
+        Self::start_with(support::fresh_config(prefix), None, None).await
     }
 
     /// Like [`Processes::start`], with `config`, the scheduler's HTTP API
@@ -329,7 +329,7 @@ async fn chaos_workers_killed_and_restarted_mid_workload() {
 /// them, and the workers run task messages that waited behind others.
 #[tokio::test]
 async fn chaos_signed_scheduler_down_longer_than_the_replay_window() {
-    let mut config = common::fresh_config("chaos-signed");
+    let mut config = support::fresh_config("chaos-signed");
     config.secret = Some(Secret::new(&format!("chaos-{}", config.namespace)));
     config.replay_window_ms = 1_000;
     let mut cluster = Processes::start_with(config, None, None).await;
@@ -766,7 +766,7 @@ async fn worker_ids(addr: &str, n: usize) -> Vec<String> {
 /// of them ends up in the dead-letter queue.
 #[tokio::test]
 async fn chaos_malformed_messages_are_dead_lettered() {
-    let mut config = common::fresh_config("chaos-garbage");
+    let mut config = support::fresh_config("chaos-garbage");
     config.max_payload = 64 << 10;
     let max_payload = config.max_payload;
     let addr = format!("127.0.0.1:{}", free_port());
@@ -836,14 +836,14 @@ async fn chaos_malformed_messages_are_dead_lettered() {
     let (lost, unresolved, slowest) = check(&workload, salt, started).await;
     let dead_letter = names.dead_letter_queue();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut dead_lettered = common::queue_depth(&channel, &dead_letter).await;
+    let mut dead_lettered = support::queue_depth(&channel, &dead_letter).await;
     while (dead_lettered as usize) < faults && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        dead_lettered = common::queue_depth(&channel, &dead_letter).await;
+        dead_lettered = support::queue_depth(&channel, &dead_letter).await;
     }
     // Nothing more arrives later either.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    dead_lettered = common::queue_depth(&channel, &dead_letter).await;
+    dead_lettered = support::queue_depth(&channel, &dead_letter).await;
     let executed = tap.completed_with_prefix("forged-");
     // Every message a process's consumer refused left a warning in its log
     // (the client's, in this process, go to its own subscriber).
@@ -896,7 +896,7 @@ async fn chaos_malformed_messages_are_dead_lettered() {
 /// its connection.
 #[tokio::test]
 async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
-    let config = common::fresh_config("worker-lost");
+    let config = support::fresh_config("worker-lost");
     let names = config.names();
     let limit = config.allowed_failures;
     let mut redis = transport::connect_redis(&config.redis_url).await.unwrap();
@@ -1048,7 +1048,7 @@ async fn chaos_broker_restarted_mid_workload() {
     let rabbit = tokio::task::spawn_blocking(PrivateRabbit::start)
         .await
         .unwrap();
-    let mut config = common::fresh_config("chaos-broker");
+    let mut config = support::fresh_config("chaos-broker");
     config.amqp_url = rabbit.url();
     let logs = std::env::temp_dir().join(format!("flotilla-chaos-{}", config.namespace));
     std::fs::create_dir_all(&logs).unwrap();
@@ -1079,7 +1079,7 @@ async fn chaos_redis_killed_and_restarted_mid_workload() {
     let mut redis = tokio::task::spawn_blocking(PrivateRedis::start)
         .await
         .unwrap();
-    let mut config = common::fresh_config("chaos-redis");
+    let mut config = support::fresh_config("chaos-redis");
     config.redis_url = redis.url();
     let cluster = Processes::start_with(config, None, None).await;
     let salt = 4_000_000;
@@ -1122,7 +1122,7 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
     })
     .await
     .unwrap();
-    let mut config = common::fresh_config("chaos-long");
+    let mut config = support::fresh_config("chaos-long");
     config.amqp_url = rabbit.url();
 
     // The broker really enforces it: a delivery held unacknowledged past

@@ -1,10 +1,10 @@
 //! The example programs, run as a user would run them: separate processes
 //! that connect with `Client::from_env()` to a cluster's namespace.
 
-mod common;
+mod support;
 
-use common::{target_binary, TestCluster};
 use std::process::Command;
+use support::{target_binary, TestCluster};
 
 const EXAMPLES: &[(&str, &str)] = &[
     ("basic_submit", "add(1, 2) = 3"),

@@ -1,9 +1,8 @@
 //! End to end: the seed's core future sections against real RabbitMQ and
 //! Redis, each test in its own namespace.
 
-mod common;
+mod support;
 
-use common::TestCluster;
 use flotilla::prelude::*;
 use flotilla::{ErrorKind, Task};
 use flotilla_examples::{
@@ -11,6 +10,7 @@ use flotilla_examples::{
     whoami, ValidationError,
 };
 use std::collections::HashSet;
+use support::TestCluster;
 
 #[tokio::test]
 async fn basic_submit() {
@@ -273,7 +273,7 @@ async fn a_signature_mismatch_fails_clearly() {
 
 #[tokio::test]
 async fn payload_limits_are_enforced_with_clear_errors() {
-    let mut config = common::fresh_config("payload");
+    let mut config = support::fresh_config("payload");
     config.max_payload = 4096;
     let t = TestCluster::start_with(config, 1, 1).await;
     let big = serde_bytes::ByteBuf::from(vec![1u8; 10_000]);

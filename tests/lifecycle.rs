@@ -2,9 +2,8 @@
 //! wait, callbacks, cancel, retry, fire-and-forget, keys, placement,
 //! datasets — against real RabbitMQ and Redis.
 
-mod common;
+mod support;
 
-use common::{wait_until_freed, TestCluster};
 use flotilla::prelude::*;
 use flotilla::{ErrorKind, ReturnWhen};
 use flotilla_examples::{
@@ -13,6 +12,7 @@ use flotilla_examples::{
 };
 use std::collections::HashSet;
 use std::time::Instant;
+use support::{wait_until_freed, TestCluster};
 
 fn tag(name: &str) -> String {
     format!("{name}-{}", flotilla_proto::new_id())
@@ -65,10 +65,10 @@ async fn ten_thousand_tasks_leave_no_keys_once_every_future_is_dropped() {
 #[tokio::test]
 async fn a_killed_clients_references_are_released_when_its_lease_lapses() {
     flotilla_examples::link();
-    let mut config = common::fresh_config("sigkill");
+    let mut config = support::fresh_config("sigkill");
     config.client_lease_ms = 2_000;
     let t = TestCluster::start_with(config.clone(), 1, 2).await;
-    let binary = common::target_binary("examples/hold_and_hang");
+    let binary = support::target_binary("examples/hold_and_hang");
     assert!(
         binary.exists(),
         "{} is built (cargo build --examples)",
@@ -91,7 +91,7 @@ async fn a_killed_clients_references_are_released_when_its_lease_lapses() {
     .await
     .unwrap();
     assert!(line.starts_with("holding"), "{line}");
-    assert!(common::count_keys(&config, "r").await > 100);
+    assert!(support::count_keys(&config, "r").await > 100);
     kill_hard(child.id());
     let _ = child.wait();
     let killed = Instant::now();
@@ -188,7 +188,7 @@ async fn scatter_stores_equal_data_once_and_handles_tens_of_megabytes() {
         .iter()
         .all(|&n| n == 30 << 20));
     assert_eq!(
-        common::count_keys(&t.config, "r").await,
+        support::count_keys(&t.config, "r").await,
         11,
         "one stored copy plus ten results"
     );
@@ -239,7 +239,7 @@ async fn as_completed_yields_in_completion_order_with_errors() {
 
 #[tokio::test]
 async fn as_completed_copes_with_a_hundred_thousand_futures() {
-    let t = TestCluster::start_with(common::fresh_config("hundredk"), 2, 2).await;
+    let t = TestCluster::start_with(support::fresh_config("hundredk"), 2, 2).await;
     let futures = t.client.map(inc, (0..100_000i64).map(|i| (i,)));
     let mut done = flotilla::as_completed(futures);
     let mut count = 0;
@@ -309,7 +309,7 @@ async fn done_callbacks_run_once_done() {
 
 #[tokio::test]
 async fn cancel_stops_pending_and_running_tasks_and_their_dependents() {
-    let t = TestCluster::start_with(common::fresh_config("cancel"), 1, 2).await;
+    let t = TestCluster::start_with(support::fresh_config("cancel"), 1, 2).await;
     let spin = tag("spin");
     let sleeper = tag("sleeper");
     let spinning = t

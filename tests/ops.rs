@@ -7,7 +7,7 @@
 //! is built by `scripts/test.sh`, or `cargo build -p flotilla-scheduler`),
 //! in a fresh namespace that is purged afterwards.
 
-mod common;
+mod support;
 
 use flotilla::{Client, Config, Error, ErrorKind};
 use flotilla_examples::{inc, might_fail, slow_identity};
@@ -59,7 +59,7 @@ impl Drop for Process {
 }
 
 fn binary(name: &str) -> PathBuf {
-    let path = common::target_binary(name);
+    let path = support::target_binary(name);
     assert!(
         path.exists(),
         "{} is missing: build it first (scripts/test.sh does; or `cargo build --workspace --bins`)",
@@ -125,7 +125,7 @@ struct Ops {
 
 impl Ops {
     async fn start(prefix: &str, workers: &[&str]) -> Ops {
-        let config = common::fresh_config(prefix);
+        let config = support::fresh_config(prefix);
         let scheduler = spawn(
             &config,
             "scheduler",
@@ -1003,9 +1003,12 @@ async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
     // into docs/ with FLOTILLA_UPDATE_SCREENSHOT=1.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let shot = if std::env::var_os("FLOTILLA_UPDATE_SCREENSHOT").is_some() {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png")
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the repository root")
+            .join("docs/dashboard.png")
     } else {
-        common::target_binary("ops-dashboard.png")
+        support::target_binary("ops-dashboard.png")
     };
     let _ = std::fs::remove_file(&shot);
     tokio::task::spawn_blocking({
@@ -1232,7 +1235,9 @@ fn value_of<'a>(command: &[&'a str], flag: &str) -> Option<&'a str> {
 
 #[test]
 fn the_compose_file_matches_the_binaries() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the repository root");
     let compose = Yaml::parse(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap());
     let services = &compose["services"];
     for service in ["rabbitmq", "redis", "scheduler", "worker", "example"] {

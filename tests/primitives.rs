@@ -5,9 +5,8 @@
 //! items across processes, prompt timeouts, and futures held by variables
 //! and queues.
 
-mod common;
+mod support;
 
-use common::{count_keys, fresh_config, target_binary, wait_until_freed, TestCluster};
 use flotilla::prelude::*;
 use flotilla::sync::SyncError;
 use flotilla_examples::coordination::{
@@ -22,6 +21,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
+use support::{count_keys, fresh_config, target_binary, wait_until_freed, TestCluster};
 
 /// How late a timed-out wait may return.
 const PROMPT: Duration = Duration::from_millis(100);

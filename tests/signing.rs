@@ -3,9 +3,8 @@
 //! sends — unsigned, forged, misdirected or replayed — is dead-lettered and
 //! never runs.
 
-mod common;
+mod support;
 
-use common::{fresh_config, TestCluster};
 use flotilla::prelude::*;
 use flotilla::Secret;
 use flotilla_examples::actors::Counter;
@@ -16,6 +15,7 @@ use flotilla_proto::{
     ToScheduler, ToWorker,
 };
 use std::time::{Duration, Instant};
+use support::{fresh_config, TestCluster};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -150,7 +150,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
         ..config.clone()
     });
     let dead_letter = names.dead_letter_queue();
-    let before = common::queue_depth(&channel, &dead_letter).await;
+    let before = support::queue_depth(&channel, &dead_letter).await;
 
     // A real future the forger tries to resolve with its own value.
     let slow = t
@@ -239,7 +239,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
     let mut dead = before;
     while dead < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        dead = common::queue_depth(&channel, &dead_letter).await;
+        dead = support::queue_depth(&channel, &dead_letter).await;
     }
     assert_eq!(dead, expected, "every forgery and replay is dead-lettered");
     assert_eq!(

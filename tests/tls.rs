@@ -3,13 +3,13 @@
 //! (read by the system trust store loader both connections use). Its own
 //! test binary: the variable is process-wide.
 
-mod common;
+mod support;
 
-use common::services::{free_port, wait_for_port, PrivateRabbit, PrivateRedis, TestCa};
-use common::{fresh_namespace, TestCluster};
 use flotilla::prelude::*;
 use flotilla::{Config, Secret};
 use flotilla_examples::add;
+use support::services::{free_port, wait_for_port, PrivateRabbit, PrivateRedis, TestCa};
+use support::{fresh_namespace, TestCluster};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_signed_cluster_runs_over_amqps_and_rediss() {
