@@ -12,7 +12,7 @@ use support::TestCluster;
 async fn undecodable_messages_on_every_queue_are_dead_lettered() {
     let t = TestCluster::start("garbage", 1).await;
     let names = t.config.names();
-    let connection = flotilla_proto::transport::connect_amqp(&t.config.amqp_url, "test garbage")
+    let connection = flotilla_runtime::transport::connect_amqp(&t.config.amqp_url, "test garbage")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();

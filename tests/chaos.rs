@@ -20,11 +20,11 @@ mod support;
 use flotilla::prelude::*;
 use flotilla::{Config, ErrorKind, Secret};
 use flotilla_examples::{add, counted_sleep, crash_worker, inc, slow_identity, total, whoami};
-use flotilla_proto::transport;
 use flotilla_proto::{
     decode, encode, ActorCall, Arg, Event, EventBatch, Names, RunTask, StoredResult, Task,
     TaskSpec, ToScheduler, ToWorker, WIRE_VERSION,
 };
+use flotilla_runtime::transport;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -1127,13 +1127,13 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
 
     // The broker really enforces it: a delivery held unacknowledged past
     // the timeout closes the consumer's channel.
-    let connection = flotilla_proto::transport::connect_amqp(&config.amqp_url, "probe")
+    let connection = flotilla_runtime::transport::connect_amqp(&config.amqp_url, "probe")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let probe = channel
         .queue_declare(
-            flotilla_proto::transport::name(""),
+            flotilla_runtime::transport::name(""),
             lapin::options::QueueDeclareOptions {
                 exclusive: true,
                 ..Default::default()
@@ -1144,7 +1144,7 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
         .unwrap();
     channel
         .basic_publish(
-            flotilla_proto::transport::name(""),
+            flotilla_runtime::transport::name(""),
             probe.name().clone(),
             Default::default(),
             b"held",
@@ -1163,7 +1163,7 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
         "the broker closes a channel holding a delivery past consumer_timeout"
     );
     let _ = connection
-        .close(200, flotilla_proto::transport::name("probed"))
+        .close(200, flotilla_runtime::transport::name("probed"))
         .await;
 
     // Tasks of 6 s on workers that take long deliveries into custody

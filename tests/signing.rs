@@ -9,11 +9,11 @@ use flotilla::prelude::*;
 use flotilla::Secret;
 use flotilla_examples::actors::Counter;
 use flotilla_examples::{add, counted_sleep, recursive_compute};
-use flotilla_proto::transport;
 use flotilla_proto::{
     encode, Arg, Codec, Config, Event, EventBatch, Purpose, RunTask, StoredResult, Task, TaskSpec,
     ToScheduler, ToWorker,
 };
+use flotilla_runtime::transport;
 use std::time::{Duration, Instant};
 use support::{fresh_config, TestCluster};
 

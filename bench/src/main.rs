@@ -239,7 +239,7 @@ async fn actor_roundtrips(client: &Client, count: usize) -> Result<Vec<f64>> {
 /// use, sequentially: milliseconds, sorted. The floor under every step that
 /// reads or writes Redis.
 async fn redis_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
-    let mut redis = flotilla_proto::transport::connect_redis(&config.redis_url).await?;
+    let mut redis = flotilla_runtime::transport::connect_redis(&config.redis_url).await?;
     let mut samples = Vec::with_capacity(count);
     for _ in 0..count {
         let started = Instant::now();
@@ -254,7 +254,7 @@ async fn redis_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
 /// worker stores it) and one `GET` (as the client fetches it), both from
 /// this process: MB/s of the pair, the floor under `gather_10mb_mb_per_s`.
 async fn redis_10mb_floor(config: &Config, bytes: usize) -> Result<f64> {
-    let mut redis = flotilla_proto::transport::connect_redis(&config.redis_url).await?;
+    let mut redis = flotilla_runtime::transport::connect_redis(&config.redis_url).await?;
     let key = format!("{}:bench-floor", config.namespace);
     let value = vec![7u8; bytes];
     let started = Instant::now();
@@ -280,7 +280,7 @@ async fn redis_10mb_floor(config: &Config, bytes: usize) -> Result<f64> {
 /// queue, until a consumer on another connection has it. Sequential:
 /// milliseconds, sorted. A task's round trip is three such hops.
 async fn amqp_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
-    use flotilla_proto::transport::{self, name};
+    use flotilla_runtime::transport::{self, name};
     use lapin::options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
         QueueDeclareOptions, QueueDeleteOptions,

@@ -37,7 +37,7 @@ impl TestCluster {
     pub async fn start_with(config: Config, workers: usize, nthreads: usize) -> TestCluster {
         // RUST_LOG=... shows the in-process scheduler's and workers' logs.
         if std::env::var_os("RUST_LOG").is_some() {
-            flotilla_proto::cli::init_logging();
+            flotilla_runtime::cli::init_logging();
         }
         let cluster = LocalCluster::builder()
             .config(config.clone())

@@ -36,10 +36,10 @@
 use crate::client::ClientInner;
 use crate::future::FutureState;
 use crate::{Client, Error, Result, TaskFuture};
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
 };
+use flotilla_runtime::transport::{self, name};
 use flotilla_worker::actors::{ACTOR_LOST, CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT};
 use flotilla_worker::Actor;
 use lapin::options::{

@@ -5,12 +5,12 @@ use crate::args::{ArgWriter, IntoArgs};
 use crate::future::{read_stored, FutureState};
 use crate::outbox::{renew_lease, Op, Outbox};
 use crate::{Error, Result, TaskFuture};
-use flotilla_proto::refs;
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, StoredResult, Task,
     TaskSpec,
 };
+use flotilla_runtime::refs;
+use flotilla_runtime::transport::{self, name};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
@@ -369,7 +369,7 @@ impl Client {
         let (connection, publish, consumer) = open_link(&config, &names, &id).await?;
         let redis = transport::connect_redis(&config.redis_url).await?;
         let codec = Codec::new(&config);
-        flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
+        flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
         let lease = Duration::from_millis(config.client_lease_ms.max(1000));
         // Take the lease before holding anything.
         let expiry = std::time::SystemTime::now()
@@ -972,7 +972,7 @@ async fn open_link(
 async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInner>) {
     loop {
         event_loop(consumer, &client).await;
-        let mut backoff = flotilla_proto::supervise::Backoff::default();
+        let mut backoff = flotilla_runtime::supervise::Backoff::default();
         consumer = loop {
             let Some(inner) = client.upgrade() else {
                 return;

@@ -16,8 +16,8 @@
 //! ```
 
 use crate::{Client, Error, Result};
-use flotilla_proto::transport;
 use flotilla_proto::Config;
+use flotilla_runtime::transport;
 use flotilla_scheduler::SchedulerHandle;
 use flotilla_worker::{WorkerHandle, WorkerOptions};
 

@@ -7,9 +7,9 @@
 //! release of those inputs can run, so data a pending task needs is never
 //! freed under it.
 
-use flotilla_proto::refs;
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
+use flotilla_runtime::refs;
+use flotilla_runtime::transport::{self, name};
 use lapin::options::BasicPublishOptions;
 use lapin::Channel;
 use lapin::PublisherConfirm;
@@ -228,7 +228,7 @@ impl Outbox {
     /// are idempotent, so a pipeline that partly ran before the connection
     /// broke can run again.)
     async fn run_retrying<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> T {
-        let mut backoff = flotilla_proto::supervise::Backoff::default();
+        let mut backoff = flotilla_runtime::supervise::Backoff::default();
         loop {
             match refs::run(&mut self.redis, pipe).await {
                 Ok(values) => return values,

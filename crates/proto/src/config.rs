@@ -54,7 +54,7 @@ pub enum ConfigError {
     #[error("invalid namespace {0:?}: use 1 to 64 characters from A-Z a-z 0-9 - _")]
     Namespace(String),
     /// This process's `FLOTILLA_SECRET` is not the one the namespace's
-    /// scheduler signs with (see [`crate::seal::check_fingerprint`]).
+    /// scheduler signs with (see `flotilla_runtime::seal::check_fingerprint`).
     #[error("FLOTILLA_SECRET does not match the namespace's scheduler: it signs {theirs}, this process {ours}; give every process of the namespace the same secret")]
     Secret {
         /// What the scheduler signs with.

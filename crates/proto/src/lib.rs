@@ -9,20 +9,19 @@
 //!
 //! User payloads (task arguments and results) stay opaque byte strings, so
 //! the scheduler never decodes them.
+//!
+//! This crate is the contract only: it depends on none of tokio, lapin or
+//! redis. The I/O around it (connections, scripts, reconnection) is
+//! `flotilla-runtime`.
 
-pub mod cli;
 mod codec;
 mod config;
-pub mod custody;
 mod error;
 mod fuzz;
 mod messages;
 mod names;
-pub mod refs;
 pub mod seal;
-pub mod supervise;
 mod task;
-pub mod transport;
 
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{

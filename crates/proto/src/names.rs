@@ -137,13 +137,13 @@ impl Names {
         format!("{}:s:*", self.namespace)
     }
 
-    /// Redis set of the holders of a key's result (see [`crate::refs`]).
+    /// Redis set of the holders of a key's result (see `flotilla_runtime::refs`).
     pub fn holders_key(&self, key: &str) -> String {
         format!("{}:h:{{{key}}}", self.namespace)
     }
 
     /// The fingerprint of the key the namespace's scheduler signs with
-    /// (see [`crate::seal::publish_fingerprint`]).
+    /// (see `flotilla_runtime::seal::publish_fingerprint`).
     pub fn seal_key(&self) -> String {
         format!("{}:seal", self.namespace)
     }

@@ -45,8 +45,8 @@
 
 use crate::core::{Counts, TaskStatus, WorkerStatus};
 use crate::server::{Hooks, Snapshot, TaskQuery};
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{Config, Event, EventBatch, Names, ToScheduler};
+use flotilla_runtime::transport::{self, name};
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{json, Value};

@@ -7,13 +7,13 @@
 //! load grows.
 
 use crate::core::{Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
-use flotilla_proto::refs;
-use flotilla_proto::supervise::{Attempts, Stop};
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     Codec, Config, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
     TaskError, ToScheduler, ToWorker,
 };
+use flotilla_runtime::refs;
+use flotilla_runtime::supervise::{Attempts, Stop};
+use flotilla_runtime::transport::{self, name};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions,
@@ -57,7 +57,7 @@ enum Input {
     /// Keys that lost their last holder (after a release the scheduler made).
     Unreferenced(Vec<String>),
     /// Tasks whose custody lapsed: their worker died after acknowledging
-    /// their delivery early (see [`flotilla_proto::custody`]).
+    /// their delivery early (see [`flotilla_runtime::custody`]).
     CustodyLapsed(Vec<String>),
     /// Specs read back from Redis for a stale signed submission.
     Stored(Vec<flotilla_proto::TaskSpec>),
@@ -232,7 +232,7 @@ async fn serve(
     transport::declare_topology(&publish, &names).await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     // Clients and workers with another secret then fail at once, clearly.
-    flotilla_proto::seal::publish_fingerprint(&mut redis, &names, &Codec::new(config)).await?;
+    flotilla_runtime::seal::publish_fingerprint(&mut redis, &names, &Codec::new(config)).await?;
 
     let (inputs, mut input_rx) = mpsc::unbounded_channel();
     let submissions = connection.create_channel().await?;
@@ -769,7 +769,7 @@ impl Scheduler {
         let names = self.names.clone();
         let inputs = self.inputs.clone();
         self.custodian = Some(tokio::spawn(async move {
-            match flotilla_proto::custody::lapsed(&mut redis, &names).await {
+            match flotilla_runtime::custody::lapsed(&mut redis, &names).await {
                 Ok(keys) if !keys.is_empty() => {
                     let _ = inputs.send(Input::CustodyLapsed(keys));
                 }

@@ -24,11 +24,12 @@
 use crate::panic::CatchUnwind;
 use crate::registry::{decode_args, encode_output, Invocation, TaskOutcome, TaskRegistration};
 use crate::TaskContext;
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
-    refs, ActorCall, ActorInfo, ActorReply, Codec, Config, ErrorKind, Names, Purpose, ReplayGuard,
+    ActorCall, ActorInfo, ActorReply, Codec, Config, ErrorKind, Names, Purpose, ReplayGuard,
     TaskError,
 };
+use flotilla_runtime::refs;
+use flotilla_runtime::transport::{self, name};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};

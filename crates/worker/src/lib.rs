@@ -38,7 +38,7 @@ pub use registry::probe as __probe;
 #[doc(hidden)]
 pub use registry::user_error as __private_user_error;
 
-use flotilla_proto::cli::{self, Flag};
+use flotilla_runtime::cli::{self, Flag};
 
 /// Flags of a worker binary beyond the connection flags.
 const WORKER_FLAGS: [Flag; 5] = [

@@ -181,7 +181,8 @@ pub(crate) fn lost_error(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_proto::{new_id, transport, Config};
+    use flotilla_proto::{new_id, Config};
+    use flotilla_runtime::transport;
 
     #[test]
     fn the_error_names_the_task_the_losses_and_the_worker() {

@@ -10,13 +10,13 @@ use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::Slot;
 use crate::TaskContext;
-use flotilla_proto::refs;
-use flotilla_proto::supervise::{Attempts, Stop};
-use flotilla_proto::transport::{self, name};
 use flotilla_proto::{
     Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask,
     StoredResult, TaskError, ToScheduler, ToWorker, WorkerInfo,
 };
+use flotilla_runtime::refs;
+use flotilla_runtime::supervise::{Attempts, Stop};
+use flotilla_runtime::transport::{self, name};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -319,7 +319,7 @@ impl Shared {
 /// Acknowledges a delivery once all its tasks are done, or earlier, when
 /// it has been held long enough for RabbitMQ's consumer timeout to loom:
 /// its unfinished tasks then go into custody (see
-/// [`flotilla_proto::custody`]).
+/// [`flotilla_runtime::custody`]).
 struct Bundle {
     delivery: Delivery,
     state: std::sync::Mutex<BundleState>,
@@ -404,7 +404,7 @@ impl Bundle {
         shared.custody_add(&keys);
         let lease = shared.config.custody_lease();
         let mut redis = shared.redis.clone();
-        match flotilla_proto::custody::renew(&mut redis, &shared.names, &keys, lease).await {
+        match flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await {
             Ok(()) => {
                 info!(
                     tasks = keys.len(),
@@ -532,7 +532,7 @@ async fn serve(
     let control = names.control_exchange();
     transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
     let redis = transport::connect_redis(&config.redis_url).await?;
-    flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
+    flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
         .await?;
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
@@ -725,7 +725,7 @@ async fn renew_custody(shared: Arc<Shared>) {
             .cloned()
             .collect();
         if let Err(error) =
-            flotilla_proto::custody::renew(&mut redis, &shared.names, &keys, lease).await
+            flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await
         {
             warn!(%error, tasks = keys.len(), "renewing the custody of long tasks failed");
         }
@@ -1184,7 +1184,11 @@ async fn complete_loop(
                     if bytes.len() + 1 >= refs::LARGE_RESULT {
                         // Written straight into the command: a large result
                         // is not copied once more just to add its tag.
-                        pipe.set(&keys[1], codec.result_ok_arg(key, bytes)).ignore();
+                        pipe.set(
+                            &keys[1],
+                            flotilla_runtime::seal::StoredOkArg(codec.result_ok_arg(key, bytes)),
+                        )
+                        .ignore();
                         refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
                     } else {
                         let stored = codec.result_ok(key, bytes);

@@ -4,7 +4,7 @@
 //! `tasks`, `cancel`, `retry`) ask a running scheduler through that API;
 //! `purge` deletes a namespace.
 
-use flotilla_proto::cli::{self, Flag};
+use flotilla_runtime::cli::{self, Flag};
 use flotilla_scheduler::{http, Hooks};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -435,7 +435,7 @@ impl Api {
 /// Deletes a namespace (see `flotilla::purge`), after checking that nobody
 /// uses it.
 fn purge(line: &CommandLine) -> Result<ExitCode, String> {
-    use flotilla_proto::transport;
+    use flotilla_runtime::transport;
     use lapin::options::QueueDeclareOptions;
     use lapin::types::FieldTable;
 

@@ -7,7 +7,7 @@
 //! A future is serialized as its key, and only while a primitive encodes a
 //! value: the primitive records the keys found, takes its own hold on each
 //! (`var:<name>:<generation>` or `q:<name>:<item>`, see
-//! [`flotilla_proto::refs`]) *before* the value becomes visible, and stores
+//! [`flotilla_runtime::refs`]) *before* the value becomes visible, and stores
 //! the value behind a small header naming the holder and the keys. Outside a
 //! primitive, serializing a future is an error: an unheld key in some other
 //! store could be freed at any moment.
@@ -33,7 +33,7 @@ use crate::client::ClientInner;
 use crate::future::FutureState;
 use crate::outbox::Op;
 use crate::{Client, Error, Result, TaskFuture};
-use flotilla_proto::refs;
+use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::cell::RefCell;

@@ -86,7 +86,7 @@ use super::{
     deadline_in, expired, slice, timed_out, transient, Backoff, Dedicated, Keys, MAX_SLICE,
 };
 use crate::{Client, Result};
-use flotilla_proto::refs;
+use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;

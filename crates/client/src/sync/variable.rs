@@ -60,7 +60,7 @@
 use super::held::{self, header_lua};
 use super::{deadline_in, get_or_wait, timed_out, waiters_lua, Keys};
 use crate::{Client, Result};
-use flotilla_proto::refs;
+use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;

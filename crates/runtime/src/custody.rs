@@ -4,7 +4,7 @@
 //! unacknowledged longer than its `consumer_timeout`, and hands the
 //! delivery to another consumer: a long task would be killed or run twice.
 //! So a worker acknowledges a delivery that has been running (or waiting)
-//! longer than [`Config::long_task_ms`](crate::Config::long_task_ms), and
+//! longer than [`Config::long_task_ms`](flotilla_proto::Config::long_task_ms), and
 //! keeps its unfinished tasks in *custody* instead: a sorted set
 //! (`<ns>:custody`, task key → lease expiry in Redis's clock) whose leases
 //! the worker renews while it lives and removes as each task completes.
@@ -47,7 +47,7 @@ return due
 /// Renews (or starts) the custody of `keys` for `lease`.
 pub async fn renew(
     redis: &mut redis::aio::ConnectionManager,
-    names: &crate::Names,
+    names: &flotilla_proto::Names,
     keys: &[String],
     lease: std::time::Duration,
 ) -> redis::RedisResult<()> {
@@ -65,7 +65,7 @@ pub async fn renew(
 /// Takes the task keys whose custody lapsed.
 pub async fn lapsed(
     redis: &mut redis::aio::ConnectionManager,
-    names: &crate::Names,
+    names: &flotilla_proto::Names,
 ) -> redis::RedisResult<Vec<String>> {
     LAPSED.key(names.custody_key()).invoke_async(redis).await
 }

@@ -3,7 +3,7 @@
 //! Every process declares what it uses (declarations are idempotent), so
 //! any of them may start first.
 
-use crate::Names;
+use flotilla_proto::Names;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,

@@ -9,7 +9,7 @@
 //! before the loss.
 //!
 //! ```
-//! use flotilla_proto::supervise::{Backoff, Stop};
+//! use flotilla_runtime::supervise::{Backoff, Stop};
 //! use std::time::Duration;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {

@@ -3,7 +3,7 @@
 //! The flags are few, so they are parsed by hand rather than pulling in an
 //! argument-parsing framework.
 
-use crate::Config;
+use flotilla_proto::Config;
 use std::collections::HashMap;
 
 /// One flag a binary accepts: `--name VALUE`.

@@ -167,7 +167,7 @@ pub fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]
 /// Adds an `EVALSHA` of `script` on `key`'s holders set and result.
 pub fn add_for(
     pipe: &mut Pipeline,
-    names: &crate::Names,
+    names: &flotilla_proto::Names,
     script: &Script,
     key: &str,
     args: &[&[u8]],
@@ -179,7 +179,7 @@ pub fn add_for(
 /// A pipeline running `script` with `holder` on each of `keys` (taking or
 /// dropping the same holder's hold on many keys).
 pub fn pipeline_for(
-    names: &crate::Names,
+    names: &flotilla_proto::Names,
     script: &Script,
     keys: &[String],
     holder: &str,
@@ -217,6 +217,6 @@ mod tests {
         assert_eq!(super::variable_holder("v", "1"), "var:v:1");
         assert_eq!(super::queue_holder("q", "2"), "q:q:2");
         // Client ids are 32 hex digits: never `ff`, never with a colon.
-        assert_ne!(crate::new_id(), super::FIRE_AND_FORGET);
+        assert_ne!(flotilla_proto::new_id(), super::FIRE_AND_FORGET);
     }
 }

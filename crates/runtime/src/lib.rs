@@ -1,0 +1,19 @@
+//! Flotilla's shared I/O kit: what the client, the worker and the scheduler
+//! all need to talk to RabbitMQ and Redis.
+//!
+//! - [`transport`]: connections, topology, publishing and consuming;
+//! - [`supervise`]: reconnection with backoff;
+//! - [`refs`]: the holders scripts that keep results alive;
+//! - [`custody`]: leases on long tasks;
+//! - [`seal`]: signing's Redis side (key fingerprint, signed results);
+//! - [`cli`]: the connection flags, logging and signals of the binaries.
+//!
+//! The wire contract itself (messages, codec, names, config) is
+//! `flotilla-proto`, which depends on none of tokio, lapin or redis.
+
+pub mod cli;
+pub mod custody;
+pub mod refs;
+pub mod seal;
+pub mod supervise;
+pub mod transport;
