@@ -38,11 +38,13 @@ mod args;
 pub mod as_completed;
 pub mod blocking;
 mod client;
+#[cfg(feature = "local-cluster")]
 mod cluster;
 mod context;
 mod error;
 mod future;
 mod outbox;
+mod purge;
 pub mod sync;
 
 pub use actor::{ActorFuture, ActorHandle, ActorProxy, Constructor, SubmitActor};
@@ -51,13 +53,15 @@ pub use as_completed::{
     as_completed, progress, wait, AsCompleted, DoneAndNotDone, ReturnWhen, WithResults,
 };
 pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
-pub use cluster::{purge, LocalCluster, LocalClusterBuilder};
+#[cfg(feature = "local-cluster")]
+pub use cluster::{LocalCluster, LocalClusterBuilder};
 pub use context::TaskContextExt;
 pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_worker::TaskContext;
 pub use future::{FutureRef, Status, TaskFuture};
+pub use purge::purge;
 
 /// The old name of [`TaskFuture`]. It shadowed `std::future::Future` (in the
 /// 2024 prelude) wherever `flotilla::prelude::*` was glob-imported.
@@ -94,8 +98,10 @@ pub use sync::{Event, Lock, LockGuard, Queue, Semaphore, SemaphorePermit, Variab
 /// }
 /// ```
 pub mod prelude {
+    #[cfg(feature = "local-cluster")]
+    pub use crate::LocalCluster;
     pub use crate::{as_completed, fire_and_forget, wait, ActorFuture, ReturnWhen};
-    pub use crate::{Client, Error, LocalCluster, Status, TaskContext, TaskContextExt, TaskFuture};
+    pub use crate::{Client, Error, Status, TaskContext, TaskContextExt, TaskFuture};
     pub use crate::{Event, Lock, Queue, Semaphore, Variable};
     pub use std::time::Duration;
 }
