@@ -914,12 +914,11 @@ fn number_by_id(dom: &str, id: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
-    if !Path::new(CHROMIUM).exists() {
-        println!(
-            "skipped: {CHROMIUM} is missing (Debian: apt-get install -y chromium; .ci/run installs it)"
-        );
-        return;
-    }
+    assert!(
+        Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: the dashboard test needs a real browser \
+         (Debian: apt-get install -y chromium; .ci/run and scripts/test.sh install it)"
+    );
     let ops = Ops::start("ops-dash", &["dash-alpha", "dash-beta", "dash-gamma"]).await;
     let client = Client::connect(ops.config.clone()).await.expect("client");
     let url = format!("http://{}/", ops.addr);
