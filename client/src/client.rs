@@ -370,7 +370,9 @@ impl Client {
         let redis = transport::connect_redis(&config.redis_url).await?;
         let codec = Codec::new(&config);
         flotilla_proto::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
-        let lease = Duration::from_millis(config.client_lease_ms.max(1000));
+        // FLOTILLA_CLIENT_LEASE_MS (30 s, at least 1 s): the scheduler
+        // releases this client's holds once it lapses unrenewed.
+        let lease = config.client_lease();
         // Take the lease before holding anything.
         let expiry = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
