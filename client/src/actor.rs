@@ -651,10 +651,10 @@ async fn reply_loop(
 }
 
 fn call_error(error: TaskError) -> Error {
-    if error.type_name == ACTOR_LOST {
+    if error.type_name() == ACTOR_LOST {
         Error::ActorLost {
-            actor: error.key.clone(),
-            reason: error.message,
+            actor: error.key().to_owned(),
+            reason: error.message().to_owned(),
         }
     } else {
         Error::Task(error)

@@ -176,10 +176,10 @@ impl ClientInner {
             Event::Finished { inline, .. } => state.set_finished(inline),
             Event::Erred { retrying: true, .. } => {}
             Event::Erred { key, error, .. } => {
-                let error = match error.kind {
-                    ErrorKind::Cancelled if error.key == key => Error::Cancelled(key),
+                let error = match error.kind() {
+                    ErrorKind::Cancelled if error.key() == key => Error::Cancelled(key),
                     ErrorKind::MissingDependency
-                        if error.key == key && error.type_name == "flotilla::Lost" =>
+                        if error.key() == key && error.type_name() == "flotilla::Lost" =>
                     {
                         Error::Lost(key)
                     }
