@@ -27,10 +27,10 @@ pub enum Error {
     /// Arguments or data over the configured payload limit. Encoding stops
     /// as soon as the limit is passed, so this arrives after encoding
     /// `limit` bytes, however large the value.
-    #[error("{} larger than the {} payload limit (FLOTILLA_MAX_PAYLOAD); pass large data with `scatter` once, or raise the limit", with_verb(what), human_bytes(*limit))]
+    #[error("{}", payload_message(what, *limit))]
     PayloadTooLarge {
-        /// What was too large, as a noun phrase: "the arguments of `add`",
-        /// "the scattered alloc::vec::Vec<u8>", "a value for variable `x`".
+        /// What was too large, as a noun phrase: ``"the arguments of `add`"``,
+        /// `"the scattered alloc::vec::Vec<u8>"`, ``"a value for variable `x`"``.
         what: String,
         /// How many bytes it had taken when encoding stopped: more than
         /// `limit`, at most its whole size.
@@ -123,11 +123,22 @@ impl From<TaskError> for Error {
     }
 }
 
-/// `what` followed by the verb "to be" agreeing with it: "the arguments of
-/// `add` are", "the scattered value is".
-fn with_verb(what: &str) -> String {
-    let plural = what.starts_with("the arguments");
-    format!("{what} {}", if plural { "are" } else { "is" })
+/// The message of [`Error::PayloadTooLarge`]: the verb agrees with `what`
+/// ("the arguments of `add` are", "the scattered value is"), and the advice
+/// fits (arguments can be scattered once and passed as futures).
+fn payload_message(what: &str, limit: usize) -> String {
+    let limit = human_bytes(limit);
+    if what.starts_with("the arguments") {
+        format!(
+            "{what} are larger than the {limit} payload limit (FLOTILLA_MAX_PAYLOAD); \
+             scatter large data once and pass its future, or raise the limit"
+        )
+    } else {
+        format!(
+            "{what} is larger than the {limit} payload limit (FLOTILLA_MAX_PAYLOAD); \
+             split it, or raise the limit"
+        )
+    }
 }
 
 /// A byte count for people: "64 MiB", "1.5 GiB", "4096 bytes".
