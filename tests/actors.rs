@@ -116,10 +116,10 @@ async fn sync_async_and_failing_methods() {
     assert_eq!(counter.add(5).await.unwrap(), 5);
     let error = counter.add(-1).await.unwrap_err();
     let task_error = error.task_error().expect("a task error");
-    assert_eq!(task_error.kind, ErrorKind::User);
-    assert_eq!(task_error.message, "cannot add -1: negative");
+    assert_eq!(task_error.kind(), ErrorKind::User);
+    assert_eq!(task_error.message(), "cannot add -1: negative");
     let panicked = counter.explode("boom".into()).await.unwrap_err();
-    assert_eq!(panicked.task_error().unwrap().kind, ErrorKind::Panic);
+    assert_eq!(panicked.task_error().unwrap().kind(), ErrorKind::Panic);
     assert!(panicked.to_string().contains("boom"), "{panicked}");
     // The actor survives its errors.
     assert_eq!(counter.get_count().await.unwrap(), 5);

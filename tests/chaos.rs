@@ -1024,15 +1024,15 @@ async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
     );
     match &results[2] {
         StoredResult::Err(error) => {
-            assert_eq!(error.kind, ErrorKind::WorkerLost);
-            assert_eq!(error.key, "lost-often");
+            assert_eq!(error.kind(), ErrorKind::WorkerLost);
+            assert_eq!(error.key(), "lost-often");
             for part in [
                 "`lost-often`".to_owned(),
                 format!("`{}`", <whoami as Task>::NAME),
                 format!("{} times", limit + 1),
                 "dead-worker-7".to_owned(),
             ] {
-                assert!(error.message.contains(&part), "{part}: {error}");
+                assert!(error.message().contains(&part), "{part}: {error}");
             }
         }
         other => panic!("a task over the limit must err WorkerLost, not {other:?}"),

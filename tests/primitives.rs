@@ -957,7 +957,7 @@ fn blocking_flavours_work_from_plain_threads() {
             .await
             .unwrap()
     });
-    let client = flotilla::blocking::Client::connect(config).unwrap();
+    let client = flotilla::blocking::Client::connect(config.clone()).unwrap();
 
     let var = blocking::Variable::new(&client, "v");
     var.set(&"hello".to_owned()).unwrap();
@@ -1002,8 +1002,183 @@ fn blocking_flavours_work_from_plain_threads() {
     permit.release().unwrap();
     assert_eq!(semaphore.in_use().unwrap(), 0);
 
+    var.delete().unwrap();
+    assert_eq!(queue.delete().unwrap(), 0);
+    assert!(!lock.delete().unwrap());
+    event.delete().unwrap();
+    assert_eq!(semaphore.delete().unwrap(), 0);
+    runtime.block_on(until_no_primitive_keys(&config, Duration::from_secs(5)));
     drop((var, queue, lock, other, event, semaphore, client));
     runtime.block_on(cluster.shutdown()).unwrap();
+}
+
+// ---------------------------------------------------------------- delete
+
+/// Keys of the namespace's primitives (`<ns>:{<kind>:<name>}:...`).
+async fn primitive_keys(config: &flotilla::Config) -> usize {
+    count_keys(config, "{*").await
+}
+
+/// Waits until the namespace's primitives hold no key; panics with the
+/// count after `limit`.
+async fn until_no_primitive_keys(config: &flotilla::Config, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let left = primitive_keys(config).await;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{left} keys of deleted primitives are left after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn deleting_every_primitive_leaves_no_key_behind() {
+    let t = TestCluster::start("prim-delete", 0).await;
+    let client = &t.client;
+
+    let variable: Variable<String> = Variable::new(client, "v");
+    let getting = {
+        let variable = variable.clone();
+        tokio::spawn(async move { variable.get_timeout(Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    variable.set(&"x".to_owned()).await.unwrap();
+    assert_eq!(getting.await.unwrap().unwrap(), "x");
+
+    let queue: Queue<i64> = Queue::new(client, "q");
+    queue.put_all(&[1, 2, 3]).await.unwrap();
+    assert_eq!(queue.get().await.unwrap(), 1);
+
+    let lock = Lock::new(client, "l");
+    let other = Lock::new(client, "l");
+    lock.acquire().await.unwrap();
+    let waiting = tokio::spawn(async move {
+        let got = other
+            .acquire_timeout(Duration::from_secs(10))
+            .await
+            .unwrap();
+        other.release().await.unwrap();
+        got
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    lock.release().await.unwrap();
+    assert!(waiting.await.unwrap());
+
+    let event = Event::new(client, "e");
+    let woken = {
+        let event = event.clone();
+        tokio::spawn(async move { event.wait_timeout(Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    event.set().await.unwrap();
+    assert!(woken.await.unwrap().unwrap());
+
+    let semaphore = Semaphore::new(client, "s", 2);
+    let permit = semaphore.permit().await.unwrap();
+    permit.release().await.unwrap();
+
+    // Used and released, they still hold keys: the variable's value, the
+    // queue's items, the lock's fencing counter, the event's flag and the
+    // semaphore's recorded maximum.
+    for kind in [
+        "{var:v}",
+        "{queue:q}",
+        "{lock:l}",
+        "{event:e}",
+        "{semaphore:s}",
+    ] {
+        assert!(count_keys(&t.config, kind).await > 0, "{kind} holds keys");
+    }
+    variable.delete().await.unwrap();
+    assert_eq!(queue.delete().await.unwrap(), 2);
+    assert!(!lock.delete().await.unwrap(), "nobody held the lock");
+    event.delete().await.unwrap();
+    assert_eq!(semaphore.delete().await.unwrap(), 0);
+    until_no_primitive_keys(&t.config, Duration::from_secs(5)).await;
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_held_lock_or_semaphore_ends_the_leases_and_wakes_the_waiters() {
+    let t = TestCluster::start("prim-delete-held", 0).await;
+    let long = Duration::from_secs(60);
+
+    let holder = Lock::new(&t.client, "held").with_lease(long);
+    holder.acquire().await.unwrap();
+    let first = holder.fencing_token().unwrap();
+    let next = Lock::new(&t.client, "held").with_lease(long);
+    let waiting = tokio::spawn(async move {
+        let got = next.acquire_timeout(Duration::from_secs(20)).await.unwrap();
+        (got, next)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert!(
+        Lock::new(&t.client, "held").delete().await.unwrap(),
+        "it was held"
+    );
+    let (got, next) = waiting.await.unwrap();
+    assert!(got, "the next takes the deleted lock");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "woken by the delete, not by the 60 s lease: {:?}",
+        started.elapsed()
+    );
+    assert!(next.fencing_token().unwrap() <= first, "tokens start again");
+    assert!(is_sync_error(
+        &holder.release().await,
+        &SyncError::LeaseExpired {
+            what: "lock",
+            name: "held".into()
+        }
+    ));
+    // A handle deleting the lock it holds just ends its grant.
+    assert!(next.delete().await.unwrap());
+    assert!(!next.is_held());
+    assert!(is_sync_error(
+        &next.release().await,
+        &SyncError::NotHeld {
+            what: "lock",
+            name: "held".into()
+        }
+    ));
+
+    let full = Semaphore::new(&t.client, "full", 1).with_lease(long);
+    full.acquire().await.unwrap();
+    let next = Semaphore::new(&t.client, "full", 1).with_lease(long);
+    let waiting = tokio::spawn(async move {
+        let got = next.acquire_timeout(Duration::from_secs(20)).await.unwrap();
+        (got, next)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert_eq!(
+        Semaphore::new(&t.client, "full", 1).delete().await.unwrap(),
+        1
+    );
+    let (got, next) = waiting.await.unwrap();
+    assert!(got && started.elapsed() < Duration::from_secs(5));
+    assert!(is_sync_error(
+        &full.release().await,
+        &SyncError::LeaseExpired {
+            what: "semaphore",
+            name: "full".into()
+        }
+    ));
+    assert_eq!(next.delete().await.unwrap(), 1);
+    assert_eq!(next.held(), 0);
+    // The recorded maximum went with it: another one may be used now.
+    let wider = Semaphore::new(&t.client, "full", 3);
+    assert!(wider.try_acquire().await.unwrap() && wider.try_acquire().await.unwrap());
+    assert_eq!(wider.delete().await.unwrap(), 2);
+    drop((holder, full, next, wider));
+    until_no_primitive_keys(&t.config, Duration::from_secs(5)).await;
+    t.stop().await;
 }
 
 // ---------------------------------------------------------------- futures held by primitives

@@ -277,24 +277,16 @@ impl ActorHandle {
         let key = format!("{method}-{}", flotilla_proto::new_id());
         let (state, _) = inner.client.register(&key);
         let future = TaskFuture::from_state(state.clone(), inner.client.clone());
-        let args = match rmp_serde::to_vec_named(args) {
+        let limit = inner.client.config.max_payload;
+        let args = match crate::args::encode_within(args, limit, || {
+            format!("the arguments of `{}::{method}`", inner.name)
+        }) {
             Ok(args) => args,
             Err(error) => {
-                state.set_failed(Error::Encode {
-                    what: format!("the arguments of `{}::{method}`", inner.name),
-                    message: error.to_string(),
-                });
+                state.set_failed(error);
                 return future;
             }
         };
-        if args.len() > inner.client.config.max_payload {
-            state.set_failed(Error::PayloadTooLarge {
-                what: format!("the arguments of `{}::{method}`", inner.name),
-                size: args.len(),
-                limit: inner.client.config.max_payload,
-            });
-            return future;
-        }
         let call = ActorCall {
             actor: inner.key.clone(),
             method: method.to_owned(),
@@ -659,10 +651,10 @@ async fn reply_loop(
 }
 
 fn call_error(error: TaskError) -> Error {
-    if error.type_name == ACTOR_LOST {
+    if error.type_name() == ACTOR_LOST {
         Error::ActorLost {
-            actor: error.key.clone(),
-            reason: error.message,
+            actor: error.key().to_owned(),
+            reason: error.message().to_owned(),
         }
     } else {
         Error::Task(error)

@@ -17,13 +17,34 @@ use crate::{Error, FutureRef, TaskFuture};
 use flotilla_proto::Arg;
 use serde::Serialize;
 
-/// Collects what a submission's arguments refer to.
-#[derive(Debug, Default)]
+/// Collects what a submission's arguments refer to, and encodes its values
+/// within the payload limit.
+#[derive(Debug)]
 pub struct ArgWriter {
     pub(crate) deps: Vec<String>,
     pub(crate) holds: Vec<String>,
     /// The inputs' states, kept alive until the submission is queued.
     keep: Vec<std::sync::Arc<crate::future::FutureState>>,
+    /// The payload limit, shared by all the arguments of a submission.
+    limit: usize,
+    /// Bytes of values encoded so far.
+    written: usize,
+    /// What the arguments are, in an error ("the arguments of `add`").
+    what: String,
+}
+
+impl Default for ArgWriter {
+    /// A writer with no payload limit.
+    fn default() -> Self {
+        ArgWriter {
+            deps: Vec::new(),
+            holds: Vec::new(),
+            keep: Vec::new(),
+            limit: usize::MAX,
+            written: 0,
+            what: "the arguments".to_owned(),
+        }
+    }
 }
 
 impl ArgWriter {
@@ -36,14 +57,85 @@ impl ArgWriter {
         Arg::Ref(key.to_owned())
     }
 
-    /// Encodes a plain value.
+    /// A writer for the arguments of one submission: together they may take
+    /// `limit` bytes; `what` names them in errors ("the arguments of `add`").
+    pub(crate) fn within(limit: usize, what: String) -> Self {
+        ArgWriter {
+            limit,
+            what,
+            ..ArgWriter::default()
+        }
+    }
+
+    /// Encodes a plain value; fails as soon as the arguments written so far
+    /// pass the payload limit, without encoding the rest.
     pub fn value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<Arg, Error> {
-        rmp_serde::to_vec_named(value)
-            .map(Arg::Value)
-            .map_err(|e| Error::Encode {
-                what: format!("an argument of type {}", std::any::type_name::<T>()),
-                message: e.to_string(),
-            })
+        let room = self.limit.saturating_sub(self.written);
+        let bytes = encode_within(value, room, || {
+            format!("an argument of type {}", std::any::type_name::<T>())
+        })
+        .map_err(|error| match error {
+            Error::PayloadTooLarge { size, .. } => Error::PayloadTooLarge {
+                what: self.what.clone(),
+                size: self.written.saturating_add(size),
+                limit: self.limit,
+            },
+            other => other,
+        })?;
+        self.written += bytes.len();
+        Ok(Arg::Value(bytes))
+    }
+}
+
+/// Encodes `value` (named MessagePack) in at most `limit` bytes: encoding
+/// stops as soon as the limit is passed, so that an oversized value is
+/// refused after encoding `limit` bytes rather than all of it. `what` names
+/// the value in errors ("the arguments of `add`", "the scattered value").
+pub(crate) fn encode_within<T: Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<u8>, Error> {
+    let mut out = Capped {
+        bytes: Vec::new(),
+        limit,
+        passed: None,
+    };
+    match rmp_serde::encode::write_named(&mut out, value) {
+        Ok(()) => Ok(out.bytes),
+        Err(_) if out.passed.is_some() => Err(Error::PayloadTooLarge {
+            what: what(),
+            size: out.passed.unwrap_or(usize::MAX),
+            limit,
+        }),
+        Err(error) => Err(Error::Encode {
+            what: what(),
+            message: error.to_string(),
+        }),
+    }
+}
+
+/// A buffer that refuses to grow past `limit` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+    /// How many bytes the write that passed the limit would have made.
+    passed: Option<usize>,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let total = self.bytes.len().saturating_add(buf.len());
+        if total > self.limit {
+            self.passed = Some(total);
+            return Err(std::io::Error::other("over the payload limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -158,3 +250,66 @@ tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8);
 tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8, A9 X9);
 tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8, A9 X9, A10 X10);
 tuple_args!(A0 X0, A1 X1, A2 X2, A3 X3, A4 X4, A5 X5, A6 X6, A7 X7, A8 X8, A9 X9, A10 X10, A11 X11);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// A sequence of `len` numbers that counts how many were serialized.
+    struct Counted<'a> {
+        len: usize,
+        serialized: &'a Cell<usize>,
+    }
+
+    impl Serialize for Counted<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = serializer.serialize_seq(Some(self.len))?;
+            for i in 0..self.len {
+                self.serialized.set(self.serialized.get() + 1);
+                seq.serialize_element(&(i as u64 | 1 << 40))?;
+            }
+            seq.end()
+        }
+    }
+
+    #[test]
+    fn encoding_stops_as_soon_as_the_limit_is_passed() {
+        let serialized = Cell::new(0);
+        let huge = Counted {
+            len: 10_000_000,
+            serialized: &serialized,
+        };
+        let error = encode_within(&huge, 4096, || "the arguments of `f`".into()).unwrap_err();
+        match error {
+            Error::PayloadTooLarge { size, limit, what } => {
+                assert_eq!((limit, what.as_str()), (4096, "the arguments of `f`"));
+                assert!(size > limit && size <= limit + 16, "{size}");
+            }
+            other => panic!("expected PayloadTooLarge, got {other:?}"),
+        }
+        // Each element takes 9 bytes: encoding stopped within the limit's worth.
+        assert!(serialized.get() <= 4096 / 9 + 1, "{}", serialized.get());
+
+        let small = encode_within(&(1, "two"), 16, String::new).unwrap();
+        assert_eq!(small, rmp_serde::to_vec_named(&(1, "two")).unwrap());
+        let exact = encode_within(&(1, "two"), small.len(), String::new).unwrap();
+        assert_eq!(exact, small);
+        assert!(encode_within(&(1, "two"), small.len() - 1, String::new).is_err());
+    }
+
+    #[test]
+    fn the_arguments_of_a_submission_share_one_limit() {
+        let mut writer = ArgWriter::within(100, "the arguments of `f`".into());
+        writer.value(&vec![0u8; 60]).unwrap();
+        match writer.value(&vec![0u8; 60]).unwrap_err() {
+            Error::PayloadTooLarge { what, size, limit } => {
+                assert_eq!((what.as_str(), limit), ("the arguments of `f`", 100));
+                assert!(size > 100, "{size}");
+            }
+            other => panic!("expected PayloadTooLarge, got {other:?}"),
+        }
+        assert!(ArgWriter::default().value(&vec![0u8; 1 << 20]).is_ok());
+    }
+}

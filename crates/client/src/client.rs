@@ -176,10 +176,10 @@ impl ClientInner {
             Event::Finished { inline, .. } => state.set_finished(inline),
             Event::Erred { retrying: true, .. } => {}
             Event::Erred { key, error, .. } => {
-                let error = match error.kind {
-                    ErrorKind::Cancelled if error.key == key => Error::Cancelled(key),
+                let error = match error.kind() {
+                    ErrorKind::Cancelled if error.key() == key => Error::Cancelled(key),
                     ErrorKind::MissingDependency
-                        if error.key == key && error.type_name == "flotilla::Lost" =>
+                        if error.key() == key && error.type_name() == "flotilla::Lost" =>
                     {
                         Error::Lost(key)
                     }
@@ -370,7 +370,9 @@ impl Client {
         let redis = transport::connect_redis(&config.redis_url).await?;
         let codec = Codec::new(&config);
         flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
-        let lease = Duration::from_millis(config.client_lease_ms.max(1000));
+        // FLOTILLA_CLIENT_LEASE_MS (30 s, at least 1 s): the scheduler
+        // releases this client's holds once it lapses unrenewed.
+        let lease = config.client_lease();
         // Take the lease before holding anything.
         let expiry = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -523,26 +525,12 @@ impl Client {
         args: A,
         options: SubmitOptions,
     ) -> TaskFuture<K::Output> {
-        let mut writer = ArgWriter::default();
+        let what = || format!("the arguments of `{}`", K::NAME);
+        let limit = self.inner.config.max_payload;
+        let mut writer = ArgWriter::within(limit, what());
         let encoded = args
             .into_args(&mut writer)
-            .and_then(|args| {
-                rmp_serde::to_vec_named(&args).map_err(|e| Error::Encode {
-                    what: format!("the arguments of `{}`", K::NAME),
-                    message: e.to_string(),
-                })
-            })
-            .and_then(|bytes| {
-                if bytes.len() > self.inner.config.max_payload {
-                    Err(Error::PayloadTooLarge {
-                        what: format!("the arguments of `{}`", K::NAME),
-                        size: bytes.len(),
-                        limit: self.inner.config.max_payload,
-                    })
-                } else {
-                    Ok(bytes)
-                }
-            });
+            .and_then(|args| crate::args::encode_within(&args, limit, what));
         let short = K::NAME.rsplit("::").next().unwrap_or(K::NAME);
         if let Some(key) = &options.key {
             if let Err(error) = check_key(key) {
@@ -632,17 +620,9 @@ impl Client {
         value: &T,
         options: ScatterOptions,
     ) -> Result<TaskFuture<T>> {
-        let bytes = rmp_serde::to_vec_named(value).map_err(|e| Error::Encode {
-            what: format!("scattered {}", std::any::type_name::<T>()),
-            message: e.to_string(),
+        let bytes = crate::args::encode_within(value, self.inner.config.max_payload, || {
+            format!("the scattered {}", std::any::type_name::<T>())
         })?;
-        if bytes.len() > self.inner.config.max_payload {
-            return Err(Error::PayloadTooLarge {
-                what: format!("scattered {}", std::any::type_name::<T>()),
-                size: bytes.len(),
-                limit: self.inner.config.max_payload,
-            });
-        }
         let type_name = std::any::type_name::<T>();
         let short = type_name
             .split('<')

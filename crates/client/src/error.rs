@@ -24,14 +24,18 @@ pub enum Error {
     /// The task was cancelled.
     #[error("`{0}` was cancelled")]
     Cancelled(String),
-    /// Arguments or data over the configured payload limit.
-    #[error("{what} is {size} bytes, over the {limit}-byte payload limit (FLOTILLA_MAX_PAYLOAD); scatter large data or raise the limit")]
+    /// Arguments or data over the configured payload limit. Encoding stops
+    /// as soon as the limit is passed, so this arrives after encoding
+    /// `limit` bytes, however large the value.
+    #[error("{}", payload_message(what, *limit))]
     PayloadTooLarge {
-        /// What was too large.
+        /// What was too large, as a noun phrase: ``"the arguments of `add`"``,
+        /// `"the scattered alloc::vec::Vec<u8>"`, ``"a value for variable `x`"``.
         what: String,
-        /// Its size.
+        /// How many bytes it had taken when encoding stopped: more than
+        /// `limit`, at most its whole size.
         size: usize,
-        /// The limit.
+        /// The limit, in bytes.
         limit: usize,
     },
     /// A value could not be encoded.
@@ -119,5 +123,74 @@ impl From<TaskError> for Error {
     }
 }
 
+/// The message of [`Error::PayloadTooLarge`]: the verb agrees with `what`
+/// ("the arguments of `add` are", "the scattered value is"), and the advice
+/// fits (arguments can be scattered once and passed as futures).
+fn payload_message(what: &str, limit: usize) -> String {
+    let limit = human_bytes(limit);
+    if what.starts_with("the arguments") {
+        format!(
+            "{what} are larger than the {limit} payload limit (FLOTILLA_MAX_PAYLOAD); \
+             scatter large data once and pass its future, or raise the limit"
+        )
+    } else {
+        format!(
+            "{what} is larger than the {limit} payload limit (FLOTILLA_MAX_PAYLOAD); \
+             split it, or raise the limit"
+        )
+    }
+}
+
+/// A byte count for people: "64 MiB", "1.5 GiB", "4096 bytes".
+fn human_bytes(bytes: usize) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1 << 10 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// `Result` with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_messages_are_grammatical_and_name_the_limit() {
+        let error = |what: &str, limit| {
+            Error::PayloadTooLarge {
+                what: what.to_owned(),
+                size: limit + 1,
+                limit,
+            }
+            .to_string()
+        };
+        let message = error("the arguments of `add`", 64 << 20);
+        assert!(
+            message.starts_with("the arguments of `add` are larger than the 64 MiB payload limit (FLOTILLA_MAX_PAYLOAD)"),
+            "{message}"
+        );
+        let message = error("the scattered alloc::vec::Vec<u8>", 4096);
+        assert!(
+            message.starts_with(
+                "the scattered alloc::vec::Vec<u8> is larger than the 4 KiB payload limit"
+            ),
+            "{message}"
+        );
+        assert!(error("a value for variable `x`", 1000)
+            .contains("is larger than the 1000 bytes payload limit"));
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
+}

@@ -7,7 +7,7 @@
 
 use crate::client::ClientInner;
 use crate::{Error, Result};
-use flotilla_proto::{Codec, StoredResult, TaskError};
+use flotilla_proto::{Codec, StoredResult};
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::future::IntoFuture;
@@ -296,7 +296,7 @@ impl<T> TaskFuture<T> {
     /// The remote traceback, if the task failed.
     pub fn traceback(&self) -> Option<String> {
         match self.state.error()? {
-            Error::Task(TaskError { traceback, .. }) => Some(traceback),
+            Error::Task(error) => Some(error.traceback().to_owned()),
             _ => None,
         }
     }

@@ -10,8 +10,12 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_NAMESPACE: &str = "flotilla";
 /// Largest task arguments or result accepted, in bytes (64 MiB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
-/// How long a silent client keeps its references (30 s).
+/// How long a silent client keeps its references (30 s); see
+/// [`Config::client_lease_ms`].
 pub const DEFAULT_CLIENT_LEASE_MS: u64 = 30_000;
+/// The shortest client lease (1 s): a smaller
+/// [`Config::client_lease_ms`] is raised to it.
+pub const MIN_CLIENT_LEASE_MS: u64 = 1_000;
 /// How long a task runs before its worker acknowledges its delivery early
 /// and keeps it by a lease in Redis instead (5 min: well inside RabbitMQ's
 /// default 30-minute consumer timeout).
@@ -83,8 +87,19 @@ pub struct Config {
     pub namespace: String,
     /// Largest task arguments or result, in bytes.
     pub max_payload: usize,
-    /// How long a client's references outlive its last sign of life
-    /// (milliseconds): a client that reconnects within it keeps them.
+    /// The client lease (`FLOTILLA_CLIENT_LEASE_MS`, milliseconds; default
+    /// [`DEFAULT_CLIENT_LEASE_MS`], 30 s, at least [`MIN_CLIENT_LEASE_MS`],
+    /// 1 s): how long a client's holds on results outlive its last sign of
+    /// life.
+    ///
+    /// Read by the client when it connects (each client may have its own;
+    /// the scheduler and workers ignore it): the client records its expiry
+    /// in `<ns>:leases` and renews it every quarter of the lease. Once it
+    /// lapses (the client died, or was cut off for longer), the scheduler,
+    /// which checks every second, drops every hold of that client and
+    /// deletes the results nobody else holds; a client that reconnects
+    /// within the lease keeps them. See `docs/operations.md`, "Client
+    /// leases".
     pub client_lease_ms: u64,
     /// A task running longer than this (milliseconds) is acknowledged to
     /// the broker and kept in custody by a lease in Redis instead, so that
@@ -192,6 +207,12 @@ impl Config {
         std::time::Duration::from_millis(self.long_task_ms.clamp(1_000, 30_000))
     }
 
+    /// The client lease as used: [`Config::client_lease_ms`], at least
+    /// [`MIN_CLIENT_LEASE_MS`].
+    pub fn client_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.client_lease_ms.max(MIN_CLIENT_LEASE_MS))
+    }
+
     /// The queue and key names of this configuration's namespace.
     pub fn names(&self) -> crate::Names {
         crate::Names::new(&self.namespace)
@@ -233,6 +254,15 @@ mod tests {
             ("ns1", 1024, 1)
         );
         assert_eq!(Config::default().allowed_failures, 3);
+        let short = Config {
+            client_lease_ms: 10,
+            ..Config::default()
+        };
+        assert_eq!(short.client_lease(), std::time::Duration::from_secs(1));
+        assert_eq!(
+            Config::default().client_lease(),
+            std::time::Duration::from_secs(30)
+        );
         assert!(
             Config::from_lookup(|n| (n == "FLOTILLA_NAMESPACE").then(|| "a.b".into())).is_err()
         );

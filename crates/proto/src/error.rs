@@ -32,33 +32,27 @@ pub enum ErrorKind {
 
 /// A task's failure, as stored in Redis and delivered to clients.
 ///
-/// Dependents of an erred task err with the same `TaskError` (its `key`
-/// names the task that failed first).
+/// Dependents of an erred task err with the same `TaskError` (its
+/// [`key`](TaskError::key) names the task that failed first). Every part is
+/// read through a method: [`kind`](TaskError::kind), [`key`](TaskError::key),
+/// [`task`](TaskError::task), [`type_name`](TaskError::type_name),
+/// [`message`](TaskError::message), [`traceback`](TaskError::traceback),
+/// [`payload`](TaskError::payload) (or [`downcast`](TaskError::downcast)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskError {
-    /// What kind of failure this is.
-    pub kind: ErrorKind,
-    /// Key of the task where the error happened.
-    pub key: String,
-    /// Registered name of the task where the error happened.
-    pub task: String,
-    /// Rust type name of the error value (`"alloc::string::String"`,
-    /// `"std::io::error::Error"`, `"panic"` for panics).
-    pub type_name: String,
-    /// The error's message (`Display`).
-    pub message: String,
-    /// Where it happened: the task, worker, the error's source chain or the
-    /// panic's location and backtrace.
-    pub traceback: String,
-    /// The error value itself, MessagePack-encoded, when its type is
-    /// serde-serializable; lets the client recover a typed `E`.
+    kind: ErrorKind,
+    key: String,
+    task: String,
+    type_name: String,
+    message: String,
+    traceback: String,
     #[serde(default, with = "serde_bytes")]
-    pub payload: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
 }
 
 impl TaskError {
-    /// A new error of `kind` with a message; the caller fills in `key`,
-    /// `task` and `traceback` as known.
+    /// A new error of `kind` with a message; the caller fills in where it
+    /// happened ([`TaskError::at`]) and the traceback as known.
     pub fn new(kind: ErrorKind, type_name: impl Into<String>, message: impl Into<String>) -> Self {
         TaskError {
             kind,
@@ -81,6 +75,19 @@ impl TaskError {
         }
         self
     }
+
+    /// Replaces the traceback.
+    pub fn with_traceback(mut self, traceback: impl Into<String>) -> Self {
+        self.traceback = traceback.into();
+        self
+    }
+
+    /// Attaches the error value itself, MessagePack-encoded (see
+    /// [`TaskError::downcast`]).
+    pub fn with_payload(mut self, payload: Option<Vec<u8>>) -> Self {
+        self.payload = payload;
+        self
+    }
 }
 
 impl fmt::Display for TaskError {
@@ -101,12 +108,14 @@ impl TaskError {
         &self.message
     }
 
-    /// Rust type name of the error value (`"panic"` for panics).
+    /// Rust type name of the error value (`"alloc::string::String"`,
+    /// `"std::io::error::Error"`, `"panic"` for panics).
     pub fn type_name(&self) -> &str {
         &self.type_name
     }
 
-    /// Where it happened (task, worker, source chain or backtrace).
+    /// Where it happened: the task, worker, the error's source chain or the
+    /// panic's location and backtrace.
     pub fn traceback(&self) -> &str {
         &self.traceback
     }
@@ -116,9 +125,22 @@ impl TaskError {
         self.kind
     }
 
-    /// Key of the task where the error happened.
+    /// Key of the task where the error happened (for a dependent of an
+    /// erred task: the task that failed first).
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Registered name of the task where the error happened
+    /// (`"my_crate::add"`).
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The error value itself, MessagePack-encoded, when its type is
+    /// serde-serializable; [`TaskError::downcast`] decodes it.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.payload.as_deref()
     }
 
     /// Recovers the task's error value as `E`, when the task returned a
@@ -136,4 +158,45 @@ fn short_type_name<E>() -> &'static str {
     let full = std::any::type_name::<E>();
     let base = full.split('<').next().unwrap_or(full);
     base.rsplit("::").next().unwrap_or(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_part_is_read_through_a_method_and_survives_the_wire() {
+        let error = TaskError::new(ErrorKind::User, "my::Error", "bad")
+            .with_traceback("here")
+            .with_payload(Some(vec![1, 2]))
+            .at("add-1", "my::add")
+            .at("other", "ignored");
+        assert_eq!(
+            (
+                error.kind(),
+                error.key(),
+                error.task(),
+                error.type_name(),
+                error.message(),
+                error.traceback(),
+                error.payload(),
+            ),
+            (
+                ErrorKind::User,
+                "add-1",
+                "my::add",
+                "my::Error",
+                "bad",
+                "here",
+                Some(&[1u8, 2][..]),
+            )
+        );
+        let bytes = rmp_serde::to_vec_named(&error).unwrap();
+        let back: TaskError = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, error);
+        assert_eq!(
+            error.to_string(),
+            "task `add-1` (my::add) failed: my::Error: bad"
+        );
+    }
 }

@@ -27,7 +27,7 @@ pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
     Config, ConfigError, Secret, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL,
     DEFAULT_CLIENT_LEASE_MS, DEFAULT_LONG_TASK_MS, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE,
-    DEFAULT_REDIS_URL, DEFAULT_REPLAY_WINDOW_MS,
+    DEFAULT_REDIS_URL, DEFAULT_REPLAY_WINDOW_MS, MIN_CLIENT_LEASE_MS,
 };
 pub use error::{ErrorKind, TaskError};
 pub use messages::{

@@ -143,7 +143,9 @@ pub fn parse_or_exit(program: &str, about: &str, flags: &[Flag]) -> Parsed {
 
 /// Logs to stderr with `tracing`, filtered by `RUST_LOG` (default `info`);
 /// as one JSON object per line when `FLOTILLA_LOG_JSON` is set (to
-/// anything but `0` or `false`).
+/// anything but `0` or `false`). Colours only when stderr is a terminal
+/// and `NO_COLOR` is unset: a log redirected to a file or a pipe carries
+/// no ANSI escape codes.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
@@ -153,7 +155,8 @@ pub fn init_logging() {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour_logs());
     let _ = if json {
         builder
             .fmt_fields(json_log::JsonFields)
@@ -162,6 +165,13 @@ pub fn init_logging() {
     } else {
         builder.try_init()
     };
+}
+
+/// Whether log lines may carry colours: stderr is a terminal and
+/// `NO_COLOR` (<https://no-color.org>) is unset or empty.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// JSON log lines without a JSON library: `{"timestamp", "level", "target",

@@ -17,12 +17,42 @@ use std::pin::Pin;
 pub const PRIVATE_QUEUE_EXPIRY_MS: i64 = 60_000;
 
 /// Opens a RabbitMQ connection named `name` (shown in the management UI).
+///
+/// A refused port is reported at once. A server that accepts the
+/// connection but does not answer the AMQP handshake within
+/// [`SLOW_HANDSHAKE`] is asked what it is: a Redis (which silently waits
+/// for more of what it takes for a command) is reported at once, naming the
+/// likely mistake, rather than after [`AMQP_CONNECT_TIMEOUT`].
 pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
     let properties =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
+    let connecting = Connection::connect(url, properties);
+    tokio::pin!(connecting);
+    tokio::select! {
+        connected = &mut connecting => return connected,
+        () = tokio::time::sleep(SLOW_HANDSHAKE) => {}
+    }
+    let plain = url
+        .parse::<lapin::uri::AMQPUri>()
+        .ok()
+        .filter(|uri| uri.scheme == lapin::uri::AMQPScheme::AMQP);
+    if let Some(uri) = plain {
+        let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let identify = identify_server(&address);
+        tokio::pin!(identify);
+        tokio::select! {
+            connected = &mut connecting => return connected,
+            peer = &mut identify => {
+                if let Some(message) = wrong_server_for_amqp(&address, peer) {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, message).into());
+                }
+            }
+        }
+    }
     // A broker that is still booting may accept the TCP connection and
     // never finish the handshake: give up and let the caller retry.
-    match tokio::time::timeout(AMQP_CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+    let rest = AMQP_CONNECT_TIMEOUT.saturating_sub(SLOW_HANDSHAKE);
+    match tokio::time::timeout(rest, connecting).await {
         Ok(connected) => connected,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -35,27 +65,169 @@ pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
 /// How long opening a RabbitMQ connection may take.
 pub const AMQP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long an AMQP handshake may take before the server is asked what it
+/// is (a RabbitMQ answers within milliseconds).
+pub const SLOW_HANDSHAKE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long a Redis reply may take before the connection counts as broken.
 pub const REDIS_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long opening one Redis connection may take.
+pub const REDIS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens a Redis connection that reconnects by itself.
+///
+/// The first connection is tried once: a refused port, a server that is
+/// not Redis or refused credentials are reported at once (a process that
+/// starts without its Redis fails clearly, and one that lost it after
+/// starting retries on its own schedule, see [`crate::supervise`]). Once
+/// connected, the manager reconnects by itself, with growing pauses, when
+/// Redis restarts.
 ///
 /// `TCP_NODELAY` is on: the connection is multiplexed, and with Nagle's
 /// algorithm a small request written while an earlier reply is outstanding
 /// would wait for that reply's acknowledgement before leaving.
 pub async fn connect_redis(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
     let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+    let address = match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => Some((format!("{host}:{port}"), true)),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => Some((format!("{host}:{port}"), false)),
+        _ => None,
+    };
     let tcp = info.tcp_settings().clone().set_nodelay(true);
     let client = redis::Client::open(info.set_tcp_settings(tcp))?;
+    // The connection manager retries its first connection for several
+    // seconds; one plain attempt first reports what is wrong at once.
+    let first = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+        .set_response_timeout(Some(REDIS_CONNECT_TIMEOUT));
+    if let Err(error) = client
+        .get_multiplexed_async_connection_with_config(&first)
+        .await
+    {
+        return Err(explain_redis_failure(error, address).await);
+    }
     // The default 500 ms reply timeout is far too short: a pipeline of
     // 10,000 submissions, or a 100 MB result, takes longer on a busy Redis,
     // and a caller that sees a timeout cannot know the commands still ran
     // (a client's outbox would drop submissions whose specs and holds are
     // already stored, and its futures would wait forever).
     let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
         .set_response_timeout(Some(REDIS_REPLY_TIMEOUT));
     redis::aio::ConnectionManager::new_with_config(client, config).await
+}
+
+/// Adds what is known to a failed first connection to Redis: the address
+/// that refused it, or that the server there is not Redis. `address` is
+/// `host:port` and whether the connection is plain (not TLS), when over TCP.
+async fn explain_redis_failure(
+    error: redis::RedisError,
+    address: Option<(String, bool)>,
+) -> redis::RedisError {
+    let Some((address, plain)) = address else {
+        return error;
+    };
+    if error.is_connection_refusal() {
+        return std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!(
+                "nothing listens at {address}: is Redis running there, and is FLOTILLA_REDIS_URL \
+                 (--redis-url) right? ({error})"
+            ),
+        )
+        .into();
+    }
+    if !plain || error.is_timeout() || matches!(error.kind(), redis::ErrorKind::Server(_)) {
+        return error;
+    }
+    // Another kind of server answers in a way the Redis protocol cannot
+    // parse, or hangs up: ask it what it is.
+    let message = match identify_server(&address).await {
+        Peer::Amqp => format!(
+            "{address} answered, but it is not a Redis server: it speaks AMQP — is \
+             FLOTILLA_REDIS_URL (--redis-url) pointing at RabbitMQ's port {}? Redis listens on \
+             6379 by default",
+            port_of(&address)
+        ),
+        Peer::Other => format!(
+            "{address} answered, but it is not a Redis server — is FLOTILLA_REDIS_URL \
+             (--redis-url) pointing at another service? ({})",
+            error.to_string().lines().next().unwrap_or_default()
+        ),
+        Peer::Redis | Peer::Silent => return error,
+    };
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message).into()
+}
+
+/// The message for an AMQP URL that reached `peer`, when that is not a
+/// RabbitMQ.
+fn wrong_server_for_amqp(address: &str, peer: Peer) -> Option<String> {
+    match peer {
+        Peer::Redis => Some(format!(
+            "{address} answered, but it is not RabbitMQ: it speaks the Redis protocol — is \
+             FLOTILLA_AMQP_URL (--amqp-url) pointing at Redis's port {}? RabbitMQ listens on \
+             5672 by default",
+            port_of(address)
+        )),
+        Peer::Amqp | Peer::Other | Peer::Silent => None,
+    }
+}
+
+fn port_of(address: &str) -> &str {
+    address.rsplit(':').next().unwrap_or(address)
+}
+
+/// What kind of server listens at an address, judged by its answer to a
+/// Redis `PING`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Answered in the Redis protocol (`+PONG`, or an error such as `-NOAUTH`).
+    Redis,
+    /// Answered with the AMQP protocol header (RabbitMQ refusing the bytes).
+    Amqp,
+    /// Answered something else.
+    Other,
+    /// Did not answer in time, or could not be reached.
+    Silent,
+}
+
+/// Sends a Redis `PING` to `address` over plain TCP and judges the answer
+/// (within a second).
+async fn identify_server(address: &str) -> Peer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        // In the Redis protocol's own framing: 14 bytes, so that a server
+        // that waits for a whole 8-byte AMQP header before answering has it.
+        stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+        let mut answer = [0u8; 8];
+        let mut read = 0;
+        while read < answer.len() {
+            match stream.read(&mut answer[read..]).await? {
+                0 => break,
+                n => read += n,
+            }
+            if answer[..read].starts_with(b"+") || answer[..read].starts_with(b"-") {
+                break;
+            }
+        }
+        std::io::Result::Ok(answer[..read].to_vec())
+    };
+    match tokio::time::timeout(PROBE, exchange).await {
+        Ok(Ok(answer)) => judge_answer(&answer),
+        _ => Peer::Silent,
+    }
+}
+
+fn judge_answer(answer: &[u8]) -> Peer {
+    match answer.first() {
+        None => Peer::Silent,
+        Some(b'+' | b'-') => Peer::Redis,
+        Some(_) if answer.starts_with(b"AMQP") => Peer::Amqp,
+        Some(_) => Peer::Other,
+    }
 }
 
 fn short(s: &str) -> ShortString {
@@ -314,4 +486,22 @@ pub async fn next_delivery(
 /// `ShortString` from a `&str`, for lapin's name parameters.
 pub fn name(s: &str) -> ShortString {
     short(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_to_a_ping_name_the_server() {
+        assert_eq!(judge_answer(b"+PONG\r\n"), Peer::Redis);
+        assert_eq!(judge_answer(b"-NOAUTH"), Peer::Redis);
+        assert_eq!(judge_answer(b"AMQP\x00\x00\x09\x01"), Peer::Amqp);
+        assert_eq!(judge_answer(b"HTTP/1.1"), Peer::Other);
+        assert_eq!(judge_answer(b""), Peer::Silent);
+        assert!(wrong_server_for_amqp("h:6379", Peer::Redis)
+            .unwrap()
+            .contains("pointing at Redis's port 6379"));
+        assert_eq!(wrong_server_for_amqp("h:5672", Peer::Amqp), None);
+    }
 }

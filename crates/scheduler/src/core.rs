@@ -662,7 +662,7 @@ impl Core {
                 task.in_flight = false;
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
-            if error.kind == ErrorKind::Cancelled {
+            if error.kind() == ErrorKind::Cancelled {
                 self.counts.cancelled += 1;
             } else {
                 self.counts.erred += 1;
@@ -1332,7 +1332,7 @@ mod tests {
         assert_eq!(comm.sent_keys(), ["b"]);
         assert_eq!(comm.stored, ["c"]);
         match &comm.notified[0].1 {
-            Event::Erred { error, .. } => assert_eq!(error.kind, ErrorKind::MissingDependency),
+            Event::Erred { error, .. } => assert_eq!(error.kind(), ErrorKind::MissingDependency),
             other => panic!("{other:?}"),
         }
         core.finished("b", None, 0, &mut comm);
@@ -1356,7 +1356,7 @@ mod tests {
             .notified
             .iter()
             .map(|(_, e)| match e {
-                Event::Erred { error, .. } => error.kind,
+                Event::Erred { error, .. } => error.kind(),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -1484,7 +1484,7 @@ mod tests {
         }
         core.lookup_answered("elsewhere", Lookup::Missing, &mut comm);
         assert!(
-            matches!(&comm.notified[2], (c, Event::Erred { error, .. }) if c == "other" && error.kind == ErrorKind::MissingDependency)
+            matches!(&comm.notified[2], (c, Event::Erred { error, .. }) if c == "other" && error.kind() == ErrorKind::MissingDependency)
         );
     }
 
@@ -1503,7 +1503,7 @@ mod tests {
             .notified
             .iter()
             .filter_map(|(_, e)| match e {
-                Event::Erred { key, error, .. } if error.kind == ErrorKind::Cancelled => {
+                Event::Erred { key, error, .. } if error.kind() == ErrorKind::Cancelled => {
                     Some(key.as_str())
                 }
                 _ => None,

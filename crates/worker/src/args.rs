@@ -90,7 +90,7 @@ mod tests {
     fn a_missing_input_is_an_error() {
         let spec = rmp_serde::to_vec(&vec![Arg::Ref("gone".into())]).unwrap();
         let error = assemble(&spec, &HashMap::new()).unwrap_err();
-        assert_eq!(error.kind, ErrorKind::MissingDependency);
+        assert_eq!(error.kind(), ErrorKind::MissingDependency);
         assert!(assemble(b"\xc1", &HashMap::new()).is_err());
     }
 }

@@ -187,11 +187,8 @@ mod tests {
     #[test]
     fn the_error_names_the_task_the_losses_and_the_worker() {
         let error = lost_error("crash-1", "demo::crash", 3, Some("host-7 (ab12)"), 3);
-        assert_eq!(error.kind, ErrorKind::WorkerLost);
-        assert_eq!(
-            (error.key.as_str(), error.task.as_str()),
-            ("crash-1", "demo::crash")
-        );
+        assert_eq!(error.kind(), ErrorKind::WorkerLost);
+        assert_eq!((error.key(), error.task()), ("crash-1", "demo::crash"));
         for part in [
             "`crash-1`",
             "`demo::crash`",
@@ -199,10 +196,14 @@ mod tests {
             "host-7 (ab12)",
             "=3",
         ] {
-            assert!(error.message.contains(part), "{part} in {}", error.message);
+            assert!(
+                error.message().contains(part),
+                "{part} in {}",
+                error.message()
+            );
         }
         assert!(lost_error("k", "t", 0, None, 1)
-            .message
+            .message()
             .contains("worker unknown"));
     }
 
@@ -234,8 +235,8 @@ mod tests {
         // Two recorded losses with 2 allowed: lost.
         match ledger.admit(&slots, "k", "t").await {
             Admission::Lost(error) => {
-                assert_eq!(error.kind, ErrorKind::WorkerLost);
-                assert!(error.message.contains("3 times") && error.message.contains("w1"));
+                assert_eq!(error.kind(), ErrorKind::WorkerLost);
+                assert!(error.message().contains("3 times") && error.message().contains("w1"));
             }
             _ => panic!("a task over the limit must not run"),
         }

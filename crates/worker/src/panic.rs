@@ -42,11 +42,10 @@ fn panic_error(payload: Box<dyn std::any::Any + Send>) -> TaskError {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic with a non-string payload".to_owned());
-    let mut error = TaskError::new(ErrorKind::Panic, "panic", message);
-    error.traceback = LAST_PANIC
+    let traceback = LAST_PANIC
         .with(|last| last.borrow_mut().take())
         .unwrap_or_default();
-    error
+    TaskError::new(ErrorKind::Panic, "panic", message).with_traceback(traceback)
 }
 
 fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, TaskError> {

@@ -130,12 +130,11 @@ pub fn user_error(
     detail: Option<String>,
     payload: Option<Vec<u8>>,
 ) -> TaskError {
-    let mut error = TaskError::new(ErrorKind::User, type_name, message);
-    if let Some(detail) = detail {
-        error.traceback = detail;
+    let error = TaskError::new(ErrorKind::User, type_name, message).with_payload(payload);
+    match detail {
+        Some(detail) => error.with_traceback(detail),
+        None => error,
     }
-    error.payload = payload;
-    error
 }
 
 /// Turns an error value into a [`TaskError`], keeping whatever the concrete
@@ -258,25 +257,25 @@ mod tests {
     #[test]
     fn user_errors_keep_what_the_type_offers() {
         let error = crate::user_error!(MyError::Bad(3));
-        assert_eq!(error.message, "bad thing");
-        assert!(error.type_name.ends_with("MyError"));
-        let back: MyError = rmp_serde::from_slice(error.payload.as_ref().unwrap()).unwrap();
+        assert_eq!(error.message(), "bad thing");
+        assert!(error.type_name().ends_with("MyError"));
+        let back: MyError = rmp_serde::from_slice(error.payload().unwrap()).unwrap();
         assert_eq!(back, MyError::Bad(3));
 
         let io = crate::user_error!(std::io::Error::other("disk"));
-        assert_eq!(io.message, "disk");
-        assert!(io.payload.is_none());
+        assert_eq!(io.message(), "disk");
+        assert!(io.payload().is_none());
 
         let text = crate::user_error!(String::from("Negative value"));
-        assert_eq!(text.message, "Negative value");
-        assert_eq!(text.type_name, "alloc::string::String");
+        assert_eq!(text.message(), "Negative value");
+        assert_eq!(text.type_name(), "alloc::string::String");
     }
 
     #[test]
     fn arguments_that_do_not_fit_are_explained() {
         let bytes = rmp_serde::to_vec(&("x",)).unwrap();
         let error = decode_args::<(i64,)>("demo::f", &bytes).unwrap_err();
-        assert_eq!(error.kind, ErrorKind::BadArguments);
-        assert!(error.message.contains("demo::f"));
+        assert_eq!(error.kind(), ErrorKind::BadArguments);
+        assert!(error.message().contains("demo::f"));
     }
 }

@@ -944,7 +944,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 slot.release();
                 drop(isolation);
                 let retrying = may_retry
-                    && matches!(&outcome, Err(e) if !matches!(e.kind, ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch | ErrorKind::WorkerLost));
+                    && matches!(&outcome, Err(e) if !matches!(e.kind(), ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch | ErrorKind::WorkerLost));
                 let _ = shared.completions.send(Completion::Done {
                     key,
                     client,
@@ -1032,19 +1032,22 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
         Ok(output)
     }
     .await;
-    outcome.map_err(|mut error| {
-        if error.traceback.is_empty() {
-            error.traceback = format!(
+    outcome.map_err(|error| {
+        let traceback = if error.traceback().is_empty() {
+            format!(
                 "in task `{}` ({}) on worker {}",
                 spec.task, spec.key, shared.id
-            );
+            )
         } else {
-            error.traceback = format!(
+            format!(
                 "in task `{}` ({}) on worker {}\n{}",
-                spec.task, spec.key, shared.id, error.traceback
-            );
-        }
-        error.at(&spec.key, &spec.task)
+                spec.task,
+                spec.key,
+                shared.id,
+                error.traceback()
+            )
+        };
+        error.with_traceback(traceback).at(&spec.key, &spec.task)
     })
 }
 

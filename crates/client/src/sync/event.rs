@@ -82,6 +82,14 @@ impl Event {
         Ok(())
     }
 
+    /// Deletes the event from Redis, so that a name no longer used leaves
+    /// no key behind. An event that is not set takes no key, so this is
+    /// [`Event::clear`] under the name every primitive shares: waiters keep
+    /// waiting (and stay registered) for the next `set`.
+    pub async fn delete(&self) -> Result<()> {
+        self.clear().await
+    }
+
     /// Whether the event is set.
     pub async fn is_set(&self) -> Result<bool> {
         Ok(redis::cmd("EXISTS")
@@ -168,6 +176,11 @@ pub(crate) mod blocking {
         /// See [`crate::sync::Event::clear`].
         pub fn clear(&self) -> Result<()> {
             self.blocker.block_on(self.inner.clear())
+        }
+
+        /// See [`crate::sync::Event::delete`].
+        pub fn delete(&self) -> Result<()> {
+            self.blocker.block_on(self.inner.delete())
         }
 
         /// See [`crate::sync::Event::is_set`].

@@ -111,6 +111,21 @@ return 0
     ))
 });
 
+/// Removes the lock and its fencing counter, and wakes the waiters.
+/// KEYS: lock, fence, waiters. ARGV: wake-up prefix. Returns 1 if someone
+/// held the lock, else 0.
+static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        waiters_lua!(),
+        r#"
+local held = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+notify_all(KEYS[3], ARGV[1])
+return held
+"#
+    ))
+});
+
 /// A named, cluster-wide lock; see the [module docs](self).
 ///
 /// A handle holds at most one grant at a time; handles (and so holders) are
@@ -287,6 +302,33 @@ impl Lock {
             .arg(self.keys.part("owner"))
             .query_async(&mut self.client.redis())
             .await?)
+    }
+
+    /// Deletes the lock from Redis: the lock itself and its fencing
+    /// counter, so that a name no longer used leaves no key behind.
+    ///
+    /// - A holder, if any, loses the lock at once: its next renewal finds
+    ///   the lease gone (its `is_held` turns `false`), and its `release`
+    ///   fails with [`SyncError::LeaseExpired`]. This handle's own grant,
+    ///   if it holds one, simply ends.
+    /// - Waiters are woken; they find the lock free and one of them takes
+    ///   it (which creates it again).
+    /// - Fencing tokens start again from 1: delete a lock only when nothing
+    ///   still compares its tokens against earlier ones.
+    ///
+    /// Returns whether someone held the lock.
+    pub async fn delete(&self) -> Result<bool> {
+        if let Some(grant) = self.take_grant(None) {
+            grant.renewal.abort();
+        }
+        let held: i64 = DELETE
+            .key(self.keys.part("owner"))
+            .key(self.keys.part("fence"))
+            .key(self.keys.waiters())
+            .arg(self.keys.wake_prefix())
+            .invoke_async(&mut self.client.redis())
+            .await?;
+        Ok(held == 1)
     }
 
     /// Whether this handle holds the lock (as far as it knows: `false`
@@ -649,6 +691,11 @@ pub(crate) mod blocking {
         /// See [`crate::sync::Lock::is_held`].
         pub fn is_held(&self) -> bool {
             self.inner.is_held()
+        }
+
+        /// See [`crate::sync::Lock::delete`].
+        pub fn delete(&self) -> Result<bool> {
+            self.blocker.block_on(self.inner.delete())
         }
 
         /// See [`crate::sync::Lock::fencing_token`].

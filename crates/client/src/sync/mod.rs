@@ -588,19 +588,16 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     what: &str,
     value: &T,
 ) -> Result<Vec<u8>> {
-    let bytes = rmp_serde::to_vec_named(value).map_err(|e| Error::Encode {
-        what: what.to_owned(),
-        message: e.to_string(),
-    })?;
-    let limit = client.config().max_payload;
-    if bytes.len() > limit {
-        return Err(Error::PayloadTooLarge {
-            what: what.to_owned(),
-            size: bytes.len(),
-            limit,
-        });
-    }
-    Ok(bytes)
+    crate::args::encode_within(value, client.config().max_payload, || what.to_owned()).map_err(
+        |error| match error {
+            Error::PayloadTooLarge { size, limit, .. } => Error::PayloadTooLarge {
+                what: format!("a value for {what}"),
+                size,
+                limit,
+            },
+            other => other,
+        },
+    )
 }
 
 /// Decodes a value read from a primitive.

@@ -340,8 +340,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             .await?)
     }
 
-    /// Deletes the queue and every item in it (releasing the futures they
-    /// held); returns how many items there were.
+    /// Deletes the queue from Redis with every item in it (releasing the
+    /// futures they held), also the items a `get` elsewhere was taking at
+    /// that moment, so that a name no longer used leaves no key behind.
+    /// Waiting `get`s keep waiting (and stay registered) for the next
+    /// `put`, as later ones do. Returns how many items there were.
     pub async fn delete(&self) -> Result<usize> {
         let (client, what) = (self.inner.client.clone(), self.what());
         let (items, takers, marker) = (self.inner.items(), self.inner.takers(), self.inner.held());

@@ -104,6 +104,22 @@ return redis.call('ZCARD', KEYS[1])
     ))
 });
 
+/// Removes the leases and the recorded maximum, and wakes the waiters.
+/// KEYS: leases, max, waiters. ARGV: wake-up prefix. Returns how many
+/// live leases there were.
+static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(concat!(
+        waiters_lua!(),
+        r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms())
+local held = redis.call('ZCARD', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+notify_all(KEYS[3], ARGV[1])
+return held
+"#
+    ))
+});
+
 /// A named, cluster-wide counting semaphore; see the [module docs](self).
 ///
 /// A handle may hold several leases; dropping it releases them in the
@@ -293,6 +309,31 @@ impl Semaphore {
     pub async fn in_use(&self) -> Result<usize> {
         Ok(IN_USE
             .key(self.keys.part("leases"))
+            .invoke_async(&mut self.client.redis())
+            .await?)
+    }
+
+    /// Deletes the semaphore from Redis: its leases and its recorded
+    /// `max_leases`, so that a name no longer used leaves no key behind.
+    ///
+    /// - Every holder loses its lease at once: its next renewal finds the
+    ///   lease gone (its `is_held` turns `false`), and its `release` fails
+    ///   with [`SyncError::LeaseExpired`]. This handle's own leases simply
+    ///   end.
+    /// - Waiters are woken; they find every slot free and take them (which
+    ///   creates the semaphore again, with the `max_leases` of whoever
+    ///   acquires first: deleting is also how to change the maximum).
+    ///
+    /// Returns how many leases were held.
+    pub async fn delete(&self) -> Result<usize> {
+        for lease in std::mem::take(&mut *self.state()) {
+            lease.renewal.abort();
+        }
+        Ok(DELETE
+            .key(self.keys.part("leases"))
+            .key(self.keys.part("max"))
+            .key(self.keys.waiters())
+            .arg(self.keys.wake_prefix())
             .invoke_async(&mut self.client.redis())
             .await?)
     }
@@ -612,6 +653,11 @@ pub(crate) mod blocking {
         /// See [`crate::sync::Semaphore::in_use`].
         pub fn in_use(&self) -> Result<usize> {
             self.blocker.block_on(self.inner.in_use())
+        }
+
+        /// See [`crate::sync::Semaphore::delete`].
+        pub fn delete(&self) -> Result<usize> {
+            self.blocker.block_on(self.inner.delete())
         }
     }
 }

@@ -204,8 +204,10 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
         }
     }
 
-    /// Removes the value (releasing the futures it held); `get` waits again
-    /// until the next `set`.
+    /// Deletes the variable from Redis: its value goes (releasing the
+    /// futures it held), so that a name no longer used leaves no key
+    /// behind. Waiting `get`s keep waiting (and stay registered) for the
+    /// next `set`, as later ones do.
     pub async fn delete(&self) -> Result<()> {
         let (client, keys, name) = (self.client.clone(), self.keys.clone(), self.name.clone());
         held::detached(async move {
