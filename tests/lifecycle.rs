@@ -609,6 +609,132 @@ async fn resubmitting_a_released_pure_key_runs_it_again() {
     t.stop().await;
 }
 
+/// Set in the re-executed test binary that plays the client killed by
+/// `a_killed_clients_pending_tasks_are_cancelled_not_run`; its value is the
+/// run tag of the client's tasks.
+const DOOMED_CLIENT: &str = "FLOTILLA_TEST_DOOMED_CLIENT";
+/// Tasks the doomed client leaves queued.
+const DOOMED_TASKS: usize = 1_000;
+
+/// The doomed client: submits slow tasks, says so, and waits to be killed.
+async fn doomed_client(tag: String) -> ! {
+    let client = Client::from_env()
+        .await
+        .expect("the doomed client connects");
+    let futures: Vec<_> = (0..DOOMED_TASKS)
+        .map(|_| {
+            client
+                .submit_with(sleep_then_note, (tag.clone(), 100))
+                .pure(false)
+                .submit()
+        })
+        .collect();
+    client.flush().await.expect("submitted");
+    println!("submitted {}", futures.len());
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts this test binary again as a client process (see [`DOOMED_CLIENT`])
+/// running `test`, and waits until it printed a line containing `ready` (after the test harness's own words).
+fn spawn_client_process(
+    config: &flotilla::Config,
+    test: &str,
+    tag: &str,
+    ready: &str,
+) -> std::process::Child {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(DOOMED_CLIENT, tag)
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env(
+            "FLOTILLA_CLIENT_LEASE_MS",
+            config.client_lease_ms.to_string(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the client process starts");
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in std::io::BufRead::lines(stdout) {
+        let line = line.expect("the client process's output");
+        if line.contains(ready) {
+            return child;
+        }
+    }
+    let status = child.wait();
+    panic!("the client process ended without saying {ready:?}: {status:?}");
+}
+
+#[tokio::test]
+async fn a_killed_clients_pending_tasks_are_cancelled_not_run() {
+    if let Ok(tag) = std::env::var(DOOMED_CLIENT) {
+        // Re-executed by the test below: this process is the client.
+        doomed_client(tag).await;
+    }
+    flotilla_examples::link();
+    let mut config = common::fresh_config("doomed");
+    config.client_lease_ms = 1_000;
+    // Four slots: 40 of the 100 ms tasks a second.
+    let t = TestCluster::start_with(config.clone(), 2, 2).await;
+    let run_tag = tag("doomed");
+    let child = {
+        let (config, run_tag) = (config.clone(), run_tag.clone());
+        tokio::task::spawn_blocking(move || {
+            spawn_client_process(
+                &config,
+                "a_killed_clients_pending_tasks_are_cancelled_not_run",
+                &run_tag,
+                "submitted",
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let child = KillOnDrop(child);
+    // The tasks do run while their client lives.
+    let started = Instant::now();
+    while runs_of(&run_tag) < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the doomed client's tasks never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill_hard(child.0.id());
+    drop(child);
+    let killed = Instant::now();
+    let ran_before = runs_of(&run_tag);
+    let freed_in = wait_until_freed(&config, Duration::from_secs(20)).await;
+    // Whatever was still running was stopped, not finished: nothing more runs.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let ran = runs_of(&run_tag) as usize;
+    println!(
+        "doomed: {ran_before} of {DOOMED_TASKS} tasks ran before the kill, {ran} in all; \
+         keys freed {:?} after the kill (lease 1 s)",
+        killed.elapsed().min(freed_in + Duration::from_secs(2))
+    );
+    assert!(
+        ran < DOOMED_TASKS / 2,
+        "{ran} of {DOOMED_TASKS} tasks of the killed client ran: its pending tasks are cancelled"
+    );
+    // The cluster carries on.
+    assert_eq!(t.client.submit(inc, (1,)).await.unwrap(), 2);
+    t.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_future_racing_the_release_of_the_last_handle_keeps_the_result() {
     let t = TestCluster::start("revive", 1).await;
