@@ -821,6 +821,21 @@ async fn actors_scatter_and_a_killed_client_leave_no_keys_behind() {
     // custody or lost, or per dataset, and must be gone.
     let permanent = [format!("{}:seal", config.namespace)];
 
+    // A hold of a client id that has no lease (as a hold arriving after its
+    // client closed would be): the reaper releases it too.
+    {
+        let redis = redis::Client::open(config.redis_url.as_str()).unwrap();
+        let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+        let names = config.names();
+        let key = tag("orphan");
+        redis::pipe()
+            .sadd(names.holders_key(&key), flotilla_proto::new_id())
+            .set(names.result_key(&key), b"left over".as_slice())
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+    }
+
     // A client killed while it holds scattered data and results.
     let killed = {
         let binary = common::target_binary("examples/hold_and_hang");

@@ -867,7 +867,7 @@ fn is_client_id(holder: &str) -> bool {
 }
 
 /// Releases every hold of clients whose lease lapsed, and with `orphans`
-/// every hold of a client id without a lease (a client takes its lease
+/// (or when some lease lapsed) every hold of a client id without a lease (a client takes its lease
 /// before its first hold and gives it up only after its last release, so
 /// such a hold is left over). Clients keep no list of what they hold (that
 /// would cost two Redis writes per task), so this scans the namespace's
@@ -894,6 +894,8 @@ async fn reap(
     if lapsed.is_empty() && !orphans {
         return Ok(Vec::new());
     }
+    // Scanning anyway: look for lease-less holders too.
+    let orphans = orphans || !lapsed.is_empty();
     let lapsed_ids: HashSet<&str> = lapsed.iter().map(String::as_str).collect();
     let mut unreferenced = Vec::new();
     let mut leaseless = 0usize;
