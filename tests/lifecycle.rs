@@ -608,3 +608,318 @@ async fn resubmitting_a_released_pure_key_runs_it_again() {
     }
     t.stop().await;
 }
+
+/// Set in the re-executed test binary that plays the client killed by
+/// `a_killed_clients_pending_tasks_are_cancelled_not_run`; its value is the
+/// run tag of the client's tasks.
+const DOOMED_CLIENT: &str = "FLOTILLA_TEST_DOOMED_CLIENT";
+/// Tasks the doomed client leaves queued.
+const DOOMED_TASKS: usize = 1_000;
+
+/// The doomed client: submits slow tasks, says so, and waits to be killed.
+async fn doomed_client(tag: String) -> ! {
+    let client = Client::from_env()
+        .await
+        .expect("the doomed client connects");
+    let futures: Vec<_> = (0..DOOMED_TASKS)
+        .map(|_| {
+            client
+                .submit_with(sleep_then_note, (tag.clone(), 100))
+                .pure(false)
+                .submit()
+        })
+        .collect();
+    client.flush().await.expect("submitted");
+    println!("submitted {}", futures.len());
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+/// A child process killed when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts this test binary again as a client process (see [`DOOMED_CLIENT`])
+/// running `test`, and waits until it printed a line containing `ready` (after the test harness's own words).
+fn spawn_client_process(
+    config: &flotilla::Config,
+    test: &str,
+    tag: &str,
+    ready: &str,
+) -> std::process::Child {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .env(DOOMED_CLIENT, tag)
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env(
+            "FLOTILLA_CLIENT_LEASE_MS",
+            config.client_lease_ms.to_string(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the client process starts");
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in std::io::BufRead::lines(stdout) {
+        let line = line.expect("the client process's output");
+        if line.contains(ready) {
+            return child;
+        }
+    }
+    let status = child.wait();
+    panic!("the client process ended without saying {ready:?}: {status:?}");
+}
+
+#[tokio::test]
+async fn a_killed_clients_pending_tasks_are_cancelled_not_run() {
+    if let Ok(tag) = std::env::var(DOOMED_CLIENT) {
+        // Re-executed by the test below: this process is the client.
+        doomed_client(tag).await;
+    }
+    flotilla_examples::link();
+    let mut config = support::fresh_config("doomed");
+    config.client_lease_ms = 1_000;
+    // Four slots: 40 of the 100 ms tasks a second.
+    let t = TestCluster::start_with(config.clone(), 2, 2).await;
+    let run_tag = tag("doomed");
+    let child = {
+        let (config, run_tag) = (config.clone(), run_tag.clone());
+        tokio::task::spawn_blocking(move || {
+            spawn_client_process(
+                &config,
+                "a_killed_clients_pending_tasks_are_cancelled_not_run",
+                &run_tag,
+                "submitted",
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let child = KillOnDrop(child);
+    // The tasks do run while their client lives.
+    let started = Instant::now();
+    while runs_of(&run_tag) < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the doomed client's tasks never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill_hard(child.0.id());
+    drop(child);
+    let killed = Instant::now();
+    let ran_before = runs_of(&run_tag);
+    let freed_in = wait_until_freed(&config, Duration::from_secs(20)).await;
+    // Whatever was still running was stopped, not finished: nothing more runs.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let ran = runs_of(&run_tag) as usize;
+    println!(
+        "doomed: {ran_before} of {DOOMED_TASKS} tasks ran before the kill, {ran} in all; \
+         keys freed {:?} after the kill (lease 1 s)",
+        killed.elapsed().min(freed_in + Duration::from_secs(2))
+    );
+    assert!(
+        ran < DOOMED_TASKS / 2,
+        "{ran} of {DOOMED_TASKS} tasks of the killed client ran: its pending tasks are cancelled"
+    );
+    // The cluster carries on.
+    assert_eq!(t.client.submit(inc, (1,)).await.unwrap(), 2);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_future_racing_the_release_of_the_last_handle_keeps_the_result() {
+    let t = TestCluster::start("revive", 1).await;
+    let client = &t.client;
+    for round in 0..200i64 {
+        // The client is the only holder of each key.
+        let future = client.submit(inc, (round,));
+        let key = future.key().to_owned();
+        assert_eq!((&future).await.unwrap(), round + 1);
+        let again: TaskFuture<i64> = if round % 2 == 0 {
+            // One after the other: the release is queued first.
+            drop(future);
+            client.get_future(&key)
+        } else {
+            // At the same time, from two threads.
+            let dropper = std::thread::spawn(move || drop(future));
+            let again = client.get_future(&key);
+            dropper.join().unwrap();
+            again
+        };
+        assert_eq!(
+            again.result_timeout(Duration::from_secs(10)).await.unwrap(),
+            round + 1,
+            "round {round}: the result survived"
+        );
+        // Scattered data alike.
+        let data = client
+            .scatter_with(&round, flotilla::ScatterOptions { hash: false })
+            .await
+            .unwrap();
+        let key = data.key().to_owned();
+        drop(data);
+        let again: TaskFuture<i64> = client.get_future(&key);
+        assert_eq!(
+            again.result_timeout(Duration::from_secs(10)).await.unwrap(),
+            round,
+            "round {round}: the scattered data survived"
+        );
+    }
+    wait_until_freed(&t.config, Duration::from_secs(10)).await;
+    t.stop().await;
+}
+
+/// Every Redis key of the namespace (`<ns>*`), sorted.
+async fn namespace_keys(config: &flotilla::Config) -> Vec<String> {
+    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}*", config.namespace))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .expect("scan");
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn actors_scatter_and_a_killed_client_leave_no_keys_behind() {
+    use flotilla_examples::actors::Counter;
+    flotilla_examples::link();
+    let mut config = support::fresh_config("noleak");
+    config.client_lease_ms = 1_000;
+    let t = TestCluster::start_with(config.clone(), 2, 2).await;
+    // The only key a live cluster keeps for good: the fingerprint of the
+    // scheduler's signing key, which clients and workers check on connect
+    // (`flotilla_runtime::seal::publish_fingerprint`). Everything else is
+    // per result (`r:`, `h:`, `s:`), per live client (`leases`), per task in
+    // custody or lost, or per dataset, and must be gone.
+    let permanent = [format!("{}:seal", config.namespace)];
+
+    // A hold of a client id that has no lease (as a hold arriving after its
+    // client closed would be): the reaper releases it too.
+    {
+        let redis = redis::Client::open(config.redis_url.as_str()).unwrap();
+        let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+        let names = config.names();
+        let key = tag("orphan");
+        redis::pipe()
+            .sadd(names.holders_key(&key), flotilla_proto::new_id())
+            .set(names.result_key(&key), b"left over".as_slice())
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+    }
+
+    // A client killed while it holds scattered data and results.
+    let killed = {
+        let binary = support::target_binary("examples/hold_and_hang");
+        assert!(
+            binary.exists(),
+            "{} is built (cargo build --examples)",
+            binary.display()
+        );
+        let mut child = std::process::Command::new(&binary)
+            .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+            .env("FLOTILLA_REDIS_URL", &config.redis_url)
+            .env("FLOTILLA_NAMESPACE", &config.namespace)
+            .env("FLOTILLA_CLIENT_LEASE_MS", "1000")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("client process starts");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        assert!(line.starts_with("holding"), "{line}");
+        kill_hard(child.id());
+        let _ = child.wait();
+        Instant::now()
+    };
+
+    // Actors, called concurrently and one after the other, from a client
+    // that closes right after; and scattered data.
+    let client = t.cluster.as_ref().unwrap().client().await.unwrap();
+    {
+        let counter = client.submit_actor(Counter::new, ()).await.unwrap();
+        let calls: Vec<_> = (0..1_000).map(|_| counter.increment()).collect();
+        assert_eq!(
+            client.gather(&calls).await.unwrap(),
+            (1..=1_000).collect::<Vec<i64>>()
+        );
+        drop(calls);
+        for i in 0..250 {
+            assert_eq!(counter.increment().await.unwrap(), 1_001 + i);
+        }
+        // A call's future passed into a task, and calls left unawaited.
+        let count = counter.get_count();
+        assert_eq!(
+            client.submit(add, (&count, 1)).await.unwrap(),
+            1_251,
+            "a call's result is stored like a task's"
+        );
+        let _unawaited: Vec<_> = (0..100).map(|_| counter.increment()).collect();
+        let data = client
+            .scatter_many((0..20u8).map(|i| serde_bytes::ByteBuf::from(vec![i; 1000])))
+            .await
+            .unwrap();
+        let lengths: Vec<_> = data.iter().map(|d| client.submit(byte_len, (d,))).collect();
+        assert_eq!(client.gather(&lengths).await.unwrap(), vec![1000; 20]);
+    }
+    client.close().await.unwrap();
+    // The test's own client goes too: then nothing holds anything.
+    t.client.clone().close().await.unwrap();
+
+    let started = Instant::now();
+    let left = loop {
+        let left: Vec<String> = namespace_keys(&config)
+            .await
+            .into_iter()
+            .filter(|key| !permanent.contains(key))
+            .collect();
+        if left.is_empty() || started.elapsed() > Duration::from_secs(20) {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        left.is_empty(),
+        "{} keys left 20 s after every handle and client is gone: {:?}",
+        left.len(),
+        &left[..left.len().min(20)]
+    );
+    println!(
+        "no-leak: 0 keys left besides {permanent:?}, {:?} after the kill",
+        killed.elapsed()
+    );
+    t.stop().await;
+}

@@ -35,6 +35,7 @@
 
 use crate::client::ClientInner;
 use crate::future::FutureState;
+use crate::outbox::Op;
 use crate::{Client, Error, Result, TaskFuture};
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
@@ -287,6 +288,13 @@ impl ActorHandle {
                 return future;
             }
         };
+        // The client holds the call's key before the call leaves, through
+        // its ordered outbox like every other hold: the worker stores the
+        // result only while someone holds it, and the client's release
+        // (when the handles are gone, or at `close`) always comes after.
+        inner.client.send(Op::HoldQuietly(key.clone()));
+        let (done, held) = tokio::sync::oneshot::channel();
+        inner.client.send(Op::Barrier(done));
         let call = ActorCall {
             actor: inner.key.clone(),
             method: method.to_owned(),
@@ -294,7 +302,7 @@ impl ActorHandle {
             call: key,
             client: inner.client.id.clone(),
         };
-        inner.caller.send(call, &inner.info, state);
+        inner.caller.send(call, &inner.info, state, held);
         future
     }
 }
@@ -342,6 +350,8 @@ enum Outgoing {
     Call {
         call: ActorCall,
         queue: String,
+        /// Answers once the client holds the call's key in Redis.
+        held: tokio::sync::oneshot::Receiver<()>,
     },
     /// Drop notices, and who waits until they are published.
     DropActors(Vec<String>, tokio::sync::oneshot::Sender<()>),
@@ -434,6 +444,7 @@ impl Caller {
         let weak = Arc::downgrade(&caller);
         let tasks = vec![
             tokio::spawn(publish_loop(
+                weak.clone(),
                 channel,
                 names,
                 codec.clone(),
@@ -463,9 +474,16 @@ impl Caller {
             .contains(worker)
     }
 
-    /// Sends a call; its state stays here until the answer, so the call's
-    /// key is released only after the worker has stored the result.
-    fn send(self: &Arc<Self>, call: ActorCall, info: &ActorInfo, state: Arc<FutureState>) {
+    /// Sends a call once `held` says the client holds its key; the state
+    /// stays here until the answer, which the worker sends only after it
+    /// stored the result, so the call's key is released only after that.
+    fn send(
+        self: &Arc<Self>,
+        call: ActorCall,
+        info: &ActorInfo,
+        state: Arc<FutureState>,
+        held: tokio::sync::oneshot::Receiver<()>,
+    ) {
         if self.is_lost(&info.worker) {
             state.set_failed(lost_error(&call.actor, &info.worker));
             return;
@@ -481,7 +499,7 @@ impl Caller {
         self.watch();
         let queue = info.queue.clone();
         if let Err(mpsc::error::SendError(Outgoing::Call { call, .. })) =
-            self.outgoing.send(Outgoing::Call { call, queue })
+            self.outgoing.send(Outgoing::Call { call, queue, held })
         {
             self.finish(&call.call, Err(Error::Closed));
         }
@@ -541,6 +559,7 @@ fn lost_error(actor: &str, worker: &str) -> Error {
 
 /// Publishes calls in the order they were made, and drop notices.
 async fn publish_loop(
+    caller: Weak<Caller>,
     channel: Channel,
     names: Names,
     codec: Codec,
@@ -549,7 +568,14 @@ async fn publish_loop(
 ) {
     while let Some(message) = outgoing.recv().await {
         match message {
-            Outgoing::Call { call, queue } => {
+            Outgoing::Call { call, queue, held } => {
+                if held.await.is_err() {
+                    // The client's outbox is gone: the client closed.
+                    if let Some(caller) = caller.upgrade() {
+                        caller.finish(&call.call, Err(Error::Closed));
+                    }
+                    continue;
+                }
                 let properties = BasicProperties::default()
                     .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
                     .with_correlation_id(ShortString::from(call.call.clone()))

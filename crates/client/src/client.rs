@@ -3,7 +3,7 @@
 
 use crate::args::{ArgWriter, IntoArgs};
 use crate::future::{read_stored, FutureState};
-use crate::outbox::{renew_lease, Op, Outbox};
+use crate::outbox::{renew_lease, Op, Outbox, Table};
 use crate::{Error, Result, TaskFuture};
 use flotilla_proto::{
     Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, StoredResult, Task,
@@ -37,6 +37,21 @@ const INLINE_SCATTER: usize = 16 * 1024;
 /// Cheap to clone; clones share connections and futures. The background
 /// work (batching submissions and reference updates, receiving completion
 /// events, renewing the lease) runs on the tokio runtime that connected it.
+///
+/// **Lease.** A client renews a lease in Redis (`client_lease_ms`,
+/// `FLOTILLA_CLIENT_LEASE_MS`, default 30 s, at least 1 s). While it lasts
+/// the client's holds survive even a broken connection. When it lapses (the
+/// process died, or stayed away longer than the lease), the scheduler
+/// releases everything the client held, and its pending tasks that nothing
+/// else holds (no other client's future, no pending dependent, no
+/// `fire_and_forget`, no dataset) are cancelled, running ones stopped as by
+/// [`Client::cancel`] with `force` — Dask cancels a departed client's work
+/// alike. [`Client::close`] releases everything at once instead.
+///
+/// **Releases.** Dropping the last handle on a key releases it after a
+/// short grace (50 ms, or at the next [`Client::flush`]); asking for the key
+/// again meanwhile ([`Client::get_future`], the same pure submission, the
+/// same hashed scatter) keeps the result.
 ///
 /// ```no_run
 /// use flotilla::prelude::*;
@@ -80,7 +95,9 @@ pub(crate) struct ClientInner {
     channels: tokio::sync::watch::Sender<Channel>,
     /// Set by `close`: a closed connection is not reopened.
     closing: std::sync::atomic::AtomicBool,
-    futures: Mutex<HashMap<String, Weak<FutureState>>>,
+    /// This client's futures by key (shared with the outbox, which checks
+    /// it before sending a release).
+    futures: Table,
     ops: mpsc::UnboundedSender<Op>,
     background: Mutex<Vec<JoinHandle<()>>>,
     pool: tokio::sync::OnceCell<deadpool_redis::Pool>,
@@ -107,13 +124,22 @@ impl ClientInner {
     }
 
     /// Called when the client's last handle of `key` is gone: releases the
-    /// client's reference.
+    /// client's reference. The dead entry stays in the table until the
+    /// outbox sends the release (after its grace): asking for the key again
+    /// meanwhile revives it, and the release is dropped.
     pub(crate) fn forget(&self, key: &str) {
-        let mut table = self.table();
+        let table = self.table();
         if table.get(key).is_some_and(|weak| weak.strong_count() == 0) {
-            table.remove(key);
             let _ = self.ops.send(Op::Release(key.to_owned()));
         }
+    }
+
+    /// Waits until the reference updates queued so far have run in Redis
+    /// (without hurrying releases still in their grace).
+    pub(crate) async fn barrier(&self) -> Result<()> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Op::Barrier(done));
+        wait.await.map_err(|_| Error::Closed)
     }
 
     pub(crate) fn send(&self, op: Op) {
@@ -397,7 +423,7 @@ impl Client {
             connection: Mutex::new(Arc::new(connection)),
             channels,
             closing: std::sync::atomic::AtomicBool::new(false),
-            futures: Mutex::new(HashMap::new()),
+            futures: Table::default(),
             ops,
             background: Mutex::new(Vec::new()),
             pool: tokio::sync::OnceCell::new(),
@@ -410,6 +436,8 @@ impl Client {
             max_payload: inner.config.max_payload,
             codec: inner.codec.clone(),
             unconfirmed: std::collections::VecDeque::new(),
+            table: inner.futures.clone(),
+            deferred: std::collections::VecDeque::new(),
         };
         tokio::spawn(outbox.run(ops_rx));
         let listener = tokio::spawn(listen(consumer, Arc::downgrade(&inner)));
@@ -636,7 +664,12 @@ impl Client {
         } else {
             format!("{short}-{}", flotilla_proto::new_id())
         };
-        let (state, _) = self.inner.register(&key);
+        let (state, fresh) = self.inner.register(&key);
+        if fresh {
+            // A release of this key already on its way to Redis must land
+            // before the new hold, or it would delete the new data.
+            self.inner.barrier().await?;
+        }
         let keys = [
             self.inner.names.holders_key(&key),
             self.inner.names.result_key(&key),

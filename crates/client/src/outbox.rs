@@ -6,7 +6,14 @@
 //! order matters: a task's holds on its inputs are taken before a later
 //! release of those inputs can run, so data a pending task needs is never
 //! freed under it.
+//!
+//! A release waits [`RELEASE_GRACE`] in the outbox before it is sent (or
+//! less, when the program flushes). Until then the client's table keeps the
+//! key's entry, and a `get_future`, `submit` or `scatter` of the same key
+//! revives it: the release is then dropped, so dropping the last handle and
+//! at once asking for the key again never loses its result.
 
+use crate::future::FutureState;
 use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
 use flotilla_runtime::refs;
 use flotilla_runtime::transport::{self, name};
@@ -14,8 +21,9 @@ use lapin::options::BasicPublishOptions;
 use lapin::Channel;
 use lapin::PublisherConfirm;
 use redis::aio::ConnectionManager;
-use std::collections::VecDeque;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
@@ -28,6 +36,13 @@ const MAX_BATCH: usize = 10_000;
 const MAX_UNCONFIRMED: usize = 64;
 /// How long a confirmation may take before the channel is presumed broken.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a release waits before it is sent, so that the key can still be
+/// revived by asking for it again (see the module documentation).
+pub(crate) const RELEASE_GRACE: Duration = Duration::from_millis(50);
+
+/// The client's futures by key: a live state, or a dead one whose release
+/// is still waiting in the outbox.
+pub(crate) type Table = Arc<Mutex<HashMap<String, Weak<FutureState>>>>;
 
 /// One thing the client tells the cluster.
 pub(crate) enum Op {
@@ -35,8 +50,15 @@ pub(crate) enum Op {
     Submit(TaskSpec),
     /// Hold a key submitted elsewhere, and hear when it completes.
     Hold(String),
-    /// The client's last handle of a key is gone.
+    /// The client's last handle of a key is gone (sent after
+    /// [`RELEASE_GRACE`], unless the key is asked for again meanwhile).
     Release(String),
+    /// Hold a key without hearing about it (an actor call's result, which
+    /// the worker stores only while someone holds it).
+    HoldQuietly(String),
+    /// Answer once the reference updates queued before have run in Redis
+    /// (without hurrying the releases waiting out their grace).
+    Barrier(oneshot::Sender<()>),
     /// Keep the task alive until it ran, without keeping its result.
     FireAndForget(String),
     /// Keys that lost their last holder through another path.
@@ -64,6 +86,10 @@ pub(crate) struct Outbox {
     /// Messages published but not yet confirmed by the broker, in order,
     /// kept for re-sending on a new channel.
     pub(crate) unconfirmed: VecDeque<Unconfirmed>,
+    /// The client's table of futures, checked before a release is sent.
+    pub(crate) table: Table,
+    /// Releases waiting out their grace, oldest first.
+    pub(crate) deferred: VecDeque<(Instant, String)>,
 }
 
 /// A published message and the broker's pending confirmation of it.
@@ -119,11 +145,27 @@ enum Step {
     Flush(oneshot::Sender<()>),
 }
 
+/// Whether a key's release may go out now: no state of it lives in the
+/// client any more (else it was asked for again and the hold stays).
+/// Takes the dead entry out of the table.
+fn still_released(table: &Table, key: &str) -> bool {
+    let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
+    match table.get(key) {
+        Some(state) if state.strong_count() > 0 => false,
+        Some(_) => {
+            table.remove(key);
+            true
+        }
+        None => true,
+    }
+}
+
 impl Outbox {
     /// Runs until every sender is gone and everything queued is sent.
     pub(crate) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut ops = Vec::new();
         loop {
+            let due = self.deferred.front().map(|(at, _)| *at + RELEASE_GRACE);
             tokio::select! {
                 received = rx.recv_many(&mut ops, MAX_BATCH) => {
                     if received == 0 {
@@ -136,13 +178,17 @@ impl Outbox {
                     }
                     continue;
                 }
+                _ = sleep_until(due) => {}
             }
-            let batch = self.hold_and_release(std::mem::take(&mut ops)).await;
+            let batch = self.hold_and_release(std::mem::take(&mut ops), false).await;
             self.send(batch).await;
             while self.unconfirmed.len() > MAX_UNCONFIRMED {
                 self.settle_oldest().await;
             }
         }
+        // Every handle is gone: the releases still waiting go out now.
+        let batch = self.hold_and_release(Vec::new(), true).await;
+        self.send(batch).await;
         while !self.unconfirmed.is_empty() {
             self.settle_oldest().await;
         }
@@ -241,10 +287,32 @@ impl Outbox {
         }
     }
 
-    async fn hold_and_release(&mut self, ops: Vec<Op>) -> Batch {
+    /// Runs one batch's reference updates in one pipeline, in program
+    /// order, and returns what to tell the scheduler. Releases are deferred
+    /// (see [`RELEASE_GRACE`]); those whose grace is over go first (they
+    /// were made before this batch), and with `all` or a flush in the batch
+    /// every deferred release goes, after this batch's operations.
+    async fn hold_and_release(&mut self, ops: Vec<Op>, all: bool) -> Batch {
         let mut pipe = redis::pipe();
         let mut replies = 0;
         let mut steps = Vec::with_capacity(ops.len());
+        let mut barriers = Vec::new();
+        let now = Instant::now();
+        while let Some((at, _)) = self.deferred.front() {
+            if *at + RELEASE_GRACE > now {
+                break;
+            }
+            let Some((_, key)) = self.deferred.pop_front() else {
+                break;
+            };
+            if still_released(&self.table, &key) {
+                self.script(&mut pipe, &refs::RELEASE, &key, &self.client);
+                steps.push(Step::Release(key, replies));
+                replies += 1;
+            }
+        }
+        let flushing = all || ops.iter().any(|op| matches!(op, Op::Flush(_)));
+        let mut flushes = Vec::new();
         for op in ops {
             match op {
                 Op::Submit(spec) => {
@@ -269,11 +337,12 @@ impl Outbox {
                     replies += 1;
                     steps.push(Step::Hold(key));
                 }
-                Op::Release(key) => {
-                    self.script(&mut pipe, &refs::RELEASE, &key, &self.client);
-                    steps.push(Step::Release(key, replies));
+                Op::Release(key) => self.deferred.push_back((now, key)),
+                Op::HoldQuietly(key) => {
+                    self.script(&mut pipe, &refs::HOLD, &key, &self.client);
                     replies += 1;
                 }
+                Op::Barrier(done) => barriers.push(done),
                 Op::FireAndForget(key) => {
                     self.script(
                         &mut pipe,
@@ -292,14 +361,29 @@ impl Outbox {
                     client: self.client.clone(),
                     keys,
                 })),
-                Op::Flush(done) => steps.push(Step::Flush(done)),
+                Op::Flush(done) => flushes.push(done),
             }
         }
+        if flushing {
+            // After this batch's holds: a release made after a hold of the
+            // same key must run after it.
+            for (_, key) in std::mem::take(&mut self.deferred) {
+                if still_released(&self.table, &key) {
+                    self.script(&mut pipe, &refs::RELEASE, &key, &self.client);
+                    steps.push(Step::Release(key, replies));
+                    replies += 1;
+                }
+            }
+        }
+        steps.extend(flushes.into_iter().map(Step::Flush));
         let values: Vec<i64> = if replies == 0 {
             Vec::new()
         } else {
             self.run_retrying(&pipe).await
         };
+        for done in barriers {
+            let _ = done.send(());
+        }
         let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
         let mut batch = Batch::default();
         let mut not_run = Vec::new();
@@ -394,9 +478,17 @@ impl Outbox {
     }
 }
 
+/// Sleeps until `due`, or forever without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Keeps the client's lease alive: while it is renewed, the client's holds
 /// survive even a broken connection; once it lapses, the scheduler releases
-/// them.
+/// them and cancels the client's pending tasks that nothing else holds.
 pub(crate) async fn renew_lease(
     mut redis: ConnectionManager,
     names: Names,

@@ -41,6 +41,12 @@ pub trait Comm {
     /// Drop the holds task `key` has on its inputs; inputs left without
     /// holders come back through [`Core::forget`].
     fn release_inputs(&mut self, key: &str, deps: &[String]);
+    /// Like [`Comm::release_inputs`], for a task cancelled because its
+    /// clients are gone: inputs left without holders come back through
+    /// [`Core::abandon`] (they are the departed clients' work too).
+    fn release_abandoned_inputs(&mut self, key: &str, deps: &[String]) {
+        self.release_inputs(key, deps);
+    }
     /// Ask the workers to stop these running tasks.
     fn cancel_running(&mut self, keys: &[String]);
     /// The task left for good: delete its stored spec.
@@ -643,7 +649,7 @@ impl Core {
             self.fail(&dependent, error.clone(), comm);
         }
         if forgotten {
-            self.drop_task(key, comm);
+            self.drop_task(key, false, comm);
         }
     }
 
@@ -706,9 +712,13 @@ impl Core {
         }
     }
 
-    /// Removes a task for good, releasing its holds on its inputs.
-    fn drop_task(&mut self, key: &str, comm: &mut impl Comm) {
+    /// Removes a task for good, releasing its holds on its inputs (as
+    /// abandoned work, with `abandoned`).
+    fn drop_task(&mut self, key: &str, abandoned: bool, comm: &mut impl Comm) {
         if let Some(task) = self.tasks.remove(key) {
+            if task.in_flight {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
             if let Some(spec) = task.spec {
                 comm.forget_spec(key);
                 if matches!(task.state, State::Waiting | State::Ready) {
@@ -716,9 +726,43 @@ impl Core {
                 }
                 let held: Vec<String> = spec.held_keys().cloned().collect();
                 if !held.is_empty() {
-                    comm.release_inputs(key, &held);
+                    if abandoned {
+                        comm.release_abandoned_inputs(key, &held);
+                    } else {
+                        comm.release_inputs(key, &held);
+                    }
                 }
             }
+        }
+    }
+
+    /// These keys lost their last holder because the clients that held them
+    /// are gone (their lease lapsed): the departed clients' pending work
+    /// that nothing else holds (no other client, dependent,
+    /// `fire_and_forget` or dataset) is cancelled, like Dask cancels a
+    /// departed client's tasks. Waiting and ready tasks leave at once;
+    /// processing ones leave too and their workers are told to stop them
+    /// (as [`Core::cancel`] with `force`), which also keeps a worker from
+    /// starting one still queued. Their inputs left without holders follow.
+    pub fn abandon(&mut self, keys: &[String], comm: &mut impl Comm) {
+        let mut running = Vec::new();
+        for key in keys {
+            let Some(task) = self.tasks.get(key) else {
+                continue;
+            };
+            match task.state {
+                State::Waiting | State::Ready => self.counts.cancelled += 1,
+                State::Processing => {
+                    self.counts.cancelled += 1;
+                    running.push(key.clone());
+                }
+                State::Erred => {}
+                State::Finished => continue,
+            }
+            self.drop_task(key, true, comm);
+        }
+        if !running.is_empty() {
+            comm.cancel_running(&running);
         }
     }
 
@@ -733,10 +777,10 @@ impl Core {
             match task.state {
                 State::Waiting | State::Ready => {
                     self.counts.cancelled += 1;
-                    self.drop_task(key, comm);
+                    self.drop_task(key, false, comm);
                 }
                 State::Processing => task.forgotten = true,
-                State::Erred => self.drop_task(key, comm),
+                State::Erred => self.drop_task(key, false, comm),
                 State::Finished => {}
             }
         }
@@ -1121,8 +1165,10 @@ mod tests {
         stored: Vec<String>,
         lookups: Vec<String>,
         released: Vec<(String, Vec<String>)>,
+        abandoned: Vec<(String, Vec<String>)>,
         cancelled: Vec<String>,
         targets: Vec<Option<String>>,
+        specs_forgotten: Vec<String>,
     }
 
     impl Comm for Recorder {
@@ -1142,10 +1188,15 @@ mod tests {
         fn release_inputs(&mut self, key: &str, deps: &[String]) {
             self.released.push((key.to_owned(), deps.to_vec()));
         }
+        fn release_abandoned_inputs(&mut self, key: &str, deps: &[String]) {
+            self.abandoned.push((key.to_owned(), deps.to_vec()));
+        }
         fn cancel_running(&mut self, keys: &[String]) {
             self.cancelled.extend(keys.iter().cloned());
         }
-        fn forget_spec(&mut self, _: &str) {}
+        fn forget_spec(&mut self, key: &str) {
+            self.specs_forgotten.push(key.to_owned());
+        }
     }
 
     impl Recorder {
@@ -1447,6 +1498,51 @@ mod tests {
         core.worker_seen(worker("w", 1, &[]), Instant::now());
         core.dispatch(&mut comm);
         assert!(comm.sent.is_empty(), "forgotten tasks never run");
+    }
+
+    #[test]
+    fn a_departed_clients_work_is_cancelled_running_or_not() {
+        // `a` and `b` are sent to the worker (processing), `c` waits for `b`.
+        let mut core = with_worker(1);
+        let mut comm = Recorder::default();
+        core.submit(
+            vec![spec("a", &[]), spec("b", &[]), spec("c", &["b"])],
+            &mut comm,
+        );
+        core.dispatch(&mut comm);
+        assert_eq!(comm.sent_keys(), vec!["a", "b"]);
+        assert_eq!(core.counts().processing, 2);
+        // The client's lease lapsed: `a` and `c` lost their last holder
+        // (`b` is still held by `c`).
+        core.abandon(&["a".into(), "c".into()], &mut comm);
+        assert_eq!(comm.cancelled, vec!["a"], "the running task is stopped");
+        assert_eq!(
+            comm.abandoned,
+            vec![("c".to_string(), vec!["b".to_string()])],
+            "the waiting task's inputs are released as abandoned too"
+        );
+        assert!(comm.released.is_empty());
+        assert_eq!(comm.specs_forgotten, vec!["a", "c"]);
+        assert_eq!(core.counts().cancelled, 2);
+        assert_eq!(core.counts().processing, 1);
+        // Then its input, once released.
+        core.abandon(&["b".into()], &mut comm);
+        assert_eq!(comm.cancelled, vec!["a", "b"]);
+        assert!(core.is_empty());
+        assert_eq!(core.counts().processing, 0);
+        assert_eq!(core.counts().cancelled, 3);
+        // Late reports of the stopped tasks are ignored.
+        core.finished("a", None, 0, &mut comm);
+        core.erred("b", cancelled_error("b", "t"), false, &mut comm);
+        assert!(core.is_empty());
+        assert!(comm.notified.is_empty(), "nobody is left to tell");
+        // A finished key that nobody holds any more is not "cancelled".
+        core.submit(vec![spec("e", &[])], &mut comm);
+        core.dispatch(&mut comm);
+        comm.sent_keys();
+        core.finished("e", None, 0, &mut comm);
+        core.abandon(&["e".into()], &mut comm);
+        assert_eq!(core.counts().cancelled, 3);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::Channel;
 use redis::aio::ConnectionManager;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -31,6 +31,9 @@ use tracing::{debug, info, warn};
 const PREFETCH: u16 = 4096;
 /// Most inputs handled before the core dispatches and output is flushed.
 const MAX_BATCH: usize = 4096;
+/// How often the reaper also releases holds of client ids that have no
+/// lease (see `reap`).
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the scheduler stopped.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +59,9 @@ enum Input {
     Looked(String, Lookup),
     /// Keys that lost their last holder (after a release the scheduler made).
     Unreferenced(Vec<String>),
+    /// Keys that lost their last holder because the clients holding them
+    /// are gone (their lease lapsed), or as inputs of such keys' tasks.
+    Abandoned(Vec<String>),
     /// Tasks whose custody lapsed: their worker died after acknowledging
     /// their delivery early (see [`flotilla_runtime::custody`]).
     CustodyLapsed(Vec<String>),
@@ -293,6 +299,7 @@ async fn serve(
         submissions: submissions.clone(),
         events: events.clone(),
         reaper: None,
+        orphans_swept: None,
         custodian: None,
     };
     // A restarted scheduler takes up every task still pending: clients store
@@ -400,6 +407,7 @@ struct Outbox {
     errors: Vec<(String, TaskError)>,
     lookups: Vec<String>,
     releases: Vec<(String, String)>,
+    abandoned_releases: Vec<(String, String)>,
     cancels: Vec<String>,
     specs_done: Vec<String>,
 }
@@ -423,6 +431,11 @@ impl Comm for Outbox {
     fn release_inputs(&mut self, key: &str, deps: &[String]) {
         let holder = refs::task_holder(key);
         self.releases
+            .extend(deps.iter().map(|dep| (dep.clone(), holder.clone())));
+    }
+    fn release_abandoned_inputs(&mut self, key: &str, deps: &[String]) {
+        let holder = refs::task_holder(key);
+        self.abandoned_releases
             .extend(deps.iter().map(|dep| (dep.clone(), holder.clone())));
     }
     fn cancel_running(&mut self, keys: &[String]) {
@@ -450,6 +463,8 @@ struct Scheduler {
     submissions: Channel,
     events: Channel,
     reaper: Option<JoinHandle<()>>,
+    /// When the reaper last looked for holds of clients without a lease.
+    orphans_swept: Option<Instant>,
     custodian: Option<JoinHandle<()>>,
 }
 
@@ -506,6 +521,7 @@ impl Scheduler {
             }
             Input::Looked(key, found) => self.core.lookup_answered(&key, found, &mut self.out),
             Input::Unreferenced(keys) => self.core.forget(&keys, &mut self.out),
+            Input::Abandoned(keys) => self.core.abandon(&keys, &mut self.out),
             Input::Stored(specs) => self.core.submit(specs, &mut self.out),
             Input::CustodyLapsed(keys) => {
                 warn!(
@@ -661,14 +677,20 @@ impl Scheduler {
             }
             refs::run::<()>(&mut self.redis, &pipe).await?;
         }
-        if !out.releases.is_empty() {
+        for (releases, wrap) in [
+            (out.releases, Input::Unreferenced as fn(_) -> Input),
+            (out.abandoned_releases, Input::Abandoned as fn(_) -> Input),
+        ] {
+            if releases.is_empty() {
+                continue;
+            }
             let mut redis = self.redis.clone();
             let inputs = self.inputs.clone();
             let names = self.names.clone();
             tokio::spawn(async move {
-                match release(&mut redis, &names, &out.releases).await {
+                match release(&mut redis, &names, &releases).await {
                     Ok(keys) if !keys.is_empty() => {
-                        let _ = inputs.send(Input::Unreferenced(keys));
+                        let _ = inputs.send(wrap(keys));
                     }
                     Ok(_) => {}
                     Err(error) => warn!(%error, "releasing inputs failed"),
@@ -780,18 +802,28 @@ impl Scheduler {
     }
 
     /// Releases what clients whose lease lapsed still held (a client that
-    /// died or lost its connection for longer than its lease).
+    /// died or lost its connection for longer than its lease), and cancels
+    /// their pending work that nothing else holds ([`Core::abandon`]).
+    /// Every [`ORPHAN_SWEEP_EVERY`] it also releases holds of client ids
+    /// that have no lease at all (a client that closed or was reaped, whose
+    /// hold arrived late), so that no such hold outlives its client.
     fn reap_clients(&mut self) {
         if self.reaper.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
+        }
+        let orphans = self
+            .orphans_swept
+            .is_none_or(|at| at.elapsed() >= ORPHAN_SWEEP_EVERY);
+        if orphans {
+            self.orphans_swept = Some(Instant::now());
         }
         let mut redis = self.redis.clone();
         let inputs = self.inputs.clone();
         let names = self.names.clone();
         self.reaper = Some(tokio::spawn(async move {
-            match reap(&mut redis, &names).await {
+            match reap(&mut redis, &names, orphans).await {
                 Ok(keys) if !keys.is_empty() => {
-                    let _ = inputs.send(Input::Unreferenced(keys));
+                    let _ = inputs.send(Input::Abandoned(keys));
                 }
                 Ok(_) => {}
                 Err(error) => warn!(%error, "releasing the holds of lapsed clients failed"),
@@ -825,11 +857,27 @@ async fn release(
         .collect())
 }
 
-/// Releases every hold of clients whose lease lapsed. Clients keep no list
-/// of what they hold (that would cost two Redis writes per task), so this
-/// scans the namespace's holders sets: rare work, done only when a client
-/// died or stayed away longer than its lease.
-async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<Vec<String>> {
+/// Whether a holder id is a client's (32 lowercase hex digits, see
+/// [`flotilla_proto::new_id`]) rather than `t:…`, `ff`, `ds:…` and the like.
+fn is_client_id(holder: &str) -> bool {
+    holder.len() == 32
+        && holder
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Releases every hold of clients whose lease lapsed, and with `orphans`
+/// (or when some lease lapsed) every hold of a client id without a lease (a client takes its lease
+/// before its first hold and gives it up only after its last release, so
+/// such a hold is left over). Clients keep no list of what they hold (that
+/// would cost two Redis writes per task), so this scans the namespace's
+/// holders sets: rare work, done when a client died or stayed away longer
+/// than its lease, and once every [`ORPHAN_SWEEP_EVERY`].
+async fn reap(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    orphans: bool,
+) -> redis::RedisResult<Vec<String>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -843,10 +891,14 @@ async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResul
         .arg(50)
         .query_async(redis)
         .await?;
-    if lapsed.is_empty() {
+    if lapsed.is_empty() && !orphans {
         return Ok(Vec::new());
     }
+    // Scanning anyway: look for lease-less holders too.
+    let orphans = orphans || !lapsed.is_empty();
+    let lapsed_ids: HashSet<&str> = lapsed.iter().map(String::as_str).collect();
     let mut unreferenced = Vec::new();
+    let mut leaseless = 0usize;
     let mut cursor: u64 = 0;
     loop {
         let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -857,24 +909,74 @@ async fn reap(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResul
             .arg(1000)
             .query_async(redis)
             .await?;
-        let keys: Vec<&str> = sets
-            .iter()
-            .filter_map(|s| Names::key_of_holders(s))
-            .collect();
-        for client in &lapsed {
-            let holds: Vec<(String, String)> = keys
-                .iter()
-                .map(|k| (k.to_string(), client.clone()))
-                .collect();
-            for chunk in holds.chunks(1000) {
-                // Releasing a hold a client never had leaves the set as it was.
-                unreferenced.extend(release(redis, names, chunk).await?);
+        let mut pipe = redis::pipe();
+        for set in &sets {
+            pipe.cmd("SMEMBERS").arg(set);
+        }
+        let members: Vec<Vec<String>> = if sets.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(redis).await?
+        };
+        let mut holds: Vec<(String, String)> = Vec::new();
+        let mut suspects: Vec<(String, String)> = Vec::new();
+        for (set, members) in sets.iter().zip(members) {
+            let Some(key) = Names::key_of_holders(set) else {
+                continue;
+            };
+            for member in members {
+                if !is_client_id(&member) {
+                    continue;
+                }
+                if lapsed_ids.contains(member.as_str()) {
+                    holds.push((key.to_owned(), member));
+                } else if orphans {
+                    suspects.push((key.to_owned(), member));
+                }
             }
+        }
+        if !suspects.is_empty() {
+            // Which of these clients have no lease (asked after the holds
+            // were seen: a lease never comes back once it is gone).
+            let ids: Vec<&str> = suspects
+                .iter()
+                .map(|(_, id)| id.as_str())
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("ZSCORE").arg(names.leases_key()).arg(*id);
+            }
+            let scores: Vec<Option<f64>> = pipe.query_async(redis).await?;
+            let gone: HashSet<&str> = ids
+                .into_iter()
+                .zip(scores)
+                .filter(|(_, score)| score.is_none())
+                .map(|(id, _)| id)
+                .collect();
+            let before = holds.len();
+            holds.extend(
+                suspects
+                    .iter()
+                    .filter(|(_, id)| gone.contains(id.as_str()))
+                    .cloned(),
+            );
+            leaseless += holds.len() - before;
+        }
+        for chunk in holds.chunks(1000) {
+            unreferenced.extend(release(redis, names, chunk).await?);
         }
         if next == 0 {
             break;
         }
         cursor = next;
+    }
+    if leaseless > 0 {
+        warn!(
+            holds = leaseless,
+            "released holds of clients without a lease (left over after they closed or lapsed)"
+        );
     }
     for client in &lapsed {
         info!(client, "client lease lapsed: released what it held");

@@ -11,9 +11,11 @@
 //! exclusive to a connection of its own, so it vanishes the moment the
 //! worker dies, which is how callers learn their actor is lost. Every actor
 //! has a mailbox (one tokio task) that runs its calls one at a time in
-//! arrival order; the answer goes to the caller's reply-to first, and the
-//! result is then stored in Redis under the call's key, held by the caller,
-//! so that the call's future can be passed into tasks like any other.
+//! arrival order. The result is stored in Redis under the call's key first
+//! (only while someone holds the key: the caller takes its hold before it
+//! sends the call), and the answer then goes to the caller's reply-to, so
+//! that the call's future can be passed into tasks like any other, and the
+//! caller's release always comes after the store.
 //!
 //! An actor is dropped when its key has no holders left: promptly when its
 //! last client handle goes (the client broadcasts
@@ -229,7 +231,14 @@ struct Mailbox {
 struct Replier {
     channel: Channel,
     codec: Codec,
-    stores: mpsc::UnboundedSender<(String, String, Vec<u8>)>,
+    stores: mpsc::UnboundedSender<Answer>,
+}
+
+/// A call's result to store, and the answer to send once it is stored.
+struct Answer {
+    call: String,
+    stored: Vec<u8>,
+    reply: Option<(ShortString, Vec<u8>)>,
 }
 
 /// A worker's actors, their queue and their connection.
@@ -323,7 +332,12 @@ impl ActorHost {
         let limit = config.max_payload.saturating_mul(2);
         let tasks = vec![
             tokio::spawn(serve(Arc::downgrade(&host), consumer, codec, limit)),
-            tokio::spawn(store_loop(store_rx, redis.clone(), names.clone())),
+            tokio::spawn(store_loop(
+                store_rx,
+                redis.clone(),
+                names.clone(),
+                host.replier.channel.clone(),
+            )),
             tokio::spawn(sweep(Arc::downgrade(&host), redis)),
         ];
         *host.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
@@ -408,41 +422,60 @@ impl ActorHost {
 }
 
 impl Replier {
-    /// Sends the outcome to the caller, then has it stored in Redis.
+    /// With `store`, has the outcome stored in Redis and then sent to the
+    /// caller; otherwise sends it at once.
     async fn answer(&self, job: Job, outcome: TaskOutcome, store: bool) {
         let Job { call, reply_to } = job;
-        if store {
-            let stored = match &outcome {
-                Ok(bytes) => self.codec.result_ok(&call.call, bytes),
-                Err(error) => self.codec.result_err(&call.call, error),
+        let stored = store.then(|| match &outcome {
+            Ok(bytes) => self.codec.result_ok(&call.call, bytes),
+            Err(error) => self.codec.result_err(&call.call, error),
+        });
+        let reply = reply_to.map(|reply_to| {
+            let reply = ActorReply {
+                call: call.call.clone(),
+                outcome: outcome.map(serde_bytes::ByteBuf::from),
             };
-            let _ = self
-                .stores
-                .send((call.call.clone(), call.client.clone(), stored));
+            (reply_to, self.codec.encode(Purpose::ActorReply, &reply))
+        });
+        match stored {
+            Some(stored) => {
+                let answer = Answer {
+                    call: call.call,
+                    stored,
+                    reply,
+                };
+                if let Err(mpsc::error::SendError(answer)) = self.stores.send(answer) {
+                    // The store loop is gone (the host is stopping).
+                    if let Some((reply_to, bytes)) = answer.reply {
+                        send_reply(&self.channel, &answer.call, reply_to, &bytes).await;
+                    }
+                }
+            }
+            None => {
+                if let Some((reply_to, bytes)) = reply {
+                    send_reply(&self.channel, &call.call, reply_to, &bytes).await;
+                }
+            }
         }
-        let Some(reply_to) = reply_to else {
-            return;
-        };
-        let reply = ActorReply {
-            call: call.call.clone(),
-            outcome: outcome.map(serde_bytes::ByteBuf::from),
-        };
-        let properties = BasicProperties::default()
-            .with_correlation_id(ShortString::from(call.call.clone()))
-            .with_delivery_mode(1);
-        if let Err(error) = self
-            .channel
-            .basic_publish(
-                name(""),
-                reply_to,
-                BasicPublishOptions::default(),
-                &self.codec.encode(Purpose::ActorReply, &reply),
-                properties,
-            )
-            .await
-        {
-            warn!(%error, call = %call.call, "could not answer an actor call");
-        }
+    }
+}
+
+/// Publishes an encoded [`ActorReply`] to a caller's direct reply-to.
+async fn send_reply(channel: &Channel, call: &str, reply_to: ShortString, bytes: &[u8]) {
+    let properties = BasicProperties::default()
+        .with_correlation_id(ShortString::from(call))
+        .with_delivery_mode(1);
+    if let Err(error) = channel
+        .basic_publish(
+            name(""),
+            reply_to,
+            BasicPublishOptions::default(),
+            bytes,
+            properties,
+        )
+        .await
+    {
+        warn!(%error, %call, "could not answer an actor call");
     }
 }
 
@@ -487,26 +520,38 @@ async fn mailbox(
     }
 }
 
-/// Stores call results in batches: value and the caller's hold in one step.
+/// Stores call results in batches, each only while its key is held (the
+/// caller holds it from before the call until its handles are gone), then
+/// answers the callers: a caller hears of a result only once it is stored,
+/// and its release can never come before the store and leave it behind.
 async fn store_loop(
-    mut rx: mpsc::UnboundedReceiver<(String, String, Vec<u8>)>,
+    mut rx: mpsc::UnboundedReceiver<Answer>,
     mut redis: ConnectionManager,
     names: Names,
+    channel: Channel,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_STORE_BATCH).await > 0 {
         let mut pipe = redis::pipe();
-        for (call, client, stored) in batch.drain(..) {
-            let keys = [names.holders_key(&call), names.result_key(&call)];
+        for answer in &batch {
+            let keys = [
+                names.holders_key(&answer.call),
+                names.result_key(&answer.call),
+            ];
             refs::add(
                 &mut pipe,
-                &refs::SCATTER,
+                &refs::STORE,
                 [&keys[0], &keys[1]],
-                &[client.as_bytes(), &stored],
+                &[&answer.stored],
             );
         }
         if let Err(error) = refs::run::<()>(&mut redis, &pipe).await {
             warn!(%error, "storing actor call results failed");
+        }
+        for answer in batch.drain(..) {
+            if let Some((reply_to, bytes)) = answer.reply {
+                send_reply(&channel, &answer.call, reply_to, &bytes).await;
+            }
         }
     }
 }

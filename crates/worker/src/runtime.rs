@@ -28,7 +28,7 @@ use redis::aio::ConnectionManager;
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
@@ -43,6 +43,9 @@ const INPUT_CACHE_BYTES: usize = 512 << 20;
 const STARTED_AFTER: Duration = Duration::from_millis(50);
 /// Most completions stored and published together.
 const MAX_COMPLETION_BATCH: usize = 1024;
+/// How long a worker remembers a key the scheduler withdrew before it ran
+/// here (see `Shared::withdrawn`).
+const WITHDRAWN_FOR: Duration = Duration::from_secs(600);
 
 /// A value every [`TaskContext`] of a worker carries, made once per worker by
 /// a library layered on the runtime (the `flotilla` client registers one so
@@ -236,6 +239,10 @@ impl Running {
 struct Shared {
     cache: crate::cache::InputCache,
     running: std::sync::Mutex<HashMap<String, Arc<Running>>>,
+    /// Keys the scheduler asked to stop while they were not running here
+    /// (queued in the broker, or waiting for a slot), and when: see
+    /// [`Shared::withdrawn`].
+    withdrawn: std::sync::Mutex<HashMap<String, Instant>>,
     resources: HashMap<String, Arc<Semaphore>>,
     id: String,
     config: Config,
@@ -287,15 +294,43 @@ impl Shared {
     }
 
     /// Stops running tasks: an async task is aborted, a sync one sees
-    /// `ctx.is_cancelled()`.
+    /// `ctx.is_cancelled()`. The others are noted, in case they are still
+    /// on their way here (see [`Shared::withdrawn`]).
     fn cancel(&self, keys: &[String]) {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut withdrawn = self.withdrawn.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        withdrawn.retain(|_, at| now.duration_since(*at) < WITHDRAWN_FOR);
         for key in keys {
             if let Some(entry) = running.get(key) {
                 info!(%key, "cancelling a running task");
                 entry.cancel();
+            } else {
+                withdrawn.insert(key.clone(), now);
             }
         }
+    }
+
+    /// Whether `key`, about to start, was withdrawn for good: the scheduler
+    /// asked to stop it before it ran here, and its spec is gone from Redis
+    /// (the scheduler dropped it: nothing holds it any more, as when its
+    /// client died). A task merely cancelled keeps its spec for `retry` and
+    /// runs as before. Costs a Redis round trip only for noted keys.
+    async fn withdrawn(&self, key: &str) -> bool {
+        let noted = self
+            .withdrawn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key)
+            .is_some();
+        if !noted {
+            return false;
+        }
+        let exists: redis::RedisResult<bool> = redis::cmd("EXISTS")
+            .arg(self.names.spec_key(key))
+            .query_async(&mut self.redis.clone())
+            .await;
+        matches!(exists, Ok(false))
     }
 
     /// Takes the abstract resources a task needs for as long as it runs.
@@ -567,6 +602,7 @@ async fn serve(
             .next()
             .map(|extension| (extension.make)(&config)),
         custody: Arc::default(),
+        withdrawn: std::sync::Mutex::default(),
         codec: Codec::new(&config),
         guard: ReplayGuard::new(),
     });
@@ -928,6 +964,26 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                     };
                     (permit, None)
                 };
+                if shared.withdrawn(&key).await {
+                    // Dropped by the scheduler before it started: not run.
+                    debug!(%key, "task withdrawn before it started; not running it");
+                    drop((permit, isolation));
+                    let error = TaskError::new(
+                        ErrorKind::Cancelled,
+                        "flotilla::Cancelled",
+                        format!("`{key}` was cancelled before it started"),
+                    );
+                    let _ = shared.completions.send(Completion::Done {
+                        key,
+                        client,
+                        deps,
+                        outcome: Err(error),
+                        retrying: false,
+                        recorded: redelivered,
+                        bundle,
+                    });
+                    return;
+                }
                 let slot = Slot::new(shared.slots.clone(), permit);
                 let resources = shared.acquire_resources(&task.spec.resources).await;
                 let run = execute(&shared, task, slot.clone());
