@@ -91,7 +91,6 @@ async fn main() -> flotilla::Result<()> {
     workers.sort();
     workers.dedup();
     eprintln!("user client: add chain = {c}, summary = {summary:?}, workers used = {}", workers.len());
-    client.close().await?;
     Ok(())
 }
 "#;

@@ -21,7 +21,7 @@
 //!
 //! # Layout
 //!
-//! - [`registry`]: the task functions registered in this binary, by name.
+//! - [`registry`](mod@registry): the task functions registered in this binary, by name.
 //! - [`actors`]: actor constructors and the actors a worker hosts.
 //! - [`linked`]: which crates' tasks are linked in; the start-up check.
 //! - [`run`] and [`WorkerOptions`]: the worker's main loop, for embedding
