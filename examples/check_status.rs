@@ -3,23 +3,23 @@
 //!
 //! `cargo run --example check_status` against a running cluster.
 
-use flotilla::Status;
+use flotilla::prelude::*;
 use flotilla_examples::slow_identity;
-use std::time::Duration;
 
-fn main() -> anyhow::Result<()> {
-    let client = flotilla::blocking::Client::from_env()?;
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let client = Client::from_env().await?;
     let future = client.submit(slow_identity, (42, 1000));
     println!("done: {}  status: {}", future.done(), future.status());
     anyhow::ensure!(!future.done(), "a 1-second task cannot be done yet");
 
     // Non-blocking check.
     if future.done() {
-        println!("result: {}", future.result()?);
+        println!("result: {}", future.result().await?);
     } else {
         println!("Still computing...");
     }
-    let result = future.result_timeout(Duration::from_secs(30))?;
+    let result = future.result_timeout(Duration::from_secs(30)).await?;
     println!(
         "done: {}  status: {}  result: {result}",
         future.done(),

@@ -2,12 +2,14 @@
 //!
 //! `cargo run --example map_over_inputs` against a running cluster.
 
+use flotilla::prelude::*;
 use flotilla_examples::square;
 
-fn main() -> anyhow::Result<()> {
-    let client = flotilla::blocking::Client::from_env()?;
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let client = Client::from_env().await?;
     let futures = client.map(square, (0..100).map(|x| (x,)));
-    let results = client.gather(&futures)?;
+    let results = client.gather(&futures).await?;
     println!(
         "squares of 0..100: first {:?}, last {:?}",
         &results[..5],

@@ -2,12 +2,14 @@
 //!
 //! `cargo run --example multiple_tasks` against a running cluster.
 
+use flotilla::prelude::*;
 use flotilla_examples::add;
 
-fn main() -> anyhow::Result<()> {
-    let client = flotilla::blocking::Client::from_env()?;
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let client = Client::from_env().await?;
     let futures: Vec<_> = (0..10).map(|i| client.submit(add, (i, i))).collect();
-    let results = client.gather(&futures)?;
+    let results = client.gather(&futures).await?; // one Redis round trip
     println!("results = {results:?}");
     let expected: Vec<i64> = (0..10).map(|i| i + i).collect();
     anyhow::ensure!(results == expected, "expected {expected:?}");

@@ -4,11 +4,13 @@
 //!
 //! `cargo run --example parameter_sweep` against a running cluster.
 
+use flotilla::prelude::*;
 use flotilla_examples::seed_tasks::run_simulation;
 use std::collections::HashMap;
 
-fn main() -> anyhow::Result<()> {
-    let client = flotilla::blocking::Client::from_env()?;
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let client = Client::from_env().await?;
 
     // Generate the parameter combinations.
     let params: Vec<(u32, u32, u32)> = (0..10)
@@ -29,8 +31,9 @@ fn main() -> anyhow::Result<()> {
     // Gather results as they complete.
     let mut handled = 0;
     let mut best: Option<(f64, (u32, u32, u32))> = None;
-    for future in client.as_completed(futures) {
-        let result = future.result()?;
+    let mut completed = as_completed(futures);
+    while let Some(future) = completed.next().await {
+        let result = future.result().await?;
         let (p1, p2, p3) = params_of[future.key()];
         // process_result: check it and keep the lowest remaining energy.
         let expected = run_simulation::call(p1, p2, p3);

@@ -20,7 +20,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 RUN_DIR="$ROOT/.flotilla-run"
 
-DEFAULT_EXAMPLES=(basic_submit multiple_tasks map_over_inputs dependencies)
+DEFAULT_EXAMPLES=(basic_submit multiple_tasks map_over_inputs dependencies error_handling
+    wait_example semaphore_example retries datasets priority worker_placement local_cluster)
 EXAMPLE_TIMEOUT="${FLOTILLA_DEMO_TIMEOUT:-120}"
 
 say() { printf '[demo] %s\n' "$*"; }

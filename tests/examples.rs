@@ -29,6 +29,13 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("best_practices", "5. handled 100 results"),
     ("dynamic_submission", "= 500500"),
     ("actors", "count = 2"),
+    ("wait_example", "all completed: 3 done"),
+    ("semaphore_example", "the client holds a permit"),
+    ("retries", "retried by hand: succeeded on attempt 2"),
+    ("priority", "ran after the 5 high-priority ones"),
+    ("worker_placement", "ran on the GPU worker: true"),
+    ("datasets", "= [0, 1, 4, 9, 16"),
+    ("local_cluster", "= 5050"),
 ];
 
 #[tokio::test]

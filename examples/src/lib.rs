@@ -257,13 +257,9 @@ pub fn double(x: i64) -> i64 {
 /// starts in-process workers).
 pub fn link() {}
 
-/// Runs the demo worker: every task above, served by `flotilla_worker`.
-pub fn worker_main() {
-    flotilla_worker::main()
-}
-
 pub mod actors;
 pub mod coordination;
+pub mod features;
 
 /// Tasks of the seed's lifecycle examples (scatter, fire-and-forget, sweeps, pipelines, iteration).
 pub mod seed_tasks;

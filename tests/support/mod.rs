@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod process;
 pub mod services;
 
 use flotilla::{Client, Config, LocalCluster};

@@ -29,9 +29,20 @@
 //! }
 //! ```
 //!
-//! Tasks are plain functions marked [`#[flotilla::task]`](task), compiled
-//! into the worker binary (`fn main() { flotilla_worker::main() }`) and the
-//! client alike; the wire carries their name and a signature fingerprint.
+//! Tasks are plain functions marked [`#[flotilla::task]`](task), usually in
+//! a library crate of their own that both the client program and the worker
+//! binary depend on; the wire carries their name and a signature
+//! fingerprint. A worker binary is one line naming its task crates (see
+//! [`worker_main!`]):
+//!
+//! ```ignore
+//! // my-worker/src/main.rs; its Cargo.toml depends on `flotilla` and `my_tasks`.
+//! flotilla::worker_main!(my_tasks);
+//! ```
+//!
+//! `flotilla` is the only Flotilla crate a user depends on (plus `tokio` and
+//! `serde`): the worker runtime is [`worker`], the scheduler is the
+//! `flotilla-scheduler` binary, and [`LocalCluster`] runs both in-process.
 
 mod actor;
 mod args;
@@ -62,6 +73,61 @@ pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_worker::TaskContext;
 pub use future::{FutureRef, Status, TaskFuture};
 pub use purge::purge;
+
+/// The worker side: a worker binary's `main`, and the worker loop for
+/// embedding it.
+///
+/// A worker binary is best written with [`worker_main!`](crate::worker_main),
+/// which links the task crates it names and checks each at start.
+/// [`main`](worker::main) alone serves whatever the binary links, and
+/// refuses to start when that is none of the user's tasks.
+pub mod worker {
+    pub use flotilla_worker::linked::task_crates;
+    pub use flotilla_worker::{
+        main, main_serving, run, LinkError, WorkerError, WorkerHandle, WorkerOptions,
+    };
+}
+
+/// A worker binary's whole `main`: names the crates that define its tasks
+/// (and actors), which links them into the binary, and serves them.
+///
+/// ```ignore
+/// // my-worker/src/main.rs; Cargo.toml: flotilla, my_tasks, other_tasks.
+/// flotilla::worker_main!(my_tasks, other_tasks);
+/// ```
+///
+/// Naming the task crates is not a formality: Rust links a dependency into
+/// a binary only when the binary's code names it, and the tasks of a crate
+/// that is not linked are silently absent (every submit then fails with
+/// `no worker provides task …`). The macro expands to a `fn main` that
+/// names each crate (`use my_tasks as _;`) and calls
+/// [`worker::main_serving`], which checks at start that each named crate
+/// registered at least one task or actor, and exits with an error naming
+/// the crate otherwise.
+///
+/// The binary takes the worker's flags and environment
+/// (`--namespace`, `--nthreads`, `--resources`, ...; `--help` lists them)
+/// and stops cleanly on SIGTERM or Ctrl-C. Tasks written in the binary
+/// crate itself are always linked: such a binary may call
+/// [`worker::main`] from its own `fn main`.
+#[macro_export]
+macro_rules! worker_main {
+    () => {
+        ::core::compile_error!(
+            "name the crates that define your tasks: `flotilla::worker_main!(my_tasks);`"
+        );
+    };
+    ($($task_crate:ident),+ $(,)?) => {
+        fn main() {
+            $(
+                // Naming the crate is what links its task registrations.
+                #[allow(unused_imports)]
+                use ::$task_crate as _;
+            )+
+            $crate::worker::main_serving(&[$(::core::stringify!($task_crate)),+]);
+        }
+    };
+}
 
 /// The old name of [`TaskFuture`]. It shadowed `std::future::Future` (in the
 /// 2024 prelude) wherever `flotilla::prelude::*` was glob-imported.

@@ -138,8 +138,15 @@ fn constructors() -> &'static HashMap<&'static str, &'static ActorRegistration> 
     })
 }
 
+/// The names (`std::any::type_name`) of every actor constructor registered
+/// in this binary, e.g. `my_tasks::Counter::new`.
+pub(crate) fn constructor_names() -> impl Iterator<Item = &'static str> {
+    constructors().keys().copied()
+}
+
 inventory::submit! {
     TaskRegistration::new(CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT, invoke_create)
+        .with_module_path(module_path!())
 }
 
 fn invoke_create(ctx: TaskContext, args: &[u8]) -> Invocation {

@@ -3,18 +3,35 @@
 //! A worker consumes bundles of ready tasks from RabbitMQ, loads their inputs
 //! from Redis (or inline from the message), runs the registered function,
 //! stores the result in Redis, publishes a completion event, and only then
-//! acknowledges the delivery. A user's worker binary is their task crate
-//! plus a `main` that calls [`main`]:
+//! acknowledges the delivery.
 //!
-//! ```no_run
-//! // src/bin/my-worker.rs: every task linked into the binary is served.
-//! flotilla_worker::main();
+//! A user's worker binary depends only on `flotilla` (which re-exports this
+//! crate's [`main`] as `flotilla::worker::main`) and on the crates that
+//! define their tasks, and names those crates:
+//!
+//! ```ignore
+//! // my-worker/src/main.rs: serves every task and actor of `my_tasks`.
+//! flotilla::worker_main!(my_tasks);
 //! ```
+//!
+//! Naming them is what links them (see [`linked`]): a binary whose code
+//! never names its task crate gets none of its tasks. [`main`] and
+//! [`main_serving`] check what is linked before they connect, and refuse to
+//! start a worker that would serve nothing of the user's.
+//!
+//! # Layout
+//!
+//! - [`registry`](mod@registry): the task functions registered in this binary, by name.
+//! - [`actors`]: actor constructors and the actors a worker hosts.
+//! - [`linked`]: which crates' tasks are linked in; the start-up check.
+//! - [`run`] and [`WorkerOptions`]: the worker's main loop, for embedding
+//!   (`flotilla::LocalCluster` runs workers in-process with it).
 
 pub mod actors;
 mod args;
 mod cache;
 mod context;
+pub mod linked;
 mod lost;
 mod panic;
 pub mod registry;
@@ -23,6 +40,7 @@ mod slot;
 
 pub use actors::{Actor, ActorRegistration, DynActor};
 pub use context::TaskContext;
+pub use linked::LinkError;
 pub use registry::{
     decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration,
 };
@@ -73,7 +91,22 @@ const WORKER_FLAGS: [Flag; 5] = [
 /// The whole worker program: parses flags and environment, logs with
 /// `tracing`, runs until SIGTERM or Ctrl-C, and exits non-zero on failure.
 /// Every task registered in the binary is served.
+///
+/// Prefer `flotilla::worker_main!(my_tasks)`, which links the named task
+/// crates and checks each of them. Called alone, `main` serves whatever the
+/// binary's code happens to link, and refuses to start (logging an error
+/// that says how to fix it, exit status 2) when that is none of the user's
+/// tasks: a task crate that the binary's code never names is not linked.
 pub fn main() {
+    main_serving(&[])
+}
+
+/// Like [`main`], and checks at start that each crate of `task_crates`
+/// (crate names as written in Rust code) contributes at least one task or
+/// actor to this binary; exits with status 2 and an error naming the
+/// crate otherwise. `flotilla::worker_main!(my_tasks)` calls it after
+/// linking `my_tasks`.
+pub fn main_serving(task_crates: &[&str]) {
     let flags: Vec<Flag> = cli::CONNECTION_FLAGS
         .iter()
         .chain(WORKER_FLAGS.iter())
@@ -89,6 +122,13 @@ pub fn main() {
         eprintln!("flotilla-worker: {message}");
         std::process::exit(2)
     };
+    match linked::check(task_crates) {
+        Ok(crates) => tracing::info!(task_crates = ?crates, "tasks and actors linked in, by crate"),
+        Err(error) => {
+            tracing::error!("{error}");
+            std::process::exit(2)
+        }
+    }
     let config = parsed.config().unwrap_or_else(|e| fail(e));
     cli::warn_default_credentials(&config.amqp_url);
     let mut options = WorkerOptions::new(config);

@@ -42,6 +42,7 @@ pub struct TaskRegistration {
     name: &'static str,
     fingerprint: u64,
     invoke: fn(TaskContext, &[u8]) -> Invocation,
+    module_path: &'static str,
 }
 
 impl TaskRegistration {
@@ -56,7 +57,34 @@ impl TaskRegistration {
             name,
             fingerprint,
             invoke,
+            module_path: "",
         }
+    }
+
+    /// The same registration, recording the module that defines the task
+    /// (`module_path!()` where the function is written). A task's name may
+    /// be anything (`name = "net.fetch"`); its module path says which crate
+    /// it comes from, so that a worker can check that a task crate is linked.
+    pub const fn with_module_path(mut self, module_path: &'static str) -> Self {
+        self.module_path = module_path;
+        self
+    }
+
+    /// The module that defines the task, as given to
+    /// [`with_module_path`](Self::with_module_path) (`""` if never given).
+    pub fn module_path(&self) -> &'static str {
+        self.module_path
+    }
+
+    /// The crate that defines the task: the first segment of its module
+    /// path, or of its name when no module path was recorded.
+    pub fn crate_name(&self) -> &'static str {
+        let path = if self.module_path.is_empty() {
+            self.name
+        } else {
+            self.module_path
+        };
+        path.split("::").next().unwrap_or(path)
     }
 
     /// The stable name.

@@ -1,7 +1,5 @@
-//! `flotilla-worker`: a worker serving Flotilla's example tasks.
-//! A worker for your own tasks is your task crate plus
-//! `fn main() { flotilla_worker::main() }`.
+//! `flotilla-worker`: a worker serving Flotilla's example tasks and actors
+//! (the crate `flotilla_examples`). A worker for your own tasks is written
+//! the same way: `flotilla::worker_main!(my_tasks);`.
 
-fn main() {
-    flotilla_examples::worker_main()
-}
+flotilla::worker_main!(flotilla_examples);

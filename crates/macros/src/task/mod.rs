@@ -211,6 +211,7 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
                     __flotilla_invoke
                 }
             )
+            .with_module_path(::core::module_path!())
         }
     }
 }

@@ -1,0 +1,63 @@
+//! Tasks of the feature examples: retries, semaphores, priorities and
+//! placement (`examples/{retries,semaphore_example,priority,worker_placement}.rs`).
+
+use flotilla::{Semaphore, TaskContext, TaskContextExt};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Fails the first `failures` times it runs for `attempts` (counted in Redis
+/// under `<namespace>:example:<attempts>`, so across worker processes), then
+/// returns the number of the attempt that succeeded.
+#[flotilla::task]
+pub async fn fail_first(ctx: TaskContext, attempts: String, failures: u64) -> Result<u64, String> {
+    let config = ctx.config();
+    let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| e.to_string())?;
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    let key = format!("{}:example:{attempts}", config.namespace);
+    let (attempt, _): (u64, bool) = redis::pipe()
+        .atomic()
+        .incr(&key, 1)
+        .expire(&key, 600)
+        .query_async(&mut redis)
+        .await
+        .map_err(|e| e.to_string())?;
+    if attempt <= failures {
+        Err(format!(
+            "attempt {attempt} failed (the first {failures} do)"
+        ))
+    } else {
+        Ok(attempt)
+    }
+}
+
+/// Holds one of the `max_leases` permits of the semaphore `name` for
+/// `millis`, and returns how many permits were taken meanwhile (never more
+/// than `max_leases`).
+#[flotilla::task]
+pub async fn rate_limited(
+    ctx: TaskContext,
+    name: String,
+    max_leases: u64,
+    millis: u64,
+) -> flotilla::Result<usize> {
+    let semaphore = Semaphore::new(&ctx.client().await?, &name, max_leases);
+    let permit = semaphore.permit().await?; // waits while all are taken
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    let in_use = semaphore.in_use().await?;
+    permit.release().await?;
+    Ok(in_use)
+}
+
+/// Sleeps `millis`, then returns the time (µs since the Unix epoch): when
+/// it finished. `i` only tells tasks apart.
+#[flotilla::task]
+pub fn finished_at(i: u32, millis: u64) -> u64 {
+    let _ = i;
+    std::thread::sleep(Duration::from_millis(millis));
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
