@@ -890,9 +890,7 @@ impl Client {
             .clone();
         // Already closing (its channels went with the aborted tasks) is
         // closed enough.
-        if let Err(error) = connection.close(200, name("client closing")).await {
-            tracing::debug!(%error, "closing the client's connection");
-        }
+        transport::close(&connection, "client closing").await;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ pub async fn purge(config: &Config) -> Result<()> {
     let channel = connection.create_channel().await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     let result = transport::purge_namespace(&channel, &mut redis, &names).await;
-    let _ = connection.close(200, transport::name("purged")).await;
+    transport::close(&connection, "purged").await;
     result.map_err(|e| match e {
         transport::PurgeError::Amqp(e) => Error::from(e),
         transport::PurgeError::Redis(e) => Error::from(e),

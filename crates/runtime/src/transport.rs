@@ -488,6 +488,25 @@ pub fn name(s: &str) -> ShortString {
     short(s)
 }
 
+/// How long closing a RabbitMQ connection may take: a broker that never
+/// answers `connection.close-ok` must not keep a stopping process alive.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes `connection` with `reason`, giving up after [`CLOSE_TIMEOUT`]
+/// (the socket then goes with the connection). A connection already closed
+/// or closing counts as closed.
+pub async fn close(connection: &Connection, reason: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, name(reason))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%error, reason, "closing a RabbitMQ connection"),
+        Err(_) => tracing::warn!(
+            reason,
+            timeout = ?CLOSE_TIMEOUT,
+            "RabbitMQ did not confirm closing the connection; dropping it"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -120,6 +120,9 @@ pub struct SchedulerHandle {
     task: JoinHandle<Result<(), SchedulerError>>,
 }
 
+/// How long [`SchedulerHandle::shutdown`] waits for the scheduler to stop.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl SchedulerHandle {
     /// Starts a scheduler for `config` on the current tokio runtime and
     /// returns once it consumes its queues.
@@ -146,14 +149,21 @@ impl SchedulerHandle {
         }
     }
 
-    /// Stops the scheduler and waits for it to close its connections.
+    /// Stops the scheduler and waits for it to close its connections, at
+    /// most [`SHUTDOWN_TIMEOUT`]; a scheduler still busy then is aborted
+    /// (nothing is lost: its pending tasks stay in Redis for the next one).
     pub async fn shutdown(mut self) -> Result<(), SchedulerError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match (&mut self.task).await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut self.task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Ok(()),
+            Err(_) => {
+                warn!(timeout = ?SHUTDOWN_TIMEOUT, "the scheduler did not stop in time; aborting it");
+                self.task.abort();
+                Ok(())
+            }
         }
     }
 }
@@ -216,7 +226,7 @@ async fn run_inner(
     )
     .await?;
     let result = serve(config, stop, ready, hooks, up, started, &connection).await;
-    let _ = connection.close(200, name("scheduler stopping")).await;
+    transport::close(&connection, "scheduler stopping").await;
     result
 }
 

@@ -534,7 +534,7 @@ async fn run_inner(
     )
     .await?;
     let result = serve(options, stop, ready, up, &connection, id, display_name).await;
-    let _ = connection.close(200, name("worker stopping")).await;
+    transport::close(&connection, "worker stopping").await;
     result
 }
 

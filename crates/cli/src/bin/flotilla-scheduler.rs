@@ -521,7 +521,7 @@ fn purge(line: &CommandLine) -> Result<ExitCode, String> {
             println!("deleted {what}");
             Ok(ExitCode::SUCCESS)
         };
-        let _ = connection.close(200, transport::name("purged")).await;
+        transport::close(&connection, "purged").await;
         result
     })
 }
