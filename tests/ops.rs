@@ -825,7 +825,8 @@ async fn the_http_server_answers_mistakes_plainly() {
     ] {
         let (got, body) = http(&addr, &raw).await;
         assert_eq!(got, code, "{raw:.60}: {body}");
-        if (400..500).contains(&got) && got != 431 {
+        // hyper refuses what is not HTTP before any route sees it, without a body.
+        if (400..500).contains(&got) && got != 431 && !raw.starts_with("NOT HTTP") {
             assert!(Json::parse(&body)["error"].str().is_some(), "{body}");
         }
     }
@@ -854,6 +855,62 @@ async fn the_http_server_answers_mistakes_plainly() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot serve HTTP"));
+}
+
+#[tokio::test]
+async fn the_http_server_refuses_smuggling_and_outlasts_idle_connections() {
+    let ops = Ops::start("ops-hardening", &[]).await;
+    let addr = ops.addr.clone();
+    // Requests whose body length two servers could read differently.
+    let post = |headers: &str, body: &str| {
+        format!("POST /api/cancel?key=smuggled HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n{body}")
+    };
+    for raw in [
+        post("Content-Length: 3\r\nContent-Length: 5\r\n", "abcde"),
+        post("Content-Length: 3, 5\r\n", "abcde"),
+        post("Content-Length: +3\r\n", "abc"),
+        post("Transfer-Encoding: xchunked\r\n", "3\r\nabc\r\n0\r\n\r\n"),
+        post("Transfer-Encoding : chunked\r\n", "3\r\nabc\r\n0\r\n\r\n"),
+        post(
+            "Transfer-Encoding: chunked, identity\r\n",
+            "3\r\nabc\r\n0\r\n\r\n",
+        ),
+        post("Transfer-Encoding:\x0bchunked\r\n", "3\r\nabc\r\n0\r\n\r\n"),
+    ] {
+        let (code, body) = http(&addr, &raw).await;
+        assert_eq!(code, 400, "{raw:?} was not refused: {body}");
+    }
+    assert!(
+        !ops.scheduler
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("smuggled")),
+        "no refused request reached the scheduler"
+    );
+
+    // Idle and half-sent connections do not starve a status request.
+    let mut idle = Vec::new();
+    for n in 0..200 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if n % 2 == 0 {
+            stream
+                .write_all(b"GET /api/status HTTP/1.1\r\nHo")
+                .await
+                .unwrap();
+        }
+        idle.push(stream);
+    }
+    let started = Instant::now();
+    let (code, _) = ops.get("/api/status").await;
+    assert_eq!(code, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a status request took {:?} beside 200 idle connections",
+        started.elapsed()
+    );
+    drop(idle);
 }
 
 // ---------------------------------------------------------------------------
