@@ -7,8 +7,6 @@
 use flotilla_runtime::cli::{self, Flag};
 use flotilla_scheduler::{http, Hooks};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing::Instrument;
@@ -388,37 +386,30 @@ impl Api {
                 self.addr
             )
         };
-        let target = self
-            .addr
-            .to_socket_addrs()
-            .map_err(|e| unreachable(&e))?
-            .next()
-            .ok_or_else(|| unreachable(&"the address resolves to nothing"))?;
-        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-            .map_err(|e| unreachable(&e))?;
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(20)));
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: flotilla-scheduler\r\nAccept: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        stream
-            .write_all(request.as_bytes())
-            .map_err(|e| unreachable(&e))?;
-        let mut answer = Vec::new();
-        stream
-            .read_to_end(&mut answer)
+        // Refusals carry their reason as JSON: read them like answers.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(Duration::from_secs(20)))
+            .user_agent("flotilla-scheduler")
+            .build()
+            .into();
+        let url = format!("http://{}{path}", self.addr);
+        let answer = if method == "POST" {
+            agent
+                .post(&url)
+                .header("Accept", "application/json")
+                .send_empty()
+        } else {
+            agent.get(&url).header("Accept", "application/json").call()
+        };
+        let mut answer = answer.map_err(|e| unreachable(&e))?;
+        let status = answer.status().as_u16();
+        let body = answer
+            .body_mut()
+            .read_to_string()
             .map_err(|e| format!("reading the answer of {}: {e}", self.addr))?;
-        let answer = String::from_utf8_lossy(&answer);
-        let (head, body) = answer
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("{} sent no HTTP answer", self.addr))?;
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("{} sent no HTTP status", self.addr))?;
-        let value: Value = serde_json::from_str(body).map_err(|e| {
+        let value: Value = serde_json::from_str(&body).map_err(|e| {
             format!(
                 "{} answered {status} without JSON ({e}); is that a Flotilla scheduler?",
                 self.addr
