@@ -112,6 +112,6 @@ async fn tap(shared: &Shared) -> Result<(), String> {
         }
     }
     .await;
-    let _ = connection.close(200, name("nobody watching")).await;
+    transport::close(&connection, "nobody watching").await;
     result
 }
