@@ -68,29 +68,7 @@ async fn a_killed_clients_references_are_released_when_its_lease_lapses() {
     let mut config = support::fresh_config("sigkill");
     config.client_lease_ms = 2_000;
     let t = TestCluster::start_with(config.clone(), 1, 2).await;
-    let binary = support::target_binary("examples/hold_and_hang");
-    assert!(
-        binary.exists(),
-        "{} is built (cargo build --examples)",
-        binary.display()
-    );
-    let mut child = std::process::Command::new(&binary)
-        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
-        .env("FLOTILLA_REDIS_URL", &config.redis_url)
-        .env("FLOTILLA_NAMESPACE", &config.namespace)
-        .env("FLOTILLA_CLIENT_LEASE_MS", "2000")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("client process starts");
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-        line
-    })
-    .await
-    .unwrap();
-    assert!(line.starts_with("holding"), "{line}");
+    let mut child = hold_and_hang(&config, 2_000).await;
     assert!(support::count_keys(&config, "r").await > 100);
     kill_hard(child.id());
     let _ = child.wait();
@@ -838,29 +816,7 @@ async fn actors_scatter_and_a_killed_client_leave_no_keys_behind() {
 
     // A client killed while it holds scattered data and results.
     let killed = {
-        let binary = support::target_binary("examples/hold_and_hang");
-        assert!(
-            binary.exists(),
-            "{} is built (cargo build --examples)",
-            binary.display()
-        );
-        let mut child = std::process::Command::new(&binary)
-            .env("FLOTILLA_AMQP_URL", &config.amqp_url)
-            .env("FLOTILLA_REDIS_URL", &config.redis_url)
-            .env("FLOTILLA_NAMESPACE", &config.namespace)
-            .env("FLOTILLA_CLIENT_LEASE_MS", "1000")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("client process starts");
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-            line
-        })
-        .await
-        .unwrap();
-        assert!(line.starts_with("holding"), "{line}");
+        let mut child = hold_and_hang(&config, 1_000).await;
         kill_hard(child.id());
         let _ = child.wait();
         Instant::now()
@@ -922,4 +878,33 @@ async fn actors_scatter_and_a_killed_client_leave_no_keys_behind() {
         killed.elapsed()
     );
     t.stop().await;
+}
+
+/// Starts the `hold_and_hang` example as a client process of `config`'s
+/// namespace with a lease of `lease_ms`, and returns once it holds its data.
+async fn hold_and_hang(config: &flotilla::Config, lease_ms: u64) -> std::process::Child {
+    let binary = support::target_binary("examples/hold_and_hang");
+    assert!(
+        binary.exists(),
+        "{} is built (cargo build --examples)",
+        binary.display()
+    );
+    let mut child = std::process::Command::new(&binary)
+        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_REDIS_URL", &config.redis_url)
+        .env("FLOTILLA_NAMESPACE", &config.namespace)
+        .env("FLOTILLA_CLIENT_LEASE_MS", lease_ms.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("client process starts");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert!(line.starts_with("holding"), "{line}");
+    child
 }

@@ -12,51 +12,18 @@ mod support;
 use flotilla::{Client, Config, Error, ErrorKind};
 use flotilla_examples::{inc, might_fail, slow_identity};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::process::Spawned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ---------------------------------------------------------------------------
 // A cluster of real processes.
 
-/// A child process, killed (if still running) when dropped.
-struct Process {
-    name: String,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn terminate(&mut self) -> ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not stop within 15 s of SIGTERM; its log:\n{}",
-                self.name,
-                self.log.lock().unwrap().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Process = Spawned;
 
 fn binary(name: &str) -> PathBuf {
     let path = support::target_binary(name);
@@ -70,49 +37,7 @@ fn binary(name: &str) -> PathBuf {
 
 /// Starts a binary against `config`, collecting its stderr (without colours).
 fn spawn(config: &Config, name: &str, program: &str, args: &[&str]) -> Process {
-    let mut child = Command::new(binary(program))
-        .args(args)
-        .env("FLOTILLA_AMQP_URL", &config.amqp_url)
-        .env("FLOTILLA_REDIS_URL", &config.redis_url)
-        .env("FLOTILLA_NAMESPACE", &config.namespace)
-        .env_remove("FLOTILLA_HTTP_ADDR")
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info,lapin=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().expect("piped stderr");
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(strip_ansi(&line));
-        }
-    });
-    Process {
-        name: name.to_owned(),
-        child,
-        log,
-    }
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    support::process::spawn(name, &binary(program), args, config)
 }
 
 /// A scheduler binary with its HTTP endpoint on a free port, and workers.
@@ -135,7 +60,7 @@ impl Ops {
         // The scheduler logs the address it serves: `url=http://127.0.0.1:PORT/`.
         let started = Instant::now();
         let addr = loop {
-            let found = scheduler.log.lock().unwrap().iter().find_map(|line| {
+            let found = scheduler.log().lines().find_map(|line| {
                 let at = line.find("url=http://")? + "url=http://".len();
                 Some(line[at..].split('/').next()?.to_owned())
             });
@@ -145,7 +70,7 @@ impl Ops {
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "the scheduler never said where it serves HTTP; its log:\n{}",
-                scheduler.log.lock().unwrap().join("\n")
+                scheduler.log()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
@@ -766,12 +691,7 @@ async fn the_http_server_refuses_smuggling_and_outlasts_idle_connections() {
         assert_eq!(code, 400, "{raw:?} was not refused: {body}");
     }
     assert!(
-        !ops.scheduler
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("smuggled")),
+        !ops.scheduler.log().contains("smuggled"),
         "no refused request reached the scheduler"
     );
 
