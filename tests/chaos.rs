@@ -1202,9 +1202,21 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
                 .submit(counted_sleep, (format!("held-{i}"), 3_000))
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    kill(&mut cluster.workers[0]);
-    cluster.workers[0] = worker(&config);
+    // Once every held task runs and has been taken into custody (after
+    // long_task_ms), the workers holding them are killed: both, since the
+    // scheduler may have bundled all four to either.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..4 {
+        while starts(&config, &format!("held-{i}")).await == 0 {
+            assert!(Instant::now() < deadline, "held-{i} never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    for slot in 0..cluster.workers.len() {
+        kill(&mut cluster.workers[slot]);
+        cluster.workers[slot] = worker(&config);
+    }
     let mut rerun = 0;
     for (i, f) in held.iter().enumerate() {
         let first = f.result_timeout(Duration::from_secs(60)).await.unwrap();
@@ -1216,7 +1228,7 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
         "the killed worker held some of the tasks: they ran again"
     );
     cluster
-        .finish("custody-kill", 1, short, 5_000_000, started)
+        .finish("custody-kill", 2, short, 5_000_000, started)
         .await;
     drop(rabbit);
 }
