@@ -44,8 +44,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod blocking;
 pub mod event;
 pub(crate) mod held;
+mod lease;
 pub mod lock;
 pub mod queue;
 pub mod semaphore;
@@ -56,31 +58,6 @@ pub use lock::{Lock, LockGuard};
 pub use queue::Queue;
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use variable::Variable;
-
-/// The synchronous flavours of the primitives, for plain `fn main` programs
-/// (made from a [`crate::blocking::Client`]) and synchronous tasks (made
-/// from an async primitive and the runtime's handle).
-///
-/// Their methods block the calling thread; never call them from async code.
-///
-/// ```no_run
-/// use flotilla::sync::blocking::Queue;
-///
-/// fn main() -> flotilla::Result<()> {
-///     let client = flotilla::blocking::Client::from_env()?;
-///     let queue: Queue<i64> = Queue::new(&client, "numbers");
-///     queue.put(&7)?;
-///     assert_eq!(queue.get()?, 7);
-///     Ok(())
-/// }
-/// ```
-pub mod blocking {
-    pub use super::event::blocking::Event;
-    pub use super::lock::blocking::{Lock, LockGuard};
-    pub use super::queue::blocking::Queue;
-    pub use super::semaphore::blocking::{Semaphore, SemaphorePermit};
-    pub use super::variable::blocking::Variable;
-}
 
 use crate::{Client, Error, Result};
 use serde::de::DeserializeOwned;
@@ -300,12 +277,8 @@ pub(crate) async fn get_or_wait(
             let Some(wait) = slice(deadline, MAX_SLICE) else {
                 return Ok(None);
             };
-            let dedicated = match connection.as_mut() {
-                Some(dedicated) => dedicated,
-                None => match Dedicated::get(client, deadline).await? {
-                    Some(dedicated) => connection.insert(dedicated),
-                    None => return Ok(None),
-                },
+            let Some(dedicated) = Dedicated::reuse(&mut connection, client, deadline).await? else {
+                return Ok(None);
             };
             if waiter.sleep(dedicated, wait).await? && wake_means_ready {
                 return Ok(Some(Vec::new()));
@@ -442,6 +415,19 @@ impl Dedicated {
             client: client.clone(),
             busy: false,
         }))
+    }
+
+    /// The connection kept in `slot`, or a new one kept there; `None` if
+    /// the deadline passes while the pool is exhausted.
+    pub(crate) async fn reuse<'a>(
+        slot: &'a mut Option<Dedicated>,
+        client: &Client,
+        deadline: Option<Instant>,
+    ) -> Result<Option<&'a mut Dedicated>> {
+        if slot.is_none() {
+            *slot = Dedicated::get(client, deadline).await?;
+        }
+        Ok(slot.as_mut())
     }
 
     /// Runs a command that blocks on the server for up to `wait`, and ends
@@ -626,36 +612,6 @@ impl LostFlag {
 
     pub(crate) fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// How the blocking flavours run async operations: on the blocking
-/// client's runtime (kept alive here), or on a runtime handle the caller
-/// gave (a synchronous task running on a worker's runtime).
-#[derive(Debug, Clone)]
-pub(crate) struct Blocker {
-    handle: tokio::runtime::Handle,
-    _runtime: Option<Arc<tokio::runtime::Runtime>>,
-}
-
-impl Blocker {
-    pub(crate) fn from_client(client: &crate::blocking::Client) -> Blocker {
-        let runtime = client.runtime().clone();
-        Blocker {
-            handle: runtime.handle().clone(),
-            _runtime: Some(runtime),
-        }
-    }
-
-    pub(crate) fn from_handle(handle: tokio::runtime::Handle) -> Blocker {
-        Blocker {
-            handle,
-            _runtime: None,
-        }
-    }
-
-    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.handle.block_on(future)
     }
 }
 
