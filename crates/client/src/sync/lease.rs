@@ -19,8 +19,8 @@
 //!   Returns how many leases were live.
 
 use super::{
-    expired, slice, spawn_renewal, spawn_script, transient, Backoff, Dedicated, Keys, LostFlag,
-    SyncError, Waiter, MAX_SLICE, MIN_LEASE, REGISTRATION_TTL,
+    slice, spawn_renewal, spawn_script, Keys, LostFlag, Retry, SyncError, Waited, Waiter,
+    MAX_SLICE, MIN_LEASE, REGISTRATION_TTL,
 };
 use crate::{Client, Result};
 use std::sync::{LazyLock, Mutex, MutexGuard};
@@ -171,10 +171,9 @@ impl Leases {
             id: &id,
             armed: true,
         };
-        let mut connection: Option<Dedicated> = None;
-        let mut backoff = Backoff::default();
+        let mut retry = Retry::new(deadline, wait);
         loop {
-            let step: Result<Option<u64>> = async {
+            let attempt: Result<Option<u64>> = async {
                 let waiter_id = if wait { waiter.id.as_str() } else { "" };
                 let pause = match self.attempt(&id, waiter_id).await? {
                     Ok(fence) => return Ok(Some(fence)),
@@ -185,35 +184,27 @@ impl Leases {
                 let Some(pause) = slice(deadline, pause) else {
                     return Ok(None);
                 };
-                let Some(dedicated) =
-                    Dedicated::reuse(&mut connection, &self.client, deadline).await?
-                else {
+                let Some(dedicated) = retry.connection(&self.client).await? else {
                     return Ok(None);
                 };
                 waiter.sleep(dedicated, pause).await?;
                 Ok(None)
             }
             .await;
-            match step {
-                Ok(Some(fence)) => {
+            match retry.after(attempt).await? {
+                Some(Waited::Done(fence)) => {
                     in_flight.armed = false;
                     self.install(id.clone(), fence);
                     return Ok(Some((id.clone(), fence)));
                 }
-                Ok(None) if !wait || expired(deadline) => {
+                Some(Waited::GaveUp) => {
                     in_flight.armed = false;
                     return Ok(None);
                 }
-                Ok(None) => backoff.reset(),
-                Err(error) if transient(&error) => {
-                    connection = None;
-                    if !backoff.pause(deadline).await {
-                        // The last attempt's reply may have been lost with
-                        // the lease taken: `in_flight` gives it back.
-                        return Ok(None);
-                    }
-                }
-                Err(error) => return Err(error),
+                // The last attempt's reply may have been lost with the
+                // lease taken: `in_flight` gives it back.
+                Some(Waited::Unreachable) => return Ok(None),
+                None => {}
             }
         }
     }

@@ -259,10 +259,9 @@ pub(crate) async fn get_or_wait(
     wake_means_ready: bool,
 ) -> Result<Option<Vec<u8>>> {
     let mut waiter = Waiter::new(client, keys);
-    let mut connection: Option<Dedicated> = None;
-    let mut backoff = Backoff::default();
+    let mut retry = Retry::new(deadline, true);
     loop {
-        let step: Result<Option<Vec<u8>>> = async {
+        let attempt: Result<Option<Vec<u8>>> = async {
             let value: Option<Vec<u8>> = GET_OR_REGISTER
                 .key(state)
                 .key(keys.waiters())
@@ -277,7 +276,7 @@ pub(crate) async fn get_or_wait(
             let Some(wait) = slice(deadline, MAX_SLICE) else {
                 return Ok(None);
             };
-            let Some(dedicated) = Dedicated::reuse(&mut connection, client, deadline).await? else {
+            let Some(dedicated) = retry.connection(client).await? else {
                 return Ok(None);
             };
             if waiter.sleep(dedicated, wait).await? && wake_means_ready {
@@ -286,19 +285,76 @@ pub(crate) async fn get_or_wait(
             Ok(None)
         }
         .await;
-        match step {
-            Ok(Some(value)) => return Ok(Some(value)),
-            Ok(None) if expired(deadline) => return Ok(None),
-            Ok(None) => backoff.reset(),
-            Err(error) if transient(&error) => {
-                connection = None;
-                if !backoff.pause(deadline).await {
-                    return Ok(None);
-                }
-            }
-            Err(error) => return Err(error),
+        match retry.after(attempt).await? {
+            Some(Waited::Done(value)) => return Ok(Some(value)),
+            Some(Waited::GaveUp | Waited::Unreachable) => return Ok(None),
+            None => {}
         }
-        // Woken, slept a whole slice, or reconnected: check again.
+    }
+}
+
+/// How a wait ended.
+pub(crate) enum Waited<T> {
+    /// An attempt came to `T`.
+    Done(T),
+    /// The deadline passed (or the caller did not want to wait).
+    GaveUp,
+    /// The deadline passed while Redis was unreachable: the last attempt's
+    /// reply may have been lost after it took effect.
+    Unreachable,
+}
+
+/// The loop of every wait: after each attempt (which may sleep on
+/// [`Retry::connection`]), [`Retry::after`] says whether the wait is over:
+/// the attempt came to a value; or it was the only one (not `wait`); or the
+/// deadline passed. After a lost connection it backs off, and the next
+/// attempt gets a fresh one. Every wake-up, whole slice slept and
+/// reconnection is followed by a fresh attempt.
+pub(crate) struct Retry {
+    deadline: Option<Instant>,
+    wait: bool,
+    connection: Option<Dedicated>,
+    backoff: Backoff,
+}
+
+impl Retry {
+    pub(crate) fn new(deadline: Option<Instant>, wait: bool) -> Retry {
+        Retry {
+            deadline,
+            wait,
+            connection: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The dedicated connection to sleep on; `None` if the deadline passes
+    /// while the pool is exhausted.
+    pub(crate) async fn connection(&mut self, client: &Client) -> Result<Option<&mut Dedicated>> {
+        if self.connection.is_none() {
+            self.connection = Dedicated::get(client, self.deadline).await?;
+        }
+        Ok(self.connection.as_mut())
+    }
+
+    /// How the wait ended after `attempt`, or `None` to attempt again.
+    pub(crate) async fn after<T>(
+        &mut self,
+        attempt: Result<Option<T>>,
+    ) -> Result<Option<Waited<T>>> {
+        match attempt {
+            Ok(Some(value)) => Ok(Some(Waited::Done(value))),
+            Ok(None) if !self.wait || expired(self.deadline) => Ok(Some(Waited::GaveUp)),
+            Ok(None) => {
+                self.backoff.reset();
+                Ok(None)
+            }
+            Err(error) if transient(&error) => {
+                self.connection = None;
+                let again = self.backoff.pause(self.deadline).await;
+                Ok((!again).then_some(Waited::Unreachable))
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -415,19 +471,6 @@ impl Dedicated {
             client: client.clone(),
             busy: false,
         }))
-    }
-
-    /// The connection kept in `slot`, or a new one kept there; `None` if
-    /// the deadline passes while the pool is exhausted.
-    pub(crate) async fn reuse<'a>(
-        slot: &'a mut Option<Dedicated>,
-        client: &Client,
-        deadline: Option<Instant>,
-    ) -> Result<Option<&'a mut Dedicated>> {
-        if slot.is_none() {
-            *slot = Dedicated::get(client, deadline).await?;
-        }
-        Ok(slot.as_mut())
     }
 
     /// Runs a command that blocks on the server for up to `wait`, and ends

@@ -82,9 +82,7 @@
 //! purged.)
 
 use super::held::{self, header_lua, Encoded, Refs};
-use super::{
-    deadline_in, expired, slice, timed_out, transient, Backoff, Dedicated, Keys, MAX_SLICE,
-};
+use super::{deadline_in, slice, timed_out, Keys, Retry, Waited, MAX_SLICE};
 use crate::{Client, Result};
 use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
@@ -407,24 +405,19 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// Up to `max` items, waiting until the deadline for the first; empty
     /// when the deadline passed.
     async fn take(&self, max: usize, deadline: Option<Instant>) -> Result<Vec<T>> {
-        let mut connection: Option<Dedicated> = None;
-        let mut backoff = Backoff::default();
+        let mut retry = Retry::new(deadline, true);
         loop {
-            let step: Result<Vec<T>> = async {
+            let attempt: Result<Option<Vec<T>>> = async {
                 let items = self.take_now(max).await?;
                 if !items.is_empty() {
-                    return Ok(items);
+                    return Ok(Some(items));
                 }
                 let Some(wait) = slice(deadline, MAX_SLICE) else {
-                    return Ok(items);
+                    return Ok(None);
                 };
                 self.register_taker().await?;
-                let dedicated = match connection.as_mut() {
-                    Some(dedicated) => dedicated,
-                    None => match Dedicated::get(&self.inner.client, deadline).await? {
-                        Some(dedicated) => connection.insert(dedicated),
-                        None => return Ok(items),
-                    },
+                let Some(dedicated) = retry.connection(&self.inner.client).await? else {
+                    return Ok(None);
                 };
                 // The item moved aside is taken by the next `take_now`.
                 // Inside a task, the slot is lent meanwhile, so that a
@@ -441,25 +434,16 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     ),
                 )
                 .await?;
-                Ok(items)
+                Ok(None)
             }
             .await;
-            match step {
-                Ok(items) if !items.is_empty() => return Ok(items),
-                Ok(items) if expired(deadline) => {
-                    // One last look: an item may have been moved aside just
-                    // as the wait ran out.
-                    let last = self.take_now(max).await.unwrap_or(items);
-                    return Ok(last);
-                }
-                Ok(_) => backoff.reset(),
-                Err(error) if transient(&error) => {
-                    connection = None;
-                    if !backoff.pause(deadline).await {
-                        return Ok(Vec::new());
-                    }
-                }
-                Err(error) => return Err(error),
+            match retry.after(attempt).await? {
+                Some(Waited::Done(items)) => return Ok(items),
+                // One last look: an item may have been moved aside just as
+                // the wait ran out.
+                Some(Waited::GaveUp) => return Ok(self.take_now(max).await.unwrap_or_default()),
+                Some(Waited::Unreachable) => return Ok(Vec::new()),
+                None => {}
             }
         }
     }
