@@ -132,8 +132,34 @@ macro_rules! forward {
 
 /// The parts every blocking flavour shares: `from_async`, `as_async` and
 /// `Debug` (that of the async primitive). `[T]` and `[bounds]` are the
-/// flavour's generics and their bounds.
+/// flavour's generics and their bounds. With `holding`: a flavour of a
+/// primitive that holds values (and futures in them), so also `Clone` and
+/// `new` (which lends the async primitive the blocking client's runtime,
+/// for the blocking futures it reads).
 macro_rules! face {
+    (holding $face:ident $noun:literal) => {
+        impl<T> Clone for $face<T> {
+            fn clone(&self) -> Self {
+                $face {
+                    inner: self.inner.clone(),
+                    blocker: self.blocker.clone(),
+                }
+            }
+        }
+
+        face!($face [T] [T: Serialize + DeserializeOwned] $noun);
+
+        impl<T: Serialize + DeserializeOwned> $face<T> {
+            #[doc = concat!(" The ", $noun, " called `name` in the client's namespace.")]
+            pub fn new(client: &crate::blocking::Client, name: &str) -> $face<T> {
+                $face {
+                    inner: crate::sync::$face::new(client.as_async(), name)
+                        .with_runtime(Some(client.runtime().clone())),
+                    blocker: Blocker::from_client(client),
+                }
+            }
+        }
+    };
     ($face:ident [$($generic:ident)?] [$($bounds:tt)*] $noun:literal) => {
         impl<$($generic)?> $face<$($generic)?>
         where
@@ -383,27 +409,9 @@ pub struct Variable<T> {
     blocker: Blocker,
 }
 
-impl<T> Clone for Variable<T> {
-    fn clone(&self) -> Self {
-        Variable {
-            inner: self.inner.clone(),
-            blocker: self.blocker.clone(),
-        }
-    }
-}
-
-face!(Variable [T] [T: Serialize + DeserializeOwned] "variable");
+face!(holding Variable "variable");
 
 impl<T: Serialize + DeserializeOwned> Variable<T> {
-    /// The variable called `name` in the client's namespace.
-    pub fn new(client: &crate::blocking::Client, name: &str) -> Variable<T> {
-        Variable {
-            inner: crate::sync::Variable::new(client.as_async(), name)
-                .with_runtime(Some(client.runtime().clone())),
-            blocker: Blocker::from_client(client),
-        }
-    }
-
     forward! { Variable;
         /// Its name.
         fn name() -> &str;
@@ -429,27 +437,9 @@ pub struct Queue<T> {
     blocker: Blocker,
 }
 
-impl<T> Clone for Queue<T> {
-    fn clone(&self) -> Self {
-        Queue {
-            inner: self.inner.clone(),
-            blocker: self.blocker.clone(),
-        }
-    }
-}
-
-face!(Queue [T] [T: Serialize + DeserializeOwned] "queue");
+face!(holding Queue "queue");
 
 impl<T: Serialize + DeserializeOwned> Queue<T> {
-    /// The queue called `name` in the client's namespace.
-    pub fn new(client: &crate::blocking::Client, name: &str) -> Queue<T> {
-        Queue {
-            inner: crate::sync::Queue::new(client.as_async(), name)
-                .with_runtime(Some(client.runtime().clone())),
-            blocker: Blocker::from_client(client),
-        }
-    }
-
     forward! { Queue;
         /// Its name.
         fn name() -> &str;
