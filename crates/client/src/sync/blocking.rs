@@ -191,6 +191,36 @@ macro_rules! face {
     };
 }
 
+/// A blocking guard (`LockGuard`, `SemaphorePermit`): the struct, made from
+/// its async guard by [`IntoBlocking`], and its `release`.
+macro_rules! guard {
+    ($(#[$attr:meta])* $guard:ident) => {
+        $(#[$attr])*
+        #[derive(Debug)]
+        pub struct $guard<'a> {
+            inner: crate::sync::$guard<'a>,
+            blocker: &'a Blocker,
+        }
+
+        impl<'a> IntoBlocking<'a> for crate::sync::$guard<'a> {
+            type Output = $guard<'a>;
+            fn into_blocking(self, blocker: &'a Blocker) -> $guard<'a> {
+                $guard {
+                    inner: self,
+                    blocker,
+                }
+            }
+        }
+
+        impl $guard<'_> {
+            #[doc = concat!(" See [`crate::sync::", stringify!($guard), "::release`].")]
+            pub fn release(self) -> Result<()> {
+                self.blocker.block_on(self.inner.release())
+            }
+        }
+    };
+}
+
 /// The blocking flavour of [`crate::sync::Lock`].
 ///
 /// ```no_run
@@ -241,22 +271,10 @@ impl Lock {
     }
 }
 
-/// Releases the lock when dropped; made by [`Lock::lock`].
-#[derive(Debug)]
-#[must_use = "the lock is released as soon as the guard is dropped"]
-pub struct LockGuard<'a> {
-    inner: crate::sync::LockGuard<'a>,
-    blocker: &'a Blocker,
-}
-
-impl<'a> IntoBlocking<'a> for crate::sync::LockGuard<'a> {
-    type Output = LockGuard<'a>;
-    fn into_blocking(self, blocker: &'a Blocker) -> LockGuard<'a> {
-        LockGuard {
-            inner: self,
-            blocker,
-        }
-    }
+guard! {
+    /// Releases the lock when dropped; made by [`Lock::lock`].
+    #[must_use = "the lock is released as soon as the guard is dropped"]
+    LockGuard
 }
 
 impl LockGuard<'_> {
@@ -265,11 +283,6 @@ impl LockGuard<'_> {
         fn fencing_token() -> u64;
         /// Whether the lease is still held (not known to be lost).
         fn is_held() -> bool;
-    }
-
-    /// See [`crate::sync::LockGuard::release`].
-    pub fn release(self) -> Result<()> {
-        self.blocker.block_on(self.inner.release())
     }
 }
 
@@ -324,33 +337,16 @@ impl Semaphore {
     }
 }
 
-/// A lease released when dropped; made by [`Semaphore::permit`].
-#[derive(Debug)]
-#[must_use = "the lease is released as soon as the permit is dropped"]
-pub struct SemaphorePermit<'a> {
-    inner: crate::sync::SemaphorePermit<'a>,
-    blocker: &'a Blocker,
-}
-
-impl<'a> IntoBlocking<'a> for crate::sync::SemaphorePermit<'a> {
-    type Output = SemaphorePermit<'a>;
-    fn into_blocking(self, blocker: &'a Blocker) -> SemaphorePermit<'a> {
-        SemaphorePermit {
-            inner: self,
-            blocker,
-        }
-    }
+guard! {
+    /// A lease released when dropped; made by [`Semaphore::permit`].
+    #[must_use = "the lease is released as soon as the permit is dropped"]
+    SemaphorePermit
 }
 
 impl SemaphorePermit<'_> {
     forward! { SemaphorePermit;
         /// Whether the lease is still held (not known to be lost).
         fn is_held() -> bool;
-    }
-
-    /// See [`crate::sync::SemaphorePermit::release`].
-    pub fn release(self) -> Result<()> {
-        self.blocker.block_on(self.inner.release())
     }
 }
 

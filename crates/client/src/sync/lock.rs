@@ -138,6 +138,13 @@ static LOCK: Kind = Kind {
 /// A handle holds at most one grant at a time; handles (and so holders) are
 /// cheap: make one per task, or per concurrent user within a process.
 /// Dropping a handle that holds the lock releases it in the background.
+///
+/// # Cancel safety
+///
+/// Waiting for the lock is cancel safe: a future dropped while an attempt
+/// was in flight gives back, in the background, whatever that attempt may
+/// have taken, and forgets its registration as a waiter. A `release`
+/// dropped before it completes leaves the lease to lapse on its own.
 pub struct Lock {
     leases: Leases,
 }

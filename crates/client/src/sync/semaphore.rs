@@ -131,6 +131,13 @@ static SEMAPHORE: Kind = Kind {
 ///
 /// A handle may hold several leases; dropping it releases them in the
 /// background.
+///
+/// # Cancel safety
+///
+/// Waiting for a lease is cancel safe: a future dropped while an attempt
+/// was in flight gives back, in the background, whatever that attempt may
+/// have taken, and forgets its registration as a waiter. A `release`
+/// dropped before it completes leaves the lease to lapse on its own.
 pub struct Semaphore {
     leases: Leases,
     max_leases: u64,
