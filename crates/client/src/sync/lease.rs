@@ -176,9 +176,17 @@ impl Leases {
             let attempt: Result<Option<u64>> = async {
                 let waiter_id = if wait { waiter.id.as_str() } else { "" };
                 let pause = match self.attempt(&id, waiter_id).await? {
-                    Ok(fence) => return Ok(Some(fence)),
-                    Err(_) if !wait => return Ok(None),
-                    Err(pause) => pause,
+                    Attempt::Granted(fence) => return Ok(Some(fence)),
+                    Attempt::OtherLimit(existing) => {
+                        return Err(SyncError::InconsistentMaxLeases {
+                            name: self.name.clone(),
+                            existing,
+                            requested: self.limit.unwrap_or(1),
+                        }
+                        .into())
+                    }
+                    Attempt::Taken(_) if !wait => return Ok(None),
+                    Attempt::Taken(pause) => pause,
                 };
                 waiter.registered = true;
                 let Some(pause) = slice(deadline, pause) else {
@@ -209,9 +217,8 @@ impl Leases {
         }
     }
 
-    /// One run of the acquire script: the fencing token, or how long to
-    /// sleep at most (until the current lease would run out).
-    async fn attempt(&self, id: &str, waiter: &str) -> Result<std::result::Result<u64, Duration>> {
+    /// One run of the acquire script.
+    async fn attempt(&self, id: &str, waiter: &str) -> Result<Attempt> {
         let mut invocation = self.kind.acquire.prepare_invoke();
         invocation
             .key(self.leases_key())
@@ -225,22 +232,8 @@ impl Leases {
         invocation
             .arg(waiter)
             .arg(REGISTRATION_TTL.as_millis() as u64);
-        let (outcome, value): (i64, i64) =
-            invocation.invoke_async(&mut self.client.redis()).await?;
-        Ok(match (outcome, value) {
-            (1, fence) => Ok(fence as u64),
-            (-1, existing) => {
-                return Err(SyncError::InconsistentMaxLeases {
-                    name: self.name.clone(),
-                    existing: existing as u64,
-                    requested: self.limit.unwrap_or(1),
-                }
-                .into())
-            }
-            (_, ttl) if ttl > 0 => Err(MAX_SLICE.min(Duration::from_millis(ttl as u64 + 1))),
-            (_, -1) => Err(MAX_SLICE), // no expiry: not one of ours, but don't spin
-            _ => Err(Duration::from_millis(1)), // just freed: try again
-        })
+        let reply: (i64, i64) = invocation.invoke_async(&mut self.client.redis()).await?;
+        Ok(Attempt::from_reply(reply))
     }
 
     /// Records the lease and starts renewing it.
@@ -341,6 +334,34 @@ impl Leases {
     }
 }
 
+/// What one run of the acquire script came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Attempt {
+    /// A lease, with its fencing token (a lock's; 0 for a semaphore).
+    Granted(u64),
+    /// Taken: sleep at most this long, until the current (a lock's) or
+    /// the earliest (a semaphore's) lease would run out.
+    Taken(Duration),
+    /// The semaphore is in use with this other limit.
+    OtherLimit(u64),
+}
+
+impl Attempt {
+    fn from_reply((outcome, value): (i64, i64)) -> Attempt {
+        match (outcome, value) {
+            (1, fence) => Attempt::Granted(fence as u64),
+            (-1, existing) => Attempt::OtherLimit(existing as u64),
+            (_, ttl) if ttl > 0 => {
+                Attempt::Taken(MAX_SLICE.min(Duration::from_millis(ttl as u64 + 1)))
+            }
+            // No expiry: not one of ours, but don't spin.
+            (_, -1) => Attempt::Taken(MAX_SLICE),
+            // Just freed: try again.
+            _ => Attempt::Taken(Duration::from_millis(1)),
+        }
+    }
+}
+
 /// One lease as held by a guard or a permit: released when dropped (in the
 /// background), or now with [`Held::release`].
 pub(crate) struct Held<'a> {
@@ -387,5 +408,30 @@ impl Drop for InFlight<'_> {
                 self.leases.release_script(self.id),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Attempt, MAX_SLICE};
+    use std::time::Duration;
+
+    #[test]
+    fn acquire_replies_become_grants_pauses_and_limit_errors() {
+        // A lock grant carries its fencing token; a semaphore's carries 0.
+        assert_eq!(Attempt::from_reply((1, 42)), Attempt::Granted(42));
+        assert_eq!(Attempt::from_reply((1, 0)), Attempt::Granted(0));
+        assert_eq!(Attempt::from_reply((-1, 4)), Attempt::OtherLimit(4));
+        // Taken: sleep until just past the lease, at most a slice.
+        let pause = |ms| Attempt::Taken(Duration::from_millis(ms));
+        assert_eq!(Attempt::from_reply((0, 250)), pause(251));
+        assert_eq!(Attempt::from_reply((0, 1)), pause(2));
+        assert_eq!(
+            Attempt::from_reply((0, 3_600_000)),
+            Attempt::Taken(MAX_SLICE)
+        );
+        // A lock key without expiry (PTTL -1), or gone already (-2).
+        assert_eq!(Attempt::from_reply((0, -1)), Attempt::Taken(MAX_SLICE));
+        assert_eq!(Attempt::from_reply((0, -2)), pause(1));
     }
 }
