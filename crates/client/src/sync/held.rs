@@ -290,17 +290,12 @@ pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Resul
         submitter.flush().await?;
     }
     let mut pipe = redis::pipe();
-    for (_, refs) in values {
-        for key in &refs.keys {
-            refs::add_for(
-                &mut pipe,
-                client.names(),
-                &refs::HOLD,
-                key,
-                &[refs.holder.as_bytes()],
-            );
-        }
-    }
+    for_holders(
+        &mut pipe,
+        client,
+        &refs::HOLD,
+        values.iter().map(|(_, refs)| *refs),
+    );
     if let Err(error) = refs::run::<()>(&mut client.redis(), &pipe).await {
         // Best effort: drop what was taken before the failure.
         let taken: Vec<&Refs> = values.iter().map(|(_, refs)| *refs).collect();
@@ -310,23 +305,29 @@ pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Resul
     Ok(())
 }
 
+/// Adds `script` (taking or dropping a hold) to `pipe` for every key of
+/// each value's futures, on behalf of the value's holder; returns the keys.
+fn for_holders<'a>(
+    pipe: &mut redis::Pipeline,
+    client: &Client,
+    script: &redis::Script,
+    values: impl IntoIterator<Item = &'a Refs>,
+) -> Vec<&'a String> {
+    let mut keys = Vec::new();
+    for refs in values {
+        for key in &refs.keys {
+            refs::add_for(pipe, client.names(), script, key, &[refs.holder.as_bytes()]);
+            keys.push(key);
+        }
+    }
+    keys
+}
+
 /// Drops the holds of values that left the primitive; tells the scheduler
 /// about keys nobody holds any more (a task nobody wants is cancelled).
 pub(crate) async fn release_all(client: &Client, values: &[&Refs]) -> Result<()> {
     let mut pipe = redis::pipe();
-    let mut keys = Vec::new();
-    for refs in values {
-        for key in &refs.keys {
-            refs::add_for(
-                &mut pipe,
-                client.names(),
-                &refs::RELEASE,
-                key,
-                &[refs.holder.as_bytes()],
-            );
-            keys.push(key);
-        }
-    }
+    let keys = for_holders(&mut pipe, client, &refs::RELEASE, values.iter().copied());
     if keys.is_empty() {
         return Ok(());
     }
@@ -549,17 +550,7 @@ async fn put_back(
 ) -> Result<()> {
     if !headers.is_empty() {
         let mut pipe = redis::pipe();
-        for refs in headers {
-            for key in &refs.keys {
-                refs::add_for(
-                    &mut pipe,
-                    client.names(),
-                    &refs::HOLD,
-                    key,
-                    &[refs.holder.as_bytes()],
-                );
-            }
-        }
+        for_holders(&mut pipe, client, &refs::HOLD, headers);
         refs::run::<()>(&mut client.redis(), &pipe).await?;
     }
     // Apart from the scripts: a pipeline retried after `NOSCRIPT` must not

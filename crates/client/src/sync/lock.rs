@@ -38,16 +38,11 @@
 //! # Ok(()) }
 //! ```
 
-use super::{
-    deadline_in, expired, slice, spawn_renewal, spawn_script, transient, waiters_lua, Backoff,
-    Dedicated, Keys, LostFlag, SyncError, Waiter, DEFAULT_LEASE, MAX_SLICE, MIN_LEASE,
-    REGISTRATION_TTL,
-};
+use super::lease::{Held, Kind, Leases};
+use super::{deadline_in, waiters_lua};
 use crate::{Client, Result};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::LazyLock;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 /// Takes the lock if it is free, with a new fencing token; otherwise
 /// registers the waiter (if any) and returns the holder's remaining lease.
@@ -126,44 +121,41 @@ return held
     ))
 });
 
+/// The lease engine's view of a lock: one grant a handle, with a fencing
+/// token; the fencing counter beside the owner key.
+static LOCK: Kind = Kind {
+    what: "lock",
+    leases: "owner",
+    companion: "fence",
+    acquire: &ACQUIRE,
+    renew: &RENEW,
+    release: &RELEASE,
+    delete: &DELETE,
+};
+
 /// A named, cluster-wide lock; see the [module docs](self).
 ///
 /// A handle holds at most one grant at a time; handles (and so holders) are
 /// cheap: make one per task, or per concurrent user within a process.
 /// Dropping a handle that holds the lock releases it in the background.
+///
+/// # Cancel safety
+///
+/// Waiting for the lock is cancel safe: a future dropped while an attempt
+/// was in flight gives back, in the background, whatever that attempt may
+/// have taken, and forgets its registration as a waiter. A `release`
+/// dropped before it completes leaves the lease to lapse on its own.
 pub struct Lock {
-    client: Client,
-    name: String,
-    keys: Keys,
-    lease: Duration,
-    grant: Mutex<Option<Grant>>,
-}
-
-/// The lock as held by a handle.
-struct Grant {
-    owner: String,
-    fence: u64,
-    lost: LostFlag,
-    renewal: JoinHandle<()>,
-    runtime: tokio::runtime::Handle,
+    leases: Leases,
 }
 
 impl std::fmt::Debug for Lock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lock")
-            .field("name", &self.name)
-            .field("lease", &self.lease)
+            .field("name", &self.name())
+            .field("lease", &self.lease())
             .field("fencing_token", &self.fencing_token())
             .finish()
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let grant = self.grant.get_mut().map(Option::take).unwrap_or_default();
-        if let Some(grant) = grant {
-            self.release_in_background(grant);
-        }
     }
 }
 
@@ -171,15 +163,14 @@ impl Drop for Lock {
 /// [`LockGuard::release`] to see errors). Made by [`Lock::lock`].
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard<'a> {
-    lock: &'a Lock,
-    owner: String,
+    held: Held<'a>,
     fence: u64,
 }
 
 impl std::fmt::Debug for LockGuard<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LockGuard")
-            .field("lock", &self.lock.name)
+            .field("lock", &self.held.leases.name())
             .field("fencing_token", &self.fence)
             .finish()
     }
@@ -193,36 +184,24 @@ impl LockGuard<'_> {
 
     /// Whether the lease is still held (not known to be lost).
     pub fn is_held(&self) -> bool {
-        self.lock.holds(&self.owner)
+        self.held.is_held()
     }
 
     /// Releases the lock now. Fails with [`SyncError::LeaseExpired`] (as
     /// [`Error::Sync`](crate::Error::Sync)) if the lease had run out.
-    pub async fn release(mut self) -> Result<()> {
-        // Dropping the guard afterwards finds nothing left to release.
-        let owner = std::mem::take(&mut self.owner);
-        self.lock.release_grant(Some(&owner)).await
-    }
-}
-
-impl Drop for LockGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(grant) = self.lock.take_grant(Some(&self.owner)) {
-            self.lock.release_in_background(grant);
-        }
+    ///
+    /// [`SyncError::LeaseExpired`]: super::SyncError::LeaseExpired
+    pub async fn release(self) -> Result<()> {
+        self.held.release().await
     }
 }
 
 impl Lock {
     /// The lock called `name` in the client's namespace, with the default
-    /// lease ([`DEFAULT_LEASE`], 10 s).
+    /// lease ([`DEFAULT_LEASE`](super::DEFAULT_LEASE), 10 s).
     pub fn new(client: &Client, name: &str) -> Lock {
         Lock {
-            client: client.clone(),
-            name: name.to_owned(),
-            keys: Keys::new(client, "lock", name),
-            lease: DEFAULT_LEASE,
-            grant: Mutex::new(None),
+            leases: Leases::new(client, &LOCK, name, None),
         }
     }
 
@@ -230,77 +209,74 @@ impl Lock {
     /// that stopped renewing it. Holders renew every third of it. Every
     /// handle of a lock may use its own.
     pub fn with_lease(mut self, lease: Duration) -> Lock {
-        self.lease = lease.max(MIN_LEASE);
+        self.leases.set_lease(lease);
         self
     }
 
     /// Its name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.leases.name()
     }
 
     /// Its lease.
     pub fn lease(&self) -> Duration {
-        self.lease
-    }
-
-    fn what(&self) -> String {
-        format!("lock `{}`", self.name)
+        self.leases.lease()
     }
 
     /// Waits for as long as it takes, then holds the lock (until
     /// [`Lock::release`] or the handle is dropped).
     pub async fn acquire(&self) -> Result<()> {
-        self.acquire_until(None, true).await.map(|_| ())
+        self.leases.acquire(None, true).await.map(|_| ())
     }
 
     /// Waits up to `timeout` for the lock; `true` when this handle holds it
     /// (Dask's `acquire(timeout=...)`).
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-        Ok(self
-            .acquire_until(deadline_in(timeout), true)
-            .await?
-            .is_some())
+        let deadline = deadline_in(timeout);
+        Ok(self.leases.acquire(deadline, true).await?.is_some())
     }
 
     /// Takes the lock if it is free, without waiting; `true` when this
     /// handle holds it.
     pub async fn try_acquire(&self) -> Result<bool> {
-        Ok(self.acquire_until(None, false).await?.is_some())
+        Ok(self.leases.acquire(None, false).await?.is_some())
     }
 
     /// Releases the lock this handle holds. Fails with
     /// [`SyncError::NotHeld`] if it holds none, and with
     /// [`SyncError::LeaseExpired`] if its lease had run out (both as
     /// [`Error::Sync`](crate::Error::Sync)).
+    ///
+    /// [`SyncError::NotHeld`]: super::SyncError::NotHeld
+    /// [`SyncError::LeaseExpired`]: super::SyncError::LeaseExpired
     pub async fn release(&self) -> Result<()> {
-        self.release_grant(None).await
+        self.leases.release(None).await
     }
 
     /// Waits for as long as it takes, then holds the lock until the guard
     /// is dropped or released.
     pub async fn lock(&self) -> Result<LockGuard<'_>> {
-        let owner = self.acquire_until(None, true).await?;
-        Ok(self.guard(owner))
+        let grant = self.leases.acquire(None, true).await?;
+        Ok(self.guard(grant.unwrap_or_default()))
     }
 
     /// Waits up to `timeout` for the lock; `None` if it stayed taken.
     pub async fn lock_timeout(&self, timeout: Duration) -> Result<Option<LockGuard<'_>>> {
-        let owner = self.acquire_until(deadline_in(timeout), true).await?;
-        Ok(owner.map(|owner| self.guard(Some(owner))))
+        let grant = self.leases.acquire(deadline_in(timeout), true).await?;
+        Ok(grant.map(|grant| self.guard(grant)))
     }
 
     /// Takes the lock if it is free, without waiting.
     pub async fn try_lock(&self) -> Result<Option<LockGuard<'_>>> {
-        let owner = self.acquire_until(None, false).await?;
-        Ok(owner.map(|owner| self.guard(Some(owner))))
+        let grant = self.leases.acquire(None, false).await?;
+        Ok(grant.map(|grant| self.guard(grant)))
     }
 
     /// Whether anyone holds the lock.
     pub async fn locked(&self) -> Result<bool> {
         Ok(redis::cmd("EXISTS")
-            .arg(self.keys.part("owner"))
-            .query_async(&mut self.client.redis())
+            .arg(self.leases.leases_key())
+            .query_async(&mut self.leases.client().redis())
             .await?)
     }
 
@@ -317,390 +293,31 @@ impl Lock {
     ///   still compares its tokens against earlier ones.
     ///
     /// Returns whether someone held the lock.
+    ///
+    /// [`SyncError::LeaseExpired`]: super::SyncError::LeaseExpired
     pub async fn delete(&self) -> Result<bool> {
-        if let Some(grant) = self.take_grant(None) {
-            grant.renewal.abort();
-        }
-        let held: i64 = DELETE
-            .key(self.keys.part("owner"))
-            .key(self.keys.part("fence"))
-            .key(self.keys.waiters())
-            .arg(self.keys.wake_prefix())
-            .invoke_async(&mut self.client.redis())
-            .await?;
-        Ok(held == 1)
+        Ok(self.leases.delete().await? == 1)
     }
 
     /// Whether this handle holds the lock (as far as it knows: `false`
     /// once a renewal found the lease lost).
     pub fn is_held(&self) -> bool {
-        self.state().as_ref().is_some_and(|grant| !grant.lost.get())
+        self.leases.is_held()
     }
 
     /// The fencing token of the grant this handle holds: strictly greater
     /// than that of every earlier grant of this lock.
     pub fn fencing_token(&self) -> Option<u64> {
-        self.state().as_ref().map(|grant| grant.fence)
+        self.leases.fence()
     }
 
-    fn state(&self) -> MutexGuard<'_, Option<Grant>> {
-        self.grant.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn holds(&self, owner: &str) -> bool {
-        self.state()
-            .as_ref()
-            .is_some_and(|grant| grant.owner == owner && !grant.lost.get())
-    }
-
-    fn guard(&self, owner: Option<String>) -> LockGuard<'_> {
-        let owner = owner.unwrap_or_default();
-        let fence = self
-            .state()
-            .as_ref()
-            .filter(|grant| grant.owner == owner)
-            .map_or(0, |grant| grant.fence);
+    fn guard(&self, (id, fence): (String, u64)) -> LockGuard<'_> {
         LockGuard {
-            lock: self,
-            owner,
+            held: Held {
+                leases: &self.leases,
+                id,
+            },
             fence,
-        }
-    }
-
-    /// Takes the grant out of the handle (only `owner`'s, when given).
-    fn take_grant(&self, owner: Option<&str>) -> Option<Grant> {
-        let mut state = self.state();
-        match (state.as_ref(), owner) {
-            (Some(grant), Some(owner)) if grant.owner != owner => None,
-            _ => state.take(),
-        }
-    }
-
-    fn release_script(&self, owner: &str) -> redis::ScriptInvocation<'static> {
-        let mut invocation = RELEASE.prepare_invoke();
-        invocation
-            .key(self.keys.part("owner"))
-            .key(self.keys.waiters())
-            .arg(owner)
-            .arg(self.keys.wake_prefix());
-        invocation
-    }
-
-    async fn release_grant(&self, owner: Option<&str>) -> Result<()> {
-        let Some(grant) = self.take_grant(owner) else {
-            return Err(SyncError::NotHeld {
-                what: "lock",
-                name: self.name.clone(),
-            }
-            .into());
-        };
-        grant.renewal.abort();
-        let released: i64 = self
-            .release_script(&grant.owner)
-            .invoke_async(&mut self.client.redis())
-            .await?;
-        if released == 1 && !grant.lost.get() {
-            Ok(())
-        } else {
-            Err(SyncError::LeaseExpired {
-                what: "lock",
-                name: self.name.clone(),
-            }
-            .into())
-        }
-    }
-
-    fn release_in_background(&self, grant: Grant) {
-        grant.renewal.abort();
-        spawn_script(
-            &grant.runtime,
-            &self.client,
-            self.release_script(&grant.owner),
-        );
-    }
-
-    /// Tries (`wait`: until the deadline) to take the lock; the grant's
-    /// owner id when this handle got it.
-    async fn acquire_until(&self, deadline: Option<Instant>, wait: bool) -> Result<Option<String>> {
-        if self.state().is_some() {
-            return Err(SyncError::AlreadyHeld {
-                name: self.name.clone(),
-            }
-            .into());
-        }
-        let owner = flotilla_proto::new_id();
-        let mut waiter = Waiter::new(&self.client, &self.keys);
-        // If this future is dropped while an attempt is in flight, the
-        // attempt may have taken the lock: give it back.
-        let mut in_flight = InFlight {
-            lock: self,
-            owner: &owner,
-            armed: true,
-        };
-        let lease_ms = self.lease.as_millis() as u64;
-        let mut connection: Option<Dedicated> = None;
-        let mut backoff = Backoff::default();
-        loop {
-            let step: Result<Option<u64>> = async {
-                let (taken, value): (i64, i64) = ACQUIRE
-                    .key(self.keys.part("owner"))
-                    .key(self.keys.part("fence"))
-                    .key(self.keys.waiters())
-                    .arg(&owner)
-                    .arg(lease_ms)
-                    .arg(if wait { waiter.id.as_str() } else { "" })
-                    .arg(REGISTRATION_TTL.as_millis() as u64)
-                    .invoke_async(&mut self.client.redis())
-                    .await?;
-                if taken == 1 {
-                    return Ok(Some(value as u64));
-                }
-                if !wait {
-                    return Ok(None);
-                }
-                waiter.registered = true;
-                // Sleep at most until the holder's lease would run out.
-                let cap = match value {
-                    ttl if ttl > 0 => MAX_SLICE.min(Duration::from_millis(ttl as u64 + 1)),
-                    -1 => MAX_SLICE, // no expiry: not one of ours, but don't spin
-                    _ => Duration::from_millis(1), // just freed: try again
-                };
-                let Some(pause) = slice(deadline, cap) else {
-                    return Ok(None);
-                };
-                let dedicated = match connection.as_mut() {
-                    Some(dedicated) => dedicated,
-                    None => match Dedicated::get(&self.client, deadline).await? {
-                        Some(dedicated) => connection.insert(dedicated),
-                        None => return Ok(None),
-                    },
-                };
-                waiter.sleep(dedicated, pause).await?;
-                Ok(None)
-            }
-            .await;
-            match step {
-                Ok(Some(fence)) => {
-                    in_flight.armed = false;
-                    self.install(owner.clone(), fence);
-                    return Ok(Some(owner.clone()));
-                }
-                Ok(None) if !wait || expired(deadline) => {
-                    in_flight.armed = false;
-                    return Ok(None);
-                }
-                Ok(None) => backoff.reset(),
-                Err(error) if transient(&error) => {
-                    connection = None;
-                    if !backoff.pause(deadline).await {
-                        // The last attempt's reply may have been lost with
-                        // the lock taken: `in_flight` gives it back.
-                        return Ok(None);
-                    }
-                }
-                Err(error) => return Err(error),
-            }
-        }
-    }
-
-    /// Records the grant and starts renewing its lease.
-    fn install(&self, owner: String, fence: u64) {
-        let lost = LostFlag::default();
-        let renewal = spawn_renewal(
-            &self.client,
-            &RENEW,
-            self.keys.part("owner"),
-            owner.clone(),
-            self.lease,
-            lost.clone(),
-            self.what(),
-        );
-        let previous = self.state().replace(Grant {
-            owner,
-            fence,
-            lost,
-            renewal,
-            runtime: tokio::runtime::Handle::current(),
-        });
-        if let Some(previous) = previous {
-            // Only a grant whose lease was lost can still be here (Redis
-            // grants the lock once at a time); forget it.
-            previous.renewal.abort();
-        }
-    }
-}
-
-/// Gives back a grant that an abandoned attempt may have obtained.
-struct InFlight<'a> {
-    lock: &'a Lock,
-    owner: &'a str,
-    armed: bool,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            spawn_script(
-                &runtime,
-                &self.lock.client,
-                self.lock.release_script(self.owner),
-            );
-        }
-    }
-}
-
-pub(crate) mod blocking {
-    use crate::sync::Blocker;
-    use crate::Result;
-    use std::time::Duration;
-
-    /// The blocking flavour of [`crate::sync::Lock`].
-    ///
-    /// ```no_run
-    /// let client = flotilla::blocking::Client::from_env()?;
-    /// let lock = flotilla::sync::blocking::Lock::new(&client, "resource");
-    /// {
-    ///     let guard = lock.lock()?;
-    ///     println!("fencing token {}", guard.fencing_token());
-    /// } // released here
-    /// # Ok::<(), flotilla::Error>(())
-    /// ```
-    #[derive(Debug)]
-    pub struct Lock {
-        inner: crate::sync::Lock,
-        blocker: Blocker,
-    }
-
-    /// Releases the lock when dropped; made by [`Lock::lock`].
-    #[derive(Debug)]
-    #[must_use = "the lock is released as soon as the guard is dropped"]
-    pub struct LockGuard<'a> {
-        inner: Option<crate::sync::LockGuard<'a>>,
-        blocker: &'a Blocker,
-    }
-
-    impl LockGuard<'_> {
-        /// The fencing token of this grant.
-        pub fn fencing_token(&self) -> u64 {
-            self.inner.as_ref().map_or(0, |g| g.fencing_token())
-        }
-
-        /// Whether the lease is still held (not known to be lost).
-        pub fn is_held(&self) -> bool {
-            self.inner.as_ref().is_some_and(|g| g.is_held())
-        }
-
-        /// See [`crate::sync::LockGuard::release`].
-        pub fn release(mut self) -> Result<()> {
-            match self.inner.take() {
-                Some(guard) => self.blocker.block_on(guard.release()),
-                None => Ok(()),
-            }
-        }
-    }
-
-    impl Lock {
-        /// The lock called `name` in the client's namespace (10 s lease).
-        pub fn new(client: &crate::blocking::Client, name: &str) -> Lock {
-            Lock {
-                inner: crate::sync::Lock::new(client.as_async(), name),
-                blocker: Blocker::from_client(client),
-            }
-        }
-
-        /// Wraps an async lock; its operations block on `runtime`
-        /// (e.g. `tokio::runtime::Handle::current()` in a synchronous task).
-        pub fn from_async(inner: crate::sync::Lock, runtime: tokio::runtime::Handle) -> Lock {
-            Lock {
-                inner,
-                blocker: Blocker::from_handle(runtime),
-            }
-        }
-
-        /// See [`crate::sync::Lock::with_lease`].
-        pub fn with_lease(mut self, lease: Duration) -> Lock {
-            self.inner = self.inner.with_lease(lease);
-            self
-        }
-
-        /// The async lock underneath.
-        pub fn as_async(&self) -> &crate::sync::Lock {
-            &self.inner
-        }
-
-        /// Its name.
-        pub fn name(&self) -> &str {
-            self.inner.name()
-        }
-
-        /// See [`crate::sync::Lock::acquire`].
-        pub fn acquire(&self) -> Result<()> {
-            self.blocker.block_on(self.inner.acquire())
-        }
-
-        /// See [`crate::sync::Lock::acquire_timeout`].
-        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-            self.blocker.block_on(self.inner.acquire_timeout(timeout))
-        }
-
-        /// See [`crate::sync::Lock::try_acquire`].
-        pub fn try_acquire(&self) -> Result<bool> {
-            self.blocker.block_on(self.inner.try_acquire())
-        }
-
-        /// See [`crate::sync::Lock::release`].
-        pub fn release(&self) -> Result<()> {
-            self.blocker.block_on(self.inner.release())
-        }
-
-        /// See [`crate::sync::Lock::lock`].
-        pub fn lock(&self) -> Result<LockGuard<'_>> {
-            let guard = self.blocker.block_on(self.inner.lock())?;
-            Ok(LockGuard {
-                inner: Some(guard),
-                blocker: &self.blocker,
-            })
-        }
-
-        /// See [`crate::sync::Lock::lock_timeout`].
-        pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<LockGuard<'_>>> {
-            let guard = self.blocker.block_on(self.inner.lock_timeout(timeout))?;
-            Ok(guard.map(|guard| LockGuard {
-                inner: Some(guard),
-                blocker: &self.blocker,
-            }))
-        }
-
-        /// See [`crate::sync::Lock::try_lock`].
-        pub fn try_lock(&self) -> Result<Option<LockGuard<'_>>> {
-            let guard = self.blocker.block_on(self.inner.try_lock())?;
-            Ok(guard.map(|guard| LockGuard {
-                inner: Some(guard),
-                blocker: &self.blocker,
-            }))
-        }
-
-        /// See [`crate::sync::Lock::locked`].
-        pub fn locked(&self) -> Result<bool> {
-            self.blocker.block_on(self.inner.locked())
-        }
-
-        /// See [`crate::sync::Lock::is_held`].
-        pub fn is_held(&self) -> bool {
-            self.inner.is_held()
-        }
-
-        /// See [`crate::sync::Lock::delete`].
-        pub fn delete(&self) -> Result<bool> {
-            self.blocker.block_on(self.inner.delete())
-        }
-
-        /// See [`crate::sync::Lock::fencing_token`].
-        pub fn fencing_token(&self) -> Option<u64> {
-            self.inner.fencing_token()
         }
     }
 }

@@ -44,8 +44,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod blocking;
 pub mod event;
 pub(crate) mod held;
+mod lease;
 pub mod lock;
 pub mod queue;
 pub mod semaphore;
@@ -56,31 +58,6 @@ pub use lock::{Lock, LockGuard};
 pub use queue::Queue;
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use variable::Variable;
-
-/// The synchronous flavours of the primitives, for plain `fn main` programs
-/// (made from a [`crate::blocking::Client`]) and synchronous tasks (made
-/// from an async primitive and the runtime's handle).
-///
-/// Their methods block the calling thread; never call them from async code.
-///
-/// ```no_run
-/// use flotilla::sync::blocking::Queue;
-///
-/// fn main() -> flotilla::Result<()> {
-///     let client = flotilla::blocking::Client::from_env()?;
-///     let queue: Queue<i64> = Queue::new(&client, "numbers");
-///     queue.put(&7)?;
-///     assert_eq!(queue.get()?, 7);
-///     Ok(())
-/// }
-/// ```
-pub mod blocking {
-    pub use super::event::blocking::Event;
-    pub use super::lock::blocking::{Lock, LockGuard};
-    pub use super::queue::blocking::Queue;
-    pub use super::semaphore::blocking::{Semaphore, SemaphorePermit};
-    pub use super::variable::blocking::Variable;
-}
 
 use crate::{Client, Error, Result};
 use serde::de::DeserializeOwned;
@@ -282,10 +259,9 @@ pub(crate) async fn get_or_wait(
     wake_means_ready: bool,
 ) -> Result<Option<Vec<u8>>> {
     let mut waiter = Waiter::new(client, keys);
-    let mut connection: Option<Dedicated> = None;
-    let mut backoff = Backoff::default();
+    let mut retry = Retry::new(deadline, true);
     loop {
-        let step: Result<Option<Vec<u8>>> = async {
+        let attempt: Result<Option<Vec<u8>>> = async {
             let value: Option<Vec<u8>> = GET_OR_REGISTER
                 .key(state)
                 .key(keys.waiters())
@@ -300,12 +276,8 @@ pub(crate) async fn get_or_wait(
             let Some(wait) = slice(deadline, MAX_SLICE) else {
                 return Ok(None);
             };
-            let dedicated = match connection.as_mut() {
-                Some(dedicated) => dedicated,
-                None => match Dedicated::get(client, deadline).await? {
-                    Some(dedicated) => connection.insert(dedicated),
-                    None => return Ok(None),
-                },
+            let Some(dedicated) = retry.connection(client).await? else {
+                return Ok(None);
             };
             if waiter.sleep(dedicated, wait).await? && wake_means_ready {
                 return Ok(Some(Vec::new()));
@@ -313,19 +285,76 @@ pub(crate) async fn get_or_wait(
             Ok(None)
         }
         .await;
-        match step {
-            Ok(Some(value)) => return Ok(Some(value)),
-            Ok(None) if expired(deadline) => return Ok(None),
-            Ok(None) => backoff.reset(),
-            Err(error) if transient(&error) => {
-                connection = None;
-                if !backoff.pause(deadline).await {
-                    return Ok(None);
-                }
-            }
-            Err(error) => return Err(error),
+        match retry.after(attempt).await? {
+            Some(Waited::Done(value)) => return Ok(Some(value)),
+            Some(Waited::GaveUp | Waited::Unreachable) => return Ok(None),
+            None => {}
         }
-        // Woken, slept a whole slice, or reconnected: check again.
+    }
+}
+
+/// How a wait ended.
+pub(crate) enum Waited<T> {
+    /// An attempt came to `T`.
+    Done(T),
+    /// The deadline passed (or the caller did not want to wait).
+    GaveUp,
+    /// The deadline passed while Redis was unreachable: the last attempt's
+    /// reply may have been lost after it took effect.
+    Unreachable,
+}
+
+/// The loop of every wait: after each attempt (which may sleep on
+/// [`Retry::connection`]), [`Retry::after`] says whether the wait is over:
+/// the attempt came to a value; or it was the only one (not `wait`); or the
+/// deadline passed. After a lost connection it backs off, and the next
+/// attempt gets a fresh one. Every wake-up, whole slice slept and
+/// reconnection is followed by a fresh attempt.
+pub(crate) struct Retry {
+    deadline: Option<Instant>,
+    wait: bool,
+    connection: Option<Dedicated>,
+    backoff: Backoff,
+}
+
+impl Retry {
+    pub(crate) fn new(deadline: Option<Instant>, wait: bool) -> Retry {
+        Retry {
+            deadline,
+            wait,
+            connection: None,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// The dedicated connection to sleep on; `None` if the deadline passes
+    /// while the pool is exhausted.
+    pub(crate) async fn connection(&mut self, client: &Client) -> Result<Option<&mut Dedicated>> {
+        if self.connection.is_none() {
+            self.connection = Dedicated::get(client, self.deadline).await?;
+        }
+        Ok(self.connection.as_mut())
+    }
+
+    /// How the wait ended after `attempt`, or `None` to attempt again.
+    pub(crate) async fn after<T>(
+        &mut self,
+        attempt: Result<Option<T>>,
+    ) -> Result<Option<Waited<T>>> {
+        match attempt {
+            Ok(Some(value)) => Ok(Some(Waited::Done(value))),
+            Ok(None) if !self.wait || expired(self.deadline) => Ok(Some(Waited::GaveUp)),
+            Ok(None) => {
+                self.backoff.reset();
+                Ok(None)
+            }
+            Err(error) if transient(&error) => {
+                self.connection = None;
+                let again = self.backoff.pause(self.deadline).await;
+                Ok((!again).then_some(Waited::Unreachable))
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 
@@ -626,36 +655,6 @@ impl LostFlag {
 
     pub(crate) fn get(&self) -> bool {
         self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// How the blocking flavours run async operations: on the blocking
-/// client's runtime (kept alive here), or on a runtime handle the caller
-/// gave (a synchronous task running on a worker's runtime).
-#[derive(Debug, Clone)]
-pub(crate) struct Blocker {
-    handle: tokio::runtime::Handle,
-    _runtime: Option<Arc<tokio::runtime::Runtime>>,
-}
-
-impl Blocker {
-    pub(crate) fn from_client(client: &crate::blocking::Client) -> Blocker {
-        let runtime = client.runtime().clone();
-        Blocker {
-            handle: runtime.handle().clone(),
-            _runtime: Some(runtime),
-        }
-    }
-
-    pub(crate) fn from_handle(handle: tokio::runtime::Handle) -> Blocker {
-        Blocker {
-            handle,
-            _runtime: None,
-        }
-    }
-
-    pub(crate) fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.handle.block_on(future)
     }
 }
 

@@ -82,9 +82,7 @@
 //! purged.)
 
 use super::held::{self, header_lua, Encoded, Refs};
-use super::{
-    deadline_in, expired, slice, timed_out, transient, Backoff, Dedicated, Keys, MAX_SLICE,
-};
+use super::{deadline_in, slice, timed_out, Keys, Retry, Waited, MAX_SLICE};
 use crate::{Client, Result};
 use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
@@ -407,24 +405,19 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// Up to `max` items, waiting until the deadline for the first; empty
     /// when the deadline passed.
     async fn take(&self, max: usize, deadline: Option<Instant>) -> Result<Vec<T>> {
-        let mut connection: Option<Dedicated> = None;
-        let mut backoff = Backoff::default();
+        let mut retry = Retry::new(deadline, true);
         loop {
-            let step: Result<Vec<T>> = async {
+            let attempt: Result<Option<Vec<T>>> = async {
                 let items = self.take_now(max).await?;
                 if !items.is_empty() {
-                    return Ok(items);
+                    return Ok(Some(items));
                 }
                 let Some(wait) = slice(deadline, MAX_SLICE) else {
-                    return Ok(items);
+                    return Ok(None);
                 };
                 self.register_taker().await?;
-                let dedicated = match connection.as_mut() {
-                    Some(dedicated) => dedicated,
-                    None => match Dedicated::get(&self.inner.client, deadline).await? {
-                        Some(dedicated) => connection.insert(dedicated),
-                        None => return Ok(items),
-                    },
+                let Some(dedicated) = retry.connection(&self.inner.client).await? else {
+                    return Ok(None);
                 };
                 // The item moved aside is taken by the next `take_now`.
                 // Inside a task, the slot is lent meanwhile, so that a
@@ -441,25 +434,16 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     ),
                 )
                 .await?;
-                Ok(items)
+                Ok(None)
             }
             .await;
-            match step {
-                Ok(items) if !items.is_empty() => return Ok(items),
-                Ok(items) if expired(deadline) => {
-                    // One last look: an item may have been moved aside just
-                    // as the wait ran out.
-                    let last = self.take_now(max).await.unwrap_or(items);
-                    return Ok(last);
-                }
-                Ok(_) => backoff.reset(),
-                Err(error) if transient(&error) => {
-                    connection = None;
-                    if !backoff.pause(deadline).await {
-                        return Ok(Vec::new());
-                    }
-                }
-                Err(error) => return Err(error),
+            match retry.after(attempt).await? {
+                Some(Waited::Done(items)) => return Ok(items),
+                // One last look: an item may have been moved aside just as
+                // the wait ran out.
+                Some(Waited::GaveUp) => return Ok(self.take_now(max).await.unwrap_or_default()),
+                Some(Waited::Unreachable) => return Ok(Vec::new()),
+                None => {}
             }
         }
     }
@@ -520,123 +504,4 @@ async fn push(
         return Err(error.into());
     }
     Ok(())
-}
-
-pub(crate) mod blocking {
-    use crate::sync::Blocker;
-    use crate::Result;
-    use serde::de::DeserializeOwned;
-    use serde::Serialize;
-    use std::time::Duration;
-
-    /// The blocking flavour of [`crate::sync::Queue`].
-    ///
-    /// ```no_run
-    /// let client = flotilla::blocking::Client::from_env()?;
-    /// let queue = flotilla::sync::blocking::Queue::new(&client, "numbers");
-    /// queue.put(&1_i64)?;
-    /// assert_eq!(queue.get()?, 1);
-    /// # Ok::<(), flotilla::Error>(())
-    /// ```
-    pub struct Queue<T> {
-        inner: crate::sync::Queue<T>,
-        blocker: Blocker,
-    }
-
-    impl<T> Clone for Queue<T> {
-        fn clone(&self) -> Self {
-            Queue {
-                inner: self.inner.clone(),
-                blocker: self.blocker.clone(),
-            }
-        }
-    }
-
-    impl<T> std::fmt::Debug for Queue<T> {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            self.inner.fmt(f)
-        }
-    }
-
-    impl<T: Serialize + DeserializeOwned> Queue<T> {
-        /// The queue called `name` in the client's namespace.
-        pub fn new(client: &crate::blocking::Client, name: &str) -> Queue<T> {
-            Queue {
-                inner: crate::sync::Queue::new(client.as_async(), name)
-                    .with_runtime(Some(client.runtime().clone())),
-                blocker: Blocker::from_client(client),
-            }
-        }
-
-        /// Wraps an async queue; its operations block on `runtime`
-        /// (e.g. `tokio::runtime::Handle::current()` in a synchronous task).
-        pub fn from_async(
-            inner: crate::sync::Queue<T>,
-            runtime: tokio::runtime::Handle,
-        ) -> Queue<T> {
-            Queue {
-                inner,
-                blocker: Blocker::from_handle(runtime),
-            }
-        }
-
-        /// The async queue underneath.
-        pub fn as_async(&self) -> &crate::sync::Queue<T> {
-            &self.inner
-        }
-
-        /// Its name.
-        pub fn name(&self) -> &str {
-            self.inner.name()
-        }
-
-        /// See [`crate::sync::Queue::put`].
-        pub fn put(&self, item: &T) -> Result<()> {
-            self.blocker.block_on(self.inner.put(item))
-        }
-
-        /// See [`crate::sync::Queue::put_all`].
-        pub fn put_all<'a>(&self, items: impl IntoIterator<Item = &'a T>) -> Result<()>
-        where
-            T: 'a,
-        {
-            self.blocker.block_on(self.inner.put_all(items))
-        }
-
-        /// See [`crate::sync::Queue::get`].
-        pub fn get(&self) -> Result<T> {
-            self.blocker.block_on(self.inner.get())
-        }
-
-        /// See [`crate::sync::Queue::get_timeout`].
-        pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
-            self.blocker.block_on(self.inner.get_timeout(timeout))
-        }
-
-        /// See [`crate::sync::Queue::try_get`].
-        pub fn try_get(&self) -> Result<Option<T>> {
-            self.blocker.block_on(self.inner.try_get())
-        }
-
-        /// See [`crate::sync::Queue::get_batch`].
-        pub fn get_batch(&self, max: usize) -> Result<Vec<T>> {
-            self.blocker.block_on(self.inner.get_batch(max))
-        }
-
-        /// See [`crate::sync::Queue::get_batch_timeout`].
-        pub fn get_batch_timeout(&self, max: usize, timeout: Duration) -> Result<Vec<T>> {
-            self.blocker
-                .block_on(self.inner.get_batch_timeout(max, timeout))
-        }
-
-        /// See [`crate::sync::Queue::qsize`].
-        pub fn qsize(&self) -> Result<usize> {
-            self.blocker.block_on(self.inner.qsize())
-        }
-
-        /// See [`crate::sync::Queue::delete`].
-        pub fn delete(&self) -> Result<usize> {
-            self.blocker.block_on(self.inner.delete())
-        }
-    }
 }

@@ -24,16 +24,11 @@
 //! }
 //! ```
 
-use super::{
-    deadline_in, expired, slice, spawn_renewal, spawn_script, transient, waiters_lua, Backoff,
-    Dedicated, Keys, LostFlag, SyncError, Waiter, DEFAULT_LEASE, MAX_SLICE, MIN_LEASE,
-    REGISTRATION_TTL,
-};
+use super::lease::{Held, Kind, Leases};
+use super::{deadline_in, waiters_lua};
 use crate::{Client, Result};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::LazyLock;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 /// Drops expired leases, then adds one if there is room; otherwise
 /// registers the waiter (if any). A lease id already present (the reply to
@@ -120,48 +115,42 @@ return held
     ))
 });
 
+/// The lease engine's view of a semaphore: a limit, several leases a
+/// handle; the recorded limit beside the leases.
+static SEMAPHORE: Kind = Kind {
+    what: "semaphore",
+    leases: "leases",
+    companion: "max",
+    acquire: &ACQUIRE,
+    renew: &RENEW,
+    release: &RELEASE,
+    delete: &DELETE,
+};
+
 /// A named, cluster-wide counting semaphore; see the [module docs](self).
 ///
 /// A handle may hold several leases; dropping it releases them in the
 /// background.
+///
+/// # Cancel safety
+///
+/// Waiting for a lease is cancel safe: a future dropped while an attempt
+/// was in flight gives back, in the background, whatever that attempt may
+/// have taken, and forgets its registration as a waiter. A `release`
+/// dropped before it completes leaves the lease to lapse on its own.
 pub struct Semaphore {
-    client: Client,
-    name: String,
-    keys: Keys,
+    leases: Leases,
     max_leases: u64,
-    lease: Duration,
-    leases: Mutex<Vec<Lease>>,
-}
-
-/// One lease held by a handle.
-struct Lease {
-    id: String,
-    lost: LostFlag,
-    renewal: JoinHandle<()>,
-    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Semaphore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Semaphore")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field("max_leases", &self.max_leases)
-            .field("lease", &self.lease)
+            .field("lease", &self.lease())
             .field("held", &self.held())
             .finish()
-    }
-}
-
-impl Drop for Semaphore {
-    fn drop(&mut self) {
-        let leases = self
-            .leases
-            .get_mut()
-            .map(std::mem::take)
-            .unwrap_or_default();
-        for lease in leases {
-            self.release_in_background(lease);
-        }
     }
 }
 
@@ -170,14 +159,13 @@ impl Drop for Semaphore {
 /// [`Semaphore::permit`].
 #[must_use = "the lease is released as soon as the permit is dropped"]
 pub struct SemaphorePermit<'a> {
-    semaphore: &'a Semaphore,
-    id: String,
+    held: Held<'a>,
 }
 
 impl std::fmt::Debug for SemaphorePermit<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SemaphorePermit")
-            .field("semaphore", &self.semaphore.name)
+            .field("semaphore", &self.held.leases.name())
             .finish()
     }
 }
@@ -185,54 +173,40 @@ impl std::fmt::Debug for SemaphorePermit<'_> {
 impl SemaphorePermit<'_> {
     /// Whether the lease is still held (not known to be lost).
     pub fn is_held(&self) -> bool {
-        self.semaphore
-            .state()
-            .iter()
-            .any(|lease| lease.id == self.id && !lease.lost.get())
+        self.held.is_held()
     }
 
     /// Releases the lease now. Fails with [`SyncError::LeaseExpired`] (as
     /// [`Error::Sync`](crate::Error::Sync)) if it had run out.
-    pub async fn release(mut self) -> Result<()> {
-        // Dropping the permit afterwards finds nothing left to release.
-        let id = std::mem::take(&mut self.id);
-        self.semaphore.release_lease(Some(&id)).await
-    }
-}
-
-impl Drop for SemaphorePermit<'_> {
-    fn drop(&mut self) {
-        if let Some(lease) = self.semaphore.take_lease(Some(&self.id)) {
-            self.semaphore.release_in_background(lease);
-        }
+    ///
+    /// [`SyncError::LeaseExpired`]: super::SyncError::LeaseExpired
+    pub async fn release(self) -> Result<()> {
+        self.held.release().await
     }
 }
 
 impl Semaphore {
     /// The semaphore called `name` in the client's namespace, allowing
     /// `max_leases` holders at once (at least 1), with the default lease
-    /// ([`DEFAULT_LEASE`], 10 s).
+    /// ([`DEFAULT_LEASE`](super::DEFAULT_LEASE), 10 s).
     pub fn new(client: &Client, name: &str, max_leases: u64) -> Semaphore {
+        let max_leases = max_leases.max(1);
         Semaphore {
-            client: client.clone(),
-            name: name.to_owned(),
-            keys: Keys::new(client, "semaphore", name),
-            max_leases: max_leases.max(1),
-            lease: DEFAULT_LEASE,
-            leases: Mutex::new(Vec::new()),
+            leases: Leases::new(client, &SEMAPHORE, name, Some(max_leases)),
+            max_leases,
         }
     }
 
     /// Sets the lease (at least 30 ms): how long a slot outlives a holder
     /// that stopped renewing it.
     pub fn with_lease(mut self, lease: Duration) -> Semaphore {
-        self.lease = lease.max(MIN_LEASE);
+        self.leases.set_lease(lease);
         self
     }
 
     /// Its name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.leases.name()
     }
 
     /// How many holders it allows at once.
@@ -242,74 +216,66 @@ impl Semaphore {
 
     /// Its lease.
     pub fn lease(&self) -> Duration {
-        self.lease
+        self.leases.lease()
     }
 
     /// Waits for as long as it takes, then holds a lease (until
     /// [`Semaphore::release`] or the handle is dropped).
     pub async fn acquire(&self) -> Result<()> {
-        self.acquire_until(None, true).await.map(|_| ())
+        self.leases.acquire(None, true).await.map(|_| ())
     }
 
     /// Waits up to `timeout` for a lease; `true` when this handle got one.
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-        Ok(self
-            .acquire_until(deadline_in(timeout), true)
-            .await?
-            .is_some())
+        let deadline = deadline_in(timeout);
+        Ok(self.leases.acquire(deadline, true).await?.is_some())
     }
 
     /// Takes a lease if one is free, without waiting.
     pub async fn try_acquire(&self) -> Result<bool> {
-        Ok(self.acquire_until(None, false).await?.is_some())
+        Ok(self.leases.acquire(None, false).await?.is_some())
     }
 
     /// Releases the oldest lease this handle holds. Fails with
     /// [`SyncError::NotHeld`] if it holds none, and with
     /// [`SyncError::LeaseExpired`] if the lease had run out (both as
     /// [`Error::Sync`](crate::Error::Sync)).
+    ///
+    /// [`SyncError::NotHeld`]: super::SyncError::NotHeld
+    /// [`SyncError::LeaseExpired`]: super::SyncError::LeaseExpired
     pub async fn release(&self) -> Result<()> {
-        self.release_lease(None).await
+        self.leases.release(None).await
     }
 
     /// Waits for as long as it takes for a lease, released when the permit
     /// is dropped.
     pub async fn permit(&self) -> Result<SemaphorePermit<'_>> {
-        let id = self.acquire_until(None, true).await?;
-        Ok(SemaphorePermit {
-            semaphore: self,
-            id: id.unwrap_or_default(),
-        })
+        let grant = self.leases.acquire(None, true).await?;
+        Ok(self.permit_for(grant.unwrap_or_default()))
     }
 
     /// Waits up to `timeout` for a lease; `None` if none came free.
     pub async fn permit_timeout(&self, timeout: Duration) -> Result<Option<SemaphorePermit<'_>>> {
-        let id = self.acquire_until(deadline_in(timeout), true).await?;
-        Ok(id.map(|id| SemaphorePermit {
-            semaphore: self,
-            id,
-        }))
+        let grant = self.leases.acquire(deadline_in(timeout), true).await?;
+        Ok(grant.map(|grant| self.permit_for(grant)))
     }
 
     /// Takes a lease if one is free, without waiting.
     pub async fn try_permit(&self) -> Result<Option<SemaphorePermit<'_>>> {
-        let id = self.acquire_until(None, false).await?;
-        Ok(id.map(|id| SemaphorePermit {
-            semaphore: self,
-            id,
-        }))
+        let grant = self.leases.acquire(None, false).await?;
+        Ok(grant.map(|grant| self.permit_for(grant)))
     }
 
     /// How many leases this handle holds.
     pub fn held(&self) -> usize {
-        self.state().len()
+        self.leases.count()
     }
 
     /// How many leases are held now, by anyone (Dask's `get_value`).
     pub async fn in_use(&self) -> Result<usize> {
         Ok(IN_USE
-            .key(self.keys.part("leases"))
-            .invoke_async(&mut self.client.redis())
+            .key(self.leases.leases_key())
+            .invoke_async(&mut self.leases.client().redis())
             .await?)
     }
 
@@ -325,339 +291,18 @@ impl Semaphore {
     ///   acquires first: deleting is also how to change the maximum).
     ///
     /// Returns how many leases were held.
-    pub async fn delete(&self) -> Result<usize> {
-        for lease in std::mem::take(&mut *self.state()) {
-            lease.renewal.abort();
-        }
-        Ok(DELETE
-            .key(self.keys.part("leases"))
-            .key(self.keys.part("max"))
-            .key(self.keys.waiters())
-            .arg(self.keys.wake_prefix())
-            .invoke_async(&mut self.client.redis())
-            .await?)
-    }
-
-    fn what(&self) -> String {
-        format!("semaphore `{}`", self.name)
-    }
-
-    fn state(&self) -> MutexGuard<'_, Vec<Lease>> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes a lease out of the handle: `id`'s, or the oldest.
-    fn take_lease(&self, id: Option<&str>) -> Option<Lease> {
-        let mut leases = self.state();
-        let index = match id {
-            Some(id) => leases.iter().position(|lease| lease.id == id)?,
-            None if leases.is_empty() => return None,
-            None => 0,
-        };
-        Some(leases.remove(index))
-    }
-
-    fn release_script(&self, id: &str) -> redis::ScriptInvocation<'static> {
-        let mut invocation = RELEASE.prepare_invoke();
-        invocation
-            .key(self.keys.part("leases"))
-            .key(self.keys.waiters())
-            .arg(id)
-            .arg(self.keys.wake_prefix());
-        invocation
-    }
-
-    async fn release_lease(&self, id: Option<&str>) -> Result<()> {
-        let Some(lease) = self.take_lease(id) else {
-            return Err(SyncError::NotHeld {
-                what: "semaphore",
-                name: self.name.clone(),
-            }
-            .into());
-        };
-        lease.renewal.abort();
-        let released: i64 = self
-            .release_script(&lease.id)
-            .invoke_async(&mut self.client.redis())
-            .await?;
-        if released == 1 && !lease.lost.get() {
-            Ok(())
-        } else {
-            Err(SyncError::LeaseExpired {
-                what: "semaphore",
-                name: self.name.clone(),
-            }
-            .into())
-        }
-    }
-
-    fn release_in_background(&self, lease: Lease) {
-        lease.renewal.abort();
-        spawn_script(&lease.runtime, &self.client, self.release_script(&lease.id));
-    }
-
-    /// Tries (`wait`: until the deadline) to get a lease; its id when this
-    /// handle got one.
-    async fn acquire_until(&self, deadline: Option<Instant>, wait: bool) -> Result<Option<String>> {
-        let id = flotilla_proto::new_id();
-        let mut waiter = Waiter::new(&self.client, &self.keys);
-        // If this future is dropped while an attempt is in flight, the
-        // attempt may have got a lease: give it back.
-        let mut in_flight = InFlight {
-            semaphore: self,
-            id: &id,
-            armed: true,
-        };
-        let lease_ms = self.lease.as_millis() as u64;
-        let mut connection: Option<Dedicated> = None;
-        let mut backoff = Backoff::default();
-        loop {
-            let step: Result<bool> = async {
-                let (outcome, value): (i64, i64) = ACQUIRE
-                    .key(self.keys.part("leases"))
-                    .key(self.keys.part("max"))
-                    .key(self.keys.waiters())
-                    .arg(&id)
-                    .arg(lease_ms)
-                    .arg(self.max_leases)
-                    .arg(if wait { waiter.id.as_str() } else { "" })
-                    .arg(REGISTRATION_TTL.as_millis() as u64)
-                    .invoke_async(&mut self.client.redis())
-                    .await?;
-                match outcome {
-                    1 => return Ok(true),
-                    -1 => {
-                        return Err(SyncError::InconsistentMaxLeases {
-                            name: self.name.clone(),
-                            existing: value as u64,
-                            requested: self.max_leases,
-                        }
-                        .into())
-                    }
-                    _ if !wait => return Ok(false),
-                    _ => {}
-                }
-                waiter.registered = true;
-                // Sleep at most until the earliest lease would run out.
-                let cap = MAX_SLICE.min(Duration::from_millis(value.max(1) as u64 + 1));
-                let Some(pause) = slice(deadline, cap) else {
-                    return Ok(false);
-                };
-                let dedicated = match connection.as_mut() {
-                    Some(dedicated) => dedicated,
-                    None => match Dedicated::get(&self.client, deadline).await? {
-                        Some(dedicated) => connection.insert(dedicated),
-                        None => return Ok(false),
-                    },
-                };
-                waiter.sleep(dedicated, pause).await?;
-                Ok(false)
-            }
-            .await;
-            match step {
-                Ok(true) => {
-                    in_flight.armed = false;
-                    self.install(id.clone());
-                    return Ok(Some(id.clone()));
-                }
-                Ok(false) if !wait || expired(deadline) => {
-                    in_flight.armed = false;
-                    return Ok(None);
-                }
-                Ok(false) => backoff.reset(),
-                Err(error) if transient(&error) => {
-                    connection = None;
-                    if !backoff.pause(deadline).await {
-                        return Ok(None);
-                    }
-                }
-                Err(error) => return Err(error),
-            }
-        }
-    }
-
-    /// Records the lease and starts renewing it.
-    fn install(&self, id: String) {
-        let lost = LostFlag::default();
-        let renewal = spawn_renewal(
-            &self.client,
-            &RENEW,
-            self.keys.part("leases"),
-            id.clone(),
-            self.lease,
-            lost.clone(),
-            self.what(),
-        );
-        self.state().push(Lease {
-            id,
-            lost,
-            renewal,
-            runtime: tokio::runtime::Handle::current(),
-        });
-    }
-}
-
-/// Gives back a lease that an abandoned attempt may have obtained.
-struct InFlight<'a> {
-    semaphore: &'a Semaphore,
-    id: &'a str,
-    armed: bool,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            spawn_script(
-                &runtime,
-                &self.semaphore.client,
-                self.semaphore.release_script(self.id),
-            );
-        }
-    }
-}
-
-pub(crate) mod blocking {
-    use crate::sync::Blocker;
-    use crate::Result;
-    use std::time::Duration;
-
-    /// The blocking flavour of [`crate::sync::Semaphore`].
     ///
-    /// ```no_run
-    /// let client = flotilla::blocking::Client::from_env()?;
-    /// let database = flotilla::sync::blocking::Semaphore::new(&client, "database", 4);
-    /// {
-    ///     let _permit = database.permit()?;
-    ///     // ... at most 4 holders in here ...
-    /// }
-    /// # Ok::<(), flotilla::Error>(())
-    /// ```
-    #[derive(Debug)]
-    pub struct Semaphore {
-        inner: crate::sync::Semaphore,
-        blocker: Blocker,
+    /// [`SyncError::LeaseExpired`]: super::SyncError::LeaseExpired
+    pub async fn delete(&self) -> Result<usize> {
+        Ok(self.leases.delete().await? as usize)
     }
 
-    /// A lease released when dropped; made by [`Semaphore::permit`].
-    #[derive(Debug)]
-    #[must_use = "the lease is released as soon as the permit is dropped"]
-    pub struct SemaphorePermit<'a> {
-        inner: Option<crate::sync::SemaphorePermit<'a>>,
-        blocker: &'a Blocker,
-    }
-
-    impl SemaphorePermit<'_> {
-        /// Whether the lease is still held (not known to be lost).
-        pub fn is_held(&self) -> bool {
-            self.inner.as_ref().is_some_and(|p| p.is_held())
-        }
-
-        /// See [`crate::sync::SemaphorePermit::release`].
-        pub fn release(mut self) -> Result<()> {
-            match self.inner.take() {
-                Some(permit) => self.blocker.block_on(permit.release()),
-                None => Ok(()),
-            }
-        }
-    }
-
-    impl Semaphore {
-        /// The semaphore called `name` in the client's namespace, allowing
-        /// `max_leases` holders at once (10 s lease).
-        pub fn new(client: &crate::blocking::Client, name: &str, max_leases: u64) -> Semaphore {
-            Semaphore {
-                inner: crate::sync::Semaphore::new(client.as_async(), name, max_leases),
-                blocker: Blocker::from_client(client),
-            }
-        }
-
-        /// Wraps an async semaphore; its operations block on `runtime`
-        /// (e.g. `tokio::runtime::Handle::current()` in a synchronous task).
-        pub fn from_async(
-            inner: crate::sync::Semaphore,
-            runtime: tokio::runtime::Handle,
-        ) -> Semaphore {
-            Semaphore {
-                inner,
-                blocker: Blocker::from_handle(runtime),
-            }
-        }
-
-        /// See [`crate::sync::Semaphore::with_lease`].
-        pub fn with_lease(mut self, lease: Duration) -> Semaphore {
-            self.inner = self.inner.with_lease(lease);
-            self
-        }
-
-        /// The async semaphore underneath.
-        pub fn as_async(&self) -> &crate::sync::Semaphore {
-            &self.inner
-        }
-
-        /// Its name.
-        pub fn name(&self) -> &str {
-            self.inner.name()
-        }
-
-        /// How many holders it allows at once.
-        pub fn max_leases(&self) -> u64 {
-            self.inner.max_leases()
-        }
-
-        /// See [`crate::sync::Semaphore::acquire`].
-        pub fn acquire(&self) -> Result<()> {
-            self.blocker.block_on(self.inner.acquire())
-        }
-
-        /// See [`crate::sync::Semaphore::acquire_timeout`].
-        pub fn acquire_timeout(&self, timeout: Duration) -> Result<bool> {
-            self.blocker.block_on(self.inner.acquire_timeout(timeout))
-        }
-
-        /// See [`crate::sync::Semaphore::try_acquire`].
-        pub fn try_acquire(&self) -> Result<bool> {
-            self.blocker.block_on(self.inner.try_acquire())
-        }
-
-        /// See [`crate::sync::Semaphore::release`].
-        pub fn release(&self) -> Result<()> {
-            self.blocker.block_on(self.inner.release())
-        }
-
-        /// See [`crate::sync::Semaphore::permit`].
-        pub fn permit(&self) -> Result<SemaphorePermit<'_>> {
-            let permit = self.blocker.block_on(self.inner.permit())?;
-            Ok(SemaphorePermit {
-                inner: Some(permit),
-                blocker: &self.blocker,
-            })
-        }
-
-        /// See [`crate::sync::Semaphore::permit_timeout`].
-        pub fn permit_timeout(&self, timeout: Duration) -> Result<Option<SemaphorePermit<'_>>> {
-            let permit = self.blocker.block_on(self.inner.permit_timeout(timeout))?;
-            Ok(permit.map(|permit| SemaphorePermit {
-                inner: Some(permit),
-                blocker: &self.blocker,
-            }))
-        }
-
-        /// See [`crate::sync::Semaphore::held`].
-        pub fn held(&self) -> usize {
-            self.inner.held()
-        }
-
-        /// See [`crate::sync::Semaphore::in_use`].
-        pub fn in_use(&self) -> Result<usize> {
-            self.blocker.block_on(self.inner.in_use())
-        }
-
-        /// See [`crate::sync::Semaphore::delete`].
-        pub fn delete(&self) -> Result<usize> {
-            self.blocker.block_on(self.inner.delete())
+    fn permit_for(&self, (id, _fence): (String, u64)) -> SemaphorePermit<'_> {
+        SemaphorePermit {
+            held: Held {
+                leases: &self.leases,
+                id,
+            },
         }
     }
 }
