@@ -1,170 +1,173 @@
-//! What the binaries share: flag parsing, logging, and shutdown signals.
-//!
-//! The flags are few, so they are parsed by hand rather than pulling in an
-//! argument-parsing framework.
+//! What the binaries share: their connection and logging flags (with
+//! `clap`, each with its environment variable), logging, and shutdown
+//! signals.
 
+use clap::{Args, ValueEnum};
 use flotilla_proto::Config;
-use std::collections::HashMap;
 
-/// One flag a binary accepts: `--name VALUE`.
-#[derive(Debug, Clone, Copy)]
-pub struct Flag {
-    /// Name without the dashes.
-    pub name: &'static str,
-    /// Placeholder for the value in `--help`.
-    pub value: &'static str,
-    /// What it does, for `--help`.
-    pub help: &'static str,
+/// The settings only the environment gives (no flag), for the binaries'
+/// `--help` (`after_help`).
+pub const ENVIRONMENT_HELP: &str = "\
+Environment only (every process of a namespace):
+  FLOTILLA_SECRET            sign and check every message and result with this shared secret [default: unset]
+  FLOTILLA_MAX_PAYLOAD       largest task arguments, value or result, in bytes [default: 67108864]
+  FLOTILLA_LONG_TASK_MS      a delivery held this long is acknowledged, its tasks kept in custody [default: 300000]
+  FLOTILLA_ALLOWED_FAILURES  lost starts a task may have before it errs WorkerLost [default: 3]
+  FLOTILLA_REPLAY_WINDOW_MS  how long a signed message is remembered against replays [default: 300000]
+  FLOTILLA_CLIENT_LEASE_MS   how long a client's holds outlive its last sign of life [default: 30000]
+  RUST_LOG                   log filter, e.g. RUST_LOG=flotilla=debug [default: info,lapin=warn]
+  NO_COLOR                   no colours in the log (there are none unless stderr is a terminal)";
+
+/// Flags every binary takes: where the cluster lives. Each falls back to
+/// its environment variable, then to [`Config`]'s default.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConnectionArgs {
+    /// RabbitMQ URL, credentials and TLS (amqps://) included (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+    #[arg(
+        help = "RabbitMQ URL, credentials and TLS (amqps://) included [default: amqp://guest:guest@127.0.0.1:5672/%2f]",
+        long,
+        value_name = "URL",
+        env = "FLOTILLA_AMQP_URL",
+        hide_env_values = true
+    )]
+    pub amqp_url: Option<String>,
+    /// Redis URL (redis:// or rediss://) (default `redis://127.0.0.1:6379/0`).
+    #[arg(
+        help = "Redis URL (redis:// or rediss://) [default: redis://127.0.0.1:6379/0]",
+        long,
+        value_name = "URL",
+        env = "FLOTILLA_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Prefix of every queue and key, isolating one cluster from another (default `flotilla`).
+    #[arg(
+        help = "Prefix of every queue and key, isolating one cluster from another [default: flotilla]",
+        long,
+        value_name = "NAME",
+        env = "FLOTILLA_NAMESPACE"
+    )]
+    pub namespace: Option<String>,
 }
 
-/// Flags every binary takes: where the cluster lives.
-pub const CONNECTION_FLAGS: [Flag; 3] = [
-    Flag {
-        name: "amqp-url",
-        value: "URL",
-        help: "RabbitMQ URL, credentials and TLS (amqps://) included [env FLOTILLA_AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/%2f]",
-    },
-    Flag {
-        name: "redis-url",
-        value: "URL",
-        help: "Redis URL (redis:// or rediss://) [env FLOTILLA_REDIS_URL; default redis://127.0.0.1:6379/0]",
-    },
-    Flag {
-        name: "namespace",
-        value: "NAME",
-        help: "prefix of every queue and key, isolating one cluster from another [env FLOTILLA_NAMESPACE; default flotilla]",
-    },
-];
-
-/// Parsed command line: flag values by name.
-#[derive(Debug, Default, Clone)]
-pub struct Parsed {
-    values: HashMap<&'static str, String>,
-}
-
-impl Parsed {
-    /// The value of `--name`, if given.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(String::as_str)
-    }
-
-    /// The connection settings: flags over environment over defaults.
+impl ConnectionArgs {
+    /// The connection settings: flags over environment over defaults
+    /// ([`Config::from_env`] for everything the flags do not give), checked
+    /// with [`Config::validate`].
     pub fn config(&self) -> Result<Config, String> {
         let mut config = Config::from_env().map_err(|e| e.to_string())?;
-        if let Some(url) = self.get("amqp-url") {
-            config.amqp_url = url.to_owned();
+        // An empty value counts as unset, as it does in `Config::from_env`.
+        let given = |value: &Option<String>| value.clone().filter(|v| !v.trim().is_empty());
+        if let Some(url) = given(&self.amqp_url) {
+            config.amqp_url = url;
         }
-        if let Some(url) = self.get("redis-url") {
-            config.redis_url = url.to_owned();
+        if let Some(url) = given(&self.redis_url) {
+            config.redis_url = url;
         }
-        if let Some(ns) = self.get("namespace") {
-            config.namespace = ns.to_owned();
+        if let Some(ns) = given(&self.namespace) {
+            config.namespace = ns;
         }
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
 }
 
-/// Parses `args` (without the program name) against `flags`; `Err` holds
-/// the text to print: the help (for `--help`) or a usage error.
-pub fn parse(
-    program: &str,
-    about: &str,
-    flags: &[Flag],
-    args: impl IntoIterator<Item = String>,
-) -> Result<Parsed, (i32, String)> {
-    let mut parsed = Parsed::default();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        if arg == "--help" || arg == "-h" {
-            return Err((0, help(program, about, flags)));
-        }
-        let Some(body) = arg.strip_prefix("--") else {
-            return Err((
-                2,
-                format!(
-                    "{program}: unexpected argument {arg:?}\n\n{}",
-                    help(program, about, flags)
-                ),
-            ));
-        };
-        let (flag_name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_owned())),
-            None => (body, None),
-        };
-        let Some(flag) = flags.iter().find(|f| f.name == flag_name) else {
-            return Err((
-                2,
-                format!(
-                    "{program}: unknown flag --{flag_name}\n\n{}",
-                    help(program, about, flags)
-                ),
-            ));
-        };
-        let value = match inline.or_else(|| args.next()) {
-            Some(v) => v,
-            None => {
-                return Err((
-                    2,
-                    format!("{program}: --{flag_name} needs a value ({})", flag.value),
-                ))
-            }
-        };
-        parsed.values.insert(flag.name, value);
-    }
-    Ok(parsed)
+/// How log lines are written: `Text`, human-readable lines, or `Json`, one
+/// JSON object per line (`timestamp`, `level`, `fields`, `target` and
+/// `spans`, root first).
+// The variants have no doc comments: clap would list them as the flag's
+// long help, making every `--help` the long one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
-fn help(program: &str, about: &str, flags: &[Flag]) -> String {
-    let mut text = format!("{program} — {about}\n\nUsage: {program} [OPTIONS]\n\nOptions:\n");
-    for flag in flags {
-        let left = format!("--{} <{}>", flag.name, flag.value);
-        text.push_str(&format!("  {left:<26} {}\n", flag.help));
-    }
-    text.push_str(&format!("  {:<26} print this help\n\nLogging: RUST_LOG (e.g. RUST_LOG=flotilla=debug); FLOTILLA_LOG_JSON=1 for one JSON object per line.\n", "-h, --help"));
-    text
-}
-
-/// Parses the process's arguments, printing help or a usage error and
-/// exiting when asked or when they are wrong.
-pub fn parse_or_exit(program: &str, about: &str, flags: &[Flag]) -> Parsed {
-    match parse(program, about, flags, std::env::args().skip(1)) {
-        Ok(parsed) => parsed,
-        Err((0, text)) => {
-            print!("{text}");
-            std::process::exit(0)
+impl LogFormat {
+    /// The format the environment asks for: `FLOTILLA_LOG_FORMAT` (`text` or
+    /// `json`), else `json` when the older `FLOTILLA_LOG_JSON` is set (to
+    /// anything but `0` or `false`), else text.
+    pub fn from_env() -> LogFormat {
+        if let Some(format) = std::env::var("FLOTILLA_LOG_FORMAT")
+            .ok()
+            .and_then(|v| LogFormat::from_str(v.trim(), true).ok())
+        {
+            return format;
         }
-        Err((code, text)) => {
-            eprintln!("{text}");
-            std::process::exit(code)
+        let json = std::env::var("FLOTILLA_LOG_JSON").is_ok_and(|v| {
+            let v = v.trim();
+            !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+        });
+        if json {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
         }
     }
 }
 
-/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (default `info`);
-/// as one JSON object per line when `FLOTILLA_LOG_JSON` is set (to
-/// anything but `0` or `false`). Colours only when stderr is a terminal
-/// and `NO_COLOR` is unset: a log redirected to a file or a pipe carries
-/// no ANSI escape codes.
+/// The logging flag of the binaries that log.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LogArgs {
+    /// Log lines as text or as one JSON object each (default `text`).
+    #[arg(
+        help = "Log lines as text or as one JSON object each [default: text]",
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        env = "FLOTILLA_LOG_FORMAT"
+    )]
+    pub log_format: Option<LogFormat>,
+}
+
+impl LogArgs {
+    /// Starts logging (see [`init_logging_as`]) in the format asked for,
+    /// else the one of [`LogFormat::from_env`].
+    pub fn init(&self) {
+        init_logging_as(self.log_format.unwrap_or_else(LogFormat::from_env));
+    }
+}
+
+/// Logs to stderr with `tracing` in the format of [`LogFormat::from_env`]
+/// (see [`init_logging_as`]).
 pub fn init_logging() {
+    init_logging_as(LogFormat::from_env());
+}
+
+/// Logs to stderr with `tracing`, filtered by `RUST_LOG` (default `info`),
+/// in `format`. Colours only when stderr is a terminal and `NO_COLOR` is
+/// unset: a log redirected to a file or a pipe carries no ANSI escape
+/// codes. Does nothing when a global subscriber is already set.
+pub fn init_logging_as(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
-    let json = std::env::var("FLOTILLA_LOG_JSON").is_ok_and(|v| {
-        let v = v.trim();
-        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
-    });
+    let _ = tracing::subscriber::set_global_default(subscriber(
+        format,
+        filter,
+        std::io::stderr,
+        colour_logs(),
+    ));
+}
+
+/// The subscriber of [`init_logging_as`], writing to `writer`.
+fn subscriber<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour_logs());
-    let _ = if json {
-        builder
-            .fmt_fields(json_log::JsonFields)
-            .event_format(json_log::JsonLines)
-            .try_init()
-    } else {
-        builder.try_init()
-    };
+        .with_writer(writer)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().with_current_span(false).finish()),
+    }
 }
 
 /// Whether log lines may carry colours: stderr is a terminal and
@@ -172,205 +175,6 @@ pub fn init_logging() {
 fn colour_logs() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
-/// JSON log lines without a JSON library: `{"timestamp", "level", "target",
-/// "fields": {..}, "spans": [{"name", ..fields}]}`, root span first.
-mod json_log {
-    use std::fmt::{self, Write as _};
-    use tracing::field::{Field, Visit};
-    use tracing::{Event, Subscriber};
-    use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
-    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-    use tracing_subscriber::fmt::{FmtContext, FormattedFields};
-    use tracing_subscriber::registry::LookupSpan;
-
-    /// Formats events as JSON objects.
-    pub(super) struct JsonLines;
-
-    /// Formats span fields as JSON members (`"name":value,..`).
-    pub(super) struct JsonFields;
-
-    /// Collects fields as JSON members.
-    #[derive(Default)]
-    struct Members(String);
-
-    impl Members {
-        fn member(&mut self, name: &str, value: impl fmt::Display) {
-            if !self.0.is_empty() {
-                self.0.push(',');
-            }
-            let _ = write!(self.0, "{}:{value}", Quoted(name));
-        }
-    }
-
-    impl Visit for Members {
-        fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-            self.member(field.name(), Quoted(&format!("{value:?}")));
-        }
-        fn record_str(&mut self, field: &Field, value: &str) {
-            self.member(field.name(), Quoted(value));
-        }
-        fn record_i64(&mut self, field: &Field, value: i64) {
-            self.member(field.name(), value);
-        }
-        fn record_u64(&mut self, field: &Field, value: u64) {
-            self.member(field.name(), value);
-        }
-        fn record_bool(&mut self, field: &Field, value: bool) {
-            self.member(field.name(), value);
-        }
-        fn record_f64(&mut self, field: &Field, value: f64) {
-            if value.is_finite() {
-                self.member(field.name(), value);
-            } else {
-                self.member(field.name(), Quoted(&value.to_string()));
-            }
-        }
-    }
-
-    /// A JSON string literal.
-    struct Quoted<'a>(&'a str);
-
-    impl fmt::Display for Quoted<'_> {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_char('"')?;
-            for c in self.0.chars() {
-                match c {
-                    '"' => f.write_str("\\\"")?,
-                    '\\' => f.write_str("\\\\")?,
-                    '\n' => f.write_str("\\n")?,
-                    '\r' => f.write_str("\\r")?,
-                    '\t' => f.write_str("\\t")?,
-                    c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
-                    c => f.write_char(c)?,
-                }
-            }
-            f.write_char('"')
-        }
-    }
-
-    impl<'w> FormatFields<'w> for JsonFields {
-        fn format_fields<R: tracing_subscriber::field::RecordFields>(
-            &self,
-            mut writer: Writer<'w>,
-            fields: R,
-        ) -> fmt::Result {
-            let mut members = Members::default();
-            fields.record(&mut members);
-            writer.write_str(&members.0)
-        }
-
-        fn add_fields(
-            &self,
-            current: &'w mut FormattedFields<Self>,
-            fields: &tracing::span::Record<'_>,
-        ) -> fmt::Result {
-            let mut members = Members::default();
-            fields.record(&mut members);
-            if !current.fields.is_empty() && !members.0.is_empty() {
-                current.fields.push(',');
-            }
-            current.fields.push_str(&members.0);
-            Ok(())
-        }
-    }
-
-    impl<S, N> FormatEvent<S, N> for JsonLines
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-        N: for<'a> FormatFields<'a> + 'static,
-    {
-        fn format_event(
-            &self,
-            ctx: &FmtContext<'_, S, N>,
-            mut writer: Writer<'_>,
-            event: &Event<'_>,
-        ) -> fmt::Result {
-            let mut time = String::new();
-            SystemTime.format_time(&mut Writer::new(&mut time))?;
-            let meta = event.metadata();
-            let mut fields = Members::default();
-            event.record(&mut fields);
-            write!(
-                writer,
-                "{{\"timestamp\":{},\"level\":\"{}\",\"target\":{},\"fields\":{{{}}}",
-                Quoted(&time),
-                meta.level(),
-                Quoted(meta.target()),
-                fields.0
-            )?;
-            if let Some(scope) = ctx.event_scope() {
-                writer.write_str(",\"spans\":[")?;
-                for (i, span) in scope.from_root().enumerate() {
-                    if i > 0 {
-                        writer.write_char(',')?;
-                    }
-                    write!(writer, "{{\"name\":{}", Quoted(span.name()))?;
-                    let extensions = span.extensions();
-                    if let Some(fields) = extensions.get::<FormattedFields<N>>() {
-                        if !fields.fields.is_empty() {
-                            write!(writer, ",{}", fields.fields)?;
-                        }
-                    }
-                    writer.write_char('}')?;
-                }
-                writer.write_char(']')?;
-            }
-            writeln!(writer, "}}")
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-        use std::sync::{Arc, Mutex};
-
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-
-        impl std::io::Write for Buffer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-
-        #[test]
-        fn events_become_json_lines_with_their_spans() {
-            let buffer = Buffer::default();
-            let writer = buffer.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .fmt_fields(JsonFields)
-                .event_format(JsonLines)
-                .finish();
-            tracing::subscriber::with_default(subscriber, || {
-                let span = tracing::info_span!("scheduler", namespace = %"ns-1");
-                let _entered = span.enter();
-                let task = tracing::info_span!("task", key = "add-1", attempt = 2u64);
-                task.record("attempt", 3u64);
-                let _task = task.enter();
-                tracing::warn!(worker = "w\"1", slots = 4, ok = true, "said \"hi\"\n");
-            });
-            let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-            assert_eq!(text.lines().count(), 1, "{text}");
-            assert!(
-                text.starts_with("{\"timestamp\":\"") && text.ends_with("}\n"),
-                "{text}"
-            );
-            for part in [
-                "\"level\":\"WARN\"",
-                "\"fields\":{\"message\":\"said \\\"hi\\\"\\n\",\"worker\":\"w\\\"1\",\"slots\":4,\"ok\":true}",
-                "\"spans\":[{\"name\":\"scheduler\",\"namespace\":\"ns-1\"},{\"name\":\"task\",\"key\":\"add-1\",\"attempt\":2,\"attempt\":3}]",
-            ] {
-                assert!(text.contains(part), "{part} in {text}");
-            }
-        }
-    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.
@@ -410,47 +214,98 @@ pub fn warn_default_credentials(url: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+    use std::sync::{Arc, Mutex};
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    #[derive(Debug, Parser)]
+    #[command(name = "p", version)]
+    struct Cli {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(flatten)]
+        log: LogArgs,
     }
 
     #[test]
     fn flags_parse_in_both_forms() {
-        let parsed = parse(
-            "p",
-            "about",
-            &CONNECTION_FLAGS,
-            args(&["--namespace", "ns", "--redis-url=redis://x"]),
-        )
-        .unwrap();
-        assert_eq!(parsed.get("namespace"), Some("ns"));
-        assert_eq!(parsed.get("redis-url"), Some("redis://x"));
-        assert_eq!(parsed.config().unwrap().namespace, "ns");
+        let cli = Cli::try_parse_from(["p", "--namespace", "ns", "--redis-url=redis://x"]).unwrap();
+        assert_eq!(cli.connection.namespace.as_deref(), Some("ns"));
+        assert_eq!(cli.connection.redis_url.as_deref(), Some("redis://x"));
+        assert_eq!(cli.connection.config().unwrap().namespace, "ns");
+        let cli = Cli::try_parse_from(["p", "--log-format", "json"]).unwrap();
+        assert_eq!(cli.log.log_format, Some(LogFormat::Json));
     }
 
     #[test]
-    fn help_and_mistakes_are_reported() {
-        let (code, text) = parse("p", "about", &CONNECTION_FLAGS, args(&["--help"])).unwrap_err();
-        assert_eq!(code, 0);
-        assert!(text.contains("--amqp-url <URL>") && text.contains("FLOTILLA_NAMESPACE"));
+    fn help_version_and_mistakes_are_reported() {
+        let help = Cli::try_parse_from(["p", "--help"]).unwrap_err();
+        assert_eq!(help.exit_code(), 0);
+        let text = help.to_string();
+        for needle in [
+            "--amqp-url <URL>",
+            "FLOTILLA_NAMESPACE",
+            "FLOTILLA_LOG_FORMAT",
+        ] {
+            assert!(text.contains(needle), "{needle} in {text}");
+        }
         assert_eq!(
-            parse("p", "a", &CONNECTION_FLAGS, args(&["--nope", "1"]))
+            Cli::try_parse_from(["p", "--version"])
                 .unwrap_err()
-                .0,
-            2
+                .exit_code(),
+            0
         );
-        assert_eq!(
-            parse("p", "a", &CONNECTION_FLAGS, args(&["--namespace"]))
-                .unwrap_err()
-                .0,
-            2
+        for wrong in [
+            &["p", "--nope", "1"][..],
+            &["p", "--namespace"],
+            &["p", "stray"],
+            &["p", "--log-format", "xml"],
+        ] {
+            assert_eq!(
+                Cli::try_parse_from(wrong).unwrap_err().exit_code(),
+                2,
+                "{wrong:?}"
+            );
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_logs_are_one_object_per_line_with_their_spans() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = subscriber(
+            LogFormat::Json,
+            tracing_subscriber::EnvFilter::new("info"),
+            move || writer.clone(),
+            false,
         );
-        assert_eq!(
-            parse("p", "a", &CONNECTION_FLAGS, args(&["stray"]))
-                .unwrap_err()
-                .0,
-            2
-        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("scheduler", namespace = %"ns-1");
+            let _entered = span.enter();
+            tracing::warn!(worker = "w\"1", slots = 4, ok = true, "said \"hi\"\n");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let line: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(line["level"], "WARN", "{text}");
+        assert!(line["timestamp"].is_string(), "{text}");
+        assert_eq!(line["fields"]["message"], "said \"hi\"\n", "{text}");
+        assert_eq!(line["fields"]["worker"], "w\"1", "{text}");
+        assert_eq!(line["fields"]["slots"], 4, "{text}");
+        assert_eq!(line["fields"]["ok"], true, "{text}");
+        assert_eq!(line["spans"][0]["name"], "scheduler", "{text}");
+        assert_eq!(line["spans"][0]["namespace"], "ns-1", "{text}");
     }
 }

@@ -56,37 +56,52 @@ pub use registry::probe as __probe;
 #[doc(hidden)]
 pub use registry::user_error as __private_user_error;
 
-use flotilla_runtime::cli::{self, Flag};
+use clap::Parser;
+use flotilla_runtime::cli::{self, ConnectionArgs, LogArgs};
 
-/// Flags of a worker binary beyond the connection flags.
-const WORKER_FLAGS: [Flag; 5] = [
-    Flag {
-        name: "nthreads",
-        value: "N",
-        help: "tasks run at once [env FLOTILLA_NTHREADS; default: number of CPUs]",
-    },
-    Flag {
-        name: "name",
-        value: "NAME",
-        help: "name shown in logs and the dashboard [default: host-pid]",
-    },
-    Flag {
-        name: "resources",
-        value: "NAME=N,...",
-        help:
-            "abstract resources this worker offers, e.g. GPU=1,MEMORY=64 [env FLOTILLA_RESOURCES]",
-    },
-    Flag {
-        name: "memory-limit",
-        value: "BYTES",
-        help: "take no new work while resident memory is above this (e.g. 4G, 512M) [env FLOTILLA_MEMORY_LIMIT]",
-    },
-    Flag {
-        name: "prefetch",
-        value: "N",
-        help: "task deliveries held unacknowledged [default: 64 per thread, at least 256]",
-    },
-];
+/// The worker binary's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-worker",
+    version,
+    about = "A Flotilla worker: runs the tasks compiled into this binary",
+    after_help = cli::ENVIRONMENT_HELP
+)]
+struct Args {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    /// Tasks run at once [default: number of CPUs]
+    #[arg(long, value_name = "N", env = "FLOTILLA_NTHREADS", value_parser = whole_number)]
+    nthreads: Option<usize>,
+    /// Name shown in logs and the dashboard [default: host-pid]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Abstract resources this worker offers, e.g. GPU=1,MEMORY=64
+    #[arg(long, value_name = "NAME=N,...", env = "FLOTILLA_RESOURCES", value_parser = resources)]
+    resources: Option<Resources>,
+    /// Take no new work while resident memory is above this (e.g. 4G, 512M)
+    #[arg(long, value_name = "BYTES", env = "FLOTILLA_MEMORY_LIMIT", value_parser = parse_bytes)]
+    memory_limit: Option<u64>,
+    /// Task deliveries held unacknowledged [default: 64 per thread, at least 256]
+    #[arg(long, value_name = "N", env = "FLOTILLA_PREFETCH", value_parser = whole_number)]
+    prefetch: Option<usize>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// `--resources`, parsed (a newtype, so that clap takes it as one value).
+#[derive(Debug, Clone)]
+struct Resources(Vec<(String, u64)>);
+
+fn resources(text: &str) -> Result<Resources, String> {
+    parse_resources(text).map(Resources)
+}
+
+fn whole_number(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("expects a whole number, got {text:?}"))
+}
 
 /// The whole worker program: parses flags and environment, logs with
 /// `tracing`, runs until SIGTERM or Ctrl-C, and exits non-zero on failure.
@@ -107,21 +122,8 @@ pub fn main() {
 /// crate otherwise. `flotilla::worker_main!(my_tasks)` calls it after
 /// linking `my_tasks`.
 pub fn main_serving(task_crates: &[&str]) {
-    let flags: Vec<Flag> = cli::CONNECTION_FLAGS
-        .iter()
-        .chain(WORKER_FLAGS.iter())
-        .copied()
-        .collect();
-    let parsed = cli::parse_or_exit(
-        "flotilla-worker",
-        "a Flotilla worker: runs the tasks compiled into this binary",
-        &flags,
-    );
-    cli::init_logging();
-    let fail = |message: String| -> ! {
-        eprintln!("flotilla-worker: {message}");
-        std::process::exit(2)
-    };
+    let args = Args::parse();
+    args.log.init();
     match linked::check(task_crates) {
         Ok(crates) => tracing::info!(task_crates = ?crates, "tasks and actors linked in, by crate"),
         Err(error) => {
@@ -129,42 +131,26 @@ pub fn main_serving(task_crates: &[&str]) {
             std::process::exit(2)
         }
     }
-    let config = parsed.config().unwrap_or_else(|e| fail(e));
+    let config = args.connection.config().unwrap_or_else(|message| {
+        eprintln!("flotilla-worker: {message}");
+        std::process::exit(2)
+    });
     cli::warn_default_credentials(&config.amqp_url);
     let mut options = WorkerOptions::new(config);
-    let number = |flag: &str, env: &str| -> Option<usize> {
-        let text = parsed
-            .get(flag)
-            .map(str::to_owned)
-            .or_else(|| std::env::var(env).ok())?;
-        Some(
-            text.trim()
-                .parse()
-                .unwrap_or_else(|_| fail(format!("--{flag} expects a whole number, got {text:?}"))),
-        )
-    };
-    if let Some(n) = number("nthreads", "FLOTILLA_NTHREADS") {
+    if let Some(n) = args.nthreads {
         options.nthreads = n.max(1);
     }
-    if let Some(n) = number("prefetch", "FLOTILLA_PREFETCH") {
+    if let Some(n) = args.prefetch {
         options.prefetch = Some(u16::try_from(n.max(1)).unwrap_or(u16::MAX));
     }
-    if let Some(text) = parsed
-        .get("resources")
-        .map(str::to_owned)
-        .or_else(|| std::env::var("FLOTILLA_RESOURCES").ok())
-    {
-        options.resources = parse_resources(&text).unwrap_or_else(|e| fail(e));
+    if let Some(Resources(resources)) = args.resources {
+        options.resources = resources;
     }
-    if let Some(text) = parsed
-        .get("memory-limit")
-        .map(str::to_owned)
-        .or_else(|| std::env::var("FLOTILLA_MEMORY_LIMIT").ok())
-    {
-        options.memory_limit = Some(parse_bytes(&text).unwrap_or_else(|e| fail(e)));
+    if let Some(limit) = args.memory_limit {
+        options.memory_limit = Some(limit);
     }
-    if let Some(name) = parsed.get("name") {
-        options.name = Some(name.to_owned());
+    if let Some(name) = args.name {
+        options.name = Some(name);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -222,6 +208,59 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn flags_and_their_variables_are_listed() {
+        super::Args::command().debug_assert();
+        let help = super::Args::try_parse_from(["flotilla-worker", "--help"]).unwrap_err();
+        assert_eq!(help.exit_code(), 0);
+        let help = help.to_string();
+        for needle in [
+            "--nthreads <N>",
+            "FLOTILLA_NTHREADS",
+            "--prefetch <N>",
+            "FLOTILLA_PREFETCH",
+            "FLOTILLA_RESOURCES",
+            "FLOTILLA_MEMORY_LIMIT",
+            "FLOTILLA_AMQP_URL",
+            "FLOTILLA_LOG_FORMAT",
+            "FLOTILLA_SECRET",
+        ] {
+            assert!(help.contains(needle), "{needle} in {help}");
+        }
+        let version = super::Args::try_parse_from(["flotilla-worker", "--version"]).unwrap_err();
+        assert_eq!(version.exit_code(), 0);
+    }
+
+    #[test]
+    fn values_are_parsed_and_checked() {
+        let args = super::Args::try_parse_from([
+            "flotilla-worker",
+            "--nthreads",
+            " 3 ",
+            "--memory-limit=4G",
+            "--resources",
+            "GPU=1",
+            "--prefetch",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(args.nthreads, Some(3));
+        assert_eq!(args.memory_limit, Some(4 << 30));
+        assert_eq!(args.resources.unwrap().0, vec![("GPU".to_string(), 1)]);
+        assert_eq!(args.prefetch, Some(10));
+        for wrong in [
+            &["flotilla-worker", "--nthreads", "many"][..],
+            &["flotilla-worker", "--memory-limit", "lots"],
+            &["flotilla-worker", "--resources", "GPU"],
+            &["flotilla-worker", "--nope"],
+        ] {
+            let error = super::Args::try_parse_from(wrong).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{wrong:?}");
+        }
+    }
+
     #[test]
     fn sizes_parse() {
         assert_eq!(super::parse_bytes("4G").unwrap(), 4 << 30);

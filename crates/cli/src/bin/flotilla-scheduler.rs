@@ -4,79 +4,155 @@
 //! `tasks`, `cancel`, `retry`) ask a running scheduler through that API;
 //! `purge` deletes a namespace.
 
-use flotilla_runtime::cli::{self, Flag};
+use clap::{Args, Parser, Subcommand};
+use flotilla_runtime::cli::{self, ConnectionArgs, LogArgs};
 use flotilla_scheduler::{http, Hooks};
 use serde_json::Value;
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing::Instrument;
 
-const ABOUT: &str =
-    "Flotilla's scheduler: tracks tasks and their dependencies and hands ready tasks to workers";
+/// The scheduler's command line: the scheduler's own flags, or a command.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-scheduler",
+    version,
+    about = "Flotilla's scheduler: tracks tasks and their dependencies and hands ready tasks to workers",
+    after_help = cli::ENVIRONMENT_HELP,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    /// HOST:PORT of the dashboard, /metrics and the status API; `off` for none [default: 127.0.0.1:8787]
+    #[arg(long, value_name = "ADDR", env = "FLOTILLA_HTTP_ADDR")]
+    http_addr: Option<String>,
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-const HTTP_FLAG: Flag = Flag {
-    name: "http-addr",
-    value: "ADDR",
-    help: "HOST:PORT of the dashboard, /metrics and the status API; `off` for none [env FLOTILLA_HTTP_ADDR; default 127.0.0.1:8787]",
-};
+/// The commands: all but `purge` ask the scheduler serving at --http-addr.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// A running scheduler's tasks by state, workers, queues and Redis memory
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// A running scheduler's live workers: slots, running tasks, throughput, last seen
+    Workers {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Tasks in a running scheduler's table
+    Tasks {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only tasks in this state: waiting, ready, processing, finished or erred
+        #[arg(long, value_name = "STATE")]
+        state: Option<String>,
+        /// At most N tasks [default: 100]
+        #[arg(long, value_name = "N")]
+        limit: Option<String>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Cancels tasks and their dependents (running ones are stopped on their workers)
+    Cancel {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The tasks' keys
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// Runs erred tasks (and their erred inputs) again
+    Retry {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The tasks' keys
+        #[arg(value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// Deletes a namespace: its shared queues, exchanges and every Redis key (results, references, datasets, primitives)
+    ///
+    /// Refuses while a scheduler or workers consume the namespace's queues, unless --force.
+    #[command(after_help = cli::ENVIRONMENT_HELP)]
+    Purge {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// Really delete (without it, only say what would go)
+        #[arg(long)]
+        yes: bool,
+        /// Even while processes consume the namespace's queues
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        log: LogArgs,
+    },
+}
 
-/// `--http-addr` of the subcommands: where to find the scheduler.
-const API_FLAG: Flag = Flag {
-    name: "http-addr",
-    value: "ADDR",
-    help:
-        "HOST:PORT where the scheduler serves HTTP [env FLOTILLA_HTTP_ADDR; default 127.0.0.1:8787]",
-};
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Status { .. } => "status",
+            Command::Workers { .. } => "workers",
+            Command::Tasks { .. } => "tasks",
+            Command::Cancel { .. } => "cancel",
+            Command::Retry { .. } => "retry",
+            Command::Purge { .. } => "purge",
+        }
+    }
+}
 
-const COMMANDS_HELP: &str = "
-Commands (ask the scheduler serving at --http-addr, default 127.0.0.1:8787):
-  status [--json]                          tasks by state, workers, queues, Redis memory
-  workers [--json]                         live workers: slots, running tasks, throughput, last seen
-  tasks [--state S] [--limit N] [--json]   tasks in the scheduler (S: waiting, ready, processing, finished, erred)
-  cancel KEY...                            cancel tasks and their dependents, running ones included
-  retry KEY...                             run erred tasks again
-  purge [--yes] [--force]                  delete the namespace's queues, exchanges and Redis keys
-                                           (takes the connection flags; refuses while a scheduler or
-                                           workers consume the namespace's queues, unless --force)
-Run `flotilla-scheduler COMMAND --help` for a command's flags.
-";
+/// `--http-addr` of the commands: where to find the scheduler.
+#[derive(Debug, Args)]
+struct ApiArgs {
+    /// HOST:PORT where the scheduler serves HTTP [default: 127.0.0.1:8787]
+    #[arg(long, value_name = "ADDR", env = "FLOTILLA_HTTP_ADDR")]
+    http_addr: Option<String>,
+}
+
+impl ApiArgs {
+    fn api(&self) -> Result<Api, String> {
+        Api::new(self.http_addr.as_deref().unwrap_or(http::DEFAULT_ADDR))
+    }
+}
+
+/// `--json` of the commands that print tables.
+#[derive(Debug, Args)]
+struct JsonArg {
+    /// Print the API's JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some(command @ ("status" | "workers" | "tasks" | "cancel" | "retry" | "purge")) => {
-            match command_main(command, &args[1..]) {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(command) => {
+            let name = command.name();
+            match command_main(command) {
                 Ok(code) => code,
                 Err(message) => {
-                    eprintln!("flotilla-scheduler {command}: {message}");
+                    eprintln!("flotilla-scheduler {name}: {message}");
                     ExitCode::FAILURE
                 }
             }
         }
-        _ => scheduler_main(args),
+        None => scheduler_main(cli.connection, cli.http_addr, cli.log),
     }
 }
 
 /// Runs the scheduler (and its HTTP endpoint) until SIGTERM or Ctrl-C.
-fn scheduler_main(args: Vec<String>) -> ExitCode {
-    let flags: Vec<Flag> = cli::CONNECTION_FLAGS
-        .iter()
-        .copied()
-        .chain([HTTP_FLAG])
-        .collect();
-    let parsed = match cli::parse("flotilla-scheduler", ABOUT, &flags, args) {
-        Ok(parsed) => parsed,
-        Err((0, text)) => {
-            print!("{text}{COMMANDS_HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err((code, text)) => {
-            eprintln!("{text}");
-            return ExitCode::from(code as u8);
-        }
-    };
-    cli::init_logging();
-    let config = match parsed.config() {
+fn scheduler_main(connection: ConnectionArgs, http_addr: Option<String>, log: LogArgs) -> ExitCode {
+    log.init();
+    let config = match connection.config() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("flotilla-scheduler: {error}");
@@ -86,11 +162,7 @@ fn scheduler_main(args: Vec<String>) -> ExitCode {
     cli::warn_default_credentials(&config.amqp_url);
     // An address the operator chose must work; the default may be taken
     // (another scheduler on this machine), which costs only the dashboard.
-    let (http_addr, explicit) = match parsed
-        .get("http-addr")
-        .map(str::to_owned)
-        .or_else(|| std::env::var("FLOTILLA_HTTP_ADDR").ok())
-    {
+    let (http_addr, explicit) = match http_addr {
         Some(addr) => (addr, true),
         None => (http::DEFAULT_ADDR.to_owned(), false),
     };
@@ -144,212 +216,85 @@ fn scheduler_main(args: Vec<String>) -> ExitCode {
     )
 }
 
-/// Flags and arguments of a subcommand.
-struct CommandLine {
-    parsed: cli::Parsed,
-    /// `--json`, `--yes`, `--force`.
-    switches: Vec<&'static str>,
-    /// Arguments that are not flags (task keys).
-    positional: Vec<String>,
-}
-
-impl CommandLine {
-    fn has(&self, switch: &str) -> bool {
-        self.switches.contains(&switch)
-    }
-}
-
-/// Splits switches and positional arguments from the flags (which all take
-/// a value), then parses the flags.
-fn parse_command(
-    command: &str,
-    about: &str,
-    flags: &[Flag],
-    switches: &[(&'static str, &'static str)],
-    usage: &str,
-    args: &[String],
-) -> Result<CommandLine, ExitCode> {
-    let program = format!("flotilla-scheduler {command}");
-    let mut found = Vec::new();
-    let mut positional = Vec::new();
-    let mut rest = Vec::new();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        if let Some(&(switch, _)) = switches
-            .iter()
-            .find(|(s, _)| arg.strip_prefix("--") == Some(s))
-        {
-            found.push(switch);
-        } else if arg == "--help" || arg == "-h" {
-            rest.push(arg.clone());
-        } else if arg.starts_with("--") {
-            rest.push(arg.clone());
-            if !arg.contains('=') {
-                rest.extend(args.next().cloned());
-            }
-        } else {
-            positional.push(arg.clone());
-        }
-    }
-    match cli::parse(&program, about, flags, rest) {
-        Ok(parsed) => Ok(CommandLine {
-            parsed,
-            switches: found,
-            positional,
-        }),
-        Err((0, text)) => {
-            let text = text.replace(
-                &format!("Usage: {program} [OPTIONS]"),
-                &format!("Usage: {program} {usage}"),
-            );
-            let (options, logging) = text.split_once("\n\nLogging").unwrap_or((&text, ""));
-            println!("{options}");
-            for (switch, help) in switches {
-                println!("  {:<26} {help}", format!("--{switch}"));
-            }
-            if command == "purge" {
-                print!("\nLogging{logging}");
-            }
-            Err(ExitCode::SUCCESS)
-        }
-        Err((code, text)) => {
-            eprintln!("{text}");
-            Err(ExitCode::from(code as u8))
-        }
-    }
-}
-
-fn command_main(command: &str, args: &[String]) -> Result<ExitCode, String> {
-    const JSON: (&str, &str) = ("json", "print the API's JSON instead of a table");
-    let http_flags = [API_FLAG];
-    let task_flags = [
-        API_FLAG,
-        Flag {
-            name: "state",
-            value: "STATE",
-            help: "only tasks in this state: waiting, ready, processing, finished or erred",
-        },
-        Flag {
-            name: "limit",
-            value: "N",
-            help: "at most N tasks [default 100]",
-        },
-    ];
-    let purge_flags = cli::CONNECTION_FLAGS;
-    let (about, flags, switches, usage): (&str, &[Flag], Vec<_>, &str) = match command {
-        "status" => (
-            "a running scheduler's tasks by state, workers, queues and Redis memory",
-            &http_flags,
-            vec![JSON],
-            "[OPTIONS]",
-        ),
-        "workers" => (
-            "a running scheduler's live workers",
-            &http_flags,
-            vec![JSON],
-            "[OPTIONS]",
-        ),
-        "tasks" => (
-            "tasks in a running scheduler's table",
-            &task_flags,
-            vec![JSON],
-            "[OPTIONS]",
-        ),
-        "cancel" => (
-            "cancels tasks and their dependents (running ones are stopped on their workers)",
-            &http_flags,
-            vec![],
-            "[OPTIONS] KEY...",
-        ),
-        "retry" => (
-            "runs erred tasks (and their erred inputs) again",
-            &http_flags,
-            vec![],
-            "[OPTIONS] KEY...",
-        ),
-        _ => (
-            "deletes a namespace: its shared queues, exchanges and every Redis key (results, references, datasets, primitives)",
-            &purge_flags,
-            vec![
-                ("yes", "really delete (without it, only say what would go)"),
-                ("force", "even while processes consume the namespace's queues"),
-            ],
-            "[OPTIONS] --yes",
-        ),
-    };
-    let line = match parse_command(command, about, flags, &switches, usage, args) {
-        Ok(line) => line,
-        Err(code) => return Ok(code),
-    };
-    if command == "purge" {
-        return purge(&line);
-    }
-    if !matches!(command, "cancel" | "retry") && !line.positional.is_empty() {
-        return Err(format!("unexpected argument {:?}", line.positional[0]));
-    }
-    let addr = line
-        .parsed
-        .get("http-addr")
-        .map(str::to_owned)
-        .or_else(|| std::env::var("FLOTILLA_HTTP_ADDR").ok())
-        .unwrap_or_else(|| http::DEFAULT_ADDR.to_owned());
-    let api = Api::new(&addr)?;
+fn command_main(command: Command) -> Result<ExitCode, String> {
     match command {
-        "status" => {
-            let status = api.get("/api/status")?;
-            if line.has("json") {
+        Command::Status { api, json } => {
+            let status = api.api()?.get("/api/status")?;
+            if json.json {
                 println!("{}", pretty(&status));
             } else {
                 print!("{}", format_status(&status));
             }
         }
-        "workers" => {
-            let status = api.get("/api/status")?;
-            if line.has("json") {
+        Command::Workers { api, json } => {
+            let status = api.api()?.get("/api/status")?;
+            if json.json {
                 println!("{}", pretty(&status["workers"]));
             } else {
                 print!("{}", format_workers(&status));
             }
         }
-        "tasks" => {
+        Command::Tasks {
+            api,
+            state,
+            limit,
+            json,
+        } => {
+            let api = api.api()?;
             let mut path = "/api/tasks?".to_owned();
-            if let Some(state) = line.parsed.get("state") {
-                path.push_str(&format!("state={}&", percent_encode(state)));
+            if let Some(state) = state {
+                path.push_str(&format!("state={}&", percent_encode(&state)));
             }
-            if let Some(limit) = line.parsed.get("limit") {
-                path.push_str(&format!("limit={}", percent_encode(limit)));
+            if let Some(limit) = limit {
+                path.push_str(&format!("limit={}", percent_encode(&limit)));
             }
             let tasks = api.get(&path)?;
-            if line.has("json") {
+            if json.json {
                 println!("{}", pretty(&tasks));
             } else {
                 print!("{}", format_tasks(&tasks));
             }
         }
-        _ => {
-            if line.positional.is_empty() {
-                return Err("name at least one task key".to_owned());
-            }
-            let query: Vec<String> = line
-                .positional
-                .iter()
-                .map(|key| format!("key={}", percent_encode(key)))
-                .collect();
-            api.post(&format!("/api/{command}?{}", query.join("&")))?;
-            let verb = if command == "cancel" {
-                "cancellation"
-            } else {
-                "retry"
-            };
-            println!(
-                "{verb} requested for {} task(s): {}",
-                line.positional.len(),
-                line.positional.join(" ")
-            );
-            println!("(keys the scheduler does not know are ignored; check with `flotilla-scheduler tasks`)");
+        Command::Cancel { api, keys } => change("cancel", &api, &keys)?,
+        Command::Retry { api, keys } => change("retry", &api, &keys)?,
+        Command::Purge {
+            connection,
+            yes,
+            force,
+            log,
+        } => {
+            log.init();
+            return purge(&connection, yes, force);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cancel` or `retry` of `keys`.
+fn change(command: &str, api: &ApiArgs, keys: &[String]) -> Result<(), String> {
+    let api = api.api()?;
+    if keys.is_empty() {
+        return Err("name at least one task key".to_owned());
+    }
+    let query: Vec<String> = keys
+        .iter()
+        .map(|key| format!("key={}", percent_encode(key)))
+        .collect();
+    api.post(&format!("/api/{command}?{}", query.join("&")))?;
+    let verb = if command == "cancel" {
+        "cancellation"
+    } else {
+        "retry"
+    };
+    println!(
+        "{verb} requested for {} task(s): {}",
+        keys.len(),
+        keys.join(" ")
+    );
+    println!(
+        "(keys the scheduler does not know are ignored; check with `flotilla-scheduler tasks`)"
+    );
+    Ok(())
 }
 
 /// A running scheduler's HTTP API, over plain blocking sockets.
@@ -425,13 +370,12 @@ impl Api {
 
 /// Deletes a namespace (see `flotilla::purge`), after checking that nobody
 /// uses it.
-fn purge(line: &CommandLine) -> Result<ExitCode, String> {
+fn purge(connection: &ConnectionArgs, yes: bool, force: bool) -> Result<ExitCode, String> {
     use flotilla_runtime::transport;
     use lapin::options::QueueDeclareOptions;
     use lapin::types::FieldTable;
 
-    cli::init_logging();
-    let config = line.parsed.config()?;
+    let config = connection.config()?;
     let names = config.names();
     let ns = names.namespace().to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -494,13 +438,13 @@ fn purge(line: &CommandLine) -> Result<ExitCode, String> {
             names.control_exchange(),
             names.redis_pattern(),
         );
-        let result = if !consumers.is_empty() && !line.has("force") {
+        let result = if !consumers.is_empty() && !force {
             eprintln!(
                 "flotilla-scheduler purge: refusing: the namespace is in use: {}.\nStop its scheduler and workers first (or pass --force).",
                 consumers.join(", ")
             );
             Ok(ExitCode::FAILURE)
-        } else if !line.has("yes") {
+        } else if !yes {
             println!("would delete {what}\nrerun with --yes to delete them");
             Ok(ExitCode::FAILURE)
         } else {
