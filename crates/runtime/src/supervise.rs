@@ -74,24 +74,57 @@ impl Stop {
     }
 }
 
-/// Pauses between reconnection attempts: 100 ms, doubling up to 5 s.
-#[derive(Debug, Clone, Default)]
+/// Pauses between attempts: doubling from a first pause up to a longest
+/// one, each drawn at random from its upper half ("equal jitter", with
+/// `backon`), so that processes that lost the same broker at the same
+/// moment do not all come back in lock-step.
+#[derive(Debug)]
 pub struct Backoff {
-    next: Option<Duration>,
+    first: Duration,
+    longest: Duration,
+    pauses: backon::ExponentialBackoff,
+}
+
+impl Default for Backoff {
+    /// Reconnection pauses: about 100 ms, doubling up to about 5 s.
+    fn default() -> Self {
+        Backoff::new(FIRST_PAUSE, LONGEST_PAUSE)
+    }
 }
 
 impl Backoff {
+    /// Pauses of at most `first`, doubling up to at most `longest`; each is
+    /// at least half its bound.
+    pub fn new(first: Duration, longest: Duration) -> Self {
+        Backoff {
+            first,
+            longest,
+            pauses: Self::pauses(first, longest),
+        }
+    }
+
+    fn pauses(first: Duration, longest: Duration) -> backon::ExponentialBackoff {
+        use backon::BackoffBuilder;
+        // backon adds a random part of up to the delay itself: half-bounds
+        // give pauses between half the bound and the bound.
+        backon::ExponentialBuilder::default()
+            .with_min_delay(first / 2)
+            .with_max_delay(longest / 2)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
     /// The pause before the next attempt.
     pub fn next_pause(&mut self) -> Duration {
-        let pause = self.next.unwrap_or(FIRST_PAUSE);
-        self.next = Some((pause * 2).min(LONGEST_PAUSE));
-        pause
+        self.pauses.next().unwrap_or(self.longest).min(self.longest)
     }
 
     /// Starts again from the shortest pause (after an attempt that got
     /// connected).
     pub fn reset(&mut self) {
-        self.next = None;
+        self.pauses = Self::pauses(self.first, self.longest);
     }
 }
 
@@ -143,12 +176,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pauses_double_up_to_the_longest_and_reset() {
-        let mut backoff = Backoff::default();
-        let pauses: Vec<u128> = (0..8).map(|_| backoff.next_pause().as_millis()).collect();
-        assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        backoff.reset();
-        assert_eq!(backoff.next_pause(), FIRST_PAUSE);
+    fn pauses_double_up_to_the_longest_with_jitter_and_reset() {
+        let bounds: [u128; 8] = [100, 200, 400, 800, 1600, 3200, 5000, 5000];
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let mut backoff = Backoff::default();
+            for bound in bounds {
+                let pause = backoff.next_pause().as_millis();
+                assert!(
+                    bound / 2 <= pause && pause <= bound,
+                    "{pause} ms outside [{}, {bound}] ms",
+                    bound / 2
+                );
+                seen.insert(pause);
+            }
+            backoff.reset();
+            assert!(backoff.next_pause() <= FIRST_PAUSE);
+        }
+        // Jittered: fifty processes do not all pause alike.
+        assert!(seen.len() > bounds.len(), "{seen:?}");
     }
 
     #[tokio::test]

@@ -531,18 +531,23 @@ impl Drop for Dedicated {
     }
 }
 
-/// Pauses between attempts after a lost connection, doubling each time.
-#[derive(Default)]
-pub(crate) struct Backoff {
-    next: Option<Duration>,
+/// Pauses between attempts after a lost connection: the runtime's jittered
+/// backoff from [`RETRY_BACKOFF`] up to 1 s, cut short by a deadline.
+pub(crate) struct Backoff(flotilla_runtime::supervise::Backoff);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(flotilla_runtime::supervise::Backoff::new(
+            RETRY_BACKOFF,
+            Duration::from_secs(1),
+        ))
+    }
 }
 
 impl Backoff {
     /// Sleeps, or returns `false` at once when the deadline would pass first.
     pub(crate) async fn pause(&mut self, deadline: Option<Instant>) -> bool {
-        let pause = self.next.unwrap_or(RETRY_BACKOFF);
-        self.next = Some((pause * 2).min(Duration::from_secs(1)));
-        let until = Instant::now() + pause;
+        let until = Instant::now() + self.0.next_pause();
         match deadline {
             Some(deadline) if deadline <= until => {
                 tokio::time::sleep_until(deadline).await;
@@ -556,7 +561,7 @@ impl Backoff {
     }
 
     pub(crate) fn reset(&mut self) {
-        self.next = None;
+        self.0.reset();
     }
 }
 
