@@ -77,6 +77,7 @@ impl ConnectionArgs {
 /// `spans`, root first).
 // The variants have no doc comments: clap would list them as the flag's
 // long help, making every `--help` the long one.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     #[default]
