@@ -204,6 +204,22 @@ impl Outbox {
         refs::add_for(pipe, &self.names, script, key, &[holder.as_bytes()]);
     }
 
+    /// Adds a deferred release of `key` to the batch, unless the key was
+    /// asked for again during its grace.
+    fn release_deferred(
+        &self,
+        pipe: &mut redis::Pipeline,
+        steps: &mut Vec<Step>,
+        replies: &mut usize,
+        key: String,
+    ) {
+        if still_released(&self.table, &key) {
+            self.script(pipe, &refs::RELEASE, &key, &self.client);
+            steps.push(Step::Release(key, *replies));
+            *replies += 1;
+        }
+    }
+
     /// Waits for the broker's confirmation of the oldest unconfirmed
     /// message; when it does not come (the channel broke), re-sends every
     /// unconfirmed message in order on the current channel.
@@ -305,11 +321,7 @@ impl Outbox {
             let Some((_, key)) = self.deferred.pop_front() else {
                 break;
             };
-            if still_released(&self.table, &key) {
-                self.script(&mut pipe, &refs::RELEASE, &key, &self.client);
-                steps.push(Step::Release(key, replies));
-                replies += 1;
-            }
+            self.release_deferred(&mut pipe, &mut steps, &mut replies, key);
         }
         let flushing = all || ops.iter().any(|op| matches!(op, Op::Flush(_)));
         let mut flushes = Vec::new();
@@ -368,11 +380,7 @@ impl Outbox {
             // After this batch's holds: a release made after a hold of the
             // same key must run after it.
             for (_, key) in std::mem::take(&mut self.deferred) {
-                if still_released(&self.table, &key) {
-                    self.script(&mut pipe, &refs::RELEASE, &key, &self.client);
-                    steps.push(Step::Release(key, replies));
-                    replies += 1;
-                }
+                self.release_deferred(&mut pipe, &mut steps, &mut replies, key);
             }
         }
         steps.extend(flushes.into_iter().map(Step::Flush));
