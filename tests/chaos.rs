@@ -17,6 +17,9 @@
 
 mod support;
 
+#[path = "chaos/state.rs"]
+mod state;
+
 use flotilla::prelude::*;
 use flotilla::{Config, ErrorKind, Secret};
 use flotilla_examples::{add, counted_sleep, crash_worker, inc, slow_identity, total, whoami};
@@ -616,6 +619,7 @@ impl Consumer {
         spec.args.extend(std::iter::repeat_n(0u8, padding));
         match self {
             Consumer::Worker => encode(&ToWorker::Run {
+                epoch: 0,
                 tasks: vec![RunTask {
                     spec,
                     inline: Vec::new(),
@@ -929,6 +933,7 @@ async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
         }
     }
     let bundle = ToWorker::Run {
+        epoch: 0,
         tasks: records
             .iter()
             .map(|(key, _)| RunTask {

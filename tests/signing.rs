@@ -161,6 +161,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
         tasks: vec![forged_spec.clone()],
     };
     let run = ToWorker::Run {
+        epoch: 0,
         tasks: vec![RunTask {
             spec: forged_spec,
             inline: Vec::new(),
@@ -205,6 +206,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
         .await
         .unwrap();
     let run = ToWorker::Run {
+        epoch: 0,
         tasks: vec![RunTask {
             spec: spec.clone(),
             inline: Vec::new(),

@@ -153,15 +153,25 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Extra `redis-server` arguments (they override the defaults).
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
     /// Starts a server and waits until it accepts connections.
     pub fn start() -> PrivateRedis {
+        PrivateRedis::start_with(&[])
+    }
+
+    /// Like [`PrivateRedis::start`], with extra `redis-server` arguments,
+    /// e.g. `["--appendonly", "no"]` for a server that keeps nothing
+    /// across a restart, or a `--maxmemory` and its policy.
+    pub fn start_with(extra: &[&str]) -> PrivateRedis {
         let mut redis = PrivateRedis {
             port: free_port(),
             dir: scratch_dir("redis"),
             child: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         redis.spawn();
         redis
@@ -170,7 +180,9 @@ impl PrivateRedis {
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--port"])
+            .args(["--appendfsync", "always"])
+            .args(&self.extra)
+            .arg("--port")
             .arg(self.port.to_string())
             .arg("--dir")
             .arg(&self.dir)
@@ -234,6 +246,7 @@ impl PrivateRedis {
             port,
             dir,
             child: Some(child),
+            extra: Vec::new(),
         }
     }
 

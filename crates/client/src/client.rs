@@ -119,6 +119,30 @@ impl Drop for ClientInner {
 }
 
 impl ClientInner {
+    /// Redis lost its data (see [`flotilla_runtime::incarnation`]): every
+    /// future not yet resolved fails with [`Error::DataLost`], since the
+    /// spec it would run from and the events it waits for are gone.
+    pub(crate) fn data_lost(&self) {
+        let pending: Vec<Arc<FutureState>> = self
+            .table()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|state| !state.status().is_done())
+            .collect();
+        if !pending.is_empty() {
+            tracing::error!(
+                futures = pending.len(),
+                "Redis lost its data (the namespace's incarnation marker is gone): failing the futures that were pending"
+            );
+        }
+        for state in pending {
+            state.set_failed(Error::DataLost {
+                key: state.key.as_str().to_owned(),
+                cause: "Redis lost its data while the task was pending (its incarnation marker changed: a restart without persistence, a flush or a failover)".into(),
+            });
+        }
+    }
+
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<FutureState>>> {
         self.futures.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -208,6 +232,14 @@ impl ClientInner {
                         if error.key() == key && error.type_name() == "flotilla::Lost" =>
                     {
                         Error::Lost(key)
+                    }
+                    ErrorKind::MissingDependency
+                        if error.key() == key && error.type_name() == flotilla_proto::DATA_LOST =>
+                    {
+                        Error::DataLost {
+                            key,
+                            cause: error.message().to_owned(),
+                        }
                     }
                     _ => Error::Task(error),
                 };
@@ -396,6 +428,8 @@ impl Client {
         let redis = transport::connect_redis(&config.redis_url).await?;
         let codec = Codec::new(&config);
         flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
+        let incarnation =
+            flotilla_runtime::incarnation::Incarnation::start(&mut redis.clone(), &names).await?;
         // FLOTILLA_CLIENT_LEASE_MS (30 s, at least 1 s): the scheduler
         // releases this client's holds once it lapses unrenewed.
         let lease = config.client_lease();
@@ -441,7 +475,20 @@ impl Client {
         };
         tokio::spawn(outbox.run(ops_rx));
         let listener = tokio::spawn(listen(consumer, Arc::downgrade(&inner)));
-        let lease_task = tokio::spawn(renew_lease(redis, names, id, lease));
+        let lost = Arc::downgrade(&inner);
+        let on_data_lost = move || {
+            if let Some(inner) = lost.upgrade() {
+                inner.data_lost();
+            }
+        };
+        let lease_task = tokio::spawn(renew_lease(
+            redis,
+            names,
+            id,
+            lease,
+            incarnation,
+            on_data_lost,
+        ));
         inner
             .background
             .lock()

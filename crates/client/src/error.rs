@@ -59,6 +59,17 @@ pub enum Error {
     /// The result is no longer stored (it was released, or Redis lost it).
     #[error("the result of `{0}` is no longer stored")]
     Lost(String),
+    /// Redis lost the state the task depended on: it was restarted without
+    /// persistence, evicted keys, or failed over to a replica that missed
+    /// writes. Its spec and result are gone, so it can neither run nor
+    /// answer; `cause` says how the loss was detected.
+    #[error("`{key}` is lost with Redis' data: {cause}")]
+    DataLost {
+        /// The task's key.
+        key: String,
+        /// How the loss was detected.
+        cause: String,
+    },
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),

@@ -496,16 +496,27 @@ async fn sleep_until(due: Option<Instant>) {
 
 /// Keeps the client's lease alive: while it is renewed, the client's holds
 /// survive even a broken connection; once it lapses, the scheduler releases
-/// them and cancels the client's pending tasks that nothing else holds.
+/// them and cancels the client's pending tasks that nothing else holds. It
+/// also checks Redis' incarnation marker and calls `on_data_lost` when
+/// Redis lost its data.
 pub(crate) async fn renew_lease(
     mut redis: ConnectionManager,
     names: Names,
     client: String,
     lease: Duration,
+    mut incarnation: flotilla_runtime::incarnation::Incarnation,
+    on_data_lost: impl Fn() + Send + 'static,
 ) {
-    let mut tick = tokio::time::interval(lease / 4);
+    // Checked at least every 5 s, so a future waiting on data Redis lost
+    // resolves soon after.
+    let mut tick = tokio::time::interval((lease / 4).min(Duration::from_secs(5)));
     loop {
         tick.tick().await;
+        match incarnation.lost(&mut redis, &names).await {
+            Ok(true) => on_data_lost(),
+            Ok(false) => {}
+            Err(error) => warn!(%error, "checking Redis' incarnation marker failed"),
+        }
         let expiry = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()

@@ -66,6 +66,20 @@ pub enum ConfigError {
         /// What this process signs with.
         ours: String,
     },
+    /// A numeric setting is outside the range it can work in.
+    #[error("{name} = {value} cannot work: {why} (allowed: {min} to {max})")]
+    OutOfRange {
+        /// The setting.
+        name: &'static str,
+        /// What was given.
+        value: u64,
+        /// The smallest value allowed.
+        min: u64,
+        /// The largest value allowed.
+        max: u64,
+        /// What goes wrong outside the range.
+        why: &'static str,
+    },
     /// A numeric setting did not parse.
     #[error("invalid value {value:?} for {name}: expected a whole number")]
     Number {
@@ -198,7 +212,49 @@ impl Config {
 
     /// Checks the settings that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_namespace(&self.namespace)
+        validate_namespace(&self.namespace)?;
+        let checks: [(&'static str, u64, u64, u64, &'static str); 4] = [
+            (
+                "FLOTILLA_REPLAY_WINDOW_MS",
+                self.replay_window_ms,
+                1_000,
+                7 * 24 * 3_600_000,
+                "every signed message would be refused as stale, and nothing would run",
+            ),
+            (
+                "FLOTILLA_LONG_TASK_MS",
+                self.long_task_ms,
+                100,
+                1_800_000,
+                "a delivery must be taken into custody well before RabbitMQ's consumer timeout (30 min by default) closes the channel",
+            ),
+            (
+                "FLOTILLA_CLIENT_LEASE_MS",
+                self.client_lease_ms,
+                0,
+                24 * 3_600_000,
+                "a dead client's holds and pending work would outlive it by more than a day",
+            ),
+            (
+                "FLOTILLA_MAX_PAYLOAD",
+                self.max_payload as u64,
+                1_024,
+                u32::MAX as u64,
+                "no message could carry a task",
+            ),
+        ];
+        for (name, value, min, max, why) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::OutOfRange {
+                    name,
+                    value,
+                    min,
+                    max,
+                    why,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// How long a task in custody (see [`Config::long_task_ms`]) outlives
@@ -269,5 +325,22 @@ mod tests {
         assert!(
             Config::from_lookup(|n| (n == "FLOTILLA_MAX_PAYLOAD").then(|| "lots".into())).is_err()
         );
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_with_the_setting_named() {
+        let zero_window = Config {
+            replay_window_ms: 0,
+            ..Config::default()
+        };
+        let error = zero_window.validate().unwrap_err().to_string();
+        assert!(
+            error.starts_with("FLOTILLA_REPLAY_WINDOW_MS = 0 cannot work"),
+            "{error}"
+        );
+        let lookup = |name: &str| (name == "FLOTILLA_LONG_TASK_MS").then(|| "3600000".to_owned());
+        let error = Config::from_lookup(lookup).unwrap_err().to_string();
+        assert!(error.contains("FLOTILLA_LONG_TASK_MS = 3600000"), "{error}");
+        assert!(Config::default().validate().is_ok());
     }
 }

@@ -3,6 +3,11 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The [`TaskError::type_name`] of a task that Redis lost with its data (a
+/// restart without persistence, eviction, a failover that missed writes):
+/// its spec and result are gone. Clients report it as data loss.
+pub const DATA_LOST: &str = "flotilla::DataLost";
+
 /// What kind of failure a [`TaskError`] records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -63,6 +63,7 @@ fn seeds() -> Vec<Vec<u8>> {
             keys: vec!["a".into()],
         }),
         encode(&ToWorker::Run {
+            epoch: 0,
             tasks: vec![RunTask {
                 spec,
                 inline: vec![("k".into(), serde_bytes::ByteBuf::from(vec![3]))],

@@ -29,7 +29,7 @@ pub use config::{
     DEFAULT_CLIENT_LEASE_MS, DEFAULT_LONG_TASK_MS, DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE,
     DEFAULT_REDIS_URL, DEFAULT_REPLAY_WINDOW_MS, MIN_CLIENT_LEASE_MS,
 };
-pub use error::{ErrorKind, TaskError};
+pub use error::{ErrorKind, TaskError, DATA_LOST};
 pub use messages::{
     Arg, Event, EventBatch, RunTask, StoredOk, StoredResult, TaskSpec, ToScheduler, ToWorker,
     WorkerInfo, TAG_ERR, TAG_OK,

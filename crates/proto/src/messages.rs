@@ -179,6 +179,11 @@ pub enum ToWorker {
     Run {
         /// The tasks.
         tasks: Vec<RunTask>,
+        /// The fencing epoch of the scheduler that sent them (0: unfenced).
+        /// Workers drop bundles of an epoch lower than one they have seen:
+        /// they come from a deposed scheduler.
+        #[serde(default)]
+        epoch: u64,
     },
     /// Stop these tasks if they are running here (broadcast to all workers).
     Cancel {
@@ -395,6 +400,7 @@ mod tests {
             submit
         );
         let run = ToWorker::Run {
+            epoch: 3,
             tasks: vec![RunTask {
                 spec: spec(),
                 inline: vec![("x".into(), serde_bytes::ByteBuf::from(vec![9]))],

@@ -148,6 +148,26 @@ impl Names {
         format!("{}:seal", self.namespace)
     }
 
+    /// The leader lease: `<scheduler id>|<epoch>` of the one active
+    /// scheduler, with a time to live the active scheduler keeps renewing
+    /// (see `flotilla_scheduler::leader`).
+    pub fn leader_key(&self) -> String {
+        format!("{}:leader", self.namespace)
+    }
+
+    /// The last fencing epoch handed to a scheduler that took the leader
+    /// lease (it only grows; see `flotilla_scheduler::leader`).
+    pub fn epoch_key(&self) -> String {
+        format!("{}:epoch", self.namespace)
+    }
+
+    /// A random marker every process reads at start (setting it when
+    /// absent) and checks again later: when it is gone or changed, Redis
+    /// lost its data (see `flotilla_runtime::incarnation`).
+    pub fn incarnation_key(&self) -> String {
+        format!("{}:incarnation", self.namespace)
+    }
+
     /// Sorted set of tasks in a worker's custody (acknowledged to the
     /// broker early because they run long) by lease expiry (milliseconds
     /// since the epoch).

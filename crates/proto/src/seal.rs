@@ -21,9 +21,10 @@
 //! **Replays.** A consumer keeps a [`ReplayGuard`]: the nonces it took within
 //! the replay window (`FLOTILLA_REPLAY_WINDOW_MS`, 5 minutes by default). A
 //! second copy of a message is refused, and so is a message issued longer
-//! ago than the window, unless the broker marks it *redelivered* (a copy
-//! that an outsider publishes never is). What is older than the window is
-//! checked against the state in Redis instead of being trusted: the
+//! ago than the window. A copy the broker marks *redelivered* is not
+//! refused but, like a message older than the window, checked against the
+//! state in Redis instead of being trusted (an outsider can make a captured
+//! copy come back redelivered by taking it and requeueing it): the
 //! scheduler takes up a stale submission's tasks from their stored specs,
 //! and workers run a task (also one that reached another worker than a
 //! first copy) only while its spec is stored, that is, while it is not
@@ -215,7 +216,9 @@ impl Codec {
 
     /// Decodes a message taken from a queue: checks the seal, then, unless
     /// the broker marks it `redelivered`, refuses a copy `guard` has seen
-    /// and a message issued outside the replay window.
+    /// and a message issued outside the replay window. For messages whose
+    /// second application is harmless (events); see [`Codec::open_aged`]
+    /// for those that must be checked against Redis.
     pub fn open<T: DeserializeOwned>(
         &self,
         purpose: Purpose,
@@ -226,6 +229,9 @@ impl Codec {
     ) -> Result<T, DecodeError> {
         let (message, stale) = self.open_aged(purpose, bytes, redelivered, guard, limit)?;
         match stale {
+            // For consumers of idempotent messages (events): a redelivered
+            // copy is taken as it comes.
+            Some(_) if redelivered => Ok(message),
             Some(error) => Err(error.into()),
             None => Ok(message),
         }
@@ -233,7 +239,9 @@ impl Codec {
 
     /// Like [`Codec::open`], but a stale message is returned with the
     /// reason it is stale, for consumers that can check it against the
-    /// state in Redis (a task message that waited behind long tasks).
+    /// state in Redis (a task message that waited behind long tasks). A
+    /// redelivered copy of a message `guard` has seen comes back as
+    /// [`SealError::Replayed`] (to check), never as fresh.
     pub fn open_aged<T: DeserializeOwned>(
         &self,
         purpose: Purpose,
@@ -246,7 +254,13 @@ impl Codec {
         let message = rmp_serde::from_slice(body)?;
         let stale = match header {
             Some((issued, nonce)) if !redelivered => guard.admit(issued, nonce, self.window)?,
-            _ => None,
+            // A redelivered copy of a message this consumer took is not
+            // refused (its first delivery may have been lost with a
+            // channel) but is returned as one to check against Redis, as
+            // is a stale one: a captured message requeued by an outsider
+            // arrives redelivered too.
+            Some((issued, nonce)) => guard.admit(issued, nonce, self.window).unwrap_or_else(Some),
+            None => None,
         };
         Ok((message, stale))
     }
@@ -547,10 +561,41 @@ mod tests {
             )
             .unwrap();
         assert_eq!((message, stale.is_some()), (forget(), true));
-        // Redelivered by the broker: taken whatever its age.
+        // Redelivered by the broker: an idempotent message is taken
+        // whatever its age; one to check comes back marked stale.
         assert!(codec
             .open::<ToScheduler>(Purpose::ToScheduler, &bytes, true, &guard, 1 << 20)
             .is_ok());
+        let (_, stale) = codec
+            .open_aged::<ToScheduler>(Purpose::ToScheduler, &bytes, true, &guard, 1 << 20)
+            .unwrap();
+        assert!(stale.is_some());
+    }
+
+    #[test]
+    fn a_redelivered_copy_of_a_message_taken_is_returned_to_check_not_trusted() {
+        let codec = codec(Some("s3cret"), "ns");
+        let bytes = codec.encode(Purpose::ToScheduler, &forget());
+        let guard = ReplayGuard::new();
+        let open_aged = |redelivered| {
+            codec
+                .open_aged::<ToScheduler>(
+                    Purpose::ToScheduler,
+                    &bytes,
+                    redelivered,
+                    &guard,
+                    1 << 20,
+                )
+                .map(|(_, stale)| stale)
+        };
+        assert!(matches!(open_aged(false), Ok(None)));
+        // A plain second copy is refused; one requeued so that it arrives
+        // redelivered is handed over, marked as a replay to check.
+        assert!(matches!(
+            open_aged(false),
+            Err(DecodeError::Seal(SealError::Replayed))
+        ));
+        assert!(matches!(open_aged(true), Ok(Some(SealError::Replayed))));
     }
 
     #[test]

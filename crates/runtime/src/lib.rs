@@ -13,6 +13,7 @@
 
 pub mod cli;
 pub mod custody;
+pub mod incarnation;
 pub mod refs;
 pub mod seal;
 pub mod supervise;

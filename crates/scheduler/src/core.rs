@@ -53,6 +53,19 @@ pub trait Comm {
     fn forget_spec(&mut self, key: &str);
 }
 
+/// What Redis holds for a processing task (see [`Core::checked`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Checked {
+    /// Its spec is stored and no result: it is still to be done.
+    Pending,
+    /// A value is stored.
+    Finished,
+    /// An error is stored.
+    Erred(TaskError),
+    /// Neither its spec nor a result is stored.
+    Lost,
+}
+
 /// What a lookup of an unknown key found in Redis.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
@@ -916,6 +929,72 @@ impl Core {
             {
                 self.land(key);
                 self.make_ready(key);
+            }
+        }
+    }
+
+    /// The tasks handed out to workers and not reported back yet, for
+    /// checking against the store ([`Core::checked`]).
+    pub fn processing(&self) -> Vec<String> {
+        self.tasks
+            .iter()
+            .filter(|(_, task)| task.state == State::Processing && task.in_flight)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// What Redis holds for a task that has been processing a while (see
+    /// [`Checked`]). A task whose result is stored is settled as its result
+    /// says, and its clients are told (its worker may have died after
+    /// storing it and before reporting it); one with neither spec nor result
+    /// is lost with Redis' data and fails with a `flotilla::DataLost`
+    /// error, never left processing. Tasks no longer processing are left
+    /// alone.
+    pub fn checked(&mut self, key: &str, found: Checked, comm: &mut impl Comm) {
+        let Some(task) = self.tasks.get(key) else {
+            return;
+        };
+        if task.state != State::Processing {
+            return;
+        }
+        match found {
+            Checked::Pending => {}
+            Checked::Finished => {
+                if let Some(spec) = &task.spec {
+                    comm.notify(
+                        &spec.client,
+                        Event::Finished {
+                            key: key.to_owned(),
+                            inline: None,
+                            size: 0,
+                        },
+                    );
+                }
+                self.finished(key, None, 0, comm);
+            }
+            Checked::Erred(error) => {
+                if let Some(spec) = &task.spec {
+                    comm.notify(
+                        &spec.client,
+                        Event::Erred {
+                            key: key.to_owned(),
+                            error: error.clone(),
+                            retrying: false,
+                        },
+                    );
+                }
+                self.erred(key, error, false, comm);
+            }
+            Checked::Lost => {
+                let task_name = task.spec.as_ref().map_or("", |s| s.task.as_str());
+                let error = TaskError::new(
+                    ErrorKind::MissingDependency,
+                    flotilla_proto::DATA_LOST,
+                    "Redis lost the task's spec and result while it was processing \
+                     (a restart without persistence, eviction or a failover)",
+                )
+                .at(key, task_name);
+                self.fail(key, error, comm);
             }
         }
     }

@@ -7,9 +7,10 @@
 
 pub mod core;
 pub mod http;
+pub mod leader;
 pub mod server;
 
 pub use http::HttpServer;
 pub use server::{
-    run, run_with_hooks, Hooks, SchedulerError, SchedulerHandle, Snapshot, TaskQuery,
+    run, run_with_hooks, Hooks, Role, SchedulerError, SchedulerHandle, Snapshot, TaskQuery,
 };

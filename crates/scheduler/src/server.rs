@@ -6,7 +6,8 @@
 //! and acknowledges the input in one go, so the cost per message shrinks as
 //! load grows.
 
-use crate::core::{Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
+use crate::core::{Checked, Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
+use crate::leader::{self, Attempt, Leadership};
 use flotilla_proto::{
     Codec, Config, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
     TaskError, ToScheduler, ToWorker,
@@ -22,6 +23,7 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 use redis::aio::ConnectionManager;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -34,6 +36,9 @@ const MAX_BATCH: usize = 4096;
 /// How often the reaper also releases holds of client ids that have no
 /// lease (see `reap`).
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often processing tasks are checked against Redis: a task
+/// processing at two checks in a row is looked up (see [`Core::checked`]).
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Why the scheduler stopped.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,12 @@ pub enum SchedulerError {
     /// A consumer or the connection closed under the scheduler.
     #[error("RabbitMQ closed the scheduler's {0}")]
     Closed(&'static str),
+    /// This scheduler lost the leader lease (see [`crate::leader`]).
+    #[error("lost the leader lease: {0}")]
+    Deposed(String),
+    /// The broker refused a publish, again after retries.
+    #[error("RabbitMQ refused a publish of the scheduler {0} times")]
+    Refused(u32),
 }
 
 enum Input {
@@ -68,6 +79,37 @@ enum Input {
     /// Specs read back from Redis for a stale signed submission.
     Stored(Vec<flotilla_proto::TaskSpec>),
     Closed(&'static str),
+    /// The leader lease was lost (to this holder, or by running out).
+    Deposed(String),
+    /// Publishes of a flush stayed refused by the broker.
+    Refused(u32),
+    /// What Redis holds for tasks processing for a while.
+    Checked(Vec<(String, Checked)>),
+}
+
+/// Whether this scheduler is the namespace's active one (see
+/// [`crate::leader`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Connecting; not yet known.
+    #[default]
+    Starting,
+    /// Another scheduler holds the leader lease; this one takes over when
+    /// it lapses.
+    Standby,
+    /// Holds the leader lease and schedules.
+    Active,
+}
+
+impl Role {
+    /// `starting`, `standby` or `active`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Standby => "standby",
+            Role::Active => "active",
+        }
+    }
 }
 
 /// What the scheduler looks like, published once a second for status pages
@@ -88,6 +130,27 @@ pub struct Snapshot {
     pub erred: Vec<TaskStatus>,
     /// Tasks the scheduler holds in memory.
     pub tasks_in_memory: usize,
+    /// Active or standby.
+    pub role: Role,
+    /// The leader lease's holder as last seen (`<id>|<epoch>`).
+    pub leader: Option<String>,
+}
+
+impl Snapshot {
+    /// An empty snapshot of `namespace` in `role`.
+    pub fn empty(namespace: &str, role: Role) -> Self {
+        Snapshot {
+            namespace: namespace.to_owned(),
+            at: std::time::SystemTime::now(),
+            uptime_s: 0.0,
+            counts: Counts::default(),
+            workers: Vec::new(),
+            erred: Vec::new(),
+            tasks_in_memory: 0,
+            role,
+            leader: None,
+        }
+    }
 }
 
 /// Ways into a running scheduler for status pages and operator commands.
@@ -200,9 +263,20 @@ async fn supervise(
     let stop = Stop::new(shutdown);
     let started = Instant::now();
     let mut attempts = Attempts::default();
+    let id = flotilla_proto::new_id();
     loop {
         let mut up = false;
-        let result = run_inner(&config, &stop, &mut ready, &mut hooks, &mut up, started).await;
+        let life = Life {
+            config: &config,
+            id: &id,
+            stop: &stop,
+            started,
+        };
+        let result = run_inner(&life, &mut ready, &mut hooks, &mut up).await;
+        if let Err(SchedulerError::Deposed(holder)) = &result {
+            warn!(holder, "this scheduler lost the leader lease: standing by");
+            continue;
+        }
         let what = "reconnecting, then taking up the pending tasks from Redis";
         if let Some(done) = attempts.settle(result, up, &stop, what).await {
             return done;
@@ -210,36 +284,48 @@ async fn supervise(
     }
 }
 
+/// What stays the same across a scheduler's connected lives.
+struct Life<'a> {
+    config: &'a Config,
+    /// This scheduler's id in the leader lease.
+    id: &'a str,
+    stop: &'a Stop,
+    started: Instant,
+}
+
 /// One connected life of the scheduler; `up` is set once it consumes.
 async fn run_inner(
-    config: &Config,
-    stop: &Stop,
+    life: &Life<'_>,
     ready: &mut Option<oneshot::Sender<()>>,
     hooks: &mut Hooks,
     up: &mut bool,
-    started: Instant,
 ) -> Result<(), SchedulerError> {
+    let config = life.config;
     let names = config.names();
     let connection = transport::connect_amqp(
         &config.amqp_url,
         &format!("flotilla-scheduler {}", names.namespace()),
     )
     .await?;
-    let result = serve(config, stop, ready, hooks, up, started, &connection).await;
+    let result = serve(life, ready, hooks, up, &connection).await;
     transport::close(&connection, "scheduler stopping").await;
     result
 }
 
 /// Declares, consumes and runs the scheduler's loop on `connection`.
 async fn serve(
-    config: &Config,
-    stop: &Stop,
+    life: &Life<'_>,
     ready: &mut Option<oneshot::Sender<()>>,
     hooks: &mut Hooks,
     up: &mut bool,
-    started: Instant,
     connection: &lapin::Connection,
 ) -> Result<(), SchedulerError> {
+    let Life {
+        config,
+        id,
+        stop,
+        started,
+    } = *life;
     let names = config.names();
     let publish = connection.create_channel().await?;
     publish
@@ -249,8 +335,33 @@ async fn serve(
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     // Clients and workers with another secret then fail at once, clearly.
     flotilla_runtime::seal::publish_fingerprint(&mut redis, &names, &Codec::new(config)).await?;
-
     let (inputs, mut input_rx) = mpsc::unbounded_channel();
+    // Only the holder of the leader lease consumes; another waits here,
+    // connected (a hot standby).
+    let Some((leadership, holder)) = stand_by(&mut redis, &names, id, stop, hooks).await? else {
+        return Ok(());
+    };
+    info!(
+        epoch = leadership.epoch,
+        "holding the leader lease: this scheduler is the active one"
+    );
+    let keeper = tokio::spawn({
+        let redis = redis.clone();
+        let names = names.clone();
+        let id = id.to_owned();
+        let leadership = leadership.clone();
+        let inputs = inputs.clone();
+        async move {
+            let lost = leader::keep(redis, names, id, leadership).await;
+            let reason = lost.map_or_else(
+                || "Redis did not answer within the lease".to_owned(),
+                |holder| format!("now held by {holder}"),
+            );
+            let _ = inputs.send(Input::Deposed(reason));
+        }
+    });
+    let _keeper = AbortOnDrop(keeper);
+
     let submissions = connection.create_channel().await?;
     let events = connection.create_channel().await?;
     for (channel, queue, wrap) in [
@@ -295,22 +406,34 @@ async fn serve(
         });
     }
 
+    let incarnation = flotilla_runtime::incarnation::Incarnation::start(&mut redis, &names).await?;
+    let (settler, settlements) = mpsc::unbounded_channel();
+    let _settler = AbortOnDrop(tokio::spawn(settle(
+        settlements,
+        publish.clone(),
+        submissions.clone(),
+        events.clone(),
+        inputs.clone(),
+    )));
     let mut scheduler = Scheduler {
         core: Core::new(),
         out: Outbox::default(),
         names,
-        publish,
+        publisher: publish.clone(),
+        settler,
         redis,
         inputs: inputs.clone(),
         max_payload: config.max_payload,
         codec: Codec::new(config),
         guard: ReplayGuard::new(),
         events_guard: ReplayGuard::new(),
-        submissions: submissions.clone(),
-        events: events.clone(),
         reaper: None,
         orphans_swept: None,
         custodian: None,
+        leadership: leadership.clone(),
+        rechecked: (HashSet::new(), Instant::now()),
+        checker: None,
+        incarnation: Arc::new(tokio::sync::Mutex::new(incarnation)),
     };
     // A restarted scheduler takes up every task still pending: clients store
     // each spec in Redis with its submission, workers delete it once done.
@@ -319,7 +442,7 @@ async fn serve(
     if !specs.is_empty() {
         let count = scheduler.core.recover(specs, &mut scheduler.out);
         info!(count, "took up pending tasks from a previous scheduler");
-        scheduler.flush().await?;
+        scheduler.flush(Acks::default()).await?;
     }
     // Up only now: a client that starts submitting once the scheduler is
     // ready cannot race the recovery above.
@@ -347,17 +470,20 @@ async fn serve(
                         workers: core.workers(Instant::now()),
                         erred: core.tasks(Some("erred"), 100),
                         tasks_in_memory: core.len(),
+                        role: Role::Active,
+                        leader: Some(holder.clone()),
                     }));
                 }
                 scheduler.reap_clients();
                 scheduler.sweep_custody();
+                scheduler.recheck();
                 scheduler.core.dispatch(&mut scheduler.out);
-                scheduler.flush().await?;
+                scheduler.flush(Acks::default()).await?;
             }
             Some(message) = next_control(&mut hooks.control) => {
                 scheduler.apply(message);
                 scheduler.core.dispatch(&mut scheduler.out);
-                scheduler.flush().await?;
+                scheduler.flush(Acks::default()).await?;
             }
             Some(query) = next_control(&mut hooks.queries) => {
                 let tasks = scheduler.core.tasks(query.state.as_deref(), query.limit);
@@ -376,8 +502,7 @@ async fn serve(
                     handled += 1;
                 }
                 scheduler.core.dispatch(&mut scheduler.out);
-                scheduler.flush().await?;
-                acks.send(&scheduler.submissions, &scheduler.events).await?;
+                scheduler.flush(acks).await?;
             }
         }
     };
@@ -386,27 +511,208 @@ async fn serve(
     if let Some(reaper) = scheduler.reaper.take() {
         reaper.abort();
     }
+    if result.is_ok() {
+        // A graceful stop: a standby takes over at once.
+        leader::resign(&mut scheduler.redis, &scheduler.names, id).await;
+    }
     result
 }
 
-/// Highest delivery tag handled per channel: acknowledged with `multiple`.
+/// Aborts a background task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits, connected, until this scheduler holds the leader lease; `None`
+/// when asked to stop first. While another holds it, says so in the log
+/// (once per holder) and in the status snapshot.
+async fn stand_by(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: &str,
+    stop: &Stop,
+    hooks: &Hooks,
+) -> Result<Option<(Leadership, String)>, SchedulerError> {
+    let mut seen: Option<String> = None;
+    loop {
+        let sent = Instant::now();
+        match leader::attempt(redis, names, id).await? {
+            Attempt::Held(epoch) => {
+                return Ok(Some((
+                    Leadership::new(epoch, sent),
+                    format!("{id}|{epoch}"),
+                )));
+            }
+            Attempt::Taken(holder) => {
+                let holder_id = holder.split('|').next().unwrap_or_default().to_owned();
+                if seen.as_deref() != Some(holder_id.as_str()) {
+                    info!(
+                        namespace = names.namespace(),
+                        active = %holder,
+                        "standby: another scheduler is active on this namespace; taking over when its lease lapses"
+                    );
+                    seen = Some(holder_id);
+                }
+                if let Some(status) = &hooks.status {
+                    let mut snapshot = Snapshot::empty(names.namespace(), Role::Standby);
+                    snapshot.leader = Some(holder);
+                    let _ = status.send(std::sync::Arc::new(snapshot));
+                }
+                if !stop.pause(leader::POLL).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// How often a publish the broker refuses is tried before the scheduler
+/// starts afresh (taking up every pending task from Redis).
+const PUBLISH_ATTEMPTS: u32 = 4;
+
+/// What to do with the inputs of one batch once its publishes are
+/// confirmed: acknowledgements (the highest tag per channel, with
+/// `multiple`) and rejections, in order.
 #[derive(Default)]
 struct Acks {
     submissions: Option<u64>,
     events: Option<u64>,
+    steps: Vec<Step>,
+}
+
+enum Step {
+    AckSubmissions(u64),
+    AckEvents(u64),
+    Reject(lapin::Acker),
 }
 
 impl Acks {
+    /// Dead-letters a delivery after acknowledging what came before it on
+    /// its channel, so that no later multiple-ack can cover it.
+    fn reject(&mut self, delivery: &lapin::message::Delivery, events: bool) {
+        let pending = if events {
+            self.events.take().map(Step::AckEvents)
+        } else {
+            self.submissions.take().map(Step::AckSubmissions)
+        };
+        self.steps.extend(pending);
+        self.steps.push(Step::Reject(delivery.acker.clone()));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.submissions.is_none() && self.events.is_none() && self.steps.is_empty()
+    }
+
     async fn send(self, submissions: &Channel, events: &Channel) -> lapin::Result<()> {
         let multiple = BasicAckOptions { multiple: true };
-        if let Some(tag) = self.submissions {
-            submissions.basic_ack(tag, multiple).await?;
-        }
-        if let Some(tag) = self.events {
-            events.basic_ack(tag, multiple).await?;
+        let last = [
+            self.submissions.map(Step::AckSubmissions),
+            self.events.map(Step::AckEvents),
+        ];
+        for step in self.steps.into_iter().chain(last.into_iter().flatten()) {
+            match step {
+                Step::AckSubmissions(tag) => submissions.basic_ack(tag, multiple).await?,
+                Step::AckEvents(tag) => events.basic_ack(tag, multiple).await?,
+                Step::Reject(acker) => {
+                    acker.reject(BasicRejectOptions { requeue: false }).await?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A publish awaiting its confirm, with what it takes to publish it again.
+struct Sent {
+    confirm: lapin::PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+    bytes: Vec<u8>,
+    persistent: bool,
+}
+
+/// One flush's publishes and the acknowledgements that wait for them.
+type Settlement = (Vec<Sent>, Acks);
+
+/// Settles flushes in order: waits for each publish's confirm, publishes a
+/// refused one again (a few times, with pauses), then sends the batch's
+/// acknowledgements. So an input is acknowledged only once what it caused
+/// is safely with the broker; a publish that stays refused ends this life
+/// of the scheduler (its inputs are delivered again, and the next life takes
+/// the pending tasks up from Redis).
+async fn settle(
+    mut batches: mpsc::UnboundedReceiver<Settlement>,
+    publish: Channel,
+    submissions: Channel,
+    events: Channel,
+    inputs: mpsc::UnboundedSender<Input>,
+) {
+    while let Some((sent, acks)) = batches.recv().await {
+        for sent in sent {
+            if let Err(attempts) = confirmed(&publish, sent).await {
+                let _ = inputs.send(Input::Refused(attempts));
+                return;
+            }
+        }
+        if let Err(error) = acks.send(&submissions, &events).await {
+            warn!(%error, "acknowledging the scheduler's input failed");
+            let _ = inputs.send(Input::Closed("acknowledgements"));
+            return;
+        }
+    }
+}
+
+/// Waits for `sent`'s confirm; publishes it again while the broker refuses
+/// it, up to [`PUBLISH_ATTEMPTS`] times in all.
+async fn confirmed(publish: &Channel, sent: Sent) -> Result<(), u32> {
+    let Sent {
+        mut confirm,
+        exchange,
+        routing_key,
+        bytes,
+        persistent,
+    } = sent;
+    let mut backoff = flotilla_runtime::supervise::Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(2),
+    );
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        match confirm.await {
+            Ok(confirmation) if !confirmation.is_nack() => return Ok(()),
+            Ok(_) => warn!(
+                attempt,
+                exchange, routing_key, "the broker refused a scheduler publish"
+            ),
+            Err(error) => {
+                warn!(%error, "scheduler publish not confirmed");
+                return Err(attempt);
+            }
+        }
+        if attempt == PUBLISH_ATTEMPTS {
+            break;
+        }
+        tokio::time::sleep(backoff.next_pause()).await;
+        let properties = if persistent {
+            transport::persistent()
+        } else {
+            transport::transient()
+        };
+        confirm = publish
+            .basic_publish(
+                name(&exchange),
+                name(&routing_key),
+                BasicPublishOptions::default(),
+                &bytes,
+                properties,
+            )
+            .await
+            .map_err(|_| attempt)?;
+    }
+    Err(PUBLISH_ATTEMPTS)
 }
 
 /// What the core asked for since the last flush.
@@ -460,7 +766,9 @@ struct Scheduler {
     core: Core,
     out: Outbox,
     names: Names,
-    publish: Channel,
+    publisher: Channel,
+    /// Where flushes go to be confirmed and acknowledged (see [`settle`]).
+    settler: mpsc::UnboundedSender<Settlement>,
     redis: ConnectionManager,
     inputs: mpsc::UnboundedSender<Input>,
     max_payload: usize,
@@ -470,12 +778,17 @@ struct Scheduler {
     guard: ReplayGuard,
     /// The signed event batches taken from the scheduler's events queue.
     events_guard: ReplayGuard,
-    submissions: Channel,
-    events: Channel,
     reaper: Option<JoinHandle<()>>,
     /// When the reaper last looked for holds of clients without a lease.
     orphans_swept: Option<Instant>,
     custodian: Option<JoinHandle<()>>,
+    /// The leader lease this scheduler acts under.
+    leadership: Leadership,
+    /// Tasks processing at the last check, and when it was.
+    rechecked: (HashSet<String>, Instant),
+    checker: Option<JoinHandle<()>>,
+    /// Redis' incarnation marker as last seen.
+    incarnation: Arc<tokio::sync::Mutex<flotilla_runtime::incarnation::Incarnation>>,
 }
 
 impl Scheduler {
@@ -514,15 +827,8 @@ impl Scheduler {
                         self.apply(message);
                     }
                     Err(error) => {
-                        // Acknowledge what came before, so that the next
-                        // multiple-ack cannot cover the rejected tag.
-                        if let Some(pending) = acks.submissions.take() {
-                            self.submissions
-                                .basic_ack(pending, BasicAckOptions { multiple: true })
-                                .await?;
-                        }
-                        self.dead_letter(&delivery, "scheduler", &error.to_string())
-                            .await?
+                        self.dead_letter(&delivery, "scheduler", &error.to_string());
+                        acks.reject(&delivery, false);
                     }
                 }
             }
@@ -541,6 +847,13 @@ impl Scheduler {
                 self.core.requeue(&keys);
             }
             Input::Closed(what) => return Err(SchedulerError::Closed(what)),
+            Input::Deposed(why) => return Err(SchedulerError::Deposed(why)),
+            Input::Checked(found) => {
+                for (key, found) in found {
+                    self.core.checked(&key, found, &mut self.out);
+                }
+            }
+            Input::Refused(times) => return Err(SchedulerError::Refused(times)),
         }
         Ok(())
     }
@@ -634,38 +947,33 @@ impl Scheduler {
                 }
             }
             Err(error) => {
-                if let Some(pending) = acks.events.take() {
-                    self.events
-                        .basic_ack(pending, BasicAckOptions { multiple: true })
-                        .await?;
-                }
-                self.dead_letter(&delivery, "scheduler.events", &error.to_string())
-                    .await?
+                self.dead_letter(&delivery, "scheduler.events", &error.to_string());
+                acks.reject(&delivery, true);
             }
         }
         Ok(())
     }
 
-    async fn dead_letter(
-        &self,
-        delivery: &lapin::message::Delivery,
-        queue: &str,
-        reason: &str,
-    ) -> Result<(), SchedulerError> {
+    /// Logs a message that is dead-lettered (by [`Acks::reject`]).
+    fn dead_letter(&self, delivery: &lapin::message::Delivery, queue: &str, reason: &str) {
         warn!(
             queue,
             reason,
             bytes = delivery.data.len(),
             "undecodable message dead-lettered"
         );
-        delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await?;
-        Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), SchedulerError> {
+    /// Writes and publishes what the core asked for; `acks` go out once the
+    /// publishes are confirmed (see [`settle`]).
+    async fn flush(&mut self, acks: Acks) -> Result<(), SchedulerError> {
+        // Nothing is written or published without a valid lease: a
+        // scheduler that was paused past it steps down instead.
+        if !self.leadership.valid() {
+            return Err(SchedulerError::Deposed(
+                "the lease ran out by this scheduler's clock".into(),
+            ));
+        }
         let out = std::mem::take(&mut self.out);
         if !out.specs_done.is_empty() {
             let keys: Vec<String> = out
@@ -707,26 +1015,20 @@ impl Scheduler {
                 }
             });
         }
-        let mut confirms = Vec::new();
+        let mut sent = Vec::new();
         for (worker, bundle) in out.bundles {
-            let bytes = self
-                .codec
-                .encode(Purpose::ToWorker, &ToWorker::Run { tasks: bundle });
+            let bytes = self.codec.encode(
+                Purpose::ToWorker,
+                &ToWorker::Run {
+                    tasks: bundle,
+                    epoch: self.leadership.epoch,
+                },
+            );
             let queue = match &worker {
                 Some(id) => self.names.worker_queue(id),
                 None => self.names.tasks_queue(),
             };
-            confirms.push(
-                self.publish
-                    .basic_publish(
-                        name(""),
-                        name(&queue),
-                        BasicPublishOptions::default(),
-                        &bytes,
-                        transport::persistent(),
-                    )
-                    .await?,
-            );
+            sent.push(self.publish(String::new(), queue, bytes, true).await?);
         }
         for (client, events) in out.notify {
             let bytes = self.codec.encode(
@@ -736,44 +1038,20 @@ impl Scheduler {
                     events,
                 },
             );
-            confirms.push(
-                self.publish
-                    .basic_publish(
-                        name(&self.names.events_exchange()),
-                        name(&Names::scheduler_event_route(&client)),
-                        BasicPublishOptions::default(),
-                        &bytes,
-                        transport::transient(),
-                    )
-                    .await?,
-            );
+            let exchange = self.names.events_exchange();
+            let route = Names::scheduler_event_route(&client);
+            sent.push(self.publish(exchange, route, bytes, false).await?);
         }
         if !out.cancels.is_empty() {
             let bytes = self
                 .codec
                 .encode(Purpose::ToWorker, &ToWorker::Cancel { keys: out.cancels });
-            confirms.push(
-                self.publish
-                    .basic_publish(
-                        name(&self.names.control_exchange()),
-                        name(""),
-                        BasicPublishOptions::default(),
-                        &bytes,
-                        transport::transient(),
-                    )
-                    .await?,
-            );
+            let exchange = self.names.control_exchange();
+            sent.push(self.publish(exchange, String::new(), bytes, false).await?);
         }
-        if !confirms.is_empty() {
-            tokio::spawn(async move {
-                for confirm in confirms {
-                    match confirm.await {
-                        Ok(c) if c.is_nack() => warn!("broker refused a scheduler publish"),
-                        Err(error) => warn!(%error, "scheduler publish not confirmed"),
-                        _ => {}
-                    }
-                }
-            });
+        if !sent.is_empty() || !acks.is_empty() {
+            // The settler is gone only when this life is ending.
+            let _ = self.settler.send((sent, acks));
         }
         for key in out.lookups {
             let mut redis = self.redis.clone();
@@ -786,6 +1064,81 @@ impl Scheduler {
             });
         }
         Ok(())
+    }
+
+    /// Publishes one message with a confirm to wait for (see [`settle`]).
+    async fn publish(
+        &self,
+        exchange: String,
+        routing_key: String,
+        bytes: Vec<u8>,
+        persistent: bool,
+    ) -> Result<Sent, SchedulerError> {
+        let properties = if persistent {
+            transport::persistent()
+        } else {
+            transport::transient()
+        };
+        let confirm = self
+            .publisher
+            .basic_publish(
+                name(&exchange),
+                name(&routing_key),
+                BasicPublishOptions::default(),
+                &bytes,
+                properties,
+            )
+            .await?;
+        Ok(Sent {
+            confirm,
+            exchange,
+            routing_key,
+            bytes,
+            persistent,
+        })
+    }
+
+    /// Every [`RECHECK_EVERY`], checks in the background the tasks
+    /// processing now and at the last check against Redis (their spec and
+    /// result), and whether Redis lost its data (see
+    /// [`flotilla_runtime::incarnation`]).
+    fn recheck(&mut self) {
+        if self.rechecked.1.elapsed() < RECHECK_EVERY
+            || self
+                .checker
+                .as_ref()
+                .is_some_and(|task| !task.is_finished())
+        {
+            return;
+        }
+        let now: HashSet<String> = self.core.processing().into_iter().collect();
+        let keys: Vec<String> = now.intersection(&self.rechecked.0).cloned().collect();
+        self.rechecked = (now, Instant::now());
+        let mut redis = self.redis.clone();
+        let names = self.names.clone();
+        let codec = self.codec.clone();
+        let inputs = self.inputs.clone();
+        let incarnation = self.incarnation.clone();
+        self.checker = Some(tokio::spawn(async move {
+            let lost = incarnation.lock().await.lost(&mut redis, &names).await;
+            match lost {
+                Ok(true) => tracing::error!(
+                    namespace = names.namespace(),
+                    "Redis lost its data (the namespace's incarnation marker is gone): tasks whose spec and result are gone fail with a data-loss error"
+                ),
+                Ok(false) => {}
+                Err(error) => warn!(%error, "checking Redis' incarnation marker failed"),
+            }
+            if keys.is_empty() {
+                return;
+            }
+            match check_processing(&mut redis, &names, &codec, &keys).await {
+                Ok(found) => {
+                    let _ = inputs.send(Input::Checked(found));
+                }
+                Err(error) => warn!(%error, "checking processing tasks against Redis failed"),
+            }
+        }));
     }
 
     /// Takes back, in the background, tasks whose custody lapsed.
@@ -840,6 +1193,47 @@ impl Scheduler {
             }
         }));
     }
+}
+
+/// What Redis holds for each of `keys`: spec and result (see [`Checked`]).
+async fn check_processing(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    codec: &Codec,
+    keys: &[String],
+) -> redis::RedisResult<Vec<(String, Checked)>> {
+    let mut found = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(500) {
+        // Specs first: a worker stores the result before it deletes the
+        // spec, so a task that finishes between the two reads shows as
+        // pending or finished, never as lost.
+        let mut specs = redis::pipe();
+        let mut tags = redis::pipe();
+        for key in chunk {
+            specs.exists(names.spec_key(key));
+            tags.cmd("GETRANGE")
+                .arg(names.result_key(key))
+                .arg(-1)
+                .arg(-1);
+        }
+        let specs: Vec<bool> = specs.query_async(redis).await?;
+        let tags: Vec<Vec<u8>> = tags.query_async(redis).await?;
+        for ((key, spec), tag) in chunk.iter().zip(specs).zip(tags) {
+            let checked = match tag.as_slice() {
+                [] if spec => Checked::Pending,
+                [] => Checked::Lost,
+                [flotilla_proto::TAG_OK] => Checked::Finished,
+                _ => match lookup(redis, codec, key, &names.result_key(key)).await {
+                    Lookup::Erred(error) => Checked::Erred(error),
+                    Lookup::Finished => Checked::Finished,
+                    Lookup::Missing if spec => Checked::Pending,
+                    Lookup::Missing => Checked::Lost,
+                },
+            };
+            found.push((key.clone(), checked));
+        }
+    }
+    Ok(found)
 }
 
 /// Drops holds `(key, holder)`; returns the keys left without holders.

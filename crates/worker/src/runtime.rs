@@ -27,6 +27,7 @@ use lapin::Channel;
 use redis::aio::ConnectionManager;
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -259,6 +260,9 @@ struct Shared {
     codec: Codec,
     /// The signed messages this worker took from its queues.
     guard: ReplayGuard,
+    /// The highest scheduler epoch seen on a bundle (see
+    /// `ToWorker::Run::epoch`).
+    epoch: AtomicU64,
 }
 
 impl Shared {
@@ -605,6 +609,7 @@ async fn serve(
         withdrawn: std::sync::Mutex::default(),
         codec: Codec::new(&config),
         guard: ReplayGuard::new(),
+        epoch: AtomicU64::new(0),
     });
     let completer = tokio::spawn(complete_loop(
         completion_rx,
@@ -853,7 +858,23 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         // A stale task message may have waited behind long tasks: what it
         // holds is checked against Redis below. A stale control message is
         // dropped: whatever it was about is long settled.
-        Ok((ToWorker::Run { tasks }, _)) => Ok(ToWorker::Run { tasks }),
+        Ok((ToWorker::Run { tasks, epoch }, _)) => {
+            // A bundle of a scheduler deposed since (one that was paused
+            // past its leader lease, see `flotilla_scheduler::leader`): the
+            // active scheduler took its tasks up from Redis.
+            let newest = shared.epoch.fetch_max(epoch, Ordering::AcqRel);
+            if epoch < newest && epoch != 0 {
+                warn!(
+                    epoch,
+                    newest,
+                    tasks = tasks.len(),
+                    "bundle of a deposed scheduler dropped"
+                );
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                return;
+            }
+            Ok(ToWorker::Run { tasks, epoch })
+        }
         Ok((message, None)) => Ok(message),
         Ok((_, Some(stale))) => {
             warn!(error = %stale, "stale control message dropped");
@@ -863,7 +884,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         Err(error) => Err(error),
     };
     let tasks = match message {
-        Ok(ToWorker::Run { tasks }) if !tasks.is_empty() => tasks,
+        Ok(ToWorker::Run { tasks, .. }) if !tasks.is_empty() => tasks,
         Ok(ToWorker::Cancel { keys }) => {
             shared.cancel(&keys);
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
@@ -886,10 +907,13 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         }
         Err(error) => return dead_letter(&delivery, &error).await,
     };
-    // With signed messages, a first delivery may be a replay that reached
-    // another worker than the original, or a message that outlived the
-    // replay window: only tasks whose spec is still stored (not done) run.
-    let tasks = if shared.codec.is_sealed() && !delivery.redelivered {
+    // With signed messages, a delivery may be a replay that reached another
+    // worker than the original, a captured copy requeued so that it comes
+    // back redelivered, or a message that outlived the replay window: only
+    // tasks whose spec is still stored (not done) run. (A task that was done
+    // but whose worker died before reporting it is settled by the
+    // scheduler, which checks its long-processing tasks against Redis.)
+    let tasks = if shared.codec.is_sealed() {
         match still_pending(shared, tasks).await {
             Some(tasks) if !tasks.is_empty() => tasks,
             Some(_) => {

@@ -8,7 +8,10 @@
 //! [`Lock::with_lease`]) — no deadlock, no operator needed. Each grant
 //! carries a *fencing token*, strictly greater than every earlier grant's:
 //! pass it along with writes to a store that can reject stale tokens, and
-//! even a holder that was paused past its lease cannot do harm.
+//! even a holder that was paused past its lease cannot do harm. Tokens never
+//! go backwards, also after the lock was deleted or Redis lost its data: a
+//! new counter starts from Redis' clock (milliseconds × 1024), above every
+//! token handed out before.
 //!
 //! Waiting for the lock does not poll: a waiter sleeps until the holder
 //! releases it (which wakes it) or until the holder's lease would expire.
@@ -57,7 +60,16 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
 local current = redis.call('GET', KEYS[1])
 local mine = ARGV[1] .. ':'
 if not current then
-  local fence = redis.call('INCR', KEYS[2])
+  local fence
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    fence = redis.call('INCR', KEYS[2])
+  else
+    -- A new counter (a new lock, one deleted, or Redis lost its data)
+    -- starts from Redis' clock, above every token handed out before.
+    local t = redis.call('TIME')
+    fence = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) * 1024
+    redis.call('SET', KEYS[2], string.format('%.0f', fence))
+  end
   redis.call('SET', KEYS[1], mine .. fence, 'PX', ARGV[2])
   if ARGV[3] ~= '' then redis.call('ZREM', KEYS[3], ARGV[3]) end
   return {1, fence}

@@ -271,6 +271,8 @@ impl Monitor {
             "uptime_s": round3(snapshot.uptime_s),
             "counts": counts_json(counts),
             "tasks_in_memory": snapshot.tasks_in_memory,
+            "role": snapshot.role.as_str(),
+            "leader": snapshot.leader,
             "workers": snapshot.workers.iter()
                 .map(|w| self.worker_json(w, now, history > 0))
                 .collect::<Vec<_>>(),
@@ -602,6 +604,8 @@ mod tests {
                 error: Some("boom".into()),
             }],
             tasks_in_memory: 4,
+            role: crate::server::Role::Active,
+            leader: None,
         }
     }
 

@@ -60,7 +60,6 @@ mod metrics;
 mod probes;
 mod tap;
 
-use crate::core::Counts;
 use crate::server::{Hooks, Snapshot, TaskQuery};
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
@@ -76,7 +75,7 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -345,15 +344,10 @@ struct Shared {
 impl Shared {
     fn new(config: &Config) -> (Shared, Hooks) {
         let names = config.names();
-        let (status_tx, status) = watch::channel(Arc::new(Snapshot {
-            namespace: names.namespace().to_owned(),
-            at: SystemTime::now(),
-            uptime_s: 0.0,
-            counts: Counts::default(),
-            workers: Vec::new(),
-            erred: Vec::new(),
-            tasks_in_memory: 0,
-        }));
+        let (status_tx, status) = watch::channel(Arc::new(Snapshot::empty(
+            names.namespace(),
+            crate::server::Role::Starting,
+        )));
         let (control, control_rx) = mpsc::unbounded_channel();
         let (queries, queries_rx) = mpsc::unbounded_channel();
         let shared = Shared {

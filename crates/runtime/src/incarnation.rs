@@ -1,0 +1,59 @@
+//! Detecting that Redis lost its data.
+//!
+//! `<ns>:incarnation` holds a random marker. The first process to look sets
+//! it; every process remembers the one it saw and looks again from time to
+//! time. Redis restarted without persistence, a `FLUSHALL`, or a failover
+//! to a replica that missed the marker show as a marker that is gone (and
+//! set anew by whoever looks first) or changed: the state written before is
+//! gone, and waiting for it would hang. Clients then fail their pending
+//! futures with a data-loss error; the scheduler logs it and settles its
+//! processing tasks against what Redis still holds.
+
+use flotilla_proto::Names;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::sync::LazyLock;
+
+static OBSERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+",
+    )
+});
+
+/// The namespace's marker, set to a fresh random one if absent.
+pub async fn observe(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<String> {
+    OBSERVE
+        .key(names.incarnation_key())
+        .arg(flotilla_proto::new_id())
+        .invoke_async(redis)
+        .await
+}
+
+/// Remembers the marker a process saw and tells when it changes.
+#[derive(Debug, Clone)]
+pub struct Incarnation(String);
+
+impl Incarnation {
+    /// Reads the marker (setting it when absent).
+    pub async fn start(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<Self> {
+        Ok(Incarnation(observe(redis, names).await?))
+    }
+
+    /// Looks again: `Ok(true)` when the marker is not the one seen before
+    /// (Redis lost its data since); the new one is remembered.
+    pub async fn lost(
+        &mut self,
+        redis: &mut ConnectionManager,
+        names: &Names,
+    ) -> redis::RedisResult<bool> {
+        let now = observe(redis, names).await?;
+        if now == self.0 {
+            return Ok(false);
+        }
+        self.0 = now;
+        Ok(true)
+    }
+}

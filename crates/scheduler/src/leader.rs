@@ -1,0 +1,193 @@
+//! One active scheduler per namespace: a leader lease in Redis with a
+//! fencing epoch.
+//!
+//! `<ns>:leader` holds `<scheduler id>|<epoch>` with a time to live of
+//! [`LEASE`]. The scheduler that sets it is *active*: it consumes the
+//! scheduler queues and publishes bundles stamped with its epoch. It renews
+//! the lease every [`RENEW_EVERY`]; any other scheduler started on the
+//! namespace is a *standby*: it connects, declares the topology, then polls
+//! the lease every [`POLL`] and takes over once it lapses (the active one
+//! died, was stopped, or lost Redis for longer than the lease).
+//!
+//! **Fencing.** Each acquisition gets a new epoch, `max(last + 1, now in
+//! ms)` read from Redis' clock, so epochs grow even after Redis lost its
+//! data. Workers remember the highest epoch they have seen and drop bundles
+//! of a lower one (a deposed scheduler that was paused and woke up). An
+//! active scheduler checks, before each flush, that its lease is still
+//! valid by its own monotonic clock (the last successful renewal plus
+//! [`LEASE`] minus [`MARGIN`]), and steps down when it is not, before the
+//! lease can have lapsed in Redis: so two schedulers never both act on the
+//! namespace, even across a network partition from Redis.
+
+use flotilla_proto::Names;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a lease lives in Redis without renewal.
+pub const LEASE: Duration = Duration::from_millis(3_000);
+/// How often the active scheduler renews its lease.
+pub const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// How often a standby looks at the lease.
+pub const POLL: Duration = Duration::from_millis(250);
+/// How long before the lease would lapse in Redis the active scheduler
+/// stops acting on its own (its clock and Redis' may drift a little).
+pub const MARGIN: Duration = Duration::from_millis(750);
+
+/// Takes or renews the lease: `{epoch, holder}`, with `epoch` 0 when
+/// another scheduler holds it.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local held = redis.call('GET', KEYS[1])
+if held then
+  local sep = string.find(held, '|', 1, true)
+  if sep and string.sub(held, 1, sep - 1) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {tonumber(string.sub(held, sep + 1)), held}
+  end
+  return {0, held}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local epoch = string.format('%.0f', math.max(last + 1, now))
+redis.call('SET', KEYS[2], epoch)
+local value = ARGV[1] .. '|' .. epoch
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return {tonumber(epoch), value}
+",
+    )
+});
+
+/// Gives the lease up if this scheduler holds it.
+static RESIGN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// What one attempt on the lease found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// This scheduler holds the lease with this epoch.
+    Held(u64),
+    /// Another scheduler holds it (`<id>|<epoch>`).
+    Taken(String),
+}
+
+/// Takes the lease for `id`, or renews it if `id` holds it already.
+pub async fn attempt(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: &str,
+) -> redis::RedisResult<Attempt> {
+    let (epoch, holder): (u64, String) = ACQUIRE
+        .key(names.leader_key())
+        .key(names.epoch_key())
+        .arg(id)
+        .arg(LEASE.as_millis() as u64)
+        .invoke_async(redis)
+        .await?;
+    Ok(if epoch == 0 {
+        Attempt::Taken(holder)
+    } else {
+        Attempt::Held(epoch)
+    })
+}
+
+/// Gives the lease up (on a graceful stop), so a standby takes over at once.
+pub async fn resign(redis: &mut ConnectionManager, names: &Names, id: &str) {
+    let resigned: redis::RedisResult<i64> = RESIGN
+        .key(names.leader_key())
+        .arg(id)
+        .invoke_async(redis)
+        .await;
+    if let Err(error) = resigned {
+        tracing::warn!(%error, "could not give the leader lease up; a standby takes over when it lapses");
+    }
+}
+
+/// The active scheduler's lease as its own clock sees it.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    /// The fencing epoch.
+    pub epoch: u64,
+    valid_until: Arc<Mutex<Instant>>,
+}
+
+impl Leadership {
+    /// A lease taken at `taken` (when the acquiring call was sent).
+    pub fn new(epoch: u64, taken: Instant) -> Self {
+        Leadership {
+            epoch,
+            valid_until: Arc::new(Mutex::new(taken + LEASE - MARGIN)),
+        }
+    }
+
+    /// Records a renewal sent at `sent`.
+    pub fn renewed(&self, sent: Instant) {
+        let mut until = self.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+        *until = (*until).max(sent + LEASE - MARGIN);
+    }
+
+    /// Whether this scheduler may still act as the active one.
+    pub fn valid(&self) -> bool {
+        Instant::now() < *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Renews the lease until it is lost; returns the holder that took it, or
+/// `None` when the lease ran out because Redis did not answer.
+pub async fn keep(
+    mut redis: ConnectionManager,
+    names: Names,
+    id: String,
+    leadership: Leadership,
+) -> Option<String> {
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sent = Instant::now();
+        let renewal = tokio::time::timeout(RENEW_EVERY, attempt(&mut redis, &names, &id)).await;
+        match renewal {
+            Ok(Ok(Attempt::Held(epoch))) if epoch == leadership.epoch => leadership.renewed(sent),
+            Ok(Ok(Attempt::Held(epoch))) => {
+                // Our lease lapsed and we took a new one: another scheduler
+                // may have acted in between, so this life ends.
+                return Some(format!("{id}|{epoch} (a new lease)"));
+            }
+            Ok(Ok(Attempt::Taken(holder))) => return Some(holder),
+            Ok(Err(error)) => tracing::warn!(%error, "renewing the leader lease failed"),
+            Err(_) => tracing::warn!("renewing the leader lease timed out"),
+        }
+        if !leadership.valid() {
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leadership_lapses_by_the_local_clock_unless_renewed() {
+        let long_ago = Instant::now() - LEASE;
+        let leadership = Leadership::new(7, long_ago);
+        assert!(!leadership.valid());
+        leadership.renewed(Instant::now());
+        assert!(leadership.valid());
+        // A late answer to an older renewal never shortens it.
+        leadership.renewed(long_ago);
+        assert!(leadership.valid());
+    }
+}
