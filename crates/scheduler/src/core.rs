@@ -414,6 +414,10 @@ impl Core {
                         failed.get_or_insert_with(|| input.error.as_deref().cloned());
                         input.dependents.push(key.clone());
                     }
+                    // The list may name an earlier run of this key already
+                    // (cancelled or failed while waiting, now retried or
+                    // submitted again): lists are deduplicated where they
+                    // are consumed, so its input counts once.
                     _ => {
                         input.dependents.push(key.clone());
                         input.holders += 1;
@@ -433,12 +437,26 @@ impl Core {
         let mut entry = TaskEntry::new(Some(spec), State::Waiting, self.seq);
         entry.missing = missing;
         entry.attempt = attempt;
-        let orphaned = self.orphans.remove(&key).map(|(waiters, _)| waiters);
-        if let Some(waiters) = &orphaned {
-            entry.watchers = waiters.watchers.clone();
-            entry.holders = waiters.dependents.len() as u32;
-            entry.dependents = waiters.dependents.clone();
+        // Those waiting for the key while it was unknown: after a lookup
+        // found nothing, or while one is still on its way (its answer will
+        // then find nobody waiting). Only dependents still waiting hold it.
+        let mut waiters = self
+            .orphans
+            .remove(&key)
+            .map(|(waiters, _)| waiters)
+            .unwrap_or_default();
+        if let Some(mut pending) = self.lookups.remove(&key) {
+            self.final_lookups.remove(&key);
+            waiters.watchers.append(&mut pending.watchers);
+            waiters.dependents.append(&mut pending.dependents);
         }
+        for watcher in waiters.watchers {
+            if !entry.watchers.contains(&watcher) {
+                entry.watchers.push(watcher);
+            }
+        }
+        entry.dependents = self.waiting_dependents(waiters.dependents);
+        entry.holders = entry.dependents.len() as u32;
         self.tasks.insert(key.clone(), entry);
         if let Some(error) = failed {
             let error = error.unwrap_or_else(|| cancelled_error(&key, ""));
@@ -462,9 +480,7 @@ impl Core {
         let Some(mut waiters) = self.lookups.remove(key) else {
             return;
         };
-        waiters
-            .dependents
-            .retain(|waiter| self.tasks.contains_key(waiter));
+        waiters.dependents = self.waiting_dependents(std::mem::take(&mut waiters.dependents));
         let last_chance = self.final_lookups.remove(key);
         if found == Lookup::Missing
             && !last_chance
@@ -538,6 +554,21 @@ impl Core {
         }
     }
 
+    /// The tasks of `dependents` still waiting, once each: a task
+    /// cancelled meanwhile would hold a finished input forever (or, run
+    /// again since, be failed by an old lookup), and one listed twice (an
+    /// earlier run and the current one) would count its input twice.
+    fn waiting_dependents(&self, mut dependents: Vec<String>) -> Vec<String> {
+        dependents.retain(|key| {
+            self.tasks
+                .get(key)
+                .is_some_and(|t| t.state == State::Waiting)
+        });
+        dependents.sort_unstable();
+        dependents.dedup();
+        dependents
+    }
+
     fn task_name(&self, key: &str) -> &str {
         self.tasks
             .get(key)
@@ -582,12 +613,25 @@ impl Core {
         if !self.land(key) {
             return;
         }
-        let Some(task) = self.tasks.get_mut(key) else {
+        let Some(task) = self.tasks.get(key) else {
             return;
         };
         if matches!(task.state, State::Finished | State::Erred) {
             return; // a duplicate completion (at-least-once delivery), or cancelled meanwhile
         }
+        if matches!(task.state, State::Waiting | State::Ready) {
+            // An earlier run reports (its custody lapsed, or the task was
+            // retried meanwhile): the holds a start would release go now.
+            let deps = task
+                .spec
+                .as_ref()
+                .map(|s| s.deps.clone())
+                .unwrap_or_default();
+            self.unhold_local(&deps);
+        }
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
         self.counts.finished += 1;
         task.state = State::Finished;
         task.spec = None;
@@ -601,7 +645,10 @@ impl Core {
                 },
             );
         }
-        let dependents = std::mem::take(&mut task.dependents);
+        let mut dependents = std::mem::take(&mut task.dependents);
+        // Once each: an earlier run of a dependent may be listed too.
+        dependents.sort_unstable();
+        dependents.dedup();
         if task.holders == 0 || task.forgotten {
             self.tasks.remove(key);
         } else {
@@ -619,12 +666,29 @@ impl Core {
         if !self.land(key) {
             return;
         }
-        let Some(task) = self.tasks.get_mut(key) else {
+        let Some(task) = self.tasks.get(key) else {
             return;
         };
         if matches!(task.state, State::Finished | State::Erred) {
             return;
         }
+        if matches!(task.state, State::Waiting | State::Ready) {
+            // An earlier run reports (its custody lapsed, or the task was
+            // retried meanwhile). Running again is what it waits for
+            // already; failing for good releases the holds a start would.
+            if retrying {
+                return;
+            }
+            let deps = task
+                .spec
+                .as_ref()
+                .map(|s| s.deps.clone())
+                .unwrap_or_default();
+            self.unhold_local(&deps);
+        }
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
         if retrying && task.spec.is_some() && !task.forgotten {
             task.attempt += 1;
             self.make_ready(key);
@@ -947,7 +1011,11 @@ impl Core {
                 if waiters.dependents.is_empty() && waiters.watchers.is_empty() {
                     comm.lookup(&key);
                 }
-                waiters.watchers.extend(orphans.watchers);
+                for watcher in orphans.watchers {
+                    if !waiters.watchers.contains(&watcher) {
+                        waiters.watchers.push(watcher);
+                    }
+                }
                 waiters.dependents.extend(orphans.dependents);
                 self.final_lookups.insert(key);
             }
