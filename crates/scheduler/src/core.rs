@@ -427,6 +427,10 @@ impl Core {
                         failed.get_or_insert_with(|| input.error.as_deref().cloned());
                         input.dependents.push(key.clone());
                     }
+                    // The list may name an earlier run of this key already
+                    // (cancelled or failed while waiting, now retried or
+                    // submitted again): lists are deduplicated where they
+                    // are consumed, so its input counts once.
                     _ => {
                         input.dependents.push(key.clone());
                         input.holders += 1;
@@ -446,12 +450,26 @@ impl Core {
         let mut entry = TaskEntry::new(Some(spec), State::Waiting, self.seq);
         entry.missing = missing;
         entry.attempt = attempt;
-        let orphaned = self.orphans.remove(&key).map(|(waiters, _)| waiters);
-        if let Some(waiters) = &orphaned {
-            entry.watchers = waiters.watchers.clone();
-            entry.holders = waiters.dependents.len() as u32;
-            entry.dependents = waiters.dependents.clone();
+        // Those waiting for the key while it was unknown: after a lookup
+        // found nothing, or while one is still on its way (its answer will
+        // then find nobody waiting). Only dependents still waiting hold it.
+        let mut waiters = self
+            .orphans
+            .remove(&key)
+            .map(|(waiters, _)| waiters)
+            .unwrap_or_default();
+        if let Some(mut pending) = self.lookups.remove(&key) {
+            self.final_lookups.remove(&key);
+            waiters.watchers.append(&mut pending.watchers);
+            waiters.dependents.append(&mut pending.dependents);
         }
+        for watcher in waiters.watchers {
+            if !entry.watchers.contains(&watcher) {
+                entry.watchers.push(watcher);
+            }
+        }
+        entry.dependents = self.waiting_dependents(waiters.dependents);
+        entry.holders = entry.dependents.len() as u32;
         self.tasks.insert(key.clone(), entry);
         if let Some(error) = failed {
             let error = error.unwrap_or_else(|| cancelled_error(&key, ""));
@@ -475,9 +493,7 @@ impl Core {
         let Some(mut waiters) = self.lookups.remove(key) else {
             return;
         };
-        waiters
-            .dependents
-            .retain(|waiter| self.tasks.contains_key(waiter));
+        waiters.dependents = self.waiting_dependents(std::mem::take(&mut waiters.dependents));
         let last_chance = self.final_lookups.remove(key);
         if found == Lookup::Missing
             && !last_chance
@@ -551,6 +567,21 @@ impl Core {
         }
     }
 
+    /// The tasks of `dependents` still waiting, once each: a task
+    /// cancelled meanwhile would hold a finished input forever (or, run
+    /// again since, be failed by an old lookup), and one listed twice (an
+    /// earlier run and the current one) would count its input twice.
+    fn waiting_dependents(&self, mut dependents: Vec<String>) -> Vec<String> {
+        dependents.retain(|key| {
+            self.tasks
+                .get(key)
+                .is_some_and(|t| t.state == State::Waiting)
+        });
+        dependents.sort_unstable();
+        dependents.dedup();
+        dependents
+    }
+
     fn task_name(&self, key: &str) -> &str {
         self.tasks
             .get(key)
@@ -595,12 +626,25 @@ impl Core {
         if !self.land(key) {
             return;
         }
-        let Some(task) = self.tasks.get_mut(key) else {
+        let Some(task) = self.tasks.get(key) else {
             return;
         };
         if matches!(task.state, State::Finished | State::Erred) {
             return; // a duplicate completion (at-least-once delivery), or cancelled meanwhile
         }
+        if matches!(task.state, State::Waiting | State::Ready) {
+            // An earlier run reports (its custody lapsed, or the task was
+            // retried meanwhile): the holds a start would release go now.
+            let deps = task
+                .spec
+                .as_ref()
+                .map(|s| s.deps.clone())
+                .unwrap_or_default();
+            self.unhold_local(&deps);
+        }
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
         self.counts.finished += 1;
         task.state = State::Finished;
         task.spec = None;
@@ -614,7 +658,10 @@ impl Core {
                 },
             );
         }
-        let dependents = std::mem::take(&mut task.dependents);
+        let mut dependents = std::mem::take(&mut task.dependents);
+        // Once each: an earlier run of a dependent may be listed too.
+        dependents.sort_unstable();
+        dependents.dedup();
         if task.holders == 0 || task.forgotten {
             self.tasks.remove(key);
         } else {
@@ -632,12 +679,29 @@ impl Core {
         if !self.land(key) {
             return;
         }
-        let Some(task) = self.tasks.get_mut(key) else {
+        let Some(task) = self.tasks.get(key) else {
             return;
         };
         if matches!(task.state, State::Finished | State::Erred) {
             return;
         }
+        if matches!(task.state, State::Waiting | State::Ready) {
+            // An earlier run reports (its custody lapsed, or the task was
+            // retried meanwhile). Running again is what it waits for
+            // already; failing for good releases the holds a start would.
+            if retrying {
+                return;
+            }
+            let deps = task
+                .spec
+                .as_ref()
+                .map(|s| s.deps.clone())
+                .unwrap_or_default();
+            self.unhold_local(&deps);
+        }
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
         if retrying && task.spec.is_some() && !task.forgotten {
             task.attempt += 1;
             self.make_ready(key);
@@ -1026,7 +1090,11 @@ impl Core {
                 if waiters.dependents.is_empty() && waiters.watchers.is_empty() {
                     comm.lookup(&key);
                 }
-                waiters.watchers.extend(orphans.watchers);
+                for watcher in orphans.watchers {
+                    if !waiters.watchers.contains(&watcher) {
+                        waiters.watchers.push(watcher);
+                    }
+                }
                 waiters.dependents.extend(orphans.dependents);
                 self.final_lookups.insert(key);
             }
@@ -1234,579 +1302,168 @@ impl Core {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Default)]
-    struct Recorder {
-        sent: Vec<Vec<RunTask>>,
-        notified: Vec<(String, Event)>,
-        stored: Vec<String>,
-        lookups: Vec<String>,
-        released: Vec<(String, Vec<String>)>,
-        abandoned: Vec<(String, Vec<String>)>,
-        cancelled: Vec<String>,
-        targets: Vec<Option<String>>,
-        specs_forgotten: Vec<String>,
-    }
-
-    impl Comm for Recorder {
-        fn send_tasks(&mut self, worker: Option<&str>, tasks: Vec<RunTask>) {
-            self.targets.push(worker.map(str::to_owned));
-            self.sent.push(tasks);
+impl Core {
+    /// Checks the structural invariants every transition must keep, and
+    /// says which one broke. Test-only: it walks the whole table.
+    ///
+    /// - The in-flight counter counts exactly the tasks marked in flight,
+    ///   and a task is in flight exactly while it is processing; a task
+    ///   pinned to a worker while in flight names a live worker.
+    /// - Finished entries carry no spec, error, dependents or watchers, and
+    ///   stay only while some waiting or ready dependent holds them; erred
+    ///   entries keep their spec and error; the others have a spec and no
+    ///   error. A spec's key is its entry's key.
+    /// - A waiting task's `missing` counts exactly its inputs that will
+    ///   still tell it they finished: inputs in the table that list it
+    ///   among their dependents (an erred input never does), and unknown
+    ///   inputs whose pending lookup (or orphan record) lists it. A key in
+    ///   the table is never looked up for a dependent. (Lists may name a
+    ///   dependent twice, an earlier run and the current one: they are
+    ///   deduplicated where consumed.)
+    /// - A ready task has no missing input and is in the ready queue or
+    ///   parked (stale queue and parked entries are allowed: they are
+    ///   skipped when popped).
+    /// - A task's holders never exceed its waiting or ready dependents.
+    /// - Slots and provided tasks match the live workers; keys looked up a
+    ///   last time are being looked up.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let flying = self.tasks.values().filter(|t| t.in_flight).count();
+        if flying != self.in_flight {
+            return Err(format!(
+                "in_flight counter is {} but {flying} tasks are in flight",
+                self.in_flight
+            ));
         }
-        fn notify(&mut self, client: &str, event: Event) {
-            self.notified.push((client.to_owned(), event));
-        }
-        fn store_error(&mut self, key: &str, _: &TaskError) {
-            self.stored.push(key.to_owned());
-        }
-        fn lookup(&mut self, key: &str) {
-            self.lookups.push(key.to_owned());
-        }
-        fn release_inputs(&mut self, key: &str, deps: &[String]) {
-            self.released.push((key.to_owned(), deps.to_vec()));
-        }
-        fn release_abandoned_inputs(&mut self, key: &str, deps: &[String]) {
-            self.abandoned.push((key.to_owned(), deps.to_vec()));
-        }
-        fn cancel_running(&mut self, keys: &[String]) {
-            self.cancelled.extend(keys.iter().cloned());
-        }
-        fn forget_spec(&mut self, key: &str) {
-            self.specs_forgotten.push(key.to_owned());
-        }
-    }
-
-    impl Recorder {
-        fn sent_keys(&mut self) -> Vec<String> {
-            self.sent
-                .drain(..)
-                .flatten()
-                .map(|run| run.spec.key)
-                .collect()
-        }
-    }
-
-    fn spec(key: &str, deps: &[&str]) -> TaskSpec {
-        TaskSpec::new(
-            key.into(),
-            "t".into(),
-            1,
-            vec![],
-            deps.iter().map(|d| d.to_string()).collect(),
-            "c".into(),
-        )
-    }
-
-    fn worker(id: &str, slots: u32, resources: &[(&str, u64)]) -> WorkerInfo {
-        WorkerInfo {
-            id: id.into(),
-            name: format!("name-{id}"),
-            slots,
-            tasks: vec![("t".into(), 1)],
-            resources: resources.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
-        }
-    }
-
-    fn with_worker(slots: u32) -> Core {
-        let mut core = Core::new();
-        core.worker_seen(worker("w1", slots, &[]), Instant::now());
-        core
-    }
-
-    #[test]
-    fn chain_runs_in_order_and_leaves_nothing() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(
-            vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["b"])],
-            &mut comm,
-        );
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", Some(vec![7]), 0, &mut comm);
-        core.dispatch(&mut comm);
-        let run = comm.sent.pop().unwrap().pop().unwrap();
-        assert_eq!(run.spec.key, "b");
-        assert_eq!(run.inline, vec![("a".to_string(), ByteBuf::from(vec![7]))]);
-        core.finished("b", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["c"]);
-        core.finished("c", None, 0, &mut comm);
-        assert!(core.is_empty());
-        assert_eq!(core.counts().finished, 3);
-    }
-
-    #[test]
-    fn a_late_submission_of_a_recovered_task_that_already_ran_does_not_run_it_again() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.recover(vec![spec("a", &[]), spec("b", &["a"])], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["b"]);
-        core.finished("b", None, 0, &mut comm);
-        assert!(core.is_empty());
-        // The submissions that were still queued when the scheduler
-        // restarted arrive now: nothing runs again.
-        core.submit(vec![spec("a", &[]), spec("b", &["a"])], &mut comm);
-        core.dispatch(&mut comm);
-        assert!(comm.sent_keys().is_empty());
-        assert_eq!(comm.lookups, ["a", "b"], "their client hears from Redis");
-        // A later, genuine resubmission of the same key runs.
-        core.submit(vec![spec("a", &[])], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"]);
-    }
-
-    #[test]
-    fn a_task_whose_custody_lapsed_is_handed_out_again_once() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("long", &[]), spec("after", &["long"])], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["long"]);
-        // Its worker died after acknowledging it: it runs again.
-        core.requeue(&["long".to_string(), "unknown".to_string()]);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["long"]);
-        core.finished("long", None, 0, &mut comm);
-        // A stale lapse of a finished task changes nothing.
-        core.requeue(&["long".to_string()]);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["after"]);
-        core.finished("after", None, 0, &mut comm);
-        assert!(core.is_empty());
-    }
-
-    #[test]
-    fn diamond_waits_for_both_inputs() {
-        let mut core = with_worker(4);
-        let mut comm = Recorder::default();
-        core.submit(
-            vec![
-                spec("a", &[]),
-                spec("b", &["a"]),
-                spec("c", &["a"]),
-                spec("d", &["b", "c"]),
-            ],
-            &mut comm,
-        );
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        let mut keys = comm.sent_keys();
-        keys.sort();
-        assert_eq!(keys, ["b", "c"]);
-        core.finished("b", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert!(comm.sent_keys().is_empty());
-        core.finished("c", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["d"]);
-        core.finished("d", None, 0, &mut comm);
-        assert!(core.is_empty());
-    }
-
-    #[test]
-    fn errors_reach_every_dependent() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(
-            vec![spec("a", &[]), spec("b", &["a"]), spec("c", &["b"])],
-            &mut comm,
-        );
-        core.dispatch(&mut comm);
-        let error = TaskError::new(ErrorKind::User, "E", "boom").at("a", "t");
-        core.erred("a", error.clone(), false, &mut comm);
-        let mut stored = comm.stored.clone();
-        stored.sort();
-        assert_eq!(stored, ["b", "c"]);
-        for (client, event) in &comm.notified {
-            assert_eq!(client, "c");
-            match event {
-                Event::Erred { error: e, .. } => assert_eq!(e, &error),
-                other => panic!("{other:?}"),
+        let queued: HashSet<&str> = self.ready.iter().map(|(_, _, k)| k.as_str()).collect();
+        let parked: HashSet<&str> = self.parked.iter().map(String::as_str).collect();
+        // Per input, how many waiting or ready tasks name it.
+        let mut wanted: HashMap<&str, u32> = HashMap::new();
+        for t in self.tasks.values() {
+            if matches!(t.state, State::Waiting | State::Ready) {
+                for dep in t.spec.iter().flat_map(|s| s.deps.iter()) {
+                    *wanted.entry(dep.as_str()).or_default() += 1;
+                }
             }
         }
-        // Erred tasks stay (for retry) until their holders let go.
-        assert_eq!(core.len(), 3);
-        core.forget(&["c".into(), "b".into(), "a".into()], &mut comm);
-        assert!(core.is_empty());
-        assert_eq!(comm.released.len(), 2, "b and c release their inputs");
-    }
-
-    #[test]
-    fn unknown_inputs_are_looked_up() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("b", &["old"]), spec("c", &["gone"])], &mut comm);
-        assert_eq!(comm.lookups, ["old", "gone"]);
-        core.dispatch(&mut comm);
-        assert!(comm.sent.is_empty());
-        core.lookup_answered("old", Lookup::Finished, &mut comm);
-        core.lookup_answered("gone", Lookup::Missing, &mut comm);
-        assert!(
-            comm.stored.is_empty(),
-            "a missing input gets a grace period first"
-        );
-        for _ in 0..ORPHAN_TICKS {
-            core.tick(&mut comm);
-        }
-        core.lookup_answered("gone", Lookup::Missing, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["b"]);
-        assert_eq!(comm.stored, ["c"]);
-        match &comm.notified[0].1 {
-            Event::Erred { error, .. } => assert_eq!(error.kind(), ErrorKind::MissingDependency),
-            other => panic!("{other:?}"),
-        }
-        core.finished("b", None, 0, &mut comm);
-        core.forget(&["c".into()], &mut comm);
-        assert!(core.is_empty());
-    }
-
-    #[test]
-    fn unknown_task_and_signature_mismatch_fail_fast() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        let mut unknown = spec("u", &[]);
-        unknown.task = "nope".into();
-        let mut mismatch = spec("m", &[]);
-        mismatch.fingerprint = 2;
-        core.submit(vec![unknown, mismatch], &mut comm);
-        let _ = WorkerInfo::clone;
-        core.dispatch(&mut comm);
-        assert!(comm.sent.is_empty());
-        let kinds: Vec<_> = comm
-            .notified
-            .iter()
-            .map(|(_, e)| match e {
-                Event::Erred { error, .. } => error.kind(),
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(
-            kinds,
-            [ErrorKind::UnknownTask, ErrorKind::SignatureMismatch]
-        );
-    }
-
-    #[test]
-    fn no_workers_means_tasks_wait() {
-        let mut core = Core::new();
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[])], &mut comm);
-        core.dispatch(&mut comm);
-        assert!(comm.sent.is_empty() && comm.notified.is_empty());
-        core.worker_seen(worker("w", 1, &[]), Instant::now());
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"]);
-        core.expire_workers(Instant::now() + WORKER_TIMEOUT * 2);
-        assert_eq!(core.counts().workers, 0);
-    }
-
-    #[test]
-    fn priority_and_window_are_respected() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        let specs: Vec<_> = (0..IN_FLIGHT_PER_SLOT + 10)
-            .map(|i| {
-                let mut s = spec(&format!("t{i}"), &[]);
-                s.priority = if i == IN_FLIGHT_PER_SLOT + 9 { 10 } else { 0 };
-                s
-            })
-            .collect();
-        core.submit(specs, &mut comm);
-        core.dispatch(&mut comm);
-        let first = comm.sent[0][0].spec.key.clone();
-        assert_eq!(first, format!("t{}", IN_FLIGHT_PER_SLOT + 9));
-        assert!(comm.sent.iter().all(|b| b.len() <= MAX_BUNDLE));
-        let sent = comm.sent_keys();
-        assert_eq!(sent.len(), IN_FLIGHT_PER_SLOT);
-        assert_eq!(core.counts().ready, 10);
-        core.finished(&sent[0], None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys().len(), 1);
-    }
-
-    #[test]
-    fn duplicate_completions_are_ignored() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[]), spec("a", &[])], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"]);
-        core.finished("a", None, 0, &mut comm);
-        core.finished("a", None, 0, &mut comm);
-        assert_eq!(core.counts().finished, 1);
-        assert!(core.is_empty());
-        assert_eq!(core.counts().processing, 0);
-    }
-
-    fn sent_to(comm: &mut Recorder) -> Vec<(Option<String>, String)> {
-        let targets = std::mem::take(&mut comm.targets);
-        comm.sent
-            .drain(..)
-            .zip(targets)
-            .flat_map(|(bundle, target)| {
-                bundle
-                    .into_iter()
-                    .map(move |r| (target.clone(), r.spec.key))
-            })
-            .collect()
-    }
-
-    #[test]
-    fn forgetting_pending_tasks_cancels_them_and_releases_inputs() {
-        let mut core = Core::new();
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[]), spec("b", &["a"])], &mut comm);
-        core.forget(&["b".into()], &mut comm);
-        assert_eq!(
-            comm.released,
-            vec![("b".to_string(), vec!["a".to_string()])]
-        );
-        core.forget(&["a".into()], &mut comm);
-        assert!(core.is_empty());
-        assert_eq!(core.counts().cancelled, 2);
-        core.worker_seen(worker("w", 1, &[]), Instant::now());
-        core.dispatch(&mut comm);
-        assert!(comm.sent.is_empty(), "forgotten tasks never run");
-    }
-
-    #[test]
-    fn a_departed_clients_work_is_cancelled_running_or_not() {
-        // `a` and `b` are sent to the worker (processing), `c` waits for `b`.
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(
-            vec![spec("a", &[]), spec("b", &[]), spec("c", &["b"])],
-            &mut comm,
-        );
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), vec!["a", "b"]);
-        assert_eq!(core.counts().processing, 2);
-        // The client's lease lapsed: `a` and `c` lost their last holder
-        // (`b` is still held by `c`).
-        core.abandon(&["a".into(), "c".into()], &mut comm);
-        assert_eq!(comm.cancelled, vec!["a"], "the running task is stopped");
-        assert_eq!(
-            comm.abandoned,
-            vec![("c".to_string(), vec!["b".to_string()])],
-            "the waiting task's inputs are released as abandoned too"
-        );
-        assert!(comm.released.is_empty());
-        assert_eq!(comm.specs_forgotten, vec!["a", "c"]);
-        assert_eq!(core.counts().cancelled, 2);
-        assert_eq!(core.counts().processing, 1);
-        // Then its input, once released.
-        core.abandon(&["b".into()], &mut comm);
-        assert_eq!(comm.cancelled, vec!["a", "b"]);
-        assert!(core.is_empty());
-        assert_eq!(core.counts().processing, 0);
-        assert_eq!(core.counts().cancelled, 3);
-        // Late reports of the stopped tasks are ignored.
-        core.finished("a", None, 0, &mut comm);
-        core.erred("b", cancelled_error("b", "t"), false, &mut comm);
-        assert!(core.is_empty());
-        assert!(comm.notified.is_empty(), "nobody is left to tell");
-        // A finished key that nobody holds any more is not "cancelled".
-        core.submit(vec![spec("e", &[])], &mut comm);
-        core.dispatch(&mut comm);
-        comm.sent_keys();
-        core.finished("e", None, 0, &mut comm);
-        core.abandon(&["e".into()], &mut comm);
-        assert_eq!(core.counts().cancelled, 3);
-    }
-
-    #[test]
-    fn a_running_task_that_is_forgotten_leaves_when_it_reports() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[])], &mut comm);
-        core.dispatch(&mut comm);
-        core.forget(&["a".into()], &mut comm);
-        assert_eq!(core.len(), 1);
-        core.finished("a", None, 0, &mut comm);
-        assert!(core.is_empty());
-        assert_eq!(core.counts().processing, 0);
-    }
-
-    #[test]
-    fn watchers_hear_about_pending_done_and_unknown_keys() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(vec![spec("a", &[])], &mut comm);
-        core.watch("other", &["a".into(), "elsewhere".into()], &mut comm);
-        assert_eq!(comm.lookups, ["elsewhere"]);
-        // Another client submitting the same key becomes a watcher too.
-        let mut again = spec("a", &[]);
-        again.client = "third".into();
-        core.submit(vec![again], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["a"], "one run serves every client");
-        core.finished("a", Some(vec![1]), 1, &mut comm);
-        let told: Vec<&str> = comm.notified.iter().map(|(c, _)| c.as_str()).collect();
-        assert_eq!(told, ["other", "third"]);
-        core.lookup_answered("elsewhere", Lookup::Missing, &mut comm);
-        for _ in 0..ORPHAN_TICKS {
-            core.tick(&mut comm);
-        }
-        core.lookup_answered("elsewhere", Lookup::Missing, &mut comm);
-        assert!(
-            matches!(&comm.notified[2], (c, Event::Erred { error, .. }) if c == "other" && error.kind() == ErrorKind::MissingDependency)
-        );
-    }
-
-    #[test]
-    fn cancel_fails_pending_tasks_and_dependents_and_stops_running_ones() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.submit(
-            vec![spec("run", &[]), spec("a", &["run"]), spec("b", &["a"])],
-            &mut comm,
-        );
-        core.dispatch(&mut comm);
-        core.cancel(&["run".into()], true, &mut comm);
-        assert_eq!(comm.cancelled, ["run"]);
-        let cancelled: Vec<&str> = comm
-            .notified
-            .iter()
-            .filter_map(|(_, e)| match e {
-                Event::Erred { key, error, .. } if error.kind() == ErrorKind::Cancelled => {
-                    Some(key.as_str())
+        let count = |list: &[String], key: &str| list.iter().filter(|k| *k == key).count() as u32;
+        for (key, t) in &self.tasks {
+            let err = |what: String| Err(format!("task `{key}` ({:?}): {what}", t.state));
+            if (t.state == State::Processing) != t.in_flight {
+                return err(format!("in_flight is {}", t.in_flight));
+            }
+            if t.in_flight {
+                if let Some(w) = &t.worker {
+                    if !self.workers.contains_key(w) {
+                        return err(format!("in flight on worker `{w}`, which is gone"));
+                    }
                 }
-                _ => None,
-            })
-            .collect();
-        assert_eq!(cancelled, ["run", "a", "b"]);
-        assert_eq!(core.counts().cancelled, 3);
-        assert_eq!(core.counts().processing, 0);
-        core.finished("run", None, 0, &mut comm); // the worker reports late: ignored
-        assert_eq!(core.counts().finished, 0);
-    }
-
-    #[test]
-    fn retries_rerun_before_failing_and_retry_reruns_failed_tasks() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        let mut flaky = spec("f", &[]);
-        flaky.retries = 1;
-        core.submit(vec![flaky, spec("d", &["f"])], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["f"]);
-        let error = TaskError::new(ErrorKind::User, "E", "boom");
-        core.erred("f", error.clone(), true, &mut comm);
-        core.dispatch(&mut comm);
-        let again = comm.sent.pop().unwrap().pop().unwrap();
-        assert_eq!((again.spec.key.as_str(), again.attempt), ("f", 1));
-        core.erred("f", error.clone(), false, &mut comm);
-        assert_eq!(core.counts().erred, 2, "f and its dependent d");
-        core.retry(&["d".into()], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(
-            comm.sent_keys(),
-            ["f"],
-            "retrying d reruns its failed input first"
-        );
-        core.finished("f", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["d"]);
-    }
-
-    #[test]
-    fn placement_follows_workers_and_resources() {
-        let mut core = Core::new();
-        let mut comm = Recorder::default();
-        core.worker_seen(worker("cpu", 1, &[]), Instant::now());
-        core.worker_seen(worker("gpu", 1, &[("GPU", 1)]), Instant::now());
-        let mut pinned = spec("pinned", &[]);
-        pinned.workers = vec!["name-cpu".into()];
-        let mut needs_gpu = spec("gpu-task", &[]);
-        needs_gpu.resources = vec![("GPU".into(), 1)];
-        let mut needs_two = spec("two-gpus", &[]);
-        needs_two.resources = vec![("GPU".into(), 2)];
-        let mut elsewhere = spec("elsewhere", &[]);
-        elsewhere.workers = vec!["gone".into()];
-        elsewhere.allow_other_workers = true;
-        core.submit(
-            vec![pinned, needs_gpu, needs_two, elsewhere, spec("free", &[])],
-            &mut comm,
-        );
-        core.dispatch(&mut comm);
-        let mut placed = sent_to(&mut comm);
-        placed.sort();
-        assert_eq!(
-            placed,
-            [
-                (None, "elsewhere".to_string()),
-                (None, "free".to_string()),
-                (Some("cpu".to_string()), "pinned".to_string()),
-                (Some("gpu".to_string()), "gpu-task".to_string()),
-            ]
-        );
-        assert_eq!(core.counts().parked, 1, "no worker has two GPUs yet");
-        core.worker_seen(worker("big", 1, &[("GPU", 2)]), Instant::now());
-        core.dispatch(&mut comm);
-        assert_eq!(
-            sent_to(&mut comm),
-            [(Some("big".to_string()), "two-gpus".to_string())]
-        );
-        // A pinned task whose worker dies is sent again.
-        core.worker_gone("big");
-        core.dispatch(&mut comm);
-        assert_eq!(core.counts().parked, 1);
-    }
-
-    #[test]
-    fn a_watch_that_overtakes_the_submission_waits_for_it() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        core.watch("other", &["late".into(), "never".into()], &mut comm);
-        core.lookup_answered("late", Lookup::Missing, &mut comm);
-        core.lookup_answered("never", Lookup::Missing, &mut comm);
-        assert!(
-            comm.notified.is_empty(),
-            "not lost yet: the submission may be on its way"
-        );
-        core.submit(vec![spec("late", &[])], &mut comm);
-        core.dispatch(&mut comm);
-        core.finished("late", None, 0, &mut comm);
-        assert!(
-            matches!(&comm.notified[..], [(c, Event::Finished { key, .. })] if c == "other" && key == "late")
-        );
-        for _ in 0..ORPHAN_TICKS {
-            core.tick(&mut comm);
+            }
+            if let Some(spec) = &t.spec {
+                if spec.key != *key {
+                    return err(format!("its spec has key `{}`", spec.key));
+                }
+            }
+            let holders_allowed = wanted.get(key.as_str()).copied().unwrap_or(0);
+            if t.holders > holders_allowed {
+                return err(format!(
+                    "{} holders but only {holders_allowed} waiting or ready dependents",
+                    t.holders
+                ));
+            }
+            match t.state {
+                State::Finished => {
+                    if t.spec.is_some() || t.error.is_some() {
+                        return err("finished with a spec or an error".into());
+                    }
+                    if !t.dependents.is_empty() || !t.watchers.is_empty() {
+                        return err("finished with dependents or watchers left".into());
+                    }
+                    if t.holders == 0 {
+                        return err("finished and held by nothing, yet still in the table".into());
+                    }
+                }
+                State::Erred => {
+                    if t.spec.is_none() || t.error.is_none() {
+                        return err("erred without its spec or its error".into());
+                    }
+                }
+                State::Waiting | State::Ready | State::Processing => {
+                    if t.spec.is_none() || t.error.is_some() {
+                        return err("pending without a spec, or with an error".into());
+                    }
+                }
+            }
+            if t.state == State::Ready {
+                if t.missing != 0 {
+                    return err(format!("ready with {} missing inputs", t.missing));
+                }
+                if !queued.contains(key.as_str()) && !parked.contains(key.as_str()) {
+                    return err("ready but neither queued nor parked".into());
+                }
+            }
+            if t.state == State::Waiting {
+                let mut missing = 0;
+                for dep in t.spec.iter().flat_map(|s| s.deps.iter()) {
+                    let pending = |w: Option<&Waiters>| w.map_or(0, |w| count(&w.dependents, key));
+                    let looked_up = pending(self.lookups.get(dep))
+                        + pending(self.orphans.get(dep).map(|(w, _)| w));
+                    let Some(input) = self.tasks.get(dep) else {
+                        // Unknown and looked up for it: missing. Unknown
+                        // and not looked up: it finished and left.
+                        missing += looked_up.min(1);
+                        continue;
+                    };
+                    if looked_up != 0 {
+                        return err(format!(
+                            "its input `{dep}` is in the table, yet looked up for it"
+                        ));
+                    }
+                    // An input may list it twice (an earlier run too),
+                    // or not at all: the input finished, left, and was
+                    // submitted again, after it counted that run.
+                    let listed = count(&input.dependents, key).min(1);
+                    if listed == 1 && input.state == State::Erred {
+                        return err(format!("its erred input `{dep}` lists it"));
+                    }
+                    missing += listed;
+                }
+                if missing != t.missing {
+                    return err(format!(
+                        "missing is {} but {missing} inputs are unfinished",
+                        t.missing
+                    ));
+                }
+            }
         }
-        assert_eq!(comm.lookups.iter().filter(|k| *k == "never").count(), 2);
-        core.lookup_answered("never", Lookup::Missing, &mut comm);
-        assert!(
-            matches!(&comm.notified[1], (c, Event::Erred { key, .. }) if c == "other" && key == "never")
-        );
-    }
-
-    #[test]
-    fn a_dependent_whose_input_arrives_late_waits_for_it() {
-        let mut core = with_worker(1);
-        let mut comm = Recorder::default();
-        let mut dependent = spec("d", &["late"]);
-        dependent.client = "b".into();
-        core.submit(vec![dependent], &mut comm);
-        core.lookup_answered("late", Lookup::Missing, &mut comm);
-        // The input's submission, from another client, arrives now.
-        let mut input = spec("late", &[]);
-        input.client = "a".into();
-        core.submit(vec![input], &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["late"]);
-        core.finished("late", None, 0, &mut comm);
-        core.dispatch(&mut comm);
-        assert_eq!(comm.sent_keys(), ["d"]);
-        assert!(comm.notified.is_empty() && comm.stored.is_empty());
+        let slots: u32 = self.workers.values().map(|w| w.slots).sum();
+        if slots != self.slots {
+            return Err(format!("slots is {} but workers have {slots}", self.slots));
+        }
+        let mut provided: HashMap<String, HashSet<u64>> = HashMap::new();
+        for w in self.workers.values() {
+            for (name, fingerprint) in &w.tasks {
+                provided
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(*fingerprint);
+            }
+        }
+        if provided != self.provided {
+            return Err(format!(
+                "provided is {:?} but workers provide {provided:?}",
+                self.provided
+            ));
+        }
+        if let Some(key) = self
+            .final_lookups
+            .iter()
+            .find(|k| !self.lookups.contains_key(*k))
+        {
+            return Err(format!("`{key}` has a last lookup but no lookup pending"));
+        }
+        Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
