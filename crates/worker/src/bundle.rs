@@ -199,6 +199,60 @@ impl Plan<'_> {
     }
 }
 
+/// What `batch` writes to Redis (stored before anyone hears of it) and
+/// announces to clients, `released` leaving custody first.
+pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
+    let mut plan = Plan {
+        released,
+        ..Plan::default()
+    };
+    for completion in batch {
+        let (key, client, deps, outcome, retrying, recorded) = match completion {
+            Completion::Started { key, client } => {
+                plan.events
+                    .entry(client.as_str())
+                    .or_default()
+                    .push(Event::Started { key: key.clone() });
+                continue;
+            }
+            Completion::Done {
+                key,
+                client,
+                deps,
+                outcome,
+                retrying,
+                recorded,
+                ..
+            } => (key, client, deps, outcome, *retrying, *recorded),
+        };
+        if recorded {
+            plan.writes.push(Write::ForgetStart(key));
+        }
+        let event = match outcome {
+            Ok(bytes) => {
+                plan.writes.push(Write::Finished { key, bytes, deps });
+                Event::Finished {
+                    key: key.clone(),
+                    inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
+                    size: bytes.len() as u64,
+                }
+            }
+            Err(error) => {
+                if !retrying {
+                    plan.writes.push(Write::Erred { key, error });
+                }
+                Event::Erred {
+                    key: key.clone(),
+                    error: error.clone(),
+                    retrying,
+                }
+            }
+        };
+        plan.events.entry(client.as_str()).or_default().push(event);
+    }
+    plan
+}
+
 /// One bundle's state.
 #[derive(Debug)]
 struct Bundle<D> {
@@ -335,64 +389,24 @@ impl<D> WorkerCore<D> {
         self.custody.iter().cloned().collect()
     }
 
+    /// The tasks of `batch` in custody: they leave it with their result.
+    pub(crate) fn released(&self, batch: &[Completion]) -> Vec<String> {
+        batch
+            .iter()
+            .filter_map(|completion| match completion {
+                Completion::Done { key, .. } if self.custody.contains(key) => Some(key.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What `batch` writes to Redis (stored before anyone hears of it) and
-    /// announces to clients.
-    pub(crate) fn plan<'a>(&self, batch: &'a [Completion]) -> Plan<'a> {
-        let mut plan = Plan {
-            released: batch
-                .iter()
-                .filter_map(|completion| match completion {
-                    Completion::Done { key, .. } if self.custody.contains(key) => Some(key.clone()),
-                    _ => None,
-                })
-                .collect(),
-            ..Plan::default()
-        };
-        for completion in batch {
-            let (key, client, deps, outcome, retrying, recorded) = match completion {
-                Completion::Started { key, client } => {
-                    plan.events
-                        .entry(client.as_str())
-                        .or_default()
-                        .push(Event::Started { key: key.clone() });
-                    continue;
-                }
-                Completion::Done {
-                    key,
-                    client,
-                    deps,
-                    outcome,
-                    retrying,
-                    recorded,
-                    ..
-                } => (key, client, deps, outcome, *retrying, *recorded),
-            };
-            if recorded {
-                plan.writes.push(Write::ForgetStart(key));
-            }
-            let event = match outcome {
-                Ok(bytes) => {
-                    plan.writes.push(Write::Finished { key, bytes, deps });
-                    Event::Finished {
-                        key: key.clone(),
-                        inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
-                        size: bytes.len() as u64,
-                    }
-                }
-                Err(error) => {
-                    if !retrying {
-                        plan.writes.push(Write::Erred { key, error });
-                    }
-                    Event::Erred {
-                        key: key.clone(),
-                        error: error.clone(),
-                        retrying,
-                    }
-                }
-            };
-            plan.events.entry(client.as_str()).or_default().push(event);
-        }
-        plan
+    /// announces to clients (see [`plan`]), with the tasks it releases from
+    /// custody (the completion loop takes the lock for [`Self::released`]
+    /// only).
+    #[cfg(test)]
+    fn plan<'a>(&self, batch: &'a [Completion]) -> Plan<'a> {
+        plan(batch, self.released(batch))
     }
 
     /// `batch`, planned with `released` leaving custody, was `stored` in
@@ -994,6 +1008,55 @@ mod tests {
         assert!(plan.writes.is_empty());
         assert_eq!(plan.released, keys(&["a"]));
         assert!(!plan.writes_nothing());
+    }
+
+    #[test]
+    fn a_cancelled_task_is_stored_as_erred_and_completes_its_bundle() {
+        // Cancelled while running, or withdrawn before it started: never
+        // retried, so its error is stored and the bundle acked with it.
+        let mut core = Core::default();
+        let b = receive(&mut core, 1, &["a", "b"]);
+        let cancelled = Err(error(ErrorKind::Cancelled));
+        let retried = retrying(true, &cancelled);
+        assert!(!retried);
+        let failure = error(ErrorKind::Cancelled);
+        let batch = [
+            done_for(b, "a", "c", cancelled, retried, false),
+            done(b, "b", Ok(vec![])),
+        ];
+        assert_eq!(
+            core.plan(&batch).writes[0],
+            Write::Erred {
+                key: "a",
+                error: &failure
+            }
+        );
+        assert_eq!(
+            complete(&mut core, &batch, true, true),
+            vec![Effect::Ack(1)]
+        );
+    }
+
+    #[test]
+    fn a_task_that_lost_its_worker_too_often_forgets_its_start_and_errs() {
+        let mut core = Core::default();
+        let b = receive(&mut core, 1, &["a"]);
+        let lost = error(ErrorKind::WorkerLost);
+        let batch = [done_for(b, "a", "c", Err(lost.clone()), false, true)];
+        assert_eq!(
+            core.plan(&batch).writes,
+            vec![
+                Write::ForgetStart("a"),
+                Write::Erred {
+                    key: "a",
+                    error: &lost
+                }
+            ]
+        );
+        assert_eq!(
+            complete(&mut core, &batch, true, true),
+            vec![Effect::Ack(1)]
+        );
     }
 
     // --- retries ---

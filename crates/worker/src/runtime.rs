@@ -1078,7 +1078,8 @@ async fn complete_loop(
                 debug!(%key, %error, retrying, "task erred");
             }
         }
-        let plan = lock(&core).plan(&batch);
+        let released = lock(&core).released(&batch);
+        let plan = crate::bundle::plan(&batch, released);
         let pipe = pipeline(&plan, &names, &codec);
         // Results must be stored before anyone hears they exist; on failure
         // the deliveries stay unacknowledged and come back.
