@@ -29,6 +29,7 @@
 
 pub mod actors;
 mod args;
+mod bundle;
 mod cache;
 mod context;
 pub mod linked;

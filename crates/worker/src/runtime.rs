@@ -6,13 +6,16 @@
 //! dies mid-task gets its tasks redelivered elsewhere. Results are written
 //! and events published in batches by one completion loop.
 
+use crate::bundle::{
+    admit, checked, retrying, Admit, BundleId, Completion, Effect, Fence, WorkerCore, Write,
+};
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::Slot;
 use crate::TaskContext;
 use flotilla_proto::{
-    Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask,
-    StoredResult, TaskError, ToScheduler, ToWorker, WorkerInfo,
+    Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
+    TaskError, ToScheduler, ToWorker, WorkerInfo,
 };
 use flotilla_runtime::refs;
 use flotilla_runtime::supervise::{Attempts, Stop};
@@ -23,11 +26,11 @@ use lapin::options::{
     BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
+use lapin::Acker;
 use lapin::Channel;
 use redis::aio::ConnectionManager;
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -252,32 +255,21 @@ struct Shared {
     slots: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
-    /// Keys of the tasks in this worker's custody.
-    custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The bundles held and the tasks in custody (see [`WorkerCore`]).
+    core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
     /// Start records of redelivered tasks (see [`crate::lost`]).
     ledger: crate::lost::Ledger,
     /// Signs what the worker sends and checks what it reads.
     codec: Codec,
     /// The signed messages this worker took from its queues.
     guard: ReplayGuard,
-    /// The highest scheduler epoch seen on a bundle (see
-    /// `ToWorker::Run::epoch`).
-    epoch: AtomicU64,
+    /// The highest scheduler epoch seen on a bundle.
+    fence: Fence,
 }
 
 impl Shared {
-    fn custody_add(&self, keys: &[String]) {
-        self.custody
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(keys.iter().cloned());
-    }
-
-    fn custody_remove(&self, keys: &[String]) {
-        let mut custody = self.custody.lock().unwrap_or_else(|p| p.into_inner());
-        for key in keys {
-            custody.remove(key);
-        }
+    fn core(&self) -> std::sync::MutexGuard<'_, WorkerCore<Acker>> {
+        lock(&self.core)
     }
 
     /// Registers a running task so that it can be cancelled.
@@ -355,146 +347,61 @@ impl Shared {
     }
 }
 
-/// Acknowledges a delivery once all its tasks are done, or earlier, when
-/// it has been held long enough for RabbitMQ's consumer timeout to loom:
-/// its unfinished tasks then go into custody (see
-/// [`flotilla_runtime::custody`]).
-struct Bundle {
-    delivery: Delivery,
-    state: std::sync::Mutex<BundleState>,
+fn lock<D>(core: &std::sync::Mutex<WorkerCore<D>>) -> std::sync::MutexGuard<'_, WorkerCore<D>> {
+    core.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-struct BundleState {
-    /// Keys of its tasks not yet complete.
-    pending: std::collections::HashSet<String>,
-    /// Acknowledged early, its unfinished tasks in custody.
-    handed_off: bool,
-    /// Acknowledged or rejected: nothing more to tell the broker.
-    settled: bool,
-}
-
-impl Bundle {
-    fn new(delivery: Delivery, keys: impl IntoIterator<Item = String>) -> Bundle {
-        Bundle {
-            delivery,
-            state: std::sync::Mutex::new(BundleState {
-                pending: keys.into_iter().collect(),
-                handed_off: false,
-                settled: false,
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BundleState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn ack(&self) {
-        if let Err(error) = self.delivery.acker.ack(BasicAckOptions::default()).await {
-            warn!(%error, "could not acknowledge a delivery; it will be redelivered");
-        }
-    }
-
-    /// `key` is complete (stored and announced).
-    async fn one_done(&self, key: &str) {
-        let ack = {
-            let mut state = self.lock();
-            state.pending.remove(key);
-            let ack = state.pending.is_empty() && !state.handed_off && !state.settled;
-            state.settled |= ack;
-            ack
-        };
-        if ack {
-            self.ack().await;
-        }
-    }
-
-    /// `key` could not be stored or announced: the delivery goes back to
-    /// the queue (unless it was handed off: custody brings it back then).
-    async fn failed(&self) {
-        let reject = {
-            let mut state = self.lock();
-            let reject = !state.handed_off && !state.settled;
-            state.settled = true;
-            reject
-        };
-        if reject {
-            let _ = self
-                .delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await;
-        }
-    }
-
-    /// Acknowledges the delivery now and puts its unfinished tasks in
-    /// custody, unless it is already settled.
-    async fn hand_off(&self, shared: &Shared) {
-        let keys: Vec<String> = {
-            let mut state = self.lock();
-            if state.handed_off || state.settled || state.pending.is_empty() {
-                return;
+/// Carries out what the core decided about deliveries.
+async fn settle(effects: Vec<Effect<Acker>>) {
+    for effect in effects {
+        match effect {
+            Effect::Ack(acker) => {
+                if let Err(error) = acker.ack(BasicAckOptions::default()).await {
+                    warn!(%error, "could not acknowledge a delivery; it will be redelivered");
+                }
             }
-            state.handed_off = true;
-            state.pending.iter().cloned().collect()
+            Effect::Requeue(acker) => {
+                let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+            }
+            Effect::Renew { keys, .. } => {
+                warn!(
+                    tasks = keys.len(),
+                    "custody renewal asked outside a hand-off; ignored"
+                );
+            }
+        }
+    }
+}
+
+/// Acknowledges a long-held delivery now and puts its unfinished tasks in
+/// custody (see [`flotilla_runtime::custody`]), unless it is already
+/// settled.
+async fn hand_off(shared: &Shared, bundle: BundleId) {
+    let effects = shared.core().hand_off(bundle);
+    for effect in effects {
+        let Effect::Renew { bundle, keys } = effect else {
+            settle(vec![effect]).await;
+            continue;
         };
-        // Registered first, so that a task completing meanwhile also leaves
-        // custody with its result.
-        shared.custody_add(&keys);
         let lease = shared.config.custody_lease();
         let mut redis = shared.redis.clone();
-        match flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await {
-            Ok(()) => {
-                info!(
-                    tasks = keys.len(),
-                    "a long-held delivery is acknowledged; its tasks are kept in custody"
-                );
-                let settle = {
-                    let mut state = self.lock();
-                    let settle = !state.settled;
-                    state.settled = true;
-                    settle
-                };
-                if settle {
-                    self.ack().await;
+        let renewed =
+            match flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await {
+                Ok(()) => {
+                    info!(
+                        tasks = keys.len(),
+                        "a long-held delivery is acknowledged; its tasks are kept in custody"
+                    );
+                    true
                 }
-            }
-            Err(error) => {
-                warn!(%error, "could not take tasks into custody; keeping the delivery");
-                shared.custody_remove(&keys);
-                let ack = {
-                    let mut state = self.lock();
-                    state.handed_off = false;
-                    let ack = state.pending.is_empty() && !state.settled;
-                    state.settled |= ack;
-                    ack
-                };
-                if ack {
-                    self.ack().await;
+                Err(error) => {
+                    warn!(%error, "could not take tasks into custody; keeping the delivery");
+                    false
                 }
-            }
-        }
+            };
+        let effects = shared.core().custody_renewed(bundle, &keys, renewed);
+        settle(effects).await;
     }
-}
-
-enum Completion {
-    Started {
-        key: String,
-        client: String,
-    },
-    Done {
-        key: String,
-        client: String,
-        deps: Vec<String>,
-        outcome: TaskOutcome,
-        /// A failure the scheduler will run again: neither stored nor
-        /// reported to the client.
-        retrying: bool,
-        /// The task came redelivered, so its start may be recorded (see
-        /// [`crate::lost`]): the record goes with its completion.
-        recorded: bool,
-        bundle: Arc<Bundle>,
-    },
 }
 
 /// Runs the worker until `shutdown`, starting afresh (under a new id)
@@ -605,11 +512,11 @@ async fn serve(
             .into_iter()
             .next()
             .map(|extension| (extension.make)(&config)),
-        custody: Arc::default(),
+        core: Arc::default(),
         withdrawn: std::sync::Mutex::default(),
         codec: Codec::new(&config),
         guard: ReplayGuard::new(),
-        epoch: AtomicU64::new(0),
+        fence: Fence::default(),
     });
     let completer = tokio::spawn(complete_loop(
         completion_rx,
@@ -618,7 +525,7 @@ async fn serve(
         names.clone(),
         shared.codec.clone(),
         id.clone(),
-        shared.custody.clone(),
+        shared.core.clone(),
     ));
     let custodian = tokio::spawn(renew_custody(shared.clone()));
 
@@ -758,13 +665,7 @@ async fn renew_custody(shared: Arc<Shared>) {
     let mut redis = shared.redis.clone();
     loop {
         tick.tick().await;
-        let keys: Vec<String> = shared
-            .custody
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let keys = shared.core().custody();
         if let Err(error) =
             flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await
         {
@@ -854,109 +755,70 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
         &shared.guard,
         shared.config.max_payload.saturating_mul(2),
     );
-    let message = match message {
-        // A stale task message may have waited behind long tasks: what it
-        // holds is checked against Redis below. A stale control message is
-        // dropped: whatever it was about is long settled.
-        Ok((ToWorker::Run { tasks, epoch }, _)) => {
-            // A bundle of a scheduler deposed since (one that was paused
-            // past its leader lease, see `flotilla_scheduler::leader`): the
-            // active scheduler took its tasks up from Redis.
-            let newest = shared.epoch.fetch_max(epoch, Ordering::AcqRel);
-            if epoch < newest && epoch != 0 {
-                warn!(
-                    epoch,
-                    newest,
-                    tasks = tasks.len(),
-                    "bundle of a deposed scheduler dropped"
-                );
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                return;
-            }
-            Ok(ToWorker::Run { tasks, epoch })
-        }
-        Ok((message, None)) => Ok(message),
-        Ok((_, Some(stale))) => {
-            warn!(error = %stale, "stale control message dropped");
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            return;
-        }
-        Err(error) => Err(error),
-    };
-    let tasks = match message {
-        Ok(ToWorker::Run { tasks, .. }) if !tasks.is_empty() => tasks,
-        Ok(ToWorker::Cancel { keys }) => {
+    let mut admitted = admit(message, shared.codec.is_sealed(), &shared.fence);
+    if let Admit::Run { tasks, check: true } = admitted {
+        admitted = checked(still_pending(shared, tasks).await);
+    }
+    let tasks = match admitted {
+        Admit::Run { tasks, .. } => tasks,
+        Admit::Cancel(keys) => {
             shared.cancel(&keys);
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
         // --- actors: an actor lost its last handle ---
-        Ok(ToWorker::DropActors { keys }) => {
+        Admit::DropActors(keys) => {
             crate::actors::drop_actors(&shared.id, &keys);
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
         // --- end actors ---
-        Ok(ToWorker::Run { .. }) => {
-            // The scheduler never sends an empty bundle: this is forged.
-            return dead_letter(&delivery, &"empty task bundle").await;
-        }
-        Ok(_) => {
+        Admit::Stale(stale) => {
+            warn!(error = %stale, "stale control message dropped");
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
-        Err(error) => return dead_letter(&delivery, &error).await,
-    };
-    // With signed messages, a delivery may be a replay that reached another
-    // worker than the original, a captured copy requeued so that it comes
-    // back redelivered, or a message that outlived the replay window: only
-    // tasks whose spec is still stored (not done) run. (A task that was done
-    // but whose worker died before reporting it is settled by the
-    // scheduler, which checks its long-processing tasks against Redis.)
-    let tasks = if shared.codec.is_sealed() {
-        match still_pending(shared, tasks).await {
-            Some(tasks) if !tasks.is_empty() => tasks,
-            Some(_) => {
-                let reason = "replayed or stale: its tasks are done";
-                return dead_letter(&delivery, &reason).await;
-            }
-            // Redis is unreachable: the broker hands the bundle out again.
-            None => {
-                let _ = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: true })
-                    .await;
-                return;
-            }
+        Admit::Ack => {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
         }
-    } else {
-        tasks
+        Admit::DeadLetter(reason) => return dead_letter(&delivery, &reason).await,
+        Admit::Requeue => {
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await;
+            return;
+        }
+        Admit::Superseded { epoch, newest } => {
+            warn!(epoch, newest, "bundle of a deposed scheduler dropped");
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
+        }
     };
     // A redelivered bundle's worker may have died under it: its tasks'
     // starts are recorded, and one that kept killing workers errs.
     let redelivered = delivery.redelivered;
-    let bundle = Arc::new(Bundle::new(
-        delivery,
+    let bundle = shared.core().received(
+        delivery.acker,
         tasks.iter().map(|task| task.spec.key.clone()),
-    ));
+    );
     {
         // Held this long (running, or waiting for a slot), the delivery is
         // acknowledged and its tasks kept in custody instead.
-        // Weak references only: a sleeping timer must keep neither the
-        // delivery nor the worker (whose shutdown waits for it) alive.
-        let bundle = Arc::downgrade(&bundle);
+        // A weak reference only: a sleeping timer must not keep the worker
+        // (whose shutdown waits for it) alive.
         let after = Duration::from_millis(shared.config.long_task_ms);
         let shared = Arc::downgrade(shared);
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            if let (Some(bundle), Some(shared)) = (bundle.upgrade(), shared.upgrade()) {
-                bundle.hand_off(&shared).await;
+            if let Some(shared) = shared.upgrade() {
+                hand_off(&shared, bundle).await;
             }
         });
     }
     for task in tasks {
         let shared = shared.clone();
-        let bundle = bundle.clone();
         let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
         tokio::spawn(
             async move {
@@ -1023,8 +885,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 drop(resources);
                 slot.release();
                 drop(isolation);
-                let retrying = may_retry
-                    && matches!(&outcome, Err(e) if !matches!(e.kind(), ErrorKind::Cancelled | ErrorKind::UnknownTask | ErrorKind::SignatureMismatch | ErrorKind::WorkerLost));
+                let retrying = retrying(may_retry, &outcome);
                 let _ = shared.completions.send(Completion::Done {
                     key,
                     client,
@@ -1210,117 +1071,27 @@ async fn complete_loop(
     names: Names,
     codec: Codec,
     worker: String,
-    custody: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
-        let mut pipe = redis::pipe();
-        let mut by_client: HashMap<&str, Vec<Event>> = HashMap::new();
-        let mut scripts = 0;
-        // Tasks in custody leave it with their result.
-        let released: Vec<String> = {
-            let custody = custody.lock().unwrap_or_else(|p| p.into_inner());
-            batch
-                .iter()
-                .filter_map(|completion| match completion {
-                    Completion::Done { key, .. } if custody.contains(key) => Some(key.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
-        if !released.is_empty() {
-            pipe.zrem(names.custody_key(), &released).ignore();
-            scripts += 1;
-        }
         for completion in &batch {
-            let (key, client, deps, outcome, retrying) = match completion {
-                Completion::Done {
-                    key,
-                    client,
-                    deps,
-                    outcome,
-                    retrying,
-                    recorded,
-                    ..
-                } => {
-                    if *recorded {
-                        // The task completed: its worker did not die under it.
-                        pipe.del(names.lost_key(key)).ignore();
-                        scripts += 1;
-                    }
-                    (key, client, deps, outcome, *retrying)
-                }
-                Completion::Started { key, client } => {
-                    by_client
-                        .entry(client.as_str())
-                        .or_default()
-                        .push(Event::Started { key: key.clone() });
-                    continue;
-                }
-            };
-            let keys = [names.holders_key(key), names.result_key(key)];
-            let event = match outcome {
-                Ok(bytes) => {
-                    // Done for good: the spec a restarted scheduler would
-                    // take up again is no longer needed.
-                    pipe.del(names.spec_key(key)).ignore();
-                    if bytes.len() + 1 >= refs::LARGE_RESULT {
-                        // Written straight into the command: a large result
-                        // is not copied once more just to add its tag.
-                        pipe.set(
-                            &keys[1],
-                            flotilla_runtime::seal::StoredOkArg(codec.result_ok_arg(key, bytes)),
-                        )
-                        .ignore();
-                        refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
-                    } else {
-                        let stored = codec.result_ok(key, bytes);
-                        refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
-                    }
-                    // Done for good: it no longer needs its inputs.
-                    let holder = refs::task_holder(key);
-                    for dep in deps {
-                        let dep_keys = [names.holders_key(dep), names.result_key(dep)];
-                        refs::add(
-                            &mut pipe,
-                            &refs::RELEASE,
-                            [&dep_keys[0], &dep_keys[1]],
-                            &[holder.as_bytes()],
-                        );
-                        scripts += 1;
-                    }
-                    scripts += 1;
-                    Event::Finished {
-                        key: key.clone(),
-                        inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
-                        size: bytes.len() as u64,
-                    }
-                }
-                Err(error) => {
-                    debug!(%key, %error, retrying, "task erred");
-                    if !retrying {
-                        // Its inputs stay held (for `retry`) until the
-                        // scheduler forgets the task.
-                        refs::add(
-                            &mut pipe,
-                            &refs::STORE,
-                            [&keys[0], &keys[1]],
-                            &[&codec.result_err(key, error)],
-                        );
-                        scripts += 1;
-                    }
-                    Event::Erred {
-                        key: key.clone(),
-                        error: error.clone(),
-                        retrying,
-                    }
-                }
-            };
-            by_client.entry(client.as_str()).or_default().push(event);
+            if let Completion::Done {
+                key,
+                outcome: Err(error),
+                retrying,
+                ..
+            } = completion
+            {
+                debug!(%key, %error, retrying, "task erred");
+            }
         }
+        let released = lock(&core).released(&batch);
+        let plan = crate::bundle::plan(&batch, released);
+        let pipe = pipeline(&plan, &names, &codec);
         // Results must be stored before anyone hears they exist; on failure
         // the deliveries stay unacknowledged and come back.
-        let mut stored = scripts == 0;
+        let mut stored = plan.writes_nothing();
         for attempt in 0..5u32 {
             if stored {
                 break;
@@ -1338,8 +1109,8 @@ async fn complete_loop(
         }
         let mut published = stored;
         if stored {
-            let mut confirms = Vec::with_capacity(by_client.len());
-            for (client, events) in by_client {
+            let mut confirms = Vec::with_capacity(plan.events.len());
+            for (client, events) in plan.events {
                 let bytes = codec.encode(
                     Purpose::Events,
                     &EventBatch {
@@ -1370,21 +1141,66 @@ async fn complete_loop(
                 }
             }
         }
-        if stored && !released.is_empty() {
-            let mut custody = custody.lock().unwrap_or_else(|p| p.into_inner());
-            for key in &released {
-                custody.remove(key);
+        let effects = lock(&core).completed(&batch, &plan.released, stored, published);
+        settle(effects).await;
+        batch.clear();
+    }
+}
+
+/// The Redis pipeline that carries out a batch's writes.
+fn pipeline(plan: &crate::bundle::Plan<'_>, names: &Names, codec: &Codec) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    if !plan.released.is_empty() {
+        pipe.zrem(names.custody_key(), &plan.released).ignore();
+    }
+    for write in &plan.writes {
+        match *write {
+            Write::ForgetStart(key) => {
+                // The task completed: its worker did not die under it.
+                pipe.del(names.lost_key(key)).ignore();
             }
-        }
-        for completion in batch.drain(..) {
-            let Completion::Done { bundle, key, .. } = completion else {
-                continue;
-            };
-            if published {
-                bundle.one_done(&key).await;
-            } else {
-                bundle.failed().await;
+            Write::Finished { key, bytes, deps } => {
+                let keys = [names.holders_key(key), names.result_key(key)];
+                // Done for good: the spec a restarted scheduler would take
+                // up again is no longer needed.
+                pipe.del(names.spec_key(key)).ignore();
+                if bytes.len() + 1 >= refs::LARGE_RESULT {
+                    // Written straight into the command: a large result is
+                    // not copied once more just to add its tag.
+                    pipe.set(
+                        &keys[1],
+                        flotilla_runtime::seal::StoredOkArg(codec.result_ok_arg(key, bytes)),
+                    )
+                    .ignore();
+                    refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
+                } else {
+                    let stored = codec.result_ok(key, bytes);
+                    refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
+                }
+                // Done for good: it no longer needs its inputs.
+                let holder = refs::task_holder(key);
+                for dep in deps {
+                    let dep_keys = [names.holders_key(dep), names.result_key(dep)];
+                    refs::add(
+                        &mut pipe,
+                        &refs::RELEASE,
+                        [&dep_keys[0], &dep_keys[1]],
+                        &[holder.as_bytes()],
+                    );
+                }
+            }
+            Write::Erred { key, error } => {
+                // Its inputs stay held (for `retry`) until the scheduler
+                // forgets the task.
+                let keys = [names.holders_key(key), names.result_key(key)];
+                refs::add(
+                    &mut pipe,
+                    &refs::STORE,
+                    [&keys[0], &keys[1]],
+                    &[&codec.result_err(key, error)],
+                );
             }
         }
     }
+    pipe
 }
