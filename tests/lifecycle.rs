@@ -797,7 +797,15 @@ async fn actors_scatter_and_a_killed_client_leave_no_keys_behind() {
     // (`flotilla_runtime::seal::publish_fingerprint`). Everything else is
     // per result (`r:`, `h:`, `s:`), per live client (`leases`), per task in
     // custody or lost, or per dataset, and must be gone.
-    let permanent = [format!("{}:seal", config.namespace)];
+    // Namespace-wide and kept by design: the key fingerprint, the leader
+    // lease (while the scheduler runs), the epoch and the incarnation marker.
+    let names = config.names();
+    let permanent = [
+        names.seal_key(),
+        names.leader_key(),
+        names.epoch_key(),
+        names.incarnation_key(),
+    ];
 
     // A hold of a client id that has no lease (as a hold arriving after its
     // client closed would be): the reaper releases it too.
