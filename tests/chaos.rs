@@ -17,6 +17,8 @@
 
 mod support;
 
+#[path = "chaos/full.rs"]
+mod full;
 #[path = "chaos/state.rs"]
 mod state;
 
@@ -85,6 +87,10 @@ fn spawn_logged(
         .env("FLOTILLA_NAMESPACE", &config.namespace)
         .env("FLOTILLA_MAX_PAYLOAD", config.max_payload.to_string())
         .env("FLOTILLA_LONG_TASK_MS", config.long_task_ms.to_string())
+        .env(
+            "FLOTILLA_ALLOW_EVICTION",
+            if config.allow_eviction { "1" } else { "0" },
+        )
         .env(
             "FLOTILLA_ALLOWED_FAILURES",
             config.allowed_failures.to_string(),

@@ -251,6 +251,8 @@ async fn chaos_signed_cluster_on_an_evicting_redis() {
     let mut config = support::fresh_config("chaos-evict");
     config.redis_url = redis.url();
     config.secret = Some(Secret::new("chaos-evicting-secret"));
+    // Refused at start otherwise (see `chaos_an_evicting_redis_is_refused_at_start`).
+    config.allow_eviction = true;
     let cluster = Processes::start_with(config, None, None).await;
     let n = 1_650;
     let len = 8 << 10;
@@ -395,4 +397,39 @@ async fn chaos_a_replayed_bundle_requeued_to_arrive_redelivered_does_not_run_aga
     transport::close(&connection, "done").await;
     let _ = flotilla::purge(&config).await;
     assert_eq!(runs, 1, "the replayed task ran again");
+}
+
+#[tokio::test]
+async fn chaos_an_evicting_redis_is_refused_at_start_unless_allowed() {
+    let redis = tokio::task::spawn_blocking(|| {
+        PrivateRedis::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+    })
+    .await
+    .unwrap();
+    let mut config = support::fresh_config("chaos-evict-refused");
+    config.redis_url = redis.url();
+    let log = std::env::temp_dir().join(format!("{}.log", config.namespace));
+    let mut worker = spawn_logged(
+        "flotilla-worker",
+        &config,
+        &["--nthreads", "1"],
+        Some(log.as_path()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the worker exits");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    drop(redis);
+    assert!(!status.success());
+    assert!(
+        logged.contains("maxmemory-policy is allkeys-lru")
+            && logged.contains("FLOTILLA_ALLOW_EVICTION"),
+        "{logged}"
+    );
 }

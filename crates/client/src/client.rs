@@ -883,11 +883,14 @@ impl Client {
     }
 
     /// Waits until everything submitted or released so far has reached
-    /// Redis and the broker.
+    /// Redis and the broker. Fails with [`Error::Redis`] when Redis kept
+    /// failing or refusing (over its `maxmemory`) the reference updates of
+    /// something submitted for 20 s: those submissions' futures fail with
+    /// the same error.
     pub async fn flush(&self) -> Result<()> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.inner.send(Op::Flush(done));
-        wait.await.map_err(|_| Error::Closed)
+        wait.await.map_err(|_| Error::Closed)?
     }
 
     /// Sends what is queued; gives up the lease when nothing is held any more.

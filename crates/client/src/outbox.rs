@@ -39,6 +39,11 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a release waits before it is sent, so that the key can still be
 /// revived by asking for it again (see the module documentation).
 pub(crate) const RELEASE_GRACE: Duration = Duration::from_millis(50);
+/// How long the outbox keeps retrying reference updates Redis fails or
+/// refuses (restarting, or over its `maxmemory`) before it gives up: the
+/// submissions of that batch fail with the Redis error, and so does a
+/// `flush` waiting for them.
+pub(crate) const GIVE_UP_AFTER: Duration = Duration::from_secs(20);
 
 /// The client's futures by key: a live state, or a dead one whose release
 /// is still waiting in the outbox.
@@ -69,8 +74,9 @@ pub(crate) enum Op {
     Retry(Vec<String>),
     /// Hear about these keys' completion (again, after a reconnection).
     Watch(Vec<String>),
-    /// Answer once everything before has been sent.
-    Flush(oneshot::Sender<()>),
+    /// Answer once everything before has been sent, or with the error that
+    /// made the outbox give up on some of it.
+    Flush(oneshot::Sender<Result<(), crate::Error>>),
 }
 
 pub(crate) struct Outbox {
@@ -106,7 +112,9 @@ pub(crate) struct Unconfirmed {
 struct Batch {
     messages: Vec<ToScheduler>,
     submit_bytes: usize,
-    flushed: Vec<oneshot::Sender<()>>,
+    flushed: Vec<oneshot::Sender<Result<(), crate::Error>>>,
+    /// Why some of the batch could not be done (its flushes get it).
+    failure: Option<crate::Error>,
 }
 
 impl Batch {
@@ -142,7 +150,7 @@ enum Step {
     Hold(String),
     Release(String, usize),
     Message(ToScheduler),
-    Flush(oneshot::Sender<()>),
+    Flush(oneshot::Sender<Result<(), crate::Error>>),
 }
 
 /// Whether a key's release may go out now: no state of it lives in the
@@ -285,21 +293,43 @@ impl Outbox {
         }
     }
 
-    /// Runs a reference-count pipeline, retrying until Redis answers: a
-    /// submission is never dropped because Redis restarted. (The scripts
+    /// Runs a reference-count pipeline, retrying while Redis fails it: a
+    /// submission is not dropped because Redis restarted. (The scripts
     /// are idempotent, so a pipeline that partly ran before the connection
-    /// broke can run again.)
-    async fn run_retrying<T: redis::FromRedisValue>(&mut self, pipe: &redis::Pipeline) -> T {
+    /// broke can run again.) Gives up after [`GIVE_UP_AFTER`] (a Redis down
+    /// for that long, or refusing writes over its `maxmemory`).
+    async fn run_retrying<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
         let mut backoff = flotilla_runtime::supervise::Backoff::default();
+        let started = Instant::now();
         loop {
             match refs::run(&mut self.redis, pipe).await {
-                Ok(values) => return values,
+                Ok(values) => return Ok(values),
+                Err(error) if started.elapsed() >= GIVE_UP_AFTER => {
+                    tracing::error!(%error, after = ?GIVE_UP_AFTER, "reference updates failed; giving up on them");
+                    return Err(error);
+                }
                 Err(error) => {
                     let pause = backoff.next_pause();
                     warn!(%error, ?pause, "reference updates failed; retrying");
                     tokio::time::sleep(pause).await;
                 }
             }
+        }
+    }
+
+    /// Fails the future of `key` in this client, if it is still wanted.
+    fn fail(&self, key: &str, error: &crate::Error) {
+        let state = self
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .and_then(Weak::upgrade);
+        if let Some(state) = state {
+            state.set_failed(error.clone());
         }
     }
 
@@ -387,7 +417,15 @@ impl Outbox {
         let values: Vec<i64> = if replies == 0 {
             Vec::new()
         } else {
-            self.run_retrying(&pipe).await
+            match self.run_retrying(&pipe).await {
+                Ok(values) => values,
+                Err(error) => {
+                    for done in barriers {
+                        let _ = done.send(());
+                    }
+                    return self.gave_up(steps, error).await;
+                }
+            }
         };
         for done in barriers {
             let _ = done.send(());
@@ -440,9 +478,11 @@ impl Outbox {
                 }
             }
             if released.is_empty() {
-                self.run_retrying::<()>(&pipe).await;
+                if let Err(error) = self.run_retrying::<()>(&pipe).await {
+                    warn!(%error, "deleting the specs of tasks that ran already failed");
+                }
             } else {
-                let freed: Vec<i64> = self.run_retrying(&pipe).await;
+                let freed: Vec<i64> = self.run_retrying(&pipe).await.unwrap_or_default();
                 let keys: Vec<String> = released
                     .into_iter()
                     .zip(freed)
@@ -454,6 +494,36 @@ impl Outbox {
                 }
             }
         }
+        batch
+    }
+
+    /// A batch whose reference updates Redis kept failing: its submissions
+    /// and holds fail with the error (the specs written are deleted, so no
+    /// restarted scheduler runs them), its messages to the scheduler still
+    /// go, and its flushes answer with the error.
+    async fn gave_up(&mut self, steps: Vec<Step>, error: redis::RedisError) -> Batch {
+        let error = crate::Error::from(error);
+        let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
+        let mut batch = Batch {
+            failure: Some(error.clone()),
+            ..Batch::default()
+        };
+        let mut rollback = redis::pipe();
+        for step in steps {
+            match step {
+                Step::Submit(spec, _) => {
+                    rollback.del(self.names.spec_key(&spec.key)).ignore();
+                    self.fail(&spec.key, &error);
+                }
+                Step::Hold(key) => self.fail(&key, &error),
+                Step::Release(..) => {}
+                Step::Message(message) => batch.push(message, limit),
+                Step::Flush(done) => batch.flushed.push(done),
+            }
+        }
+        // DEL is allowed even over maxmemory; a Redis that is down keeps no
+        // spec of ours to worry about either way.
+        let _ = rollback.query_async::<()>(&mut self.redis).await;
         batch
     }
 
@@ -481,7 +551,10 @@ impl Outbox {
             self.unconfirmed.push_back(Unconfirmed { bytes, confirm });
         }
         for done in batch.flushed {
-            let _ = done.send(());
+            let _ = done.send(match &batch.failure {
+                Some(error) => Err(error.clone()),
+                None => Ok(()),
+            });
         }
     }
 }

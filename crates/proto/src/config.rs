@@ -80,6 +80,13 @@ pub enum ConfigError {
         /// What goes wrong outside the range.
         why: &'static str,
     },
+    /// Redis evicts keys (its `maxmemory-policy`), and
+    /// `FLOTILLA_ALLOW_EVICTION` is not set.
+    #[error("Redis' maxmemory-policy is {policy}: it evicts keys, and with them task specs and results (futures would fail with lost data). Set `maxmemory-policy noeviction` (recommended), or FLOTILLA_ALLOW_EVICTION=1 to accept it")]
+    Evicting {
+        /// The policy Redis reported.
+        policy: String,
+    },
     /// A numeric setting did not parse.
     #[error("invalid value {value:?} for {name}: expected a whole number")]
     Number {
@@ -133,6 +140,12 @@ pub struct Config {
     /// The replay window of signed messages, in milliseconds (see
     /// [`crate::seal`]). Processes' clocks must agree well within it.
     pub replay_window_ms: u64,
+    /// Accept a Redis whose `maxmemory-policy` evicts keys
+    /// (`FLOTILLA_ALLOW_EVICTION=1`; default: refused at start). Evicted
+    /// specs and results then surface as data-loss errors on the futures
+    /// that needed them, never as hangs; `noeviction` is the setting that
+    /// loses nothing.
+    pub allow_eviction: bool,
 }
 
 impl Default for Config {
@@ -147,6 +160,7 @@ impl Default for Config {
             allowed_failures: DEFAULT_ALLOWED_FAILURES,
             secret: None,
             replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
+            allow_eviction: false,
         }
     }
 }
@@ -154,8 +168,9 @@ impl Default for Config {
 impl Config {
     /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
     /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS`,
-    /// `FLOTILLA_LONG_TASK_MS`, `FLOTILLA_ALLOWED_FAILURES`, `FLOTILLA_SECRET`
-    /// and `FLOTILLA_REPLAY_WINDOW_MS`, with the defaults for what is unset.
+    /// `FLOTILLA_LONG_TASK_MS`, `FLOTILLA_ALLOWED_FAILURES`, `FLOTILLA_SECRET`,
+    /// `FLOTILLA_REPLAY_WINDOW_MS` and `FLOTILLA_ALLOW_EVICTION`, with the
+    /// defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -196,6 +211,12 @@ impl Config {
                 name: "FLOTILLA_ALLOWED_FAILURES",
                 value: failures.clone(),
             })?;
+        }
+        if let Some(allow) = set("FLOTILLA_ALLOW_EVICTION") {
+            config.allow_eviction = matches!(
+                allow.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            );
         }
         if let Some(secret) = lookup("FLOTILLA_SECRET").filter(|s| !s.is_empty()) {
             config.secret = Some(Secret::new(&secret));

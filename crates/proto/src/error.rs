@@ -31,6 +31,10 @@ pub enum ErrorKind {
     WorkerLost,
     /// The task was cancelled.
     Cancelled,
+    /// The task's result could not be stored (Redis refused it, e.g. over
+    /// its `maxmemory`, again after retries); the message has Redis' reason.
+    /// The task is not run again.
+    StoreFailed,
     /// Anything else that went wrong around the task (storage, protocol).
     Internal,
 }

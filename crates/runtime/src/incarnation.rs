@@ -15,8 +15,9 @@ use redis::Script;
 use std::sync::LazyLock;
 
 static OBSERVE: LazyLock<Script> = LazyLock::new(|| {
+    // `allow-oom`: a tiny key that must be kept even when Redis is full.
     Script::new(
-        r"
+        r"#!lua flags=allow-oom
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 ",
@@ -55,5 +56,38 @@ impl Incarnation {
         }
         self.0 = now;
         Ok(true)
+    }
+}
+
+/// Refuses a Redis whose `maxmemory-policy` evicts keys unless `allow`
+/// (see `Config::allow_eviction`), as Sidekiq does: an evicted spec or
+/// result is lost work. A Redis that does not let `CONFIG GET` run (a
+/// managed service) is taken as it is, with a warning.
+pub async fn check_eviction(
+    redis: &mut ConnectionManager,
+    allow: bool,
+) -> Result<(), flotilla_proto::ConfigError> {
+    let policy: redis::RedisResult<(String, String)> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(redis)
+        .await;
+    match policy {
+        Ok((_, policy)) if policy != "noeviction" => {
+            if allow {
+                tracing::warn!(
+                    policy,
+                    "Redis evicts keys (FLOTILLA_ALLOW_EVICTION is set): evicted specs and results fail their futures with lost data"
+                );
+                Ok(())
+            } else {
+                Err(flotilla_proto::ConfigError::Evicting { policy })
+            }
+        }
+        Ok(_) => Ok(()),
+        Err(error) => {
+            tracing::warn!(%error, "could not read Redis' maxmemory-policy; make sure it is noeviction");
+            Ok(())
+        }
     }
 }

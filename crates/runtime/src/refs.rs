@@ -76,8 +76,10 @@ pub static HOLD_UNTIL_DONE: LazyLock<Script> = LazyLock::new(|| {
 /// `KEYS`: holders, result. `ARGV`: holder. Drops a hold; when none is
 /// left, deletes the result and returns 1 (the key is now unreferenced).
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    // `allow-oom`: it only frees memory, so it must run when Redis is full.
     Script::new(
-        r"redis.call('SREM', KEYS[1], ARGV[1])
+        r"#!lua flags=allow-oom
+          redis.call('SREM', KEYS[1], ARGV[1])
           if redis.call('SCARD', KEYS[1]) == 0 then
             redis.call('DEL', KEYS[2])
             return 1
@@ -108,8 +110,10 @@ pub static STORE: LazyLock<Script> = LazyLock::new(|| {
 /// wants it, then ends a `fire_and_forget` hold. Returns like [`STORE`].
 /// A release racing in between deletes the result itself, so nothing leaks.
 pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
+    // `allow-oom`: it only frees memory, so it must run when Redis is full.
     Script::new(
-        r"if redis.call('EXISTS', KEYS[1]) == 0 then
+        r"#!lua flags=allow-oom
+          if redis.call('EXISTS', KEYS[1]) == 0 then
             redis.call('DEL', KEYS[2])
             return -1
           end
@@ -206,6 +210,29 @@ pub async fn run<T: redis::FromRedisValue>(
         }
         other => other,
     }
+}
+
+/// Runs a pipeline and returns each command's own reply: a command Redis
+/// refuses (over `maxmemory`, say) is an `Err` in its place while the others
+/// run. `Err` as a whole only when Redis could not be reached. Loads the
+/// scripts first when Redis does not know them.
+pub async fn run_each(
+    redis: &mut ConnectionManager,
+    pipe: &Pipeline,
+) -> RedisResult<Vec<RedisResult<redis::Value>>> {
+    let mut pipe = pipe.clone();
+    pipe.ignore_errors();
+    let replies: Vec<RedisResult<redis::Value>> = pipe.query_async(redis).await?;
+    let noscript = replies
+        .iter()
+        .any(|reply| matches!(reply, Err(error) if error.code() == Some("NOSCRIPT")));
+    if !noscript {
+        return Ok(replies);
+    }
+    for script in all() {
+        script.prepare_invoke().load_async(redis).await?;
+    }
+    pipe.query_async(redis).await
 }
 
 #[cfg(test)]

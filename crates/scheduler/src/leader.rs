@@ -36,10 +36,13 @@ pub const POLL: Duration = Duration::from_millis(250);
 pub const MARGIN: Duration = Duration::from_millis(750);
 
 /// Takes or renews the lease: `{epoch, holder}`, with `epoch` 0 when
-/// another scheduler holds it.
+/// another scheduler holds it. `ARGV[3]` is the epoch the caller held (0:
+/// none): a lease of its own that lapsed with nobody taking it since is
+/// resumed with the same epoch.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    // `allow-oom`: a tiny key that must be kept even when Redis is full.
     Script::new(
-        r"
+        r"#!lua flags=allow-oom
 local held = redis.call('GET', KEYS[1])
 if held then
   local sep = string.find(held, '|', 1, true)
@@ -49,9 +52,16 @@ if held then
   end
   return {0, held}
 end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if tonumber(ARGV[3]) > 0 and last == tonumber(ARGV[3]) then
+  -- Our own lease lapsed (this scheduler was too busy to renew it) and
+  -- nobody took it since: every taking bumps the epoch. Resume it.
+  local value = ARGV[1] .. '|' .. ARGV[3]
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+  return {last, value}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
 local epoch = string.format('%.0f', math.max(last + 1, now))
 redis.call('SET', KEYS[2], epoch)
 local value = ARGV[1] .. '|' .. epoch
@@ -63,8 +73,9 @@ return {tonumber(epoch), value}
 
 /// Gives the lease up if this scheduler holds it.
 static RESIGN: LazyLock<Script> = LazyLock::new(|| {
+    // `allow-oom`: a tiny key that must be kept even when Redis is full.
     Script::new(
-        r"
+        r"#!lua flags=allow-oom
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
   return redis.call('DEL', KEYS[1])
@@ -83,17 +94,20 @@ pub enum Attempt {
     Taken(String),
 }
 
-/// Takes the lease for `id`, or renews it if `id` holds it already.
+/// Takes the lease for `id`, or renews it if `id` holds it already (with
+/// `held`, the epoch it held: see [`ACQUIRE`]).
 pub async fn attempt(
     redis: &mut ConnectionManager,
     names: &Names,
     id: &str,
+    held: u64,
 ) -> redis::RedisResult<Attempt> {
     let (epoch, holder): (u64, String) = ACQUIRE
         .key(names.leader_key())
         .key(names.epoch_key())
         .arg(id)
         .arg(LEASE.as_millis() as u64)
+        .arg(held)
         .invoke_async(redis)
         .await?;
     Ok(if epoch == 0 {
@@ -144,33 +158,51 @@ impl Leadership {
     }
 }
 
-/// Renews the lease until it is lost; returns the holder that took it, or
-/// `None` when the lease ran out because Redis did not answer.
+/// Renews the lease once: `Ok(())` while it is still this scheduler's,
+/// `Err(why)` once it is lost (another scheduler took it, or it lapsed and
+/// a new epoch had to be taken, so another may have acted in between).
+/// Redis failing to answer is not a loss by itself: [`Leadership::valid`]
+/// runs out then.
+pub async fn renew(
+    redis: &mut ConnectionManager,
+    names: &Names,
+    id: &str,
+    leadership: &Leadership,
+) -> Result<(), String> {
+    let sent = Instant::now();
+    let renewal =
+        tokio::time::timeout(RENEW_EVERY, attempt(redis, names, id, leadership.epoch)).await;
+    match renewal {
+        Ok(Ok(Attempt::Held(epoch))) if epoch == leadership.epoch => {
+            leadership.renewed(sent);
+            Ok(())
+        }
+        Ok(Ok(Attempt::Held(epoch))) => Err(format!("it lapsed; {id}|{epoch} is a new lease")),
+        Ok(Ok(Attempt::Taken(holder))) => Err(format!("now held by {holder}")),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "renewing the leader lease failed");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("renewing the leader lease timed out");
+            Ok(())
+        }
+    }
+}
+
+/// Renews the lease every [`RENEW_EVERY`] until it is lost; returns why.
 pub async fn keep(
     mut redis: ConnectionManager,
     names: Names,
     id: String,
     leadership: Leadership,
-) -> Option<String> {
+) -> String {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let sent = Instant::now();
-        let renewal = tokio::time::timeout(RENEW_EVERY, attempt(&mut redis, &names, &id)).await;
-        match renewal {
-            Ok(Ok(Attempt::Held(epoch))) if epoch == leadership.epoch => leadership.renewed(sent),
-            Ok(Ok(Attempt::Held(epoch))) => {
-                // Our lease lapsed and we took a new one: another scheduler
-                // may have acted in between, so this life ends.
-                return Some(format!("{id}|{epoch} (a new lease)"));
-            }
-            Ok(Ok(Attempt::Taken(holder))) => return Some(holder),
-            Ok(Err(error)) => tracing::warn!(%error, "renewing the leader lease failed"),
-            Err(_) => tracing::warn!("renewing the leader lease timed out"),
-        }
-        if !leadership.valid() {
-            return None;
+        if let Err(lost) = renew(&mut redis, &names, &id, &leadership).await {
+            return lost;
         }
     }
 }

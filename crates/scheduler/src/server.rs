@@ -333,6 +333,7 @@ async fn serve(
         .await?;
     transport::declare_topology(&publish, &names).await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
+    flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
     // Clients and workers with another secret then fail at once, clearly.
     flotilla_runtime::seal::publish_fingerprint(&mut redis, &names, &Codec::new(config)).await?;
     let (inputs, mut input_rx) = mpsc::unbounded_channel();
@@ -353,11 +354,7 @@ async fn serve(
         let inputs = inputs.clone();
         async move {
             let lost = leader::keep(redis, names, id, leadership).await;
-            let reason = lost.map_or_else(
-                || "Redis did not answer within the lease".to_owned(),
-                |holder| format!("now held by {holder}"),
-            );
-            let _ = inputs.send(Input::Deposed(reason));
+            let _ = inputs.send(Input::Deposed(lost));
         }
     });
     let _keeper = AbortOnDrop(keeper);
@@ -431,6 +428,7 @@ async fn serve(
         orphans_swept: None,
         custodian: None,
         leadership: leadership.clone(),
+        id: id.to_owned(),
         rechecked: (HashSet::new(), Instant::now()),
         checker: None,
         incarnation: Arc::new(tokio::sync::Mutex::new(incarnation)),
@@ -540,7 +538,7 @@ async fn stand_by(
     let mut seen: Option<String> = None;
     loop {
         let sent = Instant::now();
-        match leader::attempt(redis, names, id).await? {
+        match leader::attempt(redis, names, id, 0).await? {
             Attempt::Held(epoch) => {
                 return Ok(Some((
                     Leadership::new(epoch, sent),
@@ -782,8 +780,9 @@ struct Scheduler {
     /// When the reaper last looked for holds of clients without a lease.
     orphans_swept: Option<Instant>,
     custodian: Option<JoinHandle<()>>,
-    /// The leader lease this scheduler acts under.
+    /// The leader lease this scheduler acts under, as `id`.
     leadership: Leadership,
+    id: String,
     /// Tasks processing at the last check, and when it was.
     rechecked: (HashSet<String>, Instant),
     checker: Option<JoinHandle<()>>,
@@ -967,12 +966,19 @@ impl Scheduler {
     /// Writes and publishes what the core asked for; `acks` go out once the
     /// publishes are confirmed (see [`settle`]).
     async fn flush(&mut self, acks: Acks) -> Result<(), SchedulerError> {
-        // Nothing is written or published without a valid lease: a
-        // scheduler that was paused past it steps down instead.
+        // Nothing is written or published without a valid lease. One that
+        // ran out by this scheduler's clock (it was paused, or too busy to
+        // renew it) is renewed first; a scheduler whose lease was taken
+        // meanwhile steps down instead.
         if !self.leadership.valid() {
-            return Err(SchedulerError::Deposed(
-                "the lease ran out by this scheduler's clock".into(),
-            ));
+            leader::renew(&mut self.redis, &self.names, &self.id, &self.leadership)
+                .await
+                .map_err(SchedulerError::Deposed)?;
+            if !self.leadership.valid() {
+                return Err(SchedulerError::Deposed(
+                    "the lease ran out by this scheduler's clock and Redis did not answer".into(),
+                ));
+            }
         }
         let out = std::mem::take(&mut self.out);
         if !out.specs_done.is_empty() {

@@ -477,7 +477,8 @@ async fn serve(
     let own_queue = names.worker_queue(&id);
     let control = names.control_exchange();
     transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
-    let redis = transport::connect_redis(&config.redis_url).await?;
+    let mut redis = transport::connect_redis(&config.redis_url).await?;
+    flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
     flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
         .await?;
 
@@ -1088,25 +1089,8 @@ async fn complete_loop(
         }
         let released = lock(&core).released(&batch);
         let plan = crate::bundle::plan(&batch, released);
-        let pipe = pipeline(&plan, &names, &codec);
-        // Results must be stored before anyone hears they exist; on failure
-        // the deliveries stay unacknowledged and come back.
-        let mut stored = plan.writes_nothing();
-        for attempt in 0..5u32 {
-            if stored {
-                break;
-            }
-            match refs::run::<()>(&mut redis, &pipe).await {
-                Ok(()) => {
-                    stored = true;
-                    break;
-                }
-                Err(error) => {
-                    warn!(%error, attempt, "storing results failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
-            }
-        }
+        let mut plan = plan;
+        let stored = store(&mut redis, &mut plan, &names, &codec).await;
         let mut published = stored;
         if stored {
             let mut confirms = Vec::with_capacity(plan.events.len());
@@ -1147,35 +1131,172 @@ async fn complete_loop(
     }
 }
 
-/// The Redis pipeline that carries out a batch's writes.
-fn pipeline(plan: &crate::bundle::Plan<'_>, names: &Names, codec: &Codec) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    if !plan.released.is_empty() {
-        pipe.zrem(names.custody_key(), &plan.released).ignore();
+/// How often a batch's writes are tried: a connection failure retries the
+/// whole batch (then its deliveries come back), a write Redis refuses (over
+/// its `maxmemory`) only that task's.
+const STORE_ATTEMPTS: u32 = 5;
+
+/// Stores a batch's writes, each task's on its own: one that Redis keeps
+/// refusing (a full Redis) does not hold the others back. After
+/// [`STORE_ATTEMPTS`] its partial write is rolled back (so Redis does not
+/// stay above its limit), its spec deleted (it is not run again), and its
+/// `Finished` event becomes an `Erred` one with a `StoreFailed` error
+/// carrying Redis' message (stored too, if Redis takes it). Returns whether
+/// the batch is settled: `false` when Redis could not be reached at all
+/// (the deliveries then come back).
+async fn store(
+    redis: &mut ConnectionManager,
+    plan: &mut crate::bundle::Plan<'_>,
+    names: &Names,
+    codec: &Codec,
+) -> bool {
+    if plan.writes_nothing() {
+        return true;
     }
-    for write in &plan.writes {
-        match *write {
+    let mut pending: Vec<usize> = (0..plan.writes.len()).collect();
+    let mut with_released = true;
+    let mut refused: HashMap<usize, String> = HashMap::new();
+    for attempt in 0..STORE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        let (pipe, ranges) = pipeline(plan, &pending, with_released, names, codec);
+        match refs::run_each(redis, &pipe).await {
+            Err(error) => {
+                warn!(%error, attempt, "storing results failed; retrying");
+                continue;
+            }
+            Ok(results) => {
+                with_released = false;
+                refused.clear();
+                for (write, range) in ranges {
+                    if let Some(error) = results[range].iter().find_map(|r| r.as_ref().err()) {
+                        refused.insert(write, error.to_string());
+                    }
+                }
+                if refused.is_empty() {
+                    return true;
+                }
+                warn!(
+                    refused = refused.len(),
+                    attempt,
+                    first = %refused.values().next().map(String::as_str).unwrap_or_default(),
+                    "Redis refused to store results; retrying those"
+                );
+                pending = refused.keys().copied().collect();
+                pending.sort_unstable();
+            }
+        }
+    }
+    if with_released {
+        return false; // never reached Redis: the deliveries come back
+    }
+    give_up(redis, plan, &refused, names, codec).await;
+    true
+}
+
+/// Ends the tasks whose writes Redis kept refusing with a `StoreFailed`
+/// error (see [`store`]).
+async fn give_up(
+    redis: &mut ConnectionManager,
+    plan: &mut crate::bundle::Plan<'_>,
+    refused: &HashMap<usize, String>,
+    names: &Names,
+    codec: &Codec,
+) {
+    let mut failed: HashMap<String, TaskError> = HashMap::new();
+    let mut rollback = redis::pipe();
+    for (&write, message) in refused {
+        let Write::Finished { key, .. } = plan.writes[write] else {
+            // An error that could not be stored still reaches its clients
+            // in the event; a start record left behind expires.
+            continue;
+        };
+        let error = TaskError::new(
+            ErrorKind::StoreFailed,
+            "flotilla::StoreFailed",
+            format!("the result could not be stored in Redis: {message}"),
+        )
+        .at(key, "");
+        warn!(key, %message, "giving up storing a result: the task errs StoreFailed");
+        // DEL is allowed even over maxmemory: a value half written goes,
+        // and so does the spec (the task is done: not run again).
+        rollback.del(names.result_key(key)).ignore();
+        rollback.del(names.spec_key(key)).ignore();
+        refs::add(
+            &mut rollback,
+            &refs::STORE,
+            [&names.holders_key(key), &names.result_key(key)],
+            &[&codec.result_err(key, &error)],
+        );
+        failed.insert(key.to_owned(), error);
+    }
+    if failed.is_empty() {
+        return;
+    }
+    if let Err(error) = refs::run_each(redis, &rollback).await {
+        warn!(%error, "rolling back refused results failed");
+    }
+    for events in plan.events.values_mut() {
+        for event in events.iter_mut() {
+            if let Event::Finished { key, .. } = event {
+                if let Some(error) = failed.get(key.as_str()) {
+                    *event = Event::Erred {
+                        key: key.clone(),
+                        error: error.clone(),
+                        retrying: false,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The Redis pipeline that carries out the writes `only` of a batch (and
+/// its custody release, `with_released`), with the range of replies each
+/// write gets: every command replies, so one write's refusal is told apart
+/// from another's.
+fn pipeline(
+    plan: &crate::bundle::Plan<'_>,
+    only: &[usize],
+    with_released: bool,
+    names: &Names,
+    codec: &Codec,
+) -> (redis::Pipeline, Vec<(usize, std::ops::Range<usize>)>) {
+    let mut pipe = redis::pipe();
+    let mut commands = 0;
+    if with_released && !plan.released.is_empty() {
+        pipe.zrem(names.custody_key(), &plan.released);
+        commands += 1;
+    }
+    let mut ranges = Vec::with_capacity(only.len());
+    for &index in only {
+        let start = commands;
+        match plan.writes[index] {
             Write::ForgetStart(key) => {
                 // The task completed: its worker did not die under it.
-                pipe.del(names.lost_key(key)).ignore();
+                pipe.del(names.lost_key(key));
+                commands += 1;
             }
             Write::Finished { key, bytes, deps } => {
                 let keys = [names.holders_key(key), names.result_key(key)];
                 // Done for good: the spec a restarted scheduler would take
                 // up again is no longer needed.
-                pipe.del(names.spec_key(key)).ignore();
+                pipe.del(names.spec_key(key));
+                commands += 1;
                 if bytes.len() + 1 >= refs::LARGE_RESULT {
                     // Written straight into the command: a large result is
                     // not copied once more just to add its tag.
                     pipe.set(
                         &keys[1],
                         flotilla_runtime::seal::StoredOkArg(codec.result_ok_arg(key, bytes)),
-                    )
-                    .ignore();
+                    );
                     refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
+                    commands += 2;
                 } else {
                     let stored = codec.result_ok(key, bytes);
                     refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
+                    commands += 1;
                 }
                 // Done for good: it no longer needs its inputs.
                 let holder = refs::task_holder(key);
@@ -1187,6 +1308,7 @@ fn pipeline(plan: &crate::bundle::Plan<'_>, names: &Names, codec: &Codec) -> red
                         [&dep_keys[0], &dep_keys[1]],
                         &[holder.as_bytes()],
                     );
+                    commands += 1;
                 }
             }
             Write::Erred { key, error } => {
@@ -1199,8 +1321,10 @@ fn pipeline(plan: &crate::bundle::Plan<'_>, names: &Names, codec: &Codec) -> red
                     [&keys[0], &keys[1]],
                     &[&codec.result_err(key, error)],
                 );
+                commands += 1;
             }
         }
+        ranges.push((index, start..commands));
     }
-    pipe
+    (pipe, ranges)
 }
