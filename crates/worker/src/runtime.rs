@@ -1239,9 +1239,9 @@ async fn give_up(
     }
     for events in plan.events.values_mut() {
         for event in events.iter_mut() {
-            if let Event::Finished { key, .. } = event {
+            if let flotilla_proto::Event::Finished { key, .. } = event {
                 if let Some(error) = failed.get(key.as_str()) {
-                    *event = Event::Erred {
+                    *event = flotilla_proto::Event::Erred {
                         key: key.clone(),
                         error: error.clone(),
                         retrying: false,
