@@ -25,7 +25,8 @@ async fn full_redis(maxmemory: &str) -> PrivateRedis {
     .unwrap()
 }
 
-/// Redis' `used_memory` and `maxmemory`.
+/// Redis' `used_memory_dataset` (the data, without the buffers that a
+/// refused 60 MB command leaves to shrink lazily) and `maxmemory`.
 async fn memory(config: &Config) -> (u64, u64) {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
@@ -40,7 +41,7 @@ async fn memory(config: &Config) -> (u64, u64) {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    (field("used_memory"), field("maxmemory"))
+    (field("used_memory_dataset"), field("maxmemory"))
 }
 
 /// Whether `result` is the `StoreFailed` error with Redis' reason.
@@ -79,13 +80,14 @@ async fn chaos_redis_full_one_big_result_fails_store_failed_once() {
     let slowest = started.elapsed().as_secs_f64();
     let small = small.result_timeout(Duration::from_secs(30)).await;
     let (used, max) = memory(&cluster.config).await;
+    let kept = support::count_keys(&cluster.config, "r").await;
     let failed = store_failed(&outcome);
     let unresolved = usize::from(matches!(outcome, Err(Error::Timeout { .. })));
     let config = cluster.config.clone();
     drop(big);
     let duplicated = close(cluster).await;
     println!(
-        "chaos redis-full-one-big: faults=1 tasks=2 lost={} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} used_memory={used} maxmemory={max}",
+        "chaos redis-full-one-big: faults=1 tasks=2 lost={} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} used_memory_dataset={used} maxmemory={max}",
         usize::from(failed)
     );
     drop((config, redis));
@@ -95,6 +97,7 @@ async fn chaos_redis_full_one_big_result_fails_store_failed_once() {
         used <= max,
         "the refused value was rolled back: {used} > {max}"
     );
+    assert!(kept <= 1, "only the small result is stored: {kept} results");
     assert_eq!(duplicated, 0, "the task did not run again");
 }
 
@@ -107,8 +110,9 @@ async fn chaos_redis_full_many_small_results_deliver_those_that_fit() {
     let n = 100;
     let len = 1 << 20;
     let started = Instant::now();
+    // Lengths differ: equal pure submissions would share one result.
     let futures: Vec<TaskFuture<ByteBuf>> = (0..n)
-        .map(|_| cluster.client.submit(make_bytes, (len,)))
+        .map(|i| cluster.client.submit(make_bytes, (len + i,)))
         .collect();
     cluster.client.flush().await.unwrap();
     let (mut delivered, mut failed, mut unresolved, mut wrong) = (0, 0, 0, Vec::new());
@@ -121,7 +125,7 @@ async fn chaos_redis_full_many_small_results_deliver_those_that_fit() {
             .await;
         slowest = slowest.max(started.elapsed().as_secs_f64());
         match &outcome {
-            Ok(bytes) if bytes.len() == len => delivered += 1,
+            Ok(bytes) if bytes.len() == len + i => delivered += 1,
             Err(Error::Timeout { .. }) => unresolved += 1,
             other if store_failed(other) => failed += 1,
             other => wrong.push(format!("{i}: {:?}", other.as_ref().map(|b| b.len()))),
@@ -148,26 +152,31 @@ async fn chaos_redis_full_a_connected_client_gets_the_error() {
     let mut config = support::fresh_config("chaos-full-client");
     config.redis_url = redis.url();
     let cluster = Processes::start_with(config, None, None).await;
-    // Fill Redis to its limit with a value of someone else's.
-    {
+    // Fill Redis with values of someone else's, then lower its limit below
+    // what it holds: it stays full, whatever buffers it frees meanwhile.
+    let mut admin = {
         let client = redis::Client::open(cluster.config.redis_url.as_str()).unwrap();
-        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-        let mut i = 0;
-        loop {
-            let filled: redis::RedisResult<()> = redis::cmd("SET")
-                .arg(format!("filler:{i}"))
-                .arg(vec![1u8; 256 << 10])
-                .query_async(&mut redis)
-                .await;
-            if filled.is_err() {
-                break;
-            }
-            i += 1;
-            assert!(i < 1000, "Redis fills up");
-        }
+        client.get_multiplexed_async_connection().await.unwrap()
+    };
+    for i in 0..8 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg(vec![1u8; 256 << 10])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
     }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1mb")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
     let started = Instant::now();
-    let futures: Vec<TaskFuture<i64>> = (0..10).map(|i| cluster.client.submit(inc, (i,))).collect();
+    let futures: Vec<TaskFuture<i64>> = (0..10)
+        .map(|i| cluster.client.submit(inc, (10_000 + i,)))
+        .collect();
     let flushed = tokio::time::timeout(Duration::from_secs(60), cluster.client.flush()).await;
     let flush_s = started.elapsed().as_secs_f64();
     let mut failed = 0;
@@ -181,11 +190,7 @@ async fn chaos_redis_full_a_connected_client_gets_the_error() {
     }
     let slowest = started.elapsed().as_secs_f64();
     drop(futures);
-    {
-        let client = redis::Client::open(cluster.config.redis_url.as_str()).unwrap();
-        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-        let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut redis).await;
-    }
+    let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut admin).await;
     let duplicated = close(cluster).await;
     println!(
         "chaos redis-full-connected-client: faults=1 tasks=10 lost={failed} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} flush_s={flush_s:.2}"

@@ -110,10 +110,10 @@ pub static STORE: LazyLock<Script> = LazyLock::new(|| {
 /// wants it, then ends a `fire_and_forget` hold. Returns like [`STORE`].
 /// A release racing in between deletes the result itself, so nothing leaks.
 pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
-    // `allow-oom`: it only frees memory, so it must run when Redis is full.
+    // No `allow-oom`: when the value just written took Redis over its
+    // `maxmemory`, this is refused and the writer rolls the value back.
     Script::new(
-        r"#!lua flags=allow-oom
-          if redis.call('EXISTS', KEYS[1]) == 0 then
+        r"if redis.call('EXISTS', KEYS[1]) == 0 then
             redis.call('DEL', KEYS[2])
             return -1
           end
@@ -153,6 +153,15 @@ pub fn all() -> [&'static Script; 7] {
         &FINALIZE,
         &SCATTER,
     ]
+}
+
+/// Loads every script into Redis, so that pipelines of `EVALSHA`s do not
+/// meet `NOSCRIPT` (and run again) in the common case.
+pub async fn load_all(redis: &mut ConnectionManager) -> RedisResult<()> {
+    for script in all() {
+        script.prepare_invoke().load_async(redis).await?;
+    }
+    Ok(())
 }
 
 /// Adds an `EVALSHA` of `script` to a pipeline.

@@ -26,7 +26,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a lease lives in Redis without renewal.
-pub const LEASE: Duration = Duration::from_millis(3_000);
+pub const LEASE: Duration = Duration::from_millis(2_500);
 /// How often the active scheduler renews its lease.
 pub const RENEW_EVERY: Duration = Duration::from_millis(500);
 /// How often a standby looks at the lease.

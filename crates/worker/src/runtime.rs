@@ -479,6 +479,7 @@ async fn serve(
     transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
+    refs::load_all(&mut redis).await?;
     flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
         .await?;
 
