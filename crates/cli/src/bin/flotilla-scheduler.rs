@@ -264,10 +264,13 @@ fn scheduler_main(
         async move {
             let mut hooks = Hooks::default();
             let mut endpoint = None;
+            // The token file this process wrote, removed when it ends.
+            let mut token_file = OwnTokenFile(None);
             if let Some(addr) = &http_addr {
-                let Some(access) = access_rules(&access, &config.namespace) else {
+                let Some((access, created)) = access_rules(&access, &config.namespace) else {
                     return ExitCode::from(2);
                 };
+                token_file.0 = created.map(|path| (path, access.token().to_owned()));
                 match http::bind_with(addr, &config, access).await {
                     Ok((server, server_hooks)) => {
                         tracing::info!(
@@ -305,10 +308,25 @@ fn scheduler_main(
     )
 }
 
+/// A token file this process wrote, with its token: removed on drop unless
+/// it holds another token by then.
+struct OwnTokenFile(Option<(PathBuf, String)>);
+
+impl Drop for OwnTokenFile {
+    fn drop(&mut self) {
+        if let Some((path, token)) = &self.0 {
+            if http::read_token(path).is_ok_and(|t| t == *token) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
 /// The endpoint's access rules: the token given, else the token file's (a
-/// new one written there when it holds none); `None` after logging why
-/// there is none.
-fn access_rules(args: &AccessArgs, namespace: &str) -> Option<http::Access> {
+/// new one written there when it holds none, returned too); `None` after
+/// logging why there is none.
+fn access_rules(args: &AccessArgs, namespace: &str) -> Option<(http::Access, Option<PathBuf>)> {
+    let mut created = None;
     let token = match given(&args.http_token) {
         Some(token) if token.trim().len() < http::MIN_TOKEN_LEN => {
             tracing::error!(
@@ -321,7 +339,10 @@ fn access_rules(args: &AccessArgs, namespace: &str) -> Option<http::Access> {
         None => {
             let path = token_path(&args.http_token_file, &Some(namespace.to_owned()));
             match http::load_or_create_token(&path) {
-                Ok(token) => {
+                Ok((token, new)) => {
+                    if new {
+                        created = Some(path.clone());
+                    }
                     // The path only: the token itself never goes to the log.
                     tracing::info!(
                         token_file = %path.display(),
@@ -340,7 +361,10 @@ fn access_rules(args: &AccessArgs, namespace: &str) -> Option<http::Access> {
             }
         }
     };
-    Some(http::Access::new(&token).allow_hosts(&args.http_allowed_hosts))
+    Some((
+        http::Access::new(&token).allow_hosts(&args.http_allowed_hosts),
+        created,
+    ))
 }
 
 fn command_main(command: Command) -> Result<ExitCode, String> {

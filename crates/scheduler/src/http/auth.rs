@@ -183,10 +183,10 @@ pub fn read_token(path: &Path) -> std::io::Result<String> {
 /// The token in `path` if it holds a usable one ([`read_token`]); else a
 /// fresh [`random_token`] written there with mode 0600 (to a new file,
 /// then renamed into place). Schedulers of one namespace on one machine so
-/// share their token.
-pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
+/// share their token. The flag is `true` when this call wrote the file.
+pub fn load_or_create_token(path: &Path) -> std::io::Result<(String, bool)> {
     if let Ok(token) = read_token(path) {
-        return Ok(token);
+        return Ok((token, false));
     }
     let token = random_token();
     let mut temporary = path.as_os_str().to_owned();
@@ -205,7 +205,7 @@ pub fn load_or_create_token(path: &Path) -> std::io::Result<String> {
         let _ = std::fs::remove_file(&temporary);
         return Err(error);
     }
-    Ok(token)
+    Ok((token, true))
 }
 
 /// Middleware of every route: refuses a request whose `Host` is not allowed.
@@ -333,19 +333,25 @@ mod tests {
             std::env::temp_dir().join(format!("flotilla-token-test-{}", flotilla_proto::new_id()));
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("flotilla-ns.http-token");
-        let first = load_or_create_token(&path).unwrap();
+        let (first, created) = load_or_create_token(&path).unwrap();
+        assert!(created);
         assert_eq!(first.len(), 64);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
-            assert_eq!(load_or_create_token(&path).unwrap(), first, "reused");
+            assert_eq!(
+                load_or_create_token(&path).unwrap(),
+                (first.clone(), false),
+                "reused"
+            );
             assert_eq!(read_token(&path).unwrap(), first);
             // A file others may read is not trusted: replaced.
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             assert!(read_token(&path).is_err());
-            let second = load_or_create_token(&path).unwrap();
+            let (second, created) = load_or_create_token(&path).unwrap();
+            assert!(created);
             assert_ne!(second, first);
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
