@@ -44,6 +44,9 @@ fn spawn(config: &Config, name: &str, program: &str, args: &[&str]) -> Process {
 struct Ops {
     config: Config,
     addr: String,
+    /// The HTTP write token, from the file the scheduler logged.
+    token: String,
+    token_file: PathBuf,
     scheduler: Process,
     workers: Vec<Process>,
 }
@@ -74,6 +77,35 @@ impl Ops {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        // Without --http-token, it writes one to a file and logs where.
+        let token_file = scheduler
+            .log()
+            .lines()
+            .find_map(|line| {
+                let at = line.find("token_file=")? + "token_file=".len();
+                Some(PathBuf::from(line[at..].split_whitespace().next()?))
+            })
+            .unwrap_or_else(|| panic!("the scheduler names its token file:\n{}", scheduler.log()));
+        assert!(
+            token_file.ends_with(format!("flotilla-{}.http-token", config.namespace)),
+            "{}",
+            token_file.display()
+        );
+        let token = std::fs::read_to_string(&token_file)
+            .expect("the token file")
+            .trim()
+            .to_owned();
+        assert!(token.len() >= 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "only its owner may read the token");
+        }
+        assert!(
+            !scheduler.log().contains(&token),
+            "the token is never logged"
+        );
         let workers = workers
             .iter()
             .map(|name| {
@@ -88,6 +120,8 @@ impl Ops {
         let ops = Ops {
             config,
             addr,
+            token,
+            token_file,
             scheduler,
             workers,
         };
@@ -139,6 +173,8 @@ impl Ops {
             .env("FLOTILLA_AMQP_URL", &self.config.amqp_url)
             .env("FLOTILLA_REDIS_URL", &self.config.redis_url)
             .env("FLOTILLA_NAMESPACE", &self.config.namespace)
+            .env_remove("FLOTILLA_HTTP_TOKEN")
+            .env_remove("FLOTILLA_HTTP_TOKEN_FILE")
             .env("NO_COLOR", "1")
             .output()
             .expect("run flotilla-scheduler");
@@ -152,6 +188,7 @@ impl Ops {
 
 impl Drop for Ops {
     fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.token_file);
         let config = self.config.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -496,6 +533,11 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
         out.contains(&ops.config.namespace) && out.contains("2 live, 4 slots"),
         "{out}"
     );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("role") && l.ends_with(" active")),
+        "the status names the role: {out}"
+    );
     let (ok, out, err) = ops.cli(&["workers"]);
     assert!(ok, "{err}");
     assert!(
@@ -602,12 +644,15 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
 async fn the_http_server_answers_mistakes_plainly() {
     let ops = Ops::start("ops-errors", &[]).await;
     let addr = ops.addr.clone();
+    let token = ops.token.clone();
     let request = |line: &str| format!("{line}\r\nHost: {addr}\r\n\r\n");
+    let authorized =
+        |line: &str| format!("{line}\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
     for (raw, code) in [
         (request("GET /nope HTTP/1.1"), 404),
         (request("POST /metrics HTTP/1.1"), 405),
         (request("GET /api/cancel?key=x HTTP/1.1"), 405),
-        (request("POST /api/cancel HTTP/1.1"), 400),
+        (authorized("POST /api/cancel HTTP/1.1"), 400),
         (request("GET /api/tasks?state=lost HTTP/1.1"), 400),
         (request("GET /api/tasks?limit=many HTTP/1.1"), 400),
         (request("GET /api/status?history=x HTTP/1.1"), 400),
@@ -625,7 +670,7 @@ async fn the_http_server_answers_mistakes_plainly() {
         ),
         (
             format!(
-                "POST /api/cancel?key=nothing HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}\r\nContent-Length: 3\r\n\r\nabc"
+                "POST /api/cancel?key=nothing HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 3\r\n\r\nabc"
             ),
             202,
         ),
@@ -640,6 +685,47 @@ async fn the_http_server_answers_mistakes_plainly() {
             assert!(parse_json(&body)["error"].str().is_some(), "{body}");
         }
     }
+    let (code, body) = http(&addr, &request("HEAD / HTTP/1.1")).await;
+    assert!(code == 200 && body.is_empty(), "HEAD has no body");
+
+    // Writes need the token, and every request a Host of this server.
+    let port = addr.rsplit(':').next().unwrap();
+    let cancel = |host: &str, authorization: Option<&str>| {
+        let authorization = authorization
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        format!("POST /api/cancel?key=guarded HTTP/1.1\r\nHost: {host}\r\n{authorization}\r\n")
+    };
+    let good = format!("Bearer {token}");
+    let wrong = format!("Bearer {}x", &token[1..]);
+    for (raw, code) in [
+        (cancel(&addr, None), 401),
+        (cancel(&addr, Some(&wrong)), 401),
+        (cancel(&addr, Some(&format!("Basic {token}"))), 401),
+        (cancel(&format!("evil.example:{port}"), Some(&good)), 421),
+        (cancel("localhost", Some(&good)), 421),
+        (
+            format!("GET /api/status HTTP/1.1\r\nHost: rebound.example:{port}\r\n\r\n"),
+            421,
+        ),
+        (cancel(&format!("localhost:{port}"), Some(&good)), 202),
+        (cancel(&addr, Some(&good)), 202),
+    ] {
+        let (got, body) = http(&addr, &raw).await;
+        assert_eq!(got, code, "{raw}: {body}");
+        assert!(
+            parse_json(&body)["error"].str().is_some() || got == 202,
+            "{body}"
+        );
+    }
+    let log = ops.scheduler.log();
+    assert_eq!(
+        log.matches("operator command").count(),
+        3,
+        "only the authorized commands reached the scheduler:\n{log}"
+    );
+    assert!(!log.contains(&token), "the token is never logged");
+
     let (code, body) = http(&addr, &request("HEAD / HTTP/1.1")).await;
     assert!(code == 200 && body.is_empty(), "HEAD has no body");
     let (code, body) = ops.get("/").await;
@@ -665,6 +751,33 @@ async fn the_http_server_answers_mistakes_plainly() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot serve HTTP"));
+
+    // Out-of-range numbers are usage errors (exit 2), not panics.
+    for (program, args) in [
+        (
+            "flotilla-worker",
+            &["--nthreads", "2305843009213693952"][..],
+        ),
+        ("flotilla-worker", &["--nthreads", "0"]),
+        ("flotilla-worker", &["--prefetch", "70000"]),
+        ("flotilla-scheduler", &["tasks", "--limit", "0"]),
+    ] {
+        let output = Command::new(binary(program))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{program} {args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("error:") && !stderr.contains("panicked"),
+            "{program} {args:?}: {stderr}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -836,6 +949,11 @@ async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
         .nth(1)
         .and_then(|rest| rest.split('<').next());
     assert_eq!(state, Some("live"), "the page says live");
+    let role = first
+        .split("id=\"role\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next());
+    assert_eq!(role, Some("active"), "the page shows the scheduler's role");
     assert_eq!(number_by_id(&first, "count-workers"), Some(3));
     assert_eq!(number_by_id(&first, "count-slots"), Some(6));
     let finished_first = number_by_id(&first, "count-finished").expect("finished count");
@@ -950,7 +1068,14 @@ fn the_compose_file_matches_the_binaries() {
         .expect("the repository root");
     let compose = parse_yaml(&std::fs::read_to_string(root.join("docker-compose.yml")).unwrap());
     let services = &compose["services"];
-    for service in ["rabbitmq", "redis", "scheduler", "worker", "example"] {
+    for service in [
+        "rabbitmq",
+        "redis",
+        "scheduler",
+        "scheduler-standby",
+        "worker",
+        "example",
+    ] {
         assert!(
             services.keys().contains(&service),
             "service {service} in {:?}",
@@ -963,9 +1088,18 @@ fn the_compose_file_matches_the_binaries() {
     assert!(rabbitmq["image"].str().unwrap().contains("management"));
     let ports = rabbitmq["ports"].items();
     assert!(
-        ports.contains(&"5672:5672") && ports.contains(&"15672:15672"),
+        ports.contains(&"127.0.0.1:5672:5672") && ports.contains(&"127.0.0.1:15672:15672"),
         "{ports:?}"
     );
+    // Every published port is on loopback only.
+    for (name, service) in services.as_mapping().unwrap() {
+        for port in service["ports"].items() {
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name:?} publishes {port} beyond loopback"
+            );
+        }
+    }
     assert!(!rabbitmq["healthcheck"]["test"].items().is_empty());
     let volumes = rabbitmq["volumes"].items();
     for file in ["rabbitmq.conf", "enabled_plugins", "definitions.json"] {
@@ -981,15 +1115,59 @@ fn the_compose_file_matches_the_binaries() {
         );
     }
     let redis = &services["redis"];
-    assert!(redis["ports"].items().contains(&"6379:6379"));
+    assert!(redis["ports"].items().contains(&"127.0.0.1:6379:6379"));
     assert!(!redis["healthcheck"]["test"].items().is_empty());
     let redis_command = redis["command"].items();
     assert_eq!(value_of(&redis_command, "--appendonly"), Some("yes"));
+    let required = |value: Option<&str>, variable: &str| {
+        let value = value.unwrap_or_default();
+        assert!(
+            value.contains(&format!("${{{variable}:?")),
+            "{variable} is required: {value}"
+        );
+    };
+    required(
+        value_of(&redis_command, "--requirepass"),
+        "FLOTILLA_REDIS_PASSWORD",
+    );
+
+    // Least privilege in RabbitMQ: one user without tags, limited to the
+    // namespace's names (and direct reply-to); no guest, no administrator.
+    let definitions: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("broker-config/definitions.json")).unwrap(),
+    )
+    .expect("definitions.json is JSON");
+    let users = definitions["users"].as_array().unwrap();
+    assert!(
+        users
+            .iter()
+            .all(|u| u["name"] != "guest" && u["tags"].as_array().is_some_and(|t| t.is_empty())),
+        "{users:?}"
+    );
+    for permission in definitions["permissions"].as_array().unwrap() {
+        for kind in ["configure", "write", "read"] {
+            let regex = permission[kind].as_str().unwrap();
+            assert!(
+                (regex.starts_with("^flotilla[.]") || regex.starts_with("^(flotilla[.]"))
+                    && regex.ends_with('$'),
+                "{kind} is anchored and limited to the namespace: {regex}"
+            );
+        }
+    }
+    let conf = std::fs::read_to_string(root.join("broker-config/rabbitmq.conf")).unwrap();
+    assert!(
+        !conf.contains("loopback_users.guest = false"),
+        "guest is not let in from the network"
+    );
 
     // Our services wait for healthy brokers and agree on where they are.
     let mut namespaces = Vec::new();
-    for name in ["scheduler", "worker", "example"] {
+    for name in ["scheduler", "scheduler-standby", "worker", "example"] {
         let service = &services[name];
+        required(
+            service["environment"]["FLOTILLA_SECRET"].str(),
+            "FLOTILLA_SECRET",
+        );
         assert!(
             service["build"].str().is_some(),
             "{name} is built from the Dockerfile"
@@ -1029,8 +1207,9 @@ fn the_compose_file_matches_the_binaries() {
             .or(environment["FLOTILLA_REDIS_URL"].str())
             .unwrap_or_else(|| panic!("{name} names its Redis"));
         assert!(
-            redis_url.starts_with("redis://redis:6379"),
-            "{name}: {redis_url}"
+            redis_url.starts_with("redis://:${FLOTILLA_REDIS_PASSWORD:?")
+                && redis_url.contains("}@redis:6379"),
+            "{name} gives Redis its password: {redis_url}"
         );
     }
     assert!(
@@ -1038,21 +1217,35 @@ fn the_compose_file_matches_the_binaries() {
         "{namespaces:?}"
     );
 
-    // The scheduler serves HTTP on the published port; workers scale.
-    let scheduler = &services["scheduler"];
-    let command = scheduler["command"].items();
-    let http = value_of(&command, "--http-addr").expect("the scheduler serves HTTP");
-    assert!(
-        http.starts_with("0.0.0.0:"),
-        "reachable from outside the container: {http}"
-    );
-    let port = http.rsplit(':').next().unwrap();
-    assert!(
-        scheduler["ports"]
-            .items()
-            .contains(&format!("{port}:{port}").as_str()),
-        "port {port} is published"
-    );
+    // The schedulers serve HTTP on the published ports (on loopback), and
+    // answer the Host names they are reached by; workers scale.
+    let mut port = "";
+    for (name, published) in [("scheduler", None), ("scheduler-standby", Some("8788"))] {
+        let scheduler = &services[name];
+        let command = scheduler["command"].items();
+        let http = value_of(&command, "--http-addr").expect("the scheduler serves HTTP");
+        assert!(
+            http.starts_with("0.0.0.0:"),
+            "reachable from outside the container: {http}"
+        );
+        port = http.rsplit(':').next().unwrap();
+        let outside = published.unwrap_or(port);
+        assert!(
+            scheduler["ports"]
+                .items()
+                .contains(&format!("127.0.0.1:{outside}:{port}").as_str()),
+            "{name}: port {port} is published as {outside} on loopback"
+        );
+        if outside != port {
+            let hosts = value_of(&command, "--http-allowed-hosts").unwrap_or_default();
+            assert!(
+                hosts
+                    .split(',')
+                    .any(|h| h == format!("localhost:{outside}")),
+                "{name} answers Host localhost:{outside}: {hosts}"
+            );
+        }
+    }
     let worker = &services["worker"];
     assert_eq!(
         worker["ports"],
@@ -1066,7 +1259,7 @@ fn the_compose_file_matches_the_binaries() {
     );
 
     // Every command line is one the binaries accept.
-    for name in ["scheduler", "worker"] {
+    for name in ["scheduler", "scheduler-standby", "worker"] {
         let command = services[name]["command"].items();
         let program = command[0];
         let help = Command::new(binary(program))

@@ -71,8 +71,8 @@ use flotilla_runtime::cli::{self, ConnectionArgs, LogArgs};
 struct Args {
     #[command(flatten)]
     connection: ConnectionArgs,
-    /// Tasks run at once [default: number of CPUs]
-    #[arg(long, value_name = "N", env = "FLOTILLA_NTHREADS", value_parser = whole_number)]
+    /// Tasks run at once, 1 to 1024 [default: number of CPUs]
+    #[arg(long, value_name = "N", env = "FLOTILLA_NTHREADS", value_parser = nthreads)]
     nthreads: Option<usize>,
     /// Name shown in logs and the dashboard [default: host-pid]
     #[arg(long, value_name = "NAME")]
@@ -83,8 +83,8 @@ struct Args {
     /// Take no new work while resident memory is above this (e.g. 4G, 512M)
     #[arg(long, value_name = "BYTES", env = "FLOTILLA_MEMORY_LIMIT", value_parser = parse_bytes)]
     memory_limit: Option<u64>,
-    /// Task deliveries held unacknowledged [default: 64 per thread, at least 256]
-    #[arg(long, value_name = "N", env = "FLOTILLA_PREFETCH", value_parser = whole_number)]
+    /// Task deliveries held unacknowledged, 1 to 65535 [default: 64 per thread, at least 256]
+    #[arg(long, value_name = "N", env = "FLOTILLA_PREFETCH", value_parser = prefetch)]
     prefetch: Option<usize>,
     #[command(flatten)]
     log: LogArgs,
@@ -98,10 +98,26 @@ fn resources(text: &str) -> Result<Resources, String> {
     parse_resources(text).map(Resources)
 }
 
-fn whole_number(text: &str) -> Result<usize, String> {
-    text.trim()
+/// Most tasks a worker runs at once (`--nthreads`).
+const MAX_NTHREADS: usize = 1024;
+
+fn whole_number_in(text: &str, min: usize, max: usize) -> Result<usize, String> {
+    let number: u128 = text
+        .trim()
         .parse()
-        .map_err(|_| format!("expects a whole number, got {text:?}"))
+        .map_err(|_| format!("expects a whole number, got {text:?}"))?;
+    usize::try_from(number)
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("{number} is not in {min}..={max}"))
+}
+
+fn nthreads(text: &str) -> Result<usize, String> {
+    whole_number_in(text, 1, MAX_NTHREADS)
+}
+
+fn prefetch(text: &str) -> Result<usize, String> {
+    whole_number_in(text, 1, usize::from(u16::MAX))
 }
 
 /// The whole worker program: parses flags and environment, logs with
@@ -251,8 +267,35 @@ mod tests {
         assert_eq!(args.memory_limit, Some(4 << 30));
         assert_eq!(args.resources.unwrap().0, vec![("GPU".to_string(), 1)]);
         assert_eq!(args.prefetch, Some(10));
+        let widest =
+            super::Args::try_parse_from(["w", "--nthreads", "1024", "--prefetch", "65535"])
+                .unwrap();
+        assert_eq!(
+            (widest.nthreads, widest.prefetch),
+            (Some(1024), Some(65535))
+        );
+        let error = super::Args::try_parse_from(["w", "--nthreads", "2305843009213693952"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("1..=1024"), "{error}");
         for wrong in [
             &["flotilla-worker", "--nthreads", "many"][..],
+            &["flotilla-worker", "--nthreads", "2305843009213693952"],
+            &[
+                "flotilla-worker",
+                "--nthreads",
+                "99999999999999999999999999999999999999999",
+            ],
+            &["flotilla-worker", "--nthreads", "0"],
+            &["flotilla-worker", "--nthreads", "1025"],
+            &["flotilla-worker", "--nthreads", "-1"],
+            &["flotilla-worker", "--prefetch", "0"],
+            &["flotilla-worker", "--prefetch", "65536"],
+            &[
+                "flotilla-worker",
+                "--memory-limit",
+                "99999999999999999999999",
+            ],
             &["flotilla-worker", "--memory-limit", "lots"],
             &["flotilla-worker", "--resources", "GPU"],
             &["flotilla-worker", "--nope"],

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use flotilla_runtime::cli::{self, ConnectionArgs, LogArgs};
 use flotilla_scheduler::{http, Hooks};
 use serde_json::Value;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tracing::Instrument;
@@ -28,9 +29,85 @@ struct Cli {
     #[arg(long, value_name = "ADDR", env = "FLOTILLA_HTTP_ADDR")]
     http_addr: Option<String>,
     #[command(flatten)]
+    access: AccessArgs,
+    #[command(flatten)]
     log: LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// Who may use the scheduler's HTTP endpoint.
+#[derive(Debug, Args)]
+struct AccessArgs {
+    /// Token the write API (POST /api/cancel, /api/retry) requires as `Authorization: Bearer` (prefer the variable: flags show in `ps`) [default: the one in --http-token-file, else a new random one written there]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FLOTILLA_HTTP_TOKEN",
+        hide_env_values = true
+    )]
+    http_token: Option<String>,
+    /// File holding the write token, mode 0600 [default: $XDG_RUNTIME_DIR or the temporary directory, flotilla-<namespace>.http-token]
+    #[arg(long, value_name = "PATH", env = "FLOTILLA_HTTP_TOKEN_FILE")]
+    http_token_file: Option<PathBuf>,
+    /// More Host names the endpoint answers (comma-separated NAME or NAME:PORT; `*` for any) besides its bound address, localhost, 127.0.0.1 and [::1]
+    #[arg(
+        long,
+        value_name = "HOST,...",
+        env = "FLOTILLA_HTTP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    http_allowed_hosts: Vec<String>,
+}
+
+/// The write commands' credentials: the token, or the file of the namespace
+/// that holds it.
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The scheduler's write token [default: read from --http-token-file]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FLOTILLA_HTTP_TOKEN",
+        hide_env_values = true
+    )]
+    http_token: Option<String>,
+    /// File holding the scheduler's write token [default: $XDG_RUNTIME_DIR or the temporary directory, flotilla-<namespace>.http-token]
+    #[arg(long, value_name = "PATH", env = "FLOTILLA_HTTP_TOKEN_FILE")]
+    http_token_file: Option<PathBuf>,
+    /// The scheduler's namespace, which names its token file [default: flotilla]
+    #[arg(long, value_name = "NAME", env = "FLOTILLA_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+impl TokenArgs {
+    /// The token: the flag (or variable), else the token file's.
+    fn token(&self) -> Result<String, String> {
+        if let Some(token) = given(&self.http_token) {
+            return Ok(token.trim().to_owned());
+        }
+        let path = token_path(&self.http_token_file, &self.namespace);
+        http::read_token(&path).map_err(|e| {
+            format!(
+                "no write token: cannot read {} ({e}); give the scheduler's with --http-token or FLOTILLA_HTTP_TOKEN \
+                 (or --namespace/--http-token-file when it runs with other ones)",
+                path.display()
+            )
+        })
+    }
+}
+
+/// An empty value counts as unset (a compose file's `${VAR:-}`).
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+/// `--http-token-file`, else the namespace's default token file.
+fn token_path(file: &Option<PathBuf>, namespace: &Option<String>) -> PathBuf {
+    match file.as_ref().filter(|f| !f.as_os_str().is_empty()) {
+        Some(file) => file.clone(),
+        None => http::token_file(given(namespace).unwrap_or("flotilla").trim()),
+    }
 }
 
 /// The commands: all but `purge` ask the scheduler serving at --http-addr.
@@ -57,9 +134,9 @@ enum Command {
         /// Only tasks in this state: waiting, ready, processing, finished or erred
         #[arg(long, value_name = "STATE")]
         state: Option<String>,
-        /// At most N tasks [default: 100]
-        #[arg(long, value_name = "N")]
-        limit: Option<String>,
+        /// At most N tasks, 1 to 100000 [default: 100]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: Option<u32>,
         #[command(flatten)]
         json: JsonArg,
     },
@@ -67,6 +144,8 @@ enum Command {
     Cancel {
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        token: TokenArgs,
         /// The tasks' keys
         #[arg(value_name = "KEY")]
         keys: Vec<String>,
@@ -75,6 +154,8 @@ enum Command {
     Retry {
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        token: TokenArgs,
         /// The tasks' keys
         #[arg(value_name = "KEY")]
         keys: Vec<String>,
@@ -145,12 +226,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        None => scheduler_main(cli.connection, cli.http_addr, cli.log),
+        None => scheduler_main(cli.connection, cli.http_addr, cli.access, cli.log),
     }
 }
 
 /// Runs the scheduler (and its HTTP endpoint) until SIGTERM or Ctrl-C.
-fn scheduler_main(connection: ConnectionArgs, http_addr: Option<String>, log: LogArgs) -> ExitCode {
+fn scheduler_main(
+    connection: ConnectionArgs,
+    http_addr: Option<String>,
+    access: AccessArgs,
+    log: LogArgs,
+) -> ExitCode {
     log.init();
     let config = match connection.config() {
         Ok(config) => config,
@@ -178,8 +264,14 @@ fn scheduler_main(connection: ConnectionArgs, http_addr: Option<String>, log: Lo
         async move {
             let mut hooks = Hooks::default();
             let mut endpoint = None;
+            // The token file this process wrote, removed when it ends.
+            let mut token_file = OwnTokenFile(None);
             if let Some(addr) = &http_addr {
-                match http::bind(addr, &config).await {
+                let Some((access, created)) = access_rules(&access, &config.namespace) else {
+                    return ExitCode::from(2);
+                };
+                token_file.0 = created.map(|path| (path, access.token().to_owned()));
+                match http::bind_with(addr, &config, access).await {
                     Ok((server, server_hooks)) => {
                         tracing::info!(
                             url = %format!("http://{}/", server.local_addr()),
@@ -216,6 +308,65 @@ fn scheduler_main(connection: ConnectionArgs, http_addr: Option<String>, log: Lo
     )
 }
 
+/// A token file this process wrote, with its token: removed on drop unless
+/// it holds another token by then.
+struct OwnTokenFile(Option<(PathBuf, String)>);
+
+impl Drop for OwnTokenFile {
+    fn drop(&mut self) {
+        if let Some((path, token)) = &self.0 {
+            if http::read_token(path).is_ok_and(|t| t == *token) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The endpoint's access rules: the token given, else the token file's (a
+/// new one written there when it holds none, returned too); `None` after
+/// logging why there is none.
+fn access_rules(args: &AccessArgs, namespace: &str) -> Option<(http::Access, Option<PathBuf>)> {
+    let mut created = None;
+    let token = match given(&args.http_token) {
+        Some(token) if token.trim().len() < http::MIN_TOKEN_LEN => {
+            tracing::error!(
+                "--http-token must have at least {} characters",
+                http::MIN_TOKEN_LEN
+            );
+            return None;
+        }
+        Some(token) => token.to_owned(),
+        None => {
+            let path = token_path(&args.http_token_file, &Some(namespace.to_owned()));
+            match http::load_or_create_token(&path) {
+                Ok((token, new)) => {
+                    if new {
+                        created = Some(path.clone());
+                    }
+                    // The path only: the token itself never goes to the log.
+                    tracing::info!(
+                        token_file = %path.display(),
+                        "the write API (cancel, retry) needs the token in this file"
+                    );
+                    token
+                }
+                Err(error) => {
+                    tracing::error!(
+                        %error,
+                        token_file = %path.display(),
+                        "cannot keep the HTTP write token there; choose another file with --http-token-file or give one with FLOTILLA_HTTP_TOKEN"
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    Some((
+        http::Access::new(&token).allow_hosts(&args.http_allowed_hosts),
+        created,
+    ))
+}
+
 fn command_main(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Status { api, json } => {
@@ -246,7 +397,7 @@ fn command_main(command: Command) -> Result<ExitCode, String> {
                 path.push_str(&format!("state={}&", percent_encode(&state)));
             }
             if let Some(limit) = limit {
-                path.push_str(&format!("limit={}", percent_encode(&limit)));
+                path.push_str(&format!("limit={limit}"));
             }
             let tasks = api.get(&path)?;
             if json.json {
@@ -255,8 +406,8 @@ fn command_main(command: Command) -> Result<ExitCode, String> {
                 print!("{}", format_tasks(&tasks));
             }
         }
-        Command::Cancel { api, keys } => change("cancel", &api, &keys)?,
-        Command::Retry { api, keys } => change("retry", &api, &keys)?,
+        Command::Cancel { api, token, keys } => change("cancel", &api, &token, &keys)?,
+        Command::Retry { api, token, keys } => change("retry", &api, &token, &keys)?,
         Command::Purge {
             connection,
             yes,
@@ -271,11 +422,12 @@ fn command_main(command: Command) -> Result<ExitCode, String> {
 }
 
 /// `cancel` or `retry` of `keys`.
-fn change(command: &str, api: &ApiArgs, keys: &[String]) -> Result<(), String> {
-    let api = api.api()?;
+fn change(command: &str, api: &ApiArgs, token: &TokenArgs, keys: &[String]) -> Result<(), String> {
+    let mut api = api.api()?;
     if keys.is_empty() {
         return Err("name at least one task key".to_owned());
     }
+    api.token = Some(token.token()?);
     let query: Vec<String> = keys
         .iter()
         .map(|key| format!("key={}", percent_encode(key)))
@@ -300,6 +452,8 @@ fn change(command: &str, api: &ApiArgs, keys: &[String]) -> Result<(), String> {
 /// A running scheduler's HTTP API, over plain blocking sockets.
 struct Api {
     addr: String,
+    /// Sent as `Authorization: Bearer` with `POST`s.
+    token: Option<String>,
 }
 
 impl Api {
@@ -313,6 +467,7 @@ impl Api {
         }
         Ok(Api {
             addr: addr.to_owned(),
+            token: None,
         })
     }
 
@@ -341,10 +496,11 @@ impl Api {
             .into();
         let url = format!("http://{}{path}", self.addr);
         let answer = if method == "POST" {
-            agent
-                .post(&url)
-                .header("Accept", "application/json")
-                .send_empty()
+            let mut post = agent.post(&url).header("Accept", "application/json");
+            if let Some(token) = &self.token {
+                post = post.header("Authorization", format!("Bearer {token}"));
+            }
+            post.send_empty()
         } else {
             agent.get(&url).header("Accept", "application/json").call()
         };
@@ -539,6 +695,7 @@ fn format_status(status: &Value) -> String {
             seconds(status["uptime_s"].as_f64().unwrap_or(0.0))
         ),
     );
+    line("role", role(status));
     line(
         "tasks",
         format!(
@@ -620,6 +777,18 @@ fn format_status(status: &Value) -> String {
         );
     }
     out
+}
+
+/// The scheduler's role: `active`, `starting`, or `standby` with the leader.
+fn role(status: &Value) -> String {
+    let role = status["role"].as_str().unwrap_or("?");
+    match status["leader"].as_str() {
+        Some(leader) if role == "standby" => {
+            format!("standby (the active scheduler is {leader}; this one takes over if it goes)")
+        }
+        _ if role == "standby" => "standby (waiting for the leader lease)".to_owned(),
+        _ => role.to_owned(),
+    }
 }
 
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -728,4 +897,81 @@ fn format_tasks(tasks: &Value) -> String {
         })
         .collect();
     table(&["KEY", "STATE", "TASK", "ERROR"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_listed_and_checked() {
+        Cli::command().debug_assert();
+        let help = Cli::try_parse_from(["flotilla-scheduler", "--help"])
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "--http-token <TOKEN>",
+            "FLOTILLA_HTTP_TOKEN",
+            "--http-token-file <PATH>",
+            "--http-allowed-hosts <HOST,...>",
+            "FLOTILLA_HTTP_ALLOWED_HOSTS",
+        ] {
+            assert!(help.contains(needle), "{needle} in {help}");
+        }
+        let cli = Cli::try_parse_from([
+            "flotilla-scheduler",
+            "--http-allowed-hosts",
+            "scheduler,localhost:8788",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.access.http_allowed_hosts,
+            ["scheduler", "localhost:8788"]
+        );
+        for wrong in [
+            &["flotilla-scheduler", "tasks", "--limit", "0"][..],
+            &[
+                "flotilla-scheduler",
+                "tasks",
+                "--limit",
+                "2305843009213693952",
+            ],
+            &["flotilla-scheduler", "tasks", "--limit", "-1"],
+        ] {
+            let error = Cli::try_parse_from(wrong).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{wrong:?}");
+        }
+        let cancel =
+            Cli::try_parse_from(["flotilla-scheduler", "cancel", "--http-token", "t0k", "a"])
+                .unwrap();
+        let Some(Command::Cancel { token, keys, .. }) = cancel.command else {
+            panic!("cancel");
+        };
+        assert_eq!(token.token().unwrap(), "t0k");
+        assert_eq!(keys, ["a"]);
+    }
+
+    #[test]
+    fn the_token_file_is_the_namespaces() {
+        let path = token_path(&None, &Some("ns-1".to_owned()));
+        assert_eq!(path, http::token_file("ns-1"));
+        assert_eq!(token_path(&None, &None), http::token_file("flotilla"));
+        let chosen = PathBuf::from("/some/where");
+        assert_eq!(token_path(&Some(chosen.clone()), &None), chosen);
+        let missing = TokenArgs {
+            http_token: Some(" ".to_owned()),
+            http_token_file: Some(PathBuf::from("/nonexistent/flotilla-token")),
+            namespace: None,
+        };
+        assert!(missing.token().unwrap_err().contains("--http-token"));
+    }
+
+    #[test]
+    fn the_status_names_the_role() {
+        let standby = serde_json::json!({"role": "standby", "leader": "abc123"});
+        assert!(format_status(&standby).contains("standby (the active scheduler is abc123"));
+        let active = serde_json::json!({"role": "active", "leader": null});
+        assert!(format_status(&active).contains("role         active"));
+    }
 }

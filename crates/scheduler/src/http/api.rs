@@ -1,5 +1,6 @@
 //! The JSON API: `/api/status`, `/api/workers` and `/api/tasks` read; the
-//! operator commands `/api/cancel` and `/api/retry` write.
+//! operator commands `/api/cancel` and `/api/retry` write, and need the
+//! bearer token (`auth`).
 //!
 //! Each route takes its arguments from the query string, checks them
 //! (a `400` with `{"error": ...}` names what is wrong), then reads the
@@ -159,6 +160,9 @@ fn command(shared: &Shared, headers: &HeaderMap, params: &Params, verb: Verb) ->
         if host != Some(authority) {
             return error(StatusCode::FORBIDDEN, "cross-origin request refused");
         }
+    }
+    if let Err(refused) = super::auth::check_token(&shared.access, headers) {
+        return refused;
     }
     let Ok(Query(pairs)) = params else {
         return error(StatusCode::BAD_REQUEST, "bad query");

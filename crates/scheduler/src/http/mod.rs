@@ -25,6 +25,11 @@
 //! | `POST /api/cancel?key=K[&key=K2..]` | cancels tasks (and their dependents), running ones included |
 //! | `POST /api/retry?key=K[&key=K2..]` | runs erred tasks again |
 //!
+//! The two `POST` routes need `Authorization: Bearer <token>` (`401`
+//! without it), and every route answers only requests whose `Host` is
+//! allowed (`421` otherwise; see [`Access`]). [`bind`] makes up a random
+//! token; [`bind_with`] takes the token and the extra allowed hosts.
+//!
 //! What the endpoint knows comes from three places:
 //!
 //! - the scheduler's [`Snapshot`], once a second: task counts, workers,
@@ -46,6 +51,8 @@
 //!   request heads up to 16 KiB that must arrive within ten seconds, at most
 //!   512 connections and 64 requests in flight (more get `503`), ten seconds
 //!   to answer (then `408`);
+//! - `auth`: the write token and the `Host` allow-list ([`Access`]), and
+//!   the token file of `flotilla-scheduler` ([`token_file`]);
 //! - `api`: the JSON routes (`/api/status`, `/api/workers`, `/api/tasks`)
 //!   and the operator commands (`/api/cancel`, `/api/retry`);
 //! - `metrics`: what the endpoint has seen (history, worker activity, the
@@ -55,10 +62,13 @@
 //! - `dashboard`: the page at `/` (`dashboard.html`).
 
 mod api;
+mod auth;
 mod dashboard;
 mod metrics;
 mod probes;
 mod tap;
+
+pub use auth::{load_or_create_token, random_token, read_token, token_file, Access, MIN_TOKEN_LEN};
 
 use crate::server::{Hooks, Snapshot, TaskQuery};
 use axum::body::Body;
@@ -128,10 +138,23 @@ impl std::fmt::Debug for HttpServer {
 }
 
 /// Binds `addr` for the scheduler of `config` and returns the server with
-/// the [`Hooks`] to pass to [`run_with_hooks`](crate::run_with_hooks).
+/// the [`Hooks`] to pass to [`run_with_hooks`](crate::run_with_hooks). The
+/// write routes take a random token nobody is told ([`Access::random`]):
+/// use [`bind_with`] to choose it.
 pub async fn bind(addr: &str, config: &Config) -> std::io::Result<(HttpServer, Hooks)> {
+    bind_with(addr, config, Access::random()).await
+}
+
+/// [`bind`] with these access rules: the write token and the extra allowed
+/// `Host` names.
+pub async fn bind_with(
+    addr: &str,
+    config: &Config,
+    access: Access,
+) -> std::io::Result<(HttpServer, Hooks)> {
     let listener = TcpListener::bind(addr).await?;
-    let (shared, hooks) = Shared::new(config);
+    let bound = listener.local_addr()?;
+    let (shared, hooks) = Shared::new(config, access, bound);
     Ok((
         HttpServer {
             listener,
@@ -260,6 +283,10 @@ fn router(shared: Arc<Shared>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            auth::check_host,
+        ))
         .with_state(shared)
 }
 
@@ -327,6 +354,10 @@ impl Drop for AbortOnDrop {
 /// State shared by the routes and the background loops.
 struct Shared {
     names: Names,
+    /// The write token and the allowed hosts.
+    access: Access,
+    /// The address the listener is bound to (the allowed hosts' port).
+    bound: SocketAddr,
     amqp_url: String,
     redis_url: String,
     max_payload: usize,
@@ -342,7 +373,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(config: &Config) -> (Shared, Hooks) {
+    fn new(config: &Config, access: Access, bound: SocketAddr) -> (Shared, Hooks) {
         let names = config.names();
         let (status_tx, status) = watch::channel(Arc::new(Snapshot::empty(
             names.namespace(),
@@ -352,6 +383,8 @@ impl Shared {
         let (queries, queries_rx) = mpsc::unbounded_channel();
         let shared = Shared {
             names,
+            access,
+            bound,
             amqp_url: config.amqp_url.clone(),
             redis_url: config.redis_url.clone(),
             max_payload: config.max_payload,
@@ -402,6 +435,22 @@ mod tests {
     use crate::core::TaskStatus;
     use axum::body::to_bytes;
 
+    const TOKEN: &str = "test-token-0123456789";
+
+    fn shared() -> (Arc<Shared>, Hooks) {
+        let access = Access::new(TOKEN).allow_hosts(["x"]);
+        let (shared, hooks) = Shared::new(&Config::default(), access, ([127, 0, 0, 1], 1).into());
+        (Arc::new(shared), hooks)
+    }
+
+    async fn send(shared: &Arc<Shared>, request: axum::http::request::Builder) -> Response {
+        router(shared.clone())
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// A request with `Host: x:1` and, for `POST`, the token.
     async fn call(shared: &Arc<Shared>, method: &str, uri: &str, origin: Option<&str>) -> Response {
         let mut request = Request::builder()
             .method(method)
@@ -410,16 +459,56 @@ mod tests {
         if let Some(origin) = origin {
             request = request.header(header::ORIGIN, origin);
         }
-        router(shared.clone())
-            .oneshot(request.body(Body::empty()).unwrap())
-            .await
-            .unwrap()
+        if method == "POST" {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {TOKEN}"));
+        }
+        send(shared, request).await
+    }
+
+    #[tokio::test]
+    async fn writes_need_the_token_and_every_route_an_allowed_host() {
+        let (shared, mut hooks) = shared();
+        let control = hooks.control.as_mut().unwrap();
+        let post = |host: &str| {
+            Request::builder()
+                .method("POST")
+                .uri("/api/cancel?key=a")
+                .header(header::HOST, host)
+        };
+        let refused = send(&shared, post("x:1")).await;
+        assert_eq!(refused.status(), 401);
+        assert!(refused.headers().contains_key(header::WWW_AUTHENTICATE));
+        let body = to_bytes(refused.into_body(), MAX_BODY).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("token"));
+        let wrong = post("x:1").header(header::AUTHORIZATION, "Bearer test-token-012345678");
+        assert_eq!(send(&shared, wrong).await.status(), 401);
+        assert!(control.try_recv().is_err(), "refused commands go nowhere");
+
+        let good = format!("Bearer {TOKEN}");
+        let foreign = post("evil.example:1").header(header::AUTHORIZATION, &good);
+        assert_eq!(send(&shared, foreign).await.status(), 421);
+        let no_host = Request::builder().method("GET").uri("/api/status");
+        assert_eq!(send(&shared, no_host).await.status(), 421);
+        for path in ["/", "/api/status", "/metrics", "/nope"] {
+            let read = Request::builder()
+                .uri(path)
+                .header(header::HOST, "attacker.example:1");
+            assert_eq!(send(&shared, read).await.status(), 421, "{path}");
+        }
+        let local = Request::builder()
+            .uri("/api/status")
+            .header(header::HOST, "localhost:1");
+        assert_eq!(send(&shared, local).await.status(), 200);
+        assert!(control.try_recv().is_err());
+
+        let accepted = post("127.0.0.1:1").header(header::AUTHORIZATION, &good);
+        assert_eq!(send(&shared, accepted).await.status(), 202);
+        assert!(control.try_recv().is_ok());
     }
 
     #[tokio::test]
     async fn routes_answer_and_commands_reach_the_scheduler() {
-        let (shared, mut hooks) = Shared::new(&Config::default());
-        let shared = Arc::new(shared);
+        let (shared, mut hooks) = shared();
         let status = |r: Response| r.status().as_u16();
         assert_eq!(status(call(&shared, "GET", "/nope", None).await), 404);
         let refused = call(&shared, "DELETE", "/", None).await;
