@@ -4,8 +4,10 @@
 #   bash scripts/services.sh
 #
 # Idempotent: a service that already answers is left alone. Otherwise the
-# script starts it with Docker Compose when a Docker engine works
-# (`docker compose up -d rabbitmq redis`), else installs the Debian package if
+# script starts it with Docker when a Docker engine works (development
+# containers `flotilla-dev-rabbitmq` and `flotilla-dev-redis` with the default
+# credentials; docker-compose.yml is the locked-down deployment and needs its
+# secrets), else installs the Debian package if
 # needed and starts it locally (RabbitMQ on 127.0.0.1:5672 with guest/guest,
 # Redis on 127.0.0.1:6379 without persistence).
 #
@@ -351,12 +353,27 @@ fi
 
 if [[ -n $need_rabbitmq || -n $need_redis ]]; then
     if docker_usable; then
-        services=()
-        [[ -z $need_rabbitmq ]] || services+=(rabbitmq)
-        [[ -z $need_redis ]] || services+=(redis)
-        log "Docker works: ${COMPOSE[*]} up -d ${services[*]}"
-        (cd "$ROOT" && "${COMPOSE[@]}" up -d "${services[@]}" </dev/null) ||
-            die "'${COMPOSE[*]} up -d ${services[*]}' failed"
+        # Development services with the default credentials (guest/guest,
+        # Redis without a password), on loopback only. docker-compose.yml is
+        # the locked-down deployment and needs secrets set; it is not used
+        # for this.
+        if [[ -n $need_rabbitmq ]]; then
+            conf="$(mktemp -d)/rabbitmq.conf"
+            printf 'loopback_users = none\n' >"$conf"
+            chmod a+r "$conf"
+            log "Docker works: docker run rabbitmq:3.13-management (guest/guest on 127.0.0.1:5672)"
+            docker run -d --name flotilla-dev-rabbitmq -p 127.0.0.1:5672:5672 -p 127.0.0.1:15672:15672 \
+                -v "$conf:/etc/rabbitmq/conf.d/90-flotilla-dev.conf:ro" rabbitmq:3.13-management </dev/null ||
+                docker start flotilla-dev-rabbitmq </dev/null ||
+                die "docker run rabbitmq failed"
+        fi
+        if [[ -n $need_redis ]]; then
+            log "Docker works: docker run redis:7 (127.0.0.1:6379, append-only file on)"
+            docker run -d --name flotilla-dev-redis -p 127.0.0.1:6379:6379 redis:7 \
+                redis-server --appendonly yes </dev/null ||
+                docker start flotilla-dev-redis </dev/null ||
+                die "docker run redis failed"
+        fi
         STARTED_WITH_DOCKER=1
         [[ -z $need_redis ]] || wait_for_redis "$REDIS_WAIT_SECS"
         [[ -z $need_rabbitmq ]] || wait_for_rabbitmq "$RABBITMQ_WAIT_SECS"
