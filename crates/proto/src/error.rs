@@ -31,6 +31,11 @@ pub enum ErrorKind {
     WorkerLost,
     /// The task was cancelled.
     Cancelled,
+    /// The task ran past its time limit (`Submit::timeout` or
+    /// `#[flotilla::task(timeout = "...")]`) and was stopped, or, for a
+    /// synchronous task that cannot be stopped, abandoned: its result, if it
+    /// ever comes, is discarded.
+    TimedOut,
     /// Anything else that went wrong around the task (storage, protocol).
     Internal,
 }

@@ -64,6 +64,11 @@ pub struct TaskSpec {
     /// only workers that advertise them get it.
     #[serde(default)]
     pub resources: Vec<(String, u64)>,
+    /// The task's time limit in milliseconds, set per submission:
+    /// `None` uses the task's own default (`#[flotilla::task(timeout = "30s")]`),
+    /// `Some(0)` runs it without a limit, `Some(ms)` limits it to `ms`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 impl TaskSpec {
@@ -94,6 +99,7 @@ impl TaskSpec {
             workers: Vec::new(),
             allow_other_workers: false,
             resources: Vec::new(),
+            timeout_ms: None,
         }
     }
 }
@@ -387,6 +393,7 @@ mod tests {
             workers: vec!["w".into()],
             allow_other_workers: true,
             resources: vec![("GPU".into(), 1)],
+            timeout_ms: Some(1500),
         }
     }
 
