@@ -421,9 +421,15 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
             workers: self.workers,
             allow_other_workers: self.allow_other_workers,
             resources: self.resources,
-            // Rounded up, so that a limit under a millisecond is still one.
-            timeout_ms: self.timeout.map(|limit| {
-                u64::try_from(limit.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+            timeout_ms: self.timeout.map_or(0, |limit| {
+                if limit.is_zero() {
+                    TaskSpec::NO_TIME_LIMIT
+                } else {
+                    // Rounded up, so that a limit under a millisecond is
+                    // still one; one too long to count is none.
+                    u64::try_from(limit.as_nanos().div_ceil(1_000_000))
+                        .unwrap_or(TaskSpec::NO_TIME_LIMIT)
+                }
             }),
         };
         client.submit_spec(self.task, self.args, options)
@@ -439,7 +445,8 @@ struct SubmitOptions {
     workers: Vec<String>,
     allow_other_workers: bool,
     resources: Vec<(String, u64)>,
-    timeout_ms: Option<u64>,
+    /// As in [`TaskSpec::timeout_ms`].
+    timeout_ms: u64,
 }
 
 /// Options for [`Client::scatter_with`].

@@ -77,13 +77,15 @@ impl TaskRegistration {
         (self.timeout_ms > 0).then(|| std::time::Duration::from_millis(self.timeout_ms))
     }
 
-    /// The time limit of one run: the submission's `timeout_ms` when it set
-    /// one (`Some(0)` meaning none), the task's default otherwise.
-    pub fn limit_for(&self, requested_ms: Option<u64>) -> Option<std::time::Duration> {
+    /// The time limit of one run, given the submission's
+    /// [`TaskSpec::timeout_ms`](flotilla_proto::TaskSpec::timeout_ms): the
+    /// task's default for 0, none for `NO_TIME_LIMIT`, else that many
+    /// milliseconds.
+    pub fn limit_for(&self, requested_ms: u64) -> Option<std::time::Duration> {
         match requested_ms {
-            Some(0) => None,
-            Some(millis) => Some(std::time::Duration::from_millis(millis)),
-            None => self.timeout(),
+            0 => self.timeout(),
+            flotilla_proto::TaskSpec::NO_TIME_LIMIT => None,
+            millis => Some(std::time::Duration::from_millis(millis)),
         }
     }
 
@@ -334,18 +336,15 @@ mod tests {
         use std::time::Duration;
         let plain = TaskRegistration::new("demo::plain", 1, noop);
         assert_eq!(plain.timeout(), None);
-        assert_eq!(plain.limit_for(None), None);
-        assert_eq!(plain.limit_for(Some(0)), None);
-        assert_eq!(plain.limit_for(Some(250)), Some(Duration::from_millis(250)));
+        assert_eq!(plain.limit_for(0), None);
+        assert_eq!(plain.limit_for(u64::MAX), None);
+        assert_eq!(plain.limit_for(250), Some(Duration::from_millis(250)));
 
         let limited = TaskRegistration::new("demo::limited", 1, noop).with_timeout_ms(30_000);
         assert_eq!(limited.timeout(), Some(Duration::from_secs(30)));
-        assert_eq!(limited.limit_for(None), Some(Duration::from_secs(30)));
-        assert_eq!(limited.limit_for(Some(0)), None, "zero lifts the default");
-        assert_eq!(
-            limited.limit_for(Some(100)),
-            Some(Duration::from_millis(100))
-        );
+        assert_eq!(limited.limit_for(0), Some(Duration::from_secs(30)));
+        assert_eq!(limited.limit_for(u64::MAX), None, "lifts the default");
+        assert_eq!(limited.limit_for(100), Some(Duration::from_millis(100)));
     }
 
     #[test]

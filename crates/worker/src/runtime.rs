@@ -937,7 +937,8 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
         let extension = shared.extension.clone();
         // The time limit starts now, when the function is called.
         let limit = registration.limit_for(spec.timeout_ms);
-        let deadline = limit.map(|limit| Instant::now() + limit);
+        // (A limit too far away to count is none.)
+        let deadline = limit.and_then(|limit| Instant::now().checked_add(limit));
         let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension)
             .with_deadline(deadline);
         let running = shared.running(&spec.key, ctx.clone());
