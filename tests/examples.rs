@@ -36,6 +36,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("worker_placement", "ran on the GPU worker: true"),
     ("datasets", "= [0, 1, 4, 9, 16"),
     ("local_cluster", "= 5050"),
+    ("time_limits", "over the default: "),
 ];
 
 #[tokio::test]

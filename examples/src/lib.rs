@@ -252,6 +252,49 @@ pub fn double(x: i64) -> i64 {
     2 * x
 }
 
+/// Sleeps `millis` and returns it; limited to 1 s unless the submission
+/// says otherwise (`submit_with(..).timeout(..)`).
+#[flotilla::task(timeout = "1s")]
+pub async fn limited_sleep(millis: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    millis
+}
+
+/// Sleeps `millis` on its blocking thread (a synchronous task, which a time
+/// limit cannot stop) and returns it.
+#[flotilla::task]
+pub fn blocking_sleep(millis: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(millis));
+    millis
+}
+
+/// The milliseconds left until the task's deadline as it starts (`None`
+/// without a time limit).
+#[flotilla::task(timeout = "1m")]
+pub fn time_left(ctx: TaskContext) -> Option<u64> {
+    ctx.time_left()
+        .map(|left| u64::try_from(left.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Sums `1..=n` slowly, one number every `step_ms`, and stops early with a
+/// partial sum when less than `margin_ms` of its time limit is left: how a
+/// task winds down on its own before the hard limit.
+#[flotilla::task]
+pub async fn patient_sum(ctx: TaskContext, n: u64, step_ms: u64, margin_ms: u64) -> (u64, bool) {
+    let mut sum = 0;
+    for i in 1..=n {
+        if ctx
+            .time_left()
+            .is_some_and(|left| left < Duration::from_millis(margin_ms))
+        {
+            return (sum, false);
+        }
+        tokio::time::sleep(Duration::from_millis(step_ms)).await;
+        sum += i;
+    }
+    (sum, true)
+}
+
 /// Makes sure this crate, and so its task registrations, is linked into a
 /// binary that otherwise names none of its items (such as a test that only
 /// starts in-process workers).

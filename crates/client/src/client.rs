@@ -310,6 +310,7 @@ pub struct Submit<'c, K: Task, A> {
     workers: Vec<String>,
     allow_other_workers: bool,
     resources: Vec<(String, u64)>,
+    timeout: Option<Duration>,
 }
 
 impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
@@ -336,6 +337,45 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
     /// Runs the task again up to `retries` times if it fails.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
+        self
+    }
+
+    /// Limits how long the task may run, overriding the task's own default
+    /// (`#[flotilla::task(timeout = "30s")]`); `Duration::ZERO` runs it
+    /// without a limit even if the task has a default.
+    ///
+    /// The clock starts when the worker calls the function. The task sees
+    /// its deadline as `ctx.deadline()` / `ctx.time_left()`. At the limit an
+    /// async task is stopped (its future is dropped), and the future errs
+    /// with [`ErrorKind::TimedOut`](crate::ErrorKind::TimedOut). A
+    /// synchronous task cannot be stopped: it errs `TimedOut` at the limit
+    /// all the same, `ctx.is_cancelled()` turns true, and whatever it
+    /// returns later is discarded. With [`retries`](Self::retries), a
+    /// timed-out task is retried like any failed one. Limits are kept to
+    /// the millisecond.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use std::time::Duration;
+    /// #[flotilla::task]
+    /// async fn fetch(url: String) -> usize {
+    ///     url.len()
+    /// }
+    ///
+    /// # async fn demo(client: &Client) -> flotilla::Result<()> {
+    /// let future = client
+    ///     .submit_with(fetch, ("https://example.com".to_string(),))
+    ///     .timeout(Duration::from_secs(30))
+    ///     .submit();
+    /// match future.result().await {
+    ///     Ok(length) => println!("{length} bytes"),
+    ///     Err(error) => println!("failed or timed out: {error}"),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
         self
     }
 
@@ -381,6 +421,16 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
             workers: self.workers,
             allow_other_workers: self.allow_other_workers,
             resources: self.resources,
+            timeout_ms: self.timeout.map_or(0, |limit| {
+                if limit.is_zero() {
+                    TaskSpec::NO_TIME_LIMIT
+                } else {
+                    // Rounded up, so that a limit under a millisecond is
+                    // still one; one too long to count is none.
+                    u64::try_from(limit.as_nanos().div_ceil(1_000_000))
+                        .unwrap_or(TaskSpec::NO_TIME_LIMIT)
+                }
+            }),
         };
         client.submit_spec(self.task, self.args, options)
     }
@@ -395,6 +445,8 @@ struct SubmitOptions {
     workers: Vec<String>,
     allow_other_workers: bool,
     resources: Vec<(String, u64)>,
+    /// As in [`TaskSpec::timeout_ms`].
+    timeout_ms: u64,
 }
 
 /// Options for [`Client::scatter_with`].
@@ -576,6 +628,7 @@ impl Client {
             workers: Vec::new(),
             allow_other_workers: false,
             resources: Vec::new(),
+            timeout: None,
         }
     }
 
@@ -641,6 +694,7 @@ impl Client {
             spec.workers = options.workers;
             spec.allow_other_workers = options.allow_other_workers;
             spec.resources = options.resources;
+            spec.timeout_ms = options.timeout_ms;
             self.inner.send(Op::Submit(spec));
         }
         // The inputs' handles stay alive until the submission is queued, so

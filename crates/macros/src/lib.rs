@@ -66,6 +66,11 @@ use proc_macro::TokenStream;
 ///
 /// - `name = "..."`: the name workers register the task under. Defaults to the
 ///   function's module path and name, e.g. `my_crate::jobs::add`.
+/// - `timeout = "30s"`: the task's default time limit (`"500ms"`, `"30s"`,
+///   `"5m"`, `"1h"`, or a sum such as `"1m30s"`), checked at compile time. A
+///   submission's `.timeout(..)` overrides it. Past it, an async task is
+///   stopped and a synchronous one abandoned; either errs `TimedOut` (see
+///   "Time limits" in `docs/operations.md`).
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     task::expand(attr.into(), item.into()).into()

@@ -35,6 +35,11 @@ pub enum ErrorKind {
     /// its `maxmemory`, again after retries); the message has Redis' reason.
     /// The task is not run again.
     StoreFailed,
+    /// The task ran past its time limit (`Submit::timeout` or
+    /// `#[flotilla::task(timeout = "...")]`) and was stopped, or, for a
+    /// synchronous task that cannot be stopped, abandoned: its result, if it
+    /// ever comes, is discarded.
+    TimedOut,
     /// Anything else that went wrong around the task (storage, protocol).
     Internal,
 }

@@ -64,9 +64,19 @@ pub struct TaskSpec {
     /// only workers that advertise them get it.
     #[serde(default)]
     pub resources: Vec<(String, u64)>,
+    /// The task's time limit in milliseconds, set per submission: 0 uses
+    /// the task's own default (`#[flotilla::task(timeout = "30s")]`),
+    /// [`TaskSpec::NO_TIME_LIMIT`] runs it without a limit, any other value
+    /// limits it to that many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: u64,
 }
 
 impl TaskSpec {
+    /// The [`TaskSpec::timeout_ms`] of a task run without a time limit, even
+    /// if its function has a default.
+    pub const NO_TIME_LIMIT: u64 = u64::MAX;
+
     /// Every key the task holds while it lives: its inputs and its references.
     pub fn held_keys(&self) -> impl Iterator<Item = &String> {
         self.deps.iter().chain(self.holds.iter())
@@ -94,6 +104,7 @@ impl TaskSpec {
             workers: Vec::new(),
             allow_other_workers: false,
             resources: Vec::new(),
+            timeout_ms: 0,
         }
     }
 }
@@ -387,6 +398,7 @@ mod tests {
             workers: vec!["w".into()],
             allow_other_workers: true,
             resources: vec![("GPU".into(), 1)],
+            timeout_ms: 1500,
         }
     }
 

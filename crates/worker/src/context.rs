@@ -4,9 +4,11 @@ use flotilla_proto::Config;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Passed to a task that takes one as its first parameter: its key, its
-/// worker, whether it was cancelled, and the cluster's configuration.
+/// worker, whether it was cancelled, its deadline, and the cluster's
+/// configuration.
 #[derive(Clone, Debug)]
 pub struct TaskContext {
     inner: Arc<Inner>,
@@ -20,6 +22,7 @@ struct Inner {
     config: Config,
     cancelled: AtomicBool,
     extension: Option<Arc<dyn Any + Send + Sync>>,
+    deadline: Option<Instant>,
 }
 
 impl TaskContext {
@@ -45,6 +48,24 @@ impl TaskContext {
                 config,
                 cancelled: AtomicBool::new(false),
                 extension,
+                deadline: None,
+            }),
+        }
+    }
+
+    /// The same context, with the instant at which the task's time limit
+    /// runs out (`None`: no limit).
+    pub fn with_deadline(self, deadline: Option<Instant>) -> Self {
+        let inner = &self.inner;
+        TaskContext {
+            inner: Arc::new(Inner {
+                key: inner.key.clone(),
+                task: inner.task.clone(),
+                worker_id: inner.worker_id.clone(),
+                config: inner.config.clone(),
+                cancelled: AtomicBool::new(inner.cancelled.load(Ordering::Relaxed)),
+                extension: inner.extension.clone(),
+                deadline,
             }),
         }
     }
@@ -80,8 +101,67 @@ impl TaskContext {
         self.inner.cancelled.store(true, Ordering::Relaxed);
     }
 
+    /// When the task's time limit runs out, if it has one (set per
+    /// submission with `Submit::timeout`, or by default with
+    /// `#[flotilla::task(timeout = "30s")]`). At the deadline an async task
+    /// is stopped and a synchronous one abandoned (its result discarded):
+    /// a task that can wind down earlier, saving partial work, should watch
+    /// this.
+    ///
+    /// ```
+    /// # use flotilla_worker::TaskContext;
+    /// # use std::time::{Duration, Instant};
+    /// fn crunch(ctx: &TaskContext, items: &[u64]) -> u64 {
+    ///     let mut sum = 0;
+    ///     for item in items {
+    ///         // Stop with a partial sum when less than a second is left.
+    ///         if ctx.time_left().is_some_and(|left| left < Duration::from_secs(1)) {
+    ///             break;
+    ///         }
+    ///         sum += item;
+    ///     }
+    ///     sum
+    /// }
+    /// # let ctx = TaskContext::new("k", "t", "w", flotilla_proto::Config::default())
+    /// #     .with_deadline(Some(Instant::now() + Duration::from_secs(60)));
+    /// # assert_eq!(crunch(&ctx, &[1, 2, 3]), 6);
+    /// ```
+    pub fn deadline(&self) -> Option<Instant> {
+        self.inner.deadline
+    }
+
+    /// The time left until [`deadline`](Self::deadline): `None` without a
+    /// limit, `Some(Duration::ZERO)` once it passed.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.inner
+            .deadline
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()))
+    }
+
     /// The extension attached by [`TaskContext::with_extension`].
     pub fn extension(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
         self.inner.extension.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_is_visible_and_counts_down() {
+        let ctx = TaskContext::new("k", "t", "w", Config::default());
+        assert_eq!(ctx.deadline(), None);
+        assert_eq!(ctx.time_left(), None);
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let limited = ctx.with_deadline(Some(deadline));
+        assert_eq!(limited.deadline(), Some(deadline));
+        let left = limited.time_left().unwrap();
+        assert!(left > Duration::from_secs(59) && left <= Duration::from_secs(60));
+        assert_eq!(limited.key(), "k");
+
+        let past = limited.with_deadline(Some(Instant::now() - Duration::from_secs(1)));
+        assert_eq!(past.time_left(), Some(Duration::ZERO));
     }
 }

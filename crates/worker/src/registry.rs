@@ -43,6 +43,8 @@ pub struct TaskRegistration {
     fingerprint: u64,
     invoke: fn(TaskContext, &[u8]) -> Invocation,
     module_path: &'static str,
+    /// The default time limit in milliseconds; 0 for none.
+    timeout_ms: u64,
 }
 
 impl TaskRegistration {
@@ -58,6 +60,32 @@ impl TaskRegistration {
             fingerprint,
             invoke,
             module_path: "",
+            timeout_ms: 0,
+        }
+    }
+
+    /// The same registration, with a default time limit of `millis`
+    /// milliseconds (`#[flotilla::task(timeout = "30s")]`; 0 for none). A
+    /// submission's own limit (`Submit::timeout`) overrides it.
+    pub const fn with_timeout_ms(mut self, millis: u64) -> Self {
+        self.timeout_ms = millis;
+        self
+    }
+
+    /// The task's default time limit, if it has one.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        (self.timeout_ms > 0).then(|| std::time::Duration::from_millis(self.timeout_ms))
+    }
+
+    /// The time limit of one run, given the submission's
+    /// [`TaskSpec::timeout_ms`](flotilla_proto::TaskSpec::timeout_ms): the
+    /// task's default for 0, none for `NO_TIME_LIMIT`, else that many
+    /// milliseconds.
+    pub fn limit_for(&self, requested_ms: u64) -> Option<std::time::Duration> {
+        match requested_ms {
+            0 => self.timeout(),
+            flotilla_proto::TaskSpec::NO_TIME_LIMIT => None,
+            millis => Some(std::time::Duration::from_millis(millis)),
         }
     }
 
@@ -297,6 +325,26 @@ mod tests {
         let text = crate::user_error!(String::from("Negative value"));
         assert_eq!(text.message(), "Negative value");
         assert_eq!(text.type_name(), "alloc::string::String");
+    }
+
+    fn noop(_: TaskContext, _: &[u8]) -> Invocation {
+        Invocation::Ready(Ok(Vec::new()))
+    }
+
+    #[test]
+    fn a_submissions_limit_overrides_the_tasks_default() {
+        use std::time::Duration;
+        let plain = TaskRegistration::new("demo::plain", 1, noop);
+        assert_eq!(plain.timeout(), None);
+        assert_eq!(plain.limit_for(0), None);
+        assert_eq!(plain.limit_for(u64::MAX), None);
+        assert_eq!(plain.limit_for(250), Some(Duration::from_millis(250)));
+
+        let limited = TaskRegistration::new("demo::limited", 1, noop).with_timeout_ms(30_000);
+        assert_eq!(limited.timeout(), Some(Duration::from_secs(30)));
+        assert_eq!(limited.limit_for(0), Some(Duration::from_secs(30)));
+        assert_eq!(limited.limit_for(u64::MAX), None, "lifts the default");
+        assert_eq!(limited.limit_for(100), Some(Duration::from_millis(100)));
     }
 
     #[test]

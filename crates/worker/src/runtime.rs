@@ -937,25 +937,40 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
         let args = crate::args::assemble(&spec.args, &inputs)?;
         drop(inputs);
         let extension = shared.extension.clone();
-        let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension);
+        // The time limit starts now, when the function is called.
+        let limit = registration.limit_for(spec.timeout_ms);
+        // (A limit too far away to count is none.)
+        let deadline = limit.and_then(|limit| Instant::now().checked_add(limit));
+        let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension)
+            .with_deadline(deadline);
         let running = shared.running(&spec.key, ctx.clone());
-        let output = match registration.invoke(ctx, &args) {
+        let output = match registration.invoke(ctx.clone(), &args) {
             Invocation::Ready(outcome) => outcome,
-            Invocation::Sync(call) => match tokio::task::spawn_blocking(move || slot.sync_scope(|| run_sync(call))).await {
-                Ok(outcome) => outcome,
-                Err(error) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
-            },
+            Invocation::Sync(call) => {
+                let mut handle = tokio::task::spawn_blocking(move || slot.sync_scope(|| run_sync(call)));
+                match until(deadline, &mut handle).await {
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(error)) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
+                    None => Err(abandon(&ctx, limit, handle)),
+                }
+            }
             Invocation::Async(future) => {
-                let handle = tokio::spawn(slot.scope(CatchUnwind::new(future)));
+                let mut handle = tokio::spawn(slot.scope(CatchUnwind::new(future)));
                 running.set_abort(handle.abort_handle());
-                match handle.await {
-                    Ok(outcome) => outcome,
-                    Err(error) if error.is_cancelled() => Err(TaskError::new(
+                match until(deadline, &mut handle).await {
+                    Some(Ok(outcome)) => outcome,
+                    Some(Err(error)) if error.is_cancelled() => Err(TaskError::new(
                         ErrorKind::Cancelled,
                         "flotilla::Cancelled",
                         format!("`{}` was cancelled while running", spec.key),
                     )),
-                    Err(error) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
+                    Some(Err(error)) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
+                    None => {
+                        // Dropping its future stops the task where it awaits.
+                        handle.abort();
+                        warn!(limit = ?limit.unwrap_or_default(), "task ran past its time limit; stopped");
+                        Err(timed_out(&ctx, limit, "was stopped"))
+                    }
                 }
             }
         };
@@ -992,6 +1007,61 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
         };
         error.with_traceback(traceback).at(&spec.key, &spec.task)
     })
+}
+
+/// Awaits `handle` until `deadline` (forever without one); `None` when the
+/// deadline passed first, leaving the handle to the caller.
+async fn until<T>(
+    deadline: Option<Instant>,
+    handle: &mut JoinHandle<T>,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    match deadline {
+        None => Some(handle.await),
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), handle).await.ok(),
+    }
+}
+
+/// The error of a task that ran past its time limit.
+fn timed_out(ctx: &TaskContext, limit: Option<Duration>, what: &str) -> TaskError {
+    TaskError::new(
+        ErrorKind::TimedOut,
+        "flotilla::TimedOut",
+        format!(
+            "`{}` ran past its time limit of {:?} and {what}",
+            ctx.key(),
+            limit.unwrap_or_default()
+        ),
+    )
+}
+
+/// Gives up on a synchronous task past its time limit. Its thread cannot be
+/// stopped: it sees `ctx.is_cancelled()`, runs on without a slot, and what
+/// it returns is dropped (the task's error is `TimedOut` for good; a retry,
+/// if any, is a new run). Logged as an error, with how many such threads
+/// this process still carries.
+fn abandon(
+    ctx: &TaskContext,
+    limit: Option<Duration>,
+    handle: JoinHandle<TaskOutcome>,
+) -> TaskError {
+    static ABANDONED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    use std::sync::atomic::Ordering::Relaxed;
+    ctx.cancel();
+    let abandoned = ABANDONED.fetch_add(1, Relaxed) + 1;
+    tracing::error!(
+        limit = ?limit.unwrap_or_default(),
+        abandoned,
+        "synchronous task ran past its time limit: reported TimedOut; its thread cannot be stopped \
+         and runs on, its result to be discarded (restart this worker if such threads pile up)"
+    );
+    let key = ctx.key().to_owned();
+    let since = Instant::now();
+    tokio::spawn(async move {
+        let _ = handle.await;
+        let abandoned = ABANDONED.fetch_sub(1, Relaxed) - 1;
+        warn!(%key, late_by = ?since.elapsed(), abandoned, "an abandoned task returned; its result was discarded");
+    });
+    timed_out(ctx, limit, "was abandoned: it runs synchronously and cannot be stopped, so whatever it returns is discarded")
 }
 
 /// The encoded results of a task's inputs: inline ones from the message,

@@ -6,7 +6,7 @@ use syn::parse::Parser;
 use syn::LitStr;
 
 /// What the attribute accepts, as shown in error messages.
-const ACCEPTED: &str = "`name = \"...\"`";
+const ACCEPTED: &str = "`name = \"...\"`, `timeout = \"30s\"`";
 
 /// Parsed arguments of `#[flotilla::task(...)]`.
 #[derive(Default)]
@@ -14,6 +14,8 @@ pub(crate) struct TaskArgs {
     /// `name = "..."`: registers the task under this name instead of
     /// `module_path!()::fn_name`.
     pub(crate) name: Option<LitStr>,
+    /// `timeout = "30s"`: the task's default time limit, in milliseconds.
+    pub(crate) timeout_ms: Option<u64>,
 }
 
 impl TaskArgs {
@@ -33,6 +35,16 @@ impl TaskArgs {
                     ));
                 }
                 args.name = Some(name);
+                Ok(())
+            } else if meta.path.is_ident("timeout") {
+                if args.timeout_ms.is_some() {
+                    return Err(meta.error("duplicate `timeout` argument to `#[flotilla::task]`"));
+                }
+                let limit: LitStr = meta.value()?.parse()?;
+                let millis = super::duration::parse_millis(&limit.value()).map_err(|message| {
+                    syn::Error::new(limit.span(), format!("invalid `timeout`: {message}"))
+                })?;
+                args.timeout_ms = Some(millis);
                 Ok(())
             } else {
                 let path = meta.path.to_token_stream().to_string().replace(' ', "");
@@ -95,7 +107,7 @@ mod tests {
         assert_eq!(
             error_of(quote!(retries = 3)),
             "unknown argument `retries` to `#[flotilla::task]`; \
-             the accepted arguments are: `name = \"...\"`"
+             the accepted arguments are: `name = \"...\"`, `timeout = \"30s\"`"
         );
         assert!(error_of(quote!(name = "x", priority)).starts_with("unknown argument `priority`"));
     }
@@ -105,6 +117,30 @@ mod tests {
         assert!(error_of(quote!(name = 5)).contains("expected string literal"));
         assert!(error_of(quote!(name = "")).contains("cannot be empty"));
         assert!(error_of(quote!(name)).contains("expected `=`"));
+    }
+
+    #[test]
+    fn timeout_argument() {
+        assert_eq!(parse_ok(quote!(timeout = "30s")).timeout_ms, Some(30_000));
+        assert_eq!(parse_ok(quote!(timeout = "500ms")).timeout_ms, Some(500));
+        let both = parse_ok(quote!(name = "x", timeout = "5m"));
+        assert_eq!(both.timeout_ms, Some(300_000));
+        assert_eq!(both.name.map(|name| name.value()).as_deref(), Some("x"));
+        assert!(parse_ok(TokenStream::new()).timeout_ms.is_none());
+    }
+
+    #[test]
+    fn bad_timeouts_are_rejected() {
+        assert!(error_of(quote!(timeout = 30)).contains("expected string literal"));
+        assert_eq!(
+            error_of(quote!(timeout = "30")),
+            "invalid `timeout`: `30` has no unit: write `30s`, `30ms`, `30m` or `30h`"
+        );
+        assert!(error_of(quote!(timeout = "0s")).contains("at least 1ms"));
+        assert_eq!(
+            error_of(quote!(timeout = "1s", timeout = "2s")),
+            "duplicate `timeout` argument to `#[flotilla::task]`"
+        );
     }
 
     #[test]

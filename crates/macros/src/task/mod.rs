@@ -14,6 +14,7 @@
 //! The generated code names the runtime only through `::flotilla::__private`.
 
 mod args;
+mod duration;
 mod signature;
 
 use proc_macro2::{Span, TokenStream};
@@ -153,6 +154,11 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
         }
     };
 
+    // The default time limit, if the attribute gives one.
+    let timeout = args
+        .timeout_ms
+        .map(|millis| quote!(.with_timeout_ms(#millis)));
+
     let call_attrs = &attrs.others;
     let mut call_sig = sig.clone();
     call_sig.ident = Ident::new("call", handle.span());
@@ -212,6 +218,7 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
                 }
             )
             .with_module_path(::core::module_path!())
+            #timeout
         }
     }
 }

@@ -316,3 +316,26 @@ fn non_functions_are_rejected() {
     assert!(text.contains("can only be applied to a free function"));
     assert!(text.contains("struct S ;"));
 }
+
+#[test]
+fn timeout_becomes_the_registrations_default_limit() {
+    let file = expand_ok(
+        quote!(timeout = "1m30s"),
+        quote!(
+            async fn slow() {}
+        ),
+    );
+    let registration = registration(&file);
+    assert!(
+        registration.contains(". with_timeout_ms (90000u64)"),
+        "{registration}"
+    );
+
+    let file = expand_ok(
+        TokenStream::new(),
+        quote!(
+            fn quick() {}
+        ),
+    );
+    assert!(!registration_contains(&file, "with_timeout_ms"));
+}
