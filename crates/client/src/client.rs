@@ -481,7 +481,8 @@ impl Client {
         let codec = Codec::new(&config);
         flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &codec).await?;
         let incarnation =
-            flotilla_runtime::incarnation::Incarnation::start(&mut redis.clone(), &names).await?;
+            flotilla_runtime::incarnation::Incarnation::start(&mut redis.clone(), &names, false)
+                .await?;
         // FLOTILLA_CLIENT_LEASE_MS (30 s, at least 1 s): the scheduler
         // releases this client's holds once it lapses unrenewed.
         let lease = config.client_lease();

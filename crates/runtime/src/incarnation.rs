@@ -1,10 +1,10 @@
 //! Detecting that Redis lost its data.
 //!
-//! `<ns>:incarnation` holds a random marker. The first process to look sets
-//! it; every process remembers the one it saw and looks again from time to
-//! time. Redis restarted without persistence, a `FLUSHALL`, or a failover
+//! `<ns>:incarnation` holds a random marker. The scheduler sets it when it
+//! is absent; every process remembers the one it saw and looks again from
+//! time to time. Redis restarted without persistence, a `FLUSHALL`, or a failover
 //! to a replica that missed the marker show as a marker that is gone (and
-//! set anew by whoever looks first) or changed: the state written before is
+//! set anew by the scheduler) or changed: the state written before is
 //! gone, and waiting for it would hang. Clients then fail their pending
 //! futures with a data-loss error; the scheduler logs it and settles its
 //! processing tasks against what Redis still holds.
@@ -34,28 +34,54 @@ pub async fn observe(redis: &mut ConnectionManager, names: &Names) -> redis::Red
 }
 
 /// Remembers the marker a process saw and tells when it changes.
+///
+/// The scheduler *keeps* the marker (sets it when absent); clients only
+/// read it, so a client that outlives its namespace's purge leaves no key
+/// behind.
 #[derive(Debug, Clone)]
-pub struct Incarnation(String);
+pub struct Incarnation {
+    seen: Option<String>,
+    keeps: bool,
+}
 
 impl Incarnation {
-    /// Reads the marker (setting it when absent).
-    pub async fn start(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<Self> {
-        Ok(Incarnation(observe(redis, names).await?))
+    /// Reads the marker; with `keeps`, sets it first when absent.
+    pub async fn start(
+        redis: &mut ConnectionManager,
+        names: &Names,
+        keeps: bool,
+    ) -> redis::RedisResult<Self> {
+        let mut incarnation = Incarnation { seen: None, keeps };
+        incarnation.seen = incarnation.read(redis, names).await?;
+        Ok(incarnation)
     }
 
-    /// Looks again: `Ok(true)` when the marker is not the one seen before
-    /// (Redis lost its data since); the new one is remembered.
+    async fn read(
+        &self,
+        redis: &mut ConnectionManager,
+        names: &Names,
+    ) -> redis::RedisResult<Option<String>> {
+        if self.keeps {
+            observe(redis, names).await.map(Some)
+        } else {
+            redis::cmd("GET")
+                .arg(names.incarnation_key())
+                .query_async(redis)
+                .await
+        }
+    }
+
+    /// Looks again: `Ok(true)` when a marker seen before is gone or
+    /// changed (Redis lost its data since); what is seen now is remembered.
     pub async fn lost(
         &mut self,
         redis: &mut ConnectionManager,
         names: &Names,
     ) -> redis::RedisResult<bool> {
-        let now = observe(redis, names).await?;
-        if now == self.0 {
-            return Ok(false);
-        }
-        self.0 = now;
-        Ok(true)
+        let now = self.read(redis, names).await?;
+        let lost = self.seen.is_some() && now != self.seen;
+        self.seen = now;
+        Ok(lost)
     }
 }
 

@@ -403,7 +403,8 @@ async fn serve(
         });
     }
 
-    let incarnation = flotilla_runtime::incarnation::Incarnation::start(&mut redis, &names).await?;
+    let incarnation =
+        flotilla_runtime::incarnation::Incarnation::start(&mut redis, &names, true).await?;
     let (settler, settlements) = mpsc::unbounded_channel();
     let _settler = AbortOnDrop(tokio::spawn(settle(
         settlements,
