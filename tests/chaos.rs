@@ -267,7 +267,7 @@ impl Processes {
 
     /// Checks the workload, prints the scenario's line, stops everything.
     async fn finish(
-        mut self,
+        self,
         scenario: &str,
         faults: usize,
         workload: Workload,
@@ -275,8 +275,20 @@ impl Processes {
         started: Instant,
     ) {
         let (lost, unresolved, slowest) = check(&workload, salt, started).await;
+        let tasks = workload.tasks;
+        drop(workload);
         // At-least-once: a task whose worker (or connection) went away
         // mid-run runs again; every future still resolves once.
+        let duplicated = self.close().await;
+        println!(
+            "chaos {scenario}: faults={faults} tasks={tasks} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2}"
+        );
+        assert_eq!((lost, unresolved), (0, 0));
+    }
+
+    /// Stops the tap, the client and the processes, and purges the
+    /// namespace; returns the tap's `duplicated` count.
+    async fn close(mut self) -> usize {
         let duplicated = match self.tap.take() {
             Some(tap) => {
                 let duplicated = tap.duplicated();
@@ -285,16 +297,11 @@ impl Processes {
             }
             None => 0,
         };
-        println!(
-            "chaos {scenario}: faults={faults} tasks={} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2}",
-            workload.tasks
-        );
-        drop(workload);
         let _ = self.client.close().await;
         self.workers.push(self.scheduler);
         stop(&mut self.workers);
         let _ = flotilla::purge(&self.config).await;
-        assert_eq!((lost, unresolved), (0, 0));
+        duplicated
     }
 }
 

@@ -50,23 +50,6 @@ fn store_failed<T>(result: &Result<T, Error>) -> bool {
         if error.kind() == ErrorKind::StoreFailed && error.message().contains("OOM"))
 }
 
-/// Stops a [`Processes`] whose workload was checked by the scenario.
-async fn close(mut cluster: Processes) -> usize {
-    let duplicated = match cluster.tap.take() {
-        Some(tap) => {
-            let duplicated = tap.duplicated();
-            tap.stop().await;
-            duplicated
-        }
-        None => 0,
-    };
-    let _ = cluster.client.close().await;
-    cluster.workers.push(cluster.scheduler);
-    stop(&mut cluster.workers);
-    let _ = flotilla::purge(&cluster.config).await;
-    duplicated
-}
-
 #[tokio::test]
 async fn chaos_redis_full_one_big_result_fails_store_failed_once() {
     let redis = full_redis("40mb").await;
@@ -85,7 +68,7 @@ async fn chaos_redis_full_one_big_result_fails_store_failed_once() {
     let unresolved = usize::from(matches!(outcome, Err(Error::Timeout { .. })));
     let config = cluster.config.clone();
     drop(big);
-    let duplicated = close(cluster).await;
+    let duplicated = cluster.close().await;
     println!(
         "chaos redis-full-one-big: faults=1 tasks=2 lost={} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} used_memory_dataset={used} maxmemory={max}",
         usize::from(failed)
@@ -132,7 +115,7 @@ async fn chaos_redis_full_many_small_results_deliver_those_that_fit() {
         }
     }
     drop(futures);
-    let duplicated = close(cluster).await;
+    let duplicated = cluster.close().await;
     println!(
         "chaos redis-full-many-small: faults={failed} tasks={n} lost={failed} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} delivered={delivered}"
     );
@@ -191,7 +174,7 @@ async fn chaos_redis_full_a_connected_client_gets_the_error() {
     let slowest = started.elapsed().as_secs_f64();
     drop(futures);
     let _: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut admin).await;
-    let duplicated = close(cluster).await;
+    let duplicated = cluster.close().await;
     println!(
         "chaos redis-full-connected-client: faults=1 tasks=10 lost={failed} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} flush_s={flush_s:.2}"
     );

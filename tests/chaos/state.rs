@@ -210,23 +210,13 @@ async fn chaos_redis_lost_its_data_then_the_scheduler_restarted() {
         }
     };
     let out = outcomes(futures, expected, started).await;
-    let duplicated = match cluster.tap.take() {
-        Some(tap) => {
-            let duplicated = tap.duplicated();
-            tap.stop().await;
-            duplicated
-        }
-        None => 0,
-    };
-    println!(
-        "chaos redis-lost-then-scheduler-restart: faults=2 tasks={} lost={} duplicated={duplicated} unresolved={} max_resolve_s={:.2}",
-        workload.tasks, out.lost, out.unresolved, out.slowest
-    );
+    let tasks = workload.tasks;
     drop(workload);
-    let _ = cluster.client.close().await;
-    cluster.workers.push(cluster.scheduler);
-    stop(&mut cluster.workers);
-    let _ = flotilla::purge(&cluster.config).await;
+    let duplicated = cluster.close().await;
+    println!(
+        "chaos redis-lost-then-scheduler-restart: faults=2 tasks={tasks} lost={} duplicated={duplicated} unresolved={} max_resolve_s={:.2}",
+        out.lost, out.unresolved, out.slowest
+    );
     drop(tokio::task::spawn_blocking(move || {
         redis.kill_and_restart(Duration::ZERO)
     }));
@@ -272,14 +262,7 @@ async fn chaos_signed_cluster_on_an_evicting_redis() {
         out.lost, out.unresolved, out.slowest
     );
     drop(futures);
-    let mut cluster = cluster;
-    if let Some(tap) = cluster.tap.take() {
-        tap.stop().await;
-    }
-    let _ = cluster.client.close().await;
-    cluster.workers.push(cluster.scheduler);
-    stop(&mut cluster.workers);
-    let _ = flotilla::purge(&cluster.config).await;
+    cluster.close().await;
     drop(redis);
     assert_eq!((out.wrong, out.unresolved), (0, 0), "{:?}", out.examples);
 }

@@ -119,16 +119,20 @@ impl Drop for ClientInner {
 }
 
 impl ClientInner {
+    /// The futures of this client not yet resolved.
+    fn pending(&self) -> Vec<Arc<FutureState>> {
+        self.table()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|state| !state.status().is_done())
+            .collect()
+    }
+
     /// Redis lost its data (see [`flotilla_runtime::incarnation`]): every
     /// future not yet resolved fails with [`Error::DataLost`], since the
     /// spec it would run from and the events it waits for are gone.
     pub(crate) fn data_lost(&self) {
-        let pending: Vec<Arc<FutureState>> = self
-            .table()
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|state| !state.status().is_done())
-            .collect();
+        let pending = self.pending();
         if !pending.is_empty() {
             tracing::error!(
                 futures = pending.len(),
@@ -255,12 +259,7 @@ impl ClientInner {
     /// connection), and asks the scheduler to tell this client about the
     /// rest, whoever submitted them.
     async fn resync(&self) {
-        let pending: Vec<Arc<FutureState>> = self
-            .table()
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|state| !state.status().is_done())
-            .collect();
+        let pending = self.pending();
         if pending.is_empty() {
             return;
         }

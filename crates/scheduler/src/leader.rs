@@ -95,7 +95,7 @@ pub enum Attempt {
 }
 
 /// Takes the lease for `id`, or renews it if `id` holds it already (with
-/// `held`, the epoch it held: see [`ACQUIRE`]).
+/// `held`, the epoch it held: see the `ACQUIRE` script).
 pub async fn attempt(
     redis: &mut ConnectionManager,
     names: &Names,

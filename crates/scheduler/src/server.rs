@@ -665,6 +665,30 @@ async fn settle(
     }
 }
 
+/// Publishes `bytes` with publisher confirms on, persistent or transient.
+async fn publish_raw(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    bytes: &[u8],
+    persistent: bool,
+) -> lapin::Result<lapin::PublisherConfirm> {
+    let properties = if persistent {
+        transport::persistent()
+    } else {
+        transport::transient()
+    };
+    channel
+        .basic_publish(
+            name(exchange),
+            name(routing_key),
+            BasicPublishOptions::default(),
+            bytes,
+            properties,
+        )
+        .await
+}
+
 /// Waits for `sent`'s confirm; publishes it again while the broker refuses
 /// it, up to [`PUBLISH_ATTEMPTS`] times in all.
 async fn confirmed(publish: &Channel, sent: Sent) -> Result<(), u32> {
@@ -695,19 +719,7 @@ async fn confirmed(publish: &Channel, sent: Sent) -> Result<(), u32> {
             break;
         }
         tokio::time::sleep(backoff.next_pause()).await;
-        let properties = if persistent {
-            transport::persistent()
-        } else {
-            transport::transient()
-        };
-        confirm = publish
-            .basic_publish(
-                name(&exchange),
-                name(&routing_key),
-                BasicPublishOptions::default(),
-                &bytes,
-                properties,
-            )
+        confirm = publish_raw(publish, &exchange, &routing_key, &bytes, persistent)
             .await
             .map_err(|_| attempt)?;
     }
@@ -1081,21 +1093,8 @@ impl Scheduler {
         bytes: Vec<u8>,
         persistent: bool,
     ) -> Result<Sent, SchedulerError> {
-        let properties = if persistent {
-            transport::persistent()
-        } else {
-            transport::transient()
-        };
-        let confirm = self
-            .publisher
-            .basic_publish(
-                name(&exchange),
-                name(&routing_key),
-                BasicPublishOptions::default(),
-                &bytes,
-                properties,
-            )
-            .await?;
+        let confirm =
+            publish_raw(&self.publisher, &exchange, &routing_key, &bytes, persistent).await?;
         Ok(Sent {
             confirm,
             exchange,
