@@ -1,8 +1,8 @@
 //! Detecting that Redis lost its data.
 //!
-//! `<ns>:incarnation` holds a random marker. The scheduler sets it when it
-//! is absent; every process remembers the one it saw and looks again from
-//! time to time. Redis restarted without persistence, a `FLUSHALL`, or a failover
+//! `<ns>:incarnation` holds a random marker. A process starting sets it
+//! when it is absent, and the scheduler whenever it is gone; every process
+//! remembers the one it saw and looks again from time to time. Redis restarted without persistence, a `FLUSHALL`, or a failover
 //! to a replica that missed the marker show as a marker that is gone (and
 //! set anew by the scheduler) or changed: the state written before is
 //! gone, and waiting for it would hang. Clients then fail their pending
@@ -35,9 +35,10 @@ pub async fn observe(redis: &mut ConnectionManager, names: &Names) -> redis::Red
 
 /// Remembers the marker a process saw and tells when it changes.
 ///
-/// The scheduler *keeps* the marker (sets it when absent); clients only
-/// read it, so a client that outlives its namespace's purge leaves no key
-/// behind.
+/// Every process sets the marker when it starts and finds none; after
+/// that, the scheduler *keeps* it (sets it again when gone) while clients
+/// only read it, so a client that outlives its namespace's purge leaves no
+/// key behind.
 #[derive(Debug, Clone)]
 pub struct Incarnation {
     seen: Option<String>,
@@ -45,15 +46,18 @@ pub struct Incarnation {
 }
 
 impl Incarnation {
-    /// Reads the marker; with `keeps`, sets it first when absent.
+    /// Reads the marker, setting it when absent (so that a process started
+    /// before the scheduler knows it too); with `keeps`, later looks set it
+    /// again when it is gone.
     pub async fn start(
         redis: &mut ConnectionManager,
         names: &Names,
         keeps: bool,
     ) -> redis::RedisResult<Self> {
-        let mut incarnation = Incarnation { seen: None, keeps };
-        incarnation.seen = incarnation.read(redis, names).await?;
-        Ok(incarnation)
+        Ok(Incarnation {
+            seen: Some(observe(redis, names).await?),
+            keeps,
+        })
     }
 
     async fn read(
