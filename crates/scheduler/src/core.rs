@@ -635,12 +635,7 @@ impl Core {
         if matches!(task.state, State::Waiting | State::Ready) {
             // An earlier run reports (its custody lapsed, or the task was
             // retried meanwhile): the holds a start would release go now.
-            let deps = task
-                .spec
-                .as_ref()
-                .map(|s| s.deps.clone())
-                .unwrap_or_default();
-            self.unhold_local(&deps);
+            self.unhold_inputs_of(key);
         }
         let Some(task) = self.tasks.get_mut(key) else {
             return;
@@ -692,12 +687,7 @@ impl Core {
             if retrying {
                 return;
             }
-            let deps = task
-                .spec
-                .as_ref()
-                .map(|s| s.deps.clone())
-                .unwrap_or_default();
-            self.unhold_local(&deps);
+            self.unhold_inputs_of(key);
         }
         let Some(task) = self.tasks.get_mut(key) else {
             return;
@@ -778,6 +768,18 @@ impl Core {
 
     /// A task no longer waits for its inputs: finished inputs nobody else
     /// waits for leave the table.
+    /// Drops the holds `key`'s spec has on its inputs (what its start
+    /// releases), for a report of an earlier run of a task waiting again.
+    fn unhold_inputs_of(&mut self, key: &str) {
+        let deps = self
+            .tasks
+            .get(key)
+            .and_then(|task| task.spec.as_ref())
+            .map(|spec| spec.deps.clone())
+            .unwrap_or_default();
+        self.unhold_local(&deps);
+    }
+
     fn unhold_local(&mut self, deps: &[String]) {
         for dep in deps {
             if let Some(input) = self.tasks.get_mut(dep) {
