@@ -3,7 +3,12 @@
 # against a real RabbitMQ and Redis (each test in its own namespace).
 #
 #   bash scripts/test.sh                 # everything
-#   bash scripts/test.sh -- --nocapture  # extra arguments go to `cargo test`
+#   bash scripts/test.sh chaos           # extra arguments go to the test runner
+#
+# The runner is cargo-nextest when it is installed (tests of every binary run
+# side by side, see .config/nextest.toml; the doc tests then run with
+# `cargo test --doc`), otherwise `cargo test`, which runs the same tests one
+# binary at a time and takes about twice as long.
 #
 # FLOTILLA_AMQP_URL / FLOTILLA_REDIS_URL select the brokers (default: local).
 
@@ -37,7 +42,16 @@ fi
 banner "cargo build --workspace --bins --examples --locked"
 cargo build --workspace --bins --examples --locked
 
-banner "cargo test --workspace --locked${*:+ $*}"
-cargo test --workspace --locked "$@"
+if cargo nextest --version >/dev/null 2>&1; then
+    banner "cargo nextest run --workspace --locked${*:+ $*}"
+    cargo nextest run --workspace --locked "$@"
+    if [[ $# -eq 0 ]]; then
+        banner "cargo test --workspace --doc --locked"
+        cargo test --workspace --doc --locked
+    fi
+else
+    banner "cargo-nextest is not installed: cargo test --workspace --locked${*:+ $*}"
+    cargo test --workspace --locked "$@"
+fi
 
 banner "all tests passed"

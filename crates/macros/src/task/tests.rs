@@ -1,5 +1,5 @@
-//! Tests of the whole expansion, on token streams (the trybuild tests in
-//! `tests/ui.rs` check it against the real runtime).
+//! Tests of the whole expansion, on token streams (`tests/pass.rs` and the
+//! trybuild tests in `tests/ui.rs` check it against the real runtime).
 
 use super::*;
 use syn::{File, ImplItem, ItemImpl, ItemMacro, ItemStruct};

@@ -14,7 +14,8 @@ pub async fn fetch(ctx: TaskContext, url: String) -> Result<Vec<u8>, String> {
 #[flotilla::task]
 async fn only_context(_ctx: flotilla::TaskContext) {}
 
-fn main() {
+#[test]
+fn compiles_and_runs() {
     assert_eq!(<fetch as Task>::NAME, "custom.fetch");
     let args: <fetch as Task>::Args = (String::from("https://example.com"),);
     let output: <fetch as Task>::Output = Vec::new();

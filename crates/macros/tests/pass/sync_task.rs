@@ -15,7 +15,8 @@ fn shout(text: String) -> String {
     text.to_uppercase()
 }
 
-fn main() {
+#[test]
+fn compiles_and_runs() {
     assert_eq!(add::call(1, 2), 3);
     let handle: add = add;
     let _copy = handle;

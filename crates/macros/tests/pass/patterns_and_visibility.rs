@@ -45,7 +45,8 @@ macro_rules! identity_task {
 
 identity_task!(passthrough, Result<u8, String>);
 
-fn main() {
+#[test]
+fn compiles_and_runs() {
     assert_eq!(patterns::call(1, (2, 3), 0), 6);
     let _: <patterns as Task>::Args = (1_i64, (2_i32, 3_i32), 0_u8);
     nothing::call();

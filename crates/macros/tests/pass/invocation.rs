@@ -59,7 +59,8 @@ fn output<T: Task>(bytes: &[u8]) -> T::Output {
     decode_args(T::NAME, bytes).expect("output decodes")
 }
 
-fn main() {
+#[test]
+fn compiles_and_runs() {
     let ctx = TaskContext::new("key", "task", "worker", flotilla::Config::default());
     let sum = run(add, ctx.clone(), &(2, 3)).unwrap();
     assert_eq!(output::<add>(&sum), 5);

@@ -16,7 +16,8 @@ fn read_len(path: String) -> std::io::Result<u64> {
     Ok(std::fs::metadata(path)?.len())
 }
 
-fn main() {
+#[test]
+fn compiles_and_runs() {
     assert_eq!(might_fail::call(2), Ok(4));
     assert!(might_fail::call(-1).is_err());
     let output: <might_fail as Task>::Output = 4_i64;
