@@ -5,6 +5,9 @@
 //! compile-fail cases, trybuild type-checks its project (`cargo check`)
 //! instead of building the whole dependency tree a second time.
 
+// The cases check how `pub` tasks expand; here they sit in private modules.
+#![allow(unreachable_pub)]
+
 #[path = "pass/async_task_with_context.rs"]
 mod async_task_with_context;
 #[path = "pass/fallible_task.rs"]
