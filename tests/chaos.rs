@@ -216,6 +216,8 @@ struct Processes {
     client: Client,
     /// Counts re-executions for the scenario's `duplicated=` figure.
     tap: Option<EventTap>,
+    /// Whether [`Processes::close`] ran (else dropping kills and purges).
+    closed: bool,
 }
 
 impl Processes {
@@ -262,6 +264,7 @@ impl Processes {
             workers,
             client,
             tap,
+            closed: false,
         }
     }
 
@@ -297,11 +300,32 @@ impl Processes {
             }
             None => 0,
         };
-        let _ = self.client.close().await;
-        self.workers.push(self.scheduler);
+        let _ = self.client.clone().close().await;
         stop(&mut self.workers);
+        stop(std::slice::from_mut(&mut self.scheduler));
         let _ = flotilla::purge(&self.config).await;
+        self.closed = true;
         duplicated
+    }
+}
+
+impl Drop for Processes {
+    /// A scenario that failed before [`Processes::close`] still leaves no
+    /// process and no namespace behind.
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        for child in self.workers.iter_mut() {
+            kill(child);
+        }
+        kill(&mut self.scheduler);
+        let config = self.config.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            let _ = runtime.block_on(flotilla::purge(&config));
+        })
+        .join();
     }
 }
 
@@ -478,14 +502,6 @@ impl Processes {
         }
         deaths
     }
-
-    /// Closes the client, stops every process, deletes the namespace.
-    async fn stop_all(mut self) {
-        let _ = self.client.close().await;
-        self.workers.push(self.scheduler);
-        stop(&mut self.workers);
-        let _ = flotilla::purge(&self.config).await;
-    }
 }
 
 /// Waits for `futures`, expecting `expected(i)` from the `i`th; returns
@@ -568,7 +584,7 @@ async fn chaos_task_that_kills_its_worker_errs_worker_lost() {
     tap.stop().await;
     let crash_key = crash.key().to_owned();
     drop((crash, after_crash, slow, chains));
-    cluster.stop_all().await;
+    cluster.close().await;
 
     match outcome {
         Err(Error::Task(error)) => {
@@ -895,7 +911,7 @@ async fn chaos_malformed_messages_are_dead_lettered() {
     let _ = connection.close(200, transport::name("done")).await;
     tap.stop().await;
     drop(workload);
-    cluster.stop_all().await;
+    cluster.close().await;
 
     let _ = std::fs::remove_dir_all(&logs);
     assert_eq!(executed, 0, "forged messages must never run or report");

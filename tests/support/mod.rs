@@ -56,8 +56,11 @@ impl TestCluster {
         }
     }
 
-    /// Stops the cluster and deletes the namespace.
+    /// Closes the client, stops the cluster and deletes the namespace.
     pub async fn stop(mut self) {
+        // First the client: its lease renewal would otherwise write the
+        // namespace's lease set again after the purge.
+        let _ = self.client.clone().close().await;
         if let Some(cluster) = self.cluster.take() {
             cluster.shutdown().await.expect("cluster shuts down");
         }
