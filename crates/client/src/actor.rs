@@ -41,8 +41,8 @@ use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
 };
 use flotilla_runtime::transport::{self, name};
-use flotilla_worker::actors::{ACTOR_LOST, CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT};
-use flotilla_worker::Actor;
+use flotilla_task::actor::{ACTOR_LOST, CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT};
+use flotilla_task::Actor;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };

@@ -529,11 +529,11 @@ impl Client {
         &self,
         constructor: C,
         args: Args,
-    ) -> Result<<<C::Actor as flotilla_worker::Actor>::Proxy as crate::ActorProxy>::Blocking>
+    ) -> Result<<<C::Actor as flotilla_task::Actor>::Proxy as crate::ActorProxy>::Blocking>
     where
         C: crate::Constructor<Args>,
         Args: Serialize,
-        <C::Actor as flotilla_worker::Actor>::Proxy: crate::ActorProxy,
+        <C::Actor as flotilla_task::Actor>::Proxy: crate::ActorProxy,
     {
         let proxy = self
             .runtime

@@ -70,7 +70,7 @@ pub use context::TaskContextExt;
 pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Secret, Task};
-pub use flotilla_worker::TaskContext;
+pub use flotilla_task::TaskContext;
 pub use future::{FutureRef, Status, TaskFuture};
 pub use purge::purge;
 
@@ -179,11 +179,11 @@ pub mod __private {
     pub use crate::blocking::BlockingRuntime;
     pub use flotilla_proto::TaskError;
     pub use flotilla_proto::{ResultOutput, Task};
-    pub use flotilla_worker::__inventory as inventory;
-    pub use flotilla_worker::actors::unknown_method;
-    pub use flotilla_worker::user_error;
-    pub use flotilla_worker::{
+    pub use flotilla_task::__inventory as inventory;
+    pub use flotilla_task::actor::unknown_method;
+    pub use flotilla_task::user_error;
+    pub use flotilla_task::{
         decode_args, encode_output, Invocation, TaskContext, TaskRegistration,
     };
-    pub use flotilla_worker::{Actor, ActorRegistration, DynActor, TaskOutcome};
+    pub use flotilla_task::{Actor, ActorRegistration, DynActor, TaskOutcome};
 }

@@ -24,125 +24,36 @@
 //! task).
 
 use crate::panic::CatchUnwind;
-use crate::registry::{decode_args, encode_output, Invocation, TaskOutcome, TaskRegistration};
-use crate::TaskContext;
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Config, ErrorKind, Names, Purpose, ReplayGuard,
     TaskError,
 };
 use flotilla_runtime::refs;
 use flotilla_runtime::transport::{self, name};
+use flotilla_task::actor::constructors;
+pub use flotilla_task::actor::{
+    unknown_method, Actor, ActorRegistration, Construct, DynActor, ACTOR_LOST, CREATE_ACTOR,
+    CREATE_ACTOR_FINGERPRINT,
+};
+use flotilla_task::registry::{
+    decode_args, encode_output, Invocation, TaskOutcome, TaskRegistration,
+};
+use flotilla_task::TaskContext;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 
-/// Registered name of the task that creates an actor. Its arguments are the
-/// constructor's name and the MessagePack of the constructor's arguments;
-/// its output is an [`ActorInfo`].
-pub const CREATE_ACTOR: &str = "flotilla::actor::create";
-/// Signature fingerprint of [`CREATE_ACTOR`].
-pub const CREATE_ACTOR_FINGERPRINT: u64 = 0x666c_6f74_6163_7401;
-/// Type name of the error of a call whose actor is gone.
-pub const ACTOR_LOST: &str = "flotilla::ActorLost";
 /// How often a worker checks that its actors are still referenced.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// Most call results stored in one Redis pipeline.
 const MAX_STORE_BATCH: usize = 1024;
-
-/// A type whose values can live on a worker as actors; implemented by
-/// `#[flotilla::actor]`.
-pub trait Actor: Send + 'static {
-    /// The type's path (`my_crate::Counter`), for messages.
-    const NAME: &'static str;
-    /// The client-side proxy type the macro generates (`CounterProxy`).
-    type Proxy;
-
-    /// Runs the method called `method` with the MessagePack-encoded argument
-    /// tuple `args`, and encodes its output.
-    fn dispatch<'a>(
-        &'a mut self,
-        method: &'a str,
-        args: &'a [u8],
-    ) -> Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'a>>;
-}
-
-/// The object-safe side of [`Actor`], for the worker's actor table.
-pub trait DynActor: Send {
-    /// See [`Actor::dispatch`].
-    fn dispatch_dyn<'a>(
-        &'a mut self,
-        method: &'a str,
-        args: &'a [u8],
-    ) -> Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'a>>;
-}
-
-impl<A: Actor> DynActor for A {
-    fn dispatch_dyn<'a>(
-        &'a mut self,
-        method: &'a str,
-        args: &'a [u8],
-    ) -> Pin<Box<dyn Future<Output = TaskOutcome> + Send + 'a>> {
-        self.dispatch(method, args)
-    }
-}
-
-/// The error of a call to a method the actor does not have (a client built
-/// from other code than the worker).
-pub fn unknown_method(actor: &str, method: &str) -> TaskError {
-    TaskError::new(
-        ErrorKind::UnknownTask,
-        "flotilla::UnknownMethod",
-        format!("actor `{actor}` has no method `{method}`: rebuild the client and workers from the same code"),
-    )
-}
-
-/// Decodes a constructor's argument tuple and builds the actor.
-pub type Construct = fn(&[u8]) -> Result<Box<dyn DynActor>, TaskError>;
-
-/// One registered actor constructor (`Counter::new`).
-#[derive(Debug)]
-pub struct ActorRegistration {
-    name: fn() -> &'static str,
-    construct: Construct,
-}
-
-impl ActorRegistration {
-    /// A registration. `name` returns the constructor's
-    /// `std::any::type_name` (the client names it the same way);
-    /// `construct` decodes the argument tuple and builds the actor.
-    pub const fn new(name: fn() -> &'static str, construct: Construct) -> Self {
-        ActorRegistration { name, construct }
-    }
-}
-
-inventory::collect!(ActorRegistration);
-
-/// Every actor constructor registered in this binary, by name.
-fn constructors() -> &'static HashMap<&'static str, &'static ActorRegistration> {
-    static CONSTRUCTORS: OnceLock<HashMap<&'static str, &'static ActorRegistration>> =
-        OnceLock::new();
-    CONSTRUCTORS.get_or_init(|| {
-        inventory::iter::<ActorRegistration>
-            .into_iter()
-            .map(|registration| ((registration.name)(), registration))
-            .collect()
-    })
-}
-
-/// The names (`std::any::type_name`) of every actor constructor registered
-/// in this binary, e.g. `my_tasks::Counter::new`.
-pub(crate) fn constructor_names() -> impl Iterator<Item = &'static str> {
-    constructors().keys().copied()
-}
 
 inventory::submit! {
     TaskRegistration::new(CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT, invoke_create)
@@ -193,7 +104,7 @@ fn create(ctx: &TaskContext, constructor: &str, args: &[u8]) -> TaskOutcome {
             ),
         )
     })?;
-    let actor = (registration.construct)(args)?;
+    let actor = registration.construct(args)?;
     host.spawn_mailbox(ctx.key(), constructor, actor);
     encode_output(&info)
 }

@@ -21,7 +21,8 @@
 //!
 //! # Layout
 //!
-//! - [`registry`](mod@registry): the task functions registered in this binary, by name.
+//! - [`registry`](mod@registry): the task functions registered in this binary, by name
+//!   (from `flotilla-task`, which holds what the macros expand to).
 //! - [`actors`]: actor constructors and the actors a worker hosts.
 //! - [`linked`]: which crates' tasks are linked in; the start-up check.
 //! - [`run`] and [`WorkerOptions`]: the worker's main loop, for embedding
@@ -31,31 +32,23 @@ pub mod actors;
 mod args;
 mod bundle;
 mod cache;
-mod context;
 pub mod linked;
 mod lost;
 mod panic;
-pub mod registry;
 mod runtime;
 mod slot;
 
-pub use actors::{Actor, ActorRegistration, DynActor};
-pub use context::TaskContext;
-pub use linked::LinkError;
-pub use registry::{
-    decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration,
+// The module and its `registry()` function.
+pub use flotilla_task::registry;
+pub use flotilla_task::{
+    decode_args, encode_output, Actor, ActorRegistration, DynActor, Invocation, TaskContext,
+    TaskOutcome, TaskRegistration,
 };
+pub use linked::LinkError;
 pub use runtime::{
     run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT,
 };
 pub use slot::seceded;
-
-#[doc(hidden)]
-pub use inventory as __inventory;
-#[doc(hidden)]
-pub use registry::probe as __probe;
-#[doc(hidden)]
-pub use registry::user_error as __private_user_error;
 
 use clap::Parser;
 use flotilla_runtime::cli::{self, ConnectionArgs, LogArgs};

@@ -15,8 +15,8 @@
 //! `use my_tasks as _;` anywhere in the binary, even inside `fn main`,
 //! links all of `my_tasks`'s registrations; without it none is linked.)
 
-use crate::actors::constructor_names;
-use crate::registry::registry;
+use flotilla_task::actor::constructor_names;
+use flotilla_task::registry::registry;
 use std::collections::BTreeMap;
 
 /// Crates whose registrations are Flotilla's own (the actor constructor
