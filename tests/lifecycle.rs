@@ -7,8 +7,8 @@ mod support;
 use flotilla::prelude::*;
 use flotilla::{ErrorKind, ReturnWhen};
 use flotilla_examples::{
-    add, add_u64, byte_len, count_run, count_run_after, flaky, inc, might_fail, run_log, runs_of,
-    sleep_then_note, slow_identity, spin_until_cancelled, total, whoami,
+    add, add_u64, byte_len, count_run, count_run_after, flaky, fnv1a, fnv1a_local, inc, might_fail,
+    noise, run_log, runs_of, sleep_then_note, slow_identity, spin_until_cancelled, total, whoami,
 };
 use std::collections::HashSet;
 use std::time::Instant;
@@ -178,6 +178,47 @@ async fn scatter_stores_equal_data_once_and_handles_tens_of_megabytes() {
     assert_ne!(fresh.key(), a.key());
     let many = t.client.scatter_many([1i64, 2, 3]).await.unwrap();
     assert_eq!(t.client.gather(&many).await.unwrap(), [1, 2, 3]);
+    t.stop().await;
+}
+
+/// A plain `Vec<u8>` travels as MessagePack `bin`: a 50 MB one is a little
+/// over 50 MB stored (an array of integers would be ~75 MB, over the 64 MiB
+/// payload limit), as a result, as an input and as a scattered value.
+#[tokio::test]
+async fn plain_byte_vectors_of_50_mb_travel_as_bytes() {
+    let t = TestCluster::start("bytes", 2).await;
+    let len = 50_000_000;
+    let expected = noise::call(len, 42);
+    let want = fnv1a_local(&expected);
+
+    let made = t.client.submit(noise, (len, 42));
+    let data: Vec<u8> = made.result().await.expect("a 50 MB Vec<u8> result");
+    assert_eq!((data.len(), fnv1a_local(&data)), (len, want));
+    let mut redis = redis::Client::open(t.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stored: usize = redis::cmd("STRLEN")
+        .arg(t.config.names().result_key(made.key()))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        (len..len + 1024).contains(&stored),
+        "{stored} bytes stored for a {len}-byte Vec<u8>"
+    );
+
+    // As an input by reference, then scattered from the client.
+    let from_future = t.client.submit(fnv1a, (&made,));
+    assert_eq!(from_future.result().await.unwrap(), want);
+    let scattered = t
+        .client
+        .scatter(&data)
+        .await
+        .expect("a 50 MB Vec<u8> scatters");
+    let from_scatter = t.client.submit(fnv1a, (&scattered,));
+    assert_eq!(from_scatter.result().await.unwrap(), want);
     t.stop().await;
 }
 

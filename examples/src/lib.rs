@@ -119,6 +119,35 @@ pub fn byte_len(data: serde_bytes::ByteBuf) -> usize {
     data.len()
 }
 
+/// `len` pseudo-random bytes from `seed`, as a plain `Vec<u8>` (which travels
+/// as MessagePack `bin`, without `serde_bytes`).
+#[flotilla::task]
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift64: cheap, and not compressible or all alike.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The FNV-1a hash of a plain `Vec<u8>`, to check bytes end to end.
+#[flotilla::task]
+pub fn fnv1a(data: Vec<u8>) -> u64 {
+    fnv1a_local(&data)
+}
+
+/// [`fnv1a`] without a cluster, for comparing.
+pub fn fnv1a_local(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 static RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 fn note_run(tag: &str) -> u64 {

@@ -162,7 +162,7 @@ where
     pub async fn submit(self) -> Result<<C::Actor as Actor>::Proxy> {
         let _ = self.constructor;
         let constructor = std::any::type_name::<C>();
-        let args = rmp_serde::to_vec_named(&self.args).map_err(|e| Error::Encode {
+        let args = flotilla_proto::value_to_vec(&self.args).map_err(|e| Error::Encode {
             what: format!("the arguments of `{constructor}`"),
             message: e.to_string(),
         })?;

@@ -87,9 +87,10 @@ impl ArgWriter {
     }
 }
 
-/// Encodes `value` (named MessagePack) in at most `limit` bytes: encoding
-/// stops as soon as the limit is passed, so that an oversized value is
-/// refused after encoding `limit` bytes rather than all of it. `what` names
+/// Encodes `value` ([`flotilla_proto::write_value`]: named MessagePack, bytes
+/// as `bin`) in at most `limit` bytes: encoding stops as soon as the limit is
+/// passed, so that an oversized value is refused after encoding `limit`
+/// bytes rather than all of it. `what` names
 /// the value in errors ("the arguments of `add`", "the scattered value").
 pub(crate) fn encode_within<T: Serialize + ?Sized>(
     value: &T,
@@ -101,7 +102,7 @@ pub(crate) fn encode_within<T: Serialize + ?Sized>(
         limit,
         passed: None,
     };
-    match rmp_serde::encode::write_named(&mut out, value) {
+    match flotilla_proto::write_value(&mut out, value) {
         Ok(()) => Ok(out.bytes),
         Err(_) if out.passed.is_some() => Err(Error::PayloadTooLarge {
             what: what(),

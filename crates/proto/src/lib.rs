@@ -38,4 +38,4 @@ pub use messages::{
 pub use messages::{ActorCall, ActorInfo, ActorReply};
 pub use names::{new_id, validate_namespace, Names};
 pub use seal::{Codec, Purpose, ReplayGuard, SealError};
-pub use task::{ResultOutput, Task};
+pub use task::{value_to_vec, write_value, ResultOutput, Task};

@@ -170,7 +170,7 @@ pub fn decode_args<A: DeserializeOwned>(task: &str, bytes: &[u8]) -> Result<A, T
 
 /// Encodes a task's output.
 pub fn encode_output<T: Serialize + ?Sized>(value: &T) -> TaskOutcome {
-    rmp_serde::to_vec_named(value).map_err(|error| {
+    flotilla_proto::value_to_vec(value).map_err(|error| {
         TaskError::new(
             ErrorKind::Internal,
             "flotilla::EncodeError",
@@ -281,7 +281,7 @@ pub mod probe {
     }
     impl<E: Serialize> ProbePayload for Probe<'_, E> {
         fn probe_payload(&self) -> Option<Vec<u8>> {
-            rmp_serde::to_vec_named(self.0).ok()
+            flotilla_proto::value_to_vec(self.0).ok()
         }
     }
     /// No payload otherwise.
