@@ -111,6 +111,15 @@ async fn chaos_broker_alarm_is_shown_and_survived() {
     let seen_after = raised.elapsed().as_secs_f64();
     // Submitted while publishers are blocked: these must resolve too.
     futures.extend(submit(n / 2..n));
+    // When `flush` returns for them: it must return (here, or once the
+    // alarm clears), with no error.
+    let flushing = tokio::spawn({
+        let client = cluster.client.clone();
+        async move {
+            let flushed = client.flush().await;
+            (flushed, Instant::now())
+        }
+    });
     let page = http_get(&addr, "/").await.unwrap_or_default();
     // Through the alarm, the workers stay (their heartbeats are held up,
     // they are not gone).
@@ -139,6 +148,16 @@ async fn chaos_broker_alarm_is_shown_and_survived() {
         .and_then(|s| s["broker"]["last_block_s"].as_f64())
         .unwrap_or(0.0);
 
+    let (flushed, flushed_at) = tokio::time::timeout(Duration::from_secs(60), flushing)
+        .await
+        .expect("flush returns once the alarm cleared")
+        .unwrap();
+    // Negative: it returned during the alarm.
+    let flush_s = if flushed_at >= unblocked {
+        (flushed_at - unblocked).as_secs_f64()
+    } else {
+        -(unblocked - flushed_at).as_secs_f64()
+    };
     let (mut lost, mut unresolved, mut slowest) = (0, 0, 0.0f64);
     let deadline = Instant::now() + Duration::from_secs(120);
     for future in &futures {
@@ -165,7 +184,7 @@ async fn chaos_broker_alarm_is_shown_and_survived() {
     drop(futures);
     cluster.close().await;
     println!(
-        "chaos broker-alarm: faults=1 tasks={n} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} blocked_s={blocked_s:.1} seen_blocked_after_s={seen_after:.1} min_workers={min_workers} runs={runs}"
+        "chaos broker-alarm: faults=1 tasks={n} lost={lost} duplicated={duplicated} unresolved={unresolved} max_resolve_s={slowest:.2} blocked_s={blocked_s:.1} seen_blocked_after_s={seen_after:.1} min_workers={min_workers} runs={runs} flush_after_unblock_s={flush_s:.1}"
     );
     let blocked = blocked.expect("/api/status says broker_blocked during the alarm");
     assert!(
@@ -189,6 +208,7 @@ async fn chaos_broker_alarm_is_shown_and_survived() {
         cleared.is_some(),
         "/api/status says unblocked after the alarm"
     );
+    flushed.expect("a flush during the alarm succeeds");
     assert!(
         blocked_s >= ALARM.as_secs_f64() - 10.0,
         "the block lasted about as long as the alarm: {blocked_s} s"
