@@ -19,7 +19,7 @@
 //! | ----- | ---- |
 //! | `GET /` | the live dashboard (one self-contained page, polls `/api/status`) |
 //! | `GET /metrics` | Prometheus text format |
-//! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks; the last `N` one-second samples |
+//! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks, whether the broker blocks publishers (`broker_blocked`); the last `N` one-second samples |
 //! | `GET /api/workers` | the workers |
 //! | `GET /api/tasks[?state=S][&limit=N]` | tasks in the scheduler's table (`S`: `waiting`, `ready`, `processing`, `finished`, `erred`) |
 //! | `POST /api/cancel?key=K[&key=K2..]` | cancels tasks (and their dependents), running ones included |
