@@ -31,6 +31,7 @@ pub enum BlockEvent {
 /// The blocked and unblocked notices of one connection, in order.
 pub struct BlockEvents {
     events: Pin<Box<dyn futures_core::Stream<Item = Event> + Send>>,
+    status: lapin::ConnectionStatus,
 }
 
 impl std::fmt::Debug for BlockEvents {
@@ -45,17 +46,19 @@ impl BlockEvents {
     pub fn new(connection: &Connection) -> Self {
         BlockEvents {
             events: Box::pin(connection.events_listener()),
+            status: connection.status().clone(),
         }
     }
 
-    /// The next notice; `None` once the connection failed or is gone.
+    /// The next notice; `None` once the connection failed or is gone (a
+    /// channel's error is no end).
     pub async fn next(&mut self) -> Option<BlockEvent> {
         loop {
             let event = std::future::poll_fn(|cx| self.events.as_mut().poll_next(cx)).await?;
             match event {
                 Event::ConnectionBlocked(reason) => return Some(BlockEvent::Blocked(reason)),
                 Event::ConnectionUnblocked => return Some(BlockEvent::Unblocked),
-                Event::Error(_) => return None,
+                Event::Error(_) if self.status.errored() || self.status.closed() => return None,
                 _ => {}
             }
         }
