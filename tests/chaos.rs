@@ -17,6 +17,8 @@
 
 mod support;
 
+#[path = "chaos/alarm.rs"]
+mod alarm;
 #[path = "chaos/full.rs"]
 mod full;
 #[path = "chaos/state.rs"]

@@ -954,6 +954,16 @@ async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
         .nth(1)
         .and_then(|rest| rest.split('<').next());
     assert_eq!(role, Some("active"), "the page shows the scheduler's role");
+    // The broker is fine: its "broker blocked" banner is there, hidden
+    // (tests/chaos/alarm.rs checks the status it shows during an alarm).
+    let banner = first
+        .split("id=\"broker-banner\"")
+        .nth(1)
+        .and_then(|rest| rest.split('>').next());
+    assert!(
+        banner.is_some_and(|attributes| attributes.contains("hidden")),
+        "the broker banner is hidden: {banner:?}"
+    );
     assert_eq!(number_by_id(&first, "count-workers"), Some(3));
     assert_eq!(number_by_id(&first, "count-slots"), Some(6));
     let finished_first = number_by_id(&first, "count-finished").expect("finished count");

@@ -1051,6 +1051,8 @@ async fn open_link(
         &format!("flotilla-client {id} ({})", names.namespace()),
     )
     .await?;
+    // Submissions wait out a broker alarm (see `outbox`): say so once.
+    flotilla_runtime::blocked::log_blocked(&connection, "client");
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())

@@ -3,6 +3,7 @@
 //!
 //! - [`transport`]: connections, topology, publishing and consuming;
 //! - [`supervise`]: reconnection with backoff;
+//! - [`blocked`]: RabbitMQ's blocked-connection notices during resource alarms;
 //! - [`refs`]: the holders scripts that keep results alive;
 //! - [`custody`]: leases on long tasks;
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
@@ -11,6 +12,7 @@
 //! The wire contract itself (messages, codec, names, config) is
 //! `flotilla-proto`, which depends on none of tokio, lapin or redis.
 
+pub mod blocked;
 pub mod cli;
 pub mod custody;
 pub mod incarnation;

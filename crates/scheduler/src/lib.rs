@@ -3,8 +3,10 @@
 //! [`core`] is the scheduling state machine, free of I/O; [`server`] wires it
 //! to RabbitMQ (submissions and completion events in, ready tasks out) and
 //! Redis (stored errors, lookups of inputs it does not hold); [`http`] serves
-//! metrics, a status API and a dashboard through the server's [`Hooks`].
+//! metrics, a status API and a dashboard through the server's [`Hooks`];
+//! [`broker`] follows RabbitMQ's resource alarms (blocked publishers).
 
+pub mod broker;
 pub mod core;
 pub mod http;
 pub mod leader;

@@ -163,6 +163,9 @@ pub struct Hooks {
     pub control: Option<mpsc::UnboundedReceiver<ToScheduler>>,
     /// Answers task listings: `(state filter, limit, reply)`.
     pub queries: Option<mpsc::UnboundedReceiver<TaskQuery>>,
+    /// Receives every change of the broker's blocked state (see
+    /// [`crate::broker`]), as it happens.
+    pub broker: Option<tokio::sync::watch::Sender<crate::broker::BrokerStatus>>,
 }
 
 /// A request for the tasks in the table (see [`Hooks::queries`]).
@@ -332,6 +335,11 @@ async fn serve(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     transport::declare_topology(&publish, &names).await?;
+    let broker = hooks
+        .broker
+        .get_or_insert_with(|| tokio::sync::watch::channel(Default::default()).0)
+        .clone();
+    let _broker_watch = AbortOnDrop(crate::broker::watch(connection, config, broker.clone()));
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
     // Clients and workers with another secret then fail at once, clearly.
@@ -457,7 +465,10 @@ async fn serve(
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
             _ = tick.tick() => {
-                scheduler.core.expire_workers(Instant::now());
+                // Heartbeats cannot arrive while the broker blocks them.
+                if !broker.borrow().holds_worker_timeout(Instant::now()) {
+                    scheduler.core.expire_workers(Instant::now());
+                }
                 scheduler.core.tick(&mut scheduler.out);
                 if let Some(status) = &hooks.status {
                     let core = &scheduler.core;

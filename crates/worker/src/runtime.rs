@@ -444,6 +444,8 @@ async fn run_inner(
         &format!("flotilla-worker {display_name} ({})", names.namespace()),
     )
     .await?;
+    // Heartbeats and results wait out a broker alarm: say so once.
+    flotilla_runtime::blocked::log_blocked(&connection, "worker");
     let result = serve(options, stop, ready, up, &connection, id, display_name).await;
     transport::close(&connection, "worker stopping").await;
     result

@@ -696,6 +696,7 @@ fn format_status(status: &Value) -> String {
         ),
     );
     line("role", role(status));
+    line("broker", broker(&status["broker"]));
     line(
         "tasks",
         format!(
@@ -777,6 +778,33 @@ fn format_status(status: &Value) -> String {
         );
     }
     out
+}
+
+/// Whether RabbitMQ blocks publishers: `ok`, or `BLOCKED` with the
+/// reason, for how long, and whether the worker timeout is held.
+fn broker(broker: &Value) -> String {
+    if broker["blocked"].as_bool() == Some(true) {
+        format!(
+            "BLOCKED for {} ({}): a resource alarm; submissions, results and heartbeats wait, workers are not timed out",
+            seconds(broker["blocked_s"].as_f64().unwrap_or(0.0)),
+            broker["reason"].as_str().unwrap_or("no reason given"),
+        )
+    } else if broker.is_null() {
+        "unknown".to_owned()
+    } else {
+        let mut text = "ok".to_owned();
+        if let Some(last) = broker["last_block_s"].as_f64() {
+            text.push_str(&format!(
+                " (blocked {} time(s) since start, the last for {})",
+                int(&broker["blocks"]),
+                seconds(last)
+            ));
+        }
+        if broker["worker_timeout_held"].as_bool() == Some(true) {
+            text.push_str("; worker timeout held a little longer");
+        }
+        text
+    }
 }
 
 /// The scheduler's role: `active`, `starting`, or `standby` with the leader.
@@ -973,5 +1001,28 @@ mod tests {
         assert!(format_status(&standby).contains("standby (the active scheduler is abc123"));
         let active = serde_json::json!({"role": "active", "leader": null});
         assert!(format_status(&active).contains("role         active"));
+    }
+
+    #[test]
+    fn the_status_says_when_the_broker_blocks() {
+        let blocked = serde_json::json!({"broker": {
+            "blocked": true, "reason": "low on memory", "blocked_s": 12.5, "blocks": 1,
+            "last_block_s": null, "worker_timeout_held": true,
+        }});
+        let text = format_status(&blocked);
+        assert!(
+            text.contains("broker       BLOCKED for 12.5s (low on memory)"),
+            "{text}"
+        );
+        let after = serde_json::json!({"broker": {
+            "blocked": false, "reason": null, "blocked_s": 0.0, "blocks": 2,
+            "last_block_s": 31.0, "worker_timeout_held": false,
+        }});
+        let text = format_status(&after);
+        assert!(
+            text.contains("broker       ok (blocked 2 time(s) since start, the last for 31.0s)"),
+            "{text}"
+        );
+        assert!(format_status(&serde_json::json!({})).contains("broker       unknown"));
     }
 }

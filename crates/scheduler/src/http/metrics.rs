@@ -6,6 +6,7 @@
 //! I/O, so its tests run without a broker.
 
 use super::Shared;
+use crate::broker::BrokerStatus;
 use crate::core::{Counts, TaskStatus, WorkerStatus};
 use crate::server::Snapshot;
 use axum::extract::State;
@@ -145,6 +146,9 @@ pub(super) struct Monitor {
     pub(super) queues: Vec<QueueDepth>,
     pub(super) redis: Option<RedisMemory>,
     pub(super) probe_error: Option<String>,
+    /// Whether RabbitMQ blocks publishers (from the scheduler's broker
+    /// watch, as it changes).
+    pub(super) broker: BrokerStatus,
 }
 
 impl Monitor {
@@ -287,6 +291,8 @@ impl Monitor {
                 "maxmemory": r.maxmemory,
             })),
             "probe_error": self.probe_error,
+            "broker_blocked": self.broker.blocked,
+            "broker": broker_json(&self.broker, now),
             "monitor": {
                 "active": self.tap.active,
                 "since_ms": self.tap.since.map(unix_ms),
@@ -476,6 +482,37 @@ impl Monitor {
             );
             out.sample("flotilla_redis_maxmemory_bytes", &[], redis.maxmemory);
         }
+        let broker = &self.broker;
+        let now = Instant::now();
+        for (metric, kind, help, value) in [
+            (
+                "flotilla_broker_blocked",
+                "gauge",
+                "1 while RabbitMQ blocks publishers (a memory or disk alarm).",
+                u64::from(broker.blocked) as f64,
+            ),
+            (
+                "flotilla_broker_blocked_seconds",
+                "gauge",
+                "How long the current broker block has lasted (0 when not blocked).",
+                round3(broker.blocked_for(now).as_secs_f64()),
+            ),
+            (
+                "flotilla_broker_blocks_total",
+                "counter",
+                "Broker blocks seen since the scheduler started.",
+                broker.blocks as f64,
+            ),
+            (
+                "flotilla_worker_timeout_held",
+                "gauge",
+                "1 while workers' silence does not count (the broker is blocked, or was unblocked moments ago).",
+                u64::from(broker.holds_worker_timeout(now)) as f64,
+            ),
+        ] {
+            out.family(metric, kind, help);
+            out.sample(metric, &[], value);
+        }
         out.family(
             "flotilla_scheduler_uptime_seconds",
             "gauge",
@@ -494,6 +531,19 @@ fn run_time(started: Option<Instant>, now: Instant) -> f64 {
         Some(since) => STARTED_AFTER_S + now.duration_since(since).as_secs_f64(),
         None => STARTED_AFTER_S / 2.0,
     }
+}
+
+/// The broker's blocked state, for `/api/status`.
+fn broker_json(broker: &BrokerStatus, now: Instant) -> Value {
+    json!({
+        "blocked": broker.blocked,
+        "reason": broker.reason,
+        "since_ms": broker.since.map(unix_ms),
+        "blocked_s": round3(broker.blocked_for(now).as_secs_f64()),
+        "blocks": broker.blocks,
+        "last_block_s": broker.last_block.map(|d| round3(d.as_secs_f64())),
+        "worker_timeout_held": broker.holds_worker_timeout(now),
+    })
 }
 
 fn counts_json(counts: &Counts) -> Value {
@@ -722,6 +772,45 @@ mod tests {
             monitor.status_json(&snap, 0, now + Duration::from_secs(6))["scheduler"],
             "stale"
         );
+    }
+
+    #[test]
+    fn a_blocked_broker_shows_in_the_status_and_the_metrics() {
+        let mut monitor = Monitor::default();
+        let snap = snapshot(&[("w1", "alpha")]);
+        let now = Instant::now();
+        let status = monitor.status_json(&snap, 0, now);
+        assert_eq!(status["broker_blocked"], false);
+        assert_eq!(status["broker"]["worker_timeout_held"], false);
+        assert!(monitor
+            .metrics(&snap)
+            .contains("flotilla_broker_blocked{namespace=\"ns\"} 0\n"));
+        let since = SystemTime::now() - Duration::from_secs(3);
+        monitor.broker = BrokerStatus {
+            blocked: true,
+            reason: Some("low on memory".into()),
+            since: Some(since),
+            started: Some(now - Duration::from_secs(3)),
+            ended: None,
+            last_block: None,
+            blocks: 1,
+        };
+        let status = monitor.status_json(&snap, 0, now);
+        assert_eq!(status["broker_blocked"], true);
+        assert_eq!(status["broker"]["reason"], "low on memory");
+        assert_eq!(status["broker"]["since_ms"], unix_ms(since));
+        assert_eq!(status["broker"]["blocked_s"], 3.0);
+        assert_eq!(status["broker"]["worker_timeout_held"], true);
+        assert_eq!(status["workers"][0]["name"], "alpha");
+        let text = monitor.metrics(&snap);
+        for line in [
+            "flotilla_broker_blocked{namespace=\"ns\"} 1\n",
+            "flotilla_broker_blocks_total{namespace=\"ns\"} 1\n",
+            "flotilla_worker_timeout_held{namespace=\"ns\"} 1\n",
+            "# TYPE flotilla_broker_blocked_seconds gauge\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

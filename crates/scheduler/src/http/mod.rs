@@ -19,7 +19,7 @@
 //! | ----- | ---- |
 //! | `GET /` | the live dashboard (one self-contained page, polls `/api/status`) |
 //! | `GET /metrics` | Prometheus text format |
-//! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks; the last `N` one-second samples |
+//! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks, whether the broker blocks publishers (`broker_blocked`); the last `N` one-second samples |
 //! | `GET /api/workers` | the workers |
 //! | `GET /api/tasks[?state=S][&limit=N]` | tasks in the scheduler's table (`S`: `waiting`, `ready`, `processing`, `finished`, `erred`) |
 //! | `POST /api/cancel?key=K[&key=K2..]` | cancels tasks (and their dependents), running ones included |
@@ -30,10 +30,13 @@
 //! allowed (`421` otherwise; see [`Access`]). [`bind`] makes up a random
 //! token; [`bind_with`] takes the token and the extra allowed hosts.
 //!
-//! What the endpoint knows comes from three places:
+//! What the endpoint knows comes from four places:
 //!
 //! - the scheduler's [`Snapshot`], once a second: task counts, workers,
 //!   erred tasks;
+//! - the scheduler's broker watch ([`crate::broker`]), as it changes:
+//!   whether RabbitMQ blocks publishers (`broker_blocked`), which stays
+//!   current even while the scheduler's loop waits on a blocked publish;
 //! - probes every two seconds, over the endpoint's own connections: queue
 //!   depths (passive declares) and Redis `INFO memory`;
 //! - while someone watches (a request for `/`, `/api/status`,
@@ -179,6 +182,7 @@ impl HttpServer {
         let shared = self.shared;
         let _background = AbortOnDrop(vec![
             tokio::spawn(probes::sample_loop(shared.clone())),
+            tokio::spawn(probes::broker_loop(shared.clone())),
             tokio::spawn(probes::probe_loop(shared.clone())),
             tokio::spawn(tap::tap_loop(shared.clone())),
         ]);
@@ -364,6 +368,8 @@ struct Shared {
     /// Checks the signatures of tapped events.
     codec: flotilla_proto::Codec,
     status: watch::Receiver<Arc<Snapshot>>,
+    /// The scheduler's broker watch (see [`crate::broker`]).
+    broker: watch::Receiver<crate::broker::BrokerStatus>,
     control: mpsc::UnboundedSender<ToScheduler>,
     queries: mpsc::UnboundedSender<TaskQuery>,
     monitor: Mutex<Monitor>,
@@ -381,6 +387,7 @@ impl Shared {
         )));
         let (control, control_rx) = mpsc::unbounded_channel();
         let (queries, queries_rx) = mpsc::unbounded_channel();
+        let (broker_tx, broker) = watch::channel(Default::default());
         let shared = Shared {
             names,
             access,
@@ -390,6 +397,7 @@ impl Shared {
             max_payload: config.max_payload,
             codec: flotilla_proto::Codec::new(config),
             status,
+            broker,
             control,
             queries,
             monitor: Mutex::new(Monitor::default()),
@@ -400,6 +408,7 @@ impl Shared {
             status: Some(status_tx),
             control: Some(control_rx),
             queries: Some(queries_rx),
+            broker: Some(broker_tx),
         };
         (shared, hooks)
     }

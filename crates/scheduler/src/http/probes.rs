@@ -52,6 +52,18 @@ pub(super) async fn sample_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Copies each change of the scheduler's broker watch into the monitor.
+pub(super) async fn broker_loop(shared: Arc<Shared>) {
+    let mut broker = shared.broker.clone();
+    loop {
+        let status = broker.borrow_and_update().clone();
+        shared.monitor().broker = status;
+        if broker.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Reads queue depths and Redis memory every [`PROBE_EVERY`].
 pub(super) async fn probe_loop(shared: Arc<Shared>) {
     let mut amqp: Option<(lapin::Connection, lapin::Channel)> = None;
