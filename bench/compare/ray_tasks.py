@@ -6,6 +6,15 @@ import random
 import time
 
 _BLOBS = {}
+_CHUNK = 64 * 1024 * 1024
+
+
+def random_bytes(nbytes):
+    """Deterministic random bytes; in 64 MiB pieces (randbytes can't make 1 GB)."""
+    if nbytes <= _CHUNK:
+        return random.Random(nbytes).randbytes(nbytes)
+    rng = random.Random(nbytes)
+    return b"".join(rng.randbytes(min(_CHUNK, nbytes - i)) for i in range(0, nbytes, _CHUNK))
 
 
 def inc(x):
@@ -21,7 +30,7 @@ def blob(nbytes, nonce=None):
     # moving the bytes, not generating them.  `nonce` only makes calls distinct.
     data = _BLOBS.get(nbytes)
     if data is None:
-        data = random.Random(nbytes).randbytes(nbytes)
+        data = random_bytes(nbytes)
         _BLOBS[nbytes] = data
     return data
 
