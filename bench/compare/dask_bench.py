@@ -31,9 +31,11 @@ def main():
 
     results, notes = {}, {}
     cluster = client = None
-    # Dask's default local_directory is $TMPDIR/dask-scratch-space, which it
-    # leaves behind; use a directory of our own and remove it at the end.
+    # Dask's scratch directory (scheduler and workers) defaults to
+    # $TMPDIR/dask-scratch-space, which it leaves behind; use a directory of
+    # our own and remove it at the end.
     scratch = tempfile.mkdtemp(prefix="dask-bench-")
+    dask.config.set({"temporary-directory": scratch})
     try:
         t0 = time.perf_counter()
         cluster = LocalCluster(
