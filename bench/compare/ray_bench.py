@@ -34,19 +34,49 @@ os.environ["PYTHONPATH"] = HERE + (os.pathsep + os.environ["PYTHONPATH"]
                                    if os.environ.get("PYTHONPATH") else "")
 
 
-def leftover_processes(temp_dir):
-    """Processes whose command line mentions this run's temp dir (Ray's own
-    daemons all do) or that are children of this process."""
+def _processes():
+    """{pid: (ppid, args)} of every process, from ps."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    me = os.getpid()
-    left = []
+    procs = {}
     for line in out.splitlines():
-        pid, ppid, args = line.strip().split(None, 2) + [""] * (3 - len(line.strip().split(None, 2)))
-        if int(pid) == me or args.startswith("ps "):
-            continue
-        if int(ppid) == me or temp_dir in args:
-            left.append(line.strip())
-    return left
+        parts = line.split(None, 2)
+        if len(parts) >= 2:
+            procs[int(parts[0])] = (int(parts[1]), parts[2] if len(parts) > 2 else "")
+    return procs
+
+
+def ray_processes(temp_dir):
+    """{pid: args} of the processes of this run's Ray cluster: every descendant
+    of this process, plus anything whose command line names the temp dir (Ray's
+    daemons do; its agents and workers rename themselves `ray::...`, so they
+    are found as descendants)."""
+    procs = _processes()
+    me = os.getpid()
+    found = {pid: args for pid, (_, args) in procs.items() if temp_dir in args and pid != me}
+    frontier = [me] + list(found)
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, args) in procs.items():
+            if ppid == parent and pid not in found and not args.startswith("ps "):
+                found[pid] = args
+                frontier.append(pid)
+    return found
+
+
+def still_running(known):
+    """The processes of `known` ({pid: args}) that are still alive (and are not zombies)."""
+    procs = _processes()
+    alive = {}
+    for pid, args in known.items():
+        if pid in procs and procs[pid][1] == args:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        continue
+            except OSError:
+                continue
+            alive[pid] = args
+    return alive
 
 
 def main():
@@ -265,23 +295,26 @@ def main():
         emit("ray", ray.__version__, config, results, notes)
         return 0
     finally:
+        # Everything Ray started, seen before it is asked to stop.
+        ours = ray_processes(temp_dir)
         if started:
             try:
                 ray.shutdown()
             except Exception as e:  # noqa: BLE001
                 log(f"ray: shutdown failed: {e!r}")
-        # ray.shutdown() stops the daemons it started; check, and stop stragglers.
-        left = []
+        # ray.shutdown() stops the processes it started; check, and stop stragglers.
+        ours.update(ray_processes(temp_dir))
+        left = still_running(ours)
         for _ in range(20):
-            left = leftover_processes(temp_dir)
             if not left:
                 break
             time.sleep(0.5)
-        for line in left:
-            log(f"ray: killing leftover process: {line[:160]}")
+            left = still_running(ours)
+        for pid, args in left.items():
+            log(f"ray: killing leftover process {pid}: {args[:120]}")
             try:
-                os.kill(int(line.split()[0]), 9)
-            except (ProcessLookupError, ValueError):
+                os.kill(pid, 9)
+            except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
 
