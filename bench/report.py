@@ -1,4 +1,4 @@
-"""Writes BENCHMARKS.md from the JSON of flotilla-bench and the two peers."""
+"""Writes BENCHMARKS.md from the JSON of flotilla-bench and the peers (Dask, Ray, Celery)."""
 import argparse
 import datetime
 import json
@@ -17,6 +17,11 @@ ROWS = [
     ("actor_p99_ms", "actor call p99", "ms", False, "—"),
     ("scatter_10mb_50_tasks_s", "scatter 10 MB + 50 tasks", "s", False, "—"),
     ("gather_10mb_mb_per_s", "10 MB result to client", "MB/s", True, "≥ 500"),
+    ("gather_100mb_mb_per_s", "100 MB result to client", "MB/s", True, "≥ 800"),
+    ("scatter_100mb_50_tasks_s", "scatter 100 MB + 50 tasks", "s", False, "—"),
+    ("worker_to_worker_100mb_s", "100 MB input moved worker → worker", "s", False, "—"),
+    ("result_1gb_s", "1 GB result to client", "s", False, "—"),
+    ("result_1gb_client_peak_rss_mb", "1 GB result: client peak RSS", "MiB", False, "< 2,560"),
     ("scheduler_bytes_per_pending_task", "scheduler memory per pending task", "bytes", False, "≤ 1,024"),
     ("floor_amqp_hop_p50_ms", "floor: one RabbitMQ hop, p50", "ms", False, "—"),
     ("floor_redis_rtt_p50_ms", "floor: one Redis round trip, p50", "ms", False, "—"),
@@ -56,10 +61,12 @@ def main():
     parser.add_argument("flotilla")
     parser.add_argument("dask")
     parser.add_argument("celery")
+    parser.add_argument("ray", nargs="?", default="")
     args = parser.parse_args()
     ours = json.load(open(args.flotilla))
     dask = json.load(open(args.dask)) if os.path.exists(args.dask) else {}
     celery = json.load(open(args.celery)) if os.path.exists(args.celery) else {}
+    ray = json.load(open(args.ray)) if args.ray and os.path.exists(args.ray) else {}
     cpu = "?"
     try:
         for line in open("/proc/cpuinfo"):
@@ -76,23 +83,25 @@ def main():
     out.append(f"- {command_output(['rustc', '--version'])}; RabbitMQ {command_output(['rabbitmqctl', 'version'])}; "
                f"{command_output(['redis-server', '--version']).split(' sha=')[0]}")
     out.append(f"- Dask {dask.get('version', '?')} ({json.dumps(dask.get('config', {}).get('cluster', 'LocalCluster, 2 workers × 1 thread'))}); "
+               f"Ray {ray.get('version', '?')} ({json.dumps(ray.get('config', {}).get('cluster', 'ray.init(num_cpus=2)'))}); "
                f"Celery {celery.get('version', '?')} (RabbitMQ broker, Redis backend, prefork pool of 2)")
     out.append("- Flotilla: release build, scheduler + 2 `flotilla-worker` processes × 1 slot, all on this machine, "
                "against the same local RabbitMQ and Redis as the peers.\n")
     out.append("## Results (medians)\n")
-    out.append("| workload | Flotilla | Dask | Celery | Flotilla vs Dask | Flotilla vs Celery | target |")
-    out.append("| --- | --- | --- | --- | --- | --- | --- |")
+    out.append("| workload | Flotilla | Dask | Ray | Celery | Flotilla vs Dask | Flotilla vs Ray | Flotilla vs Celery | target |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, label, unit, higher, target in ROWS:
-        o, d, c = ours.get(key), dask.get(key), celery.get(key)
-        out.append(f"| {label} ({unit}) | {fmt(o)} | {fmt(d)} | {fmt(c)} | {ratio(o, d, higher)} | {ratio(o, c, higher)} | {target} |")
+        o, d, r, c = ours.get(key), dask.get(key), ray.get(key), celery.get(key)
+        out.append(f"| {label} ({unit}) | {fmt(o)} | {fmt(d)} | {fmt(r)} | {fmt(c)} | "
+                   f"{ratio(o, d, higher)} | {ratio(o, r, higher)} | {ratio(o, c, higher)} | {target} |")
     out.append("\nRatios are how many times better Flotilla is (higher throughput, or lower latency/time/memory).\n")
     out.append("## Commands\n")
     out.append("- Flotilla: `cargo build --release --workspace --bins && target/release/flotilla-bench --workers 2 --json` "
                "(`--full` adds 1M tasks; `--only PREFIX` runs one workload)")
-    out.append("- Dask and Celery: `bash bench/compare/run.sh` (creates `bench/compare/.venv` from PyPI; see `bench/compare/README.md`)")
-    out.append("- All three and this file: `bash bench/run_all.sh`\n")
+    out.append("- Dask, Celery and Ray: `bash bench/compare/run.sh` (creates `bench/compare/.venv` from PyPI; see `bench/compare/README.md`)")
+    out.append("- All four and this file: `bash bench/run_all.sh`\n")
     out.append("## Raw JSON\n")
-    for name, data in (("flotilla", ours), ("dask", dask), ("celery", celery)):
+    for name, data in (("flotilla", ours), ("dask", dask), ("ray", ray), ("celery", celery)):
         shown = {k: v for k, v in data.items() if k not in ("config",)}
         out.append(f"- {name}: `{json.dumps(shown)}`")
     if os.path.exists(NOTES):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One command for the whole comparison: Flotilla, Dask and Celery on this
+# One command for the whole comparison: Flotilla, Dask, Celery and Ray on this
 # machine, against the same local RabbitMQ and Redis, then BENCHMARKS.md.
 #
-#   bash bench/run_all.sh            # Flotilla (without the 1M workload) + both peers (~8 min)
+#   bash bench/run_all.sh            # Flotilla (without the 1M workload) + the three peers (~12 min)
 #   bash bench/run_all.sh --full     # adds Flotilla's 1,000,000-task workloads
 #   bash bench/run_all.sh --no-peers # Flotilla only; keeps the peers' last results
 set -euo pipefail
@@ -31,5 +31,6 @@ fi
 python3 bench/report.py \
     --command "bash bench/run_all.sh $*" \
     bench/results/flotilla.json bench/compare/results/dask.json bench/compare/results/celery.json \
+    bench/compare/results/ray.json \
     >BENCHMARKS.md
 echo "wrote BENCHMARKS.md" >&2

@@ -1,4 +1,4 @@
-"""Helpers shared by dask_bench.py and celery_bench.py (stats, table, JSON)."""
+"""Helpers shared by dask_bench.py, celery_bench.py and ray_bench.py (stats, table, JSON)."""
 
 import argparse
 import json
@@ -23,6 +23,11 @@ SIZES = {
     "scatter_bytes": (10 * MB, 1 * MB),
     "scatter_tasks": (50, 10),
     "gather_bytes": (10 * MB, 1 * MB),
+    # large values (issue 15): the "100 MB" rows use 10 MiB under --quick;
+    # the 1 GB row is skipped (null) under --quick
+    "large_bytes": (100 * MB, 10 * MB),
+    "large_tasks": (50, 10),
+    "huge_bytes": (1024 * MB, None),
 }
 # How many timed runs each workload gets; the median is reported.
 REPEATS = {
@@ -31,6 +36,8 @@ REPEATS = {
     "chain": (5, 2),
     "scatter": (5, 2),
     "gather": (7, 2),
+    "large": (3, 1),  # each 100 MB row
+    "huge": (1, 0),   # the 1 GB result: once, full run only
 }
 
 KEYS = [
@@ -43,6 +50,12 @@ KEYS = [
     "actor_p99_ms",
     "scatter_10mb_50_tasks_s",
     "gather_10mb_mb_per_s",
+    # large values (issue 15)
+    "gather_100mb_mb_per_s",
+    "scatter_100mb_50_tasks_s",
+    "worker_to_worker_100mb_s",
+    "result_1gb_s",
+    "result_1gb_client_peak_rss_mb",
 ]
 
 
@@ -132,6 +145,31 @@ def emit(peer, version, config, results, notes):
     for k in KEYS:
         out[k] = results.get(k)
     print(json.dumps(out, sort_keys=False), flush=True)
+
+
+def reset_peak_rss():
+    """Reset this process's peak RSS (VmHWM) so the next read covers one workload.
+
+    Writing 5 to /proc/self/clear_refs does that (Linux >= 4.0).  Returns False
+    when it can't, in which case peak_rss_mb() is the peak since start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process (VmHWM) in MiB, or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return None
 
 
 class Timer:

@@ -205,21 +205,36 @@ def main():
         results["scatter_10mb_50_tasks_s"] = None
         notes["scatter_10mb_50_tasks_s"] = "n/a: Celery has no scatter / shared objects"
 
-        # --- gather 10 MB result ---------------------------------------------
-        nbytes = plan.size["gather_bytes"]
-        # warm the per-process payload cache in both pool processes
-        ResultSet([send(T.blob, nbytes) for _ in range(4 * CONCURRENCY)]).get(timeout=GET_TIMEOUT)
-        rates = []
-        for r in range(plan.repeats["gather"]):
-            with Timer() as t:
-                res = send(T.blob, nbytes)
-                data = res.get(timeout=GET_TIMEOUT)
-            assert len(data) == nbytes
-            del data
-            res.forget()  # drop the 10 MB value from Redis now
-            rates.append(nbytes / MB / t.elapsed)
-            log(f"  gather run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
-        results["gather_10mb_mb_per_s"] = median(rates)
+        # --- a task's N-byte result to the client ------------------------------
+        def gather(nbytes, repeats, key):
+            # warm the per-process payload cache in both pool processes
+            ResultSet([send(T.blob_len, nbytes) for _ in range(4 * CONCURRENCY)]).get(timeout=GET_TIMEOUT)
+            rates = []
+            for r in range(repeats):
+                with Timer() as t:
+                    res = send(T.blob, nbytes)
+                    data = res.get(timeout=GET_TIMEOUT)
+                assert len(data) == nbytes
+                del data
+                res.forget()  # drop the value from Redis now
+                rates.append(nbytes / MB / t.elapsed)
+                log(f"  {key} run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
+            return median(rates)
+
+        results["gather_10mb_mb_per_s"] = gather(
+            plan.size["gather_bytes"], plan.repeats["gather"], "gather")
+
+        # --- large values (issue 15) -------------------------------------------
+        results["gather_100mb_mb_per_s"] = gather(
+            plan.size["large_bytes"], plan.repeats["large"], "gather 100mb")
+        ResultSet([send(T.drop_blobs) for _ in range(4 * CONCURRENCY)]).get(timeout=GET_TIMEOUT)
+        results["scatter_100mb_50_tasks_s"] = None
+        notes["scatter_100mb_50_tasks_s"] = "n/a: Celery has no scatter / shared objects"
+        results["worker_to_worker_100mb_s"] = None
+        notes["worker_to_worker_100mb_s"] = "n/a: a task can't be pinned to one pool process"
+        for k in ("result_1gb_s", "result_1gb_client_peak_rss_mb"):
+            results[k] = None
+            notes[k] = "n/a: one Redis value is at most 512 MB (proto-max-bulk-len)"
 
         config = {
             "workers": f"1 worker node, --pool=prefork -c {CONCURRENCY} (2 prefork worker processes)",

@@ -67,3 +67,15 @@ def inc(x):
 @app.task(name="bench.blob")
 def blob(nbytes):
     return _blob(nbytes)
+
+
+@app.task(name="bench.blob_len")
+def blob_len(nbytes):
+    # fills this pool process's cache without sending the bytes anywhere
+    return len(_blob(nbytes))
+
+
+@app.task(name="bench.drop_blobs")
+def drop_blobs():
+    _BLOBS.clear()
+    return True

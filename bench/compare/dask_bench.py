@@ -6,13 +6,16 @@ dashboard.  Prints a table to stderr and one JSON object to stdout.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import (MB, Plan, Timer, emit, host_info, install_signal_handlers,  # noqa: E402
-                          log, median, parse_args, percentile, skip_100k)
+                          log, median, parse_args, peak_rss_mb, percentile, reset_peak_rss,
+                          skip_100k)
 
 
 def main():
@@ -28,6 +31,11 @@ def main():
 
     results, notes = {}, {}
     cluster = client = None
+    # Dask's scratch directory (scheduler and workers) defaults to
+    # $TMPDIR/dask-scratch-space, which it leaves behind; use a directory of
+    # our own and remove it at the end.
+    scratch = tempfile.mkdtemp(prefix="dask-bench-")
+    dask.config.set({"temporary-directory": scratch})
     try:
         t0 = time.perf_counter()
         cluster = LocalCluster(
@@ -37,6 +45,7 @@ def main():
             dashboard_address="127.0.0.1:0",  # no fixed port (bokeh is not installed anyway)
             host="127.0.0.1",
             silence_logs=50,  # logging.CRITICAL: keep shutdown noise out of the table
+            local_directory=scratch,
         )
         client = Client(cluster)
         client.wait_for_workers(2, timeout=60)
@@ -118,37 +127,89 @@ def main():
         results["actor_p99_ms"] = percentile(lat, 99)
         log(f"  actor: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
 
-        # --- scatter 10 MB, 50 tasks read it ---------------------------------
-        nbytes = plan.size["scatter_bytes"]
-        ntasks = plan.size["scatter_tasks"]
-        payload = T.blob(nbytes)  # random bytes, made before the clock starts
-        secs = []
-        for r in range(plan.repeats["scatter"]):
-            with Timer() as t:
-                ref = client.scatter(payload, hash=False)
-                futs = [client.submit(T.length, ref, pure=False) for _ in range(ntasks)]
-                out = client.gather(futs)
-            assert out == [nbytes] * ntasks
-            del ref, futs, out
-            secs.append(t.elapsed)
-            log(f"  scatter run {r + 1}: {t.elapsed:.3f} s")
-            time.sleep(0.2)  # let the scheduler release the previous copy
-        results["scatter_10mb_50_tasks_s"] = median(secs)
+        # --- scatter N bytes, M tasks read it ---------------------------------
+        def scatter(nbytes, ntasks, repeats, key):
+            payload = T.blob(nbytes)  # random bytes, made before the clock starts
+            secs = []
+            for r in range(repeats):
+                with Timer() as t:
+                    ref = client.scatter(payload, hash=False)
+                    futs = [client.submit(T.length, ref, pure=False) for _ in range(ntasks)]
+                    out = client.gather(futs)
+                assert out == [nbytes] * ntasks
+                del ref, futs, out
+                secs.append(t.elapsed)
+                log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
+                time.sleep(0.2)  # let the scheduler release the previous copy
+            T._BLOBS.pop(nbytes, None)
+            return median(secs)
 
-        # --- gather 10 MB result ---------------------------------------------
-        nbytes = plan.size["gather_bytes"]
-        # warm the per-worker payload cache on both workers
-        for w in list(client.scheduler_info()["workers"]):
-            client.submit(T.blob, nbytes, workers=[w], pure=False).result()
-        rates = []
-        for r in range(plan.repeats["gather"]):
+        results["scatter_10mb_50_tasks_s"] = scatter(
+            plan.size["scatter_bytes"], plan.size["scatter_tasks"], plan.repeats["scatter"], "scatter")
+
+        # --- a task's N-byte result to the client ------------------------------
+        workers = sorted(client.scheduler_info()["workers"])
+
+        def gather(nbytes, repeats, key):
+            # warm the per-worker payload cache on both workers
+            client.gather([client.submit(T.blob_len, nbytes, workers=[w], pure=False)
+                           for w in workers])
+            rates = []
+            for r in range(repeats):
+                with Timer() as t:
+                    data = client.submit(T.blob, nbytes, pure=False).result()
+                assert len(data) == nbytes
+                del data
+                rates.append(nbytes / MB / t.elapsed)
+                log(f"  {key} run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
+            return median(rates)
+
+        results["gather_10mb_mb_per_s"] = gather(
+            plan.size["gather_bytes"], plan.repeats["gather"], "gather")
+
+        # --- large values (issue 15) -------------------------------------------
+        big = plan.size["large_bytes"]
+        results["gather_100mb_mb_per_s"] = gather(big, plan.repeats["large"], "gather 100mb")
+        client.run(T.drop_blobs)  # free the workers' caches (memory)
+        results["scatter_100mb_50_tasks_s"] = scatter(
+            big, plan.size["large_tasks"], plan.repeats["large"], "scatter 100mb")
+
+        # worker -> worker: made on the first worker, consumed on the second
+        # (workers= restrictions), so the value crosses the workers' TCP link.
+        w1, w2 = workers[0], workers[1]
+        client.submit(T.blob_len, big, workers=[w1], pure=False).result()
+        secs = []
+        for r in range(plan.repeats["large"]):
             with Timer() as t:
-                data = client.submit(T.blob, nbytes, pure=False).result()
-            assert len(data) == nbytes
+                made = client.submit(T.blob, big, r, workers=[w1], pure=False)
+                n = client.submit(T.length, made, workers=[w2], pure=False).result()
+            assert n == big
+            del made
+            secs.append(t.elapsed)
+            log(f"  worker->worker run {r + 1}: {t.elapsed:.3f} s")
+            time.sleep(0.2)  # let the scheduler release both copies
+        results["worker_to_worker_100mb_s"] = median(secs)
+        client.run(T.drop_blobs)
+
+        # --- 1 GB result to the client (full run only) --------------------------
+        huge = plan.size["huge_bytes"]
+        if huge is None or not plan.repeats["huge"]:
+            for k in ("result_1gb_s", "result_1gb_client_peak_rss_mb"):
+                results[k] = None
+                notes[k] = "skipped under --quick"
+        else:
+            # the first worker keeps 1 GB; made before the clock starts
+            client.submit(T.blob_len, huge, workers=[w1], pure=False).result()
+            reset_peak_rss()
+            with Timer() as t:
+                data = client.submit(T.blob, huge, workers=[w1], pure=False).result()
+            assert len(data) == huge
             del data
-            rates.append(nbytes / MB / t.elapsed)
-            log(f"  gather run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
-        results["gather_10mb_mb_per_s"] = median(rates)
+            results["result_1gb_s"] = t.elapsed
+            results["result_1gb_client_peak_rss_mb"] = peak_rss_mb()
+            log(f"  1 GB result: {t.elapsed:.3f} s, client peak RSS "
+                f"{results['result_1gb_client_peak_rss_mb']:,.0f} MiB")
+            client.run(T.drop_blobs)
 
         config = {
             "cluster": "LocalCluster(n_workers=2, threads_per_worker=1, processes=True)",
@@ -175,6 +236,7 @@ def main():
                 cluster.close(timeout=30)
             except Exception as e:  # noqa: BLE001
                 log(f"dask: cluster.close failed: {e!r}")
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run the Dask and Celery comparison benchmarks and store their JSON.
+# Run the Dask, Celery and Ray comparison benchmarks and store their JSON.
 #
-#   bench/compare/run.sh           full run  -> bench/compare/results/{dask,celery}.json
+#   bench/compare/run.sh           full run  -> bench/compare/results/{dask,celery,ray}.json
 #   bench/compare/run.sh --quick   smoke test (small counts) -> results/quick/
 #
 # Needs RabbitMQ on 127.0.0.1:5672 (guest/guest) and Redis on 127.0.0.1:6379
@@ -22,14 +22,14 @@ done
 
 "$here/setup.sh"
 mkdir -p "$out"
-# Both peers share 2 cores with whatever else runs: say so when it is not idle.
+# The peers share 2 cores with whatever else runs: say so when it is not idle.
 load1="$(cut -d' ' -f1 /proc/loadavg)"
 if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
     echo "run.sh: warning: 1-min load average is $load1; the machine is not idle, numbers will be noisy" >&2
 fi
 py="$here/.venv/bin/python"
 status=0
-for peer in dask celery; do
+for peer in dask celery ray; do
     echo "== $peer ==" >&2
     tmp="$(mktemp "$out/.$peer.XXXXXX")"
     start=$SECONDS

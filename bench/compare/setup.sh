@@ -25,9 +25,10 @@ if ! "$venv/bin/python" -m pip install --quiet --no-input -r "$req"; then
     exit 1
 fi
 "$venv/bin/python" - <<'PY'
-import sys, celery, dask, distributed, kombu, redis
+import sys, celery, dask, distributed, kombu, ray, redis
 print(f"bench venv: dask {dask.__version__}, distributed {distributed.__version__}, "
-      f"celery {celery.__version__}, kombu {kombu.__version__}, redis-py {redis.__version__}",
+      f"celery {celery.__version__}, kombu {kombu.__version__}, redis-py {redis.__version__}, "
+      f"ray {ray.__version__}",
       file=sys.stderr)
 PY
 echo "$want" > "$stamp"
