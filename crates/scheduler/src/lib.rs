@@ -5,6 +5,7 @@
 //! Redis (stored errors, lookups of inputs it does not hold); [`http`] serves
 //! metrics, a status API and a dashboard through the server's [`Hooks`].
 
+pub mod admission;
 pub mod core;
 pub mod http;
 pub mod leader;
