@@ -485,9 +485,10 @@ async fn backlog(config: &Config, cluster: &Cluster, count: i64) -> Result<(u64,
         .trim()
         .parse()?;
     transport::close(&connection, "measured").await;
-    // The namespace is purged after the run; its futures need no release.
-    std::mem::forget(waiting);
-    drop(blocker);
+    // Releases everything and gives up the lease, so that nothing of this
+    // client comes back after the namespace is purged.
+    drop((waiting, blocker));
+    client.close().await?;
     Ok((peak, used, parked))
 }
 
