@@ -56,7 +56,9 @@ fn parse_options() -> Result<Options> {
                      --repeats N    runs per workload; the median is reported (default 3)\n\
                      --only PREFIX  run only workloads whose key starts with PREFIX\n\
                      --json         print one JSON object keyed by workload\n\
-                     --full         add the 1,000,000-task workloads\n\n\
+                     --full         add the 1,000,000-task workloads\n\
+                     --only backlog a backlog of 300,000 pending tasks (1,000,000 with --full):\n\
+                     \x20              the scheduler's peak RSS and Redis' used memory\n\n\
                      Connection: FLOTILLA_AMQP_URL, FLOTILLA_REDIS_URL (a fresh namespace is used)."
                 );
                 std::process::exit(0);
@@ -114,15 +116,21 @@ impl Cluster {
     }
 
     fn scheduler_rss(&self) -> Result<u64> {
+        self.scheduler_status("VmRSS:")
+    }
+
+    /// A memory figure of the scheduler process from `/proc/<pid>/status`
+    /// (`VmRSS:`, or `VmHWM:` for its peak), in bytes.
+    fn scheduler_status(&self, field: &str) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.scheduler.id()))?;
         let line = status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .context("no VmRSS")?;
+            .find(|l| l.starts_with(field))
+            .with_context(|| format!("no {field}"))?;
         let kib: u64 = line
             .split_whitespace()
             .nth(1)
-            .context("VmRSS value")?
+            .with_context(|| format!("{field} value"))?
             .parse()?;
         Ok(kib * 1024)
     }
@@ -406,6 +414,84 @@ async fn pending_memory(client: &Client, cluster: &Cluster, count: i64) -> Resul
     Ok(last.saturating_sub(before) as f64 / count as f64)
 }
 
+/// Builds a backlog of `count` tasks waiting on one that runs for an hour,
+/// from a client whose bound on pending tasks (`max_pending`) is raised to
+/// take them all, and waits until the scheduler took every submission in
+/// (admitted into memory or parked in its Redis backlog). Returns the
+/// scheduler's peak RSS (VmHWM), Redis' `used_memory`, and the messages
+/// parked in `<ns>:backlog`.
+async fn backlog(config: &Config, cluster: &Cluster, count: i64) -> Result<(u64, u64, u64)> {
+    use flotilla_runtime::transport::{self, name};
+    let mut config = config.clone();
+    config.max_pending = usize::try_from(count)? + 1;
+    let client = Client::connect(config.clone()).await?;
+    let blocker = client
+        .submit_with(slow_identity, (0, 3_600_000))
+        .pure(false)
+        .submit();
+    let started = Instant::now();
+    let mut waiting = Vec::with_capacity(usize::try_from(count)?);
+    for i in 0..count {
+        waiting.push(client.submit(add, (&blocker, i)));
+    }
+    client.flush().await?;
+    eprintln!(
+        "backlog: {count} tasks submitted in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Taken in once the scheduler queue stays empty and the backlog stops
+    // growing (three readings a second apart).
+    let connection = transport::connect_amqp(&config.amqp_url, "flotilla-bench backlog").await?;
+    let channel = connection.create_channel().await?;
+    let mut redis = transport::connect_redis(&config.redis_url).await?;
+    let backlog_key = format!("{}:backlog", config.namespace);
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut stable, mut last) = (0, u64::MAX);
+    let mut parked = 0u64;
+    while stable < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let queued = channel
+            .queue_declare(
+                name(&config.names().scheduler_queue()),
+                passive,
+                lapin::types::FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        parked = redis::cmd("LLEN")
+            .arg(&backlog_key)
+            .query_async(&mut redis)
+            .await?;
+        stable = if queued == 0 && parked == last {
+            stable + 1
+        } else {
+            0
+        };
+        last = parked;
+    }
+    let peak = cluster.scheduler_status("VmHWM:")?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut redis)
+        .await?;
+    let used = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .context("no used_memory in INFO")?
+        .trim()
+        .parse()?;
+    transport::close(&connection, "measured").await;
+    // Releases everything and gives up the lease, so that nothing of this
+    // client comes back after the namespace is purged.
+    drop((waiting, blocker));
+    client.close().await?;
+    Ok((peak, used, parked))
+}
+
 struct Row {
     key: &'static str,
     value: Option<f64>,
@@ -591,6 +677,36 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
             key: "gather_10mb_mb_per_s",
             value: Some(median(samples)),
             unit: "MB/s",
+        });
+    }
+    // Only when asked for by name: it leaves the cluster with a backlog.
+    if options
+        .only
+        .as_deref()
+        .is_some_and(|p| p.starts_with("backlog"))
+    {
+        let count = if options.full { 1_000_000 } else { 300_000 };
+        let (peak, used, parked) = backlog(config, cluster, count).await?;
+        eprintln!("backlog: {count} pending tasks, {parked} messages parked in <ns>:backlog");
+        report(Row {
+            key: "backlog_tasks",
+            value: Some(count as f64),
+            unit: "tasks pending (waiting on one long task)",
+        });
+        report(Row {
+            key: "backlog_scheduler_peak_rss_mb",
+            value: Some(peak as f64 / 1e6),
+            unit: "MB (VmHWM of the scheduler process)",
+        });
+        report(Row {
+            key: "backlog_redis_used_memory_mb",
+            value: Some(used as f64 / 1e6),
+            unit: "MB (Redis INFO used_memory, whole server)",
+        });
+        report(Row {
+            key: "backlog_parked_messages",
+            value: Some(parked as f64),
+            unit: "submission messages parked in Redis",
         });
     }
     if wanted("scheduler_bytes") {

@@ -120,19 +120,24 @@ impl Client {
         }
     }
 
-    /// Submits a task; see [`crate::Client::submit`].
+    /// Submits a task; see [`crate::Client::submit`]. Blocks while this
+    /// client has `FLOTILLA_MAX_PENDING` tasks pending (submitted, neither
+    /// finished nor released), until one finishes or is dropped; see
+    /// [`Submit::try_submit`] to be refused instead.
     pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> TaskFuture<K::Output> {
-        let _guard = self.runtime.enter();
-        self.wrap(self.inner.submit(task, args))
+        self.submit_with(task, args).submit()
     }
 
     /// Submits a task once per argument tuple; see [`crate::Client::map`].
+    /// Each submission blocks as [`Client::submit`] does: past the bound
+    /// on pending tasks, this returns once the tasks beyond it could be
+    /// sent (earlier ones finished), so it never deadlocks while workers
+    /// run the tasks.
     pub fn map<K: Task, A: IntoArgs<K::Args>>(
         &self,
         task: K,
         args: impl IntoIterator<Item = A>,
     ) -> Vec<TaskFuture<K::Output>> {
-        let _guard = self.runtime.enter();
         args.into_iter().map(|a| self.submit(task, a)).collect()
     }
 
@@ -313,10 +318,27 @@ impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
         }
     }
 
-    /// Submits the task; returns its future at once.
+    /// Submits the task, blocking while this client has
+    /// `FLOTILLA_MAX_PENDING` tasks pending (see
+    /// [`crate::Submit::submit_async`]).
     pub fn submit(self) -> TaskFuture<K::Output> {
+        let inner = self.inner;
+        let future = self.client.runtime.block_on(
+            // It yields the task's future, itself awaitable for the result.
+            #[allow(clippy::async_yields_async)]
+            async move {
+                inner.submit_async().await
+            },
+        );
+        self.client.wrap(future)
+    }
+
+    /// Submits the task if this client has room for it now, else returns
+    /// [`crate::Error::TooManyPending`] (see [`crate::Submit::try_submit`]).
+    pub fn try_submit(self) -> Result<TaskFuture<K::Output>> {
         let _guard = self.client.runtime.enter();
-        self.client.wrap(self.inner.submit())
+        let future = self.inner.try_submit()?;
+        Ok(self.client.wrap(future))
     }
 }
 

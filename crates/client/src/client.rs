@@ -4,6 +4,7 @@
 use crate::args::{ArgWriter, IntoArgs};
 use crate::future::{read_stored, FutureState};
 use crate::outbox::{renew_lease, Op, Outbox, Table};
+use crate::room::Room;
 use crate::{Error, Result, TaskFuture};
 use flotilla_proto::{
     Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, StoredResult, Task,
@@ -101,6 +102,8 @@ pub(crate) struct ClientInner {
     ops: mpsc::UnboundedSender<Op>,
     background: Mutex<Vec<JoinHandle<()>>>,
     pool: tokio::sync::OnceCell<deadpool_redis::Pool>,
+    /// Room for pending tasks (`FLOTILLA_MAX_PENDING`; see [`crate::room`]).
+    pub(crate) room: Arc<Room>,
 }
 
 impl Drop for ClientInner {
@@ -401,16 +404,62 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
         self
     }
 
-    /// Submits the task; returns its future at once.
+    /// Submits the task; returns its future at once. Past this client's
+    /// bound on pending tasks (`FLOTILLA_MAX_PENDING`) the submission waits
+    /// in the client's ordered outbox, and goes out as earlier tasks finish
+    /// (see [`Submit::submit_async`] to wait here instead).
     pub fn submit(self) -> TaskFuture<K::Output> {
+        match self.start(Mode::Queue) {
+            Ok((future, _)) => future,
+            Err(_) => unreachable!("only try_submit is refused for room"),
+        }
+    }
+
+    /// Submits the task once this client has room for it: waits while it
+    /// has `FLOTILLA_MAX_PENDING` tasks pending (submitted, neither
+    /// finished nor released), so that a producer submitting in a loop
+    /// keeps at most that many tasks in the cluster.
+    ///
+    /// Problems found before sending come back as an already-failed
+    /// future, as with [`Submit::submit`].
+    pub fn submit_async(self) -> impl std::future::Future<Output = TaskFuture<K::Output>> + Send {
+        let started = self.start(Mode::Wait);
+        // It yields the task's future, itself awaitable for the result.
+        #[allow(clippy::async_yields_async)]
+        async move {
+            match started {
+                Ok((future, Some(admitted))) => {
+                    // Closed only when the client is going away.
+                    let _ = admitted.await;
+                    future
+                }
+                Ok((future, None)) => future,
+                Err(_) => unreachable!("only try_submit is refused for room"),
+            }
+        }
+    }
+
+    /// Submits the task if this client has room for it now; with
+    /// `FLOTILLA_MAX_PENDING` tasks pending (or submissions already
+    /// waiting for room) it returns [`Error::TooManyPending`] instead,
+    /// and nothing is sent. A key this client already has a future for
+    /// takes no room: its handle comes back.
+    pub fn try_submit(self) -> Result<TaskFuture<K::Output>> {
+        self.start(Mode::Try).map(|(future, _)| future)
+    }
+
+    fn start(self, mode: Mode) -> Result<(TaskFuture<K::Output>, Option<Admitted>)> {
         let client = self.client;
         if self.allow_other_workers && self.workers.is_empty() {
-            return client.failed(
-                self.key.as_deref().unwrap_or(K::NAME),
-                Error::Config(
-                    "allow_other_workers only makes sense together with workers([..])".into(),
+            return Ok((
+                client.failed(
+                    self.key.as_deref().unwrap_or(K::NAME),
+                    Error::Config(
+                        "allow_other_workers only makes sense together with workers([..])".into(),
+                    ),
                 ),
-            );
+                None,
+            ));
         }
         let options = SubmitOptions {
             key: self.key,
@@ -431,9 +480,23 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
                 }
             }),
         };
-        client.submit_spec(self.task, self.args, options)
+        client.submit_spec(self.task, self.args, options, mode)
     }
 }
+
+/// How a submission meets this client's bound on pending tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Past it, queue in the outbox (`submit`).
+    Queue,
+    /// Past it, queue and let the caller wait (`submit_async`).
+    Wait,
+    /// Past it, refuse (`try_submit`).
+    Try,
+}
+
+/// Told once a submission queued for room has it.
+type Admitted = tokio::sync::oneshot::Receiver<()>;
 
 #[derive(Default)]
 struct SubmitOptions {
@@ -499,6 +562,7 @@ impl Client {
             .await?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let (channels, publish) = tokio::sync::watch::channel(publish);
+        let config_max_pending = config.max_pending;
         let inner = Arc::new(ClientInner {
             id: id.clone(),
             codec,
@@ -513,6 +577,7 @@ impl Client {
             ops,
             background: Mutex::new(Vec::new()),
             pool: tokio::sync::OnceCell::new(),
+            room: Arc::new(Room::new(config_max_pending)),
         });
         let outbox = Outbox {
             client: id.clone(),
@@ -524,6 +589,7 @@ impl Client {
             unconfirmed: std::collections::VecDeque::new(),
             table: inner.futures.clone(),
             deferred: std::collections::VecDeque::new(),
+            room: inner.room.clone(),
         };
         tokio::spawn(outbox.run(ops_rx));
         let listener = tokio::spawn(listen(consumer, Arc::downgrade(&inner)));
@@ -603,15 +669,15 @@ impl Client {
     ///
     /// Problems found before sending (arguments over the payload limit, an
     /// argument that cannot be encoded) come back as an already-failed future.
+    ///
+    /// Past this client's bound on pending tasks (`FLOTILLA_MAX_PENDING`,
+    /// [`Config::max_pending`]) the submission waits in the client's
+    /// ordered outbox and goes out as earlier tasks finish; the future is
+    /// returned at once all the same. To wait for room before going on, or
+    /// to be refused, use [`Submit::submit_async`] or [`Submit::try_submit`]
+    /// through [`Client::submit_with`].
     pub fn submit<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> TaskFuture<K::Output> {
-        self.submit_spec(
-            task,
-            args,
-            SubmitOptions {
-                pure: true,
-                ..SubmitOptions::default()
-            },
-        )
+        self.submit_with(task, args).submit()
     }
 
     /// Like [`Client::submit`], with options:
@@ -633,6 +699,9 @@ impl Client {
     }
 
     /// Submits `task` once per argument tuple; futures come back in order.
+    /// Never waits, however many: past the bound on pending tasks the
+    /// rest wait in the outbox, in order, and go out as earlier ones
+    /// finish (see [`Client::submit`]).
     pub fn map<K: Task, A: IntoArgs<K::Args>>(
         &self,
         task: K,
@@ -652,7 +721,8 @@ impl Client {
         _task: K,
         args: A,
         options: SubmitOptions,
-    ) -> TaskFuture<K::Output> {
+        mode: Mode,
+    ) -> Result<(TaskFuture<K::Output>, Option<Admitted>)> {
         let what = || format!("the arguments of `{}`", K::NAME);
         let limit = self.inner.config.max_payload;
         let mut writer = ArgWriter::within(limit, what());
@@ -662,7 +732,7 @@ impl Client {
         let short = K::NAME.rsplit("::").next().unwrap_or(K::NAME);
         if let Some(key) = &options.key {
             if let Err(error) = check_key(key) {
-                return self.failed(key, error);
+                return Ok((self.failed(key, error), None));
             }
         }
         let key = options
@@ -675,10 +745,22 @@ impl Client {
             });
         let bytes = match encoded {
             Ok(bytes) => bytes,
-            Err(error) => return self.failed(&key, error),
+            Err(error) => return Ok((self.failed(&key, error), None)),
         };
+        // The line is held from the admission decision until the
+        // submission is queued (see `crate::room`).
+        let room = self.inner.room.clone();
+        let mut line = room.lock();
+        let mut permit = room.take_now(&line);
+        if mode == Mode::Try && permit.is_none() && self.inner.state(&key).is_none() {
+            return Err(Error::TooManyPending {
+                pending: room.pending(&line),
+                limit: room.limit(),
+            });
+        }
         let (state, fresh) = self.inner.register(&key);
-        let future = TaskFuture::from_state(state, self.inner.clone());
+        let future = TaskFuture::from_state(state.clone(), self.inner.clone());
+        let mut admitted = None;
         if fresh {
             let mut spec = TaskSpec::new(
                 key,
@@ -695,12 +777,26 @@ impl Client {
             spec.allow_other_workers = options.allow_other_workers;
             spec.resources = options.resources;
             spec.timeout_ms = options.timeout_ms;
-            self.inner.send(Op::Submit(spec));
+            let waiting = match permit.take() {
+                Some(permit) => {
+                    state.hold_room(permit);
+                    None
+                }
+                None => {
+                    let (waiting, told) = room.queue(&mut line, &state);
+                    admitted = (mode == Mode::Wait).then_some(told);
+                    Some(waiting)
+                }
+            };
+            self.inner.send(Op::Submit(Box::new(spec), waiting));
         }
+        // A key this client already had takes no more room.
+        drop(permit);
+        drop(line);
         // The inputs' handles stay alive until the submission is queued, so
         // their release can never overtake it.
         drop(writer);
-        future
+        Ok((future, admitted))
     }
 
     /// Waits for every future and returns their values in order, reading

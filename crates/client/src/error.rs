@@ -95,6 +95,19 @@ pub enum Error {
     /// [`SyncError`](crate::sync::SyncError)).
     #[error("{0}")]
     Sync(crate::sync::SyncError),
+    /// The client has as many tasks pending as it may
+    /// ([`Config::max_pending`](crate::Config::max_pending),
+    /// `FLOTILLA_MAX_PENDING`): returned by `try_submit` instead of waiting.
+    /// Wait for some futures to finish (or drop them), or submit with
+    /// `submit_async`, which waits for room.
+    #[error("this client has {pending} tasks pending, its limit (FLOTILLA_MAX_PENDING = {limit}): wait for some to finish or drop their futures, or use submit_async(), which waits for room")]
+    TooManyPending {
+        /// Tasks pending (submitted, not finished nor released), counting
+        /// those queued for room.
+        pending: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// Starting an in-process cluster failed.
     #[error("local cluster: {0}")]
     Cluster(String),

@@ -75,6 +75,9 @@ pub(crate) struct FutureState {
     notify: Notify,
     hooks: Mutex<Vec<DoneHook>>,
     client: std::sync::Weak<ClientInner>,
+    /// This client's room the task takes while pending (see
+    /// [`crate::room`]): given back when it is done, or with the state.
+    room: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl fmt::Debug for FutureState {
@@ -93,7 +96,18 @@ impl FutureState {
             notify: Notify::new(),
             hooks: Mutex::new(Vec::new()),
             client,
+            room: Mutex::new(None),
         }
+    }
+
+    /// Keeps `permit` while the task is pending (dropped at once if it is
+    /// done already).
+    pub(crate) fn hold_room(&self, permit: tokio::sync::OwnedSemaphorePermit) {
+        let outcome = self.lock();
+        if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
+            return;
+        }
+        *self.room.lock().unwrap_or_else(|p| p.into_inner()) = Some(permit);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outcome> {
@@ -141,6 +155,7 @@ impl FutureState {
     }
 
     fn done(&self) {
+        drop(self.room.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.notify.notify_waiters();
         let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
         for hook in hooks {

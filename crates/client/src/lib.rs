@@ -56,6 +56,7 @@ mod error;
 mod future;
 mod outbox;
 mod purge;
+mod room;
 pub mod sync;
 
 pub use actor::{ActorFuture, ActorHandle, ActorProxy, Constructor, SubmitActor};

@@ -14,6 +14,7 @@
 //! at once asking for the key again never loses its result.
 
 use crate::future::FutureState;
+use crate::room::{Room, Waiting};
 use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
 use flotilla_runtime::refs;
 use flotilla_runtime::transport::{self, name};
@@ -51,8 +52,9 @@ pub(crate) type Table = Arc<Mutex<HashMap<String, Weak<FutureState>>>>;
 
 /// One thing the client tells the cluster.
 pub(crate) enum Op {
-    /// Run this task (the client holds its key).
-    Submit(TaskSpec),
+    /// Run this task (the client holds its key). With `Some`, it waits for
+    /// room first (see [`crate::room`]): it and everything after it.
+    Submit(Box<TaskSpec>, Option<Waiting>),
     /// Hold a key submitted elsewhere, and hear when it completes.
     Hold(String),
     /// The client's last handle of a key is gone (sent after
@@ -96,6 +98,9 @@ pub(crate) struct Outbox {
     pub(crate) table: Table,
     /// Releases waiting out their grace, oldest first.
     pub(crate) deferred: VecDeque<(Instant, String)>,
+    /// The client's room for pending tasks: submissions queued without it
+    /// take it here, in order.
+    pub(crate) room: Arc<Room>,
 }
 
 /// A published message and the broker's pending confirmation of it.
@@ -188,10 +193,21 @@ impl Outbox {
                 }
                 _ = sleep_until(due) => {}
             }
-            let batch = self.hold_and_release(std::mem::take(&mut ops), false).await;
-            self.send(batch).await;
-            while self.unconfirmed.len() > MAX_UNCONFIRMED {
-                self.settle_oldest().await;
+            let mut received = std::mem::take(&mut ops);
+            loop {
+                // Everything up to the first submission without room goes
+                // now; that one waits for room, and the rest behind it.
+                let held = self.admit(&mut received);
+                let batch = self.hold_and_release(received, false).await;
+                self.send(batch).await;
+                while self.unconfirmed.len() > MAX_UNCONFIRMED {
+                    self.settle_oldest().await;
+                }
+                if held.is_empty() {
+                    break;
+                }
+                received = held;
+                self.wait_for_room(&mut received).await;
             }
         }
         // Every handle is gone: the releases still waiting go out now.
@@ -206,6 +222,48 @@ impl Outbox {
             .arg(&self.client)
             .query_async::<()>(&mut self.redis)
             .await;
+    }
+
+    /// Gives room to the queued submissions of `ops`, in order, while it is
+    /// free; returns the operations from the first that found none on
+    /// (which wait for [`Outbox::wait_for_room`]).
+    fn admit(&self, ops: &mut Vec<Op>) -> Vec<Op> {
+        for (at, op) in ops.iter_mut().enumerate() {
+            if let Op::Submit(_, waiting @ Some(_)) = op {
+                let Some(permit) = self.room.try_take() else {
+                    return ops.split_off(at);
+                };
+                if let Some(waiting) = waiting.take() {
+                    self.room.admit(waiting, permit);
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// Waits until the first operation of `ops`, a submission queued
+    /// without room, has it. The submissions sent before finish on their
+    /// own meanwhile (their events do not pass through here); a channel
+    /// that breaks meanwhile is replaced and what it had not confirmed is
+    /// sent again, so that they can.
+    async fn wait_for_room(&mut self, ops: &mut [Op]) {
+        let permit = loop {
+            tokio::select! {
+                permit = self.room.take() => break permit,
+                changed = self.publish.changed() => {
+                    if changed.is_ok() {
+                        self.resend().await;
+                    } else {
+                        break self.room.take().await;
+                    }
+                }
+            }
+        };
+        if let Some(Op::Submit(_, waiting)) = ops.first_mut() {
+            if let Some(waiting) = waiting.take() {
+                self.room.admit(waiting, permit);
+            }
+        }
     }
 
     fn script(&self, pipe: &mut redis::Pipeline, script: &redis::Script, key: &str, holder: &str) {
@@ -357,7 +415,7 @@ impl Outbox {
         let mut flushes = Vec::new();
         for op in ops {
             match op {
-                Op::Submit(spec) => {
+                Op::Submit(spec, _) => {
                     // The spec goes to Redis with the task's first hold, so a
                     // scheduler that restarts finds every pending task.
                     pipe.set(
@@ -371,7 +429,7 @@ impl Outbox {
                         self.script(&mut pipe, &refs::HOLD, key, &holder);
                     }
                     let holds = 1 + spec.held_keys().count();
-                    steps.push(Step::Submit(spec, replies));
+                    steps.push(Step::Submit(*spec, replies));
                     replies += holds;
                 }
                 Op::Hold(key) => {

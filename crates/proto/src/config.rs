@@ -26,6 +26,11 @@ pub const DEFAULT_ALLOWED_FAILURES: u32 = 3;
 /// How long a consumer remembers the signed messages it took, and how old a
 /// signed message may be when first delivered (5 min).
 pub const DEFAULT_REPLAY_WINDOW_MS: u64 = 300_000;
+/// Default bound on a client's pending tasks ([`Config::max_pending`]).
+pub const DEFAULT_MAX_PENDING: usize = 100_000;
+/// Default bound on the unfinished tasks the scheduler holds in memory
+/// ([`Config::scheduler_max_tasks`]).
+pub const DEFAULT_SCHEDULER_MAX_TASKS: usize = 100_000;
 
 /// The shared secret with which messages and results are signed
 /// (`FLOTILLA_SECRET`). Its `Debug` output never shows it.
@@ -146,6 +151,20 @@ pub struct Config {
     /// that needed them, never as hangs; `noeviction` is the setting that
     /// loses nothing.
     pub allow_eviction: bool,
+    /// Tasks one client may have pending (`FLOTILLA_MAX_PENDING`; default
+    /// [`DEFAULT_MAX_PENDING`]): submitted, and neither finished nor
+    /// released. Past it `submit` holds further submissions back in the
+    /// client's outbox, `submit_async` waits for room, the blocking client
+    /// blocks and `try_submit` errs (see `docs/operations.md`,
+    /// "Backpressure"). Read by each client when it connects.
+    pub max_pending: usize,
+    /// Unfinished tasks (waiting, ready, processing) the scheduler admits
+    /// into memory (`FLOTILLA_SCHEDULER_MAX_TASKS`; default
+    /// [`DEFAULT_SCHEDULER_MAX_TASKS`]). Past it the scheduler parks what
+    /// arrives on its queue in a Redis list, in order, and takes it up again
+    /// once it holds fewer than three quarters of the bound. Read by the
+    /// scheduler.
+    pub scheduler_max_tasks: usize,
 }
 
 impl Default for Config {
@@ -161,6 +180,8 @@ impl Default for Config {
             secret: None,
             replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
             allow_eviction: false,
+            max_pending: DEFAULT_MAX_PENDING,
+            scheduler_max_tasks: DEFAULT_SCHEDULER_MAX_TASKS,
         }
     }
 }
@@ -169,7 +190,8 @@ impl Config {
     /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
     /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS`,
     /// `FLOTILLA_LONG_TASK_MS`, `FLOTILLA_ALLOWED_FAILURES`, `FLOTILLA_SECRET`,
-    /// `FLOTILLA_REPLAY_WINDOW_MS` and `FLOTILLA_ALLOW_EVICTION`, with the
+    /// `FLOTILLA_REPLAY_WINDOW_MS`, `FLOTILLA_ALLOW_EVICTION`,
+    /// `FLOTILLA_MAX_PENDING` and `FLOTILLA_SCHEDULER_MAX_TASKS`, with the
     /// defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -227,6 +249,20 @@ impl Config {
                 value: window.clone(),
             })?;
         }
+        for (name, field) in [
+            ("FLOTILLA_MAX_PENDING", &mut config.max_pending),
+            (
+                "FLOTILLA_SCHEDULER_MAX_TASKS",
+                &mut config.scheduler_max_tasks,
+            ),
+        ] {
+            if let Some(bound) = set(name) {
+                *field = bound.trim().parse().map_err(|_| ConfigError::Number {
+                    name,
+                    value: bound.clone(),
+                })?;
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -234,7 +270,7 @@ impl Config {
     /// Checks the settings that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_namespace(&self.namespace)?;
-        let checks: [(&'static str, u64, u64, u64, &'static str); 4] = [
+        let checks: [(&'static str, u64, u64, u64, &'static str); 6] = [
             (
                 "FLOTILLA_REPLAY_WINDOW_MS",
                 self.replay_window_ms,
@@ -262,6 +298,20 @@ impl Config {
                 1_024,
                 u32::MAX as u64,
                 "no message could carry a task",
+            ),
+            (
+                "FLOTILLA_MAX_PENDING",
+                self.max_pending as u64,
+                1,
+                100_000_000,
+                "a client could submit nothing (0), or hold more pending tasks than a scheduler can track",
+            ),
+            (
+                "FLOTILLA_SCHEDULER_MAX_TASKS",
+                self.scheduler_max_tasks as u64,
+                100,
+                100_000_000,
+                "the scheduler would admit too few tasks to keep its workers busy, or hold more than it can track",
             ),
         ];
         for (name, value, min, max, why) in checks {
@@ -305,6 +355,30 @@ mod tests {
         let config = Config::from_lookup(|_| None).unwrap();
         assert_eq!(config, Config::default());
         assert_eq!(config.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn backpressure_bounds_are_read_and_checked() {
+        let config = Config::from_lookup(|name| match name {
+            "FLOTILLA_MAX_PENDING" => Some("7".into()),
+            "FLOTILLA_SCHEDULER_MAX_TASKS" => Some("500".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((config.max_pending, config.scheduler_max_tasks), (7, 500));
+        for (name, value) in [
+            ("FLOTILLA_MAX_PENDING", "0"),
+            ("FLOTILLA_SCHEDULER_MAX_TASKS", "99"),
+        ] {
+            let error = Config::from_lookup(|n| (n == name).then(|| value.to_owned())).unwrap_err();
+            assert!(
+                matches!(error, ConfigError::OutOfRange { name: n, .. } if n == name),
+                "{error}"
+            );
+        }
+        let error = Config::from_lookup(|n| (n == "FLOTILLA_MAX_PENDING").then(|| "lots".into()))
+            .unwrap_err();
+        assert!(matches!(error, ConfigError::Number { .. }), "{error}");
     }
 
     #[test]

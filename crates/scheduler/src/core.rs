@@ -347,6 +347,20 @@ impl Core {
         self.tasks.len()
     }
 
+    /// Tasks not done yet: waiting, ready (parked included) or processing.
+    /// Counted over the table (see `crate::admission` for when).
+    pub fn unfinished(&self) -> usize {
+        self.tasks
+            .values()
+            .filter(|t| matches!(t.state, State::Waiting | State::Ready | State::Processing))
+            .count()
+    }
+
+    /// Whether the scheduler holds task `key` (in any state).
+    pub fn holds(&self, key: &str) -> bool {
+        self.tasks.contains_key(key)
+    }
+
     /// Whether the scheduler holds no task.
     pub fn is_empty(&self) -> bool {
         self.tasks.is_empty()

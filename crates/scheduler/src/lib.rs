@@ -6,7 +6,11 @@
 //! metrics, a status API and a dashboard through the server's [`Hooks`];
 //! [`broker`] follows RabbitMQ's resource alarms (blocked publishers).
 
+<<<<<<< HEAD
 pub mod broker;
+=======
+pub mod admission;
+>>>>>>> bp
 pub mod core;
 pub mod http;
 pub mod leader;

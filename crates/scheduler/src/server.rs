@@ -6,6 +6,7 @@
 //! and acknowledges the input in one go, so the cost per message shrinks as
 //! load grows.
 
+use crate::admission::{self, Admission, Route};
 use crate::core::{Checked, Comm, Core, Counts, Lookup, TaskStatus, WorkerStatus};
 use crate::leader::{self, Attempt, Leadership};
 use flotilla_proto::{
@@ -441,6 +442,8 @@ async fn serve(
         rechecked: (HashSet::new(), Instant::now()),
         checker: None,
         incarnation: Arc::new(tokio::sync::Mutex::new(incarnation)),
+        admission: Admission::new(config.scheduler_max_tasks, 0),
+        taking_up: false,
     };
     // A restarted scheduler takes up every task still pending: clients store
     // each spec in Redis with its submission, workers delete it once done.
@@ -451,6 +454,16 @@ async fn serve(
         info!(count, "took up pending tasks from a previous scheduler");
         scheduler.flush(Acks::default()).await?;
     }
+    // Messages a previous scheduler parked (see `crate::admission`).
+    let parked = admission::backlog_len(&mut scheduler.redis, &scheduler.names).await?;
+    if parked > 0 {
+        info!(
+            parked,
+            "messages parked in the backlog by a previous scheduler"
+        );
+    }
+    scheduler.admission = Admission::new(config.scheduler_max_tasks, parked);
+    scheduler.take_up().await?;
     // Up only now: a client that starts submitting once the scheduler is
     // ready cannot race the recovery above.
     info!(namespace = scheduler.names.namespace(), "scheduler started");
@@ -489,6 +502,7 @@ async fn serve(
                 scheduler.recheck();
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush(Acks::default()).await?;
+                scheduler.take_up().await?;
             }
             Some(message) = next_control(&mut hooks.control) => {
                 scheduler.apply(message);
@@ -513,6 +527,7 @@ async fn serve(
                 }
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush(acks).await?;
+                scheduler.take_up().await?;
             }
         }
     };
@@ -812,6 +827,11 @@ struct Scheduler {
     checker: Option<JoinHandle<()>>,
     /// Redis' incarnation marker as last seen.
     incarnation: Arc<tokio::sync::Mutex<flotilla_runtime::incarnation::Incarnation>>,
+    /// Whether the core may take more tasks, and what waits in the backlog
+    /// (see [`crate::admission`]).
+    admission: Admission,
+    /// A take-up of the backlog is under way (it goes on up to the bound).
+    taking_up: bool,
 }
 
 impl Scheduler {
@@ -847,7 +867,7 @@ impl Scheduler {
                 match opened {
                     Ok(message) => {
                         acks.submissions = Some(tag);
-                        self.apply(message);
+                        self.offer(message, &delivery.data).await?;
                     }
                     Err(error) => {
                         self.dead_letter(&delivery, "scheduler", &error.to_string());
@@ -919,6 +939,103 @@ impl Scheduler {
             );
             let _ = inputs.send(Input::Stored(specs));
         });
+    }
+
+    /// Unfinished tasks in the core (waiting, ready, processing); counted
+    /// only when the table is at least that large.
+    fn unfinished(&self) -> usize {
+        let len = self.core.len();
+        if len < self.admission.bound() {
+            return len;
+        }
+        self.core.unfinished()
+    }
+
+    /// Applies a message of the scheduler queue, or parks it in the
+    /// backlog when the core is full or something is parked before it (see
+    /// [`crate::admission`]); it is acknowledged once Redis has it.
+    async fn offer(&mut self, message: ToScheduler, bytes: &[u8]) -> Result<(), SchedulerError> {
+        let unfinished = if self.admission.parked() == 0 {
+            self.unfinished()
+        } else {
+            0
+        };
+        let core = &self.core;
+        match self
+            .admission
+            .route(&message, unfinished, |key| core.holds(key))
+        {
+            Route::Apply => self.apply(message),
+            Route::Park => {
+                if self.admission.parked() == 0 {
+                    info!(
+                        unfinished,
+                        bound = self.admission.bound(),
+                        "the scheduler holds as many tasks as it may: parking submissions in the backlog"
+                    );
+                }
+                admission::park(&mut self.redis, &self.names, bytes).await?;
+                self.admission.note_parked();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes parked messages up from the backlog while the core has room
+    /// (see [`Admission::take_up`]), a chunk at a time: each chunk is
+    /// applied, what it caused is published, and only then is it trimmed
+    /// from the backlog (a scheduler that dies meanwhile applies it again;
+    /// submissions of known keys, releases and cancellations are
+    /// idempotent).
+    async fn take_up(&mut self) -> Result<(), SchedulerError> {
+        loop {
+            let unfinished = self.unfinished();
+            let count = self.admission.take_up(unfinished, self.taking_up);
+            if count == 0 {
+                // At the bound (or nothing parked): the next take-up waits
+                // for the low-water mark.
+                if unfinished >= self.admission.bound() || self.admission.parked() == 0 {
+                    self.taking_up = false;
+                }
+                return Ok(());
+            }
+            if !self.taking_up {
+                info!(
+                    unfinished,
+                    parked = self.admission.parked(),
+                    "taking up the backlog"
+                );
+            }
+            self.taking_up = true;
+            let messages = admission::read_backlog(&mut self.redis, &self.names, count).await?;
+            if messages.is_empty() {
+                // Emptied meanwhile (the namespace was purged).
+                self.admission.note_taken_up(usize::MAX);
+                self.taking_up = false;
+                return Ok(());
+            }
+            let taken = messages.len();
+            for bytes in messages {
+                let decoded = self.codec.decode::<ToScheduler>(
+                    Purpose::ToScheduler,
+                    &bytes,
+                    self.max_payload + (1 << 20),
+                );
+                match decoded {
+                    Ok(message) => self.apply(message),
+                    Err(error) => warn!(%error, "undecodable message in the backlog dropped"),
+                }
+            }
+            self.core.dispatch(&mut self.out);
+            self.flush(Acks::default()).await?;
+            admission::trim_backlog(&mut self.redis, &self.names, taken).await?;
+            self.admission.note_taken_up(taken);
+            if self.admission.parked() == 0 {
+                info!("backlog taken up: admitting submissions as they come");
+                self.taking_up = false;
+                return Ok(());
+            }
+        }
     }
 
     /// Applies one message of the scheduler queue.
