@@ -6,11 +6,8 @@
 //! metrics, a status API and a dashboard through the server's [`Hooks`];
 //! [`broker`] follows RabbitMQ's resource alarms (blocked publishers).
 
-<<<<<<< HEAD
-pub mod broker;
-=======
 pub mod admission;
->>>>>>> bp
+pub mod broker;
 pub mod core;
 pub mod http;
 pub mod leader;
