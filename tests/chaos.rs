@@ -19,6 +19,8 @@ mod support;
 
 #[path = "chaos/full.rs"]
 mod full;
+#[path = "chaos/hol.rs"]
+mod hol;
 #[path = "chaos/state.rs"]
 mod state;
 
@@ -646,6 +648,7 @@ impl Consumer {
                     key: spec.key,
                     inline: Some(spec.args),
                     size: 1,
+                    run_us: 0,
                 }],
             }),
             Consumer::Actors => encode(&ActorCall {

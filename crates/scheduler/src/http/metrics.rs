@@ -621,6 +621,7 @@ mod tests {
             key: key.into(),
             inline: None,
             size: 1,
+            run_us: 0,
         }
     }
 
