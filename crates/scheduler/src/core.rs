@@ -267,7 +267,11 @@ pub struct Core {
 /// how long the name takes (or, if the probes fail, one more probe goes
 /// per probe that landed). Without this, the whole in-flight window of a
 /// new name would go out one task per delivery before the first result
-/// showed the tasks could have been bundled.
+/// showed the tasks could have been bundled. Holding lasts one tick at
+/// most: a name whose probes have not finished by then is slow, or its
+/// probes wait on tasks of their own name (a recursive task, whose
+/// children would otherwise wait for their parent forever), and its tasks
+/// go out one per delivery, unheld, until one finishes.
 #[derive(Debug, Default)]
 struct Durations {
     /// Mean run time per task name, in microseconds.
@@ -277,6 +281,8 @@ struct Durations {
     /// Ready tasks held back per unknown name, in the order they came off
     /// the ready queue.
     held: HashMap<String, std::collections::VecDeque<String>>,
+    /// Unknown names whose probes outlasted a tick: not held any more.
+    stalled: HashSet<String>,
 }
 
 impl Durations {
@@ -294,6 +300,7 @@ impl Durations {
             None => {
                 self.mean_us.insert(name.to_owned(), us);
                 self.probes.remove(name);
+                self.stalled.remove(name);
             }
         }
     }
@@ -1155,6 +1162,10 @@ impl Core {
     /// Once a second: gives orphaned watchers and dependents their last lookup.
     pub fn tick(&mut self, comm: &mut impl Comm) {
         self.ticks += 1;
+        // Names still held a tick after their probes went out are slow (or
+        // their probes wait on them): the next dispatch sends them all.
+        let stalled: Vec<String> = self.durations.held.keys().cloned().collect();
+        self.durations.stalled.extend(stalled);
         if !self.recovered.is_empty() {
             let now = self.ticks;
             self.recovered
@@ -1269,7 +1280,10 @@ impl Core {
                 continue; // a stale queue entry
             };
             let expected = self.durations.mean(&name);
-            if expected.is_none() && self.probes_out(&name) >= probes_per_name {
+            if expected.is_none()
+                && !self.durations.stalled.contains(&name)
+                && self.probes_out(&name) >= probes_per_name
+            {
                 self.durations.held.entry(name).or_default().push_back(key);
                 continue;
             }
@@ -1327,7 +1341,9 @@ impl Core {
         }
         let names: Vec<String> = self.durations.held.keys().cloned().collect();
         for name in names {
-            let room = if self.durations.mean_us.contains_key(&name) {
+            let room = if self.durations.mean_us.contains_key(&name)
+                || self.durations.stalled.contains(&name)
+            {
                 usize::MAX
             } else {
                 (self.slots as usize).saturating_sub(self.probes_out(&name))

@@ -1193,3 +1193,32 @@ fn durations_follow_a_name_that_changes_pace() {
     );
     h.comm.expect_none();
 }
+
+#[test]
+fn a_probe_that_does_not_finish_holds_its_name_back_one_tick_at_most() {
+    // A recursive task: the probe waits on children of its own name, which
+    // must not wait for it.
+    let mut h = Harness::with_worker(1);
+    h.submit(vec![named("parent", "fresh")]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["parent"]);
+    h.submit(vec![named("child-0", "fresh"), named("child-1", "fresh")]);
+    h.dispatch();
+    h.comm.expect_none();
+    h.tick();
+    h.dispatch();
+    let bundles = h.comm.take_bundles();
+    assert_eq!(bundles.len(), 2, "released, one per delivery: {bundles:?}");
+    // Stalled names are not held again until one of their tasks finishes.
+    h.submit(vec![named("child-2", "fresh")]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["child-2"]);
+    h.finished_in("child-0", None, 0, Duration::from_micros(100));
+    h.submit(
+        (0..3)
+            .map(|i| named(&format!("next-{i}"), "fresh"))
+            .collect(),
+    );
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys().len(), 3, "known now: sent at once");
+}
