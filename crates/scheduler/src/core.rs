@@ -1254,8 +1254,8 @@ impl Core {
     /// per delivery, up to [`BUNDLE_BUDGET`] of expected run time (and
     /// fewer when few are ready); a task of unknown or longer duration is
     /// sent alone, so that a worker never holds short work behind a long
-    /// task. Of a name not yet known, one probe per slot goes out first
-    /// (see [`Durations`]).
+    /// task. Of a name not yet known, one probe per slot goes out first,
+    /// its other tasks held back until a probe finishes or a tick passes.
     pub fn dispatch(&mut self, comm: &mut impl Comm) {
         if self.slots == 0 {
             return; // nobody to run anything yet: tasks wait, as in Dask

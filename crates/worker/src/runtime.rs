@@ -80,7 +80,7 @@ pub struct WorkerOptions {
     /// Deliveries of the shared task queue held unacknowledged, fixed.
     /// By default the worker holds one per slot a delivered task can use
     /// and follows its slots as tasks lend them while they wait (see
-    /// [`crate::slot::Window`]): no task waits here behind a busy slot
+    /// ARCHITECTURE.md, §7): no task waits here behind a busy slot
     /// while another worker could run it.
     pub prefetch: Option<u16>,
     /// The AMQP heartbeat to ask the broker for, in seconds (`0`: the
