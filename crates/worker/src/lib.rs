@@ -83,9 +83,12 @@ struct Args {
     /// Take no new work while resident memory is above this (e.g. 4G, 512M)
     #[arg(long, value_name = "BYTES", env = "FLOTILLA_MEMORY_LIMIT", value_parser = parse_bytes)]
     memory_limit: Option<u64>,
-    /// Task deliveries held unacknowledged, fixed, 1 to 65535 [default: one per free slot, following the slots]
+    /// Task deliveries held unacknowledged, fixed, 1 to 65535 [default: 64 per slot, at least 256]
     #[arg(long, value_name = "N", env = "FLOTILLA_PREFETCH", value_parser = prefetch)]
     prefetch: Option<usize>,
+    /// Hold one task delivery per free slot, following the slots: for long tasks, none waits here behind another (costs small tasks' throughput)
+    #[arg(long, env = "FLOTILLA_PREFETCH_PER_SLOT", conflicts_with = "prefetch")]
+    prefetch_per_slot: bool,
     /// AMQP heartbeat in seconds, 0 to 3600 (0: the broker's); a stopped worker's deliveries return after about twice this [default: 10]
     #[arg(long, value_name = "SECONDS", env = "FLOTILLA_AMQP_HEARTBEAT", value_parser = heartbeat)]
     heartbeat: Option<usize>,
@@ -167,6 +170,7 @@ pub fn main_serving(task_crates: &[&str]) {
     if let Some(n) = args.prefetch {
         options.prefetch = Some(u16::try_from(n.max(1)).unwrap_or(u16::MAX));
     }
+    options.prefetch_per_slot = args.prefetch_per_slot;
     if let Some(seconds) = args.heartbeat {
         options.heartbeat = Some(u16::try_from(seconds).unwrap_or(u16::MAX));
     }

@@ -78,11 +78,16 @@ pub struct WorkerOptions {
     /// Human-readable name; defaults to host name and process id.
     pub name: Option<String>,
     /// Deliveries of the shared task queue held unacknowledged, fixed.
-    /// By default the worker holds one per slot a delivered task can use
-    /// and follows its slots as tasks lend them while they wait (see
-    /// ARCHITECTURE.md, §7): no task waits here behind a busy slot
-    /// while another worker could run it.
+    /// By default `max(64 × nthreads, 256)`, for the throughput of small
+    /// tasks, unless [`WorkerOptions::prefetch_per_slot`] is set.
     pub prefetch: Option<u16>,
+    /// Hold one delivery of the shared task queue per free slot, following
+    /// the slots as tasks lend them while they wait (see ARCHITECTURE.md,
+    /// §7): no task waits on this worker behind a long one while another
+    /// worker could run it (Celery's `worker_prefetch_multiplier = 1`).
+    /// Costs small tasks' throughput: each slot waits a round trip for its
+    /// next delivery. Ignored when [`WorkerOptions::prefetch`] is set.
+    pub prefetch_per_slot: bool,
     /// The AMQP heartbeat to ask the broker for, in seconds (`0`: the
     /// broker's; a `heartbeat` in the AMQP URL wins). A worker that stops
     /// answering for two heartbeats loses its connection, and the broker
@@ -104,6 +109,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("nthreads", &self.nthreads)
             .field("name", &self.name)
             .field("prefetch", &self.prefetch)
+            .field("prefetch_per_slot", &self.prefetch_per_slot)
             .field("heartbeat", &self.heartbeat)
             .field("resources", &self.resources)
             .finish_non_exhaustive()
@@ -118,6 +124,7 @@ impl WorkerOptions {
             nthreads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             name: None,
             prefetch: None,
+            prefetch_per_slot: false,
             heartbeat: None,
             resources: Vec::new(),
             memory_limit: None,
@@ -489,8 +496,10 @@ async fn serve(
     let nthreads = options.nthreads.max(1);
     // This worker's own queue (control messages, tasks pinned here) has a
     // generous window of its own: a cancel must never wait behind tasks,
-    // and pinned tasks can run nowhere else anyway.
-    let own_prefetch = u16::try_from((nthreads * 64).max(256)).unwrap_or(u16::MAX);
+    // and pinned tasks can run nowhere else anyway. The shared queue has
+    // the same by default, for small tasks' throughput.
+    let wide_prefetch = u16::try_from((nthreads * 64).max(256)).unwrap_or(u16::MAX);
+    let own_prefetch = wide_prefetch;
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -607,21 +616,25 @@ async fn serve(
     // stops, and the queue vanishes, when this function ends or is aborted.
     let _actors = crate::actors::ActorHost::start(&config, &id, shared.redis.clone()).await?;
     // --- end actors ---
-    // The shared task queue is consumed on a channel whose prefetch
-    // (channel-wide: RabbitMQ applies a new value to the consumers the
-    // channel has) follows the slots; the own queue on another channel.
+    // The shared task queue is consumed on a channel of its own, whose
+    // prefetch (channel-wide: RabbitMQ applies a new value to the consumers
+    // the channel has) follows the slots when `prefetch_per_slot` asks it
+    // to; the own queue on another channel.
+    let follow = options.prefetch.is_none() && options.prefetch_per_slot;
     let consume = connection.create_channel().await?;
     let channel_wide = BasicQosOptions { global: true };
     consume
         .basic_qos(
-            options.prefetch.unwrap_or_else(|| shared.window.prefetch()),
+            match options.prefetch {
+                Some(fixed) => fixed,
+                None if follow => shared.window.prefetch(),
+                None => wide_prefetch,
+            },
             channel_wide,
         )
         .await?;
-    let follower = options
-        .prefetch
-        .is_none()
-        .then(|| tokio::spawn(follow_window(consume.clone(), shared.window.clone())));
+    let follower =
+        follow.then(|| tokio::spawn(follow_window(consume.clone(), shared.window.clone())));
     let own = connection.create_channel().await?;
     own.basic_qos(own_prefetch, BasicQosOptions::default())
         .await?;
