@@ -21,6 +21,8 @@ mod support;
 mod alarm;
 #[path = "chaos/full.rs"]
 mod full;
+#[path = "chaos/hol.rs"]
+mod hol;
 #[path = "chaos/state.rs"]
 mod state;
 
@@ -664,6 +666,7 @@ impl Consumer {
                     key: spec.key,
                     inline: Some(spec.args),
                     size: 1,
+                    run_us: 0,
                 }],
             }),
             Consumer::Actors => encode(&ActorCall {

@@ -174,6 +174,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
             key: slow.key().to_owned(),
             inline: Some(rmp_serde::to_vec_named(&999u64).unwrap()),
             size: 3,
+            run_us: 0,
         }],
     };
     let forgeries: Vec<(String, Vec<u8>)> = vec![

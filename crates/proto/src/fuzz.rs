@@ -77,6 +77,7 @@ fn seeds() -> Vec<Vec<u8>> {
                     key: "a".into(),
                     inline: Some(vec![1]),
                     size: 1,
+                    run_us: 0,
                 },
                 Event::Erred {
                     key: "b".into(),

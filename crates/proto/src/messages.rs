@@ -264,6 +264,11 @@ pub enum Event {
         inline: Option<Vec<u8>>,
         /// Size of the stored value in bytes.
         size: u64,
+        /// How long the task ran on its worker, in microseconds (0 when
+        /// not measured): the scheduler learns each task name's duration
+        /// from it to decide what it may bundle.
+        #[serde(default)]
+        run_us: u64,
     },
     /// The task failed; the error is stored in Redis too.
     Erred {
@@ -427,6 +432,7 @@ mod tests {
                     key: "k".into(),
                     inline: Some(vec![1, 2]),
                     size: 2,
+                    run_us: 0,
                 },
                 Event::Erred {
                     key: "e".into(),

@@ -62,6 +62,32 @@ pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
     }
 }
 
+/// The AMQP heartbeat (seconds) workers ask for unless told otherwise:
+/// RabbitMQ closes a connection that misses two heartbeats in a row, so a
+/// stopped (`SIGSTOP`ped, swapped-out, frozen) worker's unacknowledged
+/// deliveries go back to the queue within about twice this, instead of
+/// twice the broker's 60 s default.
+pub const WORKER_HEARTBEAT_SECS: u16 = 10;
+
+/// `url` asking for an AMQP heartbeat of `seconds` (lapin then takes the
+/// lower of it and the broker's). A `heartbeat` already in the URL's query
+/// is kept: what an operator wrote there wins. `0` leaves `url` as is (the
+/// broker's value).
+pub fn with_heartbeat(url: &str, seconds: u16) -> String {
+    if seconds == 0 {
+        return url.to_owned();
+    }
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    if query
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some("heartbeat"))
+    {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}heartbeat={seconds}")
+}
+
 /// How long opening a RabbitMQ connection may take.
 pub const AMQP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -510,6 +536,21 @@ pub async fn close(connection: &Connection, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_is_asked_for_unless_the_url_names_one() {
+        let base = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        assert_eq!(with_heartbeat(base, 10), format!("{base}?heartbeat=10"));
+        assert_eq!(
+            with_heartbeat(&format!("{base}?frame_max=8192"), 5),
+            format!("{base}?frame_max=8192&heartbeat=5")
+        );
+        let chosen = format!("{base}?heartbeat=30");
+        assert_eq!(with_heartbeat(&chosen, 10), chosen, "the operator's wins");
+        assert_eq!(with_heartbeat(base, 0), base, "0: the broker's value");
+        let parsed: lapin::uri::AMQPUri = with_heartbeat(base, 7).parse().unwrap();
+        assert_eq!(parsed.query.heartbeat, Some(7));
+    }
 
     #[test]
     fn answers_to_a_ping_name_the_server() {

@@ -1073,9 +1073,18 @@ impl Scheduler {
                 acks.events = Some(delivery.delivery_tag);
                 for event in batch.events {
                     match event {
-                        Event::Finished { key, inline, size } => {
-                            self.core.finished(&key, inline, size, &mut self.out)
-                        }
+                        Event::Finished {
+                            key,
+                            inline,
+                            size,
+                            run_us,
+                        } => self.core.finished_in(
+                            &key,
+                            inline,
+                            size,
+                            Duration::from_micros(run_us),
+                            &mut self.out,
+                        ),
                         Event::Erred {
                             key,
                             error,

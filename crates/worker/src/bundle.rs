@@ -21,6 +21,7 @@ use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, ToWorker};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// A bundle received by this worker, named by the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -189,6 +190,10 @@ pub(crate) enum Completion {
         recorded: bool,
         /// The bundle it came in.
         bundle: BundleId,
+        /// How long it ran (from taking its slot to its outcome), in
+        /// microseconds (see [`run_us`]): the scheduler learns its name's
+        /// duration from it.
+        run_us: u32,
     },
 }
 
@@ -242,7 +247,7 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
         ..Plan::default()
     };
     for completion in batch {
-        let (key, client, deps, outcome, retrying, recorded) = match completion {
+        let (key, client, deps, outcome, retrying, recorded, run_us) = match completion {
             Completion::Started { key, client } => {
                 plan.events
                     .entry(client.as_str())
@@ -257,8 +262,9 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
                 outcome,
                 retrying,
                 recorded,
+                run_us,
                 ..
-            } => (key, client, deps, outcome, *retrying, *recorded),
+            } => (key, client, deps, outcome, *retrying, *recorded, *run_us),
         };
         if recorded {
             plan.writes.push(Write::ForgetStart(key));
@@ -270,6 +276,7 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
                     key: key.clone(),
                     inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
                     size: bytes.len() as u64,
+                    run_us: u64::from(run_us),
                 }
             }
             Err(error) => {
@@ -286,6 +293,13 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
         plan.events.entry(client.as_str()).or_default().push(event);
     }
     plan
+}
+
+/// A run time as the `Finished` event carries it: in microseconds, at least
+/// one (zero means "not measured"), at most about 71 minutes (far past
+/// anything the scheduler would bundle).
+pub(crate) fn run_us(run: Duration) -> u32 {
+    u32::try_from(run.as_micros()).unwrap_or(u32::MAX).max(1)
 }
 
 /// One bundle's state.
@@ -424,6 +438,11 @@ impl<D> WorkerCore<D> {
         self.custody.iter().cloned().collect()
     }
 
+    /// How many tasks are in custody: they hold no delivery any more.
+    pub(crate) fn in_custody(&self) -> usize {
+        self.custody.len()
+    }
+
     /// The tasks of `batch` in custody: they leave it with their result.
     pub(crate) fn released(&self, batch: &[Completion]) -> Vec<String> {
         batch
@@ -538,6 +557,7 @@ mod tests {
             retrying,
             recorded,
             bundle,
+            run_us: 1500,
         }
     }
 
@@ -933,7 +953,8 @@ mod tests {
                     vec![Event::Finished {
                         key: "a".into(),
                         inline: Some(b"small".to_vec()),
-                        size: 5
+                        size: 5,
+                        run_us: 1500
                     }]
                 ),
                 (
@@ -941,11 +962,23 @@ mod tests {
                     vec![Event::Finished {
                         key: "z".into(),
                         inline: None,
-                        size: big.len() as u64
+                        size: big.len() as u64,
+                        run_us: 1500
                     }]
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_run_time_is_reported_in_microseconds_never_as_zero() {
+        assert_eq!(run_us(Duration::from_millis(20)), 20_000);
+        assert_eq!(
+            run_us(Duration::from_nanos(300)),
+            1,
+            "0 would read as unmeasured"
+        );
+        assert_eq!(run_us(Duration::from_secs(5 * 3600)), u32::MAX);
     }
 
     #[test]
@@ -959,7 +992,8 @@ mod tests {
             vec![Event::Finished {
                 key: "a".into(),
                 inline: Some(bytes),
-                size: INLINE_RESULT_LIMIT as u64
+                size: INLINE_RESULT_LIMIT as u64,
+                run_us: 1500
             }]
         );
     }

@@ -76,9 +76,15 @@ struct Args {
     /// Take no new work while resident memory is above this (e.g. 4G, 512M)
     #[arg(long, value_name = "BYTES", env = "FLOTILLA_MEMORY_LIMIT", value_parser = parse_bytes)]
     memory_limit: Option<u64>,
-    /// Task deliveries held unacknowledged, 1 to 65535 [default: 64 per thread, at least 256]
+    /// Task deliveries held unacknowledged, fixed, 1 to 65535 [default: 64 per slot, at least 256]
     #[arg(long, value_name = "N", env = "FLOTILLA_PREFETCH", value_parser = prefetch)]
     prefetch: Option<usize>,
+    /// Hold one task delivery per free slot, following the slots: for long tasks, none waits here behind another (costs small tasks' throughput)
+    #[arg(long, env = "FLOTILLA_PREFETCH_PER_SLOT", conflicts_with = "prefetch")]
+    prefetch_per_slot: bool,
+    /// AMQP heartbeat in seconds, 0 to 3600 (0: the broker's); a stopped worker's deliveries return after about twice this [default: 10]
+    #[arg(long, value_name = "SECONDS", env = "FLOTILLA_AMQP_HEARTBEAT", value_parser = heartbeat)]
+    heartbeat: Option<usize>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -111,6 +117,10 @@ fn nthreads(text: &str) -> Result<usize, String> {
 
 fn prefetch(text: &str) -> Result<usize, String> {
     whole_number_in(text, 1, usize::from(u16::MAX))
+}
+
+fn heartbeat(text: &str) -> Result<usize, String> {
+    whole_number_in(text, 0, 3600)
 }
 
 /// The whole worker program: parses flags and environment, logs with
@@ -152,6 +162,10 @@ pub fn main_serving(task_crates: &[&str]) {
     }
     if let Some(n) = args.prefetch {
         options.prefetch = Some(u16::try_from(n.max(1)).unwrap_or(u16::MAX));
+    }
+    options.prefetch_per_slot = args.prefetch_per_slot;
+    if let Some(seconds) = args.heartbeat {
+        options.heartbeat = Some(u16::try_from(seconds).unwrap_or(u16::MAX));
     }
     if let Some(Resources(resources)) = args.resources {
         options.resources = resources;
@@ -231,6 +245,8 @@ mod tests {
             "FLOTILLA_NTHREADS",
             "--prefetch <N>",
             "FLOTILLA_PREFETCH",
+            "--heartbeat <SECONDS>",
+            "FLOTILLA_AMQP_HEARTBEAT",
             "FLOTILLA_RESOURCES",
             "FLOTILLA_MEMORY_LIMIT",
             "FLOTILLA_AMQP_URL",
@@ -254,8 +270,11 @@ mod tests {
             "GPU=1",
             "--prefetch",
             "10",
+            "--heartbeat",
+            "5",
         ])
         .unwrap();
+        assert_eq!(args.heartbeat, Some(5));
         assert_eq!(args.nthreads, Some(3));
         assert_eq!(args.memory_limit, Some(4 << 30));
         assert_eq!(args.resources.unwrap().0, vec![("GPU".to_string(), 1)]);
@@ -284,6 +303,8 @@ mod tests {
             &["flotilla-worker", "--nthreads", "-1"],
             &["flotilla-worker", "--prefetch", "0"],
             &["flotilla-worker", "--prefetch", "65536"],
+            &["flotilla-worker", "--heartbeat", "3601"],
+            &["flotilla-worker", "--heartbeat", "-1"],
             &[
                 "flotilla-worker",
                 "--memory-limit",

@@ -11,7 +11,7 @@ use crate::bundle::{
 };
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
-use crate::slot::Slot;
+use crate::slot::{Slot, Window};
 use crate::TaskContext;
 use flotilla_proto::{
     Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
@@ -77,8 +77,23 @@ pub struct WorkerOptions {
     pub nthreads: usize,
     /// Human-readable name; defaults to host name and process id.
     pub name: Option<String>,
-    /// Deliveries held unacknowledged; defaults to 64 per thread, at least 256.
+    /// Deliveries of the shared task queue held unacknowledged, fixed.
+    /// By default `max(64 × nthreads, 256)`, for the throughput of small
+    /// tasks, unless [`WorkerOptions::prefetch_per_slot`] is set.
     pub prefetch: Option<u16>,
+    /// Hold one delivery of the shared task queue per free slot, following
+    /// the slots as tasks lend them while they wait (see ARCHITECTURE.md,
+    /// §7): no task waits on this worker behind a long one while another
+    /// worker could run it (Celery's `worker_prefetch_multiplier = 1`).
+    /// Costs small tasks' throughput: each slot waits a round trip for its
+    /// next delivery. Ignored when [`WorkerOptions::prefetch`] is set.
+    pub prefetch_per_slot: bool,
+    /// The AMQP heartbeat to ask the broker for, in seconds (`0`: the
+    /// broker's; a `heartbeat` in the AMQP URL wins). A worker that stops
+    /// answering for two heartbeats loses its connection, and the broker
+    /// hands its deliveries to other workers. Defaults to
+    /// [`transport::WORKER_HEARTBEAT_SECS`].
+    pub heartbeat: Option<u16>,
     /// Abstract resources this worker offers (`("GPU", 1)`): tasks that
     /// need them are placed here, and run only while enough are free.
     pub resources: Vec<(String, u64)>,
@@ -94,6 +109,8 @@ impl std::fmt::Debug for WorkerOptions {
             .field("nthreads", &self.nthreads)
             .field("name", &self.name)
             .field("prefetch", &self.prefetch)
+            .field("prefetch_per_slot", &self.prefetch_per_slot)
+            .field("heartbeat", &self.heartbeat)
             .field("resources", &self.resources)
             .finish_non_exhaustive()
     }
@@ -107,6 +124,8 @@ impl WorkerOptions {
             nthreads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             name: None,
             prefetch: None,
+            prefetch_per_slot: false,
+            heartbeat: None,
             resources: Vec::new(),
             memory_limit: None,
         }
@@ -265,6 +284,8 @@ struct Shared {
     guard: ReplayGuard,
     /// The highest scheduler epoch seen on a bundle.
     fence: Fence,
+    /// The task deliveries to hold (the consuming channel's prefetch).
+    window: Arc<Window>,
 }
 
 impl Shared {
@@ -399,7 +420,12 @@ async fn hand_off(shared: &Shared, bundle: BundleId) {
                     false
                 }
             };
-        let effects = shared.core().custody_renewed(bundle, &keys, renewed);
+        let (effects, in_custody) = {
+            let mut core = shared.core();
+            let effects = core.custody_renewed(bundle, &keys, renewed);
+            (effects, core.in_custody())
+        };
+        shared.window.set_custody(in_custody);
         settle(effects).await;
     }
 }
@@ -439,8 +465,14 @@ async fn run_inner(
     let id = flotilla_proto::new_id();
     let display_name = options.name.clone().unwrap_or_else(default_name);
 
-    let connection = transport::connect_amqp(
+    let amqp_url = transport::with_heartbeat(
         &config.amqp_url,
+        options
+            .heartbeat
+            .unwrap_or(transport::WORKER_HEARTBEAT_SECS),
+    );
+    let connection = transport::connect_amqp(
+        &amqp_url,
         &format!("flotilla-worker {display_name} ({})", names.namespace()),
     )
     .await?;
@@ -464,13 +496,12 @@ async fn serve(
     let config = options.config.clone();
     let names = config.names();
     let nthreads = options.nthreads.max(1);
-    // Deliveries held at once. Generous, because a task that waits on
-    // other tasks lends its slot but keeps its delivery: a small window
-    // would fill with waiting parents and starve their children. The
-    // scheduler's in-flight window is what bounds the work handed out.
-    let prefetch = options
-        .prefetch
-        .unwrap_or_else(|| u16::try_from((nthreads * 64).max(256)).unwrap_or(u16::MAX));
+    // This worker's own queue (control messages, tasks pinned here) has a
+    // generous window of its own: a cancel must never wait behind tasks,
+    // and pinned tasks can run nowhere else anyway. The shared queue has
+    // the same by default, for small tasks' throughput.
+    let wide_prefetch = u16::try_from((nthreads * 64).max(256)).unwrap_or(u16::MAX);
+    let own_prefetch = wide_prefetch;
     let publish = connection.create_channel().await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
@@ -521,7 +552,10 @@ async fn serve(
         codec: Codec::new(&config),
         guard: ReplayGuard::new(),
         fence: Fence::default(),
+        window: Window::new(nthreads),
     });
+    let lost = Arc::new(tokio::sync::Notify::new());
+    let liveness = Arc::new(Liveness::new());
     let completer = tokio::spawn(complete_loop(
         completion_rx,
         redis,
@@ -529,8 +563,25 @@ async fn serve(
         names.clone(),
         shared.codec.clone(),
         id.clone(),
-        shared.core.clone(),
+        Holdings {
+            core: shared.core.clone(),
+            window: shared.window.clone(),
+            watchdog: Watchdog {
+                liveness: liveness.clone(),
+                lost: lost.clone(),
+            },
+        },
     ));
+    let ticker = {
+        let liveness = liveness.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIVENESS_TICK);
+            loop {
+                tick.tick().await;
+                liveness.tick();
+            }
+        })
+    };
     let custodian = tokio::spawn(renew_custody(shared.clone()));
 
     let info = WorkerInfo {
@@ -567,15 +618,33 @@ async fn serve(
     // stops, and the queue vanishes, when this function ends or is aborted.
     let _actors = crate::actors::ActorHost::start(&config, &id, shared.redis.clone()).await?;
     // --- end actors ---
+    // The shared task queue is consumed on a channel of its own, whose
+    // prefetch (channel-wide: RabbitMQ applies a new value to the consumers
+    // the channel has) follows the slots when `prefetch_per_slot` asks it
+    // to; the own queue on another channel.
+    let follow = options.prefetch.is_none() && options.prefetch_per_slot;
     let consume = connection.create_channel().await?;
+    let channel_wide = BasicQosOptions { global: true };
     consume
-        .basic_qos(prefetch, BasicQosOptions::default())
+        .basic_qos(
+            match options.prefetch {
+                Some(fixed) => fixed,
+                None if follow => shared.window.prefetch(),
+                None => wide_prefetch,
+            },
+            channel_wide,
+        )
+        .await?;
+    let follower =
+        follow.then(|| tokio::spawn(follow_window(consume.clone(), shared.window.clone())));
+    let own = connection.create_channel().await?;
+    own.basic_qos(own_prefetch, BasicQosOptions::default())
         .await?;
     let (deliveries, mut delivery_rx) = mpsc::unbounded_channel();
-    let mut consumer_tags = Vec::new();
-    for queue in [names.tasks_queue(), own_queue.clone()] {
-        let tag = format!("{id}.{}", consumer_tags.len());
-        let mut consumer = consume
+    let mut consumers = Vec::new();
+    for (channel, queue) in [(&consume, names.tasks_queue()), (&own, own_queue.clone())] {
+        let tag = format!("{id}.{}", consumers.len());
+        let mut consumer = channel
             .basic_consume(
                 name(&queue),
                 name(&tag),
@@ -583,7 +652,7 @@ async fn serve(
                 FieldTable::default(),
             )
             .await?;
-        consumer_tags.push(tag);
+        consumers.push((channel.clone(), tag));
         let deliveries = deliveries.clone();
         tokio::spawn(async move {
             while let Some(delivery) = transport::next_delivery(&mut consumer).await {
@@ -605,6 +674,7 @@ async fn serve(
     let result = loop {
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            () = lost.notified() => break Err(WorkerError::Closed),
             delivery = delivery_rx.recv() => match delivery {
                 Some(Ok(delivery)) => {
                     if let Some(limit) = options.memory_limit.filter(|&limit| resident_bytes() > limit) {
@@ -628,6 +698,10 @@ async fn serve(
 
     heartbeat.abort();
     custodian.abort();
+    ticker.abort();
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     if result.is_err() {
         // The connection is gone, and with it every unacknowledged
         // delivery: the broker hands them to other consumers, so the tasks
@@ -644,8 +718,8 @@ async fn serve(
         return result;
     }
     // Stop taking work, let running tasks finish and be stored, then leave.
-    for tag in &consumer_tags {
-        let _ = consume.basic_cancel(name(tag), Default::default()).await;
+    for (channel, tag) in &consumers {
+        let _ = channel.basic_cancel(name(tag), Default::default()).await;
     }
     let _ = shared.slots.acquire_many(nthreads as u32).await;
     let _ = announce(
@@ -659,6 +733,155 @@ async fn serve(
     let _ = completer.await;
     info!(worker = %id, "worker stopped");
     result
+}
+
+/// Applies each change of `window` as the prefetch of `consume` (see
+/// [`Window`]), until the channel fails.
+async fn follow_window(consume: Channel, window: Arc<Window>) {
+    let mut changes = window.subscribe();
+    let mut applied = window.prefetch();
+    while changes.changed().await.is_ok() {
+        let wanted = window.prefetch();
+        if wanted == applied {
+            continue;
+        }
+        if let Err(error) = consume
+            .basic_qos(wanted, BasicQosOptions { global: true })
+            .await
+        {
+            warn!(%error, "could not change the prefetch");
+            return;
+        }
+        debug!(prefetch = wanted, "prefetch follows the free slots");
+        applied = wanted;
+    }
+}
+
+/// How often [`Liveness`] ticks.
+const LIVENESS_TICK: Duration = Duration::from_millis(500);
+/// A pause of the process this long may have cost it its connection.
+const STALL: Duration = Duration::from_secs(3);
+/// How long the connection may take to prove it is alive after a stall.
+const ALIVE_CHECK: Duration = Duration::from_secs(5);
+
+/// Notices that this process did not run for a while (stopped with
+/// `SIGSTOP`, a frozen VM, a swap storm). The broker may have closed its
+/// connection meanwhile (missed heartbeats) and handed its deliveries to
+/// other workers, which run them again: the results of runs that span
+/// such a stall are stored only once the connection proved alive, so that
+/// a resumed worker does not write stale duplicates before it notices the
+/// loss.
+#[derive(Debug)]
+struct Liveness {
+    origin: Instant,
+    /// Milliseconds since `origin` at the last tick.
+    last: std::sync::atomic::AtomicU64,
+    /// A tick came late: a stall happened and was not yet cleared.
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Liveness {
+            origin: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+            stalled: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn tick(&self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        let now = self.now_ms();
+        let last = self.last.swap(now, AcqRel);
+        if now.saturating_sub(last) > STALL.as_millis() as u64 {
+            warn!(
+                paused_ms = now.saturating_sub(last),
+                "this process did not run for a while: checking the connection before storing results"
+            );
+            self.stalled
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Whether a stall happened (or is happening: a tick is overdue) since
+    /// the last [`Liveness::cleared`].
+    fn stalled(&self) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        self.stalled.load(Acquire)
+            || self.now_ms().saturating_sub(self.last.load(Acquire)) > STALL.as_millis() as u64
+    }
+
+    fn cleared(&self) {
+        use std::sync::atomic::Ordering::Release;
+        self.last.store(self.now_ms(), Release);
+        self.stalled.store(false, Release);
+    }
+}
+
+/// The bundles the worker holds and the delivery window their custody
+/// shapes, as the completion loop settles them; and the watchdog that
+/// keeps it from storing results after a stall cost the connection.
+struct Holdings {
+    core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
+    window: Arc<Window>,
+    watchdog: Watchdog,
+}
+
+impl Holdings {
+    /// [`WorkerCore::completed`], then the window follows the tasks left
+    /// in custody (which hold slots but no delivery).
+    fn completed(
+        &self,
+        batch: &[Completion],
+        released: &[String],
+        stored: bool,
+        published: bool,
+    ) -> Vec<Effect<Acker>> {
+        let (effects, in_custody) = {
+            let mut core = lock(&self.core);
+            let effects = core.completed(batch, released, stored, published);
+            (effects, core.in_custody())
+        };
+        self.window.set_custody(in_custody);
+        effects
+    }
+}
+
+/// What the completion loop does after a stall (see [`Liveness`]).
+struct Watchdog {
+    liveness: Arc<Liveness>,
+    /// Told when the connection turned out lost: the worker starts afresh.
+    lost: Arc<tokio::sync::Notify>,
+}
+
+impl Watchdog {
+    /// Whether results may be stored now: no stall happened, or the
+    /// connection answered a round trip since.
+    async fn connected(&self, publish: &Channel) -> bool {
+        if !self.liveness.stalled() {
+            return true;
+        }
+        let answered = publish.status().connected()
+            && matches!(
+                tokio::time::timeout(
+                    ALIVE_CHECK,
+                    publish.basic_qos(0, BasicQosOptions::default())
+                )
+                .await,
+                Ok(Ok(()))
+            );
+        if answered {
+            self.liveness.cleared();
+        } else {
+            warn!("the connection was lost during a stall: results of this batch are not stored (other workers run those tasks again)");
+            self.lost.notify_one();
+        }
+        answered
+    }
 }
 
 /// Renews the leases of the tasks in this worker's custody, three times
@@ -843,6 +1066,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                                 retrying: false,
                                 recorded: true,
                                 bundle,
+                                run_us: 0,
                             });
                             return;
                         }
@@ -871,10 +1095,12 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                         retrying: false,
                         recorded: redelivered,
                         bundle,
+                        run_us: 0,
                     });
                     return;
                 }
-                let slot = Slot::new(shared.slots.clone(), permit);
+                let slot = Slot::new(shared.slots.clone(), permit, shared.window.clone());
+                let began = Instant::now();
                 let resources = shared.acquire_resources(&task.spec.resources).await;
                 let run = execute(&shared, task, slot.clone());
                 tokio::pin!(run);
@@ -889,6 +1115,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 drop(resources);
                 slot.release();
                 drop(isolation);
+                let run_us = crate::bundle::run_us(began.elapsed());
                 let retrying = retrying(may_retry, &outcome);
                 let _ = shared.completions.send(Completion::Done {
                     key,
@@ -898,6 +1125,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                     retrying,
                     recorded: redelivered,
                     bundle,
+                    run_us,
                 });
             }
             .instrument(span),
@@ -1145,10 +1373,15 @@ async fn complete_loop(
     names: Names,
     codec: Codec,
     worker: String,
-    core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
+    held: Holdings,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
+        if !held.watchdog.connected(&publish).await {
+            // The deliveries are the broker's again: nothing is stored,
+            // announced or acknowledged; the worker starts afresh.
+            return;
+        }
         for completion in &batch {
             if let Completion::Done {
                 key,
@@ -1160,7 +1393,7 @@ async fn complete_loop(
                 debug!(%key, %error, retrying, "task erred");
             }
         }
-        let released = lock(&core).released(&batch);
+        let released = lock(&held.core).released(&batch);
         let plan = crate::bundle::plan(&batch, released);
         let mut plan = plan;
         let stored = store(&mut redis, &mut plan, &names, &codec).await;
@@ -1198,7 +1431,7 @@ async fn complete_loop(
                 }
             }
         }
-        let effects = lock(&core).completed(&batch, &plan.released, stored, published);
+        let effects = held.completed(&batch, &plan.released, stored, published);
         settle(effects).await;
         batch.clear();
     }

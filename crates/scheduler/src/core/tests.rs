@@ -184,9 +184,14 @@ struct Harness {
 }
 
 impl Harness {
+    /// A core that knows task name `t` as a long one (each of its tasks
+    /// is sent alone, at once): the tests that are not about bundling
+    /// see every ready task go out. Other names start unknown.
     fn new() -> Self {
+        let mut core = Core::new();
+        core.durations.learn("t", Duration::from_secs(1));
         Harness {
-            core: Core::new(),
+            core,
             comm: Strict::default(),
             trace: std::env::var_os("CORE_TRACE").is_some(),
         }
@@ -238,6 +243,15 @@ impl Harness {
             eprintln!("finished {:?} {:?} {:?}", key, inline, size);
         }
         self.core.finished(key, inline, size, &mut self.comm);
+        self.check();
+    }
+    #[track_caller]
+    fn finished_in(&mut self, key: &str, inline: Option<Vec<u8>>, size: u64, run: Duration) {
+        if self.trace {
+            eprintln!("finished_in {:?} {:?} {:?} {:?}", key, inline, size, run);
+        }
+        self.core
+            .finished_in(key, inline, size, run, &mut self.comm);
         self.check();
     }
     #[track_caller]
@@ -354,9 +368,16 @@ fn worker(id: &str, slots: u32, resources: &[(&str, u64)]) -> WorkerInfo {
         id: id.into(),
         name: format!("name-{id}"),
         slots,
-        tasks: vec![("t".into(), 1)],
+        tasks: vec![("t".into(), 1), ("fresh".into(), 1)],
         resources: resources.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
     }
+}
+
+/// A spec of task name `name`.
+fn named(key: &str, name: &str) -> TaskSpec {
+    let mut spec = spec(key, &[]);
+    spec.task = name.into();
+    spec
 }
 
 fn keys(keys: &[&str]) -> Vec<String> {
@@ -431,7 +452,8 @@ fn a_late_submission_of_a_recovered_task_that_already_ran_does_not_run_it_again(
                 Event::Finished {
                     key: "a".into(),
                     inline: None,
-                    size: 0
+                    size: 0,
+                    run_us: 0
                 }
             ),
             (
@@ -439,7 +461,8 @@ fn a_late_submission_of_a_recovered_task_that_already_ran_does_not_run_it_again(
                 Event::Finished {
                     key: "b".into(),
                     inline: None,
-                    size: 0
+                    size: 0,
+                    run_us: 0
                 }
             ),
         ]
@@ -757,6 +780,7 @@ fn watchers_hear_about_pending_done_and_unknown_keys() {
         key: "a".into(),
         inline: Some(vec![1]),
         size: 1,
+        run_us: 0,
     };
     assert_eq!(
         h.comm.take_notified(),
@@ -911,7 +935,8 @@ fn a_watch_that_overtakes_the_submission_waits_for_it() {
             Event::Finished {
                 key: "late".into(),
                 inline: None,
-                size: 0
+                size: 0,
+                run_us: 0
             }
         )]
     );
@@ -1072,4 +1097,128 @@ fn an_earlier_runs_retrying_report_does_not_start_a_waiting_task() {
     h.lookup_answered("a", Lookup::Finished);
     h.dispatch();
     assert_eq!(h.comm.take_sent_keys(), ["b"]);
+}
+
+#[test]
+fn an_unknown_name_sends_one_probe_per_slot_and_holds_the_rest_until_one_finishes() {
+    let mut h = Harness::with_worker(2);
+    h.submit((0..40).map(|i| named(&format!("f{i}"), "fresh")).collect());
+    h.dispatch();
+    let probes = h.comm.take_bundles();
+    assert_eq!(probes.len(), 2, "one probe per slot");
+    assert!(probes.iter().all(|(_, tasks)| tasks.len() == 1), "alone");
+    assert_eq!(h.core.counts().ready, 38, "held tasks still count as ready");
+    h.dispatch();
+    h.comm.expect_none();
+    // A probe that fails teaches nothing: one more probe goes out.
+    let first = probes[0].1[0].spec.key.clone();
+    h.erred(&first, TaskError::new(ErrorKind::User, "E", "boom"), false);
+    h.comm.take_notified();
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys().len(), 1);
+    // A probe that finishes in 100 µs: the rest go out, bundled.
+    let second = probes[1].1[0].spec.key.clone();
+    h.finished_in(&second, None, 0, Duration::from_micros(100));
+    h.dispatch();
+    let bundles = h.comm.take_bundles();
+    let sent: usize = bundles.iter().map(|(_, tasks)| tasks.len()).sum();
+    assert_eq!(sent, 37);
+    assert!(
+        bundles.len() < 37,
+        "short tasks share deliveries: {bundles:?}"
+    );
+    assert_eq!(h.core.counts().ready, 0);
+}
+
+#[test]
+fn short_tasks_are_bundled_up_to_the_budget_and_long_ones_go_alone() {
+    let mut h = Harness::with_worker(1);
+    h.core.durations.learn("fresh", BUNDLE_BUDGET / 10);
+    h.submit((0..100).map(|i| named(&format!("s{i}"), "fresh")).collect());
+    h.submit((0..3).map(|i| spec(&format!("l{i}"), &[])).collect());
+    h.dispatch();
+    let bundles = h.comm.take_bundles();
+    let (long, short): (Vec<_>, Vec<_>) = bundles
+        .iter()
+        .partition(|(_, tasks)| tasks[0].spec.task == "t");
+    assert_eq!(long.len(), 3);
+    assert!(
+        long.iter().all(|(_, tasks)| tasks.len() == 1),
+        "long ones alone"
+    );
+    assert!(
+        short
+            .iter()
+            .all(|(_, tasks)| tasks.len() <= 10
+                && tasks.iter().all(|task| task.spec.task == "fresh")),
+        "at most the budget's worth per delivery: {short:?}"
+    );
+    assert_eq!(
+        short.iter().map(|(_, tasks)| tasks.len()).sum::<usize>(),
+        100
+    );
+    assert!(short.len() >= 10);
+}
+
+#[test]
+fn durations_follow_a_name_that_changes_pace() {
+    let mut h = Harness::with_worker(1);
+    h.submit(vec![named("a", "fresh"), named("b", "fresh")]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a"]);
+    h.finished_in("a", None, 0, Duration::from_micros(200));
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"]);
+    assert_eq!(
+        h.core.durations.mean("fresh"),
+        Some(Duration::from_micros(200))
+    );
+    h.finished_in("b", None, 0, Duration::from_millis(400));
+    assert_eq!(
+        h.core.durations.mean("fresh"),
+        Some(Duration::from_micros(200_100))
+    );
+    // Now too long to bundle: each goes alone.
+    h.submit((0..4).map(|i| named(&format!("c{i}"), "fresh")).collect());
+    h.dispatch();
+    let bundles = h.comm.take_bundles();
+    assert_eq!(bundles.len(), 4);
+    // A zero duration (a worker that does not measure) teaches nothing,
+    // and neither does a duplicate report.
+    h.finished_in("c0", None, 0, Duration::ZERO);
+    h.finished_in("c0", None, 0, Duration::from_secs(9));
+    assert_eq!(
+        h.core.durations.mean("fresh"),
+        Some(Duration::from_micros(200_100))
+    );
+    h.comm.expect_none();
+}
+
+#[test]
+fn a_probe_that_does_not_finish_holds_its_name_back_one_tick_at_most() {
+    // A recursive task: the probe waits on children of its own name, which
+    // must not wait for it.
+    let mut h = Harness::with_worker(1);
+    h.submit(vec![named("parent", "fresh")]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["parent"]);
+    h.submit(vec![named("child-0", "fresh"), named("child-1", "fresh")]);
+    h.dispatch();
+    h.comm.expect_none();
+    h.tick();
+    h.dispatch();
+    let bundles = h.comm.take_bundles();
+    assert_eq!(bundles.len(), 2, "released, one per delivery: {bundles:?}");
+    // Stalled names are not held again until one of their tasks finishes.
+    h.submit(vec![named("child-2", "fresh")]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["child-2"]);
+    h.finished_in("child-0", None, 0, Duration::from_micros(100));
+    h.submit(
+        (0..3)
+            .map(|i| named(&format!("next-{i}"), "fresh"))
+            .collect(),
+    );
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys().len(), 3, "known now: sent at once");
 }

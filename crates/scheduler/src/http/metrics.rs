@@ -671,6 +671,7 @@ mod tests {
             key: key.into(),
             inline: None,
             size: 1,
+            run_us: 0,
         }
     }
 

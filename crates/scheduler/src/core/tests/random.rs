@@ -97,7 +97,10 @@ impl Sim {
             );
             s.priority = rng.below(5) as i32 - 2;
             s.retries = rng.below(3) as u32;
-            if rng.chance(3) {
+            if rng.chance(30) {
+                // A name whose duration the core learns as it goes.
+                s.task = "fresh".into();
+            } else if rng.chance(3) {
                 s.task = "unknown".into();
             } else if rng.chance(3) {
                 s.fingerprint = 2;
@@ -211,7 +214,13 @@ impl Sim {
             let inline = self.rng.chance(50).then(|| vec![1, 2, 3]);
             self.stored.insert(run.key.clone(), Lookup::Finished);
             self.reported.insert(run.key.clone());
-            self.h.finished(&run.key, inline, 3);
+            let run_time = match self.rng.below(4) {
+                0 => Duration::ZERO,
+                1 => Duration::from_micros(50),
+                2 => Duration::from_millis(3),
+                _ => Duration::from_millis(400),
+            };
+            self.h.finished_in(&run.key, inline, 3, run_time);
         } else {
             let retries = self
                 .specs
