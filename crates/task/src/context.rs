@@ -109,7 +109,7 @@ impl TaskContext {
     /// this.
     ///
     /// ```
-    /// # use flotilla_worker::TaskContext;
+    /// # use flotilla_task::TaskContext;
     /// # use std::time::{Duration, Instant};
     /// fn crunch(ctx: &TaskContext, items: &[u64]) -> u64 {
     ///     let mut sum = 0;
