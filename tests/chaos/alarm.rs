@@ -16,22 +16,6 @@ const ALARM: Duration = Duration::from_secs(30);
 /// 20 s), when a worker the alarm made look silent would be dropped.
 const AFTER: Duration = Duration::from_secs(25);
 
-/// Runs `rabbitmqctl -n <node> args...`; panics when it fails.
-fn rabbitmqctl(rabbit: &PrivateRabbit, args: &[&str]) {
-    let output = Command::new("rabbitmqctl")
-        .arg("-n")
-        .arg(&rabbit.node)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// `/api/status` of the scheduler at `addr`.
 async fn status(addr: &str) -> Option<Value> {
     serde_json::from_str(&http_get(addr, "/api/status").await?).ok()
@@ -99,7 +83,7 @@ async fn chaos_broker_alarm_is_shown_and_survived() {
     let rabbit = Arc::new(rabbit);
     let raise = rabbit.clone();
     tokio::task::spawn_blocking(move || {
-        rabbitmqctl(&raise, &["set_vm_memory_high_watermark", "absolute", "1"])
+        raise.ctl(&["set_vm_memory_high_watermark", "absolute", "1"])
     })
     .await
     .unwrap();
@@ -133,11 +117,9 @@ async fn chaos_broker_alarm_is_shown_and_survived() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let clear = rabbit.clone();
-    tokio::task::spawn_blocking(move || {
-        rabbitmqctl(&clear, &["set_vm_memory_high_watermark", "0.4"])
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || clear.ctl(&["set_vm_memory_high_watermark", "0.4"]))
+        .await
+        .unwrap();
     let unblocked = Instant::now();
     let cleared = wait_status(&addr, Duration::from_secs(30), |s| {
         s["broker_blocked"] == false && s["broker"]["last_block_s"].is_number()

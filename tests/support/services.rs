@@ -103,7 +103,8 @@ impl PrivateRabbit {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    fn ctl(&self, args: &[&str]) {
+    /// Runs `rabbitmqctl -n <node> args...` on it; panics when that fails.
+    pub fn ctl(&self, args: &[&str]) {
         let output = Command::new("rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
