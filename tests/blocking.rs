@@ -3,7 +3,8 @@
 mod support;
 
 use flotilla::Status;
-use flotilla_examples::{add, might_fail, total};
+use flotilla_examples::{add, might_fail, slow_identity, total};
+use std::time::Duration;
 
 #[test]
 fn the_blocking_client_submits_maps_gathers_and_chains() {
@@ -34,6 +35,17 @@ fn the_blocking_client_submits_maps_gathers_and_chains() {
     let failed = client.submit(might_fail, (-1,));
     assert!(failed.result().is_err());
     assert!(failed.exception().is_some() && failed.traceback().is_some());
+    // A time limit, as on the async client.
+    let late = client
+        .submit_with(slow_identity, (1, 600_000))
+        .timeout(Duration::from_millis(300))
+        .submit();
+    match late.result() {
+        Err(flotilla::Error::Task(error)) => {
+            assert_eq!(error.kind(), flotilla::ErrorKind::TimedOut, "{error}")
+        }
+        other => panic!("expected TimedOut, got {other:?}"),
+    }
     drop(client);
 
     runtime.block_on(cluster.shutdown()).unwrap();

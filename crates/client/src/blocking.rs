@@ -318,6 +318,16 @@ impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
         }
     }
 
+    /// A time limit for the task's run (see [`crate::Submit::timeout`]):
+    /// past it the task fails with
+    /// [`ErrorKind::TimedOut`](crate::ErrorKind::TimedOut).
+    pub fn timeout(self, limit: std::time::Duration) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.timeout(limit),
+        }
+    }
+
     /// Submits the task, blocking while this client has
     /// `FLOTILLA_MAX_PENDING` tasks pending (see
     /// [`crate::Submit::submit_async`]).
