@@ -33,9 +33,9 @@
 //! in any client. If its worker dies, pending and later calls fail with
 //! [`Error::ActorLost`] (never hang); create a new actor to carry on.
 
-use crate::client::ClientInner;
-use crate::future::FutureState;
+use crate::inner::ClientInner;
 use crate::outbox::Op;
+use crate::state::FutureState;
 use crate::{Client, Error, Result, TaskFuture};
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,

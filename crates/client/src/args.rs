@@ -24,7 +24,7 @@ pub struct ArgWriter {
     pub(crate) deps: Vec<String>,
     pub(crate) holds: Vec<String>,
     /// The inputs' states, kept alive until the submission is queued.
-    keep: Vec<std::sync::Arc<crate::future::FutureState>>,
+    keep: Vec<std::sync::Arc<crate::state::FutureState>>,
     /// The payload limit, shared by all the arguments of a submission.
     limit: usize,
     /// Bytes of values encoded so far.

@@ -525,7 +525,7 @@ impl<T> Serialize for TaskFuture<T> {
 impl<'de, T> serde::Deserialize<'de> for TaskFuture<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let inner = crate::TaskFuture::<T>::deserialize(deserializer)?;
-        let runtime = crate::sync::held::resolve_runtime().ok_or_else(|| {
+        let runtime = crate::capture::resolve_runtime().ok_or_else(|| {
             <D::Error as serde::de::Error>::custom(format!(
                 "blocking future `{}` can only be read through a blocking Variable or Queue made \
                  from a blocking client; read a flotilla::TaskFuture instead",

@@ -44,19 +44,25 @@
 //! `serde`): the worker runtime is [`worker`], the scheduler is the
 //! `flotilla-scheduler` binary, and [`LocalCluster`] runs both in-process.
 
+// From the bottom layer up; a module uses only those above it in this
+// list (see ARCHITECTURE.md, "The client's layers").
 mod actor;
 mod args;
 pub mod as_completed;
 pub mod blocking;
+mod capture;
 mod client;
 #[cfg(feature = "local-cluster")]
 mod cluster;
 mod context;
 mod error;
 mod future;
+mod inner;
+mod link;
 mod outbox;
 mod purge;
 mod room;
+mod state;
 pub mod sync;
 
 pub use actor::{ActorFuture, ActorHandle, ActorProxy, Constructor, SubmitActor};
@@ -72,8 +78,9 @@ pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_task::TaskContext;
-pub use future::{FutureRef, Status, TaskFuture};
+pub use future::{FutureRef, TaskFuture};
 pub use purge::purge;
+pub use state::Status;
 
 /// The worker side: a worker binary's `main`, and the worker loop for
 /// embedding it.

@@ -13,8 +13,8 @@
 //! revives it: the release is then dropped, so dropping the last handle and
 //! at once asking for the key again never loses its result.
 
-use crate::future::FutureState;
 use crate::room::{Room, Waiting};
+use crate::state::FutureState;
 use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
 use flotilla_runtime::refs;
 use flotilla_runtime::transport::{self, name};
