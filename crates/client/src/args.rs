@@ -13,7 +13,8 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{Error, FutureRef, TaskFuture};
+use crate::error::Error;
+use crate::future::{FutureRef, TaskFuture};
 use flotilla_proto::Arg;
 use serde::Serialize;
 

@@ -44,8 +44,10 @@
 //! `serde`): the worker runtime is [`worker`], the scheduler is the
 //! `flotilla-scheduler` binary, and [`LocalCluster`] runs both in-process.
 
-// From the bottom layer up; a module uses only those above it in this
-// list (see ARCHITECTURE.md, "The client's layers").
+// The modules' layers, bottom first; each module uses only modules of the
+// layers below its own (ARCHITECTURE.md, "The client's layers"):
+// error | state, purge | room | outbox | inner | capture, link | future |
+// args, as_completed | client | actor, context, cluster | blocking | sync.
 mod actor;
 mod args;
 pub mod as_completed;
@@ -183,8 +185,8 @@ pub mod prelude {
 /// Items the `#[flotilla::task]` and `#[flotilla::actor]` expansions refer to. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::actor::BlockingRuntime;
     pub use crate::actor::{ActorHandle, ActorProxy};
-    pub use crate::blocking::BlockingRuntime;
     pub use flotilla_proto::TaskError;
     pub use flotilla_proto::{ResultOutput, Task};
     pub use flotilla_task::__inventory as inventory;

@@ -61,7 +61,8 @@ pub use variable::Variable;
 // Defined with the client's other errors; named here, with the primitives.
 pub use crate::error::SyncError;
 
-use crate::{Client, Error, Result};
+use crate::client::Client;
+use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
