@@ -92,7 +92,7 @@ pub enum Error {
         reason: String,
     },
     /// A coordination primitive was misused, or its lease ran out (see
-    /// [`SyncError`](crate::sync::SyncError)).
+    /// [`SyncError`]).
     #[error("{0}")]
     Sync(SyncError),
     /// The client has as many tasks pending as it may

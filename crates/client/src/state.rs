@@ -30,7 +30,7 @@ pub enum Status {
     Running,
     /// Its result is stored.
     Finished,
-    /// It failed (see [`TaskFuture::exception`]).
+    /// It failed (see [`TaskFuture::exception`](crate::TaskFuture::exception)).
     Error,
     /// It was cancelled.
     Cancelled,
