@@ -328,6 +328,8 @@ struct Stuck {
     task: std::sync::OnceLock<String>,
     /// Wakes the worker's loop (a permit is kept if it is busy).
     noticed: tokio::sync::Notify,
+    /// Tasks received but left unstarted since retiring began.
+    unstarted: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Stuck {
@@ -346,9 +348,16 @@ impl Stuck {
         self.retire
     }
 
-    /// Whether the worker is retiring: tasks not started yet stay unstarted.
-    fn retiring(&self) -> bool {
-        self.task.get().is_some()
+    /// Whether the worker is retiring, so that `key`, not started yet,
+    /// stays unstarted (and is counted).
+    fn leaves_unstarted(&self, key: &str) -> bool {
+        let retiring = self.task.get().is_some();
+        if retiring {
+            self.unstarted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(%key, "worker retiring: task left unstarted");
+        }
+        retiring
     }
 
     /// Completes with the stuck task's key once the worker is to retire
@@ -814,6 +823,12 @@ async fn serve(
         let _ = channel.basic_cancel(name(tag), Default::default()).await;
     }
     let _ = shared.slots.acquire_many(nthreads as u32).await;
+    let unstarted = shared.stuck.unstarted.clone();
+    drop(shared);
+    let _ = completer.await;
+    // Only now, with every completion stored and announced: a scheduler
+    // told earlier would put the tasks it saw start here back in its ready
+    // queue and run them twice.
     let _ = announce(
         &publish,
         &names,
@@ -821,8 +836,10 @@ async fn serve(
         &ToScheduler::WorkerGone { worker: id.clone() },
     )
     .await;
-    drop(shared);
-    let _ = completer.await;
+    if result.as_ref().is_ok_and(Option::is_some) {
+        let unstarted = unstarted.load(std::sync::atomic::Ordering::Relaxed);
+        info!(worker = %id, unstarted, "worker retired: tasks it had not started go back to the queue");
+    }
     info!(worker = %id, "worker stopped");
     match result {
         Ok(Some(task)) => Err(WorkerError::Retired { task }),
@@ -1152,15 +1169,8 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 // back to the queue when it closes its connection, for
                 // another worker to run. (A redelivered task whose start
                 // the ledger recorded runs, so as not to count as lost.)
-                let retiring = || {
-                    let retiring = shared.stuck.retiring();
-                    if retiring {
-                        debug!(%key, "worker retiring: task left unstarted");
-                    }
-                    retiring
-                };
                 let (permit, isolation) = if redelivered {
-                    if retiring() {
+                    if shared.stuck.leaves_unstarted(&key) {
                         return;
                     }
                     match shared.ledger.admit(&shared.slots, &key, &task.spec.task).await {
@@ -1185,7 +1195,7 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                     let Ok(permit) = shared.slots.clone().acquire_owned().await else {
                         return;
                     };
-                    if retiring() {
+                    if shared.stuck.leaves_unstarted(&key) {
                         return;
                     }
                     (permit, None)
