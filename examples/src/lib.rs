@@ -238,6 +238,27 @@ pub async fn counted_sleep(ctx: TaskContext, counter: String, millis: u64) -> Re
     Ok(starts)
 }
 
+/// [`counted_sleep`]'s synchronous twin: counts a start under `counter`,
+/// then sleeps `millis` on its blocking thread, which a time limit cannot
+/// stop (for tests of workers that retire when such a thread is stuck).
+#[flotilla::task]
+pub fn counted_blocking_sleep(
+    ctx: TaskContext,
+    counter: String,
+    millis: u64,
+) -> Result<u64, String> {
+    let config = ctx.config();
+    let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| e.to_string())?;
+    let mut redis = client.get_connection().map_err(|e| e.to_string())?;
+    let starts: u64 = redis::cmd("INCR")
+        .arg(format!("{}:test:{counter}", config.namespace))
+        .query(&mut redis)
+        .map_err(|e| e.to_string())?;
+    drop(redis);
+    std::thread::sleep(Duration::from_millis(millis));
+    Ok(starts)
+}
+
 /// The seed's "Dynamic Task Submission": split the data, recurse on the
 /// cluster, combine. Each level waits on the next one's futures, giving its
 /// slot back meanwhile, so any depth runs on any number of slots.

@@ -14,6 +14,11 @@
 //! cluster.shutdown().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Its workers share this process, so they never retire: a synchronous task
+//! past its hard time limit is reported `TimedOut` and its thread runs on,
+//! without a slot (`WorkerOptions::retire_when_stuck` stays off; only a
+//! worker process replaces itself, see `docs/operations.md`, "Time limits").
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -137,6 +142,8 @@ impl LocalCluster {
         options.resources = resources.iter().map(|(n, a)| (n.to_string(), *a)).collect();
         options.nthreads = self.nthreads;
         options.name = Some(format!("local-{}", self.workers.len()));
+        // In-process: there is no process of its own to replace.
+        options.retire_when_stuck = false;
         let worker = WorkerHandle::spawn(options)
             .await
             .map_err(|e| Error::Cluster(format!("worker: {e}")))?;

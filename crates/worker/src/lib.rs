@@ -85,9 +85,28 @@ struct Args {
     /// AMQP heartbeat in seconds, 0 to 3600 (0: the broker's); a stopped worker's deliveries return after about twice this [default: 10]
     #[arg(long, value_name = "SECONDS", env = "FLOTILLA_AMQP_HEARTBEAT", value_parser = heartbeat)]
     heartbeat: Option<usize>,
+    /// When a synchronous task runs past its hard time limit, its thread cannot be stopped: the worker reports it TimedOut, drains (running tasks finish, unstarted ones go back to the queue), then restarts itself in place (same PID, arguments and environment) or exits with status 75 for a supervisor to restart it
+    #[arg(long, value_name = "ACTION", env = "FLOTILLA_ON_STUCK", value_enum, default_value_t = OnStuck::Restart)]
+    on_stuck: OnStuck,
     #[command(flatten)]
     log: LogArgs,
 }
+
+/// What a worker process does once it has retired because a synchronous
+/// task ran past its time limit (`--on-stuck`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnStuck {
+    /// Re-execute this binary with the same arguments and environment (same PID; the stuck thread is gone)
+    Restart,
+    /// Exit with status 75, for a supervisor or container runtime to restart the worker
+    Exit,
+}
+
+/// The exit status of a worker that retired because a synchronous task ran
+/// past its time limit, with `--on-stuck exit` (or when re-executing
+/// itself failed): 75, `EX_TEMPFAIL` of `sysexits.h` ("try again later").
+/// Supervisors should restart the worker on it.
+pub const RETIRED_EXIT_CODE: i32 = 75;
 
 /// `--resources`, parsed (a newtype, so that clap takes it as one value).
 #[derive(Debug, Clone)]
@@ -126,6 +145,13 @@ fn heartbeat(text: &str) -> Result<usize, String> {
 /// The whole worker program: parses flags and environment, logs with
 /// `tracing`, runs until SIGTERM or Ctrl-C, and exits non-zero on failure.
 /// Every task registered in the binary is served.
+///
+/// When a synchronous task runs past its hard time limit, its thread cannot
+/// be stopped: the worker reports the task `TimedOut`, retires (see
+/// [`WorkerOptions::retire_when_stuck`]) and then, by default, re-executes
+/// its own binary with the same arguments and environment (same PID, a new
+/// worker id); with `--on-stuck exit` it exits with [`RETIRED_EXIT_CODE`]
+/// for a supervisor to restart it.
 ///
 /// Prefer `flotilla::worker_main!(my_tasks)`, which links the named task
 /// crates and checks each of them. Called alone, `main` serves whatever the
@@ -176,14 +202,82 @@ pub fn main_serving(task_crates: &[&str]) {
     if let Some(name) = args.name {
         options.name = Some(name);
     }
+    // A process can be replaced, so a stuck thread need not haunt it.
+    options.retire_when_stuck = true;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(error) = runtime.block_on(run(options, cli::shutdown_signal())) {
-        tracing::error!(%error, "worker failed");
-        std::process::exit(1);
+    let result = runtime.block_on(run(options, cli::shutdown_signal()));
+    // The worker has drained; a thread abandoned past its time limit may
+    // still run, and must not hold the exit (dropping the runtime would
+    // wait for it).
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => {}
+        Err(WorkerError::Retired { task }) => retire(&task, args.on_stuck),
+        Err(error) => {
+            tracing::error!(%error, "worker failed");
+            std::process::exit(1);
+        }
     }
+}
+
+/// Replaces a worker process that retired because `task`'s thread is stuck:
+/// re-executes the binary in place (`OnStuck::Restart`), or exits with
+/// [`RETIRED_EXIT_CODE`]. Never returns.
+fn retire(task: &str, on_stuck: OnStuck) -> ! {
+    if on_stuck == OnStuck::Restart {
+        let error = reexec();
+        tracing::error!(
+            %error,
+            %task,
+            code = RETIRED_EXIT_CODE,
+            "worker retired (a synchronous task ran past its time limit) but could not re-execute \
+             itself: exiting for a supervisor to restart it"
+        );
+    } else {
+        tracing::warn!(
+            %task,
+            code = RETIRED_EXIT_CODE,
+            "worker retired (a synchronous task ran past its time limit and its thread cannot be \
+             stopped): exiting (--on-stuck exit) for a supervisor to restart it"
+        );
+    }
+    std::process::exit(RETIRED_EXIT_CODE)
+}
+
+/// Re-executes this binary with the same arguments and environment; the
+/// process keeps its PID and loses every thread. Returns only on failure.
+#[cfg(unix)]
+fn reexec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(error) => return error,
+    };
+    let mut arguments = std::env::args_os();
+    let mut command = std::process::Command::new(&program);
+    if let Some(arg0) = arguments.next() {
+        command.arg0(arg0);
+    }
+    command.args(arguments);
+    tracing::warn!(
+        program = %program.display(),
+        pid = std::process::id(),
+        "worker retired (a synchronous task ran past its time limit and its thread cannot be \
+         stopped): re-executing itself, same PID"
+    );
+    command.exec()
+}
+
+/// Re-executing in place needs Unix; elsewhere the worker exits instead.
+#[cfg(not(unix))]
+fn reexec() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "re-executing a process in place needs Unix",
+    )
 }
 
 /// Parses `GPU=1,MEMORY=64` into resource amounts.
@@ -252,6 +346,10 @@ mod tests {
             "FLOTILLA_AMQP_URL",
             "FLOTILLA_LOG_FORMAT",
             "FLOTILLA_SECRET",
+            "--on-stuck <ACTION>",
+            "FLOTILLA_ON_STUCK",
+            "restart: Re-execute",
+            "exit:    Exit with status 75",
         ] {
             assert!(help.contains(needle), "{needle} in {help}");
         }
@@ -279,6 +377,9 @@ mod tests {
         assert_eq!(args.memory_limit, Some(4 << 30));
         assert_eq!(args.resources.unwrap().0, vec![("GPU".to_string(), 1)]);
         assert_eq!(args.prefetch, Some(10));
+        assert_eq!(args.on_stuck, super::OnStuck::Restart);
+        let exit = super::Args::try_parse_from(["w", "--on-stuck", "exit"]).unwrap();
+        assert_eq!(exit.on_stuck, super::OnStuck::Exit);
         let widest =
             super::Args::try_parse_from(["w", "--nthreads", "1024", "--prefetch", "65535"])
                 .unwrap();
@@ -312,6 +413,7 @@ mod tests {
             ],
             &["flotilla-worker", "--memory-limit", "lots"],
             &["flotilla-worker", "--resources", "GPU"],
+            &["flotilla-worker", "--on-stuck", "hang"],
             &["flotilla-worker", "--nope"],
         ] {
             let error = super::Args::try_parse_from(wrong).unwrap_err();

@@ -100,6 +100,18 @@ pub struct WorkerOptions {
     /// Resident memory (bytes) above which the worker takes no new work:
     /// deliveries go back to the queue for other workers until it drops.
     pub memory_limit: Option<u64>,
+    /// Retire when a synchronous task runs past its hard time limit: its
+    /// thread cannot be stopped, so once its `TimedOut` error is stored and
+    /// its delivery acknowledged, the worker stops taking work, leaves the
+    /// tasks it has not started to the broker (which gives them to other
+    /// workers), lets its running tasks finish as a SIGTERM drain does, and
+    /// [`run`] returns [`WorkerError::Retired`] for the process to be
+    /// replaced. The `flotilla-worker` binary (`flotilla::worker::main`)
+    /// turns it on and then re-executes itself or exits (`--on-stuck`).
+    /// Off by default, and for workers inside a user's process
+    /// (`LocalCluster`, [`WorkerHandle::spawn`]): there the abandoned
+    /// thread runs on, without a slot, and the worker keeps working.
+    pub retire_when_stuck: bool,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -112,6 +124,8 @@ impl std::fmt::Debug for WorkerOptions {
             .field("prefetch_per_slot", &self.prefetch_per_slot)
             .field("heartbeat", &self.heartbeat)
             .field("resources", &self.resources)
+            .field("memory_limit", &self.memory_limit)
+            .field("retire_when_stuck", &self.retire_when_stuck)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +142,7 @@ impl WorkerOptions {
             heartbeat: None,
             resources: Vec::new(),
             memory_limit: None,
+            retire_when_stuck: false,
         }
     }
 }
@@ -148,6 +163,19 @@ pub enum WorkerError {
     /// A consumer closed under the worker.
     #[error("RabbitMQ closed the worker's consumer")]
     Closed,
+    /// The worker retired ([`WorkerOptions::retire_when_stuck`]): the
+    /// synchronous task `task` ran past its hard time limit and its thread
+    /// cannot be stopped. The task's `TimedOut` error is stored, the worker
+    /// has drained and closed its connections; replace the process (the
+    /// `flotilla-worker` binary re-executes itself or exits with status 75).
+    #[error(
+        "retired: the synchronous task `{task}` ran past its time limit and its thread cannot \
+         be stopped; replace this worker's process"
+    )]
+    Retired {
+        /// The key of the task whose thread is stuck.
+        task: String,
+    },
 }
 
 /// A worker running inside this process (for `LocalCluster` and tests).
@@ -286,6 +314,62 @@ struct Shared {
     fence: Fence,
     /// The task deliveries to hold (the consuming channel's prefetch).
     window: Arc<Window>,
+    /// Whether to retire when a synchronous task is abandoned, and the
+    /// first one that was (see [`WorkerOptions::retire_when_stuck`]).
+    stuck: Stuck,
+}
+
+/// The synchronous task past its limit that makes a worker retire.
+#[derive(Default)]
+struct Stuck {
+    /// [`WorkerOptions::retire_when_stuck`].
+    retire: bool,
+    /// The first abandoned task's key: set once, when retiring.
+    task: std::sync::OnceLock<String>,
+    /// Wakes the worker's loop (a permit is kept if it is busy).
+    noticed: tokio::sync::Notify,
+    /// Tasks received but left unstarted since retiring began.
+    unstarted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Stuck {
+    fn new(retire: bool) -> Self {
+        Stuck {
+            retire,
+            ..Stuck::default()
+        }
+    }
+
+    /// Notes that `key`'s thread is abandoned; whether this worker retires.
+    fn abandoned(&self, key: &str) -> bool {
+        if self.retire && self.task.set(key.to_owned()).is_ok() {
+            self.noticed.notify_one();
+        }
+        self.retire
+    }
+
+    /// Whether the worker is retiring, so that `key`, not started yet,
+    /// stays unstarted (and is counted).
+    fn leaves_unstarted(&self, key: &str) -> bool {
+        let retiring = self.task.get().is_some();
+        if retiring {
+            self.unstarted
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            debug!(%key, "worker retiring: task left unstarted");
+        }
+        retiring
+    }
+
+    /// Completes with the stuck task's key once the worker is to retire
+    /// (never, unless retiring is on).
+    async fn wait(&self) -> String {
+        loop {
+            if let Some(task) = self.task.get() {
+                return task.clone();
+            }
+            self.noticed.notified().await;
+        }
+    }
 }
 
 impl Shared {
@@ -434,7 +518,9 @@ async fn hand_off(shared: &Shared, bundle: BundleId) {
 /// whenever RabbitMQ or Redis is lost after it was first up: tasks running
 /// at the loss are stopped, since the broker hands their deliveries to
 /// another consumer, and each attempt reconnects with growing pauses. A
-/// failure before the first start-up is returned at once.
+/// failure before the first start-up is returned at once. A retirement
+/// ([`WorkerOptions::retire_when_stuck`]) ends it too, unless a stop was
+/// asked for meanwhile: the stop wins, and the worker just stops.
 async fn supervise(
     options: WorkerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -447,6 +533,9 @@ async fn supervise(
     loop {
         let mut up = false;
         let result = run_inner(&options, &stop, &mut ready, &mut up).await;
+        if let Err(WorkerError::Retired { .. }) = result {
+            return if stop.requested() { Ok(()) } else { result };
+        }
         if let Some(done) = attempts.settle(result, up, &stop, "reconnecting").await {
             return done;
         }
@@ -553,6 +642,7 @@ async fn serve(
         guard: ReplayGuard::new(),
         fence: Fence::default(),
         window: Window::new(nthreads),
+        stuck: Stuck::new(options.retire_when_stuck),
     });
     let lost = Arc::new(tokio::sync::Notify::new());
     let liveness = Arc::new(Liveness::new());
@@ -671,9 +761,20 @@ async fn serve(
 
     let shutdown = stop.clone().wait();
     tokio::pin!(shutdown);
+    // `Ok(None)`: stopped; `Ok(Some(task))`: retiring because of `task`.
     let result = loop {
         tokio::select! {
-            _ = &mut shutdown => break Ok(()),
+            _ = &mut shutdown => break Ok(None),
+            task = shared.stuck.wait() => {
+                tracing::error!(
+                    worker = %id,
+                    task = %task,
+                    "retiring this worker: a synchronous task ran past its time limit and its thread \
+                     cannot be stopped; its TimedOut error is stored, tasks not started go back to \
+                     the queue, running ones finish, then the process is replaced"
+                );
+                break Ok(Some(task));
+            }
             () = lost.notified() => break Err(WorkerError::Closed),
             delivery = delivery_rx.recv() => match delivery {
                 Some(Ok(delivery)) => {
@@ -715,13 +816,19 @@ async fn serve(
             .collect();
         shared.cancel(&keys);
         completer.abort();
-        return result;
+        return result.map(drop);
     }
     // Stop taking work, let running tasks finish and be stored, then leave.
     for (channel, tag) in &consumers {
         let _ = channel.basic_cancel(name(tag), Default::default()).await;
     }
     let _ = shared.slots.acquire_many(nthreads as u32).await;
+    let unstarted = shared.stuck.unstarted.clone();
+    drop(shared);
+    let _ = completer.await;
+    // Only now, with every completion stored and announced: a scheduler
+    // told earlier would put the tasks it saw start here back in its ready
+    // queue and run them twice.
     let _ = announce(
         &publish,
         &names,
@@ -729,10 +836,15 @@ async fn serve(
         &ToScheduler::WorkerGone { worker: id.clone() },
     )
     .await;
-    drop(shared);
-    let _ = completer.await;
+    if result.as_ref().is_ok_and(Option::is_some) {
+        let unstarted = unstarted.load(std::sync::atomic::Ordering::Relaxed);
+        info!(worker = %id, unstarted, "worker retired: tasks it had not started go back to the queue");
+    }
     info!(worker = %id, "worker stopped");
-    result
+    match result {
+        Ok(Some(task)) => Err(WorkerError::Retired { task }),
+        other => other.map(drop),
+    }
 }
 
 /// Applies each change of `window` as the prefetch of `consume` (see
@@ -1053,7 +1165,14 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
+                // A retiring worker starts nothing more: the delivery goes
+                // back to the queue when it closes its connection, for
+                // another worker to run. (A redelivered task whose start
+                // the ledger recorded runs, so as not to count as lost.)
                 let (permit, isolation) = if redelivered {
+                    if shared.stuck.leaves_unstarted(&key) {
+                        return;
+                    }
                     match shared.ledger.admit(&shared.slots, &key, &task.spec.task).await {
                         crate::lost::Admission::Run { permit, isolation } => (permit, isolation),
                         crate::lost::Admission::Lost(error) => {
@@ -1076,6 +1195,9 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                     let Ok(permit) = shared.slots.clone().acquire_owned().await else {
                         return;
                     };
+                    if shared.stuck.leaves_unstarted(&key) {
+                        return;
+                    }
                     (permit, None)
                 };
                 if shared.withdrawn(&key).await {
@@ -1181,7 +1303,7 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
                 match until(deadline, &mut handle).await {
                     Some(Ok(outcome)) => outcome,
                     Some(Err(error)) => Err(TaskError::new(ErrorKind::Internal, "flotilla::JoinError", error.to_string())),
-                    None => Err(abandon(&ctx, limit, handle)),
+                    None => Err(abandon(shared, &ctx, limit, handle)),
                 }
             }
             Invocation::Async(future) => {
@@ -1268,8 +1390,10 @@ fn timed_out(ctx: &TaskContext, limit: Option<Duration>, what: &str) -> TaskErro
 /// stopped: it sees `ctx.is_cancelled()`, runs on without a slot, and what
 /// it returns is dropped (the task's error is `TimedOut` for good; a retry,
 /// if any, is a new run). Logged as an error, with how many such threads
-/// this process still carries.
+/// this process still carries. A worker that retires when stuck starts
+/// retiring (see [`WorkerOptions::retire_when_stuck`]).
 fn abandon(
+    shared: &Shared,
     ctx: &TaskContext,
     limit: Option<Duration>,
     handle: JoinHandle<TaskOutcome>,
@@ -1278,12 +1402,21 @@ fn abandon(
     use std::sync::atomic::Ordering::Relaxed;
     ctx.cancel();
     let abandoned = ABANDONED.fetch_add(1, Relaxed) + 1;
-    tracing::error!(
-        limit = ?limit.unwrap_or_default(),
-        abandoned,
-        "synchronous task ran past its time limit: reported TimedOut; its thread cannot be stopped \
-         and runs on, its result to be discarded (restart this worker if such threads pile up)"
-    );
+    if shared.stuck.abandoned(ctx.key()) {
+        tracing::error!(
+            limit = ?limit.unwrap_or_default(),
+            abandoned,
+            "synchronous task ran past its time limit: reported TimedOut; its thread cannot be \
+             stopped, so this worker retires"
+        );
+    } else {
+        tracing::error!(
+            limit = ?limit.unwrap_or_default(),
+            abandoned,
+            "synchronous task ran past its time limit: reported TimedOut; its thread cannot be stopped \
+             and runs on, its result to be discarded (restart this worker if such threads pile up)"
+        );
+    }
     let key = ctx.key().to_owned();
     let since = Instant::now();
     tokio::spawn(async move {
