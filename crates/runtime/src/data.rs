@@ -11,8 +11,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use flotilla_proto::Codec;
-//! use flotilla_runtime::data::{DataClient, DataServer, Keep};
-//! use tokio_util::sync::CancellationToken;
+//! use flotilla_runtime::data::{CancellationToken, DataClient, DataServer, Keep};
 //!
 //! let keep = Keep::new();
 //! keep.insert("ns:r:big", vec![7u8; 1 << 20]);
@@ -97,7 +96,9 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
+/// The shutdown signal of [`DataServer::serve`] (re-exported from
+/// `tokio-util`).
+pub use tokio_util::sync::CancellationToken;
 
 /// The first bytes of every request.
 const MAGIC: &[u8; 3] = b"FLD";
