@@ -1117,6 +1117,15 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, DataError::Refused { .. }), "{error}");
+        // A tag made for another purpose does not open a data request.
+        let codec = sealed("s3cret", 60_000);
+        let envelope = codec.encode(Purpose::Spec, "k");
+        let mut frame = request_frame(&codec, "k");
+        frame.truncate(REQUEST_HEADER - 4);
+        frame.extend_from_slice(&(envelope.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&envelope);
+        let (status, reason) = raw(server.addr, &frame).await;
+        assert_eq!(status, REFUSED, "{reason:?}");
         // The right secret is served.
         let ours = client(sealed("s3cret", 60_000));
         assert_eq!(
