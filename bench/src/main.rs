@@ -26,6 +26,10 @@ struct Options {
     full: bool,
     repeats: usize,
     only: Option<String>,
+    /// Measure the peak RSS of fetching a value of this many bytes.
+    data_rss: Option<usize>,
+    /// (The child of `--data-rss`.) Keep and serve a value of this many bytes.
+    data_serve: Option<usize>,
 }
 
 fn parse_options() -> Result<Options> {
@@ -36,6 +40,8 @@ fn parse_options() -> Result<Options> {
         full: false,
         repeats: 3,
         only: None,
+        data_rss: None,
+        data_serve: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -47,6 +53,8 @@ fn parse_options() -> Result<Options> {
             "--only" => options.only = Some(value("--only")?),
             "--json" => options.json = true,
             "--full" => options.full = true,
+            "--data-rss" => options.data_rss = Some(value("--data-rss")?.parse()?),
+            "--data-serve" => options.data_serve = Some(value("--data-serve")?.parse()?),
             "-h" | "--help" => {
                 println!(
                     "flotilla-bench — Flotilla's benchmarks against the configured RabbitMQ and Redis\n\n\
@@ -57,6 +65,9 @@ fn parse_options() -> Result<Options> {
                      --only PREFIX  run only workloads whose key starts with PREFIX\n\
                      --json         print one JSON object keyed by workload\n\
                      --full         add the 1,000,000-task workloads\n\
+                     --data-rss BYTES  no cluster: one process keeps a value of BYTES and\n\
+                     \x20              serves it on the data connection, this one fetches it;\n\
+                     \x20              prints both processes' peak RSS (VmHWM)\n\
                      --only backlog a backlog of 300,000 pending tasks (1,000,000 with --full):\n\
                      \x20              the scheduler's peak RSS and Redis' used memory\n\n\
                      Connection: FLOTILLA_AMQP_URL, FLOTILLA_REDIS_URL (a fresh namespace is used)."
@@ -283,6 +294,118 @@ async fn redis_10mb_floor(config: &Config, bytes: usize) -> Result<f64> {
     Ok((bytes as f64 / 1e6) / elapsed)
 }
 
+/// The data connection's floor: a `DataServer` keeping a value of `bytes`
+/// and a `DataClient` in this process, over loopback; after one fetch that
+/// opens the connection, the median MB/s of `fetches` fetches (each into a
+/// fresh buffer, as a reader's would be).
+async fn data_floor(bytes: usize, fetches: usize) -> Result<f64> {
+    use flotilla_runtime::data::{CancellationToken, DataClient, DataServer, Keep};
+    let keep = Keep::new();
+    keep.insert("floor", vec![7u8; bytes]);
+    let codec = flotilla_proto::Codec::plain();
+    let server = DataServer::bind("127.0.0.1:0", keep, codec.clone(), Default::default()).await?;
+    let addr = server.local_addr();
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(shutdown.clone()));
+    let client = DataClient::new(codec, Default::default());
+    client.fetch(addr, "floor").await?;
+    let mut samples = Vec::new();
+    for _ in 0..fetches {
+        let started = Instant::now();
+        let value = client.fetch(addr, "floor").await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if value.len() != bytes {
+            bail!("wrong size back from the data server");
+        }
+        drop(value);
+        samples.push((bytes as f64 / 1e6) / elapsed);
+    }
+    shutdown.cancel();
+    serving.await?;
+    Ok(median(samples))
+}
+
+/// `--data-rss`: runs this program again as `--data-serve`, which keeps a
+/// value of `bytes` and serves it; fetches it once and prints the time and
+/// both processes' peak RSS.
+async fn data_rss(bytes: usize) -> Result<()> {
+    use std::io::BufRead;
+    use std::io::Write;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--data-serve", &bytes.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("child stdout")?).lines();
+    let addr: std::net::SocketAddr = lines.next().context("the server's address")??.parse()?;
+    let client =
+        flotilla_runtime::data::DataClient::new(flotilla_proto::Codec::plain(), Default::default());
+    let started = Instant::now();
+    let value = client.fetch(addr, "value").await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if value.len() != bytes || value.iter().any(|&b| b != 7) {
+        bail!("the value came back different");
+    }
+    let fetcher = vm_hwm("self")?;
+    drop(value);
+    // Closing its stdin tells the server to report and stop.
+    drop(child.stdin.take());
+    let server: u64 = lines.next().context("the server's peak RSS")??.parse()?;
+    child.wait()?;
+    let row = |key: &str, value: f64, unit: &str| eprintln!("{key:<36} {value:>14.3} {unit}");
+    row(
+        "data_rss_fetch_mb_per_s",
+        (bytes as f64 / 1e6) / elapsed,
+        "MB/s (one fetch, two processes)",
+    );
+    row(
+        "data_rss_fetcher_peak_mb",
+        fetcher as f64 / 1e6,
+        "MB (VmHWM of the fetching process)",
+    );
+    row(
+        "data_rss_server_peak_mb",
+        server as f64 / 1e6,
+        "MB (VmHWM of the serving process)",
+    );
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// `--data-serve`: keeps a value of `bytes` under `value`, prints the
+/// address, serves until stdin closes, then prints its peak RSS in bytes.
+async fn data_serve(bytes: usize) -> Result<()> {
+    use flotilla_runtime::data::{CancellationToken, DataServer, Keep};
+    let keep = Keep::new();
+    keep.insert("value", vec![7u8; bytes]);
+    let codec = flotilla_proto::Codec::plain();
+    let server = DataServer::bind("127.0.0.1:0", keep, codec, Default::default()).await?;
+    println!("{}", server.local_addr());
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(shutdown.clone()));
+    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+        .await??;
+    shutdown.cancel();
+    serving.await?;
+    println!("{}", vm_hwm("self")?);
+    Ok(())
+}
+
+/// The peak RSS (`VmHWM`) of process `pid` (or `self`), in bytes.
+fn vm_hwm(pid: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
 /// One RabbitMQ hop as Flotilla's messages take it: a persistent message
 /// published (confirms on, not awaited) on one connection to a durable
 /// queue, until a consumer on another connection has it. Sequential:
@@ -501,6 +624,12 @@ struct Row {
 #[tokio::main]
 async fn main() -> Result<()> {
     let options = parse_options()?;
+    if let Some(bytes) = options.data_serve {
+        return data_serve(bytes).await;
+    }
+    if let Some(bytes) = options.data_rss {
+        return data_rss(bytes).await;
+    }
     // The client library's warnings (a failed publish, a Redis error) are
     // what explains a run that stalls or slows down. lapin's own errors are
     // left out: the actor client probes queues that may not exist.
@@ -651,6 +780,20 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
             value: Some(median(transfers)),
             unit: "MB/s (SET then GET of 10 MB: the transport's floor)",
         });
+        for (key, bytes) in [
+            ("floor_data_10mb_mb_per_s", 10_000_000),
+            ("floor_data_100mb_mb_per_s", 100_000_000),
+        ] {
+            let mut samples = Vec::new();
+            for _ in 0..repeats {
+                samples.push(data_floor(bytes, 5).await?);
+            }
+            report(Row {
+                key,
+                value: Some(median(samples)),
+                unit: "MB/s (fetch of a kept value on the data connection, in-process loopback: its floor)",
+            });
+        }
         report(Row {
             key: "floor_amqp_hop_p50_ms",
             value: Some(median(amqp)),

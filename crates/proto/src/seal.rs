@@ -62,6 +62,9 @@ pub enum Purpose {
     ActorReply,
     /// A [`crate::TaskSpec`] stored in Redis.
     Spec,
+    /// A request for a kept value on a worker's direct data connection
+    /// (`flotilla_runtime::data`).
+    Data,
 }
 
 impl Purpose {
@@ -73,6 +76,7 @@ impl Purpose {
             Purpose::ActorCall => b"actor-call",
             Purpose::ActorReply => b"actor-reply",
             Purpose::Spec => b"spec",
+            Purpose::Data => b"data",
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`refs`]: the holders scripts that keep results alive;
 //! - [`custody`]: leases on long tasks;
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
+//! - [`data`]: the direct data connection that serves kept values over TCP;
 //! - [`cli`]: the connection flags, logging and signals of the binaries.
 //!
 //! The wire contract itself (messages, codec, names, config) is
@@ -15,6 +16,7 @@
 pub mod blocked;
 pub mod cli;
 pub mod custody;
+pub mod data;
 pub mod incarnation;
 pub mod refs;
 pub mod seal;
