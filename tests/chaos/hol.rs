@@ -97,10 +97,7 @@ async fn the_broker_applies_a_changed_channel_prefetch_to_an_existing_consumer()
 
 /// A scheduler and two single-slot workers with default options, logging
 /// what they give back to `logs`, and a client of them.
-async fn single_slot_cluster(
-    config: &Config,
-    logs: &[std::path::PathBuf],
-) -> (Vec<Child>, Client) {
+async fn single_slot_cluster(config: &Config, logs: &[std::path::PathBuf]) -> (Vec<Child>, Client) {
     let mut children = vec![scheduler(config)];
     for log in logs {
         children.push(spawn_filtered(

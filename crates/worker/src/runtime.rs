@@ -1118,6 +1118,8 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
     // A redelivered bundle's worker may have died under it: its tasks'
     // starts are recorded, and one that kept killing workers errs.
     let redelivered = delivery.redelivered;
+    // Watched from before the bundle exists: no shed of it goes unseen.
+    let rounds = shared.window.given_back();
     let bundle = shared.core().received(
         delivery.acker,
         tasks.iter().map(|task| task.spec.key.clone()),
@@ -1139,6 +1141,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
     }
     for task in tasks {
         let shared = shared.clone();
+        let mut rounds = rounds.clone();
         let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
         tokio::spawn(
             async move {
@@ -1149,16 +1152,13 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 // Waiting for a slot, the task gives up if its bundle is
                 // given back (shed) meanwhile; once it has one, it starts
                 // unless that happened just before.
-                let mut rounds = shared.window.given_back();
                 let given_back = async {
-                    loop {
+                    while rounds.changed().await.is_ok() {
                         if shared.core().given_back(bundle, &key) {
                             return;
                         }
-                        if rounds.changed().await.is_err() {
-                            return std::future::pending().await;
-                        }
                     }
+                    std::future::pending().await
                 };
                 let begin = || shared.core().begin(bundle, &key);
                 let (permit, isolation) = if redelivered {
