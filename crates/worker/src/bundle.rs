@@ -22,7 +22,8 @@ use crate::runtime::INLINE_RESULT_LIMIT;
 use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, ToWorker};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A bundle received by this worker, named by the core.
@@ -318,16 +319,54 @@ pub(crate) enum Queue {
     Own,
 }
 
+/// Whether a bundle's tasks may still start here, shared by the core and
+/// the bundle's tasks: a task that took its slot claims the bundle without
+/// the core's lock (once per task: the common path of tiny tasks), and a
+/// shed, under the lock, takes only a bundle no task claimed.
+#[derive(Debug, Default)]
+pub(crate) struct Claim(AtomicU8);
+
+/// No task of the bundle started.
+const WAITING: u8 = 0;
+/// A task of the bundle started: it is never shed.
+const STARTED: u8 = 1;
+/// The bundle was given back: its tasks do not run here.
+const SHED: u8 = 2;
+
+impl Claim {
+    /// A task of the bundle took a slot (or is settled without running):
+    /// true, and the bundle is never shed from now on; false when it was
+    /// shed first, and the task must not run here (another worker has its
+    /// delivery; tell the core with [`WorkerCore::given_back`]).
+    pub(crate) fn begin(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == STARTED,
+        }
+    }
+
+    /// Sheds the bundle unless a task started: whether it did.
+    fn shed(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, SHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn is_shed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == SHED
+    }
+}
+
 /// One bundle's state.
 #[derive(Debug)]
 struct Bundle<D> {
     /// Where it came from.
     queue: Queue,
-    /// A task of it took a slot (or was settled without one): it is never
-    /// shed.
-    started: bool,
-    /// Given back unstarted: its tasks must not run here.
-    shed: bool,
+    /// Started, shed, or neither yet.
+    claim: Arc<Claim>,
     /// Until acknowledged or rejected: `None` once settled, with nothing
     /// more to tell the broker.
     delivery: Option<D>,
@@ -371,8 +410,7 @@ impl<D> WorkerCore<D> {
             id,
             Bundle {
                 queue,
-                started: false,
-                shed: false,
+                claim: Arc::default(),
                 delivery: Some(delivery),
                 pending: keys.into_iter().collect(),
                 handed_off: false,
@@ -381,19 +419,24 @@ impl<D> WorkerCore<D> {
         id
     }
 
-    /// Task `key` of `bundle` took a slot (or is settled without running):
-    /// true, and the bundle is never shed from now on; or false when the
-    /// bundle was shed meanwhile, and the task, forgotten, must not run
-    /// here (another worker has its delivery). A bundle the core does not
-    /// hold any more (settled) runs as before.
-    pub(crate) fn begin(&mut self, bundle: BundleId, key: &str) -> bool {
-        if self.given_back(bundle, key) {
-            return false;
+    /// The claim of `bundle`, for its tasks to [`Claim::begin`] with; a
+    /// fresh one (never shed) if the core does not hold it any more.
+    pub(crate) fn claim(&self, bundle: BundleId) -> Arc<Claim> {
+        self.bundles
+            .get(&bundle)
+            .map(|state| state.claim.clone())
+            .unwrap_or_default()
+    }
+
+    /// [`Claim::begin`] through the core, for tests: false (and the task
+    /// forgotten) when `bundle` was shed.
+    #[cfg(test)]
+    fn begin(&mut self, bundle: BundleId, key: &str) -> bool {
+        if self.claim(bundle).begin() {
+            return true;
         }
-        if let Some(state) = self.bundles.get_mut(&bundle) {
-            state.started = true;
-        }
-        true
+        self.given_back(bundle, key);
+        false
     }
 
     /// Whether task `key` of `bundle`, still waiting for a slot, was shed;
@@ -403,7 +446,7 @@ impl<D> WorkerCore<D> {
         let Some(state) = self.bundles.get_mut(&bundle) else {
             return false;
         };
-        if !state.shed {
+        if !state.claim.is_shed() {
             return false;
         }
         state.pending.remove(key);
@@ -421,14 +464,15 @@ impl<D> WorkerCore<D> {
             .iter_mut()
             .filter(|(_, state)| {
                 state.queue == Queue::Shared
-                    && !state.started
                     && !state.handed_off
                     && !state.pending.is_empty()
+                    && state.delivery.is_some()
             })
             .filter_map(|(id, state)| {
-                let delivery = state.delivery.take()?;
-                state.shed = true;
-                Some((*id, delivery))
+                if !state.claim.shed() {
+                    return None;
+                }
+                Some((*id, state.delivery.take()?))
             })
             .collect();
         shed.sort_unstable_by_key(|(id, _)| id.0);

@@ -1120,11 +1120,15 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
     let redelivered = delivery.redelivered;
     // Watched from before the bundle exists: no shed of it goes unseen.
     let rounds = shared.window.given_back();
-    let bundle = shared.core().received(
-        delivery.acker,
-        tasks.iter().map(|task| task.spec.key.clone()),
-        queue,
-    );
+    let (bundle, claim) = {
+        let mut core = shared.core();
+        let bundle = core.received(
+            delivery.acker,
+            tasks.iter().map(|task| task.spec.key.clone()),
+            queue,
+        );
+        (bundle, core.claim(bundle))
+    };
     {
         // Held this long (running, or waiting for a slot), the delivery is
         // acknowledged and its tasks kept in custody instead.
@@ -1142,6 +1146,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
     for task in tasks {
         let shared = shared.clone();
         let mut rounds = rounds.clone();
+        let claim = claim.clone();
         let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
         tokio::spawn(
             async move {
@@ -1160,7 +1165,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                     }
                     std::future::pending().await
                 };
-                let begin = || shared.core().begin(bundle, &key);
+                let begin = || claim.begin();
                 let (permit, isolation) = if redelivered {
                     let admission = tokio::select! {
                         admission = shared.ledger.admit(&shared.slots, &key, &task.spec.task, begin) => admission,
@@ -1182,7 +1187,11 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                             });
                             return;
                         }
-                        crate::lost::Admission::Closed | crate::lost::Admission::GivenBack => return,
+                        crate::lost::Admission::GivenBack => {
+                            shared.core().given_back(bundle, &key);
+                            return;
+                        }
+                        crate::lost::Admission::Closed => return,
                     }
                 } else {
                     let acquired = tokio::select! {
@@ -1193,6 +1202,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         return;
                     };
                     if !begin() {
+                        shared.core().given_back(bundle, &key);
                         return;
                     }
                     (permit, None)
