@@ -184,6 +184,9 @@ async fn chaos_head_of_line() {
         Err(Error::Timeout { .. }) => unresolved += 1,
         Err(Error::Cancelled(_)) => {}
         Err(Error::Task(error)) if error.kind() == ErrorKind::Cancelled => {}
+        // Done before the cancel: the short batch waited 45 s behind it,
+        // which the bound below reports (after the processes stopped).
+        Ok(_) => {}
         other => panic!("the cancelled long task resolved as {other:?}"),
     }
     let max_resolve_s = started.elapsed().as_secs_f64();
