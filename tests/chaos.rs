@@ -65,6 +65,18 @@ fn spawn_logged(
     args: &[&str],
     log: Option<&std::path::Path>,
 ) -> Child {
+    spawn_filtered(binary, config, args, log, None)
+}
+
+/// Like [`spawn_logged`], logging what `filter` (a `RUST_LOG` value) lets
+/// through instead of warnings and errors.
+fn spawn_filtered(
+    binary: &str,
+    config: &Config,
+    args: &[&str],
+    log: Option<&std::path::Path>,
+    filter: Option<&str>,
+) -> Child {
     let stderr = match log {
         Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
         None => Stdio::null(),
@@ -101,7 +113,10 @@ fn spawn_logged(
         )
         .env(
             "RUST_LOG",
-            std::env::var("CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+            filter.map_or_else(
+                || std::env::var("CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+                str::to_owned,
+            ),
         )
         .stdout(Stdio::null())
         .stderr(stderr)

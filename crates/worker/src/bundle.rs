@@ -5,7 +5,9 @@
 //! result stored and its completion event confirmed by the broker), rejected
 //! back to its queue when storing or announcing one of its tasks fails, or,
 //! held too long, acknowledged early with its unfinished tasks put in
-//! custody (see [`flotilla_runtime::custody`]). [`admit`] and [`checked`]
+//! custody (see [`flotilla_runtime::custody`]), or, none of its tasks
+//! started while every slot of the worker is stuck on a long task, given
+//! back to its queue for another worker ([`WorkerCore::shed`]). [`admit`] and [`checked`]
 //! decide what a delivery is (tasks to run, a control message, something to
 //! dead-letter), and [`WorkerCore::plan`] what a batch of completions writes
 //! to Redis and announces.
@@ -20,7 +22,8 @@ use crate::runtime::INLINE_RESULT_LIMIT;
 use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, ToWorker};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A bundle received by this worker, named by the core.
@@ -34,6 +37,10 @@ pub(crate) enum Effect<D> {
     Ack(D),
     /// Reject the delivery back to its queue, to be delivered again.
     Requeue(D),
+    /// Give the delivery back to its queue unstarted (reject, requeue), for
+    /// another worker: this one is stuck on long tasks. Its tasks do not
+    /// run here.
+    Shed(D),
     /// Renew the custody leases of these unfinished tasks of `bundle` (they
     /// are in the core's custody set already), then report the outcome with
     /// [`WorkerCore::custody_renewed`].
@@ -302,9 +309,64 @@ pub(crate) fn run_us(run: Duration) -> u32 {
     u32::try_from(run.as_micros()).unwrap_or(u32::MAX).max(1)
 }
 
+/// The queue a bundle came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queue {
+    /// The shared task queue: any worker could run it.
+    Shared,
+    /// This worker's own queue (tasks pinned here): it can run nowhere
+    /// else, so it is never shed.
+    Own,
+}
+
+/// Whether a bundle's tasks may still start here, shared by the core and
+/// the bundle's tasks: a task that took its slot claims the bundle without
+/// the core's lock (once per task: the common path of tiny tasks), and a
+/// shed, under the lock, takes only a bundle no task claimed.
+#[derive(Debug, Default)]
+pub(crate) struct Claim(AtomicU8);
+
+/// No task of the bundle started.
+const WAITING: u8 = 0;
+/// A task of the bundle started: it is never shed.
+const STARTED: u8 = 1;
+/// The bundle was given back: its tasks do not run here.
+const SHED: u8 = 2;
+
+impl Claim {
+    /// A task of the bundle took a slot (or is settled without running):
+    /// true, and the bundle is never shed from now on; false when it was
+    /// shed first, and the task must not run here (another worker has its
+    /// delivery; tell the core with [`WorkerCore::given_back`]).
+    pub(crate) fn begin(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(state) => state == STARTED,
+        }
+    }
+
+    /// Sheds the bundle unless a task started: whether it did.
+    fn shed(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, SHED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn is_shed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == SHED
+    }
+}
+
 /// One bundle's state.
 #[derive(Debug)]
 struct Bundle<D> {
+    /// Where it came from.
+    queue: Queue,
+    /// Started, shed, or neither yet.
+    claim: Arc<Claim>,
     /// Until acknowledged or rejected: `None` once settled, with nothing
     /// more to tell the broker.
     delivery: Option<D>,
@@ -334,23 +396,89 @@ impl<D> Default for WorkerCore<D> {
 }
 
 impl<D> WorkerCore<D> {
-    /// A bundle of tasks `keys` arrived in `delivery`, to be run.
+    /// A bundle of tasks `keys` arrived in `delivery` from `queue`, to be
+    /// run.
     pub(crate) fn received(
         &mut self,
         delivery: D,
         keys: impl IntoIterator<Item = String>,
+        queue: Queue,
     ) -> BundleId {
         let id = BundleId(self.next);
         self.next += 1;
         self.bundles.insert(
             id,
             Bundle {
+                queue,
+                claim: Arc::default(),
                 delivery: Some(delivery),
                 pending: keys.into_iter().collect(),
                 handed_off: false,
             },
         );
         id
+    }
+
+    /// The claim of `bundle`, for its tasks to [`Claim::begin`] with; a
+    /// fresh one (never shed) if the core does not hold it any more.
+    pub(crate) fn claim(&self, bundle: BundleId) -> Arc<Claim> {
+        self.bundles
+            .get(&bundle)
+            .map(|state| state.claim.clone())
+            .unwrap_or_default()
+    }
+
+    /// [`Claim::begin`] through the core, for tests: false (and the task
+    /// forgotten) when `bundle` was shed.
+    #[cfg(test)]
+    fn begin(&mut self, bundle: BundleId, key: &str) -> bool {
+        if self.claim(bundle).begin() {
+            return true;
+        }
+        self.given_back(bundle, key);
+        false
+    }
+
+    /// Whether task `key` of `bundle`, still waiting for a slot, was shed;
+    /// it is forgotten then. Asked by the waiting tasks after each
+    /// [`Self::shed`].
+    pub(crate) fn given_back(&mut self, bundle: BundleId, key: &str) -> bool {
+        let Some(state) = self.bundles.get_mut(&bundle) else {
+            return false;
+        };
+        if !state.claim.is_shed() {
+            return false;
+        }
+        state.pending.remove(key);
+        self.tidy(bundle);
+        true
+    }
+
+    /// Every slot of the worker is stuck on a long task: each delivery of
+    /// the shared queue none of whose tasks started (and not acknowledged
+    /// into custody) goes back to the queue, for another worker, in the
+    /// order received. Bundles of the worker's own queue stay.
+    pub(crate) fn shed(&mut self) -> Vec<Effect<D>> {
+        let mut shed: Vec<(BundleId, D)> = self
+            .bundles
+            .iter_mut()
+            .filter(|(_, state)| {
+                state.queue == Queue::Shared
+                    && !state.handed_off
+                    && !state.pending.is_empty()
+                    && state.delivery.is_some()
+            })
+            .filter_map(|(id, state)| {
+                if !state.claim.shed() {
+                    return None;
+                }
+                Some((*id, state.delivery.take()?))
+            })
+            .collect();
+        shed.sort_unstable_by_key(|(id, _)| id.0);
+        shed.into_iter()
+            .map(|(_, delivery)| Effect::Shed(delivery))
+            .collect()
     }
 
     /// Task `key` of `bundle` is complete (stored and announced): the
@@ -522,7 +650,7 @@ mod tests {
     }
 
     fn receive(core: &mut Core, tag: u64, tasks: &[&str]) -> BundleId {
-        core.received(tag, keys(tasks))
+        core.received(tag, keys(tasks), Queue::Shared)
     }
 
     fn run_task(key: &str) -> RunTask {
@@ -579,6 +707,75 @@ mod tests {
         keys
     }
 
+    // --- shedding ---
+
+    #[test]
+    fn a_stuck_worker_gives_back_only_unstarted_bundles_of_the_shared_queue() {
+        let mut core = Core::default();
+        let running = receive(&mut core, 1, &["long"]);
+        let waiting = receive(&mut core, 2, &["a", "b"]);
+        let pinned = core.received(3, keys(&["p"]), Queue::Own);
+        let half = receive(&mut core, 4, &["c", "d"]);
+        let custody = receive(&mut core, 5, &["e"]);
+        let later = receive(&mut core, 6, &["f"]);
+        assert!(core.begin(running, "long"));
+        assert!(core.begin(half, "c"), "one task of a bundle started");
+        assert!(matches!(
+            &core.hand_off(custody)[..],
+            [Effect::Renew { .. }]
+        ));
+        assert_eq!(core.shed(), vec![Effect::Shed(2), Effect::Shed(6)]);
+        assert_eq!(core.shed(), vec![], "given back once");
+        // Their tasks, woken or taking a slot later, do not run here, and
+        // the bundles are forgotten with their last task.
+        assert!(core.given_back(waiting, "a"));
+        assert!(!core.begin(waiting, "b"));
+        assert!(!core.begin(later, "f"));
+        assert!(!core.given_back(pinned, "p"), "pinned tasks wait");
+        assert!(
+            !core.given_back(half, "d"),
+            "siblings of a started task wait"
+        );
+        assert!(core.begin(pinned, "p") && core.begin(half, "d"));
+        assert_eq!(core.held(), 4);
+        // The bundles kept settle as ever.
+        assert_eq!(core.done(running, "long"), vec![Effect::Ack(1)]);
+        assert_eq!(core.done(pinned, "p"), vec![Effect::Ack(3)]);
+        assert_eq!(core.done(half, "c"), vec![]);
+        assert_eq!(core.done(half, "d"), vec![Effect::Ack(4)]);
+        assert_eq!(
+            core.custody_renewed(custody, &keys(&["e"]), true),
+            vec![Effect::Ack(5)]
+        );
+        assert_eq!(core.done(custody, "e"), vec![]);
+        assert_eq!(core.held(), 0, "nothing left behind");
+    }
+
+    #[test]
+    fn a_shed_bundle_is_neither_acked_requeued_nor_handed_off() {
+        let mut core = Core::default();
+        let b = receive(&mut core, 7, &["a"]);
+        assert_eq!(core.shed(), vec![Effect::Shed(7)]);
+        assert_eq!(core.hand_off(b), vec![], "its delivery is gone");
+        assert_eq!(core.failed(b, "a"), vec![]);
+        assert_eq!(core.held(), 0);
+        assert!(
+            core.begin(b, "a"),
+            "a forgotten bundle's task runs as before"
+        );
+    }
+
+    #[test]
+    fn tasks_of_a_bundle_not_shed_are_not_given_back() {
+        let mut core = Core::default();
+        let b = receive(&mut core, 1, &["a"]);
+        assert!(!core.given_back(b, "a"));
+        assert!(!core.given_back(BundleId(99), "a"));
+        assert!(core.begin(b, "a"));
+        assert_eq!(core.shed(), vec![]);
+        assert_eq!(core.done(b, "a"), vec![Effect::Ack(1)]);
+    }
+
     // --- acknowledgement ---
 
     #[test]
@@ -625,7 +822,7 @@ mod tests {
         // Keys are a set: the first copy to complete completes the key, and
         // the bundle with it (the behaviour of the runtime before the core).
         let mut core = Core::default();
-        let b = core.received(3, keys(&["a", "a", "b"]));
+        let b = core.received(3, keys(&["a", "a", "b"]), Queue::Shared);
         assert_eq!(core.done(b, "b"), vec![]);
         assert_eq!(core.done(b, "a"), vec![Effect::Ack(3)]);
         assert_eq!(core.done(b, "a"), vec![], "the second copy adds nothing");

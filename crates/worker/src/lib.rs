@@ -46,7 +46,8 @@ pub use flotilla_task::{
 };
 pub use linked::LinkError;
 pub use runtime::{
-    run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, INLINE_RESULT_LIMIT,
+    run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT,
+    INLINE_RESULT_LIMIT, SHED_AFTER,
 };
 pub use slot::seceded;
 
@@ -79,9 +80,12 @@ struct Args {
     /// Task deliveries held unacknowledged, fixed, 1 to 65535 [default: 64 per slot, at least 256]
     #[arg(long, value_name = "N", env = "FLOTILLA_PREFETCH", value_parser = prefetch)]
     prefetch: Option<usize>,
-    /// Hold one task delivery per free slot, following the slots: for long tasks, none waits here behind another (costs small tasks' throughput)
+    /// Always hold just one task delivery per free slot, following the slots (costs small tasks' throughput)
     #[arg(long, env = "FLOTILLA_PREFETCH_PER_SLOT", conflicts_with = "prefetch")]
     prefetch_per_slot: bool,
+    /// When every slot has run the same task this long, hold one delivery per slot and give back the others for other workers, e.g. 1s, 500ms; 0 or off: never [default: 1s]
+    #[arg(long, value_name = "DURATION", env = "FLOTILLA_SHED_AFTER", value_parser = shed_after)]
+    shed_after: Option<Shed>,
     /// AMQP heartbeat in seconds, 0 to 3600 (0: the broker's); a stopped worker's deliveries return after about twice this [default: 10]
     #[arg(long, value_name = "SECONDS", env = "FLOTILLA_AMQP_HEARTBEAT", value_parser = heartbeat)]
     heartbeat: Option<usize>,
@@ -138,6 +142,21 @@ fn prefetch(text: &str) -> Result<usize, String> {
     whole_number_in(text, 1, usize::from(u16::MAX))
 }
 
+/// `--shed-after`, parsed: `None` for never (a newtype, so that clap
+/// takes it as one value).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Shed(Option<std::time::Duration>);
+
+fn shed_after(text: &str) -> Result<Shed, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") || text == "0" {
+        return Ok(Shed(None));
+    }
+    let after = humantime::parse_duration(text)
+        .map_err(|error| format!("expects a duration like 1s or 500ms, or off: {error}"))?;
+    Ok(Shed(Some(after).filter(|after| !after.is_zero())))
+}
+
 fn heartbeat(text: &str) -> Result<usize, String> {
     whole_number_in(text, 0, 3600)
 }
@@ -190,6 +209,9 @@ pub fn main_serving(task_crates: &[&str]) {
         options.prefetch = Some(u16::try_from(n.max(1)).unwrap_or(u16::MAX));
     }
     options.prefetch_per_slot = args.prefetch_per_slot;
+    if let Some(Shed(after)) = args.shed_after {
+        options.shed_after = after;
+    }
     if let Some(seconds) = args.heartbeat {
         options.heartbeat = Some(u16::try_from(seconds).unwrap_or(u16::MAX));
     }
@@ -340,6 +362,8 @@ mod tests {
             "--prefetch <N>",
             "FLOTILLA_PREFETCH",
             "--heartbeat <SECONDS>",
+            "--shed-after <DURATION>",
+            "FLOTILLA_SHED_AFTER",
             "FLOTILLA_AMQP_HEARTBEAT",
             "FLOTILLA_RESOURCES",
             "FLOTILLA_MEMORY_LIMIT",
@@ -370,9 +394,19 @@ mod tests {
             "10",
             "--heartbeat",
             "5",
+            "--shed-after",
+            "1500ms",
         ])
         .unwrap();
         assert_eq!(args.heartbeat, Some(5));
+        assert_eq!(
+            args.shed_after,
+            Some(super::Shed(Some(std::time::Duration::from_millis(1500))))
+        );
+        for never in ["0", "off", "OFF", "0s"] {
+            let args = super::Args::try_parse_from(["w", "--shed-after", never]).unwrap();
+            assert_eq!(args.shed_after, Some(super::Shed(None)), "{never}");
+        }
         assert_eq!(args.nthreads, Some(3));
         assert_eq!(args.memory_limit, Some(4 << 30));
         assert_eq!(args.resources.unwrap().0, vec![("GPU".to_string(), 1)]);
@@ -406,6 +440,8 @@ mod tests {
             &["flotilla-worker", "--prefetch", "65536"],
             &["flotilla-worker", "--heartbeat", "3601"],
             &["flotilla-worker", "--heartbeat", "-1"],
+            &["flotilla-worker", "--shed-after", "soon"],
+            &["flotilla-worker", "--shed-after", "5"],
             &[
                 "flotilla-worker",
                 "--memory-limit",

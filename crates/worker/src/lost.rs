@@ -67,6 +67,9 @@ pub(crate) enum Admission {
     Lost(TaskError),
     /// The worker is stopping (its slots are closed).
     Closed,
+    /// Its delivery was given back (shed) before it started: it does not
+    /// run here, and nothing is recorded.
+    GivenBack,
 }
 
 /// The start records of one worker's redelivered tasks.
@@ -102,7 +105,17 @@ impl Ledger {
     /// Takes a slot for a redelivered task and records its start, or tells
     /// that the task lost its worker too often. Redis failures let the task
     /// run unrecorded (its completion is stored through Redis anyway).
-    pub(crate) async fn admit(&self, slots: &Arc<Semaphore>, key: &str, task: &str) -> Admission {
+    /// `begin` is asked, once the task has its slot (or before it errs),
+    /// whether it still may start here: a delivery given back meanwhile
+    /// (see [`crate::bundle::WorkerCore::shed`]) records no start, since
+    /// that would count as a loss on its next worker.
+    pub(crate) async fn admit(
+        &self,
+        slots: &Arc<Semaphore>,
+        key: &str,
+        task: &str,
+        begin: impl FnOnce() -> bool,
+    ) -> Admission {
         let record = self.names.lost_key(key);
         let mut redis = self.redis.clone();
         let (losses, last): (Option<u32>, Option<String>) = redis::cmd("HMGET")
@@ -117,6 +130,9 @@ impl Ledger {
             });
         let losses = losses.unwrap_or(0);
         if losses >= self.allowed_failures {
+            if !begin() {
+                return Admission::GivenBack;
+            }
             return Admission::Lost(self.error(key, task, losses, last.as_deref()));
         }
         let (permit, isolation) = if losses > 0 {
@@ -133,6 +149,9 @@ impl Ledger {
             };
             (permit, None)
         };
+        if !begin() {
+            return Admission::GivenBack;
+        }
         let recorded: redis::RedisResult<(u8, u32, String)> = RECORD_START
             .key(&record)
             .arg(self.allowed_failures)
@@ -217,7 +236,8 @@ mod tests {
         let slots = Arc::new(Semaphore::new(2));
 
         // First recorded start: an ordinary slot.
-        let Admission::Run { permit, isolation } = ledger.admit(&slots, "k", "t").await else {
+        let Admission::Run { permit, isolation } = ledger.admit(&slots, "k", "t", || true).await
+        else {
             panic!("the first redelivery runs");
         };
         assert!(isolation.is_none());
@@ -225,7 +245,8 @@ mod tests {
         drop(permit);
 
         // A recorded loss: the task runs alone.
-        let Admission::Run { permit, isolation } = ledger.admit(&slots, "k", "t").await else {
+        let Admission::Run { permit, isolation } = ledger.admit(&slots, "k", "t", || true).await
+        else {
             panic!("the second redelivery runs");
         };
         assert!(isolation.is_some());
@@ -233,7 +254,7 @@ mod tests {
         drop((permit, isolation));
 
         // Two recorded losses with 2 allowed: lost.
-        match ledger.admit(&slots, "k", "t").await {
+        match ledger.admit(&slots, "k", "t", || true).await {
             Admission::Lost(error) => {
                 assert_eq!(error.kind(), ErrorKind::WorkerLost);
                 assert!(error.message().contains("3 times") && error.message().contains("w1"));
@@ -255,10 +276,30 @@ mod tests {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let Admission::Run { isolation, .. } = ledger.admit(&slots, "k", "t").await else {
+        let Admission::Run { isolation, .. } = ledger.admit(&slots, "k", "t", || true).await else {
             panic!("a completed task runs again when redelivered");
         };
         assert!(isolation.is_none());
+        drop(isolation);
+
+        // Given back before it started: nothing recorded, the slot free.
+        let _: () = redis::cmd("DEL")
+            .arg(names.lost_key("k"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let slots = Arc::new(Semaphore::new(1));
+        assert!(matches!(
+            ledger.admit(&slots, "k", "t", || false).await,
+            Admission::GivenBack
+        ));
+        assert_eq!(slots.available_permits(), 1);
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(names.lost_key("k"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!exists, "a task given back records no start");
         transport::delete_redis_keys(&mut conn, &names)
             .await
             .unwrap();

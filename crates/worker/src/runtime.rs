@@ -7,7 +7,7 @@
 //! and events published in batches by one completion loop.
 
 use crate::bundle::{
-    admit, checked, retrying, Admit, BundleId, Completion, Effect, Fence, WorkerCore, Write,
+    admit, checked, retrying, Admit, BundleId, Completion, Effect, Fence, Queue, WorkerCore, Write,
 };
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
@@ -50,6 +50,12 @@ const MAX_COMPLETION_BATCH: usize = 1024;
 /// How long a worker remembers a key the scheduler withdrew before it ran
 /// here (see `Shared::withdrawn`).
 const WITHDRAWN_FOR: Duration = Duration::from_secs(600);
+/// The default of [`WorkerOptions::shed_after`].
+pub const SHED_AFTER: Duration = Duration::from_secs(1);
+/// How often a worker looks whether its slots are stuck (see
+/// [`WorkerOptions::shed_after`]), and, while they are, gives back the
+/// deliveries that arrived since.
+const SHED_TICK: Duration = Duration::from_millis(100);
 
 /// A value every [`TaskContext`] of a worker carries, made once per worker by
 /// a library layered on the runtime (the `flotilla` client registers one so
@@ -77,17 +83,26 @@ pub struct WorkerOptions {
     pub nthreads: usize,
     /// Human-readable name; defaults to host name and process id.
     pub name: Option<String>,
-    /// Deliveries of the shared task queue held unacknowledged, fixed.
-    /// By default `max(64 × nthreads, 256)`, for the throughput of small
-    /// tasks, unless [`WorkerOptions::prefetch_per_slot`] is set.
+    /// Deliveries of the shared task queue held unacknowledged, fixed (no
+    /// shedding then). By default `max(64 × nthreads, 256)`, for the
+    /// throughput of small tasks, narrowed to one per slot while the
+    /// worker sheds (see [`WorkerOptions::shed_after`]).
     pub prefetch: Option<u16>,
-    /// Hold one delivery of the shared task queue per free slot, following
-    /// the slots as tasks lend them while they wait (see ARCHITECTURE.md,
-    /// §7): no task waits on this worker behind a long one while another
-    /// worker could run it (Celery's `worker_prefetch_multiplier = 1`).
+    /// Always hold one delivery of the shared task queue per free slot,
+    /// following the slots as tasks lend them while they wait (see
+    /// ARCHITECTURE.md, §7), as Celery's `worker_prefetch_multiplier = 1`.
     /// Costs small tasks' throughput: each slot waits a round trip for its
     /// next delivery. Ignored when [`WorkerOptions::prefetch`] is set.
     pub prefetch_per_slot: bool,
+    /// Shed after this long (default [`SHED_AFTER`]; `None`: never): when
+    /// every slot has held the same task this long, the worker narrows its
+    /// window to one delivery per slot and gives back to the queue, for
+    /// other workers, every delivery of the shared queue none of whose
+    /// tasks started; when a slot frees it widens the window again. So no
+    /// task waits here behind a long one while another worker could run
+    /// it, and small tasks keep the generous window. Ignored when
+    /// [`WorkerOptions::prefetch`] is set.
+    pub shed_after: Option<Duration>,
     /// The AMQP heartbeat to ask the broker for, in seconds (`0`: the
     /// broker's; a `heartbeat` in the AMQP URL wins). A worker that stops
     /// answering for two heartbeats loses its connection, and the broker
@@ -122,6 +137,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("name", &self.name)
             .field("prefetch", &self.prefetch)
             .field("prefetch_per_slot", &self.prefetch_per_slot)
+            .field("shed_after", &self.shed_after)
             .field("heartbeat", &self.heartbeat)
             .field("resources", &self.resources)
             .field("memory_limit", &self.memory_limit)
@@ -139,6 +155,7 @@ impl WorkerOptions {
             name: None,
             prefetch: None,
             prefetch_per_slot: false,
+            shed_after: Some(SHED_AFTER),
             heartbeat: None,
             resources: Vec::new(),
             memory_limit: None,
@@ -465,7 +482,7 @@ async fn settle(effects: Vec<Effect<Acker>>) {
                     warn!(%error, "could not acknowledge a delivery; it will be redelivered");
                 }
             }
-            Effect::Requeue(acker) => {
+            Effect::Requeue(acker) | Effect::Shed(acker) => {
                 let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
             }
             Effect::Renew { keys, .. } => {
@@ -710,29 +727,43 @@ async fn serve(
     // --- end actors ---
     // The shared task queue is consumed on a channel of its own, whose
     // prefetch (channel-wide: RabbitMQ applies a new value to the consumers
-    // the channel has) follows the slots when `prefetch_per_slot` asks it
-    // to; the own queue on another channel.
-    let follow = options.prefetch.is_none() && options.prefetch_per_slot;
+    // the channel has) is the wide one, narrowed to the slots while the
+    // worker sheds or always with `prefetch_per_slot`, unless fixed; the
+    // own queue on another channel.
     let consume = connection.create_channel().await?;
     let channel_wide = BasicQosOptions { global: true };
+    let steering = options.prefetch.is_none().then(|| Steering {
+        consume: consume.clone(),
+        window: shared.window.clone(),
+        core: shared.core.clone(),
+        slots: shared.slots.clone(),
+        wide: if options.prefetch_per_slot {
+            None
+        } else {
+            Some(wide_prefetch)
+        },
+        shed_after: options.shed_after.filter(|after| !after.is_zero()),
+    });
     consume
         .basic_qos(
-            match options.prefetch {
-                Some(fixed) => fixed,
-                None if follow => shared.window.prefetch(),
-                None => wide_prefetch,
+            match (options.prefetch, &steering) {
+                (Some(fixed), _) => fixed,
+                (None, Some(steering)) => steering.wanted(false),
+                (None, None) => wide_prefetch,
             },
             channel_wide,
         )
         .await?;
-    let follower =
-        follow.then(|| tokio::spawn(follow_window(consume.clone(), shared.window.clone())));
+    let follower = steering.map(|steering| tokio::spawn(steering.run()));
     let own = connection.create_channel().await?;
     own.basic_qos(own_prefetch, BasicQosOptions::default())
         .await?;
     let (deliveries, mut delivery_rx) = mpsc::unbounded_channel();
     let mut consumers = Vec::new();
-    for (channel, queue) in [(&consume, names.tasks_queue()), (&own, own_queue.clone())] {
+    for (channel, queue, origin) in [
+        (&consume, names.tasks_queue(), Queue::Shared),
+        (&own, own_queue.clone(), Queue::Own),
+    ] {
         let tag = format!("{id}.{}", consumers.len());
         let mut consumer = channel
             .basic_consume(
@@ -746,7 +777,10 @@ async fn serve(
         let deliveries = deliveries.clone();
         tokio::spawn(async move {
             while let Some(delivery) = transport::next_delivery(&mut consumer).await {
-                if deliveries.send(delivery).is_err() {
+                if deliveries
+                    .send(delivery.map(|delivery| (origin, delivery)))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -777,7 +811,7 @@ async fn serve(
             }
             () = lost.notified() => break Err(WorkerError::Closed),
             delivery = delivery_rx.recv() => match delivery {
-                Some(Ok(delivery)) => {
+                Some(Ok((origin, delivery))) => {
                     if let Some(limit) = options.memory_limit.filter(|&limit| resident_bytes() > limit) {
                         // Over the limit: hand the work back, and wait a little
                         // so as not to spin on redeliveries.
@@ -785,7 +819,7 @@ async fn serve(
                         let _ = delivery.acker.nack(BasicNackOptions { multiple: false, requeue: true }).await;
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     } else {
-                        accept(&shared, delivery).await;
+                        accept(&shared, origin, delivery).await;
                     }
                 }
                 Some(Err(error)) => {
@@ -847,25 +881,83 @@ async fn serve(
     }
 }
 
-/// Applies each change of `window` as the prefetch of `consume` (see
-/// [`Window`]), until the channel fails.
-async fn follow_window(consume: Channel, window: Arc<Window>) {
-    let mut changes = window.subscribe();
-    let mut applied = window.prefetch();
-    while changes.changed().await.is_ok() {
-        let wanted = window.prefetch();
-        if wanted == applied {
-            continue;
+/// Sets the shared queue's prefetch and sheds (see
+/// [`WorkerOptions::shed_after`]): the wide window while a slot is free or
+/// busy with a young task; the per-slot one of [`Window`] while every slot
+/// is stuck, giving back what arrives meanwhile; or always the per-slot
+/// one (`wide` is `None`, `--prefetch-per-slot`).
+struct Steering {
+    consume: Channel,
+    window: Arc<Window>,
+    core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
+    slots: Arc<Semaphore>,
+    wide: Option<u16>,
+    shed_after: Option<Duration>,
+}
+
+impl Steering {
+    /// The prefetch to hold, `stuck` or not.
+    fn wanted(&self, stuck: bool) -> u16 {
+        match self.wide {
+            Some(wide) if !stuck => wide,
+            _ => self.window.prefetch(),
         }
-        if let Err(error) = consume
-            .basic_qos(wanted, BasicQosOptions { global: true })
-            .await
-        {
-            warn!(%error, "could not change the prefetch");
-            return;
+    }
+
+    /// Follows the slots until the channel fails.
+    async fn run(self) {
+        let mut changes = self.window.subscribe();
+        let mut applied = self.wanted(false);
+        let mut shedding = false;
+        let mut given_back = 0u64;
+        let mut tick = tokio::time::interval(SHED_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stuck = self
+                .shed_after
+                .is_some_and(|after| self.window.stuck(self.slots.available_permits(), after));
+            if stuck != shedding {
+                shedding = stuck;
+                if shedding {
+                    debug!("every slot is busy with a long task: shedding");
+                } else {
+                    debug!("a slot is free: the window widens again");
+                }
+            }
+            // Narrowed first, so that the broker stops sending before the
+            // deliveries go back (it would offer them here again).
+            let wanted = self.wanted(shedding);
+            if wanted != applied {
+                if let Err(error) = self
+                    .consume
+                    .basic_qos(wanted, BasicQosOptions { global: true })
+                    .await
+                {
+                    warn!(%error, "could not change the prefetch");
+                    return;
+                }
+                debug!(prefetch = wanted, "prefetch follows the slots");
+                applied = wanted;
+            }
+            if shedding {
+                let effects = lock(&self.core).shed();
+                if !effects.is_empty() {
+                    given_back += effects.len() as u64;
+                    info!(
+                        deliveries = effects.len(),
+                        total = given_back,
+                        "every slot is busy with a long task: deliveries not started are given back to the queue"
+                    );
+                    settle(effects).await;
+                    self.window.gave_back();
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = self.window.freed(), if shedding => {}
+                _ = tick.tick(), if self.shed_after.is_some() => {}
+            }
         }
-        debug!(prefetch = wanted, "prefetch follows the free slots");
-        applied = wanted;
     }
 }
 
@@ -1084,9 +1176,9 @@ async fn announce(
         .map(drop)
 }
 
-/// Takes one delivery: decodes it (dead-lettering what doesn't decode) and
-/// starts its tasks, or applies a control message.
-async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
+/// Takes one delivery of `queue`: decodes it (dead-lettering what doesn't
+/// decode) and starts its tasks, or applies a control message.
+async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
     let message = shared.codec.open_aged::<ToWorker>(
         Purpose::ToWorker,
         &delivery.data,
@@ -1138,10 +1230,17 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
     // A redelivered bundle's worker may have died under it: its tasks'
     // starts are recorded, and one that kept killing workers errs.
     let redelivered = delivery.redelivered;
-    let bundle = shared.core().received(
-        delivery.acker,
-        tasks.iter().map(|task| task.spec.key.clone()),
-    );
+    // Watched from before the bundle exists: no shed of it goes unseen.
+    let rounds = shared.window.given_back();
+    let (bundle, claim) = {
+        let mut core = shared.core();
+        let bundle = core.received(
+            delivery.acker,
+            tasks.iter().map(|task| task.spec.key.clone()),
+            queue,
+        );
+        (bundle, core.claim(bundle))
+    };
     {
         // Held this long (running, or waiting for a slot), the delivery is
         // acknowledged and its tasks kept in custody instead.
@@ -1158,6 +1257,8 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
     }
     for task in tasks {
         let shared = shared.clone();
+        let mut rounds = rounds.clone();
+        let claim = claim.clone();
         let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
         tokio::spawn(
             async move {
@@ -1169,11 +1270,27 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                 // back to the queue when it closes its connection, for
                 // another worker to run. (A redelivered task whose start
                 // the ledger recorded runs, so as not to count as lost.)
+                // Waiting for a slot, the task gives up if its bundle is
+                // given back (shed) meanwhile; once it has one, it starts
+                // unless that happened just before.
+                let given_back = async {
+                    while rounds.changed().await.is_ok() {
+                        if shared.core().given_back(bundle, &key) {
+                            return;
+                        }
+                    }
+                    std::future::pending().await
+                };
+                let begin = || claim.begin();
                 let (permit, isolation) = if redelivered {
                     if shared.stuck.leaves_unstarted(&key) {
                         return;
                     }
-                    match shared.ledger.admit(&shared.slots, &key, &task.spec.task).await {
+                    let admission = tokio::select! {
+                        admission = shared.ledger.admit(&shared.slots, &key, &task.spec.task, begin) => admission,
+                        () = given_back => return,
+                    };
+                    match admission {
                         crate::lost::Admission::Run { permit, isolation } => (permit, isolation),
                         crate::lost::Admission::Lost(error) => {
                             warn!(%error, "task lost its worker too often; not running it");
@@ -1189,13 +1306,25 @@ async fn accept(shared: &Arc<Shared>, delivery: Delivery) {
                             });
                             return;
                         }
+                        crate::lost::Admission::GivenBack => {
+                            shared.core().given_back(bundle, &key);
+                            return;
+                        }
                         crate::lost::Admission::Closed => return,
                     }
                 } else {
-                    let Ok(permit) = shared.slots.clone().acquire_owned().await else {
+                    let acquired = tokio::select! {
+                        acquired = shared.slots.clone().acquire_owned() => acquired,
+                        () = given_back => return,
+                    };
+                    let Ok(permit) = acquired else {
                         return;
                     };
                     if shared.stuck.leaves_unstarted(&key) {
+                        return;
+                    }
+                    if !begin() {
+                        shared.core().given_back(bundle, &key);
                         return;
                     }
                     (permit, None)

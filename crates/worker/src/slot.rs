@@ -15,11 +15,20 @@
 //! waits, and shrinks again when it takes a slot back; a task in custody
 //! (its delivery acknowledged early) still runs in a slot but holds no
 //! delivery, so it shrinks the window.
+//!
+//! By default the worker holds a generous window instead, for small tasks'
+//! throughput, and sheds (see ARCHITECTURE.md §7): the window also knows
+//! since when each slot has been occupied, and a worker whose every slot
+//! has held the same task for a while ([`Window::stuck`]) narrows its
+//! prefetch to the one above and gives back the deliveries it has not
+//! started.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 tokio::task_local! {
     static CURRENT: Arc<Slot>;
@@ -33,6 +42,16 @@ pub(crate) struct Window {
     slots: usize,
     /// (tasks that lent their slot, tasks in custody)
     held: watch::Sender<(usize, usize)>,
+    /// Since when each occupied slot has held its task, by [`Slot`].
+    occupants: Mutex<HashMap<u64, Instant>>,
+    /// Names each [`Slot`] for `occupants`.
+    next_slot: AtomicU64,
+    /// Told whenever a slot frees: a shedding worker widens its window
+    /// again at once.
+    freed: Notify,
+    /// Counts the rounds of deliveries given back: the tasks of a bundle
+    /// waiting for a slot look whether theirs was one of them.
+    given_back: watch::Sender<u64>,
 }
 
 impl Window {
@@ -41,7 +60,53 @@ impl Window {
         Arc::new(Window {
             slots,
             held: watch::Sender::new((0, 0)),
+            occupants: Mutex::new(HashMap::new()),
+            next_slot: AtomicU64::new(0),
+            freed: Notify::new(),
+            given_back: watch::Sender::new(0),
         })
+    }
+
+    /// Whether the worker is stuck: none of its `free` slot permits is left
+    /// and every task in a slot has held it for `after` or longer, so
+    /// deliveries it holds unstarted would wait at least as long.
+    pub(crate) fn stuck(&self, free: usize, after: Duration) -> bool {
+        let occupants = self.occupants.lock().unwrap_or_else(|p| p.into_inner());
+        stuck(free, occupants.values().copied(), Instant::now(), after)
+    }
+
+    /// Resolves once a slot frees (or freed since the last call).
+    pub(crate) async fn freed(&self) {
+        self.freed.notified().await;
+    }
+
+    /// Deliveries were given back: tasks waiting for a slot look whether
+    /// theirs is one.
+    pub(crate) fn gave_back(&self) {
+        self.given_back.send_modify(|round| *round += 1);
+    }
+
+    /// Wakes on every [`Window::gave_back`].
+    pub(crate) fn given_back(&self) -> watch::Receiver<u64> {
+        self.given_back.subscribe()
+    }
+
+    fn occupy(&self, slot: u64) {
+        self.occupants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(slot, Instant::now());
+    }
+
+    fn vacate(&self, slot: u64) {
+        let was = self
+            .occupants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&slot);
+        if was.is_some() {
+            self.freed.notify_one();
+        }
     }
 
     /// Deliveries to hold now.
@@ -83,8 +148,27 @@ pub(crate) fn prefetch_for(slots: usize, lent: usize, custody: usize) -> u16 {
     u16::try_from(wanted).unwrap_or(u16::MAX)
 }
 
+/// Whether a worker is stuck, with `free` slot permits left and its
+/// occupied slots taken at `occupied_since`: no slot is free and each has
+/// held its task for `after` or longer at `now`. A worker with no task in
+/// a slot is not stuck (its permits are taken by a task about to start, or
+/// held for one that runs alone: see [`crate::lost`]).
+pub(crate) fn stuck(
+    free: usize,
+    occupied_since: impl IntoIterator<Item = Instant>,
+    now: Instant,
+    after: Duration,
+) -> bool {
+    let mut occupied = occupied_since.into_iter().peekable();
+    free == 0
+        && occupied.peek().is_some()
+        && occupied.all(|since| now.saturating_duration_since(since) >= after)
+}
+
 /// The slot a running task occupies.
 pub(crate) struct Slot {
+    /// Names the slot in its window's occupants.
+    id: u64,
     semaphore: Arc<Semaphore>,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
     waits: AtomicUsize,
@@ -105,6 +189,7 @@ impl Lent<'_> {
             self.slot.window.rejoined();
             if let Ok(permit) = self.slot.semaphore.clone().acquire_owned().await {
                 *self.slot.permit.lock().unwrap_or_else(|p| p.into_inner()) = Some(permit);
+                self.slot.window.occupy(self.slot.id);
             }
         }
     }
@@ -124,7 +209,10 @@ impl Slot {
         permit: OwnedSemaphorePermit,
         window: Arc<Window>,
     ) -> Arc<Self> {
+        let id = window.next_slot.fetch_add(1, Ordering::Relaxed);
+        window.occupy(id);
         Arc::new(Slot {
+            id,
             semaphore,
             permit: Mutex::new(Some(permit)),
             waits: AtomicUsize::new(0),
@@ -136,6 +224,7 @@ impl Slot {
         if self.waits.fetch_add(1, Ordering::AcqRel) == 0 {
             self.window.lent();
             drop(self.permit.lock().unwrap_or_else(|p| p.into_inner()).take());
+            self.window.vacate(self.id);
         }
         Lent {
             slot: self,
@@ -146,6 +235,7 @@ impl Slot {
     /// Gives the slot back for good (the task ended).
     pub(crate) fn release(&self) {
         drop(self.permit.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.window.vacate(self.id);
     }
 
     /// Runs an async task as the occupant of this slot.
@@ -255,5 +345,52 @@ mod tests {
         window.set_custody(0);
         assert!(changes.has_changed().unwrap());
         assert_eq!(window.prefetch(), 3);
+    }
+
+    #[test]
+    fn stuck_means_no_free_slot_and_every_occupant_old() {
+        let now = Instant::now();
+        let bound = Duration::from_secs(1);
+        let old = now - Duration::from_secs(5);
+        let young = now - Duration::from_millis(10);
+        assert!(stuck(0, [old, old], now, bound));
+        assert!(stuck(0, [old, now - bound], now, bound), "at the bound");
+        assert!(
+            !stuck(0, [old, young], now, bound),
+            "a young task frees soon"
+        );
+        assert!(!stuck(1, [old], now, bound), "a free slot takes deliveries");
+        assert!(
+            !stuck(0, [], now, bound),
+            "permits taken, no task yet: one is about to start"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_window_knows_when_its_slots_are_stuck_and_when_one_frees() {
+        let semaphore = Arc::new(Semaphore::new(1));
+        let window = Window::new(1);
+        let permit = semaphore.clone().acquire_owned().await.unwrap();
+        let slot = Slot::new(semaphore.clone(), permit, window.clone());
+        let free = || semaphore.available_permits();
+        assert!(window.stuck(free(), Duration::ZERO));
+        assert!(!window.stuck(free(), Duration::from_secs(60)), "too young");
+        let inner_window = window.clone();
+        let inner = semaphore.clone();
+        slot.clone()
+            .scope(async move {
+                let lent_stuck = seceded(async {
+                    inner_window.stuck(inner.available_permits(), Duration::ZERO)
+                })
+                .await;
+                assert!(!lent_stuck, "a lent slot is free");
+                assert!(inner_window.stuck(inner.available_permits(), Duration::ZERO));
+            })
+            .await;
+        slot.release();
+        assert!(!window.stuck(free(), Duration::ZERO));
+        tokio::time::timeout(Duration::from_secs(1), window.freed())
+            .await
+            .expect("a freed slot is told");
     }
 }
