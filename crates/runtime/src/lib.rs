@@ -6,6 +6,7 @@
 //! - [`blocked`]: RabbitMQ's blocked-connection notices during resource alarms;
 //! - [`refs`]: the holders scripts that keep results alive;
 //! - [`custody`]: leases on long tasks;
+//! - [`store`]: the task-life keys and scripts (results, holders, specs, custody, leases);
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
 //! - [`cli`]: the connection flags, logging and signals of the binaries.
 //!
@@ -18,5 +19,6 @@ pub mod custody;
 pub mod incarnation;
 pub mod refs;
 pub mod seal;
+pub mod store;
 pub mod supervise;
 pub mod transport;
