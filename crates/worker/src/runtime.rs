@@ -1614,19 +1614,21 @@ mod tests {
         let first = vec![1u8; 2000];
         let second = vec![2u8; 10];
         let deps = vec!["input".to_owned()];
-        let mut plan = crate::bundle::Plan::default();
-        plan.writes = vec![
-            Write::Finished {
-                key: "fits",
-                bytes: &first,
-                deps: &deps,
-            },
-            Write::Finished {
-                key: "refused",
-                bytes: &second,
-                deps: &[],
-            },
-        ];
+        let mut plan = crate::bundle::Plan {
+            writes: vec![
+                Write::Finished {
+                    key: "fits",
+                    bytes: &first,
+                    deps: &deps,
+                },
+                Write::Finished {
+                    key: "refused",
+                    bytes: &second,
+                    deps: &[],
+                },
+            ],
+            ..crate::bundle::Plan::default()
+        };
         plan.events.insert(
             "client",
             vec![finished("fits", &first), finished("refused", &second)],
