@@ -8,6 +8,10 @@
 //! non-empty: a release that empties it deletes the result in the same
 //! script, and a result whose set is already empty is never stored. Both keys
 //! share a hash tag, so each script touches one Redis Cluster slot.
+//!
+//! The worker and the scheduler run these scripts only through
+//! [`crate::store::Store`]; the client still builds its pipelines from them
+//! directly until it moves onto the store too.
 
 use redis::aio::ConnectionManager;
 use redis::{Pipeline, RedisResult, Script};
