@@ -33,10 +33,12 @@
 //! in any client. If its worker dies, pending and later calls fail with
 //! [`Error::ActorLost`] (never hang); create a new actor to carry on.
 
-use crate::client::ClientInner;
-use crate::future::FutureState;
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::future::TaskFuture;
+use crate::inner::ClientInner;
 use crate::outbox::Op;
-use crate::{Client, Error, Result, TaskFuture};
+use crate::state::FutureState;
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
 };
@@ -75,8 +77,15 @@ pub trait ActorProxy: Sized {
     /// The handle inside.
     fn handle(&self) -> &ActorHandle;
     /// The blocking proxy of the same actor.
-    fn into_blocking(self, runtime: crate::blocking::BlockingRuntime) -> Self::Blocking;
+    fn into_blocking(self, runtime: BlockingRuntime) -> Self::Blocking;
 }
+
+/// The runtime a blocking actor proxy waits on; used by the code
+/// `#[flotilla::actor]` generates. Not a public API. Its calls' futures are
+/// made blocking by `BlockingRuntime::wrap` (in [`crate::blocking`]).
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct BlockingRuntime(pub(crate) Arc<tokio::runtime::Runtime>);
 
 /// An actor constructor: an associated function of an `#[flotilla::actor]`
 /// type that returns the type (`Counter::new`), taking the argument tuple

@@ -13,7 +13,8 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{Error, FutureRef, TaskFuture};
+use crate::error::Error;
+use crate::future::{FutureRef, TaskFuture};
 use flotilla_proto::Arg;
 use serde::Serialize;
 
@@ -24,7 +25,7 @@ pub struct ArgWriter {
     pub(crate) deps: Vec<String>,
     pub(crate) holds: Vec<String>,
     /// The inputs' states, kept alive until the submission is queued.
-    keep: Vec<std::sync::Arc<crate::future::FutureState>>,
+    keep: Vec<std::sync::Arc<crate::state::FutureState>>,
     /// The payload limit, shared by all the arguments of a submission.
     limit: usize,
     /// Bytes of values encoded so far.

@@ -21,7 +21,8 @@
 //! An `AsCompleted` holds only the futures it has not yielded yet, so it
 //! stays small however many pass through it.
 
-use crate::{Error, Result, TaskFuture};
+use crate::error::{Error, Result};
+use crate::future::TaskFuture;
 use serde::de::DeserializeOwned;
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -14,8 +14,12 @@
 //! }
 //! ```
 
+#[doc(hidden)]
+pub use crate::actor::BlockingRuntime;
 use crate::args::{ArgWriter, IntoArg, IntoArgs};
-use crate::{Error, Result, Status, Task};
+use crate::error::{Error, Result};
+use crate::state::Status;
+use flotilla_proto::Task;
 use flotilla_proto::{Arg, Config};
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use std::time::Duration;
 /// A blocking client; see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct Client {
-    inner: crate::Client,
+    inner: crate::client::Client,
     runtime: Arc<tokio::runtime::Runtime>,
     _flush: Arc<FlushOnDrop>,
 }
@@ -34,7 +38,7 @@ pub struct Client {
 /// before the runtime stops, so that nothing stays held until the lease lapses.
 #[derive(Debug)]
 struct FlushOnDrop {
-    client: crate::Client,
+    client: crate::client::Client,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
@@ -54,7 +58,7 @@ pub type Future<T> = TaskFuture<T>;
 /// A blocking handle on a task's result.
 #[must_use = "dropping the last handle on a task that has not started cancels it; keep the future, or pass it to `fire_and_forget`"]
 pub struct TaskFuture<T> {
-    inner: crate::TaskFuture<T>,
+    inner: crate::future::TaskFuture<T>,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
@@ -91,7 +95,7 @@ impl Client {
     /// Connects to the cluster `config` describes.
     pub fn connect(config: Config) -> Result<Client> {
         let runtime = Arc::new(runtime()?);
-        let inner = runtime.block_on(crate::Client::connect(config))?;
+        let inner = runtime.block_on(crate::client::Client::connect(config))?;
         let flush = Arc::new(FlushOnDrop {
             client: inner.clone(),
             runtime: runtime.clone(),
@@ -104,7 +108,7 @@ impl Client {
     }
 
     /// The async client underneath.
-    pub fn as_async(&self) -> &crate::Client {
+    pub fn as_async(&self) -> &crate::client::Client {
         &self.inner
     }
 
@@ -113,7 +117,7 @@ impl Client {
         &self.runtime
     }
 
-    fn wrap<T>(&self, inner: crate::TaskFuture<T>) -> TaskFuture<T> {
+    fn wrap<T>(&self, inner: crate::future::TaskFuture<T>) -> TaskFuture<T> {
         TaskFuture {
             inner,
             runtime: self.runtime.clone(),
@@ -174,20 +178,23 @@ impl Client {
     /// Cancels tasks; see [`crate::Client::cancel`].
     pub fn cancel<T>(&self, futures: &[TaskFuture<T>], force: bool) {
         let _guard = self.runtime.enter();
-        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::future::TaskFuture<T>> =
+            futures.iter().map(|f| f.inner.clone()).collect();
         self.inner.cancel(&inner, force);
     }
 
     /// Runs failed tasks again; see [`crate::Client::retry`].
     pub fn retry<T>(&self, futures: &[TaskFuture<T>]) {
         let _guard = self.runtime.enter();
-        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::future::TaskFuture<T>> =
+            futures.iter().map(|f| f.inner.clone()).collect();
         self.inner.retry(&inner);
     }
 
     /// Publishes futures under a name; see [`crate::Client::publish_dataset`].
     pub fn publish_dataset<T>(&self, name: &str, futures: &[TaskFuture<T>]) -> Result<()> {
-        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::future::TaskFuture<T>> =
+            futures.iter().map(|f| f.inner.clone()).collect();
         self.runtime
             .block_on(self.inner.publish_dataset(name, &inner))
     }
@@ -215,7 +222,7 @@ impl Client {
     ) -> AsCompleted<T> {
         let _guard = self.runtime.enter();
         AsCompleted {
-            inner: crate::as_completed(futures.into_iter().map(|f| f.inner)),
+            inner: crate::as_completed::as_completed(futures.into_iter().map(|f| f.inner)),
             runtime: self.runtime.clone(),
         }
     }
@@ -224,13 +231,14 @@ impl Client {
     pub fn wait<T>(
         &self,
         futures: &[TaskFuture<T>],
-        return_when: crate::ReturnWhen,
+        return_when: crate::as_completed::ReturnWhen,
         timeout: Option<Duration>,
     ) -> Result<DoneAndNotDone<T>> {
-        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
-        let (done, not_done) = self
-            .runtime
-            .block_on(crate::wait(&inner, return_when, timeout))?;
+        let inner: Vec<crate::future::TaskFuture<T>> =
+            futures.iter().map(|f| f.inner.clone()).collect();
+        let (done, not_done) =
+            self.runtime
+                .block_on(crate::as_completed::wait(&inner, return_when, timeout))?;
         Ok((
             done.into_iter().map(|f| self.wrap(f)).collect(),
             not_done.into_iter().map(|f| self.wrap(f)).collect(),
@@ -239,14 +247,16 @@ impl Client {
 
     /// Shows a progress bar until every future is done.
     pub fn progress<T>(&self, futures: &[TaskFuture<T>]) {
-        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
-        self.runtime.block_on(crate::progress(&inner));
+        let inner: Vec<crate::future::TaskFuture<T>> =
+            futures.iter().map(|f| f.inner.clone()).collect();
+        self.runtime.block_on(crate::as_completed::progress(&inner));
     }
 
     /// Waits for all futures and returns their values in order; see
     /// [`crate::Client::gather`].
     pub fn gather<T: DeserializeOwned>(&self, futures: &[TaskFuture<T>]) -> Result<Vec<T>> {
-        let inner: Vec<crate::TaskFuture<T>> = futures.iter().map(|f| f.inner.clone()).collect();
+        let inner: Vec<crate::future::TaskFuture<T>> =
+            futures.iter().map(|f| f.inner.clone()).collect();
         self.runtime.block_on(self.inner.gather(&inner))
     }
 }
@@ -258,7 +268,7 @@ pub type DoneAndNotDone<T> = (Vec<TaskFuture<T>>, Vec<TaskFuture<T>>);
 #[must_use = "a submission is sent by calling .submit()"]
 pub struct Submit<'c, K: Task, A> {
     client: &'c Client,
-    inner: crate::Submit<'c, K, A>,
+    inner: crate::client::Submit<'c, K, A>,
 }
 
 impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
@@ -354,7 +364,7 @@ impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
 
 /// Futures in completion order, as a blocking iterator.
 pub struct AsCompleted<T> {
-    inner: crate::AsCompleted<T>,
+    inner: crate::as_completed::AsCompleted<T>,
     runtime: Arc<tokio::runtime::Runtime>,
 }
 
@@ -409,7 +419,7 @@ impl<T> Iterator for AsCompleted<T> {
 /// Marks a future to run even when no handle is left; see
 /// [`crate::fire_and_forget`].
 pub fn fire_and_forget<T>(future: &TaskFuture<T>) {
-    crate::fire_and_forget(&future.inner);
+    crate::client::fire_and_forget(&future.inner);
 }
 
 impl<T> TaskFuture<T> {
@@ -467,7 +477,7 @@ impl<T> TaskFuture<T> {
     }
 
     /// The async future underneath.
-    pub fn as_async(&self) -> &crate::TaskFuture<T> {
+    pub fn as_async(&self) -> &crate::future::TaskFuture<T> {
         &self.inner
     }
 }
@@ -498,14 +508,15 @@ impl<T> IntoArg<T> for &TaskFuture<T> {
 
 impl<T> IntoArg<Vec<T>> for Vec<TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        let futures: Vec<crate::TaskFuture<T>> = self.into_iter().map(|f| f.inner).collect();
+        let futures: Vec<crate::future::TaskFuture<T>> =
+            self.into_iter().map(|f| f.inner).collect();
         IntoArg::<Vec<T>>::into_arg(futures, writer)
     }
 }
 
 impl<T> IntoArg<Vec<T>> for &Vec<TaskFuture<T>> {
     fn into_arg(self, writer: &mut ArgWriter) -> Result<Arg> {
-        let futures: Vec<&crate::TaskFuture<T>> = self.iter().map(|f| &f.inner).collect();
+        let futures: Vec<&crate::future::TaskFuture<T>> = self.iter().map(|f| &f.inner).collect();
         IntoArg::<Vec<T>>::into_arg(futures, writer)
     }
 }
@@ -524,8 +535,8 @@ impl<T> Serialize for TaskFuture<T> {
 /// (in a synchronous task, read a [`crate::TaskFuture`] instead).
 impl<'de, T> serde::Deserialize<'de> for TaskFuture<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let inner = crate::TaskFuture::<T>::deserialize(deserializer)?;
-        let runtime = crate::sync::held::resolve_runtime().ok_or_else(|| {
+        let inner = crate::future::TaskFuture::<T>::deserialize(deserializer)?;
+        let runtime = crate::capture::resolve_runtime().ok_or_else(|| {
             <D::Error as serde::de::Error>::custom(format!(
                 "blocking future `{}` can only be read through a blocking Variable or Queue made \
                  from a blocking client; read a flotilla::TaskFuture instead",
@@ -538,15 +549,11 @@ impl<'de, T> serde::Deserialize<'de> for TaskFuture<T> {
 
 // --- actors ---
 
-/// The runtime a blocking actor proxy waits on; used by the code
-/// `#[flotilla::actor]` generates. Not a public API.
-#[doc(hidden)]
-#[derive(Clone, Debug)]
-pub struct BlockingRuntime(Arc<tokio::runtime::Runtime>);
-
+/// Defined with [`ActorProxy`](crate::ActorProxy), which names it; making an
+/// actor call's future blocking is done here.
 impl BlockingRuntime {
     /// Makes an actor call's future blocking.
-    pub fn wrap<T>(&self, inner: crate::TaskFuture<T>) -> TaskFuture<T> {
+    pub fn wrap<T>(&self, inner: crate::future::TaskFuture<T>) -> TaskFuture<T> {
         TaskFuture {
             inner,
             runtime: self.0.clone(),
@@ -561,16 +568,16 @@ impl Client {
         &self,
         constructor: C,
         args: Args,
-    ) -> Result<<<C::Actor as flotilla_task::Actor>::Proxy as crate::ActorProxy>::Blocking>
+    ) -> Result<<<C::Actor as flotilla_task::Actor>::Proxy as crate::actor::ActorProxy>::Blocking>
     where
-        C: crate::Constructor<Args>,
+        C: crate::actor::Constructor<Args>,
         Args: Serialize,
-        <C::Actor as flotilla_task::Actor>::Proxy: crate::ActorProxy,
+        <C::Actor as flotilla_task::Actor>::Proxy: crate::actor::ActorProxy,
     {
         let proxy = self
             .runtime
             .block_on(self.inner.submit_actor(constructor, args))?;
-        Ok(crate::ActorProxy::into_blocking(
+        Ok(crate::actor::ActorProxy::into_blocking(
             proxy,
             BlockingRuntime(self.runtime.clone()),
         ))

@@ -2,34 +2,22 @@
 //! holds references to what it still wants.
 
 use crate::args::{ArgWriter, IntoArgs};
-use crate::future::{read_stored, FutureState};
+use crate::error::{Error, Result};
+use crate::future::{FutureRef, TaskFuture};
+use crate::inner::ClientInner;
+use crate::link::{listen, open_link};
 use crate::outbox::{renew_lease, Op, Outbox, Table};
 use crate::room::Room;
-use crate::{Error, Result, TaskFuture};
-use flotilla_proto::{
-    Codec, Config, ErrorKind, Event, EventBatch, Names, Purpose, ReplayGuard, StoredResult, Task,
-    TaskSpec,
-};
+use crate::state::FutureState;
+use flotilla_proto::{Codec, Config, Names, ReplayGuard, Task, TaskSpec};
 use flotilla_runtime::refs;
-use flotilla_runtime::transport::{self, name};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use flotilla_runtime::transport;
 use redis::aio::ConnectionManager;
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tracing::warn;
 
-/// Most keys read from Redis in one `MGET`.
-const FETCH_CHUNK: usize = 1024;
-/// How long one attempt to reopen the RabbitMQ link may take.
-const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Scattered values up to this size stay in the client's memory too.
 const INLINE_SCATTER: usize = 16 * 1024;
 
@@ -78,224 +66,6 @@ impl std::fmt::Debug for Client {
             .field("id", &self.inner.id)
             .field("namespace", &self.inner.names.namespace())
             .finish_non_exhaustive()
-    }
-}
-
-pub(crate) struct ClientInner {
-    pub(crate) id: String,
-    pub(crate) config: Config,
-    pub(crate) names: Names,
-    /// Signs what this client sends and checks what it reads.
-    pub(crate) codec: Codec,
-    /// The signed event batches this client took (see `flotilla_proto::seal`).
-    events_guard: ReplayGuard,
-    redis: ConnectionManager,
-    /// The current RabbitMQ connection (replaced after a reconnection).
-    connection: Mutex<Arc<Connection>>,
-    /// The current publishing channel, for the outbox.
-    channels: tokio::sync::watch::Sender<Channel>,
-    /// Set by `close`: a closed connection is not reopened.
-    closing: std::sync::atomic::AtomicBool,
-    /// This client's futures by key (shared with the outbox, which checks
-    /// it before sending a release).
-    futures: Table,
-    ops: mpsc::UnboundedSender<Op>,
-    background: Mutex<Vec<JoinHandle<()>>>,
-    pool: tokio::sync::OnceCell<deadpool_redis::Pool>,
-    /// Room for pending tasks (`FLOTILLA_MAX_PENDING`; see [`crate::room`]).
-    pub(crate) room: Arc<Room>,
-}
-
-impl Drop for ClientInner {
-    fn drop(&mut self) {
-        // The outbox is left to drain the releases of the last futures and
-        // then gives up the lease; the rest stops now.
-        for task in self
-            .background
-            .get_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
-        {
-            task.abort();
-        }
-    }
-}
-
-impl ClientInner {
-    /// The futures of this client not yet resolved.
-    fn pending(&self) -> Vec<Arc<FutureState>> {
-        self.table()
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|state| !state.status().is_done())
-            .collect()
-    }
-
-    /// Redis lost its data (see [`flotilla_runtime::incarnation`]): every
-    /// future not yet resolved fails with [`Error::DataLost`], since the
-    /// spec it would run from and the events it waits for are gone.
-    pub(crate) fn data_lost(&self) {
-        let pending = self.pending();
-        if !pending.is_empty() {
-            tracing::error!(
-                futures = pending.len(),
-                "Redis lost its data (the namespace's incarnation marker is gone): failing the futures that were pending"
-            );
-        }
-        for state in pending {
-            state.set_failed(Error::DataLost {
-                key: state.key.as_str().to_owned(),
-                cause: "Redis lost its data while the task was pending (its incarnation marker changed: a restart without persistence, a flush or a failover)".into(),
-            });
-        }
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<FutureState>>> {
-        self.futures.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Called when the client's last handle of `key` is gone: releases the
-    /// client's reference. The dead entry stays in the table until the
-    /// outbox sends the release (after its grace): asking for the key again
-    /// meanwhile revives it, and the release is dropped.
-    pub(crate) fn forget(&self, key: &str) {
-        let table = self.table();
-        if table.get(key).is_some_and(|weak| weak.strong_count() == 0) {
-            let _ = self.ops.send(Op::Release(key.to_owned()));
-        }
-    }
-
-    /// Waits until the reference updates queued so far have run in Redis
-    /// (without hurrying releases still in their grace).
-    pub(crate) async fn barrier(&self) -> Result<()> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.send(Op::Barrier(done));
-        wait.await.map_err(|_| Error::Closed)
-    }
-
-    pub(crate) fn send(&self, op: Op) {
-        let _ = self.ops.send(op);
-    }
-
-    fn state(&self, key: &str) -> Option<Arc<FutureState>> {
-        self.table().get(key).and_then(Weak::upgrade)
-    }
-
-    /// The shared state of `key` in this client, and whether it is new.
-    pub(crate) fn register(self: &Arc<Self>, key: &str) -> (Arc<FutureState>, bool) {
-        let mut table = self.table();
-        if let Some(state) = table.get(key).and_then(Weak::upgrade) {
-            return (state, false);
-        }
-        let state = Arc::new(FutureState::new(key.to_owned(), Arc::downgrade(self)));
-        table.insert(key.to_owned(), Arc::downgrade(&state));
-        (state, true)
-    }
-
-    /// Reads stored results, in order, a chunk of keys per round trip.
-    pub(crate) async fn fetch(&self, keys: &[&str]) -> Result<Vec<Result<Arc<Vec<u8>>>>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(FETCH_CHUNK) {
-            let redis_keys: Vec<String> = chunk.iter().map(|k| self.names.result_key(k)).collect();
-            // A restarting Redis is waited for rather than failing the futures.
-            let values: Vec<Option<Vec<u8>>> =
-                transport::retry_while_unreachable("reading results", || {
-                    let mut redis = self.redis.clone();
-                    let redis_keys = &redis_keys;
-                    async move {
-                        if redis_keys.len() == 1 {
-                            redis::cmd("GET")
-                                .arg(&redis_keys[0])
-                                .query_async(&mut redis)
-                                .await
-                                .map(|value| vec![value])
-                        } else {
-                            redis::cmd("MGET")
-                                .arg(redis_keys)
-                                .query_async(&mut redis)
-                                .await
-                        }
-                    }
-                })
-                .await?;
-            for (key, value) in chunk.iter().zip(values) {
-                out.push(read_stored(&self.codec, key, value));
-            }
-        }
-        Ok(out)
-    }
-
-    fn apply(&self, event: Event) {
-        let Some(state) = self.state(event.key()) else {
-            return;
-        };
-        match event {
-            Event::Finished { inline, .. } => state.set_finished(inline),
-            Event::Erred { retrying: true, .. } => {}
-            Event::Erred { key, error, .. } => {
-                let error = match error.kind() {
-                    ErrorKind::Cancelled if error.key() == key => Error::Cancelled(key),
-                    ErrorKind::MissingDependency
-                        if error.key() == key && error.type_name() == "flotilla::Lost" =>
-                    {
-                        Error::Lost(key)
-                    }
-                    ErrorKind::MissingDependency
-                        if error.key() == key && error.type_name() == flotilla_proto::DATA_LOST =>
-                    {
-                        Error::DataLost {
-                            key,
-                            cause: error.message().to_owned(),
-                        }
-                    }
-                    _ => Error::Task(error),
-                };
-                state.set_failed(error);
-            }
-            Event::Started { .. } => state.set_running(),
-            _ => {}
-        }
-    }
-
-    /// After a reconnection: settles every pending future whose result is
-    /// already in Redis (its event may have been lost with the old
-    /// connection), and asks the scheduler to tell this client about the
-    /// rest, whoever submitted them.
-    async fn resync(&self) {
-        let pending = self.pending();
-        if pending.is_empty() {
-            return;
-        }
-        let mut waiting = Vec::new();
-        let mut redis = self.redis.clone();
-        for chunk in pending.chunks(FETCH_CHUNK) {
-            let keys: Vec<String> = chunk
-                .iter()
-                .map(|state| self.names.result_key(&state.key))
-                .collect();
-            let values: Vec<Option<Vec<u8>>> =
-                match redis::cmd("MGET").arg(&keys).query_async(&mut redis).await {
-                    Ok(values) => values,
-                    Err(error) => {
-                        warn!(%error, "re-reading results after a reconnection failed");
-                        vec![None; keys.len()]
-                    }
-                };
-            for (state, value) in chunk.iter().zip(values) {
-                match value.map(|value| self.codec.open_result(&state.key, value)) {
-                    Some(Ok(StoredResult::Ok(_))) => state.set_finished(None),
-                    Some(Ok(StoredResult::Err(error))) => self.apply(Event::Erred {
-                        key: state.key.as_str().to_owned(),
-                        error,
-                        retrying: false,
-                    }),
-                    _ => waiting.push(state.key.as_str().to_owned()),
-                }
-            }
-        }
-        if !waiting.is_empty() {
-            self.send(Op::Watch(waiting));
-        }
     }
 }
 
@@ -711,7 +481,8 @@ impl Client {
     }
 
     fn failed<T>(&self, key: &str, error: Error) -> TaskFuture<T> {
-        let state = Arc::new(FutureState::new(key.to_owned(), Weak::new()));
+        // Owned by no client: nothing was submitted, nothing to release.
+        let state = Arc::new(FutureState::new(key.to_owned(), Weak::<ClientInner>::new()));
         state.set_failed(error);
         TaskFuture::from_state(state, self.inner.clone())
     }
@@ -917,25 +688,12 @@ impl Client {
     /// are stopped too: an async task is aborted, a synchronous one sees
     /// `ctx.is_cancelled()`.
     pub fn cancel<T>(&self, futures: &[TaskFuture<T>], force: bool) {
-        let keys: Vec<String> = futures.iter().map(|f| f.key().to_owned()).collect();
-        for future in futures {
-            future
-                .state
-                .set_failed(Error::Cancelled(future.key().to_owned()));
-        }
-        self.inner.send(Op::Cancel(keys, force));
+        crate::future::cancel(&self.inner, futures, force)
     }
 
     /// Runs failed tasks again (and their failed inputs).
     pub fn retry<T>(&self, futures: &[TaskFuture<T>]) {
-        let keys: Vec<String> = futures
-            .iter()
-            .filter(|f| f.state.reset_if_failed())
-            .map(|f| f.key().to_owned())
-            .collect();
-        if !keys.is_empty() {
-            self.inner.send(Op::Retry(keys));
-        }
+        crate::future::retry(&self.inner, futures)
     }
 
     /// Publishes `futures` under `name`, so that any client can fetch them
@@ -1095,6 +853,13 @@ impl Client {
     }
 }
 
+impl<T> FutureRef<T> {
+    /// A future of the referenced task, held by `client`.
+    pub fn resolve(&self, client: &Client) -> TaskFuture<T> {
+        client.get_future(self.key())
+    }
+}
+
 /// Marks `future` so that it runs even when no handle on it is left; its
 /// result is not kept (Dask's `fire_and_forget`).
 pub fn fire_and_forget<T>(future: &TaskFuture<T>) {
@@ -1132,129 +897,6 @@ pub(crate) fn content_hash(name: &str, fingerprint: u64, args: &[u8]) -> String 
         hash = hash.wrapping_mul(PRIME);
     }
     format!("{hash:032x}")
-}
-
-/// Opens the client's RabbitMQ side: a connection, a publishing channel
-/// with confirms, the namespace's topology, and a consumer of the client's
-/// own event queue.
-async fn open_link(
-    config: &Config,
-    names: &Names,
-    id: &str,
-) -> Result<(Connection, Channel, lapin::Consumer)> {
-    let connection = transport::connect_amqp(
-        &config.amqp_url,
-        &format!("flotilla-client {id} ({})", names.namespace()),
-    )
-    .await?;
-    // Submissions wait out a broker alarm (see `outbox`): say so once.
-    flotilla_runtime::blocked::log_blocked(&connection, "client");
-    let publish = connection.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    transport::declare_topology(&publish, names).await?;
-    let queue = names.client_queue(id);
-    let exchange = names.events_exchange();
-    transport::declare_private_queue(
-        &publish,
-        names,
-        &queue,
-        Some((&exchange, &Names::client_binding(id))),
-    )
-    .await?;
-    let consume = connection.create_channel().await?;
-    consume.basic_qos(1024, BasicQosOptions::default()).await?;
-    let consumer = consume
-        .basic_consume(
-            name(&queue),
-            name(id),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((connection, publish, consumer))
-}
-
-/// Applies completion events to this client's futures, and keeps the link
-/// to RabbitMQ up: when the connection is lost (a broker restart, a network
-/// cut), reconnects with growing pauses, hands the outbox the new channel
-/// (it re-sends whatever the broker had not confirmed), and re-reads the
-/// state of every pending future from Redis, since events published while
-/// the link was down are lost.
-async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInner>) {
-    loop {
-        event_loop(consumer, &client).await;
-        let mut backoff = flotilla_runtime::supervise::Backoff::default();
-        consumer = loop {
-            let Some(inner) = client.upgrade() else {
-                return;
-            };
-            if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            // Bounded: a broker still booting may leave a step hanging.
-            let opened = tokio::time::timeout(
-                RECONNECT_TIMEOUT,
-                open_link(&inner.config, &inner.names, &inner.id),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Config(format!(
-                    "reopening the RabbitMQ link took over {RECONNECT_TIMEOUT:?}"
-                )))
-            });
-            match opened {
-                Ok((connection, publish, consumer)) => {
-                    *inner.connection.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Arc::new(connection);
-                    let _ = inner.channels.send(publish);
-                    inner.resync().await;
-                    tracing::info!(client = %inner.id, "reconnected to RabbitMQ");
-                    break consumer;
-                }
-                Err(error) => {
-                    let pause = backoff.next_pause();
-                    warn!(%error, ?pause, "RabbitMQ is unreachable; retrying");
-                    drop(inner);
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        };
-    }
-}
-
-/// Applies completion events to this client's futures until the consumer
-/// ends.
-async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
-    while let Some(delivery) = transport::next_delivery(&mut consumer).await {
-        let Ok(delivery) = delivery else { break };
-        let Some(client) = client.upgrade() else {
-            break;
-        };
-        let opened = client.codec.open::<EventBatch>(
-            Purpose::Events,
-            &delivery.data,
-            delivery.redelivered,
-            &client.events_guard,
-            client.config.max_payload + (1 << 20),
-        );
-        match opened {
-            Ok(batch) => {
-                for event in batch.events {
-                    client.apply(event);
-                }
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            }
-            Err(error) => {
-                warn!(%error, "undecodable event dead-lettered");
-                let _ = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

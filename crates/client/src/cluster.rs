@@ -15,8 +15,9 @@
 //! # Ok(()) }
 //! ```
 
-use crate::purge;
-use crate::{Client, Error, Result};
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::purge::purge;
 use flotilla_proto::Config;
 use flotilla_scheduler::SchedulerHandle;
 use flotilla_worker::{WorkerHandle, WorkerOptions};

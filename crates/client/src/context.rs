@@ -15,8 +15,10 @@
 //! fn double(x: i64) -> i64 { 2 * x }
 //! ```
 
-use crate::{Client, Result, TaskContext};
+use crate::client::Client;
+use crate::error::Result;
 use flotilla_proto::Config;
+use flotilla_task::TaskContext;
 use flotilla_worker::ContextExtension;
 use std::any::Any;
 use std::sync::Arc;

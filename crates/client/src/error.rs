@@ -92,9 +92,9 @@ pub enum Error {
         reason: String,
     },
     /// A coordination primitive was misused, or its lease ran out (see
-    /// [`SyncError`](crate::sync::SyncError)).
+    /// [`SyncError`]).
     #[error("{0}")]
-    Sync(crate::sync::SyncError),
+    Sync(SyncError),
     /// The client has as many tasks pending as it may
     /// ([`Config::max_pending`](crate::Config::max_pending),
     /// `FLOTILLA_MAX_PENDING`): returned by `try_submit` instead of waiting.
@@ -186,6 +186,54 @@ fn human_bytes(bytes: usize) -> String {
 
 /// `Result` with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Problems particular to the coordination primitives ([`crate::sync`]);
+/// they reach callers as [`Error::Sync`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// `release` on a handle that holds nothing.
+    #[error("{what} `{name}` is not held by this handle; acquire it before releasing it")]
+    NotHeld {
+        /// "lock" or "semaphore".
+        what: &'static str,
+        /// The primitive's name.
+        name: String,
+    },
+    /// `acquire` on a lock handle that already holds the lock (it is not
+    /// reentrant).
+    #[error("lock `{name}` is already held by this handle (locks are not reentrant); release it first, or use another handle")]
+    AlreadyHeld {
+        /// The lock's name.
+        name: String,
+    },
+    /// The lease ran out before the release: another holder may have had
+    /// the lock or lease in the meantime (a holder stalled for longer than
+    /// the lease, or Redis was unreachable).
+    #[error("the lease on {what} `{name}` expired before it was released; another holder may have run concurrently (lengthen the lease?)")]
+    LeaseExpired {
+        /// "lock" or "semaphore".
+        what: &'static str,
+        /// The primitive's name.
+        name: String,
+    },
+    /// A semaphore is already in use with another maximum.
+    #[error("semaphore `{name}` exists with max_leases {existing}, not {requested}")]
+    InconsistentMaxLeases {
+        /// The semaphore's name.
+        name: String,
+        /// Its maximum in Redis.
+        existing: u64,
+        /// This handle's maximum.
+        requested: u64,
+    },
+}
+
+impl From<SyncError> for Error {
+    fn from(error: SyncError) -> Self {
+        Error::Sync(error)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,9 +5,11 @@
 //! stays in Redis (small values ride along with the event) and is read when
 //! asked for.
 
-use crate::client::ClientInner;
-use crate::{Error, Result};
-use flotilla_proto::{Codec, StoredResult};
+use crate::capture;
+use crate::error::{Error, Result};
+use crate::inner::ClientInner;
+use crate::outbox::Op;
+use crate::state::{FutureState, Status};
 use serde::de::DeserializeOwned;
 use std::fmt;
 use std::future::IntoFuture;
@@ -16,230 +18,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::sync::Notify;
-
-/// Where a task stands, as seen by this client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Status {
-    /// Submitted, not started (or not known to have started).
-    Pending,
-    /// A worker is running it.
-    Running,
-    /// Its result is stored.
-    Finished,
-    /// It failed (see [`TaskFuture::exception`]).
-    Error,
-    /// It was cancelled.
-    Cancelled,
-    /// Its result was lost.
-    Lost,
-}
-
-impl Status {
-    /// Whether the task reached an end (finished, erred, cancelled or lost).
-    pub fn is_done(self) -> bool {
-        !matches!(self, Status::Pending | Status::Running)
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Status::Pending => "pending",
-            Status::Running => "running",
-            Status::Finished => "finished",
-            Status::Error => "error",
-            Status::Cancelled => "cancelled",
-            Status::Lost => "lost",
-        })
-    }
-}
-
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    Pending,
-    Running,
-    /// Finished; the encoded value when it came inline.
-    Finished(Option<Arc<Vec<u8>>>),
-    Failed(Error),
-}
-
-/// Called once when a future is done.
-pub(crate) type DoneHook = Box<dyn FnOnce() + Send>;
-
-/// The state all handles of one key share.
-pub(crate) struct FutureState {
-    pub(crate) key: String,
-    outcome: Mutex<Outcome>,
-    notify: Notify,
-    hooks: Mutex<Vec<DoneHook>>,
-    client: std::sync::Weak<ClientInner>,
-    /// This client's room the task takes while pending (see
-    /// [`crate::room`]): given back when it is done, or with the state.
-    room: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
-}
-
-impl fmt::Debug for FutureState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FutureState")
-            .field("key", &self.key)
-            .finish_non_exhaustive()
-    }
-}
-
-impl FutureState {
-    pub(crate) fn new(key: String, client: std::sync::Weak<ClientInner>) -> Self {
-        FutureState {
-            key,
-            outcome: Mutex::new(Outcome::Pending),
-            notify: Notify::new(),
-            hooks: Mutex::new(Vec::new()),
-            client,
-            room: Mutex::new(None),
-        }
-    }
-
-    /// Keeps `permit` while the task is pending (dropped at once if it is
-    /// done already).
-    pub(crate) fn hold_room(&self, permit: tokio::sync::OwnedSemaphorePermit) {
-        let outcome = self.lock();
-        if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
-            return;
-        }
-        *self.room.lock().unwrap_or_else(|p| p.into_inner()) = Some(permit);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Outcome> {
-        self.outcome.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn status(&self) -> Status {
-        match &*self.lock() {
-            Outcome::Pending => Status::Pending,
-            Outcome::Running => Status::Running,
-            Outcome::Finished(_) => Status::Finished,
-            Outcome::Failed(Error::Cancelled(_)) => Status::Cancelled,
-            Outcome::Failed(Error::Lost(_)) => Status::Lost,
-            Outcome::Failed(_) => Status::Error,
-        }
-    }
-
-    pub(crate) fn set_running(&self) {
-        let mut outcome = self.lock();
-        if matches!(*outcome, Outcome::Pending) {
-            *outcome = Outcome::Running;
-        }
-    }
-
-    pub(crate) fn set_finished(&self, inline: Option<Vec<u8>>) {
-        {
-            let mut outcome = self.lock();
-            if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
-                return;
-            }
-            *outcome = Outcome::Finished(inline.map(Arc::new));
-        }
-        self.done();
-    }
-
-    pub(crate) fn set_failed(&self, error: Error) {
-        {
-            let mut outcome = self.lock();
-            if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
-                return;
-            }
-            *outcome = Outcome::Failed(error);
-        }
-        self.done();
-    }
-
-    fn done(&self) {
-        drop(self.room.lock().unwrap_or_else(|p| p.into_inner()).take());
-        self.notify.notify_waiters();
-        let hooks = std::mem::take(&mut *self.hooks.lock().unwrap_or_else(|p| p.into_inner()));
-        for hook in hooks {
-            hook();
-        }
-    }
-
-    /// Runs `hook` once the future is done (at once if it already is).
-    pub(crate) fn on_done(&self, hook: DoneHook) {
-        let mut hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner());
-        if self.status().is_done() {
-            drop(hooks);
-            hook();
-        } else {
-            hooks.push(hook);
-        }
-    }
-
-    /// Back to pending if it failed (for `retry`); whether it did.
-    pub(crate) fn reset_if_failed(&self) -> bool {
-        let mut outcome = self.lock();
-        if matches!(*outcome, Outcome::Failed(_)) {
-            *outcome = Outcome::Pending;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Waits until the task is done; inside a task, lends the task's slot
-    /// to its worker meanwhile (see [`flotilla_worker::seceded`]).
-    pub(crate) async fn wait(&self) {
-        if self.status().is_done() {
-            return;
-        }
-        flotilla_worker::seceded(self.wait_here()).await
-    }
-
-    async fn wait_here(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.status().is_done() {
-                return;
-            }
-            notified.await;
-        }
-    }
-
-    /// The outcome once done: `Ok(Some(bytes))` when the value came inline,
-    /// `Ok(None)` when it must be read from Redis.
-    pub(crate) fn done_outcome(&self) -> Option<Result<Option<Arc<Vec<u8>>>>> {
-        match &*self.lock() {
-            Outcome::Finished(inline) => Some(Ok(inline.clone())),
-            Outcome::Failed(error) => Some(Err(error.clone())),
-            Outcome::Pending | Outcome::Running => None,
-        }
-    }
-
-    /// The error of a future that failed before it was ever submitted (its
-    /// arguments could not be sent): there is no task behind its key.
-    pub(crate) fn never_submitted(&self) -> Option<Error> {
-        if self.client.upgrade().is_some() {
-            return None;
-        }
-        self.error()
-    }
-
-    pub(crate) fn error(&self) -> Option<Error> {
-        match &*self.lock() {
-            Outcome::Failed(error) => Some(error.clone()),
-            _ => None,
-        }
-    }
-}
-
-impl Drop for FutureState {
-    fn drop(&mut self) {
-        if let Some(client) = self.client.upgrade() {
-            client.forget(&self.key);
-        }
-    }
-}
 
 /// A task's eventual result, of type `T`.
 ///
@@ -329,18 +107,12 @@ impl<T> TaskFuture<T> {
     /// Cancels the task and its dependents, stopping it if it runs (see
     /// [`Client::cancel`](crate::Client::cancel)).
     pub fn cancel(&self) {
-        crate::Client {
-            inner: self.client.clone(),
-        }
-        .cancel(std::slice::from_ref(self), true)
+        cancel(&self.client, std::slice::from_ref(self), true)
     }
 
     /// Runs the task again if it failed.
     pub fn retry(&self) {
-        crate::Client {
-            inner: self.client.clone(),
-        }
-        .retry(std::slice::from_ref(self))
+        retry(&self.client, std::slice::from_ref(self))
     }
 
     /// Calls `callback` with this future once it is done (finished, erred or
@@ -403,30 +175,38 @@ impl<T: DeserializeOwned> TaskFuture<T> {
     }
 }
 
+/// Cancels `futures` (and their dependents) through `client`'s outbox;
+/// with `force`, running ones are stopped too (see
+/// [`Client::cancel`](crate::Client::cancel)).
+pub(crate) fn cancel<T>(client: &ClientInner, futures: &[TaskFuture<T>], force: bool) {
+    let keys: Vec<String> = futures.iter().map(|f| f.key().to_owned()).collect();
+    for future in futures {
+        future
+            .state
+            .set_failed(Error::Cancelled(future.key().to_owned()));
+    }
+    client.send(Op::Cancel(keys, force));
+}
+
+/// Runs the failed ones of `futures` again, through `client`'s outbox.
+pub(crate) fn retry<T>(client: &ClientInner, futures: &[TaskFuture<T>]) {
+    let keys: Vec<String> = futures
+        .iter()
+        .filter(|f| f.state.reset_if_failed())
+        .map(|f| f.key().to_owned())
+        .collect();
+    if !keys.is_empty() {
+        client.send(Op::Retry(keys));
+    }
+}
+
+/// Decodes a task's value.
 pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
     rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
         key: key.to_owned(),
         type_name: std::any::type_name::<T>(),
         message: e.to_string(),
     })
-}
-
-/// Reads a stored result: the value bytes, or its error.
-pub(crate) fn read_stored(
-    codec: &Codec,
-    key: &str,
-    stored: Option<Vec<u8>>,
-) -> Result<Arc<Vec<u8>>> {
-    match stored.map(|stored| codec.open_result(key, stored)) {
-        Some(Ok(StoredResult::Ok(bytes))) => Ok(Arc::new(bytes)),
-        Some(Ok(StoredResult::Err(error))) => Err(Error::Task(error)),
-        Some(Err(error)) => Err(Error::Decode {
-            key: key.to_owned(),
-            type_name: "stored result",
-            message: error.to_string(),
-        }),
-        None => Err(Error::Lost(key.to_owned())),
-    }
 }
 
 /// A `TaskFuture` is a plain [`std::future::Future`]: it composes with
@@ -493,8 +273,8 @@ impl<'a, T: DeserializeOwned + Send + 'static> IntoFuture for &'a TaskFuture<T> 
 /// alive.
 impl<T> serde::Serialize for TaskFuture<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        crate::sync::held::record(self).map_err(serde::ser::Error::custom)?;
-        serializer.serialize_newtype_struct(crate::sync::held::FUTURE_TOKEN, self.key())
+        capture::record(&self.state, &self.client).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_newtype_struct(capture::FUTURE_TOKEN, self.key())
     }
 }
 
@@ -503,9 +283,9 @@ impl<T> serde::Serialize for TaskFuture<T> {
 /// it from then on like any other.
 impl<'de, T> serde::Deserialize<'de> for TaskFuture<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let key =
-            deserializer.deserialize_newtype_struct(crate::sync::held::FUTURE_TOKEN, KeyVisitor)?;
-        crate::sync::held::resolve(&key).map_err(serde::de::Error::custom)
+        let key = deserializer.deserialize_newtype_struct(capture::FUTURE_TOKEN, KeyVisitor)?;
+        let future = capture::resolve(&key).map_err(serde::de::Error::custom)?;
+        Ok(TaskFuture::from_state(future.state, future.client))
     }
 }
 
@@ -586,11 +366,6 @@ impl<T> FutureRef<T> {
     /// The referenced task's key.
     pub fn key(&self) -> &str {
         &self.key
-    }
-
-    /// A future of the referenced task, held by `client`.
-    pub fn resolve(&self, client: &crate::Client) -> TaskFuture<T> {
-        client.get_future(&self.key)
     }
 }
 

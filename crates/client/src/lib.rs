@@ -44,19 +44,27 @@
 //! `serde`): the worker runtime is [`worker`], the scheduler is the
 //! `flotilla-scheduler` binary, and [`LocalCluster`] runs both in-process.
 
+// The modules' layers, bottom first; each module uses only modules of the
+// layers below its own (ARCHITECTURE.md, "The client's layers"):
+// error | state, purge | room | outbox | inner | capture, link | future |
+// args, as_completed | client | actor, context, cluster | blocking | sync.
 mod actor;
 mod args;
 pub mod as_completed;
 pub mod blocking;
+mod capture;
 mod client;
 #[cfg(feature = "local-cluster")]
 mod cluster;
 mod context;
 mod error;
 mod future;
+mod inner;
+mod link;
 mod outbox;
 mod purge;
 mod room;
+mod state;
 pub mod sync;
 
 pub use actor::{ActorFuture, ActorHandle, ActorProxy, Constructor, SubmitActor};
@@ -72,8 +80,9 @@ pub use error::{Error, ErrorKind, Result, TaskError};
 pub use flotilla_macros::{actor, task};
 pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_task::TaskContext;
-pub use future::{FutureRef, Status, TaskFuture};
+pub use future::{FutureRef, TaskFuture};
 pub use purge::purge;
+pub use state::Status;
 
 /// The worker side: a worker binary's `main`, and the worker loop for
 /// embedding it.
@@ -176,8 +185,8 @@ pub mod prelude {
 /// Items the `#[flotilla::task]` and `#[flotilla::actor]` expansions refer to. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::actor::BlockingRuntime;
     pub use crate::actor::{ActorHandle, ActorProxy};
-    pub use crate::blocking::BlockingRuntime;
     pub use flotilla_proto::TaskError;
     pub use flotilla_proto::{ResultOutput, Task};
     pub use flotilla_task::__inventory as inventory;

@@ -13,8 +13,8 @@
 //! revives it: the release is then dropped, so dropping the last handle and
 //! at once asking for the key again never loses its result.
 
-use crate::future::FutureState;
 use crate::room::{Room, Waiting};
+use crate::state::FutureState;
 use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
 use flotilla_runtime::refs;
 use flotilla_runtime::transport::{self, name};
@@ -78,7 +78,7 @@ pub(crate) enum Op {
     Watch(Vec<String>),
     /// Answer once everything before has been sent, or with the error that
     /// made the outbox give up on some of it.
-    Flush(oneshot::Sender<Result<(), crate::Error>>),
+    Flush(oneshot::Sender<Result<(), crate::error::Error>>),
 }
 
 pub(crate) struct Outbox {
@@ -117,9 +117,9 @@ pub(crate) struct Unconfirmed {
 struct Batch {
     messages: Vec<ToScheduler>,
     submit_bytes: usize,
-    flushed: Vec<oneshot::Sender<Result<(), crate::Error>>>,
+    flushed: Vec<oneshot::Sender<Result<(), crate::error::Error>>>,
     /// Why some of the batch could not be done (its flushes get it).
-    failure: Option<crate::Error>,
+    failure: Option<crate::error::Error>,
 }
 
 impl Batch {
@@ -155,7 +155,7 @@ enum Step {
     Hold(String),
     Release(String, usize),
     Message(ToScheduler),
-    Flush(oneshot::Sender<Result<(), crate::Error>>),
+    Flush(oneshot::Sender<Result<(), crate::error::Error>>),
 }
 
 /// Whether a key's release may go out now: no state of it lives in the
@@ -379,7 +379,7 @@ impl Outbox {
     }
 
     /// Fails the future of `key` in this client, if it is still wanted.
-    fn fail(&self, key: &str, error: &crate::Error) {
+    fn fail(&self, key: &str, error: &crate::error::Error) {
         let state = self
             .table
             .lock()
@@ -560,7 +560,7 @@ impl Outbox {
     /// restarted scheduler runs them), its messages to the scheduler still
     /// go, and its flushes answer with the error.
     async fn gave_up(&mut self, steps: Vec<Step>, error: redis::RedisError) -> Batch {
-        let error = crate::Error::from(error);
+        let error = crate::error::Error::from(error);
         let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
         let mut batch = Batch {
             failure: Some(error.clone()),

@@ -1,6 +1,6 @@
 //! `purge`: deleting a namespace, for tests and operators.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 use flotilla_proto::Config;
 use flotilla_runtime::transport;
 

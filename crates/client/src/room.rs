@@ -36,7 +36,7 @@
 //!
 //! [`Config::max_pending`]: flotilla_proto::Config::max_pending
 
-use crate::future::FutureState;
+use crate::state::FutureState;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 

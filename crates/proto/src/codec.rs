@@ -1,4 +1,7 @@
-//! The versioned MessagePack envelope: one version byte, then a named map.
+//! The versioned MessagePack envelope: one version byte, then a named map;
+//! and why bytes read from the network are refused. Signing
+//! ([`crate::seal`]) builds on it: a sealed message starts with
+//! [`SEALED_VERSION`] instead, and its refusals are [`SealError`]s.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -7,6 +10,9 @@ use serde::{de::DeserializeOwned, Serialize};
 /// A peer that reads another version refuses the message with
 /// [`DecodeError::Version`] instead of misreading it.
 pub const WIRE_VERSION: u8 = 1;
+
+/// First byte of a sealed message (see [`crate::seal`]).
+pub const SEALED_VERSION: u8 = 0x80 | WIRE_VERSION;
 
 /// Why bytes from the network could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +40,42 @@ pub enum DecodeError {
     Body(#[from] rmp_serde::decode::Error),
     /// A signature check refused the message (see [`crate::seal`]).
     #[error(transparent)]
-    Seal(#[from] crate::seal::SealError),
+    Seal(#[from] SealError),
+}
+
+/// Why a sealed message or value was refused (see [`DecodeError`] and
+/// [`crate::seal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The bytes carry no signature, but this process has a secret.
+    #[error(
+        "unsigned message refused: FLOTILLA_SECRET is set here, so every message must be signed"
+    )]
+    Unsigned,
+    /// The bytes are signed, but this process has no secret to check them.
+    #[error("signed message refused: this process has no FLOTILLA_SECRET to verify it with")]
+    NoSecret,
+    /// The signature does not match: another secret, altered bytes, or
+    /// bytes signed for another purpose, key or namespace.
+    #[error("forged or corrupted message refused: its signature does not match")]
+    Forged,
+    /// The signed envelope is cut short.
+    #[error("truncated signed message refused")]
+    Truncated,
+    /// A copy of a message this consumer has already taken.
+    #[error("replayed message refused: this consumer already took it")]
+    Replayed,
+    /// Issued longer ago than the replay window (or that far in the future).
+    #[error(
+        "stale message refused: issued {age_s} s from now, outside the {window_s} s replay window"
+    )]
+    Stale {
+        /// Seconds between its issue and now (negative: in the future).
+        age_s: i64,
+        /// The replay window, in seconds.
+        window_s: u64,
+    },
 }
 
 /// Encodes `message` as a version byte followed by a MessagePack named map.
@@ -64,7 +105,7 @@ pub(crate) fn body_of(bytes: &[u8]) -> Result<&[u8], DecodeError> {
     match bytes.split_first() {
         None => Err(DecodeError::Empty),
         Some((&WIRE_VERSION, body)) => Ok(body),
-        Some((&crate::seal::SEALED_VERSION, _)) => Err(crate::seal::SealError::NoSecret.into()),
+        Some((&SEALED_VERSION, _)) => Err(SealError::NoSecret.into()),
         Some((&found, _)) => Err(DecodeError::Version { found }),
     }
 }

@@ -31,6 +31,9 @@
 //! done. Clocks must agree within the window.
 
 use crate::codec::{body_of, DecodeError, WIRE_VERSION};
+// The sealed version byte and the refusals are part of the envelope
+// (`codec.rs`); they keep their public paths here.
+pub use crate::codec::{SealError, SEALED_VERSION};
 use crate::{Config, StoredResult, TaskError};
 use ring::hmac;
 use serde::{de::DeserializeOwned, Serialize};
@@ -38,9 +41,6 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// First byte of a sealed message.
-pub const SEALED_VERSION: u8 = 0x80 | WIRE_VERSION;
 
 const TAG_LEN: usize = 32;
 const HEADER_LEN: usize = 1 + 8 + 16;
@@ -75,40 +75,6 @@ impl Purpose {
             Purpose::Spec => b"spec",
         }
     }
-}
-
-/// Why a sealed message or value was refused (see [`DecodeError`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SealError {
-    /// The bytes carry no signature, but this process has a secret.
-    #[error(
-        "unsigned message refused: FLOTILLA_SECRET is set here, so every message must be signed"
-    )]
-    Unsigned,
-    /// The bytes are signed, but this process has no secret to check them.
-    #[error("signed message refused: this process has no FLOTILLA_SECRET to verify it with")]
-    NoSecret,
-    /// The signature does not match: another secret, altered bytes, or
-    /// bytes signed for another purpose, key or namespace.
-    #[error("forged or corrupted message refused: its signature does not match")]
-    Forged,
-    /// The signed envelope is cut short.
-    #[error("truncated signed message refused")]
-    Truncated,
-    /// A copy of a message this consumer has already taken.
-    #[error("replayed message refused: this consumer already took it")]
-    Replayed,
-    /// Issued longer ago than the replay window (or that far in the future).
-    #[error(
-        "stale message refused: issued {age_s} s from now, outside the {window_s} s replay window"
-    )]
-    Stale {
-        /// Seconds between its issue and now (negative: in the future).
-        age_s: i64,
-        /// The replay window, in seconds.
-        window_s: u64,
-    },
 }
 
 /// Writes and reads Flotilla's messages and stored values, sealing and

@@ -21,7 +21,7 @@
 //! method of the same name, a plain `fn` calls it, and `=> blocking` turns
 //! what it returns (a guard, a permit) into its blocking flavour.
 
-use crate::Result;
+use crate::error::Result;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;

@@ -29,7 +29,8 @@
 //! ```
 
 use super::{deadline_in, get_or_wait, set_and_notify, Keys};
-use crate::{Client, Result};
+use crate::client::Client;
+use crate::error::Result;
 use std::time::Duration;
 use tokio::time::Instant;
 

@@ -29,20 +29,18 @@
 //! a release of an earlier handle of the same key, still on its way, must
 //! not undo the new hold.
 
-use crate::client::ClientInner;
-use crate::future::FutureState;
+use crate::capture::{self, Resolver};
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::future::TaskFuture;
 use crate::outbox::Op;
-use crate::{Client, Error, Result, TaskFuture};
+use crate::state::FutureState;
 use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::thread::LocalKey;
 
-/// The newtype-struct name a future serializes under.
-pub(crate) const FUTURE_TOKEN: &str = "$flotilla::TaskFuture";
 /// First byte of a stored value that holds futures. `0xC1` is never used by
 /// MessagePack, so a plain value never starts with it.
 pub(crate) const MARK: u8 = 0xC1;
@@ -62,98 +60,6 @@ end
     };
 }
 pub(crate) use header_lua;
-
-thread_local! {
-    /// The futures met while a primitive encodes a value.
-    static COLLECTING: RefCell<Option<Vec<TaskFuture<()>>>> = const { RefCell::new(None) };
-    /// The futures a primitive's reader now holds, while it decodes a value.
-    static RESOLVING: RefCell<Option<Resolver>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with `value` in the thread-local `key`, putting back what was
-/// there before, also when `f` panics (so that a future can never be
-/// serialized outside a primitive after a panic inside one). Returns what
-/// `f` returned and what it left in `key`.
-fn scoped<V: 'static, R>(
-    key: &'static LocalKey<RefCell<Option<V>>>,
-    value: V,
-    f: impl FnOnce() -> R,
-) -> (R, Option<V>) {
-    struct Restore<V: 'static> {
-        key: &'static LocalKey<RefCell<Option<V>>>,
-        previous: Option<Option<V>>,
-    }
-    impl<V: 'static> Drop for Restore<V> {
-        fn drop(&mut self) {
-            if let Some(previous) = self.previous.take() {
-                let _ = self.key.try_with(|cell| cell.replace(previous));
-            }
-        }
-    }
-    let previous = key.with(|cell| cell.replace(Some(value)));
-    let mut restore = Restore {
-        key,
-        previous: Some(previous),
-    };
-    let result = f();
-    let previous = restore.previous.take().unwrap_or_default();
-    let left = key.with(|cell| cell.replace(previous));
-    (result, left)
-}
-
-struct Resolver {
-    client: Arc<ClientInner>,
-    states: HashMap<String, Arc<FutureState>>,
-    runtime: Option<Arc<tokio::runtime::Runtime>>,
-}
-
-/// Records a future being serialized into a primitive's value; `Err` with
-/// what to do when no primitive is encoding.
-pub(crate) fn record<T>(future: &TaskFuture<T>) -> std::result::Result<(), String> {
-    COLLECTING.with(|collecting| match collecting.borrow_mut().as_mut() {
-        Some(found) => {
-            if !found.iter().any(|f| f.key() == future.key()) {
-                found.push(TaskFuture::from_state(
-                    future.state.clone(),
-                    future.client.clone(),
-                ));
-            }
-            Ok(())
-        }
-        None => Err(format!(
-            "future `{}` can only be serialized into a flotilla Variable or Queue, which hold its \
-             result; pass it to a task as an argument, or send `TaskFuture::to_ref` and resolve it there",
-            future.key()
-        )),
-    })
-}
-
-/// The live future of `key` for the reader decoding a primitive's value.
-pub(crate) fn resolve<T>(key: &str) -> std::result::Result<TaskFuture<T>, String> {
-    RESOLVING.with(|resolving| match resolving.borrow().as_ref() {
-        Some(resolver) => match resolver.states.get(key) {
-            Some(state) => Ok(TaskFuture::from_state(state.clone(), resolver.client.clone())),
-            None => Err(format!(
-                "future `{key}` is not among the keys this value holds; was it written by a Variable or Queue?"
-            )),
-        },
-        None => Err(format!(
-            "future `{key}` can only be deserialized from a flotilla Variable or Queue, which hand \
-             over a hold on its result"
-        )),
-    })
-}
-
-/// The runtime of the blocking primitive decoding a value, for
-/// [`crate::blocking::TaskFuture`]s.
-pub(crate) fn resolve_runtime() -> Option<Arc<tokio::runtime::Runtime>> {
-    RESOLVING.with(|resolving| {
-        resolving
-            .borrow()
-            .as_ref()
-            .and_then(|resolver| resolver.runtime.clone())
-    })
-}
 
 /// Runs `work` as a task of its own and waits for it: cancelling the wait
 /// does not cancel the work, so a step that takes holds always ends with
@@ -218,10 +124,11 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     what: &str,
     value: &T,
 ) -> Result<Encoded> {
-    let (bytes, futures) = scoped(&COLLECTING, Vec::new(), || {
-        super::encode(client, what, value)
-    });
-    let futures = futures.unwrap_or_default();
+    let (bytes, found) = capture::collecting(|| super::encode(client, what, value));
+    let futures: Vec<TaskFuture<()>> = found
+        .into_iter()
+        .map(|future| TaskFuture::from_state(future.state, future.client))
+        .collect();
     let bytes = bytes?;
     for future in &futures {
         let foreign = future.client.names.namespace() != client.names().namespace();
@@ -443,7 +350,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
         states: adopted.map(|a| a.states).unwrap_or_default(),
         runtime,
     };
-    scoped(&RESOLVING, resolver, || super::decode(what, bytes)).0
+    capture::resolving(resolver, || super::decode(what, bytes))
 }
 
 /// Reads a variable's stored value, taking the reader's holds while the

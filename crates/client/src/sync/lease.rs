@@ -22,7 +22,8 @@ use super::{
     slice, spawn_renewal, spawn_script, Keys, LostFlag, Retry, SyncError, Waited, Waiter,
     MAX_SLICE, MIN_LEASE, REGISTRATION_TTL,
 };
-use crate::{Client, Result};
+use crate::client::Client;
+use crate::error::Result;
 use std::sync::{LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::task::JoinHandle;

@@ -43,7 +43,8 @@
 
 use super::lease::{Held, Kind, Leases};
 use super::{deadline_in, waiters_lua};
-use crate::{Client, Result};
+use crate::client::Client;
+use crate::error::Result;
 use std::sync::LazyLock;
 use std::time::Duration;
 

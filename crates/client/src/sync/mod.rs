@@ -58,8 +58,11 @@ pub use lock::{Lock, LockGuard};
 pub use queue::Queue;
 pub use semaphore::{Semaphore, SemaphorePermit};
 pub use variable::Variable;
+// Defined with the client's other errors; named here, with the primitives.
+pub use crate::error::SyncError;
 
-use crate::{Client, Error, Result};
+use crate::client::Client;
+use crate::error::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,54 +94,6 @@ const POOL_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 const UNBLOCK_RETRY: Duration = Duration::from_millis(10);
 /// First pause before retrying after a lost connection; doubles up to 1 s.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Problems particular to the coordination primitives; they reach callers
-/// as [`Error::Sync`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SyncError {
-    /// `release` on a handle that holds nothing.
-    #[error("{what} `{name}` is not held by this handle; acquire it before releasing it")]
-    NotHeld {
-        /// "lock" or "semaphore".
-        what: &'static str,
-        /// The primitive's name.
-        name: String,
-    },
-    /// `acquire` on a lock handle that already holds the lock (it is not
-    /// reentrant).
-    #[error("lock `{name}` is already held by this handle (locks are not reentrant); release it first, or use another handle")]
-    AlreadyHeld {
-        /// The lock's name.
-        name: String,
-    },
-    /// The lease ran out before the release: another holder may have had
-    /// the lock or lease in the meantime (a holder stalled for longer than
-    /// the lease, or Redis was unreachable).
-    #[error("the lease on {what} `{name}` expired before it was released; another holder may have run concurrently (lengthen the lease?)")]
-    LeaseExpired {
-        /// "lock" or "semaphore".
-        what: &'static str,
-        /// The primitive's name.
-        name: String,
-    },
-    /// A semaphore is already in use with another maximum.
-    #[error("semaphore `{name}` exists with max_leases {existing}, not {requested}")]
-    InconsistentMaxLeases {
-        /// The semaphore's name.
-        name: String,
-        /// Its maximum in Redis.
-        existing: u64,
-        /// This handle's maximum.
-        requested: u64,
-    },
-}
-
-impl From<SyncError> for Error {
-    fn from(error: SyncError) -> Self {
-        Error::Sync(error)
-    }
-}
 
 /// Key names of one primitive: `<ns>:{<kind>:<name>}:<part>`, all in one
 /// Redis Cluster slot.

@@ -83,7 +83,8 @@
 
 use super::held::{self, header_lua, Encoded, Refs};
 use super::{deadline_in, slice, timed_out, Keys, Retry, Waited, MAX_SLICE};
-use crate::{Client, Result};
+use crate::client::Client;
+use crate::error::Result;
 use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -398,7 +399,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 }
             }
         });
-        let taken = delivered.await.map_err(|_| crate::Error::Closed)??;
+        let taken = delivered.await.map_err(|_| crate::error::Error::Closed)??;
         taken.decode(&self.inner.client, &self.what(), self.runtime.clone())
     }
 

@@ -59,7 +59,8 @@
 
 use super::held::{self, header_lua};
 use super::{deadline_in, get_or_wait, timed_out, waiters_lua, Keys};
-use crate::{Client, Result};
+use crate::client::Client;
+use crate::error::Result;
 use flotilla_runtime::refs;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -1,0 +1,143 @@
+//! The client's RabbitMQ link: a publishing channel for the outbox, and a
+//! consumer of the client's own event queue whose completion events are
+//! applied to its futures ([`ClientInner::apply`]). When the link is lost
+//! it is reopened, and the futures still pending are re-read from Redis.
+
+use crate::error::{Error, Result};
+use crate::inner::ClientInner;
+use flotilla_proto::{Config, EventBatch, Names, Purpose};
+use flotilla_runtime::transport::{self, name};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tracing::warn;
+
+/// How long one attempt to reopen the RabbitMQ link may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens the client's RabbitMQ side: a connection, a publishing channel
+/// with confirms, the namespace's topology, and a consumer of the client's
+/// own event queue.
+pub(crate) async fn open_link(
+    config: &Config,
+    names: &Names,
+    id: &str,
+) -> Result<(Connection, Channel, lapin::Consumer)> {
+    let connection = transport::connect_amqp(
+        &config.amqp_url,
+        &format!("flotilla-client {id} ({})", names.namespace()),
+    )
+    .await?;
+    // Submissions wait out a broker alarm (see `outbox`): say so once.
+    flotilla_runtime::blocked::log_blocked(&connection, "client");
+    let publish = connection.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    transport::declare_topology(&publish, names).await?;
+    let queue = names.client_queue(id);
+    let exchange = names.events_exchange();
+    transport::declare_private_queue(
+        &publish,
+        names,
+        &queue,
+        Some((&exchange, &Names::client_binding(id))),
+    )
+    .await?;
+    let consume = connection.create_channel().await?;
+    consume.basic_qos(1024, BasicQosOptions::default()).await?;
+    let consumer = consume
+        .basic_consume(
+            name(&queue),
+            name(id),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, publish, consumer))
+}
+
+/// Applies completion events to this client's futures, and keeps the link
+/// to RabbitMQ up: when the connection is lost (a broker restart, a network
+/// cut), reconnects with growing pauses, hands the outbox the new channel
+/// (it re-sends whatever the broker had not confirmed), and re-reads the
+/// state of every pending future from Redis, since events published while
+/// the link was down are lost.
+pub(crate) async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInner>) {
+    loop {
+        event_loop(consumer, &client).await;
+        let mut backoff = flotilla_runtime::supervise::Backoff::default();
+        consumer = loop {
+            let Some(inner) = client.upgrade() else {
+                return;
+            };
+            if inner.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            // Bounded: a broker still booting may leave a step hanging.
+            let opened = tokio::time::timeout(
+                RECONNECT_TIMEOUT,
+                open_link(&inner.config, &inner.names, &inner.id),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Config(format!(
+                    "reopening the RabbitMQ link took over {RECONNECT_TIMEOUT:?}"
+                )))
+            });
+            match opened {
+                Ok((connection, publish, consumer)) => {
+                    *inner.connection.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Arc::new(connection);
+                    let _ = inner.channels.send(publish);
+                    inner.resync().await;
+                    tracing::info!(client = %inner.id, "reconnected to RabbitMQ");
+                    break consumer;
+                }
+                Err(error) => {
+                    let pause = backoff.next_pause();
+                    warn!(%error, ?pause, "RabbitMQ is unreachable; retrying");
+                    drop(inner);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        };
+    }
+}
+
+/// Applies completion events to this client's futures until the consumer
+/// ends.
+async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
+    while let Some(delivery) = transport::next_delivery(&mut consumer).await {
+        let Ok(delivery) = delivery else { break };
+        let Some(client) = client.upgrade() else {
+            break;
+        };
+        let opened = client.codec.open::<EventBatch>(
+            Purpose::Events,
+            &delivery.data,
+            delivery.redelivered,
+            &client.events_guard,
+            client.config.max_payload + (1 << 20),
+        );
+        match opened {
+            Ok(batch) => {
+                for event in batch.events {
+                    client.apply(event);
+                }
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+            Err(error) => {
+                warn!(%error, "undecodable event dead-lettered");
+                let _ = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+            }
+        }
+    }
+}
