@@ -4,8 +4,8 @@
 //! - [`transport`]: connections, topology, publishing and consuming;
 //! - [`supervise`]: reconnection with backoff;
 //! - [`blocked`]: RabbitMQ's blocked-connection notices during resource alarms;
-//! - [`refs`]: the holders scripts that keep results alive;
-//! - [`custody`]: leases on long tasks;
+//! - `refs` (private): the holders scripts that keep results alive, run by the store;
+//! - `custody` (private): leases on long tasks, run by the store;
 //! - [`store`]: the task-life keys and scripts (results, holders, specs, custody, leases);
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
 //! - [`cli`]: the connection flags, logging and signals of the binaries.
@@ -15,9 +15,9 @@
 
 pub mod blocked;
 pub mod cli;
-pub mod custody;
+mod custody;
 pub mod incarnation;
-pub mod refs;
+mod refs;
 pub mod seal;
 pub mod store;
 pub mod supervise;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// One operation of a batch, as the memory backend runs it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum Op {
     Hold {
         key: String,

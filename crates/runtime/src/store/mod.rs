@@ -13,7 +13,7 @@
 //! # Backends
 //!
 //! [`Store::redis`] runs every operation on Redis with the scripts of
-//! [`crate::refs`] and [`crate::custody`] (byte for byte the ones the
+//! `refs.rs` and `custody.rs` (byte for byte the ones the
 //! processes ran before the store existed); [`Store::memory`] runs the same
 //! operations on in-process maps, for unit tests of the callers' logic. One
 //! contract suite (`store/tests.rs`) runs against both, so the fake is
@@ -867,9 +867,10 @@ impl Batch {
         )
     }
 
-    /// Runs the batch in one round trip; `Err` when Redis could not be
+    /// Runs the batch in one round trip (again, when called again: every
+    /// operation is idempotent but the stores); `Err` when Redis could not be
     /// reached or refused any operation (the others ran).
-    pub async fn exec(self) -> RedisResult<Vec<Reply>> {
+    pub async fn exec(&self) -> RedisResult<Vec<Reply>> {
         let mut replies = Vec::with_capacity(self.shapes.len());
         for reply in self.exec_each().await? {
             replies.push(reply?);
@@ -881,23 +882,23 @@ impl Batch {
     /// reply: one Redis refuses (over `maxmemory`, say) is an `Err` in its
     /// place while the others run. `Err` as a whole only when Redis could
     /// not be reached.
-    pub async fn exec_each(self) -> RedisResult<Vec<RedisResult<Reply>>> {
+    pub async fn exec_each(&self) -> RedisResult<Vec<RedisResult<Reply>>> {
         if self.shapes.is_empty() {
             return Ok(Vec::new());
         }
-        match self.pending {
+        match &self.pending {
             Pending::Memory(ops) => {
                 let mut memory = self.store.state();
-                Ok(ops.into_iter().map(|op| memory.apply(op)).collect())
+                Ok(ops.iter().map(|op| memory.apply(op.clone())).collect())
             }
             Pending::Redis(pipe) => {
                 let Backend::Redis { redis, .. } = &self.store.backend else {
                     unreachable!("a Redis pipeline belongs to a Redis store")
                 };
-                let replies = refs::run_each(&mut redis.clone(), &pipe).await?;
+                let replies = refs::run_each(&mut redis.clone(), pipe).await?;
                 let mut replies = replies.into_iter();
                 let mut out = Vec::with_capacity(self.shapes.len());
-                for shape in self.shapes {
+                for &shape in &self.shapes {
                     out.push(decode(shape, &mut replies));
                 }
                 Ok(out)
