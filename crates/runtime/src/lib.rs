@@ -5,7 +5,7 @@
 //! - [`supervise`]: reconnection with backoff;
 //! - [`blocked`]: RabbitMQ's blocked-connection notices during resource alarms;
 //! - `refs` (private): the holders scripts that keep results alive, run by the store;
-//! - `custody` (private): leases on long tasks, run by the store;
+//! - [`custody`]: leases on long tasks (the store runs their scripts);
 //! - [`store`]: the task-life keys and scripts (results, holders, specs, custody, leases);
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
 //! - [`cli`]: the connection flags, logging and signals of the binaries.
@@ -15,7 +15,7 @@
 
 pub mod blocked;
 pub mod cli;
-mod custody;
+pub mod custody;
 pub mod incarnation;
 mod refs;
 pub mod seal;
