@@ -328,11 +328,8 @@ impl Drop for HandleInner {
         let key = self.key.clone();
         self.runtime.spawn(async move {
             let _ = client.flush().await;
-            let held: redis::RedisResult<i64> = redis::cmd("EXISTS")
-                .arg(client.names().holders_key(&key))
-                .query_async(&mut client.redis())
-                .await;
-            if matches!(held, Ok(0)) {
+            let held = client.inner.store.held(std::slice::from_ref(&key)).await;
+            if matches!(held.as_deref(), Ok([false])) {
                 // Wait for the publish: dropping the last handle on the
                 // caller stops its publisher.
                 let (sent, published) = tokio::sync::oneshot::channel();

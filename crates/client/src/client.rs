@@ -10,7 +10,7 @@ use crate::outbox::{renew_lease, Op, Outbox, Table};
 use crate::room::Room;
 use crate::state::FutureState;
 use flotilla_proto::{Codec, Config, Names, ReplayGuard, Task, TaskSpec};
-use flotilla_runtime::refs;
+use flotilla_runtime::store::{dataset_holder, Store};
 use flotilla_runtime::transport;
 use redis::aio::ConnectionManager;
 use serde::{de::DeserializeOwned, Serialize};
@@ -324,12 +324,8 @@ impl Client {
             .unwrap_or_default()
             .saturating_add(lease)
             .as_millis() as u64;
-        redis::cmd("ZADD")
-            .arg(names.leases_key())
-            .arg(expiry)
-            .arg(&id)
-            .query_async::<()>(&mut redis.clone())
-            .await?;
+        let store = Store::redis(redis.clone(), names.clone());
+        store.renew_lease(&id, expiry).await?;
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let (channels, publish) = tokio::sync::watch::channel(publish);
         let config_max_pending = config.max_pending;
@@ -340,6 +336,7 @@ impl Client {
             config,
             names: names.clone(),
             redis: redis.clone(),
+            store: store.clone(),
             connection: Mutex::new(Arc::new(connection)),
             channels,
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -352,7 +349,7 @@ impl Client {
         let outbox = Outbox {
             client: id.clone(),
             names: names.clone(),
-            redis: redis.clone(),
+            store,
             publish,
             max_payload: inner.config.max_payload,
             codec: inner.codec.clone(),
@@ -638,21 +635,13 @@ impl Client {
             // before the new hold, or it would delete the new data.
             self.inner.barrier().await?;
         }
-        let keys = [
-            self.inner.names.holders_key(&key),
-            self.inner.names.result_key(&key),
-        ];
-        let mut pipe = redis::pipe();
-        refs::add(
-            &mut pipe,
-            &refs::SCATTER,
-            [&keys[0], &keys[1]],
-            &[
-                self.inner.id.as_bytes(),
-                &self.inner.codec.result_ok(&key, &bytes),
-            ],
+        let mut write = self.inner.store.batch();
+        write.scatter(
+            &key,
+            &self.inner.id,
+            &self.inner.codec.result_ok(&key, &bytes),
         );
-        refs::run::<()>(&mut self.redis(), &pipe).await?;
+        write.exec().await?;
         state.set_finished((bytes.len() <= INLINE_SCATTER).then_some(bytes));
         Ok(TaskFuture::from_state(state, self.inner.clone()))
     }
@@ -714,13 +703,12 @@ impl Client {
                 "a dataset named {name:?} is already published"
             )));
         }
-        let pipe = refs::pipeline_for(
-            &self.inner.names,
-            &refs::HOLD,
-            &keys,
-            &refs::dataset_holder(name),
-        );
-        refs::run::<()>(&mut redis, &pipe).await?;
+        let holder = dataset_holder(name);
+        let mut holds = self.inner.store.batch();
+        for key in &keys {
+            holds.hold(key, &holder);
+        }
+        holds.exec().await?;
         Ok(())
     }
 
@@ -771,19 +759,10 @@ impl Client {
             .arg(name)
             .query_async::<()>(&mut redis)
             .await?;
-        let pipe = refs::pipeline_for(
-            &self.inner.names,
-            &refs::RELEASE,
-            &keys,
-            &refs::dataset_holder(name),
-        );
-        let freed: Vec<i64> = refs::run(&mut redis, &pipe).await?;
-        let forgotten: Vec<String> = keys
-            .into_iter()
-            .zip(freed)
-            .filter(|(_, f)| *f == 1)
-            .map(|(k, _)| k)
-            .collect();
+        let holder = dataset_holder(name);
+        let holds: Vec<(String, String)> =
+            keys.into_iter().map(|key| (key, holder.clone())).collect();
+        let forgotten = self.inner.store.release(&holds).await?;
         if !forgotten.is_empty() {
             self.inner.send(Op::Forget(forgotten));
         }
@@ -805,11 +784,7 @@ impl Client {
     pub(crate) async fn finish(&self) {
         let _ = self.flush().await;
         if self.inner.table().is_empty() {
-            let _ = redis::cmd("ZREM")
-                .arg(self.inner.names.leases_key())
-                .arg(&self.inner.id)
-                .query_async::<()>(&mut self.redis())
-                .await;
+            let _ = self.inner.store.drop_lease(&self.inner.id).await;
         }
     }
 
@@ -835,11 +810,7 @@ impl Client {
         {
             task.abort();
         }
-        let _ = redis::cmd("ZREM")
-            .arg(self.inner.names.leases_key())
-            .arg(&self.inner.id)
-            .query_async::<()>(&mut self.redis())
-            .await;
+        let _ = self.inner.store.drop_lease(&self.inner.id).await;
         let connection = self
             .inner
             .connection

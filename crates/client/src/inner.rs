@@ -34,6 +34,8 @@ pub(crate) struct ClientInner {
     /// The signed event batches this client took (see `flotilla_proto::seal`).
     pub(crate) events_guard: ReplayGuard,
     pub(crate) redis: ConnectionManager,
+    /// The task-life keys (results, holders, specs, the lease) on `redis`.
+    pub(crate) store: flotilla_runtime::store::Store,
     /// The current RabbitMQ connection (replaced after a reconnection).
     pub(crate) connection: Mutex<Arc<Connection>>,
     /// The current publishing channel, for the outbox.
@@ -130,26 +132,11 @@ impl ClientInner {
     pub(crate) async fn fetch(&self, keys: &[&str]) -> Result<Vec<Result<Arc<Vec<u8>>>>> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(FETCH_CHUNK) {
-            let redis_keys: Vec<String> = chunk.iter().map(|k| self.names.result_key(k)).collect();
+            let chunk_keys: Vec<String> = chunk.iter().map(|k| (*k).to_owned()).collect();
             // A restarting Redis is waited for rather than failing the futures.
             let values: Vec<Option<Vec<u8>>> =
                 transport::retry_while_unreachable("reading results", || {
-                    let mut redis = self.redis.clone();
-                    let redis_keys = &redis_keys;
-                    async move {
-                        if redis_keys.len() == 1 {
-                            redis::cmd("GET")
-                                .arg(&redis_keys[0])
-                                .query_async(&mut redis)
-                                .await
-                                .map(|value| vec![value])
-                        } else {
-                            redis::cmd("MGET")
-                                .arg(redis_keys)
-                                .query_async(&mut redis)
-                                .await
-                        }
-                    }
+                    self.store.read_results(&chunk_keys)
                 })
                 .await?;
             for (key, value) in chunk.iter().zip(values) {
@@ -201,20 +188,15 @@ impl ClientInner {
             return;
         }
         let mut waiting = Vec::new();
-        let mut redis = self.redis.clone();
         for chunk in pending.chunks(FETCH_CHUNK) {
-            let keys: Vec<String> = chunk
-                .iter()
-                .map(|state| self.names.result_key(&state.key))
-                .collect();
-            let values: Vec<Option<Vec<u8>>> =
-                match redis::cmd("MGET").arg(&keys).query_async(&mut redis).await {
-                    Ok(values) => values,
-                    Err(error) => {
-                        warn!(%error, "re-reading results after a reconnection failed");
-                        vec![None; keys.len()]
-                    }
-                };
+            let keys: Vec<String> = chunk.iter().map(|state| state.key.clone()).collect();
+            let values: Vec<Option<Vec<u8>>> = match self.store.read_results(&keys).await {
+                Ok(values) => values,
+                Err(error) => {
+                    warn!(%error, "re-reading results after a reconnection failed");
+                    vec![None; keys.len()]
+                }
+            };
             for (state, value) in chunk.iter().zip(values) {
                 match value.map(|value| self.codec.open_result(&state.key, value)) {
                     Some(Ok(StoredResult::Ok(_))) => state.set_finished(None),

@@ -16,7 +16,9 @@
 use crate::room::{Room, Waiting};
 use crate::state::FutureState;
 use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
-use flotilla_runtime::refs;
+use flotilla_runtime::store::{
+    task_holder, Batch as StoreBatch, Held, Reply, Store, FIRE_AND_FORGET,
+};
 use flotilla_runtime::transport::{self, name};
 use lapin::options::BasicPublishOptions;
 use lapin::Channel;
@@ -84,7 +86,8 @@ pub(crate) enum Op {
 pub(crate) struct Outbox {
     pub(crate) client: String,
     pub(crate) names: Names,
-    pub(crate) redis: ConnectionManager,
+    /// The task-life keys: holds, releases, specs, the lease.
+    pub(crate) store: Store,
     /// The current publishing channel; a new one arrives after the client
     /// reconnects.
     pub(crate) publish: watch::Receiver<Channel>,
@@ -217,11 +220,7 @@ impl Outbox {
             self.settle_oldest().await;
         }
         // Nothing is held any more: give up the lease.
-        let _ = redis::cmd("ZREM")
-            .arg(self.names.leases_key())
-            .arg(&self.client)
-            .query_async::<()>(&mut self.redis)
-            .await;
+        let _ = self.store.drop_lease(&self.client).await;
     }
 
     /// Gives room to the queued submissions of `ops`, in order, while it is
@@ -266,23 +265,12 @@ impl Outbox {
         }
     }
 
-    fn script(&self, pipe: &mut redis::Pipeline, script: &redis::Script, key: &str, holder: &str) {
-        refs::add_for(pipe, &self.names, script, key, &[holder.as_bytes()]);
-    }
-
     /// Adds a deferred release of `key` to the batch, unless the key was
     /// asked for again during its grace.
-    fn release_deferred(
-        &self,
-        pipe: &mut redis::Pipeline,
-        steps: &mut Vec<Step>,
-        replies: &mut usize,
-        key: String,
-    ) {
+    fn release_deferred(&self, writes: &mut StoreBatch, steps: &mut Vec<Step>, key: String) {
         if still_released(&self.table, &key) {
-            self.script(pipe, &refs::RELEASE, &key, &self.client);
-            steps.push(Step::Release(key, *replies));
-            *replies += 1;
+            steps.push(Step::Release(key.clone(), writes.len()));
+            writes.release(&key, &self.client);
         }
     }
 
@@ -356,14 +344,11 @@ impl Outbox {
     /// are idempotent, so a pipeline that partly ran before the connection
     /// broke can run again.) Gives up after [`GIVE_UP_AFTER`] (a Redis down
     /// for that long, or refusing writes over its `maxmemory`).
-    async fn run_retrying<T: redis::FromRedisValue>(
-        &mut self,
-        pipe: &redis::Pipeline,
-    ) -> redis::RedisResult<T> {
+    async fn run_retrying(&mut self, writes: &StoreBatch) -> redis::RedisResult<Vec<Reply>> {
         let mut backoff = flotilla_runtime::supervise::Backoff::default();
         let started = Instant::now();
         loop {
-            match refs::run(&mut self.redis, pipe).await {
+            match writes.exec().await {
                 Ok(values) => return Ok(values),
                 Err(error) if started.elapsed() >= GIVE_UP_AFTER => {
                     tracing::error!(%error, after = ?GIVE_UP_AFTER, "reference updates failed; giving up on them");
@@ -397,8 +382,7 @@ impl Outbox {
     /// were made before this batch), and with `all` or a flush in the batch
     /// every deferred release goes, after this batch's operations.
     async fn hold_and_release(&mut self, ops: Vec<Op>, all: bool) -> Batch {
-        let mut pipe = redis::pipe();
-        let mut replies = 0;
+        let mut writes = self.store.batch();
         let mut steps = Vec::with_capacity(ops.len());
         let mut barriers = Vec::new();
         let now = Instant::now();
@@ -409,7 +393,7 @@ impl Outbox {
             let Some((_, key)) = self.deferred.pop_front() else {
                 break;
             };
-            self.release_deferred(&mut pipe, &mut steps, &mut replies, key);
+            self.release_deferred(&mut writes, &mut steps, key);
         }
         let flushing = all || ops.iter().any(|op| matches!(op, Op::Flush(_)));
         let mut flushes = Vec::new();
@@ -418,39 +402,26 @@ impl Outbox {
                 Op::Submit(spec, _) => {
                     // The spec goes to Redis with the task's first hold, so a
                     // scheduler that restarts finds every pending task.
-                    pipe.set(
-                        self.names.spec_key(&spec.key),
-                        self.codec.encode(Purpose::Spec, &spec),
-                    )
-                    .ignore();
-                    self.script(&mut pipe, &refs::HOLD, &spec.key, &self.client);
-                    let holder = refs::task_holder(&spec.key);
+                    writes.write_spec(&spec.key, &self.codec.encode(Purpose::Spec, &spec));
+                    let reply = writes.len();
+                    writes.hold(&spec.key, &self.client);
+                    let holder = task_holder(&spec.key);
                     for key in spec.held_keys() {
-                        self.script(&mut pipe, &refs::HOLD, key, &holder);
+                        writes.hold(key, &holder);
                     }
-                    let holds = 1 + spec.held_keys().count();
-                    steps.push(Step::Submit(*spec, replies));
-                    replies += holds;
+                    steps.push(Step::Submit(*spec, reply));
                 }
                 Op::Hold(key) => {
-                    self.script(&mut pipe, &refs::HOLD, &key, &self.client);
-                    replies += 1;
+                    writes.hold(&key, &self.client);
                     steps.push(Step::Hold(key));
                 }
                 Op::Release(key) => self.deferred.push_back((now, key)),
                 Op::HoldQuietly(key) => {
-                    self.script(&mut pipe, &refs::HOLD, &key, &self.client);
-                    replies += 1;
+                    writes.hold(&key, &self.client);
                 }
                 Op::Barrier(done) => barriers.push(done),
                 Op::FireAndForget(key) => {
-                    self.script(
-                        &mut pipe,
-                        &refs::HOLD_UNTIL_DONE,
-                        &key,
-                        refs::FIRE_AND_FORGET,
-                    );
-                    replies += 1;
+                    writes.hold_until_done(&key, FIRE_AND_FORGET);
                 }
                 Op::Forget(keys) => steps.push(Step::Message(ToScheduler::Forget { keys })),
                 Op::Cancel(keys, force) => {
@@ -468,14 +439,14 @@ impl Outbox {
             // After this batch's holds: a release made after a hold of the
             // same key must run after it.
             for (_, key) in std::mem::take(&mut self.deferred) {
-                self.release_deferred(&mut pipe, &mut steps, &mut replies, key);
+                self.release_deferred(&mut writes, &mut steps, key);
             }
         }
         steps.extend(flushes.into_iter().map(Step::Flush));
-        let values: Vec<i64> = if replies == 0 {
+        let values: Vec<Reply> = if writes.is_empty() {
             Vec::new()
         } else {
-            match self.run_retrying(&pipe).await {
+            match self.run_retrying(&writes).await {
                 Ok(values) => values,
                 Err(error) => {
                     for done in barriers {
@@ -495,7 +466,9 @@ impl Outbox {
             match step {
                 // A stored result under the key means the same pure task
                 // already ran: don't run it again, just hear about it.
-                Step::Submit(spec, reply) if values.get(reply).is_some_and(|tag| *tag >= 0) => {
+                Step::Submit(spec, reply)
+                    if matches!(values.get(reply), Some(Reply::Held(Held::Stored(_)))) =>
+                {
                     batch.push(
                         ToScheduler::Watch {
                             client: self.client.clone(),
@@ -515,7 +488,9 @@ impl Outbox {
                     },
                     limit,
                 ),
-                Step::Release(key, reply) if values.get(reply) == Some(&1) => {
+                Step::Release(key, reply)
+                    if values.get(reply) == Some(&Reply::Released { freed: true }) =>
+                {
                     batch.push(ToScheduler::Forget { keys: vec![key] }, limit)
                 }
                 Step::Release(..) => {}
@@ -525,26 +500,27 @@ impl Outbox {
         }
         if !not_run.is_empty() {
             // Tasks that won't run don't need their inputs.
-            let mut pipe = redis::pipe();
+            let mut writes = self.store.batch();
             let mut released = Vec::new();
             for spec in &not_run {
-                pipe.del(self.names.spec_key(&spec.key)).ignore();
-                let holder = refs::task_holder(&spec.key);
+                writes.forget_spec(&spec.key);
+                let holder = task_holder(&spec.key);
                 for key in spec.held_keys() {
-                    self.script(&mut pipe, &refs::RELEASE, key, &holder);
-                    released.push(key.clone());
+                    released.push((key.clone(), writes.len()));
+                    writes.release(key, &holder);
                 }
             }
             if released.is_empty() {
-                if let Err(error) = self.run_retrying::<()>(&pipe).await {
+                if let Err(error) = self.run_retrying(&writes).await {
                     warn!(%error, "deleting the specs of tasks that ran already failed");
                 }
             } else {
-                let freed: Vec<i64> = self.run_retrying(&pipe).await.unwrap_or_default();
+                let replies = self.run_retrying(&writes).await.unwrap_or_default();
                 let keys: Vec<String> = released
                     .into_iter()
-                    .zip(freed)
-                    .filter(|(_, freed)| *freed == 1)
+                    .filter(|(_, reply)| {
+                        replies.get(*reply) == Some(&Reply::Released { freed: true })
+                    })
                     .map(|(key, _)| key)
                     .collect();
                 if !keys.is_empty() {
@@ -566,11 +542,11 @@ impl Outbox {
             failure: Some(error.clone()),
             ..Batch::default()
         };
-        let mut rollback = redis::pipe();
+        let mut rollback = self.store.batch();
         for step in steps {
             match step {
                 Step::Submit(spec, _) => {
-                    rollback.del(self.names.spec_key(&spec.key)).ignore();
+                    rollback.forget_spec(&spec.key);
                     self.fail(&spec.key, &error);
                 }
                 Step::Hold(key) => self.fail(&key, &error),
@@ -581,7 +557,7 @@ impl Outbox {
         }
         // DEL is allowed even over maxmemory; a Redis that is down keeps no
         // spec of ours to worry about either way.
-        let _ = rollback.query_async::<()>(&mut self.redis).await;
+        let _ = rollback.exec_each().await;
         batch
     }
 
@@ -640,6 +616,7 @@ pub(crate) async fn renew_lease(
 ) {
     // Checked at least every 5 s, so a future waiting on data Redis lost
     // resolves soon after.
+    let store = Store::redis(redis.clone(), names.clone());
     let mut tick = tokio::time::interval((lease / 4).min(Duration::from_secs(5)));
     loop {
         tick.tick().await;
@@ -653,13 +630,7 @@ pub(crate) async fn renew_lease(
             .unwrap_or_default()
             .saturating_add(lease)
             .as_millis() as u64;
-        if let Err(error) = redis::cmd("ZADD")
-            .arg(names.leases_key())
-            .arg(expiry)
-            .arg(&client)
-            .query_async::<()>(&mut redis)
-            .await
-        {
+        if let Err(error) = store.renew_lease(&client, expiry).await {
             warn!(%error, "renewing the client's lease failed");
         }
     }

@@ -137,7 +137,7 @@ impl Names {
         format!("{}:s:*", self.namespace)
     }
 
-    /// Redis set of the holders of a key's result (see `flotilla_runtime::refs`).
+    /// Redis set of the holders of a key's result (see `flotilla_runtime::store`).
     pub fn holders_key(&self, key: &str) -> String {
         format!("{}:h:{{{key}}}", self.namespace)
     }

@@ -10,12 +10,16 @@
 //! the worker renews while it lives and removes as each task completes.
 //! When a lease lapses (the worker died), the scheduler takes the task back
 //! and hands it out again, as the broker would have redelivered it.
+//!
+//! The scripts run through [`crate::store::Store::renew_custody`] and
+//! [`crate::store::Store::lapsed_custody`]; completions leave custody with
+//! [`crate::store::Batch::leave_custody`].
 
 use std::sync::LazyLock;
 
 /// Puts task keys in custody, or renews their leases, until Redis's clock
 /// plus `ARGV[1]` milliseconds. KEYS: custody set. ARGV: lease, keys...
-pub static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local t = redis.call('TIME')
@@ -30,7 +34,7 @@ return #ARGV - 1
 
 /// Takes (removes and returns) up to 1000 task keys whose custody lapsed.
 /// KEYS: custody set.
-pub static LAPSED: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static LAPSED: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local t = redis.call('TIME')
@@ -43,29 +47,3 @@ return due
 "#,
     )
 });
-
-/// Renews (or starts) the custody of `keys` for `lease`.
-pub async fn renew(
-    redis: &mut redis::aio::ConnectionManager,
-    names: &flotilla_proto::Names,
-    keys: &[String],
-    lease: std::time::Duration,
-) -> redis::RedisResult<()> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let mut invocation = RENEW.key(names.custody_key());
-    invocation.arg(lease.as_millis() as u64);
-    for key in keys {
-        invocation.arg(key);
-    }
-    invocation.invoke_async::<i64>(redis).await.map(drop)
-}
-
-/// Takes the task keys whose custody lapsed.
-pub async fn lapsed(
-    redis: &mut redis::aio::ConnectionManager,
-    names: &flotilla_proto::Names,
-) -> redis::RedisResult<Vec<String>> {
-    LAPSED.key(names.custody_key()).invoke_async(redis).await
-}

@@ -4,8 +4,9 @@
 //! - [`transport`]: connections, topology, publishing and consuming;
 //! - [`supervise`]: reconnection with backoff;
 //! - [`blocked`]: RabbitMQ's blocked-connection notices during resource alarms;
-//! - [`refs`]: the holders scripts that keep results alive;
-//! - [`custody`]: leases on long tasks;
+//! - `refs` (private): the holders scripts that keep results alive, run by the store;
+//! - [`custody`]: leases on long tasks (the store runs their scripts);
+//! - [`store`]: the task-life keys and scripts (results, holders, specs, custody, leases);
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
 //! - [`data`]: the direct data connection that serves kept values over TCP;
 //! - [`cli`]: the connection flags, logging and signals of the binaries.
@@ -18,7 +19,8 @@ pub mod cli;
 pub mod custody;
 pub mod data;
 pub mod incarnation;
-pub mod refs;
+mod refs;
 pub mod seal;
+pub mod store;
 pub mod supervise;
 pub mod transport;

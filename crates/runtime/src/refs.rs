@@ -8,6 +8,8 @@
 //! non-empty: a release that empties it deletes the result in the same
 //! script, and a result whose set is already empty is never stored. Both keys
 //! share a hash tag, so each script touches one Redis Cluster slot.
+//!
+//! Only [`crate::store::Store`] runs these scripts.
 
 use redis::aio::ConnectionManager;
 use redis::{Pipeline, RedisResult, Script};
@@ -28,7 +30,7 @@ pub fn dataset_holder(name: &str) -> String {
 
 /// `KEYS`: holders, result. `ARGV`: holder. Takes a hold; returns the tag
 /// byte of a stored result (0 value, 1 error) or -1 when none is stored.
-pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static HOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('SADD', KEYS[1], ARGV[1])
           local tag = redis.call('GETRANGE', KEYS[2], -1, -1)
@@ -52,7 +54,7 @@ pub fn queue_holder(name: &str, item: &str) -> String {
 /// `KEYS`: holders, result. `ARGV`: holder, witness. Takes a hold only while
 /// `witness` still holds the key (so the result is certainly still there);
 /// returns like [`HOLD`], or -2 (and takes nothing) when the witness is gone.
-pub static HOLD_IF_HELD: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static HOLD_IF_HELD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 0 then return -2 end
           redis.call('SADD', KEYS[1], ARGV[1])
@@ -65,7 +67,7 @@ pub static HOLD_IF_HELD: LazyLock<Script> = LazyLock::new(|| {
 /// `KEYS`: holders, result. `ARGV`: holder. Takes a hold only while no
 /// result is stored (for `fire_and_forget`, whose hold ends with the task).
 /// Returns 1 when the hold was taken.
-pub static HOLD_UNTIL_DONE: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static HOLD_UNTIL_DONE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
           redis.call('SADD', KEYS[1], ARGV[1])
@@ -75,7 +77,7 @@ pub static HOLD_UNTIL_DONE: LazyLock<Script> = LazyLock::new(|| {
 
 /// `KEYS`: holders, result. `ARGV`: holder. Drops a hold; when none is
 /// left, deletes the result and returns 1 (the key is now unreferenced).
-pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     // `allow-oom`: it only frees memory, so it must run when Redis is full.
     Script::new(
         r"#!lua flags=allow-oom
@@ -92,7 +94,7 @@ pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// if anyone still wants it, then ends a `fire_and_forget` hold. Returns 1
 /// when the result is kept, 0 when it was stored and at once released, -1
 /// when nobody wanted it.
-pub static STORE: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
           redis.call('SET', KEYS[2], ARGV[1])
@@ -109,7 +111,7 @@ pub static STORE: LazyLock<Script> = LazyLock::new(|| {
 /// (so the value is not copied through Lua): keeps it only if anyone still
 /// wants it, then ends a `fire_and_forget` hold. Returns like [`STORE`].
 /// A release racing in between deletes the result itself, so nothing leaks.
-pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
     // No `allow-oom`: when the value just written took Redis over its
     // `maxmemory`, this is refused and the writer rolls the value back.
     Script::new(
@@ -126,15 +128,15 @@ pub static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Results at least this large are stored with `SET` + [`FINALIZE`]
-/// rather than through [`STORE`].
+/// Results at least this large are stored with `SET` + `FINALIZE`
+/// rather than through `STORE` (see [`crate::store::Batch::store_large_result`]).
 pub const LARGE_RESULT: usize = 64 * 1024;
 
 /// `KEYS`: holders, result. `ARGV`: holder, encoded value. Stores scattered
 /// data and takes the scatterer's hold in one step, so a concurrent release
 /// by another holder of the same content-addressed key can never delete it
 /// (Dask's `scatter(hash=True)` race, dask/distributed#3703).
-pub static SCATTER: LazyLock<Script> = LazyLock::new(|| {
+pub(crate) static SCATTER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"redis.call('SADD', KEYS[1], ARGV[1])
           redis.call('SET', KEYS[2], ARGV[2])
@@ -143,7 +145,7 @@ pub static SCATTER: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Every script, for loading them after a connect or a Redis restart.
-pub fn all() -> [&'static Script; 7] {
+pub(crate) fn all() -> [&'static Script; 7] {
     [
         &HOLD,
         &HOLD_IF_HELD,
@@ -157,7 +159,7 @@ pub fn all() -> [&'static Script; 7] {
 
 /// Loads every script into Redis, so that pipelines of `EVALSHA`s do not
 /// meet `NOSCRIPT` (and run again) in the common case.
-pub async fn load_all(redis: &mut ConnectionManager) -> RedisResult<()> {
+pub(crate) async fn load_all(redis: &mut ConnectionManager) -> RedisResult<()> {
     for script in all() {
         script.prepare_invoke().load_async(redis).await?;
     }
@@ -165,7 +167,7 @@ pub async fn load_all(redis: &mut ConnectionManager) -> RedisResult<()> {
 }
 
 /// Adds an `EVALSHA` of `script` to a pipeline.
-pub fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]) {
+pub(crate) fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]) {
     let cmd = pipe
         .cmd("EVALSHA")
         .arg(script.get_hash())
@@ -178,7 +180,7 @@ pub fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]
 }
 
 /// Adds an `EVALSHA` of `script` on `key`'s holders set and result.
-pub fn add_for(
+pub(crate) fn add_for(
     pipe: &mut Pipeline,
     names: &flotilla_proto::Names,
     script: &Script,
@@ -189,43 +191,11 @@ pub fn add_for(
     add(pipe, script, [&keys[0], &keys[1]], args);
 }
 
-/// A pipeline running `script` with `holder` on each of `keys` (taking or
-/// dropping the same holder's hold on many keys).
-pub fn pipeline_for(
-    names: &flotilla_proto::Names,
-    script: &Script,
-    keys: &[String],
-    holder: &str,
-) -> Pipeline {
-    let mut pipe = redis::pipe();
-    for key in keys {
-        add_for(&mut pipe, names, script, key, &[holder.as_bytes()]);
-    }
-    pipe
-}
-
-/// Runs a pipeline of script calls, loading the scripts first when Redis
-/// does not know them (after a restart, or on first use).
-pub async fn run<T: redis::FromRedisValue>(
-    redis: &mut ConnectionManager,
-    pipe: &Pipeline,
-) -> RedisResult<T> {
-    match pipe.query_async(redis).await {
-        Err(error) if error.code() == Some("NOSCRIPT") => {
-            for script in all() {
-                script.prepare_invoke().load_async(redis).await?;
-            }
-            pipe.query_async(redis).await
-        }
-        other => other,
-    }
-}
-
 /// Runs a pipeline and returns each command's own reply: a command Redis
 /// refuses (over `maxmemory`, say) is an `Err` in its place while the others
 /// run. `Err` as a whole only when Redis could not be reached. Loads the
 /// scripts first when Redis does not know them.
-pub async fn run_each(
+pub(crate) async fn run_each(
     redis: &mut ConnectionManager,
     pipe: &Pipeline,
 ) -> RedisResult<Vec<RedisResult<redis::Value>>> {

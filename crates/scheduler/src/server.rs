@@ -13,7 +13,7 @@ use flotilla_proto::{
     Codec, Config, Event, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
     TaskError, ToScheduler, ToWorker,
 };
-use flotilla_runtime::refs;
+use flotilla_runtime::store::{task_holder, Store};
 use flotilla_runtime::supervise::{Attempts, Stop};
 use flotilla_runtime::transport::{self, name};
 use lapin::options::{
@@ -425,9 +425,10 @@ async fn serve(
     let mut scheduler = Scheduler {
         core: Core::new(),
         out: Outbox::default(),
-        names,
+        names: names.clone(),
         publisher: publish.clone(),
         settler,
+        store: Store::redis(redis.clone(), names.clone()),
         redis,
         inputs: inputs.clone(),
         max_payload: config.max_payload,
@@ -447,7 +448,7 @@ async fn serve(
     };
     // A restarted scheduler takes up every task still pending: clients store
     // each spec in Redis with its submission, workers delete it once done.
-    let specs = recover_specs(&mut scheduler.redis, &scheduler.names, &scheduler.codec).await?;
+    let specs = recover_specs(&scheduler.store, &scheduler.codec).await?;
     debug!(found = specs.len(), "stored task specs");
     if !specs.is_empty() {
         let count = scheduler.core.recover(specs, &mut scheduler.out);
@@ -782,12 +783,12 @@ impl Comm for Outbox {
         self.lookups.push(key.to_owned());
     }
     fn release_inputs(&mut self, key: &str, deps: &[String]) {
-        let holder = refs::task_holder(key);
+        let holder = task_holder(key);
         self.releases
             .extend(deps.iter().map(|dep| (dep.clone(), holder.clone())));
     }
     fn release_abandoned_inputs(&mut self, key: &str, deps: &[String]) {
-        let holder = refs::task_holder(key);
+        let holder = task_holder(key);
         self.abandoned_releases
             .extend(deps.iter().map(|dep| (dep.clone(), holder.clone())));
     }
@@ -806,6 +807,9 @@ struct Scheduler {
     publisher: Channel,
     /// Where flushes go to be confirmed and acknowledged (see [`settle`]).
     settler: mpsc::UnboundedSender<Settlement>,
+    /// The task-life keys (results, holders, specs, custody, leases).
+    store: Store,
+    /// The scheduler's own keys (leadership, backlog, incarnation).
     redis: ConnectionManager,
     inputs: mpsc::UnboundedSender<Input>,
     max_payload: usize,
@@ -904,21 +908,12 @@ impl Scheduler {
     /// Reads the stored specs of `keys` in the background and submits
     /// those still there (tasks not done).
     fn take_up_stored(&self, keys: Vec<String>) {
-        let redis = self.redis.clone();
-        let names = self.names.clone();
+        let store = self.store.clone();
         let codec = self.codec.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            let spec_keys: Vec<String> = keys.iter().map(|k| names.spec_key(k)).collect();
             let read = transport::retry_while_unreachable("reading stored specs", || {
-                let mut redis = redis.clone();
-                let spec_keys = &spec_keys;
-                async move {
-                    redis::cmd("MGET")
-                        .arg(spec_keys)
-                        .query_async(&mut redis)
-                        .await
-                }
+                store.read_specs(&keys)
             });
             let values: Vec<Option<Vec<u8>>> = match read.await {
                 Ok(values) => values,
@@ -1131,25 +1126,14 @@ impl Scheduler {
             }
         }
         let out = std::mem::take(&mut self.out);
-        if !out.specs_done.is_empty() {
-            let keys: Vec<String> = out
-                .specs_done
-                .iter()
-                .map(|k| self.names.spec_key(k))
-                .collect();
-            redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async::<()>(&mut self.redis)
-                .await?;
-        }
+        self.store.forget_specs(&out.specs_done).await?;
         if !out.errors.is_empty() {
-            let mut pipe = redis::pipe();
-            for (key, error) in &out.errors {
-                let keys = [self.names.holders_key(key), self.names.result_key(key)];
-                let stored = self.codec.result_err(key, error);
-                refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
-            }
-            refs::run::<()>(&mut self.redis, &pipe).await?;
+            let errors: Vec<(String, Vec<u8>)> = out
+                .errors
+                .iter()
+                .map(|(key, error)| (key.clone(), self.codec.result_err(key, error)))
+                .collect();
+            self.store.store_errors(&errors).await?;
         }
         for (releases, wrap) in [
             (out.releases, Input::Unreferenced as fn(_) -> Input),
@@ -1158,11 +1142,10 @@ impl Scheduler {
             if releases.is_empty() {
                 continue;
             }
-            let mut redis = self.redis.clone();
+            let store = self.store.clone();
             let inputs = self.inputs.clone();
-            let names = self.names.clone();
             tokio::spawn(async move {
-                match release(&mut redis, &names, &releases).await {
+                match store.release(&releases).await {
                     Ok(keys) if !keys.is_empty() => {
                         let _ = inputs.send(wrap(keys));
                     }
@@ -1210,12 +1193,11 @@ impl Scheduler {
             let _ = self.settler.send((sent, acks));
         }
         for key in out.lookups {
-            let mut redis = self.redis.clone();
+            let store = self.store.clone();
             let inputs = self.inputs.clone();
-            let result_key = self.names.result_key(&key);
             let codec = self.codec.clone();
             tokio::spawn(async move {
-                let found = lookup(&mut redis, &codec, &key, &result_key).await;
+                let found = lookup(&store, &codec, &key).await;
                 let _ = inputs.send(Input::Looked(key, found));
             });
         }
@@ -1262,6 +1244,7 @@ impl Scheduler {
         let codec = self.codec.clone();
         let inputs = self.inputs.clone();
         let incarnation = self.incarnation.clone();
+        let store = self.store.clone();
         self.checker = Some(tokio::spawn(async move {
             let lost = incarnation.lock().await.lost(&mut redis, &names).await;
             match lost {
@@ -1275,7 +1258,7 @@ impl Scheduler {
             if keys.is_empty() {
                 return;
             }
-            match check_processing(&mut redis, &names, &codec, &keys).await {
+            match check_processing(&store, &codec, &keys).await {
                 Ok(found) => {
                     let _ = inputs.send(Input::Checked(found));
                 }
@@ -1293,11 +1276,10 @@ impl Scheduler {
         {
             return;
         }
-        let mut redis = self.redis.clone();
-        let names = self.names.clone();
+        let store = self.store.clone();
         let inputs = self.inputs.clone();
         self.custodian = Some(tokio::spawn(async move {
-            match flotilla_runtime::custody::lapsed(&mut redis, &names).await {
+            match store.lapsed_custody().await {
                 Ok(keys) if !keys.is_empty() => {
                     let _ = inputs.send(Input::CustodyLapsed(keys));
                 }
@@ -1323,11 +1305,10 @@ impl Scheduler {
         if orphans {
             self.orphans_swept = Some(Instant::now());
         }
-        let mut redis = self.redis.clone();
+        let store = self.store.clone();
         let inputs = self.inputs.clone();
-        let names = self.names.clone();
         self.reaper = Some(tokio::spawn(async move {
-            match reap(&mut redis, &names, orphans).await {
+            match reap(&store, orphans).await {
                 Ok(keys) if !keys.is_empty() => {
                     let _ = inputs.send(Input::Abandoned(keys));
                 }
@@ -1340,8 +1321,7 @@ impl Scheduler {
 
 /// What Redis holds for each of `keys`: spec and result (see [`Checked`]).
 async fn check_processing(
-    redis: &mut ConnectionManager,
-    names: &Names,
+    store: &Store,
     codec: &Codec,
     keys: &[String],
 ) -> redis::RedisResult<Vec<(String, Checked)>> {
@@ -1350,23 +1330,14 @@ async fn check_processing(
         // Specs first: a worker stores the result before it deletes the
         // spec, so a task that finishes between the two reads shows as
         // pending or finished, never as lost.
-        let mut specs = redis::pipe();
-        let mut tags = redis::pipe();
-        for key in chunk {
-            specs.exists(names.spec_key(key));
-            tags.cmd("GETRANGE")
-                .arg(names.result_key(key))
-                .arg(-1)
-                .arg(-1);
-        }
-        let specs: Vec<bool> = specs.query_async(redis).await?;
-        let tags: Vec<Vec<u8>> = tags.query_async(redis).await?;
+        let specs = store.specs_exist(chunk).await?;
+        let tags = store.result_tags(chunk).await?;
         for ((key, spec), tag) in chunk.iter().zip(specs).zip(tags) {
-            let checked = match tag.as_slice() {
-                [] if spec => Checked::Pending,
-                [] => Checked::Lost,
-                [flotilla_proto::TAG_OK] => Checked::Finished,
-                _ => match lookup(redis, codec, key, &names.result_key(key)).await {
+            let checked = match tag {
+                None if spec => Checked::Pending,
+                None => Checked::Lost,
+                Some(flotilla_proto::TAG_OK) => Checked::Finished,
+                Some(_) => match lookup(store, codec, key).await {
                     Lookup::Erred(error) => Checked::Erred(error),
                     Lookup::Finished => Checked::Finished,
                     Lookup::Missing if spec => Checked::Pending,
@@ -1377,31 +1348,6 @@ async fn check_processing(
         }
     }
     Ok(found)
-}
-
-/// Drops holds `(key, holder)`; returns the keys left without holders.
-async fn release(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    holds: &[(String, String)],
-) -> redis::RedisResult<Vec<String>> {
-    let mut pipe = redis::pipe();
-    for (key, holder) in holds {
-        let keys = [names.holders_key(key), names.result_key(key)];
-        refs::add(
-            &mut pipe,
-            &refs::RELEASE,
-            [&keys[0], &keys[1]],
-            &[holder.as_bytes()],
-        );
-    }
-    let freed: Vec<i64> = refs::run(redis, &pipe).await?;
-    Ok(holds
-        .iter()
-        .zip(freed)
-        .filter(|(_, freed)| *freed == 1)
-        .map(|((key, _), _)| key.clone())
-        .collect())
 }
 
 /// Whether a holder id is a client's (32 lowercase hex digits, see
@@ -1420,24 +1366,12 @@ fn is_client_id(holder: &str) -> bool {
 /// would cost two Redis writes per task), so this scans the namespace's
 /// holders sets: rare work, done when a client died or stayed away longer
 /// than its lease, and once every [`ORPHAN_SWEEP_EVERY`].
-async fn reap(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    orphans: bool,
-) -> redis::RedisResult<Vec<String>> {
+async fn reap(store: &Store, orphans: bool) -> redis::RedisResult<Vec<String>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(names.leases_key())
-        .arg("-inf")
-        .arg(now)
-        .arg("LIMIT")
-        .arg(0)
-        .arg(50)
-        .query_async(redis)
-        .await?;
+    let lapsed = store.lapsed_leases(now, 50).await?;
     if lapsed.is_empty() && !orphans {
         return Ok(Vec::new());
     }
@@ -1448,37 +1382,18 @@ async fn reap(
     let mut leaseless = 0usize;
     let mut cursor: u64 = 0;
     loop {
-        let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(names.holders_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        let mut pipe = redis::pipe();
-        for set in &sets {
-            pipe.cmd("SMEMBERS").arg(set);
-        }
-        let members: Vec<Vec<String>> = if sets.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(redis).await?
-        };
+        let (next, sets) = store.scan_holders(cursor).await?;
         let mut holds: Vec<(String, String)> = Vec::new();
         let mut suspects: Vec<(String, String)> = Vec::new();
-        for (set, members) in sets.iter().zip(members) {
-            let Some(key) = Names::key_of_holders(set) else {
-                continue;
-            };
+        for (key, members) in sets {
             for member in members {
                 if !is_client_id(&member) {
                     continue;
                 }
                 if lapsed_ids.contains(member.as_str()) {
-                    holds.push((key.to_owned(), member));
+                    holds.push((key.clone(), member));
                 } else if orphans {
-                    suspects.push((key.to_owned(), member));
+                    suspects.push((key.clone(), member));
                 }
             }
         }
@@ -1491,15 +1406,11 @@ async fn reap(
                 .collect::<HashSet<_>>()
                 .into_iter()
                 .collect();
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("ZSCORE").arg(names.leases_key()).arg(*id);
-            }
-            let scores: Vec<Option<f64>> = pipe.query_async(redis).await?;
+            let leased = store.have_leases(&ids).await?;
             let gone: HashSet<&str> = ids
                 .into_iter()
-                .zip(scores)
-                .filter(|(_, score)| score.is_none())
+                .zip(leased)
+                .filter(|(_, leased)| !leased)
                 .map(|(id, _)| id)
                 .collect();
             let before = holds.len();
@@ -1512,7 +1423,7 @@ async fn reap(
             leaseless += holds.len() - before;
         }
         for chunk in holds.chunks(1000) {
-            unreferenced.extend(release(redis, names, chunk).await?);
+            unreferenced.extend(store.release(chunk).await?);
         }
         if next == 0 {
             break;
@@ -1527,54 +1438,37 @@ async fn reap(
     }
     for client in &lapsed {
         info!(client, "client lease lapsed: released what it held");
-        redis::cmd("ZREM")
-            .arg(names.leases_key())
-            .arg(client)
-            .query_async::<()>(redis)
-            .await?;
+        store.drop_lease(client).await?;
     }
     Ok(unreferenced)
 }
 
-async fn lookup(
-    redis: &mut ConnectionManager,
-    codec: &Codec,
-    key: &str,
-    result_key: &str,
-) -> Lookup {
+async fn lookup(store: &Store, codec: &Codec, key: &str) -> Lookup {
     // A restarting Redis is waited for: taking its silence for a missing
     // input would fail the dependents.
-    let first: redis::RedisResult<Vec<u8>> =
-        transport::retry_while_unreachable("looking up a result", || {
-            let mut redis = redis.clone();
-            async move {
-                redis::cmd("GETRANGE")
-                    .arg(result_key)
-                    .arg(-1)
-                    .arg(-1)
-                    .query_async(&mut redis)
-                    .await
-            }
-        })
-        .await;
+    let keys = [key.to_owned()];
+    let first =
+        transport::retry_while_unreachable("looking up a result", || store.result_tags(&keys))
+            .await;
     match first.as_deref() {
-        Ok([]) => Lookup::Missing,
-        Ok([flotilla_proto::TAG_OK]) => Lookup::Finished,
+        Ok([None]) => Lookup::Missing,
+        Ok([Some(flotilla_proto::TAG_OK)]) => Lookup::Finished,
         Ok(_) => {
-            let whole: redis::RedisResult<Vec<u8>> =
-                redis::cmd("GET").arg(result_key).query_async(redis).await;
-            match whole.map(|bytes| codec.open_result(key, bytes)) {
-                Ok(Ok(StoredResult::Err(error))) => Lookup::Erred(error),
-                Ok(Ok(StoredResult::Ok(_))) => Lookup::Finished,
-                Ok(Err(error)) => {
-                    warn!(%error, key, "stored result refused");
-                    Lookup::Missing
-                }
+            let whole = store.read_results(&keys).await;
+            match whole.map(|mut values| values.pop().flatten()) {
+                Ok(Some(bytes)) => match codec.open_result(key, bytes) {
+                    Ok(StoredResult::Err(error)) => Lookup::Erred(error),
+                    Ok(StoredResult::Ok(_)) => Lookup::Finished,
+                    Err(error) => {
+                        warn!(%error, key, "stored result refused");
+                        Lookup::Missing
+                    }
+                },
                 _ => Lookup::Missing,
             }
         }
         Err(error) => {
-            warn!(%error, result_key, "lookup failed");
+            warn!(%error, key, "lookup failed");
             Lookup::Missing
         }
     }
@@ -1590,50 +1484,118 @@ async fn next_control<T>(channel: &mut Option<mpsc::UnboundedReceiver<T>>) -> Op
 
 /// Every task spec stored in the namespace (tasks not yet done).
 async fn recover_specs(
-    redis: &mut ConnectionManager,
-    names: &Names,
+    store: &Store,
     codec: &Codec,
 ) -> redis::RedisResult<Vec<flotilla_proto::TaskSpec>> {
     let mut specs = Vec::new();
     let mut cursor: u64 = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(names.spec_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
-        if !keys.is_empty() {
-            let values: Vec<Option<Vec<u8>>> =
-                redis::cmd("MGET").arg(&keys).query_async(redis).await?;
-            for (key, value) in keys.iter().zip(values) {
-                let spec = value.map(|bytes| {
-                    codec.decode::<flotilla_proto::TaskSpec>(Purpose::Spec, &bytes, usize::MAX)
-                });
-                match spec {
-                    Some(Ok(spec)) => {
-                        // A task with a stored result (an error kept for
-                        // `retry`) has run: it is not taken up again.
-                        let tag: Vec<u8> = redis::cmd("GETRANGE")
-                            .arg(names.result_key(&spec.key))
-                            .arg(-1)
-                            .arg(-1)
-                            .query_async(redis)
-                            .await?;
-                        if tag.is_empty() {
-                            specs.push(spec);
-                        }
+        let (next, found) = store.scan_specs(cursor).await?;
+        for (key, value) in found {
+            let spec = value.map(|bytes| {
+                codec.decode::<flotilla_proto::TaskSpec>(Purpose::Spec, &bytes, usize::MAX)
+            });
+            match spec {
+                Some(Ok(spec)) => {
+                    // A task with a stored result (an error kept for
+                    // `retry`) has run: it is not taken up again.
+                    let tags = store.result_tags(std::slice::from_ref(&spec.key)).await?;
+                    if tags == [None] {
+                        specs.push(spec);
                     }
-                    Some(Err(error)) => warn!(%error, key, "unreadable stored task spec ignored"),
-                    None => {}
                 }
+                Some(Err(error)) => warn!(%error, key, "unreadable stored task spec ignored"),
+                None => {}
             }
         }
         if next == 0 {
             return Ok(specs);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_proto::{new_id, Config, TaskSpec};
+
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
+    /// A lapsed client's holds go (freeing what only it held), with its
+    /// lease; a live client's and a task's stay; a client id with no lease
+    /// at all loses its holds only on an orphan sweep.
+    #[tokio::test]
+    async fn reaping_releases_lapsed_and_leaseless_clients_only() {
+        let store = Store::memory();
+        let (lapsed, live, leaseless) = (new_id(), new_id(), new_id());
+        store.renew_lease(&lapsed, now_ms() - 1).await.unwrap();
+        store.renew_lease(&live, now_ms() + 60_000).await.unwrap();
+        let mut setup = store.batch();
+        setup
+            .scatter("only-lapsed", &lapsed, b"v\0")
+            .scatter("shared", &lapsed, b"v\0")
+            .hold("shared", &live)
+            .scatter("task-held", &lapsed, b"v\0")
+            .hold("task-held", &task_holder("dependent"))
+            .scatter("orphan", &leaseless, b"v\0");
+        setup.exec().await.unwrap();
+
+        let mut freed = reap(&store, false).await.unwrap();
+        freed.sort();
+        // A lapsed lease makes the sweep look for lease-less holders too.
+        assert_eq!(freed, ["only-lapsed", "orphan"]);
+        assert_eq!(
+            store.have_leases(&[&lapsed, &live]).await.unwrap(),
+            [false, true]
+        );
+        let keys: Vec<String> = ["shared", "task-held", "only-lapsed", "orphan"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(store.held(&keys).await.unwrap(), [true, true, false, false]);
+        let results = store.read_results(&keys).await.unwrap();
+        assert!(results[0].is_some() && results[1].is_some());
+        assert!(results[2].is_none() && results[3].is_none());
+
+        // Nothing lapsed, no orphan sweep: nothing to do.
+        let mut later = store.batch();
+        later.scatter("later", &new_id(), b"v\0");
+        later.exec().await.unwrap();
+        assert!(reap(&store, false).await.unwrap().is_empty());
+        assert_eq!(reap(&store, true).await.unwrap(), ["later"]);
+    }
+
+    /// A restarted scheduler takes up the specs of tasks with no result
+    /// (an erred task keeps its spec for `retry`, but has run).
+    #[tokio::test]
+    async fn recovery_takes_up_specs_without_a_result() {
+        let store = Store::memory();
+        let codec = Codec::new(&Config::default());
+        let spec = |key: &str| {
+            TaskSpec::new(
+                key.into(),
+                "t".into(),
+                1,
+                Vec::new(),
+                Vec::new(),
+                "c".into(),
+            )
+        };
+        let mut setup = store.batch();
+        for key in ["pending", "erred"] {
+            setup.write_spec(key, &codec.encode(Purpose::Spec, &spec(key)));
+        }
+        setup
+            .write_spec("garbage", b"not a spec")
+            .hold("erred", "client")
+            .store_result("erred", &[0x90, flotilla_proto::TAG_ERR]);
+        setup.exec().await.unwrap();
+        let specs = recover_specs(&store, &codec).await.unwrap();
+        assert_eq!(specs, [spec("pending")]);
     }
 }

@@ -28,7 +28,7 @@ use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Config, ErrorKind, Names, Purpose, ReplayGuard,
     TaskError,
 };
-use flotilla_runtime::refs;
+use flotilla_runtime::store::Store;
 use flotilla_runtime::transport::{self, name};
 use flotilla_task::actor::constructors;
 pub use flotilla_task::actor::{
@@ -42,7 +42,6 @@ use flotilla_task::TaskContext;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -199,7 +198,7 @@ impl ActorHost {
     pub(crate) async fn start(
         config: &Config,
         worker: &str,
-        redis: ConnectionManager,
+        store: Store,
     ) -> lapin::Result<ActorHostGuard> {
         let names = config.names();
         let connection = transport::connect_amqp(
@@ -252,11 +251,10 @@ impl ActorHost {
             tokio::spawn(serve(Arc::downgrade(&host), consumer, codec, limit)),
             tokio::spawn(store_loop(
                 store_rx,
-                redis.clone(),
-                names.clone(),
+                store.clone(),
                 host.replier.channel.clone(),
             )),
-            tokio::spawn(sweep(Arc::downgrade(&host), redis)),
+            tokio::spawn(sweep(Arc::downgrade(&host), store)),
         ];
         *host.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         hosts().insert(worker.to_owned(), Arc::downgrade(&host));
@@ -442,28 +440,14 @@ async fn mailbox(
 /// caller holds it from before the call until its handles are gone), then
 /// answers the callers: a caller hears of a result only once it is stored,
 /// and its release can never come before the store and leave it behind.
-async fn store_loop(
-    mut rx: mpsc::UnboundedReceiver<Answer>,
-    mut redis: ConnectionManager,
-    names: Names,
-    channel: Channel,
-) {
+async fn store_loop(mut rx: mpsc::UnboundedReceiver<Answer>, store: Store, channel: Channel) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_STORE_BATCH).await > 0 {
-        let mut pipe = redis::pipe();
+        let mut writes = store.batch();
         for answer in &batch {
-            let keys = [
-                names.holders_key(&answer.call),
-                names.result_key(&answer.call),
-            ];
-            refs::add(
-                &mut pipe,
-                &refs::STORE,
-                [&keys[0], &keys[1]],
-                &[&answer.stored],
-            );
+            writes.store_result(&answer.call, &answer.stored);
         }
-        if let Err(error) = refs::run::<()>(&mut redis, &pipe).await {
+        if let Err(error) = writes.exec().await {
             warn!(%error, "storing actor call results failed");
         }
         for answer in batch.drain(..) {
@@ -476,7 +460,7 @@ async fn store_loop(
 
 /// Drops actors whose key nobody holds any more (their clients died, or
 /// released them without telling).
-async fn sweep(host: Weak<ActorHost>, mut redis: ConnectionManager) {
+async fn sweep(host: Weak<ActorHost>, store: Store) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.tick().await;
     loop {
@@ -486,17 +470,13 @@ async fn sweep(host: Weak<ActorHost>, mut redis: ConnectionManager) {
         if keys.is_empty() {
             continue;
         }
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("EXISTS").arg(host.names.holders_key(key));
-        }
-        let Ok(held) = pipe.query_async::<Vec<i64>>(&mut redis).await else {
+        let Ok(held) = store.held(&keys).await else {
             continue;
         };
         let gone: Vec<String> = keys
             .into_iter()
             .zip(held)
-            .filter(|(_, held)| *held == 0)
+            .filter(|(_, held)| !*held)
             .map(|(key, _)| key)
             .collect();
         if !gone.is_empty() {

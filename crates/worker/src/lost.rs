@@ -29,30 +29,11 @@
 //! the default of 3 it takes three different ones. `allowed_failures` below 1
 //! is taken as 1.)
 
-use flotilla_proto::{ErrorKind, Names, TaskError};
-use redis::aio::ConnectionManager;
-use redis::Script;
-use std::sync::{Arc, LazyLock};
+use flotilla_proto::{ErrorKind, TaskError};
+use flotilla_runtime::store::Store;
+use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
-
-/// How long a start record outlives its task's last start (a day).
-const RECORD_EXPIRY_S: u64 = 24 * 3600;
-
-/// `KEYS`: the task's record. `ARGV`: allowed failures, worker, expiry in
-/// seconds. Records a start unless `n` already reached the limit. Returns
-/// `{started (1 or 0), n before this start, last worker}`.
-static RECORD_START: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-          if n >= tonumber(ARGV[1]) then
-            return {0, n, redis.call('HGET', KEYS[1], 'w') or ''}
-          end
-          redis.call('HSET', KEYS[1], 'n', n + 1, 'w', ARGV[2])
-          redis.call('EXPIRE', KEYS[1], ARGV[3])
-          return {1, n, ARGV[2]}",
-    )
-});
 
 /// What a redelivered task may do.
 pub(crate) enum Admission {
@@ -74,8 +55,7 @@ pub(crate) enum Admission {
 
 /// The start records of one worker's redelivered tasks.
 pub(crate) struct Ledger {
-    redis: ConnectionManager,
-    names: Names,
+    store: Store,
     /// Recorded as the last worker: name and id.
     worker: String,
     allowed_failures: u32,
@@ -84,15 +64,13 @@ pub(crate) struct Ledger {
 
 impl Ledger {
     pub(crate) fn new(
-        redis: ConnectionManager,
-        names: Names,
+        store: Store,
         worker: String,
         allowed_failures: u32,
         nthreads: usize,
     ) -> Self {
         Ledger {
-            redis,
-            names,
+            store,
             worker,
             // With 0, a redelivered task that merely waited in a dead
             // worker's prefetch would err: first runs are not recorded, so
@@ -116,18 +94,10 @@ impl Ledger {
         task: &str,
         begin: impl FnOnce() -> bool,
     ) -> Admission {
-        let record = self.names.lost_key(key);
-        let mut redis = self.redis.clone();
-        let (losses, last): (Option<u32>, Option<String>) = redis::cmd("HMGET")
-            .arg(&record)
-            .arg("n")
-            .arg("w")
-            .query_async(&mut redis)
-            .await
-            .unwrap_or_else(|error| {
-                warn!(%error, %key, "could not read a redelivered task's start record");
-                (None, None)
-            });
+        let (losses, last) = self.store.start_record(key).await.unwrap_or_else(|error| {
+            warn!(%error, %key, "could not read a redelivered task's start record");
+            (None, None)
+        });
         let losses = losses.unwrap_or(0);
         if losses >= self.allowed_failures {
             if !begin() {
@@ -152,15 +122,14 @@ impl Ledger {
         if !begin() {
             return Admission::GivenBack;
         }
-        let recorded: redis::RedisResult<(u8, u32, String)> = RECORD_START
-            .key(&record)
-            .arg(self.allowed_failures)
-            .arg(&self.worker)
-            .arg(RECORD_EXPIRY_S)
-            .invoke_async(&mut redis)
+        let recorded = self
+            .store
+            .record_start(key, self.allowed_failures, &self.worker)
             .await;
         match recorded {
-            Ok((0, losses, last)) => Admission::Lost(self.error(key, task, losses, Some(&last))),
+            Ok((false, losses, last)) => {
+                Admission::Lost(self.error(key, task, losses, Some(&last)))
+            }
             Ok(_) => Admission::Run { permit, isolation },
             Err(error) => {
                 warn!(%error, %key, "could not record a redelivered task's start; running it unrecorded");
@@ -226,13 +195,9 @@ mod tests {
             .contains("worker unknown"));
     }
 
-    /// Against the real Redis, in a namespace of its own.
-    #[tokio::test]
-    async fn starts_are_counted_until_the_limit_and_isolate_the_suspect() {
-        let config = Config::from_env().expect("FLOTILLA_* environment");
-        let names = Names::new(&format!("t-lost-{}", &new_id()[..12]));
-        let redis = transport::connect_redis(&config.redis_url).await.unwrap();
-        let ledger = Ledger::new(redis.clone(), names.clone(), "w1".into(), 2, 2);
+    /// The ledger's decisions, on any store.
+    async fn starts_are_counted_until_the_limit_and_isolate_the_suspect(store: Store) {
+        let ledger = Ledger::new(store.clone(), "w1".into(), 2, 2);
         let slots = Arc::new(Semaphore::new(2));
 
         // First recorded start: an ordinary slot.
@@ -264,18 +229,11 @@ mod tests {
         assert_eq!(slots.available_permits(), 2);
 
         // A completion deletes the record: the next redelivery starts afresh.
-        let mut conn = redis.clone();
-        let ttl: i64 = redis::cmd("TTL")
-            .arg(names.lost_key("k"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(ttl > 0 && ttl <= RECORD_EXPIRY_S as i64);
-        let _: () = redis::cmd("DEL")
-            .arg(names.lost_key("k"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let ttl = store.start_record_ttl("k").await.unwrap().unwrap();
+        assert!(ttl > 0 && ttl <= flotilla_runtime::store::START_RECORD_EXPIRY_S);
+        let mut completion = store.batch();
+        completion.forget_start("k");
+        completion.exec().await.unwrap();
         let Admission::Run { isolation, .. } = ledger.admit(&slots, "k", "t", || true).await else {
             panic!("a completed task runs again when redelivered");
         };
@@ -283,25 +241,42 @@ mod tests {
         drop(isolation);
 
         // Given back before it started: nothing recorded, the slot free.
-        let _: () = redis::cmd("DEL")
-            .arg(names.lost_key("k"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let mut completion = store.batch();
+        completion.forget_start("k");
+        completion.exec().await.unwrap();
         let slots = Arc::new(Semaphore::new(1));
         assert!(matches!(
             ledger.admit(&slots, "k", "t", || false).await,
             Admission::GivenBack
         ));
         assert_eq!(slots.available_permits(), 1);
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(names.lost_key("k"))
-            .query_async(&mut conn)
+        assert!(
+            store.start_record_ttl("k").await.unwrap().is_none(),
+            "a task given back records no start"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ledger_on_the_memory_store() {
+        starts_are_counted_until_the_limit_and_isolate_the_suspect(Store::memory()).await;
+    }
+
+    /// Against the real Redis, in a namespace of its own.
+    #[tokio::test]
+    async fn the_ledger_on_redis() {
+        let config = Config::from_env().expect("FLOTILLA_* environment");
+        let names = flotilla_proto::Names::new(&format!("t-lost-{}", &new_id()[..12]));
+        let mut redis = transport::connect_redis(&config.redis_url).await.unwrap();
+        let store = Store::redis(redis.clone(), names.clone());
+        let outcome = tokio::spawn(starts_are_counted_until_the_limit_and_isolate_the_suspect(
+            store,
+        ))
+        .await;
+        transport::delete_redis_keys(&mut redis, &names)
             .await
             .unwrap();
-        assert!(!exists, "a task given back records no start");
-        transport::delete_redis_keys(&mut conn, &names)
-            .await
-            .unwrap();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic.into_panic());
+        }
     }
 }

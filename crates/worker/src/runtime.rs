@@ -17,7 +17,7 @@ use flotilla_proto::{
     Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
     TaskError, ToScheduler, ToWorker, WorkerInfo,
 };
-use flotilla_runtime::refs;
+use flotilla_runtime::store::{task_holder, Batch, Store, LARGE_RESULT};
 use flotilla_runtime::supervise::{Attempts, Stop};
 use flotilla_runtime::transport::{self, name};
 use lapin::message::Delivery;
@@ -28,7 +28,6 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::Acker;
 use lapin::Channel;
-use redis::aio::ConnectionManager;
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -314,8 +313,8 @@ struct Shared {
     resources: HashMap<String, Arc<Semaphore>>,
     id: String,
     config: Config,
-    names: Names,
-    redis: ConnectionManager,
+    /// The task-life keys in Redis (results, specs, custody).
+    store: Store,
     slots: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
@@ -444,11 +443,8 @@ impl Shared {
         if !noted {
             return false;
         }
-        let exists: redis::RedisResult<bool> = redis::cmd("EXISTS")
-            .arg(self.names.spec_key(key))
-            .query_async(&mut self.redis.clone())
-            .await;
-        matches!(exists, Ok(false))
+        let exists = self.store.specs_exist(&[key.to_owned()]).await;
+        matches!(exists.as_deref(), Ok([false]))
     }
 
     /// Takes the abstract resources a task needs for as long as it runs.
@@ -506,21 +502,19 @@ async fn hand_off(shared: &Shared, bundle: BundleId) {
             continue;
         };
         let lease = shared.config.custody_lease();
-        let mut redis = shared.redis.clone();
-        let renewed =
-            match flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await {
-                Ok(()) => {
-                    info!(
-                        tasks = keys.len(),
-                        "a long-held delivery is acknowledged; its tasks are kept in custody"
-                    );
-                    true
-                }
-                Err(error) => {
-                    warn!(%error, "could not take tasks into custody; keeping the delivery");
-                    false
-                }
-            };
+        let renewed = match shared.store.renew_custody(&keys, lease).await {
+            Ok(()) => {
+                info!(
+                    tasks = keys.len(),
+                    "a long-held delivery is acknowledged; its tasks are kept in custody"
+                );
+                true
+            }
+            Err(error) => {
+                warn!(%error, "could not take tasks into custody; keeping the delivery");
+                false
+            }
+        };
         let (effects, in_custody) = {
             let mut core = shared.core();
             let effects = core.custody_renewed(bundle, &keys, renewed);
@@ -618,7 +612,8 @@ async fn serve(
     transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
-    refs::load_all(&mut redis).await?;
+    let store = Store::redis(redis.clone(), names.clone());
+    store.preload().await?;
     flotilla_runtime::seal::check_fingerprint(&mut redis.clone(), &names, &Codec::new(&config))
         .await?;
 
@@ -638,13 +633,11 @@ async fn serve(
             .collect(),
         id: id.clone(),
         config: config.clone(),
-        names: names.clone(),
-        redis: redis.clone(),
+        store: store.clone(),
         slots: Arc::new(Semaphore::new(nthreads)),
         completions,
         ledger: crate::lost::Ledger::new(
-            redis.clone(),
-            names.clone(),
+            store.clone(),
             format!("{display_name} ({id})"),
             config.allowed_failures,
             nthreads,
@@ -665,7 +658,7 @@ async fn serve(
     let liveness = Arc::new(Liveness::new());
     let completer = tokio::spawn(complete_loop(
         completion_rx,
-        redis,
+        store,
         publish.clone(),
         names.clone(),
         shared.codec.clone(),
@@ -723,7 +716,7 @@ async fn serve(
     // --- actors: the host of this worker's actors (own connection and
     // exclusive actor queue), up before any creation task can arrive; it
     // stops, and the queue vanishes, when this function ends or is aborted.
-    let _actors = crate::actors::ActorHost::start(&config, &id, shared.redis.clone()).await?;
+    let _actors = crate::actors::ActorHost::start(&config, &id, shared.store.clone()).await?;
     // --- end actors ---
     // The shared task queue is consumed on a channel of its own, whose
     // prefetch (channel-wide: RabbitMQ applies a new value to the consumers
@@ -1093,13 +1086,10 @@ impl Watchdog {
 async fn renew_custody(shared: Arc<Shared>) {
     let lease = shared.config.custody_lease();
     let mut tick = tokio::time::interval(lease / 3);
-    let mut redis = shared.redis.clone();
     loop {
         tick.tick().await;
         let keys = shared.core().custody();
-        if let Err(error) =
-            flotilla_runtime::custody::renew(&mut redis, &shared.names, &keys, lease).await
-        {
+        if let Err(error) = shared.store.renew_custody(&keys, lease).await {
             warn!(%error, tasks = keys.len(), "renewing the custody of long tasks failed");
         }
     }
@@ -1132,12 +1122,8 @@ async fn dead_letter(delivery: &Delivery, reason: &(dyn std::fmt::Display + Sync
 /// The tasks of a signed bundle whose spec is still stored, that is, which
 /// are not done; `None` when Redis cannot tell.
 async fn still_pending(shared: &Shared, tasks: Vec<RunTask>) -> Option<Vec<RunTask>> {
-    let mut pipe = redis::pipe();
-    for task in &tasks {
-        pipe.exists(shared.names.spec_key(&task.spec.key));
-    }
-    let mut redis = shared.redis.clone();
-    let exists: Vec<bool> = match pipe.query_async(&mut redis).await {
+    let keys: Vec<String> = tasks.iter().map(|task| task.spec.key.clone()).collect();
+    let exists: Vec<bool> = match shared.store.specs_exist(&keys).await {
         Ok(exists) => exists,
         Err(error) => {
             warn!(%error, "checking a task bundle against Redis failed");
@@ -1582,21 +1568,18 @@ async fn load_inputs(
     if wanted.is_empty() {
         return Ok(inputs);
     }
-    let keys: Vec<String> = wanted.iter().map(|k| shared.names.result_key(k)).collect();
+    let keys: Vec<String> = wanted.iter().map(|k| (*k).clone()).collect();
     // A restarting Redis is waited for rather than failing the task.
-    let values: Vec<Option<Vec<u8>>> = transport::retry_while_unreachable("reading inputs", || {
-        let mut redis = shared.redis.clone();
-        let keys = &keys;
-        async move { redis::cmd("MGET").arg(keys).query_async(&mut redis).await }
-    })
-    .await
-    .map_err(|error| {
-        TaskError::new(
-            ErrorKind::Internal,
-            "flotilla::RedisError",
-            format!("reading inputs: {error}"),
-        )
-    })?;
+    let values: Vec<Option<Vec<u8>>> =
+        transport::retry_while_unreachable("reading inputs", || shared.store.read_results(&keys))
+            .await
+            .map_err(|error| {
+                TaskError::new(
+                    ErrorKind::Internal,
+                    "flotilla::RedisError",
+                    format!("reading inputs: {error}"),
+                )
+            })?;
     for (key, value) in wanted.into_iter().zip(values) {
         match value.map(|value| shared.codec.open_result(key, value)) {
             Some(Ok(StoredResult::Ok(bytes))) => {
@@ -1630,7 +1613,7 @@ async fn load_inputs(
 /// acknowledges the deliveries whose tasks are all complete.
 async fn complete_loop(
     mut rx: mpsc::UnboundedReceiver<Completion>,
-    mut redis: ConnectionManager,
+    store: Store,
     publish: Channel,
     names: Names,
     codec: Codec,
@@ -1658,7 +1641,7 @@ async fn complete_loop(
         let released = lock(&held.core).released(&batch);
         let plan = crate::bundle::plan(&batch, released);
         let mut plan = plan;
-        let stored = store(&mut redis, &mut plan, &names, &codec).await;
+        let stored = store_plan(&store, &mut plan, &codec).await;
         let mut published = stored;
         if stored {
             let mut confirms = Vec::with_capacity(plan.events.len());
@@ -1712,12 +1695,7 @@ const STORE_ATTEMPTS: u32 = 5;
 /// carrying Redis' message (stored too, if Redis takes it). Returns whether
 /// the batch is settled: `false` when Redis could not be reached at all
 /// (the deliveries then come back).
-async fn store(
-    redis: &mut ConnectionManager,
-    plan: &mut crate::bundle::Plan<'_>,
-    names: &Names,
-    codec: &Codec,
-) -> bool {
+async fn store_plan(store: &Store, plan: &mut crate::bundle::Plan<'_>, codec: &Codec) -> bool {
     if plan.writes_nothing() {
         return true;
     }
@@ -1728,8 +1706,8 @@ async fn store(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        let (pipe, ranges) = pipeline(plan, &pending, with_released, names, codec);
-        match refs::run_each(redis, &pipe).await {
+        let (batch, ranges) = pipeline(store, plan, &pending, with_released, codec);
+        match batch.exec_each().await {
             Err(error) => {
                 warn!(%error, attempt, "storing results failed; retrying");
                 continue;
@@ -1759,21 +1737,20 @@ async fn store(
     if with_released {
         return false; // never reached Redis: the deliveries come back
     }
-    give_up(redis, plan, &refused, names, codec).await;
+    give_up(store, plan, &refused, codec).await;
     true
 }
 
 /// Ends the tasks whose writes Redis kept refusing with a `StoreFailed`
-/// error (see [`store`]).
+/// error (see [`store_plan`]).
 async fn give_up(
-    redis: &mut ConnectionManager,
+    store: &Store,
     plan: &mut crate::bundle::Plan<'_>,
     refused: &HashMap<usize, String>,
-    names: &Names,
     codec: &Codec,
 ) {
     let mut failed: HashMap<String, TaskError> = HashMap::new();
-    let mut rollback = redis::pipe();
+    let mut rollback = store.batch();
     for (&write, message) in refused {
         let Write::Finished { key, .. } = plan.writes[write] else {
             // An error that could not be stored still reaches its clients
@@ -1787,22 +1764,17 @@ async fn give_up(
         )
         .at(key, "");
         warn!(key, %message, "giving up storing a result: the task errs StoreFailed");
-        // DEL is allowed even over maxmemory: a value half written goes,
-        // and so does the spec (the task is done: not run again).
-        rollback.del(names.result_key(key)).ignore();
-        rollback.del(names.spec_key(key)).ignore();
-        refs::add(
-            &mut rollback,
-            &refs::STORE,
-            [&names.holders_key(key), &names.result_key(key)],
-            &[&codec.result_err(key, &error)],
-        );
+        // Deletes run even over maxmemory: a value half written goes, and
+        // so does the spec (the task is done: not run again).
+        rollback
+            .roll_back(key)
+            .store_result(key, &codec.result_err(key, &error));
         failed.insert(key.to_owned(), error);
     }
     if failed.is_empty() {
         return;
     }
-    if let Err(error) = refs::run_each(redis, &rollback).await {
+    if let Err(error) = rollback.exec_each().await {
         warn!(%error, "rolling back refused results failed");
     }
     for events in plan.events.values_mut() {
@@ -1820,79 +1792,139 @@ async fn give_up(
     }
 }
 
-/// The Redis pipeline that carries out the writes `only` of a batch (and
-/// its custody release, `with_released`), with the range of replies each
-/// write gets: every command replies, so one write's refusal is told apart
-/// from another's.
+/// The store batch that carries out the writes `only` of a batch of
+/// completions (and its custody release, `with_released`), with the range
+/// of replies each write gets: every operation replies, so one write's
+/// refusal is told apart from another's.
 fn pipeline(
+    store: &Store,
     plan: &crate::bundle::Plan<'_>,
     only: &[usize],
     with_released: bool,
-    names: &Names,
     codec: &Codec,
-) -> (redis::Pipeline, Vec<(usize, std::ops::Range<usize>)>) {
-    let mut pipe = redis::pipe();
-    let mut commands = 0;
+) -> (Batch, Vec<(usize, std::ops::Range<usize>)>) {
+    let mut batch = store.batch();
     if with_released && !plan.released.is_empty() {
-        pipe.zrem(names.custody_key(), &plan.released);
-        commands += 1;
+        batch.leave_custody(&plan.released);
     }
     let mut ranges = Vec::with_capacity(only.len());
     for &index in only {
-        let start = commands;
+        let start = batch.len();
         match plan.writes[index] {
             Write::ForgetStart(key) => {
                 // The task completed: its worker did not die under it.
-                pipe.del(names.lost_key(key));
-                commands += 1;
+                batch.forget_start(key);
             }
             Write::Finished { key, bytes, deps } => {
-                let keys = [names.holders_key(key), names.result_key(key)];
                 // Done for good: the spec a restarted scheduler would take
                 // up again is no longer needed.
-                pipe.del(names.spec_key(key));
-                commands += 1;
-                if bytes.len() + 1 >= refs::LARGE_RESULT {
+                batch.forget_spec(key);
+                if bytes.len() + 1 >= LARGE_RESULT {
                     // Written straight into the command: a large result is
                     // not copied once more just to add its tag.
-                    pipe.set(
-                        &keys[1],
-                        flotilla_runtime::seal::StoredOkArg(codec.result_ok_arg(key, bytes)),
-                    );
-                    refs::add(&mut pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
-                    commands += 2;
+                    batch.store_large_result(key, codec.result_ok_arg(key, bytes));
                 } else {
-                    let stored = codec.result_ok(key, bytes);
-                    refs::add(&mut pipe, &refs::STORE, [&keys[0], &keys[1]], &[&stored]);
-                    commands += 1;
+                    batch.store_result(key, &codec.result_ok(key, bytes));
                 }
                 // Done for good: it no longer needs its inputs.
-                let holder = refs::task_holder(key);
+                let holder = task_holder(key);
                 for dep in deps {
-                    let dep_keys = [names.holders_key(dep), names.result_key(dep)];
-                    refs::add(
-                        &mut pipe,
-                        &refs::RELEASE,
-                        [&dep_keys[0], &dep_keys[1]],
-                        &[holder.as_bytes()],
-                    );
-                    commands += 1;
+                    batch.release(dep, &holder);
                 }
             }
             Write::Erred { key, error } => {
                 // Its inputs stay held (for `retry`) until the scheduler
                 // forgets the task.
-                let keys = [names.holders_key(key), names.result_key(key)];
-                refs::add(
-                    &mut pipe,
-                    &refs::STORE,
-                    [&keys[0], &keys[1]],
-                    &[&codec.result_err(key, error)],
-                );
-                commands += 1;
+                batch.store_result(key, &codec.result_err(key, error));
             }
         }
-        ranges.push((index, start..commands));
+        ranges.push((index, start..batch.len()));
     }
-    (pipe, ranges)
+    (batch, ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_runtime::store::Reply;
+
+    fn finished(key: &str, bytes: &[u8]) -> flotilla_proto::Event {
+        flotilla_proto::Event::Finished {
+            key: key.to_owned(),
+            inline: None,
+            size: bytes.len() as u64,
+            run_us: 1,
+        }
+    }
+
+    /// On a store that fills up (as a Redis at its `maxmemory`), the result
+    /// that fits is kept, and the one refused at every attempt is rolled
+    /// back: its spec goes, and its client hears `StoreFailed` instead of
+    /// `Finished`. The batch counts as settled (nothing comes back).
+    #[tokio::test]
+    async fn a_result_redis_keeps_refusing_is_rolled_back_and_errs_store_failed() {
+        let store = Store::memory_limited(1000);
+        let codec = Codec::new(&Config::default());
+        let mut setup = store.batch();
+        setup
+            .hold("fits", "client")
+            .hold("refused", "client")
+            .hold("input", "t:fits")
+            .write_spec("fits", b"spec")
+            .write_spec("refused", b"spec");
+        setup.exec().await.unwrap();
+        let first = vec![1u8; 2000];
+        let second = vec![2u8; 10];
+        let deps = vec!["input".to_owned()];
+        let mut plan = crate::bundle::Plan {
+            writes: vec![
+                Write::Finished {
+                    key: "fits",
+                    bytes: &first,
+                    deps: &deps,
+                },
+                Write::Finished {
+                    key: "refused",
+                    bytes: &second,
+                    deps: &[],
+                },
+            ],
+            ..crate::bundle::Plan::default()
+        };
+        plan.events.insert(
+            "client",
+            vec![finished("fits", &first), finished("refused", &second)],
+        );
+
+        assert!(store_plan(&store, &mut plan, &codec).await, "settled");
+
+        let events = &plan.events["client"];
+        assert!(matches!(&events[0], flotilla_proto::Event::Finished { key, .. } if key == "fits"));
+        match &events[1] {
+            flotilla_proto::Event::Erred {
+                key,
+                error,
+                retrying: false,
+            } => {
+                assert_eq!(key, "refused");
+                assert_eq!(error.kind(), ErrorKind::StoreFailed);
+                assert!(error.message().contains("OOM"), "{}", error.message());
+            }
+            other => panic!("expected StoreFailed, got {other:?}"),
+        }
+        let keys = ["fits".to_owned(), "refused".to_owned()];
+        let results = store.read_results(&keys).await.unwrap();
+        assert_eq!(results[0], Some(codec.result_ok("fits", &first)));
+        assert_eq!(results[1], None, "the refused result is not there");
+        assert_eq!(store.specs_exist(&keys).await.unwrap(), [false, false]);
+        // The finished task released its input; the input is gone with it.
+        assert_eq!(store.held(&["input".to_owned()]).await.unwrap(), [false]);
+        // The client still holds the result that was kept.
+        let mut release = store.batch();
+        release.release("fits", "client");
+        assert_eq!(
+            release.exec().await.unwrap(),
+            [Reply::Released { freed: true }]
+        );
+    }
 }

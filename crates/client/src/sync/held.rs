@@ -7,7 +7,7 @@
 //! A future is serialized as its key, and only while a primitive encodes a
 //! value: the primitive records the keys found, takes its own hold on each
 //! (`var:<name>:<generation>` or `q:<name>:<item>`, see
-//! [`flotilla_runtime::refs`]) *before* the value becomes visible, and stores
+//! [`flotilla_runtime::store`]) *before* the value becomes visible, and stores
 //! the value behind a small header naming the holder and the keys. Outside a
 //! primitive, serializing a future is an error: an unheld key in some other
 //! store could be freed at any moment.
@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::future::TaskFuture;
 use crate::outbox::Op;
 use crate::state::FutureState;
-use flotilla_runtime::refs;
+use flotilla_runtime::store::{Batch as StoreBatch, Held, Reply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -196,14 +196,8 @@ pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Resul
     for submitter in &clients {
         submitter.flush().await?;
     }
-    let mut pipe = redis::pipe();
-    for_holders(
-        &mut pipe,
-        client,
-        &refs::HOLD,
-        values.iter().map(|(_, refs)| *refs),
-    );
-    if let Err(error) = refs::run::<()>(&mut client.redis(), &pipe).await {
+    let (holds, _) = for_holders(client, Hold::Take, values.iter().map(|(_, refs)| *refs));
+    if let Err(error) = holds.exec().await {
         // Best effort: drop what was taken before the failure.
         let taken: Vec<&Refs> = values.iter().map(|(_, refs)| *refs).collect();
         let _ = release_all(client, &taken).await;
@@ -212,37 +206,46 @@ pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Resul
     Ok(())
 }
 
-/// Adds `script` (taking or dropping a hold) to `pipe` for every key of
-/// each value's futures, on behalf of the value's holder; returns the keys.
+/// Whether [`for_holders`] takes or drops holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Take,
+    Drop,
+}
+
+/// A store batch taking or dropping a hold on every key of each value's
+/// futures, on behalf of the value's holder; with the keys, in order.
 fn for_holders<'a>(
-    pipe: &mut redis::Pipeline,
     client: &Client,
-    script: &redis::Script,
+    hold: Hold,
     values: impl IntoIterator<Item = &'a Refs>,
-) -> Vec<&'a String> {
+) -> (StoreBatch, Vec<&'a String>) {
+    let mut batch = client.inner.store.batch();
     let mut keys = Vec::new();
     for refs in values {
         for key in &refs.keys {
-            refs::add_for(pipe, client.names(), script, key, &[refs.holder.as_bytes()]);
+            match hold {
+                Hold::Take => batch.hold(key, &refs.holder),
+                Hold::Drop => batch.release(key, &refs.holder),
+            };
             keys.push(key);
         }
     }
-    keys
+    (batch, keys)
 }
 
 /// Drops the holds of values that left the primitive; tells the scheduler
 /// about keys nobody holds any more (a task nobody wants is cancelled).
 pub(crate) async fn release_all(client: &Client, values: &[&Refs]) -> Result<()> {
-    let mut pipe = redis::pipe();
-    let keys = for_holders(&mut pipe, client, &refs::RELEASE, values.iter().copied());
+    let (releases, keys) = for_holders(client, Hold::Drop, values.iter().copied());
     if keys.is_empty() {
         return Ok(());
     }
-    let freed: Vec<i64> = refs::run(&mut client.redis(), &pipe).await?;
+    let freed = releases.exec().await?;
     let forgotten: Vec<String> = keys
         .into_iter()
         .zip(freed)
-        .filter(|(_, freed)| *freed == 1)
+        .filter(|(_, freed)| *freed == Reply::Released { freed: true })
         .map(|(key, _)| key.clone())
         .collect();
     if !forgotten.is_empty() {
@@ -295,32 +298,17 @@ pub(crate) async fn adopt(
     // (also when another reader of this client registered it just before
     // us): it must not run after the holds below and undo them.
     client.flush().await?;
-    let id = client.id().as_bytes();
-    let mut pipe = redis::pipe();
+    let id = client.id();
+    let mut holds = client.inner.store.batch();
     for refs in values {
         for key in &refs.keys {
             match takeover {
-                Takeover::WhileHeld => refs::add_for(
-                    &mut pipe,
-                    client.names(),
-                    &refs::HOLD_IF_HELD,
-                    key,
-                    &[id, refs.holder.as_bytes()],
-                ),
-                Takeover::HandOver => {
-                    refs::add_for(&mut pipe, client.names(), &refs::HOLD, key, &[id]);
-                    refs::add_for(
-                        &mut pipe,
-                        client.names(),
-                        &refs::RELEASE,
-                        key,
-                        &[refs.holder.as_bytes()],
-                    );
-                }
-            }
+                Takeover::WhileHeld => holds.hold_if_held(key, id, &refs.holder),
+                Takeover::HandOver => holds.hold(key, id).release(key, &refs.holder),
+            };
         }
     }
-    let replies: redis::RedisResult<Vec<i64>> = refs::run(&mut client.redis(), &pipe).await;
+    let replies = holds.exec().await;
     for key in fresh {
         // Hear about the task's completion. Also when this reader gives up:
         // another reader of this client may share the state and not know
@@ -329,7 +317,7 @@ pub(crate) async fn adopt(
         client.inner.send(Op::Hold(key));
     }
     let replies = replies?;
-    if takeover == Takeover::WhileHeld && replies.contains(&-2) {
+    if takeover == Takeover::WhileHeld && replies.contains(&Reply::Held(Held::NotTaken)) {
         // Dropping the states releases what was taken.
         return Ok(None);
     }
@@ -456,9 +444,8 @@ async fn put_back(
     give_back: &GiveBack,
 ) -> Result<()> {
     if !headers.is_empty() {
-        let mut pipe = redis::pipe();
-        for_holders(&mut pipe, client, &refs::HOLD, headers);
-        refs::run::<()>(&mut client.redis(), &pipe).await?;
+        let (holds, _) = for_holders(client, Hold::Take, headers);
+        holds.exec().await?;
     }
     // Apart from the scripts: a pipeline retried after `NOSCRIPT` must not
     // push the items twice.

@@ -85,7 +85,7 @@ use super::held::{self, header_lua, Encoded, Refs};
 use super::{deadline_in, slice, timed_out, Keys, Retry, Waited, MAX_SLICE};
 use crate::client::Client;
 use crate::error::Result;
-use flotilla_runtime::refs;
+use flotilla_runtime::store::queue_holder;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
@@ -478,7 +478,7 @@ async fn push(
         .iter()
         .map(|e| {
             e.holds()
-                .then(|| e.refs(refs::queue_holder(&name, &flotilla_proto::new_id())))
+                .then(|| e.refs(queue_holder(&name, &flotilla_proto::new_id())))
         })
         .collect();
     let held: Vec<(&Encoded, &Refs)> = encoded

@@ -61,7 +61,7 @@ use super::held::{self, header_lua};
 use super::{deadline_in, get_or_wait, timed_out, waiters_lua, Keys};
 use crate::client::Client;
 use crate::error::Result;
-use flotilla_runtime::refs;
+use flotilla_runtime::store::variable_holder;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::marker::PhantomData;
@@ -244,7 +244,7 @@ impl<T: Serialize + DeserializeOwned> Variable<T> {
 /// own, and releases the value it replaces.
 async fn swap(client: Client, keys: Keys, name: String, encoded: held::Encoded) -> Result<()> {
     let header = if encoded.holds() {
-        let header = encoded.refs(refs::variable_holder(&name, &flotilla_proto::new_id()));
+        let header = encoded.refs(variable_holder(&name, &flotilla_proto::new_id()));
         held::hold(&client, &[(&encoded, &header)]).await?;
         Some(header)
     } else {

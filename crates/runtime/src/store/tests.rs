@@ -1,0 +1,411 @@
+//! The store's contract: one suite, run against the in-memory fake and a
+//! real Redis (in a fresh namespace), so that the fake is proven faithful.
+
+use super::{Held, Reply, Store, Stored};
+use flotilla_proto::{StoredResult, TAG_ERR, TAG_OK};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn s(key: &str) -> String {
+    key.to_owned()
+}
+
+fn hold_of(reply: &Reply) -> Held {
+    match reply {
+        Reply::Held(held) => *held,
+        other => panic!("expected a hold's reply, got {other:?}"),
+    }
+}
+
+async fn holders(store: &Store, key: &str) -> Vec<String> {
+    let mut cursor = 0;
+    let mut found = Vec::new();
+    loop {
+        let (next, sets) = store.scan_holders(cursor).await.unwrap();
+        found.extend(
+            sets.into_iter()
+                .filter(|(k, _)| k == key)
+                .flat_map(|(_, members)| members),
+        );
+        if next == 0 {
+            found.sort();
+            return found;
+        }
+        cursor = next;
+    }
+}
+
+/// Holds, releases and stores: a result lives exactly while it is held.
+async fn results_live_while_held(store: &Store) {
+    let ok = StoredResult::encode_ok(b"3");
+    let mut batch = store.batch();
+    batch.hold("a", "c1").store_result("a", &ok).hold("a", "c2");
+    let replies = batch.exec().await.unwrap();
+    assert_eq!(
+        replies,
+        [
+            Reply::Held(Held::Missing),
+            Reply::Stored(Stored::Kept),
+            Reply::Held(Held::Stored(TAG_OK)),
+        ]
+    );
+    assert_eq!(
+        store.read_results(&[s("a")]).await.unwrap(),
+        [Some(ok.clone())]
+    );
+    assert_eq!(
+        store.result_tags(&[s("a"), s("zz")]).await.unwrap(),
+        [Some(TAG_OK), None]
+    );
+    assert_eq!(holders(store, "a").await, ["c1", "c2"]);
+    assert_eq!(store.held(&[s("a"), s("zz")]).await.unwrap(), [true, false]);
+
+    let freed = store.release(&[(s("a"), s("c1"))]).await.unwrap();
+    assert!(freed.is_empty(), "c2 still holds it");
+    assert_eq!(store.read_results(&[s("a")]).await.unwrap(), [Some(ok)]);
+    let freed = store
+        .release(&[(s("a"), s("c2")), (s("never-held"), s("c2"))])
+        .await
+        .unwrap();
+    assert_eq!(freed, ["a", "never-held"]);
+    assert_eq!(store.read_results(&[s("a")]).await.unwrap(), [None]);
+    assert_eq!(store.held(&[s("a")]).await.unwrap(), [false]);
+    assert!(holders(store, "a").await.is_empty());
+
+    // Nobody holds it: not stored at all.
+    let mut batch = store.batch();
+    batch.store_result("b", &ok_bytes());
+    assert_eq!(
+        batch.exec().await.unwrap(),
+        [Reply::Stored(Stored::Unwanted)]
+    );
+    assert_eq!(store.read_results(&[s("b")]).await.unwrap(), [None]);
+
+    // An error keeps its tag.
+    let mut batch = store.batch();
+    batch
+        .hold("e", "c1")
+        .store_result("e", &[7, TAG_ERR])
+        .hold("e", "c2");
+    let replies = batch.exec().await.unwrap();
+    assert_eq!(hold_of(&replies[2]), Held::Stored(TAG_ERR));
+    store
+        .release(&[(s("e"), s("c1")), (s("e"), s("c2"))])
+        .await
+        .unwrap();
+    assert!(store.batch().exec().await.unwrap().is_empty());
+}
+
+fn ok_bytes() -> Vec<u8> {
+    StoredResult::encode_ok(b"value")
+}
+
+/// `fire_and_forget` holds until the result is stored, and no longer.
+async fn fire_and_forget(store: &Store) {
+    let ff = super::FIRE_AND_FORGET;
+    let mut batch = store.batch();
+    batch
+        .hold_until_done("f", ff)
+        .store_result("f", &ok_bytes());
+    assert_eq!(
+        batch.exec().await.unwrap(),
+        [Reply::Held(Held::Missing), Reply::Stored(Stored::Dropped)]
+    );
+    assert_eq!(store.read_results(&[s("f")]).await.unwrap(), [None]);
+    assert_eq!(store.held(&[s("f")]).await.unwrap(), [false]);
+
+    let mut batch = store.batch();
+    batch
+        .hold("g", "c1")
+        .hold_until_done("g", ff)
+        .store_result("g", &ok_bytes())
+        .hold_until_done("g", ff);
+    let replies = batch.exec().await.unwrap();
+    assert_eq!(replies[2], Reply::Stored(Stored::Kept));
+    assert_eq!(hold_of(&replies[3]), Held::NotTaken);
+    assert_eq!(holders(store, "g").await, ["c1"]);
+    assert_eq!(store.release(&[(s("g"), s("c1"))]).await.unwrap(), ["g"]);
+}
+
+/// A hold taken only while a witness still holds the key.
+async fn hold_if_held(store: &Store) {
+    let mut batch = store.batch();
+    batch
+        .hold_if_held("w", "new", "witness")
+        .scatter("w", "witness", &ok_bytes())
+        .hold_if_held("w", "new", "witness");
+    let replies = batch.exec().await.unwrap();
+    assert_eq!(hold_of(&replies[0]), Held::NotTaken);
+    assert_eq!(replies[1], Reply::Done);
+    assert_eq!(hold_of(&replies[2]), Held::Stored(TAG_OK));
+    assert_eq!(holders(store, "w").await, ["new", "witness"]);
+    let freed = store
+        .release(&[(s("w"), s("new")), (s("w"), s("witness"))])
+        .await
+        .unwrap();
+    assert_eq!(freed, ["w"]);
+}
+
+/// Large values are written as they are and finalized like small ones.
+async fn large_results(store: &Store) {
+    let value = vec![5u8; super::LARGE_RESULT + 10];
+    let mut batch = store.batch();
+    batch
+        .hold("big", "c1")
+        .store_large_result("big", StoredResult::ok_arg(&value))
+        .store_large_result("unheld", StoredResult::ok_arg(&value));
+    let replies = batch.exec().await.unwrap();
+    assert_eq!(
+        replies[1..],
+        [Reply::Stored(Stored::Kept), Reply::Stored(Stored::Unwanted)]
+    );
+    let read = store.read_results(&[s("big"), s("unheld")]).await.unwrap();
+    assert_eq!(read, [Some(StoredResult::encode_ok(&value)), None]);
+    assert_eq!(
+        store.release(&[(s("big"), s("c1"))]).await.unwrap(),
+        ["big"]
+    );
+}
+
+/// Specs are written, found, read, forgotten and rolled back.
+async fn specs(store: &Store) {
+    let mut batch = store.batch();
+    batch
+        .write_spec("p", b"spec-p")
+        .write_spec("q", b"spec-q")
+        .spec_exists("p")
+        .spec_exists("none");
+    let replies = batch.exec().await.unwrap();
+    assert_eq!(replies[2..], [Reply::Exists(true), Reply::Exists(false)]);
+    assert_eq!(
+        store.specs_exist(&[s("q"), s("none")]).await.unwrap(),
+        [true, false]
+    );
+    assert_eq!(
+        store.read_specs(&[s("p"), s("none")]).await.unwrap(),
+        [Some(b"spec-p".to_vec()), None]
+    );
+    let mut scanned = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let (next, found) = store.scan_specs(cursor).await.unwrap();
+        scanned.extend(found);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    scanned.sort();
+    assert_eq!(
+        scanned,
+        [
+            (s("p"), Some(b"spec-p".to_vec())),
+            (s("q"), Some(b"spec-q".to_vec()))
+        ]
+    );
+    store.forget_specs(&[s("p")]).await.unwrap();
+    // A rolled-back store loses its partial value and its spec.
+    let mut batch = store.batch();
+    batch
+        .hold("q", "c1")
+        .store_result("q", &ok_bytes())
+        .roll_back("q")
+        .forget_spec("p");
+    batch.exec().await.unwrap();
+    assert_eq!(store.read_results(&[s("q")]).await.unwrap(), [None]);
+    assert_eq!(
+        store.specs_exist(&[s("p"), s("q")]).await.unwrap(),
+        [false, false]
+    );
+    assert_eq!(holders(store, "q").await, ["c1"], "a roll-back keeps holds");
+    store.release(&[(s("q"), s("c1"))]).await.unwrap();
+}
+
+/// Lost starts are counted up to the limit, then refused.
+async fn start_records(store: &Store) {
+    assert_eq!(store.start_record("l").await.unwrap(), (None, None));
+    assert_eq!(store.start_record_ttl("l").await.unwrap(), None);
+    assert_eq!(
+        store.record_start("l", 2, "w1").await.unwrap(),
+        (true, 0, s("w1"))
+    );
+    assert_eq!(
+        store.record_start("l", 2, "w2").await.unwrap(),
+        (true, 1, s("w2"))
+    );
+    assert_eq!(
+        store.record_start("l", 2, "w3").await.unwrap(),
+        (false, 2, s("w2"))
+    );
+    assert_eq!(
+        store.start_record("l").await.unwrap(),
+        (Some(2), Some(s("w2")))
+    );
+    let ttl = store.start_record_ttl("l").await.unwrap().unwrap();
+    assert!(
+        ttl > super::START_RECORD_EXPIRY_S - 60 && ttl <= super::START_RECORD_EXPIRY_S,
+        "{ttl}"
+    );
+    let mut batch = store.batch();
+    batch.forget_start("l");
+    batch.exec().await.unwrap();
+    assert_eq!(store.start_record("l").await.unwrap(), (None, None));
+}
+
+/// Custody leases lapse, are taken once, and end on completion.
+async fn custody(store: &Store) {
+    store
+        .renew_custody(&[s("k1"), s("k2")], Duration::from_secs(600))
+        .await
+        .unwrap();
+    store
+        .renew_custody(&[s("k3")], Duration::ZERO)
+        .await
+        .unwrap();
+    store.renew_custody(&[], Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(store.lapsed_custody().await.unwrap(), ["k3"]);
+    assert!(
+        store.lapsed_custody().await.unwrap().is_empty(),
+        "taken once"
+    );
+    let mut batch = store.batch();
+    batch.leave_custody(&[s("k1"), s("k2")]);
+    batch.exec().await.unwrap();
+    // Renewed to lapse now: only a key still in custody comes back.
+    store
+        .renew_custody(&[s("k2")], Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(store.lapsed_custody().await.unwrap(), ["k2"]);
+}
+
+/// Client leases by the client's clock.
+async fn leases(store: &Store) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    store.renew_lease("old", now - 1000).await.unwrap();
+    store.renew_lease("older", now - 2000).await.unwrap();
+    store.renew_lease("live", now + 60_000).await.unwrap();
+    assert_eq!(
+        store.lapsed_leases(now, 50).await.unwrap(),
+        ["older", "old"]
+    );
+    assert_eq!(store.lapsed_leases(now, 1).await.unwrap(), ["older"]);
+    assert_eq!(
+        store.have_leases(&["old", "live", "none"]).await.unwrap(),
+        [true, true, false]
+    );
+    store.drop_lease("old").await.unwrap();
+    store.drop_lease("older").await.unwrap();
+    assert!(store.lapsed_leases(now, 50).await.unwrap().is_empty());
+    store.drop_lease("live").await.unwrap();
+    assert_eq!(store.have_leases(&["live"]).await.unwrap(), [false]);
+}
+
+async fn contract(store: Store) {
+    store.preload().await.unwrap();
+    results_live_while_held(&store).await;
+    fire_and_forget(&store).await;
+    hold_if_held(&store).await;
+    large_results(&store).await;
+    specs(&store).await;
+    start_records(&store).await;
+    custody(&store).await;
+    leases(&store).await;
+}
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_contract() {
+    contract(Store::memory()).await;
+}
+
+#[tokio::test]
+async fn the_redis_store_keeps_the_contract() {
+    let url =
+        std::env::var("FLOTILLA_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut redis = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::transport::connect_redis(&url),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("Redis at {url} did not answer within 10 s"))
+    .unwrap_or_else(|error| panic!("Redis at {url} is needed for this test: {error}"));
+    let names = flotilla_proto::Names::new(&format!("t-store-{}", flotilla_proto::new_id()));
+    let store = Store::redis(redis.clone(), names.clone());
+    // Run apart, so that the namespace is cleaned up even when it fails.
+    let outcome = tokio::spawn(contract(store)).await;
+    let deleted = crate::transport::delete_redis_keys(&mut redis, &names).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic.into_panic());
+    }
+    deleted.unwrap();
+    let mut cursor = 0;
+    let (_, left) = store_keys_left(&mut redis, &names, &mut cursor).await;
+    assert!(left.is_empty(), "keys left behind: {left:?}");
+}
+
+async fn store_keys_left(
+    redis: &mut redis::aio::ConnectionManager,
+    names: &flotilla_proto::Names,
+    cursor: &mut u64,
+) -> (u64, Vec<String>) {
+    let mut left = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(*cursor)
+            .arg("MATCH")
+            .arg(format!("{}:*", names.namespace()))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await
+            .unwrap();
+        left.extend(keys);
+        if next == 0 {
+            return (0, left);
+        }
+        *cursor = next;
+    }
+}
+
+/// The fake refuses what a full Redis refuses, and lets through what frees
+/// memory.
+#[tokio::test]
+async fn a_full_memory_store_refuses_growth_but_frees() {
+    let store = Store::memory_limited(100);
+    let mut batch = store.batch();
+    batch.hold("x", "c").store_result("x", &[0u8; 200]);
+    batch.exec().await.unwrap();
+    let mut batch = store.batch();
+    batch
+        .hold("y", "c")
+        .store_result("x", &ok_bytes())
+        .write_spec("y", b"s")
+        .release("x", "c")
+        .hold("y", "c");
+    let replies = batch.exec_each().await.unwrap();
+    assert!(replies[0].is_err() && replies[1].is_err() && replies[2].is_err());
+    assert_eq!(
+        *replies[3].as_ref().unwrap(),
+        Reply::Released { freed: true }
+    );
+    assert_eq!(
+        *replies[4].as_ref().unwrap(),
+        Reply::Held(Held::Missing),
+        "room again once freed"
+    );
+    // A large value that takes it over the limit: written, then refused.
+    let value = vec![1u8; 150];
+    let mut batch = store.batch();
+    batch.store_large_result("y", StoredResult::ok_arg(&value));
+    let replies = batch.exec_each().await.unwrap();
+    let error = replies[0].as_ref().unwrap_err().to_string();
+    assert!(error.contains("OOM"), "{error}");
+    let mut batch = store.batch();
+    batch.roll_back("y");
+    batch.exec().await.unwrap();
+    assert_eq!(store.read_results(&[s("y")]).await.unwrap(), [None]);
+}
