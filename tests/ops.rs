@@ -614,6 +614,16 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
         ops.scheduler.terminate().success(),
         "scheduler stops on SIGTERM"
     );
+    // A graceful stop logs no error of the AMQP library (it used to log
+    // "invalid channel state: Closing" for channels dropped as it stopped).
+    for process in ops.workers.iter().chain([&ops.scheduler]) {
+        let log = process.log();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("ERROR") && l.contains("lapin")),
+            "{log}"
+        );
+    }
     let (ok, out, err) = ops.cli(&["status"]);
     assert!(
         !ok && out.is_empty() && err.contains("no scheduler answers"),

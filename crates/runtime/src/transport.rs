@@ -518,10 +518,18 @@ pub fn name(s: &str) -> ShortString {
 /// answers `connection.close-ok` must not keep a stopping process alive.
 pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long [`close`] lets the channels dropped just before it close
+/// first. lapin closes a dropped channel from a task of its own, which
+/// fails with "invalid channel state: Closing" and logs it as a connection
+/// ERROR when the connection began closing in between: every graceful stop
+/// used to log one (the consumers' channels go as the process stops).
+pub const CHANNEL_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Closes `connection` with `reason`, giving up after [`CLOSE_TIMEOUT`]
 /// (the socket then goes with the connection). A connection already closed
 /// or closing counts as closed.
 pub async fn close(connection: &Connection, reason: &str) {
+    tokio::time::sleep(CHANNEL_SETTLE).await;
     match tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, name(reason))).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::debug!(%error, reason, "closing a RabbitMQ connection"),
