@@ -201,6 +201,13 @@ impl Monitor {
                     }
                     continue;
                 }
+                Event::Finished { key, run_us, .. } if run_us > 0 => {
+                    // Measured by the worker: exact.
+                    activity.finished += 1;
+                    activity.running.remove(&key);
+                    runtime.observe(Duration::from_micros(run_us).as_secs_f64());
+                    continue;
+                }
                 Event::Finished { key, .. } => {
                     activity.finished += 1;
                     key
@@ -415,8 +422,9 @@ impl Monitor {
         out.family(
             "flotilla_task_seconds",
             "histogram",
-            "Run time of tasks on workers, from worker events (counted while the event tap is on). \
-             Runs shorter than 50 ms send no Started event: they land in the first bucket and add 0.025 s to the sum.",
+            "Run time of tasks on workers, from worker events (counted while the event tap is on): \
+             as the worker measured it for a finished task; for an erred one (or an older worker's), \
+             from its Started event, a run shorter than 50 ms sending none and counting 0.025 s.",
         );
         let mut cumulative = 0;
         for (bound, count) in RUNTIME_BUCKETS.iter().zip(self.runtime.buckets) {
@@ -673,6 +681,35 @@ mod tests {
             size: 1,
             run_us: 0,
         }
+    }
+
+    #[test]
+    fn a_run_time_the_worker_measured_is_taken_as_it_is() {
+        let mut monitor = Monitor::default();
+        let start = Instant::now();
+        let measured = |key: &str, run_us| Event::Finished {
+            key: key.into(),
+            inline: None,
+            size: 1,
+            run_us,
+        };
+        // A 150 ms run whose Started event was not seen, and a 200 µs one.
+        monitor.on_events(
+            batch("w1", vec![measured("slow", 150_000), measured("tiny", 200)]),
+            start,
+        );
+        assert_eq!(monitor.runtime.count, 2);
+        assert_eq!(monitor.runtime.buckets[0], 1, "200 µs is under 50 ms");
+        assert!((monitor.runtime.sum - 0.1502).abs() < 1e-9);
+        // Its Started event, seen before, is no longer running.
+        monitor.on_events(batch("w1", vec![Event::Started { key: "x".into() }]), start);
+        monitor.on_events(batch("w1", vec![measured("x", 3_000_000)]), start);
+        let w1 = snapshot(&[("w1", "alpha")]);
+        assert_eq!(
+            monitor.worker_json(&w1.workers[0], start, false)["running_count"],
+            0
+        );
+        assert!((monitor.runtime.sum - 3.1502).abs() < 1e-9);
     }
 
     #[test]
