@@ -18,13 +18,15 @@
 //! `D` is opaque here: the runtime keeps lapin's acker in it, tests a number.
 
 use crate::registry::TaskOutcome;
-use crate::runtime::INLINE_RESULT_LIMIT;
 use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, ToWorker};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Results up to this size ride inline in completion events.
+pub const INLINE_RESULT_LIMIT: usize = 16 * 1024;
 
 /// A bundle received by this worker, named by the core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -39,6 +39,7 @@ mod runtime;
 mod slot;
 
 // The module and its `registry()` function.
+pub use bundle::INLINE_RESULT_LIMIT;
 pub use flotilla_task::registry;
 pub use flotilla_task::{
     decode_args, encode_output, Actor, ActorRegistration, DynActor, Invocation, TaskContext,
@@ -46,8 +47,7 @@ pub use flotilla_task::{
 };
 pub use linked::LinkError;
 pub use runtime::{
-    run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT,
-    INLINE_RESULT_LIMIT, SHED_AFTER,
+    run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, SHED_AFTER,
 };
 pub use slot::seceded;
 

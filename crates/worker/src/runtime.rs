@@ -36,8 +36,6 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
-/// Results up to this size ride inline in completion events.
-pub const INLINE_RESULT_LIMIT: usize = 16 * 1024;
 /// How often a worker announces itself to the scheduler.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// Bytes of large inputs a worker keeps for reuse by later tasks.
