@@ -1,6 +1,6 @@
-use flotilla::TaskContext;
+use flotilla_task::TaskContext;
 
-#[flotilla::task]
+#[flotilla_macros::task]
 fn fetch(url: String, ctx: TaskContext) -> usize {
     let _ = ctx;
     url.len()

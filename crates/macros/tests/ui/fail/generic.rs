@@ -1,4 +1,4 @@
-#[flotilla::task]
+#[flotilla_macros::task]
 fn identity<T>(value: T) -> T {
     value
 }

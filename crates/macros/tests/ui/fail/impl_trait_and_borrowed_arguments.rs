@@ -1,4 +1,4 @@
-#[flotilla::task]
+#[flotilla_macros::task]
 fn describe(value: impl std::fmt::Display, label: &str) -> String {
     format!("{label}: {value}")
 }

@@ -1,4 +1,4 @@
-#[flotilla::task]
+#[flotilla_macros::task]
 struct Job;
 
 fn main() {

@@ -1,7 +1,7 @@
 struct Calculator;
 
 impl Calculator {
-    #[flotilla::task]
+    #[flotilla_macros::task]
     fn add(&self, x: i64, y: i64) -> i64 {
         x + y
     }

@@ -1,4 +1,4 @@
-#[flotilla::task(name = "jobs.add", retries = 3)]
+#[flotilla_macros::task(name = "jobs.add", retries = 3)]
 fn add(x: i64, y: i64) -> i64 {
     x + y
 }
