@@ -110,6 +110,10 @@ struct TaskEntry {
     /// Dependents not yet sent to workers: while any remain, a finished task
     /// stays in the table, with its result when small.
     holders: u32,
+    /// Its holds on its inputs are gone (it was sent, or failed, or an
+    /// earlier run reported): a second run or report must not release them
+    /// again, which would take another dependent's hold.
+    released: bool,
     inline: Option<Vec<u8>>,
     seq: u64,
     attempt: u32,
@@ -132,6 +136,7 @@ impl TaskEntry {
             missing: 0,
             dependents: Vec::new(),
             holders: 0,
+            released: false,
             inline: None,
             seq,
             attempt: 0,
@@ -234,7 +239,8 @@ pub struct Counts {
 pub struct Core {
     tasks: HashMap<String, TaskEntry>,
     ready: BinaryHeap<(i32, Reverse<u64>, String)>,
-    parked: Vec<String>,
+    /// Ready tasks no live worker matches; a task leaves when it does.
+    parked: HashSet<String>,
     lookups: HashMap<String, Waiters>,
     workers: HashMap<String, Worker>,
     provided: HashMap<String, HashSet<u64>>,
@@ -735,6 +741,7 @@ impl Core {
             // retried meanwhile): the holds a start would release go now.
             self.unhold_inputs_of(key);
         }
+        self.parked.remove(key);
         let Some(task) = self.tasks.get_mut(key) else {
             return;
         };
@@ -787,6 +794,7 @@ impl Core {
                 return;
             }
             self.unhold_inputs_of(key);
+            self.parked.remove(key);
         }
         let Some(task) = self.tasks.get_mut(key) else {
             return;
@@ -839,7 +847,8 @@ impl Core {
             } else {
                 self.counts.erred += 1;
             }
-            let was_waiting = matches!(task.state, State::Waiting | State::Ready);
+            let was_waiting = matches!(task.state, State::Waiting | State::Ready)
+                && !std::mem::replace(&mut task.released, true);
             task.state = State::Erred;
             task.error = Some(Box::new(error.clone()));
             comm.store_error(&key, &error);
@@ -854,6 +863,7 @@ impl Core {
                 );
             }
             stack.extend(std::mem::take(&mut task.dependents));
+            self.parked.remove(&key);
             if was_waiting {
                 let deps = task
                     .spec
@@ -869,11 +879,18 @@ impl Core {
     /// waits for leave the table.
     /// Drops the holds `key`'s spec has on its inputs (what its start
     /// releases), for a report of an earlier run of a task waiting again.
+    /// Once only: a task whose holds went already ([`TaskEntry::released`])
+    /// releases nothing.
     fn unhold_inputs_of(&mut self, key: &str) {
-        let deps = self
-            .tasks
-            .get(key)
-            .and_then(|task| task.spec.as_ref())
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        if std::mem::replace(&mut task.released, true) {
+            return;
+        }
+        let deps = task
+            .spec
+            .as_ref()
             .map(|spec| spec.deps.clone())
             .unwrap_or_default();
         self.unhold_local(&deps);
@@ -894,12 +911,13 @@ impl Core {
     /// abandoned work, with `abandoned`).
     fn drop_task(&mut self, key: &str, abandoned: bool, comm: &mut impl Comm) {
         if let Some(task) = self.tasks.remove(key) {
+            self.parked.remove(key);
             if task.in_flight {
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
             if let Some(spec) = task.spec {
                 comm.forget_spec(key);
-                if matches!(task.state, State::Waiting | State::Ready) {
+                if matches!(task.state, State::Waiting | State::Ready) && !task.released {
                     self.unhold_local(&spec.deps);
                 }
                 let held: Vec<String> = spec.held_keys().cloned().collect();
@@ -1433,7 +1451,7 @@ impl Core {
         }
         let target = match self.place(&spec) {
             Placement::Park => {
-                self.parked.push(key.to_owned());
+                self.parked.insert(key.to_owned());
                 return None;
             }
             Placement::Shared => None,
@@ -1444,6 +1462,8 @@ impl Core {
         task.in_flight = true;
         task.worker = target;
         let attempt = task.attempt;
+        // A second run (retried, or its custody lapsed) released them already.
+        let release = !std::mem::replace(&mut task.released, true);
         self.in_flight += 1;
         let mut inline = Vec::new();
         for dep in &spec.deps {
@@ -1451,9 +1471,11 @@ impl Core {
                 if let Some(bytes) = &input.inline {
                     inline.push((dep.clone(), ByteBuf::from(bytes.clone())));
                 }
-                input.holders = input.holders.saturating_sub(1);
-                if input.holders == 0 && input.state == State::Finished {
-                    self.tasks.remove(dep);
+                if release {
+                    input.holders = input.holders.saturating_sub(1);
+                    if input.holders == 0 && input.state == State::Finished {
+                        self.tasks.remove(dep);
+                    }
                 }
             }
         }
@@ -1512,9 +1534,11 @@ impl Core {
     ///   dependent twice, an earlier run and the current one: they are
     ///   deduplicated where consumed.)
     /// - A ready task has no missing input and is in the ready queue or
-    ///   parked (stale queue and parked entries are allowed: they are
-    ///   skipped when popped).
-    /// - A task's holders never exceed its waiting or ready dependents.
+    ///   parked (stale queue and held entries are allowed: they are
+    ///   skipped when popped); every parked key is a ready task.
+    /// - A task's holders never exceed its waiting or ready dependents
+    ///   that have not released their holds (a task sent again, after a
+    ///   retrying failure or a lapsed custody, released them already).
     /// - Slots and provided tasks match the live workers; keys looked up a
     ///   last time are being looked up.
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
@@ -1532,10 +1556,17 @@ impl Core {
             .chain(self.durations.held.values().flatten())
             .map(String::as_str)
             .collect();
-        // Per input, how many waiting or ready tasks name it.
+        if let Some(key) = self.parked.iter().find(|k| {
+            self.tasks
+                .get(k.as_str())
+                .is_none_or(|t| t.state != State::Ready)
+        }) {
+            return Err(format!("`{key}` is parked but not a ready task"));
+        }
+        // Per input, how many waiting or ready tasks still hold it.
         let mut wanted: HashMap<&str, u32> = HashMap::new();
         for t in self.tasks.values() {
-            if matches!(t.state, State::Waiting | State::Ready) {
+            if matches!(t.state, State::Waiting | State::Ready) && !t.released {
                 for dep in t.spec.iter().flat_map(|s| s.deps.iter()) {
                     *wanted.entry(dep.as_str()).or_default() += 1;
                 }
@@ -1562,7 +1593,7 @@ impl Core {
             let holders_allowed = wanted.get(key.as_str()).copied().unwrap_or(0);
             if t.holders > holders_allowed {
                 return err(format!(
-                    "{} holders but only {holders_allowed} waiting or ready dependents",
+                    "{} holders but only {holders_allowed} waiting or ready dependents holding it",
                     t.holders
                 ));
             }

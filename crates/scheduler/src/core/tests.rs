@@ -1222,3 +1222,67 @@ fn a_probe_that_does_not_finish_holds_its_name_back_one_tick_at_most() {
     h.dispatch();
     assert_eq!(h.comm.take_sent_keys().len(), 3, "known now: sent at once");
 }
+
+#[test]
+fn a_task_sent_twice_lets_go_of_its_inputs_once() {
+    // `b` and `c` both hold `a`; `b` is sent twice (a retrying failure,
+    // then a lapsed custody): `a` must stay for `c`, with its inline result.
+    let mut h = Harness::with_worker(1);
+    h.submit(vec![
+        spec("a", &[]),
+        spec("x", &[]),
+        spec("b", &["a"]),
+        spec("c", &["a", "x"]),
+    ]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a", "x"]);
+    h.finished("a", Some(vec![1]), 1);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"]);
+    h.erred("b", TaskError::new(ErrorKind::User, "E", "boom"), true);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"]);
+    h.requeue(&keys(&["b"]));
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"]);
+    assert_eq!(h.core.tasks["a"].holders, 1, "only `c` holds `a`");
+    // A duplicate report of the first run changes nothing either.
+    h.finished("b", None, 0);
+    h.finished("b", None, 0);
+    h.finished("x", None, 0);
+    h.dispatch();
+    let runs = h.comm.take_runs();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].spec.key, "c");
+    assert_eq!(runs[0].inline, [("a".to_string(), ByteBuf::from(vec![1]))]);
+    h.finished("c", None, 0);
+    assert!(h.core.is_empty());
+}
+
+#[test]
+fn parked_tasks_that_leave_are_not_counted_parked() {
+    let mut h = Harness::with_worker(1);
+    let parked = |key: &str| {
+        let mut spec = spec(key, &[]);
+        spec.resources = vec![("GPU".into(), 1)];
+        spec
+    };
+    h.submit(vec![parked("p1"), parked("p2"), parked("p3")]);
+    h.dispatch();
+    h.comm.expect_none();
+    assert_eq!(h.core.counts().parked, 3);
+    h.cancel(&keys(&["p1"]), false);
+    assert_eq!(h.comm.take_stored(), ["p1"]);
+    h.forget(&keys(&["p2"]));
+    assert_eq!(h.comm.take_specs_forgotten(), ["p2"]);
+    h.comm.take_notified();
+    let counts = h.core.counts();
+    assert_eq!((counts.parked, counts.ready), (1, 0), "{counts:?}");
+    // Cancelled, retried and parked again: still one entry.
+    h.retry(&keys(&["p1"]));
+    h.dispatch();
+    h.comm.expect_none();
+    let counts = h.core.counts();
+    assert_eq!((counts.parked, counts.ready), (2, 0), "{counts:?}");
+    assert!(h.core.parked.len() <= 2, "stale parked entries kept");
+}
