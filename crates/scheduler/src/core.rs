@@ -875,8 +875,6 @@ impl Core {
         }
     }
 
-    /// A task no longer waits for its inputs: finished inputs nobody else
-    /// waits for leave the table.
     /// Drops the holds `key`'s spec has on its inputs (what its start
     /// releases), for a report of an earlier run of a task waiting again.
     /// Once only: a task whose holds went already ([`TaskEntry::released`])
