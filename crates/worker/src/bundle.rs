@@ -122,8 +122,20 @@ pub(crate) fn admit<S: Display, E: Display>(
             // The scheduler never sends an empty bundle: this is forged.
             Admit::DeadLetter("empty task bundle".to_owned())
         }
-        Ok((ToWorker::Run { tasks, epoch }, _)) => match fence.admits(epoch) {
+        Ok((ToWorker::Run { mut tasks, epoch }, _)) => match fence.admits(epoch) {
             Err(newest) => Admit::Superseded { epoch, newest },
+            // A key twice in one bundle (the scheduler never sends that)
+            // runs once: a second copy would store, release its inputs and
+            // announce again after the delivery was acknowledged with the
+            // first (the core counts a bundle's keys as a set).
+            Ok(()) if !distinct(&tasks) => {
+                let mut seen = HashSet::new();
+                tasks.retain(|task| seen.insert(task.spec.key.clone()));
+                Admit::Run {
+                    tasks,
+                    check: sealed,
+                }
+            }
             // With signed messages, a delivery may be a replay that reached
             // another worker than the original, a captured copy requeued so
             // that it comes back redelivered, or a message that outlived
@@ -142,6 +154,12 @@ pub(crate) fn admit<S: Display, E: Display>(
         Ok((_, None)) => Admit::Ack,
         Err(error) => Admit::DeadLetter(error.to_string()),
     }
+}
+
+/// Whether no key repeats among `tasks`.
+fn distinct(tasks: &[RunTask]) -> bool {
+    let mut seen = HashSet::with_capacity(tasks.len());
+    tasks.iter().all(|task| seen.insert(task.spec.key.as_str()))
 }
 
 /// Decides what becomes of a bundle checked against Redis: the tasks whose
@@ -498,17 +516,22 @@ impl<D> WorkerCore<D> {
     }
 
     /// Task `key` of `bundle` could not be stored or announced: the
-    /// delivery goes back to the queue (unless handed off: custody brings
-    /// the task back then). Either way nothing more is told the broker.
+    /// delivery goes back to the queue unless it was acknowledged already
+    /// (handed off, its lease taken), and the task leaves this worker's
+    /// custody, so that its lease lapses and the scheduler hands it out
+    /// again. Either way nothing more is told the broker.
     pub(crate) fn failed(&mut self, bundle: BundleId, key: &str) -> Vec<Effect<D>> {
         let mut effects = Vec::new();
         if let Some(state) = self.bundles.get_mut(&bundle) {
             // The delivery is settled: the key only keeps it in the table.
             state.pending.remove(key);
-            let delivery = state.delivery.take();
-            if !state.handed_off {
-                effects.extend(delivery.map(Effect::Requeue));
+            if state.handed_off {
+                // Renewed forever, its lease would hold the task hostage.
+                self.custody.remove(key);
             }
+            // Still held (a lease being taken, not yet confirmed): settled
+            // now, since nothing acknowledges it later.
+            effects.extend(state.delivery.take().map(Effect::Requeue));
         }
         self.tidy(bundle);
         effects
@@ -822,7 +845,9 @@ mod tests {
     #[test]
     fn a_key_duplicated_within_a_bundle_is_acked_with_its_first_completion() {
         // Keys are a set: the first copy to complete completes the key, and
-        // the bundle with it (the behaviour of the runtime before the core).
+        // the bundle with it. `admit` runs a repeated key once, so the
+        // runtime never hands the core a second copy to run (see
+        // `a_key_twice_in_a_bundle_runs_once`).
         let mut core = Core::default();
         let b = core.received(3, keys(&["a", "a", "b"]), Queue::Shared);
         assert_eq!(core.done(b, "b"), vec![]);
@@ -1047,36 +1072,96 @@ mod tests {
         );
         assert_eq!(
             custody(&core),
-            keys(&["a", "b"]),
-            "unstored: still in custody"
+            keys(&["b"]),
+            "unstored: out of custody, its lease lapses and the scheduler hands it out again"
         );
         assert_eq!(
             complete(&mut core, &[done(b, "b", Ok(vec![]))], true, false),
             vec![]
         );
-        assert_eq!(
-            custody(&core),
-            keys(&["a"]),
+        assert!(
+            custody(&core).is_empty(),
             "stored but unannounced: out of custody all the same"
         );
     }
 
     #[test]
-    fn a_task_failing_while_the_lease_is_taken_settles_the_bundle_silently() {
-        // Neither requeued (handed off) nor acked afterwards (settled): the
-        // delivery waits for its channel to close, as before the core.
-        let mut core = Core::default();
-        let b = receive(&mut core, 3, &["a", "b"]);
-        core.hand_off(b);
-        assert_eq!(core.failed(b, "a"), vec![]);
-        assert_eq!(core.custody_renewed(b, &keys(&["a", "b"]), true), vec![]);
-        let c = receive(&mut core, 4, &["c"]);
-        core.hand_off(c);
-        assert_eq!(core.failed(c, "c"), vec![]);
-        assert_eq!(core.custody_renewed(c, &keys(&["c"]), false), vec![]);
-        assert_eq!(core.held(), 1, "b still waits for task b");
-        assert_eq!(core.done(b, "b"), vec![]);
-        assert_eq!(core.held(), 0);
+    fn a_task_failing_while_the_lease_is_taken_requeues_the_delivery_at_once() {
+        // The delivery is not acknowledged yet: requeued now, since neither
+        // the lease's outcome (renewed or not) nor a later task acks it.
+        // (Before: dropped unsettled, held until its channel closed.)
+        for renewed in [true, false] {
+            let mut core = Core::default();
+            let b = receive(&mut core, 3, &["a", "b"]);
+            core.hand_off(b);
+            assert_eq!(core.failed(b, "a"), vec![Effect::Requeue(3)]);
+            assert_eq!(
+                custody(&core),
+                keys(&["b"]),
+                "the failed task leaves custody"
+            );
+            assert_eq!(
+                core.custody_renewed(b, &keys(&["a", "b"]), renewed),
+                vec![],
+                "settled once"
+            );
+            assert_eq!(core.held(), 1, "b still waits for task b");
+            assert_eq!(core.done(b, "b"), vec![]);
+            assert_eq!(core.held(), 0);
+            let c = receive(&mut core, 4, &["c"]);
+            core.hand_off(c);
+            assert_eq!(core.failed(c, "c"), vec![Effect::Requeue(4)]);
+            assert_eq!(core.custody_renewed(c, &keys(&["c"]), renewed), vec![]);
+            assert_eq!(core.held(), 0);
+        }
+    }
+
+    #[test]
+    fn every_delivery_is_settled_once_whatever_the_lease_and_the_batch_do() {
+        // Each order of a task's outcome (complete, or failed: unstored, or
+        // stored but unannounced) against its bundle's hand-off (lease
+        // renewed, refused, or not reported yet) settles the delivery
+        // exactly once, by the time both have been reported.
+        #[derive(Clone, Copy, Debug)]
+        enum Outcome {
+            Done,
+            Unstored,
+            Unannounced,
+        }
+        for outcome in [Outcome::Done, Outcome::Unstored, Outcome::Unannounced] {
+            for renewed in [true, false] {
+                for task_first in [true, false] {
+                    let mut core = Core::default();
+                    let b = receive(&mut core, 1, &["a"]);
+                    let mut effects = core.hand_off(b);
+                    assert_eq!(effects.len(), 1, "a lease to take");
+                    effects.clear();
+                    let finish = |core: &mut Core| {
+                        let (stored, published) = match outcome {
+                            Outcome::Done => (true, true),
+                            Outcome::Unstored => (false, false),
+                            Outcome::Unannounced => (true, false),
+                        };
+                        complete(core, &[done(b, "a", Ok(vec![]))], stored, published)
+                    };
+                    if task_first {
+                        effects.extend(finish(&mut core));
+                        effects.extend(core.custody_renewed(b, &keys(&["a"]), renewed));
+                    } else {
+                        effects.extend(core.custody_renewed(b, &keys(&["a"]), renewed));
+                        effects.extend(finish(&mut core));
+                    }
+                    let case = format!("{outcome:?} renewed={renewed} task_first={task_first}");
+                    assert_eq!(effects.len(), 1, "{case}: settled once: {effects:?}");
+                    assert!(
+                        matches!(effects[0], Effect::Ack(1) | Effect::Requeue(1)),
+                        "{case}: {effects:?}"
+                    );
+                    assert_eq!(core.held(), 0, "{case}: nothing left behind");
+                    assert!(custody(&core).is_empty(), "{case}: nothing renewed forever");
+                }
+            }
+        }
     }
 
     #[test]
@@ -1107,7 +1192,7 @@ mod tests {
         let mut core = Core::default();
         let b = receive(&mut core, 1, &["a"]);
         core.hand_off(b);
-        assert_eq!(core.failed(b, "a"), vec![]);
+        assert_eq!(core.failed(b, "a"), vec![Effect::Requeue(1)]);
         assert_eq!(core.held(), 0);
         assert_eq!(core.custody_renewed(b, &keys(&["a"]), false), vec![]);
         assert!(custody(&core).is_empty());
@@ -1373,6 +1458,38 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn a_key_twice_in_a_bundle_runs_once() {
+        // Run twice, the second copy would store, release its inputs and
+        // announce again after the first acked the delivery.
+        let run = |keys: &[&str]| -> Decoded {
+            Ok((
+                ToWorker::Run {
+                    tasks: keys.iter().map(|key| run_task(key)).collect(),
+                    epoch: 0,
+                },
+                None,
+            ))
+        };
+        for sealed in [true, false] {
+            assert_eq!(
+                admit(run(&["a", "b", "a", "c", "b"]), sealed, &Fence::default()),
+                Admit::Run {
+                    tasks: vec![run_task("a"), run_task("b"), run_task("c")],
+                    check: sealed
+                }
+            );
+        }
+        assert_eq!(
+            admit(run(&["a", "b"]), false, &Fence::default()),
+            Admit::Run {
+                tasks: vec![run_task("a"), run_task("b")],
+                check: false
+            },
+            "distinct keys untouched"
+        );
     }
 
     #[test]
