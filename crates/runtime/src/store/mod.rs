@@ -54,6 +54,7 @@ use crate::refs;
 use flotilla_proto::{Names, StoredOk};
 use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -240,14 +241,7 @@ impl Store {
         let Some((mut redis, names)) = self.on_redis() else {
             return Ok((0, self.state().all_holders()));
         };
-        let (next, sets): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(names.holders_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await?;
+        let (next, sets) = scan_page(&mut redis, names.holders_pattern(), cursor).await?;
         if sets.is_empty() {
             return Ok((next, Vec::new()));
         }
@@ -268,17 +262,7 @@ impl Store {
 
     /// The stored results (value or error, as encoded) of `keys`.
     pub async fn read_results(&self, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> {
-        let Some((mut redis, names)) = self.on_redis() else {
-            let memory = self.state();
-            return Ok(keys
-                .iter()
-                .map(|key| memory.results.get(key).cloned())
-                .collect());
-        };
-        let redis_keys: Vec<String> = keys.iter().map(|key| names.result_key(key)).collect();
-        redis::cmd("MGET")
-            .arg(redis_keys)
-            .query_async(&mut redis)
+        self.read_strings(keys, Names::result_key, |memory| &memory.results)
             .await
     }
 
@@ -315,14 +299,24 @@ impl Store {
 
     /// The stored specs of `keys`.
     pub async fn read_specs(&self, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> {
+        self.read_strings(keys, Names::spec_key, |memory| &memory.specs)
+            .await
+    }
+
+    /// The string each of `keys` names (`redis_key`), in one `MGET`; on the
+    /// memory backend, from the map `table` picks.
+    async fn read_strings(
+        &self,
+        keys: &[String],
+        redis_key: fn(&Names, &str) -> String,
+        table: fn(&memory::Memory) -> &HashMap<String, Vec<u8>>,
+    ) -> RedisResult<Vec<Option<Vec<u8>>>> {
         let Some((mut redis, names)) = self.on_redis() else {
             let memory = self.state();
-            return Ok(keys
-                .iter()
-                .map(|key| memory.specs.get(key).cloned())
-                .collect());
+            let table = table(&memory);
+            return Ok(keys.iter().map(|key| table.get(key).cloned()).collect());
         };
-        let redis_keys: Vec<String> = keys.iter().map(|key| names.spec_key(key)).collect();
+        let redis_keys: Vec<String> = keys.iter().map(|key| redis_key(names, key)).collect();
         redis::cmd("MGET")
             .arg(redis_keys)
             .query_async(&mut redis)
@@ -378,14 +372,7 @@ impl Store {
                 .collect();
             return Ok((0, specs));
         };
-        let (next, spec_keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(names.spec_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await?;
+        let (next, spec_keys) = scan_page(&mut redis, names.spec_pattern(), cursor).await?;
         if spec_keys.is_empty() {
             return Ok((next, Vec::new()));
         }
@@ -909,6 +896,23 @@ impl Batch {
 
 /// Reads one operation's replies: the first refusal among its commands, or
 /// what its last command answered.
+/// One page of `SCAN` over `pattern` from `cursor`: the next cursor and
+/// the Redis keys found.
+async fn scan_page(
+    redis: &mut ConnectionManager,
+    pattern: String,
+    cursor: u64,
+) -> RedisResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(redis)
+        .await
+}
+
 fn decode(
     shape: Shape,
     replies: &mut impl Iterator<Item = RedisResult<Value>>,
