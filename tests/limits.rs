@@ -438,7 +438,14 @@ async fn a_worker_process_retires_after_a_stuck_sync_task_and_restarts_in_place(
 #[tokio::test]
 async fn with_on_stuck_exit_a_worker_process_exits_75_and_its_unstarted_task_runs_elsewhere() {
     let mut p =
-        Processes::start("retire-exit", &[&["--nthreads", "1", "--on-stuck", "exit"]]).await;
+        // Shedding off: with its default (1 s, the task's limit) the worker
+        // may give the queued delivery back as it retires, and this test
+        // counts what retirement itself leaves unstarted.
+        Processes::start(
+            "retire-exit",
+            &[&["--nthreads", "1", "--on-stuck", "exit", "--shed-after", "off"]],
+        )
+        .await;
     let limit = Duration::from_secs(1);
     let stuck = p
         .client
