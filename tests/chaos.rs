@@ -252,6 +252,16 @@ impl Processes {
         http_addr: Option<&str>,
         logs: Option<&std::path::Path>,
     ) -> Processes {
+        Self::start_full(config, http_addr, logs, &["--nthreads", "2"]).await
+    }
+
+    /// Like [`Processes::start_with`], each worker started with `worker_args`.
+    async fn start_full(
+        config: Config,
+        http_addr: Option<&str>,
+        logs: Option<&std::path::Path>,
+        worker_args: &[&str],
+    ) -> Processes {
         let log = |name: &str| logs.map(|dir| dir.join(name));
         let scheduler = spawn_logged(
             "flotilla-scheduler",
@@ -265,7 +275,7 @@ impl Processes {
                 spawn_logged(
                     "flotilla-worker",
                     &config,
-                    &["--nthreads", "2"],
+                    worker_args,
                     log(&name).as_deref(),
                 )
             })

@@ -182,10 +182,9 @@ async fn scatter_stores_equal_data_once_and_handles_tens_of_megabytes() {
 }
 
 /// A plain `Vec<u8>` travels as MessagePack `bin`: 20 MB are a little over
-/// 20 MB stored (an array of integers would be ~30 MB), as a result, as an
-/// input and as a scattered value. (20 MB, not the issue's 50 MB: on a
-/// loaded machine a 50 MB write through Redis can pass the reply timeout,
-/// which is issue 15's data path to fix.)
+/// 20 MB encoded (an array of integers would be ~30 MB), as a result, as an
+/// input and as a scattered value. The result is kept by its worker: Redis
+/// holds its location, which records the encoded size.
 #[tokio::test]
 async fn plain_byte_vectors_of_20_mb_travel_as_bytes() {
     let t = TestCluster::start("bytes", 2).await;
@@ -201,14 +200,18 @@ async fn plain_byte_vectors_of_20_mb_travel_as_bytes() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let stored: usize = redis::cmd("STRLEN")
+    let record: Vec<u8> = redis::cmd("GET")
         .arg(t.config.names().result_key(made.key()))
         .query_async(&mut redis)
         .await
         .unwrap();
+    let stored = match flotilla_proto::StoredResult::decode(record) {
+        Ok(flotilla_proto::StoredResult::Kept(location)) => location.size as usize,
+        other => panic!("a location record, not {other:?}"),
+    };
     assert!(
         (len..len + 1024).contains(&stored),
-        "{stored} bytes stored for a {len}-byte Vec<u8>"
+        "{stored} bytes encoded for a {len}-byte Vec<u8>"
     );
 
     // As an input by reference, then scattered from the client.

@@ -135,6 +135,41 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `len` bytes as a [`flotilla::Bytes`], each byte its index's low 8 bits
+/// xor `seed` (cheap to make and to check at gigabyte sizes).
+#[flotilla::task]
+pub fn pattern(len: usize, seed: u8) -> flotilla::Bytes {
+    flotilla::Bytes::from(pattern_local(len, seed))
+}
+
+/// [`pattern`] without a cluster (built from copies of one 256-byte block,
+/// so that a gigabyte is quick to make even unoptimized).
+pub fn pattern_local(len: usize, seed: u8) -> Vec<u8> {
+    let block = pattern_block(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let take = (len - out.len()).min(block.len());
+        out.extend_from_slice(&block[..take]);
+    }
+    out
+}
+
+fn pattern_block(seed: u8) -> [u8; 256] {
+    std::array::from_fn(|i| (i as u8) ^ seed)
+}
+
+/// The length of a [`flotilla::Bytes`] and whether it is [`pattern`]'s.
+#[flotilla::task]
+pub fn check_pattern(data: flotilla::Bytes, seed: u8) -> (usize, bool) {
+    (data.len(), is_pattern(&data, seed))
+}
+
+/// Whether `data` is [`pattern`]'s bytes for `seed`.
+pub fn is_pattern(data: &[u8], seed: u8) -> bool {
+    let block = pattern_block(seed);
+    data.chunks(256).all(|chunk| chunk == &block[..chunk.len()])
+}
+
 /// The FNV-1a hash of a plain `Vec<u8>`, to check bytes end to end.
 #[flotilla::task]
 pub fn fnv1a(data: Vec<u8>) -> u64 {

@@ -3,10 +3,17 @@
 //! loop; the ones that fit are delivered; a connected client's outbox gives
 //! up and its caller gets the error. Scenarios `redis-full-one-big`,
 //! `redis-full-many-small`, `redis-full-connected-client`.
+//!
+//! The workers write every result to Redis (`--data-addr off`): with their
+//! data connection on, a large result stays in the worker that made it and
+//! Redis gets only its location, so it would not fill.
 
 use super::*;
 use flotilla_examples::make_bytes;
 use serde_bytes::ByteBuf;
+
+/// Workers that write every result to Redis.
+const REDIS_ONLY: &[&str] = &["--nthreads", "2", "--data-addr", "off"];
 
 /// A private Redis with a `maxmemory` and `noeviction`.
 async fn full_redis(maxmemory: &str) -> PrivateRedis {
@@ -55,7 +62,7 @@ async fn chaos_redis_full_one_big_result_fails_store_failed_once() {
     let redis = full_redis("40mb").await;
     let mut config = support::fresh_config("chaos-full-big");
     config.redis_url = redis.url();
-    let cluster = Processes::start_with(config, None, None).await;
+    let cluster = Processes::start_full(config, None, None, REDIS_ONLY).await;
     let started = Instant::now();
     let big = cluster.client.submit(make_bytes, (60_000_000usize,));
     let small = cluster.client.submit(inc, (41,));
@@ -100,7 +107,7 @@ async fn chaos_redis_full_many_small_results_deliver_those_that_fit() {
     let redis = full_redis("48mb").await;
     let mut config = support::fresh_config("chaos-full-many");
     config.redis_url = redis.url();
-    let cluster = Processes::start_with(config, None, None).await;
+    let cluster = Processes::start_full(config, None, None, REDIS_ONLY).await;
     let n = 100;
     let len = 1 << 20;
     let started = Instant::now();
@@ -145,7 +152,7 @@ async fn chaos_redis_full_a_connected_client_gets_the_error() {
     let redis = full_redis("8mb").await;
     let mut config = support::fresh_config("chaos-full-client");
     config.redis_url = redis.url();
-    let cluster = Processes::start_with(config, None, None).await;
+    let cluster = Processes::start_full(config, None, None, REDIS_ONLY).await;
     // Fill Redis with values of someone else's, then lower its limit below
     // what it holds: it stays full, whatever buffers it frees meanwhile.
     let mut admin = {

@@ -331,6 +331,7 @@ impl Client {
         let config_max_pending = config.max_pending;
         let inner = Arc::new(ClientInner {
             id: id.clone(),
+            reader: flotilla_runtime::values::Reader::new(codec.clone()),
             codec,
             events_guard: ReplayGuard::new(),
             config,

@@ -111,6 +111,21 @@ pub enum Error {
     /// Starting an in-process cluster failed.
     #[error("local cluster: {0}")]
     Cluster(String),
+    /// The task finished, but its large value was kept by a worker (see
+    /// ARCHITECTURE.md §8) that could not give it: the worker is gone (or
+    /// unreachable from here, see `FLOTILLA_DATA_ADVERTISE`), and the value
+    /// with it. Submit the task again to recompute it.
+    #[error("the value of `{key}` is lost: it was kept by worker {worker} at {addr}, which could not give it: {cause}")]
+    ValueLost {
+        /// The task's key.
+        key: String,
+        /// The worker that kept the value.
+        worker: String,
+        /// The data address it advertised.
+        addr: String,
+        /// Why the fetch failed.
+        cause: String,
+    },
 }
 
 impl Error {

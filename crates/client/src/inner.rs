@@ -13,6 +13,7 @@ use crate::room::Room;
 use crate::state::{FutureState, Owner};
 use flotilla_proto::{Codec, Config, ErrorKind, Event, Names, ReplayGuard, StoredResult};
 use flotilla_runtime::transport;
+use flotilla_runtime::values::{Opened, Reader};
 use lapin::{Channel, Connection};
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
@@ -31,6 +32,9 @@ pub(crate) struct ClientInner {
     pub(crate) names: Names,
     /// Signs what this client sends and checks what it reads.
     pub(crate) codec: Codec,
+    /// Opens stored results, fetching large ones from the workers that
+    /// keep them.
+    pub(crate) reader: Reader,
     /// The signed event batches this client took (see `flotilla_proto::seal`).
     pub(crate) events_guard: ReplayGuard,
     pub(crate) redis: ConnectionManager,
@@ -139,8 +143,9 @@ impl ClientInner {
                     self.store.read_results(&chunk_keys)
                 })
                 .await?;
-            for (key, value) in chunk.iter().zip(values) {
-                out.push(read_stored(&self.codec, key, value));
+            let opened = self.reader.open_all(&chunk_keys, values).await;
+            for (key, opened) in chunk.iter().zip(opened) {
+                out.push(read_opened(key, opened));
             }
         }
         Ok(out)
@@ -199,7 +204,9 @@ impl ClientInner {
             };
             for (state, value) in chunk.iter().zip(values) {
                 match value.map(|value| self.codec.open_result(&state.key, value)) {
-                    Some(Ok(StoredResult::Ok(_))) => state.set_finished(None),
+                    Some(Ok(StoredResult::Ok(_) | StoredResult::Kept(_))) => {
+                        state.set_finished(None)
+                    }
                     Some(Ok(StoredResult::Err(error))) => self.apply(Event::Erred {
                         key: state.key.as_str().to_owned(),
                         error,
@@ -228,16 +235,22 @@ impl Owner for ClientInner {
     }
 }
 
-/// Reads a stored result: the value bytes, or its error.
-fn read_stored(codec: &Codec, key: &str, stored: Option<Vec<u8>>) -> Result<Arc<Vec<u8>>> {
-    match stored.map(|stored| codec.open_result(key, stored)) {
-        Some(Ok(StoredResult::Ok(bytes))) => Ok(Arc::new(bytes)),
-        Some(Ok(StoredResult::Err(error))) => Err(Error::Task(error)),
-        Some(Err(error)) => Err(Error::Decode {
+/// A stored result, opened: the value bytes, or its error.
+fn read_opened(key: &str, opened: Opened) -> Result<Arc<Vec<u8>>> {
+    match opened {
+        Opened::Ok(bytes) => Ok(Arc::new(bytes)),
+        Opened::Err(error) => Err(Error::Task(error)),
+        Opened::Refused(message) => Err(Error::Decode {
             key: key.to_owned(),
             type_name: "stored result",
-            message: error.to_string(),
+            message,
         }),
-        None => Err(Error::Lost(key.to_owned())),
+        Opened::Missing => Err(Error::Lost(key.to_owned())),
+        Opened::Lost { location, cause } => Err(Error::ValueLost {
+            key: key.to_owned(),
+            worker: location.worker,
+            addr: location.addr,
+            cause,
+        }),
     }
 }

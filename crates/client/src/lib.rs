@@ -72,6 +72,20 @@ pub use args::{ArgWriter, IntoArg, IntoArgs};
 pub use as_completed::{
     as_completed, progress, wait, AsCompleted, DoneAndNotDone, ReturnWhen, WithResults,
 };
+/// A cheaply cloneable byte buffer (the `bytes` crate's, with its serde
+/// support on): use it, or a plain `Vec<u8>`, for binary task arguments,
+/// results and scattered data. Both travel as MessagePack `bin` — one
+/// length header and the bytes — and values of any size move: large ones
+/// never ride in a message (see ARCHITECTURE.md §8).
+///
+/// ```
+/// #[flotilla::task]
+/// fn checksum(data: flotilla::Bytes) -> u64 {
+///     data.iter().map(|&b| u64::from(b)).sum()
+/// }
+/// # fn main() {}
+/// ```
+pub use bytes::Bytes;
 pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
 #[cfg(feature = "local-cluster")]
 pub use cluster::{LocalCluster, LocalClusterBuilder};

@@ -8,6 +8,11 @@ use std::fmt;
 /// its spec and result are gone. Clients report it as data loss.
 pub const DATA_LOST: &str = "flotilla::DataLost";
 
+/// The [`TaskError::type_name`] of a task whose input was a large value
+/// kept by a worker that could not give it (gone, or unreachable): the
+/// value is lost with that worker (see ARCHITECTURE.md §8).
+pub const VALUE_LOST: &str = "flotilla::ValueLost";
+
 /// What kind of failure a [`TaskError`] records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -30,10 +30,10 @@ pub use config::{
     DEFAULT_NAMESPACE, DEFAULT_REDIS_URL, DEFAULT_REPLAY_WINDOW_MS, DEFAULT_SCHEDULER_MAX_TASKS,
     MIN_CLIENT_LEASE_MS,
 };
-pub use error::{ErrorKind, TaskError, DATA_LOST};
+pub use error::{ErrorKind, TaskError, DATA_LOST, VALUE_LOST};
 pub use messages::{
-    Arg, Event, EventBatch, RunTask, StoredOk, StoredResult, TaskSpec, ToScheduler, ToWorker,
-    WorkerInfo, TAG_ERR, TAG_OK,
+    Arg, Event, EventBatch, Location, RunTask, StoredOk, StoredResult, TaskSpec, ToScheduler,
+    ToWorker, WorkerInfo, TAG_ERR, TAG_KEPT, TAG_OK,
 };
 // Actors (see `flotilla::actor`).
 pub use messages::{ActorCall, ActorInfo, ActorReply};

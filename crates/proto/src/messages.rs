@@ -310,6 +310,23 @@ pub enum StoredResult {
     Ok(Vec<u8>),
     /// The task's error.
     Err(TaskError),
+    /// A large value kept in the memory of the worker that made it, to be
+    /// fetched over its data connection (see [`Location`]).
+    Kept(Location),
+}
+
+/// Where a large value made by a worker is kept (issue 15): stored under
+/// the value's result key in place of the value, with the tag
+/// [`TAG_KEPT`]. The holders and the release of the key are the same as
+/// for a value in Redis; the worker drops its copy once the record is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    /// The id of the worker keeping the value.
+    pub worker: String,
+    /// The address of its data connection (`host:port`), as it advertises it.
+    pub addr: String,
+    /// The value's size in bytes (what a reader allocates).
+    pub size: u64,
 }
 
 /// A stored success as one Redis argument (see [`StoredResult::ok_arg`] and
@@ -336,6 +353,8 @@ impl<'a> StoredOk<'a> {
 pub const TAG_OK: u8 = 0;
 /// Tag of a stored error.
 pub const TAG_ERR: u8 = 1;
+/// Tag of a [`Location`] record: the value is kept by a worker.
+pub const TAG_KEPT: u8 = 2;
 
 impl StoredResult {
     /// Encodes a value to store: its bytes, then the tag.
@@ -353,6 +372,14 @@ impl StoredResult {
         out
     }
 
+    /// Encodes a location record to store (unsigned; see
+    /// [`crate::seal::Codec::result_kept`]).
+    pub fn encode_kept(location: &Location) -> Vec<u8> {
+        let mut out = crate::encode(location);
+        out.push(TAG_KEPT);
+        out
+    }
+
     /// A value to store as one Redis argument: its bytes, then the tag,
     /// written straight into the command. Same bytes as
     /// [`StoredResult::encode_ok`], without the intermediate copy (a large
@@ -366,6 +393,7 @@ impl StoredResult {
         match bytes.pop() {
             Some(TAG_OK) => Ok(StoredResult::Ok(bytes)),
             Some(TAG_ERR) => Ok(StoredResult::Err(crate::decode(&bytes, usize::MAX)?)),
+            Some(TAG_KEPT) => Ok(StoredResult::Kept(crate::decode(&bytes, usize::MAX)?)),
             Some(found) => Err(crate::DecodeError::Version { found }),
             None => Err(crate::DecodeError::Empty),
         }

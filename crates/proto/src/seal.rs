@@ -296,8 +296,21 @@ impl Codec {
         out
     }
 
-    /// Reads a stored result: its value or error, after checking that it
-    /// was signed for result key `key`.
+    /// A location record as stored under result key `key`: the value is
+    /// kept by the worker it names (see [`crate::Location`]). Signed like a
+    /// value, so a forged record cannot send readers (and their signed
+    /// requests) to another address.
+    pub fn result_kept(&self, key: &str, location: &crate::Location) -> Vec<u8> {
+        let mut out = crate::encode(location);
+        if let Some(tag) = self.result_tag(key, crate::TAG_KEPT, &out) {
+            out.extend_from_slice(tag.as_ref());
+        }
+        out.push(crate::TAG_KEPT);
+        out
+    }
+
+    /// Reads a stored result: its value, its error or where it is kept,
+    /// after checking that it was signed for result key `key`.
     pub fn open_result(&self, key: &str, mut bytes: Vec<u8>) -> Result<StoredResult, DecodeError> {
         let Some(kind) = bytes.pop() else {
             return Err(DecodeError::Empty);
@@ -319,6 +332,7 @@ impl Codec {
         match kind {
             crate::TAG_OK => Ok(StoredResult::Ok(bytes)),
             crate::TAG_ERR => Ok(StoredResult::Err(crate::decode(&bytes, usize::MAX)?)),
+            crate::TAG_KEPT => Ok(StoredResult::Kept(crate::decode(&bytes, 64 * 1024)?)),
             found => Err(DecodeError::Version { found }),
         }
     }
@@ -579,6 +593,37 @@ mod tests {
         // Forgotten: a copy now is stale, which the caller refuses.
         assert!(matches!(guard.admit(now, 1, window), Ok(Some(_))));
         assert_eq!(guard.len(), 1);
+    }
+
+    #[test]
+    fn location_records_are_signed_and_bound_to_their_key() {
+        let location = crate::Location {
+            worker: "w-1".into(),
+            addr: "10.0.0.7:7070".into(),
+            size: 50 << 20,
+        };
+        for secret in [None, Some("s3cret")] {
+            let codec = codec(secret, "ns");
+            let stored = codec.result_kept("ns:r:a", &location);
+            assert_eq!(*stored.last().unwrap(), crate::TAG_KEPT);
+            assert_eq!(
+                codec.open_result("ns:r:a", stored.clone()).unwrap(),
+                StoredResult::Kept(location.clone())
+            );
+            if secret.is_some() {
+                assert!(codec.open_result("ns:r:b", stored.clone()).is_err());
+                // An unsigned record (one that would send readers elsewhere)
+                // is refused where a secret is set.
+                let forged = StoredResult::encode_kept(&location);
+                assert!(codec.open_result("ns:r:a", forged).is_err());
+            } else {
+                assert_eq!(stored, StoredResult::encode_kept(&location));
+                assert_eq!(
+                    StoredResult::decode(stored).unwrap(),
+                    StoredResult::Kept(location.clone())
+                );
+            }
+        }
     }
 
     #[test]

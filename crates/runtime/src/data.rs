@@ -176,6 +176,11 @@ impl Keep {
         self.read().values.get(key).cloned()
     }
 
+    /// The keys of the kept values.
+    pub fn keys(&self) -> Vec<String> {
+        self.read().values.keys().cloned().collect()
+    }
+
     /// How many values are kept.
     pub fn len(&self) -> usize {
         self.read().values.len()
@@ -721,8 +726,23 @@ impl DataClient {
     /// connection turns out to have been closed by the server before any
     /// answer arrived, the request is sent again once on a new connection.
     pub async fn fetch(&self, addr: SocketAddr, key: &str) -> Result<Bytes, DataError> {
+        self.fetch_within(addr, key, self.inner.options.max_value_len)
+            .await
+    }
+
+    /// [`DataClient::fetch`], refusing (before reading it) a value larger
+    /// than `limit` or than [`DataClientOptions::max_value_len`]: a reader
+    /// that knows the value's size does not let a wrong answer make it
+    /// allocate more.
+    pub async fn fetch_within(
+        &self,
+        addr: SocketAddr,
+        key: &str,
+        limit: u64,
+    ) -> Result<Bytes, DataError> {
+        let limit = limit.min(self.inner.options.max_value_len);
         if let Some(stream) = self.take_idle(addr) {
-            match self.request(stream, addr, key).await {
+            match self.request(stream, addr, key, limit).await {
                 Ok(value) => return Ok(value),
                 Err(Failed {
                     before_answer: true,
@@ -732,7 +752,7 @@ impl DataClient {
             }
         }
         let stream = self.connect(addr, key).await?;
-        self.request(stream, addr, key)
+        self.request(stream, addr, key, limit)
             .await
             .map_err(|failed| failed.error)
     }
@@ -783,6 +803,7 @@ impl DataClient {
         mut stream: TcpStream,
         addr: SocketAddr,
         key: &str,
+        max_value_len: u64,
     ) -> Result<Bytes, Failed> {
         let options = &self.inner.options;
         let fail = |error, before_answer| Failed {
@@ -857,7 +878,7 @@ impl DataClient {
         let status = header[1];
         let length = u64::from_be_bytes(header[2..].try_into().expect("8 bytes"));
         let limit = match status {
-            FOUND => options.max_value_len,
+            FOUND => max_value_len,
             NOT_FOUND => 0,
             // A reason: short text.
             REFUSED | ERROR => 64 << 10,

@@ -24,3 +24,4 @@ pub mod seal;
 pub mod store;
 pub mod supervise;
 pub mod transport;
+pub mod values;

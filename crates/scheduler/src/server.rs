@@ -1458,7 +1458,7 @@ async fn lookup(store: &Store, codec: &Codec, key: &str) -> Lookup {
             match whole.map(|mut values| values.pop().flatten()) {
                 Ok(Some(bytes)) => match codec.open_result(key, bytes) {
                     Ok(StoredResult::Err(error)) => Lookup::Erred(error),
-                    Ok(StoredResult::Ok(_)) => Lookup::Finished,
+                    Ok(StoredResult::Ok(_) | StoredResult::Kept(_)) => Lookup::Finished,
                     Err(error) => {
                         warn!(%error, key, "stored result refused");
                         Lookup::Missing

@@ -221,6 +221,10 @@ pub(crate) enum Completion {
         /// microseconds (see [`run_us`]): the scheduler learns its name's
         /// duration from it.
         run_us: u32,
+        /// The value is kept by this worker (see [`crate::kept`]): the
+        /// `Ok` bytes are its location record, and this is the value's
+        /// size (never zero: a value is kept from a size on).
+        kept: Option<std::num::NonZeroU64>,
     },
 }
 
@@ -238,6 +242,8 @@ pub(crate) enum Write<'a> {
         bytes: &'a [u8],
         /// The inputs it held.
         deps: &'a [String],
+        /// `bytes` is a location record: the value is kept by this worker.
+        kept: bool,
     },
     /// Store the task's error (its inputs stay held, for `retry`).
     Erred {
@@ -274,7 +280,7 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
         ..Plan::default()
     };
     for completion in batch {
-        let (key, client, deps, outcome, retrying, recorded, run_us) = match completion {
+        let (key, client, deps, outcome, retrying, recorded, run_us, kept) = match completion {
             Completion::Started { key, client } => {
                 plan.events
                     .entry(client.as_str())
@@ -290,19 +296,28 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
                 retrying,
                 recorded,
                 run_us,
+                kept,
                 ..
-            } => (key, client, deps, outcome, *retrying, *recorded, *run_us),
+            } => (
+                key, client, deps, outcome, *retrying, *recorded, *run_us, *kept,
+            ),
         };
         if recorded {
             plan.writes.push(Write::ForgetStart(key));
         }
         let event = match outcome {
             Ok(bytes) => {
-                plan.writes.push(Write::Finished { key, bytes, deps });
+                plan.writes.push(Write::Finished {
+                    key,
+                    bytes,
+                    deps,
+                    kept: kept.is_some(),
+                });
                 Event::Finished {
                     key: key.clone(),
-                    inline: (bytes.len() <= INLINE_RESULT_LIMIT).then(|| bytes.clone()),
-                    size: bytes.len() as u64,
+                    inline: (kept.is_none() && bytes.len() <= INLINE_RESULT_LIMIT)
+                        .then(|| bytes.clone()),
+                    size: kept.map_or(bytes.len() as u64, std::num::NonZeroU64::get),
                     run_us: u64::from(run_us),
                 }
             }
@@ -711,6 +726,7 @@ mod tests {
             recorded,
             bundle,
             run_us: 1500,
+            kept: None,
         }
     }
 
@@ -1219,13 +1235,15 @@ mod tests {
                 Write::Finished {
                     key: "a",
                     bytes: b"small",
-                    deps: &a_deps
+                    deps: &a_deps,
+                    kept: false,
                 },
                 Write::ForgetStart("z"),
                 Write::Finished {
                     key: "z",
                     bytes: &big,
-                    deps: &z_deps
+                    deps: &z_deps,
+                    kept: false,
                 },
             ]
         );

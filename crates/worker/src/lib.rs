@@ -32,6 +32,7 @@ pub mod actors;
 mod args;
 mod bundle;
 mod cache;
+mod kept;
 pub mod linked;
 mod lost;
 mod panic;
@@ -45,6 +46,7 @@ pub use flotilla_task::{
     decode_args, encode_output, Actor, ActorRegistration, DynActor, Invocation, TaskContext,
     TaskOutcome, TaskRegistration,
 };
+pub use kept::{DataOptions, KEEP_MIN};
 pub use linked::LinkError;
 pub use runtime::{
     run, ContextExtension, WorkerError, WorkerHandle, WorkerOptions, HEARTBEAT, SHED_AFTER,
@@ -92,6 +94,20 @@ struct Args {
     /// When a synchronous task runs past its hard time limit, its thread cannot be stopped: the worker reports it TimedOut, drains (running tasks finish, unstarted ones go back to the queue), then restarts itself in place (same PID, arguments and environment) or exits with status 75 for a supervisor to restart it
     #[arg(long, value_name = "ACTION", env = "FLOTILLA_ON_STUCK", value_enum, default_value_t = OnStuck::Restart)]
     on_stuck: OnStuck,
+    /// Where this worker serves the large results it keeps to readers (clients, other workers), host:port; 0.0.0.0:PORT when they run on other hosts; off: keep none, write every result to Redis
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "FLOTILLA_DATA_ADDR",
+        default_value = "127.0.0.1:0"
+    )]
+    data_addr: String,
+    /// The address readers are told to fetch kept results from [default: the bound address; when bound to all interfaces, this host's name and the bound port]
+    #[arg(long, value_name = "HOST:PORT", env = "FLOTILLA_DATA_ADVERTISE")]
+    data_advertise: Option<String>,
+    /// Results at least this large are kept by the worker that made them and served over its data connection rather than written to Redis, e.g. 1M, 512K
+    #[arg(long, value_name = "BYTES", env = "FLOTILLA_KEEP_MIN", value_parser = parse_bytes, default_value = "1M")]
+    keep_min: u64,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -224,6 +240,11 @@ pub fn main_serving(task_crates: &[&str]) {
     if let Some(name) = args.name {
         options.name = Some(name);
     }
+    options.data = (!args.data_addr.trim().eq_ignore_ascii_case("off")).then(|| DataOptions {
+        listen: args.data_addr.trim().to_owned(),
+        advertise: args.data_advertise,
+        keep_min: usize::try_from(args.keep_min).unwrap_or(usize::MAX),
+    });
     // A process can be replaced, so a stuck thread need not haunt it.
     options.retire_when_stuck = true;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -329,7 +350,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     };
     let number: u64 = digits
         .parse()
-        .map_err(|_| format!("--memory-limit expects a size like 4G, got {text:?}"))?;
+        .map_err(|_| format!("expects a size like 4G or 512M, got {text:?}"))?;
     let scale = match unit
         .trim()
         .to_ascii_uppercase()
@@ -370,6 +391,10 @@ mod tests {
             "FLOTILLA_AMQP_URL",
             "FLOTILLA_LOG_FORMAT",
             "FLOTILLA_SECRET",
+            "--data-addr <ADDR>",
+            "FLOTILLA_DATA_ADDR",
+            "FLOTILLA_DATA_ADVERTISE",
+            "FLOTILLA_KEEP_MIN",
             "--on-stuck <ACTION>",
             "FLOTILLA_ON_STUCK",
             "restart: Re-execute",

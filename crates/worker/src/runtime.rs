@@ -9,17 +9,19 @@
 use crate::bundle::{
     admit, checked, retrying, Admit, BundleId, Completion, Effect, Fence, Queue, WorkerCore, Write,
 };
+use crate::kept::{DataOptions, Kept};
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::{Slot, Window};
 use crate::TaskContext;
 use flotilla_proto::{
-    Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, StoredResult,
-    TaskError, ToScheduler, ToWorker, WorkerInfo,
+    Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, TaskError,
+    ToScheduler, ToWorker, WorkerInfo,
 };
 use flotilla_runtime::store::{task_holder, Batch, Store, LARGE_RESULT};
 use flotilla_runtime::supervise::{Attempts, Stop};
 use flotilla_runtime::transport::{self, name};
+use flotilla_runtime::values::{Opened, Reader};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -124,6 +126,9 @@ pub struct WorkerOptions {
     /// (`LocalCluster`, [`WorkerHandle::spawn`]): there the abandoned
     /// thread runs on, without a slot, and the worker keeps working.
     pub retire_when_stuck: bool,
+    /// Keep large results here and serve them over a data connection
+    /// (issue 15; see [`DataOptions`]); `None`: every result goes to Redis.
+    pub data: Option<DataOptions>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -139,6 +144,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("resources", &self.resources)
             .field("memory_limit", &self.memory_limit)
             .field("retire_when_stuck", &self.retire_when_stuck)
+            .field("data", &self.data)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +163,7 @@ impl WorkerOptions {
             resources: Vec::new(),
             memory_limit: None,
             retire_when_stuck: false,
+            data: Some(DataOptions::default()),
         }
     }
 }
@@ -177,6 +184,14 @@ pub enum WorkerError {
     /// A consumer closed under the worker.
     #[error("RabbitMQ closed the worker's consumer")]
     Closed,
+    /// The data connection could not listen on its address.
+    #[error("data connection: cannot listen on {addr}: {source}")]
+    DataListen {
+        /// The address asked for ([`DataOptions::listen`]).
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The worker retired ([`WorkerOptions::retire_when_stuck`]): the
     /// synchronous task `task` ran past its hard time limit and its thread
     /// cannot be stopped. The task's `TimedOut` error is stored, the worker
@@ -303,6 +318,8 @@ impl Running {
 
 struct Shared {
     cache: crate::cache::InputCache,
+    /// Opens stored results, fetching kept values from their workers.
+    reader: Reader,
     running: std::sync::Mutex<HashMap<String, Arc<Running>>>,
     /// Keys the scheduler asked to stop while they were not running here
     /// (queued in the broker, or waiting for a slot), and when: see
@@ -537,18 +554,75 @@ async fn supervise(
 ) -> Result<(), WorkerError> {
     install_hook();
     options.config.validate()?;
-    let stop = Stop::new(shutdown);
-    let mut attempts = Attempts::default();
-    loop {
-        let mut up = false;
-        let result = run_inner(&options, &stop, &mut ready, &mut up).await;
-        if let Err(WorkerError::Retired { .. }) = result {
-            return if stop.requested() { Ok(()) } else { result };
-        }
-        if let Some(done) = attempts.settle(result, up, &stop, "reconnecting").await {
-            return done;
+    // The data connection lives as long as the process: kept values
+    // outlive a reconnection to the broker.
+    let data = match &options.data {
+        Some(data) => Some(start_data(&options.config, data).await?),
+        None => None,
+    };
+    let kept = data.as_ref().map(|(kept, _, _)| kept.clone());
+    // Aborted (a `WorkerHandle::kill`, as if the process died), the data
+    // connection stops with the worker.
+    let _data_stops = data
+        .as_ref()
+        .map(|(_, shutdown, _)| shutdown.clone().drop_guard());
+    let result = async {
+        let stop = Stop::new(shutdown);
+        let mut attempts = Attempts::default();
+        loop {
+            let mut up = false;
+            let result = run_inner(&options, &stop, &mut ready, &mut up, kept.clone()).await;
+            if let Err(WorkerError::Retired { .. }) = result {
+                return if stop.requested() { Ok(()) } else { result };
+            }
+            if let Some(done) = attempts.settle(result, up, &stop, "reconnecting").await {
+                return done;
+            }
         }
     }
+    .await;
+    if let Some((kept, shutdown, serving)) = data {
+        kept.warn_if_any();
+        shutdown.cancel();
+        let _ = serving.await;
+    }
+    result
+}
+
+/// Binds the worker's data connection and serves its kept values.
+async fn start_data(
+    config: &Config,
+    options: &DataOptions,
+) -> Result<
+    (
+        Arc<Kept>,
+        flotilla_runtime::data::CancellationToken,
+        JoinHandle<()>,
+    ),
+    WorkerError,
+> {
+    use flotilla_runtime::data::{CancellationToken, DataServer, Keep};
+    let keep = Keep::new();
+    let server = DataServer::bind(
+        &options.listen,
+        keep.clone(),
+        Codec::new(config),
+        Default::default(),
+    )
+    .await
+    .map_err(|source| WorkerError::DataListen {
+        addr: options.listen.clone(),
+        source,
+    })?;
+    let addr = crate::kept::advertised(server.local_addr(), options.advertise.as_deref());
+    info!(listen = %server.local_addr(), advertised = %addr, keep_min = options.keep_min, "data connection up");
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(shutdown.clone()));
+    Ok((
+        Arc::new(Kept::new(keep, addr, options.keep_min)),
+        shutdown,
+        serving,
+    ))
 }
 
 /// One connected life of the worker; `up` is set once it consumes.
@@ -557,6 +631,7 @@ async fn run_inner(
     stop: &Stop,
     ready: &mut Option<oneshot::Sender<String>>,
     up: &mut bool,
+    kept: Option<Arc<Kept>>,
 ) -> Result<(), WorkerError> {
     let config = options.config.clone();
     let names = config.names();
@@ -576,9 +651,24 @@ async fn run_inner(
     .await?;
     // Heartbeats and results wait out a broker alarm: say so once.
     flotilla_runtime::blocked::log_blocked(&connection, "worker");
-    let result = serve(options, stop, ready, up, &connection, id, display_name).await;
+    let life = Life {
+        id,
+        name: display_name,
+        kept,
+    };
+    let result = serve(options, stop, ready, up, &connection, life).await;
     transport::close(&connection, "worker stopping").await;
     result
+}
+
+/// Who the worker is for one connected life.
+struct Life {
+    /// Its id (new for each life).
+    id: String,
+    /// Its display name.
+    name: String,
+    /// The large results the process keeps (they outlive a reconnection).
+    kept: Option<Arc<Kept>>,
 }
 
 /// Declares, consumes and runs the worker's loop on `connection`.
@@ -588,9 +678,13 @@ async fn serve(
     ready: &mut Option<oneshot::Sender<String>>,
     up: &mut bool,
     connection: &lapin::Connection,
-    id: String,
-    display_name: String,
+    life: Life,
 ) -> Result<(), WorkerError> {
+    let Life {
+        id,
+        name: display_name,
+        kept,
+    } = life;
     let config = options.config.clone();
     let names = config.names();
     let nthreads = options.nthreads.max(1);
@@ -616,7 +710,19 @@ async fn serve(
         .await?;
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
+    let codec = Codec::new(&config);
+    let reader = match &kept {
+        Some(kept) => {
+            Reader::with_local(codec.clone(), kept.addr().to_owned(), kept.keep().clone())
+        }
+        None => Reader::new(codec.clone()),
+    };
+    let sweeper = kept.clone().map(|kept| {
+        let store = store.clone();
+        tokio::spawn(async move { kept.sweep_loop(store).await })
+    });
     let shared = Arc::new(Shared {
+        reader,
         cache: crate::cache::InputCache::new(INPUT_CACHE_BYTES),
         running: std::sync::Mutex::new(HashMap::new()),
         resources: options
@@ -646,7 +752,7 @@ async fn serve(
             .map(|extension| (extension.make)(&config)),
         core: Arc::default(),
         withdrawn: std::sync::Mutex::default(),
-        codec: Codec::new(&config),
+        codec,
         guard: ReplayGuard::new(),
         fence: Fence::default(),
         window: Window::new(nthreads),
@@ -662,6 +768,7 @@ async fn serve(
         shared.codec.clone(),
         id.clone(),
         Holdings {
+            kept: kept.clone(),
             core: shared.core.clone(),
             window: shared.window.clone(),
             watchdog: Watchdog {
@@ -825,6 +932,9 @@ async fn serve(
     heartbeat.abort();
     custodian.abort();
     ticker.abort();
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     if let Some(follower) = follower {
         follower.abort();
     }
@@ -1024,6 +1134,8 @@ struct Holdings {
     core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
     window: Arc<Window>,
     watchdog: Watchdog,
+    /// The large results this worker keeps (see [`crate::kept`]).
+    kept: Option<Arc<Kept>>,
 }
 
 impl Holdings {
@@ -1287,6 +1399,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                                 recorded: true,
                                 bundle,
                                 run_us: 0,
+                                kept: None,
                             });
                             return;
                         }
@@ -1331,6 +1444,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         recorded: redelivered,
                         bundle,
                         run_us: 0,
+                        kept: None,
                     });
                     return;
                 }
@@ -1361,6 +1475,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                     recorded: redelivered,
                     bundle,
                     run_us,
+                    kept: None,
                 });
             }
             .instrument(span),
@@ -1440,19 +1555,9 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
             }
         };
         drop(running);
-        let output = output?;
-        if output.len() > shared.config.max_payload {
-            return Err(TaskError::new(
-                ErrorKind::ResultTooLarge,
-                "flotilla::ResultTooLarge",
-                format!(
-                    "the result is {} bytes, over the {}-byte limit (FLOTILLA_MAX_PAYLOAD)",
-                    output.len(),
-                    shared.config.max_payload
-                ),
-            ));
-        }
-        Ok(output)
+        // No cap on a result's size: a large one is kept here or written
+        // to Redis in chunks, and never travels in a message.
+        output
     }
     .await;
     outcome.map_err(|error| {
@@ -1578,22 +1683,33 @@ async fn load_inputs(
                     format!("reading inputs: {error}"),
                 )
             })?;
-    for (key, value) in wanted.into_iter().zip(values) {
-        match value.map(|value| shared.codec.open_result(key, value)) {
-            Some(Ok(StoredResult::Ok(bytes))) => {
+    let opened = shared.reader.open_all(&keys, values).await;
+    for (key, opened) in wanted.into_iter().zip(opened) {
+        match opened {
+            Opened::Ok(bytes) => {
                 let bytes = Arc::new(bytes);
                 shared.cache.insert(key, bytes.clone());
                 inputs.insert(key.clone(), bytes);
             }
-            Some(Ok(StoredResult::Err(error))) => return Err(error),
-            Some(Err(error)) => {
+            Opened::Err(error) => return Err(error),
+            Opened::Refused(error) => {
                 return Err(TaskError::new(
                     ErrorKind::MissingDependency,
                     "flotilla::RefusedInput",
                     format!("the stored result of input `{key}` was refused: {error}"),
                 ))
             }
-            None => {
+            Opened::Lost { location, cause } => {
+                return Err(TaskError::new(
+                    ErrorKind::MissingDependency,
+                    flotilla_proto::VALUE_LOST,
+                    format!(
+                    "input `{key}` was kept by worker {} at {}, which could not give it: {cause}",
+                    location.worker, location.addr
+                ),
+                ))
+            }
+            Opened::Missing => {
                 return Err(TaskError::new(
                     ErrorKind::MissingDependency,
                     "flotilla::MissingDependency",
@@ -1620,6 +1736,27 @@ async fn complete_loop(
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_COMPLETION_BATCH).await > 0 {
+        // Large results stay here: Redis gets their location.
+        let mut kept_keys = Vec::new();
+        if let Some(kept) = &held.kept {
+            for completion in &mut batch {
+                if let Completion::Done {
+                    key,
+                    outcome: Ok(bytes),
+                    retrying: false,
+                    kept: place,
+                    ..
+                } = completion
+                {
+                    let size = std::num::NonZeroU64::new(bytes.len() as u64);
+                    if let Some(record) = kept.take(&codec, &worker, key, bytes) {
+                        *bytes = record;
+                        *place = size;
+                        kept_keys.push(key.clone());
+                    }
+                }
+            }
+        }
         if !held.watchdog.connected(&publish).await {
             // The deliveries are the broker's again: nothing is stored,
             // announced or acknowledged; the worker starts afresh.
@@ -1640,6 +1777,9 @@ async fn complete_loop(
         let plan = crate::bundle::plan(&batch, released);
         let mut plan = plan;
         let stored = store_plan(&store, &mut plan, &codec).await;
+        if let Some(kept) = &held.kept {
+            kept.recorded(kept_keys);
+        }
         let mut published = stored;
         if stored {
             let mut confirms = Vec::with_capacity(plan.events.len());
@@ -1813,11 +1953,19 @@ fn pipeline(
                 // The task completed: its worker did not die under it.
                 batch.forget_start(key);
             }
-            Write::Finished { key, bytes, deps } => {
+            Write::Finished {
+                key,
+                bytes,
+                deps,
+                kept,
+            } => {
                 // Done for good: the spec a restarted scheduler would take
                 // up again is no longer needed.
                 batch.forget_spec(key);
-                if bytes.len() + 1 >= LARGE_RESULT {
+                if kept {
+                    // A signed location record (see `crate::kept`).
+                    batch.store_result(key, bytes);
+                } else if bytes.len() + 1 >= LARGE_RESULT {
                     // Written straight into the command: a large result is
                     // not copied once more just to add its tag.
                     batch.store_large_result(key, codec.result_ok_arg(key, bytes));
@@ -1880,11 +2028,13 @@ mod tests {
                     key: "fits",
                     bytes: &first,
                     deps: &deps,
+                    kept: false,
                 },
                 Write::Finished {
                     key: "refused",
                     bytes: &second,
                     deps: &[],
+                    kept: false,
                 },
             ],
             ..crate::bundle::Plan::default()

@@ -1,0 +1,221 @@
+//! The data path for large values made by workers (issue 15): a result of
+//! at least 1 MiB stays in the worker that made it, Redis holds only its
+//! signed location, and readers (the client, other workers) fetch it over
+//! the worker's data connection. Values of any size; a value whose worker
+//! is gone is a clear `ValueLost` error, never a hang.
+
+mod support;
+
+use flotilla::{Client, Error};
+use flotilla_examples::{
+    check_pattern, fnv1a, fnv1a_local, is_pattern, noise, pattern, pattern_local,
+};
+use std::time::{Duration, Instant};
+use support::TestCluster;
+
+async fn redis(config: &flotilla::Config) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn stored_len(config: &flotilla::Config, key: &str) -> usize {
+    redis::cmd("STRLEN")
+        .arg(config.names().result_key(key))
+        .query_async(&mut redis(config).await)
+        .await
+        .unwrap()
+}
+
+/// A 50 MB plain `Vec<u8>`: kept by its worker (Redis holds a record of a
+/// few dozen bytes), fetched by the client byte-exact, used as an input
+/// (from the same or the other worker), and freed with its futures.
+#[tokio::test]
+async fn a_50_mb_vec_result_is_kept_by_its_worker_and_fetched_directly() {
+    let t = TestCluster::start("keep50", 2).await;
+    let len = 50_000_000;
+    let want = fnv1a_local(&noise::call(len, 7));
+
+    let made = t.client.submit(noise, (len, 7));
+    let data: Vec<u8> = made.result().await.expect("a 50 MB Vec<u8> result");
+    assert_eq!((data.len(), fnv1a_local(&data)), (len, want));
+    let record = stored_len(&t.config, made.key()).await;
+    assert!(
+        record < 512,
+        "Redis holds {record} bytes for a kept 50 MB value"
+    );
+    // As an input, twice: each worker reads it (from itself or the other).
+    let hashes: Vec<u64> = t
+        .client
+        .gather(&[
+            t.client.submit(fnv1a, (&made,)),
+            t.client.submit(fnv1a, (&made,)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(hashes, [want, want]);
+    drop(made);
+    drop(data);
+    support::wait_until_freed(&t.config, Duration::from_secs(30)).await;
+    t.stop().await;
+}
+
+/// A 1 GB `flotilla::Bytes` result reaches the client and another task.
+#[tokio::test]
+async fn a_1_gb_bytes_result_works_end_to_end() {
+    let t = TestCluster::start("keep1g", 2).await;
+    let len = 1 << 30;
+    let made = t.client.submit(pattern, (len, 3u8));
+    let value: flotilla::Bytes = made.result().await.expect("a 1 GB result");
+    assert_eq!(value.len(), len);
+    assert!(is_pattern(&value, 3), "the bytes arrived intact");
+    drop(value);
+    let checked = t.client.submit(check_pattern, (&made, 3u8));
+    assert_eq!(checked.result().await.unwrap(), (len, true));
+    assert!(stored_len(&t.config, made.key()).await < 512);
+    drop(made);
+    drop(checked);
+    support::wait_until_freed(&t.config, Duration::from_secs(30)).await;
+    t.stop().await;
+}
+
+/// With `FLOTILLA_SECRET` set, the record and the kept value are signed
+/// for their key and the fetch request is sealed: a kept value reads back
+/// as with Redis.
+#[tokio::test]
+async fn kept_values_are_signed_when_a_secret_is_set() {
+    let mut config = support::fresh_config("keepsig");
+    config.secret = Some(flotilla::Secret::new("kept-values-secret"));
+    let t = TestCluster::start_with(config, 2, 1).await;
+    let len = 3 << 20;
+    let made = t.client.submit(pattern, (len, 5u8));
+    let value: flotilla::Bytes = made.result().await.unwrap();
+    assert!(value.len() == len && is_pattern(&value, 5));
+    assert!(stored_len(&t.config, made.key()).await < 512);
+    let checked = t.client.submit(check_pattern, (&made, 5u8));
+    assert_eq!(checked.result().await.unwrap(), (len, true));
+    drop((made, checked));
+    t.stop().await;
+}
+
+/// With `--data-addr off` a worker keeps nothing: a large result goes to
+/// Redis, and still reads back whole.
+#[tokio::test]
+async fn a_worker_without_a_data_connection_writes_large_results_to_redis() {
+    let p = Processes::start("keepoff", &["--data-addr", "off"]).await;
+    let len = 3 << 20;
+    let made = p.client.submit(pattern, (len, 9u8));
+    let value: flotilla::Bytes = made.result().await.unwrap();
+    assert_eq!(value.as_ref(), pattern_local(len, 9).as_slice());
+    assert!(stored_len(&p.config, made.key()).await >= len);
+    drop(made);
+    p.stop().await;
+}
+
+/// The worker keeping a value is killed: reading it is a clear
+/// `ValueLost` error naming the worker, at once, and a task taking it as
+/// an input fails with a `flotilla::ValueLost` error instead of hanging.
+#[tokio::test]
+async fn a_value_whose_worker_died_is_a_clear_error_not_a_hang() {
+    let mut p = Processes::start("keeplost", &[]).await;
+    let made = p.client.submit(pattern, (4usize << 20, 1u8));
+    made.wait().await;
+    assert_eq!(made.status(), flotilla::Status::Finished);
+    p.kill_workers();
+    let started = Instant::now();
+    match made.result().await {
+        Err(Error::ValueLost { key, worker, .. }) => {
+            assert_eq!(key, made.key());
+            assert!(!worker.is_empty());
+        }
+        other => panic!("expected ValueLost, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    p.add_worker(&[]);
+    let dependent = p.client.submit(check_pattern, (&made, 1u8));
+    let error = tokio::time::timeout(Duration::from_secs(60), dependent.result())
+        .await
+        .expect("the dependent resolves")
+        .expect_err("its input is lost");
+    let task = error.task_error().expect("a task error");
+    assert_eq!(task.type_name(), "flotilla::ValueLost", "{error}");
+    assert!(task.message().contains(made.key()), "{error}");
+    drop(made);
+    p.stop().await;
+}
+
+/// A scheduler process and worker processes on a fresh namespace, with a
+/// client; killed and purged when dropped.
+struct Processes {
+    config: flotilla::Config,
+    scheduler: Option<support::process::Spawned>,
+    workers: Vec<support::process::Spawned>,
+    client: Client,
+}
+
+impl Processes {
+    async fn start(prefix: &str, worker_args: &[&str]) -> Processes {
+        let config = support::fresh_config(prefix);
+        let mut scheduler = support::process::spawn(
+            "scheduler",
+            &support::target_binary("flotilla-scheduler"),
+            &["--http-addr", "off"],
+            &config,
+        );
+        scheduler.wait_for_log("scheduler started", Duration::from_secs(30));
+        let client = Client::connect(config.clone()).await.unwrap();
+        let mut processes = Processes {
+            config,
+            scheduler: Some(scheduler),
+            workers: Vec::new(),
+            client,
+        };
+        processes.add_worker(worker_args);
+        processes
+    }
+
+    fn add_worker(&mut self, args: &[&str]) {
+        let mut worker = support::process::spawn(
+            &format!("worker-{}", self.workers.len()),
+            &support::target_binary("flotilla-worker"),
+            args,
+            &self.config,
+        );
+        worker.wait_for_log("worker started", Duration::from_secs(30));
+        self.workers.push(worker);
+    }
+
+    /// SIGKILL every worker, as a crash would.
+    fn kill_workers(&mut self) {
+        self.workers.clear();
+    }
+
+    async fn stop(mut self) {
+        self.client.clone().close().await.unwrap();
+        self.workers.clear();
+        self.scheduler = None;
+        flotilla::purge(&self.config).await.unwrap();
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        if self.scheduler.is_some() {
+            self.workers.clear();
+            self.scheduler = None;
+            let config = self.config.clone();
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Runtime::new()
+                    .unwrap()
+                    .block_on(flotilla::purge(&config))
+            })
+            .join();
+        }
+    }
+}
