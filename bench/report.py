@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -69,6 +70,12 @@ def why_missing(data, key):
     return data.get("errors", {}).get(key) or data.get("notes", {}).get(key)
 
 
+def footnote_text(why):
+    """A reason as a footnote: task keys shortened to their function, so that
+    rows failing the same way share one footnote."""
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)-[0-9a-f]{16,}`", r"`\1-…`", why)
+
+
 def data_table(peers):
     """The data rows as one markdown table, a column per peer (`peers`: a list
     of (name, JSON)); a missing value is "—" with its reason as a footnote."""
@@ -85,6 +92,7 @@ def data_table(peers):
         why = why_missing(data, key)
         if why is None:
             return "—"
+        why = footnote_text(why)
         if why not in footnotes:
             footnotes.append(why)
         return f"— [{footnotes.index(why) + 1}]"
