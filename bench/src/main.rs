@@ -282,7 +282,8 @@ async fn redis_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
 
 /// 10 MB through Redis the way a large result travels: one `SET` (as a
 /// worker stores it) and one `GET` (as the client fetches it), both from
-/// this process: MB/s of the pair, the floor under `gather_10mb_mb_per_s`.
+/// this process: MB/s of the pair, the floor under
+/// `data_result_10mb_mb_per_s` while large values go through Redis.
 async fn redis_10mb_floor(config: &Config, bytes: usize) -> Result<f64> {
     let mut redis = flotilla_runtime::transport::connect_redis(&config.redis_url).await?;
     let key = format!("{}:bench-floor", config.namespace);
