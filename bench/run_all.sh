@@ -5,6 +5,10 @@
 #   bash bench/run_all.sh            # Flotilla (without the 1M workload) + the three peers (~12 min)
 #   bash bench/run_all.sh --full     # adds Flotilla's 1,000,000-task workloads
 #   bash bench/run_all.sh --no-peers # Flotilla only; keeps the peers' last results
+#
+# The large-value rows (data_*, issue 15) are part of every run and get their
+# own table in BENCHMARKS.md; to run only them, Flotilla, Dask and Ray side by
+# side: bash bench/compare/run.sh --only data
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -11,6 +11,9 @@ import sys
 import time
 
 MB = 1024 * 1024
+# The data-plane rows (data_*) count in decimal megabytes, as flotilla-bench
+# does: "10 MB" is 10,000,000 bytes, MB/s is 10^6 bytes per second.
+DMB = 1_000_000
 LOADAVG_AT_START = os.getloadavg()[0]
 
 # Workload sizes: (full run, --quick smoke test)
@@ -20,25 +23,33 @@ SIZES = {
     "chain": (500, 50),
     "roundtrip": (500, 100),
     "actor": (1_000, 100),
-    "scatter_bytes": (10 * MB, 1 * MB),
-    "scatter_tasks": (50, 10),
-    "gather_bytes": (10 * MB, 1 * MB),
-    # large values (issue 15): the "100 MB" rows use 10 MiB under --quick;
-    # the 1 GB row is skipped (null) under --quick
-    "large_bytes": (100 * MB, 10 * MB),
-    "large_tasks": (50, 10),
-    "huge_bytes": (1024 * MB, None),
+    # The data rows keep their sizes under --quick (the keys name them);
+    # --quick runs each once and skips the 1 GB row.
+    "data_10mb": (10 * DMB, 10 * DMB),
+    "data_100mb": (100 * DMB, 100 * DMB),
+    "data_1gb": (1000 * DMB, None),
+    "data_scatter_tasks": (50, 50),
 }
 # How many timed runs each workload gets; the median is reported.
 REPEATS = {
     "tasks_10k": (3, 2),
     "tasks_100k": (1, 1),  # one run: 100k tasks take minutes on this machine
     "chain": (5, 2),
-    "scatter": (5, 2),
-    "gather": (7, 2),
-    "large": (3, 1),  # each 100 MB row
-    "huge": (1, 0),   # the 1 GB result: once, full run only
+    # each data row but the 1 GB one (--repeats N overrides; flotilla-bench's
+    # default is 3 too)
+    "data": (3, 1),
 }
+
+DATA_KEYS = [
+    "data_result_10mb_mb_per_s",
+    "data_result_100mb_mb_per_s",
+    "data_scatter_10mb_50_s",
+    "data_scatter_100mb_50_s",
+    "data_move_100mb_s",
+    "data_result_1gb_s",
+    "data_result_1gb_client_rss_mb",
+    "data_result_1gb_worker_rss_mb",
+]
 
 KEYS = [
     "throughput_10k_tasks_per_s",
@@ -48,14 +59,8 @@ KEYS = [
     "roundtrip_p99_ms",
     "actor_p50_ms",
     "actor_p99_ms",
-    "scatter_10mb_50_tasks_s",
-    "gather_10mb_mb_per_s",
-    # large values (issue 15)
-    "gather_100mb_mb_per_s",
-    "scatter_100mb_50_tasks_s",
-    "worker_to_worker_100mb_s",
-    "result_1gb_s",
-    "result_1gb_client_peak_rss_mb",
+    # the data-plane rows (issue 15), same keys and semantics as flotilla-bench
+    *DATA_KEYS,
 ]
 
 
@@ -68,7 +73,16 @@ def parse_args(description, max_100k_default):
                    help="emit null for the 100k workload when the measured 10k rate says it "
                         "would take longer than S seconds (0 = always run it; "
                         f"default {max_100k_default:g})")
-    return p.parse_args()
+    p.add_argument("--only", metavar="PREFIX",
+                   help="run only the workloads whose key starts with PREFIX "
+                        "(--only data: the data-plane rows); the others are left out of the JSON")
+    p.add_argument("--repeats", type=int, metavar="N",
+                   help="timed runs of each data row, median reported (default 3, 1 with --quick; "
+                        "the 1 GB row runs once)")
+    args = p.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
 
 
 def skip_100k(n, rate, max_seconds):
@@ -80,14 +94,26 @@ def skip_100k(n, rate, max_seconds):
 
 
 class Plan:
-    def __init__(self, quick):
-        i = 1 if quick else 0
-        self.quick = quick
+    def __init__(self, args):
+        i = 1 if args.quick else 0
+        self.quick = args.quick
+        self.only = args.only
         self.size = {k: v[i] for k, v in SIZES.items()}
         self.repeats = {k: v[i] for k, v in REPEATS.items()}
+        if args.repeats is not None:
+            self.repeats["data"] = args.repeats
+
+    def wanted(self, *keys):
+        """Whether any of `keys` is to be run (all of them without --only)."""
+        return self.only is None or any(k.startswith(self.only) for k in keys)
+
+    def keys(self):
+        """The keys this run reports, in table order."""
+        return [k for k in KEYS if self.wanted(k)]
 
     def config(self):
-        return {"quick": self.quick, "sizes": self.size, "repeats": self.repeats}
+        return {"quick": self.quick, "only": self.only, "sizes": self.size,
+                "repeats": self.repeats}
 
 
 def percentile(samples, q):
@@ -133,43 +159,60 @@ def fmt(v):
     return str(v)
 
 
-def emit(peer, version, config, results, notes):
-    """Human table to stderr, one JSON object to stdout."""
+def emit(peer, version, config, results, notes, keys=KEYS):
+    """Human table to stderr, one JSON object to stdout: `keys` (a value or
+    null each), and under "notes" why a value is null or how it was taken."""
     log("")
     log(f"== {peer} {version} ==")
-    width = max(len(k) for k in KEYS)
-    for k in KEYS:
+    width = max(len(k) for k in keys)
+    for k in keys:
         note = notes.get(k, "")
         log(f"  {k:<{width}}  {fmt(results.get(k)):>14}  {note}")
     out = {"peer": peer, "version": version, "config": config}
-    for k in KEYS:
+    for k in keys:
         out[k] = results.get(k)
+    shown = {k: notes[k] for k in keys if k in notes}
+    if shown:
+        out["notes"] = shown
     print(json.dumps(out, sort_keys=False), flush=True)
 
 
-def reset_peak_rss():
-    """Reset this process's peak RSS (VmHWM) so the next read covers one workload.
-
-    Writing 5 to /proc/self/clear_refs does that (Linux >= 4.0).  Returns False
-    when it can't, in which case peak_rss_mb() is the peak since start."""
+def attempt(results, notes, keys, work):
+    """Runs one workload: `work()` returns the value of `keys[0]` (or a tuple,
+    one value per key). An exception becomes null values and a note
+    "error: ...", so one failing row does not end the run."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+        values = work()
+    except Exception as e:  # noqa: BLE001
+        message = f"error: {type(e).__name__}: {e}".splitlines()[0][:300]
+        log(f"  {keys[0]}: {message}")
+        for k in keys:
+            results[k] = None
+            notes[k] = message
+        return
+    if len(keys) == 1:
+        values = (values,)
+    for k, v in zip(keys, values):
+        results[k] = v
 
 
-def peak_rss_mb():
-    """Peak resident set size of this process (VmHWM) in MiB, or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB -> MiB
-    except OSError:
-        pass
-    return None
+def reset_peak_rss(pid="self"):
+    """Reset the peak RSS (VmHWM) of process `pid` (default: this one) to its
+    current RSS, so the next read covers one workload.
+
+    Writing 5 to /proc/<pid>/clear_refs does that (Linux >= 4.0).  Raises
+    OSError when it can't: a peak since start would not be the row's."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb(pid="self"):
+    """Peak resident set size (VmHWM) of process `pid` in decimal MB (10^6 bytes)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / DMB  # kB -> MB
+    raise OSError(f"no VmHWM in /proc/{pid}/status")
 
 
 class Timer:

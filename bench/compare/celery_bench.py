@@ -24,7 +24,7 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_common import (MB, Plan, Timer, emit, host_info, install_signal_handlers,  # noqa: E402
+from bench_common import (DMB, Plan, Timer, attempt, emit, host_info, install_signal_handlers,  # noqa: E402
                           log, median, parse_args, percentile, skip_100k)
 
 CONCURRENCY = 2
@@ -104,7 +104,7 @@ class CeleryWorker:
 
 def main():
     args = parse_args(__doc__, max_100k_default=90.0)
-    plan = Plan(args.quick)
+    plan = Plan(args)
     install_signal_handlers()
 
     import billiard
@@ -147,94 +147,94 @@ def main():
         ResultSet([send(T.inc, i) for i in range(200)]).get(timeout=GET_TIMEOUT)
 
         # --- throughput ---------------------------------------------------
-        def throughput(n, repeats, key):
-            rates = []
-            for r in range(repeats):
-                with Timer() as t:
-                    rs = ResultSet([send(T.inc, i) for i in range(n)])
-                    out = rs.get(timeout=GET_TIMEOUT)
-                assert out[-1] == n, out[-1]
-                del rs, out
-                rates.append(n / t.elapsed)
-                log(f"  {key} run {r + 1}/{repeats}: {n / t.elapsed:,.0f} tasks/s ({t.elapsed:.2f}s)")
-            return median(rates)
+        if plan.wanted("throughput_10k_tasks_per_s", "throughput_100k_tasks_per_s"):
+            def throughput(n, repeats, key):
+                rates = []
+                for r in range(repeats):
+                    with Timer() as t:
+                        rs = ResultSet([send(T.inc, i) for i in range(n)])
+                        out = rs.get(timeout=GET_TIMEOUT)
+                    assert out[-1] == n, out[-1]
+                    del rs, out
+                    rates.append(n / t.elapsed)
+                    log(f"  {key} run {r + 1}/{repeats}: {n / t.elapsed:,.0f} tasks/s ({t.elapsed:.2f}s)")
+                return median(rates)
 
-        n10 = plan.size["tasks_10k"]
-        rate10 = throughput(n10, plan.repeats["tasks_10k"], "10k")
-        results["throughput_10k_tasks_per_s"] = rate10
-        n100 = plan.size["tasks_100k"]
-        why = skip_100k(n100, rate10, args.max_100k_seconds)
-        if why:
-            results["throughput_100k_tasks_per_s"] = None
-            notes["throughput_100k_tasks_per_s"] = why
-            log(f"  100k: {why}")
-        else:
-            results["throughput_100k_tasks_per_s"] = throughput(n100, plan.repeats["tasks_100k"], "100k")
+            n10 = plan.size["tasks_10k"]
+            rate10 = throughput(n10, plan.repeats["tasks_10k"], "10k")
+            results["throughput_10k_tasks_per_s"] = rate10
+            n100 = plan.size["tasks_100k"]
+            why = skip_100k(n100, rate10, args.max_100k_seconds)
+            if why:
+                results["throughput_100k_tasks_per_s"] = None
+                notes["throughput_100k_tasks_per_s"] = why
+                log(f"  100k: {why}")
+            else:
+                results["throughput_100k_tasks_per_s"] = throughput(n100, plan.repeats["tasks_100k"], "100k")
 
         # --- dependency chain ----------------------------------------------
-        n_chain = plan.size["chain"]
-        # untimed warm-up chain (the first chain after the big fan-outs is an outlier)
-        chain(T.inc.s(0).set(queue=queue), *[T.inc.s().set(queue=queue) for _ in range(19)]
-              ).apply_async().get(timeout=GET_TIMEOUT)
-        per_task = []
-        for r in range(plan.repeats["chain"]):
-            with Timer() as t:
-                sigs = [T.inc.s(0).set(queue=queue)]
-                sigs += [T.inc.s().set(queue=queue) for _ in range(n_chain - 1)]
-                v = chain(*sigs).apply_async().get(timeout=GET_TIMEOUT)
-            assert v == n_chain, v
-            per_task.append(t.elapsed * 1000 / n_chain)
-            log(f"  chain run {r + 1}: {per_task[-1]:.3f} ms/task")
-        results["chain_ms_per_task"] = median(per_task)
+        if plan.wanted("chain_ms_per_task"):
+            n_chain = plan.size["chain"]
+            # untimed warm-up chain (the first chain after the big fan-outs is an outlier)
+            chain(T.inc.s(0).set(queue=queue), *[T.inc.s().set(queue=queue) for _ in range(19)]
+                  ).apply_async().get(timeout=GET_TIMEOUT)
+            per_task = []
+            for r in range(plan.repeats["chain"]):
+                with Timer() as t:
+                    sigs = [T.inc.s(0).set(queue=queue)]
+                    sigs += [T.inc.s().set(queue=queue) for _ in range(n_chain - 1)]
+                    v = chain(*sigs).apply_async().get(timeout=GET_TIMEOUT)
+                assert v == n_chain, v
+                per_task.append(t.elapsed * 1000 / n_chain)
+                log(f"  chain run {r + 1}: {per_task[-1]:.3f} ms/task")
+            results["chain_ms_per_task"] = median(per_task)
 
         # --- sequential round trip ------------------------------------------
-        lat = []
-        for i in range(plan.size["roundtrip"]):
-            with Timer() as t:
-                v = send(T.inc, i).get(timeout=GET_TIMEOUT)
-            assert v == i + 1
-            lat.append(t.elapsed * 1000)
-        results["roundtrip_p50_ms"] = percentile(lat, 50)
-        results["roundtrip_p99_ms"] = percentile(lat, 99)
-        log(f"  roundtrip: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
+        if plan.wanted("roundtrip_p50_ms", "roundtrip_p99_ms"):
+            lat = []
+            for i in range(plan.size["roundtrip"]):
+                with Timer() as t:
+                    v = send(T.inc, i).get(timeout=GET_TIMEOUT)
+                assert v == i + 1
+                lat.append(t.elapsed * 1000)
+            results["roundtrip_p50_ms"] = percentile(lat, 50)
+            results["roundtrip_p99_ms"] = percentile(lat, 99)
+            log(f"  roundtrip: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
 
         # --- no counterpart in Celery ----------------------------------------
         for k in ("actor_p50_ms", "actor_p99_ms"):
             results[k] = None
             notes[k] = "n/a: Celery has no actors"
-        results["scatter_10mb_50_tasks_s"] = None
-        notes["scatter_10mb_50_tasks_s"] = "n/a: Celery has no scatter / shared objects"
 
-        # --- a task's N-byte result to the client ------------------------------
-        def gather(nbytes, repeats, key):
+        # --- the data-plane rows (issue 15) -----------------------------------
+        def result(nbytes, key):
             # warm the per-process payload cache in both pool processes
             ResultSet([send(T.blob_len, nbytes) for _ in range(4 * CONCURRENCY)]).get(timeout=GET_TIMEOUT)
-            rates = []
-            for r in range(repeats):
+            secs = []
+            for r in range(plan.repeats["data"]):
                 with Timer() as t:
                     res = send(T.blob, nbytes)
                     data = res.get(timeout=GET_TIMEOUT)
                 assert len(data) == nbytes
                 del data
                 res.forget()  # drop the value from Redis now
-                rates.append(nbytes / MB / t.elapsed)
-                log(f"  {key} run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
-            return median(rates)
+                secs.append(t.elapsed)
+                log(f"  {key} run {r + 1}: {nbytes / DMB / t.elapsed:,.1f} MB/s ({t.elapsed:.3f} s)")
+            ResultSet([send(T.drop_blobs) for _ in range(4 * CONCURRENCY)]).get(timeout=GET_TIMEOUT)
+            return nbytes / DMB / median(secs)
 
-        results["gather_10mb_mb_per_s"] = gather(
-            plan.size["gather_bytes"], plan.repeats["gather"], "gather")
-
-        # --- large values (issue 15) -------------------------------------------
-        results["gather_100mb_mb_per_s"] = gather(
-            plan.size["large_bytes"], plan.repeats["large"], "gather 100mb")
-        ResultSet([send(T.drop_blobs) for _ in range(4 * CONCURRENCY)]).get(timeout=GET_TIMEOUT)
-        results["scatter_100mb_50_tasks_s"] = None
-        notes["scatter_100mb_50_tasks_s"] = "n/a: Celery has no scatter / shared objects"
-        results["worker_to_worker_100mb_s"] = None
-        notes["worker_to_worker_100mb_s"] = "n/a: a task can't be pinned to one pool process"
-        for k in ("result_1gb_s", "result_1gb_client_peak_rss_mb"):
-            results[k] = None
-            notes[k] = "n/a: one Redis value is at most 512 MB (proto-max-bulk-len)"
+        for key, size in (("data_result_10mb_mb_per_s", "data_10mb"),
+                          ("data_result_100mb_mb_per_s", "data_100mb")):
+            if plan.wanted(key):
+                attempt(results, notes, [key], lambda: result(plan.size[size], key))
+        for key, why in (("data_scatter_10mb_50_s", "n/a: Celery has no scatter / shared objects"),
+                         ("data_scatter_100mb_50_s", "n/a: Celery has no scatter / shared objects"),
+                         ("data_move_100mb_s", "n/a: a task can't be pinned to one pool process"),
+                         ("data_result_1gb_s", "n/a: one Redis value is at most 512 MB"),
+                         ("data_result_1gb_client_rss_mb", "n/a: one Redis value is at most 512 MB"),
+                         ("data_result_1gb_worker_rss_mb", "n/a: one Redis value is at most 512 MB")):
+            results[key] = None
+            notes[key] = why
 
         config = {
             "workers": f"1 worker node, --pool=prefork -c {CONCURRENCY} (2 prefork worker processes)",
@@ -255,7 +255,7 @@ def main():
             "host": host_info(),
             **plan.config(),
         }
-        emit("celery", celery.__version__, config, results, notes)
+        emit("celery", celery.__version__, config, results, notes, plan.keys())
         ok = True
         return 0
     finally:

@@ -13,14 +13,112 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (MB, Plan, Timer, emit, host_info, install_signal_handlers,  # noqa: E402
-                          log, median, parse_args, peak_rss_mb, percentile, reset_peak_rss,
-                          skip_100k)
+from bench_common import (DMB, Plan, Timer, attempt, emit, host_info,  # noqa: E402
+                          install_signal_handlers, log, median, parse_args, peak_rss_mb,
+                          percentile, reset_peak_rss, skip_100k)
+
+# A 1 GB value takes seconds to cross one connection: Dask's defaults (30 s)
+# are for small messages.
+COMM_TIMEOUTS = {"distributed.comm.timeouts.connect": "120s",
+                 "distributed.comm.timeouts.tcp": "600s"}
+
+
+def data_rows(client, T, plan, results, notes):
+    """The data-plane rows (issue 15), with the keys and semantics of
+    flotilla-bench's data_* rows."""
+    repeats = plan.repeats["data"]
+    workers = sorted(client.scheduler_info()["workers"])
+    w1, w2 = workers[0], workers[1]
+
+    def result(nbytes, key):
+        # every worker's payload cache filled before the clock starts
+        client.gather([client.submit(T.blob_len, nbytes, workers=[w], pure=False)
+                       for w in workers])
+        secs = []
+        for r in range(repeats):
+            with Timer() as t:
+                data = client.submit(T.blob, nbytes, r, pure=False).result()
+            assert len(data) == nbytes
+            del data
+            secs.append(t.elapsed)
+            log(f"  {key} run {r + 1}: {nbytes / DMB / t.elapsed:,.1f} MB/s ({t.elapsed:.3f} s)")
+        client.run(T.drop_blobs)
+        return nbytes / DMB / median(secs)
+
+    def scatter(nbytes, key):
+        payload = T.random_bytes(nbytes)  # made before the clock starts
+        ntasks = plan.size["data_scatter_tasks"]
+        secs = []
+        for r in range(repeats):
+            with Timer() as t:
+                ref = client.scatter(payload, hash=False)
+                futs = [client.submit(T.length, ref, pure=False) for _ in range(ntasks)]
+                out = client.gather(futs)
+            assert out == [nbytes] * ntasks
+            del ref, futs, out
+            secs.append(t.elapsed)
+            log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
+            time.sleep(0.2)  # let the scheduler release the previous copy
+        return median(secs)
+
+    def move(nbytes, key):
+        # made on the first worker, the input of a task on the second
+        # (workers= restrictions): the value crosses the workers' TCP link
+        client.submit(T.blob_len, nbytes, workers=[w1], pure=False).result()
+        secs = []
+        for r in range(repeats):
+            with Timer() as t:
+                made = client.submit(T.blob, nbytes, r, workers=[w1], pure=False)
+                n = client.submit(T.length, made, workers=[w2], pure=False).result()
+            assert n == nbytes
+            del made
+            secs.append(t.elapsed)
+            log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
+            time.sleep(0.2)  # let the scheduler release both copies
+        client.run(T.drop_blobs)
+        return median(secs)
+
+    def huge(nbytes):
+        # the first worker makes and keeps the value before the clock starts;
+        # the peaks of the client and the workers are reset just before
+        client.submit(T.blob_len, nbytes, workers=[w1], pure=False).result()
+        reset_peak_rss()
+        client.run(reset_peak_rss)
+        with Timer() as t:
+            data = client.submit(T.blob, nbytes, workers=[w1], pure=False).result()
+        assert len(data) == nbytes
+        client_peak = peak_rss_mb()
+        del data
+        worker_peak = max(client.run(peak_rss_mb).values())
+        client.run(T.drop_blobs)
+        log(f"  1 GB result: {t.elapsed:.3f} s, peak RSS client {client_peak:,.0f} MB, "
+            f"worker {worker_peak:,.0f} MB")
+        return t.elapsed, client_peak, worker_peak
+
+    for key, size in (("data_result_10mb_mb_per_s", "data_10mb"),
+                      ("data_result_100mb_mb_per_s", "data_100mb")):
+        if plan.wanted(key):
+            attempt(results, notes, [key], lambda: result(plan.size[size], key))
+    for key, size in (("data_scatter_10mb_50_s", "data_10mb"),
+                      ("data_scatter_100mb_50_s", "data_100mb")):
+        if plan.wanted(key):
+            attempt(results, notes, [key], lambda: scatter(plan.size[size], key))
+    if plan.wanted("data_move_100mb_s"):
+        attempt(results, notes, ["data_move_100mb_s"],
+                lambda: move(plan.size["data_100mb"], "data_move_100mb_s"))
+    keys = ["data_result_1gb_s", "data_result_1gb_client_rss_mb", "data_result_1gb_worker_rss_mb"]
+    if plan.wanted(*keys):
+        if plan.size["data_1gb"] is None:
+            for k in keys:
+                results[k] = None
+                notes[k] = "skipped under --quick"
+        else:
+            attempt(results, notes, keys, lambda: huge(plan.size["data_1gb"]))
 
 
 def main():
     args = parse_args(__doc__, max_100k_default=0)
-    plan = Plan(args.quick)
+    plan = Plan(args)
     install_signal_handlers()
 
     import dask
@@ -35,7 +133,7 @@ def main():
     # $TMPDIR/dask-scratch-space, which it leaves behind; use a directory of
     # our own and remove it at the end.
     scratch = tempfile.mkdtemp(prefix="dask-bench-")
-    dask.config.set({"temporary-directory": scratch})
+    dask.config.set({"temporary-directory": scratch, **COMM_TIMEOUTS})
     try:
         t0 = time.perf_counter()
         cluster = LocalCluster(
@@ -57,165 +155,89 @@ def main():
         client.run(lambda: None)
 
         # --- throughput ---------------------------------------------------
-        def throughput(n, repeats, key):
-            rates = []
-            for r in range(repeats):
-                with Timer() as t:
-                    futs = client.map(T.inc, range(n), pure=False)
-                    out = client.gather(futs)
-                assert out[-1] == n, out[-1]
-                del futs, out
-                rates.append(n / t.elapsed)
-                log(f"  {key} run {r + 1}/{repeats}: {n / t.elapsed:,.0f} tasks/s ({t.elapsed:.2f}s)")
-            return median(rates)
+        if plan.wanted("throughput_10k_tasks_per_s", "throughput_100k_tasks_per_s"):
+            def throughput(n, repeats, key):
+                rates = []
+                for r in range(repeats):
+                    with Timer() as t:
+                        futs = client.map(T.inc, range(n), pure=False)
+                        out = client.gather(futs)
+                    assert out[-1] == n, out[-1]
+                    del futs, out
+                    rates.append(n / t.elapsed)
+                    log(f"  {key} run {r + 1}/{repeats}: {n / t.elapsed:,.0f} tasks/s ({t.elapsed:.2f}s)")
+                return median(rates)
 
-        n10 = plan.size["tasks_10k"]
-        rate10 = throughput(n10, plan.repeats["tasks_10k"], "10k")
-        results["throughput_10k_tasks_per_s"] = rate10
-        n100 = plan.size["tasks_100k"]
-        why = skip_100k(n100, rate10, args.max_100k_seconds)
-        if why:
-            results["throughput_100k_tasks_per_s"] = None
-            notes["throughput_100k_tasks_per_s"] = why
-            log(f"  100k: {why}")
-        else:
-            results["throughput_100k_tasks_per_s"] = throughput(n100, plan.repeats["tasks_100k"], "100k")
+            n10 = plan.size["tasks_10k"]
+            rate10 = throughput(n10, plan.repeats["tasks_10k"], "10k")
+            results["throughput_10k_tasks_per_s"] = rate10
+            n100 = plan.size["tasks_100k"]
+            why = skip_100k(n100, rate10, args.max_100k_seconds)
+            if why:
+                results["throughput_100k_tasks_per_s"] = None
+                notes["throughput_100k_tasks_per_s"] = why
+                log(f"  100k: {why}")
+            else:
+                results["throughput_100k_tasks_per_s"] = throughput(n100, plan.repeats["tasks_100k"], "100k")
 
         # --- dependency chain ----------------------------------------------
-        n_chain = plan.size["chain"]
-        # untimed warm-up chain, as in celery_bench.py
-        f = client.submit(T.inc, 0, pure=False)
-        for _ in range(19):
-            f = client.submit(T.inc, f, pure=False)
-        f.result()
-        del f
-        per_task = []
-        for r in range(plan.repeats["chain"]):
-            with Timer() as t:
-                f = client.submit(T.inc, 0, pure=False)
-                for _ in range(n_chain - 1):
-                    f = client.submit(T.inc, f, pure=False)
-                v = f.result()
-            assert v == n_chain, v
+        if plan.wanted("chain_ms_per_task"):
+            n_chain = plan.size["chain"]
+            # untimed warm-up chain, as in celery_bench.py
+            f = client.submit(T.inc, 0, pure=False)
+            for _ in range(19):
+                f = client.submit(T.inc, f, pure=False)
+            f.result()
             del f
-            per_task.append(t.elapsed * 1000 / n_chain)
-            log(f"  chain run {r + 1}: {per_task[-1]:.3f} ms/task")
-        results["chain_ms_per_task"] = median(per_task)
+            per_task = []
+            for r in range(plan.repeats["chain"]):
+                with Timer() as t:
+                    f = client.submit(T.inc, 0, pure=False)
+                    for _ in range(n_chain - 1):
+                        f = client.submit(T.inc, f, pure=False)
+                    v = f.result()
+                assert v == n_chain, v
+                del f
+                per_task.append(t.elapsed * 1000 / n_chain)
+                log(f"  chain run {r + 1}: {per_task[-1]:.3f} ms/task")
+            results["chain_ms_per_task"] = median(per_task)
 
         # --- sequential round trip ------------------------------------------
-        lat = []
-        for i in range(plan.size["roundtrip"]):
-            with Timer() as t:
-                v = client.submit(T.inc, i, pure=False).result()
-            assert v == i + 1
-            lat.append(t.elapsed * 1000)
-        results["roundtrip_p50_ms"] = percentile(lat, 50)
-        results["roundtrip_p99_ms"] = percentile(lat, 99)
-        log(f"  roundtrip: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
+        if plan.wanted("roundtrip_p50_ms", "roundtrip_p99_ms"):
+            lat = []
+            for i in range(plan.size["roundtrip"]):
+                with Timer() as t:
+                    v = client.submit(T.inc, i, pure=False).result()
+                assert v == i + 1
+                lat.append(t.elapsed * 1000)
+            results["roundtrip_p50_ms"] = percentile(lat, 50)
+            results["roundtrip_p99_ms"] = percentile(lat, 99)
+            log(f"  roundtrip: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
 
         # --- actor calls ----------------------------------------------------
-        counter = client.submit(T.Counter, actor=True).result()
-        for _ in range(20):  # warm-up
-            counter.incr().result()
-        lat = []
-        for _ in range(plan.size["actor"]):
-            with Timer() as t:
+        if plan.wanted("actor_p50_ms", "actor_p99_ms"):
+            counter = client.submit(T.Counter, actor=True).result()
+            for _ in range(20):  # warm-up
                 counter.incr().result()
-            lat.append(t.elapsed * 1000)
-        del counter
-        results["actor_p50_ms"] = percentile(lat, 50)
-        results["actor_p99_ms"] = percentile(lat, 99)
-        log(f"  actor: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
-
-        # --- scatter N bytes, M tasks read it ---------------------------------
-        def scatter(nbytes, ntasks, repeats, key):
-            payload = T.blob(nbytes)  # random bytes, made before the clock starts
-            secs = []
-            for r in range(repeats):
+            lat = []
+            for _ in range(plan.size["actor"]):
                 with Timer() as t:
-                    ref = client.scatter(payload, hash=False)
-                    futs = [client.submit(T.length, ref, pure=False) for _ in range(ntasks)]
-                    out = client.gather(futs)
-                assert out == [nbytes] * ntasks
-                del ref, futs, out
-                secs.append(t.elapsed)
-                log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
-                time.sleep(0.2)  # let the scheduler release the previous copy
-            T._BLOBS.pop(nbytes, None)
-            return median(secs)
+                    counter.incr().result()
+                lat.append(t.elapsed * 1000)
+            del counter
+            results["actor_p50_ms"] = percentile(lat, 50)
+            results["actor_p99_ms"] = percentile(lat, 99)
+            log(f"  actor: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
 
-        results["scatter_10mb_50_tasks_s"] = scatter(
-            plan.size["scatter_bytes"], plan.size["scatter_tasks"], plan.repeats["scatter"], "scatter")
-
-        # --- a task's N-byte result to the client ------------------------------
-        workers = sorted(client.scheduler_info()["workers"])
-
-        def gather(nbytes, repeats, key):
-            # warm the per-worker payload cache on both workers
-            client.gather([client.submit(T.blob_len, nbytes, workers=[w], pure=False)
-                           for w in workers])
-            rates = []
-            for r in range(repeats):
-                with Timer() as t:
-                    data = client.submit(T.blob, nbytes, pure=False).result()
-                assert len(data) == nbytes
-                del data
-                rates.append(nbytes / MB / t.elapsed)
-                log(f"  {key} run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
-            return median(rates)
-
-        results["gather_10mb_mb_per_s"] = gather(
-            plan.size["gather_bytes"], plan.repeats["gather"], "gather")
-
-        # --- large values (issue 15) -------------------------------------------
-        big = plan.size["large_bytes"]
-        results["gather_100mb_mb_per_s"] = gather(big, plan.repeats["large"], "gather 100mb")
-        client.run(T.drop_blobs)  # free the workers' caches (memory)
-        results["scatter_100mb_50_tasks_s"] = scatter(
-            big, plan.size["large_tasks"], plan.repeats["large"], "scatter 100mb")
-
-        # worker -> worker: made on the first worker, consumed on the second
-        # (workers= restrictions), so the value crosses the workers' TCP link.
-        w1, w2 = workers[0], workers[1]
-        client.submit(T.blob_len, big, workers=[w1], pure=False).result()
-        secs = []
-        for r in range(plan.repeats["large"]):
-            with Timer() as t:
-                made = client.submit(T.blob, big, r, workers=[w1], pure=False)
-                n = client.submit(T.length, made, workers=[w2], pure=False).result()
-            assert n == big
-            del made
-            secs.append(t.elapsed)
-            log(f"  worker->worker run {r + 1}: {t.elapsed:.3f} s")
-            time.sleep(0.2)  # let the scheduler release both copies
-        results["worker_to_worker_100mb_s"] = median(secs)
-        client.run(T.drop_blobs)
-
-        # --- 1 GB result to the client (full run only) --------------------------
-        huge = plan.size["huge_bytes"]
-        if huge is None or not plan.repeats["huge"]:
-            for k in ("result_1gb_s", "result_1gb_client_peak_rss_mb"):
-                results[k] = None
-                notes[k] = "skipped under --quick"
-        else:
-            # the first worker keeps 1 GB; made before the clock starts
-            client.submit(T.blob_len, huge, workers=[w1], pure=False).result()
-            reset_peak_rss()
-            with Timer() as t:
-                data = client.submit(T.blob, huge, workers=[w1], pure=False).result()
-            assert len(data) == huge
-            del data
-            results["result_1gb_s"] = t.elapsed
-            results["result_1gb_client_peak_rss_mb"] = peak_rss_mb()
-            log(f"  1 GB result: {t.elapsed:.3f} s, client peak RSS "
-                f"{results['result_1gb_client_peak_rss_mb']:,.0f} MiB")
-            client.run(T.drop_blobs)
+        # --- the data-plane rows (issue 15) -----------------------------------
+        data_rows(client, T, plan, results, notes)
 
         config = {
             "cluster": "LocalCluster(n_workers=2, threads_per_worker=1, processes=True)",
             "dask": dask.__version__,
             "distributed": distributed.__version__,
             "comm_compression": dask.config.get("distributed.comm.compression"),
+            "comm_timeouts": COMM_TIMEOUTS,
             "max_100k_seconds": args.max_100k_seconds,
             "worker_saturation": dask.config.get("distributed.scheduler.worker-saturation"),
             "timing": "client-side wall clock (time.perf_counter); median over repeats; "
@@ -223,7 +245,7 @@ def main():
             "host": host_info(),
             **plan.config(),
         }
-        emit("dask", distributed.__version__, config, results, notes)
+        emit("dask", distributed.__version__, config, results, notes, plan.keys())
         return 0
     finally:
         if client is not None:

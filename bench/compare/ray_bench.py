@@ -17,12 +17,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_common import (MB, Plan, Timer, emit, host_info, install_signal_handlers,  # noqa: E402
-                          log, median, parse_args, peak_rss_mb, percentile, reset_peak_rss,
-                          skip_100k)
+from bench_common import (DMB, Plan, Timer, attempt, emit, host_info,  # noqa: E402
+                          install_signal_handlers, log, median, parse_args, peak_rss_mb,
+                          percentile, reset_peak_rss, skip_100k)
 
 NUM_CPUS = 2
-OBJECT_STORE_BYTES = 2 * 1024 * MB  # room for the 1 GB result (sealed once in the store)
+OBJECT_STORE_BYTES = 2 * 1024 * 1024 * 1024  # room for the 1 GB result (sealed once in the store)
 
 # Before `import ray`: no usage-stats reporting over the network, and no token
 # authentication (Ray 2.60 otherwise writes ~/.ray/auth_token, a file outside
@@ -79,9 +79,113 @@ def still_running(known):
     return alive
 
 
+def data_rows(ray, T, plan, results, notes, blob, length, Holder, warm_both, drop_blobs):
+    """The data-plane rows (issue 15), with the keys and semantics of
+    flotilla-bench's data_* rows."""
+    repeats = plan.repeats["data"]
+
+    def drop_all():
+        # empty the task workers' payload caches (memory)
+        for _ in range(5):
+            if len(set(ray.get([drop_blobs.remote() for _ in range(2 * NUM_CPUS)]))) >= NUM_CPUS:
+                return
+
+    def result(nbytes, key):
+        warm_both(nbytes)  # every task worker's payload cache filled before the clock
+        secs = []
+        for r in range(repeats):
+            with Timer() as t:
+                data = ray.get(blob.remote(nbytes, r))
+            assert len(data) == nbytes
+            del data
+            secs.append(t.elapsed)
+            log(f"  {key} run {r + 1}: {nbytes / DMB / t.elapsed:,.1f} MB/s ({t.elapsed:.3f} s)")
+        drop_all()
+        return nbytes / DMB / median(secs)
+
+    def scatter(nbytes, key):
+        payload = T.random_bytes(nbytes)  # made before the clock starts
+        ntasks = plan.size["data_scatter_tasks"]
+        secs = []
+        for r in range(repeats):
+            with Timer() as t:
+                ref = ray.put(payload)
+                out = ray.get([length.remote(ref) for _ in range(ntasks)])
+            assert out == [nbytes] * ntasks
+            del ref, out
+            secs.append(t.elapsed)
+            log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
+        return median(secs)
+
+    for key, size in (("data_result_10mb_mb_per_s", "data_10mb"),
+                      ("data_result_100mb_mb_per_s", "data_100mb")):
+        if plan.wanted(key):
+            attempt(results, notes, [key], lambda: result(plan.size[size], key))
+    for key, size in (("data_scatter_10mb_50_s", "data_10mb"),
+                      ("data_scatter_100mb_50_s", "data_100mb")):
+        if plan.wanted(key):
+            attempt(results, notes, [key], lambda: scatter(plan.size[size], key))
+
+    huge_keys = ["data_result_1gb_s", "data_result_1gb_client_rss_mb",
+                 "data_result_1gb_worker_rss_mb"]
+    if not plan.wanted("data_move_100mb_s", *huge_keys):
+        return
+    # Ray places tasks on nodes, not on worker processes, and this cluster is
+    # one node: two num_cpus=1 actors are two worker processes, so a value is
+    # made in one and used in the other (through the node's shared-memory
+    # object store). They take both CPUs: made after the task rows above.
+    a, b = Holder.remote(), Holder.remote()
+    try:
+        assert ray.get(a.pid.remote()) != ray.get(b.pid.remote())
+
+        def move(nbytes, key):
+            ray.get(a.warm.remote(nbytes))
+            ray.get(b.consume.remote(a.make.remote(nbytes)))  # untimed: warms both paths
+            secs = []
+            for r in range(repeats):
+                with Timer() as t:
+                    n = ray.get(b.consume.remote(a.make.remote(nbytes, r)))
+                assert n == nbytes
+                secs.append(t.elapsed)
+                log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
+            ray.get(a.drop.remote())
+            return median(secs)
+
+        def huge(nbytes):
+            # actor a makes and keeps the value before the clock starts; the
+            # peaks of the client and of a are reset just before
+            ray.get(a.warm.remote(nbytes))
+            reset_peak_rss()
+            ray.get(a.reset_peak.remote())
+            with Timer() as t:
+                data = ray.get(a.make.remote(nbytes))
+            assert len(data) == nbytes
+            client_peak = peak_rss_mb()
+            del data
+            worker_peak = ray.get(a.peak_rss_mb.remote())
+            ray.get(a.drop.remote())
+            log(f"  1 GB result: {t.elapsed:.3f} s, peak RSS client {client_peak:,.0f} MB, "
+                f"worker {worker_peak:,.0f} MB")
+            return t.elapsed, client_peak, worker_peak
+
+        if plan.wanted("data_move_100mb_s"):
+            attempt(results, notes, ["data_move_100mb_s"],
+                    lambda: move(plan.size["data_100mb"], "data_move_100mb_s"))
+        if plan.wanted(*huge_keys):
+            if plan.size["data_1gb"] is None:
+                for k in huge_keys:
+                    results[k] = None
+                    notes[k] = "skipped under --quick"
+            else:
+                attempt(results, notes, huge_keys, lambda: huge(plan.size["data_1gb"]))
+    finally:
+        ray.kill(a)
+        ray.kill(b)
+
+
 def main():
     args = parse_args(__doc__, max_100k_default=0)
-    plan = Plan(args.quick)
+    plan = Plan(args)
     install_signal_handlers()
 
     import ray
@@ -129,155 +233,81 @@ def main():
         warm_both(1)
 
         # --- throughput ---------------------------------------------------
-        def throughput(n, repeats, key):
-            rates = []
-            for r in range(repeats):
-                with Timer() as t:
-                    refs = [inc.remote(i) for i in range(n)]
-                    out = ray.get(refs)
-                assert out[-1] == n, out[-1]
-                del refs, out
-                rates.append(n / t.elapsed)
-                log(f"  {key} run {r + 1}/{repeats}: {n / t.elapsed:,.0f} tasks/s ({t.elapsed:.2f}s)")
-            return median(rates)
+        if plan.wanted("throughput_10k_tasks_per_s", "throughput_100k_tasks_per_s"):
+            def throughput(n, repeats, key):
+                rates = []
+                for r in range(repeats):
+                    with Timer() as t:
+                        refs = [inc.remote(i) for i in range(n)]
+                        out = ray.get(refs)
+                    assert out[-1] == n, out[-1]
+                    del refs, out
+                    rates.append(n / t.elapsed)
+                    log(f"  {key} run {r + 1}/{repeats}: {n / t.elapsed:,.0f} tasks/s ({t.elapsed:.2f}s)")
+                return median(rates)
 
-        n10 = plan.size["tasks_10k"]
-        rate10 = throughput(n10, plan.repeats["tasks_10k"], "10k")
-        results["throughput_10k_tasks_per_s"] = rate10
-        n100 = plan.size["tasks_100k"]
-        why = skip_100k(n100, rate10, args.max_100k_seconds)
-        if why:
-            results["throughput_100k_tasks_per_s"] = None
-            notes["throughput_100k_tasks_per_s"] = why
-            log(f"  100k: {why}")
-        else:
-            results["throughput_100k_tasks_per_s"] = throughput(n100, plan.repeats["tasks_100k"], "100k")
+            n10 = plan.size["tasks_10k"]
+            rate10 = throughput(n10, plan.repeats["tasks_10k"], "10k")
+            results["throughput_10k_tasks_per_s"] = rate10
+            n100 = plan.size["tasks_100k"]
+            why = skip_100k(n100, rate10, args.max_100k_seconds)
+            if why:
+                results["throughput_100k_tasks_per_s"] = None
+                notes["throughput_100k_tasks_per_s"] = why
+                log(f"  100k: {why}")
+            else:
+                results["throughput_100k_tasks_per_s"] = throughput(n100, plan.repeats["tasks_100k"], "100k")
 
         # --- dependency chain ----------------------------------------------
-        n_chain = plan.size["chain"]
-        f = inc.remote(0)  # untimed warm-up chain, as in the other benches
-        for _ in range(19):
-            f = inc.remote(f)
-        ray.get(f)
-        per_task = []
-        for r in range(plan.repeats["chain"]):
-            with Timer() as t:
-                f = inc.remote(0)
-                for _ in range(n_chain - 1):
-                    f = inc.remote(f)  # an ObjectRef argument: runs when the previous one is done
-                v = ray.get(f)
-            assert v == n_chain, v
-            del f
-            per_task.append(t.elapsed * 1000 / n_chain)
-            log(f"  chain run {r + 1}: {per_task[-1]:.3f} ms/task")
-        results["chain_ms_per_task"] = median(per_task)
+        if plan.wanted("chain_ms_per_task"):
+            n_chain = plan.size["chain"]
+            f = inc.remote(0)  # untimed warm-up chain, as in the other benches
+            for _ in range(19):
+                f = inc.remote(f)
+            ray.get(f)
+            per_task = []
+            for r in range(plan.repeats["chain"]):
+                with Timer() as t:
+                    f = inc.remote(0)
+                    for _ in range(n_chain - 1):
+                        f = inc.remote(f)  # an ObjectRef argument: runs when the previous one is done
+                    v = ray.get(f)
+                assert v == n_chain, v
+                del f
+                per_task.append(t.elapsed * 1000 / n_chain)
+                log(f"  chain run {r + 1}: {per_task[-1]:.3f} ms/task")
+            results["chain_ms_per_task"] = median(per_task)
 
         # --- sequential round trip ------------------------------------------
-        lat = []
-        for i in range(plan.size["roundtrip"]):
-            with Timer() as t:
-                v = ray.get(inc.remote(i))
-            assert v == i + 1
-            lat.append(t.elapsed * 1000)
-        results["roundtrip_p50_ms"] = percentile(lat, 50)
-        results["roundtrip_p99_ms"] = percentile(lat, 99)
-        log(f"  roundtrip: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
+        if plan.wanted("roundtrip_p50_ms", "roundtrip_p99_ms"):
+            lat = []
+            for i in range(plan.size["roundtrip"]):
+                with Timer() as t:
+                    v = ray.get(inc.remote(i))
+                assert v == i + 1
+                lat.append(t.elapsed * 1000)
+            results["roundtrip_p50_ms"] = percentile(lat, 50)
+            results["roundtrip_p99_ms"] = percentile(lat, 99)
+            log(f"  roundtrip: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
 
         # --- actor calls ----------------------------------------------------
-        counter = Counter.remote()
-        for _ in range(20):  # warm-up (also waits for the actor's process)
-            ray.get(counter.incr.remote())
-        lat = []
-        for _ in range(plan.size["actor"]):
-            with Timer() as t:
+        if plan.wanted("actor_p50_ms", "actor_p99_ms"):
+            counter = Counter.remote()
+            for _ in range(20):  # warm-up (also waits for the actor's process)
                 ray.get(counter.incr.remote())
-            lat.append(t.elapsed * 1000)
-        ray.kill(counter)
-        del counter
-        results["actor_p50_ms"] = percentile(lat, 50)
-        results["actor_p99_ms"] = percentile(lat, 99)
-        log(f"  actor: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
-
-        # --- scatter N bytes, M tasks read it --------------------------------
-        def scatter(nbytes, ntasks, repeats, key):
-            payload = T.blob(nbytes)  # random bytes, made before the clock starts
-            secs = []
-            for r in range(repeats):
+            lat = []
+            for _ in range(plan.size["actor"]):
                 with Timer() as t:
-                    ref = ray.put(payload)
-                    out = ray.get([length.remote(ref) for _ in range(ntasks)])
-                assert out == [nbytes] * ntasks
-                del ref, out
-                secs.append(t.elapsed)
-                log(f"  {key} run {r + 1}: {t.elapsed:.3f} s")
-            T._BLOBS.pop(nbytes, None)
-            return median(secs)
+                    ray.get(counter.incr.remote())
+                lat.append(t.elapsed * 1000)
+            ray.kill(counter)
+            del counter
+            results["actor_p50_ms"] = percentile(lat, 50)
+            results["actor_p99_ms"] = percentile(lat, 99)
+            log(f"  actor: p50 {percentile(lat, 50):.3f} ms, p99 {percentile(lat, 99):.3f} ms")
 
-        results["scatter_10mb_50_tasks_s"] = scatter(
-            plan.size["scatter_bytes"], plan.size["scatter_tasks"], plan.repeats["scatter"], "scatter")
-
-        # --- a task's N-byte result to the client ------------------------------
-        def gather(nbytes, repeats, key):
-            warm_both(nbytes)
-            rates = []
-            for r in range(repeats):
-                with Timer() as t:
-                    data = ray.get(blob.remote(nbytes, r))
-                assert len(data) == nbytes
-                del data
-                rates.append(nbytes / MB / t.elapsed)
-                log(f"  {key} run {r + 1}: {rates[-1]:,.1f} MB/s ({t.elapsed * 1000:.1f} ms)")
-            return median(rates)
-
-        results["gather_10mb_mb_per_s"] = gather(
-            plan.size["gather_bytes"], plan.repeats["gather"], "gather")
-
-        # --- large values (issue 15) -------------------------------------------
-        big = plan.size["large_bytes"]
-        results["gather_100mb_mb_per_s"] = gather(big, plan.repeats["large"], "gather 100mb")
-        # drop the task workers' caches (memory): the rows below don't use them
-        for _ in range(5):
-            if len(set(ray.get([drop_blobs.remote() for _ in range(2 * NUM_CPUS)]))) >= NUM_CPUS:
-                break
-        results["scatter_100mb_50_tasks_s"] = scatter(
-            big, plan.size["large_tasks"], plan.repeats["large"], "scatter 100mb")
-
-        # worker -> worker: two single-CPU actors = two worker processes; the
-        # first makes the value, the second takes it as an argument.
-        a, b = Holder.remote(), Holder.remote()
-        assert ray.get(a.pid.remote()) != ray.get(b.pid.remote())
-        ray.get(a.warm.remote(big))
-        ray.get(b.consume.remote(a.make.remote(big)))  # untimed: warms both actors' paths
-        secs = []
-        for r in range(plan.repeats["large"]):
-            with Timer() as t:
-                n = ray.get(b.consume.remote(a.make.remote(big, r)))
-            assert n == big
-            secs.append(t.elapsed)
-            log(f"  worker->worker run {r + 1}: {t.elapsed:.3f} s")
-        results["worker_to_worker_100mb_s"] = median(secs)
-        ray.kill(b)
-
-        # --- 1 GB result to the client (full run only) --------------------------
-        huge = plan.size["huge_bytes"]
-        if huge is None or not plan.repeats["huge"]:
-            for k in ("result_1gb_s", "result_1gb_client_peak_rss_mb"):
-                results[k] = None
-                notes[k] = "skipped under --quick"
-        else:
-            ray.get(a.drop.remote())
-            ray.get(a.warm.remote(huge))  # the actor keeps 1 GB; made before the clock starts
-            reset_peak_rss()
-            with Timer() as t:
-                data = ray.get(a.make.remote(huge))
-            assert len(data) == huge
-            del data
-            results["result_1gb_s"] = t.elapsed
-            results["result_1gb_client_peak_rss_mb"] = peak_rss_mb()
-            log(f"  1 GB result: {t.elapsed:.3f} s, client peak RSS "
-                f"{results['result_1gb_client_peak_rss_mb']:,.0f} MiB")
-        ray.kill(a)
-        del a, b
+        # --- the data-plane rows (issue 15) -----------------------------------
+        data_rows(ray, T, plan, results, notes, blob, length, Holder, warm_both, drop_blobs)
 
         config = {
             "cluster": f"ray.init(num_cpus={NUM_CPUS}, object_store_memory={OBJECT_STORE_BYTES}, "
@@ -292,7 +322,7 @@ def main():
             "host": host_info(),
             **plan.config(),
         }
-        emit("ray", ray.__version__, config, results, notes)
+        emit("ray", ray.__version__, config, results, notes, plan.keys())
         return 0
     finally:
         # Everything Ray started, seen before it is asked to stop.

@@ -80,3 +80,14 @@ class Holder:
     def drop(self):
         _BLOBS.clear()
         return True
+
+    def reset_peak(self):
+        """Reset this process's peak RSS (VmHWM), for a row's own peak."""
+        from bench_common import reset_peak_rss
+        reset_peak_rss()
+        return True
+
+    def peak_rss_mb(self):
+        """This process's peak RSS (VmHWM) since reset_peak, in MB (10^6 bytes)."""
+        from bench_common import peak_rss_mb
+        return peak_rss_mb()

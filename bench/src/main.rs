@@ -10,11 +10,21 @@
 //! cargo build --release --workspace --bins
 //! target/release/flotilla-bench --workers 2 --json
 //! target/release/flotilla-bench --full          # adds the 1,000,000-task run
+//! target/release/flotilla-bench --only data --json   # the data-plane rows (issue 15)
 //! ```
+//!
+//! The data-plane rows (`data_*`) move large values: a task's 10 MB and
+//! 100 MB result to the client, 10 MB and 100 MB scattered and read by 50
+//! tasks, 100 MB made on one worker and used on the other, and a 1 GB result
+//! with the peak RSS of the client and the workers. A row Flotilla fails
+//! (today: values over `FLOTILLA_MAX_PAYLOAD`) prints `error: ...` instead of
+//! a figure, is `null` in the JSON, and its message is under `"errors"`;
+//! the run goes on. `bench/compare/run.sh --only data` runs the same rows on
+//! Dask and Ray and prints one table of the three.
 
 use anyhow::{bail, Context, Result};
 use flotilla::{Client, Config, TaskFuture};
-use flotilla_examples::{add, byte_len, inc, make_bytes, slow_identity};
+use flotilla_examples::{add, byte_len, inc, random_bytes, slow_identity};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,6 +73,7 @@ fn parse_options() -> Result<Options> {
                      --nthreads N   task slots per worker (default 1)\n\
                      --repeats N    runs per workload; the median is reported (default 3)\n\
                      --only PREFIX  run only workloads whose key starts with PREFIX\n\
+                     \x20              (--only data: the data-plane rows, with the transport floors)\n\
                      --json         print one JSON object keyed by workload\n\
                      --full         add the 1,000,000-task workloads\n\
                      --data-rss BYTES  no cluster: one process keeps a value of BYTES and\n\
@@ -271,7 +282,8 @@ async fn redis_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
 
 /// 10 MB through Redis the way a large result travels: one `SET` (as a
 /// worker stores it) and one `GET` (as the client fetches it), both from
-/// this process: MB/s of the pair, the floor under `gather_10mb_mb_per_s`.
+/// this process: MB/s of the pair, the floor under
+/// `data_result_10mb_mb_per_s` while large values go through Redis.
 async fn redis_10mb_floor(config: &Config, bytes: usize) -> Result<f64> {
     let mut redis = flotilla_runtime::transport::connect_redis(&config.redis_url).await?;
     let key = format!("{}:bench-floor", config.namespace);
@@ -323,6 +335,16 @@ async fn data_floor(bytes: usize, fetches: usize) -> Result<f64> {
     shutdown.cancel();
     serving.await?;
     Ok(median(samples))
+}
+
+/// How fast `random_bytes`, the data rows' task, makes `bytes` in this
+/// process (MB/s): the part of a data row that is making, not moving.
+fn make_floor(bytes: usize) -> f64 {
+    let started = Instant::now();
+    let value = random_bytes::call(bytes, fresh_seed());
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(std::hint::black_box(value));
+    (bytes as f64 / 1e6) / elapsed
 }
 
 /// `--data-rss`: runs this program again as `--data-serve`, which keeps a
@@ -406,6 +428,13 @@ fn vm_hwm(pid: &str) -> Result<u64> {
     Ok(kib * 1024)
 }
 
+/// Resets the peak RSS (`VmHWM`) of process `pid` (or `self`) to its
+/// current RSS, so that the next [`vm_hwm`] covers what happens from now on.
+fn reset_vm_hwm(pid: &str) -> Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+        .with_context(|| format!("resetting the peak RSS of process {pid}"))
+}
+
 /// One RabbitMQ hop as Flotilla's messages take it: a persistent message
 /// published (confirms on, not awaited) on one connection to a durable
 /// queue, until a consumer on another connection has it. Sequential:
@@ -475,36 +504,242 @@ async fn amqp_floor(config: &Config, count: usize) -> Result<Vec<f64>> {
     Ok(samples)
 }
 
-/// Scatters 10 MB, has 50 tasks take its length, gathers: seconds.
-async fn scatter_and_use(client: &Client, bytes: usize) -> Result<f64> {
+/// One decimal megabyte: the data rows' sizes and rates are in MB (10⁶ bytes).
+const MB: usize = 1_000_000;
+
+/// How long one sample of a data row may take before the row reports an
+/// error instead of a figure (a 1 GB value at 10 MB/s still fits).
+const DATA_SAMPLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The data-plane rows, in the order they run (`--only data` runs them all).
+const DATA_KEYS: [&str; 8] = [
+    "data_result_10mb_mb_per_s",
+    "data_result_100mb_mb_per_s",
+    "data_scatter_10mb_50_s",
+    "data_scatter_100mb_50_s",
+    "data_move_100mb_s",
+    "data_result_1gb_s",
+    "data_result_1gb_client_rss_mb",
+    "data_result_1gb_worker_rss_mb",
+];
+
+/// The tasks a `data_scatter_*` row runs on the scattered value.
+const SCATTER_READERS: usize = 50;
+
+/// A seed no earlier run of any data row used: every sample is a new task
+/// (tasks are keyed by their arguments) with other bytes.
+fn fresh_seed() -> u64 {
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (u64::from(std::process::id()) << 32) ^ run as u64
+}
+
+/// `data_result_*`: a task makes `bytes` random bytes and the client gets
+/// them; seconds from submit to the value in hand.
+async fn data_result(client: &Client, bytes: usize) -> Result<f64> {
     let started = Instant::now();
-    let data = client
-        .scatter(&serde_bytes::ByteBuf::from(vec![1u8; bytes]))
-        .await?;
-    let lengths: Vec<_> = (0..50)
-        .map(|i| {
-            client
-                .submit_with(byte_len, (&data,))
-                .key(format!("len-{bytes}-{i}"))
-                .submit()
-        })
-        .collect();
-    let results = client.gather(&lengths).await?;
+    let value = client.submit(random_bytes, (bytes, fresh_seed())).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    if results.iter().any(|&n| n != bytes) {
-        bail!("wrong lengths");
+    if value.len() != bytes {
+        bail!("the result has {} bytes, expected {bytes}", value.len());
     }
     Ok(elapsed)
 }
 
-async fn big_result(client: &Client, bytes: usize, salt: usize) -> Result<f64> {
+/// `data_scatter_*`: scatters `payload` (made before the clock starts, a
+/// fresh key each time as Dask's `hash=False`), runs [`SCATTER_READERS`]
+/// tasks that each take it and return its length, gathers them: seconds.
+async fn data_scatter(client: &Client, payload: &serde_bytes::ByteBuf) -> Result<f64> {
     let started = Instant::now();
-    let data = client.submit(make_bytes, (bytes + salt,)).await?;
+    let data = client
+        .scatter_with(payload, flotilla::ScatterOptions { hash: false })
+        .await?;
+    let lengths: Vec<_> = (0..SCATTER_READERS)
+        .map(|_| client.submit_with(byte_len, (&data,)).pure(false).submit())
+        .collect();
+    let results = client.gather(&lengths).await?;
     let elapsed = started.elapsed().as_secs_f64();
-    if data.len() != bytes + salt {
-        bail!("wrong size");
+    if let Some(wrong) = results.iter().find(|&&n| n != payload.len()) {
+        bail!("a reader saw {wrong} bytes, expected {}", payload.len());
     }
-    Ok((bytes as f64 / 1e6) / elapsed)
+    Ok(elapsed)
+}
+
+/// `data_move_*`: task A makes `bytes` on worker `bench-0`, task B on
+/// `bench-1` takes A's value as input and returns its length: seconds from
+/// A's submit to B's result, so the value crosses from one worker process to
+/// the other.
+async fn data_move(client: &Client, bytes: usize) -> Result<f64> {
+    let started = Instant::now();
+    let made = client
+        .submit_with(random_bytes, (bytes, fresh_seed()))
+        .workers(["bench-0"])
+        .submit();
+    let length = client
+        .submit_with(byte_len, (&made,))
+        .workers(["bench-1"])
+        .submit()
+        .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    if length != bytes {
+        bail!("task B saw {length} bytes, expected {bytes}");
+    }
+    Ok(elapsed)
+}
+
+/// Peak memory of the `data_result_1gb` row, in bytes.
+struct HugeResult {
+    seconds: f64,
+    client_peak: u64,
+    worker_peak: u64,
+}
+
+/// `data_result_1gb_*`: one task on `bench-0` makes `bytes`, the client
+/// gets them. The peak RSS (`VmHWM`) of this process and of every worker is
+/// reset just before (`/proc/<pid>/clear_refs`), so the peaks are this
+/// row's; the worker figure is the largest of the workers'.
+async fn data_huge_result(client: &Client, cluster: &Cluster, bytes: usize) -> Result<HugeResult> {
+    let workers: Vec<String> = cluster.workers.iter().map(|w| w.id().to_string()).collect();
+    for pid in workers.iter().map(String::as_str).chain(["self"]) {
+        reset_vm_hwm(pid)?;
+    }
+    let started = Instant::now();
+    let value = client
+        .submit_with(random_bytes, (bytes, fresh_seed()))
+        .workers(["bench-0"])
+        .submit()
+        .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if value.len() != bytes {
+        bail!("the result has {} bytes, expected {bytes}", value.len());
+    }
+    let client_peak = vm_hwm("self")?;
+    drop(value);
+    let mut worker_peak = 0;
+    for pid in &workers {
+        worker_peak = worker_peak.max(vm_hwm(pid)?);
+    }
+    Ok(HugeResult {
+        seconds,
+        client_peak,
+        worker_peak,
+    })
+}
+
+/// Runs `sample` `repeats` times, each bounded by [`DATA_SAMPLE_TIMEOUT`],
+/// and returns the median; the first failure ends the row with its error.
+async fn median_of<F, Fut>(repeats: usize, mut sample: F) -> Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let mut samples = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        samples.push(bounded(sample()).await?);
+    }
+    Ok(median(samples))
+}
+
+/// `work`, or an error once [`DATA_SAMPLE_TIMEOUT`] has passed.
+async fn bounded<T>(work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(DATA_SAMPLE_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| bail!("no answer within {} s", DATA_SAMPLE_TIMEOUT.as_secs()))
+}
+
+/// The data-plane rows (`--only data`): results to the client, scatter to
+/// many readers, a value moved between workers and a 1 GB result, each a
+/// figure or, where Flotilla fails it, the error.
+async fn data_rows(
+    client: &Client,
+    cluster: &Cluster,
+    repeats: usize,
+    wanted: &dyn Fn(&str) -> bool,
+    report: &mut dyn FnMut(Row),
+) {
+    for (key, bytes) in [
+        ("data_result_10mb_mb_per_s", 10 * MB),
+        ("data_result_100mb_mb_per_s", 100 * MB),
+    ] {
+        if wanted(key) {
+            let seconds = median_of(repeats, || data_result(client, bytes)).await;
+            report(Row::measured(
+                key,
+                seconds.map(|s| (bytes / MB) as f64 / s),
+                "MB/s (a task makes the bytes, the client has them; median)",
+            ));
+        }
+    }
+    for (key, bytes) in [
+        ("data_scatter_10mb_50_s", 10 * MB),
+        ("data_scatter_100mb_50_s", 100 * MB),
+    ] {
+        if wanted(key) {
+            let payload = random_payload(bytes);
+            let seconds = median_of(repeats, || data_scatter(client, &payload)).await;
+            report(Row::measured(
+                key,
+                seconds,
+                "s (scatter, 50 tasks take its length, gather; median)",
+            ));
+        }
+    }
+    if wanted("data_move_100mb_s") {
+        let seconds = if cluster.workers.len() < 2 {
+            Err(anyhow::anyhow!("needs two workers (--workers 2 or more)"))
+        } else {
+            median_of(repeats, || data_move(client, 100 * MB)).await
+        };
+        report(Row::measured(
+            "data_move_100mb_s",
+            seconds,
+            "s (made on worker 1, the input of a task on worker 2; median)",
+        ));
+    }
+    if DATA_KEYS
+        .iter()
+        .any(|key| key.starts_with("data_result_1gb") && wanted(key))
+    {
+        let huge = bounded(data_huge_result(client, cluster, 1000 * MB)).await;
+        let (seconds, client_peak, worker_peak) = match huge {
+            Ok(h) => (
+                Ok(h.seconds),
+                Ok(h.client_peak as f64 / MB as f64),
+                Ok(h.worker_peak as f64 / MB as f64),
+            ),
+            Err(e) => {
+                let message = one_line(&e);
+                let again = || Err(anyhow::anyhow!("{message}"));
+                (again(), again(), again())
+            }
+        };
+        report(Row::measured(
+            "data_result_1gb_s",
+            seconds,
+            "s (one run: a task makes 1 GB, the client has it)",
+        ));
+        report(Row::measured(
+            "data_result_1gb_client_rss_mb",
+            client_peak,
+            "MB (VmHWM of the client process during that run)",
+        ));
+        report(Row::measured(
+            "data_result_1gb_worker_rss_mb",
+            worker_peak,
+            "MB (largest VmHWM of the worker processes during that run)",
+        ));
+    }
+}
+
+/// `bytes` random bytes (for the scatter rows, made before the clock starts).
+fn random_payload(bytes: usize) -> serde_bytes::ByteBuf {
+    // The task's own body is plain Rust: calling it here makes the same kind
+    // of payload the tasks make.
+    random_bytes::call(bytes, fresh_seed())
+}
+
+/// An error and its causes on one line, for the table and the JSON.
+fn one_line(error: &anyhow::Error) -> String {
+    format!("{error:#}").replace('\n', " ")
 }
 
 async fn pending_memory(client: &Client, cluster: &Cluster, count: i64) -> Result<f64> {
@@ -615,10 +850,55 @@ async fn backlog(config: &Config, cluster: &Cluster, count: i64) -> Result<(u64,
     Ok((peak, used, parked))
 }
 
+/// One line of the table and one key of the JSON.
 struct Row {
     key: &'static str,
     value: Option<f64>,
     unit: &'static str,
+    /// Why there is no value: the row's error, shown instead of a figure.
+    error: Option<String>,
+}
+
+impl Row {
+    /// A row with a figure.
+    fn new(key: &'static str, value: f64, unit: &'static str) -> Row {
+        Row {
+            key,
+            value: Some(value),
+            unit,
+            error: None,
+        }
+    }
+
+    /// A row whose measurement may have failed: the figure, or the error
+    /// (the run goes on with the next row).
+    fn measured(key: &'static str, value: Result<f64>, unit: &'static str) -> Row {
+        match value {
+            Ok(value) => Row::new(key, value, unit),
+            Err(error) => Row {
+                key,
+                value: None,
+                unit,
+                error: Some(one_line(&error)),
+            },
+        }
+    }
+}
+
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[tokio::main]
@@ -648,13 +928,24 @@ async fn main() -> Result<()> {
     let _ = flotilla::purge(&config).await;
     let rows = result?;
     if options.json {
-        let body: Vec<String> = rows
+        let mut body: Vec<String> = rows
             .iter()
             .map(|r| match r.value {
                 Some(v) => format!("\"{}\": {:.4}", r.key, v),
                 None => format!("\"{}\": null", r.key),
             })
             .collect();
+        // Why a row has no value, for the tables made from this JSON.
+        let errors: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                let error = r.error.as_deref()?;
+                Some(format!("{}: {}", json_string(r.key), json_string(error)))
+            })
+            .collect();
+        if !errors.is_empty() {
+            body.push(format!("\"errors\": {{{}}}", errors.join(", ")));
+        }
         println!("{{{}}}", body.join(", "));
     }
     Ok(())
@@ -684,9 +975,10 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
     let repeats = options.repeats.max(1);
     let mut rows = Vec::new();
     let mut report = |row: Row| {
-        match row.value {
-            Some(v) => eprintln!("{:<36} {:>14.3} {}", row.key, v, row.unit),
-            None => eprintln!("{:<36} {:>14} {}", row.key, "—", row.unit),
+        match (row.value, &row.error) {
+            (Some(v), _) => eprintln!("{:<36} {:>14.3} {}", row.key, v, row.unit),
+            (None, Some(error)) => eprintln!("{:<36} {:>14} error: {error}", row.key, "—"),
+            (None, None) => eprintln!("{:<36} {:>14} {}", row.key, "—", row.unit),
         }
         rows.push(row);
     };
@@ -707,22 +999,14 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
         for _ in 0..runs {
             samples.push(throughput(&client, count).await?);
         }
-        report(Row {
-            key,
-            value: Some(median(samples)),
-            unit: "tasks/s",
-        });
+        report(Row::new(key, median(samples), "tasks/s"));
     }
     if wanted("chain_ms_per_task") {
         let mut samples = Vec::new();
         for _ in 0..repeats {
             samples.push(chain(&client, 500).await?);
         }
-        report(Row {
-            key: "chain_ms_per_task",
-            value: Some(median(samples)),
-            unit: "ms/task",
-        });
+        report(Row::new("chain_ms_per_task", median(samples), "ms/task"));
     }
     if wanted("roundtrip") {
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
@@ -731,16 +1015,8 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
             p50s.push(percentile(&samples, 50.0));
             p99s.push(percentile(&samples, 99.0));
         }
-        report(Row {
-            key: "roundtrip_p50_ms",
-            value: Some(median(p50s)),
-            unit: "ms",
-        });
-        report(Row {
-            key: "roundtrip_p99_ms",
-            value: Some(median(p99s)),
-            unit: "ms",
-        });
+        report(Row::new("roundtrip_p50_ms", median(p50s), "ms"));
+        report(Row::new("roundtrip_p99_ms", median(p99s), "ms"));
     }
     if wanted("actor") {
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
@@ -749,37 +1025,40 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
             p50s.push(percentile(&samples, 50.0));
             p99s.push(percentile(&samples, 99.0));
         }
-        report(Row {
-            key: "actor_p50_ms",
-            value: Some(median(p50s)),
-            unit: "ms (1,000 sequential increment() calls)",
-        });
-        report(Row {
-            key: "actor_p99_ms",
-            value: Some(median(p99s)),
-            unit: "ms (1,000 sequential increment() calls)",
-        });
+        report(Row::new(
+            "actor_p50_ms",
+            median(p50s),
+            "ms (1,000 sequential increment() calls)",
+        ));
+        report(Row::new(
+            "actor_p99_ms",
+            median(p99s),
+            "ms (1,000 sequential increment() calls)",
+        ));
     }
-    if wanted("floor") {
+    let data_wanted = DATA_KEYS.iter().any(|key| wanted(key));
+    // The transport's floors are the yardstick of the data rows: measured in
+    // the same run.
+    if wanted("floor") || data_wanted {
         let (mut redis, mut amqp) = (Vec::new(), Vec::new());
         for _ in 0..repeats {
             redis.push(percentile(&redis_floor(config, 1000).await?, 50.0));
             amqp.push(percentile(&amqp_floor(config, 1000).await?, 50.0));
         }
-        report(Row {
-            key: "floor_redis_rtt_p50_ms",
-            value: Some(median(redis)),
-            unit: "ms (1,000 sequential PINGs: the transport's floor)",
-        });
+        report(Row::new(
+            "floor_redis_rtt_p50_ms",
+            median(redis),
+            "ms (1,000 sequential PINGs: the transport's floor)",
+        ));
         let mut transfers = Vec::new();
         for _ in 0..repeats {
             transfers.push(redis_10mb_floor(config, 10_000_000).await?);
         }
-        report(Row {
-            key: "floor_redis_10mb_mb_per_s",
-            value: Some(median(transfers)),
-            unit: "MB/s (SET then GET of 10 MB: the transport's floor)",
-        });
+        report(Row::new(
+            "floor_redis_10mb_mb_per_s",
+            median(transfers),
+            "MB/s (SET then GET of 10 MB: the transport's floor)",
+        ));
         for (key, bytes) in [
             ("floor_data_10mb_mb_per_s", 10_000_000),
             ("floor_data_100mb_mb_per_s", 100_000_000),
@@ -788,39 +1067,25 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
             for _ in 0..repeats {
                 samples.push(data_floor(bytes, 5).await?);
             }
-            report(Row {
-                key,
-                value: Some(median(samples)),
-                unit: "MB/s (fetch of a kept value on the data connection, in-process loopback: its floor)",
-            });
+            report(Row::new(key, median(samples), "MB/s (fetch of a kept value on the data connection, in-process loopback: its floor)"));
         }
-        report(Row {
-            key: "floor_amqp_hop_p50_ms",
-            value: Some(median(amqp)),
-            unit: "ms (1,000 sequential publish→deliver: the transport's floor)",
-        });
+        let mut makes = Vec::new();
+        for _ in 0..repeats {
+            makes.push(make_floor(100 * MB));
+        }
+        report(Row::new(
+            "floor_make_100mb_mb_per_s",
+            median(makes),
+            "MB/s (random_bytes making 100 MB in this process: the data rows' task body)",
+        ));
+        report(Row::new(
+            "floor_amqp_hop_p50_ms",
+            median(amqp),
+            "ms (1,000 sequential publish→deliver: the transport's floor)",
+        ));
     }
-    if wanted("scatter") {
-        let mut samples = Vec::new();
-        for run in 0..repeats {
-            samples.push(scatter_and_use(&client, 10_000_000 + run).await?);
-        }
-        report(Row {
-            key: "scatter_10mb_50_tasks_s",
-            value: Some(median(samples)),
-            unit: "s",
-        });
-    }
-    if wanted("gather_10mb") {
-        let mut samples = Vec::new();
-        for run in 0..repeats {
-            samples.push(big_result(&client, 10_000_000, run).await?);
-        }
-        report(Row {
-            key: "gather_10mb_mb_per_s",
-            value: Some(median(samples)),
-            unit: "MB/s",
-        });
+    if data_wanted {
+        data_rows(&client, cluster, repeats, &wanted, &mut report).await;
     }
     // Only when asked for by name: it leaves the cluster with a backlog.
     if options
@@ -831,35 +1096,35 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
         let count = if options.full { 1_000_000 } else { 300_000 };
         let (peak, used, parked) = backlog(config, cluster, count).await?;
         eprintln!("backlog: {count} pending tasks, {parked} messages parked in <ns>:backlog");
-        report(Row {
-            key: "backlog_tasks",
-            value: Some(count as f64),
-            unit: "tasks pending (waiting on one long task)",
-        });
-        report(Row {
-            key: "backlog_scheduler_peak_rss_mb",
-            value: Some(peak as f64 / 1e6),
-            unit: "MB (VmHWM of the scheduler process)",
-        });
-        report(Row {
-            key: "backlog_redis_used_memory_mb",
-            value: Some(used as f64 / 1e6),
-            unit: "MB (Redis INFO used_memory, whole server)",
-        });
-        report(Row {
-            key: "backlog_parked_messages",
-            value: Some(parked as f64),
-            unit: "submission messages parked in Redis",
-        });
+        report(Row::new(
+            "backlog_tasks",
+            count as f64,
+            "tasks pending (waiting on one long task)",
+        ));
+        report(Row::new(
+            "backlog_scheduler_peak_rss_mb",
+            peak as f64 / 1e6,
+            "MB (VmHWM of the scheduler process)",
+        ));
+        report(Row::new(
+            "backlog_redis_used_memory_mb",
+            used as f64 / 1e6,
+            "MB (Redis INFO used_memory, whole server)",
+        ));
+        report(Row::new(
+            "backlog_parked_messages",
+            parked as f64,
+            "submission messages parked in Redis",
+        ));
     }
     if wanted("scheduler_bytes") {
         let count = if options.full { 1_000_000 } else { 200_000 };
         let per_task = pending_memory(&client, cluster, count).await?;
-        report(Row {
-            key: "scheduler_bytes_per_pending_task",
-            value: Some(per_task),
-            unit: "bytes",
-        });
+        report(Row::new(
+            "scheduler_bytes_per_pending_task",
+            per_task,
+            "bytes",
+        ));
     }
     Ok(rows)
 }

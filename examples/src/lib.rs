@@ -183,6 +183,39 @@ pub fn fnv1a_local(data: &[u8]) -> u64 {
     })
 }
 
+/// `len` pseudo-random bytes from `seed`, made at close to memory speed:
+/// the payload of the data-plane benchmarks (`flotilla-bench --only data`).
+/// Unlike [`noise`] (one byte per step of one generator), four independent
+/// xorshift64 generators fill 32 bytes per step, so making 100 MB costs
+/// about as much as one copy of it and the benchmark measures moving the
+/// bytes. Not compressible; a different `seed` gives other bytes (and a
+/// new task key).
+#[flotilla::task]
+pub fn random_bytes(len: usize, seed: u64) -> serde_bytes::ByteBuf {
+    fn step(lanes: &mut [u64; 4]) -> [u8; 32] {
+        let mut block = [0u8; 32];
+        for (state, word) in lanes.iter_mut().zip(block.chunks_exact_mut(8)) {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        block
+    }
+    let mut lanes = [1u64, 2, 3, 4].map(|lane| {
+        (seed ^ lane.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1
+    });
+    let mut data = vec![0u8; len];
+    let mut blocks = data.chunks_exact_mut(32);
+    for block in &mut blocks {
+        block.copy_from_slice(&step(&mut lanes));
+    }
+    let tail = blocks.into_remainder();
+    let tail_len = tail.len();
+    tail.copy_from_slice(&step(&mut lanes)[..tail_len]);
+    serde_bytes::ByteBuf::from(data)
+}
+
 static RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 fn note_run(tag: &str) -> u64 {
@@ -391,3 +424,36 @@ pub mod features;
 
 /// Tasks of the seed's lifecycle examples (scatter, fire-and-forget, sweeps, pipelines, iteration).
 pub mod seed_tasks;
+
+#[cfg(test)]
+mod tests {
+    use super::random_bytes;
+
+    #[test]
+    fn random_bytes_has_the_length_asked_for() {
+        for len in [0, 1, 7, 31, 32, 33, 1000, 4097] {
+            assert_eq!(random_bytes::call(len, 9).len(), len, "len {len}");
+        }
+    }
+
+    #[test]
+    fn random_bytes_looks_random() {
+        let data = random_bytes::call(1 << 20, 1);
+        // Every byte value about equally often: 4,096 expected, σ ≈ 64.
+        let mut counts = [0usize; 256];
+        for &byte in data.iter() {
+            counts[usize::from(byte)] += 1;
+        }
+        for (value, &count) in counts.iter().enumerate() {
+            assert!(
+                (3_700..4_500).contains(&count),
+                "byte {value}: {count} times"
+            );
+        }
+        // No short period (the four generators differ), and the seed matters.
+        assert_ne!(data[..32], data[32..64]);
+        assert_ne!(data[..8], data[8..16]);
+        assert_ne!(data[..4096], random_bytes::call(4096, 2)[..]);
+        assert_eq!(data[..4096], random_bytes::call(4096, 1)[..]);
+    }
+}
