@@ -113,7 +113,7 @@ impl ArgWriter {
                 return Ok(Arg::Value(bytes));
             }
             let key = format!("arg-{}", crate::client::content_hash("scatter", 0, &bytes));
-            if !self.deps.iter().any(|dep| *dep == key) {
+            if !self.deps.contains(&key) {
                 self.deps.push(key.clone());
                 self.uploads.push((key.clone(), bytes));
             }
@@ -361,9 +361,11 @@ mod tests {
 
     #[test]
     fn the_arguments_of_a_submission_share_one_limit() {
-        let mut writer = ArgWriter::default();
-        writer.limit = 100;
-        writer.what = "the arguments of `f`".into();
+        let mut writer = ArgWriter {
+            limit: 100,
+            what: "the arguments of `f`".into(),
+            ..ArgWriter::default()
+        };
         writer.value(&vec![0u8; 60]).unwrap();
         match writer.value(&vec![0u8; 60]).unwrap_err() {
             Error::PayloadTooLarge { what, size, limit } => {

@@ -197,7 +197,7 @@ async fn chunked_values(store: &Store) {
         assert_eq!(replies[1], Reply::Stored(Stored::Kept));
         assert_eq!(hold_of(&replies[2]), Held::Stored(TAG_OK), "{len}");
         assert_eq!(
-            store.result_tags(&[key.clone()]).await.unwrap(),
+            store.result_tags(std::slice::from_ref(&key)).await.unwrap(),
             [Some(TAG_OK)]
         );
         let read = store.read_results(&[key.clone(), s("zz")]).await.unwrap();
@@ -213,8 +213,14 @@ async fn chunked_values(store: &Store) {
             .release(&[(key.clone(), s("c1")), (key.clone(), s("c2"))])
             .await
             .unwrap();
-        assert_eq!(freed, [key.clone()]);
-        assert_eq!(store.read_results(&[key.clone()]).await.unwrap(), [None]);
+        assert_eq!(freed, std::slice::from_ref(&key));
+        assert_eq!(
+            store
+                .read_results(std::slice::from_ref(&key))
+                .await
+                .unwrap(),
+            [None]
+        );
     }
 
     // The one-call forms: a task's result and scattered data.
