@@ -28,10 +28,12 @@ use crate::future::{FutureRef, TaskFuture};
 use flotilla_proto::Arg;
 use serde::Serialize;
 
-/// The largest encoded argument value sent inside a task's message (1 MiB);
-/// a larger one is scattered by the client and passed by reference (see
-/// the [module docs](self)), so that messages stay small however large
-/// the arguments.
+/// The largest encoded argument value sent inside a task's message (1 MiB).
+/// A larger one (or one that would take the submission's arguments over
+/// `FLOTILLA_MAX_PAYLOAD`) is scattered by the client, keyed by its content,
+/// and passed by reference, as if the program had scattered it and passed
+/// the future: the task holds it until it ends, then it is freed. So
+/// messages stay small however large the arguments.
 pub const INLINE_ARG_MAX: usize = 1 << 20;
 
 /// Collects what a submission's arguments refer to, and encodes its values
@@ -100,7 +102,7 @@ impl ArgWriter {
     }
 
     /// Encodes a plain value: inside the message when it is small, else
-    /// scattered and passed by reference (see the module docs). A writer
+    /// scattered and passed by reference (see [`INLINE_ARG_MAX`]). A writer
     /// that does not scatter fails as soon as the arguments written so far
     /// pass the payload limit, without encoding the rest.
     pub fn value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<Arg, Error> {

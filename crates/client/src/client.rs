@@ -434,8 +434,10 @@ impl Client {
     /// submitting the same call again returns a handle on the same task and
     /// runs nothing new, while its result is still held by anyone.
     ///
-    /// Problems found before sending (arguments over the payload limit, an
-    /// argument that cannot be encoded) come back as an already-failed future.
+    /// Problems found before sending (an argument that cannot be encoded)
+    /// come back as an already-failed future. Arguments of any size are
+    /// accepted: one whose encoding is over [`crate::INLINE_ARG_MAX`] (1 MiB)
+    /// is scattered by the client and passed by reference.
     ///
     /// Past this client's bound on pending tasks (`FLOTILLA_MAX_PENDING`,
     /// [`Config::max_pending`]) the submission waits in the client's
@@ -515,18 +517,6 @@ impl Client {
             Ok(bytes) => bytes,
             Err(error) => return Ok((self.failed(&key, error), None)),
         };
-        // Arguments too large for the message are scattered first, in the
-        // outbox's order (before the submission that holds them): each is a
-        // future of this client, kept alive until the submission is queued,
-        // exactly like a scattered future passed as an argument.
-        for (upload, value) in std::mem::take(&mut writer.uploads) {
-            let (state, fresh) = self.inner.register(&upload);
-            if fresh {
-                state.set_finished(None);
-                self.inner.send(Op::Upload(upload, value));
-            }
-            writer.keep(state);
-        }
         // The line is held from the admission decision until the
         // submission is queued (see `crate::room`).
         let room = self.inner.room.clone();
@@ -537,6 +527,20 @@ impl Client {
                 pending: room.pending(&line),
                 limit: room.limit(),
             });
+        }
+        // Arguments too large for the message are scattered first, in the
+        // outbox's order (before the submission that holds them): each is a
+        // future of this client, kept alive until the submission is queued,
+        // exactly like a scattered future passed as an argument. Under the
+        // line, so that a concurrent submission of the same argument, which
+        // finds its key registered and uploads nothing, is queued after it.
+        for (upload, value) in std::mem::take(&mut writer.uploads) {
+            let (state, fresh) = self.inner.register(&upload);
+            if fresh {
+                state.set_finished(None);
+                self.inner.send(Op::Upload(upload, value));
+            }
+            writer.keep(state);
         }
         let (state, fresh) = self.inner.register(&key);
         let future = TaskFuture::from_state(state.clone(), self.inner.clone());
