@@ -421,6 +421,7 @@ pub fn link() {}
 pub mod actors;
 pub mod coordination;
 pub mod features;
+pub mod large_values;
 
 /// Tasks of the seed's lifecycle examples (scatter, fire-and-forget, sweeps, pipelines, iteration).
 pub mod seed_tasks;

@@ -12,11 +12,29 @@
 //! let sum = client.submit(total, (parts,));       // Vec<TaskFuture<i64>> arrives as Vec<i64>
 //! # Ok(()) }
 //! ```
+//!
+//! # Large values
+//!
+//! An argument value whose encoding is over [`INLINE_ARG_MAX`] (or that
+//! would take the submission's arguments over `FLOTILLA_MAX_PAYLOAD`) does
+//! not travel in the task's message: the client scatters it (keyed by its
+//! content, like [`Client::scatter`](crate::Client::scatter)) and passes a
+//! reference, as if the program had scattered it and passed the future
+//! (Ray's automatic `put` of large arguments). The task holds it until it
+//! ends; then it is freed. So a task argument may be of any size.
 
 use crate::error::Error;
 use crate::future::{FutureRef, TaskFuture};
 use flotilla_proto::Arg;
 use serde::Serialize;
+
+/// The largest encoded argument value sent inside a task's message (1 MiB).
+/// A larger one (or one that would take the submission's arguments over
+/// `FLOTILLA_MAX_PAYLOAD`) is scattered by the client, keyed by its content,
+/// and passed by reference, as if the program had scattered it and passed
+/// the future: the task holds it until it ends, then it is freed. So
+/// messages stay small however large the arguments.
+pub const INLINE_ARG_MAX: usize = 1 << 20;
 
 /// Collects what a submission's arguments refer to, and encodes its values
 /// within the payload limit.
@@ -24,6 +42,12 @@ use serde::Serialize;
 pub struct ArgWriter {
     pub(crate) deps: Vec<String>,
     pub(crate) holds: Vec<String>,
+    /// Values scattered implicitly (key, encoded value): the client stores
+    /// them before the submission goes out (see the module docs).
+    pub(crate) uploads: Vec<(String, Vec<u8>)>,
+    /// Whether large values are scattered ([`ArgWriter::within`]) rather
+    /// than refused over the limit.
+    scatters: bool,
     /// The inputs' states, kept alive until the submission is queued.
     keep: Vec<std::sync::Arc<crate::state::FutureState>>,
     /// The payload limit, shared by all the arguments of a submission.
@@ -40,6 +64,8 @@ impl Default for ArgWriter {
         ArgWriter {
             deps: Vec::new(),
             holds: Vec::new(),
+            uploads: Vec::new(),
+            scatters: false,
             keep: Vec::new(),
             limit: usize::MAX,
             written: 0,
@@ -58,19 +84,43 @@ impl ArgWriter {
         Arg::Ref(key.to_owned())
     }
 
-    /// A writer for the arguments of one submission: together they may take
-    /// `limit` bytes; `what` names them in errors ("the arguments of `add`").
+    /// A writer for the arguments of one submission: together the values
+    /// sent inside the message take at most `limit` bytes, larger ones are
+    /// scattered; `what` names them in errors ("the arguments of `add`").
     pub(crate) fn within(limit: usize, what: String) -> Self {
         ArgWriter {
             limit,
             what,
+            scatters: true,
             ..ArgWriter::default()
         }
     }
 
-    /// Encodes a plain value; fails as soon as the arguments written so far
+    /// Keeps an input's state alive until the submission is queued.
+    pub(crate) fn keep(&mut self, state: std::sync::Arc<crate::state::FutureState>) {
+        self.keep.push(state);
+    }
+
+    /// Encodes a plain value: inside the message when it is small, else
+    /// scattered and passed by reference (see [`INLINE_ARG_MAX`]). A writer
+    /// that does not scatter fails as soon as the arguments written so far
     /// pass the payload limit, without encoding the rest.
     pub fn value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<Arg, Error> {
+        if self.scatters {
+            let bytes = encode(value, || {
+                format!("an argument of type {}", std::any::type_name::<T>())
+            })?;
+            if bytes.len() <= INLINE_ARG_MAX && self.written + bytes.len() <= self.limit {
+                self.written += bytes.len();
+                return Ok(Arg::Value(bytes));
+            }
+            let key = format!("arg-{}", crate::client::content_hash("scatter", 0, &bytes));
+            if !self.deps.contains(&key) {
+                self.deps.push(key.clone());
+                self.uploads.push((key.clone(), bytes));
+            }
+            return Ok(Arg::Ref(key));
+        }
         let room = self.limit.saturating_sub(self.written);
         let bytes = encode_within(value, room, || {
             format!("an argument of type {}", std::any::type_name::<T>())
@@ -86,6 +136,16 @@ impl ArgWriter {
         self.written += bytes.len();
         Ok(Arg::Value(bytes))
     }
+}
+
+/// Encodes `value` whole ([`flotilla_proto::write_value`]: named
+/// MessagePack, bytes as `bin`), for values with no size limit (scattered
+/// data, large arguments). `what` names the value in errors.
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    value: &T,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<u8>, Error> {
+    encode_within(value, usize::MAX, what)
 }
 
 /// Encodes `value` ([`flotilla_proto::write_value`]: named MessagePack, bytes
@@ -303,7 +363,11 @@ mod tests {
 
     #[test]
     fn the_arguments_of_a_submission_share_one_limit() {
-        let mut writer = ArgWriter::within(100, "the arguments of `f`".into());
+        let mut writer = ArgWriter {
+            limit: 100,
+            what: "the arguments of `f`".into(),
+            ..ArgWriter::default()
+        };
         writer.value(&vec![0u8; 60]).unwrap();
         match writer.value(&vec![0u8; 60]).unwrap_err() {
             Error::PayloadTooLarge { what, size, limit } => {
@@ -313,5 +377,47 @@ mod tests {
             other => panic!("expected PayloadTooLarge, got {other:?}"),
         }
         assert!(ArgWriter::default().value(&vec![0u8; 1 << 20]).is_ok());
+    }
+
+    #[test]
+    fn large_arguments_are_scattered_and_passed_by_reference() {
+        let mut writer = ArgWriter::within(100, "the arguments of `f`".into());
+        let small = writer.value(&vec![1u8; 60]).unwrap();
+        assert!(matches!(small, Arg::Value(_)), "{small:?}");
+        // Over the submission's limit: passed by reference.
+        let second = writer.value(&vec![2u8; 60]).unwrap();
+        // Over INLINE_ARG_MAX on its own, twice: one upload, one dependency.
+        let big = vec![3u8; INLINE_ARG_MAX];
+        let third = writer.value(&big).unwrap();
+        let again = writer.value(&big).unwrap();
+        let keys: Vec<String> = [second, third, again]
+            .into_iter()
+            .map(|arg| match arg {
+                Arg::Ref(key) => key,
+                other => panic!("expected a reference, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(keys[1], keys[2], "keyed by content");
+        assert!(keys.iter().all(|key| key.starts_with("arg-")), "{keys:?}");
+        assert_eq!(writer.deps, keys[..2]);
+        let uploads: Vec<(&str, usize)> = writer
+            .uploads
+            .iter()
+            .map(|(key, bytes)| (key.as_str(), bytes.len()))
+            .collect();
+        let length = |value: &Vec<u8>| encode(value, String::new).unwrap().len();
+        assert_eq!(
+            uploads,
+            [
+                (keys[0].as_str(), length(&vec![2u8; 60])),
+                (keys[1].as_str(), length(&big))
+            ]
+        );
+        assert!(length(&big) > INLINE_ARG_MAX);
+        assert_eq!(
+            writer.written,
+            length(&vec![1u8; 60]),
+            "only the inline value counts"
+        );
     }
 }

@@ -435,8 +435,10 @@ impl Client {
     /// submitting the same call again returns a handle on the same task and
     /// runs nothing new, while its result is still held by anyone.
     ///
-    /// Problems found before sending (arguments over the payload limit, an
-    /// argument that cannot be encoded) come back as an already-failed future.
+    /// Problems found before sending (an argument that cannot be encoded)
+    /// come back as an already-failed future. Arguments of any size are
+    /// accepted: one whose encoding is over [`crate::INLINE_ARG_MAX`] (1 MiB)
+    /// is scattered by the client and passed by reference.
     ///
     /// Past this client's bound on pending tasks (`FLOTILLA_MAX_PENDING`,
     /// [`Config::max_pending`]) the submission waits in the client's
@@ -527,6 +529,20 @@ impl Client {
                 limit: room.limit(),
             });
         }
+        // Arguments too large for the message are scattered first, in the
+        // outbox's order (before the submission that holds them): each is a
+        // future of this client, kept alive until the submission is queued,
+        // exactly like a scattered future passed as an argument. Under the
+        // line, so that a concurrent submission of the same argument, which
+        // finds its key registered and uploads nothing, is queued after it.
+        for (upload, value) in std::mem::take(&mut writer.uploads) {
+            let (state, fresh) = self.inner.register(&upload);
+            if fresh {
+                state.set_finished(None);
+                self.inner.send(Op::Upload(upload, value));
+            }
+            writer.keep(state);
+        }
         let (state, fresh) = self.inner.register(&key);
         let future = TaskFuture::from_state(state.clone(), self.inner.clone());
         let mut admitted = None;
@@ -604,6 +620,10 @@ impl Client {
 
     /// Stores `value` in the cluster and returns a finished future of it, to
     /// pass to many tasks without sending it again (keyed by content).
+    ///
+    /// A value of any size: from 4 MiB on
+    /// ([`flotilla_runtime::store::CHUNKED_MIN`]) it goes to Redis in 4 MiB
+    /// chunks, a few per round trip, and readers get it back whole.
     pub async fn scatter<T: Serialize>(&self, value: &T) -> Result<TaskFuture<T>> {
         self.scatter_with(value, ScatterOptions::default()).await
     }
@@ -614,7 +634,7 @@ impl Client {
         value: &T,
         options: ScatterOptions,
     ) -> Result<TaskFuture<T>> {
-        let bytes = crate::args::encode_within(value, self.inner.config.max_payload, || {
+        let bytes = crate::args::encode(value, || {
             format!("the scattered {}", std::any::type_name::<T>())
         })?;
         let type_name = std::any::type_name::<T>();
@@ -636,13 +656,11 @@ impl Client {
             // before the new hold, or it would delete the new data.
             self.inner.barrier().await?;
         }
-        let mut write = self.inner.store.batch();
-        write.scatter(
-            &key,
-            &self.inner.id,
-            &self.inner.codec.result_ok(&key, &bytes),
-        );
-        write.exec().await?;
+        let sealed = self.inner.codec.result_ok_arg(&key, &bytes);
+        self.inner
+            .store
+            .scatter_large(&key, &self.inner.id, &sealed.pieces())
+            .await?;
         state.set_finished((bytes.len() <= INLINE_SCATTER).then_some(bytes));
         Ok(TaskFuture::from_state(state, self.inner.clone()))
     }
@@ -855,9 +873,26 @@ fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+/// Arguments from this size on are hashed with SHA-256 rather than FNV-1a.
+const LARGE_CONTENT: usize = 64 << 10;
+
 /// A deterministic key suffix from the task's name, signature and arguments
-/// (FNV-1a, 128 bits).
+/// (FNV-1a, 128 bits; for [`LARGE_CONTENT`] bytes and more, the first 128
+/// bits of SHA-256: a large scattered value is hashed at memory speed, and
+/// two values of a key can never be told apart by chance).
 pub(crate) fn content_hash(name: &str, fingerprint: u64, args: &[u8]) -> String {
+    if args.len() >= LARGE_CONTENT {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(name.as_bytes());
+        context.update(&[0]);
+        context.update(&fingerprint.to_le_bytes());
+        context.update(args);
+        let digest = context.finish();
+        return digest.as_ref()[..16]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+    }
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013B;
     let mut hash: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     for byte in name
@@ -882,6 +917,14 @@ mod tests {
         assert_ne!(a, content_hash("m::add", 2, &[1, 2]));
         assert_ne!(a, content_hash("m::add", 1, &[2, 1]));
         assert_eq!(a.len(), 32);
+        let large = vec![5u8; super::LARGE_CONTENT];
+        let b = content_hash("scatter", 0, &large);
+        assert_eq!(b.len(), 32);
+        assert_eq!(b, content_hash("scatter", 0, &large));
+        assert_ne!(b, content_hash("scatter", 1, &large));
+        let mut changed = large.clone();
+        changed[super::LARGE_CONTENT - 1] = 6;
+        assert_ne!(b, content_hash("scatter", 0, &changed));
     }
 
     #[test]

@@ -24,13 +24,16 @@ pub enum Error {
     /// The task was cancelled.
     #[error("`{0}` was cancelled")]
     Cancelled(String),
-    /// Arguments or data over the configured payload limit. Encoding stops
-    /// as soon as the limit is passed, so this arrives after encoding
-    /// `limit` bytes, however large the value.
+    /// A value that must travel inside a message (an actor call's
+    /// arguments, a primitive's value) is over the configured payload limit
+    /// (`FLOTILLA_MAX_PAYLOAD`). Encoding stops as soon as the limit is
+    /// passed, so this arrives after encoding `limit` bytes, however large
+    /// the value. Task arguments and scattered values are never refused for
+    /// their size (they go through Redis, in chunks).
     #[error("{}", payload_message(what, *limit))]
     PayloadTooLarge {
-        /// What was too large, as a noun phrase: ``"the arguments of `add`"``,
-        /// `"the scattered alloc::vec::Vec<u8>"`, ``"a value for variable `x`"``.
+        /// What was too large, as a noun phrase: ``"the arguments of
+        /// `Counter::add`"``, ``"a value for variable `x`"``.
         what: String,
         /// How many bytes it had taken when encoding stopped: more than
         /// `limit`, at most its whole size.

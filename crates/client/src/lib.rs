@@ -68,7 +68,7 @@ mod state;
 pub mod sync;
 
 pub use actor::{ActorFuture, ActorHandle, ActorProxy, Constructor, SubmitActor};
-pub use args::{ArgWriter, IntoArg, IntoArgs};
+pub use args::{ArgWriter, IntoArg, IntoArgs, INLINE_ARG_MAX};
 pub use as_completed::{
     as_completed, progress, wait, AsCompleted, DoneAndNotDone, ReturnWhen, WithResults,
 };

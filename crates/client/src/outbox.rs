@@ -57,6 +57,10 @@ pub(crate) enum Op {
     /// Run this task (the client holds its key). With `Some`, it waits for
     /// room first (see [`crate::room`]): it and everything after it.
     Submit(Box<TaskSpec>, Option<Waiting>),
+    /// Scatter an argument too large for its task's message (key, encoded
+    /// value; see [`crate::args::INLINE_ARG_MAX`]), held by the client,
+    /// before the submissions after it go out.
+    Upload(String, Vec<u8>),
     /// Hold a key submitted elsewhere, and hear when it completes.
     Hold(String),
     /// The client's last handle of a key is gone (sent after
@@ -363,6 +367,49 @@ impl Outbox {
         }
     }
 
+    /// Scatters the arguments of `ops` too large for their messages, before
+    /// anything else of the batch runs (so before the holds of the tasks
+    /// that take them): in chunks from 4 MiB on, retrying while Redis fails
+    /// for up to [`GIVE_UP_AFTER`]. A release of the same key still waiting
+    /// out its grace is dropped: the upload takes the client's hold again,
+    /// and the key's new handle releases it in its turn (the revival of the
+    /// module docs). On failure the uploads' futures fail, and the caller
+    /// gives up on the batch.
+    async fn upload(&mut self, ops: &mut [Op]) -> redis::RedisResult<()> {
+        let mut failure = None;
+        for op in ops.iter_mut() {
+            let Op::Upload(key, value) = op else {
+                continue;
+            };
+            let value = std::mem::take(value);
+            self.deferred.retain(|(_, deferred)| deferred != key);
+            if failure.is_some() {
+                continue;
+            }
+            let sealed = self.codec.result_ok_arg(key, &value);
+            let pieces = sealed.pieces();
+            let mut backoff = flotilla_runtime::supervise::Backoff::default();
+            let started = Instant::now();
+            loop {
+                match self.store.scatter_large(key, &self.client, &pieces).await {
+                    Ok(()) => break,
+                    Err(error) if started.elapsed() >= GIVE_UP_AFTER => {
+                        tracing::error!(%error, key, "scattering a large argument failed; giving up");
+                        self.fail(key, &crate::error::Error::from(error.clone()));
+                        failure = Some(error);
+                        break;
+                    }
+                    Err(error) => {
+                        let pause = backoff.next_pause();
+                        warn!(%error, ?pause, key, "scattering a large argument failed; retrying");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+
     /// Fails the future of `key` in this client, if it is still wanted.
     fn fail(&self, key: &str, error: &crate::error::Error) {
         let state = self
@@ -381,7 +428,8 @@ impl Outbox {
     /// (see [`RELEASE_GRACE`]); those whose grace is over go first (they
     /// were made before this batch), and with `all` or a flush in the batch
     /// every deferred release goes, after this batch's operations.
-    async fn hold_and_release(&mut self, ops: Vec<Op>, all: bool) -> Batch {
+    async fn hold_and_release(&mut self, mut ops: Vec<Op>, all: bool) -> Batch {
+        let uploaded = self.upload(&mut ops).await;
         let mut writes = self.store.batch();
         let mut steps = Vec::with_capacity(ops.len());
         let mut barriers = Vec::new();
@@ -411,6 +459,7 @@ impl Outbox {
                     }
                     steps.push(Step::Submit(*spec, reply));
                 }
+                Op::Upload(..) => {}
                 Op::Hold(key) => {
                     writes.hold(&key, &self.client);
                     steps.push(Step::Hold(key));
@@ -443,6 +492,12 @@ impl Outbox {
             }
         }
         steps.extend(flushes.into_iter().map(Step::Flush));
+        if let Err(error) = uploaded {
+            for done in barriers {
+                let _ = done.send(());
+            }
+            return self.gave_up(steps, error).await;
+        }
         let values: Vec<Reply> = if writes.is_empty() {
             Vec::new()
         } else {

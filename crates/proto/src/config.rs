@@ -8,7 +8,10 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 /// Namespace used when none is configured.
 pub const DEFAULT_NAMESPACE: &str = "flotilla";
-/// Largest task arguments or result accepted, in bytes (64 MiB).
+/// Largest message payload accepted, in bytes (64 MiB): the arguments
+/// travelling inside a task's message, an actor call's arguments, a
+/// primitive's value, a worker's result. Task arguments and scattered
+/// values are not capped: larger ones go through Redis in chunks.
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 << 20;
 /// How long a silent client keeps its references (30 s); see
 /// [`Config::client_lease_ms`].
@@ -111,7 +114,13 @@ pub struct Config {
     pub redis_url: String,
     /// Prefix of every queue and key name.
     pub namespace: String,
-    /// Largest task arguments or result, in bytes.
+    /// Largest payload inside a message, in bytes (`FLOTILLA_MAX_PAYLOAD`,
+    /// default [`DEFAULT_MAX_PAYLOAD`]): the task arguments sent inline, an
+    /// actor call's arguments, a primitive's value, a worker's result.
+    /// Scattered values and task arguments of any size are accepted all the
+    /// same: a client scatters an argument that does not fit (or is over
+    /// 1 MiB) and passes a reference, and values of 4 MiB and more are
+    /// stored in Redis in chunks.
     pub max_payload: usize,
     /// The client lease (`FLOTILLA_CLIENT_LEASE_MS`, milliseconds; default
     /// [`DEFAULT_CLIENT_LEASE_MS`], 30 s, at least [`MIN_CLIENT_LEASE_MS`],

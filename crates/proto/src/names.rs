@@ -119,6 +119,13 @@ impl Names {
         format!("{}:r:{{{key}}}", self.namespace)
     }
 
+    /// Redis hash holding the chunks (fields `"0"`..`"n-1"`) of a large
+    /// value whose `r:` key holds only a manifest (see
+    /// `flotilla_runtime::store`). Same hash tag as the result and holders.
+    pub fn chunks_key(&self, key: &str) -> String {
+        format!("{}:c:{{{key}}}", self.namespace)
+    }
+
     /// Redis key of a submitted task's spec, kept until the task is done so
     /// that a restarted scheduler can take up every pending task again.
     pub fn spec_key(&self, key: &str) -> String {
@@ -224,6 +231,7 @@ mod tests {
         assert_eq!(names.actors_queue("w1"), "ns.actors.w1");
         assert_eq!(names.result_key("add-1"), "ns:r:{add-1}");
         assert_eq!(names.holders_key("add-1"), "ns:h:{add-1}");
+        assert_eq!(names.chunks_key("add-1"), "ns:c:{add-1}");
         assert_eq!(names.lost_key("add-1"), "ns:a:{add-1}");
         assert_eq!(
             Names::key_of_holders(&names.holders_key("add-1")),

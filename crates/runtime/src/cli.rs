@@ -10,7 +10,7 @@ use flotilla_proto::Config;
 pub const ENVIRONMENT_HELP: &str = "\
 Environment only (every process of a namespace):
   FLOTILLA_SECRET            sign and check every message and result with this shared secret [default: unset]
-  FLOTILLA_MAX_PAYLOAD       largest task arguments, value or result, in bytes [default: 67108864]
+  FLOTILLA_MAX_PAYLOAD       largest payload inside a message (actor call arguments, primitive value, result), in bytes; task arguments and scattered values are not capped [default: 67108864]
   FLOTILLA_LONG_TASK_MS      a delivery held this long is acknowledged, its tasks kept in custody [default: 300000]
   FLOTILLA_ALLOWED_FAILURES  lost starts a task may have before it errs WorkerLost [default: 3]
   FLOTILLA_REPLAY_WINDOW_MS  how long a signed message is remembered against replays [default: 300000]

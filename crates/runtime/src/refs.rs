@@ -9,6 +9,11 @@
 //! script, and a result whose set is already empty is never stored. Both keys
 //! share a hash tag, so each script touches one Redis Cluster slot.
 //!
+//! Every script gets a third key, the chunks hash (`<ns>:c:{key}`) of a
+//! value stored in chunks under a manifest (see [`crate::store`]), with the
+//! same hash tag: whatever deletes a result deletes its chunks with it
+//! (`DEL` of a missing key costs nothing).
+//!
 //! Only [`crate::store::Store`] runs these scripts.
 
 use redis::aio::ConnectionManager;
@@ -75,39 +80,40 @@ pub(crate) static HOLD_UNTIL_DONE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// `KEYS`: holders, result. `ARGV`: holder. Drops a hold; when none is
-/// left, deletes the result and returns 1 (the key is now unreferenced).
+/// `KEYS`: holders, result, chunks. `ARGV`: holder. Drops a hold; when none
+/// is left, deletes the result and its chunks and returns 1 (the key is now
+/// unreferenced).
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     // `allow-oom`: it only frees memory, so it must run when Redis is full.
     Script::new(
         r"#!lua flags=allow-oom
           redis.call('SREM', KEYS[1], ARGV[1])
           if redis.call('SCARD', KEYS[1]) == 0 then
-            redis.call('DEL', KEYS[2])
+            redis.call('DEL', KEYS[2], KEYS[3])
             return 1
           end
           return 0",
     )
 });
 
-/// `KEYS`: holders, result. `ARGV`: encoded result. Stores a task's result
-/// if anyone still wants it, then ends a `fire_and_forget` hold. Returns 1
-/// when the result is kept, 0 when it was stored and at once released, -1
-/// when nobody wanted it.
+/// `KEYS`: holders, result, chunks. `ARGV`: encoded result. Stores a task's
+/// result if anyone still wants it, then ends a `fire_and_forget` hold.
+/// Returns 1 when the result is kept, 0 when it was stored and at once
+/// released (its chunks too), -1 when nobody wanted it.
 pub(crate) static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
           redis.call('SET', KEYS[2], ARGV[1])
           redis.call('SREM', KEYS[1], 'ff')
           if redis.call('EXISTS', KEYS[1]) == 0 then
-            redis.call('DEL', KEYS[2])
+            redis.call('DEL', KEYS[2], KEYS[3])
             return 0
           end
           return 1",
     )
 });
 
-/// `KEYS`: holders, result. Run right after a plain `SET` of a large result
+/// `KEYS`: holders, result, chunks. Run right after a plain `SET` of a large result
 /// (so the value is not copied through Lua): keeps it only if anyone still
 /// wants it, then ends a `fire_and_forget` hold. Returns like [`STORE`].
 /// A release racing in between deletes the result itself, so nothing leaks.
@@ -116,12 +122,12 @@ pub(crate) static FINALIZE: LazyLock<Script> = LazyLock::new(|| {
     // `maxmemory`, this is refused and the writer rolls the value back.
     Script::new(
         r"if redis.call('EXISTS', KEYS[1]) == 0 then
-            redis.call('DEL', KEYS[2])
+            redis.call('DEL', KEYS[2], KEYS[3])
             return -1
           end
           redis.call('SREM', KEYS[1], 'ff')
           if redis.call('EXISTS', KEYS[1]) == 0 then
-            redis.call('DEL', KEYS[2])
+            redis.call('DEL', KEYS[2], KEYS[3])
             return 0
           end
           return 1",
@@ -144,8 +150,55 @@ pub(crate) static SCATTER: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// The error code of the chunked scripts when the chunks hash does not
+/// hold every chunk the manifest counts: a release (or a store nobody
+/// wanted) deleted them while they were being written. The writer writes
+/// them again.
+pub(crate) const INCOMPLETE: &str = "INCOMPLETE";
+
+/// `KEYS`: holders, result, chunks. `ARGV`: manifest, chunk count. Stores
+/// the manifest of a value already written in chunks, like [`STORE`]: kept
+/// (1) when someone holds the key, stored and at once released with its
+/// chunks (0) when its last holder was `fire_and_forget`, and when nobody
+/// wants it, not stored and its chunks deleted (-1), so that a release
+/// racing the upload leaks nothing. Refused with [`INCOMPLETE`] when chunks
+/// are missing.
+pub(crate) static STORE_CHUNKED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('EXISTS', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[3])
+            return -1
+          end
+          if redis.call('HLEN', KEYS[3]) ~= tonumber(ARGV[2]) then
+            return redis.error_reply('INCOMPLETE chunks were deleted while they were written')
+          end
+          redis.call('SET', KEYS[2], ARGV[1])
+          redis.call('SREM', KEYS[1], 'ff')
+          if redis.call('EXISTS', KEYS[1]) == 0 then
+            redis.call('DEL', KEYS[2], KEYS[3])
+            return 0
+          end
+          return 1",
+    )
+});
+
+/// `KEYS`: holders, result, chunks. `ARGV`: holder, manifest, chunk count.
+/// [`SCATTER`] for a value already written in chunks: takes the hold and
+/// stores the manifest in one step; refused with [`INCOMPLETE`] (and takes
+/// nothing) when chunks are missing.
+pub(crate) static SCATTER_CHUNKED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('HLEN', KEYS[3]) ~= tonumber(ARGV[3]) then
+            return redis.error_reply('INCOMPLETE chunks were deleted while they were written')
+          end
+          redis.call('SADD', KEYS[1], ARGV[1])
+          redis.call('SET', KEYS[2], ARGV[2])
+          return 1",
+    )
+});
+
 /// Every script, for loading them after a connect or a Redis restart.
-pub(crate) fn all() -> [&'static Script; 7] {
+pub(crate) fn all() -> [&'static Script; 9] {
     [
         &HOLD,
         &HOLD_IF_HELD,
@@ -154,6 +207,8 @@ pub(crate) fn all() -> [&'static Script; 7] {
         &STORE,
         &FINALIZE,
         &SCATTER,
+        &STORE_CHUNKED,
+        &SCATTER_CHUNKED,
     ]
 }
 
@@ -167,19 +222,18 @@ pub(crate) async fn load_all(redis: &mut ConnectionManager) -> RedisResult<()> {
 }
 
 /// Adds an `EVALSHA` of `script` to a pipeline.
-pub(crate) fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 2], args: &[&[u8]]) {
+pub(crate) fn add(pipe: &mut Pipeline, script: &Script, keys: [&str; 3], args: &[&[u8]]) {
     let cmd = pipe
         .cmd("EVALSHA")
         .arg(script.get_hash())
-        .arg(2)
-        .arg(keys[0])
-        .arg(keys[1]);
+        .arg(keys.len())
+        .arg(&keys[..]);
     for arg in args {
         cmd.arg(*arg);
     }
 }
 
-/// Adds an `EVALSHA` of `script` on `key`'s holders set and result.
+/// Adds an `EVALSHA` of `script` on `key`'s holders set, result and chunks.
 pub(crate) fn add_for(
     pipe: &mut Pipeline,
     names: &flotilla_proto::Names,
@@ -187,8 +241,12 @@ pub(crate) fn add_for(
     key: &str,
     args: &[&[u8]],
 ) {
-    let keys = [names.holders_key(key), names.result_key(key)];
-    add(pipe, script, [&keys[0], &keys[1]], args);
+    let keys = [
+        names.holders_key(key),
+        names.result_key(key),
+        names.chunks_key(key),
+    ];
+    add(pipe, script, [&keys[0], &keys[1], &keys[2]], args);
 }
 
 /// Runs a pipeline and returns each command's own reply: a command Redis

@@ -1,6 +1,7 @@
 //! The in-memory backend of [`Store`](super::Store): the same operations on
 //! plain maps, step for step as the Redis scripts do them.
 
+use super::chunks::{self, Manifest};
 use super::{Held, Reply, Stored, START_RECORD_EXPIRY_S};
 use redis::RedisResult;
 use std::collections::{BTreeSet, HashMap};
@@ -51,6 +52,8 @@ pub(super) enum Op {
 #[derive(Debug, Default)]
 pub(super) struct Memory {
     pub(super) results: HashMap<String, Vec<u8>>,
+    /// The chunks of values stored in chunks (`c:{key}`), by index.
+    chunks: HashMap<String, HashMap<u32, Vec<u8>>>,
     holders: HashMap<String, BTreeSet<String>>,
     pub(super) specs: HashMap<String, Vec<u8>>,
     /// Lost-start records: failed starts, last worker, expiry.
@@ -77,6 +80,14 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The chunked scripts' refusal of a manifest whose chunks are gone.
+fn incomplete() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+        "INCOMPLETE chunks were deleted while they were written",
+    ))
+}
+
 /// Redis' own refusal, word for word.
 fn oom() -> redis::RedisError {
     redis::RedisError::from((
@@ -89,6 +100,12 @@ impl Memory {
     fn used_bytes(&self) -> usize {
         self.results.values().map(Vec::len).sum::<usize>()
             + self.specs.values().map(Vec::len).sum::<usize>()
+            + self
+                .chunks
+                .values()
+                .flat_map(HashMap::values)
+                .map(Vec::len)
+                .sum::<usize>()
     }
 
     /// Refuses a write that may grow the store while it is over its limit.
@@ -107,6 +124,48 @@ impl Memory {
         self.results
             .get(key)
             .and_then(|value| value.last().copied())
+            .map(super::reported_tag)
+    }
+
+    /// `key`'s stored result, reassembled when it is in chunks (`None`
+    /// when a chunk is gone).
+    pub(super) fn read_result(&self, key: &str) -> Option<Vec<u8>> {
+        let stored = self.results.get(key)?;
+        let Some(manifest) = Manifest::decode(stored) else {
+            return Some(stored.clone());
+        };
+        let chunks = self.chunks.get(key);
+        let mut out = Vec::with_capacity(manifest.total as usize);
+        for index in 0..manifest.count {
+            let chunk = chunks.and_then(|chunks| chunks.get(&index))?;
+            if chunk.len() != manifest.range(index).len() {
+                return None;
+            }
+            out.extend_from_slice(chunk);
+        }
+        Some(out)
+    }
+
+    /// Writes the chunks of `pieces` (`HSET`s, which even a full Redis
+    /// takes one by one until it is over its limit: not checked here).
+    pub(super) fn write_chunks(&mut self, key: &str, pieces: &[&[u8]]) -> Manifest {
+        let manifest = Manifest::of(pieces.iter().map(|piece| piece.len()).sum());
+        let chunks = self.chunks.entry(key.to_owned()).or_default();
+        for index in 0..manifest.count {
+            chunks.insert(index, chunks::chunk(pieces, &manifest, index).into_owned());
+        }
+        manifest
+    }
+
+    /// Whether every chunk a manifest counts is there (the `HLEN` check).
+    fn complete(&self, key: &str, manifest: &Manifest) -> bool {
+        self.chunks.get(key).map_or(0, HashMap::len) == manifest.count as usize
+    }
+
+    /// Deletes `key`'s result and its chunks.
+    fn delete_result(&mut self, key: &str) {
+        self.results.remove(key);
+        self.chunks.remove(key);
     }
 
     pub(super) fn all_holders(&self) -> Vec<(String, Vec<String>)> {
@@ -140,7 +199,7 @@ impl Memory {
         if self.is_held(key) {
             Stored::Kept
         } else {
-            self.results.remove(key);
+            self.delete_result(key);
             Stored::Dropped
         }
     }
@@ -176,13 +235,20 @@ impl Memory {
                 self.remove_holder(&key, &holder);
                 let freed = !self.is_held(&key);
                 if freed {
-                    self.results.remove(&key);
+                    self.delete_result(&key);
                 }
                 Reply::Released { freed }
             }
             Op::Store { key, stored } => {
+                let manifest = Manifest::decode(&stored);
                 if !self.is_held(&key) {
+                    if manifest.is_some() {
+                        self.chunks.remove(&key);
+                    }
                     return Ok(Reply::Stored(Stored::Unwanted));
+                }
+                if manifest.is_some_and(|manifest| !self.complete(&key, &manifest)) {
+                    return Err(incomplete());
                 }
                 self.may_grow()?;
                 self.results.insert(key.clone(), stored);
@@ -196,7 +262,7 @@ impl Memory {
                 self.results.insert(key.clone(), stored);
                 self.may_grow()?;
                 if !self.is_held(&key) {
-                    self.results.remove(&key);
+                    self.delete_result(&key);
                     return Ok(Reply::Stored(Stored::Unwanted));
                 }
                 Reply::Stored(self.settle_stored(&key))
@@ -206,13 +272,16 @@ impl Memory {
                 holder,
                 stored,
             } => {
+                if Manifest::decode(&stored).is_some_and(|m| !self.complete(&key, &m)) {
+                    return Err(incomplete());
+                }
                 self.may_grow()?;
                 self.add_holder(&key, &holder);
                 self.results.insert(key, stored);
                 Reply::Done
             }
             Op::RollBack(key) => {
-                self.results.remove(&key);
+                self.delete_result(&key);
                 self.specs.remove(&key);
                 Reply::Done
             }

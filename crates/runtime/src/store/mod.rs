@@ -10,6 +10,17 @@
 //! that empties the set deletes the result in the same step, and a result
 //! nobody holds is deleted as soon as it is stored.
 //!
+//! # Large values
+//!
+//! Stored bytes of [`CHUNKED_MIN`] or more go to Redis in chunks
+//! ([`Store::write_chunks`], the layout is in `chunks.rs`): the chunks
+//! first, a few per round trip, then a small manifest stored as the result
+//! with [`Batch::store_result`] or [`Batch::scatter`], as any result.
+//! [`Store::store_large`] and [`Store::scatter_large`] do both. Readers
+//! need not know: [`Store::read_results`] gives back the reassembled
+//! bytes, [`Store::result_tags`] and holds report [`flotilla_proto::TAG_OK`].
+//! Whatever deletes a result deletes its chunks.
+//!
 //! # Backends
 //!
 //! [`Store::redis`] runs every operation on Redis with the scripts of
@@ -46,17 +57,25 @@
 //! # });
 //! ```
 
+mod chunks;
 mod memory;
 #[cfg(test)]
 mod tests;
 
 use crate::refs;
-use flotilla_proto::{Names, StoredOk};
+use chunks::Manifest;
+use flotilla_proto::{Names, StoredOk, TAG_OK};
 use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+pub use chunks::{CHUNKED_MIN, CHUNKS_PER_TRIP, CHUNK_SIZE, TAG_CHUNKED};
+
+/// How many times a chunked write is tried when a release deleted its
+/// chunks under it (see [`Store::store_large`]).
+const CHUNKED_TRIES: usize = 3;
 
 pub use crate::refs::{
     dataset_holder, queue_holder, task_holder, variable_holder, FIRE_AND_FORGET, LARGE_RESULT,
@@ -260,10 +279,103 @@ impl Store {
 
     // ---- results -----------------------------------------------------
 
-    /// The stored results (value or error, as encoded) of `keys`.
+    /// The stored results (value or error, as encoded) of `keys`. A value
+    /// stored in chunks comes back whole, reassembled into one buffer: one
+    /// more round trip per [`CHUNKS_PER_TRIP`] chunks; it reads as `None`
+    /// when a chunk is gone (the value was released meanwhile).
     pub async fn read_results(&self, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> {
-        self.read_strings(keys, Names::result_key, |memory| &memory.results)
-            .await
+        let Some((mut redis, names)) = self.on_redis() else {
+            let memory = self.state();
+            return Ok(keys.iter().map(|key| memory.read_result(key)).collect());
+        };
+        let mut results = self
+            .read_strings(keys, Names::result_key, |memory| &memory.results)
+            .await?;
+        for (key, result) in keys.iter().zip(results.iter_mut()) {
+            let Some(manifest) = result.as_deref().and_then(Manifest::decode) else {
+                continue;
+            };
+            *result = chunks::read_redis(&mut redis, names, key, &manifest).await?;
+        }
+        Ok(results)
+    }
+
+    /// Writes the stored bytes `pieces` (concatenated: value, seal, tag, as
+    /// [`StoredOk::pieces`] gives them, so nothing is copied first) as the
+    /// chunks of `key`, [`CHUNKS_PER_TRIP`] per round trip, and returns the
+    /// manifest to store as the result with [`Batch::store_result`] or
+    /// [`Batch::scatter`]. Those refuse it (error code `INCOMPLETE`) when a
+    /// release deleted chunks meanwhile: write them again. Chunks nobody
+    /// finalizes are deleted with the key's result by whatever deletes it.
+    pub async fn write_chunks(&self, key: &str, pieces: &[&[u8]]) -> RedisResult<Vec<u8>> {
+        let Some((mut redis, names)) = self.on_redis() else {
+            return Ok(self.state().write_chunks(key, pieces).encode());
+        };
+        Ok(chunks::write_redis(&mut redis, names, key, pieces)
+            .await?
+            .encode())
+    }
+
+    /// Stores a task's result `value` of any size as [`Batch::store_result`]
+    /// does (kept only while someone holds the key): in chunks from
+    /// [`CHUNKED_MIN`] bytes on (one round trip per [`CHUNKS_PER_TRIP`]
+    /// chunks, then one), else as [`Batch::store_large_result`] (one).
+    pub async fn store_large(&self, key: &str, value: StoredOk<'_>) -> RedisResult<Stored> {
+        let pieces = value.pieces();
+        if pieces.iter().map(|piece| piece.len()).sum::<usize>() < CHUNKED_MIN {
+            let mut batch = self.batch();
+            batch.store_large_result(key, value);
+            return stored_of(batch.exec().await?);
+        }
+        self.chunked(key, &pieces, |batch, manifest| {
+            batch.store_result(key, manifest);
+        })
+        .await
+        .and_then(stored_of)
+    }
+
+    /// Stores scattered `pieces` (concatenated: the stored bytes) of any
+    /// size under `key` and takes `holder`'s hold, as [`Batch::scatter`]
+    /// does: in chunks from [`CHUNKED_MIN`] bytes on (one round trip per
+    /// [`CHUNKS_PER_TRIP`] chunks, then one), else in one round trip.
+    pub async fn scatter_large(
+        &self,
+        key: &str,
+        holder: &str,
+        pieces: &[&[u8]],
+    ) -> RedisResult<()> {
+        if pieces.iter().map(|piece| piece.len()).sum::<usize>() < CHUNKED_MIN {
+            let mut batch = self.batch();
+            batch.scatter(key, holder, &pieces.concat());
+            return batch.exec().await.map(drop);
+        }
+        self.chunked(key, pieces, |batch, manifest| {
+            batch.scatter(key, holder, manifest);
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Writes the chunks of `pieces`, then runs the batch `finalize` makes
+    /// with the manifest; again (up to [`CHUNKED_TRIES`] times) when a
+    /// release deleted chunks in between.
+    async fn chunked(
+        &self,
+        key: &str,
+        pieces: &[&[u8]],
+        finalize: impl Fn(&mut Batch, &[u8]),
+    ) -> RedisResult<Vec<Reply>> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let manifest = self.write_chunks(key, pieces).await?;
+            let mut batch = self.batch();
+            finalize(&mut batch, &manifest);
+            match batch.exec().await {
+                Err(error) if is_incomplete(&error) && tries < CHUNKED_TRIES => continue,
+                outcome => return outcome,
+            }
+        }
     }
 
     /// The tag byte of the stored result of each of `keys` (its last byte:
@@ -274,6 +386,7 @@ impl Store {
             let memory = self.state();
             return Ok(keys.iter().map(|key| memory.tag(key)).collect());
         };
+        // A manifest's tag says the value is in chunks: a success.
         let mut pipe = redis::pipe();
         for key in keys {
             pipe.cmd("GETRANGE")
@@ -282,7 +395,10 @@ impl Store {
                 .arg(-1);
         }
         let tags: Vec<Vec<u8>> = pipe.query_async(&mut redis).await?;
-        Ok(tags.into_iter().map(|tag| tag.last().copied()).collect())
+        Ok(tags
+            .into_iter()
+            .map(|tag| tag.last().copied().map(reported_tag))
+            .collect())
     }
 
     /// Stores errors `(key, encoded error)` the caller decided itself, each
@@ -587,7 +703,7 @@ impl Shape {
             Shape::Hold => Reply::Held(match number()? {
                 -1 => Held::Missing,
                 -2 => Held::NotTaken,
-                tag => Held::Stored(u8::try_from(tag).unwrap_or(u8::MAX)),
+                tag => Held::Stored(reported_tag(u8::try_from(tag).unwrap_or(u8::MAX))),
             }),
             Shape::Release => Reply::Released {
                 freed: number()? == 1,
@@ -723,9 +839,11 @@ impl Batch {
         )
     }
 
-    /// Stores `stored` (an encoded value or error) as `key`'s result if
-    /// anyone holds the key, then ends a `fire_and_forget` hold:
-    /// [`Reply::Stored`].
+    /// Stores `stored` (an encoded value or error, or the manifest of
+    /// chunks [`Store::write_chunks`] wrote) as `key`'s result if anyone
+    /// holds the key, then ends a `fire_and_forget` hold: [`Reply::Stored`].
+    /// Chunks nobody wants are deleted; a manifest whose chunks a release
+    /// deleted meanwhile is refused (error code `INCOMPLETE`).
     pub fn store_result(&mut self, key: &str, stored: &[u8]) -> &mut Self {
         self.push(
             Shape::Store { commands: 1 },
@@ -733,7 +851,14 @@ impl Batch {
                 key: key.to_owned(),
                 stored: stored.to_vec(),
             },
-            |pipe, names| refs::add_for(pipe, names, &refs::STORE, key, &[stored]),
+            |pipe, names| match Manifest::decode(stored) {
+                Some(manifest) => {
+                    let count = manifest.count.to_string();
+                    let args: [&[u8]; 2] = [stored, count.as_bytes()];
+                    refs::add_for(pipe, names, &refs::STORE_CHUNKED, key, &args);
+                }
+                None => refs::add_for(pipe, names, &refs::STORE, key, &[stored]),
+            },
         )
     }
 
@@ -752,16 +877,21 @@ impl Batch {
                 stored: value.pieces().concat(),
             },
             |pipe, names| {
-                let keys = [names.holders_key(key), names.result_key(key)];
+                let keys = [
+                    names.holders_key(key),
+                    names.result_key(key),
+                    names.chunks_key(key),
+                ];
                 pipe.set(&keys[1], crate::seal::StoredOkArg(value.clone()));
-                refs::add(pipe, &refs::FINALIZE, [&keys[0], &keys[1]], &[]);
+                refs::add(pipe, &refs::FINALIZE, [&keys[0], &keys[1], &keys[2]], &[]);
             },
         )
     }
 
-    /// Stores `stored` as `key`'s result and takes `holder`'s hold in one
-    /// step (scattered data and actor call results): a concurrent release
-    /// by another holder can never delete it.
+    /// Stores `stored` (or a manifest of chunks, as in
+    /// [`Batch::store_result`]) as `key`'s result and takes `holder`'s hold
+    /// in one step (scattered data and actor call results): a concurrent
+    /// release by another holder can never delete it.
     pub fn scatter(&mut self, key: &str, holder: &str, stored: &[u8]) -> &mut Self {
         self.push(
             Shape::Done(1),
@@ -770,14 +900,19 @@ impl Batch {
                 holder: holder.to_owned(),
                 stored: stored.to_vec(),
             },
-            |pipe, names| {
-                refs::add_for(
+            |pipe, names| match Manifest::decode(stored) {
+                Some(manifest) => {
+                    let count = manifest.count.to_string();
+                    let args: [&[u8]; 3] = [holder.as_bytes(), stored, count.as_bytes()];
+                    refs::add_for(pipe, names, &refs::SCATTER_CHUNKED, key, &args);
+                }
+                None => refs::add_for(
                     pipe,
                     names,
                     &refs::SCATTER,
                     key,
                     &[holder.as_bytes(), stored],
-                );
+                ),
             },
         )
     }
@@ -790,7 +925,8 @@ impl Batch {
             Shape::Done(2),
             || memory::Op::RollBack(key.to_owned()),
             |pipe, names| {
-                pipe.del(names.result_key(key)).del(names.spec_key(key));
+                pipe.del(&[names.result_key(key), names.chunks_key(key)])
+                    .del(names.spec_key(key));
             },
         )
     }
@@ -894,8 +1030,34 @@ impl Batch {
     }
 }
 
-/// Reads one operation's replies: the first refusal among its commands, or
-/// what its last command answered.
+/// The tag a stored result reports: a manifest's ([`TAG_CHUNKED`]) is a
+/// success.
+fn reported_tag(tag: u8) -> u8 {
+    if tag == TAG_CHUNKED {
+        TAG_OK
+    } else {
+        tag
+    }
+}
+
+/// Whether `error` is the refusal of a manifest whose chunks were deleted
+/// while they were written.
+fn is_incomplete(error: &redis::RedisError) -> bool {
+    error.code() == Some(refs::INCOMPLETE) || error.to_string().contains(refs::INCOMPLETE)
+}
+
+/// The one reply of a batch of one store.
+fn stored_of(replies: Vec<Reply>) -> RedisResult<Stored> {
+    match replies.as_slice() {
+        [Reply::Stored(stored)] => Ok(*stored),
+        other => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply to a store",
+            format!("{other:?}"),
+        ))),
+    }
+}
+
 /// One page of `SCAN` over `pattern` from `cursor`: the next cursor and
 /// the Redis keys found.
 async fn scan_page(
@@ -913,6 +1075,8 @@ async fn scan_page(
         .await
 }
 
+/// Reads one operation's replies: the first refusal among its commands, or
+/// what its last command answered.
 fn decode(
     shape: Shape,
     replies: &mut impl Iterator<Item = RedisResult<Value>>,

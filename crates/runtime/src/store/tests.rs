@@ -166,6 +166,152 @@ async fn large_results(store: &Store) {
     );
 }
 
+/// A value of `len` bytes whose chunks differ (so a chunk out of place
+/// shows).
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i / 4099 + i) as u8).collect()
+}
+
+/// Values in chunks round trip whole, sealed bytes and all, at every size
+/// around the chunk size; releases and roll-backs delete their chunks.
+async fn chunked_values(store: &Store) {
+    use super::{CHUNKED_MIN, CHUNK_SIZE, TAG_CHUNKED};
+    let codec = flotilla_proto::Codec::new(&flotilla_proto::Config {
+        secret: Some(flotilla_proto::Secret::new("a secret of enough length")),
+        ..flotilla_proto::Config::default()
+    });
+    for len in [0, CHUNKED_MIN - 1, CHUNKED_MIN, 7 * CHUNK_SIZE / 2] {
+        let key = format!("chunked-{len}");
+        let value = patterned(len);
+        let sealed = codec.result_ok_arg(&key, &value);
+        // Through the two steps: chunks, then the manifest as the result.
+        let manifest = store.write_chunks(&key, &sealed.pieces()).await.unwrap();
+        assert_eq!(manifest.last(), Some(&TAG_CHUNKED));
+        assert!(manifest.len() < 32, "a manifest is small");
+        let mut batch = store.batch();
+        batch
+            .hold(&key, "c1")
+            .store_result(&key, &manifest)
+            .hold(&key, "c2");
+        let replies = batch.exec().await.unwrap();
+        assert_eq!(replies[1], Reply::Stored(Stored::Kept));
+        assert_eq!(hold_of(&replies[2]), Held::Stored(TAG_OK), "{len}");
+        assert_eq!(
+            store.result_tags(std::slice::from_ref(&key)).await.unwrap(),
+            [Some(TAG_OK)]
+        );
+        let read = store.read_results(&[key.clone(), s("zz")]).await.unwrap();
+        let [Some(bytes), None] = <[_; 2]>::try_from(read).unwrap() else {
+            panic!("the chunked value of {len} bytes did not read back");
+        };
+        assert_eq!(bytes, sealed.pieces().concat(), "{len}");
+        match codec.open_result(&key, bytes).unwrap() {
+            StoredResult::Ok(opened) => assert!(opened == value, "{len}"),
+            other => panic!("{other:?}"),
+        }
+        let freed = store
+            .release(&[(key.clone(), s("c1")), (key.clone(), s("c2"))])
+            .await
+            .unwrap();
+        assert_eq!(freed, std::slice::from_ref(&key));
+        assert_eq!(
+            store
+                .read_results(std::slice::from_ref(&key))
+                .await
+                .unwrap(),
+            [None]
+        );
+    }
+
+    // The one-call forms: a task's result and scattered data.
+    let value = patterned(CHUNKED_MIN + 5);
+    let mut batch = store.batch();
+    batch.hold("big-result", "c1");
+    batch.exec().await.unwrap();
+    let stored = store
+        .store_large("big-result", StoredResult::ok_arg(&value))
+        .await
+        .unwrap();
+    assert_eq!(stored, Stored::Kept);
+    assert_eq!(
+        store
+            .store_large("unheld", StoredResult::ok_arg(&value))
+            .await
+            .unwrap(),
+        Stored::Unwanted
+    );
+    let small = store
+        .store_large("unheld-small", StoredResult::ok_arg(b"7"))
+        .await
+        .unwrap();
+    assert_eq!(small, Stored::Unwanted);
+    let sealed = codec.result_ok_arg("big-scatter", &value);
+    store
+        .scatter_large("big-scatter", "c1", &sealed.pieces())
+        .await
+        .unwrap();
+    store
+        .scatter_large("small-scatter", "c1", &StoredResult::ok_arg(b"7").pieces())
+        .await
+        .unwrap();
+    let read = store
+        .read_results(&[
+            s("big-result"),
+            s("unheld"),
+            s("big-scatter"),
+            s("small-scatter"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        [
+            Some(StoredResult::encode_ok(&value)),
+            None,
+            Some(sealed.pieces().concat()),
+            Some(StoredResult::encode_ok(b"7")),
+        ]
+    );
+    assert_eq!(holders(store, "big-scatter").await, ["c1"]);
+    let freed = store
+        .release(&[
+            (s("big-result"), s("c1")),
+            (s("big-scatter"), s("c1")),
+            (s("small-scatter"), s("c1")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(freed.len(), 3);
+
+    // A release that deletes the chunks while they are written: the
+    // manifest is refused rather than stored over missing chunks, and a
+    // value whose chunk went missing reads as missing, never as garbage.
+    let manifest = store.write_chunks("raced", &[&value[..]]).await.unwrap();
+    store.release(&[(s("raced"), s("nobody"))]).await.unwrap();
+    let mut batch = store.batch();
+    batch.hold("raced", "c1").store_result("raced", &manifest);
+    let replies = batch.exec_each().await.unwrap();
+    let refused = replies[1].as_ref().unwrap_err().to_string();
+    assert!(refused.contains("INCOMPLETE"), "{refused}");
+    let mut batch = store.batch();
+    batch.scatter("raced", "c1", &manifest);
+    assert!(batch.exec().await.is_err(), "a scatter over missing chunks");
+    assert_eq!(store.read_results(&[s("raced")]).await.unwrap(), [None]);
+    // A roll-back deletes the chunks too.
+    store.write_chunks("raced", &[&value[..]]).await.unwrap();
+    let mut batch = store.batch();
+    batch.store_result("raced", &manifest).roll_back("raced");
+    batch.exec().await.unwrap();
+    assert_eq!(store.read_results(&[s("raced")]).await.unwrap(), [None]);
+    let mut batch = store.batch();
+    batch.scatter("raced", "c1", &manifest);
+    assert!(
+        batch.exec().await.is_err(),
+        "the roll-back deleted the chunks"
+    );
+    store.release(&[(s("raced"), s("c1"))]).await.unwrap();
+}
+
 /// Specs are written, found, read, forgotten and rolled back.
 async fn specs(store: &Store) {
     let mut batch = store.batch();
@@ -311,6 +457,7 @@ async fn contract(store: Store) {
     fire_and_forget(&store).await;
     hold_if_held(&store).await;
     large_results(&store).await;
+    chunked_values(&store).await;
     specs(&store).await;
     start_records(&store).await;
     custody(&store).await;
@@ -408,4 +555,121 @@ async fn a_full_memory_store_refuses_growth_but_frees() {
     batch.roll_back("y");
     batch.exec().await.unwrap();
     assert_eq!(store.read_results(&[s("y")]).await.unwrap(), [None]);
+}
+
+/// A fresh namespace's store on the local Redis, with its connection.
+async fn redis_store() -> (Store, redis::aio::ConnectionManager, flotilla_proto::Names) {
+    let url =
+        std::env::var("FLOTILLA_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::transport::connect_redis(&url),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("Redis at {url} did not answer within 10 s"))
+    .unwrap_or_else(|error| panic!("Redis at {url} is needed for this test: {error}"));
+    let names = flotilla_proto::Names::new(&format!("t-store-{}", flotilla_proto::new_id()));
+    (Store::redis(redis.clone(), names.clone()), redis, names)
+}
+
+/// Runs `test` on a fresh Redis namespace, then checks that it left no
+/// key behind (and deletes whatever it left, pass or fail).
+async fn on_redis<F, Fut>(test: F)
+where
+    F: FnOnce(Store, redis::aio::ConnectionManager, flotilla_proto::Names) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (store, mut redis, names) = redis_store().await;
+    let outcome = tokio::spawn(test(store, redis.clone(), names.clone())).await;
+    let mut cursor = 0;
+    let (_, left) = store_keys_left(&mut redis, &names, &mut cursor).await;
+    let deleted = crate::transport::delete_redis_keys(&mut redis, &names).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic.into_panic());
+    }
+    deleted.unwrap();
+    assert!(left.is_empty(), "keys left behind: {left:?}");
+}
+
+/// On Redis, the chunks are a hash `c:{key}` beside the manifest, and
+/// every path that deletes a result deletes it: a release, a store nobody
+/// wanted, a `fire_and_forget` result, a roll-back.
+#[tokio::test]
+async fn redis_chunks_live_and_die_with_their_result() {
+    on_redis(|store, redis, names| async move {
+        let value = patterned(super::CHUNKED_MIN * 2 + 1);
+        let exists = |key: &str| {
+            let mut redis = redis.clone();
+            let chunks = names.chunks_key(key);
+            async move {
+                let n: u32 = redis::cmd("EXISTS")
+                    .arg(chunks)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                n == 1
+            }
+        };
+        store.scatter_large("k", "c1", &[&value]).await.unwrap();
+        assert!(exists("k").await);
+        let len: u32 = redis::cmd("HLEN")
+            .arg(names.chunks_key("k"))
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+        assert_eq!(len, 3);
+        store.release(&[(s("k"), s("c1"))]).await.unwrap();
+        assert!(!exists("k").await, "a release deletes the chunks");
+
+        let unwanted = store
+            .store_large("u", StoredResult::ok_arg(&value))
+            .await
+            .unwrap();
+        assert_eq!(unwanted, Stored::Unwanted);
+        assert!(!exists("u").await, "chunks nobody wants are deleted");
+
+        let mut batch = store.batch();
+        batch.hold_until_done("f", super::FIRE_AND_FORGET);
+        batch.exec().await.unwrap();
+        let dropped = store
+            .store_large("f", StoredResult::ok_arg(&value))
+            .await
+            .unwrap();
+        assert_eq!(dropped, Stored::Dropped);
+        assert!(!exists("f").await, "a fire-and-forget result's chunks go");
+
+        store.write_chunks("r", &[&value]).await.unwrap();
+        let mut batch = store.batch();
+        batch.roll_back("r");
+        batch.exec().await.unwrap();
+        assert!(!exists("r").await, "a roll-back deletes the chunks");
+    })
+    .await;
+}
+
+/// A value over Redis' 512 MB string limit round trips in chunks.
+#[tokio::test]
+async fn redis_takes_a_value_over_its_string_limit_in_chunks() {
+    on_redis(|store, _, _| async move {
+        let len = 600_000_000;
+        let value = patterned(len);
+        let started = std::time::Instant::now();
+        store.scatter_large("huge", "c1", &[&value]).await.unwrap();
+        let written = started.elapsed();
+        let read = store.read_results(&[s("huge")]).await.unwrap();
+        let [Some(bytes)] = <[_; 1]>::try_from(read).unwrap() else {
+            panic!("the 600 MB value did not read back");
+        };
+        eprintln!(
+            "600 MB through Redis chunks: written in {written:?}, read in {:?}",
+            started.elapsed() - written
+        );
+        assert!(bytes.len() == len && bytes == value, "the value changed");
+        drop(bytes);
+        assert_eq!(
+            store.release(&[(s("huge"), s("c1"))]).await.unwrap(),
+            ["huge"]
+        );
+    })
+    .await;
 }
