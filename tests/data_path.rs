@@ -101,15 +101,53 @@ async fn kept_values_are_signed_when_a_secret_is_set() {
 }
 
 /// With `--data-addr off` a worker keeps nothing: a large result goes to
-/// Redis, and still reads back whole.
+/// Redis (in chunks: Redis holds a small manifest), and reads back whole.
 #[tokio::test]
 async fn a_worker_without_a_data_connection_writes_large_results_to_redis() {
     let p = Processes::start("keepoff", &["--data-addr", "off"]).await;
-    let len = 3 << 20;
+    let len = 9 << 20;
     let made = p.client.submit(pattern, (len, 9u8));
     let value: flotilla::Bytes = made.result().await.unwrap();
     assert_eq!(value.as_ref(), pattern_local(len, 9).as_slice());
-    assert!(stored_len(&p.config, made.key()).await >= len);
+    assert!(stored_len(&p.config, made.key()).await < 512, "a manifest");
+    let chunks: usize = redis::cmd("HLEN")
+        .arg(p.config.names().chunks_key(made.key()))
+        .query_async(&mut redis(&p.config).await)
+        .await
+        .unwrap();
+    assert_eq!(chunks, 3);
+    drop(made);
+    p.stop().await;
+}
+
+/// A worker stopped gracefully (SIGTERM, a scale-down) first hands the
+/// values it keeps over to Redis: they outlive it.
+#[tokio::test]
+async fn a_gracefully_stopped_worker_hands_its_kept_values_to_redis() {
+    let mut p = Processes::start("keepgo", &[]).await;
+    let small = 2 << 20;
+    let large = 9 << 20;
+    let made: Vec<_> = [small, large]
+        .into_iter()
+        .map(|len| p.client.submit(pattern, (len, 4u8)))
+        .collect();
+    for future in &made {
+        future.wait().await;
+        assert!(stored_len(&p.config, future.key()).await < 512, "kept");
+    }
+    let status = p.workers[0].terminate();
+    assert!(status.success(), "{}", p.workers[0].log());
+    assert!(
+        p.workers[0]
+            .log()
+            .contains("kept values handed over to Redis"),
+        "{}",
+        p.workers[0].log()
+    );
+    for (future, len) in made.iter().zip([small, large]) {
+        let value: flotilla::Bytes = future.result().await.expect("handed over");
+        assert!(value.len() == len && is_pattern(&value, 4));
+    }
     drop(made);
     p.stop().await;
 }
@@ -123,6 +161,10 @@ async fn a_value_whose_worker_died_is_a_clear_error_not_a_hang() {
     let made = p.client.submit(pattern, (4usize << 20, 1u8));
     made.wait().await;
     assert_eq!(made.status(), flotilla::Status::Finished);
+    // The delivery is acknowledged just after the event: killed before
+    // that, the broker would hand the task to the next worker, which would
+    // run it again and keep a new copy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     p.kill_workers();
     let started = Instant::now();
     match made.result().await {

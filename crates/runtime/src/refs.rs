@@ -197,8 +197,30 @@ pub(crate) static SCATTER_CHUNKED: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// `KEYS`: holders, result, chunks. `ARGV`: the location record expected,
+/// the value's stored bytes or its chunks' manifest, the chunk count (`0`:
+/// not chunked). A worker handing a kept value over to Redis: replaces the
+/// record only while it is still the worker's own (not released, not
+/// replaced meanwhile); otherwise deletes the chunks it wrote. Returns 1
+/// when handed over, 0 when the record was gone or another; refused with
+/// `INCOMPLETE` when chunks were deleted while they were written.
+pub(crate) static HAND_OVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local count = tonumber(ARGV[3])
+          if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+            if count > 0 then redis.call('DEL', KEYS[3]) end
+            return 0
+          end
+          if count > 0 and redis.call('HLEN', KEYS[3]) ~= count then
+            return redis.error_reply('INCOMPLETE chunks were deleted while they were written')
+          end
+          redis.call('SET', KEYS[2], ARGV[2])
+          return 1",
+    )
+});
+
 /// Every script, for loading them after a connect or a Redis restart.
-pub(crate) fn all() -> [&'static Script; 9] {
+pub(crate) fn all() -> [&'static Script; 10] {
     [
         &HOLD,
         &HOLD_IF_HELD,
@@ -209,6 +231,7 @@ pub(crate) fn all() -> [&'static Script; 9] {
         &SCATTER,
         &STORE_CHUNKED,
         &SCATTER_CHUNKED,
+        &HAND_OVER,
     ]
 }
 

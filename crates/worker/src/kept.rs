@@ -11,7 +11,7 @@ use bytes::Bytes;
 use flotilla_proto::{Codec, Location, TAG_KEPT};
 use flotilla_runtime::data::Keep;
 use flotilla_runtime::store::Store;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{debug, warn};
@@ -55,9 +55,16 @@ pub(crate) struct Kept {
     /// The advertised data address.
     addr: String,
     keep_min: usize,
-    /// Keys whose record write has been tried: from then on the sweep
-    /// drops them once Redis no longer holds their record.
-    recorded: Mutex<HashSet<String>>,
+    /// The location record of each kept key, and whether its write has
+    /// been tried: from then on the sweep drops the value once Redis no
+    /// longer holds a record, and a graceful stop hands it over.
+    records: Mutex<HashMap<String, Record>>,
+}
+
+#[derive(Debug)]
+struct Record {
+    bytes: Vec<u8>,
+    written: bool,
 }
 
 impl Kept {
@@ -66,7 +73,7 @@ impl Kept {
             keep,
             addr,
             keep_min: keep_min.max(1),
-            recorded: Mutex::default(),
+            records: Mutex::default(),
         }
     }
 
@@ -105,29 +112,47 @@ impl Kept {
         value.extend_from_slice(&tag);
         let sealed: Bytes = std::mem::take(value).into();
         self.keep.insert(key, sealed);
-        Some(codec.result_kept(
+        let record = codec.result_kept(
             key,
             &Location {
                 worker: worker.to_owned(),
                 addr: self.addr.clone(),
                 size,
             },
-        ))
+        );
+        self.lock().insert(
+            key.to_owned(),
+            Record {
+                bytes: record.clone(),
+                written: false,
+            },
+        );
+        Some(record)
     }
 
     /// The record writes of `keys` have been tried: the sweep watches them.
     pub(crate) fn recorded(&self, keys: impl IntoIterator<Item = String>) {
-        self.lock().extend(keys);
+        let mut records = self.lock();
+        for key in keys {
+            if let Some(record) = records.get_mut(&key) {
+                record.written = true;
+            }
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.recorded.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Drops the kept values whose record Redis no longer holds. Returns
     /// how many were dropped.
     pub(crate) async fn sweep(&self, store: &Store) -> usize {
-        let keys: Vec<String> = self.lock().iter().cloned().collect();
+        let keys: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, record)| record.written)
+            .map(|(key, _)| key.clone())
+            .collect();
         let mut dropped = 0;
         for chunk in keys.chunks(500) {
             let tags = match store.result_tags(chunk).await {
@@ -137,10 +162,10 @@ impl Kept {
                     return dropped;
                 }
             };
-            let mut recorded = self.lock();
+            let mut records = self.lock();
             for (key, tag) in chunk.iter().zip(tags) {
                 if tag != Some(TAG_KEPT) {
-                    recorded.remove(key);
+                    records.remove(key);
                     if self.keep.remove(key).is_some() {
                         dropped += 1;
                     }
@@ -166,6 +191,43 @@ impl Kept {
                 );
             }
         }
+    }
+
+    /// Hands every value still kept over to Redis (a graceful stop: the
+    /// values outlive the worker). Each goes only where its record is still
+    /// this worker's; one that fails to go is logged, and its readers will
+    /// find it lost. Returns how many were handed over.
+    pub(crate) async fn hand_over_all(&self, store: &Store) -> usize {
+        let records: Vec<(String, Vec<u8>)> = self
+            .lock()
+            .iter()
+            .filter(|(_, record)| record.written)
+            .map(|(key, record)| (key.clone(), record.bytes.clone()))
+            .collect();
+        if records.is_empty() {
+            return 0;
+        }
+        let started = std::time::Instant::now();
+        let (mut handed, mut bytes) = (0, 0u64);
+        for (key, record) in records {
+            let Some(value) = self.keep.get(&key) else {
+                continue;
+            };
+            match store.hand_over(&key, &record, &[&value]).await {
+                Ok(true) => {
+                    handed += 1;
+                    bytes += value.len() as u64;
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    warn!(%key, %error, "handing a kept value over to Redis failed: its readers will find it lost");
+                }
+            }
+            self.keep.remove(&key);
+            self.lock().remove(&key);
+        }
+        tracing::info!(handed, bytes, took = ?started.elapsed(), "kept values handed over to Redis");
+        handed
     }
 
     /// Values still kept when the worker stops (they are lost with it).
@@ -252,6 +314,36 @@ mod tests {
             .unwrap();
         assert_eq!(kept.sweep(&store).await, 1);
         assert!(kept.keep().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_graceful_stop_hands_recorded_values_over_to_the_store() {
+        let codec = Codec::plain();
+        let kept = Kept::new(Keep::new(), "127.0.0.1:9".into(), 10);
+        let store = Store::memory();
+        let mut held = vec![4u8; 100];
+        let mut released = vec![5u8; 100];
+        let record = kept.take(&codec, "w", "held", &mut held).unwrap();
+        let other = kept.take(&codec, "w", "released", &mut released).unwrap();
+        let mut batch = store.batch();
+        batch
+            .hold("held", "client")
+            .store_result("held", &record)
+            .hold("released", "client")
+            .store_result("released", &other);
+        batch.exec().await.unwrap();
+        kept.recorded(["held".to_owned(), "released".to_owned()]);
+        store
+            .release(&[("released".into(), "client".into())])
+            .await
+            .unwrap();
+        assert_eq!(kept.hand_over_all(&store).await, 1);
+        assert!(kept.keep().is_empty());
+        let read = store
+            .read_results(&["held".into(), "released".into()])
+            .await
+            .unwrap();
+        assert_eq!(read, [Some(codec.result_ok("held", &[4u8; 100])), None]);
     }
 
     #[test]

@@ -362,7 +362,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "M" => 1 << 20,
         "G" => 1 << 30,
         "T" => 1 << 40,
-        _ => return Err(format!("--memory-limit: unknown unit in {text:?}")),
+        _ => {
+            return Err(format!(
+                "unknown unit in {text:?} (expects a size like 4G or 512M)"
+            ))
+        }
     };
     Ok(number.saturating_mul(scale))
 }

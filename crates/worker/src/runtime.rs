@@ -18,7 +18,7 @@ use flotilla_proto::{
     Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, TaskError,
     ToScheduler, ToWorker, WorkerInfo,
 };
-use flotilla_runtime::store::{task_holder, Batch, Store, LARGE_RESULT};
+use flotilla_runtime::store::{task_holder, Batch, Store, CHUNKED_MIN, LARGE_RESULT};
 use flotilla_runtime::supervise::{Attempts, Stop};
 use flotilla_runtime::transport::{self, name};
 use flotilla_runtime::values::{Opened, Reader};
@@ -959,8 +959,13 @@ async fn serve(
     }
     let _ = shared.slots.acquire_many(nthreads as u32).await;
     let unstarted = shared.stuck.unstarted.clone();
+    let store = shared.store.clone();
     drop(shared);
     let _ = completer.await;
+    // The values kept here outlive this worker: they go to Redis.
+    if let Some(kept) = &kept {
+        kept.hand_over_all(&store).await;
+    }
     // Only now, with every completion stored and announced: a scheduler
     // told earlier would put the tasks it saw start here back in its ready
     // queue and run them twice.
@@ -1837,6 +1842,29 @@ async fn store_plan(store: &Store, plan: &mut crate::bundle::Plan<'_>, codec: &C
     if plan.writes_nothing() {
         return true;
     }
+    // Large results not kept here go to Redis in chunks first; the batch
+    // then stores their manifests.
+    let mut manifests: HashMap<usize, Vec<u8>> = HashMap::new();
+    for (index, write) in plan.writes.iter().enumerate() {
+        if let Write::Finished {
+            key,
+            bytes,
+            kept: false,
+            ..
+        } = write
+        {
+            if bytes.len() + 1 >= CHUNKED_MIN {
+                let sealed = codec.result_ok_arg(key, bytes);
+                match store.write_chunks(key, &sealed.pieces()).await {
+                    Ok(manifest) => {
+                        manifests.insert(index, manifest);
+                    }
+                    // Written whole instead (and refused there if need be).
+                    Err(error) => warn!(%key, %error, "writing a result in chunks failed"),
+                }
+            }
+        }
+    }
     let mut pending: Vec<usize> = (0..plan.writes.len()).collect();
     let mut with_released = true;
     let mut refused: HashMap<usize, String> = HashMap::new();
@@ -1844,7 +1872,7 @@ async fn store_plan(store: &Store, plan: &mut crate::bundle::Plan<'_>, codec: &C
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        let (batch, ranges) = pipeline(store, plan, &pending, with_released, codec);
+        let (batch, ranges) = pipeline(store, plan, &pending, with_released, codec, &manifests);
         match batch.exec_each().await {
             Err(error) => {
                 warn!(%error, attempt, "storing results failed; retrying");
@@ -1940,6 +1968,7 @@ fn pipeline(
     only: &[usize],
     with_released: bool,
     codec: &Codec,
+    manifests: &HashMap<usize, Vec<u8>>,
 ) -> (Batch, Vec<(usize, std::ops::Range<usize>)>) {
     let mut batch = store.batch();
     if with_released && !plan.released.is_empty() {
@@ -1965,6 +1994,8 @@ fn pipeline(
                 if kept {
                     // A signed location record (see `crate::kept`).
                     batch.store_result(key, bytes);
+                } else if let Some(manifest) = manifests.get(&index) {
+                    batch.store_result(key, manifest);
                 } else if bytes.len() + 1 >= LARGE_RESULT {
                     // Written straight into the command: a large result is
                     // not copied once more just to add its tag.

@@ -157,6 +157,31 @@ impl Memory {
         manifest
     }
 
+    /// [`Store::hand_over`](super::Store::hand_over): `stored` (bytes or a
+    /// manifest of chunks already written) replaces `record` if it is
+    /// still `key`'s result.
+    pub(super) fn hand_over(
+        &mut self,
+        key: &str,
+        record: &[u8],
+        stored: &[u8],
+    ) -> RedisResult<bool> {
+        let manifest = Manifest::decode(stored);
+        if self.results.get(key).map(Vec::as_slice) != Some(record) {
+            if manifest.is_some() {
+                self.chunks.remove(key);
+            }
+            return Ok(false);
+        }
+        if let Some(manifest) = &manifest {
+            if !self.complete(key, manifest) {
+                return Err(incomplete());
+            }
+        }
+        self.results.insert(key.to_owned(), stored.to_vec());
+        Ok(true)
+    }
+
     /// Whether every chunk a manifest counts is there (the `HLEN` check).
     fn complete(&self, key: &str, manifest: &Manifest) -> bool {
         self.chunks.get(key).map_or(0, HashMap::len) == manifest.count as usize

@@ -316,6 +316,51 @@ impl Store {
             .encode())
     }
 
+    /// Hands a value a worker kept (see [`flotilla_proto::Location`]) over
+    /// to Redis: writes its stored bytes `pieces` (in chunks from
+    /// [`CHUNKED_MIN`] bytes on), then replaces the location `record` with
+    /// them, only if `record` is still `key`'s result (a release or a new
+    /// result meanwhile wins, and the chunks written are deleted). Returns
+    /// whether the value was handed over. Round trips as
+    /// [`Store::store_large`].
+    pub async fn hand_over(&self, key: &str, record: &[u8], pieces: &[&[u8]]) -> RedisResult<bool> {
+        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (stored, count) = if total >= CHUNKED_MIN {
+                let manifest = self.write_chunks(key, pieces).await?;
+                let count = Manifest::decode(&manifest).map_or(0, |m| m.count);
+                (manifest, count)
+            } else {
+                (pieces.concat(), 0)
+            };
+            let outcome = match self.on_redis() {
+                None => self.state().hand_over(key, record, &stored),
+                Some((mut redis, names)) => {
+                    let mut pipe = redis::pipe();
+                    let count = count.to_string();
+                    refs::add_for(
+                        &mut pipe,
+                        names,
+                        &refs::HAND_OVER,
+                        key,
+                        &[record, &stored, count.as_bytes()],
+                    );
+                    refs::run_each(&mut redis, &pipe)
+                        .await?
+                        .pop()
+                        .unwrap_or(Ok(Value::Int(0)))
+                        .map(|value| matches!(value, Value::Int(1)))
+                }
+            };
+            match outcome {
+                Err(error) if error.code() == Some("INCOMPLETE") && tries < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
     /// Stores a task's result `value` of any size as [`Batch::store_result`]
     /// does (kept only while someone holds the key): in chunks from
     /// [`CHUNKED_MIN`] bytes on (one round trip per [`CHUNKS_PER_TRIP`]

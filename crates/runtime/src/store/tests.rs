@@ -451,6 +451,57 @@ async fn leases(store: &Store) {
     assert_eq!(store.have_leases(&["live"]).await.unwrap(), [false]);
 }
 
+/// A worker hands its kept values over to Redis when it stops: a record
+/// still its own is replaced by the value (whole or in chunks); a record
+/// released or replaced meanwhile is left alone, and no chunk is left.
+async fn hand_over(store: &Store) {
+    let codec = flotilla_proto::Codec::plain();
+    let location = flotilla_proto::Location {
+        worker: "w".into(),
+        addr: "127.0.0.1:1".into(),
+        size: 0,
+    };
+    for len in [10, super::CHUNKED_MIN + 5] {
+        let value = patterned(len);
+        let key = format!("kept-{len}");
+        let record = codec.result_kept(&key, &location);
+        let sealed = codec.result_ok_arg(&key, &value);
+        let mut batch = store.batch();
+        batch.hold(&key, "c").store_result(&key, &record);
+        batch.exec().await.unwrap();
+        assert!(store
+            .hand_over(&key, &record, &sealed.pieces())
+            .await
+            .unwrap());
+        let read = store
+            .read_results(std::slice::from_ref(&key))
+            .await
+            .unwrap();
+        assert_eq!(read, [Some(sealed.pieces().concat())], "{len}");
+        // Handed over already: the record is not there any more.
+        assert!(!store
+            .hand_over(&key, &record, &sealed.pieces())
+            .await
+            .unwrap());
+        assert_eq!(
+            store.release(&[(key.clone(), s("c"))]).await.unwrap(),
+            std::slice::from_ref(&key)
+        );
+        // Released before the hand-over: nothing is written back.
+        assert!(!store
+            .hand_over(&key, &record, &sealed.pieces())
+            .await
+            .unwrap());
+        assert_eq!(
+            store
+                .read_results(std::slice::from_ref(&key))
+                .await
+                .unwrap(),
+            [None]
+        );
+    }
+}
+
 async fn contract(store: Store) {
     store.preload().await.unwrap();
     results_live_while_held(&store).await;
@@ -458,6 +509,7 @@ async fn contract(store: Store) {
     hold_if_held(&store).await;
     large_results(&store).await;
     chunked_values(&store).await;
+    hand_over(&store).await;
     specs(&store).await;
     start_records(&store).await;
     custody(&store).await;
