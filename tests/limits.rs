@@ -462,9 +462,14 @@ async fn with_on_stuck_exit_a_worker_process_exits_75_and_its_unstarted_task_run
     let log = worker.log();
     assert!(log.contains("--on-stuck exit"), "{log}");
     assert!(log.contains("worker stopped"), "drained: {log}");
-    // The scheduler keeps many tasks in flight per slot: the queued one was
-    // delivered to this worker, which left it unstarted.
-    assert!(log.contains("unstarted=1"), "{log}");
+    // The queued task was delivered to this worker, which left it
+    // unstarted (`unstarted=1`), unless the scheduler, seeing the worker's
+    // one slot busy for long, held it back first (`unstarted=0`: it comes
+    // late on a loaded machine). Either way it runs elsewhere (below).
+    assert!(
+        log.contains("unstarted=1") || log.contains("unstarted=0"),
+        "{log}"
+    );
     assert_eq!(started_ids(&log).len(), 1, "{log}");
 
     // The task it had not started runs on the next worker.
