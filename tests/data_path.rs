@@ -6,11 +6,12 @@
 
 mod support;
 
-use flotilla::{Client, Error};
+use flotilla::Error;
 use flotilla_examples::{
     check_pattern, fnv1a, fnv1a_local, is_pattern, noise, pattern, pattern_local,
 };
 use std::time::{Duration, Instant};
+use support::process::Processes;
 use support::TestCluster;
 
 async fn redis(config: &flotilla::Config) -> redis::aio::MultiplexedConnection {
@@ -104,7 +105,7 @@ async fn kept_values_are_signed_when_a_secret_is_set() {
 /// Redis (in chunks: Redis holds a small manifest), and reads back whole.
 #[tokio::test]
 async fn a_worker_without_a_data_connection_writes_large_results_to_redis() {
-    let p = Processes::start("keepoff", &["--data-addr", "off"]).await;
+    let p = Processes::start("keepoff", &[&["--data-addr", "off"]]).await;
     let len = 9 << 20;
     let made = p.client.submit(pattern, (len, 9u8));
     let value: flotilla::Bytes = made.result().await.unwrap();
@@ -124,7 +125,7 @@ async fn a_worker_without_a_data_connection_writes_large_results_to_redis() {
 /// values it keeps over to Redis: they outlive it.
 #[tokio::test]
 async fn a_gracefully_stopped_worker_hands_its_kept_values_to_redis() {
-    let mut p = Processes::start("keepgo", &[]).await;
+    let mut p = Processes::start("keepgo", &[&[]]).await;
     let small = 2 << 20;
     let large = 9 << 20;
     let made: Vec<_> = [small, large]
@@ -157,7 +158,7 @@ async fn a_gracefully_stopped_worker_hands_its_kept_values_to_redis() {
 /// an input fails with a `flotilla::ValueLost` error instead of hanging.
 #[tokio::test]
 async fn a_value_whose_worker_died_is_a_clear_error_not_a_hang() {
-    let mut p = Processes::start("keeplost", &[]).await;
+    let mut p = Processes::start("keeplost", &[&[]]).await;
     let made = p.client.submit(pattern, (4usize << 20, 1u8));
     made.wait().await;
     assert_eq!(made.status(), flotilla::Status::Finished);
@@ -190,74 +191,4 @@ async fn a_value_whose_worker_died_is_a_clear_error_not_a_hang() {
     assert!(task.message().contains(made.key()), "{error}");
     drop(made);
     p.stop().await;
-}
-
-/// A scheduler process and worker processes on a fresh namespace, with a
-/// client; killed and purged when dropped.
-struct Processes {
-    config: flotilla::Config,
-    scheduler: Option<support::process::Spawned>,
-    workers: Vec<support::process::Spawned>,
-    client: Client,
-}
-
-impl Processes {
-    async fn start(prefix: &str, worker_args: &[&str]) -> Processes {
-        let config = support::fresh_config(prefix);
-        let mut scheduler = support::process::spawn(
-            "scheduler",
-            &support::target_binary("flotilla-scheduler"),
-            &["--http-addr", "off"],
-            &config,
-        );
-        scheduler.wait_for_log("scheduler started", Duration::from_secs(30));
-        let client = Client::connect(config.clone()).await.unwrap();
-        let mut processes = Processes {
-            config,
-            scheduler: Some(scheduler),
-            workers: Vec::new(),
-            client,
-        };
-        processes.add_worker(worker_args);
-        processes
-    }
-
-    fn add_worker(&mut self, args: &[&str]) {
-        let mut worker = support::process::spawn(
-            &format!("worker-{}", self.workers.len()),
-            &support::target_binary("flotilla-worker"),
-            args,
-            &self.config,
-        );
-        worker.wait_for_log("worker started", Duration::from_secs(30));
-        self.workers.push(worker);
-    }
-
-    /// SIGKILL every worker, as a crash would.
-    fn kill_workers(&mut self) {
-        self.workers.clear();
-    }
-
-    async fn stop(mut self) {
-        self.client.clone().close().await.unwrap();
-        self.workers.clear();
-        self.scheduler = None;
-        flotilla::purge(&self.config).await.unwrap();
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        if self.scheduler.is_some() {
-            self.workers.clear();
-            self.scheduler = None;
-            let config = self.config.clone();
-            let _ = std::thread::spawn(move || {
-                tokio::runtime::Runtime::new()
-                    .unwrap()
-                    .block_on(flotilla::purge(&config))
-            })
-            .join();
-        }
-    }
 }

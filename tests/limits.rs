@@ -11,7 +11,7 @@ use flotilla_examples::{
 };
 use flotilla_proto::{Codec, StoredResult};
 use std::time::Instant;
-use support::process::Spawned;
+use support::process::Processes;
 use support::TestCluster;
 
 /// How late past its limit a timed-out task may resolve.
@@ -227,115 +227,23 @@ async fn the_task_sees_its_deadline() {
     stop(t).await;
 }
 
-/// A `flotilla-scheduler` process, `flotilla-worker` processes and a client
-/// on a fresh namespace, for what only a worker process does: retire when a
-/// synchronous task is stuck. Processes are killed and the namespace purged
-/// when dropped, also when the test fails.
-struct Processes {
-    config: flotilla::Config,
-    scheduler: Option<Spawned>,
-    workers: Vec<Spawned>,
-    client: Client,
-}
-
-impl Processes {
-    async fn start(prefix: &str, workers: &[&[&str]]) -> Processes {
-        let config = support::fresh_config(prefix);
-        let mut scheduler = support::process::spawn(
-            "scheduler",
-            &support::target_binary("flotilla-scheduler"),
-            &["--http-addr", "off"],
-            &config,
-        );
-        scheduler.wait_for_log("scheduler started", Duration::from_secs(30));
-        let client = Client::connect(config.clone())
-            .await
-            .expect("client connects");
-        let mut processes = Processes {
-            config,
-            scheduler: Some(scheduler),
-            workers: Vec::new(),
-            client,
-        };
-        for args in workers {
-            processes.add_worker(args);
-        }
-        processes
-    }
-
-    /// Starts one more worker process with `args`, and waits until it consumes.
-    fn add_worker(&mut self, args: &[&str]) -> &mut Spawned {
-        let name = format!("worker-{}", self.workers.len());
-        let mut worker = support::process::spawn(
-            &name,
-            &support::target_binary("flotilla-worker"),
-            args,
-            &self.config,
-        );
-        worker.wait_for_log("worker started", Duration::from_secs(30));
-        self.workers.push(worker);
-        self.workers.last_mut().unwrap()
-    }
-
-    /// Every process's log, for failure messages.
-    fn logs(&self) -> String {
-        self.scheduler
-            .iter()
-            .chain(&self.workers)
-            .map(|process| format!("--- {}:\n{}", process.name, process.log()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Closes the client, stops the processes (SIGTERM: each must exit 0)
-    /// and purges the namespace. A worker still retiring is let finish its
-    /// restart first: a SIGTERM in the instant of its re-execution, before
-    /// the new image handles signals, would kill it.
-    async fn stop(mut self) {
-        self.client.clone().close().await.unwrap();
-        for worker in &mut self.workers {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while worker.is_running() && !restarted_after_every_retirement(&worker.log()) {
-                assert!(
-                    Instant::now() < deadline,
-                    "{} never settled:\n{}",
-                    worker.name,
-                    worker.log()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if worker.is_running() {
-                let status = worker.terminate();
-                assert!(
-                    status.success(),
-                    "{}: {status}\n{}",
-                    worker.name,
-                    worker.log()
-                );
-            }
-        }
-        if let Some(mut scheduler) = self.scheduler.take() {
-            scheduler.terminate();
-        }
-        self.workers.clear();
-        flotilla::purge(&self.config).await.unwrap();
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        if self.scheduler.is_some() {
-            // The test failed before stop(): kill everything, then purge.
-            self.workers.clear();
-            self.scheduler = None;
-            let config = self.config.clone();
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Runtime::new().expect("runtime");
-                let _ = runtime.block_on(flotilla::purge(&config));
-            })
-            .join();
+/// Waits until every worker process that retired has re-executed and
+/// started again (a SIGTERM in the instant of a re-execution, before the new
+/// image handles signals, would kill it), then stops everything.
+async fn stop_settled(mut p: Processes) {
+    for worker in &mut p.workers {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while worker.is_running() && !restarted_after_every_retirement(&worker.log()) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never settled:\n{}",
+                worker.name,
+                worker.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    p.stop().await;
 }
 
 /// Whether a worker process's `log` shows every retirement it began
@@ -432,7 +340,7 @@ async fn a_worker_process_retires_after_a_stuck_sync_task_and_restarts_in_place(
     // Still TimedOut, for good.
     assert_eq!(timed_out(&stuck).await.kind(), ErrorKind::TimedOut);
     drop((stuck, running));
-    p.stop().await;
+    stop_settled(p).await;
 }
 
 #[tokio::test]
@@ -481,7 +389,7 @@ async fn with_on_stuck_exit_a_worker_process_exits_75_and_its_unstarted_task_run
     assert_eq!(ran_on, next);
     assert_eq!(timed_out(&stuck).await.kind(), ErrorKind::TimedOut);
     drop((stuck, queued));
-    p.stop().await;
+    stop_settled(p).await;
 }
 
 #[tokio::test]
@@ -510,7 +418,7 @@ async fn a_sigterm_during_a_retirement_stops_the_worker_without_waiting_for_the_
         7
     );
     drop((stuck, running));
-    p.stop().await;
+    stop_settled(p).await;
 }
 
 /// The issue's `task-timeout` chaos scenario, on worker processes: a
@@ -617,5 +525,5 @@ async fn chaos_task_timeout() {
         );
     }
     drop(futures);
-    p.stop().await;
+    stop_settled(p).await;
 }

@@ -150,3 +150,109 @@ pub fn strip_ansi(line: &str) -> String {
     }
     out
 }
+
+/// A `flotilla-scheduler` process, `flotilla-worker` processes and a client
+/// on a fresh namespace, for what only processes show (a worker retiring,
+/// killed or stopped with SIGTERM). Processes are killed and the namespace
+/// purged when dropped, also when the test fails.
+pub struct Processes {
+    pub config: Config,
+    pub scheduler: Option<Spawned>,
+    pub workers: Vec<Spawned>,
+    pub client: flotilla::Client,
+}
+
+impl Processes {
+    /// Starts the scheduler, a client and one worker per entry of
+    /// `workers` (its arguments).
+    pub async fn start(prefix: &str, workers: &[&[&str]]) -> Processes {
+        let config = super::fresh_config(prefix);
+        let mut scheduler = spawn(
+            "scheduler",
+            &super::target_binary("flotilla-scheduler"),
+            &["--http-addr", "off"],
+            &config,
+        );
+        scheduler.wait_for_log("scheduler started", Duration::from_secs(30));
+        let client = flotilla::Client::connect(config.clone())
+            .await
+            .expect("client connects");
+        let mut processes = Processes {
+            config,
+            scheduler: Some(scheduler),
+            workers: Vec::new(),
+            client,
+        };
+        for args in workers {
+            processes.add_worker(args);
+        }
+        processes
+    }
+
+    /// Starts one more worker process with `args`, and waits until it consumes.
+    pub fn add_worker(&mut self, args: &[&str]) -> &mut Spawned {
+        let name = format!("worker-{}", self.workers.len());
+        let mut worker = spawn(
+            &name,
+            &super::target_binary("flotilla-worker"),
+            args,
+            &self.config,
+        );
+        worker.wait_for_log("worker started", Duration::from_secs(30));
+        self.workers.push(worker);
+        self.workers.last_mut().unwrap()
+    }
+
+    /// Every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.scheduler
+            .iter()
+            .chain(&self.workers)
+            .map(|process| format!("--- {}:\n{}", process.name, process.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// SIGKILLs every worker, as a crash would.
+    pub fn kill_workers(&mut self) {
+        self.workers.clear();
+    }
+
+    /// Closes the client, stops the processes (SIGTERM: each worker still
+    /// running must exit 0) and purges the namespace.
+    pub async fn stop(mut self) {
+        self.client.clone().close().await.unwrap();
+        for worker in &mut self.workers {
+            if worker.is_running() {
+                let status = worker.terminate();
+                assert!(
+                    status.success(),
+                    "{}: {status}\n{}",
+                    worker.name,
+                    worker.log()
+                );
+            }
+        }
+        if let Some(mut scheduler) = self.scheduler.take() {
+            scheduler.terminate();
+        }
+        self.workers.clear();
+        flotilla::purge(&self.config).await.unwrap();
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        if self.scheduler.is_some() {
+            // The test failed before stop(): kill everything, then purge.
+            self.workers.clear();
+            self.scheduler = None;
+            let config = self.config.clone();
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().expect("runtime");
+                let _ = runtime.block_on(flotilla::purge(&config));
+            })
+            .join();
+        }
+    }
+}
