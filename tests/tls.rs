@@ -8,7 +8,7 @@ mod support;
 use flotilla::prelude::*;
 use flotilla::{Config, Secret};
 use flotilla_examples::add;
-use support::services::{free_port, wait_for_port, PrivateRabbit, PrivateRedis, TestCa};
+use support::services::{wait_for_port, PrivateRabbit, PrivateRedis, TestCa};
 use support::{fresh_namespace, TestCluster};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -16,8 +16,7 @@ async fn a_signed_cluster_runs_over_amqps_and_rediss() {
     let ca = TestCa::new();
     std::env::set_var("SSL_CERT_FILE", ca.ca_file());
     let redis = PrivateRedis::start_tls(&ca);
-    let tls_port = free_port();
-    let rabbit = PrivateRabbit::start_with(&ca.rabbit_conf(tls_port), "[].");
+    let (tls_port, rabbit) = PrivateRabbit::start_with_port(|port| ca.rabbit_conf(port), "[].");
     wait_for_port(tls_port, Duration::from_secs(30), "the TLS listener");
     let namespace = fresh_namespace("tls");
     let config = Config {

@@ -49,8 +49,45 @@ impl PrivateRabbit {
     }
 
     /// Starts a node with extra `rabbitmq.conf` lines and an
-    /// `advanced.config` term.
+    /// `advanced.config` term. A node that does not boot (a port taken
+    /// between choosing it and the node binding it, by another test's
+    /// listener) is tried again on fresh ports, up to three times.
     pub fn start_with(conf: &str, advanced: &str) -> PrivateRabbit {
+        Self::start_retrying(|| conf.to_owned(), advanced)
+    }
+
+    /// Like [`PrivateRabbit::start_with`], the extra configuration made by
+    /// `conf` from a fresh port of its own for each attempt (a TLS
+    /// listener, say); returns that port with the node.
+    pub fn start_with_port(conf: impl Fn(u16) -> String, advanced: &str) -> (u16, PrivateRabbit) {
+        let mut port = 0;
+        let rabbit = Self::start_retrying(
+            || {
+                port = free_port();
+                conf(port)
+            },
+            advanced,
+        );
+        (port, rabbit)
+    }
+
+    fn start_retrying(mut conf: impl FnMut() -> String, advanced: &str) -> PrivateRabbit {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let conf = conf();
+            match Self::try_start(&conf, advanced) {
+                Ok(rabbit) => return rabbit,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "a private RabbitMQ node did not boot, three times:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    /// One attempt: the node, or why it did not boot (with its log's tail).
+    fn try_start(conf: &str, advanced: &str) -> Result<PrivateRabbit, String> {
         let port = free_port();
         let dist_port = free_port();
         let dir = scratch_dir("rabbit");
@@ -88,14 +125,32 @@ impl PrivateRabbit {
         let rabbit = PrivateRabbit { node, port, dir };
         // `wait` follows the pid file until the node has booted.
         let pid_file = rabbit.dir.join("pid");
-        rabbit.ctl(&[
+        if let Err(error) = rabbit.try_ctl(&[
             "wait",
             "--timeout",
             "120",
             pid_file.to_str().expect("UTF-8 path"),
-        ]);
+        ]) {
+            return Err(format!("{error}\n{}", rabbit.log_tail()));
+        }
         wait_for_port(port, Duration::from_secs(60), "the private RabbitMQ node");
-        rabbit
+        Ok(rabbit)
+    }
+
+    /// The last lines of the node's logs.
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.join("log"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            out.push_str(&format!("{}:\n{tail}\n", entry.path().display()));
+        }
+        out
     }
 
     /// Its AMQP URL.
@@ -105,6 +160,13 @@ impl PrivateRabbit {
 
     /// Runs `rabbitmqctl -n <node> args...` on it; panics when that fails.
     pub fn ctl(&self, args: &[&str]) {
+        if let Err(error) = self.try_ctl(args) {
+            panic!("{error}");
+        }
+    }
+
+    /// Runs `rabbitmqctl -n <node> args...` on it.
+    fn try_ctl(&self, args: &[&str]) -> Result<(), String> {
         let output = Command::new("rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
@@ -112,11 +174,14 @@ impl PrivateRabbit {
             .stdin(Stdio::null())
             .output()
             .expect("rabbitmqctl runs");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "rabbitmqctl {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
     }
 
     /// Stops the broker application (every connection is closed), waits
@@ -174,8 +239,27 @@ impl PrivateRedis {
             child: None,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
-        redis.spawn();
-        redis
+        // A port taken between choosing it and the server binding it (by
+        // another test's listener): the server exits; try a fresh one.
+        for _ in 0..3 {
+            redis.spawn();
+            if redis.running() {
+                return redis;
+            }
+            redis.port = free_port();
+        }
+        panic!("a private redis-server did not stay up on three ports");
+    }
+
+    /// Whether the server is still running a moment after it listened (a
+    /// server that could not bind its port exits at once, while
+    /// [`wait_for_port`] may have found someone else's listener).
+    fn running(&mut self) -> bool {
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        matches!(child.try_wait(), Ok(None))
     }
 
     fn spawn(&mut self) {
@@ -192,11 +276,22 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server runs (Debian package redis-server)");
         self.child = Some(child);
-        wait_for_port(
-            self.port,
-            Duration::from_secs(30),
-            "the private redis-server",
-        );
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|child| !matches!(child.try_wait(), Ok(None)));
+            if exited {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the private redis-server did not listen on port {} within 30 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Its URL.
@@ -213,6 +308,11 @@ impl PrivateRedis {
         }
         std::thread::sleep(down);
         self.spawn();
+        assert!(
+            self.running(),
+            "the private redis-server did not come back on port {}",
+            self.port
+        );
     }
 }
 
