@@ -188,6 +188,10 @@ impl Ops {
 
 impl Drop for Ops {
     fn drop(&mut self) {
+        // The processes go first: a scheduler still running would declare
+        // its queues and keys again after the purge.
+        self.workers.clear();
+        self.scheduler.kill();
         let _ = std::fs::remove_file(&self.token_file);
         let config = self.config.clone();
         let _ = std::thread::spawn(move || {
@@ -727,6 +731,13 @@ async fn the_http_server_answers_mistakes_plainly() {
             parse_json(&body)["error"].str().is_some() || got == 202,
             "{body}"
         );
+    }
+    // The scheduler's log is read by a thread: give its last lines a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ops.scheduler.log().matches("operator command").count() < 3
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = ops.scheduler.log();
     assert_eq!(

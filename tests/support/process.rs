@@ -117,6 +117,12 @@ impl Spawned {
         self.child.try_wait().expect("wait").is_none()
     }
 
+    /// SIGKILL, and waits for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then waits up to 15 s for the process to stop.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill")
