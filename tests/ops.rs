@@ -734,9 +734,7 @@ async fn the_http_server_answers_mistakes_plainly() {
     }
     // The scheduler's log is read by a thread: give its last lines a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while ops.scheduler.log().matches("operator command").count() < 3
-        && Instant::now() < deadline
-    {
+    while ops.scheduler.log().matches("operator command").count() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let log = ops.scheduler.log();
