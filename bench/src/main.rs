@@ -24,7 +24,7 @@
 
 use anyhow::{bail, Context, Result};
 use flotilla::{Client, Config, TaskFuture};
-use flotilla_examples::{add, byte_len, inc, random_bytes, slow_identity};
+use flotilla_examples::{add, bytes_len, inc, random_bytes, slow_identity};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -548,13 +548,13 @@ async fn data_result(client: &Client, bytes: usize) -> Result<f64> {
 /// `data_scatter_*`: scatters `payload` (made before the clock starts, a
 /// fresh key each time as Dask's `hash=False`), runs [`SCATTER_READERS`]
 /// tasks that each take it and return its length, gathers them: seconds.
-async fn data_scatter(client: &Client, payload: &serde_bytes::ByteBuf) -> Result<f64> {
+async fn data_scatter(client: &Client, payload: &flotilla::Bytes) -> Result<f64> {
     let started = Instant::now();
     let data = client
         .scatter_with(payload, flotilla::ScatterOptions { hash: false })
         .await?;
     let lengths: Vec<_> = (0..SCATTER_READERS)
-        .map(|_| client.submit_with(byte_len, (&data,)).pure(false).submit())
+        .map(|_| client.submit_with(bytes_len, (&data,)).pure(false).submit())
         .collect();
     let results = client.gather(&lengths).await?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -575,7 +575,7 @@ async fn data_move(client: &Client, bytes: usize) -> Result<f64> {
         .workers(["bench-0"])
         .submit();
     let length = client
-        .submit_with(byte_len, (&made,))
+        .submit_with(bytes_len, (&made,))
         .workers(["bench-1"])
         .submit()
         .await?;
@@ -731,7 +731,7 @@ async fn data_rows(
 }
 
 /// `bytes` random bytes (for the scatter rows, made before the clock starts).
-fn random_payload(bytes: usize) -> serde_bytes::ByteBuf {
+fn random_payload(bytes: usize) -> flotilla::Bytes {
     // The task's own body is plain Rust: calling it here makes the same kind
     // of payload the tasks make.
     random_bytes::call(bytes, fresh_seed())
@@ -963,7 +963,7 @@ fn run_id() -> String {
 async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Vec<Row>> {
     let client = Client::connect(config.clone()).await?;
     // Warm up: the cluster is up once a task comes back.
-    let warm = client.submit(byte_len, (serde_bytes::ByteBuf::from(vec![0u8; 10]),));
+    let warm = client.submit(bytes_len, (flotilla::Bytes::from(vec![0u8; 10]),));
     warm.result_timeout(Duration::from_secs(60))
         .await
         .context("cluster did not start")?;

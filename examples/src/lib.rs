@@ -191,7 +191,7 @@ pub fn fnv1a_local(data: &[u8]) -> u64 {
 /// bytes. Not compressible; a different `seed` gives other bytes (and a
 /// new task key).
 #[flotilla::task]
-pub fn random_bytes(len: usize, seed: u64) -> serde_bytes::ByteBuf {
+pub fn random_bytes(len: usize, seed: u64) -> flotilla::Bytes {
     fn step(lanes: &mut [u64; 4]) -> [u8; 32] {
         let mut block = [0u8; 32];
         for (state, word) in lanes.iter_mut().zip(block.chunks_exact_mut(8)) {
@@ -213,7 +213,14 @@ pub fn random_bytes(len: usize, seed: u64) -> serde_bytes::ByteBuf {
     let tail = blocks.into_remainder();
     let tail_len = tail.len();
     tail.copy_from_slice(&step(&mut lanes)[..tail_len]);
-    serde_bytes::ByteBuf::from(data)
+    flotilla::Bytes::from(data)
+}
+
+/// The length of a [`flotilla::Bytes`]: reads a large input without copying
+/// it (the argument shares the buffer the worker holds the input in).
+#[flotilla::task]
+pub fn bytes_len(data: flotilla::Bytes) -> usize {
+    data.len()
 }
 
 static RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());

@@ -591,7 +591,7 @@ impl Client {
         for future in futures {
             future.wait().await;
         }
-        let mut values: Vec<Option<Arc<Vec<u8>>>> = Vec::with_capacity(futures.len());
+        let mut values: Vec<Option<bytes::Bytes>> = Vec::with_capacity(futures.len());
         let mut missing = Vec::new();
         for (index, future) in futures.iter().enumerate() {
             match future.state.done_outcome() {

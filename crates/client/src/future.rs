@@ -160,7 +160,7 @@ impl<T: DeserializeOwned> TaskFuture<T> {
     }
 
     /// The encoded value of a done task.
-    pub(crate) async fn encoded(&self) -> Result<Arc<Vec<u8>>> {
+    pub(crate) async fn encoded(&self) -> Result<bytes::Bytes> {
         match self.state.done_outcome() {
             Some(Ok(Some(bytes))) => Ok(bytes),
             Some(Ok(None)) => {
@@ -200,9 +200,10 @@ pub(crate) fn retry<T>(client: &ClientInner, futures: &[TaskFuture<T>]) {
     }
 }
 
-/// Decodes a task's value.
-pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+/// Decodes a task's value; a [`crate::Bytes`] in it shares `bytes`.
+pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, bytes: &bytes::Bytes) -> Result<T> {
+    let decoded = flotilla_proto::decode_sharing([bytes.clone()], || rmp_serde::from_slice(bytes));
+    decoded.map_err(|e| Error::Decode {
         key: key.to_owned(),
         type_name: std::any::type_name::<T>(),
         message: e.to_string(),
@@ -377,5 +378,24 @@ impl<T> TaskFuture<T> {
             key: self.state.key.clone(),
             _type: PhantomData,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_value;
+
+    #[test]
+    fn a_bytes_result_shares_the_received_buffer_and_others_copy() {
+        let value = crate::Bytes::from(vec![4u8; 1 << 20]);
+        let received = bytes::Bytes::from(flotilla_proto::value_to_vec(&value).unwrap());
+        let range = received.as_ptr_range();
+        let shared: crate::Bytes = decode_value("k", &received).unwrap();
+        assert_eq!(shared, value);
+        assert!(range.contains(&shared.as_ptr()), "no copy");
+        let copied: Vec<u8> = decode_value("k", &received).unwrap();
+        assert_eq!(copied, value);
+        let wrong = decode_value::<u64>("k", &received).unwrap_err();
+        assert!(wrong.to_string().contains("k"), "{wrong}");
     }
 }

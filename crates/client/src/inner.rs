@@ -133,7 +133,7 @@ impl ClientInner {
     }
 
     /// Reads stored results, in order, a chunk of keys per round trip.
-    pub(crate) async fn fetch(&self, keys: &[&str]) -> Result<Vec<Result<Arc<Vec<u8>>>>> {
+    pub(crate) async fn fetch(&self, keys: &[&str]) -> Result<Vec<Result<bytes::Bytes>>> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(FETCH_CHUNK) {
             let chunk_keys: Vec<String> = chunk.iter().map(|k| (*k).to_owned()).collect();
@@ -236,9 +236,9 @@ impl Owner for ClientInner {
 }
 
 /// A stored result, opened: the value bytes, or its error.
-fn read_opened(key: &str, opened: Opened) -> Result<Arc<Vec<u8>>> {
+fn read_opened(key: &str, opened: Opened) -> Result<bytes::Bytes> {
     match opened {
-        Opened::Ok(bytes) => Ok(Arc::new(bytes)),
+        Opened::Ok(bytes) => Ok(bytes),
         Opened::Err(error) => Err(Error::Task(error)),
         Opened::Refused(message) => Err(Error::Decode {
             key: key.to_owned(),

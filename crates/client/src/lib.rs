@@ -72,11 +72,22 @@ pub use args::{ArgWriter, IntoArg, IntoArgs, INLINE_ARG_MAX};
 pub use as_completed::{
     as_completed, progress, wait, AsCompleted, DoneAndNotDone, ReturnWhen, WithResults,
 };
-/// A cheaply cloneable byte buffer (the `bytes` crate's, with its serde
-/// support on): use it, or a plain `Vec<u8>`, for binary task arguments,
-/// results and scattered data. Both travel as MessagePack `bin` — one
-/// length header and the bytes — and values of any size move: large ones
-/// never ride in a message (see ARCHITECTURE.md §8).
+pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
+#[cfg(feature = "local-cluster")]
+pub use cluster::{LocalCluster, LocalClusterBuilder};
+pub use context::TaskContextExt;
+pub use error::{Error, ErrorKind, Result, TaskError};
+pub use flotilla_macros::{actor, task};
+/// A cheaply cloneable byte buffer: use it, or a plain `Vec<u8>`, for
+/// binary task arguments, results and scattered data. Both travel as
+/// MessagePack `bin` (one length header and the bytes), and values of any
+/// size move: large ones never ride in a message (see ARCHITECTURE.md §8).
+///
+/// `Bytes` is the fast one for large values: a task's `Bytes` argument
+/// shares the buffer the worker holds the input in (fifty tasks reading one
+/// scattered 100 MB value make no copy of it), and a `Bytes` result shares
+/// the buffer the client received. A `Vec<u8>` is a copy each time. It
+/// converts from and to [`bytes::Bytes`] and `Vec<u8>` without copying.
 ///
 /// ```
 /// #[flotilla::task]
@@ -85,13 +96,7 @@ pub use as_completed::{
 /// }
 /// # fn main() {}
 /// ```
-pub use bytes::Bytes;
-pub use client::{fire_and_forget, Client, ScatterOptions, Submit};
-#[cfg(feature = "local-cluster")]
-pub use cluster::{LocalCluster, LocalClusterBuilder};
-pub use context::TaskContextExt;
-pub use error::{Error, ErrorKind, Result, TaskError};
-pub use flotilla_macros::{actor, task};
+pub use flotilla_proto::Bytes;
 pub use flotilla_proto::{Config, Secret, Task};
 pub use flotilla_task::TaskContext;
 pub use future::{FutureRef, TaskFuture};
@@ -207,7 +212,8 @@ pub mod __private {
     pub use flotilla_task::actor::unknown_method;
     pub use flotilla_task::user_error;
     pub use flotilla_task::{
-        decode_args, encode_output, Invocation, TaskContext, TaskRegistration,
+        decode_args, decode_arguments, encode_output, Arguments, Invocation, TaskContext,
+        TaskRegistration,
     };
     pub use flotilla_task::{Actor, ActorRegistration, DynActor, TaskOutcome};
 }

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use std::fmt;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Mutex, Weak};
 use tokio::sync::Notify;
 
 /// What a future's state belongs to: the client whose table of futures
@@ -63,7 +63,7 @@ pub(crate) enum Outcome {
     Pending,
     Running,
     /// Finished; the encoded value when it came inline.
-    Finished(Option<Arc<Vec<u8>>>),
+    Finished(Option<bytes::Bytes>),
     Failed(Error),
 }
 
@@ -142,7 +142,7 @@ impl FutureState {
             if matches!(*outcome, Outcome::Finished(_) | Outcome::Failed(_)) {
                 return;
             }
-            *outcome = Outcome::Finished(inline.map(Arc::new));
+            *outcome = Outcome::Finished(inline.map(bytes::Bytes::from));
         }
         self.done();
     }
@@ -212,7 +212,7 @@ impl FutureState {
 
     /// The outcome once done: `Ok(Some(bytes))` when the value came inline,
     /// `Ok(None)` when it must be read from Redis.
-    pub(crate) fn done_outcome(&self) -> Option<Result<Option<Arc<Vec<u8>>>>> {
+    pub(crate) fn done_outcome(&self) -> Option<Result<Option<bytes::Bytes>>> {
         match &*self.lock() {
             Outcome::Finished(inline) => Some(Ok(inline.clone())),
             Outcome::Failed(error) => Some(Err(error.clone())),

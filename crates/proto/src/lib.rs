@@ -14,6 +14,7 @@
 //! redis. The I/O around it (connections, scripts, reconnection) is
 //! `flotilla-runtime`.
 
+mod buffer;
 mod codec;
 mod config;
 mod error;
@@ -23,6 +24,7 @@ mod names;
 pub mod seal;
 mod task;
 
+pub use buffer::{decode_sharing, Bytes};
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
     Config, ConfigError, Secret, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL,

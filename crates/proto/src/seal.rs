@@ -312,29 +312,48 @@ impl Codec {
     /// Reads a stored result: its value, its error or where it is kept,
     /// after checking that it was signed for result key `key`.
     pub fn open_result(&self, key: &str, mut bytes: Vec<u8>) -> Result<StoredResult, DecodeError> {
-        let Some(kind) = bytes.pop() else {
-            return Err(DecodeError::Empty);
-        };
-        if let Some(secret) = &self.key {
-            if bytes.len() < TAG_LEN {
-                return Err(SealError::Truncated.into());
-            }
-            let at = bytes.len() - TAG_LEN;
-            let (value, tag) = bytes.split_at(at);
-            verify(
-                secret,
-                &[b"result", &[0], key.as_bytes(), &[0, kind], value],
-                tag,
-            )?;
-            // Dropping the tag is a truncate, not a copy.
-            bytes.truncate(at);
-        }
+        let (kind, len) = self.check_result(key, &bytes)?;
+        // Dropping the signature and tag is a truncate, not a copy.
+        bytes.truncate(len);
         match kind {
             crate::TAG_OK => Ok(StoredResult::Ok(bytes)),
             crate::TAG_ERR => Ok(StoredResult::Err(crate::decode(&bytes, usize::MAX)?)),
             crate::TAG_KEPT => Ok(StoredResult::Kept(crate::decode(&bytes, 64 * 1024)?)),
             found => Err(DecodeError::Version { found }),
         }
+    }
+
+    /// Checks that `stored` is a value (not an error or a location record)
+    /// signed for result key `key`, and returns the length of the value:
+    /// what [`Codec::open_result`] gives as [`StoredResult::Ok`], without
+    /// taking the buffer.
+    pub fn check_result_ok(&self, key: &str, stored: &[u8]) -> Result<usize, DecodeError> {
+        match self.check_result(key, stored)? {
+            (crate::TAG_OK, len) => Ok(len),
+            (found, _) => Err(DecodeError::Version { found }),
+        }
+    }
+
+    /// The tag of a stored result and the length of what it tags, once its
+    /// signature (when results are signed) is checked.
+    fn check_result(&self, key: &str, stored: &[u8]) -> Result<(u8, usize), DecodeError> {
+        let Some((&kind, rest)) = stored.split_last() else {
+            return Err(DecodeError::Empty);
+        };
+        let Some(secret) = &self.key else {
+            return Ok((kind, rest.len()));
+        };
+        if rest.len() < TAG_LEN {
+            return Err(SealError::Truncated.into());
+        }
+        let at = rest.len() - TAG_LEN;
+        let (value, tag) = rest.split_at(at);
+        verify(
+            secret,
+            &[b"result", &[0], key.as_bytes(), &[0, kind], value],
+            tag,
+        )?;
+        Ok((kind, at))
     }
 
     fn result_tag(&self, key: &str, kind: u8, value: &[u8]) -> Option<hmac::Tag> {

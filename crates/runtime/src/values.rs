@@ -14,6 +14,7 @@
 //! step of a fetch is bounded, see [`DataClientOptions`]).
 
 use crate::data::{DataClient, DataClientOptions, DataError, Keep};
+use bytes::Bytes;
 use flotilla_proto::{Codec, Location, StoredResult, TaskError};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +22,9 @@ use std::sync::Arc;
 /// A stored result, opened.
 #[derive(Debug)]
 pub enum Opened {
-    /// The value's bytes (MessagePack of the task's output).
-    Ok(Vec<u8>),
+    /// The value's bytes (MessagePack of the task's output), possibly
+    /// shared with the worker's kept value or the fetched buffer.
+    Ok(Bytes),
     /// The task's error.
     Err(TaskError),
     /// Nothing is stored under the key (released, never stored, or lost
@@ -88,15 +90,9 @@ impl Reader {
     /// Opens what Redis holds for `key` (`None`: nothing), fetching the
     /// value from its worker when the record says where it is kept.
     pub async fn open(&self, key: &str, stored: Option<Vec<u8>>) -> Opened {
-        let Some(stored) = stored else {
-            return Opened::Missing;
-        };
-        match self.inner.codec.open_result(key, stored) {
-            Ok(StoredResult::Ok(bytes)) => Opened::Ok(bytes),
-            Ok(StoredResult::Err(error)) => Opened::Err(error),
-            Ok(StoredResult::Kept(location)) => self.fetch(key, location).await,
-            Err(error) => Opened::Refused(error.to_string()),
-        }
+        let keys = [key.to_owned()];
+        let mut opened = self.open_all(&keys, vec![stored]).await;
+        opened.pop().unwrap_or(Opened::Missing)
     }
 
     /// [`Reader::open`] for many keys, in order; kept values are fetched
@@ -110,7 +106,7 @@ impl Reader {
                 continue;
             };
             match self.inner.codec.open_result(key, stored) {
-                Ok(StoredResult::Ok(bytes)) => out.push(Some(Opened::Ok(bytes))),
+                Ok(StoredResult::Ok(bytes)) => out.push(Some(Opened::Ok(bytes.into()))),
                 Ok(StoredResult::Err(error)) => out.push(Some(Opened::Err(error))),
                 Ok(StoredResult::Kept(location)) => {
                     out.push(None);
@@ -141,7 +137,7 @@ impl Reader {
         if let Some((addr, keep)) = &self.inner.local {
             if *addr == location.addr {
                 return match keep.get(key) {
-                    Some(bytes) => self.check(key, &location, bytes.to_vec()),
+                    Some(bytes) => self.check(key, &location, bytes),
                     None => Opened::Lost {
                         cause: format!("this worker ({addr}) no longer keeps `{key}`"),
                         location,
@@ -168,14 +164,15 @@ impl Reader {
                 }
             }
         };
-        self.check(key, &location, Vec::from(bytes))
+        self.check(key, &location, bytes)
     }
 
-    /// Opens a fetched value: it must be a value signed for `key`.
-    fn check(&self, key: &str, location: &Location, bytes: Vec<u8>) -> Opened {
-        match self.inner.codec.open_result(key, bytes) {
-            Ok(StoredResult::Ok(bytes)) => Opened::Ok(bytes),
-            Ok(_) => Opened::Refused(format!(
+    /// Opens a fetched (or this worker's own) kept value: it must be a
+    /// value signed for `key`. The value shares `bytes`, uncopied.
+    fn check(&self, key: &str, location: &Location, bytes: Bytes) -> Opened {
+        match self.inner.codec.check_result_ok(key, &bytes) {
+            Ok(len) => Opened::Ok(bytes.slice(..len)),
+            Err(flotilla_proto::DecodeError::Version { .. }) => Opened::Refused(format!(
                 "worker {} answered `{key}` with something other than a value",
                 location.worker
             )),

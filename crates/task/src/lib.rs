@@ -12,13 +12,16 @@
 //! `flotilla::__private`. Nothing here does I/O.
 
 pub mod actor;
+mod arguments;
 mod context;
 pub mod registry;
 
 pub use actor::{Actor, ActorRegistration, DynActor};
+pub use arguments::Arguments;
 pub use context::TaskContext;
 pub use registry::{
-    decode_args, encode_output, registry, Invocation, TaskOutcome, TaskRegistration,
+    decode_args, decode_arguments, encode_output, registry, Invocation, TaskOutcome,
+    TaskRegistration,
 };
 
 #[doc(hidden)]

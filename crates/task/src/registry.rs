@@ -5,7 +5,7 @@
 //! signature fingerprint. Only registered functions ever run: no message can
 //! make a worker execute anything else.
 
-use crate::TaskContext;
+use crate::{Arguments, TaskContext};
 use flotilla_proto::{ErrorKind, TaskError};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
@@ -41,19 +41,18 @@ impl std::fmt::Debug for Invocation {
 pub struct TaskRegistration {
     name: &'static str,
     fingerprint: u64,
-    invoke: fn(TaskContext, &[u8]) -> Invocation,
+    invoke: fn(TaskContext, Arguments<'_>) -> Invocation,
     module_path: &'static str,
     /// The default time limit in milliseconds; 0 for none.
     timeout_ms: u64,
 }
 
 impl TaskRegistration {
-    /// A registration; `invoke` decodes the arguments (a MessagePack array)
-    /// and prepares the call.
+    /// A registration; `invoke` decodes the arguments and prepares the call.
     pub const fn new(
         name: &'static str,
         fingerprint: u64,
-        invoke: fn(TaskContext, &[u8]) -> Invocation,
+        invoke: fn(TaskContext, Arguments<'_>) -> Invocation,
     ) -> Self {
         TaskRegistration {
             name,
@@ -125,8 +124,13 @@ impl TaskRegistration {
         self.fingerprint
     }
 
-    /// Prepares a call with `args`.
+    /// Prepares a call with `args`, encoded as one MessagePack array.
     pub fn invoke(&self, ctx: TaskContext, args: &[u8]) -> Invocation {
+        (self.invoke)(ctx, Arguments::encoded(args))
+    }
+
+    /// Prepares a call with `args` as a worker holds them (see [`Arguments`]).
+    pub fn invoke_with(&self, ctx: TaskContext, args: Arguments<'_>) -> Invocation {
         (self.invoke)(ctx, args)
     }
 }
@@ -150,13 +154,21 @@ pub fn registry() -> &'static HashMap<&'static str, &'static TaskRegistration> {
     })
 }
 
-/// Decodes a task's argument tuple, or explains why it doesn't fit.
+/// Decodes a task's (or an actor method's) argument tuple from one
+/// MessagePack array, or explains why it doesn't fit.
 pub fn decode_args<A: DeserializeOwned>(task: &str, bytes: &[u8]) -> Result<A, TaskError> {
-    const EMPTY_ARRAY: [u8; 1] = [0x90];
+    decode_arguments(task, Arguments::encoded(bytes))
+}
+
+/// Decodes a task's argument tuple, or explains why it doesn't fit.
+pub fn decode_arguments<A: DeserializeOwned>(
+    task: &str,
+    args: Arguments<'_>,
+) -> Result<A, TaskError> {
     const NIL: [u8; 1] = [0xc0];
-    let decoded = match rmp_serde::from_slice(bytes) {
+    let decoded = match args.decode() {
         // A task without parameters takes `()`, which MessagePack spells nil.
-        Err(_) if bytes == EMPTY_ARRAY => rmp_serde::from_slice(&NIL),
+        Err(_) if args.is_empty() => rmp_serde::from_slice(&NIL),
         other => other,
     };
     decoded.map_err(|error| {
@@ -327,7 +339,7 @@ mod tests {
         assert_eq!(text.type_name(), "alloc::string::String");
     }
 
-    fn noop(_: TaskContext, _: &[u8]) -> Invocation {
+    fn noop(_: TaskContext, _: Arguments<'_>) -> Invocation {
         Invocation::Ready(Ok(Vec::new()))
     }
 

@@ -36,9 +36,9 @@ pub use flotilla_task::actor::{
     CREATE_ACTOR_FINGERPRINT,
 };
 use flotilla_task::registry::{
-    decode_args, encode_output, Invocation, TaskOutcome, TaskRegistration,
+    decode_arguments, encode_output, Invocation, TaskOutcome, TaskRegistration,
 };
-use flotilla_task::TaskContext;
+use flotilla_task::{Arguments, TaskContext};
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -59,9 +59,9 @@ inventory::submit! {
         .with_module_path(module_path!())
 }
 
-fn invoke_create(ctx: TaskContext, args: &[u8]) -> Invocation {
+fn invoke_create(ctx: TaskContext, args: Arguments<'_>) -> Invocation {
     let (constructor, constructor_args): (String, serde_bytes::ByteBuf) =
-        match decode_args(CREATE_ACTOR, args) {
+        match decode_arguments(CREATE_ACTOR, args) {
             Ok(decoded) => decoded,
             Err(error) => return Invocation::Ready(Err(error)),
         };

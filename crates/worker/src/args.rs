@@ -1,18 +1,15 @@
-//! Assembling a task's argument tuple from values and the results of its
-//! inputs: each `Arg::Ref` is replaced by the stored bytes of the result it
-//! names, each `Arg::List` becomes a MessagePack array.
+//! A task's argument list, read from its spec and checked against the
+//! inputs loaded for it. The list is decoded in place by
+//! [`flotilla_task::Arguments::parts`]: no buffer holding every input is
+//! assembled.
 
+use bytes::Bytes;
 use flotilla_proto::{Arg, ErrorKind, TaskError};
 use std::collections::HashMap;
 
-/// Builds the MessagePack array of a task's arguments.
-///
-/// `args` is the MessagePack of `Vec<Arg>` from the task spec; `inputs`
-/// holds the encoded result of every key the arguments refer to.
-pub(crate) fn assemble(
-    args: &[u8],
-    inputs: &HashMap<String, std::sync::Arc<Vec<u8>>>,
-) -> Result<Vec<u8>, TaskError> {
+/// Reads a task's argument list (the MessagePack of `Vec<Arg>` from its
+/// spec) and checks that every `Arg::Ref` in it has its input in `inputs`.
+pub(crate) fn read(args: &[u8], inputs: &HashMap<String, Bytes>) -> Result<Vec<Arg>, TaskError> {
     let args: Vec<Arg> = rmp_serde::from_slice(args).map_err(|error| {
         TaskError::new(
             ErrorKind::BadArguments,
@@ -20,77 +17,54 @@ pub(crate) fn assemble(
             format!("the task's argument list is malformed: {error}"),
         )
     })?;
-    let mut out = Vec::with_capacity(64);
-    write_list(&mut out, &args, inputs)?;
-    Ok(out)
+    check(&args, inputs)?;
+    Ok(args)
 }
 
-fn write_list(
-    out: &mut Vec<u8>,
-    items: &[Arg],
-    inputs: &HashMap<String, std::sync::Arc<Vec<u8>>>,
-) -> Result<(), TaskError> {
-    let len = u32::try_from(items.len()).map_err(|_| too_many())?;
-    rmp::encode::write_array_len(out, len).map_err(|_| too_many())?;
+fn check(items: &[Arg], inputs: &HashMap<String, Bytes>) -> Result<(), TaskError> {
     for item in items {
         match item {
-            Arg::Value(bytes) => out.extend_from_slice(bytes),
-            Arg::Ref(key) => match inputs.get(key) {
-                Some(bytes) => out.extend_from_slice(bytes),
-                None => {
-                    return Err(TaskError::new(
-                        ErrorKind::MissingDependency,
-                        "flotilla::MissingDependency",
-                        format!(
+            Arg::Value(_) => {}
+            Arg::Ref(key) if inputs.contains_key(key) => {}
+            Arg::Ref(key) => {
+                return Err(TaskError::new(
+                    ErrorKind::MissingDependency,
+                    "flotilla::MissingDependency",
+                    format!(
                         "input `{key}` has no stored result: it was released or never submitted"
                     ),
-                    ))
-                }
-            },
-            Arg::List(items) => write_list(out, items, inputs)?,
+                ))
+            }
+            Arg::List(items) => check(items, inputs)?,
         }
     }
     Ok(())
-}
-
-fn too_many() -> TaskError {
-    TaskError::new(
-        ErrorKind::BadArguments,
-        "flotilla::BadArguments",
-        "too many arguments",
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn value<T: serde::Serialize>(v: &T) -> Arg {
-        Arg::Value(rmp_serde::to_vec_named(v).unwrap())
-    }
-
     #[test]
-    fn values_refs_and_lists_assemble_into_the_tuple() {
+    fn an_argument_list_with_its_inputs_is_read() {
         let args = vec![
-            value(&1i64),
+            Arg::Value(rmp_serde::to_vec(&1i64).unwrap()),
             Arg::Ref("a".into()),
-            Arg::List(vec![Arg::Ref("a".into()), value(&5i64)]),
+            Arg::List(vec![Arg::Ref("a".into())]),
         ];
         let spec = rmp_serde::to_vec(&args).unwrap();
-        let inputs = HashMap::from([(
-            "a".to_string(),
-            std::sync::Arc::new(rmp_serde::to_vec(&7i64).unwrap()),
-        )]);
-        let bytes = assemble(&spec, &inputs).unwrap();
-        let decoded: (i64, i64, Vec<i64>) = rmp_serde::from_slice(&bytes).unwrap();
-        assert_eq!(decoded, (1, 7, vec![7, 5]));
+        let inputs = HashMap::from([("a".to_string(), Bytes::from_static(b"\x07"))]);
+        assert_eq!(read(&spec, &inputs).unwrap(), args);
     }
 
     #[test]
     fn a_missing_input_is_an_error() {
-        let spec = rmp_serde::to_vec(&vec![Arg::Ref("gone".into())]).unwrap();
-        let error = assemble(&spec, &HashMap::new()).unwrap_err();
+        let nested = vec![Arg::List(vec![Arg::Ref("gone".into())])];
+        let spec = rmp_serde::to_vec(&nested).unwrap();
+        let error = read(&spec, &HashMap::new()).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::MissingDependency);
-        assert!(assemble(b"\xc1", &HashMap::new()).is_err());
+        assert!(error.message().contains("gone"));
+        let error = read(b"\xc1", &HashMap::new()).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::BadArguments);
     }
 }

@@ -8,8 +8,9 @@
 //! values need no invalidation; the least recently used go when the cache
 //! is full.
 
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// Values smaller than this are not worth caching (they usually ride inline).
 pub(crate) const MIN_CACHED: usize = 32 * 1024;
@@ -20,7 +21,7 @@ pub(crate) struct InputCache {
 }
 
 struct Inner {
-    values: HashMap<String, Arc<Vec<u8>>>,
+    values: HashMap<String, Bytes>,
     order: VecDeque<String>,
     bytes: usize,
 }
@@ -37,7 +38,7 @@ impl InputCache {
         }
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<Arc<Vec<u8>>> {
+    pub(crate) fn get(&self, key: &str) -> Option<Bytes> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let value = inner.values.get(key).cloned()?;
         if let Some(position) = inner.order.iter().position(|k| k == key) {
@@ -47,7 +48,7 @@ impl InputCache {
         Some(value)
     }
 
-    pub(crate) fn insert(&self, key: &str, value: Arc<Vec<u8>>) {
+    pub(crate) fn insert(&self, key: &str, value: Bytes) {
         if value.len() < MIN_CACHED || value.len() > self.capacity / 4 {
             return;
         }
@@ -76,7 +77,7 @@ mod tests {
     #[test]
     fn the_least_recently_used_go_first() {
         let cache = InputCache::new(4 * MIN_CACHED);
-        let value = || Arc::new(vec![0u8; MIN_CACHED]);
+        let value = || Bytes::from(vec![0u8; MIN_CACHED]);
         cache.insert("a", value());
         cache.insert("b", value());
         cache.insert("c", value());
@@ -85,7 +86,7 @@ mod tests {
         cache.insert("e", value());
         assert!(cache.get("b").is_none(), "b was least recently used");
         assert!(cache.get("a").is_some() && cache.get("e").is_some());
-        cache.insert("small", Arc::new(vec![1]));
+        cache.insert("small", Bytes::from(vec![1]));
         assert!(cache.get("small").is_none(), "small values are not cached");
     }
 }

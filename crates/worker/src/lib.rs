@@ -43,8 +43,8 @@ mod slot;
 pub use bundle::INLINE_RESULT_LIMIT;
 pub use flotilla_task::registry;
 pub use flotilla_task::{
-    decode_args, encode_output, Actor, ActorRegistration, DynActor, Invocation, TaskContext,
-    TaskOutcome, TaskRegistration,
+    decode_args, decode_arguments, encode_output, Actor, ActorRegistration, Arguments, DynActor,
+    Invocation, TaskContext, TaskOutcome, TaskRegistration,
 };
 pub use kept::{DataOptions, KEEP_MIN};
 pub use linked::LinkError;

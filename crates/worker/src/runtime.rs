@@ -13,7 +13,8 @@ use crate::kept::{DataOptions, Kept};
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::{Slot, Window};
-use crate::TaskContext;
+use crate::{Arguments, TaskContext};
+use bytes::Bytes;
 use flotilla_proto::{
     Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, TaskError,
     ToScheduler, ToWorker, WorkerInfo,
@@ -1519,8 +1520,7 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
             ));
         }
         let inputs = load_inputs(shared, &spec.deps, inline).await?;
-        let args = crate::args::assemble(&spec.args, &inputs)?;
-        drop(inputs);
+        let args = crate::args::read(&spec.args, &inputs)?;
         let extension = shared.extension.clone();
         // The time limit starts now, when the function is called.
         let limit = registration.limit_for(spec.timeout_ms);
@@ -1529,7 +1529,11 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
         let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension)
             .with_deadline(deadline);
         let running = shared.running(&spec.key, ctx.clone());
-        let output = match registration.invoke(ctx.clone(), &args) {
+        // The arguments are decoded here, sharing the inputs' buffers where
+        // they can (a `flotilla::Bytes` argument is not a copy).
+        let invocation = registration.invoke_with(ctx.clone(), Arguments::parts(&args, &inputs));
+        drop((args, inputs));
+        let output = match invocation {
             Invocation::Ready(outcome) => outcome,
             Invocation::Sync(call) => {
                 let mut handle = tokio::task::spawn_blocking(move || slot.sync_scope(|| run_sync(call)));
@@ -1656,10 +1660,10 @@ async fn load_inputs(
     shared: &Shared,
     deps: &[String],
     inline: Vec<(String, serde_bytes::ByteBuf)>,
-) -> Result<HashMap<String, Arc<Vec<u8>>>, TaskError> {
-    let mut inputs: HashMap<String, Arc<Vec<u8>>> = inline
+) -> Result<HashMap<String, Bytes>, TaskError> {
+    let mut inputs: HashMap<String, Bytes> = inline
         .into_iter()
-        .map(|(key, bytes)| (key, Arc::new(bytes.into_vec())))
+        .map(|(key, bytes)| (key, Bytes::from(bytes.into_vec())))
         .collect();
     let mut wanted: Vec<&String> = Vec::new();
     for dep in deps {
@@ -1692,7 +1696,6 @@ async fn load_inputs(
     for (key, opened) in wanted.into_iter().zip(opened) {
         match opened {
             Opened::Ok(bytes) => {
-                let bytes = Arc::new(bytes);
                 shared.cache.insert(key, bytes.clone());
                 inputs.insert(key.clone(), bytes);
             }

@@ -199,10 +199,10 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
                 {
                     fn __flotilla_invoke(
                         #ctx: #private::TaskContext,
-                        #payload: &[u8],
+                        #payload: #private::Arguments<'_>,
                     ) -> #private::Invocation {
                         let #args_pattern: <#handle as #private::Task>::Args =
-                            match #private::decode_args(<#handle as #private::Task>::NAME, #payload) {
+                            match #private::decode_arguments(<#handle as #private::Task>::NAME, #payload) {
                                 ::core::result::Result::Ok(#decoded) => #decoded,
                                 ::core::result::Result::Err(#decode_error) => {
                                     return #private::Invocation::Ready(

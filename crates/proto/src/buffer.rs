@@ -1,0 +1,305 @@
+//! [`Bytes`]: the byte buffer for large values, which decodes without a
+//! copy when the value it is read from is already in memory.
+//!
+//! A value's encoded bytes (a task's input in a worker's cache, a result the
+//! client fetched) are held in a reference-counted [`bytes::Bytes`]. While
+//! such a buffer is decoded under [`decode_sharing`], a [`Bytes`] field read
+//! from it shares that buffer: a 100 MB input given to fifty tasks is one
+//! allocation, not fifty copies. Decoded anywhere else, it copies, like any
+//! other owned type.
+
+use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
+use serde::{Serialize, Serializer};
+use std::cell::RefCell;
+use std::fmt;
+use std::ops::{Deref, RangeBounds};
+
+/// A cheaply cloneable, immutable byte buffer (a [`bytes::Bytes`]) for
+/// binary task arguments, results and scattered data. It travels as
+/// MessagePack `bin` (one length header and the bytes), and a task's
+/// `Bytes` argument or a client's `Bytes` result shares the buffer the value
+/// arrived in instead of copying it (see [`decode_sharing`]).
+///
+/// ```
+/// use flotilla_proto::Bytes;
+/// let data = Bytes::from(vec![1u8, 2, 3]);
+/// assert_eq!(&data[..], &[1, 2, 3]);
+/// assert_eq!(data.slice(1..), Bytes::from_static(&[2, 3]));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bytes(bytes::Bytes);
+
+impl Bytes {
+    /// An empty buffer.
+    pub const fn new() -> Bytes {
+        Bytes(bytes::Bytes::new())
+    }
+
+    /// A buffer over static bytes (no allocation).
+    pub const fn from_static(bytes: &'static [u8]) -> Bytes {
+        Bytes(bytes::Bytes::from_static(bytes))
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn copy_from_slice(data: &[u8]) -> Bytes {
+        Bytes(bytes::Bytes::copy_from_slice(data))
+    }
+
+    /// The bytes in `range`, sharing this buffer.
+    ///
+    /// # Panics
+    /// When `range` is out of bounds.
+    pub fn slice(&self, range: impl RangeBounds<usize>) -> Bytes {
+        Bytes(self.0.slice(range))
+    }
+
+    /// The underlying [`bytes::Bytes`].
+    pub fn into_inner(self) -> bytes::Bytes {
+        self.0
+    }
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Bytes {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl From<bytes::Bytes> for Bytes {
+    fn from(bytes: bytes::Bytes) -> Bytes {
+        Bytes(bytes)
+    }
+}
+
+impl From<Bytes> for bytes::Bytes {
+    fn from(bytes: Bytes) -> bytes::Bytes {
+        bytes.0
+    }
+}
+
+impl From<Vec<u8>> for Bytes {
+    /// Takes the vector's allocation, without a copy.
+    fn from(vec: Vec<u8>) -> Bytes {
+        Bytes(bytes::Bytes::from(vec))
+    }
+}
+
+impl From<Bytes> for Vec<u8> {
+    /// Takes the allocation back when nothing else shares it; copies otherwise.
+    fn from(bytes: Bytes) -> Vec<u8> {
+        Vec::from(bytes.0)
+    }
+}
+
+impl From<&'static [u8]> for Bytes {
+    fn from(bytes: &'static [u8]) -> Bytes {
+        Bytes::from_static(bytes)
+    }
+}
+
+impl From<String> for Bytes {
+    fn from(text: String) -> Bytes {
+        Bytes::from(text.into_bytes())
+    }
+}
+
+impl PartialEq<[u8]> for Bytes {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<Vec<u8>> for Bytes {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<Bytes> for Vec<u8> {
+    fn eq(&self, other: &Bytes) -> bool {
+        *self == other.0
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        deserializer.deserialize_byte_buf(BytesVisitor)
+    }
+}
+
+struct BytesVisitor;
+
+impl<'de> Visitor<'de> for BytesVisitor {
+    type Value = Bytes;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("bytes")
+    }
+
+    fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+        Ok(Bytes(
+            shared(v).unwrap_or_else(|| bytes::Bytes::copy_from_slice(v)),
+        ))
+    }
+
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+        Ok(Bytes::copy_from_slice(v))
+    }
+
+    fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+        Ok(Bytes::from(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Bytes, E> {
+        Ok(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Bytes, E> {
+        Ok(Bytes::from(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+        while let Some(byte) = seq.next_element::<u8>()? {
+            out.push(byte);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+thread_local! {
+    /// The buffers being decoded on this thread (see [`decode_sharing`]).
+    static SOURCES: RefCell<Vec<bytes::Bytes>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `v` as a view of a buffer being decoded on this thread, if it lies in one.
+fn shared(v: &[u8]) -> Option<bytes::Bytes> {
+    let start = v.as_ptr() as usize;
+    let end = start + v.len();
+    SOURCES.with(|sources| {
+        sources.borrow().iter().rev().find_map(|source| {
+            let from = source.as_ptr() as usize;
+            (from <= start && end <= from + source.len()).then(|| source.slice_ref(v))
+        })
+    })
+}
+
+/// Runs `decode` (a deserialization reading from the buffers `sources`)
+/// so that every [`Bytes`] it produces from bytes inside one of them shares
+/// that buffer rather than copying it. Nested calls add to the buffers
+/// shared; they are forgotten when `decode` returns, or panics.
+///
+/// ```
+/// use flotilla_proto::{decode_sharing, Bytes};
+/// let encoded = bytes::Bytes::from(rmp_serde::to_vec(&Bytes::from(vec![7u8; 4096])).unwrap());
+/// let value: Bytes = decode_sharing([encoded.clone()], || rmp_serde::from_slice(&encoded)).unwrap();
+/// // The value's bytes are inside the encoded buffer: no copy was made.
+/// assert!(encoded.as_ptr_range().contains(&value.as_ptr()));
+/// ```
+pub fn decode_sharing<R>(
+    sources: impl IntoIterator<Item = bytes::Bytes>,
+    decode: impl FnOnce() -> R,
+) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SOURCES.with(|sources| sources.borrow_mut().truncate(self.0));
+        }
+    }
+    let before = SOURCES.with(|s| {
+        let mut s = s.borrow_mut();
+        let before = s.len();
+        s.extend(sources);
+        before
+    });
+    let _restore = Restore(before);
+    decode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+    struct Record {
+        name: String,
+        data: Bytes,
+    }
+
+    fn encode<T: Serialize>(value: &T) -> bytes::Bytes {
+        bytes::Bytes::from(crate::value_to_vec(value).unwrap())
+    }
+
+    #[test]
+    fn bytes_travel_as_bin_and_share_the_decoded_buffer() {
+        let record = Record {
+            name: "r".into(),
+            data: Bytes::from(vec![9u8; 100_000]),
+        };
+        let encoded = encode(&record);
+        assert!(encoded.len() < 100_020, "bin, not an array of integers");
+        let range = encoded.as_ptr_range();
+        let shared: Record =
+            decode_sharing([encoded.clone()], || rmp_serde::from_slice(&encoded)).unwrap();
+        assert_eq!(shared, record);
+        assert!(range.contains(&shared.data.as_ptr()), "shares the buffer");
+        // Outside decode_sharing: a copy.
+        let copied: Record = rmp_serde::from_slice(&encoded).unwrap();
+        assert_eq!(copied, record);
+        assert!(!range.contains(&copied.data.as_ptr()), "a copy");
+    }
+
+    #[test]
+    fn sources_are_forgotten_after_decoding_even_on_panic() {
+        let encoded = encode(&Bytes::from(vec![1u8; 64]));
+        let result = std::panic::catch_unwind(|| {
+            decode_sharing([encoded.clone()], || panic!("in the decoder"))
+        });
+        assert!(result.is_err());
+        SOURCES.with(|s| assert!(s.borrow().is_empty()));
+        let outer = encode(&Bytes::from(vec![2u8; 64]));
+        decode_sharing([outer.clone()], || {
+            decode_sharing([encoded.clone()], || {
+                SOURCES.with(|s| assert_eq!(s.borrow().len(), 2));
+            });
+            SOURCES.with(|s| assert_eq!(s.borrow().len(), 1));
+        });
+    }
+
+    #[test]
+    fn other_encodings_of_bytes_still_decode() {
+        // An array of integers (how a plain `Vec<u8>` was once written).
+        let array = rmp_serde::to_vec(&vec![1u16, 2, 3]).unwrap();
+        let back: Bytes = rmp_serde::from_slice(&array).unwrap();
+        assert_eq!(back, vec![1u8, 2, 3]);
+        let text = rmp_serde::to_vec("abc").unwrap();
+        let back: Bytes = rmp_serde::from_slice(&text).unwrap();
+        assert_eq!(&back[..], b"abc");
+    }
+}
