@@ -43,6 +43,11 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TAG_LEN: usize = 32;
+
+/// The most bytes sealing adds after a stored value: its signature (when
+/// results are signed) and its tag. [`crate::Encoded`] values leave this
+/// much room.
+pub const SEAL_ROOM: usize = TAG_LEN + 1;
 const HEADER_LEN: usize = 1 + 8 + 16;
 
 /// What a sealed message or value is for: part of what its tag covers, so

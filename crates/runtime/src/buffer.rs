@@ -11,8 +11,7 @@
 use bytes::{Bytes, BytesMut};
 use std::io;
 
-/// From this size on a buffer is a memory mapping in huge pages.
-pub const HUGE_MIN: usize = 4 << 20;
+pub use flotilla_proto::HUGE_MIN;
 
 /// A buffer of a known length, filled in order, then frozen into [`Bytes`].
 #[derive(Debug)]

@@ -6,15 +6,16 @@
 //! make a worker execute anything else.
 
 use crate::{Arguments, TaskContext};
-use flotilla_proto::{ErrorKind, TaskError};
+use flotilla_proto::{Encoded, ErrorKind, TaskError};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 
-/// A task's result: its MessagePack-encoded output, or its error.
-pub type TaskOutcome = Result<Vec<u8>, TaskError>;
+/// A task's result: its MessagePack-encoded output (with room to seal it),
+/// or its error.
+pub type TaskOutcome = Result<Encoded, TaskError>;
 
 /// How a task runs, as returned by its registered invoke function.
 pub enum Invocation {
@@ -182,7 +183,7 @@ pub fn decode_arguments<A: DeserializeOwned>(
 
 /// Encodes a task's output.
 pub fn encode_output<T: Serialize + ?Sized>(value: &T) -> TaskOutcome {
-    flotilla_proto::value_to_vec(value).map_err(|error| {
+    Encoded::encode(value, flotilla_proto::seal::SEAL_ROOM).map_err(|error| {
         TaskError::new(
             ErrorKind::Internal,
             "flotilla::EncodeError",
@@ -340,7 +341,7 @@ mod tests {
     }
 
     fn noop(_: TaskContext, _: Arguments<'_>) -> Invocation {
-        Invocation::Ready(Ok(Vec::new()))
+        Invocation::Ready(Ok(Encoded::from_vec(Vec::new())))
     }
 
     #[test]

@@ -349,7 +349,7 @@ impl Replier {
         let reply = reply_to.map(|reply_to| {
             let reply = ActorReply {
                 call: call.call.clone(),
-                outcome: outcome.map(serde_bytes::ByteBuf::from),
+                outcome: outcome.map(|encoded| serde_bytes::ByteBuf::from(encoded.into_vec())),
             };
             (reply_to, self.codec.encode(Purpose::ActorReply, &reply))
         });

@@ -316,7 +316,7 @@ pub(crate) fn plan(batch: &[Completion], released: Vec<String>) -> Plan<'_> {
                 Event::Finished {
                     key: key.clone(),
                     inline: (kept.is_none() && bytes.len() <= INLINE_RESULT_LIMIT)
-                        .then(|| bytes.clone()),
+                        .then(|| bytes.to_vec()),
                     size: kept.map_or(bytes.len() as u64, std::num::NonZeroU64::get),
                     run_us: u64::from(run_us),
                 }
@@ -681,6 +681,7 @@ impl<D> WorkerCore<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_proto::Encoded;
     use flotilla_proto::TaskSpec;
 
     type Core = WorkerCore<u64>;
@@ -705,7 +706,7 @@ mod tests {
         TaskError::new(kind, "E", "failed")
     }
 
-    fn done(bundle: BundleId, key: &str, outcome: TaskOutcome) -> Completion {
+    fn done(bundle: BundleId, key: &str, outcome: Result<Vec<u8>, TaskError>) -> Completion {
         done_for(bundle, key, "c", outcome, false, false)
     }
 
@@ -713,7 +714,7 @@ mod tests {
         bundle: BundleId,
         key: &str,
         client: &str,
-        outcome: TaskOutcome,
+        outcome: Result<Vec<u8>, TaskError>,
         retrying: bool,
         recorded: bool,
     ) -> Completion {
@@ -721,7 +722,7 @@ mod tests {
             key: key.into(),
             client: client.into(),
             deps: vec![format!("{key}-dep")],
-            outcome,
+            outcome: outcome.map(Encoded::from_vec),
             retrying,
             recorded,
             bundle,
@@ -1388,7 +1389,7 @@ mod tests {
         let mut core = Core::default();
         let b = receive(&mut core, 1, &["a", "b"]);
         let cancelled = Err(error(ErrorKind::Cancelled));
-        let retried = retrying(true, &cancelled);
+        let retried = retrying(true, &cancelled.clone().map(Encoded::from_vec));
         assert!(!retried);
         let failure = error(ErrorKind::Cancelled);
         let batch = [
@@ -1439,7 +1440,7 @@ mod tests {
         assert!(retrying(true, &Err(error(ErrorKind::MissingDependency))));
         assert!(retrying(true, &Err(error(ErrorKind::Internal))));
         assert!(!retrying(false, &Err(error(ErrorKind::User))));
-        assert!(!retrying(true, &Ok(vec![])));
+        assert!(!retrying(true, &Ok(Encoded::from_vec(vec![]))));
         for kind in [
             ErrorKind::Cancelled,
             ErrorKind::UnknownTask,

@@ -8,7 +8,7 @@
 //! of the recorded keys notices within [`SWEEP_EVERY`].
 
 use bytes::Bytes;
-use flotilla_proto::{Codec, Location, TAG_KEPT};
+use flotilla_proto::{Codec, Encoded, Location, TAG_KEPT};
 use flotilla_runtime::data::Keep;
 use flotilla_runtime::store::Store;
 use std::collections::HashMap;
@@ -97,7 +97,7 @@ impl Kept {
         codec: &Codec,
         worker: &str,
         key: &str,
-        value: &mut Vec<u8>,
+        value: &mut Encoded,
     ) -> Option<Vec<u8>> {
         if value.len() < self.keep_min {
             return None;
@@ -106,11 +106,10 @@ impl Kept {
         let sealed = codec.result_ok_arg(key, value);
         let [_, signature, tag] = sealed.pieces();
         let (signature, tag) = (signature.to_vec(), tag.to_vec());
-        // Appending grows a large buffer in place (`realloc`), not by a copy.
-        value.reserve_exact(signature.len() + tag.len());
-        value.extend_from_slice(&signature);
-        value.extend_from_slice(&tag);
-        let sealed: Bytes = std::mem::take(value).into();
+        // Appended in the room the encoding left for them: no copy.
+        value.append(&signature);
+        value.append(&tag);
+        let sealed: Bytes = std::mem::replace(value, Encoded::from_vec(Vec::new())).into_bytes();
         self.keep.insert(key, sealed);
         let record = codec.result_kept(
             key,
@@ -268,10 +267,10 @@ mod tests {
     async fn a_large_result_is_kept_sealed_and_recorded_small_ones_are_not() {
         let codec = Codec::plain();
         let kept = Kept::new(Keep::new(), "127.0.0.1:9".into(), 1000);
-        let mut small = vec![1u8; 999];
+        let mut small = Encoded::from_vec(vec![1u8; 999]);
         assert!(kept.take(&codec, "w", "s", &mut small).is_none());
         assert_eq!(small.len(), 999);
-        let mut large = vec![2u8; 1000];
+        let mut large = Encoded::from_vec(vec![2u8; 1000]);
         let record = kept.take(&codec, "w", "l", &mut large).unwrap();
         assert!(large.is_empty());
         match codec.open_result("l", record).unwrap() {
@@ -300,7 +299,7 @@ mod tests {
         let codec = Codec::plain();
         let kept = Kept::new(Keep::new(), "127.0.0.1:9".into(), 10);
         let store = Store::memory();
-        let mut value = vec![3u8; 100];
+        let mut value = Encoded::from_vec(vec![3u8; 100]);
         let record = kept.take(&codec, "w", "k", &mut value).unwrap();
         let mut batch = store.batch();
         batch.hold("k", "client").store_result("k", &record);
@@ -321,8 +320,8 @@ mod tests {
         let codec = Codec::plain();
         let kept = Kept::new(Keep::new(), "127.0.0.1:9".into(), 10);
         let store = Store::memory();
-        let mut held = vec![4u8; 100];
-        let mut released = vec![5u8; 100];
+        let mut held = Encoded::from_vec(vec![4u8; 100]);
+        let mut released = Encoded::from_vec(vec![5u8; 100]);
         let record = kept.take(&codec, "w", "held", &mut held).unwrap();
         let other = kept.take(&codec, "w", "released", &mut released).unwrap();
         let mut batch = store.batch();

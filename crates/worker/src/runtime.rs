@@ -1758,7 +1758,7 @@ async fn complete_loop(
                 {
                     let size = std::num::NonZeroU64::new(bytes.len() as u64);
                     if let Some(record) = kept.take(&codec, &worker, key, bytes) {
-                        *bytes = record;
+                        *bytes = flotilla_proto::Encoded::from_vec(record);
                         *place = size;
                         kept_keys.push(key.clone());
                     }

@@ -52,7 +52,9 @@ fn run<T: Task>(task: T, ctx: TaskContext, args: &T::Args) -> Result<Vec<u8>, St
             }
         }
     };
-    outcome.map_err(|error| format!("{error:?}"))
+    outcome
+        .map(flotilla_proto::Encoded::into_vec)
+        .map_err(|error| format!("{error:?}"))
 }
 
 fn output<T: Task>(bytes: &[u8]) -> T::Output {
