@@ -242,29 +242,20 @@ pub fn decode_sharing<R>(
     decode()
 }
 
-/// From this many encoded bytes on, a value is encoded into a memory
-/// mapping in transparent huge pages rather than a growing `Vec`: a fresh
-/// 100 MB buffer then costs 50 page faults, not 25,000.
-pub const HUGE_MIN: usize = 4 << 20;
+/// From this many encoded bytes on, a value is measured first and encoded
+/// once into a buffer of its exact size (no growth, no copy on sealing).
+pub const MEASURED_MIN: usize = 4 << 20;
 
 /// A value encoded as Flotilla stores it (see [`crate::write_value`]),
 /// with room after it for the few bytes a stored result adds (its
 /// signature and tag), so that sealing it never copies it.
-#[derive(Debug)]
-pub struct Encoded(EncodedRepr);
-
-#[derive(Debug)]
-enum EncodedRepr {
-    Vec(Vec<u8>),
-    /// A mapping, and how much of it is written.
-    Mapped(memmap2::MmapMut, usize),
-}
+#[derive(Debug, PartialEq)]
+pub struct Encoded(Vec<u8>);
 
 impl Encoded {
-    /// Encodes `value`, leaving room for `room` more bytes. A small value
-    /// goes into a `Vec`; one of [`HUGE_MIN`] bytes or more is measured
-    /// first (cheap for bytes: one length) and written once into a mapping
-    /// of its exact size.
+    /// Encodes `value`, leaving room for `room` more bytes. A value of
+    /// [`MEASURED_MIN`] bytes or more is measured first (cheap for bytes:
+    /// one length) and written once into a buffer of its size.
     pub fn encode<T: serde::Serialize + ?Sized>(
         value: &T,
         room: usize,
@@ -276,68 +267,36 @@ impl Encoded {
         match crate::write_value(&mut capped, value) {
             Ok(()) => {
                 capped.out.reserve_exact(room);
-                return Ok(Encoded(EncodedRepr::Vec(capped.out)));
+                return Ok(Encoded(capped.out));
             }
             Err(error) if !capped.over => return Err(error),
             Err(_) => {}
         }
         let mut counter = Counter(0);
         crate::write_value(&mut counter, value)?;
-        let Ok(mut map) = memmap2::MmapOptions::new().len(counter.0 + room).map_anon() else {
-            // No mapping: an ordinary allocation of the exact size.
-            let mut out = Vec::with_capacity(counter.0 + room);
-            crate::write_value(&mut out, value)?;
-            return Ok(Encoded(EncodedRepr::Vec(out)));
-        };
-        #[cfg(target_os = "linux")]
-        // Advice only: without huge pages the mapping still works.
-        let _ = map.advise(memmap2::Advice::HugePage);
-        let mut writer = Filler {
-            map: &mut map,
-            at: 0,
-        };
-        crate::write_value(&mut writer, value)?;
-        let at = writer.at;
-        Ok(Encoded(EncodedRepr::Mapped(map, at)))
+        let mut out = Vec::with_capacity(counter.0 + room);
+        crate::write_value(&mut out, value)?;
+        Ok(Encoded(out))
     }
 
     /// Bytes already encoded.
     pub fn from_vec(bytes: Vec<u8>) -> Encoded {
-        Encoded(EncodedRepr::Vec(bytes))
+        Encoded(bytes)
     }
 
-    /// Appends `bytes` (a signature, a tag): in the room left for them, or
-    /// by growing the buffer (a copy, for a mapping without room).
+    /// Appends `bytes` (a signature, a tag), in the room left for them.
     pub fn append(&mut self, bytes: &[u8]) {
-        match &mut self.0 {
-            EncodedRepr::Vec(out) => out.extend_from_slice(bytes),
-            EncodedRepr::Mapped(map, at) if map.len() - *at >= bytes.len() => {
-                map[*at..*at + bytes.len()].copy_from_slice(bytes);
-                *at += bytes.len();
-            }
-            EncodedRepr::Mapped(map, at) => {
-                let mut out = Vec::with_capacity(*at + bytes.len());
-                out.extend_from_slice(&map[..*at]);
-                out.extend_from_slice(bytes);
-                self.0 = EncodedRepr::Vec(out);
-            }
-        }
+        self.0.extend_from_slice(bytes);
     }
 
     /// The encoded bytes, shared without a copy.
     pub fn into_bytes(self) -> bytes::Bytes {
-        match self.0 {
-            EncodedRepr::Vec(out) => bytes::Bytes::from(out),
-            EncodedRepr::Mapped(map, at) => bytes::Bytes::from_owner(map).slice(..at),
-        }
+        bytes::Bytes::from(self.0)
     }
 
-    /// The encoded bytes as a `Vec` (a copy when they are in a mapping).
+    /// The encoded bytes.
     pub fn into_vec(self) -> Vec<u8> {
-        match self.0 {
-            EncodedRepr::Vec(out) => out,
-            EncodedRepr::Mapped(map, at) => map[..at].to_vec(),
-        }
+        self.0
     }
 }
 
@@ -345,20 +304,11 @@ impl Deref for Encoded {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        match &self.0 {
-            EncodedRepr::Vec(out) => out,
-            EncodedRepr::Mapped(map, at) => &map[..*at],
-        }
+        &self.0
     }
 }
 
-impl PartialEq for Encoded {
-    fn eq(&self, other: &Encoded) -> bool {
-        **self == **other
-    }
-}
-
-/// A `Vec` writer that refuses to grow past [`HUGE_MIN`].
+/// A `Vec` writer that refuses to grow past [`MEASURED_MIN`].
 struct Capped {
     out: Vec<u8>,
     over: bool,
@@ -366,9 +316,9 @@ struct Capped {
 
 impl std::io::Write for Capped {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.out.len() + bytes.len() > HUGE_MIN {
+        if self.out.len() + bytes.len() > MEASURED_MIN {
             self.over = true;
-            return Err(std::io::Error::other("large: encoded again into a mapping"));
+            return Err(std::io::Error::other("large: measured, then encoded again"));
         }
         self.out.extend_from_slice(bytes);
         Ok(bytes.len())
@@ -385,30 +335,6 @@ struct Counter(usize);
 impl std::io::Write for Counter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0 += bytes.len();
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A writer into a mapping sized beforehand.
-struct Filler<'a> {
-    map: &'a mut memmap2::MmapMut,
-    at: usize,
-}
-
-impl std::io::Write for Filler<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let end = self.at + bytes.len();
-        let Some(target) = self.map.get_mut(self.at..end) else {
-            return Err(std::io::Error::other(
-                "the value encoded longer than measured",
-            ));
-        };
-        target.copy_from_slice(bytes);
-        self.at = end;
         Ok(bytes.len())
     }
 
@@ -469,25 +395,30 @@ mod tests {
 
     #[test]
     fn small_and_large_values_encode_alike_with_room_to_seal() {
-        for len in [0usize, 100, HUGE_MIN - 10, HUGE_MIN, HUGE_MIN * 2 + 3] {
+        for len in [
+            0usize,
+            100,
+            MEASURED_MIN - 10,
+            MEASURED_MIN,
+            MEASURED_MIN * 2 + 3,
+        ] {
             let value = Bytes::from(vec![5u8; len]);
             let plain = crate::value_to_vec(&value).unwrap();
             let mut encoded = Encoded::encode(&value, 33).unwrap();
             assert_eq!(&encoded[..], &plain[..], "len {len}");
-            assert_eq!(
-                matches!(encoded.0, EncodedRepr::Mapped(..)),
-                plain.len() > HUGE_MIN,
-                "len {len}"
-            );
-            encoded.append(&[1; 33]);
+            assert!(encoded.0.capacity() >= plain.len() + 33, "room to seal");
+            let before = encoded.as_ptr();
+            encoded.append(&[1; 32]);
+            assert_eq!(encoded.as_ptr(), before, "sealed in place");
             encoded.append(&[2]);
+            assert_eq!(encoded.as_ptr(), before, "sealed in place");
             let sealed = encoded.into_bytes();
-            assert_eq!(sealed.len(), plain.len() + 34);
+            assert_eq!(sealed.len(), plain.len() + 33);
             assert_eq!(&sealed[..plain.len()], &plain[..]);
-            assert_eq!(&sealed[plain.len()..], [&[1u8; 33][..], &[2]].concat());
+            assert_eq!(&sealed[plain.len()..], [&[1u8; 32][..], &[2]].concat());
         }
         // A structured value too large for a Vec is measured, then written.
-        let many: Vec<u64> = (0..(HUGE_MIN as u64 / 4)).collect();
+        let many: Vec<u64> = (0..(MEASURED_MIN as u64 / 4)).collect();
         let encoded = Encoded::encode(&many, 0).unwrap();
         assert_eq!(encoded.into_vec(), crate::value_to_vec(&many).unwrap());
     }

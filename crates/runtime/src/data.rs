@@ -83,8 +83,7 @@
 //! length over [`DataClientOptions::max_value_len`] is refused before any
 //! of the body is read.
 
-use crate::buffer::Receiving;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use flotilla_proto::{Codec, DecodeError, Purpose, ReplayGuard};
 use std::collections::HashMap;
 use std::io;
@@ -902,28 +901,28 @@ impl DataClient {
         let Ok(expected) = usize::try_from(length) else {
             return Err(protocol(format!("{length} bytes do not fit in memory")));
         };
-        // Allocated once at the announced size (a large value in huge
-        // pages), filled by the socket without zeroing first: one copy, no
-        // growth.
-        let mut body = Receiving::new(expected);
-        while body.remaining() > 0 {
-            match timeout(options.read_timeout, body.read_from(&mut stream, PIECE)).await {
+        // Allocated once at the announced size, filled by the socket
+        // without zeroing first: one copy, no growth.
+        let mut body = BytesMut::with_capacity(expected);
+        while body.len() < expected {
+            let left = (expected - body.len()) as u64;
+            let mut piece = (&mut stream).take(left.min(PIECE as u64));
+            match timeout(options.read_timeout, piece.read_buf(&mut body)).await {
                 Err(_) => return Err(fail(timed_out("reading the value of"), false)),
                 Ok(Ok(0)) => {
                     let cause = io::Error::new(io::ErrorKind::UnexpectedEof, "closed");
-                    return Err(fail(truncated(body.filled() as u64, length, cause), false));
+                    return Err(fail(truncated(body.len() as u64, length, cause), false));
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
-                    return Err(fail(truncated(body.filled() as u64, length, error), false))
+                    return Err(fail(truncated(body.len() as u64, length, error), false))
                 }
             }
         }
-        let body = body.freeze();
         match status {
             FOUND => {
                 self.put_idle(addr, stream);
-                Ok(body)
+                Ok(body.freeze())
             }
             NOT_FOUND => {
                 self.put_idle(addr, stream);

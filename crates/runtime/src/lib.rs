@@ -15,7 +15,6 @@
 //! `flotilla-proto`, which depends on none of tokio, lapin or redis.
 
 pub mod blocked;
-pub mod buffer;
 pub mod cli;
 pub mod custody;
 pub mod data;
