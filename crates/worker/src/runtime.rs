@@ -1383,7 +1383,10 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                     }
                     std::future::pending().await
                 };
-                let begin = || claim.begin();
+                // Checked again once a slot is had: retirement may have
+                // begun while the task waited for it (the slot it gets may
+                // be the abandoned task's).
+                let begin = || !shared.stuck.leaves_unstarted(&key) && claim.begin();
                 let (permit, isolation) = if redelivered {
                     if shared.stuck.leaves_unstarted(&key) {
                         return;
@@ -1423,9 +1426,6 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                     let Ok(permit) = acquired else {
                         return;
                     };
-                    if shared.stuck.leaves_unstarted(&key) {
-                        return;
-                    }
                     if !begin() {
                         shared.core().given_back(bundle, &key);
                         return;
