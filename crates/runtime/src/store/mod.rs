@@ -325,9 +325,7 @@ impl Store {
     /// [`Store::store_large`].
     pub async fn hand_over(&self, key: &str, record: &[u8], pieces: &[&[u8]]) -> RedisResult<bool> {
         let total: usize = pieces.iter().map(|piece| piece.len()).sum();
-        let mut tries = 0;
-        loop {
-            tries += 1;
+        again_if_incomplete(|| async {
             let (stored, count) = if total >= CHUNKED_MIN {
                 let manifest = self.write_chunks(key, pieces).await?;
                 let count = Manifest::decode(&manifest).map_or(0, |m| m.count);
@@ -335,30 +333,25 @@ impl Store {
             } else {
                 (pieces.concat(), 0)
             };
-            let outcome = match self.on_redis() {
-                None => self.state().hand_over(key, record, &stored),
-                Some((mut redis, names)) => {
-                    let mut pipe = redis::pipe();
-                    let count = count.to_string();
-                    refs::add_for(
-                        &mut pipe,
-                        names,
-                        &refs::HAND_OVER,
-                        key,
-                        &[record, &stored, count.as_bytes()],
-                    );
-                    refs::run_each(&mut redis, &pipe)
-                        .await?
-                        .pop()
-                        .unwrap_or(Ok(Value::Int(0)))
-                        .map(|value| matches!(value, Value::Int(1)))
-                }
+            let Some((mut redis, names)) = self.on_redis() else {
+                return self.state().hand_over(key, record, &stored);
             };
-            match outcome {
-                Err(error) if error.code() == Some("INCOMPLETE") && tries < 3 => continue,
-                other => return other,
-            }
-        }
+            let mut pipe = redis::pipe();
+            let count = count.to_string();
+            refs::add_for(
+                &mut pipe,
+                names,
+                &refs::HAND_OVER,
+                key,
+                &[record, &stored, count.as_bytes()],
+            );
+            refs::run_each(&mut redis, &pipe)
+                .await?
+                .pop()
+                .unwrap_or(Ok(Value::Int(0)))
+                .map(|value| matches!(value, Value::Int(1)))
+        })
+        .await
     }
 
     /// Stores a task's result `value` of any size as [`Batch::store_result`]
@@ -410,17 +403,13 @@ impl Store {
         pieces: &[&[u8]],
         finalize: impl Fn(&mut Batch, &[u8]),
     ) -> RedisResult<Vec<Reply>> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
+        again_if_incomplete(|| async {
             let manifest = self.write_chunks(key, pieces).await?;
             let mut batch = self.batch();
             finalize(&mut batch, &manifest);
-            match batch.exec().await {
-                Err(error) if is_incomplete(&error) && tries < CHUNKED_TRIES => continue,
-                outcome => return outcome,
-            }
-        }
+            batch.exec().await
+        })
+        .await
     }
 
     /// The tag byte of the stored result of each of `keys` (its last byte:
@@ -1089,6 +1078,24 @@ fn reported_tag(tag: u8) -> u8 {
 /// while they were written.
 fn is_incomplete(error: &redis::RedisError) -> bool {
     error.code() == Some(refs::INCOMPLETE) || error.to_string().contains(refs::INCOMPLETE)
+}
+
+/// Runs `write` (chunks, then what finalizes them) again, up to
+/// [`CHUNKED_TRIES`] times in all, while it is refused `INCOMPLETE`: a
+/// release deleted chunks between the two.
+async fn again_if_incomplete<T, F, Fut>(mut write: F) -> RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = RedisResult<T>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match write().await {
+            Err(error) if is_incomplete(&error) && tries < CHUNKED_TRIES => continue,
+            outcome => return outcome,
+        }
+    }
 }
 
 /// The one reply of a batch of one store.
