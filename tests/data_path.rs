@@ -121,6 +121,50 @@ async fn a_worker_without_a_data_connection_writes_large_results_to_redis() {
     p.stop().await;
 }
 
+/// With `--data-memory`, a worker keeps at most that many bytes of results:
+/// the oldest beyond it are spilled to Redis (the value replaces the
+/// location record), and every value still reads back byte-exact.
+#[tokio::test]
+async fn a_worker_over_its_data_memory_spills_its_oldest_values_to_redis() {
+    let p = Processes::start("spill", &[&["--data-memory", "7M"]]).await;
+    let len = 3 << 20;
+    let mut made = Vec::new();
+    for seed in 1..=4u8 {
+        let future = p.client.submit(pattern, (len, seed));
+        future.wait().await;
+        made.push(future);
+    }
+    // 12 MiB kept, 7 MiB allowed: the two oldest go, within a few sweeps.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut lens = Vec::new();
+        for future in &made {
+            lens.push(stored_len(&p.config, future.key()).await);
+        }
+        let spilled = lens.iter().filter(|&&n| n >= len).count();
+        if lens[0] >= len && lens[1] >= len && spilled == 2 {
+            assert!(
+                lens[2] < 512 && lens[3] < 512,
+                "the newest stay kept: {lens:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not spilled: stored lengths {lens:?}\n{}",
+            p.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (seed, future) in (1..=4u8).zip(&made) {
+        let value: flotilla::Bytes = future.result().await.unwrap();
+        assert_eq!(value.len(), len);
+        assert!(is_pattern(&value, seed), "value {seed}");
+    }
+    drop(made);
+    p.stop().await;
+}
+
 /// A worker stopped gracefully (SIGTERM, a scale-down) first hands the
 /// values it keeps over to Redis: they outlive it.
 #[tokio::test]

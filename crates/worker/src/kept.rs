@@ -6,6 +6,12 @@
 //! ([`flotilla_runtime::data::DataServer`]); the worker drops its copy once
 //! the record is gone (released, overwritten, rolled back), which a sweep
 //! of the recorded keys notices within [`SWEEP_EVERY`].
+//!
+//! With a memory bound ([`DataOptions::memory`], `--data-memory`) the
+//! oldest kept values beyond it are spilled: handed over to Redis (in
+//! chunks), the record replaced by the value, as on a graceful stop. A
+//! spilled value stays served for [`SPILL_GRACE`] more, for readers that
+//! read its record just before.
 
 use bytes::Bytes;
 use flotilla_proto::{Codec, Encoded, Location, TAG_KEPT};
@@ -18,6 +24,10 @@ use tracing::{debug, warn};
 
 /// How often the kept keys are checked against Redis.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a spilled value is still served here, for readers that read
+/// its location record just before it was replaced.
+pub(crate) const SPILL_GRACE: Duration = Duration::from_secs(5);
 
 /// The default of [`DataOptions::keep_min`]: 1 MiB.
 pub const KEEP_MIN: usize = 1 << 20;
@@ -36,6 +46,10 @@ pub struct DataOptions {
     /// Results at least this large (encoded) are kept here rather than
     /// written to Redis (`FLOTILLA_KEEP_MIN`, default [`KEEP_MIN`]).
     pub keep_min: usize,
+    /// At most this many bytes of kept values stay in memory
+    /// (`FLOTILLA_DATA_MEMORY`); beyond it the oldest are spilled to Redis
+    /// within about a second. `None` (the default): no bound.
+    pub memory: Option<usize>,
 }
 
 impl Default for DataOptions {
@@ -44,6 +58,7 @@ impl Default for DataOptions {
             listen: "127.0.0.1:0".into(),
             advertise: None,
             keep_min: KEEP_MIN,
+            memory: None,
         }
     }
 }
@@ -55,16 +70,31 @@ pub(crate) struct Kept {
     /// The advertised data address.
     addr: String,
     keep_min: usize,
+    /// [`DataOptions::memory`].
+    memory: Option<usize>,
+    /// How long a spilled value is still served ([`SPILL_GRACE`]).
+    grace: Duration,
     /// The location record of each kept key, and whether its write has
     /// been tried: from then on the sweep drops the value once Redis no
     /// longer holds a record, and a graceful stop hands it over.
-    records: Mutex<HashMap<String, Record>>,
+    records: Mutex<Records>,
+}
+
+#[derive(Debug, Default)]
+struct Records {
+    by_key: HashMap<String, Record>,
+    /// The order of keeping, for spilling the oldest first.
+    next: u64,
 }
 
 #[derive(Debug)]
 struct Record {
     bytes: Vec<u8>,
     written: bool,
+    /// When it was kept, in order.
+    order: u64,
+    /// When it was spilled to Redis (it is dropped [`SPILL_GRACE`] later).
+    spilled: Option<std::time::Instant>,
 }
 
 impl Kept {
@@ -73,8 +103,18 @@ impl Kept {
             keep,
             addr,
             keep_min: keep_min.max(1),
+            memory: None,
+            grace: SPILL_GRACE,
             records: Mutex::default(),
         }
+    }
+
+    /// The same, keeping at most `memory` bytes (see [`DataOptions::memory`]);
+    /// spilled values are still served for `grace`.
+    pub(crate) fn with_memory(mut self, memory: Option<usize>, grace: Duration) -> Kept {
+        self.memory = memory;
+        self.grace = grace;
+        self
     }
 
     /// The advertised data address.
@@ -119,11 +159,16 @@ impl Kept {
                 size,
             },
         );
-        self.lock().insert(
+        let mut records = self.lock();
+        let order = records.next;
+        records.next += 1;
+        records.by_key.insert(
             key.to_owned(),
             Record {
                 bytes: record.clone(),
                 written: false,
+                order,
+                spilled: None,
             },
         );
         Some(record)
@@ -133,26 +178,37 @@ impl Kept {
     pub(crate) fn recorded(&self, keys: impl IntoIterator<Item = String>) {
         let mut records = self.lock();
         for key in keys {
-            if let Some(record) = records.get_mut(&key) {
+            if let Some(record) = records.by_key.get_mut(&key) {
                 record.written = true;
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops the kept values whose record Redis no longer holds. Returns
-    /// how many were dropped.
+    /// Drops the kept values whose record Redis no longer holds, and the
+    /// spilled ones past their grace. Returns how many were dropped.
     pub(crate) async fn sweep(&self, store: &Store) -> usize {
-        let keys: Vec<String> = self
-            .lock()
-            .iter()
-            .filter(|(_, record)| record.written)
-            .map(|(key, _)| key.clone())
-            .collect();
         let mut dropped = 0;
+        let keys: Vec<String> = {
+            let mut records = self.lock();
+            let grace = self.grace;
+            records.by_key.retain(|key, record| {
+                let over = record.spilled.is_some_and(|at| at.elapsed() >= grace);
+                if over && self.keep.remove(key).is_some() {
+                    dropped += 1;
+                }
+                !over
+            });
+            records
+                .by_key
+                .iter()
+                .filter(|(_, record)| record.written && record.spilled.is_none())
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
         for chunk in keys.chunks(500) {
             let tags = match store.result_tags(chunk).await {
                 Ok(tags) => tags,
@@ -163,8 +219,9 @@ impl Kept {
             };
             let mut records = self.lock();
             for (key, tag) in chunk.iter().zip(tags) {
-                if tag != Some(TAG_KEPT) {
-                    records.remove(key);
+                let spilled = records.by_key.get(key).is_some_and(|r| r.spilled.is_some());
+                if tag != Some(TAG_KEPT) && !spilled {
+                    records.by_key.remove(key);
                     if self.keep.remove(key).is_some() {
                         dropped += 1;
                     }
@@ -180,6 +237,14 @@ impl Kept {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let spilled = self.spill(&store).await;
+            if spilled > 0 {
+                debug!(
+                    spilled,
+                    kept = self.keep.len(),
+                    "spilled kept values over the memory bound to Redis"
+                );
+            }
             let dropped = self.sweep(&store).await;
             if dropped > 0 {
                 debug!(
@@ -192,6 +257,72 @@ impl Kept {
         }
     }
 
+    /// The bytes of the values kept and not spilled.
+    fn live_bytes(&self) -> usize {
+        let records = self.lock();
+        records
+            .by_key
+            .iter()
+            .filter(|(_, record)| record.spilled.is_none())
+            .filter_map(|(key, _)| self.keep.get(key))
+            .map(|value| value.len())
+            .sum()
+    }
+
+    /// Spills the oldest kept values (whose record is written) to Redis
+    /// until what stays is within the memory bound. Returns how many went.
+    pub(crate) async fn spill(&self, store: &Store) -> usize {
+        let Some(bound) = self.memory else {
+            return 0;
+        };
+        let mut live = self.live_bytes();
+        if live <= bound {
+            return 0;
+        }
+        let mut oldest: Vec<(u64, String, Vec<u8>)> = self
+            .lock()
+            .by_key
+            .iter()
+            .filter(|(_, record)| record.written && record.spilled.is_none())
+            .map(|(key, record)| (record.order, key.clone(), record.bytes.clone()))
+            .collect();
+        oldest.sort_unstable_by_key(|(order, _, _)| *order);
+        let mut spilled = 0;
+        for (_, key, record) in oldest {
+            if live <= bound {
+                break;
+            }
+            let Some(size) = self.keep.get(&key).map(|value| value.len()) else {
+                continue;
+            };
+            match self.hand_over(store, &key, &record).await {
+                // Handed over, or no longer this worker's record: either way
+                // readers now find the value (or its absence) in Redis.
+                Ok(_) => {
+                    if let Some(record) = self.lock().by_key.get_mut(&key) {
+                        record.spilled = Some(std::time::Instant::now());
+                    }
+                    live = live.saturating_sub(size);
+                    spilled += 1;
+                }
+                Err(error) => {
+                    warn!(%key, %error, "spilling a kept value to Redis failed; trying again next sweep");
+                    break;
+                }
+            }
+        }
+        spilled
+    }
+
+    /// Hands the kept value of `key` over to Redis in place of its location
+    /// `record` (only where that record is still this worker's).
+    async fn hand_over(&self, store: &Store, key: &str, record: &[u8]) -> redis::RedisResult<bool> {
+        let Some(value) = self.keep.get(key) else {
+            return Ok(false);
+        };
+        store.hand_over(key, record, &[&value]).await
+    }
+
     /// Hands every value still kept over to Redis (a graceful stop: the
     /// values outlive the worker). Each goes only where its record is still
     /// this worker's; one that fails to go is logged, and its readers will
@@ -199,23 +330,29 @@ impl Kept {
     pub(crate) async fn hand_over_all(&self, store: &Store) -> usize {
         let records: Vec<(String, Vec<u8>)> = self
             .lock()
+            .by_key
             .iter()
-            .filter(|(_, record)| record.written)
+            .filter(|(_, record)| record.written && record.spilled.is_none())
             .map(|(key, record)| (key.clone(), record.bytes.clone()))
             .collect();
+        // Spilled values are in Redis already.
+        self.lock().by_key.retain(|key, record| {
+            if record.spilled.is_some() {
+                self.keep.remove(key);
+            }
+            record.spilled.is_none()
+        });
         if records.is_empty() {
             return 0;
         }
         let started = std::time::Instant::now();
         let (mut handed, mut bytes) = (0, 0u64);
         for (key, record) in records {
-            let Some(value) = self.keep.get(&key) else {
-                continue;
-            };
-            match store.hand_over(&key, &record, &[&value]).await {
+            let size = self.keep.get(&key).map_or(0, |value| value.len() as u64);
+            match self.hand_over(store, &key, &record).await {
                 Ok(true) => {
                     handed += 1;
-                    bytes += value.len() as u64;
+                    bytes += size;
                 }
                 Ok(false) => {}
                 Err(error) => {
@@ -223,7 +360,7 @@ impl Kept {
                 }
             }
             self.keep.remove(&key);
-            self.lock().remove(&key);
+            self.lock().by_key.remove(&key);
         }
         tracing::info!(handed, bytes, took = ?started.elapsed(), "kept values handed over to Redis");
         handed
@@ -343,6 +480,46 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(read, [Some(codec.result_ok("held", &[4u8; 100])), None]);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_values_over_the_memory_bound_are_spilled_to_the_store() {
+        let codec = Codec::plain();
+        // Three values of 101 stored bytes each (100 and the tag), 250 allowed.
+        let kept =
+            Kept::new(Keep::new(), "127.0.0.1:9".into(), 10).with_memory(Some(250), Duration::ZERO);
+        let store = Store::memory();
+        let mut batch = store.batch();
+        for (key, byte) in [("a", 1u8), ("b", 2), ("c", 3)] {
+            let record = kept
+                .take(&codec, "w", key, &mut Encoded::from_vec(vec![byte; 100]))
+                .unwrap();
+            batch.hold(key, "client").store_result(key, &record);
+        }
+        batch.exec().await.unwrap();
+        assert_eq!(kept.spill(&store).await, 0, "records not written yet");
+        kept.recorded(["a".to_owned(), "b".to_owned(), "c".to_owned()]);
+        assert_eq!(kept.spill(&store).await, 1, "the oldest goes");
+        assert_eq!(kept.live_bytes(), 202);
+        assert_eq!(kept.spill(&store).await, 0, "within the bound now");
+        let read = store.read_results(&["a".into(), "b".into()]).await.unwrap();
+        assert_eq!(
+            read[0],
+            Some(codec.result_ok("a", &[1u8; 100])),
+            "the value, in Redis"
+        );
+        assert!(matches!(
+            codec.open_result("b", read[1].clone().unwrap()).unwrap(),
+            StoredResult::Kept(_)
+        ));
+        // Still served through its grace (zero here): the sweep drops it.
+        assert!(kept.keep().get("a").is_some());
+        assert_eq!(kept.sweep(&store).await, 1);
+        assert!(kept.keep().get("a").is_none());
+        assert_eq!(kept.keep().len(), 2);
+        // Without a bound nothing is spilled.
+        let unbounded = Kept::new(Keep::new(), "127.0.0.1:9".into(), 10);
+        assert_eq!(unbounded.spill(&store).await, 0);
     }
 
     #[test]

@@ -108,6 +108,9 @@ struct Args {
     /// Results at least this large are kept by the worker that made them and served over its data connection rather than written to Redis, e.g. 1M, 512K
     #[arg(long, value_name = "BYTES", env = "FLOTILLA_KEEP_MIN", value_parser = parse_bytes, default_value = "1M")]
     keep_min: u64,
+    /// At most this many bytes of kept results stay in the worker's memory; beyond it the oldest are spilled to Redis, e.g. 2G [default: no bound]
+    #[arg(long, value_name = "BYTES", env = "FLOTILLA_DATA_MEMORY", value_parser = parse_bytes)]
+    data_memory: Option<u64>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -244,6 +247,9 @@ pub fn main_serving(task_crates: &[&str]) {
         listen: args.data_addr.trim().to_owned(),
         advertise: args.data_advertise,
         keep_min: usize::try_from(args.keep_min).unwrap_or(usize::MAX),
+        memory: args
+            .data_memory
+            .map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX)),
     });
     // A process can be replaced, so a stuck thread need not haunt it.
     options.retire_when_stuck = true;
@@ -399,6 +405,7 @@ mod tests {
             "FLOTILLA_DATA_ADDR",
             "FLOTILLA_DATA_ADVERTISE",
             "FLOTILLA_KEEP_MIN",
+            "FLOTILLA_DATA_MEMORY",
             "--on-stuck <ACTION>",
             "FLOTILLA_ON_STUCK",
             "restart: Re-execute",

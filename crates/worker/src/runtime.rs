@@ -616,11 +616,14 @@ async fn start_data(
         source,
     })?;
     let addr = crate::kept::advertised(server.local_addr(), options.advertise.as_deref());
-    info!(listen = %server.local_addr(), advertised = %addr, keep_min = options.keep_min, "data connection up");
+    info!(listen = %server.local_addr(), advertised = %addr, keep_min = options.keep_min, memory = ?options.memory, "data connection up");
     let shutdown = CancellationToken::new();
     let serving = tokio::spawn(server.serve(shutdown.clone()));
     Ok((
-        Arc::new(Kept::new(keep, addr, options.keep_min)),
+        Arc::new(
+            Kept::new(keep, addr, options.keep_min)
+                .with_memory(options.memory, crate::kept::SPILL_GRACE),
+        ),
         shutdown,
         serving,
     ))
