@@ -87,7 +87,9 @@ pub use flotilla_macros::{actor, task};
 /// shares the buffer the worker holds the input in (fifty tasks reading one
 /// scattered 100 MB value make no copy of it), and a `Bytes` result shares
 /// the buffer the client received. A `Vec<u8>` is a copy each time. It
-/// converts from and to [`bytes::Bytes`] and `Vec<u8>` without copying.
+/// converts from and to [`bytes::Bytes`] and `Vec<u8>` without copying. A
+/// shared `Bytes` keeps the whole buffer alive: to keep a small part of a
+/// large value for long, copy it (`Bytes::copy_from_slice`).
 ///
 /// ```
 /// #[flotilla::task]

@@ -18,7 +18,10 @@ use std::ops::{Deref, RangeBounds};
 /// binary task arguments, results and scattered data. It travels as
 /// MessagePack `bin` (one length header and the bytes), and a task's
 /// `Bytes` argument or a client's `Bytes` result shares the buffer the value
-/// arrived in instead of copying it (see [`decode_sharing`]).
+/// arrived in instead of copying it (see [`decode_sharing`]), from
+/// [`SHARE_MIN`] bytes on. A shared `Bytes` keeps the whole buffer alive:
+/// to keep a small part of a large value for long, copy it
+/// ([`Bytes::copy_from_slice`]).
 ///
 /// ```
 /// use flotilla_proto::Bytes;
@@ -193,6 +196,11 @@ impl<'de> Visitor<'de> for BytesVisitor {
     }
 }
 
+/// From this many bytes on, a decoded [`Bytes`] shares the buffer it is
+/// read from (under [`decode_sharing`]); a smaller one is copied, which
+/// costs less than sharing and keeps no large buffer alive.
+pub const SHARE_MIN: usize = 4096;
+
 thread_local! {
     /// The buffers being decoded on this thread (see [`decode_sharing`]).
     static SOURCES: RefCell<Vec<bytes::Bytes>> = const { RefCell::new(Vec::new()) };
@@ -200,6 +208,9 @@ thread_local! {
 
 /// `v` as a view of a buffer being decoded on this thread, if it lies in one.
 fn shared(v: &[u8]) -> Option<bytes::Bytes> {
+    if v.len() < SHARE_MIN {
+        return None;
+    }
     let start = v.as_ptr() as usize;
     let end = start + v.len();
     SOURCES.with(|sources| {
@@ -374,6 +385,15 @@ mod tests {
         let copied: Record = rmp_serde::from_slice(&encoded).unwrap();
         assert_eq!(copied, record);
         assert!(!range.contains(&copied.data.as_ptr()), "a copy");
+    }
+
+    #[test]
+    fn small_bytes_are_copied_even_when_sharing() {
+        let encoded = encode(&Bytes::from(vec![1u8; SHARE_MIN - 1]));
+        let back: Bytes =
+            decode_sharing([encoded.clone()], || rmp_serde::from_slice(&encoded)).unwrap();
+        assert_eq!(back.len(), SHARE_MIN - 1);
+        assert!(!encoded.as_ptr_range().contains(&back.as_ptr()), "a copy");
     }
 
     #[test]

@@ -24,7 +24,7 @@ mod names;
 pub mod seal;
 mod task;
 
-pub use buffer::{decode_sharing, Bytes, Encoded, MEASURED_MIN};
+pub use buffer::{decode_sharing, Bytes, Encoded, MEASURED_MIN, SHARE_MIN};
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
     Config, ConfigError, Secret, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL,
