@@ -158,46 +158,17 @@ pub(crate) fn encode_within<T: Serialize + ?Sized>(
     limit: usize,
     what: impl FnOnce() -> String,
 ) -> Result<Vec<u8>, Error> {
-    let mut out = Capped {
-        bytes: Vec::new(),
-        limit,
-        passed: None,
-    };
-    match flotilla_proto::write_value(&mut out, value) {
-        Ok(()) => Ok(out.bytes),
-        Err(_) if out.passed.is_some() => Err(Error::PayloadTooLarge {
+    match flotilla_proto::value_to_vec_within(value, limit) {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(size)) => Err(Error::PayloadTooLarge {
             what: what(),
-            size: out.passed.unwrap_or(usize::MAX),
+            size,
             limit,
         }),
         Err(error) => Err(Error::Encode {
             what: what(),
             message: error.to_string(),
         }),
-    }
-}
-
-/// A buffer that refuses to grow past `limit` bytes.
-struct Capped {
-    bytes: Vec<u8>,
-    limit: usize,
-    /// How many bytes the write that passed the limit would have made.
-    passed: Option<usize>,
-}
-
-impl std::io::Write for Capped {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let total = self.bytes.len().saturating_add(buf.len());
-        if total > self.limit {
-            self.passed = Some(total);
-            return Err(std::io::Error::other("over the payload limit"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

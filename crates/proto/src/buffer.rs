@@ -271,17 +271,9 @@ impl Encoded {
         value: &T,
         room: usize,
     ) -> Result<Encoded, rmp_serde::encode::Error> {
-        let mut capped = Capped {
-            out: Vec::new(),
-            over: false,
-        };
-        match crate::write_value(&mut capped, value) {
-            Ok(()) => {
-                capped.out.reserve_exact(room);
-                return Ok(Encoded(capped.out));
-            }
-            Err(error) if !capped.over => return Err(error),
-            Err(_) => {}
+        if let Ok(mut small) = crate::value_to_vec_within(value, MEASURED_MIN)? {
+            small.reserve_exact(room);
+            return Ok(Encoded(small));
         }
         let mut counter = Counter(0);
         crate::write_value(&mut counter, value)?;
@@ -316,27 +308,6 @@ impl Deref for Encoded {
 
     fn deref(&self) -> &[u8] {
         &self.0
-    }
-}
-
-/// A `Vec` writer that refuses to grow past [`MEASURED_MIN`].
-struct Capped {
-    out: Vec<u8>,
-    over: bool,
-}
-
-impl std::io::Write for Capped {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        if self.out.len() + bytes.len() > MEASURED_MIN {
-            self.over = true;
-            return Err(std::io::Error::other("large: measured, then encoded again"));
-        }
-        self.out.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -41,4 +41,4 @@ pub use messages::{
 pub use messages::{ActorCall, ActorInfo, ActorReply};
 pub use names::{new_id, validate_namespace, Names};
 pub use seal::{Codec, Purpose, ReplayGuard, SealError};
-pub use task::{value_to_vec, write_value, ResultOutput, Task};
+pub use task::{value_to_vec, value_to_vec_within, write_value, ResultOutput, Task};

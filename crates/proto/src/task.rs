@@ -61,6 +61,50 @@ pub fn value_to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, rmp_ser
     Ok(out)
 }
 
+/// [`value_to_vec`] in at most `limit` bytes: encoding stops as soon as the
+/// limit is passed, so that a large value costs `limit` bytes of work, not
+/// all of it. `Ok(Err(size))` then, `size` being how many bytes the write
+/// that passed the limit would have made.
+pub fn value_to_vec_within<T: Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+) -> Result<Result<Vec<u8>, usize>, rmp_serde::encode::Error> {
+    let mut out = Capped {
+        bytes: Vec::new(),
+        limit,
+        passed: None,
+    };
+    match write_value(&mut out, value) {
+        Ok(()) => Ok(Ok(out.bytes)),
+        Err(_) if out.passed.is_some() => Ok(Err(out.passed.unwrap_or(usize::MAX))),
+        Err(error) => Err(error),
+    }
+}
+
+/// A buffer that refuses to grow past `limit` bytes.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+    /// How many bytes the write that passed the limit would have made.
+    passed: Option<usize>,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let total = self.bytes.len().saturating_add(buf.len());
+        if total > self.limit {
+            self.passed = Some(total);
+            return Err(std::io::Error::other("over the limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

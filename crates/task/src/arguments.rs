@@ -44,20 +44,18 @@ impl<'a> Arguments<'a> {
     /// Decodes the arguments as `A`.
     pub(crate) fn decode<A: de::DeserializeOwned>(self) -> Result<A, Error> {
         match self.0 {
-            Repr::Encoded(bytes) => rmp_serde::from_slice(bytes),
+            Repr::Encoded(bytes) => match rmp_serde::from_slice(bytes) {
+                // A task without parameters takes `()`, which MessagePack
+                // spells nil, not the empty array `[0x90]` (the parts form
+                // handles it in `List::deserialize_unit`).
+                Err(_) if bytes == [0x90] => rmp_serde::from_slice(&[0xc0]),
+                other => other,
+            },
             Repr::Parts { items, inputs } => {
                 flotilla_proto::decode_sharing(inputs.values().cloned(), || {
                     A::deserialize(List { items, inputs })
                 })
             }
-        }
-    }
-
-    /// Whether these are the arguments of a task without parameters.
-    pub(crate) fn is_empty(&self) -> bool {
-        match self.0 {
-            Repr::Encoded(bytes) => bytes == [0x90],
-            Repr::Parts { items, .. } => items.is_empty(),
         }
     }
 }

@@ -166,13 +166,7 @@ pub fn decode_arguments<A: DeserializeOwned>(
     task: &str,
     args: Arguments<'_>,
 ) -> Result<A, TaskError> {
-    const NIL: [u8; 1] = [0xc0];
-    let decoded = match args.decode() {
-        // A task without parameters takes `()`, which MessagePack spells nil.
-        Err(_) if args.is_empty() => rmp_serde::from_slice(&NIL),
-        other => other,
-    };
-    decoded.map_err(|error| {
+    args.decode().map_err(|error| {
         TaskError::new(
             ErrorKind::BadArguments,
             "flotilla::BadArguments",

@@ -97,6 +97,14 @@ struct Record {
     spilled: Option<std::time::Instant>,
 }
 
+impl Record {
+    /// Written and not spilled: the sweep checks it against Redis, a spill
+    /// or a graceful stop may hand it over.
+    fn watched(&self) -> bool {
+        self.written && self.spilled.is_none()
+    }
+}
+
 impl Kept {
     pub(crate) fn new(keep: Keep, addr: String, keep_min: usize) -> Kept {
         Kept {
@@ -205,7 +213,7 @@ impl Kept {
             records
                 .by_key
                 .iter()
-                .filter(|(_, record)| record.written && record.spilled.is_none())
+                .filter(|(_, record)| record.watched())
                 .map(|(key, _)| key.clone())
                 .collect()
         };
@@ -283,7 +291,7 @@ impl Kept {
             .lock()
             .by_key
             .iter()
-            .filter(|(_, record)| record.written && record.spilled.is_none())
+            .filter(|(_, record)| record.watched())
             .map(|(key, record)| (record.order, key.clone(), record.bytes.clone()))
             .collect();
         oldest.sort_unstable_by_key(|(order, _, _)| *order);
@@ -292,13 +300,11 @@ impl Kept {
             if live <= bound {
                 break;
             }
-            let Some(size) = self.keep.get(&key).map(|value| value.len()) else {
-                continue;
-            };
             match self.hand_over(store, &key, &record).await {
+                Ok(None) => {}
                 // Handed over, or no longer this worker's record: either way
                 // readers now find the value (or its absence) in Redis.
-                Ok(_) => {
+                Ok(Some((_, size))) => {
                     if let Some(record) = self.lock().by_key.get_mut(&key) {
                         record.spilled = Some(std::time::Instant::now());
                     }
@@ -315,12 +321,19 @@ impl Kept {
     }
 
     /// Hands the kept value of `key` over to Redis in place of its location
-    /// `record` (only where that record is still this worker's).
-    async fn hand_over(&self, store: &Store, key: &str, record: &[u8]) -> redis::RedisResult<bool> {
+    /// `record` (only where that record is still this worker's): whether it
+    /// went, and its size; `None` when nothing is kept under `key`.
+    async fn hand_over(
+        &self,
+        store: &Store,
+        key: &str,
+        record: &[u8],
+    ) -> redis::RedisResult<Option<(bool, usize)>> {
         let Some(value) = self.keep.get(key) else {
-            return Ok(false);
+            return Ok(None);
         };
-        store.hand_over(key, record, &[&value]).await
+        let handed = store.hand_over(key, record, &[&value]).await?;
+        Ok(Some((handed, value.len())))
     }
 
     /// Hands every value still kept over to Redis (a graceful stop: the
@@ -332,7 +345,7 @@ impl Kept {
             .lock()
             .by_key
             .iter()
-            .filter(|(_, record)| record.written && record.spilled.is_none())
+            .filter(|(_, record)| record.watched())
             .map(|(key, record)| (key.clone(), record.bytes.clone()))
             .collect();
         // Spilled values are in Redis already.
@@ -348,13 +361,12 @@ impl Kept {
         let started = std::time::Instant::now();
         let (mut handed, mut bytes) = (0, 0u64);
         for (key, record) in records {
-            let size = self.keep.get(&key).map_or(0, |value| value.len() as u64);
             match self.hand_over(store, &key, &record).await {
-                Ok(true) => {
+                Ok(Some((true, size))) => {
                     handed += 1;
-                    bytes += size;
+                    bytes += size as u64;
                 }
-                Ok(false) => {}
+                Ok(_) => {}
                 Err(error) => {
                     warn!(%key, %error, "handing a kept value over to Redis failed: its readers will find it lost");
                 }
