@@ -24,7 +24,7 @@
 
 use anyhow::{bail, Context, Result};
 use flotilla::{Client, Config, TaskFuture};
-use flotilla_examples::{add, bytes_len, inc, random_bytes, slow_identity};
+use flotilla_examples::{add, blob, bytes_len, drop_blob, inc, random_bytes, slow_identity};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -533,11 +533,41 @@ fn fresh_seed() -> u64 {
     (u64::from(std::process::id()) << 32) ^ run as u64
 }
 
-/// `data_result_*`: a task makes `bytes` random bytes and the client gets
-/// them; seconds from submit to the value in hand.
+/// Makes every named worker keep a [`blob`] of `bytes` before the clock
+/// starts (as the Dask and Ray benchmarks warm theirs): the data rows
+/// measure moving bytes, not making them.
+async fn warm_blobs(client: &Client, workers: &[String], bytes: usize) -> Result<()> {
+    for worker in workers {
+        let value = client
+            .submit_with(blob, (bytes, fresh_seed()))
+            .workers([worker.as_str()])
+            .submit()
+            .await?;
+        if value.len() != bytes {
+            bail!("{worker} made {} bytes, expected {bytes}", value.len());
+        }
+    }
+    Ok(())
+}
+
+/// Makes every named worker forget its [`blob`] (its memory back).
+async fn drop_blobs(client: &Client, workers: &[String]) -> Result<()> {
+    for worker in workers {
+        client
+            .submit_with(drop_blob, (fresh_seed(),))
+            .workers([worker.as_str()])
+            .submit()
+            .await?;
+    }
+    Ok(())
+}
+
+/// `data_result_*`: a task returns the `bytes` its worker keeps (see
+/// [`warm_blobs`]) and the client gets them; seconds from submit to the
+/// value in hand.
 async fn data_result(client: &Client, bytes: usize) -> Result<f64> {
     let started = Instant::now();
-    let value = client.submit(random_bytes, (bytes, fresh_seed())).await?;
+    let value = client.submit(blob, (bytes, fresh_seed())).await?;
     let elapsed = started.elapsed().as_secs_f64();
     if value.len() != bytes {
         bail!("the result has {} bytes, expected {bytes}", value.len());
@@ -564,14 +594,14 @@ async fn data_scatter(client: &Client, payload: &flotilla::Bytes) -> Result<f64>
     Ok(elapsed)
 }
 
-/// `data_move_*`: task A makes `bytes` on worker `bench-0`, task B on
+/// `data_move_*`: task A returns `bytes` kept on worker `bench-0`, task B on
 /// `bench-1` takes A's value as input and returns its length: seconds from
 /// A's submit to B's result, so the value crosses from one worker process to
 /// the other.
 async fn data_move(client: &Client, bytes: usize) -> Result<f64> {
     let started = Instant::now();
     let made = client
-        .submit_with(random_bytes, (bytes, fresh_seed()))
+        .submit_with(blob, (bytes, fresh_seed()))
         .workers(["bench-0"])
         .submit();
     let length = client
@@ -593,8 +623,8 @@ struct HugeResult {
     worker_peak: u64,
 }
 
-/// `data_result_1gb_*`: one task on `bench-0` makes `bytes`, the client
-/// gets them. The peak RSS (`VmHWM`) of this process and of every worker is
+/// `data_result_1gb_*`: one task on `bench-0` returns the `bytes` it keeps,
+/// the client gets them. The peak RSS (`VmHWM`) of this process and of every worker is
 /// reset just before (`/proc/<pid>/clear_refs`), so the peaks are this
 /// row's; the worker figure is the largest of the workers'.
 async fn data_huge_result(client: &Client, cluster: &Cluster, bytes: usize) -> Result<HugeResult> {
@@ -604,7 +634,7 @@ async fn data_huge_result(client: &Client, cluster: &Cluster, bytes: usize) -> R
     }
     let started = Instant::now();
     let value = client
-        .submit_with(random_bytes, (bytes, fresh_seed()))
+        .submit_with(blob, (bytes, fresh_seed()))
         .workers(["bench-0"])
         .submit()
         .await?;
@@ -656,16 +686,23 @@ async fn data_rows(
     wanted: &dyn Fn(&str) -> bool,
     report: &mut dyn FnMut(Row),
 ) {
+    // The worker names Cluster::start gives.
+    let names: Vec<String> = (0..cluster.workers.len())
+        .map(|i| format!("bench-{i}"))
+        .collect();
     for (key, bytes) in [
         ("data_result_10mb_mb_per_s", 10 * MB),
         ("data_result_100mb_mb_per_s", 100 * MB),
     ] {
         if wanted(key) {
-            let seconds = median_of(repeats, || data_result(client, bytes)).await;
+            let seconds = match bounded(warm_blobs(client, &names, bytes)).await {
+                Ok(()) => median_of(repeats, || data_result(client, bytes)).await,
+                Err(e) => Err(e),
+            };
             report(Row::measured(
                 key,
                 seconds.map(|s| (bytes / MB) as f64 / s),
-                "MB/s (a task makes the bytes, the client has them; median)",
+                "MB/s (a task returns bytes its worker keeps, the client has them; median)",
             ));
         }
     }
@@ -687,7 +724,10 @@ async fn data_rows(
         let seconds = if cluster.workers.len() < 2 {
             Err(anyhow::anyhow!("needs two workers (--workers 2 or more)"))
         } else {
-            median_of(repeats, || data_move(client, 100 * MB)).await
+            match bounded(warm_blobs(client, &names[..1], 100 * MB)).await {
+                Ok(()) => median_of(repeats, || data_move(client, 100 * MB)).await,
+                Err(e) => Err(e),
+            }
         };
         report(Row::measured(
             "data_move_100mb_s",
@@ -699,7 +739,10 @@ async fn data_rows(
         .iter()
         .any(|key| key.starts_with("data_result_1gb") && wanted(key))
     {
-        let huge = bounded(data_huge_result(client, cluster, 1000 * MB)).await;
+        let huge = match bounded(warm_blobs(client, &names[..1], 1000 * MB)).await {
+            Ok(()) => bounded(data_huge_result(client, cluster, 1000 * MB)).await,
+            Err(e) => Err(e),
+        };
         let (seconds, client_peak, worker_peak) = match huge {
             Ok(h) => (
                 Ok(h.seconds),
@@ -715,7 +758,7 @@ async fn data_rows(
         report(Row::measured(
             "data_result_1gb_s",
             seconds,
-            "s (one run: a task makes 1 GB, the client has it)",
+            "s (one run: a task returns 1 GB its worker keeps, the client has it)",
         ));
         report(Row::measured(
             "data_result_1gb_client_rss_mb",
@@ -727,6 +770,10 @@ async fn data_rows(
             worker_peak,
             "MB (largest VmHWM of the worker processes during that run)",
         ));
+    }
+    // The workers forget their blobs: their memory back for other rows.
+    if let Err(error) = bounded(drop_blobs(client, &names)).await {
+        eprintln!("the workers' blobs were not dropped: {}", one_line(&error));
     }
 }
 

@@ -216,6 +216,41 @@ pub fn random_bytes(len: usize, seed: u64) -> flotilla::Bytes {
     flotilla::Bytes::from(data)
 }
 
+static BLOBS: std::sync::Mutex<Option<(usize, flotilla::Bytes)>> = std::sync::Mutex::new(None);
+
+/// `len` random bytes kept by this process: the first call makes them
+/// ([`random_bytes`]), later calls return the same buffer without a copy.
+/// `nonce` only makes calls distinct (tasks are keyed by their arguments).
+/// The payload of the data-plane benchmark rows, as the Dask and Ray
+/// benchmarks' `blob`: they measure moving bytes, not making them. One
+/// length is kept at a time; [`drop_blob`] forgets it.
+#[flotilla::task]
+pub fn blob(len: usize, nonce: u64) -> flotilla::Bytes {
+    let _ = nonce;
+    let mut kept = BLOBS.lock().unwrap_or_else(|p| p.into_inner());
+    match &*kept {
+        Some((kept_len, data)) if *kept_len == len => data.clone(),
+        _ => {
+            *kept = None; // the old one goes before the new one is made
+            let data = random_bytes::call(len, len as u64);
+            *kept = Some((len, data.clone()));
+            data
+        }
+    }
+}
+
+/// Forgets the bytes [`blob`] keeps in this process; whether it kept any.
+/// `nonce` only makes calls distinct.
+#[flotilla::task]
+pub fn drop_blob(nonce: u64) -> bool {
+    let _ = nonce;
+    BLOBS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .is_some()
+}
+
 /// The length of a [`flotilla::Bytes`]: reads a large input without copying
 /// it (the argument shares the buffer the worker holds the input in).
 #[flotilla::task]
@@ -435,13 +470,30 @@ pub mod seed_tasks;
 
 #[cfg(test)]
 mod tests {
-    use super::random_bytes;
+    use super::{blob, drop_blob, random_bytes};
 
     #[test]
     fn random_bytes_has_the_length_asked_for() {
         for len in [0, 1, 7, 31, 32, 33, 1000, 4097] {
             assert_eq!(random_bytes::call(len, 9).len(), len, "len {len}");
         }
+    }
+
+    #[test]
+    fn blob_keeps_one_buffer_per_process_until_dropped() {
+        let first = blob::call(5000, 1);
+        let again = blob::call(5000, 2);
+        assert_eq!(first.len(), 5000);
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "the kept buffer, not a copy"
+        );
+        assert!(drop_blob::call(0));
+        assert!(!drop_blob::call(1));
+        let remade = blob::call(5000, 3);
+        assert_eq!(remade, first, "the same bytes, made again");
+        assert!(drop_blob::call(2));
     }
 
     #[test]
