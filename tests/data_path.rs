@@ -8,7 +8,7 @@ mod support;
 
 use flotilla::Error;
 use flotilla_examples::{
-    check_pattern, fnv1a, fnv1a_local, is_pattern, noise, pattern, pattern_local,
+    check_pattern, fnv1a, fnv1a_local, is_pattern, noise, pattern, pattern_local, random_bytes,
 };
 use std::time::{Duration, Instant};
 use support::process::Processes;
@@ -235,4 +235,75 @@ async fn a_value_whose_worker_died_is_a_clear_error_not_a_hang() {
     assert!(task.message().contains(made.key()), "{error}");
     drop(made);
     p.stop().await;
+}
+
+/// The path of the file mapping of this process that holds `addr`, if it
+/// lies in one (`/proc/self/maps`).
+fn mapped_file(addr: *const u8) -> Option<String> {
+    let addr = addr as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (start, end) = fields.next()?.split_once('-')?;
+        let (start, end) = (
+            usize::from_str_radix(start, 16).ok()?,
+            usize::from_str_radix(end, 16).ok()?,
+        );
+        let path = fields.nth(4)?;
+        (start <= addr && addr < end && path.starts_with('/')).then(|| path.to_owned())
+    })
+}
+
+/// On one host a large result is not sent but mapped: the client's `Bytes`
+/// is a mapping of the file the worker process encoded it into, under the
+/// shared-memory directory (`FLOTILLA_SHM_DIR`, a private one here). The
+/// file goes when the value is freed, and the worker's directory when it
+/// stops. A client with shared memory off is sent the bytes.
+#[tokio::test]
+async fn a_large_result_on_the_same_host_is_mapped_from_shared_memory() {
+    let root = std::env::temp_dir().join(format!("flotilla-shm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let mut config = support::fresh_config("shm");
+    config.shm_dir = Some(root.clone());
+    let p = Processes::start_with(config, &[&[]]).await;
+    let len = 20 << 20;
+
+    let made = p.client.submit(random_bytes, (len, 5u64));
+    let value: flotilla::Bytes = made.result().await.expect("a 20 MiB result");
+    assert!(value == random_bytes::call(len, 5), "byte-exact");
+    let file = mapped_file(value.as_ptr()).expect("the result is a file mapping");
+    assert!(
+        file.starts_with(root.to_str().unwrap()) && file.contains("/flotilla-"),
+        "mapped from {file}"
+    );
+    assert!(std::path::Path::new(&file).exists());
+    // Freed: the worker drops it and the file goes (the mapping stays
+    // readable while this Bytes lives).
+    drop(made);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::path::Path::new(&file).exists() {
+        assert!(Instant::now() < deadline, "{file} outlived its value");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(value == random_bytes::call(len, 5), "still readable");
+    drop(value);
+
+    // Shared memory off for this reader: the bytes, in its own memory.
+    let mut off = p.config.clone();
+    off.shm_dir = None;
+    let sent_to = flotilla::Client::connect(off).await.unwrap();
+    let value: flotilla::Bytes = sent_to.submit(random_bytes, (len, 6u64)).await.unwrap();
+    assert!(value == random_bytes::call(len, 6), "byte-exact");
+    assert_eq!(mapped_file(value.as_ptr()), None, "sent, not mapped");
+    drop(value);
+    sent_to.close().await.unwrap();
+
+    p.stop().await;
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir(&root).unwrap();
 }

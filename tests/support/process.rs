@@ -33,6 +33,10 @@ pub fn spawn(name: &str, program: &Path, args: &[&str], config: &Config) -> Spaw
         Some(secret) => command.env("FLOTILLA_SECRET", secret.expose()),
         None => command.env_remove("FLOTILLA_SECRET"),
     };
+    match &config.shm_dir {
+        Some(dir) => command.env("FLOTILLA_SHM_DIR", dir),
+        None => command.env("FLOTILLA_SHM_DIR", "off"),
+    };
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -172,7 +176,11 @@ impl Processes {
     /// Starts the scheduler, a client and one worker per entry of
     /// `workers` (its arguments).
     pub async fn start(prefix: &str, workers: &[&[&str]]) -> Processes {
-        let config = super::fresh_config(prefix);
+        Self::start_with(super::fresh_config(prefix), workers).await
+    }
+
+    /// [`Processes::start`] on `config` (a fresh namespace's).
+    pub async fn start_with(config: Config, workers: &[&[&str]]) -> Processes {
         let mut scheduler = spawn(
             "scheduler",
             &super::target_binary("flotilla-scheduler"),

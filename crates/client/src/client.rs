@@ -331,7 +331,10 @@ impl Client {
         let config_max_pending = config.max_pending;
         let inner = Arc::new(ClientInner {
             id: id.clone(),
-            reader: flotilla_runtime::values::Reader::new(codec.clone()),
+            reader: flotilla_runtime::values::Reader::with_options(
+                codec.clone(),
+                flotilla_runtime::data::DataClientOptions::for_config(&config),
+            ),
             codec,
             events_guard: ReplayGuard::new(),
             config,

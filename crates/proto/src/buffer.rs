@@ -253,6 +253,32 @@ pub fn decode_sharing<R>(
     decode()
 }
 
+/// A buffer a large value is encoded into, made by the process' large-value
+/// allocator (see [`set_large_alloc`]): a worker writes its large results
+/// into shared memory this way, so that readers on the same host map them
+/// instead of copying them.
+pub trait LargeBuffer: Send + Sync + 'static {
+    /// The whole buffer (at least the length it was made for).
+    fn as_slice(&self) -> &[u8];
+    /// The whole buffer, to write into.
+    fn as_mut_slice(&mut self) -> &mut [u8];
+    /// The first `len` bytes, frozen and shared without a copy.
+    fn freeze(self: Box<Self>, len: usize) -> bytes::Bytes;
+}
+
+/// Makes a [`LargeBuffer`] of at least the given length, or `None` (then an
+/// ordinary allocation is used).
+pub type LargeAlloc = dyn Fn(usize) -> Option<Box<dyn LargeBuffer>> + Send + Sync;
+
+static LARGE_ALLOC: std::sync::OnceLock<Box<LargeAlloc>> = std::sync::OnceLock::new();
+
+/// Installs this process' allocator for values of [`MEASURED_MIN`] bytes
+/// or more encoded by [`Encoded::encode`]. Once per process: returns
+/// `false` (and changes nothing) if one is installed already.
+pub fn set_large_alloc(alloc: Box<LargeAlloc>) -> bool {
+    LARGE_ALLOC.set(alloc).is_ok()
+}
+
 /// From this many encoded bytes on, a value is measured first and encoded
 /// once into a buffer of its exact size (no growth, no copy on sealing).
 pub const MEASURED_MIN: usize = 4 << 20;
@@ -260,46 +286,88 @@ pub const MEASURED_MIN: usize = 4 << 20;
 /// A value encoded as Flotilla stores it (see [`crate::write_value`]),
 /// with room after it for the few bytes a stored result adds (its
 /// signature and tag), so that sealing it never copies it.
-#[derive(Debug, PartialEq)]
-pub struct Encoded(Vec<u8>);
+pub struct Encoded(Repr);
+
+enum Repr {
+    Vec(Vec<u8>),
+    /// From the process' [`LargeAlloc`]: `len` bytes written so far.
+    Large {
+        buffer: Box<dyn LargeBuffer>,
+        len: usize,
+    },
+}
 
 impl Encoded {
     /// Encodes `value`, leaving room for `room` more bytes. A value of
     /// [`MEASURED_MIN`] bytes or more is measured first (cheap for bytes:
-    /// one length) and written once into a buffer of its size.
+    /// one length) and written once into a buffer of its size: one from
+    /// the process' large-value allocator when it has one
+    /// ([`set_large_alloc`]) and it gives one, else an ordinary one.
     pub fn encode<T: serde::Serialize + ?Sized>(
         value: &T,
         room: usize,
     ) -> Result<Encoded, rmp_serde::encode::Error> {
         if let Ok(mut small) = crate::value_to_vec_within(value, MEASURED_MIN)? {
             small.reserve_exact(room);
-            return Ok(Encoded(small));
+            return Ok(Encoded(Repr::Vec(small)));
         }
         let mut counter = Counter(0);
         crate::write_value(&mut counter, value)?;
-        let mut out = Vec::with_capacity(counter.0 + room);
+        let len = counter.0;
+        if let Some(mut buffer) = LARGE_ALLOC.get().and_then(|alloc| alloc(len + room)) {
+            let mut out = &mut buffer.as_mut_slice()[..len];
+            // A value that encodes to other bytes the second time (a
+            // Serialize that is not deterministic) does not fit: the
+            // ordinary buffer below takes it.
+            if crate::write_value(&mut out, value).is_ok() && out.is_empty() {
+                return Ok(Encoded(Repr::Large { buffer, len }));
+            }
+        }
+        let mut out = Vec::with_capacity(len + room);
         crate::write_value(&mut out, value)?;
-        Ok(Encoded(out))
+        Ok(Encoded(Repr::Vec(out)))
     }
 
     /// Bytes already encoded.
     pub fn from_vec(bytes: Vec<u8>) -> Encoded {
-        Encoded(bytes)
+        Encoded(Repr::Vec(bytes))
     }
 
     /// Appends `bytes` (a signature, a tag), in the room left for them.
+    ///
+    /// # Panics
+    /// If the value is in a large buffer without room for `bytes` (the
+    /// `room` given to [`Encoded::encode`] was too small).
     pub fn append(&mut self, bytes: &[u8]) {
-        self.0.extend_from_slice(bytes);
+        match &mut self.0 {
+            Repr::Vec(vec) => vec.extend_from_slice(bytes),
+            Repr::Large { buffer, len } => {
+                let end = *len + bytes.len();
+                buffer.as_mut_slice()[*len..end].copy_from_slice(bytes);
+                *len = end;
+            }
+        }
+    }
+
+    /// Whether the bytes are in a buffer of the large-value allocator.
+    pub fn is_large(&self) -> bool {
+        matches!(self.0, Repr::Large { .. })
     }
 
     /// The encoded bytes, shared without a copy.
     pub fn into_bytes(self) -> bytes::Bytes {
-        bytes::Bytes::from(self.0)
+        match self.0 {
+            Repr::Vec(vec) => bytes::Bytes::from(vec),
+            Repr::Large { buffer, len } => buffer.freeze(len),
+        }
     }
 
-    /// The encoded bytes.
+    /// The encoded bytes (a copy when they are in a large buffer).
     pub fn into_vec(self) -> Vec<u8> {
-        self.0
+        match self.0 {
+            Repr::Vec(vec) => vec,
+            Repr::Large { .. } => self.to_vec(),
+        }
     }
 }
 
@@ -307,7 +375,25 @@ impl Deref for Encoded {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Vec(vec) => vec,
+            Repr::Large { buffer, len } => &buffer.as_slice()[..*len],
+        }
+    }
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, other: &Encoded) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Encoded")
+            .field("len", &self.len())
+            .field("large", &self.is_large())
+            .finish()
     }
 }
 
@@ -384,6 +470,48 @@ mod tests {
         });
     }
 
+    /// A large buffer on the heap, for the test below.
+    struct Boxed(Vec<u8>);
+
+    impl LargeBuffer for Boxed {
+        fn as_slice(&self) -> &[u8] {
+            &self.0
+        }
+        fn as_mut_slice(&mut self) -> &mut [u8] {
+            &mut self.0
+        }
+        fn freeze(self: Box<Self>, len: usize) -> bytes::Bytes {
+            bytes::Bytes::from(self.0).slice(..len)
+        }
+    }
+
+    #[test]
+    fn a_large_value_goes_to_the_installed_allocator_sealed_in_place() {
+        // The allocator is process-wide: it answers only this test's size.
+        const LEN: usize = MEASURED_MIN * 3 + 7;
+        let value = Bytes::from(vec![9u8; LEN]);
+        let plain = crate::value_to_vec(&value).unwrap();
+        let asked = plain.len() + 33;
+        set_large_alloc(Box::new(move |len| {
+            (len == asked).then(|| Box::new(Boxed(vec![0; len])) as Box<dyn LargeBuffer>)
+        }));
+        let mut encoded = Encoded::encode(&value, 33).unwrap();
+        assert!(encoded.is_large());
+        assert_eq!(&encoded[..], &plain[..]);
+        let before = encoded.as_ptr();
+        encoded.append(&[1; 32]);
+        encoded.append(&[2]);
+        assert_eq!(encoded.as_ptr(), before, "sealed in place");
+        assert_eq!(encoded.len(), asked);
+        let sealed = encoded.into_bytes();
+        assert_eq!(sealed.as_ptr(), before, "frozen without a copy");
+        assert_eq!(&sealed[..plain.len()], &plain[..]);
+        assert_eq!(&sealed[plain.len()..], [&[1u8; 32][..], &[2]].concat());
+        // Other sizes: the allocator says no, an ordinary buffer is used.
+        let other = Encoded::encode(&Bytes::from(vec![9u8; LEN + 1]), 33).unwrap();
+        assert!(!other.is_large());
+    }
+
     #[test]
     fn small_and_large_values_encode_alike_with_room_to_seal() {
         for len in [
@@ -397,7 +525,10 @@ mod tests {
             let plain = crate::value_to_vec(&value).unwrap();
             let mut encoded = Encoded::encode(&value, 33).unwrap();
             assert_eq!(&encoded[..], &plain[..], "len {len}");
-            assert!(encoded.0.capacity() >= plain.len() + 33, "room to seal");
+            let Repr::Vec(vec) = &encoded.0 else {
+                panic!("no large-value allocator here")
+            };
+            assert!(vec.capacity() >= plain.len() + 33, "room to seal");
             let before = encoded.as_ptr();
             encoded.append(&[1; 32]);
             assert_eq!(encoded.as_ptr(), before, "sealed in place");

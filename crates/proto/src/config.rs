@@ -34,6 +34,8 @@ pub const DEFAULT_MAX_PENDING: usize = 100_000;
 /// Default bound on the unfinished tasks the scheduler holds in memory
 /// ([`Config::scheduler_max_tasks`]).
 pub const DEFAULT_SCHEDULER_MAX_TASKS: usize = 100_000;
+/// Default shared-memory directory ([`Config::shm_dir`]).
+pub const DEFAULT_SHM_DIR: &str = "/dev/shm";
 
 /// The shared secret with which messages and results are signed
 /// (`FLOTILLA_SECRET`). Its `Debug` output never shows it.
@@ -174,6 +176,12 @@ pub struct Config {
     /// once it holds fewer than three quarters of the bound. Read by the
     /// scheduler.
     pub scheduler_max_tasks: usize,
+    /// The shared-memory directory (`FLOTILLA_SHM_DIR`; default
+    /// `/dev/shm`; `off` for none). Workers write large results into files
+    /// there, and readers on the same host (clients, other workers) map
+    /// them instead of fetching their bytes; see ARCHITECTURE.md, "The
+    /// data plane".
+    pub shm_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -191,6 +199,7 @@ impl Default for Config {
             allow_eviction: false,
             max_pending: DEFAULT_MAX_PENDING,
             scheduler_max_tasks: DEFAULT_SCHEDULER_MAX_TASKS,
+            shm_dir: Some(DEFAULT_SHM_DIR.into()),
         }
     }
 }
@@ -200,7 +209,8 @@ impl Config {
     /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS`,
     /// `FLOTILLA_LONG_TASK_MS`, `FLOTILLA_ALLOWED_FAILURES`, `FLOTILLA_SECRET`,
     /// `FLOTILLA_REPLAY_WINDOW_MS`, `FLOTILLA_ALLOW_EVICTION`,
-    /// `FLOTILLA_MAX_PENDING` and `FLOTILLA_SCHEDULER_MAX_TASKS`, with the
+    /// `FLOTILLA_MAX_PENDING`, `FLOTILLA_SCHEDULER_MAX_TASKS` and
+    /// `FLOTILLA_SHM_DIR`, with the
     /// defaults for what is unset.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -248,6 +258,13 @@ impl Config {
                 allow.trim().to_ascii_lowercase().as_str(),
                 "1" | "true" | "yes" | "on"
             );
+        }
+        if let Some(dir) = lookup("FLOTILLA_SHM_DIR") {
+            let dir = dir.trim();
+            config.shm_dir = match dir.to_ascii_lowercase().as_str() {
+                "" | "off" | "none" | "0" | "false" => None,
+                _ => Some(dir.into()),
+            };
         }
         if let Some(secret) = lookup("FLOTILLA_SECRET").filter(|s| !s.is_empty()) {
             config.secret = Some(Secret::new(&secret));
@@ -388,6 +405,20 @@ mod tests {
         let error = Config::from_lookup(|n| (n == "FLOTILLA_MAX_PENDING").then(|| "lots".into()))
             .unwrap_err();
         assert!(matches!(error, ConfigError::Number { .. }), "{error}");
+    }
+
+    #[test]
+    fn the_shared_memory_directory_is_read_or_turned_off() {
+        let at = |value: &str| {
+            Config::from_lookup(|n| (n == "FLOTILLA_SHM_DIR").then(|| value.to_owned()))
+                .unwrap()
+                .shm_dir
+        };
+        assert_eq!(Config::default().shm_dir, Some("/dev/shm".into()));
+        assert_eq!(at(" /run/shm "), Some("/run/shm".into()));
+        for off in ["off", "OFF", "none", "", "0"] {
+            assert_eq!(at(off), None, "{off:?}");
+        }
     }
 
     #[test]

@@ -24,13 +24,16 @@ mod names;
 pub mod seal;
 mod task;
 
-pub use buffer::{decode_sharing, Bytes, Encoded, MEASURED_MIN, SHARE_MIN};
+pub use buffer::{
+    decode_sharing, set_large_alloc, Bytes, Encoded, LargeAlloc, LargeBuffer, MEASURED_MIN,
+    SHARE_MIN,
+};
 pub use codec::{decode, encode, DecodeError, WIRE_VERSION};
 pub use config::{
     Config, ConfigError, Secret, DEFAULT_ALLOWED_FAILURES, DEFAULT_AMQP_URL,
     DEFAULT_CLIENT_LEASE_MS, DEFAULT_LONG_TASK_MS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PENDING,
     DEFAULT_NAMESPACE, DEFAULT_REDIS_URL, DEFAULT_REPLAY_WINDOW_MS, DEFAULT_SCHEDULER_MAX_TASKS,
-    MIN_CLIENT_LEASE_MS,
+    DEFAULT_SHM_DIR, MIN_CLIENT_LEASE_MS,
 };
 pub use error::{ErrorKind, TaskError, DATA_LOST, VALUE_LOST};
 pub use messages::{

@@ -102,15 +102,18 @@ pub use tokio_util::sync::CancellationToken;
 
 /// The first bytes of every request.
 const MAGIC: &[u8; 3] = b"FLD";
-/// The protocol version this build speaks.
-pub const DATA_VERSION: u8 = 1;
+/// The protocol version this build speaks (and the one before it).
+pub const DATA_VERSION: u8 = 2;
+/// Version 1: a request names a key; the answer is the bytes.
+const V1: u8 = 1;
 /// Bytes of a request's header: magic, version, envelope length.
 const REQUEST_HEADER: usize = 3 + 1 + 4;
 /// Bytes of a response's header: version, status, length.
 const RESPONSE_HEADER: usize = 1 + 1 + 8;
-/// An envelope's bytes besides the key (version, time, nonce, tag and the
-/// MessagePack string header), with room to spare.
-const ENVELOPE_OVERHEAD: usize = 96;
+/// An envelope's bytes besides the key (version, time, nonce, tag, the
+/// MessagePack headers and a version-2 request's shared-memory domain),
+/// with room to spare.
+const ENVELOPE_OVERHEAD: usize = 96 + 256;
 /// The body is written and read in pieces of this size, each under the
 /// write or read timeout: a slow reader is given time per piece, a stalled
 /// one is dropped.
@@ -120,6 +123,9 @@ const FOUND: u8 = 0;
 const NOT_FOUND: u8 = 1;
 const REFUSED: u8 = 2;
 const ERROR: u8 = 3;
+const MAPPED: u8 = 4;
+/// Bytes of a `MAPPED` answer besides the path: offset and length.
+const MAPPED_HEADER: usize = 8 + 8;
 
 /// The values a process serves: key → bytes, shared by the
 /// [`DataServer`] and whoever puts values in it. Cheap to clone (one map
@@ -211,6 +217,11 @@ pub struct DataServerOptions {
     pub request_timeout: Duration,
     /// How long the reader may stop taking the answer's bytes (default 30 s).
     pub write_timeout: Duration,
+    /// This host's shared-memory domain ([`crate::shm::domain`]), when the
+    /// kept values may be in shared memory: a version-2 request from the
+    /// same domain for a value in a segment of this process
+    /// ([`crate::shm::locate`]) is answered with the file, not the bytes.
+    pub shm_domain: Option<String>,
 }
 
 impl Default for DataServerOptions {
@@ -221,11 +232,18 @@ impl Default for DataServerOptions {
             idle_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
+            shm_domain: None,
         }
     }
 }
 
 impl DataServerOptions {
+    /// Sets [`DataServerOptions::shm_domain`].
+    pub fn shm_domain(mut self, domain: Option<String>) -> Self {
+        self.shm_domain = domain;
+        self
+    }
+
     /// Sets [`DataServerOptions::max_key_len`].
     pub fn max_key_len(mut self, bytes: usize) -> Self {
         self.max_key_len = bytes;
@@ -269,6 +287,7 @@ struct Counters {
     accepted: AtomicU64,
     open: AtomicUsize,
     served: AtomicU64,
+    mapped: AtomicU64,
 }
 
 impl DataServerCounters {
@@ -285,6 +304,12 @@ impl DataServerCounters {
     /// Values sent in full since the server started.
     pub fn served(&self) -> u64 {
         self.inner.served.load(Ordering::Relaxed)
+    }
+
+    /// Values answered with their shared-memory file since the server
+    /// started (readers on the same host; see [`crate::shm`]).
+    pub fn mapped(&self) -> u64 {
+        self.inner.mapped.load(Ordering::Relaxed)
     }
 }
 
@@ -426,11 +451,11 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
             if &header[..3] != MAGIC {
                 return Ok(Err((ERROR, "not a Flotilla data request".to_owned())));
             }
-            if header[3] != DATA_VERSION {
+            if header[3] != V1 && header[3] != DATA_VERSION {
                 return Ok(Err((
                     ERROR,
                     format!(
-                        "data protocol version {} is not spoken here (this server speaks {DATA_VERSION})",
+                        "data protocol version {} is not spoken here (this server speaks {V1} and {DATA_VERSION})",
                         header[3]
                     ),
                 )));
@@ -453,45 +478,85 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
             Err(_) => return Err(ConnectionEnd::SlowRequest),
             Ok(result) => result?,
         };
+        // Answered in the request's version (the newest for a request in
+        // none this server speaks).
+        let version = if header[3] == V1 { V1 } else { DATA_VERSION };
         let key = request.and_then(|()| {
-            shared
-                .codec
-                .open::<String>(Purpose::Data, &envelope, false, &shared.guard, max_envelope)
+            let opened = if version == V1 {
+                let key = shared.codec.open::<String>(
+                    Purpose::Data,
+                    &envelope,
+                    false,
+                    &shared.guard,
+                    max_envelope,
+                );
+                key.map(|key| (key, None))
+            } else {
+                shared.codec.open::<(String, Option<String>)>(
+                    Purpose::Data,
+                    &envelope,
+                    false,
+                    &shared.guard,
+                    max_envelope,
+                )
+            };
+            opened
                 .map_err(|error| match error {
                     DecodeError::Seal(seal) => (REFUSED, seal.to_string()),
                     other => (ERROR, other.to_string()),
                 })
-                .and_then(|key| {
+                .and_then(|(key, domain)| {
                     if key.len() > options.max_key_len {
                         Err((
                             ERROR,
                             format!("the key is over {} bytes", options.max_key_len),
                         ))
                     } else {
-                        Ok(key)
+                        Ok((key, domain))
                     }
                 })
         });
-        let key = match key {
+        let (key, domain) = match key {
             Ok(key) => key,
             Err((status, reason)) => {
-                refuse(&mut stream, status, &reason, options.write_timeout).await;
+                refuse(&mut stream, version, status, &reason, options.write_timeout).await;
                 return Err(ConnectionEnd::Refused(reason));
             }
         };
-        match shared.keep.get(&key) {
-            None => {
+        let value = shared.keep.get(&key);
+        // Same host: the file, if the value is in a segment of ours.
+        let mapped = value.as_ref().and_then(|value| {
+            let same = domain.is_some() && domain == options.shm_domain;
+            same.then(|| crate::shm::locate(value)).flatten()
+        });
+        match (value, mapped) {
+            (None, _) => {
                 write_timed(
                     &mut stream,
-                    &response_header(NOT_FOUND, 0),
+                    &response_header(version, NOT_FOUND, 0),
                     options.write_timeout,
                 )
                 .await?;
             }
-            Some(value) => {
+            (Some(value), Some((path, offset))) => {
+                use std::os::unix::ffi::OsStrExt;
+                let path = path.as_os_str().as_bytes();
+                let mut answer = Vec::with_capacity(RESPONSE_HEADER + MAPPED_HEADER + path.len());
+                answer.extend_from_slice(&response_header(
+                    version,
+                    MAPPED,
+                    (MAPPED_HEADER + path.len()) as u64,
+                ));
+                answer.extend_from_slice(&offset.to_be_bytes());
+                answer.extend_from_slice(&(value.len() as u64).to_be_bytes());
+                answer.extend_from_slice(path);
+                write_timed(&mut stream, &answer, options.write_timeout).await?;
+                shared.counters.inner.mapped.fetch_add(1, Ordering::Relaxed);
+            }
+            (Some(value), None) => {
                 write_timed(
                     &mut stream,
-                    &response_header(FOUND, value.len() as u64),
+                    &response_header(version, FOUND, value.len() as u64),
                     options.write_timeout,
                 )
                 .await?;
@@ -505,9 +570,9 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
     }
 }
 
-fn response_header(status: u8, length: u64) -> [u8; RESPONSE_HEADER] {
+fn response_header(version: u8, status: u8, length: u64) -> [u8; RESPONSE_HEADER] {
     let mut header = [0u8; RESPONSE_HEADER];
-    header[0] = DATA_VERSION;
+    header[0] = version;
     header[1] = status;
     header[2..].copy_from_slice(&length.to_be_bytes());
     header
@@ -526,8 +591,8 @@ async fn write_timed(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> i
 /// Answers a refused or malformed request, then lets the reader take the
 /// answer before the connection closes: closing with unread request bytes
 /// would reset the connection and could discard the answer on its way.
-async fn refuse(stream: &mut TcpStream, status: u8, reason: &str, limit: Duration) {
-    let mut answer = response_header(status, reason.len() as u64).to_vec();
+async fn refuse(stream: &mut TcpStream, version: u8, status: u8, reason: &str, limit: Duration) {
+    let mut answer = response_header(version, status, reason.len() as u64).to_vec();
     answer.extend_from_slice(reason.as_bytes());
     if write_timed(stream, &answer, limit).await.is_err() {
         return;
@@ -648,6 +713,11 @@ pub struct DataClientOptions {
     pub max_value_len: u64,
     /// Idle connections kept per address for reuse (default 4).
     pub max_idle_per_addr: usize,
+    /// This host's shared-memory domain ([`crate::shm::domain`]; default
+    /// none): when set, requests say it, and a server on the same host
+    /// answers with the file of a value in shared memory, which is mapped
+    /// instead of read (see [`crate::shm`]).
+    pub shm_domain: Option<String>,
 }
 
 impl Default for DataClientOptions {
@@ -657,6 +727,7 @@ impl Default for DataClientOptions {
             read_timeout: Duration::from_secs(30),
             max_value_len: u64::MAX,
             max_idle_per_addr: 4,
+            shm_domain: None,
         }
     }
 }
@@ -684,6 +755,20 @@ impl DataClientOptions {
     pub fn max_idle_per_addr(mut self, connections: usize) -> Self {
         self.max_idle_per_addr = connections;
         self
+    }
+
+    /// Sets [`DataClientOptions::shm_domain`].
+    pub fn shm_domain(mut self, domain: Option<String>) -> Self {
+        self.shm_domain = domain;
+        self
+    }
+
+    /// The defaults, with the shared-memory domain of `config`'s
+    /// [`Config::shm_dir`](flotilla_proto::Config::shm_dir) (none when it
+    /// is off or not a directory here).
+    pub fn for_config(config: &flotilla_proto::Config) -> Self {
+        let domain = config.shm_dir.as_deref().and_then(crate::shm::domain);
+        DataClientOptions::default().shm_domain(domain)
     }
 }
 
@@ -741,8 +826,9 @@ impl DataClient {
         limit: u64,
     ) -> Result<Bytes, DataError> {
         let limit = limit.min(self.inner.options.max_value_len);
+        let domain = self.inner.options.shm_domain.as_deref();
         if let Some(stream) = self.take_idle(addr) {
-            match self.request(stream, addr, key, limit).await {
+            match self.request(stream, addr, key, limit, domain).await {
                 Ok(value) => return Ok(value),
                 Err(Failed {
                     before_answer: true,
@@ -752,7 +838,7 @@ impl DataClient {
             }
         }
         let stream = self.connect(addr, key).await?;
-        self.request(stream, addr, key, limit)
+        self.request(stream, addr, key, limit, domain)
             .await
             .map_err(|failed| failed.error)
     }
@@ -798,12 +884,16 @@ impl DataClient {
         Ok(stream)
     }
 
+    /// One request on `stream`: version 2 with this host's shared-memory
+    /// `domain` when there is one (a `MAPPED` answer is mapped, or, if that
+    /// fails, asked again in version 1), else version 1.
     async fn request(
         &self,
         mut stream: TcpStream,
         addr: SocketAddr,
         key: &str,
         max_value_len: u64,
+        domain: Option<&str>,
     ) -> Result<Bytes, Failed> {
         let options = &self.inner.options;
         let fail = |error, before_answer| Failed {
@@ -823,7 +913,8 @@ impl DataClient {
             expected,
             cause,
         };
-        let frame = request_frame(&self.inner.codec, key);
+        let frame = request_frame(&self.inner.codec, key, domain);
+        let version = if domain.is_some() { DATA_VERSION } else { V1 };
         match timeout(options.read_timeout, stream.write_all(&frame)).await {
             Err(_) => return Err(fail(timed_out("sending the request for"), false)),
             Ok(Err(error)) => {
@@ -869,9 +960,9 @@ impl DataClient {
                 false,
             )
         };
-        if header[0] != DATA_VERSION {
+        if header[0] != version {
             return Err(protocol(format!(
-                "answer in protocol version {}, this client speaks {DATA_VERSION}",
+                "answer in protocol version {} to a request in version {version}",
                 header[0]
             )));
         }
@@ -880,6 +971,8 @@ impl DataClient {
         let limit = match status {
             FOUND => max_value_len,
             NOT_FOUND => 0,
+            // Offset, length and a path.
+            MAPPED if domain.is_some() => (MAPPED_HEADER + 4096) as u64,
             // A reason: short text.
             REFUSED | ERROR => 64 << 10,
             other => return Err(protocol(format!("unknown status {other}"))),
@@ -934,6 +1027,47 @@ impl DataClient {
                     false,
                 ))
             }
+            MAPPED => {
+                use std::os::unix::ffi::OsStringExt;
+                if body.len() < MAPPED_HEADER {
+                    return Err(protocol(format!("a mapped answer of {} bytes", body.len())));
+                }
+                let offset = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+                let len = u64::from_be_bytes(body[8..16].try_into().expect("8 bytes"));
+                if len > max_value_len {
+                    return Err(fail(
+                        DataError::TooLarge {
+                            addr,
+                            key: key.to_owned(),
+                            size: len,
+                            limit: max_value_len,
+                        },
+                        false,
+                    ));
+                }
+                let path =
+                    std::path::PathBuf::from(std::ffi::OsString::from_vec(body[16..].to_vec()));
+                let mapping = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || crate::shm::map(&path, offset, len)).await
+                };
+                match mapping {
+                    Ok(Ok(value)) => {
+                        self.put_idle(addr, stream);
+                        Ok(value)
+                    }
+                    failed => {
+                        // Gone in between, or not ours to open: the bytes,
+                        // over this connection.
+                        let error = match failed {
+                            Ok(Err(error)) => error.to_string(),
+                            _ => "the mapping task failed".to_owned(),
+                        };
+                        tracing::debug!(%addr, key, path = %path.display(), %error, "could not map a value: fetching its bytes");
+                        Box::pin(self.request(stream, addr, key, max_value_len, None)).await
+                    }
+                }
+            }
             _ => Err(fail(
                 DataError::Refused {
                     addr,
@@ -946,12 +1080,19 @@ impl DataClient {
     }
 }
 
-/// A request for `key`, sealed by `codec` when it has a secret.
-fn request_frame(codec: &Codec, key: &str) -> Vec<u8> {
-    let envelope = codec.encode(Purpose::Data, key);
+/// A request for `key`, sealed by `codec` when it has a secret: version 2
+/// with the reader's shared-memory `domain` when it has one, else 1.
+fn request_frame(codec: &Codec, key: &str, domain: Option<&str>) -> Vec<u8> {
+    let (version, envelope) = match domain {
+        Some(domain) => (
+            DATA_VERSION,
+            codec.encode(Purpose::Data, &(key, Some(domain))),
+        ),
+        None => (V1, codec.encode(Purpose::Data, key)),
+    };
     let mut frame = Vec::with_capacity(REQUEST_HEADER + envelope.len());
     frame.extend_from_slice(MAGIC);
-    frame.push(DATA_VERSION);
+    frame.push(version);
     frame.extend_from_slice(&(envelope.len() as u32).to_be_bytes());
     frame.extend_from_slice(&envelope);
     frame
@@ -1080,6 +1221,65 @@ mod tests {
         server.stop().await;
     }
 
+    #[tokio::test]
+    async fn a_reader_on_the_same_host_maps_a_value_in_shared_memory() {
+        use flotilla_proto::LargeBuffer;
+        let root = crate::shm::tests::root();
+        let shm = crate::shm::Shm::at(root.path()).unwrap();
+        let domain = shm.domain().to_owned();
+        let codec = sealed("s3cret", 60_000);
+        let server = serve(
+            codec.clone(),
+            DataServerOptions::default().shm_domain(Some(domain.clone())),
+        )
+        .await;
+        let made = value(5 << 20, 3);
+        let mut buffer = Box::new(shm.alloc(made.len() + 40).unwrap());
+        buffer.as_mut_slice()[..made.len()].copy_from_slice(&made);
+        let kept = buffer.freeze(made.len());
+        server.keep.insert("big", kept.clone());
+        server.keep.insert("heap", made.clone());
+
+        let same = DataClient::new(
+            codec.clone(),
+            DataClientOptions::default().shm_domain(Some(domain.clone())),
+        );
+        let mapped = same.fetch(server.addr, "big").await.unwrap();
+        assert!(mapped == made);
+        assert!(
+            !mapped.as_ptr_range().contains(&kept.as_ptr()),
+            "a mapping of its own"
+        );
+        assert_eq!((server.counters.mapped(), server.counters.served()), (1, 0));
+        // A value on the heap is sent, whatever the reader's domain.
+        assert!(same.fetch(server.addr, "heap").await.unwrap() == made);
+        assert_eq!((server.counters.mapped(), server.counters.served()), (1, 1));
+        // Another domain, or none: the bytes.
+        for other in [Some("elsewhere".to_owned()), None] {
+            let reader = DataClient::new(
+                codec.clone(),
+                DataClientOptions::default().shm_domain(other),
+            );
+            assert!(reader.fetch(server.addr, "big").await.unwrap() == made);
+        }
+        assert_eq!((server.counters.mapped(), server.counters.served()), (1, 3));
+        // The file gone under a kept value: the reader asks for the bytes.
+        let (path, _) = crate::shm::locate(&kept).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(same.fetch(server.addr, "big").await.unwrap() == made);
+        assert_eq!((server.counters.mapped(), server.counters.served()), (2, 4));
+        assert_eq!(
+            server.counters.accepted(),
+            3,
+            "the fallback on the same connection"
+        );
+        // The mapping outlives the worker's value and its file.
+        server.keep.remove("big");
+        drop(kept);
+        assert!(mapped == made);
+        server.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_256_mb_value_round_trips() {
         let server = serve(Codec::plain(), DataServerOptions::default()).await;
@@ -1141,7 +1341,7 @@ mod tests {
         // A tag made for another purpose does not open a data request.
         let codec = sealed("s3cret", 60_000);
         let envelope = codec.encode(Purpose::Spec, "k");
-        let mut frame = request_frame(&codec, "k");
+        let mut frame = request_frame(&codec, "k", None);
         frame.truncate(REQUEST_HEADER - 4);
         frame.extend_from_slice(&(envelope.len() as u32).to_be_bytes());
         frame.extend_from_slice(&envelope);
@@ -1162,7 +1362,7 @@ mod tests {
         let codec = sealed("s3cret", 1000);
         let server = serve(codec.clone(), DataServerOptions::default()).await;
         server.keep.insert("k", Bytes::from_static(b"v"));
-        let frame = request_frame(&codec, "k");
+        let frame = request_frame(&codec, "k", None);
         assert_eq!(raw(server.addr, &frame).await, (FOUND, b"v".to_vec()));
         let (status, reason) = raw(server.addr, &frame).await;
         assert_eq!(status, REFUSED);
@@ -1170,7 +1370,7 @@ mod tests {
             String::from_utf8_lossy(&reason).contains("replay"),
             "{reason:?}"
         );
-        let late = request_frame(&codec, "k");
+        let late = request_frame(&codec, "k", None);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let (status, reason) = raw(server.addr, &late).await;
         assert_eq!(status, REFUSED);
@@ -1186,7 +1386,7 @@ mod tests {
         let server = serve(Codec::plain(), DataServerOptions::default().max_key_len(16)).await;
         let (status, _) = raw(server.addr, b"GET / HTTP/1.1\r\n\r\n").await;
         assert_eq!(status, ERROR);
-        let mut frame = request_frame(&Codec::plain(), "k");
+        let mut frame = request_frame(&Codec::plain(), "k", None);
         frame[3] = 9;
         let (status, reason) = raw(server.addr, &frame).await;
         assert_eq!(status, ERROR);
@@ -1212,7 +1412,7 @@ mod tests {
                 vec![0; u32::from_be_bytes(header[4..].try_into().unwrap()) as usize];
             stream.read_exact(&mut envelope).await.unwrap();
             stream
-                .write_all(&response_header(status, announced))
+                .write_all(&response_header(V1, status, announced))
                 .await
                 .unwrap();
             let _ = stream.write_all(&body).await;
@@ -1351,7 +1551,7 @@ mod tests {
         )
         .await;
         server.keep.insert("k", Bytes::from_static(b"v"));
-        let frame = request_frame(&Codec::plain(), "k");
+        let frame = request_frame(&Codec::plain(), "k", None);
         // Two connections, each served once and kept open.
         let mut held = Vec::new();
         for _ in 0..2 {

@@ -9,6 +9,7 @@
 //! - [`store`]: the task-life keys and scripts (results, holders, specs, custody, leases);
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
 //! - [`data`]: the direct data connection that serves kept values over TCP;
+//! - [`shm`]: large values in shared memory, mapped by readers on the same host;
 //! - [`cli`]: the connection flags, logging and signals of the binaries.
 //!
 //! The wire contract itself (messages, codec, names, config) is
@@ -21,6 +22,7 @@ pub mod data;
 pub mod incarnation;
 mod refs;
 pub mod seal;
+pub mod shm;
 pub mod store;
 pub mod supervise;
 pub mod transport;

@@ -75,12 +75,18 @@ impl Reader {
         }
     }
 
-    /// A reader for a process that keeps values itself (a worker): records
+    /// A reader for a process that keeps values itself (a worker), with the
+    /// data connections' bounds: records
     /// naming `addr` are read from `keep` without a connection.
-    pub fn with_local(codec: Codec, addr: String, keep: Keep) -> Reader {
+    pub fn with_local(
+        codec: Codec,
+        options: DataClientOptions,
+        addr: String,
+        keep: Keep,
+    ) -> Reader {
         Reader {
             inner: Arc::new(Inner {
-                data: DataClient::new(codec.clone(), DataClientOptions::default()),
+                data: DataClient::new(codec.clone(), options),
                 codec,
                 local: Some((addr, keep)),
             }),

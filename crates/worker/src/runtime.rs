@@ -586,6 +586,9 @@ async fn supervise(
         kept.warn_if_any();
         shutdown.cancel();
         let _ = serving.await;
+        drop(kept);
+        // The process' shared-memory directory, once no value is left in it.
+        flotilla_runtime::shm::leave();
     }
     result
 }
@@ -602,13 +605,21 @@ async fn start_data(
     ),
     WorkerError,
 > {
-    use flotilla_runtime::data::{CancellationToken, DataServer, Keep};
+    use flotilla_runtime::data::{CancellationToken, DataServer, DataServerOptions, Keep};
+    // Large results in shared memory, for readers on this host.
+    let shm = config.shm_dir.as_deref().and_then(|dir| {
+        flotilla_runtime::shm::install(dir)
+            .inspect_err(
+                |error| warn!(%error, dir = %dir.display(), "no shared memory for large values"),
+            )
+            .ok()
+    });
     let keep = Keep::new();
     let server = DataServer::bind(
         &options.listen,
         keep.clone(),
         Codec::new(config),
-        Default::default(),
+        DataServerOptions::default().shm_domain(shm.map(|shm| shm.domain().to_owned())),
     )
     .await
     .map_err(|source| WorkerError::DataListen {
@@ -616,7 +627,7 @@ async fn start_data(
         source,
     })?;
     let addr = crate::kept::advertised(server.local_addr(), options.advertise.as_deref());
-    info!(listen = %server.local_addr(), advertised = %addr, keep_min = options.keep_min, memory = ?options.memory, "data connection up");
+    info!(listen = %server.local_addr(), advertised = %addr, keep_min = options.keep_min, memory = ?options.memory, shm = ?shm.map(|shm| shm.root()), "data connection up");
     let shutdown = CancellationToken::new();
     let serving = tokio::spawn(server.serve(shutdown.clone()));
     Ok((
@@ -715,11 +726,15 @@ async fn serve(
 
     let (completions, completion_rx) = mpsc::unbounded_channel();
     let codec = Codec::new(&config);
+    let data_options = flotilla_runtime::data::DataClientOptions::for_config(&config);
     let reader = match &kept {
-        Some(kept) => {
-            Reader::with_local(codec.clone(), kept.addr().to_owned(), kept.keep().clone())
-        }
-        None => Reader::new(codec.clone()),
+        Some(kept) => Reader::with_local(
+            codec.clone(),
+            data_options,
+            kept.addr().to_owned(),
+            kept.keep().clone(),
+        ),
+        None => Reader::with_options(codec.clone(), data_options),
     };
     let sweeper = kept.clone().map(|kept| {
         let store = store.clone();
