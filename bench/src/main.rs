@@ -24,7 +24,9 @@
 
 use anyhow::{bail, Context, Result};
 use flotilla::{Client, Config, TaskFuture};
-use flotilla_examples::{add, blob, bytes_len, drop_blob, inc, random_bytes, slow_identity};
+use flotilla_examples::{
+    add, blob, bytes_len, drop_blob, inc, random_bytes, slow_identity, warm_blob,
+};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -415,17 +417,44 @@ async fn data_serve(bytes: usize) -> Result<()> {
 
 /// The peak RSS (`VmHWM`) of process `pid` (or `self`), in bytes.
 fn vm_hwm(pid: &str) -> Result<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// A size line of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`), in bytes.
+fn status_bytes(pid: &str, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .context("no VmHWM")?;
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field}"))?;
     let kib: u64 = line
         .split_whitespace()
         .nth(1)
-        .context("VmHWM value")?
+        .with_context(|| format!("{field} value"))?
         .parse()?;
     Ok(kib * 1024)
+}
+
+/// Waits until the RSS of every process in `pids` has stopped falling
+/// (within 1 MB over half a second), for at most 10 s: values of earlier
+/// rows being freed are not counted in the next row's peak.
+async fn settle_rss(pids: &[String]) -> Result<()> {
+    let total = || -> Result<u64> {
+        pids.iter()
+            .map(|pid| status_bytes(pid, "VmRSS:"))
+            .sum::<Result<u64>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut before = total()?;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = total()?;
+        if before.saturating_sub(now) < MB as u64 {
+            break;
+        }
+        before = now;
+    }
+    Ok(())
 }
 
 /// Resets the peak RSS (`VmHWM`) of process `pid` (or `self`) to its
@@ -534,17 +563,18 @@ fn fresh_seed() -> u64 {
 }
 
 /// Makes every named worker keep a [`blob`] of `bytes` before the clock
-/// starts (as the Dask and Ray benchmarks warm theirs): the data rows
+/// starts ([`warm_blob`], as the Dask and Ray benchmarks warm theirs), so
+/// that no large value is moved or kept by the warming: the data rows
 /// measure moving bytes, not making them.
 async fn warm_blobs(client: &Client, workers: &[String], bytes: usize) -> Result<()> {
     for worker in workers {
-        let value = client
-            .submit_with(blob, (bytes, fresh_seed()))
+        let len = client
+            .submit_with(warm_blob, (bytes, fresh_seed()))
             .workers([worker.as_str()])
             .submit()
             .await?;
-        if value.len() != bytes {
-            bail!("{worker} made {} bytes, expected {bytes}", value.len());
+        if len != bytes {
+            bail!("{worker} made {len} bytes, expected {bytes}");
         }
     }
     Ok(())
@@ -624,11 +654,13 @@ struct HugeResult {
 }
 
 /// `data_result_1gb_*`: one task on `bench-0` returns the `bytes` it keeps,
-/// the client gets them. The peak RSS (`VmHWM`) of this process and of every worker is
+/// the client gets them. Once the workers' memory has settled (earlier
+/// values freed), the peak RSS (`VmHWM`) of this process and of every worker is
 /// reset just before (`/proc/<pid>/clear_refs`), so the peaks are this
 /// row's; the worker figure is the largest of the workers'.
 async fn data_huge_result(client: &Client, cluster: &Cluster, bytes: usize) -> Result<HugeResult> {
     let workers: Vec<String> = cluster.workers.iter().map(|w| w.id().to_string()).collect();
+    settle_rss(&workers).await?;
     for pid in workers.iter().map(String::as_str).chain(["self"]) {
         reset_vm_hwm(pid)?;
     }
@@ -1123,7 +1155,7 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
         report(Row::new(
             "floor_make_100mb_mb_per_s",
             median(makes),
-            "MB/s (random_bytes making 100 MB in this process: the data rows' task body)",
+            "MB/s (random_bytes making 100 MB in this process: the blob each worker makes before the clock)",
         ));
         report(Row::new(
             "floor_amqp_hop_p50_ms",
