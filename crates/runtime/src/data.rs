@@ -30,18 +30,20 @@
 //! # }
 //! ```
 //!
-//! # Protocol (version 1)
+//! # Protocol (versions 1 and 2)
 //!
 //! A connection carries any number of requests, one after the other (the
 //! next request is sent once the previous answer has been read in full).
 //!
 //! ```text
-//! request:  "FLD" | version: u8 (1) | length: u32 BE | envelope: `length` bytes
-//! response: version: u8 (1) | status: u8 | length: u64 BE | `length` bytes
+//! request:  "FLD" | version: u8 (1 or 2) | length: u32 BE | envelope: `length` bytes
+//! response: version: u8 (the request's) | status: u8 | length: u64 BE | `length` bytes
 //! ```
 //!
-//! The envelope is the key (a MessagePack string) written by
-//! [`Codec::encode`] with [`Purpose::Data`]: without a secret the plain
+//! In version 1 the envelope is the key (a MessagePack string); in version
+//! 2 it is the key and the reader's shared-memory domain (a MessagePack
+//! array of a string and a string or nil; see [`crate::shm`]). Either is
+//! written by [`Codec::encode`] with [`Purpose::Data`]: without a secret the plain
 //! envelope; with `FLOTILLA_SECRET` a sealed one, which carries the time it
 //! was issued, a 16-byte nonce and an HMAC-SHA256 tag over the purpose and
 //! all of it, keyed per namespace and checked in constant time (see
@@ -52,7 +54,11 @@
 //! Statuses: `0` found (the bytes are the value), `1` not found (no bytes),
 //! `2` refused (the bytes are the reason, UTF-8: the request's seal did not
 //! check), `3` error (the bytes are the reason: a malformed request, an
-//! unknown version, a key over the limit). After `2` or `3` the server
+//! unknown version, a key over the limit), `4` mapped (version 2 only, to a
+//! reader of the server's own domain, for a value in one of the process'
+//! shared-memory files: `offset: u64 BE | length: u64 BE | path`, the
+//! value being `length` bytes of the file at `path` from `offset`; a reader
+//! that cannot map it asks again in version 1). After `2` or `3` the server
 //! closes the connection.
 //!
 //! **Replays and freshness.** A fetch only reads, but a captured request
