@@ -44,6 +44,43 @@ DATA_FLOORS = [
     ("floor_make_100mb_mb_per_s", "making 100 MB in one process (each worker's blob, made before the rows' clock)", "MB/s"),
 ]
 
+# The latency rows (issue 16), Flotilla, Dask and Ray side by side, with
+# the transport floors of Flotilla's run.
+LATENCY_ROWS = [
+    ("roundtrip_p50_ms", "roundtrip of one task, p50", "ms", False, "≤ 0.5"),
+    ("roundtrip_p99_ms", "roundtrip of one task, p99", "ms", False, "≤ 2"),
+    ("chain_ms_per_task", "chain of 500 dependent tasks", "ms/task", False, "≤ 0.5"),
+    ("actor_p50_ms", "actor call p50", "ms", False, "≤ 0.3"),
+    ("actor_p99_ms", "actor call p99", "ms", False, "—"),
+]
+LATENCY_FLOORS = [
+    ("floor_amqp_hop_p50_ms", "floor: one RabbitMQ hop (persistent, confirmed), p50", "ms"),
+    ("floor_redis_rtt_p50_ms", "floor: one Redis round trip, p50", "ms"),
+]
+# What each latency row crosses on Flotilla's path today: (RabbitMQ hops,
+# Redis round trips) on the critical path. Its floor is their sum at the
+# run's measured costs.
+LATENCY_PATH = {
+    "roundtrip_p50_ms": (3, 2),  # client → scheduler → worker → client; spec + hold, result store
+    "chain_ms_per_task": (2, 1),  # event worker → scheduler, dispatch → worker; result store
+    "actor_p50_ms": (2, 0),  # client → actor's queue → worker, reply → client
+}
+
+
+def latency_floor(key, ours):
+    """Flotilla's transport floor for a latency row, and how far the row is
+    from it: "0.98 (4.4×)"; "" where the row has no floor."""
+    path = LATENCY_PATH.get(key)
+    hop, rtt = ours.get("floor_amqp_hop_p50_ms"), ours.get("floor_redis_rtt_p50_ms")
+    if path is None or hop is None or rtt is None:
+        return ""
+    floor = path[0] * hop + path[1] * rtt
+    value = ours.get(key)
+    if value is None or floor <= 0:
+        return f"{floor:.2f}"
+    return f"{floor:.2f} ({value / floor:.1f}×)"
+
+
 # Hand-written analysis (profiles, what blocks each unmet target), kept
 # across regenerations of BENCHMARKS.md.
 NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes.md")
@@ -79,10 +116,32 @@ def footnote_text(why):
 def data_table(peers):
     """The data rows as one markdown table, a column per peer (`peers`: a list
     of (name, JSON)); a missing value is "—" with its reason as a footnote."""
+    return peer_table(peers, DATA_ROWS, DATA_FLOORS,
+                      "(higher MB/s, or lower seconds/MB). "
+                      "MB = 10⁶ bytes; medians of the runs, the 1 GB row one run.")
+
+
+def latency_table(peers):
+    """The latency rows as one markdown table, with the first peer's
+    (Flotilla's) transport floor for each row and its distance from it."""
+    return peer_table(peers, LATENCY_ROWS, LATENCY_FLOORS,
+                      "(lower is better). Floor: the RabbitMQ hops and Redis round trips on the "
+                      "row's path in Flotilla today (roundtrip 3 + 2, chain 2 + 1, actor call 2 + 0), "
+                      "at the run's measured p50 costs; in brackets, how many times the floor the row "
+                      "took. Medians of the runs.",
+                      floor_column=("Flotilla's floor (ms)", latency_floor))
+
+
+def peer_table(peers, rows, floors, note, floor_column=None):
+    """`rows` as one markdown table, a column per peer (`peers`: a list of
+    (name, JSON)), ratios of the first to the others, optionally a column
+    computed from the first peer's JSON, then the first peer's `floors`; a
+    missing value is "—" with its reason as a footnote."""
     names = [name for name, _ in peers]
-    out = ["| workload | " + " | ".join(names) + " | "
-           + " | ".join(f"{names[0]} vs {n}" for n in names[1:]) + " | target |",
-           "| --- " * (2 * len(names) + 1) + "|"]
+    extra = [floor_column[0]] if floor_column else []
+    columns = names + [f"{names[0]} vs {n}" for n in names[1:]] + extra + ["target"]
+    out = ["| workload | " + " | ".join(columns) + " |",
+           "| --- " * (len(columns) + 1) + "|"]
     footnotes = []
 
     def cell(data, key):
@@ -97,20 +156,17 @@ def data_table(peers):
             footnotes.append(why)
         return f"— [{footnotes.index(why) + 1}]"
 
-    for key, label, unit, higher, target in DATA_ROWS:
-        cells = [cell(data, key) for _, data in peers]
-        ours = peers[0][1].get(key)
-        ratios = [ratio(ours, data.get(key), higher) for _, data in peers[1:]]
-        out.append(f"| {label} ({unit}) | " + " | ".join(cells) + " | " + " | ".join(ratios)
-                   + f" | {target} |")
     ours = peers[0][1]
-    for key, label, unit in DATA_FLOORS:
+    for key, label, unit, higher, target in rows:
+        cells = [cell(data, key) for _, data in peers]
+        ratios = [ratio(ours.get(key), data.get(key), higher) for _, data in peers[1:]]
+        computed = [floor_column[1](key, ours)] if floor_column else []
+        out.append(f"| {label} ({unit}) | " + " | ".join(cells + ratios + computed) + f" | {target} |")
+    for key, label, unit in floors:
         if key in ours:
-            out.append(f"| {label} ({unit}) | {cell(ours, key)} |" + " |" * (2 * len(names) - 1))
+            out.append(f"| {label} ({unit}) | {cell(ours, key)} |" + " |" * (len(columns) - 1))
     out.append("")
-    out.append("Ratios are how many times better " + names[0]
-               + " is (higher MB/s, or lower seconds/MB). "
-               "MB = 10⁶ bytes; medians of the runs, the 1 GB row one run.")
+    out.append("Ratios are how many times better " + names[0] + " is " + note)
     for number, why in enumerate(footnotes, 1):
         out.append(f"\n[{number}] {why}")
     loads = [f"{name} {data['config']['host']['loadavg_at_start']}" for name, data in peers
@@ -120,17 +176,17 @@ def data_table(peers):
     return "\n".join(out)
 
 
-def data_table_main(argv):
-    """`report.py data-table FLOTILLA DASK RAY`: the data rows' table alone."""
-    parser = argparse.ArgumentParser(prog="report.py data-table",
-                                     description="Markdown table of the data rows (issue 15).")
+def table_main(kind, argv):
+    """`report.py data-table|latency-table FLOTILLA DASK RAY`: one table alone."""
+    parser = argparse.ArgumentParser(prog=f"report.py {kind}",
+                                     description=f"Markdown table of the {kind} rows.")
     parser.add_argument("flotilla")
     parser.add_argument("dask")
     parser.add_argument("ray")
     args = parser.parse_args(argv)
     peers = [(name, json.load(open(path)) if os.path.exists(path) else {})
              for name, path in (("Flotilla", args.flotilla), ("Dask", args.dask), ("Ray", args.ray))]
-    print(data_table(peers))
+    print(data_table(peers) if kind == "data-table" else latency_table(peers))
 
 
 def command_output(cmd):
@@ -141,11 +197,11 @@ def command_output(cmd):
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "data-table":
-        data_table_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] in ("data-table", "latency-table"):
+        table_main(sys.argv[1], sys.argv[2:])
         return
     parser = argparse.ArgumentParser(
-        epilog="report.py data-table FLOTILLA DASK RAY: only the data rows' table")
+        epilog="report.py data-table|latency-table FLOTILLA DASK RAY: only the data or latency rows' table")
     parser.add_argument("--command", default="bash bench/run_all.sh")
     parser.add_argument("flotilla")
     parser.add_argument("dask")

@@ -6,10 +6,14 @@
 #   bench/compare/run.sh --only data     the data-plane rows (issue 15) of Flotilla, Dask and Ray
 #                                        -> results/data/{flotilla,dask,ray}.json and table.md
 #                                        (the table is also printed on stdout)
+#   bench/compare/run.sh --only latency  the latency rows (issue 16: roundtrip, chain, actor call)
+#                                        of Flotilla, Dask and Ray, with Flotilla's transport
+#                                        floors -> results/latency/{flotilla,dask,ray}.json and
+#                                        table.md (also printed)
 #   bench/compare/run.sh --only PREFIX   other prefixes: the peers' workloads whose key starts
 #                                        with PREFIX -> results/PREFIX/
 #   --repeats N   timed runs of each data row (default 3; the 1 GB row runs once)
-#   --no-build    (--only data) use the flotilla-bench already built in
+#   --no-build    (--only data, latency) use the flotilla-bench already built in
 #                 ${CARGO_TARGET_DIR:-target}/release instead of running cargo build
 #
 # Needs RabbitMQ on 127.0.0.1:5672 (guest/guest) and Redis on 127.0.0.1:6379
@@ -40,14 +44,20 @@ while (($#)); do
     esac
     shift
 done
-# The data-plane mode: Flotilla with Dask and Ray, one table.
+# The data-plane and latency modes: Flotilla with Dask and Ray, one table.
 data=0
+table=""
 if [[ -n "$only" && "data" == "$only"* || "$only" == data* ]]; then
     data=1
+    table=data-table
+elif [[ "$only" == latency ]]; then
+    data=1
+    table=latency-table
 fi
 filter=()
 if [[ -n "$only" ]]; then
     filter=(--only "$only")
+    [[ "$only" != latency ]] || filter=(--only "roundtrip,chain,actor,floor")
     out="$here/results/$only"
     [[ ${#quick[@]} -eq 0 ]] || out="$here/results/quick/$only"
 fi
@@ -112,7 +122,7 @@ for peer in "${peers[@]}"; do
 done
 
 if ((data)); then
-    "$py" "$root/bench/report.py" data-table "$out/flotilla.json" "$out/dask.json" "$out/ray.json" >"$out/table.md"
+    "$py" "$root/bench/report.py" "$table" "$out/flotilla.json" "$out/dask.json" "$out/ray.json" >"$out/table.md"
     echo "wrote $out/table.md" >&2
     cat "$out/table.md"
 fi

@@ -74,7 +74,8 @@ fn parse_options() -> Result<Options> {
                      --workers N    worker processes (default 2)\n\
                      --nthreads N   task slots per worker (default 1)\n\
                      --repeats N    runs per workload; the median is reported (default 3)\n\
-                     --only PREFIX  run only workloads whose key starts with PREFIX\n\
+                     --only PREFIX  run only workloads whose key starts with PREFIX (or any of\n\
+                     \x20              PREFIX,PREFIX,...)\n\
                      \x20              (--only data: the data-plane rows, with the transport floors)\n\
                      --json         print one JSON object keyed by workload\n\
                      --full         add the 1,000,000-task workloads\n\
@@ -1050,7 +1051,13 @@ async fn run(options: &Options, config: &Config, cluster: &Cluster) -> Result<Ve
         .gather(&client.map(inc, (0..2000).map(|i| (i,))))
         .await?;
 
-    let wanted = |key: &str| options.only.as_deref().is_none_or(|p| key.starts_with(p));
+    // `--only` takes prefixes separated by commas.
+    let wanted = |key: &str| {
+        options
+            .only
+            .as_deref()
+            .is_none_or(|only| only.split(',').any(|p| key.starts_with(p)))
+    };
     let repeats = options.repeats.max(1);
     let mut rows = Vec::new();
     let mut report = |row: Row| {
