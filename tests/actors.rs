@@ -247,3 +247,28 @@ fn constructors_are_named_alike_on_both_sides() {
         "flotilla_examples::actors::Counter::new"
     );
 }
+
+/// A client sends its calls straight to the hosting worker's data
+/// connection (no broker hop either way) when the worker has one, and
+/// through the broker when it has none (`--data-addr off`): the same
+/// answers, in call order, either way.
+#[tokio::test]
+async fn calls_go_straight_to_a_worker_with_a_data_connection_else_through_the_broker() {
+    use support::process::Processes;
+    for (args, direct) in [(&[][..], true), (&["--data-addr", "off"][..], false)] {
+        let p = Processes::start("actor-direct", &[args]).await;
+        let counter = p.client.submit_actor(Counter::new, ()).await.unwrap();
+        let increments: Vec<_> = (0..100).map(|_| counter.increment()).collect();
+        assert_eq!(
+            p.client.gather(&increments).await.unwrap(),
+            (1..=100).collect::<Vec<i64>>(),
+            "{args:?}"
+        );
+        let opened = p.workers[0]
+            .log()
+            .contains("a client opened a direct actor call connection");
+        assert_eq!(opened, direct, "{args:?}:\n{}", p.logs());
+        drop((counter, increments));
+        p.stop().await;
+    }
+}

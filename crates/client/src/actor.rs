@@ -66,6 +66,9 @@ pub type ActorFuture<T> = TaskFuture<T>;
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// How often pending calls check that their actor's worker is alive.
 const WATCHDOG_EVERY: Duration = Duration::from_millis(500);
+/// How long opening a direct call connection may take before the calls go
+/// through the broker instead.
+const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The typed proxy `#[flotilla::actor]` generates (`CounterProxy`), built
 /// around an [`ActorHandle`].
@@ -350,12 +353,19 @@ struct Pending {
     state: Arc<FutureState>,
     actor: String,
     worker: String,
+    /// The direct call connection it was sent on (none: the broker).
+    via: Option<String>,
 }
 
 enum Outgoing {
     Call {
         call: ActorCall,
         queue: String,
+        /// The worker (for its direct call connection).
+        worker: String,
+        /// The worker's data address, where its direct call connection is
+        /// opened (none: the broker only).
+        addr: Option<String>,
         /// Answers once the client holds the call's key in Redis.
         held: tokio::sync::oneshot::Receiver<()>,
     },
@@ -377,6 +387,8 @@ pub(crate) struct Caller {
     /// Where the watchdog runs: calls may be made outside any runtime (the
     /// blocking proxies).
     runtime: tokio::runtime::Handle,
+    /// Largest answer taken, in bytes.
+    reply_limit: usize,
 }
 
 impl Drop for Caller {
@@ -446,6 +458,7 @@ impl Caller {
             watching: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             runtime: tokio::runtime::Handle::current(),
+            reply_limit: config.max_payload + (1 << 20),
         });
         let weak = Arc::downgrade(&caller);
         let tasks = vec![
@@ -500,12 +513,19 @@ impl Caller {
                 state,
                 actor: call.actor.clone(),
                 worker: info.worker.clone(),
+                via: None,
             },
         );
         self.watch();
-        let queue = info.queue.clone();
+        let outgoing = Outgoing::Call {
+            call,
+            queue: info.queue.clone(),
+            worker: info.worker.clone(),
+            addr: info.addr.clone(),
+            held,
+        };
         if let Err(mpsc::error::SendError(Outgoing::Call { call, .. })) =
-            self.outgoing.send(Outgoing::Call { call, queue, held })
+            self.outgoing.send(outgoing)
         {
             self.finish(&call.call, Err(Error::Closed));
         }
@@ -544,6 +564,41 @@ impl Caller {
         }
     }
 
+    /// Notes that `call` goes out on the direct call connection to `addr`
+    /// (false: it is settled already).
+    fn sent_via(&self, call: &str, addr: &str) -> bool {
+        match self.pending().get_mut(call) {
+            Some(pending) => {
+                pending.via = Some(addr.to_owned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails every call still waiting for an answer on the direct call
+    /// connection to `addr`, which closed: whether it ran is unknown, and
+    /// its worker is most likely gone.
+    fn direct_closed(&self, addr: &str, worker: &str) {
+        let closed: Vec<Pending> = {
+            let mut pending = self.pending();
+            let keys: Vec<String> = pending
+                .iter()
+                .filter(|(_, p)| p.via.as_deref() == Some(addr))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| pending.remove(k)).collect()
+        };
+        for pending in closed {
+            pending.state.set_failed(Error::ActorLost {
+                actor: pending.actor,
+                reason: format!(
+                    "the call connection to its worker {worker} at {addr} closed before the answer"
+                ),
+            });
+        }
+    }
+
     /// Starts the watchdog unless it runs.
     fn watch(self: &Arc<Self>) {
         if !self.watching.swap(true, Ordering::AcqRel) {
@@ -572,15 +627,31 @@ async fn publish_loop(
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
     confirms: mpsc::UnboundedSender<(String, PublisherConfirm)>,
 ) {
+    // Direct call connections by data address; `None`: it could not be
+    // opened, so this worker's calls go through the broker from then on.
+    let mut direct: HashMap<String, Option<mpsc::UnboundedSender<Vec<u8>>>> = HashMap::new();
     while let Some(message) = outgoing.recv().await {
         match message {
-            Outgoing::Call { call, queue, held } => {
+            Outgoing::Call {
+                call,
+                queue,
+                worker,
+                addr,
+                held,
+            } => {
                 if held.await.is_err() {
                     // The client's outbox is gone: the client closed.
                     if let Some(caller) = caller.upgrade() {
                         caller.finish(&call.call, Err(Error::Closed));
                     }
                     continue;
+                }
+                if let Some(addr) = addr {
+                    let sent =
+                        send_direct(&caller, &mut direct, &codec, &addr, &worker, &call).await;
+                    if sent {
+                        continue;
+                    }
                 }
                 let properties = BasicProperties::default()
                     .with_reply_to(ShortString::from(DIRECT_REPLY_TO))
@@ -626,6 +697,140 @@ async fn publish_loop(
             }
         }
     }
+}
+
+/// Sends `call` on the direct call connection to `addr`, opening it first
+/// if needed (once: an address that refused stays on the broker); whether
+/// it went.
+async fn send_direct(
+    caller: &Weak<Caller>,
+    direct: &mut HashMap<String, Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    codec: &Codec,
+    addr: &str,
+    worker: &str,
+    call: &ActorCall,
+) -> bool {
+    let Some(me) = caller.upgrade() else {
+        return false;
+    };
+    let connection = match direct.get(addr) {
+        Some(None) => return false,
+        Some(Some(connection)) if !connection.is_closed() => connection.clone(),
+        // New, or closed since (a new one serves later calls).
+        _ => match open_direct(caller.clone(), codec.clone(), addr, worker).await {
+            Ok(connection) => {
+                direct.insert(addr.to_owned(), Some(connection.clone()));
+                connection
+            }
+            Err(error) => {
+                debug!(%addr, %worker, %error, "no direct call connection: calls go through the broker");
+                direct.insert(addr.to_owned(), None);
+                return false;
+            }
+        },
+    };
+    if !me.sent_via(&call.call, addr) {
+        return true; // settled meanwhile (the client closed)
+    }
+    if connection
+        .send(codec.encode(Purpose::ActorCall, call))
+        .is_err()
+    {
+        // Closed just now: the call fails with the others on it.
+        me.direct_closed(addr, worker);
+    }
+    true
+}
+
+/// Opens a direct call connection to worker `worker` at `addr` (its data
+/// connection's listener, which hands it to the worker's actors) and starts
+/// its task: frames of encoded calls out, of encoded answers in. When the
+/// connection ends, the calls still waiting on it fail.
+async fn open_direct(
+    caller: Weak<Caller>,
+    codec: Codec,
+    addr: &str,
+    worker: &str,
+) -> std::io::Result<mpsc::UnboundedSender<Vec<u8>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect(addr);
+    let mut stream = tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
+    stream.set_nodelay(true)?;
+    let mut hello = Vec::with_capacity(8 + worker.len());
+    hello.extend_from_slice(flotilla_runtime::data::HANDOVER_MAGIC);
+    hello.push(flotilla_runtime::data::DIRECT_CALLS_VERSION);
+    hello.extend_from_slice(&(worker.len() as u32).to_be_bytes());
+    hello.extend_from_slice(worker.as_bytes());
+    stream.write_all(&hello).await?;
+    let (mut read, mut write) = stream.into_split();
+    let (frames, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (addr, worker) = (addr.to_owned(), worker.to_owned());
+    let limit = caller.upgrade().map_or(1 << 20, |c| c.reply_limit);
+    let registry = caller.clone();
+    let task = async move {
+        let writer = async {
+            while let Some(bytes) = outgoing.recv().await {
+                let mut frame = Vec::with_capacity(4 + bytes.len());
+                frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                frame.extend_from_slice(&bytes);
+                if write.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let reader = async {
+            let guard = ReplayGuard::new();
+            let mut bytes = Vec::new();
+            loop {
+                let mut length = [0u8; 4];
+                if read.read_exact(&mut length).await.is_err() {
+                    return;
+                }
+                let length = u32::from_be_bytes(length) as usize;
+                if length > limit {
+                    warn!(%addr, length, "an actor answer over the limit: connection closed");
+                    return;
+                }
+                bytes.resize(length, 0);
+                if read.read_exact(&mut bytes).await.is_err() {
+                    return;
+                }
+                let Some(caller) = caller.upgrade() else {
+                    return;
+                };
+                match codec.open::<ActorReply>(Purpose::ActorReply, &bytes, false, &guard, limit) {
+                    Ok(reply) => {
+                        let outcome = reply
+                            .outcome
+                            .map(|bytes| bytes.into_vec())
+                            .map_err(call_error);
+                        caller.finish(&reply.call, outcome);
+                    }
+                    Err(error) => {
+                        warn!(%addr, %error, "an undecodable actor answer: connection closed");
+                        return;
+                    }
+                }
+            }
+        };
+        // Either side ending ends the connection.
+        tokio::select! {
+            () = writer => {}
+            () = reader => {}
+        }
+        if let Some(caller) = caller.upgrade() {
+            caller.direct_closed(&addr, &worker);
+        }
+    };
+    let spawned = tokio::spawn(task);
+    if let Some(caller) = registry.upgrade() {
+        let mut tasks = caller.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|task| !task.is_finished());
+        tasks.push(spawned);
+    }
+    Ok(frames)
 }
 
 /// A call the broker could not route (the actor queue is gone) is lost.

@@ -216,6 +216,11 @@ pub struct ActorInfo {
     pub worker: String,
     /// The worker's actor queue, where calls are published.
     pub queue: String,
+    /// The worker's data address, where a client may open a direct call
+    /// connection instead (none: the worker has no data connection; older
+    /// workers do not say).
+    #[serde(default)]
+    pub addr: Option<String>,
 }
 
 /// A method call on an actor, published straight to the hosting worker's
@@ -504,11 +509,15 @@ mod tests {
         let info = ActorInfo {
             worker: "w".into(),
             queue: "ns.actors.w".into(),
+            addr: Some("127.0.0.1:7070".into()),
         };
         assert_eq!(
             decode::<ActorInfo>(&encode(&info), usize::MAX).unwrap(),
             info
         );
+        // From a worker before direct calls: no address.
+        let older = decode::<ActorInfo>(&encode(&("w", "ns.actors.w")), usize::MAX).unwrap();
+        assert_eq!(older.addr, None);
         let drop = ToWorker::DropActors {
             keys: vec!["a".into()],
         };

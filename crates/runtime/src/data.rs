@@ -108,12 +108,33 @@ pub use tokio_util::sync::CancellationToken;
 
 /// The first bytes of every request.
 const MAGIC: &[u8; 3] = b"FLD";
+/// The first bytes of a connection for another protocol, handed over to
+/// the server's [`Handover`] (a worker's direct actor calls).
+pub const HANDOVER_MAGIC: &[u8; 3] = b"FLA";
+
+/// The version of the direct actor-call protocol a connection opened with
+/// [`HANDOVER_MAGIC`] speaks (a worker's; the header's length is that of
+/// the worker id that follows, then frames `length: u32 BE | envelope`
+/// both ways: sealed calls in, sealed answers out).
+pub const DIRECT_CALLS_VERSION: u8 = 1;
+
+/// Serves a connection that opened with [`HANDOVER_MAGIC`] (its 8-byte
+/// header read: magic, version, a length the handler may ignore), for as
+/// long as it likes; see [`DataServer::with_handover`].
+pub type Handover = Arc<
+    dyn Fn(
+            TcpStream,
+            [u8; REQUEST_HEADER],
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 /// The protocol version this build speaks (and the one before it).
 pub const DATA_VERSION: u8 = 2;
 /// Version 1: a request names a key; the answer is the bytes.
 const V1: u8 = 1;
 /// Bytes of a request's header: magic, version, envelope length.
-const REQUEST_HEADER: usize = 3 + 1 + 4;
+pub const REQUEST_HEADER: usize = 3 + 1 + 4;
 /// Bytes of a response's header: version, status, length.
 const RESPONSE_HEADER: usize = 1 + 1 + 8;
 /// An envelope's bytes besides the key (version, time, nonce, tag, the
@@ -130,6 +151,8 @@ const NOT_FOUND: u8 = 1;
 const REFUSED: u8 = 2;
 const ERROR: u8 = 3;
 const MAPPED: u8 = 4;
+/// Not a status on the wire: the connection goes to the [`Handover`].
+const HANDED_OVER: u8 = u8::MAX;
 /// Bytes of a `MAPPED` answer besides the path: offset and length.
 const MAPPED_HEADER: usize = 8 + 8;
 
@@ -327,13 +350,23 @@ pub struct DataServer {
     shared: Arc<Shared>,
 }
 
-#[derive(Debug)]
 struct Shared {
     keep: Keep,
     codec: Codec,
     guard: ReplayGuard,
     options: DataServerOptions,
     counters: DataServerCounters,
+    handover: Option<Handover>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("keep", &self.keep)
+            .field("options", &self.options)
+            .field("handover", &self.handover.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl DataServer {
@@ -357,8 +390,20 @@ impl DataServer {
                 guard: ReplayGuard::new(),
                 options,
                 counters: DataServerCounters::default(),
+                handover: None,
             }),
         })
+    }
+
+    /// Hands every connection that opens with [`HANDOVER_MAGIC`] to
+    /// `handover` instead of serving it (within the same bound on
+    /// connections, and closed on shutdown like the others). Call before
+    /// [`DataServer::serve`].
+    pub fn with_handover(mut self, handover: Handover) -> DataServer {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.handover = Some(handover);
+        }
+        self
     }
 
     /// The address the server listens on.
@@ -454,6 +499,9 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
         }
         let request = async {
             stream.read_exact(&mut header[1..]).await?;
+            if &header[..3] == HANDOVER_MAGIC && shared.handover.is_some() {
+                return Ok(Err((HANDED_OVER, String::new())));
+            }
             if &header[..3] != MAGIC {
                 return Ok(Err((ERROR, "not a Flotilla data request".to_owned())));
             }
@@ -484,6 +532,10 @@ async fn serve_connection(mut stream: TcpStream, shared: &Shared) -> Result<(), 
             Err(_) => return Err(ConnectionEnd::SlowRequest),
             Ok(result) => result?,
         };
+        if let (Some(handover), Err((HANDED_OVER, _))) = (&shared.handover, &request) {
+            handover(stream, header).await;
+            return Ok(());
+        }
         // Answered in the request's version (the newest for a request in
         // none this server speaks).
         let version = if header[3] == V1 { V1 } else { DATA_VERSION };

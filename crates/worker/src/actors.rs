@@ -6,8 +6,14 @@
 //! (so `workers=` works); it builds the object on the worker that runs it and
 //! returns an [`ActorInfo`] naming that worker's actor queue.
 //!
-//! Method calls bypass the scheduler: clients publish [`ActorCall`]s to the
-//! worker's actor queue with RabbitMQ's direct reply-to. The queue is
+//! Method calls bypass the scheduler. Where the worker has a data
+//! connection, a client sends its calls straight to it (a *direct call
+//! connection*: the data connection's listener hands over a connection that
+//! opens with `"FLA"`; see `serve_direct`) and the answers come back on the
+//! same connection; otherwise, or when that connection cannot be made, the
+//! client publishes [`ActorCall`]s to the worker's actor queue with
+//! RabbitMQ's direct reply-to. Either way a client's calls reach the mailbox
+//! in the order it made them (one ordered path per worker). The queue is
 //! exclusive to a connection of its own, so it vanishes the moment the
 //! worker dies, which is how callers learn their actor is lost. Every actor
 //! has a mailbox (one tokio task) that runs its calls one at a time in
@@ -87,6 +93,7 @@ fn create(ctx: &TaskContext, constructor: &str, args: &[u8]) -> TaskOutcome {
     let info = ActorInfo {
         worker: host.worker.clone(),
         queue: host.names.actors_queue(&host.worker),
+        addr: host.addr.clone(),
     };
     if host.table().contains_key(ctx.key()) {
         return encode_output(&info);
@@ -135,7 +142,16 @@ pub(crate) fn drop_actors(worker: &str, keys: &[String]) {
 /// One call waiting in a mailbox.
 struct Job {
     call: ActorCall,
-    reply_to: Option<ShortString>,
+    reply_to: Option<ReplyTo>,
+}
+
+/// Where a call's answer goes.
+enum ReplyTo {
+    /// The caller's direct reply-to, on the broker.
+    Broker(ShortString),
+    /// The caller's direct call connection: the encoded answer is written
+    /// to it.
+    Direct(mpsc::UnboundedSender<Vec<u8>>),
 }
 
 /// An actor in the table: its mailbox.
@@ -155,13 +171,21 @@ struct Replier {
 struct Answer {
     call: String,
     stored: Vec<u8>,
-    reply: Option<(ShortString, Vec<u8>)>,
+    reply: Option<(ReplyTo, Vec<u8>)>,
 }
 
 /// A worker's actors, their queue and their connection.
 pub(crate) struct ActorHost {
     worker: String,
     names: Names,
+    /// The worker's advertised data address, where clients open direct
+    /// call connections (none: calls go through the broker only).
+    addr: Option<String>,
+    codec: Codec,
+    /// Largest call taken, in bytes.
+    limit: usize,
+    /// Replays of calls on direct connections.
+    guard: ReplayGuard,
     actors: Mutex<HashMap<String, Mailbox>>,
     replier: Arc<Replier>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -194,11 +218,14 @@ impl Drop for ActorHostGuard {
 
 impl ActorHost {
     /// Opens the actor connection, declares and consumes worker `worker`'s
-    /// actor queue, and makes the host reachable by the creation task.
+    /// actor queue, and makes the host reachable by the creation task and
+    /// by direct call connections to `addr` (the worker's advertised data
+    /// address, if it has one).
     pub(crate) async fn start(
         config: &Config,
         worker: &str,
         store: Store,
+        addr: Option<String>,
     ) -> lapin::Result<ActorHostGuard> {
         let names = config.names();
         let connection = transport::connect_amqp(
@@ -238,15 +265,19 @@ impl ActorHost {
             codec: codec.clone(),
             stores,
         });
+        let limit = config.max_payload.saturating_mul(2);
         let host = Arc::new(ActorHost {
             worker: worker.to_owned(),
             names: names.clone(),
+            addr,
+            codec: codec.clone(),
+            limit,
+            guard: ReplayGuard::new(),
             actors: Mutex::new(HashMap::new()),
             replier,
             tasks: Mutex::new(Vec::new()),
             _connection: connection,
         });
-        let limit = config.max_payload.saturating_mul(2);
         let tasks = vec![
             tokio::spawn(serve(Arc::downgrade(&host), consumer, codec, limit)),
             tokio::spawn(store_loop(
@@ -346,7 +377,7 @@ impl Replier {
             Ok(bytes) => self.codec.result_ok(&call.call, bytes),
             Err(error) => self.codec.result_err(&call.call, error),
         });
-        let reply = reply_to.map(|reply_to| {
+        let reply = reply_to.map(|reply_to: ReplyTo| {
             let reply = ActorReply {
                 call: call.call.clone(),
                 outcome: outcome.map(|encoded| serde_bytes::ByteBuf::from(encoded.into_vec())),
@@ -363,21 +394,31 @@ impl Replier {
                 if let Err(mpsc::error::SendError(answer)) = self.stores.send(answer) {
                     // The store loop is gone (the host is stopping).
                     if let Some((reply_to, bytes)) = answer.reply {
-                        send_reply(&self.channel, &answer.call, reply_to, &bytes).await;
+                        send_reply(&self.channel, &answer.call, reply_to, bytes).await;
                     }
                 }
             }
             None => {
                 if let Some((reply_to, bytes)) = reply {
-                    send_reply(&self.channel, &call.call, reply_to, &bytes).await;
+                    send_reply(&self.channel, &call.call, reply_to, bytes).await;
                 }
             }
         }
     }
 }
 
-/// Publishes an encoded [`ActorReply`] to a caller's direct reply-to.
-async fn send_reply(channel: &Channel, call: &str, reply_to: ShortString, bytes: &[u8]) {
+/// Sends an encoded [`ActorReply`] to its caller: published to its direct
+/// reply-to, or written to its direct call connection.
+async fn send_reply(channel: &Channel, call: &str, reply_to: ReplyTo, bytes: Vec<u8>) {
+    let reply_to = match reply_to {
+        ReplyTo::Broker(reply_to) => reply_to,
+        ReplyTo::Direct(connection) => {
+            if connection.send(bytes).is_err() {
+                debug!(%call, "the caller's direct connection closed before its answer");
+            }
+            return;
+        }
+    };
     let properties = BasicProperties::default()
         .with_correlation_id(ShortString::from(call))
         .with_delivery_mode(1);
@@ -386,7 +427,7 @@ async fn send_reply(channel: &Channel, call: &str, reply_to: ShortString, bytes:
             name(""),
             reply_to,
             BasicPublishOptions::default(),
-            bytes,
+            &bytes,
             properties,
         )
         .await
@@ -413,6 +454,7 @@ async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, codec: Code
         match opened {
             Ok(call) => {
                 let reply_to = delivery.properties.reply_to().clone();
+                let reply_to = reply_to.map(ReplyTo::Broker);
                 host.route(Job { call, reply_to }).await;
             }
             Err(error) => {
@@ -421,6 +463,99 @@ async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, codec: Code
             }
         }
     }
+}
+
+/// Takes a direct call connection the data connection's listener handed
+/// over: its header's length is that of the worker id that follows (the
+/// worker's id changes when it reconnects; the listener stays), then
+/// [`serve_direct`].
+pub(crate) async fn accept_direct(
+    mut stream: tokio::net::TcpStream,
+    header: [u8; flotilla_runtime::data::REQUEST_HEADER],
+) {
+    use tokio::io::AsyncReadExt;
+    let length = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if header[3] != flotilla_runtime::data::DIRECT_CALLS_VERSION || length > 1024 {
+        debug!(
+            version = header[3],
+            length, "a direct call connection refused"
+        );
+        return;
+    }
+    let mut worker = vec![0u8; length];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut worker)).await;
+    match (read, String::from_utf8(worker)) {
+        (Ok(Ok(_)), Ok(worker)) => serve_direct(worker, stream).await,
+        _ => debug!("a direct call connection sent no worker id"),
+    }
+}
+
+/// Serves a direct call connection to worker `worker`'s actors (handed over
+/// by the data connection's listener after its `"FLA"` header): frames
+/// `length: u32 BE | envelope` both ways, calls in (an [`ActorCall`] sealed
+/// like one sent through the broker) and answers out (an [`ActorReply`]),
+/// the calls routed to their mailboxes in the order they arrive. Ends when
+/// the caller closes, sends something that does not open, or the host is
+/// gone; answers still due are written first.
+async fn serve_direct(worker: String, stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = hosts().get(&worker).and_then(Weak::upgrade);
+    let Some(host) = host else {
+        debug!(%worker, "a direct call connection for a worker without actors here");
+        return;
+    };
+    let (codec, limit) = (host.codec.clone(), host.limit);
+    let host = Arc::downgrade(&host);
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    info!(?peer, "a client opened a direct actor call connection");
+    let (mut read, mut write) = stream.into_split();
+    let (answers, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = async move {
+        while let Some(bytes) = outgoing.recv().await {
+            let mut frame = Vec::with_capacity(4 + bytes.len());
+            frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&bytes);
+            if write.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    let reader = async move {
+        let mut bytes = Vec::new();
+        loop {
+            let mut length = [0u8; 4];
+            if read.read_exact(&mut length).await.is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes(length) as usize;
+            if length > limit {
+                warn!(
+                    length,
+                    limit, "a direct actor call over the limit: connection closed"
+                );
+                return;
+            }
+            bytes.resize(length, 0);
+            if read.read_exact(&mut bytes).await.is_err() {
+                return;
+            }
+            let Some(host) = host.upgrade() else { return };
+            match codec.open::<ActorCall>(Purpose::ActorCall, &bytes, false, &host.guard, limit) {
+                Ok(call) => {
+                    let reply_to = Some(ReplyTo::Direct(answers.clone()));
+                    host.route(Job { call, reply_to }).await;
+                }
+                Err(error) => {
+                    warn!(%error, "a direct actor call did not open: connection closed");
+                    return;
+                }
+            }
+        }
+    };
+    // The writer ends once the reader and every call it routed have
+    // dropped their senders: every answer due is written.
+    tokio::join!(reader, writer);
 }
 
 /// Runs one actor's calls, one at a time, in arrival order.
@@ -452,7 +587,7 @@ async fn store_loop(mut rx: mpsc::UnboundedReceiver<Answer>, store: Store, chann
         }
         for answer in batch.drain(..) {
             if let Some((reply_to, bytes)) = answer.reply {
-                send_reply(&channel, &answer.call, reply_to, &bytes).await;
+                send_reply(&channel, &answer.call, reply_to, bytes).await;
             }
         }
     }

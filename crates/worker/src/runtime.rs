@@ -625,7 +625,10 @@ async fn start_data(
     .map_err(|source| WorkerError::DataListen {
         addr: options.listen.clone(),
         source,
-    })?;
+    })?
+    .with_handover(Arc::new(|stream, header| {
+        Box::pin(crate::actors::accept_direct(stream, header))
+    }));
     let addr = crate::kept::advertised(server.local_addr(), options.advertise.as_deref());
     info!(listen = %server.local_addr(), advertised = %addr, keep_min = options.keep_min, memory = ?options.memory, shm = ?shm.map(|shm| shm.root()), "data connection up");
     let shutdown = CancellationToken::new();
@@ -840,7 +843,9 @@ async fn serve(
     // --- actors: the host of this worker's actors (own connection and
     // exclusive actor queue), up before any creation task can arrive; it
     // stops, and the queue vanishes, when this function ends or is aborted.
-    let _actors = crate::actors::ActorHost::start(&config, &id, shared.store.clone()).await?;
+    let data_addr = kept.as_ref().map(|kept| kept.addr().to_owned());
+    let _actors =
+        crate::actors::ActorHost::start(&config, &id, shared.store.clone(), data_addr).await?;
     // --- end actors ---
     // The shared task queue is consumed on a channel of its own, whose
     // prefetch (channel-wide: RabbitMQ applies a new value to the consumers
