@@ -752,7 +752,8 @@ async fn open_direct(
     addr: &str,
     worker: &str,
 ) -> std::io::Result<mpsc::UnboundedSender<Vec<u8>>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use flotilla_runtime::data::{read_frame, write_frame};
+    use tokio::io::AsyncWriteExt;
     let connect = tokio::net::TcpStream::connect(addr);
     let mut stream = tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, connect)
         .await
@@ -772,10 +773,7 @@ async fn open_direct(
     let task = async move {
         let writer = async {
             while let Some(bytes) = outgoing.recv().await {
-                let mut frame = Vec::with_capacity(4 + bytes.len());
-                frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-                frame.extend_from_slice(&bytes);
-                if write.write_all(&frame).await.is_err() {
+                if write_frame(&mut write, &bytes).await.is_err() {
                     return;
                 }
             }
@@ -784,17 +782,8 @@ async fn open_direct(
             let guard = ReplayGuard::new();
             let mut bytes = Vec::new();
             loop {
-                let mut length = [0u8; 4];
-                if read.read_exact(&mut length).await.is_err() {
-                    return;
-                }
-                let length = u32::from_be_bytes(length) as usize;
-                if length > limit {
-                    warn!(%addr, length, "an actor answer over the limit: connection closed");
-                    return;
-                }
-                bytes.resize(length, 0);
-                if read.read_exact(&mut bytes).await.is_err() {
+                if let Err(error) = read_frame(&mut read, limit, &mut bytes).await {
+                    debug!(%addr, %error, "a direct actor call connection closed");
                     return;
                 }
                 let Some(caller) = caller.upgrade() else {

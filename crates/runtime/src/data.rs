@@ -118,6 +118,44 @@ pub const HANDOVER_MAGIC: &[u8; 3] = b"FLA";
 /// both ways: sealed calls in, sealed answers out).
 pub const DIRECT_CALLS_VERSION: u8 = 1;
 
+/// Reads one frame of a direct call connection (`length: u32 BE | bytes`)
+/// into `buf`, which grows only as the bytes arrive; errs at the end of the
+/// stream or on a length over `limit`.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    limit: usize,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut length = [0u8; 4];
+    read.read_exact(&mut length).await?;
+    let length = u32::from_be_bytes(length) as usize;
+    if length > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {length} bytes, over the limit of {limit}"),
+        ));
+    }
+    buf.clear();
+    let got = (&mut *read).take(length as u64).read_to_end(buf).await?;
+    if got < length {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Writes one frame of a direct call connection (see [`read_frame`]).
+pub async fn write_frame<W: tokio::io::AsyncWrite + Unpin>(
+    write: &mut W,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let length = u32::try_from(bytes.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a frame over 4 GiB"))?;
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(bytes);
+    write.write_all(&frame).await
+}
+
 /// Serves a connection that opened with [`HANDOVER_MAGIC`] (its 8-byte
 /// header read: magic, version, a length the handler may ignore), for as
 /// long as it likes; see [`DataServer::with_handover`].
@@ -1336,6 +1374,25 @@ mod tests {
         drop(kept);
         assert!(mapped == made);
         server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_a_long_or_cut_one_is_refused() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b"hello").await.unwrap();
+        write_frame(&mut wire, b"").await.unwrap();
+        let mut read = &wire[..];
+        let mut buf = Vec::new();
+        read_frame(&mut read, 5, &mut buf).await.unwrap();
+        assert_eq!(buf, b"hello");
+        read_frame(&mut read, 5, &mut buf).await.unwrap();
+        assert!(buf.is_empty());
+        let end = read_frame(&mut read, 5, &mut buf).await.unwrap_err();
+        assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof);
+        let long = read_frame(&mut &wire[..], 4, &mut buf).await.unwrap_err();
+        assert_eq!(long.kind(), io::ErrorKind::InvalidData);
+        let cut = read_frame(&mut &wire[..7], 5, &mut buf).await.unwrap_err();
+        assert_eq!(cut.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -498,7 +498,7 @@ pub(crate) async fn accept_direct(
 /// the caller closes, sends something that does not open, or the host is
 /// gone; answers still due are written first.
 async fn serve_direct(worker: String, stream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use flotilla_runtime::data::{read_frame, write_frame};
     let host = hosts().get(&worker).and_then(Weak::upgrade);
     let Some(host) = host else {
         debug!(%worker, "a direct call connection for a worker without actors here");
@@ -513,10 +513,7 @@ async fn serve_direct(worker: String, stream: tokio::net::TcpStream) {
     let (answers, mut outgoing) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = async move {
         while let Some(bytes) = outgoing.recv().await {
-            let mut frame = Vec::with_capacity(4 + bytes.len());
-            frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            frame.extend_from_slice(&bytes);
-            if write.write_all(&frame).await.is_err() {
+            if write_frame(&mut write, &bytes).await.is_err() {
                 return;
             }
         }
@@ -524,20 +521,10 @@ async fn serve_direct(worker: String, stream: tokio::net::TcpStream) {
     let reader = async move {
         let mut bytes = Vec::new();
         loop {
-            let mut length = [0u8; 4];
-            if read.read_exact(&mut length).await.is_err() {
-                return;
-            }
-            let length = u32::from_be_bytes(length) as usize;
-            if length > limit {
-                warn!(
-                    length,
-                    limit, "a direct actor call over the limit: connection closed"
-                );
-                return;
-            }
-            bytes.resize(length, 0);
-            if read.read_exact(&mut bytes).await.is_err() {
+            if let Err(error) = read_frame(&mut read, limit, &mut bytes).await {
+                if error.kind() != std::io::ErrorKind::UnexpectedEof {
+                    warn!(%error, "a direct actor call connection closed");
+                }
                 return;
             }
             let Some(host) = host.upgrade() else { return };
