@@ -19,6 +19,10 @@ use tracing::warn;
 /// How long one attempt to reopen the RabbitMQ link may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often the event loop looks at its connection's state (see
+/// [`event_loop`]).
+const LINK_CHECK: Duration = Duration::from_secs(1);
+
 /// Opens the client's RabbitMQ side: a connection, a publishing channel
 /// with confirms, the namespace's topology, and a consumer of the client's
 /// own event queue.
@@ -110,9 +114,30 @@ pub(crate) async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInn
 }
 
 /// Applies completion events to this client's futures until the consumer
-/// ends.
+/// ends, or its connection is found down.
+///
+/// lapin does not always end a consumer whose connection the broker closed:
+/// seen after a broker restart (`CONNECTION_FORCED`, then a reset), the
+/// consumer stayed silent, the link was never reopened, and every future
+/// still pending then waited forever. So the connection's state is looked
+/// at every [`LINK_CHECK`] too.
 async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
-    while let Some(delivery) = transport::next_delivery(&mut consumer).await {
+    let mut check = tokio::time::interval(LINK_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let delivery = tokio::select! {
+            delivery = transport::next_delivery(&mut consumer) => delivery,
+            _ = check.tick() => {
+                let Some(client) = client.upgrade() else { break };
+                let connection = client.connection.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if connection.status().connected() {
+                    continue;
+                }
+                warn!("the RabbitMQ connection is down but its consumer did not end: reopening the link");
+                break;
+            }
+        };
+        let Some(delivery) = delivery else { break };
         let Ok(delivery) = delivery else { break };
         let Some(client) = client.upgrade() else {
             break;
