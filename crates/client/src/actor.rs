@@ -531,6 +531,24 @@ impl Caller {
         }
     }
 
+    /// Opens an encoded [`ActorReply`] (from the broker or a direct call
+    /// connection) and settles its call.
+    fn answered(
+        &self,
+        codec: &Codec,
+        bytes: &[u8],
+        guard: &ReplayGuard,
+        limit: usize,
+    ) -> std::result::Result<(), flotilla_proto::DecodeError> {
+        let reply = codec.open::<ActorReply>(Purpose::ActorReply, bytes, false, guard, limit)?;
+        let outcome = reply
+            .outcome
+            .map(|bytes| bytes.into_vec())
+            .map_err(call_error);
+        self.finish(&reply.call, outcome);
+        Ok(())
+    }
+
     /// Settles a pending call.
     fn finish(&self, call: &str, outcome: Result<Vec<u8>>) {
         let Some(pending) = self.pending().remove(call) else {
@@ -789,18 +807,9 @@ async fn open_direct(
                 let Some(caller) = caller.upgrade() else {
                     return;
                 };
-                match codec.open::<ActorReply>(Purpose::ActorReply, &bytes, false, &guard, limit) {
-                    Ok(reply) => {
-                        let outcome = reply
-                            .outcome
-                            .map(|bytes| bytes.into_vec())
-                            .map_err(call_error);
-                        caller.finish(&reply.call, outcome);
-                    }
-                    Err(error) => {
-                        warn!(%addr, %error, "an undecodable actor answer: connection closed");
-                        return;
-                    }
+                if let Err(error) = caller.answered(&codec, &bytes, &guard, limit) {
+                    warn!(%addr, %error, "an undecodable actor answer: connection closed");
+                    return;
                 }
             }
         };
@@ -863,15 +872,8 @@ async fn reply_loop(
         let Some(caller) = caller.upgrade() else {
             break;
         };
-        match codec.open::<ActorReply>(Purpose::ActorReply, &delivery.data, false, &guard, limit) {
-            Ok(reply) => {
-                let outcome = reply
-                    .outcome
-                    .map(|bytes| bytes.into_vec())
-                    .map_err(call_error);
-                caller.finish(&reply.call, outcome);
-            }
-            Err(error) => warn!(%error, "undecodable actor reply dropped"),
+        if let Err(error) = caller.answered(&codec, &delivery.data, &guard, limit) {
+            warn!(%error, "undecodable actor reply dropped");
         }
     }
 }
