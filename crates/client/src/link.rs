@@ -23,6 +23,11 @@ const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`event_loop`]).
 const LINK_CHECK: Duration = Duration::from_secs(1);
 
+/// How long acknowledging an event may take: on a connection that died
+/// under it, lapin's acknowledgement may never complete (see
+/// [`event_loop`]).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Opens the client's RabbitMQ side: a connection, a publishing channel
 /// with confirms, the namespace's topology, and a consumer of the client's
 /// own event queue.
@@ -116,11 +121,12 @@ pub(crate) async fn listen(mut consumer: lapin::Consumer, client: Weak<ClientInn
 /// Applies completion events to this client's futures until the consumer
 /// ends, or its connection is found down.
 ///
-/// lapin does not always end a consumer whose connection the broker closed:
-/// seen after a broker restart (`CONNECTION_FORCED`, then a reset), the
-/// consumer stayed silent, the link was never reopened, and every future
-/// still pending then waited forever. So the connection's state is looked
-/// at every [`LINK_CHECK`] too.
+/// After a broker restart (`CONNECTION_FORCED`, then a reset) the loop was
+/// seen never to notice: the link was never reopened, and every future
+/// still pending then waited forever. lapin does not always end a consumer
+/// whose connection died, nor complete an acknowledgement sent on it. So
+/// the connection's state is looked at every [`LINK_CHECK`] too, and an
+/// acknowledgement that takes over [`ACK_TIMEOUT`] reopens the link.
 async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
     let mut check = tokio::time::interval(LINK_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,7 +136,10 @@ async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
             _ = check.tick() => {
                 let Some(client) = client.upgrade() else { break };
                 let connection = client.connection.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if connection.status().connected() {
+                // The publishing channel errs with its connection, also when
+                // the connection's own state lags.
+                let publishing = client.channels.borrow().status().connected();
+                if connection.status().connected() && publishing {
                     continue;
                 }
                 warn!("the RabbitMQ connection is down but its consumer did not end: reopening the link");
@@ -154,14 +163,18 @@ async fn event_loop(mut consumer: lapin::Consumer, client: &Weak<ClientInner>) {
                 for event in batch.events {
                     client.apply(event);
                 }
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                let acked = delivery.acker.ack(BasicAckOptions::default());
+                if tokio::time::timeout(ACK_TIMEOUT, acked).await.is_err() {
+                    warn!("acknowledging an event took over {ACK_TIMEOUT:?}: reopening the link");
+                    break;
+                }
             }
             Err(error) => {
                 warn!(%error, "undecodable event dead-lettered");
-                let _ = delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
+                let rejected = delivery.acker.reject(BasicRejectOptions { requeue: false });
+                if tokio::time::timeout(ACK_TIMEOUT, rejected).await.is_err() {
+                    break;
+                }
             }
         }
     }
