@@ -46,17 +46,10 @@ DATA_FLOORS = [
 
 # The latency rows (issue 16), Flotilla, Dask and Ray side by side, with
 # the transport floors of Flotilla's run.
-LATENCY_ROWS = [
-    ("roundtrip_p50_ms", "roundtrip of one task, p50", "ms", False, "≤ 0.5"),
-    ("roundtrip_p99_ms", "roundtrip of one task, p99", "ms", False, "≤ 2"),
-    ("chain_ms_per_task", "chain of 500 dependent tasks", "ms/task", False, "≤ 0.5"),
-    ("actor_p50_ms", "actor call p50", "ms", False, "≤ 0.3"),
-    ("actor_p99_ms", "actor call p99", "ms", False, "—"),
-]
-LATENCY_FLOORS = [
-    ("floor_amqp_hop_p50_ms", "floor: one RabbitMQ hop (persistent, confirmed), p50", "ms"),
-    ("floor_redis_rtt_p50_ms", "floor: one Redis round trip, p50", "ms"),
-]
+LATENCY_KEYS = ("chain_ms_per_task", "roundtrip_p50_ms", "roundtrip_p99_ms", "actor_p50_ms", "actor_p99_ms")
+LATENCY_ROWS = [row for row in ROWS if row[0] in LATENCY_KEYS]
+LATENCY_FLOORS = [(key, label, unit) for key, label, unit, _, _ in ROWS
+                  if key in ("floor_amqp_hop_p50_ms", "floor_redis_rtt_p50_ms")]
 # What each latency row crosses on Flotilla's path today: (RabbitMQ hops,
 # Redis round trips) on the critical path. Its floor is their sum at the
 # run's measured costs.

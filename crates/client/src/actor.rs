@@ -471,12 +471,7 @@ impl Caller {
                 confirms,
             )),
             tokio::spawn(confirm_loop(weak.clone(), confirms_rx)),
-            tokio::spawn(reply_loop(
-                weak,
-                replies,
-                codec,
-                config.max_payload + (1 << 20),
-            )),
+            tokio::spawn(reply_loop(weak, replies, codec, caller.reply_limit)),
         ];
         *caller.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
         Ok(caller)

@@ -184,7 +184,7 @@ pub(crate) struct ActorHost {
     codec: Codec,
     /// Largest call taken, in bytes.
     limit: usize,
-    /// Replays of calls on direct connections.
+    /// Replays of calls, through the queue or direct connections.
     guard: ReplayGuard,
     actors: Mutex<HashMap<String, Mailbox>>,
     replier: Arc<Replier>,
@@ -265,13 +265,12 @@ impl ActorHost {
             codec: codec.clone(),
             stores,
         });
-        let limit = config.max_payload.saturating_mul(2);
         let host = Arc::new(ActorHost {
             worker: worker.to_owned(),
             names: names.clone(),
             addr,
             codec: codec.clone(),
-            limit,
+            limit: config.max_payload.saturating_mul(2),
             guard: ReplayGuard::new(),
             actors: Mutex::new(HashMap::new()),
             replier,
@@ -279,7 +278,7 @@ impl ActorHost {
             _connection: connection,
         });
         let tasks = vec![
-            tokio::spawn(serve(Arc::downgrade(&host), consumer, codec, limit)),
+            tokio::spawn(serve(Arc::downgrade(&host), consumer)),
             tokio::spawn(store_loop(
                 store_rx,
                 store.clone(),
@@ -437,19 +436,18 @@ async fn send_reply(channel: &Channel, call: &str, reply_to: ReplyTo, bytes: Vec
 }
 
 /// Takes calls off the actor queue and routes them to mailboxes.
-async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer, codec: Codec, limit: usize) {
-    // The actor queue has this one consumer for the host's life, so every
-    // replayed call reaches this guard.
-    let guard = ReplayGuard::new();
+async fn serve(host: Weak<ActorHost>, mut consumer: lapin::Consumer) {
+    // The host's guard sees every call, from this queue (its one consumer
+    // for the host's life) and from direct call connections alike.
     while let Some(delivery) = transport::next_delivery(&mut consumer).await {
         let Ok(delivery) = delivery else { break };
         let Some(host) = host.upgrade() else { break };
-        let opened = codec.open::<ActorCall>(
+        let opened = host.codec.open::<ActorCall>(
             Purpose::ActorCall,
             &delivery.data,
             delivery.redelivered,
-            &guard,
-            limit,
+            &host.guard,
+            host.limit,
         );
         match opened {
             Ok(call) => {
