@@ -54,8 +54,13 @@ LATENCY_FLOORS = [(key, label, unit) for key, label, unit, _, _ in ROWS
 # Redis round trips) on the critical path. Its floor is their sum at the
 # run's measured costs.
 LATENCY_PATH = {
-    "roundtrip_p50_ms": (3, 2),  # client → scheduler → worker → client; spec + hold, result store
-    "chain_ms_per_task": (2, 1),  # event worker → scheduler, dispatch → worker; result store
+    # client → task queue → worker, worker → client (the scheduler is told
+    # alongside); the client's spec + hold, the worker's result store
+    "roundtrip_p50_ms": (2, 2),
+    # a chain link runs on the worker that ran its input, in the same
+    # delivery: no hop of its own (a delivery of up to 128 links costs the
+    # event worker → scheduler and the dispatch back), its store batched:
+    # no per-link floor
     # the call's hold, then the result's store; the call and its answer go
     # on the direct call connection (a loopback TCP round trip, not counted)
     "actor_p50_ms": (0, 2),
@@ -121,8 +126,9 @@ def latency_table(peers):
     (Flotilla's) transport floor for each row and its distance from it."""
     return peer_table(peers, LATENCY_ROWS, LATENCY_FLOORS,
                       "(lower is better). Floor: the RabbitMQ hops and Redis round trips on the "
-                      "row's path in Flotilla today (roundtrip 3 + 2, chain 2 + 1, actor call 0 + 2 and "
-                      "a TCP round trip on the direct call connection), "
+                      "row's path in Flotilla today (roundtrip 2 + 2, actor call 0 + 2 and "
+                      "a TCP round trip on the direct call connection; a chain link has no hop or "
+                      "round trip of its own), "
                       "at the run's measured p50 costs; in brackets, how many times the floor the row "
                       "took. Medians of the runs.",
                       floor_column=("Flotilla's floor (ms)", latency_floor))

@@ -684,7 +684,10 @@ impl Consumer {
                     attempt: 0,
                 }],
             }),
-            Consumer::Scheduler => encode(&ToScheduler::Submit { tasks: vec![spec] }),
+            Consumer::Scheduler => encode(&ToScheduler::Submit {
+                tasks: vec![spec],
+                sent: vec![],
+            }),
             Consumer::Events => encode(&EventBatch {
                 worker: "forged-worker".to_owned(),
                 events: vec![Event::Finished {

@@ -390,6 +390,139 @@ impl JsonExt for Json {
 }
 
 // ---------------------------------------------------------------------------
+// Chains (issue 16): a dependent that waits for one input alone goes in
+// that input's delivery, and its worker runs it next.
+
+#[tokio::test]
+async fn a_chain_runs_link_after_link_in_its_heads_delivery_and_a_failure_ends_it() {
+    let ops = Ops::start("ops-chain", &["chain-alpha", "chain-beta"]).await;
+    let client = Client::connect(ops.config.clone()).await.expect("client");
+    // The scheduler chains only names it knows to be short.
+    assert_eq!(client.submit(inc, (1,)).await.unwrap(), 2);
+    assert_eq!(client.submit(might_fail, (3,)).await.unwrap(), 9);
+    // The counts are a snapshot taken once a second: read them a tick after.
+    let chained = || async {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        ops.metrics().await.get("flotilla_tasks_chained_total")
+    };
+    let before = chained().await;
+
+    let links = 1_000;
+    let mut current = client.submit(inc, (0,));
+    for _ in 1..links {
+        current = client.submit(inc, (&current,));
+    }
+    assert_eq!(
+        current
+            .result_timeout(Duration::from_secs(120))
+            .await
+            .unwrap(),
+        links
+    );
+    let after = chained().await;
+    // Every link but the heads of deliveries (one per 128 at most, plus
+    // the links submitted after their input had been sent).
+    assert!(
+        after - before >= (links / 2) as f64,
+        "{} of {links} links were chained",
+        after - before
+    );
+
+    // A link that fails fails every link after it, with its error, as
+    // when they wait at the scheduler.
+    // (Its head waits for a slow task, so that the whole chain is
+    // submitted before its head is sent.)
+    let slow = client.submit(slow_identity, (-11, 300));
+    let head = client.submit(inc, (&slow,));
+    let failing = client.submit(might_fail, (&head,));
+    let mut rest = vec![client.submit(inc, (&failing,))];
+    for _ in 0..5 {
+        let next = client.submit(inc, (rest.last().unwrap(),));
+        rest.push(next);
+    }
+    assert_eq!(
+        head.result_timeout(Duration::from_secs(30)).await.unwrap(),
+        -10
+    );
+    let error = failing
+        .result_timeout(Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("Negative value"), "{error}");
+    for link in &rest {
+        let error = link
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("Negative value"), "{error}");
+    }
+    let failing_chain = chained().await - after;
+    assert!(
+        failing_chain >= 7.0,
+        "the failing chain went in one delivery: {failing_chain} chained"
+    );
+    // The worker's logs show no task failing for a missing input.
+    for worker in &ops.workers {
+        assert!(
+            !worker.log().contains("MissingDependency"),
+            "{}",
+            worker.log()
+        );
+    }
+}
+
+// A lone task with no input goes from its client straight to the task
+// queue, and the scheduler counts it as sent (issue 16, item 1).
+#[tokio::test]
+async fn a_lone_task_goes_straight_to_the_workers_and_the_scheduler_keeps_count() {
+    let ops = Ops::start("ops-direct", &["direct-alpha", "direct-beta"]).await;
+    let client = Client::connect(ops.config.clone()).await.expect("client");
+    let metric = |name: &'static str| {
+        let ops = &ops;
+        async move {
+            // The counts are a snapshot taken once a second.
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            ops.metrics().await.get(name)
+        }
+    };
+    let before = metric("flotilla_tasks_sent_by_clients_total").await;
+    for i in 0..50 {
+        assert_eq!(client.submit(inc, (i,)).await.unwrap(), i + 1);
+    }
+    let sent = metric("flotilla_tasks_sent_by_clients_total").await - before;
+    assert_eq!(sent, 50.0, "every lone task went straight to the workers");
+
+    // A map goes through the scheduler (which bundles it); a task with
+    // an input, retries or a priority too.
+    let many: Vec<_> = client.map(inc, (0..2_000).map(|i| (i,)));
+    let results = client.gather(&many).await.unwrap();
+    assert_eq!(results.len(), 2_000);
+    let dependent = client.submit(inc, (&many[0],));
+    assert_eq!(dependent.await.unwrap(), 2);
+    let retried = client.submit_with(inc, (1,)).retries(2).submit();
+    assert_eq!(retried.await.unwrap(), 2);
+    let failing = client.submit(might_fail, (-1,));
+    assert!(failing.await.is_err());
+    let after = metric("flotilla_tasks_sent_by_clients_total").await - before;
+    assert!(
+        after < 50.0 + 100.0,
+        "{after}: the map went through the scheduler"
+    );
+
+    // Nothing stays processing at the scheduler: every direct task's report
+    // found its submission (or the other way round).
+    let status = ops
+        .wait_for(Duration::from_secs(10), "nothing processing", |s| {
+            s["counts"]["processing"].num() == Some(0.0)
+        })
+        .await;
+    assert!(
+        status["counts"]["finished"].num().unwrap() >= 2_050.0,
+        "{status:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // The HTTP endpoint and the CLI.
 
 #[tokio::test]

@@ -159,6 +159,7 @@ async fn forged_unsigned_misdirected_and_replayed_messages_never_run() {
     let forged_spec = counted_spec("forged-1", "forged", t.client.id());
     let submit = ToScheduler::Submit {
         tasks: vec![forged_spec.clone()],
+        sent: vec![],
     };
     let run = ToWorker::Run {
         epoch: 0,

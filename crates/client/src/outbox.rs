@@ -12,10 +12,17 @@
 //! key's entry, and a `get_future`, `submit` or `scatter` of the same key
 //! revives it: the release is then dropped, so dropping the last handle and
 //! at once asking for the key again never loses its result.
+//!
+//! A batch of at most [`DIRECT_MAX`] submissions sends the tasks that need
+//! nothing of the scheduler (no input to wait for, no placement, priority
+//! or retries) straight to the shared task queue as well, naming them in
+//! its `Submit` (`sent`): a lone task then takes two broker hops, not three
+//! (issue 16). Larger batches go through the scheduler, which orders and
+//! bundles them.
 
 use crate::room::{Room, Waiting};
 use crate::state::FutureState;
-use flotilla_proto::{Codec, Names, Purpose, TaskSpec, ToScheduler};
+use flotilla_proto::{Codec, Names, Purpose, RunTask, TaskSpec, ToScheduler, ToWorker};
 use flotilla_runtime::store::{
     task_holder, Batch as StoreBatch, Held, Reply, Store, FIRE_AND_FORGET,
 };
@@ -39,6 +46,9 @@ const MAX_BATCH: usize = 10_000;
 const MAX_UNCONFIRMED: usize = 64;
 /// How long a confirmation may take before the channel is presumed broken.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most submissions in a batch whose tasks go straight to the task queue
+/// (see the module's documentation).
+pub(crate) const DIRECT_MAX: usize = 8;
 /// How long a release waits before it is sent, so that the key can still be
 /// revived by asking for it again (see the module documentation).
 pub(crate) const RELEASE_GRACE: Duration = Duration::from_millis(50);
@@ -112,6 +122,8 @@ pub(crate) struct Outbox {
 
 /// A published message and the broker's pending confirmation of it.
 pub(crate) struct Unconfirmed {
+    /// The queue it was published to (through the default exchange).
+    queue: String,
     bytes: Vec<u8>,
     /// `None` when publishing failed outright.
     confirm: Option<PublisherConfirm>,
@@ -123,6 +135,8 @@ pub(crate) struct Unconfirmed {
 #[derive(Default)]
 struct Batch {
     messages: Vec<ToScheduler>,
+    /// Tasks sent straight to the task queue, after the messages.
+    direct: Vec<RunTask>,
     submit_bytes: usize,
     flushed: Vec<oneshot::Sender<Result<(), crate::error::Error>>>,
     /// Why some of the batch could not be done (its flushes get it).
@@ -133,12 +147,16 @@ impl Batch {
     /// Appends to the last message when it is of the same kind.
     fn push(&mut self, message: ToScheduler, limit: usize) {
         match (self.messages.last_mut(), message) {
-            (Some(ToScheduler::Submit { tasks }), ToScheduler::Submit { tasks: more })
-                if self.submit_bytes + more.iter().map(|t| t.args.len()).sum::<usize>()
-                    <= limit =>
-            {
+            (
+                Some(ToScheduler::Submit { tasks, sent }),
+                ToScheduler::Submit {
+                    tasks: more,
+                    sent: more_sent,
+                },
+            ) if self.submit_bytes + more.iter().map(|t| t.args.len()).sum::<usize>() <= limit => {
                 self.submit_bytes += more.iter().map(|t| t.args.len()).sum::<usize>();
                 tasks.extend(more);
+                sent.extend(more_sent);
             }
             (Some(ToScheduler::Watch { keys, .. }), ToScheduler::Watch { keys: more, .. })
             | (Some(ToScheduler::Forget { keys }), ToScheduler::Forget { keys: more })
@@ -147,7 +165,7 @@ impl Batch {
             }
             (_, message) => {
                 self.submit_bytes = match &message {
-                    ToScheduler::Submit { tasks } => tasks.iter().map(|t| t.args.len()).sum(),
+                    ToScheduler::Submit { tasks, .. } => tasks.iter().map(|t| t.args.len()).sum(),
                     _ => 0,
                 };
                 self.messages.push(message);
@@ -328,12 +346,11 @@ impl Outbox {
             kept.push_back(message);
         }
         self.unconfirmed = kept;
-        let queue = self.names.scheduler_queue();
         for message in &mut self.unconfirmed {
             message.confirm = channel
                 .basic_publish(
                     name(""),
-                    name(&queue),
+                    name(&message.queue),
                     BasicPublishOptions::default(),
                     &message.bytes,
                     transport::persistent(),
@@ -517,6 +534,11 @@ impl Outbox {
         let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
         let mut batch = Batch::default();
         let mut not_run = Vec::new();
+        let direct = steps
+            .iter()
+            .filter(|step| matches!(step, Step::Submit(..)))
+            .count()
+            <= DIRECT_MAX;
         for step in steps {
             match step {
                 // A stored result under the key means the same pure task
@@ -534,7 +556,23 @@ impl Outbox {
                     not_run.push(spec);
                 }
                 Step::Submit(spec, _) => {
-                    batch.push(ToScheduler::Submit { tasks: vec![spec] }, limit)
+                    let sent = if direct && goes_direct(&spec) {
+                        batch.direct.push(RunTask {
+                            spec: spec.clone(),
+                            inline: Vec::new(),
+                            attempt: 0,
+                        });
+                        vec![spec.key.clone()]
+                    } else {
+                        Vec::new()
+                    };
+                    batch.push(
+                        ToScheduler::Submit {
+                            tasks: vec![spec],
+                            sent,
+                        },
+                        limit,
+                    )
                 }
                 Step::Hold(key) => batch.push(
                     ToScheduler::Watch {
@@ -617,14 +655,28 @@ impl Outbox {
     }
 
     async fn send(&mut self, batch: Batch) {
-        let queue = self.names.scheduler_queue();
         let channel = self.publish.borrow().clone();
-        for message in batch.messages {
-            let bytes = self.codec.encode(Purpose::ToScheduler, &message);
+        // The scheduler hears of a task before any worker can report it
+        // (it would keep an early report a while anyway).
+        let scheduler = self.names.scheduler_queue();
+        let messages = batch
+            .messages
+            .iter()
+            .map(|message| (&scheduler, self.codec.encode(Purpose::ToScheduler, message)));
+        let tasks = self.names.tasks_queue();
+        let direct = batch.direct.into_iter().map(|run| {
+            let bundle = ToWorker::Run {
+                tasks: vec![run],
+                epoch: 0,
+            };
+            (&tasks, self.codec.encode(Purpose::ToWorker, &bundle))
+        });
+        let outgoing: Vec<(&String, Vec<u8>)> = messages.chain(direct).collect();
+        for (queue, bytes) in outgoing {
             let confirm = match channel
                 .basic_publish(
                     name(""),
-                    name(&queue),
+                    name(queue),
                     BasicPublishOptions::default(),
                     &bytes,
                     transport::persistent(),
@@ -633,11 +685,15 @@ impl Outbox {
             {
                 Ok(confirm) => Some(confirm),
                 Err(error) => {
-                    warn!(%error, "publishing to the scheduler failed; it will be re-sent");
+                    warn!(%error, %queue, "publishing failed; it will be re-sent");
                     None
                 }
             };
-            self.unconfirmed.push_back(Unconfirmed { bytes, confirm });
+            self.unconfirmed.push_back(Unconfirmed {
+                queue: queue.clone(),
+                bytes,
+                confirm,
+            });
         }
         for done in batch.flushed {
             let _ = done.send(match &batch.failure {
@@ -646,6 +702,17 @@ impl Outbox {
             });
         }
     }
+}
+
+/// Whether a task may go straight to the task queue: it waits for no
+/// input and needs nothing the scheduler decides (a placement, an order
+/// among ready tasks, another run after a failure).
+fn goes_direct(spec: &TaskSpec) -> bool {
+    spec.deps.is_empty()
+        && spec.workers.is_empty()
+        && spec.resources.is_empty()
+        && spec.priority == 0
+        && spec.retries == 0
 }
 
 /// Sleeps until `due`, or forever without one.

@@ -51,6 +51,7 @@ fn seeds() -> Vec<Vec<u8>> {
     vec![
         encode(&ToScheduler::Submit {
             tasks: vec![spec.clone()],
+            sent: vec![],
         }),
         encode(&ToScheduler::Worker(WorkerInfo {
             id: "w".into(),

@@ -117,6 +117,11 @@ pub enum ToScheduler {
     Submit {
         /// The tasks.
         tasks: Vec<TaskSpec>,
+        /// Keys of `tasks` the client published to the shared task queue
+        /// itself: the scheduler counts them as sent (its
+        /// `Core::submit_sent`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sent: Vec<String>,
     },
     /// A worker announces itself (periodically, as a heartbeat).
     Worker(WorkerInfo),
@@ -444,6 +449,15 @@ mod tests {
     fn messages_round_trip() {
         let submit = ToScheduler::Submit {
             tasks: vec![spec()],
+            sent: vec![],
+        };
+        assert_eq!(
+            decode::<ToScheduler>(&encode(&submit), usize::MAX).unwrap(),
+            submit
+        );
+        let submit = ToScheduler::Submit {
+            tasks: vec![spec()],
+            sent: vec!["k".into()],
         };
         assert_eq!(
             decode::<ToScheduler>(&encode(&submit), usize::MAX).unwrap(),

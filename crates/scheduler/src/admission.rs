@@ -190,6 +190,7 @@ mod tests {
                 Vec::new(),
                 "c".into(),
             )],
+            sent: vec![],
         }
     }
 

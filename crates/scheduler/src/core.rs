@@ -31,6 +31,9 @@ pub const MAX_BUNDLE: usize = 128;
 /// the broker's next delivery: a few ms, ~10 ms on a loaded machine) saved
 /// per task bundled.
 pub const BUNDLE_BUDGET: Duration = Duration::from_millis(100);
+/// Most dependents sent along with a task as its chain (see
+/// [`Core::dispatch`]): a chain longer than this goes in several deliveries.
+pub const MAX_CHAIN: usize = MAX_BUNDLE;
 /// A worker that has not announced itself for this long is presumed gone.
 pub const WORKER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -228,6 +231,12 @@ pub struct Counts {
     pub erred: u64,
     /// Tasks cancelled since start (explicitly, or dropped before running).
     pub cancelled: u64,
+    /// Tasks sent since start in the chain of the input they waited for
+    /// (see [`Core::dispatch`]).
+    pub chained: u64,
+    /// Tasks their clients sent to the workers themselves since start (see
+    /// [`Core::submit_sent`]).
+    pub sent_by_clients: u64,
     /// Live workers.
     pub workers: usize,
     /// Their slots.
@@ -262,6 +271,10 @@ pub struct Core {
     ticks: u64,
     /// What is known of each task name's run time (see [`Durations`]).
     durations: Durations,
+    /// Reports of keys the table did not know, kept [`EARLY_TICKS`]: a task
+    /// its client sent to the workers itself may report before its
+    /// submission comes (see [`Core::submit_sent`]).
+    early: HashMap<String, (Early, u64)>,
 }
 
 /// Each task name's mean run time, learnt from completions (Dask's
@@ -315,6 +328,21 @@ impl Durations {
 const ORPHAN_TICKS: u64 = 3;
 /// Ticks (seconds) a recovered key's late submission is recognised.
 const RECOVERED_TICKS: u64 = 600;
+/// How many ticks a report of an unknown key is kept, and how many such
+/// reports at most (see [`Core::submit_sent`]).
+const EARLY_TICKS: u64 = 30;
+const EARLY_MAX: usize = 10_000;
+
+/// A report of a key the table did not know when it came.
+#[derive(Debug)]
+enum Early {
+    Finished {
+        inline: Option<Vec<u8>>,
+        size: u64,
+        run: Duration,
+    },
+    Erred(TaskError),
+}
 
 fn cancelled_error(key: &str, task: &str) -> TaskError {
     TaskError::new(
@@ -458,6 +486,20 @@ impl Core {
 
     /// Records submitted tasks, in submission order.
     pub fn submit(&mut self, specs: Vec<TaskSpec>, comm: &mut impl Comm) {
+        self.submit_sent(specs, &[], comm);
+    }
+
+    /// Records submitted tasks, in submission order, of which those named in
+    /// `sent` were published to the shared task queue by their client
+    /// itself (a task with no input, no placement, priority or retries: it
+    /// saves the hop through the scheduler). Such a task is processing at
+    /// once, and counts in flight, as if this scheduler had sent it; one
+    /// that reported before its submission came (the two take different
+    /// queues) is settled as it reported. Any other outcome (a known key, a
+    /// task that must wait or fail) is as for [`Core::submit`]: a second
+    /// run of a task is harmless.
+    pub fn submit_sent(&mut self, specs: Vec<TaskSpec>, sent: &[String], comm: &mut impl Comm) {
+        let mut admitted_sent = Vec::new();
         for spec in specs {
             if !self.recovered.is_empty()
                 && self.recovered.remove(&spec.key).is_some()
@@ -486,7 +528,45 @@ impl Core {
                 continue;
             }
             self.counts.submitted += 1;
+            if sent.contains(&spec.key) {
+                admitted_sent.push(spec.key.clone());
+            }
             self.admit(spec, 0, comm);
+        }
+        // Once all are in: a dependent submitted with its input waits for
+        // it, even if the input's early report settles it now.
+        for key in admitted_sent {
+            self.sent_by_client(&key, comm);
+        }
+    }
+
+    /// A ready task its client published to the task queue itself is
+    /// processing (its stale ready-queue entry is skipped when popped).
+    fn sent_by_client(&mut self, key: &str, comm: &mut impl Comm) {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        if task.state != State::Ready || task.spec.as_ref().is_none_or(|s| !s.deps.is_empty()) {
+            return;
+        }
+        task.state = State::Processing;
+        task.in_flight = true;
+        task.released = true;
+        self.in_flight += 1;
+        self.counts.sent_by_clients += 1;
+        match self.early.remove(key) {
+            Some((Early::Finished { inline, size, run }, _)) => {
+                self.finished_in(key, inline, size, run, comm);
+            }
+            Some((Early::Erred(error), _)) => self.erred(key, error, false, comm),
+            None => {}
+        }
+    }
+
+    /// Keeps the report of a key the table does not know, for a while.
+    fn remember_early(&mut self, key: &str, report: Early) {
+        if self.early.len() < EARLY_MAX {
+            self.early.insert(key.to_owned(), (report, self.ticks));
         }
     }
 
@@ -705,6 +785,10 @@ impl Core {
         run: Duration,
         comm: &mut impl Comm,
     ) {
+        if !self.tasks.contains_key(key) {
+            self.remember_early(key, Early::Finished { inline, size, run });
+            return;
+        }
         if !run.is_zero() {
             let name = self
                 .tasks
@@ -778,6 +862,9 @@ impl Core {
     /// told the submitting client).
     pub fn erred(&mut self, key: &str, error: TaskError, retrying: bool, comm: &mut impl Comm) {
         if !self.land(key) {
+            if !retrying {
+                self.remember_early(key, Early::Erred(error));
+            }
             return;
         }
         let Some(task) = self.tasks.get(key) else {
@@ -801,7 +888,7 @@ impl Core {
         };
         if retrying && task.spec.is_some() && !task.forgotten {
             task.attempt += 1;
-            self.make_ready(key);
+            self.run_again(key);
             return;
         }
         self.counts.erred += 1;
@@ -831,6 +918,9 @@ impl Core {
     /// stores the error and tells each interested client.
     fn fail(&mut self, key: &str, error: TaskError, comm: &mut impl Comm) {
         let mut stack = vec![key.to_owned()];
+        // Processing tasks whose last holder let go (a chained dependent,
+        // see `chain_after`): nobody will forget them again.
+        let mut forgotten = Vec::new();
         while let Some(key) = stack.pop() {
             let Some(task) = self.tasks.get_mut(&key) else {
                 continue;
@@ -863,6 +953,9 @@ impl Core {
                 );
             }
             stack.extend(std::mem::take(&mut task.dependents));
+            if task.forgotten {
+                forgotten.push(key.clone());
+            }
             self.parked.remove(&key);
             if was_waiting {
                 let deps = task
@@ -872,6 +965,9 @@ impl Core {
                     .unwrap_or_default();
                 self.unhold_local(&deps);
             }
+        }
+        for key in forgotten {
+            self.drop_task(&key, false, comm);
         }
     }
 
@@ -1102,6 +1198,9 @@ impl Core {
     /// finishing them (their custody lapsed): they are ready again. Tasks
     /// that completed meanwhile, or that this scheduler does not know, are
     /// left alone.
+    ///
+    /// A task sent in the chain of an input that has not finished waits
+    /// for it again instead (`run_again`).
     pub fn requeue(&mut self, keys: &[String]) {
         for key in keys {
             if self
@@ -1110,8 +1209,40 @@ impl Core {
                 .is_some_and(|task| task.state == State::Processing)
             {
                 self.land(key);
-                self.make_ready(key);
+                self.run_again(key);
             }
+        }
+    }
+
+    /// Makes a task that is to run again ready, or waiting when it was
+    /// sent in the chain of an input that has not finished (see
+    /// [`Core::chain_after`]): an input counts while it will still tell
+    /// the task it finished.
+    fn run_again(&mut self, key: &str) {
+        let Some(task) = self.tasks.get(key) else {
+            return;
+        };
+        let unfinished = task.spec.as_ref().map_or(0, |spec| {
+            spec.deps
+                .iter()
+                .filter(|dep| {
+                    self.tasks.get(*dep).is_some_and(|input| {
+                        matches!(
+                            input.state,
+                            State::Waiting | State::Ready | State::Processing
+                        ) && input.dependents.iter().any(|d| d == key)
+                    })
+                })
+                .count()
+        });
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        task.missing = unfinished as u32;
+        if unfinished == 0 {
+            self.make_ready(key);
+        } else {
+            task.state = State::Waiting;
         }
     }
 
@@ -1192,6 +1323,11 @@ impl Core {
     /// Once a second: gives orphaned watchers and dependents their last lookup.
     pub fn tick(&mut self, comm: &mut impl Comm) {
         self.ticks += 1;
+        if !self.early.is_empty() {
+            let now = self.ticks;
+            self.early
+                .retain(|_, (_, since)| now.saturating_sub(*since) < EARLY_TICKS);
+        }
         // Names still held a tick after their probes went out are slow (or
         // their probes wait on them): the next dispatch sends them all.
         let stalled: Vec<String> = self.durations.held.keys().cloned().collect();
@@ -1286,6 +1422,14 @@ impl Core {
     /// sent alone, so that a worker never holds short work behind a long
     /// task. Of a name not yet known, one probe per slot goes out first,
     /// its other tasks held back until a probe finishes or a tick passes.
+    ///
+    /// A task goes with its *chain*: its one waiting dependent when that
+    /// waits for it alone, then that one's, and so on (up to [`MAX_CHAIN`]
+    /// known-short tasks, within [`BUNDLE_BUDGET`]; see
+    /// `chain_after`). They travel in its delivery, and the worker
+    /// runs each as soon as the one before it ends, handing it the result
+    /// in memory: a link costs no event to the scheduler and no dispatch
+    /// back through the broker.
     pub fn dispatch(&mut self, comm: &mut impl Comm) {
         if self.slots == 0 {
             return; // nobody to run anything yet: tasks wait, as in Dask
@@ -1321,24 +1465,27 @@ impl Core {
                 continue;
             };
             let target = self.tasks.get(&key).and_then(|t| t.worker.clone());
+            let (chain, chain_time) = self.chain_after(&key, comm);
             let expected = match expected {
                 Some(expected) if expected <= BUNDLE_BUDGET => expected,
                 Some(_) => {
-                    comm.send_tasks(target.as_deref(), vec![run]);
+                    comm.send_tasks(target.as_deref(), with_chain(run, chain));
                     continue;
                 }
                 None => {
                     self.durations.probes.entry(name).or_default().push(key);
-                    comm.send_tasks(target.as_deref(), vec![run]);
+                    comm.send_tasks(target.as_deref(), with_chain(run, chain));
                     continue;
                 }
             };
+            let expected = expected + chain_time;
             let (bundle, budget_used) = bundles.entry(target.clone()).or_default();
             if !bundle.is_empty() && *budget_used + expected > BUNDLE_BUDGET {
                 comm.send_tasks(target.as_deref(), std::mem::take(bundle));
                 *budget_used = Duration::ZERO;
             }
             bundle.push(run);
+            bundle.extend(chain);
             *budget_used += expected;
             if bundle.len() >= bundle_size {
                 comm.send_tasks(target.as_deref(), std::mem::take(bundle));
@@ -1350,6 +1497,76 @@ impl Core {
                 comm.send_tasks(target.as_deref(), tasks);
             }
         }
+    }
+
+    /// Starts the chain that follows `head`, which was just started: each
+    /// link is the one waiting dependent of the link before, waiting for it
+    /// alone ([`Core::chained_dependent`]). Returns the links, in order,
+    /// and their expected run time. A link is processing from now on, its
+    /// one missing input still counted: it is in the same delivery as that
+    /// input, whose worker runs it next (or fails it with that input's
+    /// error, as [`Core::fail`] would); if the delivery comes back
+    /// unfinished, [`Core::requeue`] makes it wait again.
+    fn chain_after(&mut self, head: &str, comm: &mut impl Comm) -> (Vec<RunTask>, Duration) {
+        let mut chain = Vec::new();
+        let mut time = Duration::ZERO;
+        let mut last = head.to_owned();
+        while chain.len() < MAX_CHAIN {
+            let Some((next, expected)) = self.chained_dependent(&last) else {
+                break;
+            };
+            if time + expected > BUNDLE_BUDGET {
+                break;
+            }
+            if let Some(task) = self.tasks.get_mut(&next) {
+                task.state = State::Ready; // what `start` takes; never queued
+            }
+            let Some(run) = self.start(&next, comm) else {
+                break; // failed: no worker provides it
+            };
+            chain.push(run);
+            self.counts.chained += 1;
+            time += expected;
+            last = next;
+        }
+        (chain, time)
+    }
+
+    /// The dependent that may follow `key` in its delivery, with its
+    /// expected run time: `key` has exactly one waiting dependent, which
+    /// waits for nothing else, goes to the shared queue like `key`, and is
+    /// known to be short; and `key` is not retried on failure (its
+    /// dependent could not wait for the next run). A dependent no worker
+    /// provides is left to [`Core::start`] to fail.
+    fn chained_dependent(&self, key: &str) -> Option<(String, Duration)> {
+        let task = self.tasks.get(key)?;
+        let spec = task.spec.as_ref()?;
+        if task.state != State::Processing
+            || task.worker.is_some()
+            || task.forgotten
+            || spec.retries > 0
+        {
+            return None;
+        }
+        let mut waiting = task.dependents.iter().filter(|d| {
+            self.tasks
+                .get(*d)
+                .is_some_and(|t| t.state == State::Waiting)
+        });
+        let first = waiting.next()?;
+        if waiting.any(|other| other != first) {
+            return None;
+        }
+        let dependent = self.tasks.get(first)?;
+        let dependent_spec = dependent.spec.as_ref()?;
+        if dependent.missing != 1
+            || !dependent_spec.workers.is_empty()
+            || !dependent_spec.resources.is_empty()
+        {
+            return None;
+        }
+        let expected = self.durations.mean(&dependent_spec.task)?;
+        (expected <= BUNDLE_BUDGET).then(|| (first.clone(), expected))
     }
 
     /// Probes of the unknown name `name` still in flight (the ones that
@@ -1510,6 +1727,14 @@ impl Core {
         };
         Some(error.at(&spec.key, &spec.task))
     }
+}
+
+/// A task's delivery: the task, then its chain.
+fn with_chain(run: RunTask, chain: Vec<RunTask>) -> Vec<RunTask> {
+    let mut tasks = Vec::with_capacity(1 + chain.len());
+    tasks.push(run);
+    tasks.extend(chain);
+    tasks
 }
 
 #[cfg(test)]

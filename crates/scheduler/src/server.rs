@@ -856,7 +856,7 @@ impl Scheduler {
                     // or far behind. The specs in Redis decide: a task whose
                     // spec is stored is pending and taken up from it; one
                     // whose spec is gone is done and not run again.
-                    Ok((ToScheduler::Submit { tasks }, Some(stale))) => {
+                    Ok((ToScheduler::Submit { tasks, .. }, Some(stale))) => {
                         warn!(%stale, tasks = tasks.len(), "stale submission: taking up its tasks from their stored specs");
                         acks.submissions = Some(tag);
                         self.take_up_stored(tasks.into_iter().map(|t| t.key).collect());
@@ -1036,9 +1036,9 @@ impl Scheduler {
     /// Applies one message of the scheduler queue.
     fn apply(&mut self, message: ToScheduler) {
         match message {
-            ToScheduler::Submit { tasks } => {
-                debug!(count = tasks.len(), "submitted");
-                self.core.submit(tasks, &mut self.out);
+            ToScheduler::Submit { tasks, sent } => {
+                debug!(count = tasks.len(), sent = sent.len(), "submitted");
+                self.core.submit_sent(tasks, &sent, &mut self.out);
             }
             ToScheduler::Worker(info) => self.core.worker_seen(info, Instant::now()),
             ToScheduler::WorkerGone { worker } => self.core.worker_gone(&worker),

@@ -32,6 +32,7 @@ pub mod actors;
 mod args;
 mod bundle;
 mod cache;
+mod chain;
 mod kept;
 pub mod linked;
 mod lost;

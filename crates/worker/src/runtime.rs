@@ -9,6 +9,7 @@
 use crate::bundle::{
     admit, checked, retrying, Admit, BundleId, Completion, Effect, Fence, Queue, WorkerCore, Write,
 };
+use crate::chain::{Awaiting, Handoff};
 use crate::kept::{DataOptions, Kept};
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
@@ -319,6 +320,9 @@ impl Running {
 
 struct Shared {
     cache: crate::cache::InputCache,
+    /// Outcomes handed from a task to the next of its chain (see
+    /// [`crate::chain`]).
+    handoffs: Arc<crate::chain::Handoffs>,
     /// Opens stored results, fetching kept values from their workers.
     reader: Reader,
     running: std::sync::Mutex<HashMap<String, Arc<Running>>>,
@@ -745,6 +749,7 @@ async fn serve(
     });
     let shared = Arc::new(Shared {
         reader,
+        handoffs: Arc::default(),
         cache: crate::cache::InputCache::new(INPUT_CACHE_BYTES),
         running: std::sync::Mutex::new(HashMap::new()),
         resources: options
@@ -790,6 +795,7 @@ async fn serve(
         shared.codec.clone(),
         id.clone(),
         Holdings {
+            handoffs: shared.handoffs.clone(),
             kept: kept.clone(),
             core: shared.core.clone(),
             window: shared.window.clone(),
@@ -1161,6 +1167,8 @@ impl Liveness {
 /// keeps it from storing results after a stall cost the connection.
 struct Holdings {
     core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
+    /// Told when a large value a chained task waits for is stored.
+    handoffs: Arc<crate::chain::Handoffs>,
     window: Arc<Window>,
     watchdog: Watchdog,
     /// The large results this worker keeps (see [`crate::kept`]).
@@ -1380,10 +1388,35 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
             }
         });
     }
-    for task in tasks {
+    // Tasks that wait for another of this delivery (a chain, see
+    // `crate::chain`) start when it ends; it hands them its outcome.
+    let chained: Vec<Vec<(String, tokio::sync::watch::Receiver<Handoff>)>> = {
+        let keys: std::collections::HashSet<&str> =
+            tasks.iter().map(|task| task.spec.key.as_str()).collect();
+        tasks
+            .iter()
+            .map(|task| {
+                task.spec
+                    .deps
+                    .iter()
+                    .filter(|dep| **dep != task.spec.key && keys.contains(dep.as_str()))
+                    .map(|dep| (dep.clone(), shared.handoffs.expect(dep)))
+                    .collect()
+            })
+            .collect()
+    };
+    let awaited: std::collections::HashSet<String> = chained
+        .iter()
+        .flatten()
+        .map(|(dep, _)| dep.clone())
+        .collect();
+    for (task, after) in tasks.into_iter().zip(chained) {
         let shared = shared.clone();
         let mut rounds = rounds.clone();
         let claim = claim.clone();
+        let awaiting = awaited
+            .contains(&task.spec.key)
+            .then(|| Awaiting::new(shared.handoffs.clone(), task.spec.key.clone()));
         let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
         tokio::spawn(
             async move {
@@ -1391,6 +1424,39 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
+                // A link of a chain waits for the input before it.
+                let mut local = Vec::new();
+                for (dep, handoff) in after {
+                    match crate::chain::wait(handoff).await {
+                        Handoff::Value(bytes) => local.push((dep, bytes)),
+                        Handoff::Failed(error) => {
+                            // As the scheduler fails a waiting dependent.
+                            let outcome = Err(error);
+                            if let Some(awaiting) = &awaiting {
+                                awaiting.ended(&outcome, false);
+                            }
+                            let _ = shared.completions.send(Completion::Done {
+                                key,
+                                client,
+                                deps,
+                                outcome,
+                                retrying: false,
+                                recorded: redelivered,
+                                bundle,
+                                run_us: 0,
+                                kept: None,
+                            });
+                            return;
+                        }
+                        Handoff::Dropped => {
+                            if let Some(awaiting) = &awaiting {
+                                awaiting.dropped();
+                            }
+                            return;
+                        }
+                        Handoff::Stored | Handoff::Gone | Handoff::Pending => {}
+                    }
+                }
                 // A retiring worker starts nothing more: the delivery goes
                 // back to the queue when it closes its connection, for
                 // another worker to run. (A redelivered task whose start
@@ -1422,11 +1488,15 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         crate::lost::Admission::Run { permit, isolation } => (permit, isolation),
                         crate::lost::Admission::Lost(error) => {
                             warn!(%error, "task lost its worker too often; not running it");
+                            let outcome = Err(error);
+                            if let Some(awaiting) = &awaiting {
+                                awaiting.ended(&outcome, false);
+                            }
                             let _ = shared.completions.send(Completion::Done {
                                 key,
                                 client,
                                 deps,
-                                outcome: Err(error),
+                                outcome,
                                 retrying: false,
                                 recorded: true,
                                 bundle,
@@ -1464,11 +1534,15 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         "flotilla::Cancelled",
                         format!("`{key}` was cancelled before it started"),
                     );
+                    let outcome = Err(error);
+                    if let Some(awaiting) = &awaiting {
+                        awaiting.ended(&outcome, false);
+                    }
                     let _ = shared.completions.send(Completion::Done {
                         key,
                         client,
                         deps,
-                        outcome: Err(error),
+                        outcome,
                         retrying: false,
                         recorded: redelivered,
                         bundle,
@@ -1480,7 +1554,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 let slot = Slot::new(shared.slots.clone(), permit, shared.window.clone());
                 let began = Instant::now();
                 let resources = shared.acquire_resources(&task.spec.resources).await;
-                let run = execute(&shared, task, slot.clone());
+                let run = execute(&shared, task, local, slot.clone());
                 tokio::pin!(run);
                 let outcome = tokio::select! {
                     biased;
@@ -1495,6 +1569,9 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 drop(isolation);
                 let run_us = crate::bundle::run_us(began.elapsed());
                 let retrying = retrying(may_retry, &outcome);
+                if let Some(awaiting) = &awaiting {
+                    awaiting.ended(&outcome, retrying);
+                }
                 let _ = shared.completions.send(Completion::Done {
                     key,
                     client,
@@ -1513,7 +1590,15 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
 }
 
 /// Runs one task: loads its inputs, checks its name and signature, calls it.
-async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome {
+///
+/// `local` holds inputs handed over in memory by the task before it in a
+/// chain (see [`crate::chain`]).
+async fn execute(
+    shared: &Shared,
+    task: RunTask,
+    local: Vec<(String, Bytes)>,
+    slot: Arc<Slot>,
+) -> TaskOutcome {
     let RunTask { spec, inline, .. } = task;
     let outcome = async {
         let registration = registry().get(spec.task.as_str()).ok_or_else(|| {
@@ -1542,7 +1627,7 @@ async fn execute(shared: &Shared, task: RunTask, slot: Arc<Slot>) -> TaskOutcome
                 ),
             ));
         }
-        let inputs = load_inputs(shared, &spec.deps, inline).await?;
+        let inputs = load_inputs(shared, &spec.deps, inline, local).await?;
         let args = crate::args::read(&spec.args, &inputs)?;
         let extension = shared.extension.clone();
         // The time limit starts now, when the function is called.
@@ -1683,10 +1768,12 @@ async fn load_inputs(
     shared: &Shared,
     deps: &[String],
     inline: Vec<(String, serde_bytes::ByteBuf)>,
+    local: Vec<(String, Bytes)>,
 ) -> Result<HashMap<String, Bytes>, TaskError> {
     let mut inputs: HashMap<String, Bytes> = inline
         .into_iter()
         .map(|(key, bytes)| (key, Bytes::from(bytes.into_vec())))
+        .chain(local)
         .collect();
     let mut wanted: Vec<&String> = Vec::new();
     for dep in deps {
@@ -1791,6 +1878,7 @@ async fn complete_loop(
         if !held.watchdog.connected(&publish).await {
             // The deliveries are the broker's again: nothing is stored,
             // announced or acknowledged; the worker starts afresh.
+            held.handoffs.close();
             return;
         }
         for completion in &batch {
@@ -1846,6 +1934,13 @@ async fn complete_loop(
             }
         }
         let effects = held.completed(&batch, &plan.released, stored, published);
+        held.handoffs.stored(
+            batch.iter().filter_map(|completion| match completion {
+                Completion::Done { key, .. } => Some(key.as_str()),
+                Completion::Started { .. } => None,
+            }),
+            stored && published,
+        );
         settle(effects).await;
         batch.clear();
     }

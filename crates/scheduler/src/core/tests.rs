@@ -1286,3 +1286,226 @@ fn parked_tasks_that_leave_are_not_counted_parked() {
     assert_eq!((counts.parked, counts.ready), (2, 0), "{counts:?}");
     assert!(h.core.parked.len() <= 2, "stale parked entries kept");
 }
+
+/// A spec of the short task name `fresh` (taught to the core) waiting for
+/// `deps`.
+fn short(key: &str, deps: &[&str]) -> TaskSpec {
+    let mut spec = spec(key, deps);
+    spec.task = "fresh".into();
+    spec
+}
+
+/// A harness whose core knows `fresh` as a short name (it chains).
+fn chaining() -> Harness {
+    let mut h = Harness::with_worker(2);
+    h.core.durations.learn("fresh", Duration::from_micros(100));
+    h
+}
+
+#[test]
+fn a_chain_of_short_tasks_goes_in_one_delivery_and_each_link_reports() {
+    let mut h = chaining();
+    h.submit(vec![
+        short("a", &[]),
+        short("b", &["a"]),
+        short("c", &["b"]),
+        short("d", &["c"]),
+    ]);
+    h.dispatch();
+    let bundles = h.comm.take_bundles();
+    assert_eq!(bundles.len(), 1, "{bundles:?}");
+    let keys: Vec<&str> = bundles[0].1.iter().map(|r| r.spec.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["a", "b", "c", "d"],
+        "the chain follows its head, in order"
+    );
+    assert_eq!(h.core.counts().processing, 4);
+    assert_eq!(h.core.counts().waiting, 0);
+    for key in ["a", "b", "c", "d"] {
+        h.finished_in(key, Some(vec![1]), 1, Duration::from_micros(50));
+        h.dispatch();
+        h.comm.expect_none();
+    }
+    assert!(h.core.is_empty());
+    assert_eq!(h.core.counts().finished, 4);
+}
+
+#[test]
+fn a_chain_stops_where_a_link_waits_for_more_or_is_not_alone() {
+    let mut h = chaining();
+    let mut pinned = short("p", &["x"]);
+    pinned.workers = vec!["w1".into()];
+    let mut flaky = short("f", &[]);
+    flaky.retries = 1;
+    h.submit(vec![
+        // b waits for a and z: a's chain is empty.
+        short("a", &[]),
+        short("y", &[]),
+        short("z", &["y"]),
+        short("b", &["a", "z"]),
+        // x has two waiting dependents: none follows it.
+        short("x", &[]),
+        short("x1", &["x"]),
+        pinned,
+        // f may run again: its dependent waits for its last run.
+        flaky,
+        short("g", &["f"]),
+        // s's dependent is long (`t`): it goes alone, later.
+        short("s", &[]),
+        spec("l", &["s"]),
+    ]);
+    h.dispatch();
+    let mut sent: Vec<Vec<String>> = h
+        .comm
+        .take_bundles()
+        .into_iter()
+        .map(|(_, tasks)| tasks.into_iter().map(|r| r.spec.key).collect())
+        .collect();
+    sent.sort();
+    // z waits for y alone: it follows y; b, waiting for z and a, does not.
+    assert_eq!(
+        sent,
+        [
+            keys(&["a"]),
+            keys(&["f"]),
+            keys(&["s"]),
+            keys(&["x"]),
+            keys(&["y", "z"])
+        ]
+    );
+    assert_eq!(h.core.counts().waiting, 5);
+}
+
+#[test]
+fn a_failed_head_fails_its_chain_and_a_lapsed_custody_makes_it_wait_again() {
+    let mut h = chaining();
+    h.submit(vec![
+        short("a", &[]),
+        short("b", &["a"]),
+        short("c", &["b"]),
+    ]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a", "b", "c"]);
+    // The worker died with the delivery: it is handed out again, whole.
+    h.requeue(&keys(&["b", "a", "c"]));
+    assert_eq!(h.core.counts().waiting, 2);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a", "b", "c"]);
+    // The head fails: its chain fails with its error, as when waiting.
+    let error = TaskError::new(ErrorKind::User, "E", "boom").at("a", "fresh");
+    h.erred("a", error.clone(), false);
+    let mut stored = h.comm.take_stored();
+    stored.sort();
+    assert_eq!(stored, ["b", "c"]);
+    assert_eq!(
+        erred_events(&h.comm.take_notified()),
+        [
+            ("c".to_string(), "b".to_string(), ErrorKind::User),
+            ("c".to_string(), "c".to_string(), ErrorKind::User)
+        ]
+    );
+    // A late report of a failed link changes nothing.
+    h.finished("c", None, 0);
+    h.comm.expect_none();
+    h.forget(&keys(&["a", "b", "c"]));
+    h.comm.take_released();
+    h.comm.take_specs_forgotten();
+    assert!(h.core.is_empty());
+}
+
+#[test]
+fn a_forgotten_link_failed_by_its_head_leaves_the_table() {
+    let mut h = chaining();
+    h.submit(vec![short("a", &[]), short("b", &["a"])]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a", "b"]);
+    // b's last holder lets go while it is in a's delivery.
+    h.forget(&keys(&["b"]));
+    h.comm.expect_none();
+    let error = TaskError::new(ErrorKind::User, "E", "boom").at("a", "fresh");
+    h.erred("a", error, false);
+    assert_eq!(h.comm.take_stored(), ["b"]);
+    h.comm.take_notified();
+    assert_eq!(h.comm.take_specs_forgotten(), ["b"]);
+    assert_eq!(h.comm.take_released(), [("b".to_string(), keys(&["a"]))]);
+    h.forget(&keys(&["a"]));
+    h.comm.take_specs_forgotten();
+    assert!(h.core.is_empty());
+}
+
+#[test]
+fn a_task_its_client_sent_is_processing_at_once_and_reports_as_any() {
+    let mut h = Harness::with_worker(1);
+    h.core.submit_sent(
+        vec![spec("a", &[]), spec("b", &["a"])],
+        &keys(&["a"]),
+        &mut h.comm,
+    );
+    h.check();
+    assert_eq!(h.core.counts().processing, 1);
+    assert_eq!(h.core.counts().sent_by_clients, 1);
+    h.dispatch();
+    h.comm.expect_none();
+    h.finished("a", Some(vec![5]), 1);
+    h.dispatch();
+    let runs = h.comm.take_runs();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].spec.key, "b");
+    h.finished("b", None, 0);
+    assert!(h.core.is_empty());
+}
+
+#[test]
+fn a_report_that_overtakes_its_submission_settles_the_task_when_it_comes() {
+    let mut h = Harness::with_worker(1);
+    // The worker's events and the client's submission take different
+    // queues: the report may come first.
+    h.finished_in("a", Some(vec![5]), 1, Duration::from_micros(30));
+    let error = TaskError::new(ErrorKind::User, "E", "boom").at("e", "t");
+    h.erred("e", error, false);
+    h.comm.expect_none();
+    h.core.submit_sent(
+        vec![
+            spec("a", &[]),
+            spec("b", &["a"]),
+            spec("e", &[]),
+            spec("f", &["e"]),
+        ],
+        &keys(&["a", "e"]),
+        &mut h.comm,
+    );
+    h.check();
+    // f fails with e's error, as a waiting dependent does.
+    assert_eq!(h.comm.take_stored(), ["f"]);
+    assert_eq!(
+        erred_events(&h.comm.take_notified()),
+        [("c".to_string(), "f".to_string(), ErrorKind::User)]
+    );
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"], "a finished: b runs");
+    h.finished("b", None, 0);
+    h.forget(&keys(&["e", "f"]));
+    h.comm.take_released();
+    h.comm.take_specs_forgotten();
+    assert!(h.core.is_empty());
+    assert_eq!(h.core.counts().processing, 0);
+}
+
+#[test]
+fn reports_of_unknown_keys_are_kept_a_while_only() {
+    let mut h = Harness::with_worker(1);
+    h.finished_in("gone", None, 0, Duration::from_micros(30));
+    assert_eq!(h.core.early.len(), 1);
+    for _ in 0..EARLY_TICKS {
+        h.core.tick(&mut h.comm);
+    }
+    h.comm.expect_none();
+    assert!(h.core.early.is_empty());
+    // A submission coming later still runs (it was never sent twice).
+    h.core
+        .submit_sent(vec![spec("gone", &[])], &keys(&["gone"]), &mut h.comm);
+    assert_eq!(h.core.counts().processing, 1);
+    h.finished("gone", None, 0);
+    assert!(h.core.is_empty());
+}

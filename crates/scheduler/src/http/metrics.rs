@@ -369,6 +369,18 @@ impl Monitor {
                 "Tasks cancelled since the scheduler started.",
                 counts.cancelled,
             ),
+            (
+                "flotilla_tasks_chained_total",
+                "Tasks sent since the scheduler started in the delivery of the input they waited for \
+                 (a chain: the worker runs them next, without a round trip through the scheduler).",
+                counts.chained,
+            ),
+            (
+                "flotilla_tasks_sent_by_clients_total",
+                "Tasks their clients published to the task queue themselves since the scheduler \
+                 started (a lone task with no input: one broker hop fewer).",
+                counts.sent_by_clients,
+            ),
         ] {
             out.family(metric, "counter", help);
             out.sample(metric, &[], value);
@@ -564,6 +576,8 @@ fn counts_json(counts: &Counts) -> Value {
         "finished": counts.finished,
         "erred": counts.erred,
         "cancelled": counts.cancelled,
+        "chained": counts.chained,
+        "sent_by_clients": counts.sent_by_clients,
         "workers": counts.workers,
         "slots": counts.slots,
     })

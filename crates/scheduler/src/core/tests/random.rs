@@ -45,6 +45,9 @@ struct Running {
     key: String,
     target: Option<String>,
     attempt: u32,
+    /// The input sent before it in the same delivery (a chain): its worker
+    /// runs it only once that input ended.
+    after: Option<String>,
 }
 
 struct Sim {
@@ -70,6 +73,8 @@ struct Sim {
     stored: HashMap<String, Lookup>,
     workers: Vec<String>,
     now: Instant,
+    /// Tasks sent in the chain of an input (see `Core::chain_after`).
+    chained: usize,
 }
 
 impl Sim {
@@ -96,8 +101,13 @@ impl Sim {
                 CLIENTS[rng.below(CLIENTS.len())].into(),
             );
             s.priority = rng.below(5) as i32 - 2;
-            s.retries = rng.below(3) as u32;
-            if rng.chance(30) {
+            // Half are not retried: those may head chains.
+            s.retries = if rng.chance(50) {
+                0
+            } else {
+                1 + rng.below(2) as u32
+            };
+            if rng.chance(45) {
                 // A name whose duration the core learns as it goes.
                 s.task = "fresh".into();
             } else if rng.chance(3) {
@@ -126,6 +136,7 @@ impl Sim {
             stored: HashMap::new(),
             workers: Vec::new(),
             now: Instant::now(),
+            chained: 0,
         }
     }
 
@@ -140,13 +151,18 @@ impl Sim {
                     if let Some(w) = &target {
                         assert!(self.workers.contains(w), "sent to gone worker {w}");
                     }
+                    let mut before: Vec<String> = Vec::new();
                     for run in runs {
                         let state = self.h.core.tasks.get(&run.spec.key).map(|t| t.state);
                         assert_eq!(state, Some(State::Processing), "{} sent", run.spec.key);
+                        let after = run.spec.deps.iter().find(|d| before.contains(d)).cloned();
+                        self.chained += usize::from(after.is_some());
+                        before.push(run.spec.key.clone());
                         self.running.push(Running {
                             key: run.spec.key,
                             target: target.clone(),
                             attempt: run.attempt,
+                            after,
                         });
                     }
                 }
@@ -265,8 +281,15 @@ impl Sim {
             }
             4..=6 => self.h.dispatch(),
             7..=9 => {
-                if !self.running.is_empty() {
-                    let run = self.running.swap_remove(self.rng.below(self.running.len()));
+                let i = self.rng.below(self.running.len().max(1));
+                // A chained task does not end before the input it follows.
+                let waits = self
+                    .running
+                    .get(i)
+                    .and_then(|r| r.after.as_ref())
+                    .is_some_and(|after| self.running.iter().any(|r| &r.key == after));
+                if !self.running.is_empty() && !waits {
+                    let run = self.running.swap_remove(i);
                     let succeed = self.rng.chance(75);
                     self.complete(run, succeed);
                 }
@@ -436,7 +459,7 @@ impl Drop for Seed {
     }
 }
 
-fn run(seed: u64) -> (usize, Counts) {
+fn run(seed: u64) -> (usize, Counts, usize) {
     let _seed = Seed(seed);
     let mut sim = Sim::new(seed);
     let steps = 10 * sim.specs.len();
@@ -445,7 +468,7 @@ fn run(seed: u64) -> (usize, Counts) {
     }
     sim.drain();
     sim.check_ended();
-    (steps, sim.h.core.counts())
+    (steps, sim.h.core.counts(), sim.chained)
 }
 
 #[test]
@@ -458,16 +481,20 @@ fn random_dags_end_with_every_task_accounted_for() {
         }
         Err(_) => 0..200,
     };
-    let (mut steps, mut finished, mut erred, mut cancelled) = (0, 0, 0, 0);
+    let (mut steps, mut finished, mut erred, mut cancelled, mut chained) = (0, 0, 0, 0, 0);
+    let all = seeds.end - seeds.start > 1;
     for seed in seeds {
-        let (n, counts) = run(seed);
+        let (n, counts, links) = run(seed);
+        chained += links;
         steps += n;
         finished += counts.finished;
         erred += counts.erred;
         cancelled += counts.cancelled;
     }
     eprintln!(
-        "{steps} random steps ({finished} tasks finished, {erred} erred, {cancelled} cancelled) in {:?}",
+        "{steps} random steps ({finished} tasks finished, {erred} erred, {cancelled} cancelled, \
+         {chained} sent chained) in {:?}",
         started.elapsed()
     );
+    assert!(!all || chained > 0, "the seeds exercise chains");
 }
