@@ -375,3 +375,38 @@ async fn a_worker_over_its_memory_limit_hands_work_to_the_others() {
     roomy.shutdown().await.unwrap();
     t.stop().await;
 }
+
+/// Completion events also come through Redis (issue 16, item 3): with its
+/// queue unbound from the broker's events, a client still hears of its
+/// tasks, from the copy the worker publishes on its Redis channel.
+#[tokio::test]
+async fn completions_reach_the_client_through_redis_without_the_broker() {
+    let t = TestCluster::start("fast-events", 1).await;
+    assert_eq!(t.client.submit(inc, (1,)).await.unwrap(), 2);
+    let names = t.config.names();
+    let connection = flotilla_runtime::transport::connect_amqp(&t.config.amqp_url, "test unbind")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_unbind(
+            lapin::types::ShortString::from(names.client_queue(t.client.id())),
+            lapin::types::ShortString::from(names.events_exchange()),
+            lapin::types::ShortString::from(flotilla_proto::Names::client_binding(t.client.id())),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // (Tasks not run before: a stored result is announced by the
+    // scheduler, through the broker only.)
+    for i in 100..120 {
+        let value = t
+            .client
+            .submit(inc, (i,))
+            .result_timeout(Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(value, i + 1);
+    }
+    t.stop().await;
+}

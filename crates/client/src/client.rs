@@ -337,6 +337,7 @@ impl Client {
             ),
             codec,
             events_guard: ReplayGuard::new(),
+            fast_events_guard: ReplayGuard::new(),
             config,
             names: names.clone(),
             redis: redis.clone(),
@@ -364,6 +365,11 @@ impl Client {
         };
         tokio::spawn(outbox.run(ops_rx));
         let listener = tokio::spawn(listen(consumer, Arc::downgrade(&inner)));
+        let fast_events = tokio::spawn(crate::pubsub::follow(
+            Arc::downgrade(&inner),
+            inner.config.redis_url.clone(),
+            names.client_events_channel(&id),
+        ));
         let lost = Arc::downgrade(&inner);
         let on_data_lost = move || {
             if let Some(inner) = lost.upgrade() {
@@ -382,7 +388,7 @@ impl Client {
             .background
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .extend([listener, lease_task]);
+            .extend([listener, fast_events, lease_task]);
         Ok(Client { inner })
     }
 

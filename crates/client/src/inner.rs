@@ -37,6 +37,8 @@ pub(crate) struct ClientInner {
     pub(crate) reader: Reader,
     /// The signed event batches this client took (see `flotilla_proto::seal`).
     pub(crate) events_guard: ReplayGuard,
+    /// The replay guard of the events' Redis copies (see [`crate::pubsub`]).
+    pub(crate) fast_events_guard: ReplayGuard,
     pub(crate) redis: ConnectionManager,
     /// The task-life keys (results, holders, specs, the lease) on `redis`.
     pub(crate) store: flotilla_runtime::store::Store,

@@ -62,6 +62,7 @@ mod future;
 mod inner;
 mod link;
 mod outbox;
+mod pubsub;
 mod purge;
 mod room;
 mod state;

@@ -95,6 +95,13 @@ impl Names {
         format!("{}.dlx", self.namespace)
     }
 
+    /// The Redis channel where workers also publish a client's small
+    /// completion batches (`<ns>:events:<client>`): one Redis hop, where
+    /// the broker's copy takes one RabbitMQ hop.
+    pub fn client_events_channel(&self, client: &str) -> String {
+        format!("{}:events:{client}", self.namespace)
+    }
+
     /// Routing key of events a worker publishes for `client`.
     pub fn worker_event_route(client: &str) -> String {
         format!("w.{client}")

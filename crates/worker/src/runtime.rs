@@ -1910,6 +1910,21 @@ async fn complete_loop(
                         events,
                     },
                 );
+                if bytes.len() <= PUBSUB_EVENTS_MAX {
+                    // The same batch through Redis too, which the client
+                    // hears a RabbitMQ hop sooner (the broker's copy stays
+                    // the one that counts: it is confirmed and acknowledged).
+                    let (store, channel, bytes) = (
+                        store.clone(),
+                        names.client_events_channel(client),
+                        bytes.clone(),
+                    );
+                    tokio::spawn(async move {
+                        if let Err(error) = store.publish(&channel, &bytes).await {
+                            debug!(%error, "publishing completion events to Redis failed");
+                        }
+                    });
+                }
                 match publish
                     .basic_publish(
                         name(&names.events_exchange()),
@@ -1945,6 +1960,10 @@ async fn complete_loop(
         batch.clear();
     }
 }
+
+/// Completion batches up to this size also go through Redis pub/sub (see
+/// `complete_loop`).
+const PUBSUB_EVENTS_MAX: usize = 64 * 1024;
 
 /// How often a batch's writes are tried: a connection failure retries the
 /// whole batch (then its deliveries come back), a write Redis refuses (over

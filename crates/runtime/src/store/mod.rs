@@ -182,6 +182,23 @@ impl Store {
         store
     }
 
+    /// Publishes `bytes` on the namespace's Redis channel `channel` (one
+    /// `PUBLISH`, fire and forget: nobody may listen). The in-memory store
+    /// has no listeners.
+    pub async fn publish(&self, channel: &str, bytes: &[u8]) -> RedisResult<()> {
+        match &self.backend {
+            Backend::Redis { redis, .. } => {
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(bytes)
+                    .query_async(&mut redis.clone())
+                    .await?;
+                Ok(())
+            }
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
     /// Loads the scripts into Redis, so that the first pipelines of
     /// `EVALSHA`s do not meet `NOSCRIPT` (processes do at start).
     pub async fn preload(&self) -> RedisResult<()> {

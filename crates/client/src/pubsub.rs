@@ -1,0 +1,88 @@
+//! A faster copy of the completion events (issue 16, item 3): a worker
+//! publishes each small batch of events for a client on the client's Redis
+//! channel (`Names::client_events_channel`) as well as through the broker,
+//! and Redis delivers it a RabbitMQ hop sooner.
+//!
+//! The broker's copy (`link.rs`) stays the one that counts: it is
+//! confirmed, acknowledged, and sent again after a reconnection; a copy
+//! lost here (no subscription yet, Redis restarting) costs only the time
+//! the broker's takes. Events are idempotent, so whichever copy comes first
+//! settles a future and the other changes nothing. This path has its own
+//! replay guard: the two copies carry the same nonce.
+
+use crate::inner::ClientInner;
+use flotilla_proto::{EventBatch, Purpose};
+use futures_core::Stream;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::time::Duration;
+use tracing::debug;
+
+/// How long connecting and subscribing may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait before subscribing again after a failure.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often a quiet subscription checks that its client is still there.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the client's channel for as long as the client lives,
+/// subscribing again after a failure.
+pub(crate) async fn follow(client: Weak<ClientInner>, url: String, channel: String) {
+    while client.strong_count() > 0 {
+        match subscribe(&url, &channel).await {
+            Ok(mut pubsub) => {
+                let mut messages = pubsub.on_message();
+                loop {
+                    let next = std::future::poll_fn(|cx| Pin::new(&mut messages).poll_next(cx));
+                    let message = match tokio::time::timeout(CHECK_EVERY, next).await {
+                        Ok(Some(message)) => message,
+                        // The connection ended: subscribe again.
+                        Ok(None) => break,
+                        Err(_) if client.strong_count() == 0 => return,
+                        Err(_) => continue,
+                    };
+                    let Some(client) = client.upgrade() else {
+                        return;
+                    };
+                    apply(&client, message.get_payload_bytes());
+                }
+            }
+            Err(error) => debug!(%error, "subscribing to the completion channel failed"),
+        }
+        tokio::time::sleep(RETRY_AFTER).await;
+    }
+}
+
+async fn subscribe(url: &str, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
+    let subscribed = async {
+        let mut pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok(pubsub)
+    };
+    match tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribed).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "subscribing timed out",
+        ))),
+    }
+}
+
+/// Applies a batch that opens; anything else is dropped (the broker's copy
+/// is checked, and dead-lettered if need be, by the link).
+fn apply(client: &ClientInner, bytes: &[u8]) {
+    match client.codec.open::<EventBatch>(
+        Purpose::Events,
+        bytes,
+        false,
+        &client.fast_events_guard,
+        client.config.max_payload + (1 << 20),
+    ) {
+        Ok(batch) => {
+            for event in batch.events {
+                client.apply(event);
+            }
+        }
+        Err(error) => debug!(%error, "a completion batch from Redis did not open"),
+    }
+}
