@@ -13,12 +13,13 @@
 //! revives it: the release is then dropped, so dropping the last handle and
 //! at once asking for the key again never loses its result.
 //!
-//! A batch of at most [`DIRECT_MAX`] submissions sends the tasks that need
-//! nothing of the scheduler (no input to wait for, no placement, priority
-//! or retries) straight to the shared task queue as well, naming them in
-//! its `Submit` (`sent`): a lone task then takes two broker hops, not three
-//! (issue 16). Larger batches go through the scheduler, which orders and
-//! bundles them.
+//! A batch of at most [`DIRECT_MAX`] submissions, while the client has at
+//! most as many tasks pending, sends the tasks that need nothing of the
+//! scheduler (no input to wait for, no placement, priority or retries)
+//! straight to the shared task queue as well, naming them in its `Submit`
+//! (`sent`): a lone task then takes one broker hop fewer (issue 16). Larger
+//! batches, and everything while many tasks are pending, go through the
+//! scheduler, which orders and bundles them.
 
 use crate::room::{Room, Waiting};
 use crate::state::FutureState;
@@ -534,11 +535,18 @@ impl Outbox {
         let limit = MAX_SUBMIT_BYTES.max(self.max_payload);
         let mut batch = Batch::default();
         let mut not_run = Vec::new();
-        let direct = steps
-            .iter()
-            .filter(|step| matches!(step, Step::Submit(..)))
-            .count()
-            <= DIRECT_MAX;
+        // Only while few tasks are pending: a `map` under way goes through
+        // the scheduler whole, which bundles it.
+        let pending = {
+            let line = self.room.lock();
+            self.room.pending(&line)
+        };
+        let direct = pending <= DIRECT_MAX
+            && steps
+                .iter()
+                .filter(|step| matches!(step, Step::Submit(..)))
+                .count()
+                <= DIRECT_MAX;
         for step in steps {
             match step {
                 // A stored result under the key means the same pure task

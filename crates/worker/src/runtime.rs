@@ -1903,6 +1903,7 @@ async fn complete_loop(
         if stored {
             let mut confirms = Vec::with_capacity(plan.events.len());
             for (client, events) in plan.events {
+                let event_count = events.len();
                 let bytes = codec.encode(
                     Purpose::Events,
                     &EventBatch {
@@ -1910,7 +1911,7 @@ async fn complete_loop(
                         events,
                     },
                 );
-                if bytes.len() <= PUBSUB_EVENTS_MAX {
+                if event_count <= PUBSUB_EVENTS_COUNT && bytes.len() <= PUBSUB_EVENTS_MAX {
                     // The same batch through Redis too, which the client
                     // hears a RabbitMQ hop sooner (the broker's copy stays
                     // the one that counts: it is confirmed and acknowledged).
@@ -1961,8 +1962,11 @@ async fn complete_loop(
     }
 }
 
-/// Completion batches up to this size also go through Redis pub/sub (see
-/// `complete_loop`).
+/// Completion batches of up to this many events and bytes also go through
+/// Redis pub/sub (see `complete_loop`): a few tasks waited for one by one
+/// are heard sooner; a large batch (a `map` finishing) is not worth
+/// opening twice.
+const PUBSUB_EVENTS_COUNT: usize = 16;
 const PUBSUB_EVENTS_MAX: usize = 64 * 1024;
 
 /// How often a batch's writes are tried: a connection failure retries the
