@@ -336,11 +336,7 @@ const EARLY_MAX: usize = 10_000;
 /// A report of a key the table did not know when it came.
 #[derive(Debug)]
 enum Early {
-    Finished {
-        inline: Option<Vec<u8>>,
-        size: u64,
-        run: Duration,
-    },
+    Finished { size: u64, run: Duration },
     Erred(TaskError),
 }
 
@@ -555,8 +551,8 @@ impl Core {
         self.in_flight += 1;
         self.counts.sent_by_clients += 1;
         match self.early.remove(key) {
-            Some((Early::Finished { inline, size, run }, _)) => {
-                self.finished_in(key, inline, size, run, comm);
+            Some((Early::Finished { size, run }, _)) => {
+                self.finished_in(key, None, size, run, comm);
             }
             Some((Early::Erred(error), _)) => self.erred(key, error, false, comm),
             None => {}
@@ -786,7 +782,10 @@ impl Core {
         comm: &mut impl Comm,
     ) {
         if !self.tasks.contains_key(key) {
-            self.remember_early(key, Early::Finished { inline, size, run });
+            // Without its inline value (up to 16 KiB a report, 10,000
+            // reports): whoever needs it reads it from Redis.
+            drop(inline);
+            self.remember_early(key, Early::Finished { size, run });
             return;
         }
         if !run.is_zero() {

@@ -1424,6 +1424,25 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
+                // Ends the task unrun, with `error`; the next link of its
+                // chain, if any, hears it too.
+                let end_unrun = |key, client, deps, error, recorded| {
+                    let outcome = Err(error);
+                    if let Some(awaiting) = &awaiting {
+                        awaiting.ended(&outcome, false);
+                    }
+                    let _ = shared.completions.send(Completion::Done {
+                        key,
+                        client,
+                        deps,
+                        outcome,
+                        retrying: false,
+                        recorded,
+                        bundle,
+                        run_us: 0,
+                        kept: None,
+                    });
+                };
                 // A link of a chain waits for the input before it.
                 let mut local = Vec::new();
                 for (dep, handoff) in after {
@@ -1431,21 +1450,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         Handoff::Value(bytes) => local.push((dep, bytes)),
                         Handoff::Failed(error) => {
                             // As the scheduler fails a waiting dependent.
-                            let outcome = Err(error);
-                            if let Some(awaiting) = &awaiting {
-                                awaiting.ended(&outcome, false);
-                            }
-                            let _ = shared.completions.send(Completion::Done {
-                                key,
-                                client,
-                                deps,
-                                outcome,
-                                retrying: false,
-                                recorded: redelivered,
-                                bundle,
-                                run_us: 0,
-                                kept: None,
-                            });
+                            end_unrun(key, client, deps, error, redelivered);
                             return;
                         }
                         Handoff::Dropped => {
@@ -1488,21 +1493,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         crate::lost::Admission::Run { permit, isolation } => (permit, isolation),
                         crate::lost::Admission::Lost(error) => {
                             warn!(%error, "task lost its worker too often; not running it");
-                            let outcome = Err(error);
-                            if let Some(awaiting) = &awaiting {
-                                awaiting.ended(&outcome, false);
-                            }
-                            let _ = shared.completions.send(Completion::Done {
-                                key,
-                                client,
-                                deps,
-                                outcome,
-                                retrying: false,
-                                recorded: true,
-                                bundle,
-                                run_us: 0,
-                                kept: None,
-                            });
+                            end_unrun(key, client, deps, error, true);
                             return;
                         }
                         crate::lost::Admission::GivenBack => {
@@ -1534,21 +1525,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                         "flotilla::Cancelled",
                         format!("`{key}` was cancelled before it started"),
                     );
-                    let outcome = Err(error);
-                    if let Some(awaiting) = &awaiting {
-                        awaiting.ended(&outcome, false);
-                    }
-                    let _ = shared.completions.send(Completion::Done {
-                        key,
-                        client,
-                        deps,
-                        outcome,
-                        retrying: false,
-                        recorded: redelivered,
-                        bundle,
-                        run_us: 0,
-                        kept: None,
-                    });
+                    end_unrun(key, client, deps, error, redelivered);
                     return;
                 }
                 let slot = Slot::new(shared.slots.clone(), permit, shared.window.clone());
