@@ -6,12 +6,14 @@
 //! The broker's copy (`link.rs`) stays the one that counts: it is
 //! confirmed, acknowledged, and sent again after a reconnection; a copy
 //! lost here (no subscription yet, Redis restarting) costs only the time
-//! the broker's takes. Events are idempotent, so whichever copy comes first
-//! settles a future and the other changes nothing. This path has its own
-//! replay guard: the two copies carry the same nonce.
+//! the broker's takes. Only `Finished` events are taken from this copy: a
+//! finished future never changes again, so whichever copy comes first
+//! settles it and the other changes nothing (a failed one may be reset by
+//! `Client::retry`, and must not be failed again by a late second copy).
+//! This path has its own replay guard: the two copies carry the same nonce.
 
 use crate::inner::ClientInner;
-use flotilla_proto::{EventBatch, Purpose};
+use flotilla_proto::{Event, EventBatch, Purpose};
 use futures_core::Stream;
 use std::pin::Pin;
 use std::sync::Weak;
@@ -79,8 +81,13 @@ fn apply(client: &ClientInner, bytes: &[u8]) {
         client.config.max_payload + (1 << 20),
     ) {
         Ok(batch) => {
+            // Only results: a failure comes once, through the broker. A
+            // second copy of it could fail a future again after
+            // `Client::retry` reset it.
             for event in batch.events {
-                client.apply(event);
+                if matches!(event, Event::Finished { .. }) {
+                    client.apply(event);
+                }
             }
         }
         Err(error) => debug!(%error, "a completion batch from Redis did not open"),

@@ -127,6 +127,9 @@ struct TaskEntry {
     /// Boxed: most entries never fail, and an inline error would double
     /// every entry's size.
     error: Option<Box<TaskError>>,
+    /// Its client asked to retry it before its failure reached the
+    /// scheduler (the client heard first): it runs again once it does.
+    retry_asked: bool,
 }
 
 impl TaskEntry {
@@ -146,6 +149,7 @@ impl TaskEntry {
             watchers: Vec::new(),
             worker: None,
             error: None,
+            retry_asked: false,
         }
     }
 
@@ -904,12 +908,15 @@ impl Core {
             );
         }
         let forgotten = task.forgotten;
+        let retry_asked = std::mem::take(&mut task.retry_asked);
         let dependents = std::mem::take(&mut task.dependents);
         for dependent in dependents {
             self.fail(&dependent, error.clone(), comm);
         }
         if forgotten {
             self.drop_task(key, false, comm);
+        } else if retry_asked {
+            self.retry(&[key.to_owned()], comm);
         }
     }
 
@@ -1137,12 +1144,18 @@ impl Core {
         }
     }
 
-    /// Runs failed tasks again, after their failed inputs.
+    /// Runs failed tasks again, after their failed inputs. A task still
+    /// processing here (its client heard of its failure before this
+    /// scheduler did) runs again once its failure comes.
     pub fn retry(&mut self, keys: &[String], comm: &mut impl Comm) {
         for key in keys {
-            let Some(task) = self.tasks.get(key) else {
+            let Some(task) = self.tasks.get_mut(key) else {
                 continue;
             };
+            if task.state == State::Processing {
+                task.retry_asked = true;
+                continue;
+            }
             if task.state != State::Erred || task.spec.is_none() {
                 continue;
             }

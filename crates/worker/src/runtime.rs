@@ -1881,6 +1881,10 @@ async fn complete_loop(
             let mut confirms = Vec::with_capacity(plan.events.len());
             for (client, events) in plan.events {
                 let event_count = events.len();
+                // (The client takes only results from the Redis copy.)
+                let has_results = events
+                    .iter()
+                    .any(|event| matches!(event, flotilla_proto::Event::Finished { .. }));
                 let bytes = codec.encode(
                     Purpose::Events,
                     &EventBatch {
@@ -1888,7 +1892,10 @@ async fn complete_loop(
                         events,
                     },
                 );
-                if event_count <= PUBSUB_EVENTS_COUNT && bytes.len() <= PUBSUB_EVENTS_MAX {
+                if has_results
+                    && event_count <= PUBSUB_EVENTS_COUNT
+                    && bytes.len() <= PUBSUB_EVENTS_MAX
+                {
                     // The same batch through Redis too, which the client
                     // hears a RabbitMQ hop sooner (the broker's copy stays
                     // the one that counts: it is confirmed and acknowledged).

@@ -1509,3 +1509,20 @@ fn reports_of_unknown_keys_are_kept_a_while_only() {
     h.finished("gone", None, 0);
     assert!(h.core.is_empty());
 }
+
+#[test]
+fn a_retry_that_overtakes_the_failure_runs_the_task_again_once_it_comes() {
+    let mut h = Harness::with_worker(1);
+    h.submit(vec![spec("a", &[])]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a"]);
+    // The client heard of the failure first and asked for a retry.
+    h.retry(&keys(&["a"]));
+    h.comm.expect_none();
+    let error = TaskError::new(ErrorKind::User, "E", "boom").at("a", "t");
+    h.erred("a", error, false);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a"], "run again");
+    h.finished("a", None, 0);
+    assert!(h.core.is_empty());
+}
