@@ -14,6 +14,7 @@
 
 use crate::inner::ClientInner;
 use flotilla_proto::{Event, EventBatch, Purpose};
+use flotilla_runtime::supervise::Backoff;
 use futures_core::Stream;
 use std::pin::Pin;
 use std::sync::Weak;
@@ -22,17 +23,17 @@ use tracing::debug;
 
 /// How long connecting and subscribing may take.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to wait before subscribing again after a failure.
-const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often a quiet subscription checks that its client is still there.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Follows the client's channel for as long as the client lives,
-/// subscribing again after a failure.
+/// subscribing again after a failure (paced like the other reconnections).
 pub(crate) async fn follow(client: Weak<ClientInner>, url: String, channel: String) {
+    let mut backoff = Backoff::default();
     while client.strong_count() > 0 {
         match subscribe(&url, &channel).await {
             Ok(mut pubsub) => {
+                backoff = Backoff::default();
                 let mut messages = pubsub.on_message();
                 loop {
                     let next = std::future::poll_fn(|cx| Pin::new(&mut messages).poll_next(cx));
@@ -51,7 +52,7 @@ pub(crate) async fn follow(client: Weak<ClientInner>, url: String, channel: Stri
             }
             Err(error) => debug!(%error, "subscribing to the completion channel failed"),
         }
-        tokio::time::sleep(RETRY_AFTER).await;
+        tokio::time::sleep(backoff.next_pause()).await;
     }
 }
 

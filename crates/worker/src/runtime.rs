@@ -1424,24 +1424,27 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
-                // Ends the task unrun, with `error`; the next link of its
-                // chain, if any, hears it too.
-                let end_unrun = |key, client, deps, error, recorded| {
-                    let outcome = Err(error);
+                // Reports how the task ended; the next link of its chain,
+                // if any, hears it first.
+                let report = |key, client, deps, outcome: TaskOutcome, retrying, recorded, run_us| {
                     if let Some(awaiting) = &awaiting {
-                        awaiting.ended(&outcome, false);
+                        awaiting.ended(&outcome, retrying);
                     }
                     let _ = shared.completions.send(Completion::Done {
                         key,
                         client,
                         deps,
                         outcome,
-                        retrying: false,
+                        retrying,
                         recorded,
                         bundle,
-                        run_us: 0,
+                        run_us,
                         kept: None,
                     });
+                };
+                // Ends the task unrun, with `error`.
+                let end_unrun = |key, client, deps, error, recorded| {
+                    report(key, client, deps, Err(error), false, recorded, 0);
                 };
                 // A link of a chain waits for the input before it.
                 let mut local = Vec::new();
@@ -1546,20 +1549,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 drop(isolation);
                 let run_us = crate::bundle::run_us(began.elapsed());
                 let retrying = retrying(may_retry, &outcome);
-                if let Some(awaiting) = &awaiting {
-                    awaiting.ended(&outcome, retrying);
-                }
-                let _ = shared.completions.send(Completion::Done {
-                    key,
-                    client,
-                    deps,
-                    outcome,
-                    retrying,
-                    recorded: redelivered,
-                    bundle,
-                    run_us,
-                    kept: None,
-                });
+                report(key, client, deps, outcome, retrying, redelivered, run_us);
             }
             .instrument(span),
         );
