@@ -202,7 +202,10 @@ async fn check(workload: &Workload, salt: i64, started: Instant) -> (usize, usiz
         match f.result_timeout(left()).await {
             Ok(v) if v == salt + i as i64 => {}
             Err(Error::Timeout { .. }) => unresolved += 1,
-            _ => lost += 1,
+            other => {
+                eprintln!("lost: slow task {i}: {other:?}");
+                lost += 1
+            }
         }
         slowest = slowest.max(started.elapsed().as_secs_f64());
     }
@@ -210,7 +213,10 @@ async fn check(workload: &Workload, salt: i64, started: Instant) -> (usize, usiz
         match f.result_timeout(left()).await {
             Ok(v) if v == salt + c as i64 + 50 => {}
             Err(Error::Timeout { .. }) => unresolved += 1,
-            _ => lost += 1,
+            other => {
+                eprintln!("lost: chain {c}: {other:?}");
+                lost += 1
+            }
         }
     }
     for (s, f) in workload.sums.iter().enumerate() {
@@ -220,7 +226,10 @@ async fn check(workload: &Workload, salt: i64, started: Instant) -> (usize, usiz
         match f.result_timeout(left()).await {
             Ok(v) if v == expected => {}
             Err(Error::Timeout { .. }) => unresolved += 1,
-            _ => lost += 1,
+            other => {
+                eprintln!("lost: sum {s}: {other:?}");
+                lost += 1
+            }
         }
     }
     slowest = slowest.max(started.elapsed().as_secs_f64());

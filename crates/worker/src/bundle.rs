@@ -32,6 +32,14 @@ pub const INLINE_RESULT_LIMIT: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct BundleId(u64);
 
+#[cfg(test)]
+impl BundleId {
+    /// Bundle `n`, for tests.
+    pub(crate) fn of(n: u64) -> Self {
+        BundleId(n)
+    }
+}
+
 /// What the core asks the runtime to do about a delivery.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Effect<D> {

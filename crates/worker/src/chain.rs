@@ -23,7 +23,15 @@
 //!
 //! A waiter that ends (failed with its input's error, or run) hands its own
 //! outcome to the next link the same way.
+//!
+//! Hand-offs are kept by delivery and task: the same tasks may arrive again
+//! in another delivery while the first is still winding down (given back to
+//! the queue and redelivered to this worker, or sent again after a lapsed
+//! custody), and a link of the second must never hear of the end of its
+//! input in the first (a task given back there would send the link off to
+//! read a value never stored).
 
+use crate::bundle::BundleId;
 use crate::registry::TaskOutcome;
 use bytes::Bytes;
 use flotilla_proto::TaskError;
@@ -60,27 +68,31 @@ struct Awaited {
     until_stored: bool,
 }
 
-/// The tasks awaited by others of their delivery, by key.
+/// An awaited task: its delivery and its key.
+type Id = (BundleId, String);
+
+/// The tasks awaited by others of their delivery, by delivery and key.
 #[derive(Default)]
 pub(crate) struct Handoffs {
-    awaited: Mutex<HashMap<String, Awaited>>,
+    awaited: Mutex<HashMap<Id, Awaited>>,
 }
 
 impl Handoffs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Awaited>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Awaited>> {
         self.awaited.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A task of the delivery being accepted waits for `key`, of the same
-    /// delivery: what it will learn.
-    pub(crate) fn expect(&self, key: &str) -> watch::Receiver<Handoff> {
+    /// A task of `bundle`, the delivery being accepted, waits for `key`,
+    /// of the same delivery: what it will learn.
+    pub(crate) fn expect(&self, bundle: BundleId, key: &str) -> watch::Receiver<Handoff> {
         let mut awaited = self.lock();
-        match awaited.get(key) {
+        let id = (bundle, key.to_owned());
+        match awaited.get(&id) {
             Some(entry) => entry.tx.subscribe(),
             None => {
                 let (tx, rx) = watch::channel(Handoff::Pending);
                 awaited.insert(
-                    key.to_owned(),
+                    id,
                     Awaited {
                         tx,
                         until_stored: false,
@@ -91,15 +103,15 @@ impl Handoffs {
         }
     }
 
-    fn send(&self, key: &str, handoff: Handoff) {
-        if let Some(entry) = self.lock().remove(key) {
+    fn send(&self, id: &Id, handoff: Handoff) {
+        if let Some(entry) = self.lock().remove(id) {
             entry.tx.send_replace(handoff);
         }
     }
 
-    /// The awaited task `key` ended with `outcome` (with `retrying`, a
+    /// The awaited task `id` ended with `outcome` (with `retrying`, a
     /// failure to be run again: its waiters go their own way).
-    pub(crate) fn ended(&self, key: &str, outcome: &TaskOutcome, retrying: bool) {
+    fn ended(&self, key: &Id, outcome: &TaskOutcome, retrying: bool) {
         match outcome {
             _ if retrying => self.send(key, Handoff::Gone),
             Err(error) => self.send(key, Handoff::Failed(error.clone())),
@@ -116,7 +128,7 @@ impl Handoffs {
 
     /// The awaited task `key` ends without an outcome here (unless it gave
     /// one already): its waiters go their own way.
-    pub(crate) fn gone(&self, key: &str) {
+    fn gone(&self, key: &Id) {
         let mut awaited = self.lock();
         if awaited.get(key).is_some_and(|entry| !entry.until_stored) {
             if let Some(entry) = awaited.remove(key) {
@@ -125,16 +137,18 @@ impl Handoffs {
         }
     }
 
-    /// The batch holding these tasks' outcomes was stored and announced
-    /// (`ok`), or not: the waiters for a large value read it, or leave.
-    pub(crate) fn stored<'a>(&self, keys: impl Iterator<Item = &'a str>, ok: bool) {
+    /// The batch holding these tasks' outcomes (delivery and key) was
+    /// stored and announced (`ok`), or not: the waiters for a large value
+    /// read it, or leave.
+    pub(crate) fn stored<'a>(&self, keys: impl Iterator<Item = (BundleId, &'a str)>, ok: bool) {
         let mut awaited = self.lock();
         if awaited.is_empty() {
             return;
         }
-        for key in keys {
-            if awaited.get(key).is_some_and(|entry| entry.until_stored) {
-                if let Some(entry) = awaited.remove(key) {
+        for (bundle, key) in keys {
+            let id = (bundle, key.to_owned());
+            if awaited.get(&id).is_some_and(|entry| entry.until_stored) {
+                if let Some(entry) = awaited.remove(&id) {
                     entry.tx.send_replace(if ok {
                         Handoff::Stored
                     } else {
@@ -171,30 +185,33 @@ pub(crate) async fn wait(mut rx: watch::Receiver<Handoff>) -> Handoff {
 /// outcome.
 pub(crate) struct Awaiting {
     handoffs: Arc<Handoffs>,
-    key: String,
+    id: Id,
 }
 
 impl Awaiting {
-    /// The guard of awaited task `key`.
-    pub(crate) fn new(handoffs: Arc<Handoffs>, key: String) -> Self {
-        Awaiting { handoffs, key }
+    /// The guard of awaited task `key` of delivery `bundle`.
+    pub(crate) fn new(handoffs: Arc<Handoffs>, bundle: BundleId, key: String) -> Self {
+        Awaiting {
+            handoffs,
+            id: (bundle, key),
+        }
     }
 
     /// The task ended with `outcome`.
     pub(crate) fn ended(&self, outcome: &TaskOutcome, retrying: bool) {
-        self.handoffs.ended(&self.key, outcome, retrying);
+        self.handoffs.ended(&self.id, outcome, retrying);
     }
 
     /// The task leaves unrun with the task it waited for, whose delivery
     /// goes back to the queue: its own waiters leave too.
     pub(crate) fn dropped(&self) {
-        self.handoffs.send(&self.key, Handoff::Dropped);
+        self.handoffs.send(&self.id, Handoff::Dropped);
     }
 }
 
 impl Drop for Awaiting {
     fn drop(&mut self) {
-        self.handoffs.gone(&self.key);
+        self.handoffs.gone(&self.id);
     }
 }
 
@@ -207,48 +224,58 @@ mod tests {
         rx.borrow().clone()
     }
 
+    fn id(key: &str) -> Id {
+        (BundleId::of(0), key.to_owned())
+    }
+
     #[test]
     fn a_small_value_is_copied_to_every_waiter_and_its_entry_goes() {
         let handoffs = Handoffs::default();
-        let (a, b) = (handoffs.expect("p"), handoffs.expect("p"));
-        assert!(matches!(now(&a), Handoff::Pending));
-        handoffs.ended("p", &Ok(Encoded::from_vec(vec![1, 2])), false);
-        for rx in [a, b] {
+        let b = BundleId::of(0);
+        let (x, y) = (handoffs.expect(b, "p"), handoffs.expect(b, "p"));
+        assert!(matches!(now(&x), Handoff::Pending));
+        handoffs.ended(&id("p"), &Ok(Encoded::from_vec(vec![1, 2])), false);
+        for rx in [x, y] {
             assert!(matches!(now(&rx), Handoff::Value(v) if v.as_ref() == [1, 2]));
         }
         assert!(handoffs.lock().is_empty());
         // Ending again (a duplicate key) finds nobody: nothing happens.
-        handoffs.ended("p", &Ok(Encoded::from_vec(vec![3])), false);
-        handoffs.gone("p");
+        handoffs.ended(&id("p"), &Ok(Encoded::from_vec(vec![3])), false);
+        handoffs.gone(&id("p"));
     }
 
     #[test]
     fn an_error_fails_the_waiter_and_a_retried_one_lets_it_go() {
         let handoffs = Handoffs::default();
+        let b = BundleId::of(0);
         let error = TaskError::new(ErrorKind::User, "E", "boom");
-        let rx = handoffs.expect("p");
-        handoffs.ended("p", &Err(error.clone()), false);
+        let rx = handoffs.expect(b, "p");
+        handoffs.ended(&id("p"), &Err(error.clone()), false);
         assert!(matches!(now(&rx), Handoff::Failed(e) if e == error));
-        let rx = handoffs.expect("q");
-        handoffs.ended("q", &Err(error), true);
+        let rx = handoffs.expect(b, "q");
+        handoffs.ended(&id("q"), &Err(error), true);
         assert!(matches!(now(&rx), Handoff::Gone));
     }
 
     #[test]
     fn a_large_value_is_handed_over_once_stored_or_dropped_with_its_batch() {
         let handoffs = Arc::new(Handoffs::default());
+        let b = BundleId::of(0);
         let large = Ok(Encoded::from_vec(vec![0; COPY_LIMIT + 1]));
-        let (p, q) = (handoffs.expect("p"), handoffs.expect("q"));
+        let (p, q) = (handoffs.expect(b, "p"), handoffs.expect(b, "q"));
         for key in ["p", "q"] {
-            let guard = Awaiting::new(handoffs.clone(), key.to_owned());
+            let guard = Awaiting::new(handoffs.clone(), b, key.to_owned());
             guard.ended(&large, false);
             // The task's run is over: its guard goes, the value is not
             // stored yet, so the waiter still waits.
             drop(guard);
         }
         assert!(matches!(now(&p), Handoff::Pending));
-        handoffs.stored(["p", "other"].into_iter(), true);
-        handoffs.stored(["q"].into_iter(), false);
+        // The same key of another delivery is not this one.
+        handoffs.stored([(BundleId::of(1), "p")].into_iter(), false);
+        assert!(matches!(now(&p), Handoff::Pending));
+        handoffs.stored([(b, "p"), (b, "other")].into_iter(), true);
+        handoffs.stored([(b, "q")].into_iter(), false);
         assert!(matches!(now(&p), Handoff::Stored));
         assert!(matches!(now(&q), Handoff::Dropped));
         assert!(handoffs.lock().is_empty());
@@ -257,12 +284,31 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_ends_without_an_outcome_lets_its_waiters_go() {
         let handoffs = Arc::new(Handoffs::default());
-        let rx = handoffs.expect("p");
+        let b = BundleId::of(0);
+        let rx = handoffs.expect(b, "p");
         let waiter = tokio::spawn(wait(rx));
-        drop(Awaiting::new(handoffs.clone(), "p".to_owned()));
+        drop(Awaiting::new(handoffs.clone(), b, "p".to_owned()));
         assert!(matches!(waiter.await.unwrap(), Handoff::Gone));
-        let rx = handoffs.expect("q");
+        let rx = handoffs.expect(b, "q");
         handoffs.close();
         assert!(matches!(wait(rx).await, Handoff::Dropped));
+    }
+
+    #[test]
+    fn a_second_delivery_of_the_same_tasks_never_hears_the_first() {
+        // Delivery 0 is given back; before its tasks have wound down, the
+        // same chain arrives again as delivery 1 on this worker.
+        let handoffs = Arc::new(Handoffs::default());
+        let (first, second) = (BundleId::of(0), BundleId::of(1));
+        let old = handoffs.expect(first, "p");
+        let new = handoffs.expect(second, "p");
+        // The first delivery's `p` leaves unrun: only its own waiter goes
+        // its way; the second's still waits for its own `p`.
+        drop(Awaiting::new(handoffs.clone(), first, "p".to_owned()));
+        assert!(matches!(now(&old), Handoff::Gone));
+        assert!(matches!(now(&new), Handoff::Pending));
+        let guard = Awaiting::new(handoffs.clone(), second, "p".to_owned());
+        guard.ended(&Ok(Encoded::from_vec(vec![7])), false);
+        assert!(matches!(now(&new), Handoff::Value(v) if v.as_ref() == [7]));
     }
 }

@@ -1400,7 +1400,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                     .deps
                     .iter()
                     .filter(|dep| **dep != task.spec.key && keys.contains(dep.as_str()))
-                    .map(|dep| (dep.clone(), shared.handoffs.expect(dep)))
+                    .map(|dep| (dep.clone(), shared.handoffs.expect(bundle, dep)))
                     .collect()
             })
             .collect()
@@ -1416,7 +1416,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
         let claim = claim.clone();
         let awaiting = awaited
             .contains(&task.spec.key)
-            .then(|| Awaiting::new(shared.handoffs.clone(), task.spec.key.clone()));
+            .then(|| Awaiting::new(shared.handoffs.clone(), bundle, task.spec.key.clone()));
         let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
         tokio::spawn(
             async move {
@@ -1926,7 +1926,7 @@ async fn complete_loop(
         let effects = held.completed(&batch, &plan.released, stored, published);
         held.handoffs.stored(
             batch.iter().filter_map(|completion| match completion {
-                Completion::Done { key, .. } => Some(key.as_str()),
+                Completion::Done { bundle, key, .. } => Some((*bundle, key.as_str())),
                 Completion::Started { .. } => None,
             }),
             stored && published,
