@@ -19,6 +19,8 @@ mod support;
 
 #[path = "chaos/alarm.rs"]
 mod alarm;
+#[path = "chaos/cluster.rs"]
+mod cluster;
 #[path = "chaos/full.rs"]
 mod full;
 #[path = "chaos/hol.rs"]
@@ -99,6 +101,7 @@ fn spawn_filtered(
             config.replay_window_ms.to_string(),
         )
         .env("FLOTILLA_AMQP_URL", &config.amqp_url)
+        .env("FLOTILLA_QUEUE_TYPE", config.queue_type.as_str())
         .env("FLOTILLA_REDIS_URL", &config.redis_url)
         .env("FLOTILLA_NAMESPACE", &config.namespace)
         .env("FLOTILLA_MAX_PAYLOAD", config.max_payload.to_string())
@@ -1027,7 +1030,9 @@ async fn redelivered_tasks_that_lost_their_worker_too_often_err_worker_lost() {
         .await
         .unwrap();
     let channel = dying.create_channel().await.unwrap();
-    transport::declare_topology(&channel, &names).await.unwrap();
+    transport::declare_topology(&channel, &names, config.queue_type)
+        .await
+        .unwrap();
     channel
         .basic_publish(
             transport::name(""),

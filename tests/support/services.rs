@@ -198,6 +198,109 @@ impl PrivateRabbit {
     }
 }
 
+impl PrivateRabbit {
+    /// Runs `rabbitmqctl -n <node> args...` on it and returns what it
+    /// printed; panics when that fails.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let output = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// A RabbitMQ cluster of our own: private nodes (see [`PrivateRabbit`]),
+/// booted side by side, the others joined to the first with
+/// `rabbitmqctl join_cluster`. Dropping it stops every node, side by side.
+pub struct RabbitCluster {
+    pub nodes: Vec<PrivateRabbit>,
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        let nodes = std::mem::take(&mut self.nodes);
+        std::thread::scope(|scope| {
+            for node in nodes {
+                scope.spawn(move || drop(node));
+            }
+        });
+    }
+}
+
+impl RabbitCluster {
+    /// Starts a cluster of `size` nodes; returns once every node runs in it.
+    pub fn start(size: usize) -> RabbitCluster {
+        let nodes: Vec<PrivateRabbit> = std::thread::scope(|scope| {
+            let booting: Vec<_> = (0..size)
+                .map(|_| scope.spawn(PrivateRabbit::start))
+                .collect();
+            booting
+                .into_iter()
+                .map(|node| node.join().expect("a node boots"))
+                .collect()
+        });
+        let first = nodes[0].node.clone();
+        for node in &nodes[1..] {
+            node.ctl(&["stop_app"]);
+            node.ctl(&["join_cluster", &first]);
+            node.ctl(&["start_app"]);
+            wait_for_port(node.port, Duration::from_secs(60), "a joined RabbitMQ node");
+        }
+        let cluster = RabbitCluster { nodes };
+        let status = cluster.nodes[0].ctl_output(&["cluster_status", "--formatter", "json"]);
+        for node in &cluster.nodes {
+            assert!(
+                status.contains(&node.node),
+                "{} is in the cluster: {status}",
+                node.node
+            );
+        }
+        cluster
+    }
+
+    /// The nodes' AMQP URLs, separated by commas (`FLOTILLA_AMQP_URL`).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(PrivateRabbit::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The type of `queue` and the index of the node that leads it (for a
+    /// quorum queue; a classic queue's node), asked of node `via`.
+    pub fn queue_leader(&self, queue: &str, via: usize) -> (String, Option<usize>) {
+        let listed = self.nodes[via].ctl_output(&[
+            "list_queues",
+            "name",
+            "type",
+            "leader",
+            "--quiet",
+            "--no-table-headers",
+        ]);
+        for line in listed.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.first() == Some(&queue) {
+                let kind = fields.get(1).copied().unwrap_or_default().to_owned();
+                let leader = fields
+                    .get(2)
+                    .and_then(|leader| self.nodes.iter().position(|n| n.node == *leader));
+                return (kind, leader);
+            }
+        }
+        panic!("queue {queue} is not listed: {listed}");
+    }
+}
+
 impl Drop for PrivateRabbit {
     fn drop(&mut self) {
         let _ = Command::new("rabbitmqctl")

@@ -47,12 +47,13 @@ pub(crate) async fn open_link(
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    transport::declare_topology(&publish, names).await?;
+    transport::declare_topology(&publish, names, config.queue_type).await?;
     let queue = names.client_queue(id);
     let exchange = names.events_exchange();
     transport::declare_private_queue(
         &publish,
         names,
+        config.queue_type,
         &queue,
         Some((&exchange, &Names::client_binding(id))),
     )

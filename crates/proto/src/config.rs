@@ -37,6 +37,16 @@ pub const DEFAULT_SCHEDULER_MAX_TASKS: usize = 100_000;
 /// Default shared-memory directory ([`Config::shm_dir`]).
 pub const DEFAULT_SHM_DIR: &str = "/dev/shm";
 
+/// The URLs of a RabbitMQ URL list: `url` split at its commas, each
+/// trimmed, empty ones left out. (A comma inside a password must be
+/// percent-encoded, `%2C`, as URLs require anyway.)
+pub fn amqp_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
 /// The shared secret with which messages and results are signed
 /// (`FLOTILLA_SECRET`). Its `Debug` output never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -97,6 +107,15 @@ pub enum ConfigError {
         /// The policy Redis reported.
         policy: String,
     },
+    /// `FLOTILLA_QUEUE_TYPE` is neither `classic` nor `quorum`.
+    #[error("invalid value {value:?} for FLOTILLA_QUEUE_TYPE: expected `classic` or `quorum`")]
+    QueueType {
+        /// What was given.
+        value: String,
+    },
+    /// `FLOTILLA_AMQP_URL` lists no URL.
+    #[error("FLOTILLA_AMQP_URL (--amqp-url) lists no URL")]
+    NoAmqpUrl,
     /// A numeric setting did not parse.
     #[error("invalid value {value:?} for {name}: expected a whole number")]
     Number {
@@ -107,11 +126,62 @@ pub enum ConfigError {
     },
 }
 
+/// How a namespace's shared, durable queues are declared on RabbitMQ
+/// (`FLOTILLA_QUEUE_TYPE`): the task queue, the scheduler's two queues and
+/// the dead-letter queue. A process's own queue (which expires after its
+/// owner) and an actor host's exclusive queue stay classic whatever this
+/// says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues (the default): on one node of a cluster, not
+    /// replicated.
+    #[default]
+    Classic,
+    /// Quorum queues (`x-queue-type: quorum`): replicated over the cluster's
+    /// nodes by Raft, and the documented choice for a RabbitMQ cluster; a
+    /// queue survives the loss of a minority of its nodes. Workers then ask
+    /// for a per-consumer prefetch, since quorum queues refuse a
+    /// channel-wide one (see `docs/operations.md`, "Run it on a cluster").
+    Quorum,
+}
+
+impl QueueType {
+    /// The value of `x-queue-type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = ConfigError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            _ => Err(ConfigError::QueueType {
+                value: value.to_owned(),
+            }),
+        }
+    }
+}
+
 /// Where a Flotilla cluster lives: its broker, its Redis and its namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// RabbitMQ URL (`amqp://` or `amqps://`, credentials included).
+    /// RabbitMQ URL (`amqp://` or `amqps://`, credentials included), or
+    /// several separated by commas: the nodes of a RabbitMQ cluster, tried
+    /// in turn when connecting and reconnecting (see
+    /// [`Config::amqp_urls`]).
     pub amqp_url: String,
+    /// How the namespace's shared queues are declared
+    /// (`FLOTILLA_QUEUE_TYPE`: `classic`, the default, or `quorum`). Every
+    /// process of the namespace needs the same: RabbitMQ refuses to declare
+    /// a queue again with another type.
+    pub queue_type: QueueType,
     /// Redis URL (`redis://` or `rediss://`).
     pub redis_url: String,
     /// Prefix of every queue and key name.
@@ -188,6 +258,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             amqp_url: DEFAULT_AMQP_URL.to_owned(),
+            queue_type: QueueType::Classic,
             redis_url: DEFAULT_REDIS_URL.to_owned(),
             namespace: DEFAULT_NAMESPACE.to_owned(),
             max_payload: DEFAULT_MAX_PAYLOAD,
@@ -205,7 +276,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_REDIS_URL`, `FLOTILLA_NAMESPACE`,
+    /// Reads `FLOTILLA_AMQP_URL`, `FLOTILLA_QUEUE_TYPE`, `FLOTILLA_REDIS_URL`,
+    /// `FLOTILLA_NAMESPACE`,
     /// `FLOTILLA_MAX_PAYLOAD`, `FLOTILLA_CLIENT_LEASE_MS`,
     /// `FLOTILLA_LONG_TASK_MS`, `FLOTILLA_ALLOWED_FAILURES`, `FLOTILLA_SECRET`,
     /// `FLOTILLA_REPLAY_WINDOW_MS`, `FLOTILLA_ALLOW_EVICTION`,
@@ -225,6 +297,9 @@ impl Config {
         }
         if let Some(url) = set("FLOTILLA_REDIS_URL") {
             config.redis_url = url;
+        }
+        if let Some(kind) = set("FLOTILLA_QUEUE_TYPE") {
+            config.queue_type = kind.parse()?;
         }
         if let Some(ns) = set("FLOTILLA_NAMESPACE") {
             config.namespace = ns;
@@ -293,9 +368,18 @@ impl Config {
         Ok(config)
     }
 
+    /// The RabbitMQ URLs of [`Config::amqp_url`], in the order given: one
+    /// for a single broker, one per node of a cluster.
+    pub fn amqp_urls(&self) -> Vec<&str> {
+        amqp_urls(&self.amqp_url)
+    }
+
     /// Checks the settings that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_namespace(&self.namespace)?;
+        if self.amqp_urls().is_empty() {
+            return Err(ConfigError::NoAmqpUrl);
+        }
         let checks: [(&'static str, u64, u64, u64, &'static str); 6] = [
             (
                 "FLOTILLA_REPLAY_WINDOW_MS",
@@ -375,6 +459,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_is_a_list_of_urls_and_its_queues_may_be_quorum() {
+        let config = Config::from_lookup(|name| match name {
+            "FLOTILLA_AMQP_URL" => Some(" amqp://a:5672/%2f ,amqp://b:5672/%2f,".into()),
+            "FLOTILLA_QUEUE_TYPE" => Some("Quorum".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(
+            config.amqp_urls(),
+            ["amqp://a:5672/%2f", "amqp://b:5672/%2f"]
+        );
+        assert_eq!(config.queue_type, QueueType::Quorum);
+        assert_eq!(Config::default().queue_type, QueueType::Classic);
+        let wrong = Config::from_lookup(|n| (n == "FLOTILLA_QUEUE_TYPE").then(|| "stream".into()));
+        assert!(wrong
+            .unwrap_err()
+            .to_string()
+            .contains("`classic` or `quorum`"));
+        let empty = Config::from_lookup(|n| (n == "FLOTILLA_AMQP_URL").then(|| ",".into()));
+        assert!(matches!(empty, Err(ConfigError::NoAmqpUrl)));
+    }
 
     #[test]
     fn defaults_apply_when_unset() {

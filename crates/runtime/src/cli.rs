@@ -9,6 +9,7 @@ use flotilla_proto::Config;
 /// `--help` (`after_help`).
 pub const ENVIRONMENT_HELP: &str = "\
 Environment only (every process of a namespace):
+  FLOTILLA_QUEUE_TYPE        classic or quorum: how the namespace's shared queues are declared (quorum on a RabbitMQ cluster) [default: classic]
   FLOTILLA_SECRET            sign and check every message and result with this shared secret [default: unset]
   FLOTILLA_MAX_PAYLOAD       largest payload inside a message (actor call arguments, primitive value, result), in bytes; task arguments and scattered values are not capped [default: 67108864]
   FLOTILLA_LONG_TASK_MS      a delivery held this long is acknowledged, its tasks kept in custody [default: 300000]
@@ -22,9 +23,9 @@ Environment only (every process of a namespace):
 /// its environment variable, then to [`Config`]'s default.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ConnectionArgs {
-    /// RabbitMQ URL, credentials and TLS (amqps://) included (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+    /// RabbitMQ URL, credentials and TLS (amqps://) included, or the URLs of a cluster's nodes separated by commas (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
     #[arg(
-        help = "RabbitMQ URL, credentials and TLS (amqps://) included [default: amqp://guest:guest@127.0.0.1:5672/%2f]",
+        help = "RabbitMQ URL, credentials and TLS (amqps://) included; a cluster's nodes: several, separated by commas [default: amqp://guest:guest@127.0.0.1:5672/%2f]",
         long,
         value_name = "URL",
         env = "FLOTILLA_AMQP_URL",

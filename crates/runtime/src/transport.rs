@@ -3,7 +3,7 @@
 //! Every process declares what it uses (declarations are idempotent), so
 //! any of them may start first.
 
-use flotilla_proto::Names;
+use flotilla_proto::{Names, QueueType};
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -11,19 +11,69 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How long a client's or worker's own queue outlives its owner's
 /// connection, so that a process that reconnects in time finds its messages.
 pub const PRIVATE_QUEUE_EXPIRY_MS: i64 = 60_000;
 
-/// Opens a RabbitMQ connection named `name` (shown in the management UI).
+/// The node of a RabbitMQ cluster's URL list that was connected to last:
+/// the process's next connection (a reconnect, another of its connections)
+/// tries it first, then the others in turn. Before the first, none
+/// (`usize::MAX`): a process starts at the node its process id picks, so
+/// that a cluster's processes spread over its nodes.
+static LAST_NODE: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Opens a RabbitMQ connection named `name` (shown in the management UI)
+/// to the broker at `url`, or to one node of a cluster when `url` lists
+/// several, separated by commas.
+///
+/// The nodes are tried in turn, from the one that answered last, until one
+/// accepts: a node that is down refuses at once, and the next is tried. The
+/// error of the last one is returned when none does.
+pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
+    let urls = flotilla_proto::amqp_urls(url);
+    if urls.len() <= 1 {
+        return connect_node(urls.first().copied().unwrap_or(url), name).await;
+    }
+    let start = match LAST_NODE.load(Ordering::Relaxed) {
+        usize::MAX => std::process::id() as usize % urls.len(),
+        last => last,
+    };
+    let mut failed = None;
+    for turn in 0..urls.len() {
+        let index = (start + turn) % urls.len();
+        match connect_node(urls[index], name).await {
+            Ok(connection) => {
+                LAST_NODE.store(index, Ordering::Relaxed);
+                return Ok(connection);
+            }
+            Err(error) => {
+                tracing::warn!(node = %node_address(urls[index]), %error, "RabbitMQ node unreachable; trying the next");
+                failed = Some(error);
+            }
+        }
+    }
+    Err(failed.expect("at least two nodes were tried"))
+}
+
+/// `host:port` of an AMQP URL, for logs (the URL itself may carry
+/// credentials).
+pub fn node_address(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => format!("{}:{}", uri.authority.host, uri.authority.port),
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
+/// Opens a RabbitMQ connection named `name` to one broker node.
 ///
 /// A refused port is reported at once. A server that accepts the
 /// connection but does not answer the AMQP handshake within
 /// [`SLOW_HANDSHAKE`] is asked what it is: a Redis (which silently waits
 /// for more of what it takes for a command) is reported at once, naming the
 /// likely mistake, rather than after [`AMQP_CONNECT_TIMEOUT`].
-pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
+async fn connect_node(url: &str, name: &str) -> lapin::Result<Connection> {
     let properties =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
     let connecting = Connection::connect(url, properties);
@@ -70,12 +120,20 @@ pub async fn connect_amqp(url: &str, name: &str) -> lapin::Result<Connection> {
 pub const WORKER_HEARTBEAT_SECS: u16 = 10;
 
 /// `url` asking for an AMQP heartbeat of `seconds` (lapin then takes the
-/// lower of it and the broker's). A `heartbeat` already in the URL's query
-/// is kept: what an operator wrote there wins. `0` leaves `url` as is (the
-/// broker's value).
+/// lower of it and the broker's); each URL of a list. A `heartbeat` already
+/// in a URL's query is kept: what an operator wrote there wins. `0` leaves
+/// `url` as is (the broker's value).
 pub fn with_heartbeat(url: &str, seconds: u16) -> String {
     if seconds == 0 {
         return url.to_owned();
+    }
+    let urls = flotilla_proto::amqp_urls(url);
+    if urls.len() > 1 {
+        return urls
+            .iter()
+            .map(|url| with_heartbeat(url, seconds))
+            .collect::<Vec<_>>()
+            .join(",");
     }
     let query = url.split_once('?').map_or("", |(_, query)| query);
     if query
@@ -282,6 +340,19 @@ pub fn private_queue_arguments(names: &Names) -> FieldTable {
     args
 }
 
+/// `args` with `x-queue-type` set to `kind`: the arguments of a shared,
+/// durable queue of the namespace. Classic queues are declared without it,
+/// as before, so that queues declared by earlier versions stay equivalent.
+pub fn typed(mut args: FieldTable, kind: QueueType) -> FieldTable {
+    if kind != QueueType::Classic {
+        args.insert(
+            short("x-queue-type"),
+            AMQPValue::LongString(LongString::from(kind.as_str())),
+        );
+    }
+    args
+}
+
 async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
     let options = QueueDeclareOptions {
         durable: true,
@@ -295,8 +366,14 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
 
 /// Declares the exchanges and shared queues of a namespace: the events
 /// exchange, the dead-letter exchange and queue, the shared task queue, and
-/// the scheduler's two queues.
-pub async fn declare_topology(channel: &Channel, names: &Names) -> lapin::Result<()> {
+/// the scheduler's two queues; the queues of type `kind` (every process of
+/// a namespace must give the same: RabbitMQ refuses a queue declared again
+/// with another type, `PRECONDITION_FAILED`).
+pub async fn declare_topology(
+    channel: &Channel,
+    names: &Names,
+    kind: QueueType,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -325,7 +402,12 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> lapin::Result
             FieldTable::default(),
         )
         .await?;
-    declare_queue(channel, &names.dead_letter_queue(), FieldTable::default()).await?;
+    declare_queue(
+        channel,
+        &names.dead_letter_queue(),
+        typed(FieldTable::default(), kind),
+    )
+    .await?;
     channel
         .queue_bind(
             short(&names.dead_letter_queue()),
@@ -340,7 +422,7 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> lapin::Result
         names.scheduler_queue(),
         names.scheduler_events_queue(),
     ] {
-        declare_queue(channel, &queue, queue_arguments(names)).await?;
+        declare_queue(channel, &queue, typed(queue_arguments(names), kind)).await?;
     }
     channel
         .queue_bind(
@@ -354,15 +436,23 @@ pub async fn declare_topology(channel: &Channel, names: &Names) -> lapin::Result
 }
 
 /// Declares a process's own queue (`names.client_queue(..)` or
-/// `names.worker_queue(..)`), optionally bound to an exchange
-/// (`(exchange, binding key)`).
+/// `names.worker_queue(..)`) of type `kind`, optionally bound to an
+/// exchange (`(exchange, binding key)`).
+///
+/// Of the namespace's type too: a durable classic queue lives on one node
+/// of a cluster, and while that node is down it can be declared on no
+/// other (`NOT_FOUND`, its home node is down), so its owner, reconnected to
+/// another node, would have no queue; a quorum queue is on every node.
+/// It expires all the same a while after its owner is gone (`x-expires`,
+/// which quorum queues keep).
 pub async fn declare_private_queue(
     channel: &Channel,
     names: &Names,
+    kind: QueueType,
     queue: &str,
     binding: Option<(&str, &str)>,
 ) -> lapin::Result<()> {
-    declare_queue(channel, queue, private_queue_arguments(names)).await?;
+    declare_queue(channel, queue, typed(private_queue_arguments(names), kind)).await?;
     if let Some((exchange, key)) = binding {
         channel
             .queue_bind(
@@ -558,6 +648,47 @@ mod tests {
         assert_eq!(with_heartbeat(base, 0), base, "0: the broker's value");
         let parsed: lapin::uri::AMQPUri = with_heartbeat(base, 7).parse().unwrap();
         assert_eq!(parsed.query.heartbeat, Some(7));
+    }
+
+    #[test]
+    fn every_node_of_a_list_asks_for_the_heartbeat() {
+        let list = "amqp://a:5672/%2f, amqp://b:5673/%2f?heartbeat=30,";
+        assert_eq!(
+            with_heartbeat(list, 10),
+            "amqp://a:5672/%2f?heartbeat=10,amqp://b:5673/%2f?heartbeat=30"
+        );
+        assert_eq!(node_address("amqp://u:secret@h:5673/%2f"), "h:5673");
+    }
+
+    #[test]
+    fn only_quorum_queues_name_their_type() {
+        assert!(typed(FieldTable::default(), QueueType::Classic)
+            .inner()
+            .is_empty());
+        let quorum = typed(FieldTable::default(), QueueType::Quorum);
+        assert_eq!(
+            quorum.inner().get("x-queue-type"),
+            Some(&AMQPValue::LongString(LongString::from("quorum")))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_list_is_tried_in_turn_until_a_node_answers() {
+        // A port nothing listens on, then the test's RabbitMQ.
+        let dead = {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            socket.local_addr().unwrap().port()
+        };
+        let live = std::env::var("FLOTILLA_AMQP_URL")
+            .unwrap_or_else(|_| flotilla_proto::DEFAULT_AMQP_URL.to_owned());
+        let list = format!("amqp://guest:guest@127.0.0.1:{dead}/%2f,{live}");
+        let connection = connect_amqp(&list, "list test").await.unwrap();
+        assert!(connection.status().connected());
+        close(&connection, "done").await;
+        let none = format!(
+            "amqp://guest:guest@127.0.0.1:{dead}/%2f,amqp://guest:guest@127.0.0.1:{dead}/%2f"
+        );
+        assert!(connect_amqp(&none, "list test").await.is_err());
     }
 
     #[test]

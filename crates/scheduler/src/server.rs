@@ -335,7 +335,7 @@ async fn serve(
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    transport::declare_topology(&publish, &names).await?;
+    transport::declare_topology(&publish, &names, config.queue_type).await?;
     let broker = hooks
         .broker
         .get_or_insert_with(|| tokio::sync::watch::channel(Default::default()).0)

@@ -720,10 +720,17 @@ async fn serve(
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    transport::declare_topology(&publish, &names).await?;
+    transport::declare_topology(&publish, &names, config.queue_type).await?;
     let own_queue = names.worker_queue(&id);
     let control = names.control_exchange();
-    transport::declare_private_queue(&publish, &names, &own_queue, Some((&control, ""))).await?;
+    transport::declare_private_queue(
+        &publish,
+        &names,
+        config.queue_type,
+        &own_queue,
+        Some((&control, "")),
+    )
+    .await?;
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
     let store = Store::redis(redis.clone(), names.clone());
@@ -858,9 +865,16 @@ async fn serve(
     // the channel has) is the wide one, narrowed to the slots while the
     // worker sheds or always with `prefetch_per_slot`, unless fixed; the
     // own queue on another channel.
+    //
+    // Quorum queues refuse a channel-wide prefetch, and a per-consumer one
+    // applies only to consumers that start after it: on them the window is
+    // the wide one, fixed (a worker stuck on long tasks still gives back
+    // what it holds unstarted, but the broker may offer it here again
+    // until another worker takes it).
     let consume = connection.create_channel().await?;
-    let channel_wide = BasicQosOptions { global: true };
-    let steering = options.prefetch.is_none().then(|| Steering {
+    let quorum = config.queue_type == flotilla_proto::QueueType::Quorum;
+    let channel_wide = BasicQosOptions { global: !quorum };
+    let steering = (options.prefetch.is_none() && !quorum).then(|| Steering {
         consume: consume.clone(),
         window: shared.window.clone(),
         core: shared.core.clone(),

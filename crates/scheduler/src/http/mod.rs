@@ -363,6 +363,8 @@ struct Shared {
     /// The address the listener is bound to (the allowed hosts' port).
     bound: SocketAddr,
     amqp_url: String,
+    /// How the namespace's shared queues are declared.
+    queue_type: flotilla_proto::QueueType,
     redis_url: String,
     max_payload: usize,
     /// Checks the signatures of tapped events.
@@ -393,6 +395,7 @@ impl Shared {
             access,
             bound,
             amqp_url: config.amqp_url.clone(),
+            queue_type: config.queue_type,
             redis_url: config.redis_url.clone(),
             max_payload: config.max_payload,
             codec: flotilla_proto::Codec::new(config),

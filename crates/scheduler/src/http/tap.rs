@@ -43,7 +43,7 @@ async fn tap(shared: &Shared) -> Result<(), String> {
     let result = async {
         let channel = within(connection.create_channel()).await?;
         // The events exchange may not exist yet if the scheduler is starting.
-        within(transport::declare_topology(&channel, names)).await?;
+        within(transport::declare_topology(&channel, names, shared.queue_type)).await?;
         let queue = format!(
             "{}.monitor.{}",
             names.namespace(),
