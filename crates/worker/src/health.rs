@@ -3,7 +3,7 @@
 //!
 //! With [`WorkerOptions::health_file`](crate::WorkerOptions::health_file)
 //! set (`flotilla-worker --health-file PATH`, `FLOTILLA_HEALTH_FILE`), the
-//! worker writes that file after every heartbeat the broker took (every
+//! worker writes that file after every heartbeat it published (every
 //! [`HEARTBEAT`](crate::HEARTBEAT), 2 s), and before each attempt to
 //! reconnect after losing RabbitMQ or Redis. Its modification time so says
 //! when the worker last showed it is working or trying to: a worker that

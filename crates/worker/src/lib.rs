@@ -115,7 +115,7 @@ struct Args {
     /// At most this many bytes of kept results stay in the worker's memory; beyond it the oldest are spilled to Redis, e.g. 2G [default: no bound]
     #[arg(long, value_name = "BYTES", env = "FLOTILLA_DATA_MEMORY", value_parser = parse_bytes)]
     data_memory: Option<u64>,
-    /// Write this file after every heartbeat the broker took (and before each reconnection attempt), for a liveness probe to check its age with --check-health
+    /// Write this file after every heartbeat it published (and before each reconnection attempt), for a liveness probe to check its age with --check-health
     #[arg(long, value_name = "PATH", env = "FLOTILLA_HEALTH_FILE")]
     health_file: Option<std::path::PathBuf>,
     /// Do not run: exit 0 if the --health-file was written within MAX_AGE (e.g. 60s), else print why and exit 1 (a liveness probe's command)

@@ -131,7 +131,7 @@ pub struct WorkerOptions {
     /// Keep large results here and serve them over a data connection
     /// (issue 15; see [`DataOptions`]); `None`: every result goes to Redis.
     pub data: Option<DataOptions>,
-    /// Write this file after every heartbeat the broker took and before
+    /// Write this file after every heartbeat it published and before
     /// each reconnection attempt, for a liveness probe (see
     /// [`crate::health`]); `None` (the default): no file.
     pub health_file: Option<std::path::PathBuf>,
