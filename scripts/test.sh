@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests and the end-to-end tests, which run
-# against a real RabbitMQ and Redis (each test in its own namespace).
+# The whole test suite: the Kubernetes manifests of deploy/ (rendered and
+# validated, scripts/validate-deploy.sh), unit tests and the end-to-end
+# tests, which run against a real RabbitMQ and Redis (each test in its own
+# namespace).
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh chaos           # extra arguments go to the test runner
@@ -20,6 +22,10 @@ cd "$ROOT"
 banner() { printf '\n==================== %s ====================\n' "$*"; }
 
 banner "Flotilla test suite"
+
+# Cheap, so first: the Kubernetes manifests render and match the schemas.
+banner "deploy/: kubectl kustomize + schema validation"
+bash "$ROOT/scripts/validate-deploy.sh"
 
 banner "services (RabbitMQ, Redis)"
 bash "$ROOT/scripts/services.sh"

@@ -27,12 +27,15 @@
 //! - [`linked`]: which crates' tasks are linked in; the start-up check.
 //! - [`run`] and [`WorkerOptions`]: the worker's main loop, for embedding
 //!   (`flotilla::LocalCluster` runs workers in-process with it).
+//! - [`health`]: the health file a process supervisor's probe checks
+//!   (`--health-file`, `--check-health`).
 
 pub mod actors;
 mod args;
 mod bundle;
 mod cache;
 mod chain;
+pub mod health;
 mod kept;
 pub mod linked;
 mod lost;
@@ -112,6 +115,12 @@ struct Args {
     /// At most this many bytes of kept results stay in the worker's memory; beyond it the oldest are spilled to Redis, e.g. 2G [default: no bound]
     #[arg(long, value_name = "BYTES", env = "FLOTILLA_DATA_MEMORY", value_parser = parse_bytes)]
     data_memory: Option<u64>,
+    /// Write this file after every heartbeat it published (and before each reconnection attempt), for a liveness probe to check its age with --check-health
+    #[arg(long, value_name = "PATH", env = "FLOTILLA_HEALTH_FILE")]
+    health_file: Option<std::path::PathBuf>,
+    /// Do not run: exit 0 if the --health-file was written within MAX_AGE (e.g. 60s), else print why and exit 1 (a liveness probe's command)
+    #[arg(long, value_name = "MAX_AGE", value_parser = max_age, requires = "health_file")]
+    check_health: Option<std::time::Duration>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -177,6 +186,11 @@ fn shed_after(text: &str) -> Result<Shed, String> {
     Ok(Shed(Some(after).filter(|after| !after.is_zero())))
 }
 
+fn max_age(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|error| format!("expects a duration like 60s or 2m: {error}"))
+}
+
 fn heartbeat(text: &str) -> Result<usize, String> {
     whole_number_in(text, 0, 3600)
 }
@@ -208,6 +222,19 @@ pub fn main() {
 /// linking `my_tasks`.
 pub fn main_serving(task_crates: &[&str]) {
     let args = Args::parse();
+    if let (Some(max_age), Some(path)) = (args.check_health, &args.health_file) {
+        // A probe: says how the worker that writes the file is, and exits.
+        match health::check(path, max_age) {
+            Ok(age) => {
+                println!("healthy: last heartbeat {:.1} s ago", age.as_secs_f64());
+                std::process::exit(0)
+            }
+            Err(why) => {
+                eprintln!("unhealthy: {why}");
+                std::process::exit(1)
+            }
+        }
+    }
     args.log.init();
     match linked::check(task_crates) {
         Ok(crates) => tracing::info!(task_crates = ?crates, "tasks and actors linked in, by crate"),
@@ -252,6 +279,7 @@ pub fn main_serving(task_crates: &[&str]) {
             .data_memory
             .map(|bytes| usize::try_from(bytes).unwrap_or(usize::MAX)),
     });
+    options.health_file = args.health_file;
     // A process can be replaced, so a stuck thread need not haunt it.
     options.retire_when_stuck = true;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -409,6 +437,9 @@ mod tests {
             "FLOTILLA_DATA_MEMORY",
             "--on-stuck <ACTION>",
             "FLOTILLA_ON_STUCK",
+            "--health-file <PATH>",
+            "FLOTILLA_HEALTH_FILE",
+            "--check-health <MAX_AGE>",
             "restart: Re-execute",
             "exit:    Exit with status 75",
         ] {
@@ -488,6 +519,27 @@ mod tests {
             &["flotilla-worker", "--resources", "GPU"],
             &["flotilla-worker", "--on-stuck", "hang"],
             &["flotilla-worker", "--nope"],
+        ] {
+            let error = super::Args::try_parse_from(wrong).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn the_health_probe_needs_the_file_and_an_age() {
+        let args =
+            super::Args::try_parse_from(["w", "--health-file", "/tmp/h", "--check-health", "90s"])
+                .unwrap();
+        assert_eq!(
+            args.health_file.as_deref(),
+            Some(std::path::Path::new("/tmp/h"))
+        );
+        assert_eq!(args.check_health, Some(std::time::Duration::from_secs(90)));
+        let worker = super::Args::try_parse_from(["w", "--health-file", "/tmp/h"]).unwrap();
+        assert_eq!(worker.check_health, None, "writing the file is not probing");
+        for wrong in [
+            &["w", "--check-health", "60s"][..],
+            &["w", "--health-file", "/tmp/h", "--check-health", "soon"],
         ] {
             let error = super::Args::try_parse_from(wrong).unwrap_err();
             assert_eq!(error.exit_code(), 2, "{wrong:?}");

@@ -131,6 +131,10 @@ pub struct WorkerOptions {
     /// Keep large results here and serve them over a data connection
     /// (issue 15; see [`DataOptions`]); `None`: every result goes to Redis.
     pub data: Option<DataOptions>,
+    /// Write this file after every heartbeat it published and before
+    /// each reconnection attempt, for a liveness probe (see
+    /// [`crate::health`]); `None` (the default): no file.
+    pub health_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -147,6 +151,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("memory_limit", &self.memory_limit)
             .field("retire_when_stuck", &self.retire_when_stuck)
             .field("data", &self.data)
+            .field("health_file", &self.health_file)
             .finish_non_exhaustive()
     }
 }
@@ -166,6 +171,7 @@ impl WorkerOptions {
             memory_limit: None,
             retire_when_stuck: false,
             data: Some(DataOptions::default()),
+            health_file: None,
         }
     }
 }
@@ -574,7 +580,14 @@ async fn supervise(
     let result = async {
         let stop = Stop::new(shutdown);
         let mut attempts = Attempts::default();
+        let health = crate::health::HealthFile::new(options.health_file.clone());
+        let mut reconnecting = false;
         loop {
+            if reconnecting {
+                // Trying to get back to the broker is being alive.
+                health.touch();
+            }
+            reconnecting = true;
             let mut up = false;
             let result = run_inner(&options, &stop, &mut ready, &mut up, kept.clone()).await;
             if let Err(WorkerError::Retired { .. }) = result {
@@ -836,6 +849,8 @@ async fn serve(
     };
     let codec = shared.codec.clone();
     announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await?;
+    let health = crate::health::HealthFile::new(options.health_file.clone());
+    health.touch();
     let heartbeat = {
         let publish = publish.clone();
         let names = names.clone();
@@ -844,10 +859,9 @@ async fn serve(
             let mut tick = tokio::time::interval(HEARTBEAT);
             loop {
                 tick.tick().await;
-                if let Err(error) =
-                    announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await
-                {
-                    warn!(%error, "heartbeat failed");
+                match announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await {
+                    Ok(()) => health.touch(),
+                    Err(error) => warn!(%error, "heartbeat failed"),
                 }
             }
         })

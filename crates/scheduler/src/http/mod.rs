@@ -19,6 +19,8 @@
 //! | ----- | ---- |
 //! | `GET /` | the live dashboard (one self-contained page, polls `/api/status`) |
 //! | `GET /metrics` | Prometheus text format |
+//! | `GET /health` | liveness: `200` whenever the server answers |
+//! | `GET /ready` | readiness: `200` while connected to RabbitMQ and Redis (active or standby), `503` otherwise |
 //! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks, whether the broker blocks publishers (`broker_blocked`); the last `N` one-second samples |
 //! | `GET /api/workers` | the workers |
 //! | `GET /api/tasks[?state=S][&limit=N]` | tasks in the scheduler's table (`S`: `waiting`, `ready`, `processing`, `finished`, `erred`) |
@@ -62,11 +64,14 @@
 //!   run-time histogram), as JSON and as Prometheus text (`/metrics`);
 //! - `probes`: the loops that read snapshots, queue depths and Redis memory;
 //! - `tap`: the worker-event tap that runs while someone watches;
-//! - `dashboard`: the page at `/` (`dashboard.html`).
+//! - `dashboard`: the page at `/` (`dashboard.html`);
+//! - `health`: `/health` and `/ready`, for process supervisors (Kubernetes'
+//!   probes), and why a standby is ready.
 
 mod api;
 mod auth;
 mod dashboard;
+mod health;
 mod metrics;
 mod probes;
 mod tap;
@@ -266,6 +271,8 @@ fn router(shared: Arc<Shared>) -> Router {
         ("/", read(get(dashboard::page))),
         ("/index.html", read(get(dashboard::page))),
         ("/metrics", read(get(metrics::prometheus))),
+        ("/health", read(get(health::health))),
+        ("/ready", read(get(health::ready))),
         ("/api/status", read(get(api::status))),
         ("/api/workers", read(get(api::workers))),
         ("/api/tasks", read(get(api::tasks))),
@@ -516,6 +523,55 @@ mod tests {
         let accepted = post("127.0.0.1:1").header(header::AUTHORIZATION, &good);
         assert_eq!(send(&shared, accepted).await.status(), 202);
         assert!(control.try_recv().is_ok());
+    }
+
+    #[tokio::test]
+    async fn health_answers_and_ready_follows_the_scheduler_snapshots() {
+        use crate::server::Role;
+        let (shared, hooks) = shared();
+        let body = |r: Response| async move {
+            serde_json::from_slice::<Value>(&to_bytes(r.into_body(), MAX_BODY).await.unwrap())
+                .unwrap()
+        };
+        let health = call(&shared, "GET", "/health", None).await;
+        assert_eq!(health.status(), 200);
+        assert_eq!(body(health).await["status"], "ok");
+        let starting = call(&shared, "GET", "/ready", None).await;
+        assert_eq!(starting.status(), 503, "no snapshot yet: not connected");
+        assert_eq!(body(starting).await["role"], "starting");
+
+        // A standby's snapshot, as `stand_by` publishes it and the sample
+        // loop records it: connected, so ready, and says which it is.
+        let mut snapshot = Snapshot::empty("flotilla", Role::Standby);
+        snapshot.leader = Some("abc|7".into());
+        let snapshot = Arc::new(snapshot);
+        hooks
+            .status
+            .as_ref()
+            .unwrap()
+            .send(snapshot.clone())
+            .unwrap();
+        shared.monitor().on_snapshot(&snapshot, Instant::now());
+        let standby = call(&shared, "GET", "/ready/", None).await;
+        assert_eq!(standby.status(), 200);
+        let standby = body(standby).await;
+        assert_eq!(standby["role"], "standby");
+        assert_eq!(standby["leader"], "abc|7");
+
+        // Silent for longer than FRESH: reconnecting, not ready; /health
+        // still answers.
+        shared.monitor().last_snapshot = Instant::now().checked_sub(health::FRESH * 2);
+        assert_eq!(call(&shared, "GET", "/ready", None).await.status(), 503);
+        assert_eq!(call(&shared, "GET", "/health", None).await.status(), 200);
+        assert_eq!(call(&shared, "POST", "/ready", None).await.status(), 405);
+        let foreign = Request::builder()
+            .uri("/health")
+            .header(header::HOST, "attacker.example:1");
+        assert_eq!(send(&shared, foreign).await.status(), 421);
+        assert!(
+            !shared.is_watched(),
+            "probes every few seconds must not keep the event tap on"
+        );
     }
 
     #[tokio::test]
