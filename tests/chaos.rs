@@ -1197,10 +1197,13 @@ async fn starts(config: &Config, counter: &str) -> u64 {
 
 #[tokio::test]
 async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() {
-    // A broker that enforces a 2 s consumer timeout, checked every 200 ms.
+    // A broker that enforces a 4 s consumer timeout, checked every 200 ms:
+    // 3.5 s more than the workers' 500 ms custody delay, for a machine
+    // loaded by the rest of the suite (with 2 s, a hand-off delayed 1.5 s
+    // by load once let the broker take a 6 s task back).
     let rabbit = tokio::task::spawn_blocking(|| {
         PrivateRabbit::start_with(
-            "consumer_timeout = 2000\n",
+            "consumer_timeout = 4000\n",
             "[{rabbit, [{channel_tick_interval, 200}]}].",
         )
     })
@@ -1241,7 +1244,7 @@ async fn chaos_tasks_outlast_the_broker_consumer_timeout_and_a_custodian_kill() 
         .await
         .unwrap()
         .expect("the probe message");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(
         !channel.status().connected(),
         "the broker closes a channel holding a delivery past consumer_timeout"
