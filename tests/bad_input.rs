@@ -289,6 +289,47 @@ async fn an_amqp_url_at_redis_port_says_so() {
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
 }
 
+/// A process whose `FLOTILLA_QUEUE_TYPE` differs from the namespace's
+/// queues (classic ones meeting quorum queues) cannot declare them: it says
+/// so, naming the argument, and stops, rather than retrying.
+#[tokio::test]
+async fn a_process_with_another_queue_type_than_its_namespace_says_so() {
+    let mut quorum = support::fresh_config("queue-type");
+    quorum.queue_type = flotilla_proto::QueueType::Quorum;
+    let connection = flotilla_runtime::transport::connect_amqp(&quorum.amqp_url, "queue type test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    flotilla_runtime::transport::declare_topology(&channel, &quorum.names(), quorum.queue_type)
+        .await
+        .unwrap();
+    let mut classic = quorum.clone();
+    classic.queue_type = flotilla_proto::QueueType::Classic;
+
+    let started = Instant::now();
+    let error = flotilla::Client::connect(classic.clone())
+        .await
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    println!("client: {error} after {elapsed:?}");
+    assert!(
+        error.to_string().contains("x-queue-type") && error.to_string().contains("needs the same"),
+        "{error}"
+    );
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    for binary in ["flotilla-scheduler", "flotilla-worker"] {
+        let (success, log, elapsed) = run_binary(binary, &classic, Duration::from_secs(30));
+        println!("{binary}: exited after {elapsed:?}:\n{log}");
+        assert!(!success, "{binary} stops");
+        assert!(
+            log.contains("FLOTILLA_QUEUE_TYPE: every process of a namespace needs the same"),
+            "{binary} says why:\n{log}"
+        );
+    }
+    flotilla::purge(&quorum).await.unwrap();
+    flotilla_runtime::transport::close(&connection, "done").await;
+}
+
 // ---------------------------------------------------------------- logs
 
 /// A scheduler logging to a pipe (a file, a log collector) writes no ANSI

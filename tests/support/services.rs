@@ -160,13 +160,17 @@ impl PrivateRabbit {
 
     /// Runs `rabbitmqctl -n <node> args...` on it; panics when that fails.
     pub fn ctl(&self, args: &[&str]) {
-        if let Err(error) = self.try_ctl(args) {
-            panic!("{error}");
-        }
+        self.ctl_output(args);
     }
 
-    /// Runs `rabbitmqctl -n <node> args...` on it.
-    fn try_ctl(&self, args: &[&str]) -> Result<(), String> {
+    /// Runs `rabbitmqctl -n <node> args...` on it and returns what it
+    /// printed; panics when that fails.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        self.try_ctl(args).unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Runs `rabbitmqctl -n <node> args...` on it; what it printed.
+    fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
         let output = Command::new("rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
@@ -175,7 +179,7 @@ impl PrivateRabbit {
             .output()
             .expect("rabbitmqctl runs");
         if output.status.success() {
-            Ok(())
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
             Err(format!(
                 "rabbitmqctl {args:?} failed: {}",
@@ -195,26 +199,6 @@ impl PrivateRabbit {
             Duration::from_secs(60),
             "the restarted RabbitMQ node",
         );
-    }
-}
-
-impl PrivateRabbit {
-    /// Runs `rabbitmqctl -n <node> args...` on it and returns what it
-    /// printed; panics when that fails.
-    pub fn ctl_output(&self, args: &[&str]) -> String {
-        let output = Command::new("rabbitmqctl")
-            .arg("-n")
-            .arg(&self.node)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            output.status.success(),
-            "rabbitmqctl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
 

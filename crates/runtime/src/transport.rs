@@ -362,6 +362,25 @@ async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> lapin
         .queue_declare(short(name), options, args)
         .await
         .map(drop)
+        .map_err(|error| {
+            // The broker's words name the argument, not the setting.
+            if error
+                .to_string()
+                .contains("inequivalent arg 'x-queue-type'")
+            {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{error} — the namespace's queues were declared with another \
+                         FLOTILLA_QUEUE_TYPE: every process of a namespace needs the same \
+                         (classic or quorum; docs/operations.md, \"Run it on a cluster\")"
+                    ),
+                )
+                .into()
+            } else {
+                error
+            }
+        })
 }
 
 /// Declares the exchanges and shared queues of a namespace: the events
