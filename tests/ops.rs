@@ -473,6 +473,48 @@ async fn a_chain_runs_link_after_link_in_its_heads_delivery_and_a_failure_ends_i
 
 // A lone task with no input goes from its client straight to the task
 // queue, and the scheduler counts it as sent (issue 16, item 1).
+/// The worker's health file, for Kubernetes' exec probe: written after each
+/// heartbeat, so `flotilla-worker --check-health` passes while the worker
+/// runs; once the worker is gone the file ages and the check fails,
+/// saying why.
+#[tokio::test]
+async fn the_worker_health_file_follows_its_heartbeats_and_the_check_reads_it() {
+    let dir = std::env::temp_dir().join(format!(
+        "flotilla-health-{}",
+        &flotilla_proto::new_id()[..12]
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("worker.health");
+    let path = file.to_str().unwrap().to_owned();
+    let check = |max_age: &str| {
+        std::process::Command::new(binary("flotilla-worker"))
+            .args(["--health-file", &path, "--check-health", max_age])
+            .output()
+            .unwrap()
+    };
+    let mut p =
+        support::process::Processes::start("health-file", &[&["--health-file", &path]]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check("10s").status.success() {
+        assert!(Instant::now() < deadline, "no heartbeat noted in 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = std::fs::metadata(&file).unwrap().modified().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert!(later > first, "the file is written again at each heartbeat");
+
+    p.kill_workers();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let stale = check("2s");
+    let said = String::from_utf8_lossy(&stale.stdout).to_string()
+        + &String::from_utf8_lossy(&stale.stderr);
+    assert_eq!(stale.status.code(), Some(1), "{said}");
+    assert!(said.contains("last heartbeat"), "{said}");
+    p.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn a_lone_task_goes_straight_to_the_workers_and_the_scheduler_keeps_count() {
     let ops = Ops::start("ops-direct", &["direct-alpha", "direct-beta"]).await;
