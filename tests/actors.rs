@@ -272,3 +272,81 @@ async fn calls_go_straight_to_a_worker_with_a_data_connection_else_through_the_b
         p.stop().await;
     }
 }
+
+/// The client's connection for calls through the broker is lost (the
+/// broker restarts): a call waiting for its answer then fails with a clear
+/// error instead of waiting forever, and the client connects again for
+/// later calls (an actor created after the restart answers them).
+#[tokio::test]
+async fn calls_through_the_broker_fail_clearly_when_its_connection_is_lost_and_later_ones_connect_again(
+) {
+    use support::process::Processes;
+    use support::services::PrivateRabbit;
+    let rabbit = tokio::task::spawn_blocking(PrivateRabbit::start)
+        .await
+        .unwrap();
+    let mut config = support::fresh_config("actor-broker-lost");
+    config.amqp_url = rabbit.url();
+    let p = Processes::start_with(config, &[&["--data-addr", "off"]]).await;
+    let counter = p.client.submit_actor(Counter::new, ()).await.unwrap();
+    assert_eq!(counter.increment().await.unwrap(), 1);
+    // A call that takes 20 s, under way when the broker restarts.
+    let pending = counter.record_after(1, 20_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    tokio::task::spawn_blocking({
+        let node = rabbit.node.clone();
+        move || {
+            let status = std::process::Command::new("rabbitmqctl")
+                .args(["-n", &node, "stop_app"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    })
+    .await
+    .unwrap();
+    match pending.result_timeout(Duration::from_secs(15)).await {
+        Err(Error::Amqp(error)) => {
+            let message = error.to_string();
+            assert!(message.contains("may or may not have run"), "{message}");
+        }
+        other => panic!("the pending call fails with the lost connection: {other:?}"),
+    }
+    println!(
+        "the pending call failed {:?} after the broker stopped",
+        started.elapsed()
+    );
+    tokio::task::spawn_blocking({
+        let node = rabbit.node.clone();
+        move || {
+            let status = std::process::Command::new("rabbitmqctl")
+                .args(["-n", &node, "start_app"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    })
+    .await
+    .unwrap();
+    // The worker and the client reconnect; an actor created now answers.
+    let fresh = tokio::time::timeout(
+        Duration::from_secs(60),
+        p.client.submit_actor(Counter::starting_at, (10,)),
+    )
+    .await
+    .expect("an actor is created after the restart")
+    .unwrap();
+    let answered = fresh
+        .increment()
+        .result_timeout(Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        answered.unwrap(),
+        11,
+        "a call after the restart is answered"
+    );
+    drop((counter, fresh));
+    p.stop().await;
+    drop(rabbit);
+}

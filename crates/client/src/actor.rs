@@ -31,7 +31,11 @@
 //! reply-to, one round trip per call. Calls on one actor run one at a time,
 //! in the order they were made. The actor lives while any proxy of it lives
 //! in any client. If its worker dies, pending and later calls fail with
-//! [`Error::ActorLost`] (never hang); create a new actor to carry on.
+//! [`Error::ActorLost`] (never hang); create a new actor to carry on. If
+//! the client's own connection to RabbitMQ for calls is lost, the calls
+//! waiting for an answer through the broker fail with [`Error::Amqp`] (they
+//! may or may not have run), and the client connects again, with growing
+//! pauses, for the next calls.
 
 use crate::client::Client;
 use crate::error::{Error, Result};
@@ -374,10 +378,13 @@ enum Outgoing {
 }
 
 /// A client's side of actor calls: a connection of its own with one
-/// channel that publishes calls and consumes the direct replies.
+/// channel that publishes calls and consumes the direct replies, connected
+/// again (by [`link_loop`]) when it is lost.
 pub(crate) struct Caller {
     names: Names,
-    connection: Connection,
+    /// The connection of the current connected life, if any (the
+    /// watchdog's passive declares use it).
+    connection: Mutex<Option<Arc<Connection>>>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     pending: Mutex<HashMap<String, Pending>>,
     /// Workers whose actor queue is gone: calls to them fail at once.
@@ -419,39 +426,21 @@ impl Caller {
     }
 
     async fn connect(client: &Client) -> Result<Arc<Caller>> {
-        let config = client.config();
+        let config = client.config().clone();
         let names = config.names();
-        let connection = transport::connect_amqp(
-            &config.amqp_url,
-            &format!(
-                "flotilla-client {} actors ({})",
-                client.id(),
-                names.namespace()
-            ),
-        )
-        .await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        // Direct reply-to: consume before the first publish, without acks.
-        let replies = channel
-            .basic_consume(
-                name(DIRECT_REPLY_TO),
-                name(&format!("{}.actors", client.id())),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let label = format!(
+            "flotilla-client {} actors ({})",
+            client.id(),
+            names.namespace()
+        );
+        // The first connection is tried once: a client that cannot reach
+        // RabbitMQ for its first call says so.
+        let first = open_life(&config.amqp_url, &label).await?;
         let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
-        let (confirms, confirms_rx) = mpsc::unbounded_channel();
-        let codec = Codec::new(config);
+        let codec = Codec::new(&config);
         let caller = Arc::new(Caller {
             names: names.clone(),
-            connection,
+            connection: Mutex::new(None),
             outgoing,
             pending: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
@@ -460,20 +449,15 @@ impl Caller {
             runtime: tokio::runtime::Handle::current(),
             reply_limit: config.max_payload + (1 << 20),
         });
-        let weak = Arc::downgrade(&caller);
-        let tasks = vec![
-            tokio::spawn(publish_loop(
-                weak.clone(),
-                channel,
-                names,
-                codec.clone(),
-                outgoing_rx,
-                confirms,
-            )),
-            tokio::spawn(confirm_loop(weak.clone(), confirms_rx)),
-            tokio::spawn(reply_loop(weak, replies, codec, caller.reply_limit)),
-        ];
-        *caller.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        let link = tokio::spawn(link_loop(
+            Arc::downgrade(&caller),
+            first,
+            config.amqp_url.clone(),
+            label,
+            codec,
+            outgoing_rx,
+        ));
+        *caller.tasks.lock().unwrap_or_else(|p| p.into_inner()) = vec![link];
         Ok(caller)
     }
 
@@ -612,6 +596,43 @@ impl Caller {
         }
     }
 
+    /// Fails every call waiting for an answer through the broker: the
+    /// connection it was published and answered on is lost (`reason`), so
+    /// whether it ran is unknown and its answer cannot arrive. Calls on a
+    /// direct call connection go on.
+    fn connection_lost(&self, reason: &str) {
+        let cut: Vec<Pending> = {
+            let mut pending = self.pending();
+            let keys: Vec<String> = pending
+                .iter()
+                .filter(|(_, p)| p.via.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| pending.remove(k)).collect()
+        };
+        for pending in cut {
+            let error = std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!(
+                    "the client's connection for actor calls was lost before the answer of a call \
+                     to actor `{}` ({reason}): it may or may not have run",
+                    pending.actor
+                ),
+            );
+            pending
+                .state
+                .set_failed(Error::Amqp(Arc::new(lapin::Error::from(error))));
+        }
+    }
+
+    /// The connection of the current connected life.
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Starts the watchdog unless it runs.
     fn watch(self: &Arc<Self>) {
         if !self.watching.swap(true, Ordering::AcqRel) {
@@ -631,18 +652,138 @@ fn lost_error(actor: &str, worker: &str) -> Error {
     }
 }
 
-/// Publishes calls in the order they were made, and drop notices.
-async fn publish_loop(
-    caller: Weak<Caller>,
+/// One connected life of a caller: its connection, the channel that
+/// publishes calls (with confirms) and the consumer of their direct
+/// replies.
+struct Life {
+    connection: Arc<Connection>,
     channel: Channel,
-    names: Names,
+    replies: lapin::Consumer,
+}
+
+/// Connects a caller's life to RabbitMQ at `url` (a cluster's nodes, see
+/// [`transport::connect_amqp`]), named `label`.
+async fn open_life(url: &str, label: &str) -> Result<Life> {
+    let connection = transport::connect_amqp(url, label).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    // Direct reply-to: consume before the first publish, without acks.
+    let replies = channel
+        .basic_consume(
+            name(DIRECT_REPLY_TO),
+            name("actor-replies"),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(Life {
+        connection: Arc::new(connection),
+        channel,
+        replies,
+    })
+}
+
+/// Runs a caller's connected lives, from `first`: publishes its calls and
+/// settles their answers until the connection is lost, then fails the calls
+/// waiting for an answer through the broker, and connects again (paced by
+/// [`Backoff`](flotilla_runtime::supervise::Backoff)); calls made meanwhile
+/// wait in `outgoing` for the next life. Direct call connections outlive
+/// broker lives.
+async fn link_loop(
+    caller: Weak<Caller>,
+    first: Life,
+    url: String,
+    label: String,
     codec: Codec,
     mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
-    confirms: mpsc::UnboundedSender<(String, PublisherConfirm)>,
 ) {
     // Direct call connections by data address; `None`: it could not be
     // opened, so this worker's calls go through the broker from then on.
     let mut direct: HashMap<String, Option<mpsc::UnboundedSender<Vec<u8>>>> = HashMap::new();
+    let mut backoff = flotilla_runtime::supervise::Backoff::default();
+    let mut life = Some(first);
+    loop {
+        let Some(Life {
+            connection,
+            channel,
+            replies,
+        }) = life.take()
+        else {
+            tokio::time::sleep(backoff.next_pause()).await;
+            match open_life(&url, &label).await {
+                Ok(next) => {
+                    debug!("actor calls: connected to RabbitMQ again");
+                    backoff = Default::default();
+                    life = Some(next);
+                }
+                Err(error) => warn!(%error, "actor calls: RabbitMQ unreachable; retrying"),
+            }
+            continue;
+        };
+        let Some(me) = caller.upgrade() else { return };
+        *me.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+        let (names, limit) = (me.names.clone(), me.reply_limit);
+        drop(me);
+        let (confirms, confirms_rx) = mpsc::unbounded_channel();
+        let confirming = AbortOnDrop(tokio::spawn(confirm_loop(caller.clone(), confirms_rx)));
+        let reason = tokio::select! {
+            ended = publish_loop(&caller, &channel, &names, &codec, &mut outgoing, &mut direct, confirms) => match ended {
+                PublishEnd::Closed => return,
+                PublishEnd::Failed(reason) => reason,
+            },
+            () = reply_loop(caller.clone(), replies, codec.clone(), limit) => {
+                "its reply consumer ended".to_owned()
+            }
+        };
+        drop(confirming);
+        let Some(me) = caller.upgrade() else { return };
+        warn!(
+            reason,
+            "actor calls: the connection to RabbitMQ is lost; connecting again"
+        );
+        me.connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        me.connection_lost(&reason);
+        drop(me);
+        transport::close(&connection, "actor calls: connection lost").await;
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How a [`publish_loop`] ended.
+enum PublishEnd {
+    /// Every sender is gone: the caller is dropped.
+    Closed,
+    /// A publish failed: the connection is lost (why).
+    Failed(String),
+}
+
+/// Publishes calls in the order they were made, and drop notices, on
+/// `channel` until it fails.
+async fn publish_loop(
+    caller: &Weak<Caller>,
+    channel: &Channel,
+    names: &Names,
+    codec: &Codec,
+    outgoing: &mut mpsc::UnboundedReceiver<Outgoing>,
+    direct: &mut HashMap<String, Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    confirms: mpsc::UnboundedSender<(String, PublisherConfirm)>,
+) -> PublishEnd {
     while let Some(message) = outgoing.recv().await {
         match message {
             Outgoing::Call {
@@ -660,8 +801,7 @@ async fn publish_loop(
                     continue;
                 }
                 if let Some(addr) = addr {
-                    let sent =
-                        send_direct(&caller, &mut direct, &codec, &addr, &worker, &call).await;
+                    let sent = send_direct(caller, direct, codec, &addr, &worker, &call).await;
                     if sent {
                         continue;
                     }
@@ -687,8 +827,8 @@ async fn publish_loop(
                         let _ = confirms.send((call.call, confirm));
                     }
                     Err(error) => {
-                        warn!(%error, "publishing an actor call failed");
-                        return;
+                        // The call is pending: it fails with the others.
+                        return PublishEnd::Failed(format!("publishing a call failed: {error}"));
                     }
                 }
             }
@@ -710,6 +850,7 @@ async fn publish_loop(
             }
         }
     }
+    PublishEnd::Closed
 }
 
 /// Sends `call` on the direct call connection to `addr`, opening it first
@@ -918,7 +1059,12 @@ async fn watchdog(caller: Weak<Caller>) {
 /// Passive declare on a throwaway channel: a missing queue closes it (404);
 /// an exclusive queue of another connection answers 405, which means alive.
 async fn actor_queue_exists(caller: &Caller, worker: &str) -> bool {
-    let Ok(channel) = caller.connection.create_channel().await else {
+    // Between connected lives nothing is known; the calls waiting through
+    // the broker failed with the lost connection anyway.
+    let Some(connection) = caller.current() else {
+        return true;
+    };
+    let Ok(channel) = connection.create_channel().await else {
         return true;
     };
     let declared = channel
