@@ -277,7 +277,7 @@ async fn calls_go_straight_to_a_worker_with_a_data_connection_else_through_the_b
 /// broker restarts): a call waiting for its answer then fails with a clear
 /// error instead of waiting forever, and the client connects again for
 /// later calls (an actor created after the restart answers them).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_through_the_broker_fail_clearly_when_its_connection_is_lost_and_later_ones_connect_again(
 ) {
     use support::process::Processes;
@@ -294,18 +294,7 @@ async fn calls_through_the_broker_fail_clearly_when_its_connection_is_lost_and_l
     let pending = counter.record_after(1, 20_000);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    tokio::task::spawn_blocking({
-        let node = rabbit.node.clone();
-        move || {
-            let status = std::process::Command::new("rabbitmqctl")
-                .args(["-n", &node, "stop_app"])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-    })
-    .await
-    .unwrap();
+    tokio::task::block_in_place(|| rabbit.ctl(&["stop_app"]));
     match pending.result_timeout(Duration::from_secs(15)).await {
         Err(Error::Amqp(error)) => {
             let message = error.to_string();
@@ -317,18 +306,7 @@ async fn calls_through_the_broker_fail_clearly_when_its_connection_is_lost_and_l
         "the pending call failed {:?} after the broker stopped",
         started.elapsed()
     );
-    tokio::task::spawn_blocking({
-        let node = rabbit.node.clone();
-        move || {
-            let status = std::process::Command::new("rabbitmqctl")
-                .args(["-n", &node, "start_app"])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-    })
-    .await
-    .unwrap();
+    tokio::task::block_in_place(|| rabbit.ctl(&["start_app"]));
     // The worker and the client reconnect; an actor created now answers.
     let fresh = tokio::time::timeout(
         Duration::from_secs(60),
