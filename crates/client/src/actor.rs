@@ -46,6 +46,7 @@ use crate::state::FutureState;
 use flotilla_proto::{
     ActorCall, ActorInfo, ActorReply, Codec, Names, Purpose, ReplayGuard, Task, TaskError, ToWorker,
 };
+use flotilla_runtime::supervise::AbortOnDropHandle;
 use flotilla_runtime::transport::{self, name};
 use flotilla_task::actor::{ACTOR_LOST, CREATE_ACTOR, CREATE_ACTOR_FINGERPRINT};
 use flotilla_task::Actor;
@@ -465,6 +466,17 @@ impl Caller {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes the pending calls that `matches` picks (to be failed).
+    fn take_pending(&self, matches: impl Fn(&Pending) -> bool) -> Vec<Pending> {
+        let mut pending = self.pending();
+        let keys: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| matches(p))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.iter().filter_map(|k| pending.remove(k)).collect()
+    }
+
     fn is_lost(&self, worker: &str) -> bool {
         self.lost
             .lock()
@@ -545,16 +557,7 @@ impl Caller {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(worker.to_owned());
-        let lost: Vec<Pending> = {
-            let mut pending = self.pending();
-            let keys: Vec<String> = pending
-                .iter()
-                .filter(|(_, p)| p.worker == worker)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter().filter_map(|k| pending.remove(k)).collect()
-        };
-        for pending in lost {
+        for pending in self.take_pending(|p| p.worker == worker) {
             pending
                 .state
                 .set_failed(lost_error(&pending.actor, &pending.worker));
@@ -577,16 +580,7 @@ impl Caller {
     /// connection to `addr`, which closed: whether it ran is unknown, and
     /// its worker is most likely gone.
     fn direct_closed(&self, addr: &str, worker: &str) {
-        let closed: Vec<Pending> = {
-            let mut pending = self.pending();
-            let keys: Vec<String> = pending
-                .iter()
-                .filter(|(_, p)| p.via.as_deref() == Some(addr))
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter().filter_map(|k| pending.remove(k)).collect()
-        };
-        for pending in closed {
+        for pending in self.take_pending(|p| p.via.as_deref() == Some(addr)) {
             pending.state.set_failed(Error::ActorLost {
                 actor: pending.actor,
                 reason: format!(
@@ -601,16 +595,7 @@ impl Caller {
     /// whether it ran is unknown and its answer cannot arrive. Calls on a
     /// direct call connection go on.
     fn connection_lost(&self, reason: &str) {
-        let cut: Vec<Pending> = {
-            let mut pending = self.pending();
-            let keys: Vec<String> = pending
-                .iter()
-                .filter(|(_, p)| p.via.is_none())
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter().filter_map(|k| pending.remove(k)).collect()
-        };
-        for pending in cut {
+        for pending in self.take_pending(|p| p.via.is_none()) {
             let error = std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 format!(
@@ -730,7 +715,8 @@ async fn link_loop(
         let (names, limit) = (me.names.clone(), me.reply_limit);
         drop(me);
         let (confirms, confirms_rx) = mpsc::unbounded_channel();
-        let confirming = AbortOnDrop(tokio::spawn(confirm_loop(caller.clone(), confirms_rx)));
+        let confirming =
+            AbortOnDropHandle::new(tokio::spawn(confirm_loop(caller.clone(), confirms_rx)));
         let reason = tokio::select! {
             ended = publish_loop(&caller, &channel, &names, &codec, &mut outgoing, &mut direct, confirms) => match ended {
                 PublishEnd::Closed => return,
@@ -753,15 +739,6 @@ async fn link_loop(
         me.connection_lost(&reason);
         drop(me);
         transport::close(&connection, "actor calls: connection lost").await;
-    }
-}
-
-/// Aborts its task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

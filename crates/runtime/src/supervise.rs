@@ -30,6 +30,10 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// A spawned task's handle that aborts the task when dropped (tokio-util's):
+/// a background task that lives exactly as long as its owner.
+pub use tokio_util::task::AbortOnDropHandle;
+
 /// First pause before reconnecting.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 /// Longest pause between attempts.

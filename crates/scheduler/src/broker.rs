@@ -31,6 +31,7 @@
 use crate::core::WORKER_TIMEOUT;
 use flotilla_proto::{Config, Names};
 use flotilla_runtime::blocked::{BlockEvent, BlockEvents};
+use flotilla_runtime::supervise::AbortOnDropHandle;
 use flotilla_runtime::transport::{self, name};
 use lapin::options::BasicPublishOptions;
 use std::time::{Duration, Instant, SystemTime};
@@ -183,7 +184,7 @@ pub(crate) fn watch(
     let mut events = BlockEvents::new(connection);
     tokio::spawn(async move {
         let (notices, mut received) = mpsc::unbounded_channel();
-        let probe = AbortOnDrop(tokio::spawn(probe(amqp_url, names, notices)));
+        let probe = AbortOnDropHandle::new(tokio::spawn(probe(amqp_url, names, notices)));
         let mut tracker = Tracker::default();
         status.send_if_modified(|status| {
             let change = status.blocked.then(|| status.end(Instant::now()));
@@ -293,15 +294,6 @@ async fn publish_probes(connection: &lapin::Connection, routing_key: &str) -> la
             return error;
         }
         tokio::time::sleep(PROBE_EVERY).await;
-    }
-}
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

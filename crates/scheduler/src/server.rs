@@ -14,7 +14,7 @@ use flotilla_proto::{
     TaskError, ToScheduler, ToWorker,
 };
 use flotilla_runtime::store::{task_holder, Store};
-use flotilla_runtime::supervise::{Attempts, Stop};
+use flotilla_runtime::supervise::{AbortOnDropHandle, Attempts, Stop};
 use flotilla_runtime::transport::{self, name};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
@@ -340,7 +340,8 @@ async fn serve(
         .broker
         .get_or_insert_with(|| tokio::sync::watch::channel(Default::default()).0)
         .clone();
-    let _broker_watch = AbortOnDrop(crate::broker::watch(connection, config, broker.clone()));
+    let _broker_watch =
+        AbortOnDropHandle::new(crate::broker::watch(connection, config, broker.clone()));
     let mut redis = transport::connect_redis(&config.redis_url).await?;
     flotilla_runtime::incarnation::check_eviction(&mut redis, config.allow_eviction).await?;
     // Clients and workers with another secret then fail at once, clearly.
@@ -366,7 +367,7 @@ async fn serve(
             let _ = inputs.send(Input::Deposed(lost));
         }
     });
-    let _keeper = AbortOnDrop(keeper);
+    let _keeper = AbortOnDropHandle::new(keeper);
 
     let submissions = connection.create_channel().await?;
     let events = connection.create_channel().await?;
@@ -415,7 +416,7 @@ async fn serve(
     let incarnation =
         flotilla_runtime::incarnation::Incarnation::start(&mut redis, &names, true).await?;
     let (settler, settlements) = mpsc::unbounded_channel();
-    let _settler = AbortOnDrop(tokio::spawn(settle(
+    let _settler = AbortOnDropHandle::new(tokio::spawn(settle(
         settlements,
         publish.clone(),
         submissions.clone(),
@@ -542,15 +543,6 @@ async fn serve(
         leader::resign(&mut scheduler.redis, &scheduler.names, id).await;
     }
     result
-}
-
-/// Aborts a background task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Waits, connected, until this scheduler holds the leader lease; `None`

@@ -87,6 +87,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use flotilla_proto::{Config, Names, ToScheduler};
+use flotilla_runtime::supervise::AbortOnDropHandle;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::Monitor;
 use serde_json::{json, Value};
@@ -96,7 +97,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
-use tokio::task::JoinHandle;
 use tower::util::BoxCloneService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -185,12 +185,13 @@ impl HttpServer {
     /// stop. Also runs the probes and, while someone watches, the event tap.
     pub async fn serve(self) {
         let shared = self.shared;
-        let _background = AbortOnDrop(vec![
+        let _background = [
             tokio::spawn(probes::sample_loop(shared.clone())),
             tokio::spawn(probes::broker_loop(shared.clone())),
             tokio::spawn(probes::probe_loop(shared.clone())),
             tokio::spawn(tap::tap_loop(shared.clone())),
-        ]);
+        ]
+        .map(AbortOnDropHandle::new);
         let service = service(shared);
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -350,16 +351,6 @@ fn method_not_allowed(allow: &'static str) -> Response {
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
-}
-
-struct AbortOnDrop(Vec<JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
 }
 
 /// State shared by the routes and the background loops.
