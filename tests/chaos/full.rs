@@ -87,11 +87,25 @@ async fn chaos_redis_full_one_big_result_fails_store_failed_once() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let kept: bool = redis::cmd("EXISTS")
-        .arg(cluster.config.names().result_key(big.key()))
+    // The refused value is gone; the StoreFailed error itself is stored at
+    // its key when Redis takes it (it may or may not, depending on how soon
+    // Redis frees the refused command's buffers), so a record there must be
+    // an error (its last byte is the tag), and no chunk may be left.
+    let names = cluster.config.names();
+    let record: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(names.result_key(big.key()))
         .query_async(&mut connection)
         .await
         .unwrap();
+    let chunks: bool = redis::cmd("EXISTS")
+        .arg(names.chunks_key(big.key()))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let kept = chunks
+        || record
+            .as_ref()
+            .is_some_and(|r| r.last() != Some(&flotilla_proto::TAG_ERR));
     let failed = store_failed(&outcome);
     let unresolved = usize::from(matches!(outcome, Err(Error::Timeout { .. })));
     let config = cluster.config.clone();
