@@ -2,6 +2,13 @@
 //! service: each runs on ports of its own, with its own data directory
 //! (and, for RabbitMQ, its own node name), so the shared services other
 //! tests use are never touched. Dropping one stops it and deletes its data.
+//! A Redis Cluster of our own is the runtime's test support,
+//! [`RedisCluster`], re-exported here.
+
+// Every test binary compiles the support; those that start no Redis
+// Cluster do not use it.
+#[allow(unused_imports)]
+pub use flotilla_runtime::testing::RedisCluster;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

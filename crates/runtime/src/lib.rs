@@ -10,7 +10,9 @@
 //! - [`seal`]: signing's Redis side (key fingerprint, signed results);
 //! - [`data`]: the direct data connection that serves kept values over TCP;
 //! - [`shm`]: large values in shared memory, mapped by readers on the same host;
-//! - [`cli`]: the connection flags, logging and signals of the binaries.
+//! - [`cli`]: the connection flags, logging and signals of the binaries;
+//! - `testing` (feature `testing`): test support, not product API: a local
+//!   Redis Cluster of child processes for the tests.
 //!
 //! The wire contract itself (messages, codec, names, config) is
 //! `flotilla-proto`, which depends on none of tokio, lapin or redis.
@@ -25,5 +27,7 @@ pub mod seal;
 pub mod shm;
 pub mod store;
 pub mod supervise;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod transport;
 pub mod values;
