@@ -94,29 +94,16 @@ pub fn target_binary(relative: &str) -> PathBuf {
 /// Number of Redis keys of the namespace matching `<ns>:<kind>:*`
 /// (`r` results, `h` holders).
 pub async fn count_keys(config: &Config, kind: &str) -> usize {
-    let client = redis::Client::open(config.redis_url.as_str()).expect("redis url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
+    // Every master of a Redis Cluster, through the product's own walk.
+    let redis = flotilla_runtime::transport::connect_redis(&config.redis_url)
         .await
         .expect("redis");
-    let mut cursor: u64 = 0;
-    let mut count = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}:{kind}:*", config.namespace))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut redis)
-            .await
-            .expect("scan");
-        count += keys.len();
-        if next == 0 {
-            return count;
-        }
-        cursor = next;
+    let mut pages = redis.scan(format!("{}:{kind}:*", config.namespace));
+    let mut keys = std::collections::HashSet::new();
+    while let Some(page) = pages.next_page().await.expect("scan") {
+        keys.extend(page);
     }
+    keys.len()
 }
 
 /// Waits until the namespace holds no result and no holders keys; returns

@@ -12,7 +12,7 @@ use crate::state::FutureState;
 use flotilla_proto::{Codec, Config, Names, ReplayGuard, Task, TaskSpec};
 use flotilla_runtime::store::{dataset_holder, Store};
 use flotilla_runtime::transport;
-use redis::aio::ConnectionManager;
+use flotilla_runtime::Redis;
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -404,7 +404,7 @@ impl Client {
 
     /// The shared, multiplexed Redis connection (never use blocking
     /// commands on it: they would stall every other command behind them).
-    pub(crate) fn redis(&self) -> ConnectionManager {
+    pub(crate) fn redis(&self) -> Redis {
         self.inner.redis.clone()
     }
 

@@ -14,8 +14,8 @@ use crate::state::{FutureState, Owner};
 use flotilla_proto::{Codec, Config, ErrorKind, Event, Names, ReplayGuard, StoredResult};
 use flotilla_runtime::transport;
 use flotilla_runtime::values::{Opened, Reader};
+use flotilla_runtime::Redis;
 use lapin::{Channel, Connection};
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::mpsc;
@@ -39,7 +39,7 @@ pub(crate) struct ClientInner {
     pub(crate) events_guard: ReplayGuard,
     /// The replay guard of the events' Redis copies (see [`crate::pubsub`]).
     pub(crate) fast_events_guard: ReplayGuard,
-    pub(crate) redis: ConnectionManager,
+    pub(crate) redis: Redis,
     /// The task-life keys (results, holders, specs, the lease) on `redis`.
     pub(crate) store: flotilla_runtime::store::Store,
     /// The current RabbitMQ connection (replaced after a reconnection).

@@ -28,10 +28,10 @@ use flotilla_runtime::store::{
     task_holder, Batch as StoreBatch, Held, Reply, Store, FIRE_AND_FORGET,
 };
 use flotilla_runtime::transport::{self, name};
+use flotilla_runtime::Redis;
 use lapin::options::BasicPublishOptions;
 use lapin::Channel;
 use lapin::PublisherConfirm;
-use redis::aio::ConnectionManager;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -737,7 +737,7 @@ async fn sleep_until(due: Option<Instant>) {
 /// also checks Redis' incarnation marker and calls `on_data_lost` when
 /// Redis lost its data.
 pub(crate) async fn renew_lease(
-    mut redis: ConnectionManager,
+    mut redis: Redis,
     names: Names,
     client: String,
     lease: Duration,

@@ -28,10 +28,21 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Follows the client's channel for as long as the client lives,
 /// subscribing again after a failure (paced like the other reconnections).
+///
+/// On a Redis Cluster it subscribes on one node, the next seed node at each
+/// attempt: a message published on any node reaches the subscribers of
+/// every node (classic pub/sub crosses the cluster bus).
 pub(crate) async fn follow(client: Weak<ClientInner>, url: String, channel: String) {
+    let urls = match flotilla_proto::redis_target(&url) {
+        Ok(flotilla_proto::RedisTarget::Cluster(seeds)) => seeds,
+        _ => vec![url],
+    };
     let mut backoff = Backoff::default();
+    let mut attempt = 0;
     while client.strong_count() > 0 {
-        match subscribe(&url, &channel).await {
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        match subscribe(url, &channel).await {
             Ok(mut pubsub) => {
                 backoff = Backoff::default();
                 let mut messages = pubsub.on_message();

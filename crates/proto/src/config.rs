@@ -47,6 +47,77 @@ pub fn amqp_urls(url: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Where a namespace's Redis is ([`Config::redis_target`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (`redis://…` or `rediss://…`), the default.
+    Single(String),
+    /// A Redis Cluster, reached through these seed nodes, each a
+    /// `redis://` or `rediss://` URL. Written `redis+cluster://h1:p1,h2:p2`
+    /// (`rediss+cluster://` over TLS; credentials, if any, before the
+    /// first host), or as a comma list of full URLs.
+    Cluster(Vec<String>),
+}
+
+/// Reads a Redis URL ([`Config::redis_url`]): one server, or a cluster's
+/// seed nodes (see [`RedisTarget`]). A cluster URL must name at least one
+/// host and no database but 0 (a Redis Cluster has only database 0). The
+/// errors never show a password.
+pub fn redis_target(url: &str) -> Result<RedisTarget, ConfigError> {
+    let url = url.trim();
+    let refuse = |why: &'static str| ConfigError::RedisUrl { why };
+    let cluster_scheme = [
+        ("redis+cluster://", "redis"),
+        ("rediss+cluster://", "rediss"),
+    ]
+    .into_iter()
+    .find_map(|(prefix, scheme)| {
+        (url.len() >= prefix.len() && url[..prefix.len()].eq_ignore_ascii_case(prefix))
+            .then(|| (scheme, &url[prefix.len()..]))
+    });
+    let seeds = if let Some((scheme, rest)) = cluster_scheme {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let (userinfo, hosts) = match authority.rfind('@') {
+            Some(at) => (&authority[..=at], &authority[at + 1..]),
+            None => ("", authority),
+        };
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|host| !host.is_empty())
+            .map(|host| format!("{scheme}://{userinfo}{host}{tail}"))
+            .collect::<Vec<_>>()
+    } else if url.contains(',') {
+        amqp_urls(url).into_iter().map(str::to_owned).collect()
+    } else {
+        return Ok(RedisTarget::Single(url.to_owned()));
+    };
+    if seeds.is_empty() {
+        return Err(refuse("a Redis Cluster URL must name at least one node"));
+    }
+    for seed in &seeds {
+        let lower = seed.to_ascii_lowercase();
+        if !(lower.starts_with("redis://") || lower.starts_with("rediss://")) {
+            return Err(refuse(
+                "a Redis Cluster's nodes are redis:// or rediss:// URLs",
+            ));
+        }
+        let after = &seed[seed.find("://").map_or(0, |i| i + 3)..];
+        let database = after
+            .find('/')
+            .map(|slash| &after[slash + 1..])
+            .map(|path| path.split('?').next().unwrap_or_default())
+            .unwrap_or_default();
+        if !(database.is_empty() || database == "0") {
+            return Err(refuse(
+                "a Redis Cluster has only database 0: leave the database out or write /0",
+            ));
+        }
+    }
+    Ok(RedisTarget::Cluster(seeds))
+}
+
 /// The shared secret with which messages and results are signed
 /// (`FLOTILLA_SECRET`). Its `Debug` output never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -116,6 +187,12 @@ pub enum ConfigError {
     /// `FLOTILLA_AMQP_URL` lists no URL.
     #[error("FLOTILLA_AMQP_URL (--amqp-url) lists no URL")]
     NoAmqpUrl,
+    /// `FLOTILLA_REDIS_URL` cannot name a Redis (see [`redis_target`]).
+    #[error("FLOTILLA_REDIS_URL (--redis-url) cannot be used: {why}")]
+    RedisUrl {
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A numeric setting did not parse.
     #[error("invalid value {value:?} for {name}: expected a whole number")]
     Number {
@@ -182,7 +259,9 @@ pub struct Config {
     /// process of the namespace needs the same: RabbitMQ refuses to declare
     /// a queue again with another type.
     pub queue_type: QueueType,
-    /// Redis URL (`redis://` or `rediss://`).
+    /// Redis URL: `redis://` or `rediss://` for one server, or a Redis
+    /// Cluster's seed nodes, `redis+cluster://h1:p1,h2:p2` (see
+    /// [`RedisTarget`]).
     pub redis_url: String,
     /// Prefix of every queue and key name.
     pub namespace: String,
@@ -374,12 +453,18 @@ impl Config {
         amqp_urls(&self.amqp_url)
     }
 
+    /// Where Redis is: [`Config::redis_url`] read by [`redis_target`].
+    pub fn redis_target(&self) -> Result<RedisTarget, ConfigError> {
+        redis_target(&self.redis_url)
+    }
+
     /// Checks the settings that can be checked without connecting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_namespace(&self.namespace)?;
         if self.amqp_urls().is_empty() {
             return Err(ConfigError::NoAmqpUrl);
         }
+        self.redis_target()?;
         let checks: [(&'static str, u64, u64, u64, &'static str); 6] = [
             (
                 "FLOTILLA_REPLAY_WINDOW_MS",
@@ -481,6 +566,48 @@ mod tests {
             .contains("`classic` or `quorum`"));
         let empty = Config::from_lookup(|n| (n == "FLOTILLA_AMQP_URL").then(|| ",".into()));
         assert!(matches!(empty, Err(ConfigError::NoAmqpUrl)));
+    }
+
+    #[test]
+    fn a_redis_url_names_one_server_or_a_clusters_seed_nodes() {
+        let target = |url: &str| redis_target(url).map_err(|e| e.to_string());
+        assert_eq!(
+            target("redis://127.0.0.1:6379/0"),
+            Ok(RedisTarget::Single("redis://127.0.0.1:6379/0".into()))
+        );
+        assert_eq!(
+            target("redis+cluster://u:p%2C@h1:7000, h2:7001,[::1]:7002/0"),
+            Ok(RedisTarget::Cluster(vec![
+                "redis://u:p%2C@h1:7000/0".into(),
+                "redis://u:p%2C@h2:7001/0".into(),
+                "redis://u:p%2C@[::1]:7002/0".into(),
+            ]))
+        );
+        assert_eq!(
+            target("REDISS+CLUSTER://h1:7000,h2:7000?protocol=resp2"),
+            Ok(RedisTarget::Cluster(vec![
+                "rediss://h1:7000?protocol=resp2".into(),
+                "rediss://h2:7000?protocol=resp2".into(),
+            ]))
+        );
+        assert_eq!(
+            target("redis://a:1,rediss://b:2/0"),
+            Ok(RedisTarget::Cluster(vec![
+                "redis://a:1".into(),
+                "rediss://b:2/0".into()
+            ]))
+        );
+        let refused = target("redis+cluster://secret@,/0").unwrap_err();
+        assert!(refused.contains("at least one node"), "{refused}");
+        assert!(!refused.contains("secret"));
+        let refused = target("redis+cluster://h1:7000/3").unwrap_err();
+        assert!(refused.contains("only database 0"), "{refused}");
+        let refused = target("redis://a:1,amqp://b:2").unwrap_err();
+        assert!(refused.contains("redis:// or rediss://"), "{refused}");
+        let config = Config::from_lookup(|n| {
+            (n == "FLOTILLA_REDIS_URL").then(|| "redis+cluster:///0".into())
+        });
+        assert!(matches!(config, Err(ConfigError::RedisUrl { .. })));
     }
 
     #[test]

@@ -170,9 +170,13 @@ impl Names {
     }
 
     /// The last fencing epoch handed to a scheduler that took the leader
-    /// lease (it only grows; see `flotilla_scheduler::leader`).
+    /// lease (it only grows; see `flotilla_scheduler::leader`). Its hash
+    /// tag is the leader key's name, so on a Redis Cluster both are in one
+    /// slot and one script takes the lease and bumps the epoch. (Before
+    /// clusters it was `<ns>:epoch`; a scheduler that finds neither starts
+    /// from the time in ms, so epochs still grow across the change.)
     pub fn epoch_key(&self) -> String {
-        format!("{}:epoch", self.namespace)
+        format!("{}:epoch:{{{}}}", self.namespace, self.leader_key())
     }
 
     /// A random marker every process reads at start (setting it when
@@ -240,6 +244,10 @@ mod tests {
         assert_eq!(names.holders_key("add-1"), "ns:h:{add-1}");
         assert_eq!(names.chunks_key("add-1"), "ns:c:{add-1}");
         assert_eq!(names.lost_key("add-1"), "ns:a:{add-1}");
+        // One hash slot for the lease and its epoch (a Redis Cluster runs
+        // the script that takes one and bumps the other on one node).
+        assert_eq!(names.leader_key(), "ns:leader");
+        assert_eq!(names.epoch_key(), "ns:epoch:{ns:leader}");
         assert_eq!(
             Names::key_of_holders(&names.holders_key("add-1")),
             Some("add-1")

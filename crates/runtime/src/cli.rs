@@ -32,9 +32,9 @@ pub struct ConnectionArgs {
         hide_env_values = true
     )]
     pub amqp_url: Option<String>,
-    /// Redis URL (redis:// or rediss://) (default `redis://127.0.0.1:6379/0`).
+    /// Redis URL: redis:// or rediss:// for one server, redis+cluster://h1:p1,h2:p2 for a Redis Cluster (default `redis://127.0.0.1:6379/0`).
     #[arg(
-        help = "Redis URL (redis:// or rediss://) [default: redis://127.0.0.1:6379/0]",
+        help = "Redis URL: redis:// or rediss:// for one server, redis+cluster://h1:p1,h2:p2 for a Redis Cluster [default: redis://127.0.0.1:6379/0]",
         long,
         value_name = "URL",
         env = "FLOTILLA_REDIS_URL",

@@ -9,8 +9,8 @@
 //! futures with a data-loss error; the scheduler logs it and settles its
 //! processing tasks against what Redis still holds.
 
+use crate::Redis;
 use flotilla_proto::Names;
-use redis::aio::ConnectionManager;
 use redis::Script;
 use std::sync::LazyLock;
 
@@ -25,7 +25,7 @@ return redis.call('GET', KEYS[1])
 });
 
 /// The namespace's marker, set to a fresh random one if absent.
-pub async fn observe(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<String> {
+pub async fn observe(redis: &mut Redis, names: &Names) -> redis::RedisResult<String> {
     OBSERVE
         .key(names.incarnation_key())
         .arg(flotilla_proto::new_id())
@@ -49,22 +49,14 @@ impl Incarnation {
     /// Reads the marker, setting it when absent (so that a process started
     /// before the scheduler knows it too); with `keeps`, later looks set it
     /// again when it is gone.
-    pub async fn start(
-        redis: &mut ConnectionManager,
-        names: &Names,
-        keeps: bool,
-    ) -> redis::RedisResult<Self> {
+    pub async fn start(redis: &mut Redis, names: &Names, keeps: bool) -> redis::RedisResult<Self> {
         Ok(Incarnation {
             seen: Some(observe(redis, names).await?),
             keeps,
         })
     }
 
-    async fn read(
-        &self,
-        redis: &mut ConnectionManager,
-        names: &Names,
-    ) -> redis::RedisResult<Option<String>> {
+    async fn read(&self, redis: &mut Redis, names: &Names) -> redis::RedisResult<Option<String>> {
         if self.keeps {
             observe(redis, names).await.map(Some)
         } else {
@@ -77,11 +69,7 @@ impl Incarnation {
 
     /// Looks again: `Ok(true)` when a marker seen before is gone or
     /// changed (Redis lost its data since); what is seen now is remembered.
-    pub async fn lost(
-        &mut self,
-        redis: &mut ConnectionManager,
-        names: &Names,
-    ) -> redis::RedisResult<bool> {
+    pub async fn lost(&mut self, redis: &mut Redis, names: &Names) -> redis::RedisResult<bool> {
         let now = self.read(redis, names).await?;
         let lost = self.seen.is_some() && now != self.seen;
         self.seen = now;
@@ -94,14 +82,30 @@ impl Incarnation {
 /// result is lost work. A Redis that does not let `CONFIG GET` run (a
 /// managed service) is taken as it is, with a warning.
 pub async fn check_eviction(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     allow: bool,
 ) -> Result<(), flotilla_proto::ConfigError> {
-    let policy: redis::RedisResult<(String, String)> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(redis)
+    // Every master of a cluster: one that evicts loses its share of keys.
+    let replies = redis
+        .on_masters(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
         .await;
+    let policy = replies.and_then(|replies| {
+        let mut policies = Vec::new();
+        for (node, reply) in replies {
+            let (_, policy): (String, String) = redis::from_redis_value(reply)?;
+            policies.push(match node {
+                Some(node) if policy != "noeviction" => format!("{policy} (on {node})"),
+                _ => policy,
+            });
+        }
+        Ok((
+            String::new(),
+            policies
+                .into_iter()
+                .find(|policy| policy != "noeviction")
+                .unwrap_or_else(|| "noeviction".to_owned()),
+        ))
+    });
     match policy {
         Ok((_, policy)) if policy != "noeviction" => {
             if allow {

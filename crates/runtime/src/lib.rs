@@ -3,6 +3,7 @@
 //!
 //! - [`transport`]: connections, topology, publishing and consuming;
 //! - [`supervise`]: reconnection with backoff;
+//! - [`redis_conn`]: the [`Redis`] connection, one server or a Redis Cluster;
 //! - [`blocked`]: RabbitMQ's blocked-connection notices during resource alarms;
 //! - `refs` (private): the holders scripts that keep results alive, run by the store;
 //! - [`custody`]: leases on long tasks (the store runs their scripts);
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod custody;
 pub mod data;
 pub mod incarnation;
+pub mod redis_conn;
 mod refs;
 pub mod seal;
 pub mod shm;
@@ -31,3 +33,5 @@ pub mod supervise;
 pub mod testing;
 pub mod transport;
 pub mod values;
+
+pub use redis_conn::Redis;

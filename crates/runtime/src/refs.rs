@@ -16,7 +16,7 @@
 //!
 //! Only [`crate::store::Store`] runs these scripts.
 
-use redis::aio::ConnectionManager;
+use crate::Redis;
 use redis::{Pipeline, RedisResult, Script};
 use std::sync::LazyLock;
 
@@ -237,7 +237,7 @@ pub(crate) fn all() -> [&'static Script; 10] {
 
 /// Loads every script into Redis, so that pipelines of `EVALSHA`s do not
 /// meet `NOSCRIPT` (and run again) in the common case.
-pub(crate) async fn load_all(redis: &mut ConnectionManager) -> RedisResult<()> {
+pub(crate) async fn load_all(redis: &mut Redis) -> RedisResult<()> {
     for script in all() {
         script.prepare_invoke().load_async(redis).await?;
     }
@@ -276,8 +276,62 @@ pub(crate) fn add_for(
 /// refuses (over `maxmemory`, say) is an `Err` in its place while the others
 /// run. `Err` as a whole only when Redis could not be reached. Loads the
 /// scripts first when Redis does not know them.
+///
+/// On a Redis Cluster, a pipeline must stay within one hash slot: the
+/// commands are grouped by the slot of their first key (every operation of
+/// a batch touches one slot, so its commands stay together and in order),
+/// the groups run at once, and the replies come back in the pipeline's
+/// order. A command refused because its node is not reachable now (a
+/// failover: `CLUSTERDOWN`, `MOVED` after the connection's own retries)
+/// makes the whole run `Err`, as an unreachable single server does: the
+/// caller retries or gives its deliveries back rather than taking it for a
+/// refusal of that one write.
 pub(crate) async fn run_each(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
+    pipe: &Pipeline,
+) -> RedisResult<Vec<RedisResult<redis::Value>>> {
+    if !redis.is_cluster() {
+        return run_one(redis, pipe).await;
+    }
+    let mut groups: std::collections::BTreeMap<u16, (Pipeline, Vec<usize>)> =
+        std::collections::BTreeMap::new();
+    let mut count = 0;
+    for (index, cmd) in pipe.cmd_iter().enumerate() {
+        let slot = first_key(cmd).map_or(0, crate::redis_conn::slot_of);
+        let (group, positions) = groups
+            .entry(slot)
+            .or_insert_with(|| (redis::pipe(), Vec::new()));
+        group.add_command(cmd.clone());
+        positions.push(index);
+        count = index + 1;
+    }
+    let outcomes = futures_util::future::join_all(groups.values().map(|(group, _)| {
+        let mut redis = redis.clone();
+        async move { run_one(&mut redis, group).await }
+    }))
+    .await;
+    let mut replies: Vec<Option<RedisResult<redis::Value>>> = (0..count).map(|_| None).collect();
+    for ((_, positions), outcome) in groups.values().zip(outcomes) {
+        let outcome = outcome?;
+        if let Some(error) = outcome
+            .iter()
+            .find_map(|reply| reply.as_ref().err().filter(|e| unreachable_now(e)))
+        {
+            return Err(error.clone());
+        }
+        for (&position, reply) in positions.iter().zip(outcome) {
+            replies[position] = Some(reply);
+        }
+    }
+    Ok(replies
+        .into_iter()
+        .map(|reply| reply.unwrap_or(Ok(redis::Value::Nil)))
+        .collect())
+}
+
+/// [`run_each`] of one pipeline (on a cluster, of one slot).
+async fn run_one(
+    redis: &mut Redis,
     pipe: &Pipeline,
 ) -> RedisResult<Vec<RedisResult<redis::Value>>> {
     let mut pipe = pipe.clone();
@@ -293,6 +347,37 @@ pub(crate) async fn run_each(
         script.prepare_invoke().load_async(redis).await?;
     }
     pipe.query_async(redis).await
+}
+
+/// Whether a command's own error means its node cannot answer now (a
+/// failover under way), not that it refused the command.
+fn unreachable_now(error: &redis::RedisError) -> bool {
+    crate::transport::is_connection_error(error)
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::Moved
+                    | redis::ServerErrorKind::Ask
+                    | redis::ServerErrorKind::ReadOnly
+            )
+        )
+}
+
+/// The first key of a command of a batch: the fourth argument of an
+/// `EVALSHA` with keys, the second of the others (`SET`, `DEL`, `EXISTS`,
+/// `ZREM`).
+fn first_key(cmd: &redis::Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter().map(|arg| match arg {
+        redis::Arg::Simple(bytes) => bytes,
+        _ => &[][..],
+    });
+    let name = args.next()?;
+    if name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
+        let _script = args.next()?;
+        let keys: usize = std::str::from_utf8(args.next()?).ok()?.parse().ok()?;
+        return if keys > 0 { args.next() } else { None };
+    }
+    args.next()
 }
 
 #[cfg(test)]

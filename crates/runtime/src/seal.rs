@@ -8,7 +8,7 @@ use flotilla_proto::{Codec, StoredOk};
 /// scheduler does at start), so that a client or worker with another secret
 /// fails at once with a clear error instead of having every message refused.
 pub async fn publish_fingerprint(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut crate::Redis,
     names: &flotilla_proto::Names,
     codec: &Codec,
 ) -> redis::RedisResult<()> {
@@ -23,7 +23,7 @@ pub async fn publish_fingerprint(
 /// recorded. Passes when none is recorded yet (no scheduler has started)
 /// or Redis cannot tell.
 pub async fn check_fingerprint(
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut crate::Redis,
     names: &flotilla_proto::Names,
     codec: &Codec,
 ) -> Result<(), flotilla_proto::ConfigError> {

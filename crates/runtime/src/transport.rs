@@ -3,6 +3,7 @@
 //! Every process declares what it uses (declarations are idempotent), so
 //! any of them may start first.
 
+use crate::redis_conn::Redis;
 use flotilla_proto::{Names, QueueType};
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -159,19 +160,42 @@ pub const REDIS_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// How long opening one Redis connection may take.
 pub const REDIS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Opens a Redis connection that reconnects by itself.
+/// Opens a Redis connection that reconnects by itself: to one server, or
+/// to a Redis Cluster when `url` names one (`redis+cluster://h1:p1,h2:p2`,
+/// see [`flotilla_proto::RedisTarget`]).
 ///
 /// The first connection is tried once: a refused port, a server that is
 /// not Redis or refused credentials are reported at once (a process that
 /// starts without its Redis fails clearly, and one that lost it after
 /// starting retries on its own schedule, see [`crate::supervise`]). Once
 /// connected, the manager reconnects by itself, with growing pauses, when
-/// Redis restarts.
+/// Redis restarts. A plain URL that reaches a cluster node, or a cluster
+/// URL that reaches a plain server, is refused naming the setting.
 ///
 /// `TCP_NODELAY` is on: the connection is multiplexed, and with Nagle's
 /// algorithm a small request written while an earlier reply is outstanding
 /// would wait for that reply's acknowledgement before leaving.
-pub async fn connect_redis(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
+pub async fn connect_redis(url: &str) -> redis::RedisResult<Redis> {
+    let target = flotilla_proto::redis_target(url).map_err(|error| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "invalid Redis URL",
+            error.to_string(),
+        ))
+    })?;
+    match target {
+        flotilla_proto::RedisTarget::Single(url) => connect_single(&url).await,
+        flotilla_proto::RedisTarget::Cluster(seeds) => connect_cluster(&seeds).await,
+    }
+}
+
+/// The parts of a Redis URL that the first connection needs: the client
+/// with `TCP_NODELAY` on, and `host:port` and whether it is plain (not
+/// TLS), when over TCP.
+type Opened = (redis::Client, Option<(String, bool)>);
+
+/// Opens a client for `url` (no connection yet).
+fn open_client(url: &str) -> redis::RedisResult<Opened> {
     let info = redis::IntoConnectionInfo::into_connection_info(url)?;
     let address = match info.addr() {
         redis::ConnectionAddr::Tcp(host, port) => Some((format!("{host}:{port}"), true)),
@@ -179,17 +203,53 @@ pub async fn connect_redis(url: &str) -> redis::RedisResult<redis::aio::Connecti
         _ => None,
     };
     let tcp = info.tcp_settings().clone().set_nodelay(true);
-    let client = redis::Client::open(info.set_tcp_settings(tcp))?;
-    // The connection manager retries its first connection for several
-    // seconds; one plain attempt first reports what is wrong at once.
+    Ok((redis::Client::open(info.set_tcp_settings(tcp))?, address))
+}
+
+/// One plain first connection to `client`, explained if it fails; returns
+/// whether the server there is a Redis Cluster node.
+async fn first_contact(
+    client: &redis::Client,
+    address: Option<(String, bool)>,
+) -> redis::RedisResult<bool> {
     let first = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
         .set_response_timeout(Some(REDIS_CONNECT_TIMEOUT));
-    if let Err(error) = client
+    let mut connection = match client
         .get_multiplexed_async_connection_with_config(&first)
         .await
     {
-        return Err(explain_redis_failure(error, address).await);
+        Ok(connection) => connection,
+        Err(error) => return Err(explain_redis_failure(error, address).await),
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut connection)
+        .await?;
+    Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+}
+
+/// A refusal of the URL given, naming the setting.
+fn wrong_kind(message: String) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "wrong kind of Redis for FLOTILLA_REDIS_URL",
+        message,
+    ))
+}
+
+async fn connect_single(url: &str) -> redis::RedisResult<Redis> {
+    let (client, address) = open_client(url)?;
+    let where_ = address
+        .as_ref()
+        .map_or_else(|| url.to_owned(), |(a, _)| a.clone());
+    // The connection manager retries its first connection for several
+    // seconds; one plain attempt first reports what is wrong at once.
+    if first_contact(&client, address).await? {
+        return Err(wrong_kind(format!(
+            "{where_} is a Redis Cluster node: set FLOTILLA_REDIS_URL (--redis-url) to \
+             redis+cluster://host:port,host:port (some of its nodes)"
+        )));
     }
     // The default 500 ms reply timeout is far too short: a pipeline of
     // 10,000 submissions, or a 100 MB result, takes longer on a busy Redis,
@@ -199,7 +259,60 @@ pub async fn connect_redis(url: &str) -> redis::RedisResult<redis::aio::Connecti
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
         .set_response_timeout(Some(REDIS_REPLY_TIMEOUT));
-    redis::aio::ConnectionManager::new_with_config(client, config).await
+    let manager = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+    Ok(Redis::Single(manager))
+}
+
+/// Connects to a Redis Cluster through its seed nodes: each is tried in
+/// turn until one answers (every failure is reported if none does), and
+/// it must be a cluster node. The connection then learns the slot map,
+/// reads and writes masters only, and retries through a failover (see
+/// [`crate::redis_conn::CLUSTER_RETRIES`]) within [`REDIS_REPLY_TIMEOUT`].
+async fn connect_cluster(seeds: &[String]) -> redis::RedisResult<Redis> {
+    let mut failures = Vec::new();
+    let mut infos = Vec::new();
+    let mut answered = false;
+    for seed in seeds {
+        let (client, address) = open_client(seed)?;
+        infos.push(client.get_connection_info().clone());
+        if answered {
+            continue;
+        }
+        let where_ = address
+            .as_ref()
+            .map_or_else(|| seed.clone(), |(a, _)| a.clone());
+        match first_contact(&client, address).await {
+            Ok(true) => answered = true,
+            Ok(false) => {
+                return Err(wrong_kind(format!(
+                    "{where_} is a single Redis server, not a Redis Cluster node: set \
+                     FLOTILLA_REDIS_URL (--redis-url) to redis://host:port for one server"
+                )))
+            }
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    if !answered {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            format!(
+                "no seed node of the Redis Cluster answered: {}",
+                failures.join("; ")
+            ),
+        )
+        .into());
+    }
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let client = redis::cluster::ClusterClientBuilder::new(infos)
+        .connection_timeout(REDIS_CONNECT_TIMEOUT)
+        .response_timeout(REDIS_REPLY_TIMEOUT)
+        .overall_response_timeout(Some(REDIS_REPLY_TIMEOUT))
+        .retries(crate::redis_conn::CLUSTER_RETRIES)
+        .min_retry_wait(crate::redis_conn::CLUSTER_RETRY_MIN_MS)
+        .max_retry_wait(crate::redis_conn::CLUSTER_RETRY_MAX_MS)
+        .tcp_settings(tcp)
+        .build()?;
+    Ok(Redis::Cluster(client.get_async_connection().await?))
 }
 
 /// Adds what is known to a failed first connection to Redis: the address
@@ -490,7 +603,7 @@ pub async fn declare_private_queue(
 /// under it. Private queues of live processes are left to expire.
 pub async fn purge_namespace(
     channel: &Channel,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
 ) -> Result<(), PurgeError> {
     for queue in [
@@ -517,32 +630,19 @@ pub async fn purge_namespace(
 }
 
 /// Deletes every Redis key of the namespace.
-pub async fn delete_redis_keys(
-    redis: &mut redis::aio::ConnectionManager,
-    names: &Names,
-) -> redis::RedisResult<u64> {
-    let mut cursor: u64 = 0;
+pub async fn delete_redis_keys(redis: &mut Redis, names: &Names) -> redis::RedisResult<u64> {
     let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(names.redis_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await?;
+    let mut pages = redis.scan(names.redis_pattern());
+    while let Some(keys) = pages.next_page().await? {
+        // On a cluster, the connection splits the UNLINK per slot.
         if !keys.is_empty() {
             deleted += redis::cmd("UNLINK")
                 .arg(&keys)
                 .query_async::<u64>(redis)
                 .await?;
         }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
     }
+    Ok(deleted)
 }
 
 /// Why purging a namespace failed.
@@ -563,7 +663,8 @@ pub fn persistent() -> BasicProperties {
 }
 
 /// Whether a Redis error means the connection (not the command) failed:
-/// worth retrying once Redis is back.
+/// worth retrying once Redis is back (on a cluster: a failover under way,
+/// `CLUSTERDOWN`, `MASTERDOWN`, or no connection to the slot's node yet).
 pub fn is_connection_error(error: &redis::RedisError) -> bool {
     error.is_io_error()
         || error.is_connection_dropped()
@@ -571,9 +672,13 @@ pub fn is_connection_error(error: &redis::RedisError) -> bool {
         || error.is_timeout()
         || matches!(
             error.kind(),
-            redis::ErrorKind::Server(
-                redis::ServerErrorKind::BusyLoading | redis::ServerErrorKind::TryAgain
-            )
+            redis::ErrorKind::ClusterConnectionNotFound
+                | redis::ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::MasterDown
+                )
         )
 }
 

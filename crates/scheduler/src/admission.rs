@@ -30,7 +30,7 @@
 //! [`park`], [`read_backlog`] and [`trim_backlog`].
 
 use flotilla_proto::{Names, ToScheduler};
-use redis::aio::ConnectionManager;
+use flotilla_runtime::Redis;
 
 /// Messages taken up from the backlog at a time.
 pub const TAKE_UP_CHUNK: usize = 64;
@@ -127,7 +127,7 @@ pub fn backlog_key(names: &Names) -> String {
 }
 
 /// The backlog's length.
-pub async fn backlog_len(redis: &mut ConnectionManager, names: &Names) -> redis::RedisResult<u64> {
+pub async fn backlog_len(redis: &mut Redis, names: &Names) -> redis::RedisResult<u64> {
     redis::cmd("LLEN")
         .arg(backlog_key(names))
         .query_async(redis)
@@ -135,11 +135,7 @@ pub async fn backlog_len(redis: &mut ConnectionManager, names: &Names) -> redis:
 }
 
 /// Appends a message, as it arrived (signed), to the backlog.
-pub async fn park(
-    redis: &mut ConnectionManager,
-    names: &Names,
-    bytes: &[u8],
-) -> redis::RedisResult<()> {
+pub async fn park(redis: &mut Redis, names: &Names, bytes: &[u8]) -> redis::RedisResult<()> {
     redis::cmd("RPUSH")
         .arg(backlog_key(names))
         .arg(bytes)
@@ -149,7 +145,7 @@ pub async fn park(
 
 /// The first `count` messages of the backlog.
 pub async fn read_backlog(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     count: usize,
 ) -> redis::RedisResult<Vec<Vec<u8>>> {
@@ -163,7 +159,7 @@ pub async fn read_backlog(
 
 /// Drops the first `count` messages of the backlog, once applied.
 pub async fn trim_backlog(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     count: usize,
 ) -> redis::RedisResult<()> {

@@ -20,7 +20,7 @@
 //! namespace, even across a network partition from Redis.
 
 use flotilla_proto::Names;
-use redis::aio::ConnectionManager;
+use flotilla_runtime::Redis;
 use redis::Script;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -97,7 +97,7 @@ pub enum Attempt {
 /// Takes the lease for `id`, or renews it if `id` holds it already (with
 /// `held`, the epoch it held: see the `ACQUIRE` script).
 pub async fn attempt(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     id: &str,
     held: u64,
@@ -118,7 +118,7 @@ pub async fn attempt(
 }
 
 /// Gives the lease up (on a graceful stop), so a standby takes over at once.
-pub async fn resign(redis: &mut ConnectionManager, names: &Names, id: &str) {
+pub async fn resign(redis: &mut Redis, names: &Names, id: &str) {
     let resigned: redis::RedisResult<i64> = RESIGN
         .key(names.leader_key())
         .arg(id)
@@ -164,7 +164,7 @@ impl Leadership {
 /// Redis failing to answer is not a loss by itself: [`Leadership::valid`]
 /// runs out then.
 pub async fn renew(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     id: &str,
     leadership: &Leadership,
@@ -191,12 +191,7 @@ pub async fn renew(
 }
 
 /// Renews the lease every [`RENEW_EVERY`] until it is lost; returns why.
-pub async fn keep(
-    mut redis: ConnectionManager,
-    names: Names,
-    id: String,
-    leadership: Leadership,
-) -> String {
+pub async fn keep(mut redis: Redis, names: Names, id: String, leadership: Leadership) -> String {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -221,5 +216,34 @@ mod tests {
         // A late answer to an older renewal never shortens it.
         leadership.renewed(long_ago);
         assert!(leadership.valid());
+    }
+
+    /// On a Redis Cluster the lease and its epoch are in one slot: one
+    /// script takes the lease and bumps the epoch, renews it, and tells a
+    /// second scheduler who holds it.
+    #[tokio::test]
+    async fn the_leader_lease_is_taken_renewed_and_refused_on_a_redis_cluster() {
+        let cluster = tokio::task::spawn_blocking(flotilla_runtime::testing::RedisCluster::start)
+            .await
+            .unwrap();
+        let mut redis = flotilla_runtime::transport::connect_redis(&cluster.url())
+            .await
+            .unwrap();
+        let names = Names::new("t-leader");
+        let Attempt::Held(epoch) = attempt(&mut redis, &names, "a", 0).await.unwrap() else {
+            panic!("the first scheduler takes the lease");
+        };
+        assert!(matches!(
+            attempt(&mut redis, &names, "a", epoch).await.unwrap(),
+            Attempt::Held(e) if e == epoch
+        ));
+        let taken = attempt(&mut redis, &names, "b", 0).await.unwrap();
+        assert!(matches!(&taken, Attempt::Taken(holder) if *holder == format!("a|{epoch}")));
+        resign(&mut redis, &names, "a").await;
+        let Attempt::Held(next) = attempt(&mut redis, &names, "b", 0).await.unwrap() else {
+            panic!("the second scheduler takes the lease given up");
+        };
+        assert!(next > epoch, "epochs only grow: {next} after {epoch}");
+        drop(cluster);
     }
 }

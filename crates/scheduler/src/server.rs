@@ -16,13 +16,13 @@ use flotilla_proto::{
 use flotilla_runtime::store::{task_holder, Store};
 use flotilla_runtime::supervise::{AbortOnDropHandle, Attempts, Stop};
 use flotilla_runtime::transport::{self, name};
+use flotilla_runtime::Redis;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::Channel;
-use redis::aio::ConnectionManager;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -549,7 +549,7 @@ async fn serve(
 /// when asked to stop first. While another holds it, says so in the log
 /// (once per holder) and in the status snapshot.
 async fn stand_by(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     id: &str,
     stop: &Stop,
@@ -802,7 +802,7 @@ struct Scheduler {
     /// The task-life keys (results, holders, specs, custody, leases).
     store: Store,
     /// The scheduler's own keys (leadership, backlog, incarnation).
-    redis: ConnectionManager,
+    redis: Redis,
     inputs: mpsc::UnboundedSender<Input>,
     max_payload: usize,
     /// Signs what the scheduler sends and checks what it reads.
@@ -1372,9 +1372,8 @@ async fn reap(store: &Store, orphans: bool) -> redis::RedisResult<Vec<String>> {
     let lapsed_ids: HashSet<&str> = lapsed.iter().map(String::as_str).collect();
     let mut unreferenced = Vec::new();
     let mut leaseless = 0usize;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, sets) = store.scan_holders(cursor).await?;
+    let mut pages = store.holders();
+    while let Some(sets) = pages.next_page().await? {
         let mut holds: Vec<(String, String)> = Vec::new();
         let mut suspects: Vec<(String, String)> = Vec::new();
         for (key, members) in sets {
@@ -1414,13 +1413,11 @@ async fn reap(store: &Store, orphans: bool) -> redis::RedisResult<Vec<String>> {
             );
             leaseless += holds.len() - before;
         }
+        // A hold seen twice (a walk over a cluster during a failover) is
+        // released once and then found gone.
         for chunk in holds.chunks(1000) {
             unreferenced.extend(store.release(chunk).await?);
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     if leaseless > 0 {
         warn!(
@@ -1480,10 +1477,14 @@ async fn recover_specs(
     codec: &Codec,
 ) -> redis::RedisResult<Vec<flotilla_proto::TaskSpec>> {
     let mut specs = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, found) = store.scan_specs(cursor).await?;
+    // A walk over a cluster may bring a key twice (a failover meanwhile).
+    let mut seen = HashSet::new();
+    let mut pages = store.specs();
+    while let Some(found) = pages.next_page().await? {
         for (key, value) in found {
+            if !seen.insert(key.clone()) {
+                continue;
+            }
             let spec = value.map(|bytes| {
                 codec.decode::<flotilla_proto::TaskSpec>(Purpose::Spec, &bytes, usize::MAX)
             });
@@ -1500,11 +1501,8 @@ async fn recover_specs(
                 None => {}
             }
         }
-        if next == 0 {
-            return Ok(specs);
-        }
-        cursor = next;
     }
+    Ok(specs)
 }
 
 #[cfg(test)]

@@ -564,24 +564,12 @@ fn purge(connection: &ConnectionArgs, yes: bool, force: bool) -> Result<ExitCode
             }
         }
         let keys: usize = {
-            let mut cursor: u64 = 0;
             let mut count = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(names.redis_pattern())
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut redis)
-                    .await
-                    .map_err(|e| format!("Redis: {e}"))?;
-                count += batch.len();
-                if next == 0 {
-                    break count;
-                }
-                cursor = next;
+            let mut pages = redis.scan(names.redis_pattern());
+            while let Some(page) = pages.next_page().await.map_err(|e| format!("Redis: {e}"))? {
+                count += page.len();
             }
+            count
         };
         let what = format!(
             "namespace {ns}: queues {}, {}, {}, {}; exchanges {}, {}, {}; {keys} Redis keys ({})",

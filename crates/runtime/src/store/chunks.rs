@@ -22,8 +22,8 @@
 //! of the total length. A chunk missing or of the wrong size (released
 //! meanwhile) makes the whole value read as missing, never as garbage.
 
+use crate::Redis;
 use flotilla_proto::Names;
-use redis::aio::ConnectionManager;
 use redis::RedisResult;
 
 /// The size of one chunk of a chunked value (4 MiB).
@@ -140,7 +140,7 @@ pub(super) fn chunk<'a>(
 /// Writes the chunks of `pieces` into `c:{key}`, [`CHUNKS_PER_TRIP`] per
 /// round trip; returns the manifest.
 pub(super) async fn write_redis(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     key: &str,
     pieces: &[&[u8]],
@@ -166,7 +166,7 @@ pub(super) async fn write_redis(
 /// Reads the chunks `manifest` names from `c:{key}` into one buffer;
 /// `None` when any is missing or of the wrong size.
 pub(super) async fn read_redis(
-    redis: &mut ConnectionManager,
+    redis: &mut Redis,
     names: &Names,
     key: &str,
     manifest: &Manifest,

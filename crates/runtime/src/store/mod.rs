@@ -63,9 +63,9 @@ mod memory;
 mod tests;
 
 use crate::refs;
+use crate::Redis;
 use chunks::Manifest;
 use flotilla_proto::{Names, StoredOk, TAG_OK};
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -135,10 +135,7 @@ pub struct Store {
 
 #[derive(Clone)]
 enum Backend {
-    Redis {
-        redis: ConnectionManager,
-        names: Names,
-    },
+    Redis { redis: Redis, names: Names },
     Memory(Arc<Mutex<memory::Memory>>),
 }
 
@@ -157,7 +154,7 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// The store of namespace `names` on Redis.
-    pub fn redis(redis: ConnectionManager, names: Names) -> Store {
+    pub fn redis(redis: Redis, names: Names) -> Store {
         Store {
             backend: Backend::Redis { redis, names },
         }
@@ -222,7 +219,7 @@ impl Store {
         }
     }
 
-    fn on_redis(&self) -> Option<(ConnectionManager, &Names)> {
+    fn on_redis(&self) -> Option<(Redis, &Names)> {
         match &self.backend {
             Backend::Redis { redis, names } => Some((redis.clone(), names)),
             Backend::Memory(_) => None,
@@ -256,42 +253,27 @@ impl Store {
 
     /// Whether each of `keys` has a holder (an actor's key, say).
     pub async fn held(&self, keys: &[String]) -> RedisResult<Vec<bool>> {
-        let Some((mut redis, names)) = self.on_redis() else {
+        let Some((redis, names)) = self.on_redis() else {
             let memory = self.state();
             return Ok(keys.iter().map(|key| memory.is_held(key)).collect());
         };
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.exists(names.holders_key(key));
-        }
-        pipe.query_async(&mut redis).await
+        let commands: Vec<redis::Cmd> = keys
+            .iter()
+            .map(|key| redis::Cmd::exists(names.holders_key(key)))
+            .collect();
+        redis.query_each(&commands).await
     }
 
-    /// One step of a walk over every holders set of the namespace: from
-    /// `cursor` (0 to start), the next cursor (0 when done) and some keys
-    /// with their holders. Two round trips.
-    pub async fn scan_holders(
-        &self,
-        cursor: u64,
-    ) -> RedisResult<(u64, Vec<(String, Vec<String>)>)> {
-        let Some((mut redis, names)) = self.on_redis() else {
-            return Ok((0, self.state().all_holders()));
-        };
-        let (next, sets) = scan_page(&mut redis, names.holders_pattern(), cursor).await?;
-        if sets.is_empty() {
-            return Ok((next, Vec::new()));
+    /// A walk over every holders set of the namespace, page by page (see
+    /// [`Holders::next_page`]); on a Redis Cluster, over every master.
+    pub fn holders(&self) -> Holders<'_> {
+        Holders {
+            store: self,
+            scan: self
+                .on_redis()
+                .map(|(redis, names)| redis.scan(names.holders_pattern())),
+            done: false,
         }
-        let mut pipe = redis::pipe();
-        for set in &sets {
-            pipe.cmd("SMEMBERS").arg(set);
-        }
-        let members: Vec<Vec<String>> = pipe.query_async(&mut redis).await?;
-        let found = sets
-            .iter()
-            .zip(members)
-            .filter_map(|(set, members)| Some((Names::key_of_holders(set)?.to_owned(), members)))
-            .collect();
-        Ok((next, found))
     }
 
     // ---- results -----------------------------------------------------
@@ -433,19 +415,16 @@ impl Store {
     /// [`flotilla_proto::TAG_OK`] or [`flotilla_proto::TAG_ERR`]), without
     /// reading the value.
     pub async fn result_tags(&self, keys: &[String]) -> RedisResult<Vec<Option<u8>>> {
-        let Some((mut redis, names)) = self.on_redis() else {
+        let Some((redis, names)) = self.on_redis() else {
             let memory = self.state();
             return Ok(keys.iter().map(|key| memory.tag(key)).collect());
         };
         // A manifest's tag says the value is in chunks: a success.
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("GETRANGE")
-                .arg(names.result_key(key))
-                .arg(-1)
-                .arg(-1);
-        }
-        let tags: Vec<Vec<u8>> = pipe.query_async(&mut redis).await?;
+        let commands: Vec<redis::Cmd> = keys
+            .iter()
+            .map(|key| redis::Cmd::getrange(names.result_key(key), -1, -1))
+            .collect();
+        let tags: Vec<Vec<u8>> = redis.query_each(&commands).await?;
         Ok(tags
             .into_iter()
             .map(|tag| tag.last().copied().map(reported_tag))
@@ -522,39 +501,16 @@ impl Store {
             .await
     }
 
-    /// One step of a walk over every stored spec of the namespace: from
-    /// `cursor` (0 to start), the next cursor (0 when done) and some task
-    /// keys with their specs (`None` when deleted meanwhile). Two round
-    /// trips.
-    pub async fn scan_specs(
-        &self,
-        cursor: u64,
-    ) -> RedisResult<(u64, Vec<(String, Option<Vec<u8>>)>)> {
-        let Some((mut redis, names)) = self.on_redis() else {
-            let memory = self.state();
-            let specs = memory
-                .specs
-                .iter()
-                .map(|(key, spec)| (key.clone(), Some(spec.clone())))
-                .collect();
-            return Ok((0, specs));
-        };
-        let (next, spec_keys) = scan_page(&mut redis, names.spec_pattern(), cursor).await?;
-        if spec_keys.is_empty() {
-            return Ok((next, Vec::new()));
+    /// A walk over every stored spec of the namespace, page by page (see
+    /// [`Specs::next_page`]); on a Redis Cluster, over every master.
+    pub fn specs(&self) -> Specs<'_> {
+        Specs {
+            store: self,
+            scan: self
+                .on_redis()
+                .map(|(redis, names)| redis.scan(names.spec_pattern())),
+            done: false,
         }
-        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-            .arg(&spec_keys)
-            .query_async(&mut redis)
-            .await?;
-        let found = spec_keys
-            .iter()
-            .zip(values)
-            .filter_map(|(spec_key, value)| {
-                Some((Names::key_of_holders(spec_key)?.to_owned(), value))
-            })
-            .collect();
-        Ok((next, found))
     }
 
     // ---- lost starts -------------------------------------------------
@@ -1127,21 +1083,94 @@ fn stored_of(replies: Vec<Reply>) -> RedisResult<Stored> {
     }
 }
 
-/// One page of `SCAN` over `pattern` from `cursor`: the next cursor and
-/// the Redis keys found.
-async fn scan_page(
-    redis: &mut ConnectionManager,
-    pattern: String,
-    cursor: u64,
-) -> RedisResult<(u64, Vec<String>)> {
-    redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(pattern)
-        .arg("COUNT")
-        .arg(1000)
-        .query_async(redis)
-        .await
+/// A walk over a namespace's holders sets ([`Store::holders`]).
+pub struct Holders<'a> {
+    store: &'a Store,
+    /// `None` in memory: everything comes in one page.
+    scan: Option<crate::redis_conn::Scan>,
+    done: bool,
+}
+
+impl Holders<'_> {
+    /// The next page of task keys with their holders (maybe empty); `None`
+    /// when the walk is done. A key may come twice (see
+    /// [`crate::redis_conn::Scan`]). Two round trips.
+    pub async fn next_page(&mut self) -> RedisResult<Option<Vec<(String, Vec<String>)>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let (Some(scan), Some((redis, _))) = (self.scan.as_mut(), self.store.on_redis()) else {
+            self.done = true;
+            return Ok(Some(self.store.state().all_holders()));
+        };
+        let Some(sets) = scan.next_page().await? else {
+            self.done = true;
+            return Ok(None);
+        };
+        if sets.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let commands: Vec<redis::Cmd> = sets.iter().map(redis::Cmd::smembers).collect();
+        let members: Vec<Vec<String>> = redis.query_each(&commands).await?;
+        Ok(Some(
+            sets.iter()
+                .zip(members)
+                .filter_map(|(set, members)| {
+                    Some((Names::key_of_holders(set)?.to_owned(), members))
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// A walk over a namespace's stored specs ([`Store::specs`]).
+pub struct Specs<'a> {
+    store: &'a Store,
+    /// `None` in memory: everything comes in one page.
+    scan: Option<crate::redis_conn::Scan>,
+    done: bool,
+}
+
+impl Specs<'_> {
+    /// The next page of task keys with their specs (`None` when deleted
+    /// meanwhile; maybe empty); `None` when the walk is done. A key may
+    /// come twice (see [`crate::redis_conn::Scan`]). Two round trips.
+    pub async fn next_page(&mut self) -> RedisResult<Option<Vec<(String, Option<Vec<u8>>)>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let (Some(scan), Some((mut redis, _))) = (self.scan.as_mut(), self.store.on_redis()) else {
+            self.done = true;
+            let memory = self.store.state();
+            let specs = memory
+                .specs
+                .iter()
+                .map(|(key, spec)| (key.clone(), Some(spec.clone())))
+                .collect();
+            return Ok(Some(specs));
+        };
+        let Some(spec_keys) = scan.next_page().await? else {
+            self.done = true;
+            return Ok(None);
+        };
+        if spec_keys.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        // One MGET: a cluster connection splits it per slot.
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&spec_keys)
+            .query_async(&mut redis)
+            .await?;
+        Ok(Some(
+            spec_keys
+                .iter()
+                .zip(values)
+                .filter_map(|(spec_key, value)| {
+                    Some((Names::key_of_holders(spec_key)?.to_owned(), value))
+                })
+                .collect(),
+        ))
+    }
 }
 
 /// Reads one operation's replies: the first refusal among its commands, or

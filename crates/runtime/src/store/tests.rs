@@ -17,21 +17,18 @@ fn hold_of(reply: &Reply) -> Held {
 }
 
 async fn holders(store: &Store, key: &str) -> Vec<String> {
-    let mut cursor = 0;
     let mut found = Vec::new();
-    loop {
-        let (next, sets) = store.scan_holders(cursor).await.unwrap();
+    let mut pages = store.holders();
+    while let Some(sets) = pages.next_page().await.unwrap() {
         found.extend(
             sets.into_iter()
                 .filter(|(k, _)| k == key)
                 .flat_map(|(_, members)| members),
         );
-        if next == 0 {
-            found.sort();
-            return found;
-        }
-        cursor = next;
     }
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// Holds, releases and stores: a result lives exactly while it is held.
@@ -331,16 +328,12 @@ async fn specs(store: &Store) {
         [Some(b"spec-p".to_vec()), None]
     );
     let mut scanned = Vec::new();
-    let mut cursor = 0;
-    loop {
-        let (next, found) = store.scan_specs(cursor).await.unwrap();
+    let mut pages = store.specs();
+    while let Some(found) = pages.next_page().await.unwrap() {
         scanned.extend(found);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     scanned.sort();
+    scanned.dedup();
     assert_eq!(
         scanned,
         [
@@ -532,42 +525,46 @@ async fn the_redis_store_keeps_the_contract() {
     .await
     .unwrap_or_else(|_| panic!("Redis at {url} did not answer within 10 s"))
     .unwrap_or_else(|error| panic!("Redis at {url} is needed for this test: {error}"));
+    contract_on(&mut redis).await;
+}
+
+/// The same contract on a Redis Cluster: every batch's operations spread
+/// over the masters' slots.
+#[tokio::test]
+async fn the_redis_cluster_store_keeps_the_contract() {
+    let cluster = tokio::task::spawn_blocking(crate::testing::RedisCluster::start)
+        .await
+        .unwrap();
+    let mut redis = crate::transport::connect_redis(&cluster.url())
+        .await
+        .unwrap();
+    contract_on(&mut redis).await;
+    drop(cluster);
+}
+
+/// Runs the contract on `redis` in a fresh namespace, and checks that it
+/// left no key behind.
+async fn contract_on(redis: &mut crate::Redis) {
     let names = flotilla_proto::Names::new(&format!("t-store-{}", flotilla_proto::new_id()));
     let store = Store::redis(redis.clone(), names.clone());
     // Run apart, so that the namespace is cleaned up even when it fails.
     let outcome = tokio::spawn(contract(store)).await;
-    let deleted = crate::transport::delete_redis_keys(&mut redis, &names).await;
+    let left = store_keys_left(redis, &names).await;
+    let deleted = crate::transport::delete_redis_keys(redis, &names).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());
     }
     deleted.unwrap();
-    let mut cursor = 0;
-    let (_, left) = store_keys_left(&mut redis, &names, &mut cursor).await;
     assert!(left.is_empty(), "keys left behind: {left:?}");
 }
 
-async fn store_keys_left(
-    redis: &mut redis::aio::ConnectionManager,
-    names: &flotilla_proto::Names,
-    cursor: &mut u64,
-) -> (u64, Vec<String>) {
+async fn store_keys_left(redis: &crate::Redis, names: &flotilla_proto::Names) -> Vec<String> {
     let mut left = Vec::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(*cursor)
-            .arg("MATCH")
-            .arg(format!("{}:*", names.namespace()))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(redis)
-            .await
-            .unwrap();
+    let mut pages = redis.scan(format!("{}:*", names.namespace()));
+    while let Some(keys) = pages.next_page().await.unwrap() {
         left.extend(keys);
-        if next == 0 {
-            return (0, left);
-        }
-        *cursor = next;
     }
+    left
 }
 
 /// The fake refuses what a full Redis refuses, and lets through what frees
@@ -610,7 +607,7 @@ async fn a_full_memory_store_refuses_growth_but_frees() {
 }
 
 /// A fresh namespace's store on the local Redis, with its connection.
-async fn redis_store() -> (Store, redis::aio::ConnectionManager, flotilla_proto::Names) {
+async fn redis_store() -> (Store, crate::Redis, flotilla_proto::Names) {
     let url =
         std::env::var("FLOTILLA_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let redis = tokio::time::timeout(
@@ -628,13 +625,12 @@ async fn redis_store() -> (Store, redis::aio::ConnectionManager, flotilla_proto:
 /// key behind (and deletes whatever it left, pass or fail).
 async fn on_redis<F, Fut>(test: F)
 where
-    F: FnOnce(Store, redis::aio::ConnectionManager, flotilla_proto::Names) -> Fut,
+    F: FnOnce(Store, crate::Redis, flotilla_proto::Names) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (store, mut redis, names) = redis_store().await;
     let outcome = tokio::spawn(test(store, redis.clone(), names.clone())).await;
-    let mut cursor = 0;
-    let (_, left) = store_keys_left(&mut redis, &names, &mut cursor).await;
+    let left = store_keys_left(&redis, &names).await;
     let deleted = crate::transport::delete_redis_keys(&mut redis, &names).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());

@@ -67,7 +67,7 @@ pub(super) async fn broker_loop(shared: Arc<Shared>) {
 /// Reads queue depths and Redis memory every [`PROBE_EVERY`].
 pub(super) async fn probe_loop(shared: Arc<Shared>) {
     let mut amqp: Option<(lapin::Connection, lapin::Channel)> = None;
-    let mut redis: Option<redis::aio::ConnectionManager> = None;
+    let mut redis: Option<flotilla_runtime::Redis> = None;
     let mut missing = HashMap::new();
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -175,7 +175,7 @@ async fn probe_queues(
 
 async fn probe_redis(
     shared: &Shared,
-    redis: &mut Option<redis::aio::ConnectionManager>,
+    redis: &mut Option<flotilla_runtime::Redis>,
 ) -> Result<Option<RedisMemory>, String> {
     if redis.is_none() {
         *redis = Some(within(transport::connect_redis(&shared.redis_url)).await?);
@@ -183,8 +183,29 @@ async fn probe_redis(
     let Some(connection) = redis.as_mut() else {
         return Err("no connection".to_owned());
     };
-    let info: String = within(redis::cmd("INFO").arg("memory").query_async(connection)).await?;
-    Ok(parse_redis_memory(&info))
+    // On a cluster, every master answers; the fullest one is shown (the
+    // first to refuse writes).
+    let replies = within(connection.on_masters(redis::cmd("INFO").arg("memory"))).await?;
+    let mut fullest: Option<RedisMemory> = None;
+    for (_, reply) in replies {
+        let info: String = redis::from_redis_value(reply).map_err(|e| e.to_string())?;
+        if let Some(memory) = parse_redis_memory(&info) {
+            if fullest.as_ref().is_none_or(|f| fill(&memory) > fill(f)) {
+                fullest = Some(memory);
+            }
+        }
+    }
+    Ok(fullest)
+}
+
+/// How full a Redis is, to compare masters: the share of its `maxmemory`
+/// in use, or (with no limit) what it uses, as a tiny fraction.
+fn fill(memory: &RedisMemory) -> f64 {
+    if memory.maxmemory > 0 {
+        memory.used as f64 / memory.maxmemory as f64
+    } else {
+        memory.used as f64 * 1e-18
+    }
 }
 
 /// Awaits `future` for at most [`IO_TIMEOUT`].
