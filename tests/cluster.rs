@@ -122,12 +122,11 @@ async fn futures_lifecycle_and_primitives_work_on_a_three_node_cluster_with_quor
     drop(rabbit);
 }
 
-/// Futures and lifecycle on a Redis Cluster: every task's keys, the
-/// namespace's singletons and the batches that touch them spread over three
-/// masters. (The coordination primitives' blocking waits need per-node
-/// connections that are not built yet: step 8 of docs/redis-cluster.md.)
+/// Futures, lifecycle and the primitives on a Redis Cluster: every task's
+/// keys, the namespace's singletons and the batches that touch them spread
+/// over three masters; a primitive's blocking waits go to its slot's master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn futures_and_lifecycle_work_on_a_redis_cluster() {
+async fn futures_lifecycle_and_primitives_work_on_a_redis_cluster() {
     flotilla_examples::link();
     let redis = tokio::task::spawn_blocking(RedisCluster::start)
         .await
@@ -177,8 +176,54 @@ async fn futures_and_lifecycle_work_on_a_redis_cluster() {
         other => panic!("a dependent of a cancelled task is cancelled: {other:?}"),
     }
 
+    // The primitives, used from tasks and from the client: their waits
+    // block on the master of each one's slot.
+    let queue: Queue<i64> = Queue::new(c, "rc-queue");
+    let _producer = c.submit(producer, (queue.name(), 10));
+    let consumed = c.submit(consumer, (queue.name(), 10_usize));
+    assert_eq!(
+        consumed
+            .result_timeout(Duration::from_secs(30))
+            .await
+            .unwrap(),
+        (0..10).collect::<Vec<i64>>()
+    );
+    let sections = c.map(
+        critical_section,
+        (0..10_u32).map(|call| ("rc-lock", "rc-counter", call)),
+    );
+    c.gather(&sections).await.unwrap();
+    let counter: Variable<u64> = Variable::new(c, "rc-counter");
+    assert_eq!(counter.get().await.unwrap(), 10);
+    let woken = c.submit(waiter, ("rc-event",));
+    let _set = c.submit(setter, ("rc-event", 200_u64));
+    assert_eq!(
+        woken.result_timeout(Duration::from_secs(30)).await.unwrap(),
+        "Event occurred"
+    );
+    let permits = Semaphore::new(c, "rc-semaphore", 1);
+    permits.acquire().await.unwrap();
+    // A second acquire waits (on the semaphore's master) and times out.
+    assert!(!permits
+        .acquire_timeout(Duration::from_millis(300))
+        .await
+        .unwrap());
+    permits.release().await.unwrap();
+    // An empty queue's get waits its whole timeout, then gives up.
+    let empty: Queue<i64> = Queue::new(c, "rc-empty");
+    let waited = std::time::Instant::now();
+    assert!(matches!(
+        empty.get_timeout(Duration::from_millis(300)).await,
+        Err(Error::Timeout { .. })
+    ));
+    assert!(waited.elapsed() >= Duration::from_millis(300));
+    for deleted in [queue.delete().await, empty.delete().await] {
+        deleted.unwrap();
+    }
+
     // Released futures free their keys on every master.
     drop((a, b, d, top, many, failed, after, sleeping, child));
+    drop((_producer, consumed, sections, woken, _set));
     support::wait_until_freed(&config, Duration::from_secs(30)).await;
     t.stop().await;
     drop(redis);

@@ -4,9 +4,16 @@
 //! queue is stopped mid-workload. The queue fails over to a new leader on
 //! the two nodes left, the processes connected to the stopped node
 //! reconnect to another, and every future resolves with its value.
+//!
+//! And across the nodes of a Redis Cluster (`redis-master-failover`): the
+//! master that holds the leader lease (and a third of the task keys) is
+//! killed mid-workload; its replica takes over; nothing hangs, and a write
+//! the dead master acknowledged but had not replicated surfaces as a clear
+//! loss error.
 
+use super::state::{outcomes, Outcomes};
 use super::*;
-use support::services::RabbitCluster;
+use support::services::{RabbitCluster, RedisCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_the_node_leading_the_task_queue_stops_and_the_quorum_queue_fails_over() {
@@ -64,4 +71,82 @@ async fn chaos_the_node_leading_the_task_queue_stops_and_the_quorum_queue_fails_
         .finish("rabbitmq-node-down", 1, workload, salt, started)
         .await;
     drop(cluster);
+}
+
+/// Run on demand (`cargo nextest run --workspace --run-ignored all -E
+/// 'test(chaos_redis_master_failover)'`), not in CI yet: about one run in
+/// ten still leaves a future unresolved past the 60 s deadline (see
+/// docs/redis-cluster.md, "Status"); the other runs print `lost=0
+/// unresolved=0`, or a few clear losses that resolve within 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "redis-master-failover: about 1 run in 10 leaves a future unresolved (issue 17, open)"]
+async fn chaos_redis_master_failover_mid_workload() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        flotilla_runtime::cli::init_logging();
+    }
+    let mut redis = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let mut config = support::fresh_config("chaos-redis-failover");
+    config.redis_url = redis.url();
+    let names = config.names();
+    // CHAOS_LOGS=<dir> keeps the processes' logs there.
+    let logs = std::env::var_os("CHAOS_LOGS").map(std::path::PathBuf::from);
+    let processes = Processes::start_with(config, None, logs.as_deref()).await;
+
+    let started = Instant::now();
+    let salt = 9_000_000;
+    let workload = submit_workload(&processes.client, salt);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The worst master to lose: the leader lease's, with a third of the
+    // task keys.
+    let victim = redis.master_of(&names.leader_key());
+    let failover = tokio::task::block_in_place(|| {
+        redis.kill(victim);
+        let failover = redis.wait_for_failover(victim);
+        // Back as a replica, so that the cluster is whole again.
+        redis.restart(victim);
+        failover
+    });
+
+    let mut out = outcomes(&workload.slow, |i| salt + i as i64, started).await;
+    let chains = outcomes(&workload.chains, |c| salt + c as i64 + 50, started).await;
+    let sums = outcomes(
+        &workload.sums,
+        |s| {
+            (s as i64 * 5..s as i64 * 5 + 5)
+                .map(|c| salt + c + 50)
+                .sum::<i64>()
+        },
+        started,
+    )
+    .await;
+    for other in [chains, sums] {
+        out = Outcomes {
+            wrong: out.wrong + other.wrong,
+            lost: out.lost + other.lost,
+            unresolved: out.unresolved + other.unresolved,
+            slowest: out.slowest.max(other.slowest),
+            examples: [out.examples, other.examples].concat(),
+        };
+    }
+    let tasks = workload.tasks;
+    drop(workload);
+    let duplicated = processes.close().await;
+    if !out.examples.is_empty() {
+        eprintln!("outcomes: {:?}", out.examples);
+    }
+    println!(
+        "chaos redis-master-failover: faults=1 tasks={tasks} lost={} duplicated={duplicated} unresolved={} max_resolve_s={:.2} failover_s={:.2}",
+        out.lost,
+        out.unresolved,
+        out.slowest,
+        failover.as_secs_f64()
+    );
+    drop(redis);
+    // Replication is asynchronous: a write the dead master acknowledged
+    // but had not passed on is gone, and its future ends with a clear loss
+    // error (`lost`, reported). None hangs, and none gets a wrong value or
+    // another error.
+    assert_eq!((out.wrong, out.unresolved), (0, 0), "{:?}", out.examples);
 }

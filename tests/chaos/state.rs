@@ -42,21 +42,21 @@ async fn wait_role(addr: &str, want: &str, limit: Duration) -> Duration {
 
 /// How a set of futures ended.
 #[derive(Debug, Default)]
-struct Outcomes {
+pub(super) struct Outcomes {
     /// A wrong value, or an error that is not a loss.
-    wrong: usize,
+    pub(super) wrong: usize,
     /// Resolved with a clear loss error (the data is gone).
-    lost: usize,
+    pub(super) lost: usize,
     /// Not resolved by the deadline.
-    unresolved: usize,
+    pub(super) unresolved: usize,
     /// Seconds from the start until the last one resolved.
-    slowest: f64,
+    pub(super) slowest: f64,
     /// The first few wrong outcomes, for the failure message.
-    examples: Vec<String>,
+    pub(super) examples: Vec<String>,
 }
 
 /// Whether `error` says the task's data is gone.
-fn is_loss(error: &Error) -> bool {
+pub(super) fn is_loss(error: &Error) -> bool {
     match error {
         Error::Lost(_) | Error::DataLost { .. } => true,
         Error::Task(error) => error.kind() == ErrorKind::MissingDependency,
@@ -65,7 +65,7 @@ fn is_loss(error: &Error) -> bool {
 }
 
 /// Waits (60 s in all) for each future and sorts the outcomes.
-async fn outcomes<'a, T>(
+pub(super) async fn outcomes<'a, T>(
     futures: impl IntoIterator<Item = &'a TaskFuture<T>>,
     expected: impl Fn(usize) -> T,
     started: Instant,
@@ -81,7 +81,13 @@ where
             .max(Duration::from_millis(1));
         match future.result_timeout(left).await {
             Ok(value) if value == expected(i) => {}
-            Err(Error::Timeout { .. }) => out.unresolved += 1,
+            Err(Error::Timeout { .. }) => {
+                out.unresolved += 1;
+                if out.examples.len() < 5 {
+                    out.examples
+                        .push(format!("{i}: unresolved, task {}", future.key()));
+                }
+            }
             Err(error) if is_loss(&error) => out.lost += 1,
             other => {
                 out.wrong += 1;

@@ -349,6 +349,7 @@ impl Client {
             ops,
             background: Mutex::new(Vec::new()),
             pool: tokio::sync::OnceCell::new(),
+            node_pools: std::sync::Mutex::default(),
             room: Arc::new(Room::new(config_max_pending)),
         });
         let outbox = Outbox {
@@ -376,6 +377,12 @@ impl Client {
                 inner.data_lost();
             }
         };
+        let leader = Arc::downgrade(&inner);
+        let on_new_leader = move || {
+            if let Some(inner) = leader.upgrade() {
+                tokio::spawn(async move { inner.resync().await });
+            }
+        };
         let lease_task = tokio::spawn(renew_lease(
             redis,
             names,
@@ -383,6 +390,7 @@ impl Client {
             lease,
             incarnation,
             on_data_lost,
+            on_new_leader,
         ));
         inner
             .background
@@ -410,25 +418,87 @@ impl Client {
 
     /// A pooled Redis connection of its own, for blocking commands
     /// (`BLPOP`, `BLMOVE`, ...), pub/sub and transactions.
-    pub(crate) async fn dedicated_redis(&self) -> Result<deadpool_redis::Connection> {
-        let pool = self
+    ///
+    /// On a Redis Cluster it is a plain connection to the master that
+    /// serves `key`'s slot now, from that master's own pool, and comes with
+    /// that master's address (where its `CLIENT UNBLOCK` must go).
+    pub(crate) async fn dedicated_redis(
+        &self,
+        key: &str,
+    ) -> Result<(
+        deadpool_redis::Connection,
+        Option<flotilla_runtime::redis_conn::Node>,
+    )> {
+        let pool_error = |e: &dyn std::fmt::Display| Error::Config(format!("Redis pool: {e}"));
+        let build = |config: deadpool_redis::Config| {
+            config
+                .builder()
+                .map(|b| {
+                    b.max_size(64)
+                        .runtime(deadpool_redis::Runtime::Tokio1)
+                        .build()
+                })
+                .map_err(|e| pool_error(&e))?
+                .map_err(|e| pool_error(&e))
+        };
+        let redis = self.redis();
+        let Some(node) = redis.master_of(key).await? else {
+            let pool = self
+                .inner
+                .pool
+                .get_or_try_init(|| async {
+                    build(deadpool_redis::Config::from_url(
+                        self.inner.config.redis_url.clone(),
+                    ))
+                })
+                .await?;
+            let connection = pool.get().await.map_err(|e| pool_error(&e))?;
+            return Ok((connection, None));
+        };
+        let existing = self
             .inner
-            .pool
-            .get_or_try_init(|| async {
-                deadpool_redis::Config::from_url(self.inner.config.redis_url.clone())
-                    .builder()
-                    .map(|b| {
-                        b.max_size(64)
-                            .runtime(deadpool_redis::Runtime::Tokio1)
-                            .build()
-                    })
-                    .map_err(|e| Error::Config(format!("Redis pool: {e}")))?
-                    .map_err(|e| Error::Config(format!("Redis pool: {e}")))
-            })
-            .await?;
-        pool.get()
-            .await
-            .map_err(|e| Error::Config(format!("Redis pool: {e}")))
+            .node_pools
+            .lock()
+            .expect("node pools")
+            .get(&node)
+            .cloned();
+        let pool = match existing {
+            Some(pool) => pool,
+            None => {
+                // The first seed's credentials and TLS, the master's address.
+                let Ok(flotilla_proto::RedisTarget::Cluster(seeds)) =
+                    self.inner.config.redis_target()
+                else {
+                    return Err(pool_error(&"a cluster connection without a cluster URL"));
+                };
+                let info = redis::IntoConnectionInfo::into_connection_info(seeds[0].as_str())?;
+                let addr = match info.addr().clone() {
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host: node.host.clone(),
+                        port: node.port,
+                        insecure,
+                        tls_params,
+                    },
+                    _ => redis::ConnectionAddr::Tcp(node.host.clone(), node.port),
+                };
+                let pool = build(deadpool_redis::Config::from_connection_info(
+                    info.set_addr(addr),
+                ))?;
+                self.inner
+                    .node_pools
+                    .lock()
+                    .expect("node pools")
+                    .entry(node.clone())
+                    .or_insert(pool)
+                    .clone()
+            }
+        };
+        let connection = pool.get().await.map_err(|e| pool_error(&e))?;
+        Ok((connection, Some(node)))
     }
 
     /// The queue and key names of the client's namespace.

@@ -54,6 +54,11 @@ pub(crate) struct ClientInner {
     pub(crate) ops: mpsc::UnboundedSender<Op>,
     pub(crate) background: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) pool: tokio::sync::OnceCell<deadpool_redis::Pool>,
+    /// On a Redis Cluster, one pool of dedicated connections per master
+    /// (a blocking command must reach the master of its key's slot).
+    pub(crate) node_pools: std::sync::Mutex<
+        std::collections::HashMap<flotilla_runtime::redis_conn::Node, deadpool_redis::Pool>,
+    >,
     /// Room for pending tasks (`FLOTILLA_MAX_PENDING`; see [`crate::room`]).
     pub(crate) room: Arc<Room>,
 }
@@ -185,10 +190,11 @@ impl ClientInner {
         }
     }
 
-    /// After a reconnection: settles every pending future whose result is
-    /// already in Redis (its event may have been lost with the old
-    /// connection), and asks the scheduler to tell this client about the
-    /// rest, whoever submitted them.
+    /// After a reconnection, or when a scheduler took over: settles every
+    /// pending future whose result is already in Redis (its event may have
+    /// been lost with the old connection), and asks the scheduler to tell
+    /// this client about the rest, whoever submitted them (one it knows
+    /// nothing of and finds no result for ends `Lost`).
     pub(crate) async fn resync(&self) {
         let pending = self.pending();
         if pending.is_empty() {

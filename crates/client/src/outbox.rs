@@ -735,7 +735,11 @@ async fn sleep_until(due: Option<Instant>) {
 /// survive even a broken connection; once it lapses, the scheduler releases
 /// them and cancels the client's pending tasks that nothing else holds. It
 /// also checks Redis' incarnation marker and calls `on_data_lost` when
-/// Redis lost its data.
+/// Redis lost its data, and watches the leader lease's epoch and calls
+/// `on_new_leader` when another scheduler took over (or the same one took
+/// the lease again after losing it): the new leader knows only the tasks
+/// whose specs it found in Redis, and a spec whose write a Redis failover
+/// lost would leave its future waiting for a task nobody runs.
 pub(crate) async fn renew_lease(
     mut redis: Redis,
     names: Names,
@@ -743,17 +747,37 @@ pub(crate) async fn renew_lease(
     lease: Duration,
     mut incarnation: flotilla_runtime::incarnation::Incarnation,
     on_data_lost: impl Fn() + Send + 'static,
+    on_new_leader: impl Fn() + Send + 'static,
 ) {
     // Checked at least every 5 s, so a future waiting on data Redis lost
     // resolves soon after.
     let store = Store::redis(redis.clone(), names.clone());
     let mut tick = tokio::time::interval((lease / 4).min(Duration::from_secs(5)));
+    let mut epoch: Option<String> = None;
     loop {
         tick.tick().await;
         match incarnation.lost(&mut redis, &names).await {
             Ok(true) => on_data_lost(),
             Ok(false) => {}
             Err(error) => warn!(%error, "checking Redis' incarnation marker failed"),
+        }
+        // `<scheduler id>|<epoch>`; absent between two leaders.
+        let leader: redis::RedisResult<Option<String>> = redis::cmd("GET")
+            .arg(names.leader_key())
+            .query_async(&mut redis)
+            .await;
+        if let Ok(Some(leader)) = leader {
+            let now = leader.rsplit('|').next().map(str::to_owned);
+            if epoch.is_some() && now.is_some() && now != epoch {
+                tracing::info!(
+                    leader,
+                    "a scheduler took the leader lease: asking it about pending futures"
+                );
+                on_new_leader();
+            }
+            if now.is_some() {
+                epoch = now;
+            }
         }
         let expiry = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

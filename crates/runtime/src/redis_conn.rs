@@ -21,7 +21,67 @@ pub enum Redis {
     Single(ConnectionManager),
     /// A Redis Cluster: one multiplexed connection per node, routed by the
     /// slot map, which the connection refreshes on `MOVED` and failures.
-    Cluster(ClusterConnection),
+    Cluster(std::sync::Arc<ClusterLink>),
+}
+
+/// A cluster connection that is opened again when a command through it
+/// runs out of time: after a failover, the redis crate's connection was
+/// seen to stay stuck (every command through it waited out the whole
+/// reply budget, again and again), while a new one worked at once.
+pub struct ClusterLink {
+    client: redis::cluster::ClusterClient,
+    current: std::sync::Mutex<ClusterConnection>,
+    /// Whether a replacement is being opened.
+    replacing: std::sync::atomic::AtomicBool,
+}
+
+impl ClusterLink {
+    /// A link over `connection`, opened by `client`.
+    pub fn new(
+        client: redis::cluster::ClusterClient,
+        connection: ClusterConnection,
+    ) -> ClusterLink {
+        ClusterLink {
+            client,
+            current: std::sync::Mutex::new(connection),
+            replacing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The connection now.
+    fn connection(&self) -> ClusterConnection {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After `outcome` of a command: a timeout replaces the connection (in
+    /// the background, once at a time).
+    fn after<T>(self: &std::sync::Arc<Self>, outcome: &RedisResult<T>) {
+        let Err(error) = outcome else {
+            return;
+        };
+        if !error.is_timeout()
+            || self
+                .replacing
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        tracing::warn!(%error, "a Redis Cluster command timed out: opening the cluster connection again");
+        let link = self.clone();
+        tokio::spawn(async move {
+            match link.client.get_async_connection().await {
+                Ok(connection) => {
+                    *link.current.lock().unwrap_or_else(|p| p.into_inner()) = connection;
+                }
+                Err(error) => tracing::warn!(%error, "opening the cluster connection again failed"),
+            }
+            link.replacing
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
 }
 
 impl Redis {
@@ -44,7 +104,14 @@ impl ConnectionLike for Redis {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Redis::Single(redis) => redis.req_packed_command(cmd),
-            Redis::Cluster(redis) => redis.req_packed_command(cmd),
+            Redis::Cluster(link) => {
+                let link = link.clone();
+                Box::pin(async move {
+                    let outcome = link.connection().req_packed_command(cmd).await;
+                    link.after(&outcome);
+                    outcome
+                })
+            }
         }
     }
 
@@ -56,14 +123,24 @@ impl ConnectionLike for Redis {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Redis::Single(redis) => redis.req_packed_commands(pipeline, offset, count),
-            Redis::Cluster(redis) => redis.req_packed_commands(pipeline, offset, count),
+            Redis::Cluster(link) => {
+                let link = link.clone();
+                Box::pin(async move {
+                    let outcome = link
+                        .connection()
+                        .req_packed_commands(pipeline, offset, count)
+                        .await;
+                    link.after(&outcome);
+                    outcome
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Redis::Single(redis) => redis.get_db(),
-            Redis::Cluster(redis) => redis.get_db(),
+            Redis::Cluster(link) => link.connection().get_db(),
         }
     }
 }
@@ -74,6 +151,22 @@ impl ConnectionLike for Redis {
 /// 15 s in all on average, 29 s at most, which outlasts a failover (about
 /// 4 s with a 2 s node timeout) within the reply budget.
 pub const CLUSTER_RETRIES: u32 = 20;
+/// How long one try of a cluster command may take before the connection
+/// to its node counts as broken: the connection to that node is opened
+/// again and the command tried again, within [`CLUSTER_REPLY_TIMEOUT`].
+/// A cluster's commands are small (a batch is split by slot; a large value
+/// goes in 4 MiB chunks).
+pub const CLUSTER_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a cluster command may take in all, tries and redirects
+/// included (a single server's is [`crate::transport::REDIS_REPLY_TIMEOUT`],
+/// 60 s). Seen in the `redis-master-failover` scenario: after a failover,
+/// the redis crate's cluster connection of a process sometimes stays stuck,
+/// every command through it waiting out the whole budget while a new
+/// connection works at once. 15 s outlasts a failover (about 4 s) and
+/// stays well inside a client's lease (30 s by default); a command that
+/// runs out of it is an error the callers retry, and the connection is
+/// opened again ([`ClusterLink`]).
+pub const CLUSTER_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// The shortest wait between two tries of a cluster command, in ms.
 pub const CLUSTER_RETRY_MIN_MS: u64 = 100;
 /// The longest wait between two tries of a cluster command, in ms.
@@ -131,9 +224,11 @@ impl Redis {
                 let value = cmd.query_async(&mut redis.clone()).await?;
                 Ok(vec![(None, value)])
             }
-            Redis::Cluster(redis) => {
+            Redis::Cluster(link) => {
                 let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                let replies = redis.clone().route_command(cmd.clone(), routing).await?;
+                let replies = link.connection().route_command(cmd.clone(), routing).await;
+                link.after(&replies);
+                let replies = replies?;
                 let Value::Map(replies) = replies else {
                     return Err(unexpected("a reply per master", &replies));
                 };
@@ -172,16 +267,45 @@ impl Redis {
         cmd: &Cmd,
     ) -> RedisResult<T> {
         match (self, node) {
-            (Redis::Cluster(redis), Some(node)) => {
+            (Redis::Cluster(link), Some(node)) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: node.host.clone(),
                     port: node.port,
                 });
-                let value = redis.clone().route_command(cmd.clone(), routing).await?;
+                let value = link.connection().route_command(cmd.clone(), routing).await;
+                link.after(&value);
+                let value = value?;
                 redis::from_redis_value(value).map_err(Into::into)
             }
             _ => cmd.query_async(&mut self.clone()).await,
         }
+    }
+
+    /// The master that serves `key`'s slot now (`None` on a single
+    /// server): where a blocking command on `key` must be sent.
+    pub async fn master_of(&self, key: &str) -> RedisResult<Option<Node>> {
+        let Redis::Cluster(link) = self else {
+            return Ok(None);
+        };
+        let route = redis::cluster_routing::Route::new(
+            slot_of(key.as_bytes()),
+            redis::cluster_routing::SlotAddr::Master,
+        );
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+        // `laddr` is the server's own end of the connection: its address as
+        // this process reaches it.
+        let info = link
+            .connection()
+            .route_command(redis::cmd("CLIENT").arg("INFO").clone(), routing)
+            .await;
+        link.after(&info);
+        let info = info?;
+        let info: String = redis::from_redis_value(info)?;
+        info.split_whitespace()
+            .find_map(|field| field.strip_prefix("laddr="))
+            .and_then(node_of)
+            .map(Some)
+            .ok_or_else(|| unexpected("CLIENT INFO with laddr", &info))
     }
 
     /// Every key matching `pattern`, page by page, on every master (see
@@ -213,9 +337,9 @@ impl Redis {
                 }
                 pipe.query_async(&mut redis.clone()).await
             }
-            Redis::Cluster(redis) => {
+            Redis::Cluster(_) => {
                 let replies = futures_util::future::join_all(commands.iter().map(|cmd| {
-                    let mut redis = redis.clone();
+                    let mut redis = self.clone();
                     async move { cmd.query_async::<T>(&mut redis).await }
                 }))
                 .await;

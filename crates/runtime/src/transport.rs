@@ -267,7 +267,8 @@ async fn connect_single(url: &str) -> redis::RedisResult<Redis> {
 /// turn until one answers (every failure is reported if none does), and
 /// it must be a cluster node. The connection then learns the slot map,
 /// reads and writes masters only, and retries through a failover (see
-/// [`crate::redis_conn::CLUSTER_RETRIES`]) within [`REDIS_REPLY_TIMEOUT`].
+/// [`crate::redis_conn::CLUSTER_RETRIES`]) within
+/// [`crate::redis_conn::CLUSTER_REPLY_TIMEOUT`].
 async fn connect_cluster(seeds: &[String]) -> redis::RedisResult<Redis> {
     let mut failures = Vec::new();
     let mut infos = Vec::new();
@@ -305,14 +306,17 @@ async fn connect_cluster(seeds: &[String]) -> redis::RedisResult<Redis> {
     let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
     let client = redis::cluster::ClusterClientBuilder::new(infos)
         .connection_timeout(REDIS_CONNECT_TIMEOUT)
-        .response_timeout(REDIS_REPLY_TIMEOUT)
-        .overall_response_timeout(Some(REDIS_REPLY_TIMEOUT))
+        .response_timeout(crate::redis_conn::CLUSTER_ATTEMPT_TIMEOUT)
+        .overall_response_timeout(Some(crate::redis_conn::CLUSTER_REPLY_TIMEOUT))
         .retries(crate::redis_conn::CLUSTER_RETRIES)
         .min_retry_wait(crate::redis_conn::CLUSTER_RETRY_MIN_MS)
         .max_retry_wait(crate::redis_conn::CLUSTER_RETRY_MAX_MS)
         .tcp_settings(tcp)
         .build()?;
-    Ok(Redis::Cluster(client.get_async_connection().await?))
+    let connection = client.get_async_connection().await?;
+    Ok(Redis::Cluster(std::sync::Arc::new(
+        crate::redis_conn::ClusterLink::new(client, connection),
+    )))
 }
 
 /// Adds what is known to a failed first connection to Redis: the address

@@ -193,7 +193,7 @@ impl Leases {
                 let Some(pause) = slice(deadline, pause) else {
                     return Ok(None);
                 };
-                let Some(dedicated) = retry.connection(&self.client).await? else {
+                let Some(dedicated) = retry.connection(&self.client, &waiter.wake).await? else {
                     return Ok(None);
                 };
                 waiter.sleep(dedicated, pause).await?;

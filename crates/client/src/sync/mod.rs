@@ -231,7 +231,7 @@ pub(crate) async fn get_or_wait(
             let Some(wait) = slice(deadline, MAX_SLICE) else {
                 return Ok(None);
             };
-            let Some(dedicated) = retry.connection(client).await? else {
+            let Some(dedicated) = retry.connection(client, &waiter.wake).await? else {
                 return Ok(None);
             };
             if waiter.sleep(dedicated, wait).await? && wake_means_ready {
@@ -282,11 +282,16 @@ impl Retry {
         }
     }
 
-    /// The dedicated connection to sleep on; `None` if the deadline passes
-    /// while the pool is exhausted.
-    pub(crate) async fn connection(&mut self, client: &Client) -> Result<Option<&mut Dedicated>> {
+    /// The dedicated connection to sleep on, for a blocking command on
+    /// `key` (any key of the primitive: they share a hash slot); `None` if
+    /// the deadline passes while the pool is exhausted.
+    pub(crate) async fn connection(
+        &mut self,
+        client: &Client,
+        key: &str,
+    ) -> Result<Option<&mut Dedicated>> {
         if self.connection.is_none() {
-            self.connection = Dedicated::get(client, self.deadline).await?;
+            self.connection = Dedicated::get(client, self.deadline, key).await?;
         }
         Ok(self.connection.as_mut())
     }
@@ -388,6 +393,9 @@ pub(crate) struct Dedicated {
     connection: Option<deadpool_redis::Connection>,
     /// Its `CLIENT ID`, to end a blocking command on time.
     id: i64,
+    /// The master it is connected to, on a Redis Cluster (where the
+    /// `CLIENT UNBLOCK` of its id must go).
+    node: Option<flotilla_runtime::redis_conn::Node>,
     client: Client,
     busy: bool,
 }
@@ -398,9 +406,10 @@ impl Dedicated {
     pub(crate) async fn get(
         client: &Client,
         deadline: Option<Instant>,
+        key: &str,
     ) -> Result<Option<Dedicated>> {
         let connect = async {
-            let mut connection = client.dedicated_redis().await?;
+            let (mut connection, node) = client.dedicated_redis(key).await?;
             // Named, so that `CLIENT LIST` shows whose waits these are.
             let (id,): (i64,) = redis::pipe()
                 .cmd("CLIENT")
@@ -411,9 +420,9 @@ impl Dedicated {
                 .arg("ID")
                 .query_async(&mut connection)
                 .await?;
-            Ok::<_, Error>((connection, id))
+            Ok::<_, Error>((connection, id, node))
         };
-        let (connection, id) = match deadline {
+        let (connection, id, node) = match deadline {
             None => connect.await?,
             Some(deadline) => match tokio::time::timeout_at(deadline, connect).await {
                 Ok(connected) => connected?,
@@ -423,6 +432,7 @@ impl Dedicated {
         Ok(Some(Dedicated {
             connection: Some(connection),
             id,
+            node,
             client: client.clone(),
             busy: false,
         }))
@@ -441,6 +451,7 @@ impl Dedicated {
         let Dedicated {
             connection,
             id,
+            node,
             client,
             busy,
         } = self;
@@ -459,11 +470,14 @@ impl Dedicated {
                     () = tokio::time::sleep_until(at) => {
                         // Unblocking a command that has not reached the
                         // server yet does nothing: try again shortly.
-                        let _unblocked: i64 = redis::cmd("CLIENT")
-                            .arg("UNBLOCK")
-                            .arg(*id)
-                            .arg("TIMEOUT")
-                            .query_async(&mut client.redis())
+                        // On a cluster, ids are per node: the unblock goes
+                        // to the master this connection is on.
+                        let _unblocked: i64 = client
+                            .redis()
+                            .on_node(
+                                node.as_ref(),
+                                redis::cmd("CLIENT").arg("UNBLOCK").arg(*id).arg("TIMEOUT"),
+                            )
                             .await?;
                         at = Instant::now() + UNBLOCK_RETRY;
                     }
@@ -529,11 +543,16 @@ pub(crate) fn transient(error: &Error) -> bool {
                 || error.is_connection_dropped()
                 || error.is_connection_refusal()
                 || error.is_timeout()
+                // On a cluster, a wait's master that failed over or lost
+                // the slot: a fresh connection goes to the new one.
                 || matches!(
                     error.retry_method(),
                     redis::RetryMethod::Reconnect
                         | redis::RetryMethod::RetryImmediately
                         | redis::RetryMethod::WaitAndRetry
+                        | redis::RetryMethod::MovedRedirect
+                        | redis::RetryMethod::AskRedirect
+                        | redis::RetryMethod::ReconnectFromInitialConnections
                 )
         }
         // The pool reports a failed connect this way.

@@ -417,7 +417,10 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                     return Ok(None);
                 };
                 self.register_taker().await?;
-                let Some(dedicated) = retry.connection(&self.inner.client).await? else {
+                let Some(dedicated) = retry
+                    .connection(&self.inner.client, &self.inner.items())
+                    .await?
+                else {
                     return Ok(None);
                 };
                 // The item moved aside is taken by the next `take_now`.
