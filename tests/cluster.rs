@@ -40,84 +40,8 @@ async fn futures_lifecycle_and_primitives_work_on_a_three_node_cluster_with_quor
         assert_eq!(kind, "quorum");
         assert!(leader.is_some(), "a quorum queue has a leader");
     }
-    let c = &t.client;
-
-    // Futures: a diamond, a map gathered, an error and its dependent.
-    let a = c.submit(inc, (1,));
-    let (b, d) = (c.submit(inc, (&a,)), c.submit(add, (&a, 10)));
-    let top = c.submit(add, (&b, &d));
-    assert_eq!(
-        top.result_timeout(Duration::from_secs(30)).await.unwrap(),
-        15
-    );
-    let many = c.map(inc, (0..500_i64).map(|i| (i,)));
-    let values = c.gather(&many).await.unwrap();
-    assert_eq!(values, (1..=500).collect::<Vec<i64>>());
-    let sum = c.submit(total, (values,));
-    assert_eq!(sum.await.unwrap(), (1..=500).sum::<i64>());
-    let failed = c.submit(might_fail, (-1,));
-    let after = c.submit(inc, (&failed,));
-    match after.result_timeout(Duration::from_secs(30)).await {
-        Err(Error::Task(error)) => assert_eq!(error.kind(), ErrorKind::User),
-        other => panic!("a dependent of a failed task fails with its error: {other:?}"),
-    }
-    let mut seen = Vec::new();
-    let mut completed =
-        flotilla::as_completed(c.map(inc, (0..20_i64).map(|i| (i,)))).with_results();
-    while let Some((_, value)) = completed.next().await {
-        seen.push(value.unwrap());
-    }
-    seen.sort();
-    assert_eq!(seen, (1..=20).collect::<Vec<i64>>());
-
-    // Lifecycle: a cancelled task and its dependent; a retried failure.
-    let sleeping = c.submit(
-        sleep_then_note,
-        (format!("{}-sleeper", names.namespace()), 20_000),
-    );
-    let child = c.submit(add_u64, (&sleeping, 1));
-    sleeping.cancel();
-    assert!(matches!(sleeping.result().await, Err(Error::Cancelled(_))));
-    match child.result_timeout(Duration::from_secs(30)).await {
-        Err(Error::Task(error)) => assert_eq!(error.kind(), ErrorKind::Cancelled),
-        other => panic!("a dependent of a cancelled task is cancelled: {other:?}"),
-    }
-    let flaky = c.submit(might_fail, (-2,));
-    assert!(flaky.result_timeout(Duration::from_secs(30)).await.is_err());
-    flaky.retry();
-    assert!(matches!(
-        flaky.result_timeout(Duration::from_secs(30)).await,
-        Err(Error::Task(_))
-    ));
-
-    // The primitives, used from tasks and from the client.
-    let queue: Queue<i64> = Queue::new(c, "cluster-queue");
-    let _producer = c.submit(producer, (queue.name(), 10));
-    let consumed = c.submit(consumer, (queue.name(), 10_usize));
-    assert_eq!(
-        consumed
-            .result_timeout(Duration::from_secs(30))
-            .await
-            .unwrap(),
-        (0..10).collect::<Vec<i64>>()
-    );
-    let sections = c.map(
-        critical_section,
-        (0..10_u32).map(|call| ("cluster-lock", "cluster-counter", call)),
-    );
-    c.gather(&sections).await.unwrap();
-    let counter: Variable<u64> = Variable::new(c, "cluster-counter");
-    assert_eq!(counter.get().await.unwrap(), 10);
-    let woken = c.submit(waiter, ("cluster-event",));
-    let _set = c.submit(setter, ("cluster-event", 200_u64));
-    assert_eq!(
-        woken.result_timeout(Duration::from_secs(30)).await.unwrap(),
-        "Event occurred"
-    );
-    let permits = Semaphore::new(c, "cluster-semaphore", 2);
-    permits.acquire().await.unwrap();
-    permits.release().await.unwrap();
-
+    futures_and_lifecycle(&t.client, &names).await;
+    primitives(&t.client, "cluster").await;
     t.stop().await;
     drop(rabbit);
 }
@@ -136,7 +60,34 @@ async fn futures_lifecycle_and_primitives_work_on_a_redis_cluster() {
     let names = config.names();
     let t = TestCluster::start_with(config.clone(), 2, 2).await;
     let c = &t.client;
+    futures_and_lifecycle(c, &names).await;
+    primitives(c, "rc").await;
+    // Waits that time out, on the primitive's master.
+    let permits = Semaphore::new(c, "rc-one", 1);
+    permits.acquire().await.unwrap();
+    assert!(!permits
+        .acquire_timeout(Duration::from_millis(300))
+        .await
+        .unwrap());
+    permits.release().await.unwrap();
+    let empty: Queue<i64> = Queue::new(c, "rc-empty");
+    let waited = std::time::Instant::now();
+    assert!(matches!(
+        empty.get_timeout(Duration::from_millis(300)).await,
+        Err(Error::Timeout { .. })
+    ));
+    assert!(waited.elapsed() >= Duration::from_millis(300));
+    empty.delete().await.unwrap();
+    // Released futures (all dropped by now) free their keys on every
+    // master.
+    support::wait_until_freed(&config, Duration::from_secs(30)).await;
+    t.stop().await;
+    drop(redis);
+}
 
+/// A diamond, a map gathered, an error and its dependent, as_completed; a
+/// cancelled task and its dependent; a retried failure.
+async fn futures_and_lifecycle(c: &Client, names: &flotilla_proto::Names) {
     let a = c.submit(inc, (1,));
     let (b, d) = (c.submit(inc, (&a,)), c.submit(add, (&a, 10)));
     let top = c.submit(add, (&b, &d));
@@ -175,10 +126,20 @@ async fn futures_lifecycle_and_primitives_work_on_a_redis_cluster() {
         Err(Error::Task(error)) => assert_eq!(error.kind(), ErrorKind::Cancelled),
         other => panic!("a dependent of a cancelled task is cancelled: {other:?}"),
     }
+    let flaky = c.submit(might_fail, (-2,));
+    assert!(flaky.result_timeout(Duration::from_secs(30)).await.is_err());
+    flaky.retry();
+    assert!(matches!(
+        flaky.result_timeout(Duration::from_secs(30)).await,
+        Err(Error::Task(_))
+    ));
+}
 
-    // The primitives, used from tasks and from the client: their waits
-    // block on the master of each one's slot.
-    let queue: Queue<i64> = Queue::new(c, "rc-queue");
+/// The primitives (named `<prefix>-…`), used from tasks and from the
+/// client: a Queue between tasks, Lock critical sections with a Variable,
+/// an Event, a Semaphore.
+async fn primitives(c: &Client, prefix: &str) {
+    let queue: Queue<i64> = Queue::new(c, &format!("{prefix}-queue"));
     let _producer = c.submit(producer, (queue.name(), 10));
     let consumed = c.submit(consumer, (queue.name(), 10_usize));
     assert_eq!(
@@ -188,43 +149,23 @@ async fn futures_lifecycle_and_primitives_work_on_a_redis_cluster() {
             .unwrap(),
         (0..10).collect::<Vec<i64>>()
     );
+    let (lock, counter) = (format!("{prefix}-lock"), format!("{prefix}-counter"));
     let sections = c.map(
         critical_section,
-        (0..10_u32).map(|call| ("rc-lock", "rc-counter", call)),
+        (0..10_u32).map(|call| (lock.clone(), counter.clone(), call)),
     );
     c.gather(&sections).await.unwrap();
-    let counter: Variable<u64> = Variable::new(c, "rc-counter");
-    assert_eq!(counter.get().await.unwrap(), 10);
-    let woken = c.submit(waiter, ("rc-event",));
-    let _set = c.submit(setter, ("rc-event", 200_u64));
+    let count: Variable<u64> = Variable::new(c, &counter);
+    assert_eq!(count.get().await.unwrap(), 10);
+    let event = format!("{prefix}-event");
+    let woken = c.submit(waiter, (event.clone(),));
+    let _set = c.submit(setter, (event, 200_u64));
     assert_eq!(
         woken.result_timeout(Duration::from_secs(30)).await.unwrap(),
         "Event occurred"
     );
-    let permits = Semaphore::new(c, "rc-semaphore", 1);
+    let permits = Semaphore::new(c, &format!("{prefix}-semaphore"), 2);
     permits.acquire().await.unwrap();
-    // A second acquire waits (on the semaphore's master) and times out.
-    assert!(!permits
-        .acquire_timeout(Duration::from_millis(300))
-        .await
-        .unwrap());
     permits.release().await.unwrap();
-    // An empty queue's get waits its whole timeout, then gives up.
-    let empty: Queue<i64> = Queue::new(c, "rc-empty");
-    let waited = std::time::Instant::now();
-    assert!(matches!(
-        empty.get_timeout(Duration::from_millis(300)).await,
-        Err(Error::Timeout { .. })
-    ));
-    assert!(waited.elapsed() >= Duration::from_millis(300));
-    for deleted in [queue.delete().await, empty.delete().await] {
-        deleted.unwrap();
-    }
-
-    // Released futures free their keys on every master.
-    drop((a, b, d, top, many, failed, after, sleeping, child));
-    drop((_producer, consumed, sections, woken, _set));
-    support::wait_until_freed(&config, Duration::from_secs(30)).await;
-    t.stop().await;
-    drop(redis);
+    queue.delete().await.unwrap();
 }
