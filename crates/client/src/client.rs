@@ -459,7 +459,7 @@ impl Client {
             .inner
             .node_pools
             .lock()
-            .expect("node pools")
+            .unwrap_or_else(|p| p.into_inner())
             .get(&node)
             .cloned();
         let pool = match existing {
@@ -491,7 +491,7 @@ impl Client {
                 self.inner
                     .node_pools
                     .lock()
-                    .expect("node pools")
+                    .unwrap_or_else(|p| p.into_inner())
                     .entry(node.clone())
                     .or_insert(pool)
                     .clone()
