@@ -1,6 +1,7 @@
 //! Detecting that Redis lost its data.
 //!
-//! `<ns>:incarnation` holds a random marker. A process starting sets it
+//! `<ns>:incarnation` holds a random marker (on a Redis Cluster, one per
+//! bucket of slots, so that each master holds one). A process starting sets it
 //! when it is absent, and the scheduler whenever it is gone; every process
 //! remembers the one it saw and looks again from time to time. Redis restarted without persistence, a `FLUSHALL`, or a failover
 //! to a replica that missed the marker show as a marker that is gone (and
@@ -26,52 +27,100 @@ return redis.call('GET', KEYS[1])
 
 /// The namespace's marker, set to a fresh random one if absent.
 pub async fn observe(redis: &mut Redis, names: &Names) -> redis::RedisResult<String> {
+    observe_key(redis, &names.incarnation_key()).await
+}
+
+/// The marker under `key`, set to a fresh random one if absent.
+async fn observe_key(redis: &mut Redis, key: &str) -> redis::RedisResult<String> {
     OBSERVE
-        .key(names.incarnation_key())
+        .key(key)
         .arg(flotilla_proto::new_id())
         .invoke_async(redis)
         .await
 }
 
-/// Remembers the marker a process saw and tells when it changes.
+/// How many markers a Redis Cluster gets: one in each 1,024-slot bucket,
+/// so that every master owning at least 2,048 contiguous slots (any
+/// master of a cluster of up to 8) holds one, and a master that lost its
+/// data is noticed whichever it is.
+const CLUSTER_MARKERS: u16 = 16;
+
+/// The hash tags of the cluster's markers: `i<b>-<n>`, the first `n` whose
+/// slot falls in bucket `b`.
+static CLUSTER_TAGS: LazyLock<Vec<String>> = LazyLock::new(|| {
+    let width = 16_384 / CLUSTER_MARKERS;
+    (0..CLUSTER_MARKERS)
+        .map(|bucket| {
+            (0u32..)
+                .map(|n| format!("i{bucket}-{n}"))
+                .find(|tag| crate::redis_conn::slot_of(tag.as_bytes()) / width == bucket)
+                .expect("every bucket is hit")
+        })
+        .collect()
+});
+
+/// The marker keys: `<ns>:incarnation` on one server; on a cluster, one
+/// per bucket of slots, `<ns>:incarnation:{i<b>-<n>}`.
+fn marker_keys(redis: &Redis, names: &Names) -> Vec<String> {
+    if redis.is_cluster() {
+        CLUSTER_TAGS
+            .iter()
+            .map(|tag| format!("{}:{{{tag}}}", names.incarnation_key()))
+            .collect()
+    } else {
+        vec![names.incarnation_key()]
+    }
+}
+
+/// Remembers the markers a process saw and tells when one changes.
 ///
-/// Every process sets the marker when it starts and finds none; after
-/// that, the scheduler *keeps* it (sets it again when gone) while clients
-/// only read it, so a client that outlives its namespace's purge leaves no
-/// key behind.
+/// Every process sets the markers when it starts and finds none; after
+/// that, the scheduler *keeps* them (sets them again when gone) while
+/// clients only read them, so a client that outlives its namespace's purge
+/// leaves no key behind.
 #[derive(Debug, Clone)]
 pub struct Incarnation {
-    seen: Option<String>,
+    keys: Vec<String>,
+    seen: Vec<Option<String>>,
     keeps: bool,
 }
 
 impl Incarnation {
-    /// Reads the marker, setting it when absent (so that a process started
-    /// before the scheduler knows it too); with `keeps`, later looks set it
-    /// again when it is gone.
+    /// Reads the markers, setting those absent (so that a process started
+    /// before the scheduler knows them too); with `keeps`, later looks set
+    /// them again when they are gone.
     pub async fn start(redis: &mut Redis, names: &Names, keeps: bool) -> redis::RedisResult<Self> {
-        Ok(Incarnation {
-            seen: Some(observe(redis, names).await?),
-            keeps,
-        })
+        let keys = marker_keys(redis, names);
+        let mut seen = Vec::with_capacity(keys.len());
+        for key in &keys {
+            seen.push(Some(observe_key(redis, key).await?));
+        }
+        Ok(Incarnation { keys, seen, keeps })
     }
 
-    async fn read(&self, redis: &mut Redis, names: &Names) -> redis::RedisResult<Option<String>> {
+    async fn read(&self, redis: &mut Redis) -> redis::RedisResult<Vec<Option<String>>> {
         if self.keeps {
-            observe(redis, names).await.map(Some)
+            let mut now = Vec::with_capacity(self.keys.len());
+            for key in &self.keys {
+                now.push(Some(observe_key(redis, key).await?));
+            }
+            Ok(now)
         } else {
-            redis::cmd("GET")
-                .arg(names.incarnation_key())
-                .query_async(redis)
-                .await
+            let gets: Vec<redis::Cmd> = self.keys.iter().map(redis::Cmd::get).collect();
+            redis.query_each(&gets).await
         }
     }
 
     /// Looks again: `Ok(true)` when a marker seen before is gone or
-    /// changed (Redis lost its data since); what is seen now is remembered.
-    pub async fn lost(&mut self, redis: &mut Redis, names: &Names) -> redis::RedisResult<bool> {
-        let now = self.read(redis, names).await?;
-        let lost = self.seen.is_some() && now != self.seen;
+    /// changed (Redis, or one master of a cluster, lost its data since);
+    /// what is seen now is remembered.
+    pub async fn lost(&mut self, redis: &mut Redis, _names: &Names) -> redis::RedisResult<bool> {
+        let now = self.read(redis).await?;
+        let lost = self
+            .seen
+            .iter()
+            .zip(&now)
+            .any(|(seen, now)| seen.is_some() && now != seen);
         self.seen = now;
         Ok(lost)
     }
@@ -123,5 +172,50 @@ pub async fn check_eviction(
             tracing::warn!(%error, "could not read Redis' maxmemory-policy; make sure it is noeviction");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_markers_fall_one_in_each_bucket_of_slots() {
+        let buckets: Vec<u16> = CLUSTER_TAGS
+            .iter()
+            .map(|tag| crate::redis_conn::slot_of(tag.as_bytes()) / 1024)
+            .collect();
+        assert_eq!(buckets, (0..16).collect::<Vec<u16>>());
+    }
+
+    /// On a Redis Cluster, a master that loses its data (here a FLUSHALL
+    /// of one master) is noticed, whichever master it is.
+    #[tokio::test]
+    async fn a_redis_cluster_master_that_lost_its_data_is_noticed() {
+        let cluster = tokio::task::spawn_blocking(crate::testing::RedisCluster::start)
+            .await
+            .unwrap();
+        let mut redis = crate::transport::connect_redis(&cluster.url())
+            .await
+            .unwrap();
+        let names = Names::new(&format!("t-incarnation-{}", flotilla_proto::new_id()));
+        let mut scheduler = Incarnation::start(&mut redis, &names, true).await.unwrap();
+        let mut client = Incarnation::start(&mut redis, &names, false).await.unwrap();
+        assert_eq!(client.keys.len(), 16);
+        assert!(!client.lost(&mut redis, &names).await.unwrap());
+        let masters = redis.masters().await.unwrap();
+        let victim = masters.last().unwrap();
+        let _: () = redis
+            .on_node(Some(victim), &redis::cmd("FLUSHALL"))
+            .await
+            .unwrap();
+        assert!(scheduler.lost(&mut redis, &names).await.unwrap());
+        assert!(client.lost(&mut redis, &names).await.unwrap());
+        // The scheduler set the lost markers anew: nothing more is lost.
+        assert!(!client.lost(&mut redis, &names).await.unwrap());
+        crate::transport::delete_redis_keys(&mut redis, &names)
+            .await
+            .unwrap();
+        drop(cluster);
     }
 }
