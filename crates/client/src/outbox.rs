@@ -756,7 +756,7 @@ pub(crate) async fn renew_lease(
     let mut epoch: Option<String> = None;
     loop {
         tick.tick().await;
-        match incarnation.lost(&mut redis, &names).await {
+        match incarnation.lost(&mut redis).await {
             Ok(true) => on_data_lost(),
             Ok(false) => {}
             Err(error) => warn!(%error, "checking Redis' incarnation marker failed"),

@@ -39,6 +39,18 @@ async fn observe_key(redis: &mut Redis, key: &str) -> redis::RedisResult<String>
         .await
 }
 
+/// The markers under `keys`, each set to a fresh random one if absent, all
+/// at once (on a cluster they are on different masters).
+async fn observe_all(redis: &Redis, keys: &[String]) -> redis::RedisResult<Vec<Option<String>>> {
+    futures_util::future::join_all(keys.iter().map(|key| {
+        let mut redis = redis.clone();
+        async move { observe_key(&mut redis, key).await.map(Some) }
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
 /// How many markers a Redis Cluster gets: one in each 1,024-slot bucket,
 /// so that every master owning at least 2,048 contiguous slots (any
 /// master of a cluster of up to 8) holds one, and a master that lost its
@@ -91,20 +103,13 @@ impl Incarnation {
     /// them again when they are gone.
     pub async fn start(redis: &mut Redis, names: &Names, keeps: bool) -> redis::RedisResult<Self> {
         let keys = marker_keys(redis, names);
-        let mut seen = Vec::with_capacity(keys.len());
-        for key in &keys {
-            seen.push(Some(observe_key(redis, key).await?));
-        }
+        let seen = observe_all(redis, &keys).await?;
         Ok(Incarnation { keys, seen, keeps })
     }
 
     async fn read(&self, redis: &mut Redis) -> redis::RedisResult<Vec<Option<String>>> {
         if self.keeps {
-            let mut now = Vec::with_capacity(self.keys.len());
-            for key in &self.keys {
-                now.push(Some(observe_key(redis, key).await?));
-            }
-            Ok(now)
+            observe_all(redis, &self.keys).await
         } else {
             let gets: Vec<redis::Cmd> = self.keys.iter().map(redis::Cmd::get).collect();
             redis.query_each(&gets).await
@@ -114,7 +119,7 @@ impl Incarnation {
     /// Looks again: `Ok(true)` when a marker seen before is gone or
     /// changed (Redis, or one master of a cluster, lost its data since);
     /// what is seen now is remembered.
-    pub async fn lost(&mut self, redis: &mut Redis, _names: &Names) -> redis::RedisResult<bool> {
+    pub async fn lost(&mut self, redis: &mut Redis) -> redis::RedisResult<bool> {
         let now = self.read(redis).await?;
         let lost = self
             .seen
@@ -138,25 +143,21 @@ pub async fn check_eviction(
     let replies = redis
         .on_masters(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
         .await;
-    let policy = replies.and_then(|replies| {
-        let mut policies = Vec::new();
+    // The first policy that evicts, named with its master on a cluster.
+    let evicting = replies.and_then(|replies| {
         for (node, reply) in replies {
             let (_, policy): (String, String) = redis::from_redis_value(reply)?;
-            policies.push(match node {
-                Some(node) if policy != "noeviction" => format!("{policy} (on {node})"),
-                _ => policy,
-            });
+            if policy != "noeviction" {
+                return Ok(Some(match node {
+                    Some(node) => format!("{policy} (on {node})"),
+                    None => policy,
+                }));
+            }
         }
-        Ok((
-            String::new(),
-            policies
-                .into_iter()
-                .find(|policy| policy != "noeviction")
-                .unwrap_or_else(|| "noeviction".to_owned()),
-        ))
+        Ok(None)
     });
-    match policy {
-        Ok((_, policy)) if policy != "noeviction" => {
+    match evicting {
+        Ok(Some(policy)) => {
             if allow {
                 tracing::warn!(
                     policy,
@@ -192,27 +193,22 @@ mod tests {
     /// of one master) is noticed, whichever master it is.
     #[tokio::test]
     async fn a_redis_cluster_master_that_lost_its_data_is_noticed() {
-        let cluster = tokio::task::spawn_blocking(crate::testing::RedisCluster::start)
-            .await
-            .unwrap();
-        let mut redis = crate::transport::connect_redis(&cluster.url())
-            .await
-            .unwrap();
+        let (cluster, mut redis) = crate::testing::RedisCluster::start_connected().await;
         let names = Names::new(&format!("t-incarnation-{}", flotilla_proto::new_id()));
         let mut scheduler = Incarnation::start(&mut redis, &names, true).await.unwrap();
         let mut client = Incarnation::start(&mut redis, &names, false).await.unwrap();
         assert_eq!(client.keys.len(), 16);
-        assert!(!client.lost(&mut redis, &names).await.unwrap());
+        assert!(!client.lost(&mut redis).await.unwrap());
         let masters = redis.masters().await.unwrap();
         let victim = masters.last().unwrap();
         let _: () = redis
             .on_node(Some(victim), &redis::cmd("FLUSHALL"))
             .await
             .unwrap();
-        assert!(scheduler.lost(&mut redis, &names).await.unwrap());
-        assert!(client.lost(&mut redis, &names).await.unwrap());
+        assert!(scheduler.lost(&mut redis).await.unwrap());
+        assert!(client.lost(&mut redis).await.unwrap());
         // The scheduler set the lost markers anew: nothing more is lost.
-        assert!(!client.lost(&mut redis, &names).await.unwrap());
+        assert!(!client.lost(&mut redis).await.unwrap());
         crate::transport::delete_redis_keys(&mut redis, &names)
             .await
             .unwrap();

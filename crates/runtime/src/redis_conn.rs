@@ -481,10 +481,7 @@ mod tests {
     /// purged from all of them.
     #[tokio::test]
     async fn a_redis_cluster_connection_reads_writes_walks_and_purges_every_master() {
-        let cluster = tokio::task::spawn_blocking(RedisCluster::start)
-            .await
-            .unwrap();
-        let mut redis = connect_redis(&cluster.url()).await.unwrap();
+        let (cluster, mut redis) = RedisCluster::start_connected().await;
         assert!(redis.is_cluster());
 
         let plain = format!("redis://127.0.0.1:{}/0", cluster.masters()[0]);

@@ -293,33 +293,32 @@ pub(crate) async fn run_each(
     if !redis.is_cluster() {
         return run_one(redis, pipe).await;
     }
+    let slots: Vec<u16> = pipe
+        .cmd_iter()
+        .map(|cmd| first_key(cmd).map_or(0, crate::redis_conn::slot_of))
+        .collect();
+    if slots.windows(2).all(|pair| pair[0] == pair[1]) {
+        // One slot (a batch about one task): the pipeline as it is.
+        return unreachable_as_a_whole(run_one(redis, pipe).await?);
+    }
     let mut groups: std::collections::BTreeMap<u16, (Pipeline, Vec<usize>)> =
         std::collections::BTreeMap::new();
-    let mut count = 0;
-    for (index, cmd) in pipe.cmd_iter().enumerate() {
-        let slot = first_key(cmd).map_or(0, crate::redis_conn::slot_of);
+    for (index, (cmd, slot)) in pipe.cmd_iter().zip(&slots).enumerate() {
         let (group, positions) = groups
-            .entry(slot)
+            .entry(*slot)
             .or_insert_with(|| (redis::pipe(), Vec::new()));
         group.add_command(cmd.clone());
         positions.push(index);
-        count = index + 1;
     }
     let outcomes = futures_util::future::join_all(groups.values().map(|(group, _)| {
         let mut redis = redis.clone();
         async move { run_one(&mut redis, group).await }
     }))
     .await;
-    let mut replies: Vec<Option<RedisResult<redis::Value>>> = (0..count).map(|_| None).collect();
+    let mut replies: Vec<Option<RedisResult<redis::Value>>> =
+        (0..slots.len()).map(|_| None).collect();
     for ((_, positions), outcome) in groups.values().zip(outcomes) {
-        let outcome = outcome?;
-        if let Some(error) = outcome
-            .iter()
-            .find_map(|reply| reply.as_ref().err().filter(|e| unreachable_now(e)))
-        {
-            return Err(error.clone());
-        }
-        for (&position, reply) in positions.iter().zip(outcome) {
+        for (&position, reply) in positions.iter().zip(unreachable_as_a_whole(outcome?)?) {
             replies[position] = Some(reply);
         }
     }
@@ -327,6 +326,20 @@ pub(crate) async fn run_each(
         .into_iter()
         .map(|reply| reply.unwrap_or(Ok(redis::Value::Nil)))
         .collect())
+}
+
+/// A cluster pipeline's replies, or the first error among them that means
+/// its node cannot answer now, as an error of the whole.
+fn unreachable_as_a_whole(
+    replies: Vec<RedisResult<redis::Value>>,
+) -> RedisResult<Vec<RedisResult<redis::Value>>> {
+    match replies
+        .iter()
+        .find_map(|reply| reply.as_ref().err().filter(|e| unreachable_now(e)))
+    {
+        Some(error) => Err(error.clone()),
+        None => Ok(replies),
+    }
 }
 
 /// [`run_each`] of one pipeline (on a cluster, of one slot).

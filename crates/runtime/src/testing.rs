@@ -95,6 +95,18 @@ impl NodeLine {
 }
 
 impl RedisCluster {
+    /// [`RedisCluster::start`] from async code (on a blocking thread), and
+    /// a connection to it through its `redis+cluster://` URL.
+    pub async fn start_connected() -> (RedisCluster, crate::Redis) {
+        let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .expect("the cluster starts");
+        let redis = crate::transport::connect_redis(&cluster.url())
+            .await
+            .expect("a connection to the cluster");
+        (cluster, redis)
+    }
+
     /// Starts the six nodes, creates the cluster and returns once it is
     /// ready: every node says `cluster_state:ok`, the nodes agree on who
     /// serves which slots, and each of the three replicas has its link to

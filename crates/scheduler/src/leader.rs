@@ -223,12 +223,7 @@ mod tests {
     /// second scheduler who holds it.
     #[tokio::test]
     async fn the_leader_lease_is_taken_renewed_and_refused_on_a_redis_cluster() {
-        let cluster = tokio::task::spawn_blocking(flotilla_runtime::testing::RedisCluster::start)
-            .await
-            .unwrap();
-        let mut redis = flotilla_runtime::transport::connect_redis(&cluster.url())
-            .await
-            .unwrap();
+        let (cluster, mut redis) = flotilla_runtime::testing::RedisCluster::start_connected().await;
         let names = Names::new("t-leader");
         let Attempt::Held(epoch) = attempt(&mut redis, &names, "a", 0).await.unwrap() else {
             panic!("the first scheduler takes the lease");

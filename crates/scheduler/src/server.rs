@@ -1238,7 +1238,7 @@ impl Scheduler {
         let incarnation = self.incarnation.clone();
         let store = self.store.clone();
         self.checker = Some(tokio::spawn(async move {
-            let lost = incarnation.lock().await.lost(&mut redis, &names).await;
+            let lost = incarnation.lock().await.lost(&mut redis).await;
             match lost {
                 Ok(true) => tracing::error!(
                     namespace = names.namespace(),

@@ -532,12 +532,7 @@ async fn the_redis_store_keeps_the_contract() {
 /// over the masters' slots.
 #[tokio::test]
 async fn the_redis_cluster_store_keeps_the_contract() {
-    let cluster = tokio::task::spawn_blocking(crate::testing::RedisCluster::start)
-        .await
-        .unwrap();
-    let mut redis = crate::transport::connect_redis(&cluster.url())
-        .await
-        .unwrap();
+    let (cluster, mut redis) = crate::testing::RedisCluster::start_connected().await;
     contract_on(&mut redis).await;
     drop(cluster);
 }
