@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Scaling figures (issue 17, item 6): throughput of 10,000 and 100,000 no-op
-# tasks with 1, 2, 4 and 8 worker processes (1 slot each), against the one
-# local RabbitMQ node (classic queues) and against a private 3-node RabbitMQ
-# cluster on this machine (quorum queues, every process given the three
-# nodes), and the scheduler's own CPU time per task. Redis is the local one
-# in both. Each configuration runs `--repeats` times, alternating.
+# tasks with 1, 2, 4 and 8 worker processes (1 slot each), and the
+# scheduler's own CPU time per task, against three targets:
+#   single-node     the local RabbitMQ node (classic queues) and local Redis;
+#   3-node-quorum   a private 3-node RabbitMQ cluster on this machine (quorum
+#                   queues, every process given the three nodes), local Redis;
+#   redis-cluster   the local RabbitMQ node and a private 6-node Redis Cluster
+#                   on this machine (3 masters, 3 replicas, redis+cluster://).
+# Each configuration runs `--repeats` times, the targets alternating.
 #
 #   cargo build --release --locked -p flotilla-bench -p flotilla-cli -p flotilla-examples --bins
-#   bash bench/scale.sh [--repeats N] [--workers "1 2 4 8"]   # ~10 min
+#   bash bench/scale.sh [--repeats N] [--workers "1 2 4 8"] [--targets "single-node redis-cluster"]
+#                                                         # ~15 min for everything
 #
 # Prints one line per run (`scale <target> workers=N 10k=… 100k=…
 # scheduler_cpu_us_per_task=…`) and leaves the cluster's nodes stopped and
@@ -18,11 +22,13 @@ cd "$root"
 
 repeats=2
 workers="1 2 4 8"
+targets="single-node 3-node-quorum redis-cluster"
 while (($#)); do
     case "$1" in
         --repeats) repeats="$2"; shift 2 ;;
         --workers) workers="$2"; shift 2 ;;
-        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --targets) targets="$2"; shift 2 ;;
+        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "scale.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -31,16 +37,22 @@ bench="$root/target/release/flotilla-bench"
 [[ -x "$bench" ]] || { echo "scale.sh: build $bench first (see the header)" >&2; exit 1; }
 bash scripts/services.sh >/dev/null
 
+wants() { [[ " $targets " == *" $1 "* ]]; }
+
 # --- a private 3-node RabbitMQ cluster -------------------------------------
 dirs=()
 nodes=()
+redis_pids=()
 cleanup() {
     for node in "${nodes[@]}"; do rabbitmqctl -n "$node" stop >/dev/null 2>&1 || true; done
+    for pid in "${redis_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for dir in "${dirs[@]}"; do rm -rf "$dir"; done
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 urls=()
+cluster_url=""
+if wants 3-node-quorum; then
 for i in 0 1 2; do
     port=$(free_port)
     dist=$(free_port)
@@ -65,6 +77,36 @@ for i in 1 2; do
 done
 cluster_url=$(IFS=,; echo "${urls[*]}")
 echo "scale: a 3-node RabbitMQ cluster: ${nodes[*]}" >&2
+fi
+
+# --- a private 6-node Redis Cluster (3 masters, 3 replicas) -----------------
+redis_cluster_url=""
+if wants redis-cluster; then
+    rdir=$(mktemp -d /tmp/flotilla-scale-redis-XXXX)
+    dirs+=("$rdir")
+    seeds=()
+    for i in 0 1 2 3 4 5; do
+        port=$(free_port)
+        bus=$(free_port)
+        mkdir -p "$rdir/$port"
+        redis-server --port "$port" --cluster-enabled yes --cluster-port "$bus" \
+            --cluster-config-file "$rdir/$port/nodes.conf" --dir "$rdir/$port" \
+            --save '' --appendonly no --bind 127.0.0.1 --logfile "$rdir/$port/redis.log" &
+        redis_pids+=($!)
+        seeds+=("127.0.0.1:$port")
+    done
+    for seed in "${seeds[@]}"; do
+        until redis-cli -p "${seed#*:}" ping >/dev/null 2>&1; do sleep 0.1; done
+    done
+    redis-cli --cluster create "${seeds[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+    for seed in "${seeds[@]}"; do
+        until redis-cli -p "${seed#*:}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; do
+            sleep 0.2
+        done
+    done
+    redis_cluster_url="redis+cluster://$(IFS=,; echo "${seeds[*]}")"
+    echo "scale: a 6-node Redis Cluster: ${seeds[*]}" >&2
+fi
 
 # --- runs --------------------------------------------------------------------
 # The scheduler's CPU time (user + system, clock ticks) from /proc, sampled
@@ -75,10 +117,10 @@ scheduler_ticks() {
     [[ -n "$pid" ]] || { echo 0; return; }
     awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0
 }
-run() { # target amqp_url queue_type workers
-    local target="$1" url="$2" kind="$3" n="$4" out ticks=0 now
+run() { # target amqp_url queue_type redis_url workers
+    local target="$1" url="$2" kind="$3" redis="$4" n="$5" out ticks=0 now
     out=$(mktemp)
-    FLOTILLA_AMQP_URL="$url" FLOTILLA_QUEUE_TYPE="$kind" \
+    FLOTILLA_AMQP_URL="$url" FLOTILLA_QUEUE_TYPE="$kind" FLOTILLA_REDIS_URL="$redis" \
         "$bench" --workers "$n" --only throughput --json >"$out" 2>/dev/null &
     local bench_pid=$!
     while kill -0 "$bench_pid" 2>/dev/null; do
@@ -99,9 +141,11 @@ EOF
     rm -f "$out"
 }
 single_url="${FLOTILLA_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+single_redis="${FLOTILLA_REDIS_URL:-redis://127.0.0.1:6379}"
 for ((r = 0; r < repeats; r++)); do
     for n in $workers; do
-        run single-node "$single_url" classic "$n"
-        run 3-node-quorum "$cluster_url" quorum "$n"
+        if wants single-node; then run single-node "$single_url" classic "$single_redis" "$n"; fi
+        if wants 3-node-quorum; then run 3-node-quorum "$cluster_url" quorum "$single_redis" "$n"; fi
+        if wants redis-cluster; then run redis-cluster "$single_url" classic "$redis_cluster_url" "$n"; fi
     done
 done

@@ -378,7 +378,7 @@ impl Client {
             }
         };
         let leader = Arc::downgrade(&inner);
-        let on_new_leader = move || {
+        let resync = move || {
             if let Some(inner) = leader.upgrade() {
                 tokio::spawn(async move { inner.resync().await });
             }
@@ -390,7 +390,7 @@ impl Client {
             lease,
             incarnation,
             on_data_lost,
-            on_new_leader,
+            resync,
         ));
         inner
             .background

@@ -736,10 +736,13 @@ async fn sleep_until(due: Option<Instant>) {
 /// them and cancels the client's pending tasks that nothing else holds. It
 /// also checks Redis' incarnation marker and calls `on_data_lost` when
 /// Redis lost its data, and watches the leader lease's epoch and calls
-/// `on_new_leader` when another scheduler took over (or the same one took
+/// `resync` when another scheduler took over (or the same one took
 /// the lease again after losing it): the new leader knows only the tasks
 /// whose specs it found in Redis, and a spec whose write a Redis failover
-/// lost would leave its future waiting for a task nobody runs.
+/// lost would leave its future waiting for a task nobody runs. It calls
+/// `resync` too when a renewal finds the lease gone (a failover lost its
+/// first write): the scheduler may have taken the client for gone
+/// meanwhile and dropped its pending tasks.
 pub(crate) async fn renew_lease(
     mut redis: Redis,
     names: Names,
@@ -747,7 +750,7 @@ pub(crate) async fn renew_lease(
     lease: Duration,
     mut incarnation: flotilla_runtime::incarnation::Incarnation,
     on_data_lost: impl Fn() + Send + 'static,
-    on_new_leader: impl Fn() + Send + 'static,
+    resync: impl Fn() + Send + 'static,
 ) {
     // Checked at least every 5 s, so a future waiting on data Redis lost
     // resolves soon after.
@@ -773,7 +776,7 @@ pub(crate) async fn renew_lease(
                     leader,
                     "a scheduler took the leader lease: asking it about pending futures"
                 );
-                on_new_leader();
+                resync();
             }
             if now.is_some() {
                 epoch = now;
@@ -784,8 +787,14 @@ pub(crate) async fn renew_lease(
             .unwrap_or_default()
             .saturating_add(lease)
             .as_millis() as u64;
-        if let Err(error) = store.renew_lease(&client, expiry).await {
-            warn!(%error, "renewing the client's lease failed");
+        match store.renew_lease(&client, expiry).await {
+            // Taken when the client connected: this renewal found it gone.
+            Ok(true) => {
+                warn!("the client's lease was gone from Redis (a failover lost it): asking the scheduler about pending futures");
+                resync();
+            }
+            Ok(false) => {}
+            Err(error) => warn!(%error, "renewing the client's lease failed"),
         }
     }
 }

@@ -121,11 +121,13 @@ impl Incarnation {
     /// what is seen now is remembered.
     pub async fn lost(&mut self, redis: &mut Redis) -> redis::RedisResult<bool> {
         let now = self.read(redis).await?;
-        let lost = self
-            .seen
-            .iter()
-            .zip(&now)
-            .any(|(seen, now)| seen.is_some() && now != seen);
+        let mut lost = false;
+        for ((key, seen), now) in self.keys.iter().zip(&self.seen).zip(&now) {
+            if seen.is_some() && now != seen {
+                tracing::warn!(key, ?seen, ?now, "Redis' incarnation marker changed");
+                lost = true;
+            }
+        }
         self.seen = now;
         Ok(lost)
     }

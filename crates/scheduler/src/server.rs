@@ -438,6 +438,7 @@ async fn serve(
         events_guard: ReplayGuard::new(),
         reaper: None,
         orphans_swept: None,
+        orphan_grace: config.client_lease(),
         custodian: None,
         leadership: leadership.clone(),
         id: id.to_owned(),
@@ -814,6 +815,9 @@ struct Scheduler {
     reaper: Option<JoinHandle<()>>,
     /// When the reaper last looked for holds of clients without a lease.
     orphans_swept: Option<Instant>,
+    /// How long a client found without a lease is given to renew it
+    /// before its holds are released (see [`reap`]): one client lease.
+    orphan_grace: Duration,
     custodian: Option<JoinHandle<()>>,
     /// The leader lease this scheduler acts under, as `id`.
     leadership: Leadership,
@@ -1299,8 +1303,9 @@ impl Scheduler {
         }
         let store = self.store.clone();
         let inputs = self.inputs.clone();
+        let grace = self.orphan_grace;
         self.reaper = Some(tokio::spawn(async move {
-            match reap(&store, orphans).await {
+            match reap(&store, orphans, grace).await {
                 Ok(keys) if !keys.is_empty() => {
                     let _ = inputs.send(Input::Abandoned(keys));
                 }
@@ -1352,13 +1357,21 @@ fn is_client_id(holder: &str) -> bool {
 }
 
 /// Releases every hold of clients whose lease lapsed, and with `orphans`
-/// (or when some lease lapsed) every hold of a client id without a lease (a client takes its lease
-/// before its first hold and gives it up only after its last release, so
-/// such a hold is left over). Clients keep no list of what they hold (that
-/// would cost two Redis writes per task), so this scans the namespace's
-/// holders sets: rare work, done when a client died or stayed away longer
-/// than its lease, and once every [`ORPHAN_SWEEP_EVERY`].
-async fn reap(store: &Store, orphans: bool) -> redis::RedisResult<Vec<String>> {
+/// (or when some lease lapsed) every hold of a client id without a lease (a
+/// client takes its lease before its first hold and gives it up only after
+/// its last release, so such a hold is left over). Clients keep no list of
+/// what they hold (that would cost two Redis writes per task), so this
+/// scans the namespace's holders sets: rare work, done when a client died or
+/// stayed away longer than its lease, and once every
+/// [`ORPHAN_SWEEP_EVERY`].
+///
+/// A client found without a lease is given `grace` (one client lease) to
+/// renew it before its holds go: a lease can vanish from a live
+/// client, when the Redis master holding the leases loses the client's
+/// first write in a failover (replication is asynchronous), and the
+/// client's next renewal brings it back. Releasing its holds at once would
+/// cancel its pending work (found by `chaos redis-master-failover`).
+async fn reap(store: &Store, orphans: bool, grace: Duration) -> redis::RedisResult<Vec<String>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -1368,10 +1381,10 @@ async fn reap(store: &Store, orphans: bool) -> redis::RedisResult<Vec<String>> {
         return Ok(Vec::new());
     }
     // Scanning anyway: look for lease-less holders too.
-    let orphans = orphans || !lapsed.is_empty();
     let lapsed_ids: HashSet<&str> = lapsed.iter().map(String::as_str).collect();
     let mut unreferenced = Vec::new();
-    let mut leaseless = 0usize;
+    // Holds of clients without a lease when first seen.
+    let mut leaseless: Vec<(String, String)> = Vec::new();
     let mut pages = store.holders();
     while let Some(sets) = pages.next_page().await? {
         let mut holds: Vec<(String, String)> = Vec::new();
@@ -1383,53 +1396,64 @@ async fn reap(store: &Store, orphans: bool) -> redis::RedisResult<Vec<String>> {
                 }
                 if lapsed_ids.contains(member.as_str()) {
                     holds.push((key.clone(), member));
-                } else if orphans {
+                } else {
                     suspects.push((key.clone(), member));
                 }
             }
         }
-        if !suspects.is_empty() {
-            // Which of these clients have no lease (asked after the holds
-            // were seen: a lease never comes back once it is gone).
-            let ids: Vec<&str> = suspects
-                .iter()
-                .map(|(_, id)| id.as_str())
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            let leased = store.have_leases(&ids).await?;
-            let gone: HashSet<&str> = ids
-                .into_iter()
-                .zip(leased)
-                .filter(|(_, leased)| !leased)
-                .map(|(id, _)| id)
-                .collect();
-            let before = holds.len();
-            holds.extend(
-                suspects
-                    .iter()
-                    .filter(|(_, id)| gone.contains(id.as_str()))
-                    .cloned(),
-            );
-            leaseless += holds.len() - before;
-        }
+        leaseless.extend(without_lease(store, suspects).await?);
         // A hold seen twice (a walk over a cluster during a failover) is
         // released once and then found gone.
         for chunk in holds.chunks(1000) {
             unreferenced.extend(store.release(chunk).await?);
         }
     }
-    if leaseless > 0 {
-        warn!(
-            holds = leaseless,
-            "released holds of clients without a lease (left over after they closed or lapsed)"
-        );
-    }
     for client in &lapsed {
         info!(client, "client lease lapsed: released what it held");
         store.drop_lease(client).await?;
     }
+    if !leaseless.is_empty() {
+        tokio::time::sleep(grace).await;
+        // Asked again after the grace: a live client has renewed by now.
+        let gone = without_lease(store, leaseless).await?;
+        for chunk in gone.chunks(1000) {
+            unreferenced.extend(store.release(chunk).await?);
+        }
+        if !gone.is_empty() {
+            warn!(
+                holds = gone.len(),
+                "released holds of clients without a lease (left over after they closed or lapsed)"
+            );
+        }
+    }
     Ok(unreferenced)
+}
+
+/// The holds of `holds` whose client has no lease.
+async fn without_lease(
+    store: &Store,
+    holds: Vec<(String, String)>,
+) -> redis::RedisResult<Vec<(String, String)>> {
+    if holds.is_empty() {
+        return Ok(holds);
+    }
+    let ids: Vec<&str> = holds
+        .iter()
+        .map(|(_, id)| id.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let leased = store.have_leases(&ids).await?;
+    let gone: HashSet<String> = ids
+        .into_iter()
+        .zip(leased)
+        .filter(|(_, leased)| !leased)
+        .map(|(id, _)| id.to_owned())
+        .collect();
+    Ok(holds
+        .into_iter()
+        .filter(|(_, id)| gone.contains(id))
+        .collect())
 }
 
 async fn lookup(store: &Store, codec: &Codec, key: &str) -> Lookup {
@@ -1536,7 +1560,8 @@ mod tests {
             .scatter("orphan", &leaseless, b"v\0");
         setup.exec().await.unwrap();
 
-        let mut freed = reap(&store, false).await.unwrap();
+        let grace = Duration::from_millis(10);
+        let mut freed = reap(&store, false, grace).await.unwrap();
         freed.sort();
         // A lapsed lease makes the sweep look for lease-less holders too.
         assert_eq!(freed, ["only-lapsed", "orphan"]);
@@ -1556,8 +1581,34 @@ mod tests {
         let mut later = store.batch();
         later.scatter("later", &new_id(), b"v\0");
         later.exec().await.unwrap();
-        assert!(reap(&store, false).await.unwrap().is_empty());
-        assert_eq!(reap(&store, true).await.unwrap(), ["later"]);
+        assert!(reap(&store, false, grace).await.unwrap().is_empty());
+        assert_eq!(reap(&store, true, grace).await.unwrap(), ["later"]);
+    }
+
+    /// A live client whose lease vanished (its first write lost in a Redis
+    /// failover) and comes back within the grace keeps its holds; one
+    /// still without a lease after it loses them.
+    #[tokio::test]
+    async fn a_lease_back_within_the_grace_keeps_its_holds() {
+        let store = Store::memory();
+        let (back, gone) = (new_id(), new_id());
+        let mut setup = store.batch();
+        setup
+            .scatter("kept", &back, b"v\0")
+            .scatter("left-over", &gone, b"v\0");
+        setup.exec().await.unwrap();
+        let grace = Duration::from_secs(1);
+        let sweep = tokio::spawn({
+            let store = store.clone();
+            async move { reap(&store, true, grace).await.unwrap() }
+        });
+        // Well within the grace, the live client renews.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!sweep.is_finished(), "nothing is released before the grace");
+        store.renew_lease(&back, now_ms() + 30_000).await.unwrap();
+        assert_eq!(sweep.await.unwrap(), ["left-over"]);
+        let keys = vec!["kept".to_owned(), "left-over".to_owned()];
+        assert_eq!(store.held(&keys).await.unwrap(), [true, false]);
     }
 
     /// A restarted scheduler takes up the specs of tasks with no result

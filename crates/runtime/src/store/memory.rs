@@ -396,10 +396,9 @@ impl Memory {
         due.into_iter().map(|(_, key)| key).collect()
     }
 
-    pub(super) fn renew_lease(&mut self, client: &str, expiry_ms: u64) -> RedisResult<()> {
+    pub(super) fn renew_lease(&mut self, client: &str, expiry_ms: u64) -> RedisResult<bool> {
         self.may_grow()?;
-        self.leases.insert(client.to_owned(), expiry_ms);
-        Ok(())
+        Ok(self.leases.insert(client.to_owned(), expiry_ms).is_none())
     }
 
     pub(super) fn lapsed_leases(&self, now_ms: u64, limit: usize) -> Vec<String> {

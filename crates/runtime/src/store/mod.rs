@@ -598,17 +598,19 @@ impl Store {
     // ---- client leases -----------------------------------------------
 
     /// Sets client `client`'s lease to expire at `expiry_ms` (milliseconds
-    /// since the epoch by the client's clock).
-    pub async fn renew_lease(&self, client: &str, expiry_ms: u64) -> RedisResult<()> {
+    /// since the epoch by the client's clock); whether the lease was absent
+    /// (a first lease, or one that vanished: see the scheduler's reaper).
+    pub async fn renew_lease(&self, client: &str, expiry_ms: u64) -> RedisResult<bool> {
         let Some((mut redis, names)) = self.on_redis() else {
             return self.state().renew_lease(client, expiry_ms);
         };
-        redis::cmd("ZADD")
+        let added: u32 = redis::cmd("ZADD")
             .arg(names.leases_key())
             .arg(expiry_ms)
             .arg(client)
             .query_async(&mut redis)
-            .await
+            .await?;
+        Ok(added == 1)
     }
 
     /// Up to `limit` clients whose lease expired at `now_ms`.

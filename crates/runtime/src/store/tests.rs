@@ -425,9 +425,12 @@ async fn leases(store: &Store) {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    store.renew_lease("old", now - 1000).await.unwrap();
-    store.renew_lease("older", now - 2000).await.unwrap();
-    store.renew_lease("live", now + 60_000).await.unwrap();
+    // A renewal tells whether the lease was absent (a first one, or one
+    // that vanished).
+    assert!(store.renew_lease("old", now - 1000).await.unwrap());
+    assert!(store.renew_lease("older", now - 2000).await.unwrap());
+    assert!(store.renew_lease("live", now + 1_000).await.unwrap());
+    assert!(!store.renew_lease("live", now + 60_000).await.unwrap());
     assert_eq!(
         store.lapsed_leases(now, 50).await.unwrap(),
         ["older", "old"]
@@ -442,6 +445,8 @@ async fn leases(store: &Store) {
     assert!(store.lapsed_leases(now, 50).await.unwrap().is_empty());
     store.drop_lease("live").await.unwrap();
     assert_eq!(store.have_leases(&["live"]).await.unwrap(), [false]);
+    assert!(store.renew_lease("live", now + 60_000).await.unwrap());
+    store.drop_lease("live").await.unwrap();
 }
 
 /// A worker hands its kept values over to Redis when it stops: a record
