@@ -11,7 +11,9 @@
 #
 #   cargo build --release --locked -p flotilla-bench -p flotilla-cli -p flotilla-examples --bins
 #   bash bench/scale.sh [--repeats N] [--workers "1 2 4 8"] [--targets "single-node redis-cluster"]
-#                                                         # ~15 min for everything
+#                       [--only throughput,roundtrip,chain]   # ~15 min for everything
+# (--only goes to flotilla-bench: throughput by default; with roundtrip and
+# chain the lines carry their figures too.)
 #
 # Prints one line per run (`scale <target> workers=N 10k=… 100k=…
 # scheduler_cpu_us_per_task=…`) and leaves the cluster's nodes stopped and
@@ -23,11 +25,13 @@ cd "$root"
 repeats=2
 workers="1 2 4 8"
 targets="single-node 3-node-quorum redis-cluster"
+only="throughput"
 while (($#)); do
     case "$1" in
         --repeats) repeats="$2"; shift 2 ;;
         --workers) workers="$2"; shift 2 ;;
         --targets) targets="$2"; shift 2 ;;
+        --only) only="$2"; shift 2 ;;
         -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "scale.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
@@ -121,7 +125,7 @@ run() { # target amqp_url queue_type redis_url workers
     local target="$1" url="$2" kind="$3" redis="$4" n="$5" out ticks=0 now
     out=$(mktemp)
     FLOTILLA_AMQP_URL="$url" FLOTILLA_QUEUE_TYPE="$kind" FLOTILLA_REDIS_URL="$redis" \
-        "$bench" --workers "$n" --only throughput --json >"$out" 2>/dev/null &
+        "$bench" --workers "$n" --only "$only" --json >"$out" 2>/dev/null &
     local bench_pid=$!
     while kill -0 "$bench_pid" 2>/dev/null; do
         now=$(scheduler_ticks "")
@@ -135,8 +139,15 @@ path, target, n, ticks, hz = sys.argv[1:]
 row = json.loads(open(path).read().strip().splitlines()[-1])
 tasks = 110_000 + 2 * int(n)  # 10k + 100k, and each worker's warm-up task
 cpu_us = int(ticks) / int(hz) * 1e6 / tasks
-print(f"scale {target} workers={n} 10k={row['throughput_10k_tasks_per_s']:.0f} "
-      f"100k={row['throughput_100k_tasks_per_s']:.0f} scheduler_cpu_us_per_task={cpu_us:.1f}")
+line = f"scale {target} workers={n}"
+if row.get("throughput_10k_tasks_per_s") is not None:
+    line += (f" 10k={row['throughput_10k_tasks_per_s']:.0f}"
+             f" 100k={row['throughput_100k_tasks_per_s']:.0f}"
+             f" scheduler_cpu_us_per_task={cpu_us:.1f}")
+for key in ("roundtrip_p50_ms", "roundtrip_p99_ms", "chain_ms_per_task"):
+    if row.get(key) is not None:
+        line += f" {key}={row[key]:.2f}"
+print(line)
 EOF
     rm -f "$out"
 }
