@@ -1,7 +1,7 @@
 //! A user's project, built as the README says, outside this workspace: a
 //! task library crate, a worker binary crate that names it
 //! (`flotilla::worker_main!(my_tasks)`), and a client program, each
-//! depending on `flotilla` alone (plus `serde` and `tokio`). The test starts
+//! depending on `flotilla-rs` alone (plus `serde` and `tokio`). The test starts
 //! this workspace's `flotilla-scheduler` and two of the user's workers in a
 //! fresh namespace and runs the user's tasks from the user's client.
 //!
@@ -334,7 +334,7 @@ fn write_files(dir: &Path) {
         .expect("the repository root");
     let flotilla = workspace.join("crates/client");
     let flotilla = flotilla.to_str().expect("UTF-8 workspace path");
-    let dependency = format!("flotilla = {{ path = {flotilla:?} }}");
+    let dependency = format!("flotilla-rs = {{ path = {flotilla:?} }}");
     let serde = r#"serde = { version = "1", features = ["derive"] }"#;
     let tokio = r#"tokio = { version = "1", features = ["macros", "rt-multi-thread"] }"#;
     let manifest = |name: &str, deps: &[&str]| {
