@@ -1372,10 +1372,6 @@ fn the_compose_file_matches_the_binaries() {
             service["environment"]["FLOTILLA_SECRET"].str(),
             "FLOTILLA_SECRET",
         );
-        assert!(
-            service["build"].str().is_some(),
-            "{name} is built from the Dockerfile"
-        );
         let depends = &service["depends_on"];
         if name != "example" {
             for broker in ["rabbitmq", "redis"] {
@@ -1499,14 +1495,120 @@ fn the_compose_file_matches_the_binaries() {
         "the example service runs an example program: {example:?}"
     );
 
-    // The image holds what the services run.
+    // The images hold what the services run: each service is built from
+    // the Dockerfile at a stage of it (its `build.target`, else the last
+    // one). The default image holds the two binaries and no example; the
+    // example service's image adds the example programs.
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
-    for needle in [
-        "flotilla-scheduler",
-        "flotilla-worker",
-        "--examples",
-        &format!("EXPOSE {port}"),
-    ] {
-        assert!(dockerfile.contains(needle), "Dockerfile mentions {needle}");
+    let stages = dockerfile_stages(&dockerfile);
+    let image_of = |name: &str| {
+        let build = &services[name]["build"];
+        let (context, target) = match build.str() {
+            Some(context) => (context, None),
+            None => (
+                build["context"].str().unwrap_or_default(),
+                build["target"].str(),
+            ),
+        };
+        assert_eq!(context, ".", "{name} is built from the Dockerfile");
+        let stage = match target {
+            Some(target) => stages
+                .iter()
+                .find(|stage| stage.name == target)
+                .unwrap_or_else(|| panic!("{name}: the Dockerfile has a stage {target}")),
+            None => stages.last().expect("the Dockerfile has stages"),
+        };
+        stage.image(&stages)
+    };
+    let stage_named = |name: &str| {
+        stages
+            .iter()
+            .find(|stage| stage.name == name)
+            .unwrap_or_else(|| panic!("the Dockerfile has a stage {name}"))
+    };
+    let build = stage_named("build").image(&stages);
+    for binary in ["flotilla-scheduler", "flotilla-worker"] {
+        assert!(
+            build.contains(&format!("--bin {binary}")),
+            "the build stage builds {binary}"
+        );
     }
+    for name in ["scheduler", "scheduler-standby", "worker"] {
+        let image = image_of(name);
+        assert!(
+            image.contains("COPY --from=build /out/bin/"),
+            "{name}'s image holds the binaries:\n{image}"
+        );
+        assert!(
+            !image.contains("/out/examples"),
+            "{name}'s image holds no example program:\n{image}"
+        );
+    }
+    let image = image_of("example");
+    assert!(
+        image.contains("COPY --from=build /out/bin/"),
+        "the example service's image holds the binaries:\n{image}"
+    );
+    let examples = stages
+        .iter()
+        .find(|stage| image.contains(&format!("COPY --from={} /out/examples/", stage.name)))
+        .unwrap_or_else(|| {
+            panic!("the example service's image copies the example programs:\n{image}")
+        });
+    assert!(
+        examples.image(&stages).contains("--examples"),
+        "the stage {} builds the example programs",
+        examples.name
+    );
+    assert!(
+        dockerfile.contains(&format!("EXPOSE {port}")),
+        "the Dockerfile exposes {port}"
+    );
+}
+
+/// One stage of a Dockerfile.
+struct Stage {
+    /// `FROM ... AS name` (empty when unnamed).
+    name: String,
+    /// The image or stage it starts from.
+    from: String,
+    /// Its instructions, `FROM` included, without comments.
+    body: String,
+}
+
+impl Stage {
+    /// The instructions of this stage and of the stages it starts from.
+    fn image(&self, stages: &[Stage]) -> String {
+        match stages.iter().find(|stage| stage.name == self.from) {
+            Some(parent) => parent.image(stages) + &self.body,
+            None => self.body.clone(),
+        }
+    }
+}
+
+/// The stages of a Dockerfile, in order.
+fn dockerfile_stages(dockerfile: &str) -> Vec<Stage> {
+    let mut stages: Vec<Stage> = Vec::new();
+    for line in dockerfile.lines() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        if let Some(from) = line.strip_prefix("FROM ") {
+            let words: Vec<&str> = from.split_whitespace().collect();
+            let name = match words.as_slice() {
+                [_, as_, name] if as_.eq_ignore_ascii_case("as") => name.to_string(),
+                _ => String::new(),
+            };
+            stages.push(Stage {
+                name,
+                from: words.first().copied().unwrap_or_default().to_owned(),
+                body: String::new(),
+            });
+        }
+        if let Some(stage) = stages.last_mut() {
+            stage.body.push_str(line);
+            stage.body.push('\n');
+        }
+    }
+    stages
 }

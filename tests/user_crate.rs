@@ -1,20 +1,22 @@
-//! A user's project, built as the README says, outside this workspace: a
-//! task library crate, a worker binary crate that names it
-//! (`flotilla::worker_main!(my_tasks)`), and a client program, each
-//! depending on `flotilla` alone (plus `serde` and `tokio`). The test starts
-//! this workspace's `flotilla-scheduler` and two of the user's workers in a
-//! fresh namespace and runs the user's tasks from the user's client.
+//! A user's project, as the README says to make one and exactly as
+//! `examples/template/` ships it: a task library crate, a worker binary
+//! crate that names it (`flotilla::worker_main!(my_tasks)`), and a client
+//! program, each depending on `flotilla-rs` alone (plus `serde` and
+//! `tokio`), built outside this workspace. The test starts this
+//! workspace's `flotilla-scheduler` and two of the user's workers in a fresh
+//! namespace and runs the user's tasks from the user's client, which checks
+//! its results itself.
 //!
 //! It also builds the recipe that used to serve nothing
 //! (`fn main() { flotilla::worker::main() }` beside a task crate it never
 //! names) and a worker naming a crate without tasks, and checks that both
 //! refuse to start with an error that says how to fix them.
 //!
-//! The user's project is generated into `target/user-project` with a path
-//! dependency on this workspace's `crates/client/`, this workspace's `Cargo.lock`
-//! (built `--offline`) and this workspace's target directory, so that only
-//! the Flotilla crates and the user's are compiled, and only on the first
-//! run.
+//! The template is copied into `target/user-project` with a
+//! `[patch.crates-io]` that points `flotilla-rs` at this workspace's
+//! `crates/client/`, this workspace's `Cargo.lock` (built `--offline`) and
+//! this workspace's target directory, so that only the Flotilla crates and
+//! the user's are compiled, and only on the first run.
 
 mod support;
 
@@ -23,41 +25,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::process::{spawn, Spawned};
 
-const TASKS_LIB: &str = r#"//! The user's tasks.
-use serde::{Deserialize, Serialize};
-
-#[flotilla::task]
-pub fn add(x: i64, y: i64) -> i64 {
-    x + y
-}
-
-#[flotilla::task]
-pub fn might_fail(x: i64) -> Result<i64, String> {
-    if x < 0 { Err("Negative value".into()) } else { Ok(x * x) }
-}
-
-#[derive(Debug, PartialEq, Serialize, Deserialize)]
-pub struct Summary {
-    pub count: usize,
-    pub total: i64,
-}
-
-#[flotilla::task]
-pub async fn summarize(xs: Vec<i64>) -> Summary {
-    tokio::task::yield_now().await;
-    Summary { count: xs.len(), total: xs.iter().sum() }
-}
-
-/// Which worker ran it, after a pause, so that a batch spreads over workers.
-#[flotilla::task]
-pub async fn worker_of(ctx: flotilla::TaskContext, millis: u64) -> String {
-    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
-    ctx.worker_id().to_owned()
-}
-"#;
-
-const WORKER_MAIN: &str = "flotilla::worker_main!(my_tasks);\n";
-
 /// The recipe the README used to give: the task crate is a dependency, but
 /// nothing names it, so it is not linked.
 const OLD_WORKER_MAIN: &str = "fn main() {\n    flotilla::worker::main()\n}\n";
@@ -65,35 +32,25 @@ const OLD_WORKER_MAIN: &str = "fn main() {\n    flotilla::worker::main()\n}\n";
 /// Names a crate that defines no task.
 const WRONG_WORKER_MAIN: &str = "flotilla::worker_main!(my_tasks, serde);\n";
 
-const CLIENT_MAIN: &str = r#"use flotilla::prelude::*;
-use my_tasks::{add, might_fail, summarize, worker_of, Summary};
+/// The crate of the two broken workers, added to the template's workspace.
+const BROKEN_WORKERS_MANIFEST: &str = "[package]
+name = \"broken-workers\"
+version = \"0.1.0\"
+edition = \"2021\"
+publish = false
 
-#[tokio::main]
-async fn main() -> flotilla::Result<()> {
-    let client = Client::from_env().await?;
-    let a = client.submit(add, (1, 2));
-    let b = client.submit(add, (&a, 10));
-    let c = client.submit(add, (b, 100)).await?;
-    assert_eq!(c, 113);
+[dependencies]
+flotilla-rs.workspace = true
+my-tasks.workspace = true
+serde.workspace = true
+";
 
-    let doubles = client.map(add, (0..100).map(|i| (i, i)));
-    let summary = client.submit(summarize, (doubles,)).await?;
-    assert_eq!(summary, Summary { count: 100, total: 9900 });
+/// The template's members, which the test extends with the broken workers.
+const TEMPLATE_MEMBERS: &str = r#"members = ["my-tasks", "my-worker", "my-client"]"#;
 
-    match client.submit(might_fail, (-5,)).await {
-        Err(Error::Task(e)) => assert_eq!(e.message(), "Negative value"),
-        other => panic!("expected the task's error, got {other:?}"),
-    }
-    assert_eq!(client.submit(might_fail, (5,)).await?, 25);
-
-    let ran_on = client.map(worker_of, (0..8).map(|i| (200 + i,)));
-    let mut workers = client.gather(&ran_on).await?;
-    workers.sort();
-    workers.dedup();
-    eprintln!("user client: add chain = {c}, summary = {summary:?}, workers used = {}", workers.len());
-    Ok(())
-}
-"#;
+/// The template's Flotilla dependency, the published crate, which the test
+/// patches to this workspace's `crates/client` (`[patch.crates-io]`).
+const TEMPLATE_FLOTILLA: &str = r#"flotilla-rs = "0.1""#;
 
 #[tokio::test]
 async fn a_users_own_crates_build_and_run_on_their_own_workers() {
@@ -172,7 +129,7 @@ async fn a_users_own_crates_build_and_run_on_their_own_workers() {
         workers[1].log()
     );
     assert!(
-        client.log().contains("user client: add chain = 113"),
+        client.log().contains("my-client: add chain = 113"),
         "{}",
         client.log()
     );
@@ -326,51 +283,42 @@ fn dev_profile(workspace: &Path) -> String {
     sections
 }
 
-/// Writes the user's project into `dir`, with a path dependency on this
-/// workspace's `flotilla` and this workspace's lock file.
+/// Copies `examples/template/` into `dir`, with the broken workers as a
+/// fourth member, `flotilla-rs` patched to this workspace's `crates/client`,
+/// this workspace's dev profile and this workspace's lock file.
 fn write_files(dir: &Path) {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the repository root");
-    let flotilla = workspace.join("crates/client");
-    let flotilla = flotilla.to_str().expect("UTF-8 workspace path");
-    let dependency = format!("flotilla = {{ path = {flotilla:?} }}");
-    let serde = r#"serde = { version = "1", features = ["derive"] }"#;
-    let tokio = r#"tokio = { version = "1", features = ["macros", "rt-multi-thread"] }"#;
-    let manifest = |name: &str, deps: &[&str]| {
-        format!(
-                "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\npublish = false\n\n\
-                 [dependencies]\n{}\n",
-                deps.join("\n")
-            )
-    };
-    let tasks = r#"my-tasks = { path = "../my-tasks" }"#;
+    copy_template(&workspace.join("examples/template"), dir);
+
+    let manifest_path = dir.join("Cargo.toml");
+    let manifest = std::fs::read_to_string(&manifest_path).expect("the template's Cargo.toml");
+    // What the test replaces must be there, or the test would build
+    // something else than the template says.
+    assert!(
+        manifest.contains(TEMPLATE_MEMBERS) && manifest.contains(TEMPLATE_FLOTILLA),
+        "the template's Cargo.toml lists {TEMPLATE_MEMBERS} and depends on {TEMPLATE_FLOTILLA}:\n{manifest}"
+    );
+    let client = workspace.join("crates/client");
+    let client = client.to_str().expect("UTF-8 workspace path");
+    let manifest = format!(
+        "{}\n[patch.crates-io]\nflotilla-rs = {{ path = {client:?} }}\n\n{}",
+        manifest.replace(
+            TEMPLATE_MEMBERS,
+            r#"members = ["my-tasks", "my-worker", "my-client", "broken-workers"]"#
+        ),
+        // This workspace's dev profile, so the shared target directory's
+        // dependencies are reused, not rebuilt.
+        dev_profile(workspace)
+    );
+    std::fs::write(&manifest_path, manifest).expect("Cargo.toml");
+
     let files = [
-            (
-                "Cargo.toml",
-                format!(
-                    "[workspace]\nmembers = [\"my-tasks\", \"my-worker\", \"my-client\", \"broken-workers\"]\nresolver = \"2\"\n\n{}",
-                    // This workspace's dev profile, so the shared target
-                    // directory's dependencies are reused, not rebuilt.
-                    dev_profile(workspace)
-                ),
-            ),
-            ("my-tasks/Cargo.toml", manifest("my-tasks", &[&dependency, serde, tokio])),
-            ("my-tasks/src/lib.rs", TASKS_LIB.to_owned()),
-            ("my-worker/Cargo.toml", manifest("my-worker", &[&dependency, tasks])),
-            ("my-worker/src/main.rs", WORKER_MAIN.to_owned()),
-            (
-                "my-client/Cargo.toml",
-                manifest("my-client", &[&dependency, tasks, tokio]),
-            ),
-            ("my-client/src/main.rs", CLIENT_MAIN.to_owned()),
-            (
-                "broken-workers/Cargo.toml",
-                manifest("broken-workers", &[&dependency, tasks, serde]),
-            ),
-            ("broken-workers/src/bin/old-worker.rs", OLD_WORKER_MAIN.to_owned()),
-            ("broken-workers/src/bin/wrong-worker.rs", WRONG_WORKER_MAIN.to_owned()),
-        ];
+        ("broken-workers/Cargo.toml", BROKEN_WORKERS_MANIFEST),
+        ("broken-workers/src/bin/old-worker.rs", OLD_WORKER_MAIN),
+        ("broken-workers/src/bin/wrong-worker.rs", WRONG_WORKER_MAIN),
+    ];
     for (path, text) in files {
         let path = dir.join(path);
         std::fs::create_dir_all(path.parent().unwrap()).expect("project directory");
@@ -379,4 +327,23 @@ fn write_files(dir: &Path) {
     // The workspace's lock file pins every dependency to a version that
     // is already downloaded and built.
     std::fs::copy(workspace.join("Cargo.lock"), dir.join("Cargo.lock")).expect("Cargo.lock");
+}
+
+/// Copies the template's files, without what building it in place leaves
+/// behind (`target/`, `Cargo.lock`).
+fn copy_template(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("project directory");
+    for entry in std::fs::read_dir(from).expect("examples/template") {
+        let entry = entry.expect("template entry");
+        let name = entry.file_name();
+        if name == "target" || name == "Cargo.lock" {
+            continue;
+        }
+        let (from, to) = (entry.path(), to.join(&name));
+        if entry.file_type().expect("file type").is_dir() {
+            copy_template(&from, &to);
+        } else {
+            std::fs::copy(&from, &to).expect("template file");
+        }
+    }
 }

@@ -36,13 +36,14 @@
 //! [`worker_main!`]):
 //!
 //! ```ignore
-//! // my-worker/src/main.rs; its Cargo.toml depends on `flotilla` and `my_tasks`.
+//! // my-worker/src/main.rs; its Cargo.toml depends on `flotilla-rs` and `my_tasks`.
 //! flotilla::worker_main!(my_tasks);
 //! ```
 //!
-//! `flotilla` is the only Flotilla crate a user depends on (plus `tokio` and
-//! `serde`): the worker runtime is [`worker`], the scheduler is the
-//! `flotilla-scheduler` binary, and [`LocalCluster`] runs both in-process.
+//! `flotilla` (the package `flotilla-rs` on crates.io) is the only Flotilla
+//! crate a user depends on (plus `tokio` and `serde`): the worker runtime is
+//! [`worker`], the scheduler is the `flotilla-scheduler` binary, and
+//! [`LocalCluster`] runs both in-process.
 
 // The modules' layers, bottom first; each module uses only modules of the
 // layers below its own (ARCHITECTURE.md, "The client's layers"):

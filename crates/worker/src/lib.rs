@@ -5,9 +5,10 @@
 //! stores the result in Redis, publishes a completion event, and only then
 //! acknowledges the delivery.
 //!
-//! A user's worker binary depends only on `flotilla` (which re-exports this
-//! crate's [`main`] as `flotilla::worker::main`) and on the crates that
-//! define their tasks, and names those crates:
+//! A user's worker binary depends only on `flotilla` (the package
+//! `flotilla-rs`, which re-exports this crate's [`main`] as
+//! `flotilla::worker::main`) and on the crates that define their tasks, and
+//! names those crates:
 //!
 //! ```ignore
 //! // my-worker/src/main.rs: serves every task and actor of `my_tasks`.
