@@ -43,6 +43,13 @@ if ! command -v chromium >/dev/null 2>&1; then
     }
 fi
 
+# tests/user_crate.rs runs clippy on a user's project, as a user's CI would:
+# add the rustup component when a minimal toolchain lacks it.
+if ! cargo clippy --version >/dev/null 2>&1; then
+    banner "rustup component add clippy"
+    rustup component add clippy
+fi
+
 # The end-to-end tests start the scheduler and worker binaries, so they are
 # built first.
 banner "cargo build --workspace --bins --examples --locked"

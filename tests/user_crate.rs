@@ -56,6 +56,7 @@ const TEMPLATE_FLOTILLA: &str = r#"flotilla-rs = "0.1""#;
 async fn a_users_own_crates_build_and_run_on_their_own_workers() {
     let project = UserProject::generate();
     project.build();
+    project.clippy();
 
     // The recipe that used to serve nothing now refuses to start.
     let config = support::fresh_config("user-crate");
@@ -199,9 +200,9 @@ impl UserProject {
         }
     }
 
-    /// `cargo build --offline` of the user's project, into the workspace's
-    /// target directory.
-    fn build(&self) {
+    /// `cargo <args>` in the user's project, into the workspace's target
+    /// directory.
+    fn cargo(&self, args: &[&str]) -> Command {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
         // What `cargo test` tells this test about its own package would
@@ -226,12 +227,35 @@ impl UserProject {
             }
         }
         command
-            .args(["build", "--offline", "--bins"])
+            .args(args)
             .current_dir(&self.dir)
             .env("CARGO_TARGET_DIR", &self.target_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::piped());
+        command
+    }
+
+    /// `cargo clippy -- -D warnings` of the user's project: what the
+    /// macros expand to and what the API returns pass the lints a user's
+    /// CI runs (`clippy::result_large_err` once failed every task).
+    fn clippy(&self) {
+        let output = self
+            .cargo(&["clippy", "--offline", "--workspace", "--", "-D", "warnings"])
+            .output()
+            .expect("cargo clippy runs");
+        assert!(
+            output.status.success(),
+            "the user's project does not pass clippy ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// `cargo build --offline` of the user's project, into the workspace's
+    /// target directory.
+    fn build(&self) {
+        let mut command = self.cargo(&["build", "--offline", "--bins"]);
         if self.release {
             command.arg("--release");
         }

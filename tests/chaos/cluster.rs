@@ -129,6 +129,7 @@ async fn chaos_redis_master_failover_mid_workload() {
             unresolved: out.unresolved + other.unresolved,
             slowest: out.slowest.max(other.slowest),
             examples: [out.examples, other.examples].concat(),
+            losses: [out.losses, other.losses].concat(),
         };
     }
     let tasks = workload.tasks;
@@ -136,6 +137,9 @@ async fn chaos_redis_master_failover_mid_workload() {
     let duplicated = processes.close().await;
     if !out.examples.is_empty() {
         eprintln!("outcomes: {:?}", out.examples);
+    }
+    if !out.losses.is_empty() {
+        eprintln!("losses (first of each kind of future): {:?}", out.losses);
     }
     println!(
         "chaos redis-master-failover: faults=1 tasks={tasks} lost={} duplicated={duplicated} unresolved={} max_resolve_s={:.2} failover_s={:.2}",

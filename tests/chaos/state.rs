@@ -53,6 +53,8 @@ pub(super) struct Outcomes {
     pub(super) slowest: f64,
     /// The first few wrong outcomes, for the failure message.
     pub(super) examples: Vec<String>,
+    /// The first few losses, for the log.
+    pub(super) losses: Vec<String>,
 }
 
 /// Whether `error` says the task's data is gone.
@@ -88,7 +90,12 @@ where
                         .push(format!("{i}: unresolved, task {}", future.key()));
                 }
             }
-            Err(error) if is_loss(&error) => out.lost += 1,
+            Err(error) if is_loss(&error) => {
+                out.lost += 1;
+                if out.losses.len() < 3 {
+                    out.losses.push(format!("{i}: {error}"));
+                }
+            }
             other => {
                 out.wrong += 1;
                 if out.examples.len() < 5 {

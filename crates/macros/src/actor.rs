@@ -381,6 +381,9 @@ fn generate(
                         __flotilla_name
                     },
                     {
+                        // Returns the `TaskError` a worker reports: large,
+                        // and not the user's to box.
+                        #[allow(clippy::result_large_err)]
                         fn __flotilla_construct(
                             #args_var: &[u8],
                         ) -> ::core::result::Result<

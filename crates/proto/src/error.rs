@@ -57,8 +57,18 @@ pub enum ErrorKind {
 /// [`task`](TaskError::task), [`type_name`](TaskError::type_name),
 /// [`message`](TaskError::message), [`traceback`](TaskError::traceback),
 /// [`payload`](TaskError::payload) (or [`downcast`](TaskError::downcast)).
+///
+/// Its parts live behind one box, so that a `TaskError` (and a `Result`
+/// carrying one) stays one pointer wide: users' functions returning
+/// `flotilla::Result` pass `clippy::result_large_err`. The wire form is the
+/// parts' (`serde(transparent)`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskError(Box<Parts>);
+
+/// What a [`TaskError`] holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskError {
+struct Parts {
     kind: ErrorKind,
     key: String,
     task: String,
@@ -73,7 +83,7 @@ impl TaskError {
     /// A new error of `kind` with a message; the caller fills in where it
     /// happened ([`TaskError::at`]) and the traceback as known.
     pub fn new(kind: ErrorKind, type_name: impl Into<String>, message: impl Into<String>) -> Self {
-        TaskError {
+        TaskError(Box::new(Parts {
             kind,
             key: String::new(),
             task: String::new(),
@@ -81,30 +91,30 @@ impl TaskError {
             message: message.into(),
             traceback: String::new(),
             payload: None,
-        }
+        }))
     }
 
     /// Sets where the error happened, if not set already.
     pub fn at(mut self, key: &str, task: &str) -> Self {
-        if self.key.is_empty() {
-            self.key = key.to_owned();
+        if self.0.key.is_empty() {
+            self.0.key = key.to_owned();
         }
-        if self.task.is_empty() {
-            self.task = task.to_owned();
+        if self.0.task.is_empty() {
+            self.0.task = task.to_owned();
         }
         self
     }
 
     /// Replaces the traceback.
     pub fn with_traceback(mut self, traceback: impl Into<String>) -> Self {
-        self.traceback = traceback.into();
+        self.0.traceback = traceback.into();
         self
     }
 
     /// Attaches the error value itself, MessagePack-encoded (see
     /// [`TaskError::downcast`]).
     pub fn with_payload(mut self, payload: Option<Vec<u8>>) -> Self {
-        self.payload = payload;
+        self.0.payload = payload;
         self
     }
 }
@@ -114,59 +124,73 @@ impl fmt::Display for TaskError {
         write!(
             f,
             "task `{}` ({}) failed: {}: {}",
-            self.key, self.task, self.type_name, self.message
+            self.0.key, self.0.task, self.0.type_name, self.0.message
         )
     }
 }
 
 impl std::error::Error for TaskError {}
 
+impl fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskError")
+            .field("kind", &self.0.kind)
+            .field("key", &self.0.key)
+            .field("task", &self.0.task)
+            .field("type_name", &self.0.type_name)
+            .field("message", &self.0.message)
+            .field("traceback", &self.0.traceback)
+            .field("payload", &self.0.payload)
+            .finish()
+    }
+}
+
 impl TaskError {
     /// The error's message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// Rust type name of the error value (`"alloc::string::String"`,
     /// `"std::io::error::Error"`, `"panic"` for panics).
     pub fn type_name(&self) -> &str {
-        &self.type_name
+        &self.0.type_name
     }
 
     /// Where it happened: the task, worker, the error's source chain or the
     /// panic's location and backtrace.
     pub fn traceback(&self) -> &str {
-        &self.traceback
+        &self.0.traceback
     }
 
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// Key of the task where the error happened (for a dependent of an
     /// erred task: the task that failed first).
     pub fn key(&self) -> &str {
-        &self.key
+        &self.0.key
     }
 
     /// Registered name of the task where the error happened
     /// (`"my_crate::add"`).
     pub fn task(&self) -> &str {
-        &self.task
+        &self.0.task
     }
 
     /// The error value itself, MessagePack-encoded, when its type is
     /// serde-serializable; [`TaskError::downcast`] decodes it.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.payload.as_deref()
+        self.0.payload.as_deref()
     }
 
     /// Recovers the task's error value as `E`, when the task returned a
     /// serde-serializable error of that type.
     pub fn downcast<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
-        let payload = self.payload.as_ref()?;
-        if !self.type_name.ends_with(short_type_name::<E>()) {
+        let payload = self.0.payload.as_ref()?;
+        if !self.0.type_name.ends_with(short_type_name::<E>()) {
             return None;
         }
         rmp_serde::from_slice(payload).ok()

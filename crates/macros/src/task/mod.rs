@@ -197,6 +197,9 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
                 <#handle as #private::Task>::NAME,
                 <#handle as #private::Task>::FINGERPRINT,
                 {
+                    // Its closure returns the `TaskError` a worker reports:
+                    // large, and not the user's to box.
+                    #[allow(clippy::result_large_err)]
                     fn __flotilla_invoke(
                         #ctx: #private::TaskContext,
                         #payload: #private::Arguments<'_>,
