@@ -686,6 +686,50 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
         "80 runs of 150 ms are above 50 ms: {first} of {total} in the first bucket"
     );
     assert!(after.get("flotilla_task_seconds_sum") >= 80.0 * 0.15);
+    // Per task name, counted by the scheduler itself (tap or no tap), from
+    // the run times the workers measured: 80 runs of 150 ms have a real
+    // sum, and the quick ones resolve below 50 ms.
+    let per_task = |series: &str, task: &str, more: &str| {
+        after.get(&format!(
+            "{series}{{task=\"flotilla_examples::{task}\"{more}}}"
+        ))
+    };
+    assert!(per_task("flotilla_tasks_total", "inc", ",outcome=\"finished\"") >= 200.0);
+    assert!(
+        per_task(
+            "flotilla_tasks_total",
+            "slow_identity",
+            ",outcome=\"finished\""
+        ) >= 80.0
+    );
+    assert_eq!(
+        per_task("flotilla_tasks_total", "inc", ",outcome=\"erred\""),
+        0.0
+    );
+    let slow_runs = per_task("flotilla_task_duration_seconds_count", "slow_identity", "");
+    assert!(slow_runs >= 80.0, "{slow_runs}");
+    let slow_sum = per_task("flotilla_task_duration_seconds_sum", "slow_identity", "");
+    assert!(
+        (0.15 * slow_runs..0.5 * slow_runs).contains(&slow_sum),
+        "measured, not made up: {slow_sum} s over {slow_runs} runs"
+    );
+    assert_eq!(
+        per_task(
+            "flotilla_task_duration_seconds_bucket",
+            "slow_identity",
+            ",le=\"0.1\""
+        ),
+        0.0
+    );
+    let quick_runs = per_task("flotilla_task_duration_seconds_count", "inc", "");
+    assert!(
+        per_task(
+            "flotilla_task_duration_seconds_bucket",
+            "inc",
+            ",le=\"0.01\""
+        ) >= 0.9 * quick_runs,
+        "an increment takes well under 10 ms"
+    );
     let per_worker: f64 = ["ops-alpha", "ops-beta"]
         .iter()
         .map(|name| {
@@ -752,6 +796,14 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
         .items()
         .iter()
         .any(|t| t["key"].str() == Some(key.as_str()) && t["state"].str() == Some("erred")));
+    // Counted by name once the next snapshot (each second) shows it.
+    let erred = "flotilla_tasks_total{task=\"flotilla_examples::might_fail\",outcome=\"erred\"}";
+    let started = Instant::now();
+    while !ops.metrics().await.samples.contains_key(erred) {
+        assert!(started.elapsed() < Duration::from_secs(5), "{erred} shown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ops.metrics().await.get(erred), 1.0);
     let (ok, out, err) = ops.cli(&["retry", &key]);
     assert!(ok && out.contains("retry requested"), "{out}{err}");
 

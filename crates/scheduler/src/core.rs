@@ -16,6 +16,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::tally::{Outcome, Tally};
+
 /// Results up to this size ride inside task messages to dependents.
 pub const INLINE_LIMIT: usize = 16 * 1024;
 /// Ready tasks kept in flight per worker slot (deliveries in the broker or
@@ -279,6 +281,9 @@ pub struct Core {
     /// its client sent to the workers itself may report before its
     /// submission comes (see [`Core::submit_sent`]).
     early: HashMap<String, (Early, u64)>,
+    /// Tasks that left the table by name and outcome, and their run times
+    /// (for `/metrics`).
+    tally: Tally,
 }
 
 /// Each task name's mean run time, learnt from completions (Dask's
@@ -344,6 +349,16 @@ enum Early {
     Erred(TaskError),
 }
 
+/// The `task` label of a task whose spec the scheduler does not hold.
+const UNNAMED: &str = "unknown";
+
+/// The registered name of `task`'s function, as far as the table knows.
+fn task_name(task: &TaskEntry) -> &str {
+    task.spec
+        .as_ref()
+        .map_or(UNNAMED, |spec| spec.task.as_str())
+}
+
 fn cancelled_error(key: &str, task: &str) -> TaskError {
     TaskError::new(
         ErrorKind::Cancelled,
@@ -357,6 +372,19 @@ impl Core {
     /// An empty scheduler.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tasks that ended so far, by task name and outcome, with their
+    /// measured run times.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    /// Counts `key` (still in the table) as ended with `outcome` under its
+    /// task's name.
+    fn tally_outcome(&mut self, key: &str, outcome: Outcome) {
+        let name = self.tasks.get(key).map_or(UNNAMED, task_name);
+        self.tally.count(name, outcome);
     }
 
     /// Current counters.
@@ -801,6 +829,7 @@ impl Core {
                 .map(|spec| spec.task.clone());
             if let Some(name) = name {
                 self.durations.learn(&name, run);
+                self.tally.observe(&name, run);
             }
         }
         self.finished(key, inline, size, comm);
@@ -833,6 +862,7 @@ impl Core {
             return;
         };
         self.counts.finished += 1;
+        self.tally.count(task_name(task), Outcome::Finished);
         task.state = State::Finished;
         task.spec = None;
         for watcher in std::mem::take(&mut task.watchers) {
@@ -895,6 +925,7 @@ impl Core {
             return;
         }
         self.counts.erred += 1;
+        self.tally.count(task_name(task), Outcome::of_error(&error));
         task.state = State::Erred;
         task.error = Some(Box::new(error.clone()));
         for watcher in task.watchers.clone() {
@@ -943,6 +974,7 @@ impl Core {
             } else {
                 self.counts.erred += 1;
             }
+            self.tally.count(task_name(task), Outcome::of_error(&error));
             let was_waiting = matches!(task.state, State::Waiting | State::Ready)
                 && !std::mem::replace(&mut task.released, true);
             task.state = State::Erred;
@@ -1047,9 +1079,13 @@ impl Core {
                 continue;
             };
             match task.state {
-                State::Waiting | State::Ready => self.counts.cancelled += 1,
+                State::Waiting | State::Ready => {
+                    self.counts.cancelled += 1;
+                    self.tally_outcome(key, Outcome::Cancelled);
+                }
                 State::Processing => {
                     self.counts.cancelled += 1;
+                    self.tally_outcome(key, Outcome::Cancelled);
                     running.push(key.clone());
                 }
                 State::Erred => {}
@@ -1073,6 +1109,7 @@ impl Core {
             match task.state {
                 State::Waiting | State::Ready => {
                     self.counts.cancelled += 1;
+                    self.tally_outcome(key, Outcome::Cancelled);
                     self.drop_task(key, false, comm);
                 }
                 State::Processing => task.forgotten = true,

@@ -4,7 +4,8 @@
 //! to RabbitMQ (submissions and completion events in, ready tasks out) and
 //! Redis (stored errors, lookups of inputs it does not hold); [`http`] serves
 //! metrics, a status API and a dashboard through the server's [`Hooks`];
-//! [`broker`] follows RabbitMQ's resource alarms (blocked publishers).
+//! [`broker`] follows RabbitMQ's resource alarms (blocked publishers);
+//! [`tally`] counts tasks by name and outcome, with their run times.
 
 pub mod admission;
 pub mod broker;
@@ -12,6 +13,7 @@ pub mod core;
 pub mod http;
 pub mod leader;
 pub mod server;
+pub mod tally;
 
 pub use http::HttpServer;
 pub use server::{

@@ -135,6 +135,9 @@ pub struct Snapshot {
     pub role: Role,
     /// The leader lease's holder as last seen (`<id>|<epoch>`).
     pub leader: Option<String>,
+    /// Tasks that ended since the scheduler started, by task name and
+    /// outcome, with their run times.
+    pub tally: crate::tally::Tally,
 }
 
 impl Snapshot {
@@ -150,6 +153,7 @@ impl Snapshot {
             tasks_in_memory: 0,
             role,
             leader: None,
+            tally: Default::default(),
         }
     }
 }
@@ -498,6 +502,7 @@ async fn serve(
                         tasks_in_memory: core.len(),
                         role: Role::Active,
                         leader: Some(holder.clone()),
+                        tally: core.tally().clone(),
                     }));
                 }
                 scheduler.reap_clients();

@@ -1526,3 +1526,64 @@ fn a_retry_that_overtakes_the_failure_runs_the_task_again_once_it_comes() {
     h.finished("a", None, 0);
     assert!(h.core.is_empty());
 }
+
+#[test]
+fn the_tally_counts_each_ending_once_by_task_name_and_outcome() {
+    use crate::tally::Outcome;
+    let mut h = Harness::new();
+    let mut info = worker("w", 4, &[]);
+    info.tasks = ["app::ok", "app::bad", "app::flaky", "app::idle"]
+        .map(|name| (name.to_owned(), 1))
+        .to_vec();
+    h.worker_seen(info, Instant::now());
+    h.submit(vec![
+        named("ok", "app::ok"),
+        named("bad", "app::bad"),
+        TaskSpec {
+            deps: keys(&["bad"]),
+            ..named("after-bad", "app::ok")
+        },
+        named("lost", "app::flaky"),
+        named("idle", "app::idle"),
+    ]);
+    h.dispatch();
+    let mut sent = h.comm.take_sent_keys();
+    sent.sort();
+    assert_eq!(sent, ["bad", "idle", "lost", "ok"]);
+    h.finished_in("ok", None, 0, Duration::from_micros(300));
+    h.finished_in("ok", None, 0, Duration::from_secs(1)); // a duplicate: not counted
+    h.erred(
+        "bad",
+        TaskError::new(ErrorKind::User, "E", "boom").at("bad", "app::bad"),
+        false,
+    );
+    h.erred(
+        "lost",
+        TaskError::new(ErrorKind::WorkerLost, "W", "gone").at("lost", "app::flaky"),
+        false,
+    );
+    h.cancel(&keys(&["idle"]), true);
+    h.comm.take_stored();
+    h.comm.take_notified();
+    h.comm.take_cancelled();
+    let tally = h.core.tally();
+    let count = |name: &str, outcome| tally.get(name).map_or(0, |t| t.outcome(outcome));
+    assert_eq!(count("app::ok", Outcome::Finished), 1);
+    assert_eq!(tally.get("app::ok").unwrap().duration().count(), 1);
+    assert!((tally.get("app::ok").unwrap().duration().sum() - 0.0003).abs() < 1e-12);
+    assert_eq!(count("app::bad", Outcome::Erred), 1);
+    assert_eq!(
+        count("app::ok", Outcome::Erred),
+        1,
+        "the failed input's dependent"
+    );
+    assert_eq!(count("app::flaky", Outcome::Lost), 1);
+    assert_eq!(count("app::idle", Outcome::Cancelled), 1);
+    let ended: u64 = tally
+        .iter()
+        .flat_map(|(_, t)| Outcome::ALL.map(|o| t.outcome(o)))
+        .sum();
+    let counts = h.core.counts();
+    assert_eq!(ended, counts.finished + counts.erred + counts.cancelled);
+    h.comm.expect_none();
+}

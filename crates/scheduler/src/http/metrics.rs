@@ -9,6 +9,7 @@ use super::Shared;
 use crate::broker::BrokerStatus;
 use crate::core::{Counts, TaskStatus, WorkerStatus};
 use crate::server::Snapshot;
+use crate::tally::{Outcome, Tally, MAX_NAMES, OTHER};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -454,6 +455,7 @@ impl Monitor {
         );
         out.sample("flotilla_task_seconds_sum", &[], self.runtime.sum);
         out.sample("flotilla_task_seconds_count", &[], self.runtime.count);
+        per_task(&mut out, &snapshot.tally);
         out.family(
             "flotilla_monitor_active",
             "gauge",
@@ -540,6 +542,63 @@ impl Monitor {
         );
         out.sample("flotilla_scheduler_uptime_seconds", &[], snapshot.uptime_s);
         out.text
+    }
+}
+
+/// The per-task families, from the scheduler's [`Tally`]: how tasks ended
+/// and how long their runs took, by task name.
+fn per_task(out: &mut Prometheus, tally: &Tally) {
+    out.family(
+        "flotilla_tasks_total",
+        "counter",
+        &format!(
+            "Tasks that ended since the scheduler started, by task name and outcome (finished, \
+             erred, cancelled, lost, timed_out); names past the first {MAX_NAMES} count as \
+             task=\"{OTHER}\"."
+        ),
+    );
+    for (task, counts) in tally.iter() {
+        for outcome in Outcome::ALL {
+            out.sample(
+                "flotilla_tasks_total",
+                &[("task", task), ("outcome", outcome.as_str())],
+                counts.outcome(outcome),
+            );
+        }
+    }
+    out.family(
+        "flotilla_task_duration_seconds",
+        "histogram",
+        "Run time of finished tasks as their workers measured it, by task name (always counted; \
+         buckets from 100 µs to an hour).",
+    );
+    for (task, counts) in tally.iter() {
+        let runs = counts.duration();
+        if runs.count() == 0 {
+            continue;
+        }
+        for (bound, cumulative) in runs.cumulative() {
+            out.sample(
+                "flotilla_task_duration_seconds_bucket",
+                &[("task", task), ("le", &bound.to_string())],
+                cumulative,
+            );
+        }
+        out.sample(
+            "flotilla_task_duration_seconds_bucket",
+            &[("task", task), ("le", "+Inf")],
+            runs.count(),
+        );
+        out.sample(
+            "flotilla_task_duration_seconds_sum",
+            &[("task", task)],
+            runs.sum(),
+        );
+        out.sample(
+            "flotilla_task_duration_seconds_count",
+            &[("task", task)],
+            runs.count(),
+        );
     }
 }
 
@@ -678,6 +737,7 @@ mod tests {
             tasks_in_memory: 4,
             role: crate::server::Role::Active,
             leader: None,
+            tally: Tally::default(),
         }
     }
 
@@ -863,6 +923,42 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn per_task_families_come_from_the_scheduler_tally() {
+        let monitor = Monitor::default();
+        let mut snap = snapshot(&[]);
+        snap.tally.count("app::add", Outcome::Finished);
+        snap.tally.count("app::add", Outcome::Finished);
+        snap.tally.count("app::add", Outcome::Lost);
+        snap.tally.observe("app::add", Duration::from_micros(80));
+        snap.tally.observe("app::add", Duration::from_millis(20));
+        snap.tally.count("app::\"odd\"", Outcome::Cancelled);
+        let text = monitor.metrics(&snap);
+        for line in [
+            "# TYPE flotilla_tasks_total counter",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::add\",outcome=\"finished\"} 2",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::add\",outcome=\"erred\"} 0",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::add\",outcome=\"lost\"} 1",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::\\\"odd\\\"\",outcome=\"cancelled\"} 1",
+            "# TYPE flotilla_task_duration_seconds histogram",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"0.0001\"} 1",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"0.01\"} 1",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"0.05\"} 2",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"3600\"} 2",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"+Inf\"} 2",
+            "flotilla_task_duration_seconds_sum{namespace=\"ns\",task=\"app::add\"} 0.02008",
+            "flotilla_task_duration_seconds_count{namespace=\"ns\",task=\"app::add\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains(
+                "flotilla_task_duration_seconds_count{namespace=\"ns\",task=\"app::\\\"odd"
+            ),
+            "no histogram for a name with no measured run"
+        );
     }
 
     #[test]
