@@ -769,6 +769,25 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
     );
     let (ok, out, _) = ops.cli(&["workers", "--json"]);
     assert!(ok && parse_json(&out).items().len() == 2, "{out}");
+    // Their heartbeats carry their memory and CPU time, in the API and the
+    // metrics: the workers ran 280 tasks, some CPU time is counted.
+    let (code, body) = ops.get("/api/workers").await;
+    assert_eq!(code, 200);
+    let workers = parse_json(&body);
+    let metrics = ops.metrics().await;
+    for worker in workers.items() {
+        let rss = worker["rss_bytes"].num().expect("rss_bytes");
+        let cpu = worker["cpu_seconds"].num().expect("cpu_seconds");
+        assert!((1e6..1e10).contains(&rss), "{worker:?}");
+        assert!(cpu > 0.0, "{worker:?}");
+        let labels = format!(
+            "{{worker=\"{}\",id=\"{}\"}}",
+            worker["name"].str().unwrap(),
+            worker["id"].str().unwrap()
+        );
+        assert!(metrics.get(&format!("flotilla_worker_rss_bytes{labels}")) > 1e6);
+        assert!(metrics.get(&format!("flotilla_worker_cpu_seconds_total{labels}")) > 0.0);
+    }
 
     // Erred tasks are listed, with their error.
     let failing = client.submit(might_fail, (-1,));
@@ -1232,6 +1251,36 @@ async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
         second.contains("class=\"num worker-finished\">")
             && !second.contains("class=\"num worker-finished\">–<"),
         "per-worker counts are shown"
+    );
+    // Each worker's memory and CPU, from its heartbeats.
+    let cells = |class: &str| -> Vec<String> {
+        second
+            .split(&format!("class=\"num {class}\""))
+            .skip(1)
+            .map(|rest| {
+                rest.split_once('>')
+                    .unwrap()
+                    .1
+                    .split('<')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let memory = cells("worker-rss");
+    assert_eq!(memory.len(), 3, "{second}");
+    assert!(memory.iter().all(|m| m.ends_with(" MiB")), "{memory:?}");
+    let cpu = cells("worker-cpu");
+    // The CPU time so far ("0.3 s"; the share of a core shows once the
+    // page saw two heartbeats, after its first poll).
+    assert!(
+        cpu.len() == 3
+            && cpu.iter().all(|c| {
+                let seconds = c.rsplit(' ').nth(1).and_then(|s| s.parse::<f64>().ok());
+                c.ends_with(" s") && seconds.is_some_and(|s| s > 0.0)
+            }),
+        "the CPU time of each worker: {cpu:?}"
     );
 
     // A screenshot while the workload runs: into the build directory, or

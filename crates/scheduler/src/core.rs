@@ -171,6 +171,9 @@ struct Worker {
     tasks: HashSet<(String, u64)>,
     resources: HashMap<String, u64>,
     last_seen: Instant,
+    /// Resident memory and CPU time as of its last heartbeat.
+    rss_bytes: Option<u64>,
+    cpu_ms: Option<u64>,
 }
 
 /// Where a ready task goes.
@@ -203,6 +206,12 @@ pub struct WorkerStatus {
     pub last_seen_ms: u64,
     /// Tasks pinned to it and running there.
     pub pinned_running: usize,
+    /// Its resident memory in bytes, as of its last heartbeat (`None`: it
+    /// does not say).
+    pub rss_bytes: Option<u64>,
+    /// The CPU time its process used so far (user and system), in
+    /// milliseconds, as of its last heartbeat.
+    pub cpu_ms: Option<u64>,
 }
 
 /// A task in the table, for status pages and the CLI.
@@ -425,6 +434,8 @@ impl Core {
                     .values()
                     .filter(|t| t.in_flight && t.worker.as_deref() == Some(id.as_str()))
                     .count(),
+                rss_bytes: w.rss_bytes,
+                cpu_ms: w.cpu_ms,
             })
             .collect();
         workers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
@@ -1228,6 +1239,8 @@ impl Core {
             tasks: info.tasks.into_iter().collect(),
             resources: info.resources.into_iter().collect(),
             last_seen: now,
+            rss_bytes: info.rss_bytes,
+            cpu_ms: info.cpu_ms,
         };
         let changed = match self.workers.get(&info.id) {
             Some(old) => {

@@ -370,6 +370,8 @@ fn worker(id: &str, slots: u32, resources: &[(&str, u64)]) -> WorkerInfo {
         slots,
         tasks: vec![("t".into(), 1), ("fresh".into(), 1)],
         resources: resources.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
+        rss_bytes: None,
+        cpu_ms: None,
     }
 }
 
@@ -1585,5 +1587,28 @@ fn the_tally_counts_each_ending_once_by_task_name_and_outcome() {
         .sum();
     let counts = h.core.counts();
     assert_eq!(ended, counts.finished + counts.erred + counts.cancelled);
+    h.comm.expect_none();
+}
+
+#[test]
+fn a_heartbeats_memory_and_cpu_show_in_the_worker_status() {
+    let mut h = Harness::with_worker(1);
+    let now = Instant::now();
+    assert_eq!(h.core.workers(now)[0].rss_bytes, None);
+    let mut beat = worker("w1", 1, &[]);
+    beat.rss_bytes = Some(40 << 20);
+    beat.cpu_ms = Some(1_500);
+    h.worker_seen(beat.clone(), now);
+    let status = &h.core.workers(now)[0];
+    assert_eq!(
+        (status.rss_bytes, status.cpu_ms),
+        (Some(40 << 20), Some(1_500))
+    );
+    // The next heartbeat's figures replace them; an older worker's say nothing.
+    beat.cpu_ms = Some(1_700);
+    h.worker_seen(beat, now);
+    assert_eq!(h.core.workers(now)[0].cpu_ms, Some(1_700));
+    h.worker_seen(worker("w1", 1, &[]), now);
+    assert_eq!(h.core.workers(now)[0].cpu_ms, None);
     h.comm.expect_none();
 }

@@ -252,6 +252,8 @@ impl Monitor {
             "registered_tasks": worker.tasks,
             "last_seen_ms": worker.last_seen_ms,
             "pinned_running": worker.pinned_running,
+            "rss_bytes": worker.rss_bytes,
+            "cpu_seconds": worker.cpu_ms.map(|ms| ms as f64 / 1000.0),
             "finished": activity.map(|a| a.finished),
             "erred": activity.map(|a| a.erred),
             "rate": activity.map(|a| round3(a.rate())),
@@ -405,6 +407,35 @@ impl Monitor {
                 &[("worker", &worker.name), ("id", &worker.id)],
                 worker.last_seen_ms as f64 / 1000.0,
             );
+        }
+        out.family(
+            "flotilla_worker_rss_bytes",
+            "gauge",
+            "Resident memory of each worker's process, as of its last heartbeat (Linux workers).",
+        );
+        for worker in &snapshot.workers {
+            if let Some(rss) = worker.rss_bytes {
+                out.sample(
+                    "flotilla_worker_rss_bytes",
+                    &[("worker", &worker.name), ("id", &worker.id)],
+                    rss,
+                );
+            }
+        }
+        out.family(
+            "flotilla_worker_cpu_seconds_total",
+            "counter",
+            "CPU time (user and system) each worker's process used, as of its last heartbeat \
+             (Linux workers).",
+        );
+        for worker in &snapshot.workers {
+            if let Some(cpu_ms) = worker.cpu_ms {
+                out.sample(
+                    "flotilla_worker_cpu_seconds_total",
+                    &[("worker", &worker.name), ("id", &worker.id)],
+                    cpu_ms as f64 / 1000.0,
+                );
+            }
         }
         out.family(
             "flotilla_worker_tasks_total",
@@ -726,6 +757,8 @@ mod tests {
                     tasks: 3,
                     last_seen_ms: 250,
                     pinned_running: 0,
+                    rss_bytes: Some(64 << 20),
+                    cpu_ms: Some(2_500),
                 })
                 .collect(),
             erred: vec![TaskStatus {
@@ -876,6 +909,8 @@ mod tests {
         assert_eq!(status["counts"]["processing"], 2);
         assert_eq!(status["workers"][0]["name"], "alpha");
         assert_eq!(status["workers"][0]["resources"]["GPU"], 1);
+        assert_eq!(status["workers"][0]["rss_bytes"], 64 << 20);
+        assert_eq!(status["workers"][0]["cpu_seconds"], 2.5);
         assert_eq!(status["erred"][0]["error"], "boom");
         assert_eq!(status["redis"]["used_memory"], 10);
         assert_eq!(status["history"][0]["finished"], 3);
@@ -984,6 +1019,9 @@ mod tests {
             "flotilla_task_seconds_bucket{namespace=\"ns\",le=\"+Inf\"} 1",
             "flotilla_task_seconds_count{namespace=\"ns\"} 1",
             "flotilla_worker_tasks_total{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\",outcome=\"finished\"} 1",
+            "flotilla_worker_rss_bytes{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\"} 67108864",
+            "flotilla_worker_cpu_seconds_total{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\"} 2.5",
+            "# TYPE flotilla_worker_cpu_seconds_total counter",
             "# TYPE flotilla_task_seconds histogram",
             "# TYPE flotilla_tasks_finished_total counter",
         ] {

@@ -22,7 +22,7 @@
 //! | `GET /health` | liveness: `200` whenever the server answers |
 //! | `GET /ready` | readiness: `200` while connected to RabbitMQ and Redis (active or standby), `503` otherwise |
 //! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks, whether the broker blocks publishers (`broker_blocked`); the last `N` one-second samples |
-//! | `GET /api/workers` | the workers |
+//! | `GET /api/workers` | the workers, with the memory and CPU time of their last heartbeat |
 //! | `GET /api/tasks[?state=S][&limit=N]` | tasks in the scheduler's table (`S`: `waiting`, `ready`, `processing`, `finished`, `erred`) |
 //! | `POST /api/cancel?key=K[&key=K2..]` | cancels tasks (and their dependents), running ones included |
 //! | `POST /api/retry?key=K[&key=K2..]` | runs erred tasks again |
