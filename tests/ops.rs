@@ -826,6 +826,37 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
     let (ok, out, err) = ops.cli(&["retry", &key]);
     assert!(ok && out.contains("retry requested"), "{out}{err}");
 
+    // A failure stays in /api/errors after its future dropped and the
+    // scheduler forgot the task.
+    let gone = client.submit(might_fail, (-7,));
+    assert!(gone.result().await.is_err());
+    let gone_key = gone.key().to_owned();
+    drop(gone);
+    let started = Instant::now();
+    let listed = loop {
+        let (_, erred) = ops.get("/api/tasks?state=erred").await;
+        let (code, errors) = ops.get("/api/errors").await;
+        assert_eq!(code, 200);
+        let errors = parse_json(&errors);
+        let listed = errors
+            .items()
+            .iter()
+            .find(|e| e["key"].str() == Some(gone_key.as_str()))
+            .cloned();
+        if let Some(listed) = listed.filter(|_| !erred.contains(&gone_key)) {
+            break listed;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{gone_key} forgotten, and kept in /api/errors: {errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed["task"].str(), Some("flotilla_examples::might_fail"));
+    assert_eq!(listed["kind"].str(), Some("User"));
+    assert!(listed["message"].str().unwrap().contains("Negative value"));
+    assert!(listed["at_ms"].num().unwrap() > 1.7e12);
+
     // Cancelling a running task from the CLI reaches the client.
     let long = client.submit(slow_identity, (7, 60_000));
     let long_key = long.key().to_owned();
@@ -1251,6 +1282,16 @@ async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
         second.contains("class=\"num worker-finished\">")
             && !second.contains("class=\"num worker-finished\">–<"),
         "per-worker counts are shown"
+    );
+    // The workload's failures in the recent-errors panel.
+    let recent = second.matches("<tr class=\"recent-error\">").count();
+    assert!(
+        recent >= 1
+            && second
+                .split("<span class=\"error-message\">")
+                .skip(1)
+                .any(|rest| rest.starts_with("Negative value")),
+        "recent errors are listed: {recent}"
     );
     // Each worker's memory and CPU, from its heartbeats.
     let cells = |class: &str| -> Vec<String> {

@@ -16,6 +16,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::failures::RecentErrors;
 use crate::tally::{Outcome, Tally};
 
 /// Results up to this size ride inside task messages to dependents.
@@ -293,6 +294,8 @@ pub struct Core {
     /// Tasks that left the table by name and outcome, and their run times
     /// (for `/metrics`).
     tally: Tally,
+    /// The last task errors seen (for `/api/errors`).
+    recent_errors: RecentErrors,
 }
 
 /// Each task name's mean run time, learnt from completions (Dask's
@@ -387,6 +390,12 @@ impl Core {
     /// measured run times.
     pub fn tally(&self) -> &Tally {
         &self.tally
+    }
+
+    /// The last task errors the scheduler learnt of (see
+    /// [`crate::failures`]).
+    pub fn recent_errors(&self) -> &RecentErrors {
+        &self.recent_errors
     }
 
     /// Counts `key` (still in the table) as ended with `outcome` under its
@@ -930,6 +939,13 @@ impl Core {
         let Some(task) = self.tasks.get_mut(key) else {
             return;
         };
+        self.recent_errors.record(
+            key,
+            task_name(task),
+            &error,
+            retrying,
+            std::time::SystemTime::now(),
+        );
         if retrying && task.spec.is_some() && !task.forgotten {
             task.attempt += 1;
             self.run_again(key);
@@ -986,6 +1002,16 @@ impl Core {
                 self.counts.erred += 1;
             }
             self.tally.count(task_name(task), Outcome::of_error(&error));
+            // A failure the scheduler decided (its dependents share it).
+            if error.key() == key && error.kind() != ErrorKind::Cancelled {
+                self.recent_errors.record(
+                    &key,
+                    task_name(task),
+                    &error,
+                    false,
+                    std::time::SystemTime::now(),
+                );
+            }
             let was_waiting = matches!(task.state, State::Waiting | State::Ready)
                 && !std::mem::replace(&mut task.released, true);
             task.state = State::Erred;

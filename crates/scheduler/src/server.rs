@@ -138,6 +138,8 @@ pub struct Snapshot {
     /// Tasks that ended since the scheduler started, by task name and
     /// outcome, with their run times.
     pub tally: crate::tally::Tally,
+    /// The last task errors seen, oldest first (see [`crate::failures`]).
+    pub recent_errors: crate::failures::RecentErrors,
 }
 
 impl Snapshot {
@@ -154,6 +156,7 @@ impl Snapshot {
             role,
             leader: None,
             tally: Default::default(),
+            recent_errors: Default::default(),
         }
     }
 }
@@ -503,6 +506,7 @@ async fn serve(
                         role: Role::Active,
                         leader: Some(holder.clone()),
                         tally: core.tally().clone(),
+                        recent_errors: core.recent_errors().clone(),
                     }));
                 }
                 scheduler.reap_clients();

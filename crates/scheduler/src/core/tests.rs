@@ -1612,3 +1612,49 @@ fn a_heartbeats_memory_and_cpu_show_in_the_worker_status() {
     assert_eq!(h.core.workers(now)[0].cpu_ms, None);
     h.comm.expect_none();
 }
+
+#[test]
+fn errors_are_kept_where_they_start_not_for_each_dependent() {
+    let mut h = Harness::with_worker(2);
+    h.submit(vec![
+        spec("a", &[]),
+        spec("b", &["a"]),
+        spec("c", &["b"]),
+        spec("r", &[]),
+    ]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a", "r"]);
+    let boom = TaskError::new(ErrorKind::User, "E", "boom")
+        .at("a", "t")
+        .with_traceback("x".repeat(10_000));
+    h.erred("a", boom.clone(), false);
+    h.erred("a", boom, false); // a duplicate report: not kept twice
+    h.erred(
+        "r",
+        TaskError::new(ErrorKind::Panic, "panic", "first run").at("r", "t"),
+        true,
+    );
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["r"], "r runs again");
+    h.cancel(&keys(&["r"]), true); // a cancellation: not an error to keep
+                                   // A task no worker provides fails in the scheduler: kept.
+    h.submit(vec![named("u", "nobody::provides")]);
+    h.dispatch();
+    h.comm.take_stored();
+    h.comm.take_notified();
+    h.comm.take_cancelled();
+    let kept: Vec<(String, String, bool)> = h
+        .core
+        .recent_errors()
+        .iter()
+        .map(|e| (e.key.clone(), e.message.clone(), e.retrying))
+        .collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert_eq!(kept[0], ("a".into(), "boom".into(), false));
+    assert_eq!(kept[1], ("r".into(), "first run".into(), true));
+    assert_eq!(kept[2].0, "u");
+    let first = h.core.recent_errors().iter().next().unwrap();
+    assert_eq!((first.task.as_str(), first.traceback.len()), ("t", 4096));
+    assert!(first.truncated);
+    h.comm.expect_none();
+}

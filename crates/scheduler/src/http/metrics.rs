@@ -8,6 +8,7 @@
 use super::Shared;
 use crate::broker::BrokerStatus;
 use crate::core::{Counts, TaskStatus, WorkerStatus};
+use crate::failures::ErrorRecord;
 use crate::server::Snapshot;
 use crate::tally::{Outcome, Tally, MAX_NAMES, OTHER};
 use axum::extract::State;
@@ -291,6 +292,7 @@ impl Monitor {
                 .map(|w| self.worker_json(w, now, history > 0))
                 .collect::<Vec<_>>(),
             "erred": snapshot.erred.iter().take(ERRED_LISTED).map(task_json).collect::<Vec<_>>(),
+            "errors_seen": snapshot.recent_errors.seen(),
             "queues": self.queues.iter().map(|q| json!({
                 "name": q.name, "messages": q.messages, "consumers": q.consumers,
             })).collect::<Vec<_>>(),
@@ -673,6 +675,21 @@ fn counts_json(counts: &Counts) -> Value {
     })
 }
 
+/// One of the recent errors, for `/api/errors`.
+pub(super) fn error_json(record: &ErrorRecord) -> Value {
+    json!({
+        "at_ms": unix_ms(record.at),
+        "key": record.key,
+        "task": record.task,
+        "kind": format!("{:?}", record.kind),
+        "type": record.type_name,
+        "message": record.message,
+        "traceback": record.traceback,
+        "truncated": record.truncated,
+        "retrying": record.retrying,
+    })
+}
+
 pub(super) fn task_json(task: &TaskStatus) -> Value {
     json!({"key": task.key, "task": task.task, "state": task.state, "error": task.error})
 }
@@ -771,6 +788,7 @@ mod tests {
             role: crate::server::Role::Active,
             leader: None,
             tally: Tally::default(),
+            recent_errors: Default::default(),
         }
     }
 
