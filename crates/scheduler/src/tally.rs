@@ -195,11 +195,17 @@ impl Tally {
             .chain(self.other.iter().map(|tally| (OTHER, tally)))
     }
 
+    /// The counts of `name`: looked up without allocating (this runs for
+    /// every task that ends), inserted the first time.
     fn entry(&mut self, name: &str) -> &mut TaskTally {
-        if name != OTHER && (self.names.contains_key(name) || self.names.len() < MAX_NAMES) {
-            return self.names.entry(name.to_owned()).or_default();
+        let known = self.names.contains_key(name);
+        if name == OTHER || (!known && self.names.len() >= MAX_NAMES) {
+            return self.other.get_or_insert_with(TaskTally::default);
         }
-        self.other.get_or_insert_with(TaskTally::default)
+        if !known {
+            self.names.insert(name.to_owned(), TaskTally::default());
+        }
+        self.names.get_mut(name).expect("inserted above")
     }
 }
 
