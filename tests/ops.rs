@@ -686,6 +686,50 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
         "80 runs of 150 ms are above 50 ms: {first} of {total} in the first bucket"
     );
     assert!(after.get("flotilla_task_seconds_sum") >= 80.0 * 0.15);
+    // Per task name, counted by the scheduler itself (tap or no tap), from
+    // the run times the workers measured: 80 runs of 150 ms have a real
+    // sum, and the quick ones resolve below 50 ms.
+    let per_task = |series: &str, task: &str, more: &str| {
+        after.get(&format!(
+            "{series}{{task=\"flotilla_examples::{task}\"{more}}}"
+        ))
+    };
+    assert!(per_task("flotilla_tasks_total", "inc", ",outcome=\"finished\"") >= 200.0);
+    assert!(
+        per_task(
+            "flotilla_tasks_total",
+            "slow_identity",
+            ",outcome=\"finished\""
+        ) >= 80.0
+    );
+    assert_eq!(
+        per_task("flotilla_tasks_total", "inc", ",outcome=\"erred\""),
+        0.0
+    );
+    let slow_runs = per_task("flotilla_task_duration_seconds_count", "slow_identity", "");
+    assert!(slow_runs >= 80.0, "{slow_runs}");
+    let slow_sum = per_task("flotilla_task_duration_seconds_sum", "slow_identity", "");
+    assert!(
+        (0.15 * slow_runs..0.5 * slow_runs).contains(&slow_sum),
+        "measured, not made up: {slow_sum} s over {slow_runs} runs"
+    );
+    assert_eq!(
+        per_task(
+            "flotilla_task_duration_seconds_bucket",
+            "slow_identity",
+            ",le=\"0.1\""
+        ),
+        0.0
+    );
+    let quick_runs = per_task("flotilla_task_duration_seconds_count", "inc", "");
+    assert!(
+        per_task(
+            "flotilla_task_duration_seconds_bucket",
+            "inc",
+            ",le=\"0.01\""
+        ) >= 0.9 * quick_runs,
+        "an increment takes well under 10 ms"
+    );
     let per_worker: f64 = ["ops-alpha", "ops-beta"]
         .iter()
         .map(|name| {
@@ -725,6 +769,25 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
     );
     let (ok, out, _) = ops.cli(&["workers", "--json"]);
     assert!(ok && parse_json(&out).items().len() == 2, "{out}");
+    // Their heartbeats carry their memory and CPU time, in the API and the
+    // metrics: the workers ran 280 tasks, some CPU time is counted.
+    let (code, body) = ops.get("/api/workers").await;
+    assert_eq!(code, 200);
+    let workers = parse_json(&body);
+    let metrics = ops.metrics().await;
+    for worker in workers.items() {
+        let rss = worker["rss_bytes"].num().expect("rss_bytes");
+        let cpu = worker["cpu_seconds"].num().expect("cpu_seconds");
+        assert!((1e6..1e10).contains(&rss), "{worker:?}");
+        assert!(cpu > 0.0, "{worker:?}");
+        let labels = format!(
+            "{{worker=\"{}\",id=\"{}\"}}",
+            worker["name"].str().unwrap(),
+            worker["id"].str().unwrap()
+        );
+        assert!(metrics.get(&format!("flotilla_worker_rss_bytes{labels}")) > 1e6);
+        assert!(metrics.get(&format!("flotilla_worker_cpu_seconds_total{labels}")) > 0.0);
+    }
 
     // Erred tasks are listed, with their error.
     let failing = client.submit(might_fail, (-1,));
@@ -752,8 +815,47 @@ async fn metrics_status_api_and_cli_follow_a_workload() {
         .items()
         .iter()
         .any(|t| t["key"].str() == Some(key.as_str()) && t["state"].str() == Some("erred")));
+    // Counted by name once the next snapshot (each second) shows it.
+    let erred = "flotilla_tasks_total{task=\"flotilla_examples::might_fail\",outcome=\"erred\"}";
+    let started = Instant::now();
+    while !ops.metrics().await.samples.contains_key(erred) {
+        assert!(started.elapsed() < Duration::from_secs(5), "{erred} shown");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ops.metrics().await.get(erred), 1.0);
     let (ok, out, err) = ops.cli(&["retry", &key]);
     assert!(ok && out.contains("retry requested"), "{out}{err}");
+
+    // A failure stays in /api/errors after its future dropped and the
+    // scheduler forgot the task.
+    let gone = client.submit(might_fail, (-7,));
+    assert!(gone.result().await.is_err());
+    let gone_key = gone.key().to_owned();
+    drop(gone);
+    let started = Instant::now();
+    let listed = loop {
+        let (_, erred) = ops.get("/api/tasks?state=erred").await;
+        let (code, errors) = ops.get("/api/errors").await;
+        assert_eq!(code, 200);
+        let errors = parse_json(&errors);
+        let listed = errors
+            .items()
+            .iter()
+            .find(|e| e["key"].str() == Some(gone_key.as_str()))
+            .cloned();
+        if let Some(listed) = listed.filter(|_| !erred.contains(&gone_key)) {
+            break listed;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{gone_key} forgotten, and kept in /api/errors: {errors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(listed["task"].str(), Some("flotilla_examples::might_fail"));
+    assert_eq!(listed["kind"].str(), Some("User"));
+    assert!(listed["message"].str().unwrap().contains("Negative value"));
+    assert!(listed["at_ms"].num().unwrap() > 1.7e12);
 
     // Cancelling a running task from the CLI reaches the client.
     let long = client.submit(slow_identity, (7, 60_000));
@@ -1180,6 +1282,46 @@ async fn the_dashboard_shows_workers_and_moving_numbers_in_chromium() {
         second.contains("class=\"num worker-finished\">")
             && !second.contains("class=\"num worker-finished\">–<"),
         "per-worker counts are shown"
+    );
+    // The workload's failures in the recent-errors panel.
+    let recent = second.matches("<tr class=\"recent-error\">").count();
+    assert!(
+        recent >= 1
+            && second
+                .split("<span class=\"error-message\">")
+                .skip(1)
+                .any(|rest| rest.starts_with("Negative value")),
+        "recent errors are listed: {recent}"
+    );
+    // Each worker's memory and CPU, from its heartbeats.
+    let cells = |class: &str| -> Vec<String> {
+        second
+            .split(&format!("class=\"num {class}\""))
+            .skip(1)
+            .map(|rest| {
+                rest.split_once('>')
+                    .unwrap()
+                    .1
+                    .split('<')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let memory = cells("worker-rss");
+    assert_eq!(memory.len(), 3, "{second}");
+    assert!(memory.iter().all(|m| m.ends_with(" MiB")), "{memory:?}");
+    let cpu = cells("worker-cpu");
+    // The CPU time so far ("0.3 s"; the share of a core shows once the
+    // page saw two heartbeats, after its first poll).
+    assert!(
+        cpu.len() == 3
+            && cpu.iter().all(|c| {
+                let seconds = c.rsplit(' ').nth(1).and_then(|s| s.parse::<f64>().ok());
+                c.ends_with(" s") && seconds.is_some_and(|s| s > 0.0)
+            }),
+        "the CPU time of each worker: {cpu:?}"
     );
 
     // A screenshot while the workload runs: into the build directory, or

@@ -59,6 +59,8 @@ fn seeds() -> Vec<Vec<u8>> {
             slots: 2,
             tasks: vec![("t".into(), 1)],
             resources: vec![("GPU".into(), 1)],
+            rss_bytes: Some(1 << 20),
+            cpu_ms: Some(10),
         })),
         encode(&ToScheduler::Forget {
             keys: vec!["a".into()],

@@ -171,6 +171,14 @@ pub struct WorkerInfo {
     /// Abstract resources it offers (`("GPU", 1)`).
     #[serde(default)]
     pub resources: Vec<(String, u64)>,
+    /// Its resident memory in bytes when it sent this heartbeat (`None`:
+    /// not known, on another OS than Linux or from an older worker).
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// The CPU time its process used so far, user and system, in
+    /// milliseconds (`None`: not known).
+    #[serde(default)]
+    pub cpu_ms: Option<u64>,
 }
 
 /// One task to run, as the scheduler sends it to workers.
@@ -491,6 +499,52 @@ mod tests {
         assert_eq!(
             decode::<EventBatch>(&encode(&batch), usize::MAX).unwrap(),
             batch
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_carries_memory_and_cpu_and_an_older_one_decodes() {
+        let info = WorkerInfo {
+            id: "w".into(),
+            name: "n".into(),
+            slots: 2,
+            tasks: vec![("t".into(), 1)],
+            resources: vec![],
+            rss_bytes: Some(50 << 20),
+            cpu_ms: Some(1_250),
+        };
+        let beat = ToScheduler::Worker(info.clone());
+        assert_eq!(
+            decode::<ToScheduler>(&encode(&beat), usize::MAX).unwrap(),
+            beat
+        );
+        // A worker from before these fields: a map without them.
+        #[derive(Serialize)]
+        struct Older {
+            id: &'static str,
+            name: &'static str,
+            slots: u32,
+            tasks: Vec<(String, u64)>,
+            resources: Vec<(String, u64)>,
+        }
+        let older = decode::<WorkerInfo>(
+            &encode(&Older {
+                id: "w",
+                name: "n",
+                slots: 2,
+                tasks: vec![("t".into(), 1)],
+                resources: vec![],
+            }),
+            usize::MAX,
+        )
+        .unwrap();
+        assert_eq!(
+            older,
+            WorkerInfo {
+                rss_bytes: None,
+                cpu_ms: None,
+                ..info
+            }
         );
     }
 

@@ -251,6 +251,8 @@ mod tests {
             slots: 1,
             tasks: Vec::new(),
             resources: Vec::new(),
+            rss_bytes: None,
+            cpu_ms: None,
         });
         assert_eq!(admission.route(&beat, 1_000, |_| false), Route::Apply);
     }

@@ -16,6 +16,9 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::failures::RecentErrors;
+use crate::tally::{Outcome, Tally};
+
 /// Results up to this size ride inside task messages to dependents.
 pub const INLINE_LIMIT: usize = 16 * 1024;
 /// Ready tasks kept in flight per worker slot (deliveries in the broker or
@@ -169,6 +172,9 @@ struct Worker {
     tasks: HashSet<(String, u64)>,
     resources: HashMap<String, u64>,
     last_seen: Instant,
+    /// Resident memory and CPU time as of its last heartbeat.
+    rss_bytes: Option<u64>,
+    cpu_ms: Option<u64>,
 }
 
 /// Where a ready task goes.
@@ -201,6 +207,12 @@ pub struct WorkerStatus {
     pub last_seen_ms: u64,
     /// Tasks pinned to it and running there.
     pub pinned_running: usize,
+    /// Its resident memory in bytes, as of its last heartbeat (`None`: it
+    /// does not say).
+    pub rss_bytes: Option<u64>,
+    /// The CPU time its process used so far (user and system), in
+    /// milliseconds, as of its last heartbeat.
+    pub cpu_ms: Option<u64>,
 }
 
 /// A task in the table, for status pages and the CLI.
@@ -279,6 +291,11 @@ pub struct Core {
     /// its client sent to the workers itself may report before its
     /// submission comes (see [`Core::submit_sent`]).
     early: HashMap<String, (Early, u64)>,
+    /// Tasks that left the table by name and outcome, and their run times
+    /// (for `/metrics`).
+    tally: Tally,
+    /// The last task errors seen (for `/api/errors`).
+    recent_errors: RecentErrors,
 }
 
 /// Each task name's mean run time, learnt from completions (Dask's
@@ -344,6 +361,16 @@ enum Early {
     Erred(TaskError),
 }
 
+/// The `task` label of a task whose spec the scheduler does not hold.
+const UNNAMED: &str = "unknown";
+
+/// The registered name of `task`'s function, as far as the table knows.
+fn task_name(task: &TaskEntry) -> &str {
+    task.spec
+        .as_ref()
+        .map_or(UNNAMED, |spec| spec.task.as_str())
+}
+
 fn cancelled_error(key: &str, task: &str) -> TaskError {
     TaskError::new(
         ErrorKind::Cancelled,
@@ -357,6 +384,25 @@ impl Core {
     /// An empty scheduler.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Tasks that ended so far, by task name and outcome, with their
+    /// measured run times.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    /// The last task errors the scheduler learnt of (see
+    /// [`crate::failures`]).
+    pub fn recent_errors(&self) -> &RecentErrors {
+        &self.recent_errors
+    }
+
+    /// Counts `key` (still in the table) as ended with `outcome` under its
+    /// task's name.
+    fn tally_outcome(&mut self, key: &str, outcome: Outcome) {
+        let name = self.tasks.get(key).map_or(UNNAMED, task_name);
+        self.tally.count(name, outcome);
     }
 
     /// Current counters.
@@ -397,6 +443,8 @@ impl Core {
                     .values()
                     .filter(|t| t.in_flight && t.worker.as_deref() == Some(id.as_str()))
                     .count(),
+                rss_bytes: w.rss_bytes,
+                cpu_ms: w.cpu_ms,
             })
             .collect();
         workers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
@@ -801,6 +849,7 @@ impl Core {
                 .map(|spec| spec.task.clone());
             if let Some(name) = name {
                 self.durations.learn(&name, run);
+                self.tally.observe(&name, run);
             }
         }
         self.finished(key, inline, size, comm);
@@ -833,6 +882,7 @@ impl Core {
             return;
         };
         self.counts.finished += 1;
+        self.tally.count(task_name(task), Outcome::Finished);
         task.state = State::Finished;
         task.spec = None;
         for watcher in std::mem::take(&mut task.watchers) {
@@ -889,12 +939,20 @@ impl Core {
         let Some(task) = self.tasks.get_mut(key) else {
             return;
         };
+        self.recent_errors.record(
+            key,
+            task_name(task),
+            &error,
+            retrying,
+            std::time::SystemTime::now(),
+        );
         if retrying && task.spec.is_some() && !task.forgotten {
             task.attempt += 1;
             self.run_again(key);
             return;
         }
         self.counts.erred += 1;
+        self.tally.count(task_name(task), Outcome::of_error(&error));
         task.state = State::Erred;
         task.error = Some(Box::new(error.clone()));
         for watcher in task.watchers.clone() {
@@ -942,6 +1000,17 @@ impl Core {
                 self.counts.cancelled += 1;
             } else {
                 self.counts.erred += 1;
+            }
+            self.tally.count(task_name(task), Outcome::of_error(&error));
+            // A failure the scheduler decided (its dependents share it).
+            if error.key() == key && error.kind() != ErrorKind::Cancelled {
+                self.recent_errors.record(
+                    &key,
+                    task_name(task),
+                    &error,
+                    false,
+                    std::time::SystemTime::now(),
+                );
             }
             let was_waiting = matches!(task.state, State::Waiting | State::Ready)
                 && !std::mem::replace(&mut task.released, true);
@@ -1047,9 +1116,13 @@ impl Core {
                 continue;
             };
             match task.state {
-                State::Waiting | State::Ready => self.counts.cancelled += 1,
+                State::Waiting | State::Ready => {
+                    self.counts.cancelled += 1;
+                    self.tally_outcome(key, Outcome::Cancelled);
+                }
                 State::Processing => {
                     self.counts.cancelled += 1;
+                    self.tally_outcome(key, Outcome::Cancelled);
                     running.push(key.clone());
                 }
                 State::Erred => {}
@@ -1073,6 +1146,7 @@ impl Core {
             match task.state {
                 State::Waiting | State::Ready => {
                     self.counts.cancelled += 1;
+                    self.tally_outcome(key, Outcome::Cancelled);
                     self.drop_task(key, false, comm);
                 }
                 State::Processing => task.forgotten = true,
@@ -1191,6 +1265,8 @@ impl Core {
             tasks: info.tasks.into_iter().collect(),
             resources: info.resources.into_iter().collect(),
             last_seen: now,
+            rss_bytes: info.rss_bytes,
+            cpu_ms: info.cpu_ms,
         };
         let changed = match self.workers.get(&info.id) {
             Some(old) => {

@@ -135,6 +135,11 @@ pub struct Snapshot {
     pub role: Role,
     /// The leader lease's holder as last seen (`<id>|<epoch>`).
     pub leader: Option<String>,
+    /// Tasks that ended since the scheduler started, by task name and
+    /// outcome, with their run times.
+    pub tally: crate::tally::Tally,
+    /// The last task errors seen, oldest first (see [`crate::failures`]).
+    pub recent_errors: crate::failures::RecentErrors,
 }
 
 impl Snapshot {
@@ -150,6 +155,8 @@ impl Snapshot {
             tasks_in_memory: 0,
             role,
             leader: None,
+            tally: Default::default(),
+            recent_errors: Default::default(),
         }
     }
 }
@@ -498,6 +505,8 @@ async fn serve(
                         tasks_in_memory: core.len(),
                         role: Role::Active,
                         leader: Some(holder.clone()),
+                        tally: core.tally().clone(),
+                        recent_errors: core.recent_errors().clone(),
                     }));
                 }
                 scheduler.reap_clients();

@@ -30,6 +30,8 @@
 //!   (`flotilla::LocalCluster` runs workers in-process with it).
 //! - [`health`]: the health file a process supervisor's probe checks
 //!   (`--health-file`, `--check-health`).
+//! - `usage`: the process's resident memory and CPU time, read from
+//!   `/proc/self` for each heartbeat.
 
 pub mod actors;
 mod args;
@@ -43,6 +45,7 @@ mod lost;
 mod panic;
 mod runtime;
 mod slot;
+mod usage;
 
 // The module and its `registry()` function.
 pub use bundle::INLINE_RESULT_LIMIT;

@@ -837,6 +837,7 @@ async fn serve(
     };
     let custodian = tokio::spawn(renew_custody(shared.clone()));
 
+    let (rss_bytes, cpu_ms) = crate::usage::read();
     let info = WorkerInfo {
         id: id.clone(),
         name: display_name.clone(),
@@ -846,6 +847,8 @@ async fn serve(
             .map(|r| (r.name().to_owned(), r.fingerprint()))
             .collect(),
         resources: options.resources.clone(),
+        rss_bytes,
+        cpu_ms,
     };
     let codec = shared.codec.clone();
     announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await?;
@@ -855,10 +858,12 @@ async fn serve(
         let publish = publish.clone();
         let names = names.clone();
         let codec = codec.clone();
+        let mut info = info;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             loop {
                 tick.tick().await;
+                (info.rss_bytes, info.cpu_ms) = crate::usage::read();
                 match announce(&publish, &names, &codec, &ToScheduler::Worker(info.clone())).await {
                     Ok(()) => health.touch(),
                     Err(error) => warn!(%error, "heartbeat failed"),

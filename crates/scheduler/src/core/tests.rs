@@ -370,6 +370,8 @@ fn worker(id: &str, slots: u32, resources: &[(&str, u64)]) -> WorkerInfo {
         slots,
         tasks: vec![("t".into(), 1), ("fresh".into(), 1)],
         resources: resources.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
+        rss_bytes: None,
+        cpu_ms: None,
     }
 }
 
@@ -1525,4 +1527,134 @@ fn a_retry_that_overtakes_the_failure_runs_the_task_again_once_it_comes() {
     assert_eq!(h.comm.take_sent_keys(), ["a"], "run again");
     h.finished("a", None, 0);
     assert!(h.core.is_empty());
+}
+
+#[test]
+fn the_tally_counts_each_ending_once_by_task_name_and_outcome() {
+    use crate::tally::Outcome;
+    let mut h = Harness::new();
+    let mut info = worker("w", 4, &[]);
+    info.tasks = ["app::ok", "app::bad", "app::flaky", "app::idle"]
+        .map(|name| (name.to_owned(), 1))
+        .to_vec();
+    h.worker_seen(info, Instant::now());
+    h.submit(vec![
+        named("ok", "app::ok"),
+        named("bad", "app::bad"),
+        TaskSpec {
+            deps: keys(&["bad"]),
+            ..named("after-bad", "app::ok")
+        },
+        named("lost", "app::flaky"),
+        named("idle", "app::idle"),
+    ]);
+    h.dispatch();
+    let mut sent = h.comm.take_sent_keys();
+    sent.sort();
+    assert_eq!(sent, ["bad", "idle", "lost", "ok"]);
+    h.finished_in("ok", None, 0, Duration::from_micros(300));
+    h.finished_in("ok", None, 0, Duration::from_secs(1)); // a duplicate: not counted
+    h.erred(
+        "bad",
+        TaskError::new(ErrorKind::User, "E", "boom").at("bad", "app::bad"),
+        false,
+    );
+    h.erred(
+        "lost",
+        TaskError::new(ErrorKind::WorkerLost, "W", "gone").at("lost", "app::flaky"),
+        false,
+    );
+    h.cancel(&keys(&["idle"]), true);
+    h.comm.take_stored();
+    h.comm.take_notified();
+    h.comm.take_cancelled();
+    let tally = h.core.tally();
+    let count = |name: &str, outcome| tally.get(name).map_or(0, |t| t.outcome(outcome));
+    assert_eq!(count("app::ok", Outcome::Finished), 1);
+    assert_eq!(tally.get("app::ok").unwrap().duration().count(), 1);
+    assert!((tally.get("app::ok").unwrap().duration().sum() - 0.0003).abs() < 1e-12);
+    assert_eq!(count("app::bad", Outcome::Erred), 1);
+    assert_eq!(
+        count("app::ok", Outcome::Erred),
+        1,
+        "the failed input's dependent"
+    );
+    assert_eq!(count("app::flaky", Outcome::Lost), 1);
+    assert_eq!(count("app::idle", Outcome::Cancelled), 1);
+    let ended: u64 = tally
+        .iter()
+        .flat_map(|(_, t)| Outcome::ALL.map(|o| t.outcome(o)))
+        .sum();
+    let counts = h.core.counts();
+    assert_eq!(ended, counts.finished + counts.erred + counts.cancelled);
+    h.comm.expect_none();
+}
+
+#[test]
+fn a_heartbeats_memory_and_cpu_show_in_the_worker_status() {
+    let mut h = Harness::with_worker(1);
+    let now = Instant::now();
+    assert_eq!(h.core.workers(now)[0].rss_bytes, None);
+    let mut beat = worker("w1", 1, &[]);
+    beat.rss_bytes = Some(40 << 20);
+    beat.cpu_ms = Some(1_500);
+    h.worker_seen(beat.clone(), now);
+    let status = &h.core.workers(now)[0];
+    assert_eq!(
+        (status.rss_bytes, status.cpu_ms),
+        (Some(40 << 20), Some(1_500))
+    );
+    // The next heartbeat's figures replace them; an older worker's say nothing.
+    beat.cpu_ms = Some(1_700);
+    h.worker_seen(beat, now);
+    assert_eq!(h.core.workers(now)[0].cpu_ms, Some(1_700));
+    h.worker_seen(worker("w1", 1, &[]), now);
+    assert_eq!(h.core.workers(now)[0].cpu_ms, None);
+    h.comm.expect_none();
+}
+
+#[test]
+fn errors_are_kept_where_they_start_not_for_each_dependent() {
+    let mut h = Harness::with_worker(2);
+    h.submit(vec![
+        spec("a", &[]),
+        spec("b", &["a"]),
+        spec("c", &["b"]),
+        spec("r", &[]),
+    ]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a", "r"]);
+    let boom = TaskError::new(ErrorKind::User, "E", "boom")
+        .at("a", "t")
+        .with_traceback("x".repeat(10_000));
+    h.erred("a", boom.clone(), false);
+    h.erred("a", boom, false); // a duplicate report: not kept twice
+    h.erred(
+        "r",
+        TaskError::new(ErrorKind::Panic, "panic", "first run").at("r", "t"),
+        true,
+    );
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["r"], "r runs again");
+    h.cancel(&keys(&["r"]), true); // a cancellation: not an error to keep
+                                   // A task no worker provides fails in the scheduler: kept.
+    h.submit(vec![named("u", "nobody::provides")]);
+    h.dispatch();
+    h.comm.take_stored();
+    h.comm.take_notified();
+    h.comm.take_cancelled();
+    let kept: Vec<(String, String, bool)> = h
+        .core
+        .recent_errors()
+        .iter()
+        .map(|e| (e.key.clone(), e.message.clone(), e.retrying))
+        .collect();
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    assert_eq!(kept[0], ("a".into(), "boom".into(), false));
+    assert_eq!(kept[1], ("r".into(), "first run".into(), true));
+    assert_eq!(kept[2].0, "u");
+    let first = h.core.recent_errors().iter().next().unwrap();
+    assert_eq!((first.task.as_str(), first.traceback.len()), ("t", 4096));
+    assert!(first.truncated);
+    h.comm.expect_none();
 }

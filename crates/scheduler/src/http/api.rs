@@ -1,4 +1,5 @@
-//! The JSON API: `/api/status`, `/api/workers` and `/api/tasks` read; the
+//! The JSON API: `/api/status`, `/api/workers`, `/api/tasks` and
+//! `/api/errors` read; the
 //! operator commands `/api/cancel` and `/api/retry` write, and need the
 //! bearer token (`auth`).
 //!
@@ -6,7 +7,7 @@
 //! (a `400` with `{"error": ...}` names what is wrong), then reads the
 //! endpoint's state or sends the scheduler a message.
 
-use super::metrics::{task_json, HISTORY};
+use super::metrics::{error_json, task_json, HISTORY};
 use super::{error, json_response, Shared};
 use crate::server::TaskQuery;
 use axum::body::Bytes;
@@ -71,6 +72,19 @@ pub(super) async fn workers(State(shared): State<Arc<Shared>>) -> Response {
             .collect()
     };
     json_response(StatusCode::OK, &Value::Array(workers))
+}
+
+/// `GET /api/errors`: the last task errors the scheduler saw, newest
+/// first (see [`crate::failures`]).
+pub(super) async fn errors(State(shared): State<Arc<Shared>>) -> Response {
+    let snapshot = shared.snapshot();
+    let errors: Vec<Value> = snapshot
+        .recent_errors
+        .iter()
+        .rev()
+        .map(|record| error_json(record))
+        .collect();
+    json_response(StatusCode::OK, &Value::Array(errors))
 }
 
 /// `GET /api/tasks[?state=S][&limit=N]`: tasks in the scheduler's table,

@@ -8,7 +8,9 @@
 use super::Shared;
 use crate::broker::BrokerStatus;
 use crate::core::{Counts, TaskStatus, WorkerStatus};
+use crate::failures::ErrorRecord;
 use crate::server::Snapshot;
+use crate::tally::{Outcome, Tally, MAX_NAMES, OTHER};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -251,6 +253,8 @@ impl Monitor {
             "registered_tasks": worker.tasks,
             "last_seen_ms": worker.last_seen_ms,
             "pinned_running": worker.pinned_running,
+            "rss_bytes": worker.rss_bytes,
+            "cpu_seconds": worker.cpu_ms.map(|ms| ms as f64 / 1000.0),
             "finished": activity.map(|a| a.finished),
             "erred": activity.map(|a| a.erred),
             "rate": activity.map(|a| round3(a.rate())),
@@ -288,6 +292,7 @@ impl Monitor {
                 .map(|w| self.worker_json(w, now, history > 0))
                 .collect::<Vec<_>>(),
             "erred": snapshot.erred.iter().take(ERRED_LISTED).map(task_json).collect::<Vec<_>>(),
+            "errors_seen": snapshot.recent_errors.seen(),
             "queues": self.queues.iter().map(|q| json!({
                 "name": q.name, "messages": q.messages, "consumers": q.consumers,
             })).collect::<Vec<_>>(),
@@ -406,6 +411,35 @@ impl Monitor {
             );
         }
         out.family(
+            "flotilla_worker_rss_bytes",
+            "gauge",
+            "Resident memory of each worker's process, as of its last heartbeat (Linux workers).",
+        );
+        for worker in &snapshot.workers {
+            if let Some(rss) = worker.rss_bytes {
+                out.sample(
+                    "flotilla_worker_rss_bytes",
+                    &[("worker", &worker.name), ("id", &worker.id)],
+                    rss,
+                );
+            }
+        }
+        out.family(
+            "flotilla_worker_cpu_seconds_total",
+            "counter",
+            "CPU time (user and system) each worker's process used, as of its last heartbeat \
+             (Linux workers).",
+        );
+        for worker in &snapshot.workers {
+            if let Some(cpu_ms) = worker.cpu_ms {
+                out.sample(
+                    "flotilla_worker_cpu_seconds_total",
+                    &[("worker", &worker.name), ("id", &worker.id)],
+                    cpu_ms as f64 / 1000.0,
+                );
+            }
+        }
+        out.family(
             "flotilla_worker_tasks_total",
             "counter",
             "Task runs each worker ended, by outcome (counted while the event tap is on).",
@@ -454,6 +488,7 @@ impl Monitor {
         );
         out.sample("flotilla_task_seconds_sum", &[], self.runtime.sum);
         out.sample("flotilla_task_seconds_count", &[], self.runtime.count);
+        per_task(&mut out, &snapshot.tally);
         out.family(
             "flotilla_monitor_active",
             "gauge",
@@ -543,6 +578,63 @@ impl Monitor {
     }
 }
 
+/// The per-task families, from the scheduler's [`Tally`]: how tasks ended
+/// and how long their runs took, by task name.
+fn per_task(out: &mut Prometheus, tally: &Tally) {
+    out.family(
+        "flotilla_tasks_total",
+        "counter",
+        &format!(
+            "Tasks that ended since the scheduler started, by task name and outcome (finished, \
+             erred, cancelled, lost, timed_out); names past the first {MAX_NAMES} count as \
+             task=\"{OTHER}\"."
+        ),
+    );
+    for (task, counts) in tally.iter() {
+        for outcome in Outcome::ALL {
+            out.sample(
+                "flotilla_tasks_total",
+                &[("task", task), ("outcome", outcome.as_str())],
+                counts.outcome(outcome),
+            );
+        }
+    }
+    out.family(
+        "flotilla_task_duration_seconds",
+        "histogram",
+        "Run time of finished tasks as their workers measured it, by task name (always counted; \
+         buckets from 100 µs to an hour).",
+    );
+    for (task, counts) in tally.iter() {
+        let runs = counts.duration();
+        if runs.count() == 0 {
+            continue;
+        }
+        for (bound, cumulative) in runs.cumulative() {
+            out.sample(
+                "flotilla_task_duration_seconds_bucket",
+                &[("task", task), ("le", &bound.to_string())],
+                cumulative,
+            );
+        }
+        out.sample(
+            "flotilla_task_duration_seconds_bucket",
+            &[("task", task), ("le", "+Inf")],
+            runs.count(),
+        );
+        out.sample(
+            "flotilla_task_duration_seconds_sum",
+            &[("task", task)],
+            runs.sum(),
+        );
+        out.sample(
+            "flotilla_task_duration_seconds_count",
+            &[("task", task)],
+            runs.count(),
+        );
+    }
+}
+
 /// A task's run time from what the events tell: the `Started` event comes
 /// [`STARTED_AFTER_S`] into the run; a run without one was shorter, and is
 /// counted at half that.
@@ -580,6 +672,21 @@ fn counts_json(counts: &Counts) -> Value {
         "sent_by_clients": counts.sent_by_clients,
         "workers": counts.workers,
         "slots": counts.slots,
+    })
+}
+
+/// One of the recent errors, for `/api/errors`.
+pub(super) fn error_json(record: &ErrorRecord) -> Value {
+    json!({
+        "at_ms": unix_ms(record.at),
+        "key": record.key,
+        "task": record.task,
+        "kind": format!("{:?}", record.kind),
+        "type": record.type_name,
+        "message": record.message,
+        "traceback": record.traceback,
+        "truncated": record.truncated,
+        "retrying": record.retrying,
     })
 }
 
@@ -667,6 +774,8 @@ mod tests {
                     tasks: 3,
                     last_seen_ms: 250,
                     pinned_running: 0,
+                    rss_bytes: Some(64 << 20),
+                    cpu_ms: Some(2_500),
                 })
                 .collect(),
             erred: vec![TaskStatus {
@@ -678,6 +787,8 @@ mod tests {
             tasks_in_memory: 4,
             role: crate::server::Role::Active,
             leader: None,
+            tally: Tally::default(),
+            recent_errors: Default::default(),
         }
     }
 
@@ -816,6 +927,8 @@ mod tests {
         assert_eq!(status["counts"]["processing"], 2);
         assert_eq!(status["workers"][0]["name"], "alpha");
         assert_eq!(status["workers"][0]["resources"]["GPU"], 1);
+        assert_eq!(status["workers"][0]["rss_bytes"], 64 << 20);
+        assert_eq!(status["workers"][0]["cpu_seconds"], 2.5);
         assert_eq!(status["erred"][0]["error"], "boom");
         assert_eq!(status["redis"]["used_memory"], 10);
         assert_eq!(status["history"][0]["finished"], 3);
@@ -866,6 +979,42 @@ mod tests {
     }
 
     #[test]
+    fn per_task_families_come_from_the_scheduler_tally() {
+        let monitor = Monitor::default();
+        let mut snap = snapshot(&[]);
+        snap.tally.count("app::add", Outcome::Finished);
+        snap.tally.count("app::add", Outcome::Finished);
+        snap.tally.count("app::add", Outcome::Lost);
+        snap.tally.observe("app::add", Duration::from_micros(80));
+        snap.tally.observe("app::add", Duration::from_millis(20));
+        snap.tally.count("app::\"odd\"", Outcome::Cancelled);
+        let text = monitor.metrics(&snap);
+        for line in [
+            "# TYPE flotilla_tasks_total counter",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::add\",outcome=\"finished\"} 2",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::add\",outcome=\"erred\"} 0",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::add\",outcome=\"lost\"} 1",
+            "flotilla_tasks_total{namespace=\"ns\",task=\"app::\\\"odd\\\"\",outcome=\"cancelled\"} 1",
+            "# TYPE flotilla_task_duration_seconds histogram",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"0.0001\"} 1",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"0.01\"} 1",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"0.05\"} 2",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"3600\"} 2",
+            "flotilla_task_duration_seconds_bucket{namespace=\"ns\",task=\"app::add\",le=\"+Inf\"} 2",
+            "flotilla_task_duration_seconds_sum{namespace=\"ns\",task=\"app::add\"} 0.02008",
+            "flotilla_task_duration_seconds_count{namespace=\"ns\",task=\"app::add\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+        assert!(
+            !text.contains(
+                "flotilla_task_duration_seconds_count{namespace=\"ns\",task=\"app::\\\"odd"
+            ),
+            "no histogram for a name with no measured run"
+        );
+    }
+
+    #[test]
     fn metrics_are_prometheus_text() {
         let mut monitor = Monitor::default();
         let snap = snapshot(&[("w1", "quote\"back\\slash")]);
@@ -888,6 +1037,9 @@ mod tests {
             "flotilla_task_seconds_bucket{namespace=\"ns\",le=\"+Inf\"} 1",
             "flotilla_task_seconds_count{namespace=\"ns\"} 1",
             "flotilla_worker_tasks_total{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\",outcome=\"finished\"} 1",
+            "flotilla_worker_rss_bytes{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\"} 67108864",
+            "flotilla_worker_cpu_seconds_total{namespace=\"ns\",worker=\"quote\\\"back\\\\slash\",id=\"w1\"} 2.5",
+            "# TYPE flotilla_worker_cpu_seconds_total counter",
             "# TYPE flotilla_task_seconds histogram",
             "# TYPE flotilla_tasks_finished_total counter",
         ] {

@@ -22,8 +22,9 @@
 //! | `GET /health` | liveness: `200` whenever the server answers |
 //! | `GET /ready` | readiness: `200` while connected to RabbitMQ and Redis (active or standby), `503` otherwise |
 //! | `GET /api/status[?history=N]` | counts, workers, queues, Redis memory, erred tasks, whether the broker blocks publishers (`broker_blocked`); the last `N` one-second samples |
-//! | `GET /api/workers` | the workers |
+//! | `GET /api/workers` | the workers, with the memory and CPU time of their last heartbeat |
 //! | `GET /api/tasks[?state=S][&limit=N]` | tasks in the scheduler's table (`S`: `waiting`, `ready`, `processing`, `finished`, `erred`) |
+//! | `GET /api/errors` | the last 100 task errors the scheduler saw, newest first, with their tracebacks (cut to 4 KiB), kept after their futures drop |
 //! | `POST /api/cancel?key=K[&key=K2..]` | cancels tasks (and their dependents), running ones included |
 //! | `POST /api/retry?key=K[&key=K2..]` | runs erred tasks again |
 //!
@@ -58,7 +59,8 @@
 //!   to answer (then `408`);
 //! - `auth`: the write token and the `Host` allow-list ([`Access`]), and
 //!   the token file of `flotilla-scheduler` ([`token_file`]);
-//! - `api`: the JSON routes (`/api/status`, `/api/workers`, `/api/tasks`)
+//! - `api`: the JSON routes (`/api/status`, `/api/workers`, `/api/tasks`,
+//!   `/api/errors`)
 //!   and the operator commands (`/api/cancel`, `/api/retry`);
 //! - `metrics`: what the endpoint has seen (history, worker activity, the
 //!   run-time histogram), as JSON and as Prometheus text (`/metrics`);
@@ -277,6 +279,7 @@ fn router(shared: Arc<Shared>) -> Router {
         ("/api/status", read(get(api::status))),
         ("/api/workers", read(get(api::workers))),
         ("/api/tasks", read(get(api::tasks))),
+        ("/api/errors", read(get(api::errors))),
         ("/api/cancel", write(post(api::cancel))),
         ("/api/retry", write(post(api::retry))),
     ];
@@ -563,6 +566,51 @@ mod tests {
             !shared.is_watched(),
             "probes every few seconds must not keep the event tap on"
         );
+    }
+
+    #[tokio::test]
+    async fn recent_errors_are_listed_newest_first_and_counted_in_the_status() {
+        use flotilla_proto::{ErrorKind, TaskError};
+        let (shared, hooks) = shared();
+        let json = |r: Response| async move {
+            assert_eq!(r.status(), 200);
+            serde_json::from_slice::<Value>(&to_bytes(r.into_body(), MAX_BODY).await.unwrap())
+                .unwrap()
+        };
+        assert_eq!(
+            json(call(&shared, "GET", "/api/errors", None).await).await,
+            json!([])
+        );
+        let mut snapshot = Snapshot::empty("flotilla", crate::server::Role::Active);
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let first = TaskError::new(ErrorKind::User, "String", "no such file");
+        snapshot
+            .recent_errors
+            .record("load-1", "app::load", &first, true, at);
+        let second = TaskError::new(ErrorKind::Panic, "panic", "boom").with_traceback("at app::f");
+        snapshot
+            .recent_errors
+            .record("f-2", "app::f", &second, false, at);
+        hooks
+            .status
+            .as_ref()
+            .unwrap()
+            .send(Arc::new(snapshot))
+            .unwrap();
+        let errors = json(call(&shared, "GET", "/api/errors/", None).await).await;
+        assert_eq!(errors.as_array().unwrap().len(), 2);
+        assert_eq!(
+            errors[0],
+            json!({
+                "at_ms": 1_700_000_000_123u64, "key": "f-2", "task": "app::f", "kind": "Panic",
+                "type": "panic", "message": "boom", "traceback": "at app::f",
+                "truncated": false, "retrying": false,
+            })
+        );
+        assert_eq!(errors[1]["key"], "load-1");
+        assert_eq!(errors[1]["retrying"], true);
+        let status = json(call(&shared, "GET", "/api/status", None).await).await;
+        assert_eq!(status["errors_seen"], 2);
     }
 
     #[tokio::test]
