@@ -3,6 +3,7 @@
 mod support;
 
 use flotilla::Status;
+use flotilla_examples::features::fail_first;
 use flotilla_examples::{add, might_fail, slow_identity, total};
 use std::time::Duration;
 
@@ -46,6 +47,21 @@ fn the_blocking_client_submits_maps_gathers_and_chains() {
         }
         other => panic!("expected TimedOut, got {other:?}"),
     }
+    // Retries that wait, as on the async client.
+    let began = std::time::Instant::now();
+    let attempt = client
+        .submit_with(fail_first, ("blocking-delayed".to_string(), 1))
+        .retries(2)
+        .retry_delay(Duration::from_millis(300))
+        .backoff(2.0)
+        .max_retry_delay(Duration::from_secs(1))
+        .retry_jitter(false)
+        .retry_on(["String"])
+        .submit()
+        .result()
+        .unwrap();
+    assert_eq!(attempt, 2);
+    assert!(began.elapsed() >= Duration::from_millis(300));
     drop(client);
 
     runtime.block_on(cluster.shutdown()).unwrap();

@@ -453,6 +453,7 @@ async fn serve(
     let specs = recover_specs(&scheduler.store, &scheduler.codec).await?;
     debug!(found = specs.len(), "stored task specs");
     if !specs.is_empty() {
+        scheduler.core.wake(wall_ms());
         let count = scheduler.core.recover(specs, &mut scheduler.out);
         info!(count, "took up pending tasks from a previous scheduler");
         scheduler.flush(Acks::default()).await?;
@@ -478,9 +479,26 @@ async fn serve(
     let shutdown = stop.clone().wait();
     tokio::pin!(shutdown);
     let result = loop {
+        // Tasks held for a retry delay (`Core::wake`): the loop wakes when
+        // the earliest is due.
+        let due = scheduler.core.next_due();
+        let timer = async {
+            match due {
+                Some(due) => {
+                    tokio::time::sleep(Duration::from_millis(due.saturating_sub(wall_ms()))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            _ = timer => {
+                scheduler.core.wake(wall_ms());
+                scheduler.core.dispatch(&mut scheduler.out);
+                scheduler.flush(Acks::default()).await?;
+            }
             _ = tick.tick() => {
+                scheduler.core.wake(wall_ms());
                 // Heartbeats cannot arrive while the broker blocks them.
                 if !broker.borrow().holds_worker_timeout(Instant::now()) {
                     scheduler.core.expire_workers(Instant::now());
@@ -508,6 +526,7 @@ async fn serve(
                 scheduler.take_up().await?;
             }
             Some(message) = next_control(&mut hooks.control) => {
+                scheduler.core.wake(wall_ms());
                 scheduler.apply(message);
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush(Acks::default()).await?;
@@ -518,6 +537,7 @@ async fn serve(
             }
             input = input_rx.recv() => {
                 let Some(input) = input else { break Ok(()) };
+                scheduler.core.wake(wall_ms());
                 let mut acks = Acks::default();
                 if let Err(stop) = scheduler.handle(input, &mut acks).await {
                     break Err(stop);
@@ -1527,6 +1547,15 @@ async fn recover_specs(
         }
     }
     Ok(specs)
+}
+
+/// The wall clock in milliseconds since the Unix epoch.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 #[cfg(test)]
