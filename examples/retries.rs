@@ -2,13 +2,14 @@
 //! `n` more times, before its future errs, at once or after a growing delay
 //! (`retry_delay`, `backoff`, `max_retry_delay`), and only on the errors of
 //! `retry_on` if given; `client.retry` reruns a failed future by hand.
+//! Start times: `.after(duration)` / `.at(time)` hold a task until then.
 //!
 //! `cargo run --example retries` against a running cluster.
 
 use flotilla::prelude::*;
 use flotilla::ErrorKind;
-use flotilla_examples::features::fail_first;
-use std::time::{Duration, Instant};
+use flotilla_examples::features::{fail_first, started_at};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -63,5 +64,15 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("expected the first attempt's error, got {other:?}"),
     }
 
+    // Not before half a second from now.
+    let asked = SystemTime::now();
+    let started = client
+        .submit_with(started_at, (format!("later-{id}"),))
+        .after(Duration::from_millis(500))
+        .submit()
+        .await?;
+    let waited = started.saturating_sub(asked.duration_since(UNIX_EPOCH)?.as_millis() as u64);
+    println!("a task submitted with .after(500 ms) started {waited} ms later");
+    anyhow::ensure!(waited >= 500, "started too early");
     Ok(())
 }

@@ -411,6 +411,13 @@ async fn completions_reach_the_client_through_redis_without_the_broker() {
     t.stop().await;
 }
 
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 #[tokio::test]
 async fn a_flaky_task_is_retried_after_its_growing_delays() {
     use flotilla_examples::features::fail_first;
@@ -463,5 +470,31 @@ async fn only_the_errors_in_retry_on_are_retried() {
         .retry_on([flotilla::RetryOn::from("string::String")])
         .submit();
     assert_eq!(strings.result().await.unwrap(), 2);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_submitted_with_after_does_not_start_before_its_time() {
+    use flotilla_examples::features::started_at;
+    let t = TestCluster::start("after", 1).await;
+    // Alone and with no input, it would otherwise go straight to the
+    // workers without the scheduler.
+    let submitted = wall_ms();
+    let later = t
+        .client
+        .submit_with(started_at, ("later".to_string(),))
+        .after(Duration::from_secs(1))
+        .submit();
+    let started = later.result().await.unwrap();
+    assert!(
+        started >= submitted + 1000,
+        "started {} ms after its submission",
+        started as i64 - submitted as i64
+    );
+    // A time in the past is no wait; the inputs still gate it.
+    let input = t.client.submit(slow_identity, (1, 200));
+    let past = std::time::SystemTime::now() - Duration::from_secs(60);
+    let dependent = t.client.submit_with(add, (&input, 1)).at(past).submit();
+    assert_eq!(dependent.result().await.unwrap(), 2);
     t.stop().await;
 }

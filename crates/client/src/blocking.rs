@@ -369,6 +369,35 @@ impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
         }
     }
 
+    /// Does not start the task before `time`; see [`crate::Submit::at`].
+    ///
+    /// ```no_run
+    /// # use std::time::{Duration, SystemTime};
+    /// # #[flotilla::task]
+    /// # fn report(day: u32) -> u32 { day }
+    /// # fn demo(client: &flotilla::blocking::Client) {
+    /// let future = client
+    ///     .submit_with(report, (7,))
+    ///     .at(SystemTime::now() + Duration::from_secs(3600))
+    ///     .submit();
+    /// # }
+    /// ```
+    pub fn at(self, time: std::time::SystemTime) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.at(time),
+        }
+    }
+
+    /// Does not start the task before `delay` from now; see
+    /// [`crate::Submit::after`].
+    pub fn after(self, delay: Duration) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.after(delay),
+        }
+    }
+
     /// Runs the task only on these workers.
     pub fn workers<S: Into<String>>(self, workers: impl IntoIterator<Item = S>) -> Self {
         Submit {

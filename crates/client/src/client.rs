@@ -15,7 +15,7 @@ use flotilla_runtime::transport;
 use flotilla_runtime::Redis;
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 /// Scattered values up to this size stay in the client's memory too.
@@ -84,6 +84,7 @@ pub struct Submit<'c, K: Task, A> {
     resources: Vec<(String, u64)>,
     timeout: Option<Duration>,
     retry: RetryPolicy,
+    start_at: Option<SystemTime>,
 }
 
 impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
@@ -200,6 +201,49 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
     pub fn retry_on<E: Into<RetryOn>>(mut self, errors: impl IntoIterator<Item = E>) -> Self {
         self.retry.on = errors.into_iter().map(Into::into).collect();
         self
+    }
+
+    /// Does not start the task before `time` (Celery's `eta`); its inputs
+    /// still have to finish first. A time in the past starts it as soon as
+    /// it is ready. The time travels in the task's spec as wall-clock
+    /// milliseconds, so a scheduler that takes over honours it; clocks of
+    /// the client and scheduler machines should agree.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use std::time::{Duration, SystemTime};
+    /// # #[flotilla::task]
+    /// # async fn report(day: u32) -> u32 { day }
+    /// # fn demo(client: &Client) {
+    /// let tonight = SystemTime::now() + Duration::from_secs(6 * 3600);
+    /// let future = client.submit_with(report, (7,)).at(tonight).submit();
+    /// # }
+    /// ```
+    pub fn at(mut self, time: SystemTime) -> Self {
+        self.start_at = Some(time);
+        self
+    }
+
+    /// Does not start the task before `delay` from now (Celery's
+    /// `countdown`): [`at`](Self::at) now plus `delay`.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use std::time::Duration;
+    /// # #[flotilla::task]
+    /// # async fn remind(who: String) -> String { who }
+    /// # fn demo(client: &Client) {
+    /// let future = client
+    ///     .submit_with(remind, ("ada".to_string(),))
+    ///     .after(Duration::from_secs(30))
+    ///     .submit();
+    /// # }
+    /// ```
+    pub fn after(self, delay: Duration) -> Self {
+        let time = SystemTime::now()
+            .checked_add(delay)
+            .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_millis(u64::MAX));
+        self.at(time)
     }
 
     /// Limits how long the task may run, overriding the task's own default
@@ -327,6 +371,13 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
             priority: self.priority,
             retries: self.retries,
             retry: self.retry,
+            start_at_ms: self.start_at.map_or(0, |time| {
+                // Before the epoch is long past: no wait. Rounded up, so
+                // the task never starts before the time asked.
+                time.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, millis_up)
+                    .max(1)
+            }),
             workers: self.workers,
             allow_other_workers: self.allow_other_workers,
             resources: self.resources,
@@ -371,6 +422,8 @@ struct SubmitOptions {
     priority: i32,
     retries: u32,
     retry: RetryPolicy,
+    /// As in [`TaskSpec::start_at_ms`].
+    start_at_ms: u64,
     workers: Vec<String>,
     allow_other_workers: bool,
     resources: Vec<(String, u64)>,
@@ -642,6 +695,7 @@ impl Client {
             resources: Vec::new(),
             timeout: None,
             retry: RetryPolicy::default(),
+            start_at: None,
         }
     }
 
@@ -736,6 +790,7 @@ impl Client {
             spec.priority = options.priority;
             spec.retries = options.retries;
             spec.retry = options.retry;
+            spec.start_at_ms = options.start_at_ms;
             spec.workers = options.workers;
             spec.allow_other_workers = options.allow_other_workers;
             spec.resources = options.resources;

@@ -75,6 +75,12 @@ pub struct TaskSpec {
     /// error a retry can mend.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// The task does not start before this wall-clock time, in milliseconds
+    /// since the Unix epoch (0: as soon as its inputs are done). Absolute,
+    /// so that a scheduler that takes the task up from its stored spec
+    /// honours it too.
+    #[serde(default)]
+    pub start_at_ms: u64,
 }
 
 impl TaskSpec {
@@ -111,6 +117,7 @@ impl TaskSpec {
             resources: Vec::new(),
             timeout_ms: 0,
             retry: RetryPolicy::default(),
+            start_at_ms: 0,
         }
     }
 }
@@ -455,6 +462,7 @@ mod tests {
                 jitter: true,
                 on: vec![ErrorKind::Panic.into(), "io::Error".into()],
             },
+            start_at_ms: 1_765_000_000_000,
         }
     }
 
@@ -494,6 +502,7 @@ mod tests {
         expected.timeout_ms = 10;
         assert_eq!(spec, expected);
         assert_eq!(spec.retry, RetryPolicy::default());
+        assert_eq!(spec.start_at_ms, 0);
     }
 
     #[test]

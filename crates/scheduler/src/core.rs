@@ -10,11 +10,13 @@
 //! one stays (with its spec, for `retry`) until its last holder lets go
 //! ([`Core::forget`]).
 //!
-//! A task waiting out its retry delay ([`RetryPolicy::delay`]) stays
-//! *waiting* with no input missing: it sits in the core's timer until
-//! [`Core::wake`] finds its time come. The timer holds wall-clock
-//! milliseconds; a retry delay lives only here, and a task taken up from
-//! its stored spec while waiting one simply runs.
+//! A task with a start time ([`TaskSpec::start_at_ms`]), or one waiting
+//! out its retry delay ([`RetryPolicy::delay`]), stays *waiting* with no
+//! input missing: it sits in the core's timer until [`Core::wake`] finds
+//! its time come. The timer holds wall-clock milliseconds, the time the
+//! spec carries, so a scheduler that takes a task up from its stored spec
+//! honours its start time; a retry delay lives only here, and a task
+//! taken up while waiting one simply runs.
 //!
 //! [`RetryPolicy::delay`]: flotilla_proto::RetryPolicy::delay
 
@@ -165,10 +167,11 @@ impl TaskEntry {
         }
     }
 
-    /// Wall-clock milliseconds before which it does not start: the end of
-    /// its retry delay.
+    /// Wall-clock milliseconds before which it does not start: its start
+    /// time or the end of its retry delay, whichever is later.
     fn not_before_ms(&self) -> u64 {
-        self.retry_at_ms
+        let start_at = self.spec.as_ref().map_or(0, |s| s.start_at_ms);
+        start_at.max(self.retry_at_ms)
     }
 
     fn clients(&self) -> impl Iterator<Item = &str> {
@@ -1373,9 +1376,10 @@ impl Core {
     }
 
     /// Tells the core the wall clock (milliseconds since the Unix epoch):
-    /// tasks whose retry delay is over by then become ready. Call it before
-    /// handing the core its inputs, and when [`Core::next_due`] comes; a
-    /// delay is counted from the clock as last told.
+    /// tasks whose start time or retry delay is over by then become ready.
+    /// Call it before handing the core its inputs, and when
+    /// [`Core::next_due`] comes; a start time is judged by the clock as
+    /// last told.
     pub fn wake(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         while let Some(Reverse((due, _))) = self.timer.peek() {
@@ -1841,8 +1845,8 @@ impl Core {
     ///   the table is never looked up for a dependent. (Lists may name a
     ///   dependent twice, an earlier run and the current one: they are
     ///   deduplicated where consumed.)
-    /// - A waiting task with no missing input waits for its time: a retry
-    ///   delay after the clock, with its entry in the timer.
+    /// - A waiting task with no missing input waits for its time: a start
+    ///   time or retry delay after the clock, with its entry in the timer.
     /// - A ready task has no missing input and is in the ready queue or
     ///   parked (stale queue and held entries are allowed: they are
     ///   skipped when popped); every parked key is a ready task.

@@ -453,6 +453,7 @@ async fn serve(
     let specs = recover_specs(&scheduler.store, &scheduler.codec).await?;
     debug!(found = specs.len(), "stored task specs");
     if !specs.is_empty() {
+        // Start times in the specs are judged by the clock.
         scheduler.core.wake(wall_ms());
         let count = scheduler.core.recover(specs, &mut scheduler.out);
         info!(count, "took up pending tasks from a previous scheduler");
@@ -479,8 +480,8 @@ async fn serve(
     let shutdown = stop.clone().wait();
     tokio::pin!(shutdown);
     let result = loop {
-        // Tasks held for a retry delay (`Core::wake`): the loop wakes when
-        // the earliest is due.
+        // Tasks held for a start time or a retry delay (`Core::wake`): the
+        // loop wakes when the earliest is due.
         let due = scheduler.core.next_due();
         let timer = async {
             match due {
@@ -1549,7 +1550,8 @@ async fn recover_specs(
     Ok(specs)
 }
 
-/// The wall clock in milliseconds since the Unix epoch.
+/// The wall clock in milliseconds since the Unix epoch: the time task
+/// specs carry ([`TaskSpec::start_at_ms`](flotilla_proto::TaskSpec)).
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

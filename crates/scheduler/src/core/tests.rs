@@ -949,13 +949,92 @@ fn a_task_cancelled_while_it_waits_to_retry_stays_cancelled() {
 }
 
 #[test]
-fn a_recovered_task_keeps_its_retry_policy_and_a_pending_retry_runs() {
+fn a_task_does_not_start_before_its_time_even_with_its_inputs_done() {
+    let mut h = Harness::with_worker(2);
+    let now = 2_000_000;
+    h.wake(now);
+    let mut later = spec("later", &["a"]);
+    later.start_at_ms = now + 1_000;
+    let mut past = spec("past", &[]);
+    past.start_at_ms = now - 1;
+    h.submit(vec![spec("a", &[]), later, past]);
+    h.dispatch();
+    // A start time in the past is no wait at all.
+    let mut sent = h.comm.take_sent_keys();
+    sent.sort();
+    assert_eq!(sent, ["a", "past"]);
+    h.finished("past", None, 0);
+    h.finished("a", None, 0);
+    h.dispatch();
+    h.comm.expect_none();
+    assert_eq!(h.core.next_due(), Some(now + 1_000));
+    h.wake(now + 999);
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(now + 1_000);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["later"]);
+}
+
+#[test]
+fn inputs_still_gate_a_task_whose_time_came() {
+    let mut h = Harness::with_worker(1);
+    h.wake(1_000);
+    let mut later = spec("later", &["a"]);
+    later.start_at_ms = 1_500;
+    h.submit(vec![spec("a", &[]), later]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a"]);
+    h.wake(2_000);
+    h.dispatch();
+    h.comm.expect_none();
+    h.finished("a", None, 0);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["later"]);
+}
+
+#[test]
+fn a_dependent_with_a_start_time_is_not_chained_behind_its_input() {
+    let mut h = chaining();
+    h.wake(1_000);
+    let mut dependent = short("b", &["a"]);
+    dependent.start_at_ms = 60_000;
+    // Without a start time, `d` would follow `c` in its delivery.
+    h.submit(vec![
+        short("a", &[]),
+        dependent,
+        short("c", &[]),
+        short("d", &["c"]),
+    ]);
+    h.dispatch();
+    let mut sent: Vec<Vec<String>> = h
+        .comm
+        .take_bundles()
+        .into_iter()
+        .map(|(_, tasks)| tasks.into_iter().map(|r| r.spec.key).collect())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, [vec!["a"], vec!["c", "d"]], "b is not in a's chain");
+    for key in ["a", "c", "d"] {
+        h.finished_in(key, None, 0, Duration::from_micros(50));
+    }
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(60_000);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"]);
+}
+
+#[test]
+fn a_recovered_task_keeps_its_start_time_and_a_pending_retry_runs() {
     let mut h = Harness::with_worker(2);
     h.wake(10_000);
+    let mut timed = spec("timed", &[]);
+    timed.start_at_ms = 12_000;
     // It was waiting out a retry delay on the scheduler that went away:
     // its spec carries the policy, not the wait.
     let retrying = delayed("retrying", 2, 5_000);
-    assert_eq!(h.recover(vec![retrying]), 1);
+    assert_eq!(h.recover(vec![timed, retrying]), 2);
     h.dispatch();
     assert_eq!(h.comm.take_sent_keys(), ["retrying"]);
     h.erred(
@@ -963,10 +1042,14 @@ fn a_recovered_task_keeps_its_retry_policy_and_a_pending_retry_runs() {
         TaskError::new(ErrorKind::Panic, "panic", "boom"),
         true,
     );
-    assert_eq!(h.core.next_due(), Some(15_000));
-    h.wake(14_999);
+    assert_eq!(
+        h.core.next_due(),
+        Some(12_000),
+        "its start time comes first"
+    );
+    h.wake(12_000);
     h.dispatch();
-    h.comm.expect_none();
+    assert_eq!(h.comm.take_sent_keys(), ["timed"]);
     h.wake(15_000);
     h.dispatch();
     assert_eq!(
