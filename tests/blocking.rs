@@ -3,8 +3,9 @@
 mod support;
 
 use flotilla::Status;
+use flotilla_examples::features::{fail_first, started_at};
 use flotilla_examples::{add, might_fail, slow_identity, total};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[test]
 fn the_blocking_client_submits_maps_gathers_and_chains() {
@@ -46,6 +47,42 @@ fn the_blocking_client_submits_maps_gathers_and_chains() {
         }
         other => panic!("expected TimedOut, got {other:?}"),
     }
+    // Retries that wait, and a start time, as on the async client.
+    let began = std::time::Instant::now();
+    let attempt = client
+        .submit_with(fail_first, ("blocking-delayed".to_string(), 1))
+        .retries(2)
+        .retry_delay(Duration::from_millis(300))
+        .backoff(2.0)
+        .max_retry_delay(Duration::from_secs(1))
+        .retry_jitter(false)
+        .retry_on(["String"])
+        .submit()
+        .result()
+        .unwrap();
+    assert_eq!(attempt, 2);
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    let asked = SystemTime::now();
+    let started = client
+        .submit_with(started_at, ("blocking-later".to_string(),))
+        .after(Duration::from_millis(400))
+        .submit()
+        .result()
+        .unwrap();
+    let asked_ms = asked.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(
+        started >= asked_ms + 400,
+        "started {} ms later",
+        started - asked_ms.min(started)
+    );
+    let at = SystemTime::now() + Duration::from_millis(200);
+    let started = client
+        .submit_with(started_at, ("blocking-at".to_string(),))
+        .at(at)
+        .submit()
+        .result()
+        .unwrap();
+    assert!(started >= at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64);
     drop(client);
 
     runtime.block_on(cluster.shutdown()).unwrap();

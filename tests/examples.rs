@@ -31,7 +31,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("actors", "count = 2"),
     ("wait_example", "all completed: 3 done"),
     ("semaphore_example", "the client holds a permit"),
-    ("retries", "retried by hand: succeeded on attempt 2"),
+    ("retries", "not retried on its error: attempt 1 failed"),
     ("priority", "ran after the 5 high-priority ones"),
     ("worker_placement", "ran on the GPU worker: true"),
     ("datasets", "= [0, 1, 4, 9, 16"),

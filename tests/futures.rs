@@ -410,3 +410,91 @@ async fn completions_reach_the_client_through_redis_without_the_broker() {
     }
     t.stop().await;
 }
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test]
+async fn a_flaky_task_is_retried_after_its_growing_delays() {
+    use flotilla_examples::features::fail_first;
+    let t = TestCluster::start("retry-delay", 1).await;
+    let began = std::time::Instant::now();
+    // Fails twice: waits 300 ms, then 600 ms, then succeeds.
+    let attempt = t
+        .client
+        .submit_with(fail_first, ("delayed".to_string(), 2))
+        .retries(3)
+        .retry_delay(Duration::from_millis(300))
+        .backoff(2.0)
+        .max_retry_delay(Duration::from_secs(5))
+        .submit()
+        .result()
+        .await
+        .unwrap();
+    let elapsed = began.elapsed();
+    assert_eq!(attempt, 3);
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "two retries waited 300 + 600 ms, yet it took {elapsed:?}"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_errors_in_retry_on_are_retried() {
+    use flotilla_examples::features::fail_first;
+    let t = TestCluster::start("retry-on", 1).await;
+    // The task fails with a `String`: not a panic, so not retried.
+    let panics_only = t
+        .client
+        .submit_with(fail_first, ("panics-only".to_string(), 1))
+        .retries(3)
+        .retry_on([ErrorKind::Panic])
+        .submit();
+    match panics_only.result().await {
+        Err(Error::Task(error)) => {
+            assert_eq!(error.kind(), ErrorKind::User);
+            assert!(error.message().contains("attempt 1 failed"), "{error}");
+        }
+        other => panic!("expected the first attempt's error, got {other:?}"),
+    }
+    // By its type's name, in part: retried, and the second attempt succeeds.
+    let strings = t
+        .client
+        .submit_with(fail_first, ("strings".to_string(), 1))
+        .retries(3)
+        .retry_on([flotilla::RetryOn::from("string::String")])
+        .submit();
+    assert_eq!(strings.result().await.unwrap(), 2);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_submitted_with_after_does_not_start_before_its_time() {
+    use flotilla_examples::features::started_at;
+    let t = TestCluster::start("after", 1).await;
+    // Alone and with no input, it would otherwise go straight to the
+    // workers without the scheduler.
+    let submitted = wall_ms();
+    let later = t
+        .client
+        .submit_with(started_at, ("later".to_string(),))
+        .after(Duration::from_secs(1))
+        .submit();
+    let started = later.result().await.unwrap();
+    assert!(
+        started >= submitted + 1000,
+        "started {} ms after its submission",
+        started as i64 - submitted as i64
+    );
+    // A time in the past is no wait; the inputs still gate it.
+    let input = t.client.submit(slow_identity, (1, 200));
+    let past = std::time::SystemTime::now() - Duration::from_secs(60);
+    let dependent = t.client.submit_with(add, (&input, 1)).at(past).submit();
+    assert_eq!(dependent.result().await.unwrap(), 2);
+    t.stop().await;
+}

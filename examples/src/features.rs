@@ -61,3 +61,14 @@ pub fn finished_at(i: u32, millis: u64) -> u64 {
         .unwrap_or_default()
         .as_micros() as u64
 }
+
+/// Returns the time it started (ms since the Unix epoch); `tag` only tells
+/// tasks apart. For `examples/retries.rs`' start times.
+#[flotilla::task]
+pub fn started_at(tag: String) -> u64 {
+    let _ = tag;
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}

@@ -304,6 +304,100 @@ impl<K: Task, A: IntoArgs<K::Args>> Submit<'_, K, A> {
         }
     }
 
+    /// Waits this long before the first retry; see
+    /// [`crate::Submit::retry_delay`].
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// #[flotilla::task]
+    /// fn fetch(url: String) -> Result<usize, std::io::Error> {
+    ///     Ok(url.len())
+    /// }
+    ///
+    /// # fn demo(client: &flotilla::blocking::Client) -> flotilla::Result<()> {
+    /// let length = client
+    ///     .submit_with(fetch, ("https://example.com".to_string(),))
+    ///     .retries(3)
+    ///     .retry_delay(Duration::from_millis(500))
+    ///     .backoff(2.0)
+    ///     .max_retry_delay(Duration::from_secs(2))
+    ///     .retry_on(["io::Error"])
+    ///     .submit()
+    ///     .result()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn retry_delay(self, delay: Duration) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.retry_delay(delay),
+        }
+    }
+
+    /// Each retry waits `factor` times longer than the one before; see
+    /// [`crate::Submit::backoff`].
+    pub fn backoff(self, factor: f64) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.backoff(factor),
+        }
+    }
+
+    /// Caps the wait between tries; see [`crate::Submit::max_retry_delay`].
+    pub fn max_retry_delay(self, max: Duration) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.max_retry_delay(max),
+        }
+    }
+
+    /// Spreads the retries of tasks that failed together; see
+    /// [`crate::Submit::retry_jitter`].
+    pub fn retry_jitter(self, jitter: bool) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.retry_jitter(jitter),
+        }
+    }
+
+    /// Retries only on these error kinds and types; see
+    /// [`crate::Submit::retry_on`].
+    pub fn retry_on<E: Into<crate::RetryOn>>(self, errors: impl IntoIterator<Item = E>) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.retry_on(errors),
+        }
+    }
+
+    /// Does not start the task before `time`; see [`crate::Submit::at`].
+    ///
+    /// ```no_run
+    /// # use std::time::{Duration, SystemTime};
+    /// # #[flotilla::task]
+    /// # fn report(day: u32) -> u32 { day }
+    /// # fn demo(client: &flotilla::blocking::Client) {
+    /// let future = client
+    ///     .submit_with(report, (7,))
+    ///     .at(SystemTime::now() + Duration::from_secs(3600))
+    ///     .submit();
+    /// # }
+    /// ```
+    pub fn at(self, time: std::time::SystemTime) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.at(time),
+        }
+    }
+
+    /// Does not start the task before `delay` from now; see
+    /// [`crate::Submit::after`].
+    pub fn after(self, delay: Duration) -> Self {
+        Submit {
+            client: self.client,
+            inner: self.inner.after(delay),
+        }
+    }
+
     /// Runs the task only on these workers.
     pub fn workers<S: Into<String>>(self, workers: impl IntoIterator<Item = S>) -> Self {
         Submit {

@@ -9,13 +9,13 @@ use crate::link::{listen, open_link};
 use crate::outbox::{renew_lease, Op, Outbox, Table};
 use crate::room::Room;
 use crate::state::FutureState;
-use flotilla_proto::{Codec, Config, Names, ReplayGuard, Task, TaskSpec};
+use flotilla_proto::{Codec, Config, Names, ReplayGuard, RetryOn, RetryPolicy, Task, TaskSpec};
 use flotilla_runtime::store::{dataset_holder, Store};
 use flotilla_runtime::transport;
 use flotilla_runtime::Redis;
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 /// Scattered values up to this size stay in the client's memory too.
@@ -83,6 +83,8 @@ pub struct Submit<'c, K: Task, A> {
     allow_other_workers: bool,
     resources: Vec<(String, u64)>,
     timeout: Option<Duration>,
+    retry: RetryPolicy,
+    start_at: Option<SystemTime>,
 }
 
 impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
@@ -106,10 +108,142 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
         self
     }
 
-    /// Runs the task again up to `retries` times if it fails.
+    /// Runs the task again up to `retries` times if it fails: at once, or
+    /// after [`retry_delay`](Self::retry_delay), and only on the errors of
+    /// [`retry_on`](Self::retry_on) if given. A failure that a retry cannot
+    /// mend (cancelled, unknown task, signature mismatch, worker lost too
+    /// often) is never retried.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
+    }
+
+    /// With [`retries`](Self::retries): waits this long before the first
+    /// retry (default: none). The scheduler holds the failed task, not the
+    /// broker or a worker; a scheduler that takes over while it waits runs
+    /// it at once.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use std::time::Duration;
+    /// #[flotilla::task]
+    /// async fn fetch(url: String) -> Result<usize, std::io::Error> {
+    ///     Ok(url.len())
+    /// }
+    ///
+    /// # async fn demo(client: &Client) -> flotilla::Result<()> {
+    /// // Waits 1 s, 2 s, 4 s, then 5 s between tries; only I/O errors
+    /// // are tried again.
+    /// let length = client
+    ///     .submit_with(fetch, ("https://example.com".to_string(),))
+    ///     .retries(4)
+    ///     .retry_delay(Duration::from_secs(1))
+    ///     .backoff(2.0)
+    ///     .max_retry_delay(Duration::from_secs(5))
+    ///     .retry_on(["io::Error"])
+    ///     .submit()
+    ///     .result()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry.delay_ms = millis_up(delay);
+        self
+    }
+
+    /// With [`retry_delay`](Self::retry_delay): each retry waits `factor`
+    /// times longer than the one before (exponential backoff; default 1,
+    /// a constant delay), up to [`max_retry_delay`](Self::max_retry_delay).
+    pub fn backoff(mut self, factor: f64) -> Self {
+        self.retry.backoff = factor;
+        self
+    }
+
+    /// Caps the wait between tries, however many came before (default: no
+    /// cap).
+    pub fn max_retry_delay(mut self, max: Duration) -> Self {
+        self.retry.max_delay_ms = millis_up(max).max(1);
+        self
+    }
+
+    /// Spreads the retries of tasks that failed together (Celery's
+    /// `retry_jitter`): each wait is drawn between half its delay and its
+    /// full delay (default `false`: the delay exactly).
+    pub fn retry_jitter(mut self, jitter: bool) -> Self {
+        self.retry.jitter = jitter;
+        self
+    }
+
+    /// Retries only on these errors: [`ErrorKind`](crate::ErrorKind)s
+    /// (`ErrorKind::Panic`, `ErrorKind::TimedOut`, ...) and error types, by
+    /// path in full or in part (`"io::Error"` matches
+    /// `std::io::error::Error`; see [`RetryOn`]). A failure that matches
+    /// none fails the task at once, retries left or not. Without it, every
+    /// failure a retry can mend is retried.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use flotilla::{ErrorKind, RetryOn};
+    /// # #[flotilla::task]
+    /// # async fn fetch(url: String) -> Result<usize, std::io::Error> { Ok(url.len()) }
+    /// # fn demo(client: &Client) {
+    /// let future = client
+    ///     .submit_with(fetch, ("https://example.com".to_string(),))
+    ///     .retries(3)
+    ///     .retry_on([
+    ///         RetryOn::from(ErrorKind::Panic),
+    ///         RetryOn::type_of::<std::io::Error>(),
+    ///     ])
+    ///     .submit();
+    /// # }
+    /// ```
+    pub fn retry_on<E: Into<RetryOn>>(mut self, errors: impl IntoIterator<Item = E>) -> Self {
+        self.retry.on = errors.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Does not start the task before `time` (Celery's `eta`); its inputs
+    /// still have to finish first. A time in the past starts it as soon as
+    /// it is ready. The time travels in the task's spec as wall-clock
+    /// milliseconds, so a scheduler that takes over honours it; clocks of
+    /// the client and scheduler machines should agree.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use std::time::{Duration, SystemTime};
+    /// # #[flotilla::task]
+    /// # async fn report(day: u32) -> u32 { day }
+    /// # fn demo(client: &Client) {
+    /// let tonight = SystemTime::now() + Duration::from_secs(6 * 3600);
+    /// let future = client.submit_with(report, (7,)).at(tonight).submit();
+    /// # }
+    /// ```
+    pub fn at(mut self, time: SystemTime) -> Self {
+        self.start_at = Some(time);
+        self
+    }
+
+    /// Does not start the task before `delay` from now (Celery's
+    /// `countdown`): [`at`](Self::at) now plus `delay`.
+    ///
+    /// ```no_run
+    /// # use flotilla::prelude::*;
+    /// # use std::time::Duration;
+    /// # #[flotilla::task]
+    /// # async fn remind(who: String) -> String { who }
+    /// # fn demo(client: &Client) {
+    /// let future = client
+    ///     .submit_with(remind, ("ada".to_string(),))
+    ///     .after(Duration::from_secs(30))
+    ///     .submit();
+    /// # }
+    /// ```
+    pub fn after(self, delay: Duration) -> Self {
+        let time = SystemTime::now()
+            .checked_add(delay)
+            .unwrap_or(SystemTime::UNIX_EPOCH + Duration::from_millis(u64::MAX));
+        self.at(time)
     }
 
     /// Limits how long the task may run, overriding the task's own default
@@ -236,6 +370,14 @@ impl<'c, K: Task, A: IntoArgs<K::Args>> Submit<'c, K, A> {
             pure: self.pure,
             priority: self.priority,
             retries: self.retries,
+            retry: self.retry,
+            start_at_ms: self.start_at.map_or(0, |time| {
+                // Before the epoch is long past: no wait. Rounded up, so
+                // the task never starts before the time asked.
+                time.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, millis_up)
+                    .max(1)
+            }),
             workers: self.workers,
             allow_other_workers: self.allow_other_workers,
             resources: self.resources,
@@ -268,12 +410,20 @@ enum Mode {
 /// Told once a submission queued for room has it.
 type Admitted = tokio::sync::oneshot::Receiver<()>;
 
+/// `duration` in milliseconds, rounded up (too long to count: the most).
+fn millis_up(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
 #[derive(Default)]
 struct SubmitOptions {
     key: Option<String>,
     pure: bool,
     priority: i32,
     retries: u32,
+    retry: RetryPolicy,
+    /// As in [`TaskSpec::start_at_ms`].
+    start_at_ms: u64,
     workers: Vec<String>,
     allow_other_workers: bool,
     resources: Vec<(String, u64)>,
@@ -544,6 +694,8 @@ impl Client {
             allow_other_workers: false,
             resources: Vec::new(),
             timeout: None,
+            retry: RetryPolicy::default(),
+            start_at: None,
         }
     }
 
@@ -637,6 +789,8 @@ impl Client {
             spec.holds = std::mem::take(&mut writer.holds);
             spec.priority = options.priority;
             spec.retries = options.retries;
+            spec.retry = options.retry;
+            spec.start_at_ms = options.start_at_ms;
             spec.workers = options.workers;
             spec.allow_other_workers = options.allow_other_workers;
             spec.resources = options.resources;

@@ -15,7 +15,8 @@
 //!
 //! A batch of at most [`DIRECT_MAX`] submissions, while the client has at
 //! most as many tasks pending, sends the tasks that need nothing of the
-//! scheduler (no input to wait for, no placement, priority or retries)
+//! scheduler (no input to wait for, no placement, priority, retries or
+//! start time)
 //! straight to the shared task queue as well, naming them in its `Submit`
 //! (`sent`): a lone task then takes one broker hop fewer (issue 16). Larger
 //! batches, and everything while many tasks are pending, go through the
@@ -714,13 +715,14 @@ impl Outbox {
 
 /// Whether a task may go straight to the task queue: it waits for no
 /// input and needs nothing the scheduler decides (a placement, an order
-/// among ready tasks, another run after a failure).
+/// among ready tasks, another run after a failure, a start time).
 fn goes_direct(spec: &TaskSpec) -> bool {
     spec.deps.is_empty()
         && spec.workers.is_empty()
         && spec.resources.is_empty()
         && spec.priority == 0
         && spec.retries == 0
+        && spec.start_at_ms == 0
 }
 
 /// Sleeps until `due`, or forever without one.

@@ -21,6 +21,7 @@ mod error;
 mod fuzz;
 mod messages;
 mod names;
+mod retry;
 pub mod seal;
 mod task;
 
@@ -43,5 +44,6 @@ pub use messages::{
 // Actors (see `flotilla::actor`).
 pub use messages::{ActorCall, ActorInfo, ActorReply};
 pub use names::{new_id, validate_namespace, Names};
+pub use retry::{RetryOn, RetryPolicy};
 pub use seal::{Codec, Purpose, ReplayGuard, SealError};
 pub use task::{value_to_vec, value_to_vec_within, write_value, ResultOutput, Task};

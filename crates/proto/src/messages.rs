@@ -1,6 +1,6 @@
 //! Typed messages, one enum per direction.
 
-use crate::TaskError;
+use crate::{RetryPolicy, TaskError};
 use serde::{Deserialize, Serialize};
 
 /// One argument of a task as it travels on the wire.
@@ -70,6 +70,17 @@ pub struct TaskSpec {
     /// limits it to that many milliseconds.
     #[serde(default)]
     pub timeout_ms: u64,
+    /// When and on which errors a failure is retried (with
+    /// [`TaskSpec::retries`] left): the default retries at once, on any
+    /// error a retry can mend.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// The task does not start before this wall-clock time, in milliseconds
+    /// since the Unix epoch (0: as soon as its inputs are done). Absolute,
+    /// so that a scheduler that takes the task up from its stored spec
+    /// honours it too.
+    #[serde(default)]
+    pub start_at_ms: u64,
 }
 
 impl TaskSpec {
@@ -105,6 +116,8 @@ impl TaskSpec {
             allow_other_workers: false,
             resources: Vec::new(),
             timeout_ms: 0,
+            retry: RetryPolicy::default(),
+            start_at_ms: 0,
         }
     }
 }
@@ -450,7 +463,54 @@ mod tests {
             allow_other_workers: true,
             resources: vec![("GPU".into(), 1)],
             timeout_ms: 1500,
+            retry: RetryPolicy {
+                delay_ms: 250,
+                backoff: 2.0,
+                max_delay_ms: 4000,
+                jitter: true,
+                on: vec![ErrorKind::Panic.into(), "io::Error".into()],
+            },
+            start_at_ms: 1_765_000_000_000,
         }
+    }
+
+    #[test]
+    fn a_spec_from_before_retry_policies_decodes_with_the_defaults() {
+        // The fields a client of an earlier version sent.
+        #[derive(Serialize)]
+        struct Older<'a> {
+            key: &'a str,
+            task: &'a str,
+            fingerprint: u64,
+            #[serde(with = "serde_bytes")]
+            args: &'a [u8],
+            client: &'a str,
+            retries: u32,
+            timeout_ms: u64,
+        }
+        let older = Older {
+            key: "k",
+            task: "demo::add",
+            fingerprint: 7,
+            args: &[0x90],
+            client: "c",
+            retries: 2,
+            timeout_ms: 10,
+        };
+        let spec = decode::<TaskSpec>(&encode(&older), usize::MAX).unwrap();
+        let mut expected = TaskSpec::new(
+            "k".into(),
+            "demo::add".into(),
+            7,
+            vec![0x90],
+            vec![],
+            "c".into(),
+        );
+        expected.retries = 2;
+        expected.timeout_ms = 10;
+        assert_eq!(spec, expected);
+        assert_eq!(spec.retry, RetryPolicy::default());
+        assert_eq!(spec.start_at_ms, 0);
     }
 
     #[test]

@@ -9,6 +9,16 @@
 //! table as soon as no waiting dependent needs its inline result; an erred
 //! one stays (with its spec, for `retry`) until its last holder lets go
 //! ([`Core::forget`]).
+//!
+//! A task with a start time ([`TaskSpec::start_at_ms`]), or one waiting
+//! out its retry delay ([`RetryPolicy::delay`]), stays *waiting* with no
+//! input missing: it sits in the core's timer until [`Core::wake`] finds
+//! its time come. The timer holds wall-clock milliseconds, the time the
+//! spec carries, so a scheduler that takes a task up from its stored spec
+//! honours its start time; a retry delay lives only here, and a task
+//! taken up while waiting one simply runs.
+//!
+//! [`RetryPolicy::delay`]: flotilla_proto::RetryPolicy::delay
 
 use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, TaskSpec, WorkerInfo};
 use serde_bytes::ByteBuf;
@@ -133,6 +143,9 @@ struct TaskEntry {
     /// Its client asked to retry it before its failure reached the
     /// scheduler (the client heard first): it runs again once it does.
     retry_asked: bool,
+    /// Wall-clock milliseconds before which its next run does not start:
+    /// the end of the delay after a retrying failure (0: none).
+    retry_at_ms: u64,
 }
 
 impl TaskEntry {
@@ -153,7 +166,15 @@ impl TaskEntry {
             worker: None,
             error: None,
             retry_asked: false,
+            retry_at_ms: 0,
         }
+    }
+
+    /// Wall-clock milliseconds before which it does not start: its start
+    /// time or the end of its retry delay, whichever is later.
+    fn not_before_ms(&self) -> u64 {
+        let start_at = self.spec.as_ref().map_or(0, |s| s.start_at_ms);
+        start_at.max(self.retry_at_ms)
     }
 
     fn clients(&self) -> impl Iterator<Item = &str> {
@@ -296,6 +317,13 @@ pub struct Core {
     tally: Tally,
     /// The last task errors seen (for `/api/errors`).
     recent_errors: RecentErrors,
+    /// The wall clock as last told ([`Core::wake`]), in milliseconds since
+    /// the Unix epoch.
+    now_ms: u64,
+    /// Tasks waiting for their time, earliest first: `(due, key)`. Entries
+    /// may be stale (the task was cancelled, or made ready by another way);
+    /// they are skipped when popped.
+    timer: BinaryHeap<Reverse<(u64, String)>>,
 }
 
 /// Each task name's mean run time, learnt from completions (Dask's
@@ -684,8 +712,16 @@ impl Core {
         }
     }
 
+    /// Makes a task with no input missing ready, or, before its time, holds
+    /// it in the timer, waiting.
     fn make_ready(&mut self, key: &str) {
         if let Some(task) = self.tasks.get_mut(key) {
+            let due = task.not_before_ms();
+            if due > self.now_ms {
+                task.state = State::Waiting;
+                self.timer.push(Reverse((due, key.to_owned())));
+                return;
+            }
             task.state = State::Ready;
             let priority = task.spec.as_ref().map_or(0, |s| s.priority);
             self.ready
@@ -948,6 +984,13 @@ impl Core {
         );
         if retrying && task.spec.is_some() && !task.forgotten {
             task.attempt += 1;
+            let delay = task.spec.as_ref().map_or(Duration::ZERO, |spec| {
+                spec.retry.delay(task.attempt - 1, key)
+            });
+            if !delay.is_zero() {
+                let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                task.retry_at_ms = self.now_ms.saturating_add(delay_ms);
+            }
             self.run_again(key);
             return;
         }
@@ -1408,6 +1451,39 @@ impl Core {
         }
     }
 
+    /// Tells the core the wall clock (milliseconds since the Unix epoch):
+    /// tasks whose start time or retry delay is over by then become ready.
+    /// Call it before handing the core its inputs, and when
+    /// [`Core::next_due`] comes; a start time is judged by the clock as
+    /// last told.
+    pub fn wake(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        while let Some(Reverse((due, _))) = self.timer.peek() {
+            if *due > now_ms {
+                break;
+            }
+            let Some(Reverse((_, key))) = self.timer.pop() else {
+                break;
+            };
+            // Still waiting for its time (not cancelled, failed or made
+            // ready since): ready now, or held again if its time moved.
+            if self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| t.state == State::Waiting && t.missing == 0)
+            {
+                self.make_ready(&key);
+            }
+        }
+    }
+
+    /// When the earliest task held for its time is due, in wall-clock
+    /// milliseconds (the entry may be stale: [`Core::wake`] then finds
+    /// nothing to do).
+    pub fn next_due(&self) -> Option<u64> {
+        self.timer.peek().map(|Reverse((due, _))| *due)
+    }
+
     /// Once a second: gives orphaned watchers and dependents their last lookup.
     pub fn tick(&mut self, comm: &mut impl Comm) {
         self.ticks += 1;
@@ -1648,6 +1724,7 @@ impl Core {
         let dependent = self.tasks.get(first)?;
         let dependent_spec = dependent.spec.as_ref()?;
         if dependent.missing != 1
+            || dependent.not_before_ms() > self.now_ms
             || !dependent_spec.workers.is_empty()
             || !dependent_spec.resources.is_empty()
         {
@@ -1844,6 +1921,8 @@ impl Core {
     ///   the table is never looked up for a dependent. (Lists may name a
     ///   dependent twice, an earlier run and the current one: they are
     ///   deduplicated where consumed.)
+    /// - A waiting task with no missing input waits for its time: a start
+    ///   time or retry delay after the clock, with its entry in the timer.
     /// - A ready task has no missing input and is in the ready queue or
     ///   parked (stale queue and held entries are allowed: they are
     ///   skipped when popped); every parked key is a ready task.
@@ -1937,6 +2016,22 @@ impl Core {
                 }
                 if !queued.contains(key.as_str()) && !parked.contains(key.as_str()) {
                     return err("ready but neither queued nor parked".into());
+                }
+            }
+            if t.state == State::Waiting && t.missing == 0 {
+                let due = t.not_before_ms();
+                if due <= self.now_ms {
+                    return err(format!(
+                        "waiting for nothing: its time ({due}) is not after now ({})",
+                        self.now_ms
+                    ));
+                }
+                if !self
+                    .timer
+                    .iter()
+                    .any(|Reverse((d, k))| *d == due && k == key)
+                {
+                    return err(format!("waiting for its time ({due}) but not in the timer"));
                 }
             }
             if t.state == State::Waiting {

@@ -460,6 +460,8 @@ async fn serve(
     let specs = recover_specs(&scheduler.store, &scheduler.codec).await?;
     debug!(found = specs.len(), "stored task specs");
     if !specs.is_empty() {
+        // Start times in the specs are judged by the clock.
+        scheduler.core.wake(wall_ms());
         let count = scheduler.core.recover(specs, &mut scheduler.out);
         info!(count, "took up pending tasks from a previous scheduler");
         scheduler.flush(Acks::default()).await?;
@@ -485,9 +487,26 @@ async fn serve(
     let shutdown = stop.clone().wait();
     tokio::pin!(shutdown);
     let result = loop {
+        // Tasks held for a start time or a retry delay (`Core::wake`): the
+        // loop wakes when the earliest is due.
+        let due = scheduler.core.next_due();
+        let timer = async {
+            match due {
+                Some(due) => {
+                    tokio::time::sleep(Duration::from_millis(due.saturating_sub(wall_ms()))).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            _ = timer => {
+                scheduler.core.wake(wall_ms());
+                scheduler.core.dispatch(&mut scheduler.out);
+                scheduler.flush(Acks::default()).await?;
+            }
             _ = tick.tick() => {
+                scheduler.core.wake(wall_ms());
                 // Heartbeats cannot arrive while the broker blocks them.
                 if !broker.borrow().holds_worker_timeout(Instant::now()) {
                     scheduler.core.expire_workers(Instant::now());
@@ -517,6 +536,7 @@ async fn serve(
                 scheduler.take_up().await?;
             }
             Some(message) = next_control(&mut hooks.control) => {
+                scheduler.core.wake(wall_ms());
                 scheduler.apply(message);
                 scheduler.core.dispatch(&mut scheduler.out);
                 scheduler.flush(Acks::default()).await?;
@@ -527,6 +547,7 @@ async fn serve(
             }
             input = input_rx.recv() => {
                 let Some(input) = input else { break Ok(()) };
+                scheduler.core.wake(wall_ms());
                 let mut acks = Acks::default();
                 if let Err(stop) = scheduler.handle(input, &mut acks).await {
                     break Err(stop);
@@ -1536,6 +1557,16 @@ async fn recover_specs(
         }
     }
     Ok(specs)
+}
+
+/// The wall clock in milliseconds since the Unix epoch: the time task
+/// specs carry ([`TaskSpec::start_at_ms`](flotilla_proto::TaskSpec)).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! `D` is opaque here: the runtime keeps lapin's acker in it, tests a number.
 
 use crate::registry::TaskOutcome;
-use flotilla_proto::{ErrorKind, Event, RunTask, TaskError, ToWorker};
+use flotilla_proto::{ErrorKind, Event, RetryPolicy, RunTask, TaskError, ToWorker};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -185,8 +185,9 @@ pub(crate) fn checked(pending: Option<Vec<RunTask>>) -> Admit {
 }
 
 /// Whether a task's failure is one the scheduler will run again: it may be
-/// retried, and the error is not one a retry cannot mend.
-pub(crate) fn retrying(may_retry: bool, outcome: &TaskOutcome) -> bool {
+/// retried, the error is not one a retry cannot mend, and its `policy`
+/// retries on it ([`RetryPolicy::on`]).
+pub(crate) fn retrying(may_retry: bool, policy: &RetryPolicy, outcome: &TaskOutcome) -> bool {
     may_retry
         && matches!(outcome, Err(e) if !matches!(
             e.kind(),
@@ -194,7 +195,7 @@ pub(crate) fn retrying(may_retry: bool, outcome: &TaskOutcome) -> bool {
                 | ErrorKind::UnknownTask
                 | ErrorKind::SignatureMismatch
                 | ErrorKind::WorkerLost
-        ))
+        ) && policy.retries_on(e))
 }
 
 /// What a task of a bundle reports to the completion loop.
@@ -1397,7 +1398,11 @@ mod tests {
         let mut core = Core::default();
         let b = receive(&mut core, 1, &["a", "b"]);
         let cancelled = Err(error(ErrorKind::Cancelled));
-        let retried = retrying(true, &cancelled.clone().map(Encoded::from_vec));
+        let retried = retrying(
+            true,
+            &RetryPolicy::default(),
+            &cancelled.clone().map(Encoded::from_vec),
+        );
         assert!(!retried);
         let failure = error(ErrorKind::Cancelled);
         let batch = [
@@ -1443,20 +1448,66 @@ mod tests {
 
     #[test]
     fn only_mendable_failures_with_retries_left_are_retried() {
-        assert!(retrying(true, &Err(error(ErrorKind::User))));
-        assert!(retrying(true, &Err(error(ErrorKind::Panic))));
-        assert!(retrying(true, &Err(error(ErrorKind::MissingDependency))));
-        assert!(retrying(true, &Err(error(ErrorKind::Internal))));
-        assert!(!retrying(false, &Err(error(ErrorKind::User))));
-        assert!(!retrying(true, &Ok(Encoded::from_vec(vec![]))));
+        assert!(retrying(
+            true,
+            &RetryPolicy::default(),
+            &Err(error(ErrorKind::User))
+        ));
+        assert!(retrying(
+            true,
+            &RetryPolicy::default(),
+            &Err(error(ErrorKind::Panic))
+        ));
+        assert!(retrying(
+            true,
+            &RetryPolicy::default(),
+            &Err(error(ErrorKind::MissingDependency))
+        ));
+        assert!(retrying(
+            true,
+            &RetryPolicy::default(),
+            &Err(error(ErrorKind::Internal))
+        ));
+        assert!(!retrying(
+            false,
+            &RetryPolicy::default(),
+            &Err(error(ErrorKind::User))
+        ));
+        assert!(!retrying(
+            true,
+            &RetryPolicy::default(),
+            &Ok(Encoded::from_vec(vec![]))
+        ));
         for kind in [
             ErrorKind::Cancelled,
             ErrorKind::UnknownTask,
             ErrorKind::SignatureMismatch,
             ErrorKind::WorkerLost,
         ] {
-            assert!(!retrying(true, &Err(error(kind))), "{kind:?}");
+            assert!(
+                !retrying(true, &RetryPolicy::default(), &Err(error(kind))),
+                "{kind:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_failure_outside_the_policy_is_not_retried() {
+        let panics = RetryPolicy {
+            on: vec![ErrorKind::Panic.into(), "io::Error".into()],
+            ..RetryPolicy::default()
+        };
+        assert!(retrying(true, &panics, &Err(error(ErrorKind::Panic))));
+        assert!(!retrying(true, &panics, &Err(error(ErrorKind::User))));
+        let io = TaskError::new(ErrorKind::User, "std::io::error::Error", "refused");
+        assert!(retrying(true, &panics, &Err(io.clone())));
+        assert!(!retrying(false, &panics, &Err(io)));
+        // A filter never makes a failure a retry cannot mend retried.
+        let cancels = RetryPolicy {
+            on: vec![ErrorKind::Cancelled.into()],
+            ..RetryPolicy::default()
+        };
+        assert!(!retrying(true, &cancels, &Err(error(ErrorKind::Cancelled))));
     }
 
     // --- admitting deliveries ---

@@ -1457,6 +1457,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 let client = task.spec.client.clone();
                 let deps: Vec<String> = task.spec.held_keys().cloned().collect();
                 let may_retry = task.attempt < task.spec.retries;
+                let retry_policy = task.spec.retry.clone();
                 // Reports how the task ended; the next link of its chain,
                 // if any, hears it first.
                 let report = |key, client, deps, outcome: TaskOutcome, retrying, recorded, run_us| {
@@ -1581,7 +1582,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
                 slot.release();
                 drop(isolation);
                 let run_us = crate::bundle::run_us(began.elapsed());
-                let retrying = retrying(may_retry, &outcome);
+                let retrying = retrying(may_retry, &retry_policy, &outcome);
                 report(key, client, deps, outcome, retrying, redelivered, run_us);
             }
             .instrument(span),

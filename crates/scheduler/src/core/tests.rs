@@ -335,6 +335,14 @@ impl Harness {
         self.check();
     }
     #[track_caller]
+    fn wake(&mut self, now_ms: u64) {
+        if self.trace {
+            eprintln!("wake {:?}", now_ms);
+        }
+        self.core.wake(now_ms);
+        self.check();
+    }
+    #[track_caller]
     fn tick(&mut self) {
         if self.trace {
             eprintln!("tick");
@@ -869,6 +877,207 @@ fn retries_rerun_before_failing_and_retry_reruns_failed_tasks() {
     h.finished("f", None, 0);
     h.dispatch();
     assert_eq!(h.comm.take_sent_keys(), ["d"]);
+}
+
+/// A task retried after `delay_ms`, doubling, on a core whose clock reads
+/// `now`.
+fn delayed(key: &str, retries: u32, delay_ms: u64) -> TaskSpec {
+    let mut spec = spec(key, &[]);
+    spec.retries = retries;
+    spec.retry = flotilla_proto::RetryPolicy {
+        delay_ms,
+        backoff: 2.0,
+        max_delay_ms: 3 * delay_ms,
+        ..flotilla_proto::RetryPolicy::default()
+    };
+    spec
+}
+
+#[test]
+fn a_delayed_retry_waits_for_its_time_then_runs() {
+    let mut h = Harness::with_worker(1);
+    let now = 1_000_000;
+    h.wake(now);
+    h.submit(vec![delayed("f", 3, 100)]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["f"]);
+    let error = TaskError::new(ErrorKind::User, "E", "boom");
+    h.erred("f", error.clone(), true);
+    assert_eq!(h.core.next_due(), Some(now + 100));
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(now + 99);
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(now + 100);
+    h.dispatch();
+    let again = h.comm.take_runs();
+    assert_eq!((again[0].spec.key.as_str(), again[0].attempt), ("f", 1));
+    // The second retry waits twice as long, from its failure.
+    h.wake(now + 150);
+    h.erred("f", error.clone(), true);
+    h.wake(now + 150 + 199);
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(now + 150 + 200);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["f"]);
+    // The third waits 400 ms, capped at 300.
+    h.erred("f", error.clone(), true);
+    assert_eq!(h.core.next_due(), Some(now + 350 + 300));
+    h.wake(now + 650);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["f"]);
+    h.finished("f", None, 0);
+    assert!(h.core.is_empty());
+}
+
+#[test]
+fn a_task_cancelled_while_it_waits_to_retry_stays_cancelled() {
+    let mut h = Harness::with_worker(1);
+    h.wake(5_000);
+    h.submit(vec![delayed("f", 1, 1_000), spec("d", &["f"])]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["f"]);
+    h.erred("f", TaskError::new(ErrorKind::User, "E", "boom"), true);
+    h.cancel(&keys(&["f"]), false);
+    assert_eq!(h.comm.take_stored(), ["f", "d"]);
+    assert_eq!(erred_events(&h.comm.take_notified()).len(), 2);
+    h.comm.take_released();
+    h.comm.take_specs_forgotten();
+    h.wake(10_000);
+    h.dispatch();
+    h.comm.expect_none();
+}
+
+#[test]
+fn a_task_does_not_start_before_its_time_even_with_its_inputs_done() {
+    let mut h = Harness::with_worker(2);
+    let now = 2_000_000;
+    h.wake(now);
+    let mut later = spec("later", &["a"]);
+    later.start_at_ms = now + 1_000;
+    let mut past = spec("past", &[]);
+    past.start_at_ms = now - 1;
+    h.submit(vec![spec("a", &[]), later, past]);
+    h.dispatch();
+    // A start time in the past is no wait at all.
+    let mut sent = h.comm.take_sent_keys();
+    sent.sort();
+    assert_eq!(sent, ["a", "past"]);
+    h.finished("past", None, 0);
+    h.finished("a", None, 0);
+    h.dispatch();
+    h.comm.expect_none();
+    assert_eq!(h.core.next_due(), Some(now + 1_000));
+    h.wake(now + 999);
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(now + 1_000);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["later"]);
+}
+
+#[test]
+fn inputs_still_gate_a_task_whose_time_came() {
+    let mut h = Harness::with_worker(1);
+    h.wake(1_000);
+    let mut later = spec("later", &["a"]);
+    later.start_at_ms = 1_500;
+    h.submit(vec![spec("a", &[]), later]);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["a"]);
+    h.wake(2_000);
+    h.dispatch();
+    h.comm.expect_none();
+    h.finished("a", None, 0);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["later"]);
+}
+
+#[test]
+fn a_dependent_with_a_start_time_is_not_chained_behind_its_input() {
+    let mut h = chaining();
+    h.wake(1_000);
+    let mut dependent = short("b", &["a"]);
+    dependent.start_at_ms = 60_000;
+    // Without a start time, `d` would follow `c` in its delivery.
+    h.submit(vec![
+        short("a", &[]),
+        dependent,
+        short("c", &[]),
+        short("d", &["c"]),
+    ]);
+    h.dispatch();
+    let mut sent: Vec<Vec<String>> = h
+        .comm
+        .take_bundles()
+        .into_iter()
+        .map(|(_, tasks)| tasks.into_iter().map(|r| r.spec.key).collect())
+        .collect();
+    sent.sort();
+    assert_eq!(sent, [vec!["a"], vec!["c", "d"]], "b is not in a's chain");
+    for key in ["a", "c", "d"] {
+        h.finished_in(key, None, 0, Duration::from_micros(50));
+    }
+    h.dispatch();
+    h.comm.expect_none();
+    h.wake(60_000);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["b"]);
+}
+
+#[test]
+fn a_recovered_task_keeps_its_start_time_and_a_pending_retry_runs() {
+    let mut h = Harness::with_worker(2);
+    h.wake(10_000);
+    let mut timed = spec("timed", &[]);
+    timed.start_at_ms = 12_000;
+    // It was waiting out a retry delay on the scheduler that went away:
+    // its spec carries the policy, not the wait.
+    let retrying = delayed("retrying", 2, 5_000);
+    assert_eq!(h.recover(vec![timed, retrying]), 2);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["retrying"]);
+    h.erred(
+        "retrying",
+        TaskError::new(ErrorKind::Panic, "panic", "boom"),
+        true,
+    );
+    assert_eq!(
+        h.core.next_due(),
+        Some(12_000),
+        "its start time comes first"
+    );
+    h.wake(12_000);
+    h.dispatch();
+    assert_eq!(h.comm.take_sent_keys(), ["timed"]);
+    h.wake(15_000);
+    h.dispatch();
+    assert_eq!(
+        h.comm.take_sent_keys(),
+        ["retrying"],
+        "the policy came with the spec"
+    );
+}
+
+#[test]
+fn a_failure_reported_without_retrying_fails_at_once_with_retries_left() {
+    // The worker judges the policy's filter: an error outside it is
+    // reported as not retrying, and nothing waits.
+    let mut h = Harness::with_worker(1);
+    h.wake(1_000);
+    h.submit(vec![delayed("f", 3, 100)]);
+    h.dispatch();
+    h.comm.take_sent_keys();
+    h.erred(
+        "f",
+        TaskError::new(ErrorKind::User, "E", "not retried"),
+        false,
+    );
+    assert_eq!(h.core.next_due(), None);
+    assert_eq!(h.core.counts().erred, 1);
+    h.comm.expect_none();
 }
 
 #[test]
