@@ -498,3 +498,35 @@ async fn a_task_submitted_with_after_does_not_start_before_its_time() {
     assert_eq!(dependent.result().await.unwrap(), 2);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn one_trace_id_follows_a_task_from_the_client_into_its_nested_tasks() {
+    use flotilla::TraceParent;
+    use flotilla_examples::features::{nested_trace_of, trace_of};
+
+    let t = TestCluster::start("trace", 1).await;
+    let client_span: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        .parse()
+        .unwrap();
+    let traced = t.client.with_traceparent(client_span);
+    let [own, nested] = traced.submit(nested_trace_of, ()).await.unwrap();
+    let trace_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned());
+    // The task runs in the client's trace, under the client's span.
+    assert_eq!(own, (trace_id.clone(), Some("00f067aa0ba902b7".to_owned())));
+    // The task it submitted is in the same trace, under a span of its own.
+    assert_eq!(nested.0, trace_id);
+    let nested_parent = nested.1.expect("the nested task has a parent span");
+    assert_eq!(nested_parent.len(), 16);
+    assert_ne!(nested_parent, "00f067aa0ba902b7");
+
+    // Outside a trace, a task carries none.
+    let untraced = t
+        .client
+        .submit_with(trace_of, ())
+        .key("untraced")
+        .submit()
+        .await
+        .unwrap();
+    assert_eq!(untraced, (None, None));
+    t.stop().await;
+}

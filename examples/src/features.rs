@@ -72,3 +72,33 @@ pub fn started_at(tag: String) -> u64 {
         .unwrap_or_default()
         .as_millis() as u64
 }
+
+/// The trace the task runs in: its trace id and its submitter's span id
+/// (both `None` when it was submitted outside a trace).
+#[flotilla::task]
+pub fn trace_of(ctx: TaskContext) -> (Option<String>, Option<String>) {
+    (
+        ctx.trace_id(),
+        ctx.traceparent().map(|parent| parent.span_id_hex()),
+    )
+}
+
+/// Its own [`trace_of`], then that of a task it submits: the second stays
+/// in the same trace, under a span of this task's.
+#[flotilla::task]
+pub async fn nested_trace_of(
+    ctx: TaskContext,
+) -> flotilla::Result<[(Option<String>, Option<String>); 2]> {
+    let own = (
+        ctx.trace_id(),
+        ctx.traceparent().map(|parent| parent.span_id_hex()),
+    );
+    let nested = ctx
+        .client()
+        .await?
+        .submit_with(trace_of, ())
+        .key(format!("{}-nested", ctx.key()))
+        .submit()
+        .await?;
+    Ok([own, nested])
+}

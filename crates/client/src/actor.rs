@@ -331,6 +331,7 @@ impl Drop for HandleInner {
         drop(self.creation.take());
         let client = Client {
             inner: self.client.clone(),
+            trace: None,
         };
         let caller = self.caller.clone();
         let key = self.key.clone();

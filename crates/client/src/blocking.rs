@@ -107,6 +107,16 @@ impl Client {
         })
     }
 
+    /// A handle on the same client whose submissions run in the trace
+    /// `traceparent`; see [`crate::Client::with_traceparent`].
+    pub fn with_traceparent(&self, traceparent: crate::TraceParent) -> Client {
+        Client {
+            inner: self.inner.with_traceparent(traceparent),
+            runtime: self.runtime.clone(),
+            _flush: self._flush.clone(),
+        }
+    }
+
     /// The async client underneath.
     pub fn as_async(&self) -> &crate::client::Client {
         &self.inner

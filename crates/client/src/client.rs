@@ -9,7 +9,9 @@ use crate::link::{listen, open_link};
 use crate::outbox::{renew_lease, Op, Outbox, Table};
 use crate::room::Room;
 use crate::state::FutureState;
-use flotilla_proto::{Codec, Config, Names, ReplayGuard, RetryOn, RetryPolicy, Task, TaskSpec};
+use flotilla_proto::{
+    Codec, Config, Names, ReplayGuard, RetryOn, RetryPolicy, Task, TaskSpec, TraceParent,
+};
 use flotilla_runtime::store::{dataset_holder, Store};
 use flotilla_runtime::transport;
 use flotilla_runtime::Redis;
@@ -58,6 +60,9 @@ const INLINE_SCATTER: usize = 16 * 1024;
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<ClientInner>,
+    /// The trace this handle's submissions carry (see
+    /// [`Client::with_traceparent`]).
+    pub(crate) trace: Option<TraceParent>,
 }
 
 impl std::fmt::Debug for Client {
@@ -547,7 +552,7 @@ impl Client {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend([listener, fast_events, lease_task]);
-        Ok(Client { inner })
+        Ok(Client { inner, trace: None })
     }
 
     /// This client's id.
@@ -679,6 +684,39 @@ impl Client {
         self.submit_with(task, args).submit()
     }
 
+    /// A handle on the same client whose submissions run in the trace
+    /// `traceparent` (W3C trace context): each task it submits carries it,
+    /// the worker records its trace id and span id (as `trace_id` and
+    /// `parent_span_id`) on the task's span, the task sees it in
+    /// [`TaskContext::traceparent`](crate::TaskContext::traceparent), and
+    /// the tasks it submits through
+    /// [`TaskContextExt::client`](crate::TaskContextExt::client) carry the
+    /// same trace id. Pass the trace and span id of the caller's own span
+    /// (from OpenTelemetry, or an incoming request's `traceparent` header).
+    /// Without it, tasks carry no trace.
+    ///
+    /// ```no_run
+    /// # use flotilla::{Client, TraceParent};
+    /// # async fn demo(client: Client) -> flotilla::Result<()> {
+    /// let parent: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ///     .parse()
+    ///     .expect("a valid traceparent");
+    /// let traced = client.with_traceparent(parent);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_traceparent(&self, traceparent: TraceParent) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            trace: Some(traceparent),
+        }
+    }
+
+    /// The trace this handle's submissions carry, if any (see
+    /// [`Client::with_traceparent`]).
+    pub fn traceparent(&self) -> Option<TraceParent> {
+        self.trace
+    }
+
     /// Like [`Client::submit`], with options:
     /// `client.submit_with(add, (1, 2)).priority(5).retries(2).key("x").submit()`.
     pub fn submit_with<K: Task, A: IntoArgs<K::Args>>(&self, task: K, args: A) -> Submit<'_, K, A> {
@@ -791,6 +829,7 @@ impl Client {
             spec.retries = options.retries;
             spec.retry = options.retry;
             spec.start_at_ms = options.start_at_ms;
+            spec.traceparent = self.trace.map(|trace| trace.to_string());
             spec.workers = options.workers;
             spec.allow_other_workers = options.allow_other_workers;
             spec.resources = options.resources;

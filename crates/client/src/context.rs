@@ -44,13 +44,15 @@ inventory::submit! {
 /// What the `flotilla` client adds to a task's [`TaskContext`].
 pub trait TaskContextExt {
     /// A client of the cluster running the task, for submitting, mapping,
-    /// gathering and waiting from inside it (Dask's `get_client()`).
+    /// gathering and waiting from inside it (Dask's `get_client()`). When
+    /// the task runs in a trace, the tasks it submits carry the same trace
+    /// id, with a new span id (see [`Client::with_traceparent`]).
     fn client(&self) -> impl std::future::Future<Output = Result<Client>> + Send;
 }
 
 impl TaskContextExt for TaskContext {
     async fn client(&self) -> Result<Client> {
-        match self
+        let client = match self
             .extension()
             .and_then(|extension| extension.downcast_ref::<WorkerClient>())
         {
@@ -60,6 +62,11 @@ impl TaskContextExt for TaskContext {
                 .await
                 .cloned(),
             None => Client::connect(self.config().clone()).await,
-        }
+        }?;
+        // Tasks it submits stay in the task's trace, under a span of its own.
+        Ok(match self.traceparent() {
+            Some(parent) => client.with_traceparent(parent.child()),
+            None => client,
+        })
     }
 }

@@ -101,7 +101,9 @@ pub use flotilla_macros::{actor, task};
 /// # fn main() {}
 /// ```
 pub use flotilla_proto::Bytes;
-pub use flotilla_proto::{Config, RetryOn, RetryPolicy, Secret, Task};
+pub use flotilla_proto::{
+    Config, RetryOn, RetryPolicy, Secret, Task, TraceParent, TraceParentError,
+};
 pub use flotilla_task::TaskContext;
 pub use future::{FutureRef, TaskFuture};
 pub use purge::purge;

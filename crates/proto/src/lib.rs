@@ -24,6 +24,7 @@ mod names;
 mod retry;
 pub mod seal;
 mod task;
+pub mod trace;
 
 pub use buffer::{
     decode_sharing, set_large_alloc, Bytes, Encoded, LargeAlloc, LargeBuffer, MEASURED_MIN,
@@ -47,3 +48,4 @@ pub use names::{new_id, validate_namespace, Names};
 pub use retry::{RetryOn, RetryPolicy};
 pub use seal::{Codec, Purpose, ReplayGuard, SealError};
 pub use task::{value_to_vec, value_to_vec_within, write_value, ResultOutput, Task};
+pub use trace::{TraceParent, TraceParentError};

@@ -81,6 +81,13 @@ pub struct TaskSpec {
     /// honours it too.
     #[serde(default)]
     pub start_at_ms: u64,
+    /// The W3C trace context the task runs in (`00-<trace id>-<parent span
+    /// id>-<flags>`, see [`crate::TraceParent`]): the worker records it on
+    /// the task's span. Carried in the spec rather than in an AMQP header so
+    /// that it survives every hop and a scheduler that takes the task up
+    /// from its stored spec. A malformed one is ignored, never a failure.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 impl TaskSpec {
@@ -118,6 +125,7 @@ impl TaskSpec {
             timeout_ms: 0,
             retry: RetryPolicy::default(),
             start_at_ms: 0,
+            traceparent: None,
         }
     }
 }
@@ -471,6 +479,7 @@ mod tests {
                 on: vec![ErrorKind::Panic.into(), "io::Error".into()],
             },
             start_at_ms: 1_765_000_000_000,
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         }
     }
 
@@ -511,6 +520,7 @@ mod tests {
         assert_eq!(spec, expected);
         assert_eq!(spec.retry, RetryPolicy::default());
         assert_eq!(spec.start_at_ms, 0);
+        assert_eq!(spec.traceparent, None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! What a running task knows about itself.
 
-use flotilla_proto::Config;
+use flotilla_proto::{Config, TraceParent};
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +23,7 @@ struct Inner {
     cancelled: AtomicBool,
     extension: Option<Arc<dyn Any + Send + Sync>>,
     deadline: Option<Instant>,
+    traceparent: Option<TraceParent>,
 }
 
 impl TaskContext {
@@ -49,6 +50,7 @@ impl TaskContext {
                 cancelled: AtomicBool::new(false),
                 extension,
                 deadline: None,
+                traceparent: None,
             }),
         }
     }
@@ -56,6 +58,16 @@ impl TaskContext {
     /// The same context, with the instant at which the task's time limit
     /// runs out (`None`: no limit).
     pub fn with_deadline(self, deadline: Option<Instant>) -> Self {
+        self.rebuilt(deadline, self.inner.traceparent)
+    }
+
+    /// The same context, in the trace a submission carried (its W3C
+    /// `traceparent`; `None`: none, or a malformed one).
+    pub fn with_traceparent(self, traceparent: Option<TraceParent>) -> Self {
+        self.rebuilt(self.inner.deadline, traceparent)
+    }
+
+    fn rebuilt(&self, deadline: Option<Instant>, traceparent: Option<TraceParent>) -> Self {
         let inner = &self.inner;
         TaskContext {
             inner: Arc::new(Inner {
@@ -66,6 +78,7 @@ impl TaskContext {
                 cancelled: AtomicBool::new(inner.cancelled.load(Ordering::Relaxed)),
                 extension: inner.extension.clone(),
                 deadline,
+                traceparent,
             }),
         }
     }
@@ -138,6 +151,19 @@ impl TaskContext {
             .map(|deadline| deadline.saturating_duration_since(Instant::now()))
     }
 
+    /// The W3C trace context the task was submitted in: the trace id and
+    /// the span id of the submitter (a client's span, or the task that
+    /// submitted this one). `None` when the submission carried none.
+    pub fn traceparent(&self) -> Option<TraceParent> {
+        self.inner.traceparent
+    }
+
+    /// The id of the trace the task runs in, as 32 lowercase hex digits
+    /// (the form tracing back ends show).
+    pub fn trace_id(&self) -> Option<String> {
+        self.inner.traceparent.map(|parent| parent.trace_id_hex())
+    }
+
     /// The extension attached by [`TaskContext::with_extension`].
     pub fn extension(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
         self.inner.extension.as_ref()
@@ -163,5 +189,28 @@ mod tests {
 
         let past = limited.with_deadline(Some(Instant::now() - Duration::from_secs(1)));
         assert_eq!(past.time_left(), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn the_trace_survives_a_new_deadline() {
+        let ctx = TaskContext::new("k", "t", "w", Config::default());
+        assert_eq!(ctx.traceparent(), None);
+        assert_eq!(ctx.trace_id(), None);
+        let parent: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        let traced = ctx
+            .with_traceparent(Some(parent))
+            .with_deadline(Some(Instant::now()));
+        assert_eq!(traced.traceparent(), Some(parent));
+        assert_eq!(
+            traced.trace_id().as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let deadline = Some(Instant::now() + Duration::from_secs(5));
+        let later = traced
+            .with_deadline(deadline)
+            .with_traceparent(Some(parent));
+        assert_eq!(later.deadline(), deadline);
     }
 }

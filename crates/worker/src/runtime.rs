@@ -1450,7 +1450,17 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
         let awaiting = awaited
             .contains(&task.spec.key)
             .then(|| Awaiting::new(shared.handoffs.clone(), bundle, task.spec.key.clone()));
-        let span = tracing::info_span!("task", key = %task.spec.key, task = %task.spec.task);
+        let span = tracing::info_span!(
+            "task",
+            key = %task.spec.key,
+            task = %task.spec.task,
+            trace_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        if let Some(parent) = traceparent(&task.spec) {
+            span.record("trace_id", parent.trace_id_hex());
+            span.record("parent_span_id", parent.span_id_hex());
+        }
         tokio::spawn(
             async move {
                 let key = task.spec.key.clone();
@@ -1590,6 +1600,15 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
     }
 }
 
+/// The trace a task was submitted in; a malformed `traceparent` is
+/// ignored (the task runs untraced), never a failure.
+fn traceparent(spec: &flotilla_proto::TaskSpec) -> Option<flotilla_proto::TraceParent> {
+    let text = spec.traceparent.as_deref()?;
+    text.parse()
+        .map_err(|error| debug!(key = %spec.key, %error, "ignoring the task's traceparent"))
+        .ok()
+}
+
 /// Runs one task: loads its inputs, checks its name and signature, calls it.
 ///
 /// `local` holds inputs handed over in memory by the task before it in a
@@ -1636,7 +1655,8 @@ async fn execute(
         // (A limit too far away to count is none.)
         let deadline = limit.and_then(|limit| Instant::now().checked_add(limit));
         let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension)
-            .with_deadline(deadline);
+            .with_deadline(deadline)
+            .with_traceparent(traceparent(&spec));
         let running = shared.running(&spec.key, ctx.clone());
         // The arguments are decoded here, sharing the inputs' buffers where
         // they can (a `flotilla::Bytes` argument is not a copy).
@@ -2176,6 +2196,27 @@ fn pipeline(
 mod tests {
     use super::*;
     use flotilla_runtime::store::Reply;
+
+    #[test]
+    fn a_task_s_traceparent_is_read_and_a_malformed_one_ignored() {
+        let mut spec = flotilla_proto::TaskSpec::new(
+            "k".into(),
+            "demo::add".into(),
+            7,
+            vec![0x90],
+            vec![],
+            "c".into(),
+        );
+        assert_eq!(traceparent(&spec), None);
+        spec.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let parent = traceparent(&spec).expect("a valid traceparent");
+        assert_eq!(parent.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent.span_id_hex(), "00f067aa0ba902b7");
+        for malformed in ["", "garbage", "00-zz-00f067aa0ba902b7-01"] {
+            spec.traceparent = Some(malformed.into());
+            assert_eq!(traceparent(&spec), None, "{malformed:?}");
+        }
+    }
 
     fn finished(key: &str, bytes: &[u8]) -> flotilla_proto::Event {
         flotilla_proto::Event::Finished {

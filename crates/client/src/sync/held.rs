@@ -190,6 +190,7 @@ pub(crate) async fn hold(client: &Client, values: &[(&Encoded, &Refs)]) -> Resul
         {
             clients.push(Client {
                 inner: future.client.clone(),
+                trace: None,
             });
         }
     }
