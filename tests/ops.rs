@@ -1506,6 +1506,33 @@ fn the_compose_file_matches_the_binaries() {
         "guest is not let in from the network"
     );
 
+    // RabbitMQ's own metrics are on, and published (on loopback).
+    let plugins = std::fs::read_to_string(root.join("broker-config/enabled_plugins")).unwrap();
+    assert!(
+        plugins.contains("rabbitmq_prometheus") && plugins.contains("rabbitmq_management"),
+        "enabled_plugins: {plugins}"
+    );
+    assert!(conf.contains("prometheus.tcp.port = 15692"));
+    assert!(rabbitmq["ports"].items().contains(&"127.0.0.1:15692:15692"));
+    // The dead-letter queue is bounded by a policy (which, unlike queue
+    // arguments, applies to an existing queue), dropping its oldest.
+    let policies = definitions["policies"].as_array().unwrap();
+    let bounds: Vec<_> = policies
+        .iter()
+        .filter(|p| p["pattern"] == "^flotilla\\.dead-letter$")
+        .collect();
+    assert_eq!(
+        bounds.len(),
+        1,
+        "one policy for the dead-letter queue: {policies:?}"
+    );
+    let bound = &bounds[0]["definition"];
+    assert_eq!(bound["overflow"], "drop-head");
+    assert!(
+        bound["max-length"].as_u64().is_some_and(|n| n > 0),
+        "{bound}"
+    );
+
     // Our services wait for healthy brokers and agree on where they are.
     let mut namespaces = Vec::new();
     for name in ["scheduler", "scheduler-standby", "worker", "example"] {
