@@ -519,6 +519,20 @@ async fn one_trace_id_follows_a_task_from_the_client_into_its_nested_tasks() {
     assert_eq!(nested_parent.len(), 16);
     assert_ne!(nested_parent, "00f067aa0ba902b7");
 
+    // Through the scheduler too (a task with retries does not go straight
+    // to the workers).
+    let scheduled = traced
+        .submit_with(trace_of, ())
+        .key("scheduled")
+        .retries(1)
+        .submit()
+        .await
+        .unwrap();
+    assert_eq!(
+        scheduled,
+        (trace_id.clone(), Some("00f067aa0ba902b7".to_owned()))
+    );
+
     // Outside a trace, a task carries none.
     let untraced = t
         .client
