@@ -1450,17 +1450,7 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
         let awaiting = awaited
             .contains(&task.spec.key)
             .then(|| Awaiting::new(shared.handoffs.clone(), bundle, task.spec.key.clone()));
-        let span = tracing::info_span!(
-            "task",
-            key = %task.spec.key,
-            task = %task.spec.task,
-            trace_id = tracing::field::Empty,
-            parent_span_id = tracing::field::Empty,
-        );
-        if let Some(parent) = traceparent(&task.spec) {
-            span.record("trace_id", parent.trace_id_hex());
-            span.record("parent_span_id", parent.span_id_hex());
-        }
+        let span = task_span(&task.spec);
         tokio::spawn(
             async move {
                 let key = task.spec.key.clone();
@@ -1598,6 +1588,27 @@ async fn accept(shared: &Arc<Shared>, queue: Queue, delivery: Delivery) {
             .instrument(span),
         );
     }
+}
+
+/// The span a task runs in: its key and name, and the trace it was
+/// submitted in (`trace_id`, `parent_span_id`), if any.
+fn task_span(spec: &flotilla_proto::TaskSpec) -> tracing::Span {
+    let span = tracing::info_span!(
+        "task",
+        key = %spec.key,
+        task = %spec.task,
+        trace_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+    );
+    if let Some(parent) = traceparent(spec) {
+        // As `Display`, so that text logs show them unquoted, as the key.
+        span.record("trace_id", tracing::field::display(parent.trace_id_hex()));
+        span.record(
+            "parent_span_id",
+            tracing::field::display(parent.span_id_hex()),
+        );
+    }
+    span
 }
 
 /// The trace a task was submitted in; a malformed `traceparent` is
@@ -2216,6 +2227,55 @@ mod tests {
             spec.traceparent = Some(malformed.into());
             assert_eq!(traceparent(&spec), None, "{malformed:?}");
         }
+    }
+
+    /// Lines logged inside a task's span carry its trace.
+    #[test]
+    fn the_task_span_carries_the_trace_id_and_parent_span_id() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let mut spec = flotilla_proto::TaskSpec::new(
+            "k".into(),
+            "demo::add".into(),
+            7,
+            vec![0x90],
+            vec![],
+            "c".into(),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            task_span(&spec).in_scope(|| info!("untraced"));
+            spec.traceparent =
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+            task_span(&spec).in_scope(|| info!("traced"));
+        });
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = logged.lines().collect();
+        assert_eq!(lines.len(), 2, "{logged}");
+        assert!(
+            lines[0].contains("untraced") && !lines[0].contains("trace_id"),
+            "{logged}"
+        );
+        assert!(
+            lines[1].contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736")
+                && lines[1].contains("parent_span_id=00f067aa0ba902b7")
+                && lines[1].contains("key=k"),
+            "{logged}"
+        );
     }
 
     fn finished(key: &str, bytes: &[u8]) -> flotilla_proto::Event {
