@@ -1,5 +1,6 @@
 //! What a running task knows about itself.
 
+use crate::state::{MissingState, State, WorkerState};
 use flotilla_proto::Config;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Passed to a task that takes one as its first parameter: its key, its
-/// worker, whether it was cancelled, its deadline, and the cluster's
-/// configuration.
+/// worker, whether it was cancelled, its deadline, the cluster's
+/// configuration, and the worker's shared [`state`](Self::state).
 #[derive(Clone, Debug)]
 pub struct TaskContext {
     inner: Arc<Inner>,
@@ -23,6 +24,7 @@ struct Inner {
     cancelled: AtomicBool,
     extension: Option<Arc<dyn Any + Send + Sync>>,
     deadline: Option<Instant>,
+    state: Arc<WorkerState>,
 }
 
 impl TaskContext {
@@ -49,6 +51,7 @@ impl TaskContext {
                 cancelled: AtomicBool::new(false),
                 extension,
                 deadline: None,
+                state: Arc::default(),
             }),
         }
     }
@@ -66,8 +69,54 @@ impl TaskContext {
                 cancelled: AtomicBool::new(inner.cancelled.load(Ordering::Relaxed)),
                 extension: inner.extension.clone(),
                 deadline,
+                state: inner.state.clone(),
             }),
         }
+    }
+
+    /// The same context, lending the worker's `state` to the task (see
+    /// [`TaskContext::state`]).
+    pub fn with_state(self, state: Arc<WorkerState>) -> Self {
+        let inner = &self.inner;
+        TaskContext {
+            inner: Arc::new(Inner {
+                key: inner.key.clone(),
+                task: inner.task.clone(),
+                worker_id: inner.worker_id.clone(),
+                config: inner.config.clone(),
+                cancelled: AtomicBool::new(inner.cancelled.load(Ordering::Relaxed)),
+                extension: inner.extension.clone(),
+                deadline: inner.deadline,
+                state,
+            }),
+        }
+    }
+
+    /// The worker's shared value of type `T` (see [`WorkerState`]), or an
+    /// error naming `T` when the worker was started without one; a task
+    /// returning it with `?` fails with that message. A task can also take a
+    /// [`State<T>`] parameter instead.
+    ///
+    /// ```
+    /// # use flotilla_task::{MissingState, TaskContext, WorkerState};
+    /// struct Pool { size: usize }
+    ///
+    /// fn pool_size(ctx: &TaskContext) -> Result<usize, MissingState> {
+    ///     Ok(ctx.state::<Pool>()?.size)
+    /// }
+    /// # let state = WorkerState::new().with(Pool { size: 4 });
+    /// # let ctx = TaskContext::new("k", "t", "w", Default::default()).with_state(state.into());
+    /// # assert_eq!(pool_size(&ctx).unwrap(), 4);
+    /// # let bare = TaskContext::new("k", "t", "w", Default::default());
+    /// # assert!(pool_size(&bare).unwrap_err().to_string().contains("Pool"));
+    /// ```
+    pub fn state<T: Send + Sync + 'static>(&self) -> Result<State<T>, MissingState> {
+        self.inner.state.require::<T>()
+    }
+
+    /// All of the worker's shared state.
+    pub fn worker_state(&self) -> &WorkerState {
+        &self.inner.state
     }
 
     /// The running task's key.
