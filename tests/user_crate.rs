@@ -1,6 +1,7 @@
 //! A user's project, as the README says to make one and exactly as
 //! `examples/template/` ships it: a task library crate, a worker binary
-//! crate that names it (`flotilla::worker_main!(my_tasks)`), and a client
+//! crate that names it and lends its tasks shared state
+//! (`flotilla::worker_main!(my_tasks; state = my_tasks::init)`), and a client
 //! program, each depending on `flotilla-rs` alone (plus `serde` and
 //! `tokio`), built outside this workspace. The test starts this
 //! workspace's `flotilla-scheduler` and two of the user's workers in a fresh
@@ -113,7 +114,13 @@ async fn a_users_own_crates_build_and_run_on_their_own_workers() {
     for worker in &mut workers {
         worker.wait_for_log("worker started", Duration::from_secs(30));
         let log = worker.log();
-        assert!(log.contains(r#"{"my_tasks": 4}"#), "{}: {log}", worker.name);
+        assert!(log.contains(r#"{"my_tasks": 5}"#), "{}: {log}", worker.name);
+        // `worker_main!(my_tasks; state = my_tasks::init)` built the state.
+        assert!(
+            log.contains(r#"worker state built types=["my_tasks::Settings"]"#),
+            "{}: {log}",
+            worker.name
+        );
         assert!(!log.contains("ERROR"), "{}: {log}", worker.name);
     }
 

@@ -25,7 +25,8 @@ use crate::error::{Error, Result};
 use crate::purge::purge;
 use flotilla_proto::Config;
 use flotilla_scheduler::SchedulerHandle;
-use flotilla_worker::{WorkerHandle, WorkerOptions};
+use flotilla_worker::{WorkerHandle, WorkerOptions, WorkerState};
+use std::sync::Arc;
 
 /// Options for a [`LocalCluster`].
 #[derive(Debug, Clone)]
@@ -36,6 +37,7 @@ pub struct LocalClusterBuilder {
     workers: usize,
     nthreads: usize,
     purge: bool,
+    state: Arc<WorkerState>,
 }
 
 impl LocalClusterBuilder {
@@ -60,6 +62,26 @@ impl LocalClusterBuilder {
     /// Tasks each worker runs at once (default 1).
     pub fn nthreads(mut self, nthreads: usize) -> Self {
         self.nthreads = nthreads.max(1);
+        self
+    }
+
+    /// The state lent to the workers' tasks (a `State<T>` parameter or
+    /// `TaskContext::state`; default: none). In-process, every worker of
+    /// the cluster shares the same values.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> flotilla::Result<()> {
+    /// use flotilla::WorkerState;
+    /// use std::sync::atomic::AtomicU64;
+    ///
+    /// let cluster = flotilla::LocalCluster::builder()
+    ///     .state(WorkerState::new().with(AtomicU64::new(0)))
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn state(mut self, state: WorkerState) -> Self {
+        self.state = Arc::new(state);
         self
     }
 
@@ -89,6 +111,7 @@ impl LocalClusterBuilder {
             workers: Vec::new(),
             nthreads: self.nthreads,
             purge: self.purge,
+            state: self.state,
         };
         for _ in 0..self.workers {
             cluster.add_worker().await?;
@@ -105,6 +128,7 @@ pub struct LocalCluster {
     workers: Vec<WorkerHandle>,
     nthreads: usize,
     purge: bool,
+    state: Arc<WorkerState>,
 }
 
 impl LocalCluster {
@@ -117,6 +141,7 @@ impl LocalCluster {
             workers: 2,
             nthreads: 1,
             purge: false,
+            state: Arc::default(),
         }
     }
 
@@ -141,6 +166,7 @@ impl LocalCluster {
         let mut options = WorkerOptions::new(self.config.clone());
         options.resources = resources.iter().map(|(n, a)| (n.to_string(), *a)).collect();
         options.nthreads = self.nthreads;
+        options.state = self.state.clone();
         options.name = Some(format!("local-{}", self.workers.len()));
         // In-process: there is no process of its own to replace.
         options.retire_when_stuck = false;

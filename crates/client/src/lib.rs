@@ -104,7 +104,7 @@ pub use flotilla_proto::Bytes;
 pub use flotilla_proto::{
     Config, RetryOn, RetryPolicy, Secret, Task, TraceParent, TraceParentError,
 };
-pub use flotilla_task::TaskContext;
+pub use flotilla_task::{MissingState, State, TaskContext, WorkerState, MISSING_STATE};
 pub use future::{FutureRef, TaskFuture};
 pub use purge::purge;
 pub use state::Status;
@@ -119,7 +119,8 @@ pub use state::Status;
 pub mod worker {
     pub use flotilla_worker::linked::task_crates;
     pub use flotilla_worker::{
-        main, main_serving, run, LinkError, WorkerError, WorkerHandle, WorkerOptions,
+        main, main_serving, main_serving_with, run, LinkError, WorkerError, WorkerHandle,
+        WorkerOptions,
     };
 }
 
@@ -145,12 +146,58 @@ pub mod worker {
 /// and stops cleanly on SIGTERM or Ctrl-C. Tasks written in the binary
 /// crate itself are always linked: such a binary may call
 /// [`worker::main`] from its own `fn main`.
+///
+/// # Shared state
+///
+/// After a `;`, `state = init` names a function `fn() -> T` whose value the
+/// worker builds once at start and lends to every task that takes a
+/// [`State<T>`] parameter (or calls [`TaskContext::state`]);
+/// `state = async init` names an `async fn() -> T`. Either runs on the
+/// worker's tokio runtime before it connects. For several values, return
+/// a struct of them, or call [`worker::main_serving_with`] with a
+/// [`WorkerState`] from a hand-written `main`.
+///
+/// ```ignore
+/// // my_tasks/src/lib.rs
+/// pub struct Db { pub pool: Pool }
+/// pub async fn init() -> Db { Db { pool: Pool::connect("...").await } }
+///
+/// #[flotilla::task]
+/// pub async fn lookup(db: flotilla::State<Db>, id: u64) -> String { db.pool.get(id).await }
+///
+/// // my-worker/src/main.rs
+/// flotilla::worker_main!(my_tasks; state = async my_tasks::init);
+/// ```
 #[macro_export]
 macro_rules! worker_main {
     () => {
         ::core::compile_error!(
             "name the crates that define your tasks: `flotilla::worker_main!(my_tasks);`"
         );
+    };
+    ($($task_crate:ident),+ ; state = async $init:path $(,)?) => {
+        fn main() {
+            $(
+                #[allow(unused_imports)]
+                use ::$task_crate as _;
+            )+
+            $crate::worker::main_serving_with(
+                &[$(::core::stringify!($task_crate)),+],
+                || async { $crate::WorkerState::new().with($init().await) },
+            );
+        }
+    };
+    ($($task_crate:ident),+ ; state = $init:path $(,)?) => {
+        fn main() {
+            $(
+                #[allow(unused_imports)]
+                use ::$task_crate as _;
+            )+
+            $crate::worker::main_serving_with(
+                &[$(::core::stringify!($task_crate)),+],
+                || async { $crate::WorkerState::new().with($init()) },
+            );
+        }
     };
     ($($task_crate:ident),+ $(,)?) => {
         fn main() {
@@ -204,6 +251,7 @@ pub mod prelude {
     pub use crate::{as_completed, fire_and_forget, wait, ActorFuture, ReturnWhen};
     pub use crate::{Client, Error, Status, TaskContext, TaskContextExt, TaskFuture};
     pub use crate::{Event, Lock, Queue, Semaphore, Variable};
+    pub use crate::{State, WorkerState};
     pub use std::time::Duration;
 }
 

@@ -19,3 +19,5 @@ mod invocation;
 mod patterns_and_visibility;
 #[path = "macros/sync_task.rs"]
 mod sync_task;
+#[path = "macros/worker_main.rs"]
+mod worker_main;

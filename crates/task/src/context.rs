@@ -1,5 +1,6 @@
 //! What a running task knows about itself.
 
+use crate::state::{MissingState, State, WorkerState};
 use flotilla_proto::{Config, TraceParent};
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Passed to a task that takes one as its first parameter: its key, its
-/// worker, whether it was cancelled, its deadline, and the cluster's
-/// configuration.
+/// worker, whether it was cancelled, its deadline, the cluster's
+/// configuration, and the worker's shared [`state`](Self::state).
 #[derive(Clone, Debug)]
 pub struct TaskContext {
     inner: Arc<Inner>,
@@ -24,6 +25,7 @@ struct Inner {
     extension: Option<Arc<dyn Any + Send + Sync>>,
     deadline: Option<Instant>,
     traceparent: Option<TraceParent>,
+    state: Arc<WorkerState>,
 }
 
 impl TaskContext {
@@ -51,6 +53,7 @@ impl TaskContext {
                 extension,
                 deadline: None,
                 traceparent: None,
+                state: Arc::default(),
             }),
         }
     }
@@ -58,16 +61,30 @@ impl TaskContext {
     /// The same context, with the instant at which the task's time limit
     /// runs out (`None`: no limit).
     pub fn with_deadline(self, deadline: Option<Instant>) -> Self {
-        self.rebuilt(deadline, self.inner.traceparent)
+        let inner = &self.inner;
+        self.rebuilt(deadline, inner.traceparent, inner.state.clone())
     }
 
     /// The same context, in the trace a submission carried (its W3C
     /// `traceparent`; `None`: none, or a malformed one).
     pub fn with_traceparent(self, traceparent: Option<TraceParent>) -> Self {
-        self.rebuilt(self.inner.deadline, traceparent)
+        let inner = &self.inner;
+        self.rebuilt(inner.deadline, traceparent, inner.state.clone())
     }
 
-    fn rebuilt(&self, deadline: Option<Instant>, traceparent: Option<TraceParent>) -> Self {
+    /// The same context, lending the worker's `state` to the task (see
+    /// [`TaskContext::state`]).
+    pub fn with_state(self, state: Arc<WorkerState>) -> Self {
+        let inner = &self.inner;
+        self.rebuilt(inner.deadline, inner.traceparent, state)
+    }
+
+    fn rebuilt(
+        &self,
+        deadline: Option<Instant>,
+        traceparent: Option<TraceParent>,
+        state: Arc<WorkerState>,
+    ) -> Self {
         let inner = &self.inner;
         TaskContext {
             inner: Arc::new(Inner {
@@ -79,8 +96,36 @@ impl TaskContext {
                 extension: inner.extension.clone(),
                 deadline,
                 traceparent,
+                state,
             }),
         }
+    }
+
+    /// The worker's shared value of type `T` (see [`WorkerState`]), or an
+    /// error naming `T` when the worker was started without one; a task
+    /// returning it with `?` fails with that message. A task can also take a
+    /// [`State<T>`] parameter instead.
+    ///
+    /// ```
+    /// # use flotilla_task::{MissingState, TaskContext, WorkerState};
+    /// struct Pool { size: usize }
+    ///
+    /// fn pool_size(ctx: &TaskContext) -> Result<usize, MissingState> {
+    ///     Ok(ctx.state::<Pool>()?.size)
+    /// }
+    /// # let state = WorkerState::new().with(Pool { size: 4 });
+    /// # let ctx = TaskContext::new("k", "t", "w", Default::default()).with_state(state.into());
+    /// # assert_eq!(pool_size(&ctx).unwrap(), 4);
+    /// # let bare = TaskContext::new("k", "t", "w", Default::default());
+    /// # assert!(pool_size(&bare).unwrap_err().to_string().contains("Pool"));
+    /// ```
+    pub fn state<T: Send + Sync + 'static>(&self) -> Result<State<T>, MissingState> {
+        self.inner.state.require::<T>()
+    }
+
+    /// All of the worker's shared state.
+    pub fn worker_state(&self) -> &WorkerState {
+        &self.inner.state
     }
 
     /// The running task's key.

@@ -6,6 +6,8 @@
 //!   becomes a [`TaskError`](flotilla_proto::TaskError).
 //! - [`actor`]: the [`Actor`] trait and the registry of actor constructors.
 //! - [`TaskContext`]: what a running task knows about itself.
+//! - [`state`](mod@state): the values a worker shares with its tasks
+//!   ([`WorkerState`], [`State<T>`]).
 //!
 //! The worker (`flotilla-worker`) looks tasks and actors up here and runs
 //! them; the client (`flotilla`) re-exports what the macros name under
@@ -15,6 +17,7 @@ pub mod actor;
 mod arguments;
 mod context;
 pub mod registry;
+pub mod state;
 
 pub use actor::{Actor, ActorRegistration, DynActor};
 pub use arguments::Arguments;
@@ -23,6 +26,7 @@ pub use registry::{
     decode_args, decode_arguments, encode_output, registry, Invocation, TaskOutcome,
     TaskRegistration,
 };
+pub use state::{MissingState, State, WorkerState, MISSING_STATE};
 
 #[doc(hidden)]
 pub use inventory as __inventory;

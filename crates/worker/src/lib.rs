@@ -52,7 +52,7 @@ pub use bundle::INLINE_RESULT_LIMIT;
 pub use flotilla_task::registry;
 pub use flotilla_task::{
     decode_args, decode_arguments, encode_output, Actor, ActorRegistration, Arguments, DynActor,
-    Invocation, TaskContext, TaskOutcome, TaskRegistration,
+    Invocation, MissingState, State, TaskContext, TaskOutcome, TaskRegistration, WorkerState,
 };
 pub use kept::{DataOptions, KEEP_MIN};
 pub use linked::LinkError;
@@ -225,6 +225,35 @@ pub fn main() {
 /// crate otherwise. `flotilla::worker_main!(my_tasks)` calls it after
 /// linking `my_tasks`.
 pub fn main_serving(task_crates: &[&str]) {
+    main_serving_with(task_crates, || async { WorkerState::new() })
+}
+
+/// Like [`main_serving`], and lends its tasks the [`WorkerState`] that
+/// `init` builds: once, on the worker's tokio runtime (so a connection pool
+/// may spawn its own tasks), after the flags are read and logging is set
+/// up, before the worker connects. Tasks read it with a `State<T>`
+/// parameter or `TaskContext::state`. `flotilla::worker_main!(my_tasks;
+/// state = my_tasks::init)` calls it with one value.
+///
+/// ```no_run
+/// use flotilla_worker::WorkerState;
+///
+/// struct Pool { size: usize }
+/// struct Greeting(String);
+///
+/// fn main() {
+///     flotilla_worker::main_serving_with(&[], || async {
+///         WorkerState::new()
+///             .with(Pool { size: 8 })
+///             .with(Greeting("hello".into()))
+///     });
+/// }
+/// ```
+pub fn main_serving_with<F, Fut>(task_crates: &[&str], init: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = WorkerState>,
+{
     let args = Args::parse();
     if let (Some(max_age), Some(path)) = (args.check_health, &args.health_file) {
         // A probe: says how the worker that writes the file is, and exits.
@@ -290,7 +319,14 @@ pub fn main_serving(task_crates: &[&str]) {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = runtime.block_on(run(options, cli::shutdown_signal()));
+    let result = runtime.block_on(async {
+        let state = init().await;
+        if !state.is_empty() {
+            tracing::info!(types = ?state.type_names(), "worker state built");
+        }
+        options.state = std::sync::Arc::new(state);
+        run(options, cli::shutdown_signal()).await
+    });
     // The worker has drained; a thread abandoned past its time limit may
     // still run, and must not hold the exit (dropping the runtime would
     // wait for it).

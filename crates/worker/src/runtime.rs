@@ -14,7 +14,7 @@ use crate::kept::{DataOptions, Kept};
 use crate::panic::{install_hook, run_sync, CatchUnwind};
 use crate::registry::{registry, Invocation, TaskOutcome};
 use crate::slot::{Slot, Window};
-use crate::{Arguments, TaskContext};
+use crate::{Arguments, TaskContext, WorkerState};
 use bytes::Bytes;
 use flotilla_proto::{
     Codec, Config, ErrorKind, EventBatch, Names, Purpose, ReplayGuard, RunTask, TaskError,
@@ -135,6 +135,22 @@ pub struct WorkerOptions {
     /// each reconnection attempt, for a liveness probe (see
     /// [`crate::health`]); `None` (the default): no file.
     pub health_file: Option<std::path::PathBuf>,
+    /// Values built once for this worker and lent to every task that asks
+    /// (a `State<T>` parameter or `TaskContext::state`); shared, not
+    /// copied, by the clones of these options and across reconnections.
+    /// Empty by default: a task asking for state then fails with a
+    /// `flotilla::MissingState` error naming the type.
+    ///
+    /// ```
+    /// use flotilla_worker::{WorkerOptions, WorkerState};
+    ///
+    /// struct Greeting(&'static str);
+    ///
+    /// let mut options = WorkerOptions::new(Default::default());
+    /// options.state = WorkerState::new().with(Greeting("hello")).into();
+    /// assert_eq!(options.state.get::<Greeting>().unwrap().0, "hello");
+    /// ```
+    pub state: Arc<WorkerState>,
 }
 
 impl std::fmt::Debug for WorkerOptions {
@@ -152,6 +168,7 @@ impl std::fmt::Debug for WorkerOptions {
             .field("retire_when_stuck", &self.retire_when_stuck)
             .field("data", &self.data)
             .field("health_file", &self.health_file)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -172,6 +189,7 @@ impl WorkerOptions {
             retire_when_stuck: false,
             data: Some(DataOptions::default()),
             health_file: None,
+            state: Arc::default(),
         }
     }
 }
@@ -344,6 +362,8 @@ struct Shared {
     slots: Arc<Semaphore>,
     completions: mpsc::UnboundedSender<Completion>,
     extension: Option<Arc<dyn Any + Send + Sync>>,
+    /// The values lent to tasks ([`WorkerOptions::state`]).
+    state: Arc<WorkerState>,
     /// The bundles held and the tasks in custody (see [`WorkerCore`]).
     core: Arc<std::sync::Mutex<WorkerCore<Acker>>>,
     /// Start records of redelivered tasks (see [`crate::lost`]).
@@ -797,6 +817,7 @@ async fn serve(
             .into_iter()
             .next()
             .map(|extension| (extension.make)(&config)),
+        state: options.state.clone(),
         core: Arc::default(),
         withdrawn: std::sync::Mutex::default(),
         codec,
@@ -1667,7 +1688,8 @@ async fn execute(
         let deadline = limit.and_then(|limit| Instant::now().checked_add(limit));
         let ctx = TaskContext::with_extension(&spec.key, &spec.task, &shared.id, shared.config.clone(), extension)
             .with_deadline(deadline)
-            .with_traceparent(traceparent(&spec));
+            .with_traceparent(traceparent(&spec))
+            .with_state(shared.state.clone());
         let running = shared.running(&spec.key, ctx.clone());
         // The arguments are decoded here, sharing the inputs' buffers where
         // they can (a `flotilla::Bytes` argument is not a copy).

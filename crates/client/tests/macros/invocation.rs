@@ -4,7 +4,7 @@
 use flotilla::__private::{
     decode_args, encode_output, inventory, Invocation, Task, TaskRegistration,
 };
-use flotilla::TaskContext;
+use flotilla::{State, TaskContext, WorkerState};
 use std::task::{Context, Poll, Waker};
 
 #[flotilla::task]
@@ -25,6 +25,16 @@ fn halve(x: i64) -> Result<i64, String> {
 async fn echo(ctx: TaskContext, text: String) -> String {
     let _ = &ctx;
     text
+}
+
+/// A value a worker lends its tasks.
+struct Scale(i64);
+
+/// Takes the worker's state between its arguments.
+#[flotilla::task]
+async fn scale(ctx: TaskContext, x: i64, factor: State<Scale>, y: i64) -> i64 {
+    let _ = &ctx;
+    (x + y) * factor.0
 }
 
 fn registration<T: Task>(_task: T) -> &'static TaskRegistration {
@@ -82,4 +92,20 @@ fn compiles_and_runs() {
         _ => panic!("arguments that do not decode are refused at once"),
     };
     assert!(format!("{bad:?}").contains("add"), "{bad:?}");
+}
+
+#[test]
+fn state_parameters_come_from_the_workers_state() {
+    let ctx = TaskContext::new("key", "task", "worker", flotilla::Config::default());
+    let with_state = ctx
+        .clone()
+        .with_state(WorkerState::new().with(Scale(10)).into());
+    let scaled = run(scale, with_state, &(1, 2)).unwrap();
+    assert_eq!(output::<scale>(&scaled), 30);
+
+    // A worker without it fails the task, naming the type.
+    let missing = run(scale, ctx, &(1, 2)).unwrap_err();
+    assert!(missing.contains("flotilla::MissingState"), "{missing}");
+    assert!(missing.contains("no state of type"), "{missing}");
+    assert!(missing.contains("Scale"), "{missing}");
 }

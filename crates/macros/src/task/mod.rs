@@ -23,7 +23,7 @@ use syn::ext::IdentExt;
 use syn::{Attribute, Ident, Item, ItemFn, LitInt};
 
 use self::args::TaskArgs;
-use self::signature::{TaskOutput, TaskSignature};
+use self::signature::{Param, TaskOutput, TaskSignature};
 use crate::fingerprint;
 
 /// Expands `#[flotilla::task(attr)] item`.
@@ -120,8 +120,36 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
         .map(|index| format_ident!("__flotilla_arg{}", index, span = Span::mixed_site()))
         .collect();
     let args_pattern = tuple(&arg_idents);
-    let context_arg = task.takes_context.then(|| quote!(#ctx,));
-    let mut call = quote!(#handle::call(#context_arg #(#arg_idents),*));
+    // The worker's shared state, looked up before the call: a task whose
+    // worker lacks a value fails with an error naming its type.
+    let mut states = Vec::new();
+    let call_args: Vec<TokenStream> = task
+        .params
+        .iter()
+        .map(|param| match param {
+            Param::Context => ctx.to_token_stream(),
+            Param::Argument(index) => arg_idents[*index].to_token_stream(),
+            Param::State(ty) => {
+                let state = format_ident!(
+                    "__flotilla_state{}",
+                    states.len(),
+                    span = Span::mixed_site()
+                );
+                states.push(quote! {
+                    let #state = match #private::TaskContext::state::<#ty>(&#ctx) {
+                        ::core::result::Result::Ok(#state) => #state,
+                        ::core::result::Result::Err(#error) => {
+                            return #private::Invocation::Ready(::core::result::Result::Err(
+                                ::core::convert::From::from(#error),
+                            ));
+                        }
+                    };
+                });
+                state.to_token_stream()
+            }
+        })
+        .collect();
+    let mut call = quote!(#handle::call(#(#call_args),*));
     if sig.asyncness.is_some() {
         call = quote!(#call.await);
     }
@@ -213,6 +241,7 @@ fn generate(func: &ItemFn, args: &TaskArgs, task: &TaskSignature<'_>) -> TokenSt
                                     );
                                 }
                             };
+                        #(#states)*
                         // Silences `unused_variables` for tasks without a context.
                         let _ = &#ctx;
                         #invocation

@@ -1,5 +1,6 @@
 //! Reading a task function's signature: whether it takes the context, which
-//! parameters are the task's arguments, and what the task outputs.
+//! parameters are the worker's shared state (`State<T>`), which are the
+//! task's arguments, and what the task outputs.
 //!
 //! Everything a task cannot support is rejected here, with an error spanned on
 //! the offending part of the signature, so the user sees why before the
@@ -12,14 +13,36 @@ use syn::{FnArg, ReturnType, Signature, Type};
 /// `TaskContext`, `flotilla::TaskContext` and re-exports all work.
 const CONTEXT_TYPE: &str = "TaskContext";
 
+/// The name of the shared-state type, matched on the last path segment with
+/// one generic type argument (`State<Pool>`, `flotilla::State<Pool>`).
+const STATE_TYPE: &str = "State";
+
 /// A task function's signature, checked and classified.
 pub(crate) struct TaskSignature<'a> {
-    /// The first parameter is a `TaskContext`.
-    pub(crate) takes_context: bool,
     /// Types of the parameters that make up the task's arguments, in order.
     pub(crate) arg_types: Vec<&'a Type>,
+    /// Every parameter, in order, by what fills it.
+    pub(crate) params: Vec<Param<'a>>,
     /// What the task sends back.
     pub(crate) output: TaskOutput<'a>,
+}
+
+#[cfg(test)]
+impl TaskSignature<'_> {
+    /// The first parameter is a `TaskContext`.
+    pub(crate) fn takes_context(&self) -> bool {
+        matches!(self.params.first(), Some(Param::Context))
+    }
+}
+
+/// What fills a parameter of the task function when a worker calls it.
+pub(crate) enum Param<'a> {
+    /// The task context (the first parameter).
+    Context,
+    /// The worker's shared value of this type, from a `State<T>` parameter.
+    State(&'a Type),
+    /// The task argument at this index of the argument tuple.
+    Argument(usize),
 }
 
 /// What a task sends back, decided by its declared return type.
@@ -76,8 +99,8 @@ pub(crate) fn analyze(sig: &Signature) -> syn::Result<TaskSignature<'_>> {
         ));
     }
 
-    let mut takes_context = false;
     let mut arg_types = Vec::new();
+    let mut params = Vec::new();
     for (index, input) in sig.inputs.iter().enumerate() {
         let param = match input {
             FnArg::Receiver(receiver) => {
@@ -93,7 +116,7 @@ pub(crate) fn analyze(sig: &Signature) -> syn::Result<TaskSignature<'_>> {
         let ty = &*param.ty;
         if is_context(ty) {
             if index == 0 {
-                takes_context = true;
+                params.push(Param::Context);
             } else {
                 errors.push(syn::Error::new_spanned(
                     param,
@@ -103,7 +126,19 @@ pub(crate) fn analyze(sig: &Signature) -> syn::Result<TaskSignature<'_>> {
             }
             continue;
         }
+        if let Some(state) = state_type(ty) {
+            params.push(Param::State(state));
+            continue;
+        }
         if let Type::Reference(reference) = strip_grouping(ty) {
+            if state_type(&reference.elem).is_some() {
+                errors.push(syn::Error::new_spanned(
+                    param,
+                    "`#[flotilla::task]` takes the worker's state by value: \
+                     write `pool: State<Pool>`, not a reference (it is a shared reference already)",
+                ));
+                continue;
+            }
             if is_context(&reference.elem) {
                 errors.push(syn::Error::new_spanned(
                     param,
@@ -118,6 +153,7 @@ pub(crate) fn analyze(sig: &Signature) -> syn::Result<TaskSignature<'_>> {
             errors: &mut errors,
         };
         checker.visit_type(ty);
+        params.push(Param::Argument(arg_types.len()));
         arg_types.push(ty);
     }
 
@@ -135,8 +171,8 @@ pub(crate) fn analyze(sig: &Signature) -> syn::Result<TaskSignature<'_>> {
     }) {
         Some(error) => Err(error),
         None => Ok(TaskSignature {
-            takes_context,
             arg_types,
+            params,
             output: TaskOutput::classify(&sig.output),
         }),
     }
@@ -152,6 +188,28 @@ pub(crate) fn is_unusable_as_free_fn(sig: &Signature) -> bool {
 /// `ty` is the task context, by value.
 fn is_context(ty: &Type) -> bool {
     last_segment_is(strip_grouping(ty), CONTEXT_TYPE)
+}
+
+/// The `T` of a `State<T>` parameter type (a path whose last segment is
+/// `State` with exactly one generic type argument).
+fn state_type(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = strip_grouping(ty) else {
+        return None;
+    };
+    if path.qself.is_some() {
+        return None;
+    }
+    let segment = path.path.segments.last()?;
+    if segment.ident != STATE_TYPE {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(generics) = &segment.arguments else {
+        return None;
+    };
+    match generics.args.iter().collect::<Vec<_>>()[..] {
+        [syn::GenericArgument::Type(inner)] => Some(inner),
+        _ => None,
+    }
 }
 
 /// `ty` is a path (without `<T as Trait>::` qualification) whose last
@@ -306,15 +364,45 @@ mod tests {
     fn context_first_is_not_an_argument() {
         let sig: Signature = parse_quote!(fn f(ctx: flotilla::TaskContext, x: i64, y: String));
         let task = analyze_ok(&sig);
-        assert!(task.takes_context);
+        assert!(task.takes_context());
         assert_eq!(type_strings(&task.arg_types), ["i64", "String"]);
+    }
+
+    #[test]
+    fn state_parameters_are_not_arguments() {
+        let sig: Signature = parse_quote!(
+            fn f(ctx: TaskContext, x: i64, pool: flotilla::State<Pool>, y: String, n: State<u8>)
+        );
+        let task = analyze_ok(&sig);
+        assert!(task.takes_context());
+        assert_eq!(type_strings(&task.arg_types), ["i64", "String"]);
+        let order: Vec<String> = task
+            .params
+            .iter()
+            .map(|param| match param {
+                Param::Context => "ctx".to_owned(),
+                Param::State(ty) => format!("state {}", ty.to_token_stream()),
+                Param::Argument(index) => format!("arg {index}"),
+            })
+            .collect();
+        assert_eq!(order, ["ctx", "arg 0", "state Pool", "arg 1", "state u8"]);
+        // Without exactly one type argument, `State` is an ordinary type.
+        let sig: Signature = parse_quote!(fn f(s: State, t: State<A, B>, u: state::State<'static>));
+        let task = analyze_ok(&sig);
+        assert_eq!(task.arg_types.len(), 3);
+    }
+
+    #[test]
+    fn state_by_reference_is_rejected() {
+        let sig: Signature = parse_quote!(fn f(pool: &State<Pool>));
+        assert!(errors_of(sig)[0].contains("takes the worker's state by value"));
     }
 
     #[test]
     fn patterns_are_accepted() {
         let sig: Signature = parse_quote!(fn f(mut x: i64, (a, b): (i32, i32), _: u8));
         let task = analyze_ok(&sig);
-        assert!(!task.takes_context);
+        assert!(!task.takes_context());
         assert_eq!(task.arg_types.len(), 3);
     }
 
@@ -322,7 +410,7 @@ mod tests {
     fn no_parameters() {
         let sig: Signature = parse_quote!(async fn f() -> u8);
         let task = analyze_ok(&sig);
-        assert!(!task.takes_context);
+        assert!(!task.takes_context());
         assert!(task.arg_types.is_empty());
     }
 

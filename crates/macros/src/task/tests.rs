@@ -339,3 +339,41 @@ fn timeout_becomes_the_registrations_default_limit() {
     );
     assert!(!registration_contains(&file, "with_timeout_ms"));
 }
+
+#[test]
+fn state_parameters_are_looked_up_not_decoded() {
+    let plain = expand_ok(
+        TokenStream::new(),
+        quote!(
+            fn count(x: i64) -> u64 {
+                0
+            }
+        ),
+    );
+    let file = expand_ok(
+        TokenStream::new(),
+        quote!(
+            fn count(ctx: TaskContext, hits: flotilla::State<Hits>, x: i64) -> u64 {
+                0
+            }
+        ),
+    );
+    // The state is no argument: the wire signature is that of `count(x: i64)`.
+    assert_eq!(task_item(&file, "Args"), "(i64 ,)");
+    assert_eq!(
+        task_item(&file, "FINGERPRINT"),
+        task_item(&plain, "FINGERPRINT")
+    );
+    let registration = registration(&file);
+    assert!(
+        registration.contains("TaskContext :: state :: < Hits > (& __flotilla_ctx)"),
+        "{registration}"
+    );
+    assert!(
+        registration
+            .contains("count :: call (__flotilla_ctx , __flotilla_state0 , __flotilla_arg0)"),
+        "{registration}"
+    );
+    // A missing value fails the task before it runs.
+    assert!(registration.contains("Invocation :: Ready"));
+}

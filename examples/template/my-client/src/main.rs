@@ -4,7 +4,7 @@
 //! comes back.
 
 use flotilla::prelude::*;
-use my_tasks::{add, might_fail, summarize, worker_of, Summary};
+use my_tasks::{add, greet, might_fail, summarize, worker_of, Summary};
 
 #[tokio::main]
 async fn main() -> flotilla::Result<()> {
@@ -34,6 +34,10 @@ async fn main() -> flotilla::Result<()> {
         other => panic!("expected the task's error, got {other:?}"),
     }
     assert_eq!(client.submit(might_fail, (5,)).await?, 25);
+
+    // The worker's shared state fills `greet`'s `State<Settings>`.
+    let greeting = client.submit(greet, ("Ada".to_string(),)).await?;
+    assert_eq!(greeting, "Hello, Ada!");
 
     let ran_on = client.map(worker_of, (0..8).map(|i| (200 + i,)));
     let mut workers = client.gather(&ran_on).await?;

@@ -48,3 +48,27 @@ pub async fn worker_of(ctx: flotilla::TaskContext, millis: u64) -> String {
     tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
     ctx.worker_id().to_owned()
 }
+
+/// What each worker builds once at start and lends to every task that asks
+/// for it (a connection pool, a model, settings): `my-worker` names
+/// [`init`] in `flotilla::worker_main!(my_tasks; state = my_tasks::init)`.
+pub struct Settings {
+    /// How [`greet`] greets.
+    pub greeting: String,
+}
+
+/// Builds the worker's [`Settings`], once per worker process (an
+/// `async fn` works too, with `state = async my_tasks::init`).
+pub fn init() -> Settings {
+    Settings {
+        greeting: "Hello".to_owned(),
+    }
+}
+
+/// A task reading the worker's shared state: a `State<T>` parameter is
+/// filled by the worker, not sent by the client (`greet` takes one
+/// argument, the name).
+#[flotilla::task]
+pub fn greet(settings: flotilla::State<Settings>, name: String) -> String {
+    format!("{}, {name}!", settings.greeting)
+}
