@@ -101,16 +101,26 @@ pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// Returns 1 when the result is kept, 0 when it was stored and at once
 /// released (its chunks too), -1 when nobody wanted it.
 pub(crate) static STORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    // An error never replaces a success: a task run again from a
+    // redelivery after it finished (its inputs released since) fails, and
+    // its dependents must still read the value of its first run.
+    Script::new(&format!(
         r"if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-          redis.call('SET', KEYS[2], ARGV[1])
+          local old = redis.call('GETRANGE', KEYS[2], -1, -1)
+          if not (string.byte(ARGV[1], -1) == {err}
+                  and (old == '\{ok}' or old == '\{chunked}')) then
+            redis.call('SET', KEYS[2], ARGV[1])
+          end
           redis.call('SREM', KEYS[1], 'ff')
           if redis.call('EXISTS', KEYS[1]) == 0 then
             redis.call('DEL', KEYS[2], KEYS[3])
             return 0
           end
           return 1",
-    )
+        err = flotilla_proto::TAG_ERR,
+        ok = flotilla_proto::TAG_OK,
+        chunked = crate::store::TAG_CHUNKED,
+    ))
 });
 
 /// `KEYS`: holders, result, chunks. Run right after a plain `SET` of a large result

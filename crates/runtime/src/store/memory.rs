@@ -276,7 +276,11 @@ impl Memory {
                     return Err(incomplete());
                 }
                 self.may_grow()?;
-                self.results.insert(key.clone(), stored);
+                // An error never replaces a success (see `refs::STORE`).
+                let erred = stored.last() == Some(&flotilla_proto::TAG_ERR);
+                if !(erred && self.tag(&key) == Some(flotilla_proto::TAG_OK)) {
+                    self.results.insert(key.clone(), stored);
+                }
                 Reply::Stored(self.settle_stored(&key))
             }
             Op::StoreLarge { key, stored } => {

@@ -419,6 +419,35 @@ async fn custody(store: &Store) {
     assert_eq!(store.lapsed_custody().await.unwrap(), ["k2"]);
 }
 
+/// A task run again after it finished (a redelivery, its inputs released
+/// since) may fail: its error must not replace the stored value its
+/// dependents read. A success replaces an error (`retry`).
+async fn an_error_never_replaces_a_success(store: &Store) {
+    let ok = StoredResult::encode_ok(b"4");
+    let err = [7, TAG_ERR];
+    let mut batch = store.batch();
+    batch
+        .hold("done", "c1")
+        .store_result("done", &ok)
+        .store_result("done", &err)
+        .hold("retried", "c1")
+        .store_result("retried", &err)
+        .store_result("retried", &ok);
+    batch.exec().await.unwrap();
+    assert_eq!(
+        store
+            .read_results(&[s("done"), s("retried")])
+            .await
+            .unwrap(),
+        [Some(ok.clone()), Some(ok)]
+    );
+    let freed = store
+        .release(&[(s("done"), s("c1")), (s("retried"), s("c1"))])
+        .await
+        .unwrap();
+    assert_eq!(freed.len(), 2);
+}
+
 /// Client leases by the client's clock.
 async fn leases(store: &Store) {
     let now = SystemTime::now()
@@ -503,6 +532,7 @@ async fn hand_over(store: &Store) {
 async fn contract(store: Store) {
     store.preload().await.unwrap();
     results_live_while_held(&store).await;
+    an_error_never_replaces_a_success(&store).await;
     fire_and_forget(&store).await;
     hold_if_held(&store).await;
     large_results(&store).await;
