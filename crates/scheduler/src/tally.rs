@@ -93,32 +93,60 @@ impl Outcome {
     }
 }
 
-/// A histogram of run times over [`DURATION_BUCKETS`], with the exact sum.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RunTimes {
-    /// Observations per bucket (not cumulative), then above the last.
-    buckets: [u64; DURATION_BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
+/// A Prometheus-style histogram over fixed bucket bounds (seconds), with
+/// the exact sum: a task name's run times over [`DURATION_BUCKETS`] (its
+/// `Default`), and the `/metrics` endpoint's event-fed one over its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations per bucket of `bounds` (not cumulative), then above
+    /// the last.
+    pub(crate) buckets: Vec<u64>,
+    pub(crate) sum: f64,
+    pub(crate) count: u64,
 }
 
-impl RunTimes {
+/// A task name's run times (see [`DURATION_BUCKETS`]).
+pub type RunTimes = Histogram;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&DURATION_BUCKETS)
+    }
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (ascending upper bounds, seconds).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
     /// Adds one run time.
     pub fn observe(&mut self, run: Duration) {
-        let seconds = run.as_secs_f64();
-        let bucket = DURATION_BUCKETS
+        self.observe_seconds(run.as_secs_f64());
+    }
+
+    /// Adds one value, in seconds.
+    pub fn observe_seconds(&mut self, seconds: f64) {
+        let bucket = self
+            .bounds
             .iter()
             .position(|bound| seconds <= *bound)
-            .unwrap_or(DURATION_BUCKETS.len());
+            .unwrap_or(self.bounds.len());
         self.buckets[bucket] += 1;
         self.sum += seconds;
         self.count += 1;
     }
 
-    /// Cumulative counts per bucket of [`DURATION_BUCKETS`] (as Prometheus'
-    /// `le` buckets), without the `+Inf` one (that is [`count`](Self::count)).
+    /// Cumulative counts per bucket bound (as Prometheus' `le` buckets),
+    /// without the `+Inf` one (that is [`count`](Self::count)).
     pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        DURATION_BUCKETS
+        self.bounds
             .iter()
             .zip(self.buckets.iter().scan(0, |total, n| {
                 *total += n;
@@ -127,12 +155,12 @@ impl RunTimes {
             .map(|(bound, total)| (*bound, total))
     }
 
-    /// The sum of the run times, in seconds.
+    /// The sum of the observed values, in seconds.
     pub fn sum(&self) -> f64 {
         self.sum
     }
 
-    /// How many run times were observed.
+    /// How many values were observed.
     pub fn count(&self) -> u64 {
         self.count
     }

@@ -2230,16 +2230,21 @@ mod tests {
     use super::*;
     use flotilla_runtime::store::Reply;
 
-    #[test]
-    fn a_task_s_traceparent_is_read_and_a_malformed_one_ignored() {
-        let mut spec = flotilla_proto::TaskSpec::new(
+    /// A spec of `demo::add` under key `k`, from client `c`.
+    fn demo_spec() -> flotilla_proto::TaskSpec {
+        flotilla_proto::TaskSpec::new(
             "k".into(),
             "demo::add".into(),
             7,
             vec![0x90],
             vec![],
             "c".into(),
-        );
+        )
+    }
+
+    #[test]
+    fn a_task_s_traceparent_is_read_and_a_malformed_one_ignored() {
+        let mut spec = demo_spec();
         assert_eq!(traceparent(&spec), None);
         spec.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
         let parent = traceparent(&spec).expect("a valid traceparent");
@@ -2271,14 +2276,7 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        let mut spec = flotilla_proto::TaskSpec::new(
-            "k".into(),
-            "demo::add".into(),
-            7,
-            vec![0x90],
-            vec![],
-            "c".into(),
-        );
+        let mut spec = demo_spec();
         tracing::subscriber::with_default(subscriber, || {
             task_span(&spec).in_scope(|| info!("untraced"));
             spec.traceparent =

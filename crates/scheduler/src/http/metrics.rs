@@ -10,7 +10,7 @@ use crate::broker::BrokerStatus;
 use crate::core::{Counts, TaskStatus, WorkerStatus};
 use crate::failures::ErrorRecord;
 use crate::server::Snapshot;
-use crate::tally::{Outcome, Tally, MAX_NAMES, OTHER};
+use crate::tally::{Histogram, Outcome, Tally, MAX_NAMES, OTHER};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -94,27 +94,6 @@ impl Activity {
     }
 }
 
-/// A Prometheus-style histogram with fixed buckets.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Histogram {
-    /// Observations per bucket of [`RUNTIME_BUCKETS`], then above the last.
-    buckets: [u64; RUNTIME_BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, value: f64) {
-        let bucket = RUNTIME_BUCKETS
-            .iter()
-            .position(|bound| value <= *bound)
-            .unwrap_or(RUNTIME_BUCKETS.len());
-        self.buckets[bucket] += 1;
-        self.sum += value;
-        self.count += 1;
-    }
-}
-
 #[derive(Debug, Default)]
 pub(super) struct TapState {
     pub(super) active: bool,
@@ -138,12 +117,36 @@ pub(super) struct RedisMemory {
     pub(super) maxmemory: u64,
 }
 
+/// The event-fed run times of `flotilla_task_seconds`, over
+/// [`RUNTIME_BUCKETS`].
+#[derive(Debug, Clone)]
+pub(super) struct EventRunTimes(Histogram);
+
+impl Default for EventRunTimes {
+    fn default() -> Self {
+        EventRunTimes(Histogram::new(&RUNTIME_BUCKETS))
+    }
+}
+
+impl std::ops::Deref for EventRunTimes {
+    type Target = Histogram;
+    fn deref(&self) -> &Histogram {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for EventRunTimes {
+    fn deref_mut(&mut self) -> &mut Histogram {
+        &mut self.0
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Monitor {
     pub(super) history: VecDeque<Sample>,
     pub(super) last_snapshot: Option<Instant>,
     pub(super) workers: HashMap<String, Activity>,
-    pub(super) runtime: Histogram,
+    pub(super) runtime: EventRunTimes,
     pub(super) tap: TapState,
     pub(super) queues: Vec<QueueDepth>,
     pub(super) redis: Option<RedisMemory>,
@@ -207,7 +210,7 @@ impl Monitor {
                     // Measured by the worker: exact.
                     activity.finished += 1;
                     activity.running.remove(&key);
-                    runtime.observe(Duration::from_micros(run_us).as_secs_f64());
+                    runtime.observe(Duration::from_micros(run_us));
                     continue;
                 }
                 Event::Finished { key, .. } => {
@@ -220,7 +223,7 @@ impl Monitor {
                 }
                 _ => continue,
             };
-            runtime.observe(run_time(activity.running.remove(&key), now));
+            runtime.observe_seconds(run_time(activity.running.remove(&key), now));
         }
     }
 
@@ -472,22 +475,7 @@ impl Monitor {
              as the worker measured it for a finished task; for an erred one (or an older worker's), \
              from its Started event, a run shorter than 50 ms sending none and counting 0.025 s.",
         );
-        let mut cumulative = 0;
-        for (bound, count) in RUNTIME_BUCKETS.iter().zip(self.runtime.buckets) {
-            cumulative += count;
-            out.sample(
-                "flotilla_task_seconds_bucket",
-                &[("le", &bound.to_string())],
-                cumulative,
-            );
-        }
-        out.sample(
-            "flotilla_task_seconds_bucket",
-            &[("le", "+Inf")],
-            self.runtime.count,
-        );
-        out.sample("flotilla_task_seconds_sum", &[], self.runtime.sum);
-        out.sample("flotilla_task_seconds_count", &[], self.runtime.count);
+        out.histogram("flotilla_task_seconds", &[], &self.runtime);
         per_task(&mut out, &snapshot.tally);
         out.family(
             "flotilla_monitor_active",
@@ -610,28 +598,7 @@ fn per_task(out: &mut Prometheus, tally: &Tally) {
         if runs.count() == 0 {
             continue;
         }
-        for (bound, cumulative) in runs.cumulative() {
-            out.sample(
-                "flotilla_task_duration_seconds_bucket",
-                &[("task", task), ("le", &bound.to_string())],
-                cumulative,
-            );
-        }
-        out.sample(
-            "flotilla_task_duration_seconds_bucket",
-            &[("task", task), ("le", "+Inf")],
-            runs.count(),
-        );
-        out.sample(
-            "flotilla_task_duration_seconds_sum",
-            &[("task", task)],
-            runs.sum(),
-        );
-        out.sample(
-            "flotilla_task_duration_seconds_count",
-            &[("task", task)],
-            runs.count(),
-        );
+        out.histogram("flotilla_task_duration_seconds", &[("task", task)], runs);
     }
 }
 
@@ -721,6 +688,24 @@ impl Prometheus {
     fn family(&mut self, metric: &str, kind: &str, help: &str) {
         let _ = writeln!(self.text, "# HELP {metric} {help}");
         let _ = writeln!(self.text, "# TYPE {metric} {kind}");
+    }
+
+    /// A histogram's samples: its cumulative `_bucket`s (`le` after
+    /// `labels`), `+Inf`, `_sum` and `_count`.
+    fn histogram(&mut self, metric: &str, labels: &[(&str, &str)], histogram: &Histogram) {
+        let bucket = format!("{metric}_bucket");
+        let buckets: Vec<(String, u64)> = histogram
+            .cumulative()
+            .map(|(bound, cumulative)| (bound.to_string(), cumulative))
+            .chain(std::iter::once(("+Inf".to_owned(), histogram.count())))
+            .collect();
+        for (le, cumulative) in &buckets {
+            let mut all = labels.to_vec();
+            all.push(("le", le));
+            self.sample(&bucket, &all, cumulative);
+        }
+        self.sample(&format!("{metric}_sum"), labels, histogram.sum());
+        self.sample(&format!("{metric}_count"), labels, histogram.count());
     }
 
     fn sample(&mut self, metric: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
